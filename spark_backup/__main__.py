@@ -1,0 +1,3 @@
+from spark_backup.cli import main
+
+main()

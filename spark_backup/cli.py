@@ -1,0 +1,404 @@
+"""``spark-backup``: the command line over the same operations the Dagster layer runs.
+
+Exit codes (scripts may rely on them): 0 success; 1 unexpected error; 2 bad plan or usage;
+3 a copy failed verification; 4 not found; 5 store error; 6 source unreadable; 7 restore
+refused; 8 key or identity problem. Errors are printed as one line on stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from spark_backup.engine.streams import ProgressCallback
+from spark_backup.errors import IntegrityError, SparkBackupError
+from spark_backup.plan import format_duration
+from spark_backup.service import BackupService, CopyRef
+from spark_backup.sources import kind_module
+
+# Wide when piped, so tables and ids are not cut at 80 columns in logs.
+stdout = Console(width=None if sys.stdout.isatty() else 200)
+stderr = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
+
+
+class _Context:
+    def __init__(self, plan_path: str | None, progress: bool):
+        self.plan_path = plan_path
+        self.progress = progress
+        self._service: BackupService | None = None
+
+    @property
+    def service(self) -> BackupService:
+        if self._service is None:
+            self._service = BackupService.from_path(self.plan_path)
+        return self._service
+
+
+pass_context = click.make_pass_decorator(_Context)
+
+
+@click.group()
+@click.option(
+    "--plan",
+    "plan_path",
+    envvar="SPARK_BACKUP_PLAN",
+    help="Protection plan (default: spark_backup.yaml; env SPARK_BACKUP_PLAN).",
+)
+@click.option(
+    "--progress/--no-progress", default=None, help="Progress bar (default: on a terminal)."
+)
+@click.version_option(package_name="spark-backup")
+@click.pass_context
+def cli(ctx: click.Context, plan_path: str | None, progress: bool | None) -> None:
+    """Back up, verify and restore the platform's artifacts under one protection plan."""
+    ctx.obj = _Context(plan_path, stderr.is_terminal if progress is None else progress)
+
+
+@contextmanager
+def _progress(enabled: bool, label: str, total: int | None) -> Iterator[ProgressCallback | None]:
+    if not enabled:
+        yield None
+        return
+    columns = [
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeElapsedColumn(),
+    ]
+    with Progress(*columns, console=stderr, transient=True) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+def _fail(error: SparkBackupError) -> None:
+    stderr.print(f"[red]error:[/red] {error}", highlight=False, markup=True, soft_wrap=True)
+    sys.exit(error.exit_code)
+
+
+def _run(action: Callable[[], Any]) -> Any:
+    try:
+        return action()
+    except SparkBackupError as error:
+        _fail(error)
+
+
+# --- plan --------------------------------------------------------------------------------------
+
+
+@cli.group()
+def plan() -> None:
+    """Inspect the protection plan."""
+
+
+@plan.command("check")
+@click.option("--probe", is_flag=True, help="Also reach every store and read every source path.")
+@pass_context
+def plan_check(ctx: _Context, probe: bool) -> None:
+    """Validate the plan without touching anything (unless --probe)."""
+
+    def check() -> None:
+        service = ctx.service
+        service.recipients()
+        if probe:
+            for store in service.all_stores():
+                store.check()
+            for source in service.plan.sources:
+                kind_module(source.kind).reader_for(source, service.loaded).collect()
+        _print_plan(service)
+
+    _run(check)
+
+
+def _print_plan(service: BackupService) -> None:
+    plan = service.plan
+    table = Table(
+        title=f"{service.loaded.path}: {len(plan.sources)} sources, {len(plan.stores)} stores"
+    )
+    for column in (
+        "source",
+        "kind",
+        "cadence",
+        "store",
+        "RPO",
+        "RTO",
+        "max age",
+        "keep d/w/m",
+        "owner",
+    ):
+        table.add_column(column)
+    for source in plan.sources:
+        retention = plan.retention_for(source)
+        table.add_row(
+            source.name,
+            source.kind,
+            source.cadence,
+            plan.store_for(source).name,
+            format_duration(source.rpo),
+            format_duration(source.rto),
+            format_duration(plan.max_age_for(source)),
+            f"{retention.daily}/{retention.weekly}/{retention.monthly}",
+            source.owner,
+        )
+    stdout.print(table)
+    stdout.print("plan is valid")
+
+
+# --- backup ------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("sources", nargs=-1)
+@click.option("--all", "all_sources", is_flag=True, help="Back up every source in the plan.")
+@click.option("--partition", help="Partition key (default: the current day, week or month).")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifests as JSON.")
+@pass_context
+def backup(
+    ctx: _Context, sources: tuple[str, ...], all_sources: bool, partition: str | None, as_json: bool
+) -> None:
+    """Back up SOURCES (a new copy each time; existing copies are never replaced)."""
+    service = _run(lambda: ctx.service)
+    names = [s.name for s in service.plan.sources] if all_sources else list(sources)
+    if not names:
+        raise click.UsageError("name at least one source, or pass --all")
+    manifests = []
+    for name in names:
+
+        def one(name: str = name) -> Any:
+            with _progress(ctx.progress, f"backup {name}", None) as progress:
+                return service.backup(name, partition, progress)
+
+        manifest = _run(one)
+        manifests.append(manifest)
+        if not as_json:
+            stdout.print(
+                f"{manifest.id}  {manifest.partition}  {_size(manifest.plaintext.bytes)} -> "
+                f"{_size(manifest.stored.bytes)}  {manifest.duration_seconds:.1f}s  "
+                f"sha256 {manifest.stored.sha256[:16]}...",
+                highlight=False,
+            )
+    if as_json:
+        click.echo(json.dumps([asdict(m) for m in manifests], indent=2))
+
+
+# --- list --------------------------------------------------------------------------------------
+
+
+@cli.command("list")
+@click.argument("source", required=False)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per copy, as an array.")
+@pass_context
+def list_(ctx: _Context, source: str | None, as_json: bool) -> None:
+    """List committed copies, oldest first."""
+    refs: list[CopyRef] = _run(lambda: ctx.service.copies(source))
+    if as_json:
+        click.echo(json.dumps([_copy_row(r) for r in refs], indent=2))
+        return
+    table = Table()
+    for column in ("id", "source", "partition", "finished", "size", "stored", "store"):
+        table.add_column(column, no_wrap=column == "id")
+    for ref in refs:
+        m = ref.manifest
+        table.add_row(
+            m.id,
+            m.source,
+            m.partition,
+            m.finished_at[:19],
+            _size(m.plaintext.bytes),
+            _size(m.stored.bytes),
+            ref.store.name,
+        )
+    stdout.print(table)
+
+
+def _copy_row(ref: CopyRef) -> dict[str, Any]:
+    m = ref.manifest
+    return {
+        "id": m.id,
+        "source": m.source,
+        "kind": m.kind,
+        "partition": m.partition,
+        "started_at": m.started_at,
+        "finished_at": m.finished_at,
+        "plaintext_bytes": m.plaintext.bytes,
+        "plaintext_sha256": m.plaintext.sha256,
+        "stored_bytes": m.stored.bytes,
+        "stored_sha256": m.stored.sha256,
+        "store": ref.store.name,
+        "uri": ref.store.object_uri(m.data_key),
+        "lock": m.lock,
+    }
+
+
+# --- verify ------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("selector", required=False, metavar="[SOURCE|ID]")
+@click.option(
+    "--deep",
+    is_flag=True,
+    help="Also decrypt and decompress (needs an identity) and check the plaintext.",
+)
+@click.option(
+    "--identity", type=click.Path(dir_okay=False), help="age identity file (implies --deep)."
+)
+@click.option("--json", "as_json", is_flag=True, help="Results as JSON.")
+@pass_context
+def verify(
+    ctx: _Context, selector: str | None, deep: bool, identity: str | None, as_json: bool
+) -> None:
+    """Re-read copies and compare them with their manifests. Exit 3 if any copy fails."""
+    service = _run(lambda: ctx.service)
+    refs: list[CopyRef] = _run(lambda: service.select(selector))
+    identities = _run(lambda: service.identities(identity)) if (deep or identity) else None
+    outcomes = []
+    for ref in refs:
+        with _progress(
+            ctx.progress, f"verify {ref.manifest.id}", ref.manifest.stored.bytes
+        ) as progress:
+            outcome = service.verify(ref, identities, progress)
+        outcomes.append(outcome)
+        if not as_json:
+            status = "[green]ok[/green]" if outcome.ok else "[red]FAILED[/red]"
+            detail = f"  {outcome.error}" if outcome.error else ""
+            stdout.print(f"{status}  {outcome.copy_id}{detail}", highlight=False, soft_wrap=True)
+    failed = [o for o in outcomes if not o.ok]
+    if as_json:
+        click.echo(json.dumps([asdict(o) for o in outcomes], indent=2))
+    elif not outcomes:
+        stdout.print("no copies to verify")
+    else:
+        stdout.print(f"{len(outcomes) - len(failed)} of {len(outcomes)} copies intact")
+    if failed:
+        sys.exit(IntegrityError.exit_code)
+
+
+# --- restore -----------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("copy_id")
+@click.option(
+    "--to", "target", required=True, type=click.Path(file_okay=False), help="Staging folder."
+)
+@click.option("--identity", type=click.Path(dir_okay=False), help="age identity file.")
+@click.option("--overwrite", is_flag=True, help="Replace files that already exist in the target.")
+@click.option(
+    "--skip-unsafe", is_flag=True, help="Leave out unsafe archive members instead of refusing."
+)
+@click.option("--json", "as_json", is_flag=True, help="Summary as JSON.")
+@pass_context
+def restore(
+    ctx: _Context,
+    copy_id: str,
+    target: str,
+    identity: str | None,
+    overwrite: bool,
+    skip_unsafe: bool,
+    as_json: bool,
+) -> None:
+    """Restore copy COPY_ID into a staging folder (never in place)."""
+    service = _run(lambda: ctx.service)
+    total = _run(lambda: service.find(copy_id)).manifest.stored.bytes
+
+    def run() -> dict[str, Any]:
+        with _progress(ctx.progress, f"restore {copy_id}", total) as progress:
+            return service.restore(
+                copy_id,
+                Path(target),
+                identity_file=identity,
+                overwrite=overwrite,
+                skip_unsafe=skip_unsafe,
+                progress=progress,
+            )
+
+    summary = _run(run)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    stdout.print(
+        f"restored {copy_id} into {summary['target']}: {summary['files']} files, "
+        f"{summary['directories']} directories, {summary['symlinks']} links, "
+        f"{_size(summary['bytes'])} in {summary['seconds']:.1f}s",
+        highlight=False,
+    )
+    for skipped in summary.get("skipped", []):
+        stderr.print(f"skipped unsafe member {skipped}", highlight=False)
+
+
+# --- prune -------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--apply", is_flag=True, help="Delete; without it, only show what would go.")
+@click.option("--json", "as_json", is_flag=True, help="Report as JSON.")
+@pass_context
+def prune(ctx: _Context, apply: bool, as_json: bool) -> None:
+    """Apply retention: expire copies no rule keeps, remove orphans of interrupted backups.
+    Copies under an Object Lock are never deleted."""
+    report = _run(lambda: ctx.service.prune(dry_run=not apply))
+    if as_json:
+        click.echo(json.dumps(asdict(report), indent=2))
+        return
+    verb = "would delete" if report.dry_run else "deleted"
+    for copy_id in report.expired:
+        stdout.print(f"{verb} {copy_id}", highlight=False)
+    for copy_id in report.locked:
+        stdout.print(f"kept {copy_id}: expired by retention but under Object Lock", highlight=False)
+    for orphan in report.orphans:
+        stdout.print(f"{verb} orphaned data {orphan}", highlight=False)
+    for upload in report.incomplete_uploads:
+        stdout.print(f"aborted incomplete upload {upload}", highlight=False)
+    stdout.print(
+        f"{len(report.kept)} kept, {len(report.expired)} expired, {len(report.locked)} locked, "
+        f"{len(report.orphans)} orphans{'' if apply else ' (dry run: pass --apply)'}"
+    )
+
+
+# --- demo --------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option(
+    "--home",
+    default=".spark_backup",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Where the demo keeps its estate, key, store and Dagster instance.",
+)
+def demo(home: str) -> None:
+    """Back up, verify and restore a sample estate through Dagster, on the embedded defaults."""
+    from spark_backup.demo import run_demo  # Dagster loads only for the demo
+
+    _run(lambda: run_demo(Path(home), stdout))
+
+
+def _size(value: int) -> str:
+    size = float(value)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"
+
+
+def main() -> None:
+    cli(prog_name="spark-backup")

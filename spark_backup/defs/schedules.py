@@ -1,0 +1,63 @@
+"""A backup job and schedule per cadence, and an hourly schedule for the freshness checks.
+
+Backup jobs select the cadence's assets, which brings their ``checksum`` checks into the same
+run: every new copy is re-read and compared right after it is written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from dagster import (
+    AssetCheckKey,
+    AssetKey,
+    AssetSelection,
+    DefaultScheduleStatus,
+    ScheduleDefinition,
+    build_schedule_from_partitioned_job,
+    define_asset_job,
+)
+
+from spark_backup.defs.checks import FRESHNESS_CHECK
+
+FRESHNESS_JOB = "freshness_checks"
+FRESHNESS_CRON = "*/30 * * * *"
+# Backups start shortly after the period begins (UTC), at a quiet hour.
+BACKUP_HOUR = 1
+
+
+def backup_job_name(cadence: str) -> str:
+    return f"{cadence}_backups"
+
+
+def build_backup_job(cadence: str, keys: Sequence[AssetKey]):
+    return define_asset_job(
+        backup_job_name(cadence),
+        selection=AssetSelection.assets(*keys),
+        description=f"Back up every {cadence} source and verify the new copies.",
+        tags={"spark_backup/cadence": cadence},
+    )
+
+
+def build_backup_schedule(job) -> ScheduleDefinition:
+    return build_schedule_from_partitioned_job(
+        job,
+        name=f"{job.name}_schedule",
+        hour_of_day=BACKUP_HOUR,
+        default_status=DefaultScheduleStatus.RUNNING,
+    )
+
+
+def build_freshness_schedule(keys: Sequence[AssetKey]) -> ScheduleDefinition:
+    job = define_asset_job(
+        FRESHNESS_JOB,
+        selection=AssetSelection.checks(*(AssetCheckKey(key, FRESHNESS_CHECK) for key in keys)),
+        description="Is the newest copy of every source young enough?",
+    )
+    return ScheduleDefinition(
+        name=f"{FRESHNESS_JOB}_schedule",
+        job=job,
+        cron_schedule=FRESHNESS_CRON,
+        execution_timezone="UTC",
+        default_status=DefaultScheduleStatus.RUNNING,
+    )

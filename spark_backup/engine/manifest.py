@@ -1,0 +1,125 @@
+"""The manifest: one JSON document per copy, written after the data, which makes the copy exist.
+
+Layout in a store (see docs/architecture.md)::
+
+    <source>/data/<copy id>.<format>      the encrypted bytes, written first
+    <source>/manifests/<copy id>.json     this manifest, written last: the commit
+
+A copy id is ``<source>-<UTC start, YYYYMMDDTHHMMSSZ>-<8 hex>``: it sorts by time within a
+source and names its source, so ``restore ID`` finds the manifest without a listing. The manifest
+holds public facts only (checksums, sizes, public keys, tool versions), never key material, so
+it is stored in clear JSON for anyone to read.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+import secrets
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from spark_backup.errors import IntegrityError, NotFoundError
+
+MANIFEST_FORMAT = "spark-backup.manifest/v1"
+COPY_ID_RE = re.compile(
+    r"^(?P<source>[a-z][a-z0-9_]{0,62})-(?P<ts>\d{8}T\d{6}Z)-(?P<rand>[0-9a-f]{8})$"
+)
+
+
+def new_copy_id(source: str, started_at: dt.datetime) -> str:
+    return f"{source}-{started_at.astimezone(dt.UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(4)}"
+
+
+def source_of(copy_id: str) -> str:
+    match = COPY_ID_RE.match(copy_id)
+    if not match:
+        raise NotFoundError(
+            f"{copy_id!r} is not a copy id (expected SOURCE-YYYYMMDDTHHMMSSZ-XXXXXXXX, "
+            "as `spark-backup list` shows)"
+        )
+    return match["source"]
+
+
+def data_key(source: str, copy_id: str, suffix: str) -> str:
+    return f"{source}/data/{copy_id}.{suffix}"
+
+
+def manifest_key(source: str, copy_id: str) -> str:
+    return f"{source}/manifests/{copy_id}.json"
+
+
+def manifest_prefix(source: str | None = None) -> str:
+    return f"{source}/manifests/" if source else ""
+
+
+def is_manifest_key(key: str) -> bool:
+    parts = key.split("/")
+    return len(parts) == 3 and parts[1] == "manifests" and parts[2].endswith(".json")
+
+
+@dataclass(frozen=True)
+class Digest:
+    sha256: str
+    bytes: int
+
+
+@dataclass(frozen=True)
+class Manifest:
+    id: str
+    source: str
+    kind: str
+    partition: str
+    store: str
+    data_key: str
+    # Layers from the outside in, e.g. ["age", "zstd", "tar"]: open the copy by undoing each.
+    layers: list[str]
+    started_at: str
+    finished_at: str
+    plaintext: Digest
+    stored: Digest
+    compression: dict[str, Any]
+    encryption: dict[str, Any]
+    tools: dict[str, str]
+    host: str
+    source_metadata: dict[str, Any] = field(default_factory=dict)
+    lock: dict[str, str] | None = None
+    format: str = MANIFEST_FORMAT
+
+    @property
+    def started(self) -> dt.datetime:
+        return dt.datetime.fromisoformat(self.started_at)
+
+    @property
+    def finished(self) -> dt.datetime:
+        return dt.datetime.fromisoformat(self.finished_at)
+
+    @property
+    def duration_seconds(self) -> float:
+        return (self.finished - self.started).total_seconds()
+
+    @property
+    def compression_ratio(self) -> float:
+        return self.plaintext.bytes / self.stored.bytes if self.stored.bytes else 0.0
+
+    def to_json(self) -> bytes:
+        return (json.dumps(asdict(self), indent=2, sort_keys=True) + "\n").encode("utf-8")
+
+    @classmethod
+    def from_json(cls, raw: bytes, origin: str) -> Manifest:
+        try:
+            data = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise IntegrityError(f"{origin}: manifest is not valid JSON: {exc}") from None
+        if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
+            found = data.get("format") if isinstance(data, dict) else type(data).__name__
+            raise IntegrityError(
+                f"{origin}: unsupported manifest format {found!r} (expected {MANIFEST_FORMAT})"
+            )
+        try:
+            data["plaintext"] = Digest(**data["plaintext"])
+            data["stored"] = Digest(**data["stored"])
+            return cls(**data)
+        except (KeyError, TypeError) as exc:
+            raise IntegrityError(f"{origin}: manifest is incomplete: {exc}") from None

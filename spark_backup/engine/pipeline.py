@@ -1,0 +1,340 @@
+"""The streaming pipeline: plaintext -> zstd -> age -> store, and back.
+
+Backup pulls plaintext from a source, compresses it with zstd (frame checksums on, so ``zstd -d``
+verifies too), encrypts it to the age recipients, and streams it into the store, hashing the
+plaintext and the stored bytes on the way; nothing is held in memory beyond a chunk or an
+upload part. The commit protocol (docs/architecture.md) is: data object first, manifest last.
+A copy without a manifest does not exist for list, verify or restore.
+
+Restore streams the other way and compares both hashes and sizes with the manifest when the
+stream ends; callers stage what they write and publish it only after that comparison.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+import socket
+import threading
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, suppress
+from dataclasses import dataclass
+from importlib import metadata as importlib_metadata
+from typing import Any, Protocol
+
+import pyrage
+import zstandard
+from pyrage import x25519
+
+from spark_backup.engine.crypto import Recipients
+from spark_backup.engine.manifest import Digest, Manifest, data_key, manifest_key, new_copy_id
+from spark_backup.engine.stores.base import ObjectLock, ObjectStore
+from spark_backup.engine.streams import (
+    CHUNK_SIZE,
+    HashingReader,
+    HashingWriter,
+    ProgressCallback,
+    Readable,
+    Writable,
+)
+from spark_backup.errors import (
+    CryptoError,
+    IntegrityError,
+    ObjectLockedError,
+    SparkBackupError,
+    StoreError,
+)
+
+ENCRYPTION_LAYERS = ["age", "zstd"]
+
+
+class PlaintextSource(Protocol):
+    """What a source kind hands the pipeline: a stream of plaintext bytes for one copy."""
+
+    kind: str
+    # The plaintext's own format, outermost first (e.g. ["tar"]); the pipeline adds zstd and age.
+    layers: list[str]
+
+    def open(self) -> AbstractContextManager[Readable]:
+        """Stream the plaintext. Raise ``SourceError`` if it cannot be read completely, also on
+        exit (a producer's exit status is only known then): that aborts the copy."""
+        ...
+
+    def metadata(self) -> dict[str, Any]:
+        """Source-specific facts for the manifest, valid after ``open()`` exited cleanly."""
+        ...
+
+    def tool_versions(self) -> dict[str, str]: ...
+
+
+@dataclass(frozen=True)
+class CompressionSettings:
+    level: int = 3
+    threads: int = 2
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def write_copy(
+    store: ObjectStore,
+    source: PlaintextSource,
+    *,
+    source_name: str,
+    partition: str,
+    recipients: Recipients,
+    compression: CompressionSettings,
+    progress: ProgressCallback | None = None,
+) -> Manifest:
+    """Back up one partition of a source as a new copy; return its committed manifest.
+
+    A re-run of a partition makes a new copy beside the existing ones; it never replaces one.
+    """
+    started = utcnow()
+    copy_id = new_copy_id(source_name, started)
+    layers = [*ENCRYPTION_LAYERS, *source.layers]
+    key = data_key(source_name, copy_id, ".".join(reversed(layers)).replace("zstd", "zst"))
+    lock = store.default_lock.lock_from(started) if store.default_lock else None
+
+    compressor = zstandard.ZstdCompressor(
+        level=compression.level, threads=compression.threads, write_checksum=True
+    )
+    with store.open_write(key, lock=lock) as sink:
+        stored = HashingWriter(sink)
+        # The source closes (and reports a failed producer) before the store commits.
+        with source.open() as plain_stream:
+            plain = HashingReader(plain_stream, progress)
+            compressed = compressor.stream_reader(plain, read_size=CHUNK_SIZE)
+            _encrypt(compressed, stored, recipients)
+
+    manifest = Manifest(
+        id=copy_id,
+        source=source_name,
+        kind=source.kind,
+        partition=partition,
+        store=store.name,
+        data_key=key,
+        layers=layers,
+        started_at=started.isoformat(),
+        finished_at=utcnow().isoformat(),
+        plaintext=Digest(plain.hexdigest(), plain.bytes),
+        stored=Digest(stored.hexdigest(), stored.bytes),
+        compression={
+            "algorithm": "zstd",
+            "level": compression.level,
+            "threads": compression.threads,
+        },
+        encryption={"algorithm": "age-x25519", "recipients": list(recipients.public_keys)},
+        tools={**_engine_versions(), **source.tool_versions()},
+        host=socket.gethostname(),
+        source_metadata=source.metadata(),
+        lock=lock_summary(lock),
+    )
+    try:
+        store.put_bytes(manifest_key(source_name, copy_id), manifest.to_json(), lock=lock)
+    except BaseException:
+        _discard_uncommitted(store, key)
+        raise
+    return manifest
+
+
+def _encrypt(reader: Readable, writer: HashingWriter, recipients: Recipients) -> None:
+    guard = _CallbackGuard()
+    try:
+        pyrage.encrypt_io(guard.reader(reader), guard.writer(writer), recipients.parsed())
+    except pyrage.EncryptError as exc:
+        guard.reraise()
+        raise CryptoError(f"age encryption failed: {exc}") from None
+    except zstandard.ZstdError as exc:
+        raise SparkBackupError(f"zstd compression failed: {exc}") from None
+
+
+class _CallbackGuard:
+    """pyrage turns an exception raised by our reader or writer into its own error type with the
+    original as text; this keeps the original so that a ``SourceError`` stays a ``SourceError``."""
+
+    def __init__(self) -> None:
+        self.error: BaseException | None = None
+
+    def reader(self, inner: Readable) -> Readable:
+        guard = self
+
+        class Reader:
+            def read(self, size: int = -1) -> bytes:
+                try:
+                    return inner.read(size)
+                except BaseException as exc:
+                    guard.error = guard.error or exc
+                    raise
+
+        return Reader()
+
+    def writer(self, inner: Writable) -> Writable:
+        guard = self
+
+        class Writer:
+            def write(self, data: bytes) -> int | None:
+                try:
+                    return inner.write(data)
+                except BaseException as exc:
+                    guard.error = guard.error or exc
+                    raise
+
+            def flush(self) -> None:
+                flush = getattr(inner, "flush", None)
+                if flush:
+                    flush()
+
+        return Writer()
+
+    def reraise(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+
+def _discard_uncommitted(store: ObjectStore, key: str) -> None:
+    """Best effort: a data object without a manifest is invisible anyway, and a locked one stays
+    until its lock ends; ``prune`` removes what is left."""
+    with suppress(ObjectLockedError, StoreError):
+        store.delete(key)
+
+
+@contextmanager
+def open_copy(
+    store: ObjectStore,
+    manifest: Manifest,
+    identities: list[x25519.Identity],
+    progress: ProgressCallback | None = None,
+) -> Iterator[Readable]:
+    """Stream a copy's plaintext. On exit, having read the copy to its end, compare the stored
+    and plaintext sha256 and sizes with the manifest: ``IntegrityError`` on any difference,
+    ``CryptoError`` if no identity opens it. Callers must not publish what they read before the
+    block has exited cleanly."""
+    _require_matching_identity(manifest, identities)
+    with store.open_read(manifest.data_key) as raw:
+        stored = HashingReader(raw, progress)
+        read_fd, write_fd = os.pipe()
+        decrypt_errors: list[BaseException] = []
+
+        def decrypt() -> None:
+            guard = _CallbackGuard()
+            with os.fdopen(write_fd, "wb", buffering=CHUNK_SIZE) as pipe_in:
+                try:
+                    pyrage.decrypt_io(guard.reader(stored), guard.writer(pipe_in), identities)
+                except BaseException as exc:  # reported by the reading side
+                    decrypt_errors.append(guard.error or exc)
+
+        worker = threading.Thread(target=decrypt, name=f"decrypt-{manifest.id}", daemon=True)
+        worker.start()
+        pipe_out = os.fdopen(read_fd, "rb", buffering=CHUNK_SIZE)
+        plain = HashingReader(
+            zstandard.ZstdDecompressor().stream_reader(pipe_out, read_size=CHUNK_SIZE)
+        )
+        try:
+            yield plain
+            plain.drain()
+        except BaseException as exc:
+            pipe_out.close()  # unblocks the worker if the consumer stopped early
+            worker.join()
+            # A failed decryption explains whatever the consumer then tripped over.
+            _raise_decrypt_failure(manifest, stored, decrypt_errors)
+            if isinstance(exc, zstandard.ZstdError):
+                raise IntegrityError(f"copy {manifest.id}: zstd stream is damaged: {exc}") from None
+            raise
+        pipe_out.close()
+        worker.join()
+        _raise_decrypt_failure(manifest, stored, decrypt_errors)
+        compare_digest(manifest, "stored", stored.hexdigest(), stored.bytes)
+        compare_digest(manifest, "plaintext", plain.hexdigest(), plain.bytes)
+
+
+def _require_matching_identity(manifest: Manifest, identities: list[x25519.Identity]) -> None:
+    """Say at once when no identity belongs to the copy's recipients, before reading anything:
+    age itself cannot tell a wrong key from a damaged header."""
+    recipients = set(manifest.encryption.get("recipients", []))
+    if not {str(identity.to_public()) for identity in identities} & recipients:
+        shown = ", ".join(f"{key[:12]}..." for key in sorted(recipients))
+        raise CryptoError(
+            f"copy {manifest.id}: none of the given age identities opens it (it is encrypted to {shown})"
+        )
+
+
+def _raise_decrypt_failure(
+    manifest: Manifest, stored: HashingReader, errors: list[BaseException]
+) -> None:
+    if not errors:
+        return
+    error = errors[0]
+    if isinstance(error, BrokenPipeError):
+        return  # the reader went away first; its own error is the one to report
+    if isinstance(error, SparkBackupError):
+        raise error
+    if isinstance(error, pyrage.DecryptError | OSError):
+        # The identity matches a recipient (checked before), so this is damage, not a wrong key.
+        raise IntegrityError(
+            f"copy {manifest.id}: age could not authenticate the stored bytes near byte "
+            f"{stored.bytes}: the copy is damaged ({error})"
+        ) from None
+    raise error
+
+
+def compare_digest(manifest: Manifest, layer: str, sha256: str, size: int) -> None:
+    expected: Digest = getattr(manifest, layer)
+    if size != expected.bytes or sha256 != expected.sha256:
+        raise IntegrityError(
+            f"copy {manifest.id}: {layer} bytes do not match the manifest "
+            f"(sha256 {sha256[:16]}..., {size} bytes; manifest says "
+            f"{expected.sha256[:16]}..., {expected.bytes} bytes)"
+        )
+
+
+@dataclass(frozen=True)
+class Verification:
+    copy_id: str
+    deep: bool
+    bytes_read: int
+    seconds: float
+
+
+def verify_copy(
+    store: ObjectStore,
+    manifest: Manifest,
+    identities: list[x25519.Identity] | None = None,
+    progress: ProgressCallback | None = None,
+) -> Verification:
+    """Re-read a copy and compare it with its manifest. Without identities only the stored bytes
+    are checked (no key needed); with them the copy is also decrypted and decompressed and the
+    plaintext checked. Raises ``IntegrityError``/``CryptoError``/``StoreError`` on failure."""
+    started = utcnow()
+    if identities:
+        with open_copy(store, manifest, identities, progress) as plain:
+            plain.drain()
+        bytes_read = manifest.stored.bytes
+    else:
+        with store.open_read(manifest.data_key) as raw:
+            stored = HashingReader(raw, progress)
+            stored.drain()
+        compare_digest(manifest, "stored", stored.hexdigest(), stored.bytes)
+        bytes_read = stored.bytes
+    return Verification(
+        manifest.id, bool(identities), bytes_read, (utcnow() - started).total_seconds()
+    )
+
+
+def _engine_versions() -> dict[str, str]:
+    versions = {
+        "python": platform.python_version(),
+        "zstd": ".".join(map(str, zstandard.ZSTD_VERSION)),
+    }
+    for package in ("spark-backup", "zstandard", "pyrage"):
+        try:
+            versions[package] = importlib_metadata.version(package)
+        except importlib_metadata.PackageNotFoundError:
+            versions[package] = "unknown"
+    return versions
+
+
+def lock_summary(lock: ObjectLock | None) -> dict[str, str] | None:
+    return {"mode": lock.mode, "retain_until": lock.retain_until.isoformat()} if lock else None

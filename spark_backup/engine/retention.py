@@ -1,0 +1,58 @@
+"""Grandfather-father-son retention: which copies a rule keeps, and why.
+
+The rule reads like restic's ``--keep-daily/--keep-weekly/--keep-monthly``: walking from the newest
+copy back, keep the newest copy of each of the last N days (weeks, months) that have a copy. The
+newest copy of a source is always kept. Periods are taken from when a copy finished, in UTC
+(the partitions' time zone): that is the state a copy holds, whatever partition slot it was made for.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from zoneinfo import ZoneInfo
+
+from spark_backup.engine.manifest import Manifest
+from spark_backup.engine.partitions import TIMEZONE
+
+
+@dataclass(frozen=True)
+class RetentionRule:
+    daily: int
+    weekly: int
+    monthly: int
+
+
+@dataclass(frozen=True)
+class RetentionDecision:
+    keep: dict[str, list[str]]  # copy id -> reasons
+    expire: list[Manifest]
+
+
+_PERIODS: list[tuple[str, Callable[[dt.datetime], tuple[int, ...]]]] = [
+    ("daily", lambda t: (t.year, t.month, t.day)),
+    ("weekly", lambda t: tuple(t.isocalendar()[:2])),
+    ("monthly", lambda t: (t.year, t.month)),
+]
+
+
+def apply_retention(copies: Sequence[Manifest], rule: RetentionRule) -> RetentionDecision:
+    zone = ZoneInfo(TIMEZONE)
+    newest_first = sorted(copies, key=lambda m: (m.finished_at, m.id), reverse=True)
+    keep: dict[str, list[str]] = {}
+    if newest_first:
+        keep[newest_first[0].id] = ["newest copy"]
+    for name, period_of in _PERIODS:
+        limit = getattr(rule, name)
+        seen: set[tuple[int, ...]] = set()
+        for manifest in newest_first:
+            if len(seen) >= limit:
+                break
+            period = period_of(manifest.finished.astimezone(zone))
+            if period in seen:
+                continue
+            seen.add(period)
+            keep.setdefault(manifest.id, []).append(f"{name} {'-'.join(map(str, period))}")
+    expire = [m for m in newest_first if m.id not in keep]
+    return RetentionDecision(keep=keep, expire=expire)

@@ -1,0 +1,120 @@
+"""What every store offers the engine: create-only objects, streamed in and out.
+
+Keys are relative, '/'-separated and never contain '..'; a store maps them under its own root
+or prefix. Writes are all-or-nothing: ``open_write`` publishes the object only when its block
+exits cleanly and leaves nothing visible (no file, no multipart parts) when it raises. Objects
+are never overwritten, which is what lets a manifest's checksums stay true.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+
+from spark_backup.engine.streams import Readable, Writable
+from spark_backup.errors import StoreError
+
+_KEY_RE = re.compile(r"^[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)*$")
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    modified: dt.datetime
+
+
+@dataclass(frozen=True)
+class ObjectLock:
+    """WORM retention on one object: it cannot be deleted or changed before ``retain_until``."""
+
+    mode: str
+    retain_until: dt.datetime
+
+    def active(self, now: dt.datetime | None = None) -> bool:
+        return self.retain_until > (now or dt.datetime.now(dt.UTC))
+
+
+def check_key(key: str) -> str:
+    if not _KEY_RE.match(key) or any(part in (".", "..") for part in key.split("/")):
+        raise StoreError(f"invalid object key {key!r}")
+    return key
+
+
+class ObjectStore(ABC):
+    """A place that holds copies. Implementations: ``LocalStore``, ``S3Store``."""
+
+    name: str
+
+    @property
+    @abstractmethod
+    def uri(self) -> str:
+        """Where the store is, for people (``file:///...``, ``s3://bucket/prefix``)."""
+
+    @abstractmethod
+    def object_uri(self, key: str) -> str: ...
+
+    @property
+    def default_lock(self) -> ObjectLockPolicy | None:
+        """The Object Lock the store applies to every write, if it is a WORM store."""
+        return None
+
+    @abstractmethod
+    def check(self) -> None:
+        """Raise ``StoreError`` with one line if the store cannot be reached or used."""
+
+    @abstractmethod
+    def open_write(
+        self, key: str, *, lock: ObjectLock | None = None
+    ) -> AbstractContextManager[Writable]:
+        """A writer that publishes ``key`` when the block exits cleanly and nothing otherwise.
+
+        Refuses (``StoreError``) if ``key`` already exists: objects are create-only.
+        """
+
+    def put_bytes(self, key: str, data: bytes, *, lock: ObjectLock | None = None) -> None:
+        with self.open_write(key, lock=lock) as writer:
+            writer.write(data)
+
+    @abstractmethod
+    def open_read(self, key: str) -> AbstractContextManager[Readable]:
+        """Stream an object's bytes; ``NotFoundError`` if it does not exist."""
+
+    def get_bytes(self, key: str) -> bytes:
+        with self.open_read(key) as reader:
+            return reader.read()
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """Published objects whose key starts with ``prefix``, in key order."""
+
+    @abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def lock_of(self, key: str) -> ObjectLock | None:
+        """The object's retention, or None where none applies (or the store has no locks)."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Delete an object; ``ObjectLockedError`` if a lock protects it. Missing is not an error."""
+
+    @abstractmethod
+    def cleanup_incomplete(self, older_than: dt.timedelta) -> list[str]:
+        """Remove the leftovers of writes that never finished (a killed process), older than
+        ``older_than``; return what was removed."""
+
+
+@dataclass(frozen=True)
+class ObjectLockPolicy:
+    """A store's WORM setting: every object written is locked for ``retain_days``."""
+
+    mode: str
+    retain_days: int
+
+    def lock_from(self, now: dt.datetime) -> ObjectLock:
+        return ObjectLock(self.mode, now + dt.timedelta(days=self.retain_days))

@@ -1,0 +1,179 @@
+"""A folder on this machine: the embedded default store.
+
+An object is written to a hidden partial file, fsynced, then hard-linked to its final name (which
+fails if the name exists, so objects are create-only) and the directory fsynced. A crash leaves at
+most a partial file, which ``list`` ignores and ``cleanup_incomplete`` removes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import errno
+import os
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from spark_backup.engine.stores.base import ObjectInfo, ObjectLock, ObjectStore, check_key
+from spark_backup.engine.streams import Readable, Writable
+from spark_backup.errors import NotFoundError, StoreError
+
+PARTIAL_MARKER = ".partial-"
+
+
+class LocalStore(ObjectStore):
+    def __init__(self, name: str, root: Path):
+        self.name = name
+        self.root = Path(root).absolute()
+
+    @property
+    def uri(self) -> str:
+        return self.root.as_uri()
+
+    def object_uri(self, key: str) -> str:
+        return self._path(key).as_uri()
+
+    def check(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(
+                f"store {self.name!r}: cannot create {self.root}: {exc.strerror}"
+            ) from None
+        if not os.access(self.root, os.W_OK | os.X_OK):
+            raise StoreError(f"store {self.name!r}: {self.root} is not writable")
+
+    def _path(self, key: str) -> Path:
+        return self.root / check_key(key)
+
+    @contextmanager
+    def open_write(self, key: str, *, lock: ObjectLock | None = None) -> Iterator[Writable]:
+        if lock is not None:
+            raise StoreError(f"store {self.name!r}: a local folder cannot hold Object Lock copies")
+        final = self._path(key)
+        if final.exists():
+            raise StoreError(f"store {self.name!r}: object {key} already exists")
+        partial = final.with_name(f".{final.name}{PARTIAL_MARKER}{secrets.token_hex(4)}")
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(partial, "xb")  # noqa: SIM115 - closed in the finally below
+        except OSError as exc:
+            raise StoreError(f"store {self.name!r}: cannot write {key}: {exc.strerror}") from None
+        try:
+            yield _StoreFileWriter(handle, self.name, key)
+            handle.flush()
+            os.fsync(handle.fileno())
+            handle.close()
+            try:
+                os.link(partial, final)
+            except FileExistsError:
+                raise StoreError(f"store {self.name!r}: object {key} already exists") from None
+            except OSError as exc:
+                raise StoreError(
+                    f"store {self.name!r}: cannot write {key}: {exc.strerror}"
+                ) from None
+            _fsync_dir(final.parent)
+        finally:
+            handle.close()
+            partial.unlink(missing_ok=True)
+
+    @contextmanager
+    def open_read(self, key: str) -> Iterator[Readable]:
+        try:
+            handle = open(self._path(key), "rb")  # noqa: SIM115 - closed below
+        except FileNotFoundError:
+            raise NotFoundError(f"store {self.name!r}: object {key} not found") from None
+        except OSError as exc:
+            raise StoreError(f"store {self.name!r}: cannot read {key}: {exc.strerror}") from None
+        with handle:
+            yield handle
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        if not self.root.is_dir():
+            return
+        found: list[ObjectInfo] = []
+        for directory, _dirs, files in os.walk(self.root):
+            for file_name in files:
+                if PARTIAL_MARKER in file_name:
+                    continue
+                path = Path(directory, file_name)
+                key = path.relative_to(self.root).as_posix()
+                if not key.startswith(prefix):
+                    continue
+                stat = path.stat()
+                found.append(
+                    ObjectInfo(key, stat.st_size, dt.datetime.fromtimestamp(stat.st_mtime, dt.UTC))
+                )
+        yield from sorted(found, key=lambda info: info.key)
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def lock_of(self, key: str) -> ObjectLock | None:
+        return None
+
+    def delete(self, key: str) -> None:
+        path = self._path(key)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise StoreError(f"store {self.name!r}: cannot delete {key}: {exc.strerror}") from None
+        _remove_empty_parents(path.parent, self.root)
+
+    def cleanup_incomplete(self, older_than: dt.timedelta) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        cutoff = dt.datetime.now(dt.UTC) - older_than
+        removed = []
+        for directory, _dirs, files in os.walk(self.root):
+            for file_name in files:
+                if PARTIAL_MARKER not in file_name:
+                    continue
+                path = Path(directory, file_name)
+                modified = dt.datetime.fromtimestamp(path.stat().st_mtime, dt.UTC)
+                if modified < cutoff:
+                    path.unlink(missing_ok=True)
+                    removed.append(path.relative_to(self.root).as_posix())
+        return removed
+
+
+class _StoreFileWriter:
+    """The partial file, with write errors (a full disk) reported as the store's failure."""
+
+    def __init__(self, handle, store: str, key: str):
+        self._handle = handle
+        self._store = store
+        self._key = key
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self._handle.write(data)
+        except OSError as exc:
+            raise StoreError(
+                f"store {self._store!r}: cannot write {self._key}: {exc.strerror}"
+            ) from None
+
+    def flush(self) -> None:
+        self._handle.flush()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove_empty_parents(directory: Path, root: Path) -> None:
+    while directory != root and root in directory.parents:
+        try:
+            directory.rmdir()
+        except OSError as exc:
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT):
+                return
+            raise
+        directory = directory.parent

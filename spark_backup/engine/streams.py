@@ -1,0 +1,102 @@
+"""Small stream adapters that count and hash bytes as they pass, without holding them."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from typing import BinaryIO, Protocol
+
+CHUNK_SIZE = 1 << 20
+
+ProgressCallback = Callable[[int], None]
+
+
+class Writable(Protocol):
+    def write(self, data: bytes, /) -> int | None: ...
+
+
+class Readable(Protocol):
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
+class HashingReader:
+    """Reads from ``inner``, hashing (sha256) and counting every byte handed out."""
+
+    def __init__(self, inner: Readable, progress: ProgressCallback | None = None):
+        self._inner = inner
+        self._progress = progress
+        self.sha256 = hashlib.sha256()
+        self.bytes = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._inner.read(size)
+        if data:
+            self.sha256.update(data)
+            self.bytes += len(data)
+            if self._progress:
+                self._progress(len(data))
+        return data
+
+    def readable(self) -> bool:
+        return True
+
+    def drain(self) -> None:
+        """Read to the end, so the hash covers everything, even what a consumer left unread."""
+        while self.read(CHUNK_SIZE):
+            pass
+
+    def hexdigest(self) -> str:
+        return self.sha256.hexdigest()
+
+
+class HashingWriter:
+    """Writes to ``inner``, hashing (sha256) and counting every byte written."""
+
+    def __init__(self, inner: Writable, progress: ProgressCallback | None = None):
+        self._inner = inner
+        self._progress = progress
+        self.sha256 = hashlib.sha256()
+        self.bytes = 0
+
+    def write(self, data: bytes) -> int:
+        self._inner.write(data)
+        self.sha256.update(data)
+        self.bytes += len(data)
+        if self._progress:
+            self._progress(len(data))
+        return len(data)
+
+    def flush(self) -> None:
+        flush = getattr(self._inner, "flush", None)
+        if flush:
+            flush()
+
+    def writable(self) -> bool:
+        return True
+
+    def hexdigest(self) -> str:
+        return self.sha256.hexdigest()
+
+
+class NullWriter:
+    """A sink that discards bytes (for verifying without writing anything)."""
+
+    def write(self, data: bytes) -> int:
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+
+def copy_stream(source: Readable, target: Writable, chunk_size: int = CHUNK_SIZE) -> int:
+    total = 0
+    while chunk := source.read(chunk_size):
+        target.write(chunk)
+        total += len(chunk)
+    return total
+
+
+def sha256_of_stream(source: BinaryIO | Readable) -> tuple[str, int]:
+    reader = HashingReader(source)
+    reader.drain()
+    return reader.hexdigest(), reader.bytes

@@ -1,0 +1,61 @@
+"""Errors that reach an operator.
+
+Every error spark-backup raises on purpose is a ``SparkBackupError``: its message is one line that
+names the file, field or object at fault, and its ``exit_code`` is what the CLI returns, so that
+scripts can tell a bad plan from an unreachable store from a damaged copy. Messages never carry
+secrets: callers pass names and references, never credential values.
+"""
+
+from __future__ import annotations
+
+
+class SparkBackupError(Exception):
+    """Base class; ``exit_code`` is the CLI's exit status for this kind of failure."""
+
+    exit_code = 1
+
+
+class PlanError(SparkBackupError):
+    """The protection plan is missing, malformed or inconsistent."""
+
+    exit_code = 2
+
+
+class IntegrityError(SparkBackupError):
+    """A stored copy does not match its manifest (checksum, size or format)."""
+
+    exit_code = 3
+
+
+class NotFoundError(SparkBackupError):
+    """A source, copy or object that was asked for does not exist."""
+
+    exit_code = 4
+
+
+class StoreError(SparkBackupError):
+    """A store could not be reached, refused a request, or failed part way."""
+
+    exit_code = 5
+
+
+class ObjectLockedError(StoreError):
+    """A delete or overwrite was refused because the object is under retention or legal hold."""
+
+
+class SourceError(SparkBackupError):
+    """What the plan says to back up cannot be read."""
+
+    exit_code = 6
+
+
+class RestoreRefused(SparkBackupError):
+    """A restore would write outside its target, overwrite files, or extract an unsafe member."""
+
+    exit_code = 7
+
+
+class CryptoError(SparkBackupError):
+    """An age recipient or identity is malformed, missing, or does not open the copy."""
+
+    exit_code = 8

@@ -1,0 +1,56 @@
+"""Shared fixtures. The S3 ones run one real SeaweedFS server per test session."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from spark_backup.service import BackupService
+from spark_backup_tests.helpers import config_source, make_estate, make_key, plan_dict, write_plan
+from spark_backup_tests.seaweedfs import SeaweedFS, seaweedfs_server
+
+
+@pytest.fixture(scope="session")
+def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
+    with seaweedfs_server(tmp_path_factory.mktemp("seaweedfs")) as server:
+        yield server
+
+
+@pytest.fixture
+def s3_bucket(seaweedfs: SeaweedFS) -> str:
+    """A fresh, empty, unversioned bucket."""
+    return seaweedfs.make_bucket(f"test-{uuid.uuid4().hex[:20]}")
+
+
+@pytest.fixture
+def s3_lock_bucket(seaweedfs: SeaweedFS) -> str:
+    """A fresh bucket created with Object Lock enabled (and so versioned)."""
+    return seaweedfs.make_bucket(f"lock-{uuid.uuid4().hex[:20]}", object_lock=True)
+
+
+# --- plans, keys and estates on the local store -----------------------------------------------
+
+
+@pytest.fixture
+def age_key(tmp_path):
+    """(identity file, public key) of a fresh age X25519 key."""
+    return make_key(tmp_path / "keys")
+
+
+@pytest.fixture
+def estate(tmp_path):
+    return make_estate(tmp_path / "estate")
+
+
+@pytest.fixture
+def local_plan(tmp_path, age_key, estate):
+    """A plan with one weekly configuration source on a local store, and its path."""
+    plan = plan_dict([age_key[1]], [config_source("dgx_config", [str(estate)], exclude=["*.swp"])])
+    return write_plan(tmp_path, plan)
+
+
+@pytest.fixture
+def service(local_plan):
+    return BackupService.from_path(local_plan)

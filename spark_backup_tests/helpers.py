@@ -1,0 +1,124 @@
+"""Builders for plans, estates and keys that tests share."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from spark_backup.engine.crypto import generate_identity
+from spark_backup.errors import SourceError
+
+SPARK_BACKUP = [sys.executable, "-m", "spark_backup"]
+
+
+def make_key(directory: Path, name: str = "age") -> tuple[Path, str]:
+    """A fresh age identity file and its public key."""
+    path = directory / f"{name}.key"
+    return path, generate_identity(path)
+
+
+def make_estate(root: Path) -> Path:
+    """A small configuration tree with modes, nested folders, a symlink and an excluded file."""
+    files = {
+        "etc/nvidia/fabricmanager.cfg": (0o644, "FABRIC_MODE=0\n"),
+        "etc/nvidia/runtime/config.toml": (0o640, "[nvidia-container-cli]\n"),
+        "etc/wireguard/wg0.conf": (0o600, "[Interface]\nListenPort = 51820\n"),
+        "etc/wireguard/.wg0.conf.swp": (0o600, "swap\n"),
+        "etc/kube/manifests/ns.yaml": (0o644, "kind: Namespace\n"),
+        "etc/scripts/reload.sh": (0o755, "#!/bin/sh\nexit 0\n"),
+    }
+    for relative, (mode, content) in files.items():
+        path = root / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(content)
+        path.chmod(mode)
+        os.utime(path, (1_700_000_000, 1_700_000_000))
+    (root / "etc/nvidia/current.cfg").symlink_to("fabricmanager.cfg")
+    (root / "etc/empty").mkdir()
+    return root / "etc"
+
+
+def plan_dict(
+    recipients: list[str],
+    sources: list[dict[str, Any]],
+    stores: list[dict[str, Any]] | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    return {
+        "encryption": {"recipients": recipients},
+        "stores": stores or [{"name": "local", "kind": "local", "path": "store"}],
+        "sources": sources,
+        **extra,
+    }
+
+
+def config_source(name: str, paths: list[str], **extra: Any) -> dict[str, Any]:
+    return {
+        "name": name,
+        "kind": "config_archive",
+        "cadence": "weekly",
+        "owner": "team:platform",
+        "paths": paths,
+        **extra,
+    }
+
+
+def write_plan(directory: Path, plan: dict[str, Any], name: str = "spark_backup.yaml") -> Path:
+    path = directory / name
+    path.write_text(yaml.safe_dump(plan, sort_keys=False))
+    return path
+
+
+def run_cli(
+    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None, check: bool = False
+) -> subprocess.CompletedProcess[str]:
+    """Run ``spark-backup`` as a user would, in a fresh process."""
+    result = subprocess.run(
+        [*SPARK_BACKUP, "--no-progress", *args],
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"spark-backup {' '.join(args)} failed: {result.stderr}")
+    return result
+
+
+class BytesSource:
+    """A ``PlaintextSource`` over bytes, for tests of the pipeline itself; it can be made to
+    fail after ``fail_after`` bytes, as a disk or a network would."""
+
+    def __init__(
+        self, data: bytes, fail_after: int | None = None, kind: str = "test_bytes", layers=("raw",)
+    ):
+        self.data = data
+        self.fail_after = fail_after
+        self.kind = kind
+        self.layers = list(layers)
+
+    @contextmanager
+    def open(self):
+        fail_after = self.fail_after
+
+        class Reader(io.BytesIO):
+            def read(self, size=-1):
+                if fail_after is not None and self.tell() >= fail_after:
+                    raise SourceError("source 'test': read error: device went away")
+                return super().read(size)
+
+        yield Reader(self.data)
+
+    def metadata(self) -> dict[str, Any]:
+        return {"length": len(self.data)}
+
+    def tool_versions(self) -> dict[str, str]:
+        return {}

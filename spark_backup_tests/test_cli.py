@@ -1,0 +1,189 @@
+"""The command line: output scripts can parse, exit codes scripts can rely on."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from spark_backup_tests.helpers import SPARK_BACKUP, config_source, plan_dict, run_cli, write_plan
+
+
+def test_backup_list_verify_restore(
+    local_plan: Path, age_key, estate: Path, tmp_path: Path
+) -> None:
+    plan = str(local_plan)
+    backed_up = run_cli("--plan", plan, "backup", "dgx_config", "--json", check=True)
+    (manifest,) = json.loads(backed_up.stdout)
+    assert manifest["source"] == "dgx_config" and manifest["stored"]["bytes"] > 0
+
+    listed = json.loads(run_cli("--plan", plan, "list", "--json", check=True).stdout)
+    assert [c["id"] for c in listed] == [manifest["id"]]
+    assert listed[0]["stored_sha256"] == manifest["stored"]["sha256"]
+    assert (
+        json.loads(run_cli("--plan", plan, "list", "dgx_config", "--json", check=True).stdout)
+        == listed
+    )
+
+    verified = json.loads(run_cli("--plan", plan, "verify", "--json", check=True).stdout)
+    assert verified[0]["ok"] and not verified[0]["deep"]
+    deep = run_cli(
+        "--plan", plan, "verify", manifest["id"], "--deep", "--json", "--identity", str(age_key[0])
+    )
+    assert deep.returncode == 0 and json.loads(deep.stdout)[0]["deep"]
+
+    restored = run_cli(
+        "--plan",
+        plan,
+        "restore",
+        manifest["id"],
+        "--to",
+        str(tmp_path / "r"),
+        "--identity",
+        str(age_key[0]),
+        "--json",
+        check=True,
+    )
+    summary = json.loads(restored.stdout)
+    assert summary["files"] == 5 and summary["target"] == str(tmp_path / "r")
+    again = run_cli(
+        "--plan",
+        plan,
+        "restore",
+        manifest["id"],
+        "--to",
+        str(tmp_path / "r"),
+        "--identity",
+        str(age_key[0]),
+    )
+    assert again.returncode == 7 and "restore would overwrite" in again.stderr
+
+
+def test_exit_codes(local_plan: Path, tmp_path: Path) -> None:
+    plan = str(local_plan)
+    assert run_cli("--plan", plan, "backup").returncode == 2  # usage: no source named
+    missing = run_cli("--plan", plan, "backup", "nope")
+    assert missing.returncode == 4 and "source 'nope' is not in the plan" in missing.stderr
+    unknown = run_cli(
+        "--plan",
+        plan,
+        "restore",
+        "dgx_config-20260101T000000Z-00000000",
+        "--to",
+        str(tmp_path / "r"),
+    )
+    assert unknown.returncode == 4
+    no_key = run_cli("--plan", plan, "verify", "--deep", env={"SPARK_BACKUP_IDENTITY_FILE": ""})
+    assert no_key.returncode == 8 and "no age identity" in no_key.stderr
+    assert run_cli("--plan", str(tmp_path / "absent.yaml"), "list").returncode == 2
+
+
+def test_verify_exit_code_3_when_a_copy_is_damaged(local_plan: Path) -> None:
+    plan = str(local_plan)
+    (manifest,) = json.loads(
+        run_cli("--plan", plan, "backup", "--all", "--json", check=True).stdout
+    )
+    data = local_plan.parent / "store" / manifest["data_key"]
+    data.write_bytes(data.read_bytes()[:-1])
+    result = run_cli("--plan", plan, "verify", "--json")
+    assert result.returncode == 3
+    (outcome,) = json.loads(result.stdout)
+    assert not outcome["ok"] and "do not match the manifest" in outcome["error"]
+
+
+def test_identity_from_environment(local_plan: Path, age_key, tmp_path: Path) -> None:
+    plan = str(local_plan)
+    (manifest,) = json.loads(
+        run_cli("--plan", plan, "backup", "dgx_config", "--json", check=True).stdout
+    )
+    key_text = age_key[0].read_text()
+    result = run_cli(
+        "--plan",
+        plan,
+        "restore",
+        manifest["id"],
+        "--to",
+        str(tmp_path / "r"),
+        env={"SPARK_BACKUP_IDENTITY": key_text},
+    )
+    assert result.returncode == 0, result.stderr
+    secret_line = next(line for line in key_text.splitlines() if line.startswith("AGE-SECRET-KEY"))
+    assert secret_line not in result.stdout + result.stderr
+
+
+def test_killed_backup_leaves_no_copy_and_next_run_succeeds(tmp_path: Path, age_key) -> None:
+    """Kopia-style crash test: SIGKILL in the middle of writing a copy, then list, prune, retry."""
+    big = tmp_path / "estate" / "models"
+    big.mkdir(parents=True)
+    with open(big / "weights.bin", "wb") as handle:
+        for _ in range(48):
+            handle.write(os.urandom(4 << 20))
+    plan = write_plan(
+        tmp_path,
+        plan_dict(
+            [age_key[1]], [config_source("models", [str(big)])], defaults={"orphan_grace": "0s"}
+        ),
+    )
+    process = subprocess.Popen(
+        [*SPARK_BACKUP, "--no-progress", "--plan", str(plan), "backup", "models"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    store = tmp_path / "store"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        partial = [
+            p for p in store.rglob("*") if ".partial-" in p.name and p.stat().st_size > (1 << 20)
+        ]
+        if partial:
+            break
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert partial, "the backup never started writing"
+    assert not list(store.rglob("*.json"))
+
+    assert json.loads(run_cli("--plan", str(plan), "list", "--json", check=True).stdout) == []
+    pruned = json.loads(
+        run_cli("--plan", str(plan), "prune", "--apply", "--json", check=True).stdout
+    )
+    assert pruned["incomplete_uploads"] and not [p for p in store.rglob("*") if p.is_file()]
+    run_cli("--plan", str(plan), "backup", "models", check=True)
+    verified = json.loads(
+        run_cli(
+            "--plan",
+            str(plan),
+            "verify",
+            "--json",
+            "--deep",
+            "--identity",
+            str(age_key[0]),
+            check=True,
+        ).stdout
+    )
+    assert [v["ok"] for v in verified] == [True]
+
+
+def test_prune_dry_run_then_apply(local_plan: Path) -> None:
+    plan = str(local_plan)
+    text = local_plan.read_text().replace(
+        "sources:", "defaults:\n  retention: {daily: 1, weekly: 0, monthly: 0}\nsources:"
+    )
+    local_plan.write_text(text)
+    ids = [
+        json.loads(run_cli("--plan", plan, "backup", "dgx_config", "--json", check=True).stdout)[0][
+            "id"
+        ]
+        for _ in range(3)
+    ]
+    dry = json.loads(run_cli("--plan", plan, "prune", "--json", check=True).stdout)
+    assert dry["dry_run"] and sorted(dry["expired"]) == sorted(ids[:2])
+    assert len(json.loads(run_cli("--plan", plan, "list", "--json", check=True).stdout)) == 3
+    applied = json.loads(run_cli("--plan", plan, "prune", "--apply", "--json", check=True).stdout)
+    assert sorted(applied["expired"]) == sorted(ids[:2])
+    assert [
+        c["id"] for c in json.loads(run_cli("--plan", plan, "list", "--json", check=True).stdout)
+    ] == ids[2:]

@@ -1,0 +1,287 @@
+"""Configuration archives: what goes into the tar stream, and a restore that only ever writes
+inside its staging target."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import stat
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from spark_backup.engine.pipeline import CompressionSettings, write_copy
+from spark_backup.errors import RestoreRefused, SourceError
+from spark_backup.service import BackupService
+from spark_backup.sources.config_archive import ConfigArchiveReader, glob_to_regex
+from spark_backup_tests.helpers import BytesSource, config_source, plan_dict, run_cli, write_plan
+
+
+@pytest.mark.parametrize(
+    ("pattern", "path", "matches"),
+    [
+        ("*.swp", "/etc/wireguard/.wg0.conf.swp", True),
+        ("*.swp", "/etc/wireguard/wg0.conf", False),
+        ("/etc/kubernetes/**/*.yaml", "/etc/kubernetes/manifests/a/b.yaml", True),
+        ("/etc/kubernetes/**/*.yaml", "/etc/kubernetes/b.yaml", True),
+        ("/etc/kubernetes/*.yaml", "/etc/kubernetes/manifests/b.yaml", False),
+        ("secrets/*.key", "/etc/app/secrets/tls.key", True),
+        ("secrets/*.key", "/etc/app/secrets/sub/tls.key", False),
+        ("wg?.conf", "/etc/wireguard/wg0.conf", True),
+        ("wg[!0].conf", "/etc/wireguard/wg0.conf", False),
+        ("wg[0-9].conf", "/etc/wireguard/wg7.conf", True),
+        ("/etc/nvidia", "/etc/nvidia", True),
+        ("/etc/nvidia", "/etc/nvidia/x", False),
+    ],
+)
+def test_globs(pattern: str, path: str, matches: bool) -> None:
+    assert bool(glob_to_regex(pattern).match(path)) is matches
+
+
+def _members(service: BackupService, manifest, identity) -> dict[str, tarfile.TarInfo]:
+    from spark_backup.engine.pipeline import open_copy
+
+    ref = service.find(manifest.id)
+    with (
+        open_copy(ref.store, manifest, service.identities(identity)) as plain,
+        tarfile.open(fileobj=plain, mode="r|") as archive,
+    ):
+        members = {m.name: m for m in archive}
+    return members
+
+
+def test_archive_keeps_modes_owners_mtimes_and_links(
+    service: BackupService, estate: Path, age_key
+) -> None:
+    manifest = service.backup("dgx_config")
+    members = _members(service, manifest, age_key[0])
+    prefix = str(estate).lstrip("/")
+    wg = members[f"{prefix}/wireguard/wg0.conf"]
+    assert stat.S_IMODE(wg.mode) == 0o600
+    assert wg.mtime == 1_700_000_000
+    assert wg.uid == os.getuid() and wg.uname
+    assert stat.S_IMODE(members[f"{prefix}/scripts/reload.sh"].mode) == 0o755
+    link = members[f"{prefix}/nvidia/current.cfg"]
+    assert link.issym() and link.linkname == "fabricmanager.cfg"
+    assert members[f"{prefix}/empty"].isdir()
+    assert f"{prefix}/wireguard/.wg0.conf.swp" not in members  # excluded by the plan
+    assert manifest.source_metadata["files"] == 5
+    assert manifest.source_metadata["symlinks"] == 1
+    assert manifest.source_metadata["excluded"] == 1
+    assert manifest.tools["tar"].startswith("tar (GNU tar)")
+
+
+def test_include_selects_files_and_their_folders(tmp_path: Path, age_key, estate: Path) -> None:
+    plan = plan_dict([age_key[1]], [config_source("k8s", [str(estate)], include=["*.yaml"])])
+    service = BackupService.from_path(write_plan(tmp_path, plan))
+    members = _members(service, service.backup("k8s"), age_key[0])
+    files = sorted(n for n, m in members.items() if m.isfile())
+    assert files == [f"{str(estate).lstrip('/')}/kube/manifests/ns.yaml"]
+    assert f"{str(estate).lstrip('/')}/nvidia" not in members  # no folder without included files
+
+
+def test_patterns_that_leave_nothing_are_an_error(tmp_path: Path, age_key, estate: Path) -> None:
+    plan = plan_dict([age_key[1]], [config_source("k8s", [str(estate)], include=["*.nothing"])])
+    service = BackupService.from_path(write_plan(tmp_path, plan))
+    with pytest.raises(SourceError, match="left nothing to back up"):
+        service.backup("k8s")
+
+
+def test_special_files_are_skipped_with_a_warning(tmp_path: Path, age_key, estate: Path) -> None:
+    os.mkfifo(estate / "nvidia" / "control.fifo")
+    plan = plan_dict([age_key[1]], [config_source("dgx", [str(estate)])])
+    manifest = BackupService.from_path(write_plan(tmp_path, plan)).backup("dgx")
+    assert manifest.source_metadata["skipped_special"] == 1
+    assert any("control.fifo" in w for w in manifest.source_metadata["warnings"])
+
+
+def test_missing_path_is_one_line_and_nothing_is_written(tmp_path: Path, age_key) -> None:
+    plan = plan_dict([age_key[1]], [config_source("vpn", [str(tmp_path / "etc/wireguard")])])
+    result = run_cli("--plan", str(write_plan(tmp_path, plan)), "backup", "vpn")
+    assert result.returncode == 6
+    assert (
+        result.stderr.strip()
+        == f"error: source 'vpn': path {tmp_path / 'etc/wireguard'} does not exist"
+    )
+    assert not (tmp_path / "store").exists() or not any((tmp_path / "store").rglob("*.json"))
+
+
+def test_file_vanishing_during_tar_aborts_the_copy(
+    service: BackupService, estate: Path, monkeypatch
+) -> None:
+    original = ConfigArchiveReader.collect
+
+    def collect_then_delete(self):
+        members = original(self)
+        (estate / "wireguard" / "wg0.conf").unlink()  # gone between the walk and tar
+        return members
+
+    monkeypatch.setattr(ConfigArchiveReader, "collect", collect_then_delete)
+    with pytest.raises(SourceError, match=r"wg0.conf.*(No such file|Cannot stat)"):
+        service.backup("dgx_config")
+    assert service.copies() == []
+
+
+def test_unreadable_file_is_named(tmp_path: Path) -> None:
+    """A file only its owner may read; as root, the backup runs as 'nobody' (root reads all)."""
+    import sys
+    import tempfile
+
+    from spark_backup_tests.helpers import make_key
+
+    # pytest's own temporary folders are private to root; nobody needs to reach the plan.
+    work = Path(tempfile.mkdtemp(prefix="spark-backup-nobody-"))
+    try:
+        work.chmod(0o777)
+        secret = work / "etc" / "secret.key"
+        secret.parent.mkdir()
+        secret.write_text("x")
+        secret.chmod(0o600 if os.geteuid() == 0 else 0o000)
+        _identity, public = make_key(tmp_path)
+        plan = write_plan(work, plan_dict([public], [config_source("etc", [str(work / "etc")])]))
+        as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+        result = subprocess.run(
+            [
+                *(as_nobody if os.geteuid() == 0 else []),
+                sys.executable,
+                "-m",
+                "spark_backup",
+                "--no-progress",
+                "--plan",
+                str(plan),
+                "backup",
+                "etc",
+            ],
+            capture_output=True,
+            text=True,
+            cwd=work,
+            env={**os.environ, "HOME": str(work)},
+        )
+        assert result.returncode == 6, result.stderr
+        assert (
+            result.stderr.strip() == f"error: source 'etc': cannot read {secret}: permission denied"
+        )
+        assert not list(work.rglob("*.json"))
+    finally:
+        shutil.rmtree(work)
+
+
+# --- restore -----------------------------------------------------------------------------------
+
+
+def _tar_bytes(build) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        build(archive)
+    return buffer.getvalue()
+
+
+def _store_tar(service: BackupService, build) -> str:
+    manifest = write_copy(
+        service.store("local"),
+        BytesSource(_tar_bytes(build), kind="config_archive", layers=["tar"]),
+        source_name="dgx_config",
+        partition="2026-11-23",
+        recipients=service.recipients(),
+        compression=CompressionSettings(),
+    )
+    return manifest.id
+
+
+def _add(
+    archive: tarfile.TarFile, name: str, *, data: bytes = b"x", kind=tarfile.REGTYPE, link: str = ""
+) -> None:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = link
+    info.size = len(data) if kind == tarfile.REGTYPE else 0
+    archive.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
+
+
+@pytest.mark.parametrize(
+    ("build", "reason"),
+    [
+        (lambda a: _add(a, "/etc/passwd"), "absolute"),
+        (lambda a: _add(a, "etc/../../escape.conf"), "outside the destination"),
+        (
+            lambda a: _add(a, "etc/link", kind=tarfile.SYMTYPE, link="../../../etc"),
+            "outside the destination",
+        ),
+        (lambda a: _add(a, "etc/abs", kind=tarfile.SYMTYPE, link="/etc/shadow"), "absolute"),
+        (lambda a: _add(a, "etc/hard", kind=tarfile.LNKTYPE, link="/etc/shadow"), "absolute"),
+        (lambda a: _add(a, "dev/sda", kind=tarfile.BLKTYPE), "special file"),
+        (lambda a: _add(a, "dev/null", kind=tarfile.CHRTYPE), "special file"),
+    ],
+)
+def test_restore_refuses_unsafe_members(
+    service: BackupService, age_key, tmp_path: Path, build, reason: str
+) -> None:
+    copy_id = _store_tar(service, lambda a: (_add(a, "etc/ok.conf"), build(a)))
+    target = tmp_path / "restore"
+    with pytest.raises(RestoreRefused, match=f"refusing unsafe archive member .*{reason}"):
+        service.restore(copy_id, target, identity_file=age_key[0])
+    assert list(target.iterdir()) == []  # not even the safe member, and no staging left
+    assert not (tmp_path / "escape.conf").exists()
+
+
+def test_skip_unsafe_restores_the_rest_and_reports(
+    service: BackupService, age_key, tmp_path: Path
+) -> None:
+    copy_id = _store_tar(
+        service,
+        lambda a: (
+            _add(a, "etc/ok.conf"),
+            _add(a, "etc/localtime", kind=tarfile.SYMTYPE, link="/usr/share/zoneinfo/UTC"),
+        ),
+    )
+    summary = service.restore(
+        copy_id, tmp_path / "restore", identity_file=age_key[0], skip_unsafe=True
+    )
+    assert (tmp_path / "restore/etc/ok.conf").read_bytes() == b"x"
+    assert not os.path.lexists(tmp_path / "restore/etc/localtime")
+    assert len(summary["skipped"]) == 1 and summary["skipped"][0].startswith("etc/localtime")
+
+
+def test_restore_never_overwrites_unless_told(
+    service: BackupService, estate: Path, age_key, tmp_path: Path
+) -> None:
+    manifest = service.backup("dgx_config")
+    target = tmp_path / "restore"
+    service.restore(manifest.id, target, identity_file=age_key[0])
+    restored = target / str(estate).lstrip("/") / "wireguard/wg0.conf"
+    restored.write_text("edited by an operator")
+    with pytest.raises(
+        RestoreRefused, match=r"restore would overwrite .* and 3 more; .*--overwrite"
+    ):
+        service.restore(manifest.id, target, identity_file=age_key[0])
+    assert restored.read_text() == "edited by an operator"
+    assert [p.name for p in target.iterdir()] == [
+        str(estate).lstrip("/").split("/")[0]
+    ]  # no staging left
+
+    service.restore(manifest.id, target, identity_file=age_key[0], overwrite=True)
+    assert restored.read_text() == (estate / "wireguard/wg0.conf").read_text()
+
+
+def test_restore_into_a_file_is_refused(service: BackupService, age_key, tmp_path: Path) -> None:
+    manifest = service.backup("dgx_config")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(RestoreRefused, match="exists and is not a directory"):
+        service.restore(manifest.id, tmp_path / "file", identity_file=age_key[0])
+
+
+def test_restored_tree_matches_the_estate(
+    service: BackupService, estate: Path, age_key, tmp_path: Path
+) -> None:
+    from spark_backup.demo import compare_trees
+
+    manifest = service.backup("dgx_config")
+    summary = service.restore(manifest.id, tmp_path / "restore", identity_file=age_key[0])
+    assert compare_trees([estate], tmp_path / "restore", exclude=["*.swp"]) == []
+    assert summary["files"] == 5 and summary["symlinks"] == 1
+    restored = tmp_path / "restore" / str(estate).lstrip("/")
+    assert (restored / "wireguard/wg0.conf").stat().st_mtime == 1_700_000_000
+    shutil.rmtree(tmp_path / "restore")

@@ -1,0 +1,270 @@
+"""The engine on the local store: commit protocol, manifests, integrity, and copies that open with
+standard tools alone."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from spark_backup.engine.catalog import find_orphans, list_copies
+from spark_backup.engine.crypto import Recipients
+from spark_backup.engine.manifest import MANIFEST_FORMAT, Manifest, manifest_key
+from spark_backup.engine.pipeline import CompressionSettings, open_copy, verify_copy, write_copy
+from spark_backup.engine.stores.local import PARTIAL_MARKER, LocalStore
+from spark_backup.errors import CryptoError, IntegrityError, SourceError, StoreError
+from spark_backup.service import BackupService
+from spark_backup_tests.helpers import BytesSource, make_key
+
+
+def _write(store, data: bytes, key: str, **kwargs) -> Manifest:
+    return write_copy(
+        store,
+        BytesSource(data, **kwargs),
+        source_name="blob",
+        partition="2026-11-27",
+        recipients=Recipients.from_keys([key], "test"),
+        compression=CompressionSettings(level=3, threads=2),
+    )
+
+
+def _store_files(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+def test_round_trip_and_manifest(tmp_path: Path) -> None:
+    identity, public = make_key(tmp_path)
+    store = LocalStore("local", tmp_path / "store")
+    data = os.urandom(3 << 20) + b"config = value\n" * 200_000
+    manifest = _write(store, data, public)
+
+    raw = json.loads(store.get_bytes(manifest_key("blob", manifest.id)))
+    assert raw["format"] == MANIFEST_FORMAT
+    assert raw["plaintext"]["bytes"] == len(data)
+    assert raw["stored"]["bytes"] == len(store.get_bytes(manifest.data_key))
+    assert raw["encryption"] == {"algorithm": "age-x25519", "recipients": [public]}
+    assert raw["layers"] == ["age", "zstd", "raw"]
+    assert {"python", "zstandard", "pyrage", "spark-backup"} <= set(raw["tools"])
+    assert raw["source_metadata"] == {"length": len(data)}
+    assert "AGE-SECRET-KEY" not in json.dumps(raw)
+    assert manifest.data_key.endswith(".raw.zst.age")
+
+    from spark_backup.engine.crypto import load_identities
+
+    with open_copy(store, manifest, load_identities(identity)) as plain:
+        assert plain.read() == data
+    assert verify_copy(store, manifest).bytes_read == manifest.stored.bytes
+
+
+def test_copy_opens_with_age_zstd_and_tar_alone(
+    service: BackupService, age_key, estate, tmp_path
+) -> None:
+    """The runbook's promise: Debian's age and zstd and GNU tar open a copy without our code."""
+    manifest = service.backup("dgx_config")
+    ref = service.find(manifest.id)
+    data_file = ref.store.object_uri(manifest.data_key).removeprefix("file://")
+    target = tmp_path / "by-hand"
+    target.mkdir()
+    subprocess.run(
+        [
+            "bash",
+            "-o",
+            "pipefail",
+            "-c",
+            f"age -d -i {age_key[0]} {data_file} | zstd -d | tar -x -C {target}",
+        ],
+        check=True,
+    )
+    restored = target / str(estate).lstrip("/")
+    assert (restored / "wireguard/wg0.conf").read_text() == (
+        estate / "wireguard/wg0.conf"
+    ).read_text()
+    assert os.readlink(restored / "nvidia/current.cfg") == "fabricmanager.cfg"
+    assert not (restored / "wireguard/.wg0.conf.swp").exists()
+    # and sha256sum of the stored bytes is the manifest's
+    digest = subprocess.run(["sha256sum", data_file], capture_output=True, text=True, check=True)
+    assert digest.stdout.split()[0] == manifest.stored.sha256
+
+
+def test_rerun_adds_a_copy_beside_the_first(service: BackupService) -> None:
+    first = service.backup("dgx_config", partition="2026-11-23")
+    second = service.backup("dgx_config", partition="2026-11-23")
+    assert first.id != second.id
+    assert [r.manifest.id for r in service.copies("dgx_config")] == [first.id, second.id]
+    assert all(service.verify(r).ok for r in service.copies("dgx_config"))
+
+
+def test_source_failure_midway_leaves_no_copy(tmp_path: Path) -> None:
+    _identity, public = make_key(tmp_path)
+    store = LocalStore("local", tmp_path / "store")
+    with pytest.raises(SourceError, match="device went away"):
+        _write(store, os.urandom(4 << 20), public, fail_after=2 << 20)
+    assert _store_files(tmp_path / "store") == []
+    assert list_copies(store) == []
+    good = _write(store, b"after the failure", public)
+    assert [m.id for m in list_copies(store)] == [good.id]
+
+
+class FailingStore(LocalStore):
+    """A local store whose data upload dies after some bytes, or whose manifest write fails."""
+
+    def __init__(self, *args, fail_data_after: int | None = None, fail_manifest: bool = False):
+        super().__init__(*args)
+        self.fail_data_after = fail_data_after
+        self.fail_manifest = fail_manifest
+
+    @contextmanager
+    def open_write(self, key, *, lock=None):
+        if self.fail_manifest and "/manifests/" in key:
+            raise StoreError(f"store {self.name!r}: cannot write {key}: connection reset")
+        with super().open_write(key, lock=lock) as writer:
+            limit = self.fail_data_after
+
+            class Dying:
+                written = 0
+
+                def write(self, data):
+                    Dying.written += len(data)
+                    if limit is not None and Dying.written > limit:
+                        raise StoreError("store 'local': cannot write data: connection reset")
+                    return writer.write(data)
+
+            yield Dying()
+
+
+def test_store_failure_halfway_leaves_nothing_and_next_run_succeeds(tmp_path: Path) -> None:
+    _identity, public = make_key(tmp_path)
+    broken = FailingStore("local", tmp_path / "store", fail_data_after=1 << 20)
+    with pytest.raises(StoreError, match="connection reset"):
+        _write(broken, os.urandom(4 << 20), public)
+    assert _store_files(tmp_path / "store") == []  # no partial file, no manifest
+    healthy = LocalStore("local", tmp_path / "store")
+    manifest = _write(healthy, os.urandom(4 << 20), public)
+    assert [m.id for m in list_copies(healthy)] == [manifest.id]
+
+
+def test_failed_manifest_write_removes_the_data(tmp_path: Path) -> None:
+    _identity, public = make_key(tmp_path)
+    store = FailingStore("local", tmp_path / "store", fail_manifest=True)
+    with pytest.raises(StoreError):
+        _write(store, b"x" * 1000, public)
+    assert _store_files(tmp_path / "store") == []
+
+
+def test_data_without_manifest_is_invisible_and_pruned_after_grace(service: BackupService) -> None:
+    manifest = service.backup("dgx_config")
+    store = service.find(manifest.id).store
+    store.delete(manifest_key("dgx_config", manifest.id))  # as if the backup died before the commit
+    assert service.copies() == []
+    assert (
+        find_orphans(store, service.plan.defaults.orphan_grace) == []
+    )  # young: maybe still running
+    import datetime as dt
+
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(days=2)
+    report = service.prune(dry_run=False, now=later)
+    assert report.orphans == [f"local:{manifest.data_key}"]
+    assert not store.exists(manifest.data_key)
+
+
+def test_interrupted_local_write_leaves_only_a_hidden_partial(tmp_path: Path) -> None:
+    store = LocalStore("local", tmp_path / "store")
+    with pytest.raises(KeyboardInterrupt), store.open_write("blob/data/x.age") as writer:
+        writer.write(b"half")
+        raise KeyboardInterrupt
+    assert _store_files(tmp_path / "store") == []
+    with store.open_write("blob/data/x.age") as writer:
+        writer.write(b"whole")
+    with (
+        pytest.raises(StoreError, match="already exists"),
+        store.open_write("blob/data/x.age") as writer,
+    ):
+        writer.write(b"again")
+    assert store.get_bytes("blob/data/x.age") == b"whole"
+
+
+def test_corrupted_copy_fails_verify_and_restore_refuses(
+    service: BackupService, age_key, tmp_path
+) -> None:
+    manifest = service.backup("dgx_config")
+    ref = service.find(manifest.id)
+    path = Path(ref.store.object_uri(manifest.data_key).removeprefix("file://"))
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+    outcome = service.verify(ref)
+    assert not outcome.ok and "stored bytes do not match the manifest" in outcome.error
+    deep = service.verify(ref, service.identities(age_key[0]))
+    assert not deep.ok
+    target = tmp_path / "restore"
+    with pytest.raises(IntegrityError, match=manifest.id):
+        service.restore(manifest.id, target, identity_file=age_key[0])
+    assert list(target.iterdir()) == []  # nothing published, staging removed
+
+
+def test_truncated_copy_is_an_integrity_error(service: BackupService, age_key, tmp_path) -> None:
+    manifest = service.backup("dgx_config")
+    ref = service.find(manifest.id)
+    path = Path(ref.store.object_uri(manifest.data_key).removeprefix("file://"))
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(IntegrityError):
+        service.restore(manifest.id, tmp_path / "restore", identity_file=age_key[0])
+
+
+def test_wrong_identity_is_a_clear_crypto_error(service: BackupService, tmp_path) -> None:
+    manifest = service.backup("dgx_config")
+    other, _ = make_key(tmp_path, "other")
+    with pytest.raises(CryptoError, match="none of the given age identities opens it") as raised:
+        service.restore(manifest.id, tmp_path / "restore", identity_file=other)
+    assert "AGE-SECRET-KEY" not in str(raised.value)
+    assert not any((tmp_path / "restore").iterdir())
+
+
+def test_malformed_identity_never_echoes_the_key(service: BackupService, tmp_path) -> None:
+    manifest = service.backup("dgx_config")
+    bad = tmp_path / "bad.key"
+    bad.write_text("AGE-SECRET-KEY-1THISISNOTVALIDBUTSECRETLOOKING\n")
+    with pytest.raises(
+        CryptoError, match=r"bad.key: line 1 is not an age X25519 identity"
+    ) as raised:
+        service.restore(manifest.id, tmp_path / "restore", identity_file=bad)
+    assert "SECRETLOOKING" not in str(raised.value)
+
+
+def test_unknown_copy_id_and_store_listing(service: BackupService) -> None:
+    from spark_backup.errors import NotFoundError
+
+    with pytest.raises(NotFoundError, match="not a copy id"):
+        service.find("nonsense")
+    with pytest.raises(NotFoundError, match="copy dgx_config-20260101T000000Z-00000000 not found"):
+        service.find("dgx_config-20260101T000000Z-00000000")
+
+
+def test_manifest_with_unknown_format_is_refused(service: BackupService) -> None:
+    manifest = service.backup("dgx_config")
+    store = service.find(manifest.id).store
+    path = Path(store.object_uri(manifest_key("dgx_config", manifest.id)).removeprefix("file://"))
+    raw = json.loads(path.read_text())
+    raw["format"] = "something-else/v9"
+    path.write_text(json.dumps(raw))
+    with pytest.raises(IntegrityError, match="unsupported manifest format 'something-else/v9'"):
+        service.copies()
+
+
+def test_partial_marker_files_are_not_listed(tmp_path: Path) -> None:
+    store = LocalStore("local", tmp_path / "store")
+    hidden = tmp_path / "store" / "blob" / "data" / f".x.age{PARTIAL_MARKER}abcd"
+    hidden.parent.mkdir(parents=True)
+    hidden.write_bytes(b"partial")
+    assert list(store.list()) == []
+    import datetime as dt
+
+    assert store.cleanup_incomplete(dt.timedelta(0)) == [f"blob/data/.x.age{PARTIAL_MARKER}abcd"]
+    assert not hidden.exists()
+    shutil.rmtree(tmp_path / "store")
