@@ -71,7 +71,7 @@ def test_exit_codes(local_plan: Path, tmp_path: Path) -> None:
         "--plan",
         plan,
         "restore",
-        "dgx_config-20260101T000000Z-00000000",
+        "dgx_config-20260101T000000.000Z-00000000",
         "--to",
         str(tmp_path / "r"),
     )

@@ -242,8 +242,10 @@ def test_unknown_copy_id_and_store_listing(service: BackupService) -> None:
 
     with pytest.raises(NotFoundError, match="not a copy id"):
         service.find("nonsense")
-    with pytest.raises(NotFoundError, match="copy dgx_config-20260101T000000Z-00000000 not found"):
-        service.find("dgx_config-20260101T000000Z-00000000")
+    with pytest.raises(
+        NotFoundError, match="copy dgx_config-20260101T000000.000Z-00000000 not found"
+    ):
+        service.find("dgx_config-20260101T000000.000Z-00000000")
 
 
 def test_manifest_with_unknown_format_is_refused(service: BackupService) -> None:

@@ -5,8 +5,8 @@ Layout in a store (see docs/architecture.md)::
     <source>/data/<copy id>.<format>      the encrypted bytes, written first
     <source>/manifests/<copy id>.json     this manifest, written last: the commit
 
-A copy id is ``<source>-<UTC start, YYYYMMDDTHHMMSSZ>-<8 hex>``: it sorts by time within a
-source and names its source, so ``restore ID`` finds the manifest without a listing. The manifest
+A copy id is ``<source>-<UTC start, YYYYMMDDTHHMMSS.mmmZ>-<8 hex>``: it sorts by start time
+within a source (to the millisecond, so ``ls | sort`` finds the newest) and names its source, so ``restore ID`` finds the manifest without a listing. The manifest
 holds public facts only (checksums, sizes, public keys, tool versions), never key material, so
 it is stored in clear JSON for anyone to read.
 """
@@ -24,19 +24,21 @@ from spark_backup.errors import IntegrityError, NotFoundError
 
 MANIFEST_FORMAT = "spark-backup.manifest/v1"
 COPY_ID_RE = re.compile(
-    r"^(?P<source>[a-z][a-z0-9_]{0,62})-(?P<ts>\d{8}T\d{6}Z)-(?P<rand>[0-9a-f]{8})$"
+    r"^(?P<source>[a-z][a-z0-9_]{0,62})-(?P<ts>\d{8}T\d{6}\.\d{3}Z)-(?P<rand>[0-9a-f]{8})$"
 )
 
 
 def new_copy_id(source: str, started_at: dt.datetime) -> str:
-    return f"{source}-{started_at.astimezone(dt.UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(4)}"
+    started = started_at.astimezone(dt.UTC)
+    stamp = f"{started:%Y%m%dT%H%M%S}.{started.microsecond // 1000:03d}Z"
+    return f"{source}-{stamp}-{secrets.token_hex(4)}"
 
 
 def source_of(copy_id: str) -> str:
     match = COPY_ID_RE.match(copy_id)
     if not match:
         raise NotFoundError(
-            f"{copy_id!r} is not a copy id (expected SOURCE-YYYYMMDDTHHMMSSZ-XXXXXXXX, "
+            f"{copy_id!r} is not a copy id (expected SOURCE-YYYYMMDDTHHMMSS.mmmZ-XXXXXXXX, "
             "as `spark-backup list` shows)"
         )
     return match["source"]
