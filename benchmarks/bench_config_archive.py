@@ -292,7 +292,14 @@ class Run:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def settle() -> None:
+    """Untimed: flush dirty pages (and, on ext4 mounted with discard, pending discards) left by
+    earlier runs, so that they are not written back during, and billed to, the next one."""
+    os.sync()
+
+
 def run_ours(python: str, spec: dict[str, Any]) -> Run:
+    settle()
     started = time.perf_counter()
     proc = subprocess.run(
         [python, os.path.abspath(__file__), "--child", json.dumps(spec)],
@@ -307,6 +314,7 @@ def run_ours(python: str, spec: dict[str, Any]) -> Run:
 
 
 def run_shell(command: str) -> Run:
+    settle()
     started = time.perf_counter()
     proc = subprocess.run(["bash", "-o", "pipefail", "-c", command], capture_output=True, text=True)
     wall = time.perf_counter() - started
@@ -515,6 +523,11 @@ def _first_line(command: list[str]) -> str:
     return text.splitlines()[0] if text else "unknown"
 
 
+def _load() -> str:
+    """1/5/15-minute load average: other work on the machine skews every figure."""
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def machine_facts(python: str, workdir: Path) -> dict[str, Any]:
     cpu = "unknown"
     mem = "unknown"
@@ -555,6 +568,7 @@ def machine_facts(python: str, workdir: Path) -> dict[str, Any]:
         "tar": _first_line(["tar", "--version"]),
         "zstd": _first_line(["zstd", "--version"]),
         "age": _first_line(["age", "--version"]),
+        "load_average": _load(),
         "workdir": str(workdir),
         "workdir_free_gb": round(usage.free / 1e9, 1),
     }
@@ -690,6 +704,7 @@ def run_benchmark(args: argparse.Namespace, workdir: Path) -> None:
         for op in ("backup", "restore"):
             if rss[f"{op}_peak_rss_mb"] > TARGET_RSS_MB:
                 print(f"MISS rss-check {op}: peak RSS above {TARGET_RSS_MB:.0f} MB")
+    print(f"\nload average at the end: {_load()} (at the start: {facts['load_average']})")
     misses = [(m, text) for m in measurements for text in m.misses]
     print()
     for m, text in misses:

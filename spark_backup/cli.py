@@ -373,6 +373,41 @@ def prune(ctx: _Context, apply: bool, as_json: bool) -> None:
     )
 
 
+# --- dagster ------------------------------------------------------------------------------------
+
+
+@cli.command("dagster-init")
+@click.option(
+    "--config",
+    "template",
+    default="dagster.yaml",
+    show_default=True,
+    type=click.Path(dir_okay=False),
+    help="Instance config to install into $DAGSTER_HOME if it has none.",
+)
+@pass_context
+def dagster_init(ctx: _Context, template: str) -> None:
+    """Prepare the Dagster instance at $DAGSTER_HOME for the plan: install dagster.yaml if
+    missing and give every source its pool limit (one backup of a source at a time)."""
+    import os
+
+    from dagster import DagsterInstance
+
+    from spark_backup.defs.instance import ensure_source_pools, install_instance_config
+
+    home = os.environ.get("DAGSTER_HOME")
+    if not home:
+        raise click.UsageError("set DAGSTER_HOME to the instance's folder")
+    service = _run(lambda: ctx.service)
+    if install_instance_config(Path(home), Path(template)):
+        stdout.print(f"installed {template} into {home}", highlight=False)
+    with DagsterInstance.get() as instance:
+        pools = ensure_source_pools(instance, service.plan)
+    stdout.print(
+        f"pools set to one run at a time: {', '.join(pools) or 'none needed'}", highlight=False
+    )
+
+
 # --- demo --------------------------------------------------------------------------------------
 
 

@@ -26,7 +26,6 @@ from spark_backup.errors import IntegrityError
 from spark_backup.plan import PLAN_ENV, load_plan
 from spark_backup.service import BackupService
 
-INSTANCE_CONFIG = "dagster.yaml"
 # The runs' event logs are in the instance (and the UI); the console gets warnings only.
 QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 
@@ -128,12 +127,11 @@ def prepare_demo(home: Path) -> DemoPaths:
 
 
 def prepare_dagster_home(paths: DemoPaths) -> Path:
-    """DAGSTER_HOME for the demo, with the project's dagster.yaml when run from the project."""
+    """DAGSTER_HOME for the demo ($DAGSTER_HOME if set), with the project's dagster.yaml."""
+    from spark_backup.defs.instance import install_instance_config
+
     dagster_home = Path(os.environ.get("DAGSTER_HOME") or paths.dagster_home).absolute()
-    dagster_home.mkdir(parents=True, exist_ok=True)
-    project_config = Path.cwd() / INSTANCE_CONFIG
-    if project_config.is_file() and not (dagster_home / INSTANCE_CONFIG).exists():
-        shutil.copyfile(project_config, dagster_home / INSTANCE_CONFIG)
+    install_instance_config(dagster_home, Path.cwd() / "dagster.yaml")
     os.environ["DAGSTER_HOME"] = str(dagster_home)
     return dagster_home
 
@@ -142,6 +140,7 @@ def run_demo(home: Path, console: Console) -> None:
     from dagster import DagsterInstance
 
     from spark_backup.defs.build import build_definitions
+    from spark_backup.defs.instance import ensure_source_pools
     from spark_backup.defs.schedules import FRESHNESS_JOB, backup_job_name
 
     paths = prepare_demo(home)
@@ -156,6 +155,7 @@ def run_demo(home: Path, console: Console) -> None:
 
     failures: list[str] = []
     with DagsterInstance.get() as instance:
+        ensure_source_pools(instance, loaded.plan)
         for cadence in sorted({s.cadence for s in loaded.plan.sources}):
             partition = service.current_partition(
                 next(s for s in loaded.plan.sources if s.cadence == cadence)

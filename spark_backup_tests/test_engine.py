@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from contextlib import contextmanager
@@ -243,7 +244,7 @@ def test_unknown_copy_id_and_store_listing(service: BackupService) -> None:
     with pytest.raises(NotFoundError, match="not a copy id"):
         service.find("nonsense")
     with pytest.raises(
-        NotFoundError, match="copy dgx_config-20260101T000000.000Z-00000000 not found"
+        NotFoundError, match=re.escape("copy dgx_config-20260101T000000.000Z-00000000 not found")
     ):
         service.find("dgx_config-20260101T000000.000Z-00000000")
 

@@ -1,0 +1,179 @@
+"""The real thing: ``dagster dev`` with the project's workspace and instance config, driven over
+GraphQL the way the UI drives it (queued runs, the daemon, pools)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from spark_backup.engine.partitions import partition_key_for
+from spark_backup.engine.pipeline import utcnow
+from spark_backup_tests.helpers import run_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+DONE = ("SUCCESS", "FAILURE", "CANCELED")
+
+
+class DagsterDev:
+    def __init__(self, port: int):
+        self.url = f"http://127.0.0.1:{port}/graphql"
+
+    def query(self, text: str, variables: dict | None = None) -> dict:
+        request = urllib.request.Request(
+            self.url,
+            json.dumps({"query": text, "variables": variables or {}}).encode(),
+            {"content-type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            body = json.load(response)
+        assert "errors" not in body, body
+        return body["data"]
+
+    def launch(self, asset: str, partition: str, checks: list[str] | None = None) -> str:
+        """Launch a run as the UI's Materialize (or a check's Execute, with ``checks``) does."""
+        key = {"path": ["backups", asset]}
+        selector = {
+            "repositoryLocationName": "spark_backup",
+            "repositoryName": "__repository__",
+            "pipelineName": "__ASSET_JOB",
+            "assetSelection": [] if checks else [key],
+            "assetCheckSelection": [{"assetKey": key, "name": name} for name in checks or []],
+        }
+        data = self.query(
+            """mutation($p: ExecutionParams!) { launchPipelineExecution(executionParams: $p) {
+                 __typename ... on LaunchRunSuccess { run { runId } } ... on PythonError { message } } }""",
+            {
+                "p": {
+                    "selector": selector,
+                    "executionMetadata": {
+                        "tags": [{"key": "dagster/partition", "value": partition}]
+                    },
+                }
+            },
+        )["launchPipelineExecution"]
+        assert data["__typename"] == "LaunchRunSuccess", data
+        return data["run"]["runId"]
+
+    def wait(self, run_id: str, timeout: float = 120) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            run = self.query(
+                "query($id: ID!) { runOrError(runId: $id) { ... on Run { status startTime endTime } } }",
+                {"id": run_id},
+            )["runOrError"]
+            if run["status"] in DONE:
+                return run
+            time.sleep(0.5)
+        raise AssertionError(f"run {run_id} did not finish in {timeout}s")
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def dagster_dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DagsterDev]:
+    """The demo's estate and plan, served by ``dagster dev``; every child is stopped after."""
+    home = tmp_path_factory.mktemp("demo")
+    from spark_backup.demo import prepare_demo
+
+    paths = prepare_demo(home)
+    dagster_home = home / "dagster_home"
+    env = {**os.environ, "DAGSTER_HOME": str(dagster_home), "SPARK_BACKUP_PLAN": str(paths.plan)}
+    # As an operator deploys it: instance config and pools first, then the services.
+    run_cli("dagster-init", cwd=ROOT, env=env, check=True)
+    assert (dagster_home / "dagster.yaml").read_text() == (ROOT / "dagster.yaml").read_text()
+    port = _free_port()
+    log = open(home / "dagster_dev.log", "wb")  # noqa: SIM115 - closed after the process
+    process = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "dagster"),
+            "dev",
+            "-w",
+            "workspace.yaml",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group, so that every child can be stopped
+    )
+    server = DagsterDev(port)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                server.query("{ version }")
+                break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError((home / "dagster_dev.log").read_text()[-3000:]) from None
+                time.sleep(0.5)
+        yield server
+    finally:
+        _stop_group(process)
+        log.close()
+
+
+def _stop_group(process: subprocess.Popen) -> None:
+    group = os.getpgid(process.pid)
+    os.killpg(group, signal.SIGTERM)
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(group, signal.SIGKILL)
+        process.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and _group_alive(group):
+        time.sleep(0.2)
+    if _group_alive(group):
+        os.killpg(group, signal.SIGKILL)
+    assert not _group_alive(group) or time.sleep(1) or not _group_alive(group)
+
+
+def _group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_materialize_and_check_alone_through_the_webserver(dagster_dev: DagsterDev) -> None:
+    partition = partition_key_for("weekly", utcnow())
+    backup = dagster_dev.wait(dagster_dev.launch("vpn_config", partition))
+    assert backup["status"] == "SUCCESS"
+    check = dagster_dev.wait(dagster_dev.launch("vpn_config", partition, checks=["checksum"]))
+    assert check["status"] == "SUCCESS"
+    result = dagster_dev.query(
+        """{ assetNodes(assetKeys: [{path: ["backups", "vpn_config"]}]) {
+             assetChecksOrError { ... on AssetChecks { checks { name
+               executionForLatestMaterialization { status evaluation { success partition } } } } } } }"""
+    )
+    checks = {c["name"]: c for c in result["assetNodes"][0]["assetChecksOrError"]["checks"]}
+    latest = checks["checksum"]["executionForLatestMaterialization"]
+    assert latest["status"] == "SUCCEEDED" and latest["evaluation"]["partition"] == partition
+
+
+def test_two_runs_never_back_up_the_same_source_at_once(dagster_dev: DagsterDev) -> None:
+    partition = partition_key_for("weekly", utcnow())
+    first, second = (dagster_dev.launch("dgx_config", partition) for _ in range(2))
+    runs = sorted((dagster_dev.wait(first), dagster_dev.wait(second)), key=lambda r: r["startTime"])
+    assert [r["status"] for r in runs] == ["SUCCESS", "SUCCESS"]
+    assert runs[1]["startTime"] >= runs[0]["endTime"]  # the pool held the second run in the queue
