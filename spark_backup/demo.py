@@ -14,6 +14,7 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -219,7 +220,7 @@ def run_demo(home: Path, console: Console) -> None:
     console.print(open_with_standard_tools(service, paths))
     console.print(
         "\nSee it in the Dagster UI (assets, partitions, checks, runs):\n"
-        f"  DAGSTER_HOME={dagster_home} {PLAN_ENV}={paths.plan} dagster dev\n"
+        f"  DAGSTER_HOME={dagster_home} {PLAN_ENV}={paths.plan} {_dagster_command()} dev\n"
         "then open http://127.0.0.1:3000/assets (group config_archive).",
         highlight=False,
         soft_wrap=True,
@@ -229,6 +230,15 @@ def run_demo(home: Path, console: Console) -> None:
     console.print(
         "[green]demo complete: every copy backed up, verified and restored identically[/green]"
     )
+
+
+def _dagster_command() -> str:
+    """``dagster`` as the user can type it: the one installed beside this Python."""
+    installed = Path(sys.executable).parent / "dagster"
+    if not installed.exists():
+        return "dagster"
+    relative = os.path.relpath(installed)
+    return relative if not relative.startswith("..") else str(installed)
 
 
 def compare_trees(roots: list[Path], restored: Path, exclude: list[str]) -> list[str]:

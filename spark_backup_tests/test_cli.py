@@ -35,30 +35,15 @@ def test_backup_list_verify_restore(
     )
     assert deep.returncode == 0 and json.loads(deep.stdout)[0]["deep"]
 
-    restored = run_cli(
-        "--plan",
-        plan,
-        "restore",
-        manifest["id"],
-        "--to",
-        str(tmp_path / "r"),
-        "--identity",
-        str(age_key[0]),
-        "--json",
-        check=True,
-    )
-    summary = json.loads(restored.stdout)
+    def restore() -> subprocess.CompletedProcess[str]:
+        target, key = str(tmp_path / "r"), str(age_key[0])
+        return run_cli(
+            "--plan", plan, "restore", manifest["id"], "--to", target, "--identity", key, "--json"
+        )
+
+    summary = json.loads(restore().stdout)
     assert summary["files"] == 5 and summary["target"] == str(tmp_path / "r")
-    again = run_cli(
-        "--plan",
-        plan,
-        "restore",
-        manifest["id"],
-        "--to",
-        str(tmp_path / "r"),
-        "--identity",
-        str(age_key[0]),
-    )
+    again = restore()
     assert again.returncode == 7 and "restore would overwrite" in again.stderr
 
 

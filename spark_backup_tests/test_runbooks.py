@@ -20,56 +20,43 @@ def fenced_blocks(markdown: Path, language: str) -> list[str]:
     return re.findall(rf"```{language}\n(.*?)```", markdown.read_text(), flags=re.DOTALL)
 
 
-def test_config_archive_restore_by_hand(service, estate: Path, age_key, tmp_path: Path) -> None:
-    """The runbook's by-hand block restores the newest copy with age, zstd, tar and jq alone."""
-    service.backup("dgx_config")
-    newest = service.backup("dgx_config")
+def run_config_archive_runbook(service, key: Path, staging: Path) -> subprocess.CompletedProcess:
+    """The by-hand block of the configuration archive runbook, as an operator would paste it."""
     (script,) = [
         b
         for b in fenced_blocks(DOCS / "runbooks" / "config_archive.md", "bash")
         if b.startswith("# What to restore")
     ]
-    staging = tmp_path / "staging"
-    result = subprocess.run(
+    return subprocess.run(
         ["bash", "-euo", "pipefail", "-c", script],
         env={
             **os.environ,
             "STORE": str(service.store("local").root),
             "SOURCE": "dgx_config",
-            "KEY": str(age_key[0]),
+            "KEY": str(key),
             "STAGING": str(staging),
         },
         capture_output=True,
         text=True,
         timeout=60,
     )
+
+
+def test_config_archive_restore_by_hand(service, estate: Path, age_key, tmp_path: Path) -> None:
+    """The runbook's by-hand block restores the newest copy with age, zstd, tar and jq alone."""
+    service.backup("dgx_config")
+    newest = service.backup("dgx_config")
+    result = run_config_archive_runbook(service, age_key[0], tmp_path / "staging")
     assert result.returncode == 0, result.stdout + result.stderr
     assert newest.id in result.stdout  # step 1 picked the newest copy
-    assert compare_trees([estate], staging, exclude=["*.swp"]) == []
+    assert compare_trees([estate], tmp_path / "staging", exclude=["*.swp"]) == []
 
 
 def test_by_hand_restore_stops_on_a_damaged_copy(service, age_key, tmp_path: Path) -> None:
     manifest = service.backup("dgx_config")
     data = service.store("local").root / manifest.data_key
     data.write_bytes(data.read_bytes()[:-1] + b"\x00")
-    (script,) = [
-        b
-        for b in fenced_blocks(DOCS / "runbooks" / "config_archive.md", "bash")
-        if b.startswith("# What to restore")
-    ]
-    result = subprocess.run(
-        ["bash", "-euo", "pipefail", "-c", script],
-        env={
-            **os.environ,
-            "STORE": str(service.store("local").root),
-            "SOURCE": "dgx_config",
-            "KEY": str(age_key[0]),
-            "STAGING": str(tmp_path / "staging"),
-        },
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = run_config_archive_runbook(service, age_key[0], tmp_path / "staging")
     assert result.returncode != 0
     assert "did NOT match" in result.stderr
     assert not (tmp_path / "staging").exists()

@@ -334,7 +334,7 @@ def extract_archive(plain: Readable, staging: Path, skip_unsafe: bool = False) -
     path, a device file) refuses the whole restore, or with ``skip_unsafe`` is left out and
     reported, so that for instance an absolute ``/etc/localtime`` link can be recreated by hand.
     """
-    counts = {"files": 0, "directories": 0, "symlinks": 0, "bytes": 0}
+    counts = _new_counts()
     skipped: list[str] = []
 
     def data_filter(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:
@@ -350,13 +350,7 @@ def extract_archive(plain: Readable, staging: Path, skip_unsafe: bool = False) -
             raise RestoreRefused(
                 f"refusing unsafe archive member {member.name!r}: {exc} (--skip-unsafe leaves it out)"
             ) from None
-        if checked.isreg():
-            counts["files"] += 1
-            counts["bytes"] += checked.size
-        elif checked.isdir():
-            counts["directories"] += 1
-        elif checked.issym():
-            counts["symlinks"] += 1
+        _count(counts, checked)
         return checked
 
     try:
@@ -369,17 +363,25 @@ def extract_archive(plain: Readable, staging: Path, skip_unsafe: bool = False) -
 
 def list_archive(plain: Readable) -> dict[str, int]:
     """Count members without extracting: a deep verify of a configuration archive."""
-    counts = {"files": 0, "directories": 0, "symlinks": 0, "bytes": 0}
+    counts = _new_counts()
     with tarfile.open(fileobj=plain, mode="r|") as archive:
         for member in archive:
-            if member.isreg():
-                counts["files"] += 1
-                counts["bytes"] += member.size
-            elif member.isdir():
-                counts["directories"] += 1
-            elif member.issym():
-                counts["symlinks"] += 1
+            _count(counts, member)
     return counts
+
+
+def _new_counts() -> dict[str, int]:
+    return {"files": 0, "directories": 0, "symlinks": 0, "bytes": 0}
+
+
+def _count(counts: dict[str, int], member: tarfile.TarInfo) -> None:
+    if member.isreg():
+        counts["files"] += 1
+        counts["bytes"] += member.size
+    elif member.isdir():
+        counts["directories"] += 1
+    elif member.issym():
+        counts["symlinks"] += 1
 
 
 def _collisions(staging: Path, target: Path) -> list[str]:
