@@ -112,17 +112,35 @@ def test_missing_path_is_one_line_and_nothing_is_written(tmp_path: Path, age_key
 def test_file_vanishing_during_tar_aborts_the_copy(
     service: BackupService, estate: Path, monkeypatch
 ) -> None:
-    original = ConfigArchiveReader.collect
+    original = ConfigArchiveReader.members
 
-    def collect_then_delete(self):
-        members = original(self)
+    def members_then_delete(self):
+        names = list(original(self))
         (estate / "wireguard" / "wg0.conf").unlink()  # gone between the walk and tar
-        return members
+        yield from names
 
-    monkeypatch.setattr(ConfigArchiveReader, "collect", collect_then_delete)
+    monkeypatch.setattr(ConfigArchiveReader, "members", members_then_delete)
     with pytest.raises(SourceError, match=r"wg0.conf.*(No such file|Cannot stat)"):
         service.backup("dgx_config")
     assert service.copies() == []
+
+
+def test_unreadable_file_found_during_the_walk_aborts_the_copy(
+    service: BackupService, monkeypatch
+) -> None:
+    original = ConfigArchiveReader.members
+
+    def members_then_fail(self):
+        names = original(self)
+        yield next(names)  # tar is already archiving when the walk fails
+        yield next(names)
+        raise SourceError("source 'dgx_config': cannot read /x: permission denied")
+
+    monkeypatch.setattr(ConfigArchiveReader, "members", members_then_fail)
+    with pytest.raises(SourceError, match="cannot read /x"):
+        service.backup("dgx_config")
+    assert service.copies() == []
+    assert not [p for p in service.store("local").root.rglob("*") if p.is_file()]
 
 
 def test_unreadable_file_is_named(tmp_path: Path) -> None:

@@ -271,3 +271,25 @@ def test_partial_marker_files_are_not_listed(tmp_path: Path) -> None:
     assert store.cleanup_incomplete(dt.timedelta(0)) == [f"blob/data/.x.age{PARTIAL_MARKER}abcd"]
     assert not hidden.exists()
     shutil.rmtree(tmp_path / "store")
+
+
+def test_private_key_never_reaches_worker_arguments_or_environment(
+    service: BackupService, age_key, monkeypatch
+) -> None:
+    import subprocess as sp
+
+    launched = []
+    real_popen = sp.Popen
+
+    def recording_popen(args, *a, **kw):
+        launched.append((args, kw.get("env")))
+        return real_popen(args, *a, **kw)
+
+    manifest = service.backup("dgx_config")
+    monkeypatch.setattr(sp, "Popen", recording_popen)
+    assert service.verify(service.find(manifest.id), service.identities(age_key[0])).ok
+    workers = [args for args, _ in launched if "spark_backup.engine.age_worker" in args]
+    assert len(workers) == 1
+    lines = age_key[0].read_text().splitlines()
+    secret = next(line for line in lines if line.startswith("AGE-SECRET"))
+    assert all(secret not in str(args) + str(env) for args, env in launched)

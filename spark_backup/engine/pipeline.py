@@ -13,9 +13,13 @@ stream ends; callers stage what they write and publish it only after that compar
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import platform
 import socket
+import stat
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, suppress
@@ -211,43 +215,114 @@ def open_copy(
     """Stream a copy's plaintext. On exit, having read the copy to its end, compare the stored
     and plaintext sha256 and sizes with the manifest: ``IntegrityError`` on any difference,
     ``CryptoError`` if no identity opens it. Callers must not publish what they read before the
-    block has exited cleanly."""
+    block has exited cleanly.
+
+    Decryption (and the stored digest) runs in an ``age_worker`` process, on another core."""
     _require_matching_identity(manifest, identities)
-    with store.open_read(manifest.data_key) as raw:
-        stored = HashingReader(raw, progress)
-        read_fd, write_fd = os.pipe()
-        decrypt_errors: list[BaseException] = []
-
-        def decrypt() -> None:
-            guard = _CallbackGuard()
-            with os.fdopen(write_fd, "wb", buffering=CHUNK_SIZE) as pipe_in:
-                try:
-                    pyrage.decrypt_io(guard.reader(stored), guard.writer(pipe_in), identities)
-                except BaseException as exc:  # reported by the reading side
-                    decrypt_errors.append(guard.error or exc)
-
-        worker = threading.Thread(target=decrypt, name=f"decrypt-{manifest.id}", daemon=True)
-        worker.start()
-        pipe_out = os.fdopen(read_fd, "rb", buffering=CHUNK_SIZE)
+    with store.open_read(manifest.data_key) as raw, _DecryptWorker(raw, identities) as worker:
         plain = HashingReader(
-            zstandard.ZstdDecompressor().stream_reader(pipe_out, read_size=CHUNK_SIZE)
+            zstandard.ZstdDecompressor().stream_reader(worker.plaintext, read_size=CHUNK_SIZE),
+            progress,
         )
         try:
             yield plain
             plain.drain()
         except BaseException as exc:
-            pipe_out.close()  # unblocks the worker if the consumer stopped early
-            worker.join()
+            status = worker.finish()
             # A failed decryption explains whatever the consumer then tripped over.
-            _raise_decrypt_failure(manifest, stored, decrypt_errors)
+            _raise_decrypt_failure(manifest, status)
             if isinstance(exc, zstandard.ZstdError):
                 raise IntegrityError(f"copy {manifest.id}: zstd stream is damaged: {exc}") from None
             raise
-        pipe_out.close()
-        worker.join()
-        _raise_decrypt_failure(manifest, stored, decrypt_errors)
-        compare_digest(manifest, "stored", stored.hexdigest(), stored.bytes)
+        status = worker.finish()
+        _raise_decrypt_failure(manifest, status)
+        compare_digest(manifest, "stored", status["sha256"], status["bytes"])
         compare_digest(manifest, "plaintext", plain.hexdigest(), plain.bytes)
+
+
+class _DecryptWorker:
+    """An ``age_worker`` process: stored bytes in (straight from the file where the store has
+    one, else fed by a thread), plaintext out, status on its own pipe."""
+
+    def __init__(self, stored: Readable, identities: list[x25519.Identity]):
+        self._stored = stored
+        self._identities = identities
+        self._feeder: threading.Thread | None = None
+        self._feed_error: list[BaseException] = []
+
+    def __enter__(self) -> _DecryptWorker:
+        identity_read, identity_write = os.pipe()
+        self._status_read, status_write = os.pipe()
+        stdin_fd = _real_fileno(self._stored)
+        try:
+            self._process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "spark_backup.engine.age_worker",
+                    str(identity_read),
+                    str(status_write),
+                ],
+                stdin=stdin_fd if stdin_fd is not None else subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                pass_fds=(identity_read, status_write),
+            )
+        finally:
+            os.close(identity_read)
+            os.close(status_write)
+        with os.fdopen(identity_write, "w", encoding="utf-8") as keys:
+            keys.write("".join(f"{identity}\n" for identity in self._identities))
+        assert self._process.stdout is not None
+        self.plaintext = self._process.stdout
+        if stdin_fd is None:
+            self._feeder = threading.Thread(target=self._feed, name="age-worker-feed", daemon=True)
+            self._feeder.start()
+        return self
+
+    def _feed(self) -> None:
+        pipe = self._process.stdin
+        assert pipe is not None
+        try:
+            while chunk := self._stored.read(CHUNK_SIZE):
+                pipe.write(chunk)
+        except BrokenPipeError:
+            pass  # the worker stopped first; its status says why
+        except BaseException as exc:
+            self._feed_error.append(exc)
+        finally:
+            with suppress(BrokenPipeError):
+                pipe.close()
+
+    def finish(self) -> dict[str, Any]:
+        """Wait for the worker and return its status (``{}`` if it died without one)."""
+        # After a full read this only closes our end; if the consumer stopped early, the
+        # worker's next write fails and it stops.
+        self.plaintext.close()
+        self._process.wait()
+        if self._feeder is not None:
+            self._feeder.join()
+        if self._feed_error:
+            raise self._feed_error[0]
+        with os.fdopen(self._status_read, "r", encoding="utf-8") as report:
+            line = report.readline()
+        self._status_read = -1
+        return json.loads(line) if line else {}
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._process.poll() is None:
+            self._process.kill()
+            self._process.wait()
+        if self._status_read != -1:
+            os.close(self._status_read)
+
+
+def _real_fileno(stream: Readable) -> int | None:
+    """The descriptor of a regular file behind ``stream``, at its current position, if any."""
+    try:
+        fd = stream.fileno()  # type: ignore[attr-defined]
+    except (AttributeError, OSError, ValueError):
+        return None
+    return fd if stat.S_ISREG(os.fstat(fd).st_mode) else None
 
 
 def _require_matching_identity(manifest: Manifest, identities: list[x25519.Identity]) -> None:
@@ -261,23 +336,16 @@ def _require_matching_identity(manifest: Manifest, identities: list[x25519.Ident
         )
 
 
-def _raise_decrypt_failure(
-    manifest: Manifest, stored: HashingReader, errors: list[BaseException]
-) -> None:
-    if not errors:
-        return
-    error = errors[0]
-    if isinstance(error, BrokenPipeError):
-        return  # the reader went away first; its own error is the one to report
-    if isinstance(error, SparkBackupError):
-        raise error
-    if isinstance(error, pyrage.DecryptError | OSError):
-        # The identity matches a recipient (checked before), so this is damage, not a wrong key.
-        raise IntegrityError(
-            f"copy {manifest.id}: age could not authenticate the stored bytes near byte "
-            f"{stored.bytes}: the copy is damaged ({error})"
-        ) from None
-    raise error
+def _raise_decrypt_failure(manifest: Manifest, status: dict[str, Any]) -> None:
+    if status.get("ok") or status.get("error") == "reader_gone":
+        return  # decrypted fine, or stopped because the reader stopped: its error is the one
+    if not status:
+        raise SparkBackupError(f"copy {manifest.id}: the age worker process failed")
+    # The identity matches a recipient (checked before), so a refusal means damage.
+    raise IntegrityError(
+        f"copy {manifest.id}: age could not authenticate the stored bytes near byte "
+        f"{status.get('bytes')}: the copy is damaged ({status.get('detail')})"
+    )
 
 
 def compare_digest(manifest: Manifest, layer: str, sha256: str, size: int) -> None:

@@ -22,11 +22,12 @@ import stat
 import subprocess
 import tarfile
 import tempfile
+import threading
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from pyrage import x25519
 
@@ -90,8 +91,16 @@ def glob_to_regex(pattern: str) -> re.Pattern[str]:
     return re.compile(("^/?" if not pattern.startswith("/") else "^") + regex + "$")
 
 
+def patterns_regex(patterns: Sequence[str]) -> re.Pattern[str] | None:
+    """One regex matching a path that any of the globs matches; None for no globs."""
+    if not patterns:
+        return None
+    return re.compile("|".join(f"(?:{glob_to_regex(p).pattern})" for p in patterns))
+
+
 def matches_any(path: str, patterns: Sequence[str]) -> bool:
-    return any(glob_to_regex(p).match(path) for p in patterns)
+    regex = patterns_regex(patterns)
+    return bool(regex and regex.match(path))
 
 
 # --- backup ------------------------------------------------------------------------------------
@@ -132,13 +141,19 @@ class ConfigArchiveReader:
         self.paths = [Path(os.path.abspath(p)) for p in paths]
         self.include = list(include)
         self.exclude = list(exclude)
+        self._include = patterns_regex(self.include)
+        self._exclude = patterns_regex(self.exclude)
         self.one_file_system = one_file_system
         self.stats = TreeStats()
 
     def collect(self) -> list[str]:
         """Walk the paths; return archive members (absolute paths) in archive order."""
+        return list(self.members())
+
+    def members(self) -> Iterator[str]:
+        """Archive members (absolute paths) in archive order, a folder before its content,
+        while walking the paths. ``stats`` is complete when the iterator is exhausted."""
         self.stats = TreeStats()
-        members: list[str] = []
         seen: set[str] = set()
         walked = 0
         for root in self.paths:
@@ -154,48 +169,58 @@ class ConfigArchiveReader:
                 ) from None
             if stat.S_ISLNK(root_stat.st_mode):
                 self.stats.warn(f"{root} is a symlink; archived as a link, its target is not")
-            found = [m for m in self._walk(root, root_stat, root_stat.st_dev) if m not in seen]
-            walked += len(found)
-            # Parent directories first, so that a restore recreates them with their modes.
-            parents = [str(a) for a in reversed(root.parents) if str(a) != "/"]
-            for member in [*(parents if found else []), *found]:
+            # Parent folders first, so that a restore recreates them with their modes; like
+            # every folder, only once something below them is archived.
+            pending = [str(a) for a in reversed(root.parents) if str(a) != "/"]
+            for member in self._walk(str(root), root_stat, root_stat.st_dev, pending):
                 if member not in seen:
                     seen.add(member)
-                    members.append(member)
+                    walked += 1
+                    yield member
         if not walked:
             raise SourceError(
                 f"source {self.source_name!r}: include/exclude patterns left nothing to back up"
             )
-        return members
 
-    def _walk(self, path: Path, st: os.stat_result, device: int) -> Iterator[str]:
-        text = str(path)
-        if self.exclude and matches_any(text, self.exclude):
+    def _walk(
+        self, path: str, st: os.stat_result, device: int, pending: list[str]
+    ) -> Iterator[str]:
+        """Members under ``path``. Folders wait in ``pending`` until something in them is
+        archived: with include patterns, a folder with nothing included is left out."""
+        if self._exclude and self._exclude.match(path):
             self.stats.excluded += 1
             return
         mode = st.st_mode
-        if stat.S_ISLNK(mode):
-            if self._included(text):
-                self.stats.symlinks += 1
-                yield text
-        elif stat.S_ISREG(mode):
-            if not self._included(text):
+        if stat.S_ISLNK(mode) or stat.S_ISREG(mode):
+            if not self._included(path):
                 return
-            if not os.access(path, os.R_OK):
+            if stat.S_ISLNK(mode):
+                self.stats.symlinks += 1
+            elif not os.access(path, os.R_OK):
                 raise SourceError(
-                    f"source {self.source_name!r}: cannot read {text}: permission denied"
+                    f"source {self.source_name!r}: cannot read {path}: permission denied"
                 )
-            self.stats.files += 1
-            self.stats.bytes += st.st_size
-            yield text
+            else:
+                self.stats.files += 1
+                self.stats.bytes += st.st_size
+            yield from pending
+            pending.clear()
+            yield path
         elif stat.S_ISDIR(mode):
             try:
-                entries = sorted(os.scandir(path), key=lambda e: e.name)
+                with os.scandir(path) as listing:
+                    entries = sorted(listing, key=lambda e: e.name)
             except OSError as exc:
                 raise SourceError(
-                    f"source {self.source_name!r}: cannot read {text}: {exc.strerror}"
+                    f"source {self.source_name!r}: cannot read {path}: {exc.strerror}"
                 ) from None
-            children: list[str] = []
+            self.stats.directories += 1
+            if self.include:
+                pending.append(path)
+            else:
+                yield from pending
+                pending.clear()
+                yield path
             for entry in entries:
                 child_stat = entry.stat(follow_symlinks=False)
                 if (
@@ -205,67 +230,88 @@ class ConfigArchiveReader:
                 ):
                     self.stats.warn(f"{entry.path} is on another file system; not archived")
                     continue
-                children.extend(self._walk(Path(entry.path), child_stat, device))
-            # A directory is archived when everything is included, or when it holds something
-            # included: include patterns select files, not the folders around them.
-            if not self.include or children:
-                self.stats.directories += 1
-                yield text
-            yield from children
+                yield from self._walk(entry.path, child_stat, device, pending)
+            if pending and pending[-1] == path:
+                pending.pop()  # nothing in it was included
+                self.stats.directories -= 1
         else:
             self.stats.skipped_special += 1
-            self.stats.warn(f"{text} is a socket, FIFO or device file; not archived")
+            self.stats.warn(f"{path} is a socket, FIFO or device file; not archived")
 
     def _included(self, path: str) -> bool:
-        return not self.include or matches_any(path, self.include)
+        return self._include is None or bool(self._include.match(path))
 
     @contextmanager
     def open(self) -> Iterator[Readable]:
-        members = self.collect()
-        with tempfile.TemporaryDirectory(prefix="spark-backup-tar-") as scratch:
-            file_list = Path(scratch, "members")
-            # Relative to '/', so member names carry no leading slash (tar would strip it noisily).
-            file_list.write_bytes(b"".join(os.fsencode(m.lstrip("/")) + b"\0" for m in members))
-            stderr_path = Path(scratch, "stderr")
-            with open(stderr_path, "wb") as stderr:
-                process = subprocess.Popen(
-                    [
-                        "tar",
-                        "--create",
-                        "--file=-",
-                        "--format=pax",
-                        # atime/ctime headers would make every archive differ; mtime is kept.
-                        "--pax-option=delete=atime,delete=ctime",
-                        "--no-recursion",
-                        "--null",
-                        "--directory=/",
-                        f"--files-from={file_list}",
-                    ],
-                    stdout=subprocess.PIPE,
-                    stderr=stderr,
-                    stdin=subprocess.DEVNULL,
-                )
-            assert process.stdout is not None
+        """GNU tar's output, while a thread walks the paths and hands tar the member names:
+        tar starts reading files at once instead of after the whole walk."""
+        with tempfile.TemporaryFile(prefix="spark-backup-tar-") as stderr:
+            process = subprocess.Popen(
+                [
+                    "tar",
+                    "--create",
+                    "--file=-",
+                    "--format=pax",
+                    # No per-member extended headers for times: atime/ctime would make every
+                    # archive differ, and mtime goes into the ustar header to the second (as
+                    # GNU tar's default format keeps it), which halves what a restore parses.
+                    "--pax-option=delete=atime,delete=ctime,delete=mtime",
+                    "--no-recursion",
+                    "--null",
+                    "--directory=/",
+                    "--files-from=-",
+                ],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+            )
+            assert process.stdin is not None and process.stdout is not None
+            walk_errors: list[BaseException] = []
+            walker = threading.Thread(
+                target=self._hand_members,
+                args=(process.stdin, walk_errors),
+                name=f"walk-{self.source_name}",
+                daemon=True,
+            )
+            walker.start()
             try:
                 yield process.stdout
                 leftover = process.stdout.read(1)
             finally:
-                process.stdout.close()
+                process.stdout.close()  # if the reader stopped early, tar stops on a broken pipe
+                walker.join()
                 status = process.wait()
-            messages = stderr_path.read_text(errors="replace").splitlines()
-            if leftover:
-                raise SourceError(
-                    f"source {self.source_name!r}: tar stream was not read to its end"
-                )
-            # GNU tar: 1 means some files changed while being read (kept, with a warning);
-            # 2 means a fatal error, such as a file that could not be opened.
-            if status not in (0, 1):
-                detail = next(
-                    (m for m in messages if m.strip()), f"tar exited with status {status}"
-                )
-                raise SourceError(f"source {self.source_name!r}: {detail}")
-            for message in messages:
-                self.stats.warn(message)
+            stderr.seek(0)
+            messages = stderr.read().decode(errors="replace").splitlines()
+        if walk_errors:
+            raise walk_errors[0]
+        if leftover:
+            raise SourceError(f"source {self.source_name!r}: tar stream was not read to its end")
+        # GNU tar: 1 means some files changed while being read (kept, with a warning);
+        # 2 means a fatal error, such as a file that could not be opened.
+        if status not in (0, 1):
+            detail = next((m for m in messages if m.strip()), f"tar exited with status {status}")
+            raise SourceError(f"source {self.source_name!r}: {detail}")
+        for message in messages:
+            self.stats.warn(message)
+
+    def _hand_members(self, names: BinaryIO, errors: list[BaseException]) -> None:
+        """Write member names to tar, relative to '/' (tar would strip the slash noisily)."""
+        try:
+            batch: list[bytes] = []
+            for member in self.members():
+                batch.append(os.fsencode(member[1:]) + b"\0")
+                if len(batch) >= 256:
+                    names.write(b"".join(batch))
+                    batch.clear()
+            names.write(b"".join(batch))
+        except BrokenPipeError:
+            pass  # tar stopped first; its status says why
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            with suppress(BrokenPipeError):
+                names.close()
 
     def metadata(self) -> dict[str, Any]:
         stats = asdict(self.stats)
