@@ -12,6 +12,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from contextlib import suppress
 from pathlib import Path
 
 import pytest
@@ -113,6 +114,9 @@ def dagster_dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DagsterDev
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,  # its own process group, so that every child can be stopped
+        # dagster dev maps SIGTERM to its SIGINT handler; a SIGINT ignored by a shell without
+        # job control (and inherited) would make it ignore SIGTERM too.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     server = DagsterDev(port)
     try:
@@ -132,27 +136,42 @@ def dagster_dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DagsterDev
 
 
 def _stop_group(process: subprocess.Popen) -> None:
+    """SIGTERM to dagster dev's whole process group, SIGKILL to whatever outlives it."""
     group = os.getpgid(process.pid)
     os.killpg(group, signal.SIGTERM)
-    try:
+    with suppress(subprocess.TimeoutExpired):
         process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(group, signal.SIGKILL)
+    if not _wait_until_gone(group, 15):
+        with suppress(ProcessLookupError):
+            os.killpg(group, signal.SIGKILL)
         process.wait()
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and _group_alive(group):
+        assert _wait_until_gone(group, 10), f"processes of group {group} survived SIGKILL"
+
+
+def _wait_until_gone(group: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while _live_members(group):
+        if time.monotonic() > deadline:
+            return False
         time.sleep(0.2)
-    if _group_alive(group):
-        os.killpg(group, signal.SIGKILL)
-    assert not _group_alive(group) or time.sleep(1) or not _group_alive(group)
-
-
-def _group_alive(group: int) -> bool:
-    try:
-        os.killpg(group, 0)
-    except ProcessLookupError:
-        return False
     return True
+
+
+def _live_members(group: int) -> list[int]:
+    """Processes of ``group`` that still run (zombies waiting to be reaped do not count)."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        state, pgrp = fields[0], int(fields[2])
+        if pgrp == group and state != "Z":
+            members.append(int(entry))
+    return members
 
 
 def test_materialize_and_check_alone_through_the_webserver(dagster_dev: DagsterDev) -> None:
