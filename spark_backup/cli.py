@@ -272,7 +272,10 @@ def verify(
     outcomes = []
     for ref in refs:
         with _progress(
-            ctx.progress, f"verify {ref.manifest.id}", ref.manifest.stored.bytes
+            # A deep verify counts plaintext bytes, a stored-bytes check counts stored bytes.
+            ctx.progress,
+            f"verify {ref.manifest.id}",
+            (ref.manifest.plaintext if identities else ref.manifest.stored).bytes,
         ) as progress:
             outcome = service.verify(ref, identities, progress)
         outcomes.append(outcome)
@@ -317,7 +320,7 @@ def restore(
 ) -> None:
     """Restore copy COPY_ID into a staging folder (never in place)."""
     service = _run(lambda: ctx.service)
-    total = _run(lambda: service.find(copy_id)).manifest.stored.bytes
+    total = _run(lambda: service.find(copy_id)).manifest.plaintext.bytes
 
     def run() -> dict[str, Any]:
         with _progress(ctx.progress, f"restore {copy_id}", total) as progress:
