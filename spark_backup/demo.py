@@ -24,6 +24,7 @@ from rich.table import Table
 
 from spark_backup.engine.crypto import generate_identity
 from spark_backup.errors import IntegrityError
+from spark_backup.globs import matches_any
 from spark_backup.plan import PLAN_ENV, load_plan
 from spark_backup.service import BackupService
 
@@ -243,8 +244,6 @@ def _dagster_command() -> str:
 
 def compare_trees(roots: list[Path], restored: Path, exclude: list[str]) -> list[str]:
     """Differences between the estate and its restore: missing files, content, mode, link target."""
-    from spark_backup.sources.config_archive import matches_any
-
     differences = []
     for root in roots:
         for directory, _dirs, files in os.walk(root):

@@ -26,6 +26,7 @@ from pydantic import (
 )
 
 from spark_backup.errors import NotFoundError, PlanError
+from spark_backup.globs import glob_to_regex
 
 PLAN_ENV = "SPARK_BACKUP_PLAN"
 DEFAULT_PLAN_PATH = "spark_backup.yaml"
@@ -39,21 +40,27 @@ ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)\s*$")
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+MAX_DURATION_SECONDS = 100 * 365 * 86400
+MIN_ORPHAN_GRACE = dt.timedelta(hours=1)
 
 
 def parse_duration(value: Any) -> dt.timedelta:
-    """Read ``15m``, ``2h``, ``7d``, ``1w`` (or a number of seconds) as a timedelta."""
+    """Read ``15m``, ``2h``, ``7d``, ``1w`` (or a number of seconds) as a positive timedelta."""
     if isinstance(value, dt.timedelta):
-        return value
-    if isinstance(value, bool):
+        seconds = value.total_seconds()
+    elif isinstance(value, bool):
         raise ValueError("expected a duration such as 15m, 2h, 7d")
-    if isinstance(value, int | float):
-        return dt.timedelta(seconds=value)
-    match = _DURATION_RE.match(str(value))
-    if not match:
-        raise ValueError(f"expected a duration such as 15m, 2h, 7d, got {value!r}")
-    amount, unit = match.groups()
-    return dt.timedelta(seconds=float(amount) * _DURATION_UNITS[unit])
+    elif isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        match = _DURATION_RE.match(str(value))
+        if not match:
+            raise ValueError(f"expected a duration such as 15m, 2h, 7d, got {value!r}")
+        amount, unit = match.groups()
+        seconds = float(amount) * _DURATION_UNITS[unit]
+    if not 0 < seconds <= MAX_DURATION_SECONDS:
+        raise ValueError(f"expected a duration above 0 and at most 100 years, got {value!r}")
+    return dt.timedelta(seconds=seconds)
 
 
 def format_duration(value: dt.timedelta) -> str:
@@ -198,6 +205,13 @@ class ConfigArchiveSource(_SourceBase):
     exclude: list[str] = Field(default_factory=list)
     one_file_system: bool = True
 
+    @field_validator("include", "exclude")
+    @classmethod
+    def _valid_globs(cls, value: list[str]) -> list[str]:
+        for pattern in value:
+            glob_to_regex(pattern)
+        return value
+
     @field_validator("paths")
     @classmethod
     def _absolute_or_relative(cls, value: list[str]) -> list[str]:
@@ -249,8 +263,18 @@ class Defaults(_Model):
     retention: Retention = Retention()
     compression: Compression = Compression()
     max_age: Duration = dt.timedelta(hours=24)
-    # Data objects without a manifest younger than this may belong to a backup still running.
+    # Leftovers younger than this may belong to a backup still running; it must be longer than
+    # the longest backup (an S3 object's time is when its upload started).
     orphan_grace: Duration = dt.timedelta(hours=24)
+
+    @field_validator("orphan_grace")
+    @classmethod
+    def _grace_covers_running_backups(cls, value: dt.timedelta) -> dt.timedelta:
+        if value < MIN_ORPHAN_GRACE:
+            raise ValueError(
+                "expected at least 1h: prune must not take the data of a backup still running"
+            )
+        return value
 
 
 class Plan(_Model):

@@ -12,7 +12,7 @@ from pyrage import x25519
 
 from spark_backup.engine import catalog
 from spark_backup.engine.crypto import Recipients, load_identities, read_recipients_file
-from spark_backup.engine.manifest import Manifest, manifest_key
+from spark_backup.engine.manifest import Manifest, is_copy_key, manifest_key
 from spark_backup.engine.partitions import partition_key_for
 from spark_backup.engine.pipeline import (
     CompressionSettings,
@@ -239,7 +239,7 @@ class BackupService:
                     store.delete(orphan.key)
             if not dry_run:
                 report.incomplete_uploads.extend(
-                    f"{store.name}:{key}" for key in store.cleanup_incomplete(grace)
+                    f"{store.name}:{key}" for key in store.cleanup_incomplete(grace, is_copy_key)
                 )
         return report
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import posixpath
 import shutil
 import stat
 import subprocess
@@ -15,8 +16,9 @@ import pytest
 
 from spark_backup.engine.pipeline import CompressionSettings, write_copy
 from spark_backup.errors import RestoreRefused, SourceError
+from spark_backup.globs import glob_to_regex
 from spark_backup.service import BackupService
-from spark_backup.sources.config_archive import ConfigArchiveReader, glob_to_regex
+from spark_backup.sources.config_archive import ConfigArchiveReader
 from spark_backup_tests.helpers import BytesSource, config_source, plan_dict, run_cli, write_plan
 
 
@@ -143,48 +145,42 @@ def test_unreadable_file_found_during_the_walk_aborts_the_copy(
     assert not [p for p in service.store("local").root.rglob("*") if p.is_file()]
 
 
-def test_unreadable_file_is_named(tmp_path: Path) -> None:
-    """A file only its owner may read; as root, the backup runs as 'nobody' (root reads all)."""
+def test_unreadable_file_is_named(tmp_path: Path, age_key) -> None:
+    """A file only its owner may read. Root reads everything, so as root the file belongs to
+    'nobody' and the backup runs without the capabilities that bypass file permissions."""
     import sys
-    import tempfile
 
-    from spark_backup_tests.helpers import make_key
-
-    # pytest's own temporary folders are private to root; nobody needs to reach the plan.
-    work = Path(tempfile.mkdtemp(prefix="spark-backup-nobody-"))
-    try:
-        work.chmod(0o777)
-        secret = work / "etc" / "secret.key"
-        secret.parent.mkdir()
-        secret.write_text("x")
-        secret.chmod(0o600 if os.geteuid() == 0 else 0o000)
-        _identity, public = make_key(tmp_path)
-        plan = write_plan(work, plan_dict([public], [config_source("etc", [str(work / "etc")])]))
-        as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-        result = subprocess.run(
-            [
-                *(as_nobody if os.geteuid() == 0 else []),
-                sys.executable,
-                "-m",
-                "spark_backup",
-                "--no-progress",
-                "--plan",
-                str(plan),
-                "backup",
-                "etc",
-            ],
-            capture_output=True,
-            text=True,
-            cwd=work,
-            env={**os.environ, "HOME": str(work)},
-        )
-        assert result.returncode == 6, result.stderr
-        assert (
-            result.stderr.strip() == f"error: source 'etc': cannot read {secret}: permission denied"
-        )
-        assert not list(work.rglob("*.json"))
-    finally:
-        shutil.rmtree(work)
+    secret = tmp_path / "etc" / "secret.key"
+    secret.parent.mkdir()
+    secret.write_text("x")
+    if os.geteuid() == 0:
+        os.chown(secret, 65534, 65534)
+        secret.chmod(0o600)
+        without_override = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+    else:
+        secret.chmod(0o000)
+        without_override = []
+    plan = write_plan(
+        tmp_path, plan_dict([age_key[1]], [config_source("etc", [str(secret.parent)])])
+    )
+    result = subprocess.run(
+        [
+            *without_override,
+            sys.executable,
+            "-m",
+            "spark_backup",
+            "--no-progress",
+            "--plan",
+            str(plan),
+            "backup",
+            "etc",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 6, result.stderr
+    assert result.stderr.strip() == f"error: source 'etc': cannot read {secret}: permission denied"
+    assert not list(tmp_path.rglob("*.json"))
 
 
 # --- restore -----------------------------------------------------------------------------------
@@ -303,3 +299,73 @@ def test_restored_tree_matches_the_estate(
     restored = tmp_path / "restore" / str(estate).lstrip("/")
     assert (restored / "wireguard/wg0.conf").stat().st_mtime == 1_700_000_000
     shutil.rmtree(tmp_path / "restore")
+
+
+def _path_max_escape(archive: tarfile.TarFile) -> None:
+    """The public proof of concept for CVE-2025-4517: symlink chains longer than PATH_MAX make
+    tarfile's real-path check (before Python 3.11.13) miss a link that leaves the target."""
+    long_dir, steps, path = "d" * 247, "abcdefghijklmnop", ""
+    for step in steps:
+        _add(archive, posixpath.join(path, long_dir), kind=tarfile.DIRTYPE)
+        _add(archive, posixpath.join(path, step), kind=tarfile.SYMTYPE, link=long_dir)
+        path = posixpath.join(path, long_dir)
+    chain = posixpath.join(*steps, "l" * 254)
+    _add(archive, chain, kind=tarfile.SYMTYPE, link="../" * len(steps))
+    _add(archive, "escape", kind=tarfile.SYMTYPE, link=chain + "/../../outside")
+    _add(archive, "escape/pwned.txt", data=b"written outside the target\n")
+
+
+@pytest.mark.parametrize(
+    ("build", "reason"),
+    [
+        (_path_max_escape, "goes through the archive's link 'a'"),
+        (
+            lambda a: (_add(a, "x", kind=tarfile.SYMTYPE, link="."), _add(a, "x/f")),
+            "goes through the archive's link 'x'",
+        ),
+        (
+            lambda a: (_add(a, "x", kind=tarfile.SYMTYPE, link="sub"), _add(a, "x")),
+            "goes through the archive's link 'x'",
+        ),
+        (
+            lambda a: (
+                _add(a, "x", kind=tarfile.SYMTYPE, link="."),
+                _add(a, "y", kind=tarfile.SYMTYPE, link="x/sub"),
+            ),
+            "its target goes through the archive's link 'x'",
+        ),
+        (
+            lambda a: (
+                _add(a, "x", kind=tarfile.SYMTYPE, link="."),
+                _add(a, "y", kind=tarfile.SYMTYPE, link="x/../.."),
+            ),
+            "outside the destination",
+        ),
+    ],
+)
+def test_restore_refuses_writes_through_the_archives_own_links(
+    service: BackupService, age_key, tmp_path: Path, build, reason: str
+) -> None:
+    copy_id = _store_tar(service, build)
+    target = tmp_path / "restore" / "target"
+    with pytest.raises(RestoreRefused, match=reason):
+        service.restore(copy_id, target, identity_file=age_key[0])
+    assert list(target.iterdir()) == []
+    assert not (tmp_path / "restore" / "outside").exists()
+
+
+def test_links_between_members_that_stay_inside_are_restored(
+    service: BackupService, age_key, tmp_path: Path
+) -> None:
+    copy_id = _store_tar(
+        service,
+        lambda a: (
+            _add(a, "etc/nvidia/fm.cfg"),
+            _add(a, "etc/nvidia/current.cfg", kind=tarfile.SYMTYPE, link="fm.cfg"),
+            _add(a, "etc/alias.cfg", kind=tarfile.SYMTYPE, link="nvidia/current.cfg"),
+            _add(a, "etc/up.cfg", kind=tarfile.SYMTYPE, link="../etc/nvidia/fm.cfg"),
+        ),
+    )
+    service.restore(copy_id, tmp_path / "r", identity_file=age_key[0])
+    assert (tmp_path / "r/etc/alias.cfg").read_bytes() == b"x"
+    assert (tmp_path / "r/etc/up.cfg").read_bytes() == b"x"

@@ -260,16 +260,26 @@ def test_manifest_with_unknown_format_is_refused(service: BackupService) -> None
         service.copies()
 
 
-def test_partial_marker_files_are_not_listed(tmp_path: Path) -> None:
-    store = LocalStore("local", tmp_path / "store")
-    hidden = tmp_path / "store" / "blob" / "data" / f".x.age{PARTIAL_MARKER}abcd"
-    hidden.parent.mkdir(parents=True)
-    hidden.write_bytes(b"partial")
-    assert list(store.list()) == []
+def test_partial_files_are_not_listed_and_only_stalled_own_ones_are_cleaned(tmp_path: Path) -> None:
     import datetime as dt
 
-    assert store.cleanup_incomplete(dt.timedelta(0)) == [f"blob/data/.x.age{PARTIAL_MARKER}abcd"]
-    assert not hidden.exists()
+    from spark_backup.engine.manifest import is_copy_key
+
+    store = LocalStore("local", tmp_path / "store")
+    ours = (
+        tmp_path
+        / "store/blob/data"
+        / f".blob-20261127T000000.000Z-0123abcd.raw.zst.age{PARTIAL_MARKER}abcd0123"
+    )
+    theirs = tmp_path / "store" / f".notes.txt{PARTIAL_MARKER}abcd0123"
+    ours.parent.mkdir(parents=True)
+    ours.write_bytes(b"partial")
+    theirs.write_bytes(b"someone else's")
+    assert list(store.list()) == []
+    assert store.cleanup_incomplete(dt.timedelta(hours=1), is_copy_key) == []  # still fresh
+    removed = store.cleanup_incomplete(dt.timedelta(0), is_copy_key)
+    assert removed == [ours.relative_to(tmp_path / "store").as_posix()]
+    assert not ours.exists() and theirs.exists()
     shutil.rmtree(tmp_path / "store")
 
 

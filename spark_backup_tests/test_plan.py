@@ -123,6 +123,27 @@ def test_valid_plan_resolves_defaults(tmp_path: Path) -> None:
             "stores: name 'local' is used twice",
         ),
         (lambda p: p.pop("sources"), "sources: field required"),
+        (
+            lambda p: p["sources"][0].update(max_age="99999999999w"),
+            "sources[0].max_age: expected a duration above 0 and at most 100 years",
+        ),
+        (
+            lambda p: p["sources"][0].update(max_age=float("inf")),
+            "sources[0].max_age: expected a duration above 0",
+        ),
+        (lambda p: p["sources"][0].update(rto=-5), "sources[0].rto: expected a duration above 0"),
+        (
+            lambda p: p["sources"][0].update(exclude=["[z-a]*"]),
+            "sources[0].exclude: invalid glob '[z-a]*'",
+        ),
+        (
+            lambda p: p.update(defaults={"orphan_grace": "0s"}),
+            "defaults.orphan_grace: expected a duration above 0",
+        ),
+        (
+            lambda p: p.update(defaults={"orphan_grace": "10m"}),
+            "defaults.orphan_grace: expected at least 1h",
+        ),
     ],
 )
 def test_plan_mistakes_name_file_and_field(tmp_path: Path, mutate, expected: str) -> None:

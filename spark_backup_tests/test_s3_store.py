@@ -17,6 +17,7 @@ import pytest
 from botocore import UNSIGNED
 from botocore.exceptions import ClientError
 
+from spark_backup.engine.manifest import is_copy_key
 from spark_backup.engine.stores import s3
 from spark_backup.engine.stores.base import ObjectLock
 from spark_backup.engine.stores.s3 import MIB, S3Store
@@ -482,25 +483,31 @@ def test_delete_in_unversioned_bucket(make_store, s3_bucket, seaweedfs):
 # --- leftovers ----------------------------------------------------------------------------------
 
 
-def test_cleanup_incomplete_aborts_abandoned_uploads_under_the_prefix(
-    make_store, s3_bucket, seaweedfs
-):
+def test_cleanup_incomplete_aborts_only_its_own_abandoned_uploads(make_store, s3_bucket, seaweedfs):
     store = make_store(s3_bucket)
     client = seaweedfs.client()
-    abandoned = client.create_multipart_upload(Bucket=s3_bucket, Key=f"{PREFIX}/killed/run")
+    ours = "blob/data/blob-20261127T000000.000Z-0123abcd.tar.zst.age"
+    abandoned = client.create_multipart_upload(Bucket=s3_bucket, Key=f"{PREFIX}/{ours}")
     client.upload_part(
         Bucket=s3_bucket,
-        Key=f"{PREFIX}/killed/run",
+        Key=f"{PREFIX}/{ours}",
         UploadId=abandoned["UploadId"],
         PartNumber=1,
         Body=b"partial",
     )
+    # Another writer's upload under the same prefix, and one outside it.
+    neighbour = client.create_multipart_upload(Bucket=s3_bucket, Key=f"{PREFIX}/killed/run")
     foreign = client.create_multipart_upload(Bucket=s3_bucket, Key="someone-else/upload")
 
-    assert store.cleanup_incomplete(dt.timedelta(hours=1)) == []
-    assert store.cleanup_incomplete(dt.timedelta(0)) == ["killed/run"]
+    assert store.cleanup_incomplete(dt.timedelta(hours=1), is_copy_key) == []
+    assert store.cleanup_incomplete(dt.timedelta(0), is_copy_key) == [ours]
 
-    assert [upload["Key"] for upload in uploads(seaweedfs, s3_bucket)] == ["someone-else/upload"]
+    assert sorted(upload["Key"] for upload in uploads(seaweedfs, s3_bucket)) == sorted(
+        [f"{PREFIX}/killed/run", "someone-else/upload"]
+    )
+    client.abort_multipart_upload(
+        Bucket=s3_bucket, Key=f"{PREFIX}/killed/run", UploadId=neighbour["UploadId"]
+    )
     client.abort_multipart_upload(
         Bucket=s3_bucket, Key="someone-else/upload", UploadId=foreign["UploadId"]
     )

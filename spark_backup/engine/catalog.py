@@ -12,6 +12,7 @@ from collections.abc import Iterable
 
 from spark_backup.engine.manifest import (
     Manifest,
+    is_data_key,
     is_manifest_key,
     manifest_key,
     manifest_prefix,
@@ -63,10 +64,5 @@ def find_orphans(
     return [
         info
         for info in objects
-        if _is_data_key(info.key) and info.key not in named and info.modified < cutoff
+        if is_data_key(info.key) and info.key not in named and info.modified < cutoff
     ]
-
-
-def _is_data_key(key: str) -> bool:
-    parts = key.split("/")
-    return len(parts) == 3 and parts[1] == "data"

@@ -23,6 +23,7 @@ from typing import Any
 from spark_backup.errors import IntegrityError, NotFoundError
 
 MANIFEST_FORMAT = "spark-backup.manifest/v1"
+_COPY_ID = r"[a-z][a-z0-9_]{0,62}-\d{8}T\d{6}\.\d{3}Z-[0-9a-f]{8}"
 COPY_ID_RE = re.compile(
     r"^(?P<source>[a-z][a-z0-9_]{0,62})-(?P<ts>\d{8}T\d{6}\.\d{3}Z)-(?P<rand>[0-9a-f]{8})$"
 )
@@ -56,9 +57,28 @@ def manifest_prefix(source: str | None = None) -> str:
     return f"{source}/manifests/" if source else ""
 
 
+_MANIFEST_KEY_RE = re.compile(
+    rf"^(?P<source>[a-z][a-z0-9_]{{0,62}})/manifests/(?P<id>{_COPY_ID})\.json$"
+)
+_DATA_KEY_RE = re.compile(
+    rf"^(?P<source>[a-z][a-z0-9_]{{0,62}})/data/(?P<id>{_COPY_ID})\.[a-z0-9.]+$"
+)
+
+
 def is_manifest_key(key: str) -> bool:
-    parts = key.split("/")
-    return len(parts) == 3 and parts[1] == "manifests" and parts[2].endswith(".json")
+    """A key spark-backup writes manifests under (other objects in the store are not ours)."""
+    match = _MANIFEST_KEY_RE.match(key)
+    return bool(match) and match["id"].startswith(match["source"] + "-")
+
+
+def is_copy_key(key: str) -> bool:
+    return is_data_key(key) or is_manifest_key(key)
+
+
+def is_data_key(key: str) -> bool:
+    """A key spark-backup writes copies' data under; prune never touches any other object."""
+    match = _DATA_KEY_RE.match(key)
+    return bool(match) and match["id"].startswith(match["source"] + "-")
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import os
-import re
+import posixpath
 import secrets
 import shutil
 import stat
@@ -36,6 +36,7 @@ from spark_backup.engine.pipeline import open_copy
 from spark_backup.engine.stores.base import ObjectStore
 from spark_backup.engine.streams import ProgressCallback, Readable
 from spark_backup.errors import IntegrityError, RestoreRefused, SourceError
+from spark_backup.globs import patterns_regex
 from spark_backup.plan import ConfigArchiveSource, LoadedPlan
 
 KIND = "config_archive"
@@ -43,64 +44,6 @@ TAR_LAYERS = ["tar"]
 # Warnings kept in a manifest; the count says how many there were in all.
 MAX_WARNINGS = 20
 STAGING_PREFIX = ".spark-backup-restore-"
-
-
-# --- include / exclude globs -------------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=256)
-def glob_to_regex(pattern: str) -> re.Pattern[str]:
-    """Translate a glob to a regex over absolute POSIX paths.
-
-    ``*`` and ``?`` stay within one path segment, ``**`` spans segments, ``[...]`` is a class.
-    A pattern without '/' matches a basename anywhere (``*.swp``); one with '/' matches the whole
-    path from the root (``/etc/kubernetes/**/*.yaml``); a relative one with '/' matches at any
-    depth (``secrets/*.key``).
-    """
-    if "/" not in pattern:
-        pattern = "**/" + pattern
-    elif not pattern.startswith("/"):
-        pattern = "/**/" + pattern
-    regex, i = "", 0
-    while i < len(pattern):
-        char = pattern[i]
-        if pattern.startswith("**/", i):
-            regex += "(?:.*/)?"
-            i += 3
-        elif pattern.startswith("**", i):
-            regex += ".*"
-            i += 2
-        elif char == "*":
-            regex += "[^/]*"
-            i += 1
-        elif char == "?":
-            regex += "[^/]"
-            i += 1
-        elif char == "[":
-            end = pattern.find("]", i + 2)
-            if end == -1:
-                regex += re.escape(char)
-                i += 1
-            else:
-                body = pattern[i + 1 : end].replace("\\", "\\\\")
-                regex += "[^" + body[1:] + "]" if body.startswith("!") else "[" + body + "]"
-                i = end + 1
-        else:
-            regex += re.escape(char)
-            i += 1
-    return re.compile(("^/?" if not pattern.startswith("/") else "^") + regex + "$")
-
-
-def patterns_regex(patterns: Sequence[str]) -> re.Pattern[str] | None:
-    """One regex matching a path that any of the globs matches; None for no globs."""
-    if not patterns:
-        return None
-    return re.compile("|".join(f"(?:{glob_to_regex(p).pattern})" for p in patterns))
-
-
-def matches_any(path: str, patterns: Sequence[str]) -> bool:
-    regex = patterns_regex(patterns)
-    return bool(regex and regex.match(path))
 
 
 # --- backup ------------------------------------------------------------------------------------
@@ -373,29 +316,87 @@ def staged_restore(target: Path, overwrite: bool = False) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+class _UnsafeMember(tarfile.FilterError):
+    def __init__(self, member: tarfile.TarInfo, reason: str):
+        super().__init__(reason)
+        self.tarinfo = member
+
+
+class ArchiveLinkGuard:
+    """Refuses members that would go through a symlink the archive itself created.
+
+    tarfile's ``data`` filter resolves real paths on disk; before Python 3.11.13 that resolution
+    can be fooled by chains of symlinks longer than PATH_MAX (CVE-2025-4517 and relatives), and a
+    later member then writes through a link to outside the target. The staging folder starts
+    empty, so the archive's own symlinks are the only links there can be: a member whose path
+    passes through one (or replaces one), or a link whose target does, is refused, and a link
+    target must stay inside the target by its letters alone.
+    """
+
+    def __init__(self) -> None:
+        self._links: set[str] = set()
+
+    def check(self, member: tarfile.TarInfo) -> None:
+        if member.name.startswith("/"):
+            # tarfile would strip the slash; spark-backup never writes one, so refuse it.
+            raise tarfile.AbsolutePathError(member)
+        name = posixpath.normpath(member.name)
+        through = self._first_link(name, include_last=True)
+        if through:
+            raise _UnsafeMember(member, f"it goes through the archive's link {through[:100]!r}")
+        if member.issym() or member.islnk():
+            if posixpath.isabs(member.linkname):
+                raise tarfile.AbsoluteLinkError(member)
+            base = posixpath.dirname(name) if member.issym() else ""
+            target = posixpath.normpath(posixpath.join(base, member.linkname))
+            if target == ".." or target.startswith("../"):
+                raise tarfile.LinkOutsideDestinationError(member, target)
+            through = self._first_link(target, include_last=False)
+            if through:
+                raise _UnsafeMember(
+                    member, f"its target goes through the archive's link {through[:100]!r}"
+                )
+
+    def extracted(self, member: tarfile.TarInfo) -> None:
+        if member.issym():
+            self._links.add(posixpath.normpath(member.name))
+
+    def _first_link(self, path: str, include_last: bool) -> str | None:
+        parts = path.split("/")
+        for end in range(1, len(parts) + (1 if include_last else 0)):
+            prefix = "/".join(parts[:end])
+            if prefix in self._links:
+                return prefix
+        return None
+
+
 def extract_archive(plain: Readable, staging: Path, skip_unsafe: bool = False) -> RestoreSummary:
-    """Extract a tar stream into ``staging`` through tarfile's ``data`` filter.
+    """Extract a tar stream into ``staging`` through tarfile's ``data`` filter, and
+    ``ArchiveLinkGuard`` before it.
 
     An unsafe member (absolute path, '..', a link leaving the target or pointing to an absolute
-    path, a device file) refuses the whole restore, or with ``skip_unsafe`` is left out and
-    reported, so that for instance an absolute ``/etc/localtime`` link can be recreated by hand.
+    path, a path through one of the archive's links, a device file) refuses the whole restore,
+    or with ``skip_unsafe`` is left out and reported, so that for instance an absolute
+    ``/etc/localtime`` link can be recreated by hand.
     """
     counts = _new_counts()
     skipped: list[str] = []
+    links = ArchiveLinkGuard()
 
     def data_filter(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:
         try:
-            if member.name.startswith("/"):
-                # tarfile would strip the slash; spark-backup never writes one, so refuse it.
-                raise tarfile.AbsolutePathError(member)
+            links.check(member)
             checked = tarfile.data_filter(member, dest)
         except tarfile.FilterError as exc:
             if skip_unsafe:
                 skipped.append(f"{member.name}: {exc}")
                 return None
+            shown = member.name if len(member.name) <= 120 else member.name[:117] + "..."
             raise RestoreRefused(
-                f"refusing unsafe archive member {member.name!r}: {exc} (--skip-unsafe leaves it out)"
+                f"refusing unsafe archive member {shown!r}: {_shorten(str(exc))} "
+                "(--skip-unsafe leaves it out)"
             ) from None
+        links.extracted(checked)
         _count(counts, checked)
         return checked
 
@@ -405,6 +406,10 @@ def extract_archive(plain: Readable, staging: Path, skip_unsafe: bool = False) -
     except tarfile.ReadError as exc:
         raise RestoreRefused(f"copy is not a readable tar archive: {exc}") from None
     return RestoreSummary(str(staging), skipped=skipped, **counts)
+
+
+def _shorten(text: str, limit: int = 300) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def list_archive(plain: Readable) -> dict[str, int]:

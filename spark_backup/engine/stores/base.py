@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
@@ -104,9 +104,12 @@ class ObjectStore(ABC):
         """Delete an object; ``ObjectLockedError`` if a lock protects it. Missing is not an error."""
 
     @abstractmethod
-    def cleanup_incomplete(self, older_than: dt.timedelta) -> list[str]:
-        """Remove the leftovers of writes that never finished (a killed process), older than
-        ``older_than``; return what was removed."""
+    def cleanup_incomplete(
+        self, older_than: dt.timedelta, owned: Callable[[str], bool]
+    ) -> list[str]:
+        """Remove the leftovers of writes to keys ``owned`` accepts that never finished (a killed
+        process) and saw no progress for ``older_than``; return their keys. Leftovers of other
+        writers sharing the store are not touched."""
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,9 @@ from __future__ import annotations
 import datetime as dt
 import errno
 import os
+import re
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from spark_backup.engine.streams import Readable, Writable
 from spark_backup.errors import NotFoundError, StoreError
 
 PARTIAL_MARKER = ".partial-"
+_PARTIAL_RE = re.compile(r"^\.(?P<name>.+)\.partial-[0-9a-f]{8}$")
 
 
 class LocalStore(ObjectStore):
@@ -101,7 +103,10 @@ class LocalStore(ObjectStore):
                 key = path.relative_to(self.root).as_posix()
                 if not key.startswith(prefix):
                     continue
-                stat = path.stat()
+                try:
+                    stat = path.stat()
+                except FileNotFoundError:
+                    continue  # deleted meanwhile
                 found.append(
                     ObjectInfo(key, stat.st_size, dt.datetime.fromtimestamp(stat.st_mtime, dt.UTC))
                 )
@@ -123,17 +128,26 @@ class LocalStore(ObjectStore):
             raise StoreError(f"store {self.name!r}: cannot delete {key}: {exc.strerror}") from None
         _remove_empty_parents(path.parent, self.root)
 
-    def cleanup_incomplete(self, older_than: dt.timedelta) -> list[str]:
+    def cleanup_incomplete(
+        self, older_than: dt.timedelta, owned: Callable[[str], bool]
+    ) -> list[str]:
         if not self.root.is_dir():
             return []
+        # A partial file's mtime moves with every write, so only a stalled write looks old.
         cutoff = dt.datetime.now(dt.UTC) - older_than
         removed = []
         for directory, _dirs, files in os.walk(self.root):
             for file_name in files:
-                if PARTIAL_MARKER not in file_name:
-                    continue
+                match = _PARTIAL_RE.match(file_name)
                 path = Path(directory, file_name)
-                modified = dt.datetime.fromtimestamp(path.stat().st_mtime, dt.UTC)
+                if not match or not owned(
+                    path.with_name(match["name"]).relative_to(self.root).as_posix()
+                ):
+                    continue
+                try:
+                    modified = dt.datetime.fromtimestamp(path.stat().st_mtime, dt.UTC)
+                except FileNotFoundError:
+                    continue  # the write finished meanwhile
                 if modified < cutoff:
                     path.unlink(missing_ok=True)
                     removed.append(path.relative_to(self.root).as_posix())

@@ -288,7 +288,9 @@ class S3Store(ObjectStore):
             except BotoCoreError as exc:
                 raise self._failure(f"delete {key}", exc) from None
 
-    def cleanup_incomplete(self, older_than: dt.timedelta) -> list[str]:
+    def cleanup_incomplete(
+        self, older_than: dt.timedelta, owned: Callable[[str], bool]
+    ) -> list[str]:
         cutoff = dt.datetime.now(dt.UTC) - older_than
         root = self._root()
         removed = []
@@ -298,15 +300,28 @@ class S3Store(ObjectStore):
             )
             for page in pages:
                 for upload in page.get("Uploads", []):
-                    if upload["Initiated"] >= cutoff:
+                    key = upload["Key"][len(root) :]
+                    if not owned(key) or self._upload_progress(upload) >= cutoff:
                         continue
                     self.client.abort_multipart_upload(
                         Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
                     )
-                    removed.append(upload["Key"][len(root) :])
+                    removed.append(key)
         except (ClientError, BotoCoreError) as exc:
             raise self._failure("clean up incomplete uploads", exc) from None
         return removed
+
+    def _upload_progress(self, upload: dict[str, Any]) -> dt.datetime:
+        """When an upload last made progress: its newest part, else its start. A long backup
+        still uploading parts is not stale however long ago it started."""
+        newest = upload["Initiated"]
+        pages = self.client.get_paginator("list_parts").paginate(
+            Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+        )
+        for page in pages:
+            for part in page.get("Parts", []):
+                newest = max(newest, part["LastModified"])
+        return newest.astimezone(dt.UTC)
 
     # --- helpers --------------------------------------------------------------------------------
 
