@@ -2,11 +2,12 @@
 
 Exit codes (scripts may rely on them): 0 success; 1 unexpected error; 2 bad plan or usage;
 3 a copy failed verification; 4 not found; 5 store error; 6 source unreadable; 7 restore
-refused; 8 key or identity problem. Errors are printed as one line on stderr.
+refused; 8 key or identity problem; 130 interrupted. Errors are printed as one line on stderr.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from collections.abc import Callable, Iterator
@@ -173,29 +174,38 @@ def _print_plan(service: BackupService) -> None:
 def backup(
     ctx: _Context, sources: tuple[str, ...], all_sources: bool, partition: str | None, as_json: bool
 ) -> None:
-    """Back up SOURCES (a new copy each time; existing copies are never replaced)."""
+    """Back up SOURCES (a new copy each time; existing copies are never replaced). A failing
+    source does not stop the others; the exit code is the first failure's."""
     service = _run(lambda: ctx.service)
     names = [s.name for s in service.plan.sources] if all_sources else list(sources)
     if not names:
         raise click.UsageError("name at least one source, or pass --all")
     manifests = []
+    failures: list[SparkBackupError] = []
     for name in names:
-
-        def one(name: str = name) -> Any:
+        try:
             with _progress(ctx.progress, f"backup {name}", None) as progress:
-                return service.backup(name, partition, progress)
-
-        manifest = _run(one)
+                manifest = service.backup(name, partition, progress)
+        except SparkBackupError as error:
+            stderr.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+            failures.append(error)
+            continue
         manifests.append(manifest)
+        warnings = manifest.source_metadata.get("warning_count", 0)
         if not as_json:
             stdout.print(
                 f"{manifest.id}  {manifest.partition}  {_size(manifest.plaintext.bytes)} -> "
                 f"{_size(manifest.stored.bytes)}  {manifest.duration_seconds:.1f}s  "
-                f"sha256 {manifest.stored.sha256[:16]}...",
+                f"sha256 {manifest.stored.sha256[:16]}..."
+                + (f"  {warnings} warning(s)" if warnings else ""),
                 highlight=False,
             )
+        for warning in manifest.source_metadata.get("warnings", []):
+            stderr.print(f"warning: {manifest.source}: {warning}", highlight=False, soft_wrap=True)
     if as_json:
         click.echo(json.dumps([asdict(m) for m in manifests], indent=2))
+    if failures:
+        sys.exit(failures[0].exit_code)
 
 
 # --- list --------------------------------------------------------------------------------------
@@ -277,7 +287,7 @@ def verify(
             f"verify {ref.manifest.id}",
             (ref.manifest.plaintext if identities else ref.manifest.stored).bytes,
         ) as progress:
-            outcome = service.verify(ref, identities, progress)
+            outcome = _run(functools.partial(service.verify, ref, identities, progress))
         outcomes.append(outcome)
         if not as_json:
             status = "[green]ok[/green]" if outcome.ok else "[red]FAILED[/red]"
@@ -383,13 +393,12 @@ def prune(ctx: _Context, apply: bool, as_json: bool) -> None:
 @click.option(
     "--config",
     "template",
-    default="dagster.yaml",
-    show_default=True,
-    type=click.Path(dir_okay=False),
-    help="Instance config to install into $DAGSTER_HOME if it has none.",
+    type=click.Path(dir_okay=False, exists=True),
+    help="Instance config to install into $DAGSTER_HOME if it has none "
+    "(default: spark-backup's dagster.yaml).",
 )
 @pass_context
-def dagster_init(ctx: _Context, template: str) -> None:
+def dagster_init(ctx: _Context, template: str | None) -> None:
     """Prepare the Dagster instance at $DAGSTER_HOME for the plan: install dagster.yaml if
     missing and give every source its pool limit (one backup of a source at a time)."""
     import os
@@ -402,8 +411,8 @@ def dagster_init(ctx: _Context, template: str) -> None:
     if not home:
         raise click.UsageError("set DAGSTER_HOME to the instance's folder")
     service = _run(lambda: ctx.service)
-    if install_instance_config(Path(home), Path(template)):
-        stdout.print(f"installed {template} into {home}", highlight=False)
+    if _run(lambda: install_instance_config(Path(home), Path(template) if template else None)):
+        stdout.print(f"installed {template or 'dagster.yaml'} into {home}", highlight=False)
     with DagsterInstance.get() as instance:
         pools = ensure_source_pools(instance, service.plan)
     stdout.print(
@@ -439,4 +448,12 @@ def _size(value: int) -> str:
 
 
 def main() -> None:
-    cli(prog_name="spark-backup")
+    try:
+        code = cli.main(prog_name="spark-backup", standalone_mode=False)
+    except click.exceptions.Abort:  # Ctrl-C: click turns KeyboardInterrupt into Abort
+        stderr.print("interrupted: nothing unfinished was published", highlight=False)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -129,11 +129,11 @@ def prepare_demo(home: Path) -> DemoPaths:
 
 
 def prepare_dagster_home(paths: DemoPaths) -> Path:
-    """DAGSTER_HOME for the demo ($DAGSTER_HOME if set), with the project's dagster.yaml."""
+    """DAGSTER_HOME for the demo ($DAGSTER_HOME if set), with spark-backup's dagster.yaml."""
     from spark_backup.defs.instance import install_instance_config
 
     dagster_home = Path(os.environ.get("DAGSTER_HOME") or paths.dagster_home).absolute()
-    install_instance_config(dagster_home, Path.cwd() / "dagster.yaml")
+    install_instance_config(dagster_home)
     os.environ["DAGSTER_HOME"] = str(dagster_home)
     return dagster_home
 
@@ -198,7 +198,11 @@ def run_demo(home: Path, console: Console) -> None:
         table.add_column(column)
     shutil.rmtree(paths.restore, ignore_errors=True)
     for source in loaded.plan.sources:
-        ref = service.copies(source.name)[-1]
+        copies = service.copies(source.name)
+        if not copies:
+            failures.append(f"no copy of {source.name} was made")
+            continue
+        ref = copies[-1]
         outcome = service.verify(ref, identities)
         target = paths.restore / source.name
         summary = service.restore(ref.manifest.id, target)
@@ -271,7 +275,10 @@ def _digest(path: Path) -> str:
 
 def open_with_standard_tools(service: BackupService, paths: DemoPaths) -> str:
     """Open the newest copy with age, zstd and tar alone, as the runbook does by hand."""
-    ref = service.copies()[-1]
+    copies = service.copies()
+    if not copies:
+        return "\nNo copy to open with standard tools."
+    ref = copies[-1]
     data = Path(ref.store.object_uri(ref.manifest.data_key).removeprefix("file://"))
     key = paths.keys / "demo-age.key"
     command = f"age -d -i {key} {data} | zstd -d | tar -tv"

@@ -21,6 +21,12 @@ class PlanError(SparkBackupError):
     exit_code = 2
 
 
+class UsageError(SparkBackupError):
+    """A command was given a value it cannot use (a partition key that is no partition)."""
+
+    exit_code = 2
+
+
 class IntegrityError(SparkBackupError):
     """A stored copy does not match its manifest (checksum, size or format)."""
 

@@ -181,7 +181,7 @@ class _SourceBase(_Model):
     owner: str
     rpo: Duration = dt.timedelta(days=1)
     rto: Duration = dt.timedelta(hours=2)
-    # Freshness: the newest good copy must be at most this old. The plan's rule is "warn after
+    # Freshness: the newest committed copy must be at most this old. The plan's rule is "warn after
     # 24 hours without a backup"; weekly and monthly sources override it.
     max_age: Duration | None = None
     store: Name | None = None

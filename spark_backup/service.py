@@ -13,7 +13,7 @@ from pyrage import x25519
 from spark_backup.engine import catalog
 from spark_backup.engine.crypto import Recipients, load_identities, read_recipients_file
 from spark_backup.engine.manifest import Manifest, is_copy_key, manifest_key
-from spark_backup.engine.partitions import partition_key_for
+from spark_backup.engine.partitions import check_partition_key, partition_key_for
 from spark_backup.engine.pipeline import (
     CompressionSettings,
     Verification,
@@ -25,7 +25,7 @@ from spark_backup.engine.pipeline import (
 from spark_backup.engine.retention import RetentionRule, apply_retention
 from spark_backup.engine.stores import ObjectStore, open_store
 from spark_backup.engine.streams import ProgressCallback
-from spark_backup.errors import NotFoundError, SparkBackupError
+from spark_backup.errors import IntegrityError, NotFoundError
 from spark_backup.plan import LoadedPlan, SourceConfig, load_plan
 from spark_backup.sources import kind_module
 
@@ -105,6 +105,8 @@ class BackupService:
         progress: ProgressCallback | None = None,
     ) -> Manifest:
         source = self.plan.source(source_name)
+        if partition is not None:
+            check_partition_key(source.cadence, partition, utcnow())
         compression = self.plan.compression_for(source)
         store = self.store_for(source)
         store.check()  # an unreachable store or rejected credentials: say so before reading
@@ -155,8 +157,10 @@ class BackupService:
             if identities:
                 result = self._verify_deep(ref, identities, progress)
             else:
-                result = verify_copy(ref.store, manifest, None, progress)
-        except SparkBackupError as exc:
+                result = verify_copy(ref.store, manifest, progress)
+        except (IntegrityError, NotFoundError) as exc:
+            # The copy is damaged or its data is gone. A wrong key or an unreachable store is
+            # not a verdict on the copy: those propagate with their own exit codes.
             outcome.error = str(exc)
             return outcome
         outcome.ok = True
@@ -256,7 +260,7 @@ class BackupService:
 
 @dataclass(frozen=True)
 class Freshness:
-    """How old the newest good copy of a source is, against its allowed maximum age."""
+    """How old the newest committed copy of a source is, against its allowed maximum age."""
 
     source: str
     max_age: dt.timedelta

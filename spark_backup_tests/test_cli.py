@@ -9,7 +9,14 @@ import subprocess
 import time
 from pathlib import Path
 
-from spark_backup_tests.helpers import SPARK_BACKUP, config_source, plan_dict, run_cli, write_plan
+from spark_backup_tests.helpers import (
+    SPARK_BACKUP,
+    config_source,
+    make_key,
+    plan_dict,
+    run_cli,
+    write_plan,
+)
 
 
 def test_backup_list_verify_restore(
@@ -64,6 +71,13 @@ def test_exit_codes(local_plan: Path, tmp_path: Path) -> None:
     no_key = run_cli("--plan", plan, "verify", "--deep", env={"SPARK_BACKUP_IDENTITY_FILE": ""})
     assert no_key.returncode == 8 and "no age identity" in no_key.stderr
     assert run_cli("--plan", str(tmp_path / "absent.yaml"), "list").returncode == 2
+    run_cli("--plan", plan, "backup", "dgx_config", check=True)
+    other, _ = make_key(tmp_path, "other")
+    wrong_key = run_cli("--plan", plan, "verify", "--identity", str(other))
+    assert (
+        wrong_key.returncode == 8
+        and "none of the given age identities opens it" in wrong_key.stderr
+    )
 
 
 def test_verify_exit_code_3_when_a_copy_is_damaged(local_plan: Path) -> None:
@@ -99,13 +113,19 @@ def test_identity_from_environment(local_plan: Path, age_key, tmp_path: Path) ->
     assert secret_line not in result.stdout + result.stderr
 
 
-def test_killed_backup_leaves_no_copy_and_next_run_succeeds(tmp_path: Path, age_key) -> None:
-    """Kopia-style crash test: SIGKILL in the middle of writing a copy, then list, prune, retry."""
+def _big_estate(tmp_path: Path, megabytes: int = 192) -> Path:
+    """An incompressible file large enough that a backup or restore takes a moment."""
     big = tmp_path / "estate" / "models"
     big.mkdir(parents=True)
     with open(big / "weights.bin", "wb") as handle:
-        for _ in range(48):
+        for _ in range(megabytes // 4):
             handle.write(os.urandom(4 << 20))
+    return big
+
+
+def test_killed_backup_leaves_no_copy_and_next_run_succeeds(tmp_path: Path, age_key) -> None:
+    """Kopia-style crash test: SIGKILL in the middle of writing a copy, then list, prune, retry."""
+    big = _big_estate(tmp_path)
     plan = write_plan(
         tmp_path,
         plan_dict(
@@ -177,3 +197,66 @@ def test_prune_dry_run_then_apply(local_plan: Path) -> None:
     assert [
         c["id"] for c in json.loads(run_cli("--plan", plan, "list", "--json", check=True).stdout)
     ] == ids[2:]
+
+
+def test_interrupted_restore_publishes_nothing_and_leaves_no_worker(
+    tmp_path: Path, age_key
+) -> None:
+    big = _big_estate(tmp_path)
+    plan = write_plan(tmp_path, plan_dict([age_key[1]], [config_source("models", [str(big)])]))
+    (manifest,) = json.loads(
+        run_cli("--plan", str(plan), "backup", "models", "--json", check=True).stdout
+    )
+    target = tmp_path / "restore"
+    process = subprocess.Popen(
+        [
+            *SPARK_BACKUP,
+            "--no-progress",
+            "--plan",
+            str(plan),
+            "restore",
+            manifest["id"],
+            "--to",
+            str(target),
+            "--identity",
+            str(age_key[0]),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        # Ctrl-C goes to the whole foreground process group: the worker gets it too.
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not list(target.rglob("weights.bin")):
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGINT)
+    _out, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    assert "Traceback" not in err and "interrupted" in err
+    assert list(target.iterdir()) == []  # the staging folder is gone, nothing was published
+    workers = subprocess.run(["pgrep", "-f", "spark_backup.engine.age_worker"], capture_output=True)
+    assert workers.stdout == b""
+
+
+def test_backup_checks_partition_keys(local_plan: Path) -> None:
+    plan = str(local_plan)
+    not_a_date = run_cli("--plan", plan, "backup", "dgx_config", "--partition", "banana")
+    assert not_a_date.returncode == 2 and "partition 'banana' is not a date" in not_a_date.stderr
+    tuesday = run_cli("--plan", plan, "backup", "dgx_config", "--partition", "2026-11-24")
+    assert tuesday.returncode == 2 and "does not start a weekly partition" in tuesday.stderr
+    monday = run_cli("--plan", plan, "backup", "dgx_config", "--partition", "2026-11-16", "--json")
+    assert json.loads(monday.stdout)[0]["partition"] == "2026-11-16"
+
+
+def test_one_failing_source_does_not_stop_the_others(tmp_path: Path, age_key, estate: Path) -> None:
+    sources = [
+        config_source("vpn_config", [str(tmp_path / "missing")]),
+        config_source("dgx_config", [str(estate)]),
+    ]
+    plan = str(write_plan(tmp_path, plan_dict([age_key[1]], sources)))
+    result = run_cli("--plan", plan, "backup", "--all", "--json")
+    assert result.returncode == 6
+    assert "source 'vpn_config': path" in result.stderr
+    assert [m["source"] for m in json.loads(result.stdout)] == ["dgx_config"]

@@ -56,6 +56,8 @@ def build_backup_asset(source: SourceConfig, loaded: LoadedPlan) -> AssetsDefini
     ) -> MaterializeResult:
         manifest = spark_backup.service.backup(source.name, context.partition_key)
         context.log.info(f"committed copy {manifest.id} ({manifest.stored.bytes} bytes stored)")
+        for warning in manifest.source_metadata.get("warnings", []):
+            context.log.warning(f"{source.name}: {warning}")
         return MaterializeResult(metadata=copy_metadata(manifest, spark_backup))
 
     return backup

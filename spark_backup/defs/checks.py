@@ -2,7 +2,7 @@
 
 - ``checksum`` (per partition): re-read the newest copy of the partition from its store,
   recompute sha256 and size and compare them with the manifest. No key is needed.
-- ``freshness`` (per source): the newest good copy must be at most the source's ``max_age``
+- ``freshness`` (per source): the newest committed copy must be at most the source's ``max_age``
   old. A schedule evaluates it (see schedules.py), so it fails even when nothing runs.
 """
 
@@ -78,7 +78,7 @@ def build_freshness_check(source: SourceConfig, asset_key: AssetKey) -> AssetChe
     @asset_check(
         asset=asset_key,
         name=FRESHNESS_CHECK,
-        description="Fails when the newest good copy is older than the source's max_age.",
+        description="Fails when the newest committed copy is older than the source's max_age.",
     )
     def freshness(spark_backup: SparkBackupResource) -> AssetCheckResult:
         status = spark_backup.service.freshness(source.name)

@@ -7,24 +7,30 @@ source could both start. Setting every source's pool up front closes that gap.
 """
 
 import shutil
+from importlib import resources
 from pathlib import Path
 
 from dagster import DagsterInstance
 
 from spark_backup.defs.assets import source_pool
+from spark_backup.errors import UsageError
 from spark_backup.plan import Plan
 
 SOURCE_POOL_LIMIT = 1
 INSTANCE_CONFIG = "dagster.yaml"
 
 
-def install_instance_config(dagster_home: Path, template: Path) -> bool:
-    """Copy the project's dagster.yaml into DAGSTER_HOME unless one is there; True if copied."""
+def install_instance_config(dagster_home: Path, template: Path | None = None) -> bool:
+    """Copy ``template`` (default: spark-backup's dagster.yaml) into DAGSTER_HOME unless one is
+    there; True if copied."""
+    source = template or Path(str(resources.files("spark_backup.defs").joinpath(INSTANCE_CONFIG)))
+    if not source.is_file():
+        raise UsageError(f"{source}: instance config not found")
     dagster_home.mkdir(parents=True, exist_ok=True)
     target = dagster_home / INSTANCE_CONFIG
-    if target.exists() or not template.is_file():
+    if target.exists():
         return False
-    shutil.copyfile(template, target)
+    shutil.copyfile(source, target)
     return True
 
 

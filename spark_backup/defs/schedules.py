@@ -1,4 +1,4 @@
-"""A backup job and schedule per cadence, and an hourly schedule for the freshness checks.
+"""A backup job and schedule per cadence, and a schedule every 30 minutes for the freshness checks.
 
 Backup jobs select the cadence's assets, which brings their ``checksum`` checks into the same
 run: every new copy is re-read and compared right after it is written.

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 
 import pyrage
@@ -28,6 +29,9 @@ from spark_backup.engine.streams import CHUNK_SIZE, HashingReader
 
 
 def main(argv: list[str]) -> int:
+    # Ctrl-C reaches the whole process group; the restoring process decides, and closes the
+    # pipe, which stops this worker.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     identity_fd, status_fd = int(argv[0]), int(argv[1])
     with os.fdopen(identity_fd, "r", encoding="utf-8") as handle:
         lines = [line.strip() for line in handle.read().splitlines()]

@@ -20,6 +20,8 @@ import secrets
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from pydantic import TypeAdapter, ValidationError
+
 from spark_backup.errors import IntegrityError, NotFoundError
 
 MANIFEST_FORMAT = "spark-backup.manifest/v1"
@@ -130,6 +132,7 @@ class Manifest:
 
     @classmethod
     def from_json(cls, raw: bytes, origin: str) -> Manifest:
+        """Parse and check a stored manifest; ``IntegrityError`` names what is wrong."""
         try:
             data = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -140,8 +143,20 @@ class Manifest:
                 f"{origin}: unsupported manifest format {found!r} (expected {MANIFEST_FORMAT})"
             )
         try:
-            data["plaintext"] = Digest(**data["plaintext"])
-            data["stored"] = Digest(**data["stored"])
-            return cls(**data)
-        except (KeyError, TypeError) as exc:
-            raise IntegrityError(f"{origin}: manifest is incomplete: {exc}") from None
+            manifest = _ADAPTER.validate_json(raw, strict=True)
+        except ValidationError as exc:
+            error = exc.errors(include_url=False)[0]
+            field_path = ".".join(str(part) for part in error["loc"])
+            raise IntegrityError(f"{origin}: manifest field {field_path}: {error['msg']}") from None
+        try:
+            manifest.started, manifest.finished  # noqa: B018 - both must parse
+        except ValueError:
+            raise IntegrityError(f"{origin}: manifest times are not ISO 8601") from None
+        if not is_data_key(manifest.data_key) or f"/data/{manifest.id}." not in manifest.data_key:
+            raise IntegrityError(
+                f"{origin}: manifest data_key does not belong to copy {manifest.id}"
+            )
+        return manifest
+
+
+_ADAPTER = TypeAdapter(Manifest)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import datetime as dt
 from zoneinfo import ZoneInfo
 
+from spark_backup.errors import UsageError
+
 PARTITION_DATE_FORMAT = "%Y-%m-%d"
 # Fixed, not per plan: partition keys must not move when a plan changes. Periods are UTC days,
 # ISO weeks and months.
@@ -28,3 +30,21 @@ def partition_key_for(cadence: str, when: dt.datetime) -> str:
     else:
         raise ValueError(f"unknown cadence {cadence!r}")
     return start.strftime(PARTITION_DATE_FORMAT)
+
+
+def check_partition_key(cadence: str, key: str, now: dt.datetime) -> str:
+    """``key`` if it names a partition of ``cadence`` that has begun, else ``UsageError``."""
+    try:
+        start = dt.datetime.strptime(key, PARTITION_DATE_FORMAT).date()
+    except ValueError:
+        raise UsageError(f"partition {key!r} is not a date (expected YYYY-MM-DD)") from None
+    example = partition_key_for(cadence, now)
+    if partition_key_for(cadence, dt.datetime.combine(start, dt.time(), ZoneInfo(TIMEZONE))) != key:
+        raise UsageError(
+            f"{key} does not start a {cadence} partition (the current one is {example})"
+        )
+    if start < PARTITIONS_START or key > example:
+        raise UsageError(
+            f"partition {key} is outside {PARTITIONS_START.isoformat()} ... {example} ({cadence})"
+        )
+    return key

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from typing import BinaryIO, Protocol
+from typing import Protocol
 
 CHUNK_SIZE = 1 << 20
 
@@ -76,27 +76,3 @@ class HashingWriter:
 
     def hexdigest(self) -> str:
         return self.sha256.hexdigest()
-
-
-class NullWriter:
-    """A sink that discards bytes (for verifying without writing anything)."""
-
-    def write(self, data: bytes) -> int:
-        return len(data)
-
-    def flush(self) -> None:
-        pass
-
-
-def copy_stream(source: Readable, target: Writable, chunk_size: int = CHUNK_SIZE) -> int:
-    total = 0
-    while chunk := source.read(chunk_size):
-        target.write(chunk)
-        total += len(chunk)
-    return total
-
-
-def sha256_of_stream(source: BinaryIO | Readable) -> tuple[str, int]:
-    reader = HashingReader(source)
-    reader.drain()
-    return reader.hexdigest(), reader.bytes

@@ -33,6 +33,7 @@ from pyrage import x25519
 
 from spark_backup.engine.manifest import Manifest
 from spark_backup.engine.pipeline import open_copy
+from spark_backup.engine.processes import tool_environment
 from spark_backup.engine.stores.base import ObjectStore
 from spark_backup.engine.streams import ProgressCallback, Readable
 from spark_backup.errors import IntegrityError, RestoreRefused, SourceError
@@ -140,6 +141,9 @@ class ConfigArchiveReader:
             if stat.S_ISLNK(mode):
                 self.stats.symlinks += 1
             elif not os.access(path, os.R_OK):
+                if not os.path.lexists(path):
+                    self.stats.warn(f"{path} vanished while the folder was read")
+                    return
                 raise SourceError(
                     f"source {self.source_name!r}: cannot read {path}: permission denied"
                 )
@@ -153,6 +157,9 @@ class ConfigArchiveReader:
             try:
                 with os.scandir(path) as listing:
                     entries = sorted(listing, key=lambda e: e.name)
+            except FileNotFoundError:
+                self.stats.warn(f"{path} vanished while it was read")
+                return
             except OSError as exc:
                 raise SourceError(
                     f"source {self.source_name!r}: cannot read {path}: {exc.strerror}"
@@ -165,7 +172,15 @@ class ConfigArchiveReader:
                 pending.clear()
                 yield path
             for entry in entries:
-                child_stat = entry.stat(follow_symlinks=False)
+                try:
+                    child_stat = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    self.stats.warn(f"{entry.path} vanished while the folder was read")
+                    continue
+                except OSError as exc:
+                    raise SourceError(
+                        f"source {self.source_name!r}: cannot read {entry.path}: {exc.strerror}"
+                    ) from None
                 if (
                     self.one_file_system
                     and stat.S_ISDIR(child_stat.st_mode)
@@ -189,25 +204,31 @@ class ConfigArchiveReader:
         """GNU tar's output, while a thread walks the paths and hands tar the member names:
         tar starts reading files at once instead of after the whole walk."""
         with tempfile.TemporaryFile(prefix="spark-backup-tar-") as stderr:
-            process = subprocess.Popen(
-                [
-                    "tar",
-                    "--create",
-                    "--file=-",
-                    "--format=pax",
-                    # No per-member extended headers for times: atime/ctime would make every
-                    # archive differ, and mtime goes into the ustar header to the second (as
-                    # GNU tar's default format keeps it), which halves what a restore parses.
-                    "--pax-option=delete=atime,delete=ctime,delete=mtime",
-                    "--no-recursion",
-                    "--null",
-                    "--directory=/",
-                    "--files-from=-",
-                ],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=stderr,
-            )
+            try:
+                process = subprocess.Popen(
+                    [
+                        "tar",
+                        "--create",
+                        "--file=-",
+                        "--format=pax",
+                        # No per-member extended headers for times: atime/ctime would make every
+                        # archive differ, and mtime goes into the ustar header to the second (as
+                        # GNU tar's default format keeps it), which halves what a restore parses.
+                        "--pax-option=delete=atime,delete=ctime,delete=mtime",
+                        "--no-recursion",
+                        "--null",
+                        "--directory=/",
+                        "--files-from=-",
+                    ],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=stderr,
+                    env=tool_environment(),
+                )
+            except FileNotFoundError:
+                raise SourceError(
+                    "GNU tar is needed to create configuration archives and is not on PATH"
+                ) from None
             assert process.stdin is not None and process.stdout is not None
             walk_errors: list[BaseException] = []
             walker = threading.Thread(
@@ -272,7 +293,13 @@ class ConfigArchiveReader:
 @functools.cache
 def _tar_version() -> str:
     try:
-        out = subprocess.run(["tar", "--version"], capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            ["tar", "--version"],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=tool_environment(),
+        )
     except (OSError, subprocess.CalledProcessError) as exc:
         raise SourceError(f"GNU tar is needed to create configuration archives: {exc}") from None
     return out.stdout.splitlines()[0]
@@ -299,9 +326,12 @@ def staged_restore(target: Path, overwrite: bool = False) -> Iterator[Path]:
     target = Path(os.path.abspath(target))
     if target.exists() and not target.is_dir():
         raise RestoreRefused(f"restore target {target} exists and is not a directory")
-    target.mkdir(parents=True, exist_ok=True)
     staging = target / f"{STAGING_PREFIX}{secrets.token_hex(4)}"
-    staging.mkdir(mode=0o700)
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        staging.mkdir(mode=0o700)
+    except OSError as exc:
+        raise RestoreRefused(f"cannot create restore target {target}: {exc.strerror}") from None
     try:
         yield staging
         collisions = _collisions(staging, target)
@@ -504,13 +534,15 @@ def restore_copy(
 
 
 def check_plaintext(plain: Readable, manifest: Manifest) -> None:
-    """The archive must list the members the backup recorded."""
+    """The archive must list the files and links the backup recorded. (Not their bytes: the
+    walk sizes a file before tar reads it, and a live file may grow in between; the plaintext
+    sha256 covers the content.)"""
     try:
         counts = list_archive(plain)
     except tarfile.TarError as exc:
         raise IntegrityError(f"copy {manifest.id}: not a readable tar archive: {exc}") from None
     recorded = manifest.source_metadata
-    for name in ("files", "symlinks", "bytes"):
+    for name in ("files", "symlinks"):
         if name in recorded and counts[name] != recorded[name]:
             raise IntegrityError(
                 f"copy {manifest.id}: archive holds {counts[name]} {name}, the manifest recorded "
