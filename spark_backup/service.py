@@ -176,6 +176,7 @@ class BackupService:
         with open_copy(ref.store, ref.manifest, identities, progress) as plain:
             module.check_plaintext(plain, ref.manifest)
         seconds = (utcnow() - started).total_seconds()
+        # open_copy compared the bytes it read with the manifest's count, so this is what it read.
         return Verification(ref.manifest.id, True, ref.manifest.stored.bytes, seconds)
 
     def restore(

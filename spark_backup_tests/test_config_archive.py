@@ -369,3 +369,21 @@ def test_links_between_members_that_stay_inside_are_restored(
     service.restore(copy_id, tmp_path / "r", identity_file=age_key[0])
     assert (tmp_path / "r/etc/alias.cfg").read_bytes() == b"x"
     assert (tmp_path / "r/etc/up.cfg").read_bytes() == b"x"
+
+
+def test_a_file_vanishing_during_the_walk_is_a_warning(
+    service: BackupService, estate: Path, monkeypatch
+) -> None:
+    """Live systems delete files; one gone between listing its folder and reading it is skipped."""
+    real_access = os.access
+    doomed = str(estate / "wireguard" / "wg0.conf")
+
+    def access_after_removal(path, mode, **kwargs):
+        if str(path) == doomed:
+            os.unlink(doomed)
+        return real_access(path, mode, **kwargs)
+
+    monkeypatch.setattr(os, "access", access_after_removal)
+    manifest = service.backup("dgx_config")
+    assert any("wg0.conf vanished" in w for w in manifest.source_metadata["warnings"])
+    assert manifest.source_metadata["files"] == 4

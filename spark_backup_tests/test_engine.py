@@ -311,3 +311,17 @@ def test_secrets_never_reach_child_arguments_or_environment(
         assert env is not None, args  # an explicit environment, not ours
         exposed = str(args) + str(env)
         assert secret not in exposed and "secret-value-Zq81" not in exposed
+
+
+def test_prune_leaves_objects_it_did_not_write(service: BackupService) -> None:
+    import datetime as dt
+
+    service.backup("dgx_config")
+    root = service.store("local").root
+    foreign = [root / "mysql/data/nightly.sql", root / "dgx_config/data/notes.txt", root / "README"]
+    for path in foreign:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("not spark-backup's")
+    report = service.prune(dry_run=False, now=dt.datetime.now(dt.UTC) + dt.timedelta(days=30))
+    assert report.orphans == [] and report.expired == []
+    assert all(path.exists() for path in foreign)
