@@ -12,7 +12,7 @@ from pyrage import x25519
 
 from spark_backup.engine import catalog
 from spark_backup.engine.crypto import Recipients, load_identities, read_recipients_file
-from spark_backup.engine.manifest import Manifest, is_copy_key, manifest_key
+from spark_backup.engine.manifest import COPY_ID_RE, Manifest, is_copy_key, manifest_key
 from spark_backup.engine.partitions import check_partition_key, partition_key_for
 from spark_backup.engine.pipeline import (
     CompressionSettings,
@@ -141,6 +141,11 @@ class BackupService:
             return self.copies()
         if any(s.name == selector for s in self.plan.sources):
             return self.copies(selector)
+        if not COPY_ID_RE.match(selector):
+            raise NotFoundError(
+                f"{selector!r} is neither a source in the plan "
+                f"({', '.join(s.name for s in self.plan.sources)}) nor a copy id"
+            )
         return [self.find(selector)]
 
     def verify(

@@ -219,13 +219,16 @@ def _add(
     ("build", "reason"),
     [
         (lambda a: _add(a, "/etc/passwd"), "absolute"),
-        (lambda a: _add(a, "etc/../../escape.conf"), "outside the destination"),
+        (lambda a: _add(a, "etc/../../escape.conf"), "contains '..'"),
         (
             lambda a: _add(a, "etc/link", kind=tarfile.SYMTYPE, link="../../../etc"),
-            "outside the destination",
+            "leads outside the destination",
         ),
         (lambda a: _add(a, "etc/abs", kind=tarfile.SYMTYPE, link="/etc/shadow"), "absolute"),
-        (lambda a: _add(a, "etc/hard", kind=tarfile.LNKTYPE, link="/etc/shadow"), "absolute"),
+        (
+            lambda a: _add(a, "etc/hard", kind=tarfile.LNKTYPE, link="/etc/shadow"),
+            "not to a file extracted before it",
+        ),
         (lambda a: _add(a, "dev/sda", kind=tarfile.BLKTYPE), "special file"),
         (lambda a: _add(a, "dev/null", kind=tarfile.CHRTYPE), "special file"),
     ],
@@ -329,17 +332,42 @@ def _path_max_escape(archive: tarfile.TarFile) -> None:
         ),
         (
             lambda a: (
-                _add(a, "x", kind=tarfile.SYMTYPE, link="."),
-                _add(a, "y", kind=tarfile.SYMTYPE, link="x/sub"),
+                _add(a, "d1", kind=tarfile.DIRTYPE),
+                _add(a, "d1/up", kind=tarfile.SYMTYPE, link=".."),
+                _add(a, "x", kind=tarfile.SYMTYPE, link="d1"),
+                _add(a, "y", kind=tarfile.SYMTYPE, link="x/up/.."),
             ),
-            "its target goes through the archive's link 'x'",
+            "'x/up/..' leads outside the destination",
         ),
         (
             lambda a: (
                 _add(a, "x", kind=tarfile.SYMTYPE, link="."),
                 _add(a, "y", kind=tarfile.SYMTYPE, link="x/../.."),
             ),
-            "outside the destination",
+            "leads outside the destination",
+        ),
+        (
+            # A '..' after a link in a member's name would be followed through the link.
+            lambda a: (
+                _add(a, "t", kind=tarfile.SYMTYPE, link="deep/er"),
+                _add(a, "t/../b/pwned.txt"),
+            ),
+            "contains '..'",
+        ),
+        (
+            # A hard link to a link: tarfile would re-create the link unfiltered at its place.
+            lambda a: (
+                _add(a, "1/2/s", kind=tarfile.SYMTYPE, link="../../etc/shadow"),
+                _add(a, "h", kind=tarfile.LNKTYPE, link="1/2/s"),
+            ),
+            "not to a file extracted before it",
+        ),
+        (
+            lambda a: (
+                _add(a, "a", kind=tarfile.SYMTYPE, link="b"),
+                _add(a, "b", kind=tarfile.SYMTYPE, link="a"),
+            ),
+            "leads outside the destination",
         ),
     ],
 )
@@ -357,33 +385,47 @@ def test_restore_refuses_writes_through_the_archives_own_links(
 def test_links_between_members_that_stay_inside_are_restored(
     service: BackupService, age_key, tmp_path: Path
 ) -> None:
+    """Shapes real configuration trees have: alternatives-style chains, Kubernetes ConfigMap
+    mounts (``..data`` links), a versioned folder behind a ``current`` link, in any order."""
     copy_id = _store_tar(
         service,
         lambda a: (
-            _add(a, "etc/nvidia/fm.cfg"),
-            _add(a, "etc/nvidia/current.cfg", kind=tarfile.SYMTYPE, link="fm.cfg"),
-            _add(a, "etc/alias.cfg", kind=tarfile.SYMTYPE, link="nvidia/current.cfg"),
-            _add(a, "etc/up.cfg", kind=tarfile.SYMTYPE, link="../etc/nvidia/fm.cfg"),
+            _add(a, "etc/nvidia/550", kind=tarfile.DIRTYPE),
+            _add(a, "etc/nvidia/550/fm.cfg", data=b"fm"),
+            _add(a, "etc/nvidia/a_fm.cfg", kind=tarfile.SYMTYPE, link="current/fm.cfg"),
+            _add(a, "etc/nvidia/current", kind=tarfile.SYMTYPE, link="550"),
+            _add(a, "etc/alias.cfg", kind=tarfile.SYMTYPE, link="nvidia/a_fm.cfg"),
+            _add(a, "etc/up.cfg", kind=tarfile.SYMTYPE, link="../etc/nvidia/550/fm.cfg"),
+            _add(a, "etc/cm/..2026_11_27", kind=tarfile.DIRTYPE),
+            _add(a, "etc/cm/..2026_11_27/config.yaml", data=b"cm"),
+            _add(a, "etc/cm/..data", kind=tarfile.SYMTYPE, link="..2026_11_27"),
+            _add(a, "etc/cm/config.yaml", kind=tarfile.SYMTYPE, link="..data/config.yaml"),
+            _add(a, "etc/nvidia/hard.cfg", kind=tarfile.LNKTYPE, link="etc/nvidia/550/fm.cfg"),
         ),
     )
-    service.restore(copy_id, tmp_path / "r", identity_file=age_key[0])
-    assert (tmp_path / "r/etc/alias.cfg").read_bytes() == b"x"
-    assert (tmp_path / "r/etc/up.cfg").read_bytes() == b"x"
+    summary = service.restore(copy_id, tmp_path / "r", identity_file=age_key[0])
+    assert summary["symlinks"] == 6 and summary["skipped"] == []
+    for name in ("etc/alias.cfg", "etc/up.cfg", "etc/nvidia/a_fm.cfg", "etc/nvidia/hard.cfg"):
+        assert (tmp_path / "r" / name).read_bytes() == b"fm", name
+    assert (tmp_path / "r/etc/cm/config.yaml").read_bytes() == b"cm"
 
 
-def test_a_file_vanishing_during_the_walk_is_a_warning(
-    service: BackupService, estate: Path, monkeypatch
+def test_a_path_below_a_linked_folder_is_archived_at_its_real_place(
+    tmp_path: Path, age_key
 ) -> None:
-    """Live systems delete files; one gone between listing its folder and reading it is skipped."""
-    real_access = os.access
-    doomed = str(estate / "wireguard" / "wg0.conf")
-
-    def access_after_removal(path, mode, **kwargs):
-        if str(path) == doomed:
-            os.unlink(doomed)
-        return real_access(path, mode, **kwargs)
-
-    monkeypatch.setattr(os, "access", access_after_removal)
-    manifest = service.backup("dgx_config")
-    assert any("wg0.conf vanished" in w for w in manifest.source_metadata["warnings"])
-    assert manifest.source_metadata["files"] == 4
+    """Merged-/usr hosts reach /lib/... through /lib -> usr/lib: the archive holds the real path,
+    so it restores and verifies like any other."""
+    real = tmp_path / "usr" / "lib" / "nvidia"
+    real.mkdir(parents=True)
+    (real / "driver.conf").write_text("options nvidia NVreg_EnableGpuFirmware=0\n")
+    (tmp_path / "lib").symlink_to("usr/lib")
+    plan = write_plan(
+        tmp_path, plan_dict([age_key[1]], [config_source("drv", [str(tmp_path / "lib/nvidia")])])
+    )
+    service = BackupService.from_path(plan)
+    manifest = service.backup("drv")
+    assert any("reached through a link" in w for w in manifest.source_metadata["warnings"])
+    assert service.verify(service.find(manifest.id), service.identities(age_key[0])).ok
+    service.restore(manifest.id, tmp_path / "r", identity_file=age_key[0])
+    restored = tmp_path / "r" / str(real).lstrip("/") / "driver.conf"
+    assert restored.read_text().startswith("options nvidia")

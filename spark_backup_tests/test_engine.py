@@ -316,12 +316,52 @@ def test_secrets_never_reach_child_arguments_or_environment(
 def test_prune_leaves_objects_it_did_not_write(service: BackupService) -> None:
     import datetime as dt
 
-    service.backup("dgx_config")
+    manifest = service.backup("dgx_config")
     root = service.store("local").root
-    foreign = [root / "mysql/data/nightly.sql", root / "dgx_config/data/notes.txt", root / "README"]
+    foreign = [
+        root / "mysql/data/nightly.sql",
+        root / "dgx_config/data/notes.txt",
+        root / "README",
+        root / f"{manifest.data_key}.sha256",  # an operator's sidecar beside a live copy
+        root / f"{manifest.data_key}.bak",
+    ]
     for path in foreign:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("not spark-backup's")
     report = service.prune(dry_run=False, now=dt.datetime.now(dt.UTC) + dt.timedelta(days=30))
     assert report.orphans == [] and report.expired == []
     assert all(path.exists() for path in foreign)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda m: m["stored"].update(bytes=-1), "manifest digests are malformed"),
+        (lambda m: m["plaintext"].update(sha256="zz"), "manifest digests are malformed"),
+        (lambda m: m["encryption"].update(recipients="age1x"), "is not a list of keys"),
+        (lambda m: m.update(finished_at="last tuesday"), "manifest times are not ISO 8601"),
+        (lambda m: m["stored"].update(bytes="12"), "manifest field stored.bytes"),
+        (
+            lambda m: m.update(data_key="dgx_config/data/other.tar.zst.age"),
+            "does not belong to copy",
+        ),
+    ],
+)
+def test_tampered_manifests_are_refused(service: BackupService, change, message: str) -> None:
+    manifest = service.backup("dgx_config")
+    path = service.store("local").root / manifest_key("dgx_config", manifest.id)
+    raw = json.loads(path.read_text())
+    change(raw)
+    path.write_text(json.dumps(raw))
+    with pytest.raises(IntegrityError, match=re.escape(message)):
+        service.copies()
+
+
+def test_a_manifest_under_another_copys_name_is_refused(service: BackupService) -> None:
+    first, second = service.backup("dgx_config"), service.backup("dgx_config")
+    root = service.store("local").root
+    (root / manifest_key("dgx_config", first.id)).write_bytes(
+        (root / manifest_key("dgx_config", second.id)).read_bytes()
+    )
+    with pytest.raises(IntegrityError, match="holds the manifest of another copy"):
+        service.copies()

@@ -12,23 +12,28 @@ from collections.abc import Iterable
 
 from spark_backup.engine.manifest import (
     Manifest,
-    is_data_key,
+    copy_id_of_data_key,
     is_manifest_key,
     manifest_key,
     manifest_prefix,
     source_of,
 )
 from spark_backup.engine.stores.base import ObjectInfo, ObjectStore
-from spark_backup.errors import NotFoundError
+from spark_backup.errors import IntegrityError, NotFoundError
 
 
 def list_copies(store: ObjectStore, source: str | None = None) -> list[Manifest]:
     """Committed copies, oldest first (by start time, then id)."""
-    manifests = [
-        Manifest.from_json(store.get_bytes(info.key), store.object_uri(info.key))
-        for info in store.list(manifest_prefix(source))
-        if is_manifest_key(info.key)
-    ]
+    manifests = []
+    for info in store.list(manifest_prefix(source)):
+        if not is_manifest_key(info.key):
+            continue
+        manifest = Manifest.from_json(store.get_bytes(info.key), store.object_uri(info.key))
+        if manifest_key(manifest.source, manifest.id) != info.key:
+            raise IntegrityError(
+                f"{store.object_uri(info.key)}: holds the manifest of another copy ({manifest.id})"
+            )
+        manifests.append(manifest)
     return sorted(manifests, key=lambda m: (m.started_at, m.id))
 
 
@@ -52,17 +57,19 @@ def latest_copy(copies: Iterable[Manifest], partition: str | None = None) -> Man
 def find_orphans(
     store: ObjectStore, older_than: dt.timedelta, now: dt.datetime | None = None
 ) -> list[ObjectInfo]:
-    """Data objects no manifest names, older than ``older_than`` (younger ones may belong to a
-    backup still running)."""
+    """Data objects of copies without a manifest, older than ``older_than`` (younger ones may
+    belong to a backup still running). Objects spark-backup did not write are never orphans."""
     cutoff = (now or dt.datetime.now(dt.UTC)) - older_than
     objects = list(store.list())
-    named = {
-        Manifest.from_json(store.get_bytes(info.key), store.object_uri(info.key)).data_key
+    committed = {
+        info.key.rsplit("/", 1)[1].removesuffix(".json")
         for info in objects
         if is_manifest_key(info.key)
     }
     return [
         info
         for info in objects
-        if is_data_key(info.key) and info.key not in named and info.modified < cutoff
+        if (copy_id := copy_id_of_data_key(info.key)) is not None
+        and copy_id not in committed
+        and info.modified < cutoff
     ]

@@ -25,6 +25,7 @@ from pydantic import TypeAdapter, ValidationError
 from spark_backup.errors import IntegrityError, NotFoundError
 
 MANIFEST_FORMAT = "spark-backup.manifest/v1"
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _COPY_ID = r"[a-z][a-z0-9_]{0,62}-\d{8}T\d{6}\.\d{3}Z-[0-9a-f]{8}"
 COPY_ID_RE = re.compile(
     r"^(?P<source>[a-z][a-z0-9_]{0,62})-(?P<ts>\d{8}T\d{6}\.\d{3}Z)-(?P<rand>[0-9a-f]{8})$"
@@ -62,8 +63,9 @@ def manifest_prefix(source: str | None = None) -> str:
 _MANIFEST_KEY_RE = re.compile(
     rf"^(?P<source>[a-z][a-z0-9_]{{0,62}})/manifests/(?P<id>{_COPY_ID})\.json$"
 )
+# The suffix names the layers, innermost first, as the pipeline writes it (``.tar.zst.age``).
 _DATA_KEY_RE = re.compile(
-    rf"^(?P<source>[a-z][a-z0-9_]{{0,62}})/data/(?P<id>{_COPY_ID})\.[a-z0-9.]+$"
+    rf"^(?P<source>[a-z][a-z0-9_]{{0,62}})/data/(?P<id>{_COPY_ID})\.(?:[a-z0-9]+\.)*zst\.age$"
 )
 
 
@@ -79,8 +81,14 @@ def is_copy_key(key: str) -> bool:
 
 def is_data_key(key: str) -> bool:
     """A key spark-backup writes copies' data under; prune never touches any other object."""
+    return copy_id_of_data_key(key) is not None
+
+
+def copy_id_of_data_key(key: str) -> str | None:
     match = _DATA_KEY_RE.match(key)
-    return bool(match) and match["id"].startswith(match["source"] + "-")
+    if not match or not match["id"].startswith(match["source"] + "-"):
+        return None
+    return match["id"]
 
 
 @dataclass(frozen=True)
@@ -152,10 +160,19 @@ class Manifest:
             manifest.started, manifest.finished  # noqa: B018 - both must parse
         except ValueError:
             raise IntegrityError(f"{origin}: manifest times are not ISO 8601") from None
-        if not is_data_key(manifest.data_key) or f"/data/{manifest.id}." not in manifest.data_key:
+        if (
+            copy_id_of_data_key(manifest.data_key) != manifest.id
+            or source_of(manifest.id) != manifest.source
+        ):
             raise IntegrityError(
                 f"{origin}: manifest data_key does not belong to copy {manifest.id}"
             )
+        for digest in (manifest.plaintext, manifest.stored):
+            if digest.bytes < 0 or not _SHA256_RE.match(digest.sha256):
+                raise IntegrityError(f"{origin}: manifest digests are malformed")
+        recipients = manifest.encryption.get("recipients")
+        if not isinstance(recipients, list) or not all(isinstance(r, str) for r in recipients):
+            raise IntegrityError(f"{origin}: manifest encryption.recipients is not a list of keys")
         return manifest
 
 

@@ -1,23 +1,20 @@
 """Configuration archives: DGX, Kubernetes and VPN configuration trees as POSIX tar streams.
 
 Backup walks the plan's paths in Python (so include/exclude globs, unreadable paths and special
-files are decided and reported here) and hands the resulting list to GNU tar, which writes a
-pax archive that keeps modes, owners, mtimes and symlinks as links. GNU tar is used for speed:
-Python's tarfile spends about four times as long per member on trees of small files.
+files are decided and reported here) and hands the member names to GNU tar as it finds them;
+tar writes a pax archive that keeps modes, owners, mtimes and symlinks as links. GNU tar is
+used for speed: Python's tarfile spends about four times as long per member on trees of small
+files.
 
-Restore reads the stream with Python's tarfile and its ``data`` filter (no absolute paths, no
-``..``, no links leaving the target, no device files) into a hidden staging folder inside the
-target; files are moved into place only after the copy's checksums were confirmed, and
-existing files are never overwritten unless asked to.
+Restore extracts with ``engine.safe_tar`` (tarfile's ``data`` filter and the archive guard)
+into a staging folder (``engine.staging``) that is published only after the copy's checksums
+were confirmed; existing files are never overwritten unless asked to.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-import posixpath
-import secrets
-import shutil
 import stat
 import subprocess
 import tarfile
@@ -34,9 +31,11 @@ from pyrage import x25519
 from spark_backup.engine.manifest import Manifest
 from spark_backup.engine.pipeline import open_copy
 from spark_backup.engine.processes import tool_environment
+from spark_backup.engine.safe_tar import count_members, extract_tar
+from spark_backup.engine.staging import staged_restore
 from spark_backup.engine.stores.base import ObjectStore
 from spark_backup.engine.streams import ProgressCallback, Readable
-from spark_backup.errors import IntegrityError, RestoreRefused, SourceError
+from spark_backup.errors import IntegrityError, SourceError
 from spark_backup.globs import patterns_regex
 from spark_backup.plan import ConfigArchiveSource, LoadedPlan
 
@@ -44,7 +43,6 @@ KIND = "config_archive"
 TAR_LAYERS = ["tar"]
 # Warnings kept in a manifest; the count says how many there were in all.
 MAX_WARNINGS = 20
-STAGING_PREFIX = ".spark-backup-restore-"
 
 
 # --- backup ------------------------------------------------------------------------------------
@@ -82,7 +80,16 @@ class ConfigArchiveReader:
         one_file_system: bool = True,
     ):
         self.source_name = source_name
-        self.paths = [Path(os.path.abspath(p)) for p in paths]
+        # Parent folders reached through links (``/lib -> usr/lib``) are resolved, so that the
+        # archive never holds members below one of its own links; the root itself is kept
+        # as it is (a root that is a link is archived as the link).
+        given = [Path(os.path.abspath(p)) for p in paths]
+        self.paths = [Path(os.path.realpath(path.parent), path.name) for path in given]
+        self._through_link = {
+            str(real): str(path)
+            for path, real in zip(given, self.paths, strict=True)
+            if path != real
+        }
         self.include = list(include)
         self.exclude = list(exclude)
         self._include = patterns_regex(self.include)
@@ -113,6 +120,10 @@ class ConfigArchiveReader:
                 ) from None
             if stat.S_ISLNK(root_stat.st_mode):
                 self.stats.warn(f"{root} is a symlink; archived as a link, its target is not")
+            if str(root) in self._through_link:
+                self.stats.warn(
+                    f"{self._through_link[str(root)]} is reached through a link; archived as {root}"
+                )
             # Parent folders first, so that a restore recreates them with their modes; like
             # every folder, only once something below them is archived.
             pending = [str(a) for a in reversed(root.parents) if str(a) != "/"]
@@ -308,198 +319,6 @@ def _tar_version() -> str:
 # --- restore -----------------------------------------------------------------------------------
 
 
-@dataclass
-class RestoreSummary:
-    target: str
-    files: int
-    directories: int
-    symlinks: int
-    bytes: int
-    skipped: list[str]
-
-
-@contextmanager
-def staged_restore(target: Path, overwrite: bool = False) -> Iterator[Path]:
-    """A hidden folder inside ``target`` to extract into. Its content is moved into ``target``
-    when the block exits cleanly, and removed when it raises: a failed or damaged restore leaves
-    the target as it was."""
-    target = Path(os.path.abspath(target))
-    if target.exists() and not target.is_dir():
-        raise RestoreRefused(f"restore target {target} exists and is not a directory")
-    staging = target / f"{STAGING_PREFIX}{secrets.token_hex(4)}"
-    try:
-        target.mkdir(parents=True, exist_ok=True)
-        staging.mkdir(mode=0o700)
-    except OSError as exc:
-        raise RestoreRefused(f"cannot create restore target {target}: {exc.strerror}") from None
-    try:
-        yield staging
-        collisions = _collisions(staging, target)
-        if collisions and not overwrite:
-            shown = ", ".join(str(target / c) for c in collisions[:3])
-            more = f" and {len(collisions) - 3} more" if len(collisions) > 3 else ""
-            raise RestoreRefused(
-                f"restore would overwrite {shown}{more}; restore into an empty folder or pass --overwrite"
-            )
-        _publish(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-class _UnsafeMember(tarfile.FilterError):
-    def __init__(self, member: tarfile.TarInfo, reason: str):
-        super().__init__(reason)
-        self.tarinfo = member
-
-
-class ArchiveLinkGuard:
-    """Refuses members that would go through a symlink the archive itself created.
-
-    tarfile's ``data`` filter resolves real paths on disk; before Python 3.11.13 that resolution
-    can be fooled by chains of symlinks longer than PATH_MAX (CVE-2025-4517 and relatives), and a
-    later member then writes through a link to outside the target. The staging folder starts
-    empty, so the archive's own symlinks are the only links there can be: a member whose path
-    passes through one (or replaces one), or a link whose target does, is refused, and a link
-    target must stay inside the target by its letters alone.
-    """
-
-    def __init__(self) -> None:
-        self._links: set[str] = set()
-
-    def check(self, member: tarfile.TarInfo) -> None:
-        if member.name.startswith("/"):
-            # tarfile would strip the slash; spark-backup never writes one, so refuse it.
-            raise tarfile.AbsolutePathError(member)
-        name = posixpath.normpath(member.name)
-        through = self._first_link(name, include_last=True)
-        if through:
-            raise _UnsafeMember(member, f"it goes through the archive's link {through[:100]!r}")
-        if member.issym() or member.islnk():
-            if posixpath.isabs(member.linkname):
-                raise tarfile.AbsoluteLinkError(member)
-            base = posixpath.dirname(name) if member.issym() else ""
-            target = posixpath.normpath(posixpath.join(base, member.linkname))
-            if target == ".." or target.startswith("../"):
-                raise tarfile.LinkOutsideDestinationError(member, target)
-            through = self._first_link(target, include_last=False)
-            if through:
-                raise _UnsafeMember(
-                    member, f"its target goes through the archive's link {through[:100]!r}"
-                )
-
-    def extracted(self, member: tarfile.TarInfo) -> None:
-        if member.issym():
-            self._links.add(posixpath.normpath(member.name))
-
-    def _first_link(self, path: str, include_last: bool) -> str | None:
-        parts = path.split("/")
-        for end in range(1, len(parts) + (1 if include_last else 0)):
-            prefix = "/".join(parts[:end])
-            if prefix in self._links:
-                return prefix
-        return None
-
-
-def extract_archive(plain: Readable, staging: Path, skip_unsafe: bool = False) -> RestoreSummary:
-    """Extract a tar stream into ``staging`` through tarfile's ``data`` filter, and
-    ``ArchiveLinkGuard`` before it.
-
-    An unsafe member (absolute path, '..', a link leaving the target or pointing to an absolute
-    path, a path through one of the archive's links, a device file) refuses the whole restore,
-    or with ``skip_unsafe`` is left out and reported, so that for instance an absolute
-    ``/etc/localtime`` link can be recreated by hand.
-    """
-    counts = _new_counts()
-    skipped: list[str] = []
-    links = ArchiveLinkGuard()
-
-    def data_filter(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:
-        try:
-            links.check(member)
-            checked = tarfile.data_filter(member, dest)
-        except tarfile.FilterError as exc:
-            if skip_unsafe:
-                skipped.append(f"{member.name}: {exc}")
-                return None
-            shown = member.name if len(member.name) <= 120 else member.name[:117] + "..."
-            raise RestoreRefused(
-                f"refusing unsafe archive member {shown!r}: {_shorten(str(exc))} "
-                "(--skip-unsafe leaves it out)"
-            ) from None
-        links.extracted(checked)
-        _count(counts, checked)
-        return checked
-
-    try:
-        with tarfile.open(fileobj=plain, mode="r|") as archive:
-            archive.extractall(staging, filter=data_filter)
-    except tarfile.ReadError as exc:
-        raise RestoreRefused(f"copy is not a readable tar archive: {exc}") from None
-    return RestoreSummary(str(staging), skipped=skipped, **counts)
-
-
-def _shorten(text: str, limit: int = 300) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def list_archive(plain: Readable) -> dict[str, int]:
-    """Count members without extracting: a deep verify of a configuration archive."""
-    counts = _new_counts()
-    with tarfile.open(fileobj=plain, mode="r|") as archive:
-        for member in archive:
-            _count(counts, member)
-    return counts
-
-
-def _new_counts() -> dict[str, int]:
-    return {"files": 0, "directories": 0, "symlinks": 0, "bytes": 0}
-
-
-def _count(counts: dict[str, int], member: tarfile.TarInfo) -> None:
-    if member.isreg():
-        counts["files"] += 1
-        counts["bytes"] += member.size
-    elif member.isdir():
-        counts["directories"] += 1
-    elif member.issym():
-        counts["symlinks"] += 1
-
-
-def _collisions(staging: Path, target: Path) -> list[str]:
-    found = []
-    for directory, dirs, files in os.walk(staging):
-        relative = Path(directory).relative_to(staging)
-        for name in [*files, *[d for d in dirs if Path(directory, d).is_symlink()]]:
-            if os.path.lexists(target / relative / name):
-                found.append(str(relative / name))
-        for name in dirs:
-            existing = target / relative / name
-            if os.path.lexists(existing) and not (existing.is_dir() and not existing.is_symlink()):
-                found.append(str(relative / name))
-    return sorted(found)
-
-
-def _publish(staging: Path, target: Path) -> None:
-    """Move staged entries into the target; directories that exist already are merged."""
-    for entry in sorted(staging.iterdir()):
-        _move(entry, target / entry.name)
-
-
-def _move(source: Path, destination: Path) -> None:
-    if (
-        source.is_dir()
-        and not source.is_symlink()
-        and destination.is_dir()
-        and not destination.is_symlink()
-    ):
-        for child in sorted(source.iterdir()):
-            _move(child, destination / child.name)
-        return
-    if destination.is_dir() and not destination.is_symlink():
-        shutil.rmtree(destination)
-    os.replace(source, destination)
-
-
 # --- entry points for the service --------------------------------------------------------------
 
 
@@ -528,9 +347,8 @@ def restore_copy(
         staged_restore(target, overwrite) as staging,
         open_copy(store, manifest, identities, progress) as plain,
     ):
-        summary = extract_archive(plain, staging, skip_unsafe)
-    summary.target = str(Path(os.path.abspath(target)))
-    return asdict(summary)
+        summary = extract_tar(plain, staging, skip_unsafe)
+    return {"target": str(Path(os.path.abspath(target))), **asdict(summary)}
 
 
 def check_plaintext(plain: Readable, manifest: Manifest) -> None:
@@ -538,7 +356,7 @@ def check_plaintext(plain: Readable, manifest: Manifest) -> None:
     walk sizes a file before tar reads it, and a live file may grow in between; the plaintext
     sha256 covers the content.)"""
     try:
-        counts = list_archive(plain)
+        counts = asdict(count_members(plain))
     except tarfile.TarError as exc:
         raise IntegrityError(f"copy {manifest.id}: not a readable tar archive: {exc}") from None
     recorded = manifest.source_metadata
