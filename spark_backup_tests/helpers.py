@@ -122,3 +122,8 @@ class BytesSource:
 
     def tool_versions(self) -> dict[str, str]:
         return {}
+
+
+def flip_last_byte(data: bytes) -> bytes:
+    """The same bytes with the last one changed, whatever it was (damage that always shows)."""
+    return data[:-1] + bytes([data[-1] ^ 0x01])

@@ -29,7 +29,7 @@ from spark_backup.defs.schedules import FRESHNESS_CRON, FRESHNESS_JOB
 from spark_backup.engine.partitions import partition_key_for
 from spark_backup.plan import load_plan
 from spark_backup.service import BackupService
-from spark_backup_tests.helpers import config_source, plan_dict, write_plan
+from spark_backup_tests.helpers import config_source, flip_last_byte, plan_dict, write_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
@@ -145,7 +145,7 @@ def test_backup_run_records_metadata_and_checks(three_cadences: Path, age_key) -
         service = BackupService(loaded)
         ref = service.find(copy_id)
         path = Path(ref.store.object_uri(ref.manifest.data_key).removeprefix("file://"))
-        path.write_bytes(path.read_bytes()[:-1] + b"\0")
+        path.write_bytes(flip_last_byte(path.read_bytes()))
         key = AssetCheckKey(backup_asset_key("vpn_config"), CHECKSUM_CHECK)
         checks_only = _with_job(defs, "checksum_only", AssetSelection.checks(key))
         # As the UI launches it: a run of the check alone, tagged with the partition (an

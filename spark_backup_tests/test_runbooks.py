@@ -11,7 +11,7 @@ import yaml
 
 from spark_backup.demo import compare_trees
 from spark_backup.plan import load_plan
-from spark_backup_tests.helpers import write_plan
+from spark_backup_tests.helpers import flip_last_byte, write_plan
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
@@ -55,7 +55,7 @@ def test_config_archive_restore_by_hand(service, estate: Path, age_key, tmp_path
 def test_by_hand_restore_stops_on_a_damaged_copy(service, age_key, tmp_path: Path) -> None:
     manifest = service.backup("dgx_config")
     data = service.store("local").root / manifest.data_key
-    data.write_bytes(data.read_bytes()[:-1] + b"\x00")
+    data.write_bytes(flip_last_byte(data.read_bytes()))
     result = run_config_archive_runbook(service, age_key[0], tmp_path / "staging")
     assert result.returncode != 0
     assert "did NOT match" in result.stderr
