@@ -391,7 +391,7 @@ def describe_validation_error(exc: ValidationError, data: Any) -> str:
     loc = _field_path(first["loc"], data)
     if first["type"] in ("union_tag_invalid", "union_tag_not_found"):
         loc = f"{loc}.kind" if loc else "kind"
-    message = _expectation(first, data)
+    message = _expectation(first)
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
     return f"{loc}: {message}{more}" if loc else f"{message}{more}"
 
@@ -412,7 +412,7 @@ def _field_path(loc: tuple[Any, ...], data: Any) -> str:
     return "".join(parts)
 
 
-def _expectation(error: Mapping[str, Any], data: Any) -> str:
+def _expectation(error: Mapping[str, Any]) -> str:
     kind = error["type"]
     if kind == "missing":
         return "field required"

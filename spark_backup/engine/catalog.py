@@ -43,8 +43,11 @@ def find_copy(stores: Iterable[ObjectStore], copy_id: str) -> tuple[ObjectStore,
     searched = []
     for store in stores:
         searched.append(store.name)
-        if store.exists(key):
-            return store, Manifest.from_json(store.get_bytes(key), store.object_uri(key))
+        try:
+            raw = store.get_bytes(key)
+        except NotFoundError:
+            continue
+        return store, Manifest.from_json(raw, store.object_uri(key))
     raise NotFoundError(f"copy {copy_id} not found in store(s) {', '.join(searched)}")
 
 

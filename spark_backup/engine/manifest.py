@@ -76,12 +76,8 @@ def is_manifest_key(key: str) -> bool:
 
 
 def is_copy_key(key: str) -> bool:
-    return is_data_key(key) or is_manifest_key(key)
-
-
-def is_data_key(key: str) -> bool:
-    """A key spark-backup writes copies' data under; prune never touches any other object."""
-    return copy_id_of_data_key(key) is not None
+    """A key spark-backup writes, data or manifest; prune never touches any other object."""
+    return copy_id_of_data_key(key) is not None or is_manifest_key(key)
 
 
 def copy_id_of_data_key(key: str) -> str | None:

@@ -13,6 +13,7 @@ stream ends; callers stage what they write and publish it only after that compar
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import os
 import platform
@@ -396,6 +397,7 @@ def verify_copy(
     return Verification(manifest.id, False, stored.bytes, (utcnow() - started).total_seconds())
 
 
+@functools.cache
 def _engine_versions() -> dict[str, str]:
     versions = {
         "python": platform.python_version(),
