@@ -7,6 +7,7 @@ refused; 8 key or identity problem; 130 interrupted. Errors are printed as one l
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import json
 import sys
@@ -28,11 +29,13 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from spark_backup.engine.manifest import Manifest
 from spark_backup.engine.streams import ProgressCallback
-from spark_backup.errors import IntegrityError, SparkBackupError
+from spark_backup.errors import IntegrityError, NotFoundError, SparkBackupError, UsageError
 from spark_backup.plan import format_duration
-from spark_backup.service import BackupService, CopyRef
+from spark_backup.service import BackupService, CopyRef, WalArchiveStatus
 from spark_backup.sources import kind_module
+from spark_backup.sources.postgres.pitr import DEFAULT_PORT as DEFAULT_PITR_PORT
 
 # Wide when piped, so tables and ids are not cut at 80 columns in logs.
 stdout = Console(width=None if sys.stdout.isatty() else 200)
@@ -122,7 +125,7 @@ def plan_check(ctx: _Context, probe: bool) -> None:
             for store in service.all_stores():
                 store.check()
             for source in service.plan.sources:
-                kind_module(source.kind).reader_for(source, service.loaded).collect()
+                kind_module(source.kind).probe(source, service.loaded)
         _print_plan(service)
 
     _run(check)
@@ -169,12 +172,22 @@ def _print_plan(service: BackupService) -> None:
 @click.argument("sources", nargs=-1)
 @click.option("--all", "all_sources", is_flag=True, help="Back up every source in the plan.")
 @click.option("--partition", help="Partition key (default: the current day, week or month).")
+@click.option(
+    "--artifact",
+    help="Which artifact of the source (default: its primary one; a postgres source has "
+    "'dump' and 'base').",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the manifests as JSON.")
 @pass_context
 def backup(
-    ctx: _Context, sources: tuple[str, ...], all_sources: bool, partition: str | None, as_json: bool
+    ctx: _Context,
+    sources: tuple[str, ...],
+    all_sources: bool,
+    partition: str | None,
+    artifact: str | None,
+    as_json: bool,
 ) -> None:
-    """Back up SOURCES (a new copy each time; existing copies are never replaced). A failing
+    """Back up SOURCES (new copies each time; existing copies are never replaced). A failing
     source does not stop the others; the exit code is the first failure's."""
     service = _run(lambda: ctx.service)
     names = [s.name for s in service.plan.sources] if all_sources else list(sources)
@@ -185,27 +198,33 @@ def backup(
     for name in names:
         try:
             with _progress(ctx.progress, f"backup {name}", None) as progress:
-                manifest = service.backup(name, partition, progress)
+                made = service.backup(name, partition, progress, artifact)
         except SparkBackupError as error:
             stderr.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
             failures.append(error)
             continue
-        manifests.append(manifest)
-        warnings = manifest.source_metadata.get("warning_count", 0)
-        if not as_json:
-            stdout.print(
-                f"{manifest.id}  {manifest.partition}  {_size(manifest.plaintext.bytes)} -> "
-                f"{_size(manifest.stored.bytes)}  {manifest.duration_seconds:.1f}s  "
-                f"sha256 {manifest.stored.sha256[:16]}..."
-                + (f"  {warnings} warning(s)" if warnings else ""),
-                highlight=False,
-            )
-        for warning in manifest.source_metadata.get("warnings", []):
-            stderr.print(f"warning: {manifest.source}: {warning}", highlight=False, soft_wrap=True)
+        manifests += made
+        for manifest in made:
+            _print_backup(manifest, as_json)
     if as_json:
         click.echo(json.dumps([asdict(m) for m in manifests], indent=2))
     if failures:
         sys.exit(failures[0].exit_code)
+
+
+def _print_backup(manifest: Manifest, as_json: bool) -> None:
+    warnings = manifest.source_metadata.get("warning_count", 0)
+    if not as_json:
+        part = f"  {manifest.part}" if manifest.part else ""
+        stdout.print(
+            f"{manifest.id}  {manifest.partition}{part}  {_size(manifest.plaintext.bytes)} -> "
+            f"{_size(manifest.stored.bytes)}  {manifest.duration_seconds:.1f}s  "
+            f"sha256 {manifest.stored.sha256[:16]}..."
+            + (f"  {warnings} warning(s)" if warnings else ""),
+            highlight=False,
+        )
+    for warning in manifest.source_metadata.get("warnings", []):
+        stderr.print(f"warning: {manifest.source}: {warning}", highlight=False, soft_wrap=True)
 
 
 # --- list --------------------------------------------------------------------------------------
@@ -309,34 +328,56 @@ def verify(
 
 @cli.command()
 @click.argument("copy_id")
+@click.option("--to", "target", type=click.Path(file_okay=False), help="Staging folder.")
 @click.option(
-    "--to", "target", required=True, type=click.Path(file_okay=False), help="Staging folder."
+    "--to-db", "database", help="PostgreSQL dumps: a new database on the source's server."
 )
 @click.option("--identity", type=click.Path(dir_okay=False), help="age identity file.")
 @click.option("--overwrite", is_flag=True, help="Replace files that already exist in the target.")
 @click.option(
     "--skip-unsafe", is_flag=True, help="Leave out unsafe archive members instead of refusing."
 )
+@click.option(
+    "--force", is_flag=True, help="--to-db: replace the contents of an existing database."
+)
+@click.option(
+    "--no-owner", is_flag=True, help="--to-db: skip ownership and grants (roles may be missing)."
+)
 @click.option("--json", "as_json", is_flag=True, help="Summary as JSON.")
 @pass_context
 def restore(
     ctx: _Context,
     copy_id: str,
-    target: str,
+    target: str | None,
+    database: str | None,
     identity: str | None,
     overwrite: bool,
     skip_unsafe: bool,
+    force: bool,
+    no_owner: bool,
     as_json: bool,
 ) -> None:
-    """Restore copy COPY_ID into a staging folder (never in place)."""
+    """Restore copy COPY_ID into a staging folder (--to, never in place) or, for a PostgreSQL
+    dump, into a new database (--to-db)."""
+    if (target is None) == (database is None):
+        raise click.UsageError("give exactly one of --to DIR or --to-db NAME")
     service = _run(lambda: ctx.service)
     total = _run(lambda: service.find(copy_id)).manifest.plaintext.bytes
 
     def run() -> dict[str, Any]:
         with _progress(ctx.progress, f"restore {copy_id}", total) as progress:
+            if database is not None:
+                return service.restore_to_database(
+                    copy_id,
+                    database,
+                    identity_file=identity,
+                    force=force,
+                    no_owner=no_owner,
+                    progress=progress,
+                )
             return service.restore(
                 copy_id,
-                Path(target),
+                Path(target or "."),
                 identity_file=identity,
                 overwrite=overwrite,
                 skip_unsafe=skip_unsafe,
@@ -346,6 +387,13 @@ def restore(
     summary = _run(run)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
+        return
+    if database is not None:
+        stdout.print(
+            f"restored {copy_id} into database {database}: {summary['tables']} tables, "
+            f"{summary['rows']} rows (row counts match the dump) in {summary['seconds']:.1f}s",
+            highlight=False,
+        )
         return
     stdout.print(
         f"restored {copy_id} into {summary['target']}: {summary['files']} files, "
@@ -380,10 +428,181 @@ def prune(ctx: _Context, apply: bool, as_json: bool) -> None:
         stdout.print(f"{verb} orphaned data {orphan}", highlight=False)
     for upload in report.incomplete_uploads:
         stdout.print(f"aborted incomplete upload {upload}", highlight=False)
+    for key in report.wal_expired:
+        stdout.print(f"{verb} WAL {key}: older than every base backup kept", highlight=False)
     stdout.print(
         f"{len(report.kept)} kept, {len(report.expired)} expired, {len(report.locked)} locked, "
         f"{len(report.orphans)} orphans{'' if apply else ' (dry run: pass --apply)'}"
     )
+
+
+# --- postgres ------------------------------------------------------------------------------------
+
+# restore_command: PostgreSQL ends recovery on exit status 1 to 125 (the file is not there) and
+# aborts it on a status above 125, as if the command had been killed: a store that cannot be
+# reached, or a damaged file, must not pass for the end of the WAL.
+WAL_FETCH_MISSING = 1
+WAL_FETCH_ABORT = 255
+
+
+@cli.command("wal-push")
+@click.argument("path", type=click.Path(dir_okay=False))
+@click.option("--source", help="The PostgreSQL source (default: the plan's only one).")
+@pass_context
+def wal_push(ctx: _Context, path: str, source: str | None) -> None:
+    """Archive one WAL file: archive_command = 'spark-backup --plan PLAN wal-push %p'.
+    Pushing a file already archived with the same content succeeds; other content fails."""
+    outcome = _run(lambda: ctx.service.wal_push(source, Path(path)))
+    if outcome != "archived":
+        stderr.print(f"{Path(path).name}: {outcome}", highlight=False)
+
+
+@cli.command("wal-fetch")
+@click.argument("name")
+@click.argument("destination", type=click.Path(dir_okay=False))
+@click.option("--source", help="The PostgreSQL source (default: the plan's only one).")
+@click.option("--identity", type=click.Path(dir_okay=False), help="age identity file.")
+@pass_context
+def wal_fetch(
+    ctx: _Context, name: str, destination: str, source: str | None, identity: str | None
+) -> None:
+    """Restore one WAL file: restore_command = 'spark-backup --plan PLAN wal-fetch %f %p'.
+    Exit 0 restored, 1 not in the archive (recovery ends there), 255 anything else (recovery
+    aborts rather than stopping early)."""
+    try:
+        ctx.service.wal_fetch(source, name, Path(destination), identity)
+    except NotFoundError as error:
+        stderr.print(f"{error}", highlight=False, soft_wrap=True)
+        sys.exit(WAL_FETCH_MISSING)
+    except SparkBackupError as error:
+        stderr.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+        sys.exit(WAL_FETCH_ABORT)
+
+
+@cli.command("wal-status")
+@click.argument("source", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Status as JSON.")
+@pass_context
+def wal_status(ctx: _Context, source: str | None, as_json: bool) -> None:
+    """How far the WAL archive lags behind the server, against the RPO. Exit 3 if beyond it."""
+    status = _run(lambda: ctx.service.wal_archive_status(source))
+    row = wal_status_row(status)
+    if as_json:
+        click.echo(json.dumps(row, indent=2))
+    else:
+        lag = "none archived" if status.lag is None else f"{row['lag_seconds']:.0f} s"
+        stdout.print(
+            f"{'ok' if status.ok else 'BEHIND'}  {status.source}: archive lag {lag} "
+            f"(RPO {format_duration(status.rpo)}), newest {row['newest_segment']}"
+            + (f"; server: {status.server_error}" if status.server_error else ""),
+            highlight=False,
+        )
+    if not status.ok:
+        sys.exit(IntegrityError.exit_code)
+
+
+def wal_status_row(status: WalArchiveStatus) -> dict[str, Any]:
+    server = status.server
+    return {
+        "source": status.source,
+        "ok": status.ok,
+        "lag_seconds": None if status.lag is None else status.lag.total_seconds(),
+        "rpo_seconds": status.rpo.total_seconds(),
+        "newest_segment": status.newest.name if status.newest else None,
+        "newest_archived_at": status.newest.modified.isoformat() if status.newest else None,
+        "server_segment": server.current_segment if server else None,
+        "failed_count": server.failed_count if server else None,
+        "last_failed_wal": server.last_failed_wal if server else None,
+        "server_error": status.server_error,
+    }
+
+
+@cli.command("pg-setup-archiving")
+@click.argument("source", required=False)
+@click.option("--apply", is_flag=True, help="ALTER SYSTEM on the server (needs a superuser).")
+@pass_context
+def pg_setup_archiving(ctx: _Context, source: str | None, apply: bool) -> None:
+    """Print (or apply) the server settings for continuous archiving into the plan's store."""
+    service = _run(lambda: ctx.service)
+    settings = _run(lambda: service.archiving_settings(source))
+    if not apply:
+        for name, value in settings.items():
+            stdout.print(f"{name} = {_conf_quote(value)}", highlight=False, soft_wrap=True)
+        stdout.print(
+            "# put these in postgresql.conf (or run with --apply), then restart PostgreSQL",
+            highlight=False,
+        )
+        return
+    restart = _run(lambda: service.apply_archiving_settings(source, settings))
+    stdout.print(
+        "applied with ALTER SYSTEM; "
+        + (f"restart PostgreSQL for {', '.join(restart)}" if restart else "reloaded"),
+        highlight=False,
+    )
+
+
+def _conf_quote(value: str) -> str:
+    return value if value.replace(".", "").isalnum() else "'" + value.replace("'", "''") + "'"
+
+
+@cli.command("pg-pitr")
+@click.argument("source", required=False)
+@click.option(
+    "--to-time", "to_time", required=True, help="ISO 8601 time; without a zone it is UTC."
+)
+@click.option("--target-dir", required=True, type=click.Path(file_okay=False))
+@click.option("--port", default=DEFAULT_PITR_PORT, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--identity", type=click.Path(dir_okay=False), help="age identity file.")
+@click.option("--stop", "stop_after", is_flag=True, help="Stop the cluster after verifying it.")
+@click.option("--json", "as_json", is_flag=True, help="Report as JSON.")
+@pass_context
+def pg_pitr(
+    ctx: _Context,
+    source: str | None,
+    to_time: str,
+    target_dir: str,
+    port: int,
+    identity: str | None,
+    stop_after: bool,
+    as_json: bool,
+) -> None:
+    """Recover SOURCE to a point in time in a new cluster (base backup plus archived WAL),
+    start it on a local socket in TARGET_DIR and verify it. Production is not touched."""
+    target_time = _run(lambda: parse_time(to_time))
+    report = _run(
+        lambda: ctx.service.pitr(
+            source,
+            target_time,
+            Path(target_dir),
+            port=port,
+            identity_file=identity,
+            stop_after=stop_after,
+        )
+    )
+    if as_json:
+        click.echo(json.dumps(asdict(report), indent=2))
+        return
+    tables = sum(len(d["row_counts"]) for d in report.databases.values())
+    stdout.print(
+        f"recovered {report.source} to {report.target_time} (last transaction replayed: "
+        f"{report.recovered_to or 'none after the base backup'}) from "
+        f"{report.base_copy_id} with {report.wal_files} WAL files in "
+        f"{sum(report.seconds.values()):.1f}s; {len(report.databases)} databases, {tables} "
+        f"tables readable",
+        highlight=False,
+    )
+    if not stop_after:
+        stdout.print(f"running: {report.connect_hint()}", highlight=False)
+
+
+def parse_time(text: str) -> dt.datetime:
+    try:
+        value = dt.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise UsageError(
+            f"--to-time {text!r} is not an ISO 8601 time (e.g. 2026-11-27T09:30:00Z)"
+        ) from None
+    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
 
 
 # --- dagster ------------------------------------------------------------------------------------

@@ -221,8 +221,81 @@ class ConfigArchiveSource(_SourceBase):
         return value
 
 
-SourceConfig = Annotated[ConfigArchiveSource, Field(discriminator="kind")]
-SOURCE_KINDS = ("config_archive",)
+class PostgresBaseBackup(_Model):
+    """Physical base backups (``pg_basebackup``): the starting point of point-in-time recovery."""
+
+    enabled: bool = True
+    cadence: Cadence = "daily"
+    # fetch: the WAL needed to make the backup consistent travels inside it (self-contained);
+    # none: it comes from the WAL archive at restore time.
+    wal_method: Literal["fetch", "none"] = "fetch"
+    checkpoint: Literal["fast", "spread"] = "fast"
+    max_age: Duration | None = None
+
+
+class PostgresSource(_SourceBase):
+    """A PostgreSQL cluster: logical dumps per database and globals, physical base backups and
+    continuous WAL archiving for point-in-time recovery."""
+
+    kind: Literal["postgres"]
+    # libpq connection string or URI, without a password; or host/port/user below.
+    dsn: str | None = None
+    host: str | None = None
+    port: int = Field(5432, ge=1, le=65535)
+    user: str | None = None
+    # The database connected to for listing databases and server facts.
+    maintenance_db: str = "postgres"
+    password_env: EnvName | None = None
+    passfile: str | None = None
+    databases: list[Annotated[str, Field(min_length=1)]] | Literal["all"] = "all"
+    exclude_databases: list[str] = Field(default_factory=list)
+    # Where pg_dump, pg_basebackup, pg_restore, pg_ctl live; default: the server's major version
+    # under /usr/lib/postgresql, else PATH.
+    bin_dir: str | None = None
+    rpo: Duration = dt.timedelta(minutes=15)
+    base_backup: PostgresBaseBackup = PostgresBaseBackup()
+    wal_archiving: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_inline_password(cls, data: Any) -> Any:
+        if isinstance(data, Mapping):
+            if "password" in data:
+                raise ValueError(
+                    "inline password is not allowed; name the environment variable that holds "
+                    "it with 'password_env' (or use 'passfile')"
+                )
+            dsn = data.get("dsn")
+            if isinstance(dsn, str) and _dsn_has_password(dsn):
+                raise ValueError(
+                    "dsn must not contain a password; name the environment variable that holds "
+                    "it with 'password_env' (or use 'passfile')"
+                )
+        return data
+
+    @model_validator(mode="after")
+    def _dsn_or_host(self) -> PostgresSource:
+        if self.dsn and (self.host or self.user):
+            raise ValueError("set either dsn or host/port/user, not both")
+        if self.wal_archiving and not self.base_backup.enabled:
+            raise ValueError(
+                "wal_archiving needs base_backup.enabled: WAL replays only onto a base backup"
+            )
+        return self
+
+
+def _dsn_has_password(dsn: str) -> bool:
+    from psycopg2 import ProgrammingError
+    from psycopg2.extensions import parse_dsn
+
+    try:
+        return "password" in parse_dsn(dsn)
+    except ProgrammingError:
+        raise ValueError("dsn is not a libpq connection string or URI") from None
+
+
+SourceConfig = Annotated[ConfigArchiveSource | PostgresSource, Field(discriminator="kind")]
+SOURCE_KINDS = ("config_archive", "postgres")
 STORE_KINDS = ("local", "s3")
 
 

@@ -4,6 +4,11 @@ Dagster layer so that both do exactly the same thing. No Dagster imports here.""
 from __future__ import annotations
 
 import datetime as dt
+import os
+import shlex
+import shutil
+import sys
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,9 +30,37 @@ from spark_backup.engine.pipeline import (
 from spark_backup.engine.retention import RetentionRule, apply_retention
 from spark_backup.engine.stores import ObjectStore, open_store
 from spark_backup.engine.streams import ProgressCallback
-from spark_backup.errors import IntegrityError, NotFoundError
-from spark_backup.plan import LoadedPlan, SourceConfig, load_plan
+from spark_backup.errors import (
+    IntegrityError,
+    NotFoundError,
+    SourceError,
+    SparkBackupError,
+    UsageError,
+)
+from spark_backup.plan import LoadedPlan, PostgresSource, SourceConfig, load_plan
 from spark_backup.sources import kind_module
+from spark_backup.sources.artifacts import Artifact
+from spark_backup.sources.postgres import KIND as KIND_POSTGRES
+from spark_backup.sources.postgres import dump as pg_dump_restore
+from spark_backup.sources.postgres import pitr
+from spark_backup.sources.postgres.basebackup import BASE_PART, lsn_value, segment_of
+from spark_backup.sources.postgres.server import (
+    PostgresServer,
+    ServerArchiveState,
+    server_archive_state,
+)
+from spark_backup.sources.postgres.server import (
+    apply_settings as pg_apply_settings,
+)
+from spark_backup.sources.postgres.wal import (
+    ArchivedWal,
+    archived_wal,
+    expendable_wal,
+    fetch_wal,
+    is_wal_key,
+    newest_segment,
+    push_wal,
+)
 
 
 @dataclass(frozen=True)
@@ -56,6 +89,7 @@ class PruneReport:
     locked: list[str] = field(default_factory=list)
     orphans: list[str] = field(default_factory=list)
     incomplete_uploads: list[str] = field(default_factory=list)
+    wal_expired: list[str] = field(default_factory=list)
 
 
 class BackupService:
@@ -93,8 +127,22 @@ class BackupService:
         plan_file = self.plan.encryption.identity_file
         return load_identities(identity_file, self.loaded.resolve(plan_file) if plan_file else None)
 
-    def current_partition(self, source: SourceConfig, now: dt.datetime | None = None) -> str:
-        return partition_key_for(source.cadence, now or utcnow())
+    def artifacts(self, source: SourceConfig) -> list[Artifact]:
+        return kind_module(source.kind).artifacts(source, self.plan)
+
+    def artifact(self, source: SourceConfig, name: str | None = None) -> Artifact:
+        """One of the source's artifacts by name; its primary one if ``name`` is None."""
+        found = self.artifacts(source)
+        for artifact in found:
+            if artifact.name == name or (name is None and artifact.primary):
+                return artifact
+        raise UsageError(
+            f"source {source.name!r} has no artifact {name!r} "
+            f"(it has: {', '.join(a.name for a in found)})"
+        )
+
+    def current_partition(self, artifact: Artifact, now: dt.datetime | None = None) -> str:
+        return partition_key_for(artifact.cadence, now or utcnow())
 
     # --- operations --------------------------------------------------------------------------
 
@@ -103,29 +151,51 @@ class BackupService:
         source_name: str,
         partition: str | None = None,
         progress: ProgressCallback | None = None,
-    ) -> Manifest:
+        artifact: str | None = None,
+    ) -> list[Manifest]:
+        """Back up one artifact of a source (its primary one by default) as new copies, one per
+        stream the kind makes (one per database for a PostgreSQL dump). A failing stream does
+        not stop the others; the first failure is raised once all were tried."""
         source = self.plan.source(source_name)
+        chosen = self.artifact(source, artifact)
         if partition is not None:
-            check_partition_key(source.cadence, partition, utcnow())
+            check_partition_key(chosen.cadence, partition, utcnow())
         compression = self.plan.compression_for(source)
         store = self.store_for(source)
         store.check()  # an unreachable store or rejected credentials: say so before reading
-        return write_copy(
-            store,
-            kind_module(source.kind).reader_for(source, self.loaded),
-            source_name=source.name,
-            partition=partition or self.current_partition(source),
-            recipients=self.recipients(),
-            compression=CompressionSettings(compression.level, compression.threads),
-            progress=progress,
-        )
+        readers = kind_module(source.kind).readers_for(source, self.loaded, chosen.name)
+        manifests, failures = [], []
+        for reader in readers:
+            try:
+                manifests.append(
+                    write_copy(
+                        store,
+                        reader,
+                        source_name=source.name,
+                        partition=partition or self.current_partition(chosen),
+                        recipients=self.recipients(),
+                        compression=CompressionSettings(compression.level, compression.threads),
+                        progress=progress,
+                    )
+                )
+            except SparkBackupError as exc:
+                failures.append(exc)
+        if failures:
+            raise failures[0]
+        return manifests
 
-    def copies(self, source_name: str | None = None) -> list[CopyRef]:
-        """Committed copies of one source (in its store) or of all sources, oldest first."""
+    def copies(self, source_name: str | None = None, artifact: str | None = None) -> list[CopyRef]:
+        """Committed copies of one source (in its store), of one of its artifacts if named, or
+        of all sources; oldest first."""
         if source_name:
             source = self.plan.source(source_name)
             store = self.store_for(source)
-            return [CopyRef(store, m) for m in catalog.list_copies(store, source.name)]
+            module = kind_module(source.kind)
+            return [
+                CopyRef(store, m)
+                for m in catalog.list_copies(store, source.name)
+                if artifact is None or module.artifact_of(m) == artifact
+            ]
         refs = [
             CopyRef(store, m) for store in self.all_stores() for m in catalog.list_copies(store)
         ]
@@ -225,12 +295,17 @@ class BackupService:
         for source in self.plan.sources:
             store = self.store_for(source)
             retention = self.plan.retention_for(source)
-            decision = apply_retention(
-                catalog.list_copies(store, source.name),
-                RetentionRule(retention.daily, retention.weekly, retention.monthly),
-            )
-            report.kept.update(decision.keep)
-            for manifest in decision.expire:
+            rule = RetentionRule(retention.daily, retention.weekly, retention.monthly)
+            # Each part (one database's dumps, the base backups, ...) is its own series.
+            series: dict[str, list[Manifest]] = defaultdict(list)
+            for manifest in catalog.list_copies(store, source.name):
+                series[manifest.part].append(manifest)
+            expired: list[Manifest] = []
+            for copies in series.values():
+                decision = apply_retention(copies, rule)
+                report.kept.update(decision.keep)
+                expired += decision.expire
+            for manifest in expired:
                 key = manifest_key(manifest.source, manifest.id)
                 if _locked(store, key, now) or _locked(store, manifest.data_key, now):
                     report.locked.append(manifest.id)
@@ -239,6 +314,9 @@ class BackupService:
                 if not dry_run:
                     store.delete(key)
                     store.delete(manifest.data_key)
+            if isinstance(source, PostgresSource):
+                survivors = [m for m in series.get(BASE_PART, []) if m.id not in report.expired]
+                self._expire_wal(store, source, survivors, report, now)
         grace = self.plan.defaults.orphan_grace
         for store in self.all_stores():
             for orphan in catalog.find_orphans(store, grace, now):
@@ -249,19 +327,282 @@ class BackupService:
                     store.delete(orphan.key)
             if not dry_run:
                 report.incomplete_uploads.extend(
-                    f"{store.name}:{key}" for key in store.cleanup_incomplete(grace, is_copy_key)
+                    f"{store.name}:{key}" for key in store.cleanup_incomplete(grace, _is_ours)
                 )
         return report
 
-    def freshness(self, source_name: str, now: dt.datetime | None = None) -> Freshness:
+    def _expire_wal(
+        self,
+        store: ObjectStore,
+        source: PostgresSource,
+        bases: list[Manifest],
+        report: PruneReport,
+        now: dt.datetime,
+    ) -> None:
+        """WAL older than the oldest base backup that stays can serve no recovery; without a base
+        backup, all WAL stays."""
+        if not bases:
+            return
+        oldest = min(bases, key=lambda m: lsn_value(m.source_metadata["start_lsn"]))
+        meta = oldest.source_metadata
+        start = segment_of(meta["start_lsn"], meta["timeline"], meta["wal_segment_size"])
+        for entry in expendable_wal(archived_wal(store, source.name), start):
+            if _locked(store, entry.key, now):
+                continue
+            report.wal_expired.append(entry.key)
+            if not report.dry_run:
+                store.delete(entry.key)
+
+    def freshness(
+        self, source_name: str, artifact: str | None = None, now: dt.datetime | None = None
+    ) -> Freshness:
         source = self.plan.source(source_name)
-        newest = catalog.latest_copy(m.manifest for m in self.copies(source.name))
+        chosen = self.artifact(source, artifact)
+        newest = catalog.latest_copy(m.manifest for m in self.copies(source.name, chosen.name))
         return Freshness(
             source=source.name,
-            max_age=self.plan.max_age_for(source),
+            max_age=chosen.max_age,
             newest=newest,
             now=now or utcnow(),
         )
+
+    # --- PostgreSQL ----------------------------------------------------------------------------
+
+    def postgres_source(self, name: str | None = None) -> PostgresSource:
+        """The named PostgreSQL source, or the plan's only one when no name is given."""
+        if name is not None:
+            source = self.plan.source(name)
+            if not isinstance(source, PostgresSource):
+                raise UsageError(f"source {name!r} is a {source.kind} source, not postgres")
+            return source
+        found = [s for s in self.plan.sources if isinstance(s, PostgresSource)]
+        if len(found) != 1:
+            names = ", ".join(s.name for s in found) or "none"
+            raise UsageError(f"name the PostgreSQL source (the plan has: {names})")
+        return found[0]
+
+    def wal_push(self, source_name: str | None, path: Path) -> str:
+        source = self.postgres_source(source_name)
+        store = self.store_for(source)
+        compression = self.plan.compression_for(source)
+        lock = store.default_lock.lock_from(utcnow()) if store.default_lock else None
+        return push_wal(
+            store,
+            source.name,
+            path,
+            self.recipients(),
+            CompressionSettings(compression.level, compression.threads),
+            lock,
+        )
+
+    def wal_fetch(
+        self,
+        source_name: str | None,
+        name: str,
+        destination: Path,
+        identity_file: str | Path | None = None,
+    ) -> None:
+        source = self.postgres_source(source_name)
+        fetch_wal(
+            self.store_for(source), source.name, name, destination, self.identities(identity_file)
+        )
+
+    def wal_archive_status(
+        self, source_name: str | None, now: dt.datetime | None = None
+    ) -> WalArchiveStatus:
+        """How far the WAL archive lags behind the server, against the source's RPO."""
+        source = self.postgres_source(source_name)
+        entries = archived_wal(self.store_for(source), source.name)
+        status = WalArchiveStatus(
+            source=source.name, rpo=source.rpo, now=now or utcnow(), newest=newest_segment(entries)
+        )
+        server = PostgresServer.from_source(source, self.loaded)
+        try:
+            status.server = server_archive_state(server)
+        except SparkBackupError as exc:
+            status.server_error = str(exc)
+        return status
+
+    def archiving_settings(self, source_name: str | None) -> dict[str, str]:
+        """The server settings for continuous archiving into this plan's store (docs/runbooks/
+        postgres.md explains each)."""
+        source = self.postgres_source(source_name)
+        command = shutil.which("spark-backup") or str(
+            Path(sys.executable).with_name("spark-backup")
+        )
+        return {
+            "wal_level": "replica",
+            "archive_mode": "on",
+            # A partly filled segment is archived after at most this long: the RPO floor.
+            "archive_timeout": "60s",
+            "archive_command": (
+                f"{shlex.quote(command)} --plan {shlex.quote(str(self.loaded.path))} "
+                f"wal-push --source {source.name} %p"
+            ),
+            "max_wal_senders": "10",
+        }
+
+    def apply_archiving_settings(
+        self, source_name: str | None, settings: dict[str, str]
+    ) -> list[str]:
+        """ALTER SYSTEM each setting and reload; return those that need a restart."""
+        source = self.postgres_source(source_name)
+        return pg_apply_settings(PostgresServer.from_source(source, self.loaded), settings)
+
+    def restore_to_database(
+        self,
+        copy_id: str,
+        database: str,
+        *,
+        identity_file: str | Path | None = None,
+        force: bool = False,
+        no_owner: bool = False,
+        progress: ProgressCallback | None = None,
+    ) -> dict[str, Any]:
+        """Restore a database dump into ``database`` on the source's server, created for it, and
+        check every table's row count against the dump's. A failed restore drops what it made."""
+        ref = self.find(copy_id)
+        source = self.postgres_source(ref.manifest.source)
+        server = PostgresServer.from_source(source, self.loaded)
+        identities = self.identities(identity_file)
+        exists = pg_dump_restore.check_target_database(server, ref.manifest, database, force)
+        started = utcnow()
+        if not exists:
+            pg_dump_restore.create_database(server, database)
+        try:
+            with open_copy(ref.store, ref.manifest, identities, progress) as plain:
+                pg_dump_restore.pg_restore_into(
+                    server, plain, database, clean=exists, no_owner=no_owner
+                )
+            counts = pg_dump_restore.check_row_counts(server, ref.manifest, database)
+        except BaseException:
+            if not exists:
+                pg_dump_restore.drop_database(server, database)
+            raise
+        return {
+            "copy_id": copy_id,
+            "source": source.name,
+            "database": database,
+            "tables": len(counts),
+            "rows": sum(counts.values()),
+            "seconds": round((utcnow() - started).total_seconds(), 3),
+        }
+
+    def pitr(
+        self,
+        source_name: str | None,
+        target_time: dt.datetime,
+        target_dir: Path,
+        *,
+        port: int = pitr.DEFAULT_PORT,
+        identity_file: str | Path | None = None,
+        stop_after: bool = False,
+        progress: ProgressCallback | None = None,
+    ) -> pitr.PitrReport:
+        """Recover the source to ``target_time`` in a new cluster under ``target_dir``, start
+        it and verify it. The production cluster is not touched."""
+        source = self.postgres_source(source_name)
+        store = self.store_for(source)
+        target_dir = Path(os.path.abspath(target_dir))
+        base = pitr.choose_base(
+            [r.manifest for r in self.copies(source.name, "base")], target_time, source.name
+        )
+        identities = self.identities(identity_file)
+        pitr.prepare_target(target_dir)
+        report = pitr.PitrReport(
+            source.name, base.id, target_time.isoformat(), str(target_dir), port
+        )
+        os_user = pitr.default_os_user()
+        user = PostgresServer.from_source(source, self.loaded).user or "postgres"
+        major = int(str(base.source_metadata["server_version"]).split(".")[0])
+        bin_dir = self.loaded.resolve(source.bin_dir) if source.bin_dir else None
+        pg_ctl = pitr.server_binary("pg_ctl", major, bin_dir)
+        started = False
+        try:
+            pitr.timed(
+                report,
+                "restore_base_backup",
+                lambda: kind_module(KIND_POSTGRES).restore_copy(
+                    store, base, identities, target_dir / pitr.DATA_FOLDER, progress=progress
+                ),
+            )
+            wanted, gap = pitr.wal_to_fetch(base, archived_wal(store, source.name))
+            (target_dir / pitr.WAL_FOLDER).mkdir()
+
+            def fetch_all() -> None:
+                for entry in wanted:
+                    fetch_wal(
+                        store,
+                        source.name,
+                        entry.name,
+                        target_dir / pitr.WAL_FOLDER / entry.name,
+                        identities,
+                    )
+
+            pitr.timed(report, "fetch_wal", fetch_all)
+            report.wal_files = len(wanted)
+            pitr.configure_recovery(target_dir, target_time, port, os_user)
+            started = True
+            try:
+                pitr.timed(
+                    report,
+                    "recovery",
+                    lambda: pitr.start_and_wait(
+                        pg_ctl, target_dir, os_user, pitr.START_TIMEOUT_SECONDS, user
+                    ),
+                )
+            except SourceError as exc:
+                points = pitr.recovery_points(target_dir / pitr.LOG_FILE)
+                reached = points["last_transaction"] or points["redo_done_lsn"] or "unknown"
+                missing = f"segment {gap} is missing" if gap else "it ends"
+                raise IntegrityError(
+                    f"recovery of {source.name!r} cannot reach {target_time.isoformat()}: the "
+                    f"WAL archive has no more WAL ({missing}); the last reachable point is "
+                    f"{reached}. Choose --to-time at or before it. ({exc})"
+                ) from None
+            points = pitr.recovery_points(target_dir / pitr.LOG_FILE)
+            report.stopped = points["stopped"]
+            report.last_transaction = points["last_transaction"]
+            report.recovered_to = points["last_transaction"]
+            report.databases = pitr.timed(
+                report, "verify", lambda: pitr.verify_cluster(target_dir, base, user)
+            )
+            report.ok = True
+        except SparkBackupError as exc:
+            report.error = str(exc)
+            raise
+        finally:
+            if started and (stop_after or not report.ok):
+                pitr.stop(pg_ctl, target_dir, os_user)
+            pitr.remove_wal_cache(target_dir)
+            pitr.write_report(target_dir, report)
+        return report
+
+
+@dataclass
+class WalArchiveStatus:
+    """The WAL archive's lag: how much committed work a loss of the server now would lose at
+    most. Zero when everything the server has written is archived; otherwise the age of the
+    newest archived segment (everything since may be lost)."""
+
+    source: str
+    rpo: dt.timedelta
+    now: dt.datetime
+    newest: ArchivedWal | None
+    server: ServerArchiveState | None = None
+    server_error: str | None = None
+
+    @property
+    def lag(self) -> dt.timedelta | None:
+        if self.newest is None:
+            return None
+        if self.server and self.server.current_segment_archived(self.newest.name):
+            return dt.timedelta(0)
+        return max(self.now - self.newest.modified, dt.timedelta(0))
+
+    @property
+    def ok(self) -> bool:
+        return self.lag is not None and self.lag <= self.rpo
 
 
 @dataclass(frozen=True)
@@ -280,6 +621,10 @@ class Freshness:
     @property
     def ok(self) -> bool:
         return self.age is not None and self.age <= self.max_age
+
+
+def _is_ours(key: str) -> bool:
+    return is_copy_key(key) or is_wal_key(key)
 
 
 def _locked(store: ObjectStore, key: str, now: dt.datetime) -> bool:

@@ -113,6 +113,10 @@ class Manifest:
     host: str
     source_metadata: dict[str, Any] = field(default_factory=dict)
     lock: dict[str, str] | None = None
+    # Which of a run's streams this copy holds, for kinds that write several per run (a
+    # PostgreSQL dump writes "globals" and one "database:NAME" per database); "" otherwise.
+    # Retention and checks treat each part as its own series.
+    part: str = ""
     format: str = MANIFEST_FORMAT
 
     @property

@@ -22,7 +22,7 @@ import stat
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
@@ -104,18 +104,9 @@ def write_copy(
     layers = [*PIPELINE_LAYERS, *source.layers]
     key = data_key(source_name, copy_id, ".".join(reversed(layers)).replace("zstd", "zst"))
     lock = store.default_lock.lock_from(started) if store.default_lock else None
-
-    compressor = zstandard.ZstdCompressor(
-        level=compression.level, threads=compression.threads, write_checksum=True
+    plaintext, stored = encrypt_to_store(
+        store, key, source.open, recipients, compression, lock=lock, progress=progress
     )
-    with store.open_write(key, lock=lock) as sink:
-        stored = HashingWriter(sink)
-        # The source closes (and reports a failed producer) before the store commits.
-        with source.open() as plain_stream:
-            plain = HashingReader(plain_stream, progress)
-            compressed = compressor.stream_reader(plain, read_size=CHUNK_SIZE)
-            _encrypt(compressed, stored, recipients)
-
     manifest = Manifest(
         id=copy_id,
         source=source_name,
@@ -126,8 +117,8 @@ def write_copy(
         layers=layers,
         started_at=started.isoformat(),
         finished_at=utcnow().isoformat(),
-        plaintext=Digest(plain.hexdigest(), plain.bytes),
-        stored=Digest(stored.hexdigest(), stored.bytes),
+        plaintext=plaintext,
+        stored=stored,
         compression={
             "algorithm": "zstd",
             "level": compression.level,
@@ -138,6 +129,7 @@ def write_copy(
         host=socket.gethostname(),
         source_metadata=source.metadata(),
         lock=lock_summary(lock),
+        part=getattr(source, "part", ""),
     )
     try:
         store.put_bytes(manifest_key(source_name, copy_id), manifest.to_json(), lock=lock)
@@ -145,6 +137,31 @@ def write_copy(
         _discard_uncommitted(store, key)
         raise
     return manifest
+
+
+def encrypt_to_store(
+    store: ObjectStore,
+    key: str,
+    open_plaintext: Callable[[], AbstractContextManager[Readable]],
+    recipients: Recipients,
+    compression: CompressionSettings,
+    *,
+    lock: ObjectLock | None = None,
+    progress: ProgressCallback | None = None,
+) -> tuple[Digest, Digest]:
+    """Stream plaintext through zstd and age into a new object ``key``; return the plaintext and
+    stored digests. The object is published only if everything, the source included, succeeded."""
+    compressor = zstandard.ZstdCompressor(
+        level=compression.level, threads=compression.threads, write_checksum=True
+    )
+    with store.open_write(key, lock=lock) as sink:
+        stored = HashingWriter(sink)
+        # The source closes (and reports a failed producer) before the store commits.
+        with open_plaintext() as plain_stream:
+            plain = HashingReader(plain_stream, progress)
+            compressed = compressor.stream_reader(plain, read_size=CHUNK_SIZE)
+            _encrypt(compressed, stored, recipients)
+    return Digest(plain.hexdigest(), plain.bytes), Digest(stored.hexdigest(), stored.bytes)
 
 
 def _encrypt(reader: Readable, writer: HashingWriter, recipients: Recipients) -> None:
@@ -218,31 +235,60 @@ def open_copy(
     """Stream a copy's plaintext. On exit, having read the copy to its end, compare the stored
     and plaintext sha256 and sizes with the manifest: ``IntegrityError`` on any difference,
     ``CryptoError`` if no identity opens it. Callers must not publish what they read before the
-    block has exited cleanly.
+    block has exited cleanly."""
+    _require_matching_identity(manifest, identities)
+    with open_encrypted(store, manifest.data_key, identities, f"copy {manifest.id}", progress) as (
+        opened
+    ):
+        yield opened.plaintext
+    assert opened.stored is not None  # set when the block exits cleanly
+    compare_digest(manifest, "stored", opened.stored.sha256, opened.stored.bytes)
+    compare_digest(manifest, "plaintext", opened.plaintext.hexdigest(), opened.plaintext.bytes)
+
+
+@dataclass
+class Decrypted:
+    """An object being decrypted: its plaintext stream, and once the block exits cleanly, the
+    digest of the stored bytes that were read."""
+
+    plaintext: HashingReader
+    stored: Digest | None = None
+
+
+@contextmanager
+def open_encrypted(
+    store: ObjectStore,
+    key: str,
+    identities: list[x25519.Identity],
+    label: str,
+    progress: ProgressCallback | None = None,
+) -> Iterator[Decrypted]:
+    """Stream an object's plaintext (age, then zstd, undone). On a clean exit the object was read
+    to its end, age authenticated every chunk and zstd checked its frame checksums; ``label``
+    names the object in errors.
 
     Decryption (and the stored digest) runs in an ``age_worker`` process, on another core."""
-    _require_matching_identity(manifest, identities)
-    with store.open_read(manifest.data_key) as raw, _DecryptWorker(raw, identities) as worker:
+    with store.open_read(key) as raw, _DecryptWorker(raw, identities) as worker:
         plain = HashingReader(
             zstandard.ZstdDecompressor().stream_reader(worker.plaintext, read_size=CHUNK_SIZE),
             progress,
         )
+        opened = Decrypted(plain)
         try:
-            yield plain
+            yield opened
             plain.drain()
         except BaseException as exc:
             status = worker.finish()
             if not isinstance(exc, Exception):
                 raise  # an interrupt is reported as such, whatever the worker made of it
             # A failed decryption explains whatever the consumer then tripped over.
-            _raise_decrypt_failure(manifest, status)
+            _raise_decrypt_failure(label, status)
             if isinstance(exc, zstandard.ZstdError):
-                raise IntegrityError(f"copy {manifest.id}: zstd stream is damaged: {exc}") from None
+                raise IntegrityError(f"{label}: zstd stream is damaged: {exc}") from None
             raise
         status = worker.finish()
-        _raise_decrypt_failure(manifest, status)
-        compare_digest(manifest, "stored", status["sha256"], status["bytes"])
-        compare_digest(manifest, "plaintext", plain.hexdigest(), plain.bytes)
+        _raise_decrypt_failure(label, status)
+        opened.stored = Digest(status["sha256"], status["bytes"])
 
 
 class _DecryptWorker:
@@ -353,15 +399,15 @@ def _require_matching_identity(manifest: Manifest, identities: list[x25519.Ident
         )
 
 
-def _raise_decrypt_failure(manifest: Manifest, status: dict[str, Any]) -> None:
+def _raise_decrypt_failure(label: str, status: dict[str, Any]) -> None:
     if status.get("ok") or status.get("error") == "reader_gone":
         return  # decrypted fine, or stopped because the reader stopped: its error is the one
     if not status:
-        raise SparkBackupError(f"copy {manifest.id}: the age worker process failed")
-    # The identity matches a recipient (checked before), so a refusal means damage.
+        raise SparkBackupError(f"{label}: the age worker process failed")
+    # Copies check the identity against their recipients first, so for them this means damage.
     raise IntegrityError(
-        f"copy {manifest.id}: age could not authenticate the stored bytes near byte "
-        f"{status.get('bytes')}: the copy is damaged ({status.get('detail')})"
+        f"{label}: age could not authenticate the stored bytes near byte "
+        f"{status.get('bytes')}: damaged, or encrypted to another key ({status.get('detail')})"
     )
 
 

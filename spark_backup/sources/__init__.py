@@ -1,7 +1,11 @@
-"""Artifact kinds. Each kind is one module with the same three entry points:
+"""Artifact kinds. Each kind is one module (or package) with the same entry points:
 
-- ``reader_for(source_config, loaded_plan)``: a ``PlaintextSource`` for the pipeline (backup);
-- ``restore_copy(store, manifest, identities, target, ...)``: a staged restore;
+- ``artifacts(source_config, plan)``: what the source produces (``sources.artifacts.Artifact``);
+- ``artifact_of(manifest)``: which of those a copy belongs to;
+- ``readers_for(source_config, loaded_plan, artifact)``: ``PlaintextSource`` objects for the
+  pipeline, one per copy a backup run makes;
+- ``probe(source_config, loaded_plan)``: reach the source without backing it up;
+- ``restore_copy(store, manifest, identities, target, ...)``: a staged restore into a folder;
 - ``check_plaintext(plain, manifest)``: a deep verify of the decrypted stream.
 """
 
@@ -10,9 +14,12 @@ from __future__ import annotations
 from types import ModuleType
 
 from spark_backup.errors import NotFoundError
-from spark_backup.sources import config_archive
+from spark_backup.sources import config_archive, postgres
 
-KIND_MODULES: dict[str, ModuleType] = {config_archive.KIND: config_archive}
+KIND_MODULES: dict[str, ModuleType] = {
+    config_archive.KIND: config_archive,
+    postgres.KIND: postgres,
+}
 
 
 def kind_module(kind: str) -> ModuleType:

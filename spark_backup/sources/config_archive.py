@@ -35,9 +35,10 @@ from spark_backup.engine.safe_tar import count_members, extract_tar
 from spark_backup.engine.staging import staged_restore
 from spark_backup.engine.stores.base import ObjectStore
 from spark_backup.engine.streams import ProgressCallback, Readable
-from spark_backup.errors import IntegrityError, SourceError
+from spark_backup.errors import IntegrityError, SourceError, UsageError
 from spark_backup.globs import patterns_regex
-from spark_backup.plan import ConfigArchiveSource, LoadedPlan
+from spark_backup.plan import ConfigArchiveSource, LoadedPlan, Plan
+from spark_backup.sources.artifacts import Artifact
 
 KIND = "config_archive"
 TAR_LAYERS = ["tar"]
@@ -322,14 +323,45 @@ def _tar_version() -> str:
 # --- entry points for the service --------------------------------------------------------------
 
 
-def reader_for(source: ConfigArchiveSource, loaded: LoadedPlan) -> ConfigArchiveReader:
-    return ConfigArchiveReader(
-        source.name,
-        [loaded.resolve(p) for p in source.paths],
-        include=source.include,
-        exclude=source.exclude,
-        one_file_system=source.one_file_system,
-    )
+ARCHIVE = "archive"
+
+
+def artifacts(source: ConfigArchiveSource, plan: Plan) -> list[Artifact]:
+    return [
+        Artifact(
+            source.name,
+            ARCHIVE,
+            source.cadence,
+            plan.max_age_for(source),
+            primary=True,
+            description=f"{source.cadence} tar archives of {', '.join(source.paths)}",
+        )
+    ]
+
+
+def artifact_of(manifest: Manifest) -> str:
+    return ARCHIVE
+
+
+def readers_for(
+    source: ConfigArchiveSource, loaded: LoadedPlan, artifact: str = ARCHIVE
+) -> list[ConfigArchiveReader]:
+    if artifact != ARCHIVE:
+        raise UsageError(f"source {source.name!r} has no artifact {artifact!r} ({ARCHIVE})")
+    return [
+        ConfigArchiveReader(
+            source.name,
+            [loaded.resolve(p) for p in source.paths],
+            include=source.include,
+            exclude=source.exclude,
+            one_file_system=source.one_file_system,
+        )
+    ]
+
+
+def probe(source: ConfigArchiveSource, loaded: LoadedPlan) -> None:
+    """Walk the paths as a backup would, reading nothing but names."""
+    readers_for(source, loaded)[0].collect()
 
 
 def restore_copy(

@@ -1,0 +1,320 @@
+"""Point-in-time recovery into a new, throwaway cluster; the production cluster is never touched.
+
+Layout of the target folder (which must be new or empty)::
+
+    DIR/data/            the recovered cluster (from the newest base backup before the target)
+    DIR/wal_archive/     the archived WAL it replays, fetched and checked before it starts
+    DIR/pg_hba.conf      local socket connections only, in DIR (nothing listens on TCP)
+    DIR/postgresql.log   the server log
+    DIR/pitr.json        what was recovered, to which point, and the verification
+
+The WAL is fetched ahead (decrypted and checked by spark-backup), so the server's
+``restore_command`` is a plain ``cp``: the recovery cluster needs neither spark-backup nor a
+private key, and the same settings work by hand (docs/runbooks/postgres.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import os
+import pwd
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from contextlib import closing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg2
+
+from spark_backup.engine.manifest import Manifest
+from spark_backup.engine.processes import tool_environment
+from spark_backup.errors import IntegrityError, RestoreRefused, SourceError, UsageError
+from spark_backup.sources.postgres.basebackup import segment_of
+from spark_backup.sources.postgres.server import DEBIAN_BIN_DIRS, table_row_counts
+from spark_backup.sources.postgres.wal import ArchivedWal
+
+DATA_FOLDER = "data"
+WAL_FOLDER = "wal_archive"
+LOG_FILE = "postgresql.log"
+REPORT_FILE = "pitr.json"
+HBA_FILE = "pg_hba.conf"
+DEFAULT_PORT = 54329
+START_TIMEOUT_SECONDS = 2 * 3600  # the RTO: a recovery that takes longer has failed anyway
+_STOPPING_RE = re.compile(r"recovery stopping (before|after) .*?time ([0-9-]+ [0-9:.]+\+?[0-9:]*)")
+_LAST_TX_RE = re.compile(r"last completed transaction was at log time ([0-9-]+ [0-9:.]+\+?[0-9:]*)")
+_REDO_DONE_RE = re.compile(r"redo done at ([0-9A-F]+/[0-9A-F]+)")
+
+
+@dataclass
+class PitrReport:
+    source: str
+    base_copy_id: str
+    target_time: str
+    target_dir: str
+    port: int
+    ok: bool = False
+    recovered_to: str | None = None
+    stopped: str | None = None
+    last_transaction: str | None = None
+    wal_files: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+    databases: dict[str, dict[str, Any]] = field(default_factory=dict)
+    error: str | None = None
+
+    def connect_hint(self) -> str:
+        return f"psql -h {self.target_dir} -p {self.port}"
+
+
+def choose_base(bases: Sequence[Manifest], target: dt.datetime, source: str) -> Manifest:
+    """The newest base backup that finished (was consistent) at or before ``target``."""
+    usable = [b for b in bases if b.finished <= target]
+    if usable:
+        return max(usable, key=lambda b: (b.finished_at, b.id))
+    if not bases:
+        raise UsageError(f"source {source!r} has no base backup; recovery needs one")
+    oldest = min(bases, key=lambda b: b.finished_at)
+    raise UsageError(
+        f"--to-time {target.isoformat()} is before the oldest base backup of {source!r} "
+        f"({oldest.id}, consistent from {oldest.finished_at}); choose a later time"
+    )
+
+
+def prepare_target(target_dir: Path) -> None:
+    if target_dir.exists():
+        if not target_dir.is_dir():
+            raise RestoreRefused(f"--target-dir {target_dir} exists and is not a directory")
+        if any(target_dir.iterdir()):
+            raise RestoreRefused(
+                f"--target-dir {target_dir} is not empty; recovery builds a new cluster in an "
+                "empty folder"
+            )
+    target_dir.mkdir(parents=True, exist_ok=True)
+
+
+def wal_to_fetch(
+    base: Manifest, archive: list[ArchivedWal]
+) -> tuple[list[ArchivedWal], str | None]:
+    """The archived WAL recovery from ``base`` can use: timeline history files and every segment
+    from the base's start onward, up to the first gap; and the first missing segment, if any."""
+    meta = base.source_metadata
+    start = segment_of(meta["start_lsn"], meta["timeline"], meta.get("wal_segment_size", 16 << 20))
+    histories = [entry for entry in archive if entry.name.endswith(".history")]
+    segments = [
+        entry
+        for entry in archive
+        if entry.is_segment and entry.timeline >= meta["timeline"] and entry.position >= start[8:]
+    ]
+    positions = sorted({entry.position for entry in segments})
+    usable, gap = set(), None
+    expected = start[8:]
+    per_log = 0x100000000 // meta.get("wal_segment_size", 16 << 20)
+    for position in positions:
+        if position != expected:
+            gap = f"{meta['timeline']:08X}{expected}"
+            break
+        usable.add(position)
+        expected = _next_position(position, per_log)
+    return histories + [e for e in segments if e.position in usable], gap
+
+
+def _next_position(position: str, per_log: int) -> str:
+    log, seg = int(position[:8], 16), int(position[8:], 16) + 1
+    if seg >= per_log:
+        log, seg = log + 1, 0
+    return f"{log:08X}{seg:08X}"
+
+
+def server_binary(name: str, major: int, bin_dir: Path | None) -> Path:
+    """A server binary of exactly the base backup's major version: a data directory runs only
+    under its own major release."""
+    folder = bin_dir or Path(DEBIAN_BIN_DIRS.format(major=major))
+    path = folder / name
+    if not (path.is_file() and os.access(path, os.X_OK)):
+        raise SourceError(
+            f"{path} not found: recovery needs the PostgreSQL {major} server binaries "
+            "(set bin_dir in the plan)"
+        )
+    return path
+
+
+def configure_recovery(
+    target_dir: Path, target_time: dt.datetime, port: int, os_user: str | None
+) -> None:
+    """Recovery settings appended to the restored cluster's own (later lines win); the
+    production settings that would reach outside (archiving, TCP) are switched off."""
+    data = target_dir / DATA_FOLDER
+    (target_dir / HBA_FILE).write_text(
+        "# spark-backup pg-pitr: local socket only, in the recovery folder\nlocal all all trust\n",
+        encoding="utf-8",
+    )
+    (data / "postgresql.conf").touch(exist_ok=True)  # Debian keeps it outside the data folder
+    wal_dir = target_dir / WAL_FOLDER
+    settings = {
+        "port": str(port),
+        "listen_addresses": "''",
+        "unix_socket_directories": _quote(str(target_dir)),
+        "hba_file": _quote(str(target_dir / HBA_FILE)),
+        "archive_mode": "off",
+        "restore_command": _quote(f'cp "{wal_dir}/%f" "%p"'),
+        "recovery_target_time": _quote(target_time.isoformat(sep=" ")),
+        "recovery_target_timeline": "'latest'",
+        "recovery_target_action": "'promote'",
+        "hot_standby": "on",
+    }
+    with open(data / "postgresql.auto.conf", "a", encoding="utf-8") as conf:
+        conf.write("\n# spark-backup pg-pitr: recovery into a throwaway cluster\n")
+        conf.writelines(f"{name} = {value}\n" for name, value in settings.items())
+    (data / "recovery.signal").touch()
+    with_suppress_unlink(data / "standby.signal")
+    os.chmod(data, 0o700)
+    os.chmod(target_dir, 0o700)  # the socket trusts whoever reaches it: only the owner may
+    if os_user:
+        entry = pwd.getpwnam(os_user)
+        for root, dirs, files in os.walk(target_dir):
+            for name in [*dirs, *files]:
+                os.lchown(os.path.join(root, name), entry.pw_uid, entry.pw_gid)
+        os.lchown(target_dir, entry.pw_uid, entry.pw_gid)
+
+
+def with_suppress_unlink(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+def _quote(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def as_user(args: Sequence[str], os_user: str | None) -> list[str]:
+    return ["runuser", "-u", os_user, "--", *args] if os_user else list(args)
+
+
+def start_and_wait(
+    pg_ctl: Path, target_dir: Path, os_user: str | None, timeout: float, user: str
+) -> None:
+    """Start the cluster and wait until recovery has ended and it was promoted. Raises with the
+    server's own reason (from its log) if it stops instead."""
+    data, log = target_dir / DATA_FOLDER, target_dir / LOG_FILE
+    # -w: returns once the server accepts (read-only) connections, or fails if it stopped.
+    result = subprocess.run(
+        as_user(
+            [str(pg_ctl), "-D", str(data), "-l", str(log), "-w", "-t", str(int(timeout)), "start"],
+            os_user,
+        ),
+        capture_output=True,
+        text=True,
+        env=tool_environment(),
+    )
+    if result.returncode != 0:
+        raise SourceError(_log_failure(log))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with closing(_connect(target_dir, user)) as conn, conn.cursor() as cursor:
+                cursor.execute("SELECT pg_is_in_recovery()")
+                if not cursor.fetchone()[0]:
+                    return
+        except psycopg2.OperationalError:
+            if _server_stopped(pg_ctl, data, os_user):
+                raise SourceError(_log_failure(log)) from None
+        time.sleep(0.5)
+    raise SourceError(f"recovery did not finish within {timeout:.0f} s (see {log})")
+
+
+def _server_stopped(pg_ctl: Path, data: Path, os_user: str | None) -> bool:
+    status = subprocess.run(
+        as_user([str(pg_ctl), "-D", str(data), "status"], os_user),
+        capture_output=True,
+        env=tool_environment(),
+    )
+    return status.returncode == 3  # pg_ctl: no server running
+
+
+def stop(pg_ctl: Path, target_dir: Path, os_user: str | None) -> None:
+    subprocess.run(
+        as_user([str(pg_ctl), "-D", str(target_dir / DATA_FOLDER), "-m", "fast", "stop"], os_user),
+        capture_output=True,
+        env=tool_environment(),
+    )
+
+
+def _connect(target_dir: Path, user: str, dbname: str = "postgres") -> Any:
+    port = _configured_port(target_dir)
+    return psycopg2.connect(
+        host=str(target_dir), port=port, user=user, dbname=dbname, connect_timeout=5
+    )
+
+
+def _configured_port(target_dir: Path) -> int:
+    text = (target_dir / DATA_FOLDER / "postgresql.auto.conf").read_text(encoding="utf-8")
+    return int(re.findall(r"^port = (\d+)$", text, re.MULTILINE)[-1])
+
+
+def _log_failure(log: Path) -> str:
+    text = log.read_text(encoding="utf-8", errors="replace") if log.exists() else ""
+    fatal = [line for line in text.splitlines() if "FATAL" in line or "PANIC" in line]
+    reason = fatal[-1].split("FATAL:", 1)[-1].strip() if fatal else "the server stopped"
+    return f"recovery failed: {reason} (log: {log})"
+
+
+def recovery_points(log: Path) -> dict[str, str | None]:
+    """Where recovery stopped, from the server log."""
+    text = log.read_text(encoding="utf-8", errors="replace") if log.exists() else ""
+    stopping = _STOPPING_RE.findall(text)
+    last_tx = _LAST_TX_RE.findall(text)
+    redo = _REDO_DONE_RE.findall(text)
+    return {
+        "stopped": f"{stopping[-1][0]} a transaction at {stopping[-1][1]}" if stopping else None,
+        "last_transaction": last_tx[-1] if last_tx else None,
+        "redo_done_lsn": redo[-1] if redo else None,
+    }
+
+
+def verify_cluster(target_dir: Path, base: Manifest, user: str) -> dict[str, dict[str, Any]]:
+    """Every database the base backup recorded must accept connections and every table must be
+    readable; the counts are reported beside those recorded when the base backup started."""
+    recorded: dict[str, dict[str, int]] = base.source_metadata.get("row_counts", {})
+    result: dict[str, dict[str, Any]] = {}
+    for database in base.source_metadata.get("databases", []):
+        try:
+            with closing(_connect(target_dir, user, database)) as conn:
+                counts = table_row_counts(conn, logged_only=True)
+        except psycopg2.Error as exc:
+            raise IntegrityError(
+                f"recovered cluster: database {database!r} cannot be read: "
+                f"{str(exc).strip().splitlines()[0]}"
+            ) from None
+        at_backup = recorded.get(database, {})
+        result[database] = {
+            "row_counts": counts,
+            "row_counts_at_base_backup": at_backup,
+            "tables_gone_since_base_backup": sorted(set(at_backup) - set(counts)),
+        }
+    return result
+
+
+def write_report(target_dir: Path, report: PitrReport) -> None:
+    (target_dir / REPORT_FILE).write_text(json.dumps(asdict(report), indent=2) + "\n")
+
+
+def timed(report: PitrReport, step: str, action: Callable[[], Any]) -> Any:
+    started = time.monotonic()
+    try:
+        return action()
+    finally:
+        report.seconds[step] = round(time.monotonic() - started, 3)
+
+
+def default_os_user() -> str | None:
+    """PostgreSQL refuses to run as root: as root, run the cluster as ``postgres``."""
+    return "postgres" if os.geteuid() == 0 else None
+
+
+def remove_wal_cache(target_dir: Path) -> None:
+    shutil.rmtree(target_dir / WAL_FOLDER, ignore_errors=True)

@@ -1,0 +1,286 @@
+"""Talking to a PostgreSQL server: connection strings, the password for the client tools, server
+facts, and client binaries that are not older than the server.
+
+The password is read from the environment variable the plan names (or libpq's passfile) and
+reaches the client tools through a private passfile that lives only while the tool runs: it is
+never put into a connection string, an argument, a log line or a manifest.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg2
+from psycopg2 import sql
+from psycopg2.extensions import connection as PgConnection
+from psycopg2.extensions import make_dsn, parse_dsn
+
+from spark_backup.engine.processes import tool_environment
+from spark_backup.errors import NotFoundError, SourceError
+from spark_backup.plan import LoadedPlan, PostgresSource
+
+# Debian and Ubuntu keep one folder of binaries per major version.
+DEBIAN_BIN_DIRS = "/usr/lib/postgresql/{major}/bin"
+CONNECT_TIMEOUT_SECONDS = 10
+APPLICATION_NAME = "spark-backup"
+_VERSION_RE = re.compile(r"\(PostgreSQL\) (\d+)(?:\.(\d+))?")
+# Ordinary tables (leaf partitions included) outside the system schemas.
+_TABLES_SQL = """
+SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname), c.relpersistence = 'p'
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind = 'r'
+  AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+  AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp\\_%'
+ORDER BY 1
+"""
+
+
+@dataclass(frozen=True)
+class PostgresServer:
+    """One PostgreSQL server as a plan source describes it."""
+
+    source_name: str
+    base_dsn: str
+    maintenance_db: str
+    password_env: str | None = None
+    passfile: Path | None = None
+    bin_dir: Path | None = None
+
+    @classmethod
+    def from_source(cls, source: PostgresSource, loaded: LoadedPlan) -> PostgresServer:
+        base = source.dsn or make_dsn(host=source.host, port=source.port, user=source.user)
+        return cls(
+            source_name=source.name,
+            base_dsn=base,
+            # A database named in the dsn is the one to connect to for server facts.
+            maintenance_db=parse_dsn(base).get("dbname") or source.maintenance_db,
+            password_env=source.password_env,
+            passfile=loaded.resolve(source.passfile) if source.passfile else None,
+            bin_dir=loaded.resolve(source.bin_dir) if source.bin_dir else None,
+        )
+
+    def dsn(self, dbname: str | None = None, **extra: Any) -> str:
+        """A libpq connection string for one database (never with a password)."""
+        return make_dsn(self.base_dsn, dbname=dbname or self.maintenance_db, **extra)
+
+    @property
+    def user(self) -> str | None:
+        return parse_dsn(self.base_dsn).get("user")
+
+    @property
+    def where(self) -> str:
+        """host:port for messages, from the connection string (which holds no secret)."""
+        params = parse_dsn(self.base_dsn)
+        host = params.get("host") or params.get("hostaddr") or "local socket"
+        return f"{host}:{params.get('port', 5432)}"
+
+    def _password(self) -> str | None:
+        if not self.password_env:
+            return None
+        value = os.environ.get(self.password_env)
+        if value is None:
+            raise SourceError(
+                f"source {self.source_name!r}: environment variable {self.password_env} "
+                "(password_env) is not set"
+            )
+        return value
+
+    def connect(self, dbname: str | None = None) -> PgConnection:
+        """A connection as the plan's user; ``SourceError`` in one line if refused."""
+        password = self._password()
+        extra = {"password": password} if password is not None else {}
+        if self.passfile:
+            extra["passfile"] = str(self.passfile)
+        try:
+            return psycopg2.connect(
+                self.dsn(dbname),
+                connect_timeout=CONNECT_TIMEOUT_SECONDS,
+                application_name=APPLICATION_NAME,
+                **extra,
+            )
+        except psycopg2.OperationalError as exc:
+            database = dbname or self.maintenance_db
+            detail = _first_line(str(exc), password)
+            if "does not exist" in detail and "database" in detail:
+                raise NotFoundError(
+                    f"source {self.source_name!r}: database {database!r} does not exist on "
+                    f"{self.where}"
+                ) from None
+            raise SourceError(
+                f"source {self.source_name!r}: cannot connect to {self.where} "
+                f"(database {database!r}): {detail}"
+            ) from None
+
+    @contextmanager
+    def tool_environment(self) -> Iterator[dict[str, str]]:
+        """The environment for pg_dump and friends: the password in a passfile readable only by
+        us, removed when the tool has finished."""
+        env = tool_environment()
+        env["PGAPPNAME"] = APPLICATION_NAME
+        env["PGCONNECT_TIMEOUT"] = str(CONNECT_TIMEOUT_SECONDS)
+        password = self._password()
+        if password is None:
+            if self.passfile:
+                env["PGPASSFILE"] = str(self.passfile)
+            yield env
+            return
+        with tempfile.TemporaryDirectory(prefix="spark-backup-pg-") as folder:
+            passfile = Path(folder, "pgpass")
+            fd = os.open(passfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(f"*:*:*:*:{_passfile_escape(password)}\n")
+            env["PGPASSFILE"] = str(passfile)
+            yield env
+
+    def tool(self, name: str, server_major: int) -> Path:
+        """A client binary at least as new as the server: ``bin_dir``, else Debian's folder for
+        the server's major version, else PATH. ``SourceError`` if older or missing."""
+        candidates = []
+        if self.bin_dir:
+            candidates.append(self.bin_dir / name)
+        else:
+            candidates.append(Path(DEBIAN_BIN_DIRS.format(major=server_major), name))
+            found = shutil.which(name)
+            if found:
+                candidates.append(Path(found))
+        for path in candidates:
+            if path.is_file() and os.access(path, os.X_OK):
+                major, version = tool_version(str(path))
+                if major < server_major:
+                    raise SourceError(
+                        f"source {self.source_name!r}: {path} is {version}, older than the "
+                        f"server (major {server_major}); install the client of version "
+                        f"{server_major} or newer, or set bin_dir"
+                    )
+                return path
+        raise SourceError(
+            f"source {self.source_name!r}: {name} not found "
+            f"(looked in {', '.join(str(p.parent) for p in candidates) or 'PATH'})"
+        )
+
+
+@dataclass(frozen=True)
+class ServerArchiveState:
+    """What the server says about its WAL and its archiver (``pg_stat_archiver``)."""
+
+    current_segment: str
+    last_archived_wal: str | None
+    last_failed_wal: str | None
+    last_failed_time: dt.datetime | None
+    failed_count: int
+
+    def current_segment_archived(self, newest_archived: str) -> bool:
+        """True when the archive holds the segment with the last byte the server wrote."""
+        return newest_archived[8:24] >= self.current_segment[8:24]
+
+
+def server_archive_state(server: PostgresServer) -> ServerArchiveState:
+    conn = server.connect()
+    try:
+        with conn.cursor() as cursor:
+            cursor.execute(
+                "SELECT pg_walfile_name(pg_current_wal_insert_lsn()), last_archived_wal, "
+                "last_failed_wal, last_failed_time, failed_count FROM pg_stat_archiver"
+            )
+            row = cursor.fetchone()
+    except psycopg2.Error as exc:
+        raise SourceError(
+            f"source {server.source_name!r}: cannot read the WAL position: "
+            f"{_first_line(str(exc), None)}"
+        ) from None
+    finally:
+        conn.close()
+    return ServerArchiveState(row[0], row[1], row[2], row[3], int(row[4]))
+
+
+def apply_settings(server: PostgresServer, settings: dict[str, str]) -> list[str]:
+    """ALTER SYSTEM SET each setting, reload, and return those waiting for a restart."""
+    conn = server.connect()
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cursor:
+            for name, value in settings.items():
+                cursor.execute(
+                    sql.SQL("ALTER SYSTEM SET {} = %s").format(sql.Identifier(name)), (value,)
+                )
+            cursor.execute("SELECT pg_reload_conf()")
+            cursor.execute(
+                "SELECT name FROM pg_settings WHERE pending_restart AND name = ANY(%s)",
+                (list(settings),),
+            )
+            return [row[0] for row in cursor.fetchall()]
+    except psycopg2.Error as exc:
+        raise SourceError(
+            f"source {server.source_name!r}: cannot change server settings: "
+            f"{_first_line(str(exc), None)}"
+        ) from None
+    finally:
+        conn.close()
+
+
+def server_major(conn: PgConnection) -> int:
+    return conn.server_version // 10000
+
+
+def server_version_text(conn: PgConnection) -> str:
+    with conn.cursor() as cursor:
+        cursor.execute("SHOW server_version")
+        return str(cursor.fetchone()[0])
+
+
+def list_databases(conn: PgConnection) -> list[str]:
+    """Databases a dump can cover: those that accept connections, templates excluded."""
+    with conn.cursor() as cursor:
+        cursor.execute(
+            "SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate "
+            "ORDER BY datname"
+        )
+        return [row[0] for row in cursor.fetchall()]
+
+
+def table_row_counts(conn: PgConnection, logged_only: bool = False) -> dict[str, int]:
+    """Exact row counts of every ordinary table, in the connection's current snapshot."""
+    counts: dict[str, int] = {}
+    with conn.cursor() as cursor:
+        cursor.execute(_TABLES_SQL)
+        tables = [name for name, logged in cursor.fetchall() if logged or not logged_only]
+        for table in tables:
+            # The name comes from quote_ident, so it is safe to put into the statement.
+            cursor.execute(f"SELECT count(*) FROM ONLY {table}")
+            counts[table] = int(cursor.fetchone()[0])
+    return counts
+
+
+@functools.cache
+def tool_version(path: str) -> tuple[int, str]:
+    """(major, first line of --version) of a PostgreSQL client binary."""
+    try:
+        out = subprocess.run(
+            [path, "--version"], capture_output=True, text=True, check=True, env=tool_environment()
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError) as exc:
+        raise SourceError(f"{path}: cannot read its version: {exc}") from None
+    match = _VERSION_RE.search(out)
+    if not match:
+        raise SourceError(f"{path}: unexpected --version output {out[:80]!r}")
+    return int(match[1]), out.splitlines()[0]
+
+
+def _passfile_escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace(":", "\\:")
+
+
+def _first_line(message: str, secret: str | None) -> str:
+    line = next((part.strip() for part in message.splitlines() if part.strip()), message)
+    return line.replace(secret, "***") if secret else line

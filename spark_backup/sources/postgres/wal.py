@@ -1,0 +1,198 @@
+"""Continuous WAL archiving: ``wal-push`` for ``archive_command``, ``wal-fetch`` for
+``restore_command``.
+
+Each WAL file (segments, timeline history files, backup history files) becomes one object
+``<source>/wal/<file name>-<sha256 of its content>.zst.age``, through the same zstd and age
+layers as every copy and under the store's Object Lock. The content hash in the key makes a
+push idempotent without a separate index (as pgBackRest does): pushing a file that is already
+archived with the same content succeeds, with different content fails loudly and replaces
+nothing. A WAL object needs no manifest: its name, its hash and age's authentication are its
+own proof, and ``age -d | zstd -d`` gives back the file.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+
+from pyrage import x25519
+
+from spark_backup.engine.crypto import Recipients
+from spark_backup.engine.pipeline import CompressionSettings, encrypt_to_store, open_encrypted
+from spark_backup.engine.stores.base import ObjectLock, ObjectStore
+from spark_backup.engine.streams import CHUNK_SIZE, Readable
+from spark_backup.errors import IntegrityError, NotFoundError, StoreError, UsageError
+
+WAL_FOLDER = "wal"
+_WAL_NAME = r"[0-9A-F]{24}(?:\.partial|\.[0-9A-F]{8}\.backup)?|[0-9A-F]{8}\.history"
+WAL_NAME_RE = re.compile(rf"^(?:{_WAL_NAME})$")
+_WAL_KEY_RE = re.compile(
+    rf"^(?P<source>[a-z][a-z0-9_]{{0,62}})/{WAL_FOLDER}/(?P<name>{_WAL_NAME})"
+    r"-(?P<sha256>[0-9a-f]{64})\.zst\.age$"
+)
+PARTIAL_SUFFIX = ".spark-backup-partial"
+
+
+def wal_prefix(source: str) -> str:
+    return f"{source}/{WAL_FOLDER}/"
+
+
+def wal_key(source: str, name: str, sha256: str) -> str:
+    return f"{wal_prefix(source)}{name}-{sha256}.zst.age"
+
+
+def is_wal_key(key: str) -> bool:
+    return _WAL_KEY_RE.match(key) is not None
+
+
+@dataclass(frozen=True)
+class ArchivedWal:
+    name: str
+    sha256: str
+    key: str
+    modified: dt.datetime
+    size: int
+
+    @property
+    def is_segment(self) -> bool:
+        return len(self.name) == 24
+
+    @property
+    def timeline(self) -> int:
+        return int(self.name[:8], 16)
+
+    @property
+    def position(self) -> str:
+        """Log and segment number: the part of the name that orders segments across timelines."""
+        return self.name[8:24]
+
+
+def archived_wal(store: ObjectStore, source: str, name: str | None = None) -> list[ArchivedWal]:
+    """Archived WAL files of a source (or the versions of one file name), in name order."""
+    prefix = wal_prefix(source) + (f"{name}-" if name else "")
+    found = []
+    for info in store.list(prefix):
+        match = _WAL_KEY_RE.match(info.key)
+        if match and match["source"] == source:
+            found.append(
+                ArchivedWal(match["name"], match["sha256"], info.key, info.modified, info.size)
+            )
+    return found
+
+
+def check_wal_name(name: str) -> str:
+    if not WAL_NAME_RE.match(name):
+        raise UsageError(
+            f"{name!r} is not a WAL file name (a segment such as 000000010000000000000003, a "
+            "NNNNNNNN.history or a .backup file)"
+        )
+    return name
+
+
+def push_wal(
+    store: ObjectStore,
+    source: str,
+    path: Path,
+    recipients: Recipients,
+    compression: CompressionSettings,
+    lock: ObjectLock | None,
+) -> str:
+    """Archive one WAL file; return ``archived`` or ``already archived``. ``IntegrityError`` if
+    the name is archived with other content (PostgreSQL then retries, and keeps the file)."""
+    name = check_wal_name(path.name)
+    sha256 = _file_sha256(path)
+    existing = archived_wal(store, source, name)
+    if any(entry.sha256 == sha256 for entry in existing):
+        return "already archived"
+    if existing:
+        raise IntegrityError(
+            f"WAL file {name} is already archived for source {source!r} with other content "
+            f"(sha256 {existing[0].sha256[:16]}..., this one {sha256[:16]}...): refusing to "
+            "archive a second version; is another cluster archiving into this source?"
+        )
+    key = wal_key(source, name, sha256)
+    try:
+        plaintext, _ = encrypt_to_store(
+            store, key, lambda: _open_file(path), recipients, compression, lock=lock
+        )
+    except StoreError:
+        if store.exists(key):
+            return "already archived"  # a concurrent push of the same content won the race
+        raise
+    if plaintext.sha256 != sha256:
+        with suppress(StoreError):
+            store.delete(key)
+        raise IntegrityError(f"WAL file {path} changed while it was being archived")
+    return "archived"
+
+
+def fetch_wal(
+    store: ObjectStore,
+    source: str,
+    name: str,
+    destination: Path,
+    identities: list[x25519.Identity],
+) -> None:
+    """Restore one WAL file to ``destination``, which appears only complete and checked.
+    ``NotFoundError`` if the archive does not hold it."""
+    check_wal_name(name)
+    versions = archived_wal(store, source, name)
+    if not versions:
+        raise NotFoundError(f"WAL file {name} is not in the archive of source {source!r}")
+    if len(versions) > 1:
+        raise IntegrityError(f"WAL file {name} is archived with {len(versions)} different contents")
+    entry = versions[0]
+    partial = destination.with_name(destination.name + PARTIAL_SUFFIX)
+    try:
+        with (
+            open(partial, "wb") as out,
+            open_encrypted(store, entry.key, identities, f"WAL file {name}") as opened,
+        ):
+            while chunk := opened.plaintext.read(CHUNK_SIZE):
+                out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        if opened.plaintext.hexdigest() != entry.sha256:
+            raise IntegrityError(f"WAL file {name}: content does not match its archived sha256")
+        os.replace(partial, destination)
+    finally:
+        with suppress(FileNotFoundError):
+            partial.unlink()
+
+
+def newest_segment(entries: list[ArchivedWal]) -> ArchivedWal | None:
+    """The segment archived last (by store time), ignoring history and backup files."""
+    segments = [entry for entry in entries if entry.is_segment]
+    return max(segments, key=lambda entry: (entry.modified, entry.name), default=None)
+
+
+def expendable_wal(entries: list[ArchivedWal], oldest_needed_segment: str) -> list[ArchivedWal]:
+    """WAL files older than the oldest base backup still kept needs: no recovery can use them.
+    Timeline history files are always kept (they are tiny, and recovery reads them all)."""
+    limit = oldest_needed_segment[8:24]
+    return [
+        entry for entry in entries if not entry.name.endswith(".history") and entry.position < limit
+    ]
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            while chunk := handle.read(CHUNK_SIZE):
+                digest.update(chunk)
+    except FileNotFoundError:
+        raise NotFoundError(f"WAL file {path} does not exist") from None
+    return digest.hexdigest()
+
+
+@contextmanager
+def _open_file(path: Path) -> Iterator[Readable]:
+    with open(path, "rb") as handle:
+        yield handle
