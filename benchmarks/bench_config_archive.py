@@ -214,7 +214,7 @@ def child_main(spec_json: str) -> None:
     started = time.perf_counter()
     service = BackupService.from_path(spec["plan"])
     if spec["op"] == "backup":
-        manifest = service.backup(spec["source"])
+        [manifest] = service.backup(spec["source"])
         result = {"copy_id": manifest.id, "stored_bytes": manifest.stored.bytes}
     else:
         summary = service.restore(spec["copy_id"], Path(spec["target"]))

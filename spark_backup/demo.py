@@ -23,6 +23,8 @@ from rich.console import Console
 from rich.table import Table
 
 from spark_backup.engine.crypto import generate_identity
+from spark_backup.engine.partitions import partition_key_for
+from spark_backup.engine.pipeline import utcnow
 from spark_backup.errors import IntegrityError
 from spark_backup.globs import matches_any
 from spark_backup.plan import PLAN_ENV, load_plan
@@ -159,9 +161,7 @@ def run_demo(home: Path, console: Console) -> None:
     with DagsterInstance.get() as instance:
         ensure_source_pools(instance, loaded.plan)
         for cadence in sorted({s.cadence for s in loaded.plan.sources}):
-            partition = service.current_partition(
-                next(s for s in loaded.plan.sources if s.cadence == cadence)
-            )
+            partition = partition_key_for(cadence, utcnow())
             job = defs.resolve_job_def(backup_job_name(cadence))
             console.print(f"running Dagster job {job.name} for partition {partition} ...")
             result = job.execute_in_process(

@@ -58,7 +58,7 @@ def _members(service: BackupService, manifest, identity) -> dict[str, tarfile.Ta
 def test_archive_keeps_modes_owners_mtimes_and_links(
     service: BackupService, estate: Path, age_key
 ) -> None:
-    manifest = service.backup("dgx_config")
+    [manifest] = service.backup("dgx_config")
     members = _members(service, manifest, age_key[0])
     prefix = str(estate).lstrip("/")
     wg = members[f"{prefix}/wireguard/wg0.conf"]
@@ -79,7 +79,7 @@ def test_archive_keeps_modes_owners_mtimes_and_links(
 def test_include_selects_files_and_their_folders(tmp_path: Path, age_key, estate: Path) -> None:
     plan = plan_dict([age_key[1]], [config_source("k8s", [str(estate)], include=["*.yaml"])])
     service = BackupService.from_path(write_plan(tmp_path, plan))
-    members = _members(service, service.backup("k8s"), age_key[0])
+    members = _members(service, service.backup("k8s")[0], age_key[0])
     files = sorted(n for n, m in members.items() if m.isfile())
     assert files == [f"{str(estate).lstrip('/')}/kube/manifests/ns.yaml"]
     assert f"{str(estate).lstrip('/')}/nvidia" not in members  # no folder without included files
@@ -95,7 +95,7 @@ def test_patterns_that_leave_nothing_are_an_error(tmp_path: Path, age_key, estat
 def test_special_files_are_skipped_with_a_warning(tmp_path: Path, age_key, estate: Path) -> None:
     os.mkfifo(estate / "nvidia" / "control.fifo")
     plan = plan_dict([age_key[1]], [config_source("dgx", [str(estate)])])
-    manifest = BackupService.from_path(write_plan(tmp_path, plan)).backup("dgx")
+    [manifest] = BackupService.from_path(write_plan(tmp_path, plan)).backup("dgx")
     assert manifest.source_metadata["skipped_special"] == 1
     assert any("control.fifo" in w for w in manifest.source_metadata["warnings"])
 
@@ -265,7 +265,7 @@ def test_skip_unsafe_restores_the_rest_and_reports(
 def test_restore_never_overwrites_unless_told(
     service: BackupService, estate: Path, age_key, tmp_path: Path
 ) -> None:
-    manifest = service.backup("dgx_config")
+    [manifest] = service.backup("dgx_config")
     target = tmp_path / "restore"
     service.restore(manifest.id, target, identity_file=age_key[0])
     restored = target / str(estate).lstrip("/") / "wireguard/wg0.conf"
@@ -284,7 +284,7 @@ def test_restore_never_overwrites_unless_told(
 
 
 def test_restore_into_a_file_is_refused(service: BackupService, age_key, tmp_path: Path) -> None:
-    manifest = service.backup("dgx_config")
+    [manifest] = service.backup("dgx_config")
     (tmp_path / "file").write_text("x")
     with pytest.raises(RestoreRefused, match="exists and is not a directory"):
         service.restore(manifest.id, tmp_path / "file", identity_file=age_key[0])
@@ -295,7 +295,7 @@ def test_restored_tree_matches_the_estate(
 ) -> None:
     from spark_backup.demo import compare_trees
 
-    manifest = service.backup("dgx_config")
+    [manifest] = service.backup("dgx_config")
     summary = service.restore(manifest.id, tmp_path / "restore", identity_file=age_key[0])
     assert compare_trees([estate], tmp_path / "restore", exclude=["*.swp"]) == []
     assert summary["files"] == 5 and summary["symlinks"] == 1
@@ -423,7 +423,7 @@ def test_a_path_below_a_linked_folder_is_archived_at_its_real_place(
         tmp_path, plan_dict([age_key[1]], [config_source("drv", [str(tmp_path / "lib/nvidia")])])
     )
     service = BackupService.from_path(plan)
-    manifest = service.backup("drv")
+    [manifest] = service.backup("drv")
     assert any("reached through a link" in w for w in manifest.source_metadata["warnings"])
     assert service.verify(service.find(manifest.id), service.identities(age_key[0])).ok
     service.restore(manifest.id, tmp_path / "r", identity_file=age_key[0])

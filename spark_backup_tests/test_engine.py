@@ -66,7 +66,7 @@ def test_copy_opens_with_age_zstd_and_tar_alone(
     service: BackupService, age_key, estate, tmp_path
 ) -> None:
     """The runbook's promise: Debian's age and zstd and GNU tar open a copy without our code."""
-    manifest = service.backup("dgx_config")
+    [manifest] = service.backup("dgx_config")
     ref = service.find(manifest.id)
     data_file = ref.store.object_uri(manifest.data_key).removeprefix("file://")
     target = tmp_path / "by-hand"
@@ -93,8 +93,8 @@ def test_copy_opens_with_age_zstd_and_tar_alone(
 
 
 def test_rerun_adds_a_copy_beside_the_first(service: BackupService) -> None:
-    first = service.backup("dgx_config", partition="2026-11-23")
-    second = service.backup("dgx_config", partition="2026-11-23")
+    [first] = service.backup("dgx_config", partition="2026-11-23")
+    [second] = service.backup("dgx_config", partition="2026-11-23")
     assert first.id != second.id
     assert [r.manifest.id for r in service.copies("dgx_config")] == [first.id, second.id]
     assert all(service.verify(r).ok for r in service.copies("dgx_config"))
@@ -158,7 +158,7 @@ def test_failed_manifest_write_removes_the_data(tmp_path: Path) -> None:
 
 
 def test_data_without_manifest_is_invisible_and_pruned_after_grace(service: BackupService) -> None:
-    manifest = service.backup("dgx_config")
+    [manifest] = service.backup("dgx_config")
     store = service.find(manifest.id).store
     store.delete(manifest_key("dgx_config", manifest.id))  # as if the backup died before the commit
     assert service.copies() == []
@@ -192,7 +192,7 @@ def test_interrupted_local_write_leaves_only_a_hidden_partial(tmp_path: Path) ->
 def test_corrupted_copy_fails_verify_and_restore_refuses(
     service: BackupService, age_key, tmp_path
 ) -> None:
-    manifest = service.backup("dgx_config")
+    [manifest] = service.backup("dgx_config")
     ref = service.find(manifest.id)
     path = Path(ref.store.object_uri(manifest.data_key).removeprefix("file://"))
     data = bytearray(path.read_bytes())
@@ -210,7 +210,7 @@ def test_corrupted_copy_fails_verify_and_restore_refuses(
 
 
 def test_truncated_copy_is_an_integrity_error(service: BackupService, age_key, tmp_path) -> None:
-    manifest = service.backup("dgx_config")
+    [manifest] = service.backup("dgx_config")
     ref = service.find(manifest.id)
     path = Path(ref.store.object_uri(manifest.data_key).removeprefix("file://"))
     path.write_bytes(path.read_bytes()[:-100])
@@ -219,7 +219,7 @@ def test_truncated_copy_is_an_integrity_error(service: BackupService, age_key, t
 
 
 def test_wrong_identity_is_a_clear_crypto_error(service: BackupService, tmp_path) -> None:
-    manifest = service.backup("dgx_config")
+    [manifest] = service.backup("dgx_config")
     other, _ = make_key(tmp_path, "other")
     with pytest.raises(CryptoError, match="none of the given age identities opens it") as raised:
         service.restore(manifest.id, tmp_path / "restore", identity_file=other)
@@ -228,7 +228,7 @@ def test_wrong_identity_is_a_clear_crypto_error(service: BackupService, tmp_path
 
 
 def test_malformed_identity_never_echoes_the_key(service: BackupService, tmp_path) -> None:
-    manifest = service.backup("dgx_config")
+    [manifest] = service.backup("dgx_config")
     bad = tmp_path / "bad.key"
     bad.write_text("AGE-SECRET-KEY-1THISISNOTVALIDBUTSECRETLOOKING\n")
     with pytest.raises(
@@ -250,7 +250,7 @@ def test_unknown_copy_id_and_store_listing(service: BackupService) -> None:
 
 
 def test_manifest_with_unknown_format_is_refused(service: BackupService) -> None:
-    manifest = service.backup("dgx_config")
+    [manifest] = service.backup("dgx_config")
     store = service.find(manifest.id).store
     path = Path(store.object_uri(manifest_key("dgx_config", manifest.id)).removeprefix("file://"))
     raw = json.loads(path.read_text())
@@ -303,7 +303,7 @@ def test_secrets_never_reach_child_arguments_or_environment(
         return real_popen(args, *a, **kw)
 
     monkeypatch.setattr(sp, "Popen", recording_popen)
-    manifest = service.backup("dgx_config")
+    [manifest] = service.backup("dgx_config")
     assert service.verify(service.find(manifest.id), service.identities()).ok
     assert {args[0] for args, _ in launched} >= {"tar"}
     assert any("spark_backup.engine.age_worker" in args for args, _ in launched)
@@ -316,7 +316,7 @@ def test_secrets_never_reach_child_arguments_or_environment(
 def test_prune_leaves_objects_it_did_not_write(service: BackupService) -> None:
     import datetime as dt
 
-    manifest = service.backup("dgx_config")
+    [manifest] = service.backup("dgx_config")
     root = service.store("local").root
     foreign = [
         root / "mysql/data/nightly.sql",
@@ -348,7 +348,7 @@ def test_prune_leaves_objects_it_did_not_write(service: BackupService) -> None:
     ],
 )
 def test_tampered_manifests_are_refused(service: BackupService, change, message: str) -> None:
-    manifest = service.backup("dgx_config")
+    [manifest] = service.backup("dgx_config")
     path = service.store("local").root / manifest_key("dgx_config", manifest.id)
     raw = json.loads(path.read_text())
     change(raw)
@@ -358,7 +358,7 @@ def test_tampered_manifests_are_refused(service: BackupService, change, message:
 
 
 def test_a_manifest_under_another_copys_name_is_refused(service: BackupService) -> None:
-    first, second = service.backup("dgx_config"), service.backup("dgx_config")
+    [first], [second] = service.backup("dgx_config"), service.backup("dgx_config")
     root = service.store("local").root
     (root / manifest_key("dgx_config", first.id)).write_bytes(
         (root / manifest_key("dgx_config", second.id)).read_bytes()

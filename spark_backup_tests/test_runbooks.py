@@ -45,7 +45,7 @@ def run_config_archive_runbook(service, key: Path, staging: Path) -> subprocess.
 def test_config_archive_restore_by_hand(service, estate: Path, age_key, tmp_path: Path) -> None:
     """The runbook's by-hand block restores the newest copy with age, zstd, tar and jq alone."""
     service.backup("dgx_config")
-    newest = service.backup("dgx_config")
+    [newest] = service.backup("dgx_config")
     result = run_config_archive_runbook(service, age_key[0], tmp_path / "staging")
     assert result.returncode == 0, result.stdout + result.stderr
     assert newest.id in result.stdout  # step 1 picked the newest copy
@@ -53,7 +53,7 @@ def test_config_archive_restore_by_hand(service, estate: Path, age_key, tmp_path
 
 
 def test_by_hand_restore_stops_on_a_damaged_copy(service, age_key, tmp_path: Path) -> None:
-    manifest = service.backup("dgx_config")
+    [manifest] = service.backup("dgx_config")
     data = service.store("local").root / manifest.data_key
     data.write_bytes(flip_last_byte(data.read_bytes()))
     result = run_config_archive_runbook(service, age_key[0], tmp_path / "staging")

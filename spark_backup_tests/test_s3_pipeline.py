@@ -55,8 +55,8 @@ def test_worm_backup_verify_restore_and_prune(
     )
     service = BackupService.from_path(plan)
     service.store("worm").check()
-    first = service.backup("vpn_config")
-    second = service.backup("vpn_config")
+    [first] = service.backup("vpn_config")
+    [second] = service.backup("vpn_config")
 
     assert first.lock["mode"] == "COMPLIANCE"
     store = service.store("worm")
@@ -103,7 +103,7 @@ def test_failure_halfway_through_multipart_upload_leaves_nothing(
     assert client.list_multipart_uploads(Bucket=s3_lock_bucket).get("Uploads", []) == []
     assert client.list_objects_v2(Bucket=s3_lock_bucket).get("KeyCount", 0) == 0
     assert list_copies(store) == []
-    good = service.backup("vpn_config")
+    [good] = service.backup("vpn_config")
     assert [r.manifest.id for r in service.copies()] == [good.id]
 
 

@@ -18,10 +18,13 @@ from dagster import (
     define_asset_job,
 )
 
-from spark_backup.defs.checks import FRESHNESS_CHECK
+from spark_backup.defs.checks import FRESHNESS_CHECK, WAL_ARCHIVE_LAG_CHECK
 
 FRESHNESS_JOB = "freshness_checks"
 FRESHNESS_CRON = "*/30 * * * *"
+# The RPO is 15 minutes by default: the lag must be looked at well within that.
+WAL_ARCHIVE_JOB = "wal_archive_checks"
+WAL_ARCHIVE_CRON = "*/5 * * * *"
 # Backups start shortly after the period begins (UTC), at a quiet hour.
 BACKUP_HOUR = 1
 
@@ -58,6 +61,23 @@ def build_freshness_schedule(keys: Sequence[AssetKey]) -> ScheduleDefinition:
         name=f"{FRESHNESS_JOB}_schedule",
         job=job,
         cron_schedule=FRESHNESS_CRON,
+        execution_timezone="UTC",
+        default_status=DefaultScheduleStatus.RUNNING,
+    )
+
+
+def build_wal_archive_schedule(keys: Sequence[AssetKey]) -> ScheduleDefinition:
+    job = define_asset_job(
+        WAL_ARCHIVE_JOB,
+        selection=AssetSelection.checks(
+            *(AssetCheckKey(key, WAL_ARCHIVE_LAG_CHECK) for key in keys)
+        ),
+        description="Is every PostgreSQL WAL archive within its RPO?",
+    )
+    return ScheduleDefinition(
+        name=f"{WAL_ARCHIVE_JOB}_schedule",
+        job=job,
+        cron_schedule=WAL_ARCHIVE_CRON,
         execution_timezone="UTC",
         default_status=DefaultScheduleStatus.RUNNING,
     )

@@ -1,0 +1,163 @@
+"""Throwaway PostgreSQL clusters for tests and benchmarks: ``initdb`` and ``pg_ctl`` from the
+server binaries, run as ``postgres`` when we are root (PostgreSQL refuses to run as root), on a
+free port, with WAL archiving through ``spark-backup wal-push`` when asked.
+
+The cluster's ``archive_command`` runs as the cluster's OS user, so that user must be able to
+run this checkout's virtualenv: when the interpreter lives below a folder it cannot enter
+(pyenv under /root), ``executable_for_postgres`` lets it traverse that folder and restores the
+mode afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
+from pathlib import Path
+
+import psycopg2
+
+BIN_DIR = Path(os.environ.get("SPARK_BACKUP_PG_BIN", "/usr/lib/postgresql/15/bin"))
+OS_USER = "postgres" if os.geteuid() == 0 else None
+SPARK_BACKUP = Path(sys.executable).with_name("spark-backup")
+
+
+def free_port() -> int:
+    with closing(socket.socket()) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def as_os_user(args: list[str]) -> list[str]:
+    return ["runuser", "-u", OS_USER, "--", *args] if OS_USER else args
+
+
+def shared_dir(prefix: str) -> Path:
+    """A folder the cluster's OS user owns and we (root) can use too."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    if OS_USER:
+        shutil.chown(path, OS_USER, OS_USER)
+    return path
+
+
+def chown_tree(path: Path) -> None:
+    if OS_USER:
+        for root, dirs, files in os.walk(path):
+            for name in [*dirs, *files]:
+                shutil.chown(os.path.join(root, name), OS_USER, OS_USER)
+        shutil.chown(path, OS_USER, OS_USER)
+
+
+@contextmanager
+def executable_for_postgres() -> Iterator[None]:
+    """Let the cluster's OS user run this virtualenv's spark-backup for the block."""
+    if not OS_USER:
+        yield
+        return
+    changed: list[tuple[Path, int]] = []
+    target = Path(os.path.realpath(sys.executable))
+    for folder in [*reversed(target.parents)]:
+        mode = folder.stat().st_mode
+        if not mode & stat.S_IXOTH:
+            os.chmod(folder, mode | stat.S_IXOTH)
+            changed.append((folder, mode))
+    try:
+        yield
+    finally:
+        for folder, mode in reversed(changed):
+            os.chmod(folder, stat.S_IMODE(mode))
+
+
+class Cluster:
+    """A cluster in ``root/data`` listening on 127.0.0.1:``port`` and a socket in ``root``."""
+
+    def __init__(self, root: Path, port: int):
+        self.root = root
+        self.port = port
+        self.data = root / "data"
+        self.log = root / "postgresql.log"
+
+    def init(self, settings: dict[str, str]) -> Cluster:
+        subprocess.run(
+            as_os_user([str(BIN_DIR / "initdb"), "-D", str(self.data), "-A", "trust", "-U",
+                        "postgres", "--no-sync"]),
+            check=True,
+            capture_output=True,
+        )
+        lines = {
+            "port": str(self.port),
+            "listen_addresses": "'127.0.0.1'",
+            "unix_socket_directories": f"'{self.root}'",
+            "fsync": "off",  # a test cluster: durability against power loss is not tested here
+            **settings,
+        }
+        with open(self.data / "postgresql.conf", "a", encoding="utf-8") as conf:
+            conf.writelines(f"{name} = {value}\n" for name, value in lines.items())
+        return self
+
+    def start(self) -> Cluster:
+        subprocess.run(
+            as_os_user([str(BIN_DIR / "pg_ctl"), "-D", str(self.data), "-l", str(self.log),
+                        "-w", "start"]),
+            check=True,
+            capture_output=True,
+        )
+        return self
+
+    def stop(self) -> None:
+        subprocess.run(
+            as_os_user([str(BIN_DIR / "pg_ctl"), "-D", str(self.data), "-m", "immediate",
+                        "stop"]),
+            capture_output=True,
+        )
+
+    def connect(self, dbname: str = "postgres"):
+        conn = psycopg2.connect(
+            host="127.0.0.1", port=self.port, user="postgres", dbname=dbname, connect_timeout=5
+        )
+        conn.autocommit = True
+        return conn
+
+    def execute(self, statement: str, dbname: str = "postgres") -> list[tuple]:
+        with closing(self.connect(dbname)) as conn, conn.cursor() as cursor:
+            cursor.execute(statement)
+            return cursor.fetchall() if cursor.description else []
+
+    def switch_wal_and_wait(self, timeout: float = 30) -> str:
+        """Close the current segment and wait until the archiver has archived it."""
+        segment = self.execute("SELECT pg_walfile_name(pg_switch_wal())")[0][0]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            archived, failed = self.execute(
+                "SELECT last_archived_wal, last_failed_wal FROM pg_stat_archiver"
+            )[0]
+            if archived and archived >= segment:
+                return segment
+            time.sleep(0.2)
+        raise TimeoutError(f"segment {segment} not archived (last failed: {failed}); see {self.log}")
+
+
+def archive_command(plan: Path, source: str) -> str:
+    return f"'{shlex.quote(str(SPARK_BACKUP))} --plan {shlex.quote(str(plan))} wal-push --source {source} %p'"
+
+
+@contextmanager
+def throwaway_cluster(
+    prefix: str = "spark-backup-pg-", settings: dict[str, str] | None = None
+) -> Iterator[Cluster]:
+    root = shared_dir(prefix)
+    cluster = Cluster(root, free_port())
+    try:
+        cluster.init(settings or {}).start()
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
