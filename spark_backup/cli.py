@@ -36,6 +36,7 @@ from spark_backup.plan import format_duration
 from spark_backup.service import BackupService, CopyRef, WalArchiveStatus
 from spark_backup.sources import kind_module
 from spark_backup.sources.postgres.pitr import DEFAULT_PORT as DEFAULT_PITR_PORT
+from spark_backup.sources.postgres.pitr import LATEST
 
 # Wide when piped, so tables and ids are not cut at 80 columns in logs.
 stdout = Console(width=None if sys.stdout.isatty() else 200)
@@ -548,7 +549,10 @@ def _conf_quote(value: str) -> str:
 @cli.command("pg-pitr")
 @click.argument("source", required=False)
 @click.option(
-    "--to-time", "to_time", required=True, help="ISO 8601 time; without a zone it is UTC."
+    "--to-time",
+    "to_time",
+    required=True,
+    help="ISO 8601 time (without a zone it is UTC), or 'latest': all archived WAL.",
 )
 @click.option("--target-dir", required=True, type=click.Path(file_okay=False))
 @click.option("--port", default=DEFAULT_PITR_PORT, show_default=True, type=click.IntRange(1, 65535))
@@ -568,7 +572,7 @@ def pg_pitr(
 ) -> None:
     """Recover SOURCE to a point in time in a new cluster (base backup plus archived WAL),
     start it on a local socket in TARGET_DIR and verify it. Production is not touched."""
-    target_time = _run(lambda: parse_time(to_time))
+    target_time = None if to_time == LATEST else _run(lambda: parse_time(to_time))
     report = _run(
         lambda: ctx.service.pitr(
             source,

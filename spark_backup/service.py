@@ -491,7 +491,7 @@ class BackupService:
     def pitr(
         self,
         source_name: str | None,
-        target_time: dt.datetime,
+        target_time: dt.datetime | None,
         target_dir: Path,
         *,
         port: int = pitr.DEFAULT_PORT,
@@ -499,8 +499,9 @@ class BackupService:
         stop_after: bool = False,
         progress: ProgressCallback | None = None,
     ) -> pitr.PitrReport:
-        """Recover the source to ``target_time`` in a new cluster under ``target_dir``, start
-        it and verify it. The production cluster is not touched."""
+        """Recover the source to ``target_time`` (None: to the end of the archived WAL, for a
+        disaster) in a new cluster under ``target_dir``, start it and verify it. The production
+        cluster is not touched."""
         source = self.postgres_source(source_name)
         store = self.store_for(source)
         target_dir = Path(os.path.abspath(target_dir))
@@ -510,7 +511,11 @@ class BackupService:
         identities = self.identities(identity_file)
         pitr.prepare_target(target_dir)
         report = pitr.PitrReport(
-            source.name, base.id, target_time.isoformat(), str(target_dir), port
+            source.name,
+            base.id,
+            target_time.isoformat() if target_time else pitr.LATEST,
+            str(target_dir),
+            port,
         )
         os_user = pitr.default_os_user()
         user = PostgresServer.from_source(source, self.loaded).user or "postgres"
@@ -556,7 +561,7 @@ class BackupService:
                 reached = points["last_transaction"] or points["redo_done_lsn"] or "unknown"
                 missing = f"segment {gap} is missing" if gap else "it ends"
                 raise IntegrityError(
-                    f"recovery of {source.name!r} cannot reach {target_time.isoformat()}: the "
+                    f"recovery of {source.name!r} cannot reach {report.target_time}: the "
                     f"WAL archive has no more WAL ({missing}); the last reachable point is "
                     f"{reached}. Choose --to-time at or before it. ({exc})"
                 ) from None

@@ -45,6 +45,7 @@ LOG_FILE = "postgresql.log"
 REPORT_FILE = "pitr.json"
 HBA_FILE = "pg_hba.conf"
 DEFAULT_PORT = 54329
+LATEST = "latest"
 START_TIMEOUT_SECONDS = 2 * 3600  # the RTO: a recovery that takes longer has failed anyway
 _STOPPING_RE = re.compile(r"recovery stopping (before|after) .*?time ([0-9-]+ [0-9:.]+\+?[0-9:]*)")
 _LAST_TX_RE = re.compile(r"last completed transaction was at log time ([0-9-]+ [0-9:.]+\+?[0-9:]*)")
@@ -71,16 +72,17 @@ class PitrReport:
         return f"psql -h {self.target_dir} -p {self.port}"
 
 
-def choose_base(bases: Sequence[Manifest], target: dt.datetime, source: str) -> Manifest:
-    """The newest base backup that finished (was consistent) at or before ``target``."""
-    usable = [b for b in bases if b.finished <= target]
+def choose_base(bases: Sequence[Manifest], target: dt.datetime | None, source: str) -> Manifest:
+    """The newest base backup that finished (was consistent) at or before ``target`` (None:
+    the newest of all)."""
+    usable = [b for b in bases if target is None or b.finished <= target]
     if usable:
         return max(usable, key=lambda b: (b.finished_at, b.id))
     if not bases:
         raise UsageError(f"source {source!r} has no base backup; recovery needs one")
     oldest = min(bases, key=lambda b: b.finished_at)
     raise UsageError(
-        f"--to-time {target.isoformat()} is before the oldest base backup of {source!r} "
+        f"--to-time {target.isoformat() if target else LATEST} is before the oldest base backup of {source!r} "
         f"({oldest.id}, consistent from {oldest.finished_at}); choose a later time"
     )
 
@@ -144,7 +146,7 @@ def server_binary(name: str, major: int, bin_dir: Path | None) -> Path:
 
 
 def configure_recovery(
-    target_dir: Path, target_time: dt.datetime, port: int, os_user: str | None
+    target_dir: Path, target_time: dt.datetime | None, port: int, os_user: str | None
 ) -> None:
     """Recovery settings appended to the restored cluster's own (later lines win); the
     production settings that would reach outside (archiving, TCP) are switched off."""
@@ -162,11 +164,13 @@ def configure_recovery(
         "hba_file": _quote(str(target_dir / HBA_FILE)),
         "archive_mode": "off",
         "restore_command": _quote(f'cp "{wal_dir}/%f" "%p"'),
-        "recovery_target_time": _quote(target_time.isoformat(sep=" ")),
         "recovery_target_timeline": "'latest'",
-        "recovery_target_action": "'promote'",
         "hot_standby": "on",
     }
+    if target_time is not None:
+        # Without a target, recovery replays all archived WAL and then promotes.
+        settings["recovery_target_time"] = _quote(target_time.isoformat(sep=" "))
+        settings["recovery_target_action"] = "'promote'"
     with open(data / "postgresql.auto.conf", "a", encoding="utf-8") as conf:
         conf.write("\n# spark-backup pg-pitr: recovery into a throwaway cluster\n")
         conf.writelines(f"{name} = {value}\n" for name, value in settings.items())
