@@ -85,10 +85,21 @@ class Cluster:
         self.data = root / "data"
         self.log = root / "postgresql.log"
 
-    def init(self, settings: dict[str, str]) -> Cluster:
+    def init(
+        self, settings: dict[str, str], initdb_args: tuple[str, ...] = ("-A", "trust")
+    ) -> Cluster:
         subprocess.run(
-            as_os_user([str(BIN_DIR / "initdb"), "-D", str(self.data), "-A", "trust", "-U",
-                        "postgres", "--no-sync"]),
+            as_os_user(
+                [
+                    str(BIN_DIR / "initdb"),
+                    "-D",
+                    str(self.data),
+                    *initdb_args,
+                    "-U",
+                    "postgres",
+                    "--no-sync",
+                ]
+            ),
             check=True,
             capture_output=True,
         )
@@ -105,8 +116,9 @@ class Cluster:
 
     def start(self) -> Cluster:
         subprocess.run(
-            as_os_user([str(BIN_DIR / "pg_ctl"), "-D", str(self.data), "-l", str(self.log),
-                        "-w", "start"]),
+            as_os_user(
+                [str(BIN_DIR / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-w", "start"]
+            ),
             check=True,
             capture_output=True,
         )
@@ -114,8 +126,7 @@ class Cluster:
 
     def stop(self) -> None:
         subprocess.run(
-            as_os_user([str(BIN_DIR / "pg_ctl"), "-D", str(self.data), "-m", "immediate",
-                        "stop"]),
+            as_os_user([str(BIN_DIR / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "stop"]),
             capture_output=True,
         )
 
@@ -142,7 +153,9 @@ class Cluster:
             if archived and archived >= segment:
                 return segment
             time.sleep(0.2)
-        raise TimeoutError(f"segment {segment} not archived (last failed: {failed}); see {self.log}")
+        raise TimeoutError(
+            f"segment {segment} not archived (last failed: {failed}); see {self.log}"
+        )
 
 
 def archive_command(plan: Path, source: str) -> str:
@@ -151,12 +164,14 @@ def archive_command(plan: Path, source: str) -> str:
 
 @contextmanager
 def throwaway_cluster(
-    prefix: str = "spark-backup-pg-", settings: dict[str, str] | None = None
+    prefix: str = "spark-backup-pg-",
+    settings: dict[str, str] | None = None,
+    initdb_args: tuple[str, ...] = ("-A", "trust"),
 ) -> Iterator[Cluster]:
     root = shared_dir(prefix)
     cluster = Cluster(root, free_port())
     try:
-        cluster.init(settings or {}).start()
+        cluster.init(settings or {}, initdb_args).start()
         yield cluster
     finally:
         cluster.stop()

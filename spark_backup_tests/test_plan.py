@@ -65,7 +65,7 @@ def test_valid_plan_resolves_defaults(tmp_path: Path) -> None:
     [
         (
             lambda p: p["sources"][0].update(kind="rsync"),
-            "sources[0].kind: unknown kind 'rsync' (expected one of: config_archive)",
+            "sources[0].kind: unknown kind 'rsync' (expected one of: config_archive, postgres)",
         ),
         (lambda p: p["sources"][0].pop("paths"), "sources[0].paths: field required"),
         (lambda p: p["sources"][0].pop("cadence"), "sources[0].cadence: field required"),

@@ -95,7 +95,9 @@ class LocalStore(ObjectStore):
         if not self.root.is_dir():
             return
         found: list[ObjectInfo] = []
-        for directory, _dirs, files in os.walk(self.root):
+        # Walk only below the prefix's folder: a WAL archive holds thousands of objects.
+        start = self.root / prefix.rsplit("/", 1)[0] if "/" in prefix else self.root
+        for directory, _dirs, files in os.walk(start):
             for file_name in files:
                 if PARTIAL_MARKER in file_name:
                     continue

@@ -34,6 +34,9 @@ from spark_backup.plan import LoadedPlan, PostgresSource
 DEBIAN_BIN_DIRS = "/usr/lib/postgresql/{major}/bin"
 CONNECT_TIMEOUT_SECONDS = 10
 APPLICATION_NAME = "spark-backup"
+# A segment's first page starts with a long header (SizeOfXLogLongPHD): an insert position no
+# further than this into a segment means nothing was written to it yet.
+WAL_PAGE_HEADER_BYTES = 40
 _VERSION_RE = re.compile(r"\(PostgreSQL\) (\d+)(?:\.(\d+))?")
 # Ordinary tables (leaf partitions included) outside the system schemas.
 _TABLES_SQL = """
@@ -190,10 +193,12 @@ def server_archive_state(server: PostgresServer) -> ServerArchiveState:
     try:
         with conn.cursor() as cursor:
             cursor.execute(
-                "SELECT pg_walfile_name(pg_current_wal_insert_lsn()), last_archived_wal, "
-                "last_failed_wal, last_failed_time, failed_count FROM pg_stat_archiver"
+                "SELECT w.file_name, w.file_offset, "
+                "(SELECT setting::bigint FROM pg_settings WHERE name = 'wal_segment_size'), "
+                "a.last_archived_wal, a.last_failed_wal, a.last_failed_time, a.failed_count "
+                "FROM pg_walfile_name_offset(pg_current_wal_insert_lsn()) w, pg_stat_archiver a"
             )
-            row = cursor.fetchone()
+            name, offset, segment_size, *row = cursor.fetchone()
     except psycopg2.Error as exc:
         raise SourceError(
             f"source {server.source_name!r}: cannot read the WAL position: "
@@ -201,7 +206,20 @@ def server_archive_state(server: PostgresServer) -> ServerArchiveState:
         ) from None
     finally:
         conn.close()
-    return ServerArchiveState(row[0], row[1], row[2], row[3], int(row[4]))
+    if offset <= WAL_PAGE_HEADER_BYTES:
+        # Nothing but the page header written since the last switch: the WAL that matters ends
+        # in the previous segment.
+        name = previous_segment(name, segment_size)
+    return ServerArchiveState(name, row[0], row[1], row[2], int(row[3]))
+
+
+def previous_segment(name: str, segment_size: int) -> str:
+    timeline, log, seg = int(name[:8], 16), int(name[8:16], 16), int(name[16:24], 16)
+    if seg == 0:
+        log, seg = log - 1, 0x100000000 // segment_size - 1
+    else:
+        seg -= 1
+    return f"{timeline:08X}{log:08X}{seg:08X}"
 
 
 def apply_settings(server: PostgresServer, settings: dict[str, str]) -> list[str]:

@@ -1,0 +1,626 @@
+"""PostgreSQL: logical dumps against the running server on 127.0.0.1:5432, base backups, WAL
+archiving through ``archive_command`` and point-in-time recovery against throwaway clusters."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import closing
+from pathlib import Path
+
+import psycopg2
+import pytest
+import yaml
+from dagster import DagsterInstance
+
+from spark_backup.defs.build import build_definitions
+from spark_backup.defs.checks import WAL_ARCHIVE_LAG_CHECK
+from spark_backup.defs.schedules import WAL_ARCHIVE_JOB
+from spark_backup.engine.manifest import manifest_key
+from spark_backup.errors import IntegrityError, PlanError, RestoreRefused, UsageError
+from spark_backup.plan import load_plan
+from spark_backup.service import BackupService
+from spark_backup.sources.postgres.wal import archived_wal
+from spark_backup_tests.helpers import flip_last_byte, make_key, plan_dict, run_cli, write_plan
+from spark_backup_tests.pg_cluster import (
+    Cluster,
+    archive_command,
+    executable_for_postgres,
+    free_port,
+    shared_dir,
+    throwaway_cluster,
+)
+
+MAIN = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
+SAMPLE_SQL = """
+CREATE SCHEMA app;
+CREATE TABLE app.orders (
+    id bigserial PRIMARY KEY, customer text, amount numeric(12, 2), payload jsonb, blob bytea,
+    created timestamptz DEFAULT '2026-11-01 00:00:00+00'
+);
+INSERT INTO app.orders (customer, amount, payload, blob)
+SELECT 'kunde-' || g || ' ü€', g * 1.25, jsonb_build_object('n', g), decode(md5(g::text), 'hex')
+FROM generate_series(1, 5000) g;
+CREATE TABLE "Mixed Case" (k int);
+INSERT INTO "Mixed Case" SELECT generate_series(1, 10);
+CREATE TABLE public.empty (x int);
+"""
+
+
+def main_conn(dbname: str = "postgres"):
+    conn = psycopg2.connect(dbname=dbname, connect_timeout=5, **MAIN)
+    conn.autocommit = True
+    return conn
+
+
+def run_sql(statement: str, dbname: str = "postgres") -> list[tuple]:
+    with closing(main_conn(dbname)) as conn, conn.cursor() as cursor:
+        cursor.execute(statement)
+        return cursor.fetchall() if cursor.description else []
+
+
+def table_digests(query_conn) -> dict[str, tuple[int, str]]:
+    """Row count and md5 of the ordered rows of every user table: equal digests, equal data."""
+    with query_conn.cursor() as cursor:
+        cursor.execute(
+            "SELECT quote_ident(schemaname) || '.' || quote_ident(tablename) FROM pg_tables "
+            "WHERE schemaname NOT IN ('pg_catalog', 'information_schema') ORDER BY 1"
+        )
+        tables = [row[0] for row in cursor.fetchall()]
+        digests = {}
+        for table in tables:
+            cursor.execute(
+                f"SELECT count(*), coalesce(md5(string_agg(t::text, '|' ORDER BY t::text)), '') "
+                f"FROM {table} t"
+            )
+            digests[table] = cursor.fetchone()
+    return digests
+
+
+def drop_database(name: str) -> None:
+    run_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def sample_db() -> Iterator[str]:
+    """A fresh database with a schema, odd names, unicode, bytea and jsonb; dropped after, with
+    every database a test restored it into (named after it)."""
+    name = f"sbtest_{uuid.uuid4().hex[:10]}"
+    run_sql(f"CREATE DATABASE {name}")
+    run_sql(SAMPLE_SQL, name)
+    yield name
+    for (other,) in run_sql(f"SELECT datname FROM pg_database WHERE datname LIKE '{name}%'"):
+        drop_database(other)
+
+
+def pg_source(name: str = "pg_main", **extra) -> dict:
+    return {
+        "name": name,
+        "kind": "postgres",
+        "cadence": "daily",
+        "owner": "team:dba",
+        **extra,
+    }
+
+
+@pytest.fixture
+def dump_plan(tmp_path: Path, age_key, sample_db: str) -> Path:
+    source = pg_source(
+        **MAIN, databases=[sample_db], base_backup={"enabled": False}, wal_archiving=False
+    )
+    plan = plan_dict([age_key[1]], [source])
+    plan["encryption"]["identity_file"] = str(age_key[0])
+    return write_plan(tmp_path, plan)
+
+
+# --- plan --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ({"password": "hunter2"}, "inline password is not allowed"),
+        ({"dsn": "postgresql://app:hunter2@db/app"}, "dsn must not contain a password"),
+        ({"dsn": "host=db password=hunter2"}, "dsn must not contain a password"),
+        ({"dsn": "host=db", "host": "db2"}, "set either dsn or host/port/user, not both"),
+        ({"dsn": "host=db port='"}, "dsn is not a libpq connection string"),
+        ({"password_env": "not-a-name"}, "password_env"),
+        ({"base_backup": {"enabled": False}}, "wal_archiving needs base_backup.enabled"),
+    ],
+)
+def test_plan_refuses_inline_secrets_and_contradictions(tmp_path, age_key, fields, expected):
+    path = write_plan(tmp_path, plan_dict([age_key[1]], [pg_source(**fields)]))
+    with pytest.raises(PlanError) as raised:
+        load_plan(path)
+    message = str(raised.value)
+    assert expected in message and "\n" not in message
+    assert "hunter2" not in message
+
+
+def test_plan_defaults_for_postgres(tmp_path, age_key):
+    loaded = load_plan(write_plan(tmp_path, plan_dict([age_key[1]], [pg_source(**MAIN)])))
+    source = loaded.plan.sources[0]
+    assert source.rpo == dt.timedelta(minutes=15)
+    assert source.databases == "all"
+    assert source.base_backup.cadence == "daily" and source.wal_archiving
+    artifacts = BackupService(loaded).artifacts(source)
+    assert [(a.name, a.cadence, a.primary) for a in artifacts] == [
+        ("dump", "daily", True),
+        ("base", "daily", False),
+    ]
+
+
+# --- logical dumps -----------------------------------------------------------------------------
+
+
+def test_dump_and_restore_round_trip(dump_plan: Path, sample_db: str, age_key) -> None:
+    service = BackupService.from_path(dump_plan)
+    manifests = service.backup("pg_main")
+    assert [m.part for m in manifests] == ["globals", f"database:{sample_db}"]
+    dump = manifests[1]
+    meta = dump.source_metadata
+    assert meta["row_counts"] == {
+        'public."Mixed Case"': 10,
+        "app.orders": 5000,
+        "public.empty": 0,
+    }
+    assert meta["rows"] == 5010 and meta["database"] == sample_db
+    assert meta["server_version"].startswith("15.")
+    assert dump.tools["pg_dump"].startswith("pg_dump (PostgreSQL) 15")
+    assert dump.data_key.endswith(".pgdump.zst.age") and dump.layers == ["age", "zstd", "pgdump"]
+    assert "ROLE" in _plain_text(service, manifests[0])
+
+    target = f"{sample_db}_restored"
+    result = run_cli("--plan", str(dump_plan), "restore", dump.id, "--to-db", target, "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["rows"] == 5010 and summary["tables"] == 3
+    with closing(main_conn(sample_db)) as original, closing(main_conn(target)) as restored:
+        assert table_digests(restored) == table_digests(original)
+
+    verify = run_cli("--plan", str(dump_plan), "verify", "--deep", "--json")
+    assert verify.returncode == 0, verify.stderr
+    assert all(row["ok"] for row in json.loads(verify.stdout))
+
+
+def _plain_text(service: BackupService, manifest) -> str:
+    from spark_backup.engine.pipeline import open_copy
+
+    ref = service.find(manifest.id)
+    with open_copy(ref.store, ref.manifest, service.identities()) as plain:
+        return plain.read().decode()
+
+
+def test_row_counts_are_taken_in_the_dumps_snapshot(dump_plan: Path, sample_db: str) -> None:
+    """Rows committed while the dump runs are neither in the dump nor in its counts: the
+    restore's count check would fail if the counts came from another snapshot."""
+    run_sql(
+        "CREATE TABLE bulk AS SELECT g AS id, repeat(md5(g::text), 8) AS pad "
+        "FROM generate_series(1, 150000) g",
+        sample_db,
+    )
+    stop = threading.Event()
+    inserted = []
+
+    def writer() -> None:
+        with closing(main_conn(sample_db)) as conn, conn.cursor() as cursor:
+            while not stop.is_set():
+                cursor.execute(
+                    "INSERT INTO bulk VALUES (-1, 'x'); INSERT INTO app.orders DEFAULT VALUES"
+                )
+                inserted.append(1)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        time.sleep(0.3)
+        service = BackupService.from_path(dump_plan)
+        dump = service.backup("pg_main")[1]
+    finally:
+        stop.set()
+        thread.join()
+    assert len(inserted) > 10
+    counts = dump.source_metadata["row_counts"]
+    live = run_sql("SELECT count(*) FROM bulk", sample_db)[0][0]
+    assert 150000 <= counts["public.bulk"] < live
+    summary = service.restore_to_database(dump.id, f"{sample_db}_snap")
+    assert summary["rows"] == dump.source_metadata["rows"]
+
+
+def test_restore_refuses_existing_and_source_databases(dump_plan: Path, sample_db: str) -> None:
+    service = BackupService.from_path(dump_plan)
+    globals_copy, dump = service.backup("pg_main")
+    with pytest.raises(RestoreRefused, match=r"is the one copy .* was taken from"):
+        service.restore_to_database(dump.id, sample_db)
+    run_sql(f"CREATE DATABASE {sample_db}_taken")
+    result = run_cli("--plan", str(dump_plan), "restore", dump.id, "--to-db", f"{sample_db}_taken")
+    assert result.returncode == 7
+    assert "already exists" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    with pytest.raises(RestoreRefused, match="not a database dump"):
+        service.restore_to_database(globals_copy.id, f"{sample_db}_globals")
+    both = run_cli("--plan", str(dump_plan), "restore", dump.id, "--to", "x", "--to-db", "y")
+    assert both.returncode == 2
+    # --force replaces the contents of an existing database, and still checks the counts.
+    run_sql("DELETE FROM app.orders WHERE id > 10", sample_db)
+    forced = service.restore_to_database(dump.id, sample_db, force=True)
+    assert forced["rows"] == 5010
+    assert run_sql("SELECT count(*) FROM app.orders", sample_db)[0][0] == 5000
+
+
+def test_failed_restore_leaves_no_database(dump_plan: Path, sample_db: str) -> None:
+    service = BackupService.from_path(dump_plan)
+    dump = service.backup("pg_main")[1]
+    ref = service.find(dump.id)
+    path = Path(ref.store.root, dump.data_key)  # type: ignore[attr-defined]
+    path.chmod(0o644)
+    path.write_bytes(flip_last_byte(path.read_bytes()))
+    target = f"{sample_db}_damaged"
+    result = run_cli("--plan", str(dump_plan), "restore", dump.id, "--to-db", target)
+    assert result.returncode == 3, result.stderr
+    assert run_sql(f"SELECT 1 FROM pg_database WHERE datname = '{target}'") == []
+
+
+def test_bad_connections_and_tools_give_one_line(tmp_path: Path, age_key, sample_db) -> None:
+    fake_bin = tmp_path / "oldbin"
+    fake_bin.mkdir()
+    for tool in ("pg_dump", "pg_dumpall"):
+        old = fake_bin / tool
+        old.write_text(f"#!/bin/sh\necho '{tool} (PostgreSQL) 9.6.24'\n")
+        old.chmod(0o755)
+    cases = [
+        (pg_source(host="127.0.0.1", port=free_port(), user="postgres"), 6, "cannot connect"),
+        (pg_source(**MAIN, databases=["no_such_db"]), 4, "'no_such_db' does not exist"),
+        (
+            pg_source(**MAIN, databases=[sample_db], bin_dir=str(fake_bin)),
+            6,
+            "older than the server",
+        ),
+        (pg_source(**MAIN, password_env="SB_TEST_UNSET_PW"), 6, "SB_TEST_UNSET_PW"),
+    ]
+    for index, (source, code, expected) in enumerate(cases):
+        plan = write_plan(tmp_path, plan_dict([age_key[1]], [source]), f"plan{index}.yaml")
+        result = run_cli("--plan", str(plan), "backup", "pg_main")
+        assert result.returncode == code, (source, result.stderr)
+        assert expected in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert "Traceback" not in result.stderr
+    assert not list((tmp_path / "store").rglob("*.json")) if (tmp_path / "store").exists() else True
+
+
+def test_password_reaches_the_tools_and_never_the_output(tmp_path: Path, age_key) -> None:
+    root = shared_dir("spark-backup-pw-")
+    pwfile = root / "pw"
+    pwfile.write_text("right-Pa55:word\n")
+    shutil.chown(pwfile, "postgres") if Path("/usr/sbin/runuser").exists() else None
+    try:
+        with throwaway_cluster(
+            "spark-backup-scram-", initdb_args=("-A", "scram-sha-256", f"--pwfile={pwfile}")
+        ) as cluster:
+            source = pg_source(
+                host="127.0.0.1",
+                port=cluster.port,
+                user="postgres",
+                password_env="SB_TEST_PW",
+                databases=["postgres"],
+                base_backup={"enabled": False},
+                wal_archiving=False,
+            )
+            plan = write_plan(tmp_path, plan_dict([age_key[1]], [source]))
+            wrong = run_cli(
+                "--plan", str(plan), "backup", "pg_main", env={"SB_TEST_PW": "wrong-Secret-77"}
+            )
+            assert wrong.returncode == 6
+            assert "password authentication failed" in wrong.stderr
+            assert "wrong-Secret-77" not in wrong.stderr + wrong.stdout
+            right = run_cli(
+                "--plan",
+                str(plan),
+                "backup",
+                "pg_main",
+                "--json",
+                env={"SB_TEST_PW": "right-Pa55:word"},
+            )
+            assert right.returncode == 0, right.stderr
+            assert "right-Pa55" not in right.stdout + right.stderr
+            stored = b"".join(p.read_bytes() for p in (tmp_path / "store").rglob("*.json"))
+            assert b"right-Pa55" not in stored
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+# --- WAL push and fetch ------------------------------------------------------------------------
+
+
+SEGMENT = "000000010000000000000007"
+
+
+def test_wal_push_is_idempotent_and_refuses_other_content(dump_plan: Path, tmp_path) -> None:
+    segment = tmp_path / "pg_wal" / SEGMENT
+    segment.parent.mkdir()
+    segment.write_bytes(bytes(range(256)) * 4096)
+    plan = str(dump_plan)
+    first = run_cli("--plan", plan, "wal-push", str(segment))
+    assert first.returncode == 0, first.stderr
+    again = run_cli("--plan", plan, "wal-push", "--source", "pg_main", str(segment))
+    assert again.returncode == 0 and "already archived" in again.stderr
+    segment.write_bytes(b"other content")
+    other = run_cli("--plan", plan, "wal-push", str(segment))
+    assert other.returncode == 3 and "other content" in other.stderr
+    service = BackupService.from_path(dump_plan)
+    [archived] = archived_wal(service.store("local"), "pg_main")
+    assert archived.name == SEGMENT
+
+    fetched = tmp_path / "RECOVERYXLOG"
+    ok = run_cli("--plan", plan, "wal-fetch", SEGMENT, str(fetched))
+    assert ok.returncode == 0, ok.stderr
+    assert fetched.read_bytes() == bytes(range(256)) * 4096
+    missing = run_cli("--plan", plan, "wal-fetch", "000000010000000000000008", str(tmp_path / "x"))
+    assert missing.returncode == 1 and not (tmp_path / "x").exists()
+    history = run_cli("--plan", plan, "wal-fetch", "00000002.history", str(tmp_path / "h"))
+    assert history.returncode == 1
+
+    path = Path(service.store("local").root, archived.key)  # type: ignore[attr-defined]
+    path.chmod(0o644)
+    path.write_bytes(flip_last_byte(path.read_bytes()))
+    damaged = run_cli("--plan", plan, "wal-fetch", SEGMENT, str(tmp_path / "d"))
+    assert damaged.returncode == 255, damaged.stderr
+    assert not list(tmp_path.glob("d*"))  # neither the file nor a partial one
+
+
+def test_wal_fetch_aborts_recovery_when_the_store_is_unreachable(tmp_path, age_key) -> None:
+    store = {
+        "name": "s3",
+        "kind": "s3",
+        "bucket": "wal-archive",
+        "endpoint_url": f"http://127.0.0.1:{free_port()}",
+        "max_attempts": 1,
+        "access_key_id_env": "SB_TEST_KEY",
+        "secret_access_key_env": "SB_TEST_SECRET",
+    }
+    plan = plan_dict([age_key[1]], [pg_source(**MAIN)], stores=[store])
+    plan["encryption"]["identity_file"] = str(age_key[0])
+    path = write_plan(tmp_path, plan)
+    result = run_cli(
+        "--plan",
+        str(path),
+        "wal-fetch",
+        SEGMENT,
+        str(tmp_path / "seg"),
+        env={"SB_TEST_KEY": "k", "SB_TEST_SECRET": "s"},
+    )
+    assert result.returncode == 255, result.stderr
+    assert not (tmp_path / "seg").exists()
+
+
+# --- archiving, base backups, PITR -------------------------------------------------------------
+
+
+class Archiving:
+    """A throwaway cluster archiving through ``spark-backup wal-push`` into a local store."""
+
+    def __init__(self, cluster: Cluster, root: Path, plan: Path):
+        self.cluster = cluster
+        self.root = root
+        self.plan = plan
+
+    @property
+    def service(self) -> BackupService:
+        return BackupService.from_path(self.plan)
+
+    def write_plan(self, name: str, **changes) -> Path:
+        plan = yaml.safe_load(self.plan.read_text())
+        plan["sources"][0].update(changes.pop("source", {}))
+        plan.update(changes)
+        path = self.root / name
+        path.write_text(yaml.safe_dump(plan))
+        path.chmod(0o644)
+        return path
+
+
+@pytest.fixture(scope="module")
+def archiving() -> Iterator[Archiving]:
+    root = shared_dir("spark-backup-archiving-")
+    key, public = make_key(root)
+    key.chmod(0o644)
+    # archive_command runs as the cluster's OS user and writes below store/pg_main/wal.
+    (root / "store" / "pg_main" / "wal").mkdir(parents=True)
+    for folder in (root / "store", root / "store" / "pg_main", root / "store" / "pg_main" / "wal"):
+        shutil.chown(folder, root.owner(), root.group())
+    plan_path = root / "plan.yaml"
+    port = free_port()
+    source = pg_source(host="127.0.0.1", port=port, user="postgres")
+    plan = plan_dict(
+        [public], [source], stores=[{"name": "local", "kind": "local", "path": str(root / "store")}]
+    )
+    plan["encryption"]["identity_file"] = str(key)
+    plan_path.write_text(yaml.safe_dump(plan))
+    plan_path.chmod(0o644)
+    settings = {
+        "wal_level": "replica",
+        "archive_mode": "on",
+        "archive_timeout": "60s",
+        "archive_command": archive_command(plan_path, "pg_main"),
+        "max_wal_senders": "4",
+    }
+    cluster = Cluster(root / "cluster", port)
+    (root / "cluster").mkdir()
+    shutil.chown(root / "cluster", root.owner(), root.group())
+    with executable_for_postgres():
+        try:
+            cluster.init(settings).start()
+            yield Archiving(cluster, root, plan_path)
+        finally:
+            cluster.stop()
+            for pid_file in root.glob("pitr*/data/postmaster.pid"):
+                Cluster(pid_file.parent.parent, 0).stop()
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def test_pitr_drill_recovers_exactly_the_rows_before_the_damage(archiving: Archiving) -> None:
+    cluster = archiving.cluster
+    cluster.execute("CREATE TABLE ledger (id int PRIMARY KEY, note text)")
+    cluster.execute(
+        "INSERT INTO ledger SELECT g, 'before base ' || g FROM generate_series(1, 100) g"
+    )
+    [base] = archiving.service.backup("pg_main", artifact="base")
+    meta = base.source_metadata
+    assert base.part == "base" and meta["timeline"] == 1
+    assert (
+        meta["start_lsn"]
+        and meta["end_lsn"]
+        and meta["row_counts"]["postgres"] == {"public.ledger": 100}
+    )
+    cluster.execute(
+        "INSERT INTO ledger SELECT g, 'after base ' || g FROM generate_series(101, 250) g"
+    )
+    cluster.execute("CREATE TABLE keep_me AS SELECT 42 AS answer")
+    with closing(cluster.connect()) as conn:
+        expected = table_digests(conn)
+    time.sleep(1.1)
+    target = dt.datetime.now(dt.UTC)
+    time.sleep(1.1)
+    cluster.execute("DELETE FROM ledger WHERE id > 50")
+    cluster.execute("DROP TABLE keep_me")
+    cluster.execute("CREATE TABLE after_target (x int)")
+    cluster.switch_wal_and_wait()
+    assert archiving.service.wal_archive_status("pg_main").ok
+
+    target_dir = archiving.root / "pitr_drill"
+    result = run_cli(
+        "--plan",
+        str(archiving.plan),
+        "pg-pitr",
+        "pg_main",
+        "--to-time",
+        target.isoformat(),
+        "--target-dir",
+        str(target_dir),
+        "--port",
+        str(free_port()),
+        "--json",
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["ok"] and report["base_copy_id"] == base.id and report["wal_files"] >= 1
+    assert report["stopped"].startswith("before a transaction")
+    assert report["databases"]["postgres"]["row_counts"] == {
+        "public.keep_me": 1,
+        "public.ledger": 250,
+    }
+    recovered = psycopg2.connect(
+        host=str(target_dir), port=report["port"], user="postgres", dbname="postgres"
+    )
+    with closing(recovered):
+        assert table_digests(recovered) == expected
+    assert json.loads((target_dir / "pitr.json").read_text())["ok"]
+    assert not (target_dir / "wal_archive").exists()
+    Cluster(target_dir, report["port"]).stop()
+
+
+def test_pitr_refuses_bad_targets(archiving: Archiving) -> None:
+    service = archiving.service
+    if not service.copies("pg_main", "base"):
+        service.backup("pg_main", artifact="base")
+    busy = archiving.root / "busy"
+    busy.mkdir()
+    (busy / "something").write_text("x")
+    with pytest.raises(RestoreRefused, match="is not empty"):
+        service.pitr("pg_main", dt.datetime.now(dt.UTC), busy)
+    with pytest.raises(UsageError, match="before the oldest base backup"):
+        service.pitr("pg_main", dt.datetime(2026, 1, 2, tzinfo=dt.UTC), archiving.root / "early")
+    bad = run_cli(
+        "--plan",
+        str(archiving.plan),
+        "pg-pitr",
+        "--to-time",
+        "yesterday",
+        "--target-dir",
+        str(archiving.root / "never"),
+    )
+    assert bad.returncode == 2 and "not an ISO 8601 time" in bad.stderr
+    assert not (archiving.root / "early").exists() and not (archiving.root / "never").exists()
+
+
+def test_pitr_reports_the_last_reachable_point_of_an_archive_with_a_gap(
+    archiving: Archiving,
+) -> None:
+    """A copy of the archive with one segment missing: recovery must say where it can get to,
+    not stop early in silence."""
+    cluster = archiving.cluster
+    archiving.service.backup("pg_main", artifact="base")
+    cluster.execute("CREATE TABLE gap_test (x int)")
+    cluster.execute("INSERT INTO gap_test VALUES (1)")
+    cluster.switch_wal_and_wait()
+    cluster.execute("INSERT INTO gap_test VALUES (2)")
+    missing = cluster.switch_wal_and_wait()
+    cluster.execute("INSERT INTO gap_test VALUES (3)")
+    cluster.switch_wal_and_wait()
+    target = dt.datetime.now(dt.UTC)
+    cluster.execute("INSERT INTO gap_test VALUES (4)")
+    cluster.switch_wal_and_wait()
+
+    store_copy = archiving.root / "store_with_gap"
+    shutil.copytree(archiving.root / "store", store_copy)
+    for key in store_copy.glob(f"pg_main/wal/{missing}-*"):
+        key.unlink()
+    plan = archiving.write_plan(
+        "gap.yaml", stores=[{"name": "local", "kind": "local", "path": str(store_copy)}]
+    )
+    with pytest.raises(IntegrityError) as raised:
+        BackupService.from_path(plan).pitr(
+            "pg_main", target, archiving.root / "pitr_gap", port=free_port(), stop_after=True
+        )
+    message = str(raised.value)
+    assert f"segment {missing} is missing" in message
+    assert "the last reachable point is 20" in message  # a time from the server log
+    assert "\n" not in message
+
+
+def test_wal_archive_lag_check_passes_then_fails_beyond_the_rpo(archiving: Archiving) -> None:
+    cluster = archiving.cluster
+    cluster.switch_wal_and_wait()
+    strict = archiving.write_plan("strict.yaml", source={"rpo": "2s"})
+    for plan, expect in ((archiving.plan, True), (strict, False)):
+        if not expect:
+            cluster.execute("CREATE TABLE IF NOT EXISTS lag_probe (x int)")
+            cluster.execute("INSERT INTO lag_probe VALUES (1)")  # WAL the archive does not have
+            time.sleep(3)
+        defs = build_definitions(load_plan(plan))
+        with DagsterInstance.ephemeral() as instance:
+            result = defs.resolve_job_def(WAL_ARCHIVE_JOB).execute_in_process(
+                instance=instance, raise_on_error=False
+            )
+        [evaluation] = result.get_asset_check_evaluations()
+        assert evaluation.check_name == WAL_ARCHIVE_LAG_CHECK
+        assert evaluation.passed is expect, evaluation.description
+        lag = evaluation.metadata["lag_seconds"].value
+        assert (lag == 0) if expect else (lag >= 2)
+    status = run_cli("--plan", str(strict), "wal-status", "--json")
+    assert status.returncode == 3 and json.loads(status.stdout)["ok"] is False
+
+
+def test_prune_expires_wal_older_than_every_kept_base_backup(archiving: Archiving) -> None:
+    service = archiving.service
+    service.backup("pg_main", artifact="base")
+    archiving.cluster.switch_wal_and_wait()
+    [newest] = service.backup("pg_main", artifact="base")
+    archiving.cluster.switch_wal_and_wait()
+    one_a_day = archiving.write_plan(
+        "keep_one.yaml", source={"retention": {"daily": 1, "weekly": 0, "monthly": 0}}
+    )
+    report = BackupService.from_path(one_a_day).prune(dry_run=True)
+    assert newest.id in report.kept and report.expired
+    start = newest.source_metadata["start_lsn"]
+    from spark_backup.sources.postgres.basebackup import segment_of
+
+    first_needed = segment_of(start, 1)[8:]
+    expired = {key.rsplit("/", 1)[1][:24] for key in report.wal_expired}
+    assert expired and all(name[8:] < first_needed for name in expired)
+    remaining = {w.name for w in archived_wal(service.store("local"), "pg_main")} - expired
+    assert any(name[8:24] >= first_needed for name in remaining)
+    assert manifest_key("pg_main", newest.id)
