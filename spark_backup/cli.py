@@ -242,13 +242,14 @@ def list_(ctx: _Context, source: str | None, as_json: bool) -> None:
         click.echo(json.dumps([_copy_row(r) for r in refs], indent=2))
         return
     table = Table()
-    for column in ("id", "source", "partition", "finished", "size", "stored", "store"):
+    for column in ("id", "source", "part", "partition", "finished", "size", "stored", "store"):
         table.add_column(column, no_wrap=column == "id")
     for ref in refs:
         m = ref.manifest
         table.add_row(
             m.id,
             m.source,
+            m.part,
             m.partition,
             m.finished_at[:19],
             _size(m.plaintext.bytes),
@@ -264,6 +265,7 @@ def _copy_row(ref: CopyRef) -> dict[str, Any]:
         "id": m.id,
         "source": m.source,
         "kind": m.kind,
+        "part": m.part,
         "partition": m.partition,
         "started_at": m.started_at,
         "finished_at": m.finished_at,

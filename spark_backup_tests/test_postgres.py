@@ -16,7 +16,7 @@ from pathlib import Path
 import psycopg2
 import pytest
 import yaml
-from dagster import DagsterInstance
+from dagster import AssetKey, DagsterInstance
 
 from spark_backup.defs.build import build_definitions
 from spark_backup.defs.checks import WAL_ARCHIVE_LAG_CHECK
@@ -183,6 +183,10 @@ def test_dump_and_restore_round_trip(dump_plan: Path, sample_db: str, age_key) -
     with closing(main_conn(sample_db)) as original, closing(main_conn(target)) as restored:
         assert table_digests(restored) == table_digests(original)
 
+    probe = run_cli("--plan", str(dump_plan), "plan", "check", "--probe")
+    assert probe.returncode == 0, probe.stderr
+    listing = json.loads(run_cli("--plan", str(dump_plan), "list", "--json").stdout)
+    assert [row["part"] for row in listing] == ["globals", f"database:{sample_db}"]
     verify = run_cli("--plan", str(dump_plan), "verify", "--deep", "--json")
     assert verify.returncode == 0, verify.stderr
     assert all(row["ok"] for row in json.loads(verify.stdout))
@@ -475,6 +479,8 @@ def test_pitr_drill_recovers_exactly_the_rows_before_the_damage(archiving: Archi
         and meta["end_lsn"]
         and meta["row_counts"]["postgres"] == {"public.ledger": 100}
     )
+    deep = archiving.service.verify(archiving.service.find(base.id), archiving.service.identities())
+    assert deep.ok, deep.error
     cluster.execute(
         "INSERT INTO ledger SELECT g, 'after base ' || g FROM generate_series(101, 250) g"
     )
@@ -624,3 +630,47 @@ def test_prune_expires_wal_older_than_every_kept_base_backup(archiving: Archivin
     remaining = {w.name for w in archived_wal(service.store("local"), "pg_main")} - expired
     assert any(name[8:24] >= first_needed for name in remaining)
     assert manifest_key("pg_main", newest.id)
+
+
+def test_retention_keeps_each_part_as_its_own_series(dump_plan: Path, sample_db: str) -> None:
+    """Two dump runs on one day: the newest globals and the newest database dump both stay
+    (a rule over all copies of the source would keep only one of them)."""
+    service = BackupService.from_path(dump_plan)
+    service.backup("pg_main")
+    newest = service.backup("pg_main")
+    plan = yaml.safe_load(dump_plan.read_text())
+    plan["sources"][0]["retention"] = {"daily": 1, "weekly": 0, "monthly": 0}
+    dump_plan.write_text(yaml.safe_dump(plan))
+    report = BackupService.from_path(dump_plan).prune(dry_run=False)
+    assert sorted(report.kept) == sorted(m.id for m in newest)
+    assert len(report.expired) == 2
+    assert sorted(r.manifest.id for r in service.copies("pg_main")) == sorted(m.id for m in newest)
+
+
+def test_definitions_for_a_postgres_source(tmp_path: Path, age_key) -> None:
+    plan = write_plan(tmp_path, plan_dict([age_key[1]], [pg_source(**MAIN)]))
+    defs = build_definitions(load_plan(plan))
+    graph = defs.get_repository_def().asset_graph
+    assert {key.to_user_string() for key in graph.get_all_asset_keys()} == {
+        "backups/pg_main",
+        "backups/pg_main_base",
+        "backups/pg_main_wal_archive",
+    }
+    assert {(c.asset_key.to_user_string(), c.name) for c in graph.asset_check_keys} == {
+        ("backups/pg_main", "checksum"),
+        ("backups/pg_main", "freshness"),
+        ("backups/pg_main_base", "checksum"),
+        ("backups/pg_main_base", "freshness"),
+        ("backups/pg_main_wal_archive", WAL_ARCHIVE_LAG_CHECK),
+    }
+    repository = defs.get_repository_def()
+    assert {s.name for s in repository.schedule_defs} == {
+        "daily_backups_schedule",
+        "freshness_checks_schedule",
+        f"{WAL_ARCHIVE_JOB}_schedule",
+    }
+    assert repository.get_schedule_def(f"{WAL_ARCHIVE_JOB}_schedule").cron_schedule == "*/5 * * * *"
+    for key in ("backups/pg_main", "backups/pg_main_base"):
+        node = graph.get(AssetKey.from_user_string(key))
+        assert node.owners == ["team:dba"] and "postgres" in node.kinds
+        assert node.group_name == "postgres" and node.partitions_def is not None

@@ -71,7 +71,11 @@ def build_checksum_check(
             passed=not failed,
             severity=AssetCheckSeverity.ERROR,
             description="; ".join(o.error or "" for o in failed)
-            or f"{len(outcomes)} copies match their manifests",
+            or (
+                f"{len(outcomes)} copies match their manifests"
+                if len(outcomes) > 1
+                else f"copy {outcomes[0].copy_id} matches its manifest"
+            ),
             metadata={
                 "copy_ids": ", ".join(o.copy_id for o in outcomes),
                 "stored_sha256": ", ".join(r.manifest.stored.sha256 for r in newest),
