@@ -477,7 +477,7 @@ def wal_fetch(
     except NotFoundError as error:
         stderr.print(f"{error}", highlight=False, soft_wrap=True)
         sys.exit(WAL_FETCH_MISSING)
-    except SparkBackupError as error:
+    except Exception as error:
         stderr.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
         sys.exit(WAL_FETCH_ABORT)
 

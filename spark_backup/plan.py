@@ -231,6 +231,9 @@ class PostgresBaseBackup(_Model):
     wal_method: Literal["fetch", "none"] = "fetch"
     checkpoint: Literal["fast", "spread"] = "fast"
     max_age: Duration | None = None
+    # Exact row counts of every table, taken while the backup runs, for the recovery report.
+    # They read every table once more: switch off for clusters too large for that.
+    count_rows: bool = True
 
 
 class PostgresSource(_SourceBase):

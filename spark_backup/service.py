@@ -42,7 +42,7 @@ from spark_backup.sources import kind_module
 from spark_backup.sources.artifacts import Artifact
 from spark_backup.sources.postgres import KIND as KIND_POSTGRES
 from spark_backup.sources.postgres import dump as pg_dump_restore
-from spark_backup.sources.postgres import pitr
+from spark_backup.sources.postgres import pitr as recovery
 from spark_backup.sources.postgres.basebackup import BASE_PART, lsn_value, segment_of
 from spark_backup.sources.postgres.server import (
     PostgresServer,
@@ -494,45 +494,45 @@ class BackupService:
         target_time: dt.datetime | None,
         target_dir: Path,
         *,
-        port: int = pitr.DEFAULT_PORT,
+        port: int = recovery.DEFAULT_PORT,
         identity_file: str | Path | None = None,
         stop_after: bool = False,
         progress: ProgressCallback | None = None,
-    ) -> pitr.PitrReport:
+    ) -> recovery.PitrReport:
         """Recover the source to ``target_time`` (None: to the end of the archived WAL, for a
         disaster) in a new cluster under ``target_dir``, start it and verify it. The production
         cluster is not touched."""
         source = self.postgres_source(source_name)
         store = self.store_for(source)
         target_dir = Path(os.path.abspath(target_dir))
-        base = pitr.choose_base(
+        base = recovery.choose_base(
             [r.manifest for r in self.copies(source.name, "base")], target_time, source.name
         )
         identities = self.identities(identity_file)
-        pitr.prepare_target(target_dir)
-        report = pitr.PitrReport(
+        recovery.prepare_target(target_dir)
+        report = recovery.PitrReport(
             source.name,
             base.id,
-            target_time.isoformat() if target_time else pitr.LATEST,
+            target_time.isoformat() if target_time else recovery.LATEST,
             str(target_dir),
             port,
         )
-        os_user = pitr.default_os_user()
+        os_user = recovery.default_os_user()
         user = PostgresServer.from_source(source, self.loaded).user or "postgres"
         major = int(str(base.source_metadata["server_version"]).split(".")[0])
         bin_dir = self.loaded.resolve(source.bin_dir) if source.bin_dir else None
-        pg_ctl = pitr.server_binary("pg_ctl", major, bin_dir)
+        pg_ctl = recovery.server_binary("pg_ctl", major, bin_dir)
         started = False
         try:
-            pitr.timed(
+            recovery.timed(
                 report,
                 "restore_base_backup",
                 lambda: kind_module(KIND_POSTGRES).restore_copy(
-                    store, base, identities, target_dir / pitr.DATA_FOLDER, progress=progress
+                    store, base, identities, target_dir / recovery.DATA_FOLDER, progress=progress
                 ),
             )
-            wanted, gap = pitr.wal_to_fetch(base, archived_wal(store, source.name))
-            (target_dir / pitr.WAL_FOLDER).mkdir()
+            wanted, gap = recovery.wal_to_fetch(base, archived_wal(store, source.name))
+            (target_dir / recovery.WAL_FOLDER).mkdir()
 
             def fetch_all() -> None:
                 for entry in wanted:
@@ -540,24 +540,24 @@ class BackupService:
                         store,
                         source.name,
                         entry.name,
-                        target_dir / pitr.WAL_FOLDER / entry.name,
+                        target_dir / recovery.WAL_FOLDER / entry.name,
                         identities,
                     )
 
-            pitr.timed(report, "fetch_wal", fetch_all)
+            recovery.timed(report, "fetch_wal", fetch_all)
             report.wal_files = len(wanted)
-            pitr.configure_recovery(target_dir, target_time, port, os_user)
+            recovery.configure_recovery(target_dir, target_time, port, os_user)
             started = True
             try:
-                pitr.timed(
+                recovery.timed(
                     report,
                     "recovery",
-                    lambda: pitr.start_and_wait(
-                        pg_ctl, target_dir, os_user, pitr.START_TIMEOUT_SECONDS, user
+                    lambda: recovery.start_and_wait(
+                        pg_ctl, target_dir, os_user, recovery.START_TIMEOUT_SECONDS, user
                     ),
                 )
             except SourceError as exc:
-                points = pitr.recovery_points(target_dir / pitr.LOG_FILE)
+                points = recovery.recovery_points(target_dir / recovery.LOG_FILE)
                 reached = points["last_transaction"] or points["redo_done_lsn"] or "unknown"
                 missing = f"segment {gap} is missing" if gap else "it ends"
                 raise IntegrityError(
@@ -565,12 +565,12 @@ class BackupService:
                     f"WAL archive has no more WAL ({missing}); the last reachable point is "
                     f"{reached}. Choose --to-time at or before it. ({exc})"
                 ) from None
-            points = pitr.recovery_points(target_dir / pitr.LOG_FILE)
+            points = recovery.recovery_points(target_dir / recovery.LOG_FILE)
             report.stopped = points["stopped"]
             report.last_transaction = points["last_transaction"]
             report.recovered_to = points["last_transaction"]
-            report.databases = pitr.timed(
-                report, "verify", lambda: pitr.verify_cluster(target_dir, base, user)
+            report.databases = recovery.timed(
+                report, "verify", lambda: recovery.verify_cluster(target_dir, base, user)
             )
             report.ok = True
         except SparkBackupError as exc:
@@ -578,9 +578,9 @@ class BackupService:
             raise
         finally:
             if started and (stop_after or not report.ok):
-                pitr.stop(pg_ctl, target_dir, os_user)
-            pitr.remove_wal_cache(target_dir)
-            pitr.write_report(target_dir, report)
+                recovery.stop(pg_ctl, target_dir, os_user)
+            recovery.remove_wal_cache(target_dir)
+            recovery.write_report(target_dir, report)
         return report
 
 

@@ -674,3 +674,17 @@ def test_definitions_for_a_postgres_source(tmp_path: Path, age_key) -> None:
         node = graph.get(AssetKey.from_user_string(key))
         assert node.owners == ["team:dba"] and "postgres" in node.kinds
         assert node.group_name == "postgres" and node.partitions_def is not None
+
+
+def test_setup_archiving_prints_and_applies_the_settings(archiving: Archiving) -> None:
+    printed = run_cli("--plan", str(archiving.plan), "pg-setup-archiving", "pg_main")
+    assert printed.returncode == 0, printed.stderr
+    lines = dict(line.split(" = ", 1) for line in printed.stdout.splitlines() if " = " in line)
+    assert lines["wal_level"] == "replica" and lines["archive_mode"] == "on"
+    assert lines["archive_timeout"] == "60s"
+    assert f"--plan {archiving.plan} wal-push --source pg_main %p" in lines["archive_command"]
+    applied = run_cli("--plan", str(archiving.plan), "pg-setup-archiving", "--apply")
+    assert applied.returncode == 0, applied.stderr
+    assert "reloaded" in applied.stdout  # archiving was on already: nothing waits for a restart
+    assert archiving.cluster.execute("SHOW archive_timeout") == [("1min",)]
+    archiving.cluster.switch_wal_and_wait()  # the applied archive_command works

@@ -4,7 +4,8 @@ The tar holds the data directory with ``backup_label`` and PostgreSQL's ``backup
 (``pg_verifybackup`` checks an extracted copy), and with ``wal_method: fetch`` the WAL that
 makes it consistent. The manifest records the WAL start and end positions and the timeline
 (from pg_basebackup's own report) and each database's tables with their row counts when the
-backup started, which a point-in-time recovery reports beside what it recovered.
+backup ran (in a thread beside the stream; ``count_rows: false`` skips them), which a
+point-in-time recovery reports beside what it recovered.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from spark_backup.engine.streams import Readable
 from spark_backup.errors import IntegrityError, SourceError
 from spark_backup.plan import PostgresBaseBackup
 from spark_backup.sources.postgres.server import (
+    Background,
     PostgresServer,
     list_databases,
     server_major,
@@ -68,7 +70,13 @@ class BaseBackupReader:
             databases = list_databases(conn)
         finally:
             conn.close()
-        tables = {database: self._row_counts(database) for database in databases}
+        counter = Background(
+            lambda: (
+                {database: self._row_counts(database) for database in databases}
+                if self.settings.count_rows
+                else {}
+            )
+        )
         pg_basebackup = self.server.tool("pg_basebackup", major)
         self._tools = {"pg_basebackup": tool_version(str(pg_basebackup))[1]}
         args = [
@@ -87,6 +95,7 @@ class BaseBackupReader:
             streamed_tool(args, env, "pg_basebackup") as output,
         ):
             yield output
+        tables = counter.result()
         report = "\n".join(output.messages)
         start, end = _START_RE.search(report), _END_RE.search(report)
         if not start or not end:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import datetime as dt
 import subprocess
 import tempfile
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from typing import Any
@@ -26,6 +25,7 @@ from spark_backup.engine.processes import first_error, streamed_tool
 from spark_backup.engine.streams import CHUNK_SIZE, Readable
 from spark_backup.errors import IntegrityError, RestoreRefused, SourceError
 from spark_backup.sources.postgres.server import (
+    Background,
     PostgresServer,
     server_major,
     server_version_text,
@@ -75,7 +75,7 @@ class DatabaseDumpReader:
                 "format": "pg_dump custom format (-Fc, uncompressed inside zstd)",
             }
             # The counts run in our transaction, on the snapshot pg_dump reads, while it reads.
-            counter = _Background(lambda: table_row_counts(conn))
+            counter = Background(lambda: table_row_counts(conn))
             args = [
                 str(pg_dump),
                 "--format=custom",
@@ -149,28 +149,6 @@ class GlobalsReader:
 
     def tool_versions(self) -> dict[str, str]:
         return self._tools
-
-
-class _Background:
-    """Run a function in a thread; ``result()`` waits and returns or re-raises."""
-
-    def __init__(self, function: Any):
-        self._value: Any = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(function,), daemon=True)
-        self._thread.start()
-
-    def _run(self, function: Any) -> None:
-        try:
-            self._value = function()
-        except BaseException as exc:  # handed to result()
-            self._error = exc
-
-    def result(self) -> Any:
-        self._thread.join()
-        if self._error is not None:
-            raise SourceError(f"counting rows failed: {self._error}") from None
-        return self._value
 
 
 # --- restore -----------------------------------------------------------------------------------

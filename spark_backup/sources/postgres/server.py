@@ -15,7 +15,8 @@ import re
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,6 +131,13 @@ class PostgresServer:
         """The environment for pg_dump and friends: the password in a passfile readable only by
         us, removed when the tool has finished."""
         env = tool_environment()
+        # libpq's own settings (PGSSLMODE, PGSSLROOTCERT, PGSERVICE, ...) apply to the tools as
+        # they apply to our connections; a password only ever travels in the passfile below.
+        env.update(
+            (name, value)
+            for name, value in os.environ.items()
+            if name.startswith("PG") and name not in ("PGPASSWORD", "PGPASSFILE")
+        )
         env["PGAPPNAME"] = APPLICATION_NAME
         env["PGCONNECT_TIMEOUT"] = str(CONNECT_TIMEOUT_SECONDS)
         password = self._password()
@@ -302,3 +310,25 @@ def _passfile_escape(value: str) -> str:
 def _first_line(message: str, secret: str | None) -> str:
     line = next((part.strip() for part in message.splitlines() if part.strip()), message)
     return line.replace(secret, "***") if secret else line
+
+
+class Background:
+    """Run a function in a thread; ``result()`` waits and returns or re-raises."""
+
+    def __init__(self, function: Callable[[], Any]):
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(function,), daemon=True)
+        self._thread.start()
+
+    def _run(self, function: Any) -> None:
+        try:
+            self._value = function()
+        except BaseException as exc:  # handed to result()
+            self._error = exc
+
+    def result(self) -> Any:
+        self._thread.join()
+        if self._error is not None:
+            raise SourceError(f"counting rows failed: {self._error}") from None
+        return self._value
