@@ -22,7 +22,13 @@ from spark_backup.defs.build import build_definitions
 from spark_backup.defs.checks import WAL_ARCHIVE_LAG_CHECK
 from spark_backup.defs.schedules import WAL_ARCHIVE_JOB
 from spark_backup.engine.manifest import manifest_key
-from spark_backup.errors import IntegrityError, PlanError, RestoreRefused, UsageError
+from spark_backup.errors import (
+    IntegrityError,
+    PlanError,
+    RestoreRefused,
+    SourceError,
+    UsageError,
+)
 from spark_backup.plan import load_plan
 from spark_backup.service import BackupService
 from spark_backup.sources.postgres.wal import archived_wal
@@ -688,3 +694,41 @@ def test_setup_archiving_prints_and_applies_the_settings(archiving: Archiving) -
     assert "reloaded" in applied.stdout  # archiving was on already: nothing waits for a restart
     assert archiving.cluster.execute("SHOW archive_timeout") == [("1min",)]
     archiving.cluster.switch_wal_and_wait()  # the applied archive_command works
+
+
+def test_a_dump_cut_off_mid_stream_leaves_no_copy(dump_plan: Path, sample_db: str) -> None:
+    """The server ends pg_dump's session while it streams: that database gets no copy, not
+    even an invisible one; the globals copy made before it stays valid."""
+    run_sql(
+        "CREATE TABLE bulk AS SELECT g AS id, repeat(md5(g::text), 16) AS pad "
+        "FROM generate_series(1, 400000) g",
+        sample_db,
+    )
+    killed = []
+
+    def terminate_the_dump() -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not killed:
+            rows = run_sql(
+                "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                "AND query LIKE 'COPY public.bulk%'",
+                sample_db,
+            )
+            for (pid,) in rows:
+                run_sql(f"SELECT pg_terminate_backend({pid})")
+                killed.append(pid)
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=terminate_the_dump)
+    thread.start()
+    service = BackupService.from_path(dump_plan)
+    try:
+        with pytest.raises(SourceError, match=f"pg_dump of '{sample_db}'"):
+            service.backup("pg_main")
+    finally:
+        thread.join()
+    assert killed
+    [copy] = service.copies("pg_main")
+    assert copy.manifest.part == "globals" and service.verify(copy).ok
+    files = [p.name for p in (dump_plan.parent / "store").rglob("*") if p.is_file()]
+    assert not [name for name in files if ".pgdump." in name]
