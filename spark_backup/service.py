@@ -144,6 +144,10 @@ class BackupService:
             f"(it has: {', '.join(a.name for a in found)})"
         )
 
+    def _compression(self, source: SourceConfig) -> CompressionSettings:
+        compression = self.plan.compression_for(source)
+        return CompressionSettings(compression.level, compression.threads)
+
     def current_partition(self, artifact: Artifact, now: dt.datetime | None = None) -> str:
         return partition_key_for(artifact.cadence, now or utcnow())
 
@@ -163,7 +167,6 @@ class BackupService:
         chosen = self.artifact(source, artifact)
         if partition is not None:
             check_partition_key(chosen.cadence, partition, utcnow())
-        compression = self.plan.compression_for(source)
         store = self.store_for(source)
         store.check()  # an unreachable store or rejected credentials: say so before reading
         readers = kind_module(source.kind).readers_for(source, self.loaded, chosen.name)
@@ -177,7 +180,7 @@ class BackupService:
                         source_name=source.name,
                         partition=partition or self.current_partition(chosen),
                         recipients=self.recipients(),
-                        compression=CompressionSettings(compression.level, compression.threads),
+                        compression=self._compression(source),
                         progress=progress,
                     )
                 )
@@ -387,15 +390,9 @@ class BackupService:
     def wal_push(self, source_name: str | None, path: Path) -> str:
         source = self.postgres_source(source_name)
         store = self.store_for(source)
-        compression = self.plan.compression_for(source)
         lock = store.default_lock.lock_from(utcnow()) if store.default_lock else None
         return push_wal(
-            store,
-            source.name,
-            path,
-            self.recipients(),
-            CompressionSettings(compression.level, compression.threads),
-            lock,
+            store, source.name, path, self.recipients(), self._compression(source), lock
         )
 
     def wal_fetch(

@@ -52,32 +52,34 @@ def build_backup_schedule(job) -> ScheduleDefinition:
 
 
 def build_freshness_schedule(keys: Sequence[AssetKey]) -> ScheduleDefinition:
-    job = define_asset_job(
+    return _check_schedule(
         FRESHNESS_JOB,
-        selection=AssetSelection.checks(*(AssetCheckKey(key, FRESHNESS_CHECK) for key in keys)),
-        description="Is the newest copy of every source young enough?",
-    )
-    return ScheduleDefinition(
-        name=f"{FRESHNESS_JOB}_schedule",
-        job=job,
-        cron_schedule=FRESHNESS_CRON,
-        execution_timezone="UTC",
-        default_status=DefaultScheduleStatus.RUNNING,
+        [AssetCheckKey(key, FRESHNESS_CHECK) for key in keys],
+        FRESHNESS_CRON,
+        "Is the newest copy of every source young enough?",
     )
 
 
 def build_wal_archive_schedule(keys: Sequence[AssetKey]) -> ScheduleDefinition:
-    job = define_asset_job(
+    return _check_schedule(
         WAL_ARCHIVE_JOB,
-        selection=AssetSelection.checks(
-            *(AssetCheckKey(key, WAL_ARCHIVE_LAG_CHECK) for key in keys)
-        ),
-        description="Is every PostgreSQL WAL archive within its RPO?",
+        [AssetCheckKey(key, WAL_ARCHIVE_LAG_CHECK) for key in keys],
+        WAL_ARCHIVE_CRON,
+        "Is every PostgreSQL WAL archive within its RPO?",
+    )
+
+
+def _check_schedule(
+    job_name: str, checks: Sequence[AssetCheckKey], cron: str, description: str
+) -> ScheduleDefinition:
+    """A job that runs only the given checks, and a schedule that runs it whatever else runs."""
+    job = define_asset_job(
+        job_name, selection=AssetSelection.checks(*checks), description=description
     )
     return ScheduleDefinition(
-        name=f"{WAL_ARCHIVE_JOB}_schedule",
+        name=f"{job_name}_schedule",
         job=job,
-        cron_schedule=WAL_ARCHIVE_CRON,
+        cron_schedule=cron,
         execution_timezone="UTC",
         default_status=DefaultScheduleStatus.RUNNING,
     )

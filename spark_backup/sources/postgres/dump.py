@@ -186,25 +186,20 @@ def check_target_database(
 
 
 def create_database(server: PostgresServer, name: str) -> None:
-    conn = server.connect()
-    try:
-        conn.autocommit = True
-        with conn.cursor() as cursor:
-            cursor.execute(
-                sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(name))
-            )
-    finally:
-        conn.close()
+    _outside_transaction(server, "CREATE DATABASE {} TEMPLATE template0", name)
 
 
 def drop_database(server: PostgresServer, name: str) -> None:
+    _outside_transaction(server, "DROP DATABASE IF EXISTS {} WITH (FORCE)", name)
+
+
+def _outside_transaction(server: PostgresServer, statement: str, database: str) -> None:
+    """Run a statement that names a database and cannot run inside a transaction."""
     conn = server.connect()
     try:
         conn.autocommit = True
         with conn.cursor() as cursor:
-            cursor.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-            )
+            cursor.execute(sql.SQL(statement).format(sql.Identifier(database)))
     finally:
         conn.close()
 
