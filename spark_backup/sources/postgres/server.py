@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -236,16 +237,13 @@ def apply_settings(server: PostgresServer, settings: dict[str, str]) -> list[str
     try:
         conn.autocommit = True
         with conn.cursor() as cursor:
+            cursor.execute("SELECT pg_conf_load_time()")
+            loaded_before = cursor.fetchone()[0]
             for name, value in settings.items():
                 cursor.execute(
                     sql.SQL("ALTER SYSTEM SET {} = %s").format(sql.Identifier(name)), (value,)
                 )
             cursor.execute("SELECT pg_reload_conf()")
-            cursor.execute(
-                "SELECT name FROM pg_settings WHERE pending_restart AND name = ANY(%s)",
-                (list(settings),),
-            )
-            return [row[0] for row in cursor.fetchall()]
     except psycopg2.Error as exc:
         raise SourceError(
             f"source {server.source_name!r}: cannot change server settings: "
@@ -253,6 +251,22 @@ def apply_settings(server: PostgresServer, settings: dict[str, str]) -> list[str
         ) from None
     finally:
         conn.close()
+    # The reload is asynchronous: a new session sees it once the server has read the file.
+    deadline = time.monotonic() + 10
+    while True:
+        conn = server.connect()
+        try:
+            with conn.cursor() as cursor:
+                cursor.execute("SELECT pg_conf_load_time()")
+                if cursor.fetchone()[0] > loaded_before or time.monotonic() > deadline:
+                    cursor.execute(
+                        "SELECT name FROM pg_settings WHERE pending_restart AND name = ANY(%s)",
+                        (list(settings),),
+                    )
+                    return [row[0] for row in cursor.fetchall()]
+        finally:
+            conn.close()
+        time.sleep(0.1)
 
 
 def server_major(conn: PgConnection) -> int:
