@@ -459,25 +459,25 @@ class BackupService:
         no_owner: bool = False,
         progress: ProgressCallback | None = None,
     ) -> dict[str, Any]:
-        """Restore a database dump into ``database`` on the source's server, created for it, and
-        check every table's row count against the dump's. A failed restore drops what it made."""
+        """Restore a database dump into ``database`` on the source's server and check every
+        table's row count against the dump's. The dump goes into a new staging database that
+        takes the name only once the copy's checksums and the counts matched (with ``force``,
+        replacing the database of that name); a failed restore drops the staging database."""
         ref = self.find(copy_id)
         source = self.postgres_source(ref.manifest.source)
         server = PostgresServer.from_source(source, self.loaded)
         identities = self.identities(identity_file)
         exists = pg_dump_restore.check_target_database(server, ref.manifest, database, force)
         started = utcnow()
-        if not exists:
-            pg_dump_restore.create_database(server, database)
+        staging = pg_dump_restore.staging_database_name(database)
+        pg_dump_restore.create_database(server, staging)
         try:
             with open_copy(ref.store, ref.manifest, identities, progress) as plain:
-                pg_dump_restore.pg_restore_into(
-                    server, plain, database, clean=exists, no_owner=no_owner
-                )
-            counts = pg_dump_restore.check_row_counts(server, ref.manifest, database)
+                pg_dump_restore.pg_restore_into(server, plain, staging, no_owner=no_owner)
+            counts = pg_dump_restore.check_row_counts(server, ref.manifest, staging, database)
+            pg_dump_restore.publish_database(server, staging, database, replace=exists)
         except BaseException:
-            if not exists:
-                pg_dump_restore.drop_database(server, database)
+            pg_dump_restore.drop_database(server, staging)
             raise
         return {
             "copy_id": copy_id,

@@ -273,6 +273,15 @@ def test_failed_restore_leaves_no_database(dump_plan: Path, sample_db: str) -> N
     result = run_cli("--plan", str(dump_plan), "restore", dump.id, "--to-db", target)
     assert result.returncode == 3, result.stderr
     assert run_sql(f"SELECT 1 FROM pg_database WHERE datname = '{target}'") == []
+    # With --force, the database being replaced stays as it was until a checked copy is ready.
+    run_sql("DELETE FROM app.orders WHERE id > 100", sample_db)
+    with closing(main_conn(sample_db)) as conn:
+        before = table_digests(conn)
+    forced = run_cli("--plan", str(dump_plan), "restore", dump.id, "--to-db", sample_db, "--force")
+    assert forced.returncode == 3, forced.stderr
+    with closing(main_conn(sample_db)) as conn:
+        assert table_digests(conn) == before
+    assert run_sql("SELECT datname FROM pg_database WHERE datname LIKE '%spark_restore%'") == []
 
 
 def test_bad_connections_and_tools_give_one_line(tmp_path: Path, age_key, sample_db) -> None:

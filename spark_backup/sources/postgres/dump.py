@@ -11,6 +11,7 @@ on more cores. A decrypted copy is a plain custom-format archive for ``pg_restor
 from __future__ import annotations
 
 import datetime as dt
+import secrets
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -185,6 +186,19 @@ def check_target_database(
     return exists
 
 
+def staging_database_name(target: str) -> str:
+    """A new database name beside ``target`` (within PostgreSQL's 63 bytes)."""
+    prefix = target.encode()[:40].decode(errors="ignore")
+    return f"{prefix}_spark_restore_{secrets.token_hex(4)}"
+
+
+def publish_database(server: PostgresServer, staging: str, target: str, replace: bool) -> None:
+    """Give the checked staging database the target's name, dropping the old one if asked."""
+    if replace:
+        drop_database(server, target)
+    _outside_transaction(server, "ALTER DATABASE {} RENAME TO {}", staging, target)
+
+
 def create_database(server: PostgresServer, name: str) -> None:
     _outside_transaction(server, "CREATE DATABASE {} TEMPLATE template0", name)
 
@@ -193,19 +207,19 @@ def drop_database(server: PostgresServer, name: str) -> None:
     _outside_transaction(server, "DROP DATABASE IF EXISTS {} WITH (FORCE)", name)
 
 
-def _outside_transaction(server: PostgresServer, statement: str, database: str) -> None:
-    """Run a statement that names a database and cannot run inside a transaction."""
+def _outside_transaction(server: PostgresServer, statement: str, *databases: str) -> None:
+    """Run a statement that names databases and cannot run inside a transaction."""
     conn = server.connect()
     try:
         conn.autocommit = True
         with conn.cursor() as cursor:
-            cursor.execute(sql.SQL(statement).format(sql.Identifier(database)))
+            cursor.execute(sql.SQL(statement).format(*map(sql.Identifier, databases)))
     finally:
         conn.close()
 
 
 def pg_restore_into(
-    server: PostgresServer, plain: Readable, target: str, *, clean: bool, no_owner: bool
+    server: PostgresServer, plain: Readable, target: str, *, no_owner: bool
 ) -> None:
     """Stream a custom-format dump into ``pg_restore`` in one transaction: it applies all or
     nothing. ``SourceError`` with pg_restore's first error line if it fails."""
@@ -220,8 +234,6 @@ def pg_restore_into(
         "--single-transaction",
         f"--dbname={server.dsn(target)}",
     ]
-    if clean:
-        args += ["--clean", "--if-exists"]
     if no_owner:
         args += ["--no-owner", "--no-privileges"]
     with server.tool_environment() as env, tempfile.TemporaryFile() as stderr:
@@ -246,10 +258,12 @@ def pg_restore_into(
         raise SourceError(f"pg_restore into {target!r}: {first_error(messages, status)}")
 
 
-def check_row_counts(server: PostgresServer, manifest: Manifest, target: str) -> dict[str, int]:
+def check_row_counts(
+    server: PostgresServer, manifest: Manifest, restored_into: str, target: str
+) -> dict[str, int]:
     """The restored database must hold exactly the rows the dump's snapshot held."""
     recorded: dict[str, int] = manifest.source_metadata.get("row_counts", {})
-    conn = server.connect(target)
+    conn = server.connect(restored_into)
     try:
         restored = table_row_counts(conn)
     finally:
