@@ -250,7 +250,7 @@ class PostgresSource(_SourceBase):
     maintenance_db: str = "postgres"
     password_env: EnvName | None = None
     passfile: str | None = None
-    databases: list[Annotated[str, Field(min_length=1)]] | Literal["all"] = "all"
+    databases: list[str] | Literal["all"] = "all"
     exclude_databases: list[str] = Field(default_factory=list)
     # Where pg_dump, pg_basebackup, pg_restore, pg_ctl live; default: the server's major version
     # under /usr/lib/postgresql, else PATH.
@@ -275,6 +275,17 @@ class PostgresSource(_SourceBase):
                     "it with 'password_env' (or use 'passfile')"
                 )
         return data
+
+    @field_validator("databases", mode="before")
+    @classmethod
+    def _database_names(cls, value: Any) -> Any:
+        if value != "all" and (
+            not isinstance(value, list)
+            or not value
+            or not all(isinstance(name, str) and name for name in value)
+        ):
+            raise ValueError("expected 'all' or a non-empty list of database names")
+        return value
 
     @model_validator(mode="after")
     def _dsn_or_host(self) -> PostgresSource:

@@ -137,6 +137,8 @@ def dump_plan(tmp_path: Path, age_key, sample_db: str) -> Path:
         ({"dsn": "host=db port='"}, "dsn is not a libpq connection string"),
         ({"password_env": "not-a-name"}, "password_env"),
         ({"base_backup": {"enabled": False}}, "wal_archiving needs base_backup.enabled"),
+        ({"databases": []}, "databases: expected 'all' or a non-empty list of database names"),
+        ({"databases": "everything"}, "databases: expected 'all' or a non-empty list"),
     ],
 )
 def test_plan_refuses_inline_secrets_and_contradictions(tmp_path, age_key, fields, expected):
