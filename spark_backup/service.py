@@ -532,47 +532,40 @@ class BackupService:
                 ),
             )
             wanted, gap = recovery.wal_to_fetch(base, archived_wal(store, source.name))
-            (target_dir / recovery.WAL_FOLDER).mkdir()
-
-            def fetch_all() -> None:
-                # Each file is decrypted in its own worker process: a few at a time keep the
-                # cores busy (a day of WAL at 60 s archive_timeout is over 1,400 files).
-                with ThreadPoolExecutor(max_workers=WAL_FETCH_WORKERS) as pool:
-                    futures = [
-                        pool.submit(
-                            fetch_wal,
-                            store,
-                            source.name,
-                            entry.name,
-                            target_dir / recovery.WAL_FOLDER / entry.name,
-                            identities,
-                        )
-                        for entry in wanted
-                    ]
-                    for future in futures:
-                        future.result()
-
-            recovery.timed(report, "fetch_wal", fetch_all)
-            report.wal_files = len(wanted)
+            wal_folder = target_dir / recovery.WAL_FOLDER
+            wal_folder.mkdir()
             recovery.configure_recovery(target_dir, target_time, port, os_user)
-            started = True
-            try:
+            batches = recovery.wal_batches(wanted, target_time)
+            for number, batch in enumerate(batches, start=1):
                 recovery.timed(
                     report,
-                    "recovery",
-                    lambda: recovery.start_and_wait(
-                        pg_ctl, target_dir, os_user, recovery.START_TIMEOUT_SECONDS, user
+                    "fetch_wal",
+                    lambda batch=batch: self._fetch_wal_files(
+                        store, source.name, batch, wal_folder, identities
                     ),
                 )
-            except SourceError as exc:
-                points = recovery.recovery_points(target_dir / recovery.LOG_FILE)
-                reached = points["last_transaction"] or points["redo_done_lsn"] or "unknown"
-                missing = f"segment {gap} is missing" if gap else "it ends"
-                raise IntegrityError(
-                    f"recovery of {source.name!r} cannot reach {report.target_time}: the "
-                    f"WAL archive has no more WAL ({missing}); the last reachable point is "
-                    f"{reached}. Choose --to-time at or before it. ({exc})"
-                ) from None
+                report.wal_files += len(batch)
+                started = True
+                try:
+                    recovery.timed(
+                        report,
+                        "recovery",
+                        lambda: recovery.start_and_wait(
+                            pg_ctl, target_dir, os_user, recovery.START_TIMEOUT_SECONDS, user
+                        ),
+                    )
+                    break
+                except SourceError as exc:
+                    if number < len(batches) and recovery.ENDED_EARLY in str(exc):
+                        continue  # the archive has more: fetch it, and recovery resumes
+                    points = recovery.recovery_points(target_dir / recovery.LOG_FILE)
+                    reached = points["last_transaction"] or points["redo_done_lsn"] or "unknown"
+                    missing = f"segment {gap} is missing" if gap else "it ends"
+                    raise IntegrityError(
+                        f"recovery of {source.name!r} cannot reach {report.target_time}: the "
+                        f"WAL archive has no more WAL ({missing}); the last reachable point is "
+                        f"{reached}. Choose --to-time at or before it. ({exc})"
+                    ) from None
             points = recovery.recovery_points(target_dir / recovery.LOG_FILE)
             report.stopped = points["stopped"]
             report.last_transaction = points["last_transaction"]
@@ -590,6 +583,24 @@ class BackupService:
             recovery.remove_wal_cache(target_dir)
             recovery.write_report(target_dir, report)
         return report
+
+    @staticmethod
+    def _fetch_wal_files(
+        store: ObjectStore,
+        source: str,
+        entries: list[ArchivedWal],
+        folder: Path,
+        identities: list[x25519.Identity],
+    ) -> None:
+        # Each file is decrypted in its own worker process: a few at a time keep the cores
+        # busy (a day of WAL at 60 s archive_timeout is over 1,400 files).
+        with ThreadPoolExecutor(max_workers=WAL_FETCH_WORKERS) as pool:
+            futures = [
+                pool.submit(fetch_wal, store, source, entry.name, folder / entry.name, identities)
+                for entry in entries
+            ]
+            for future in futures:
+                future.result()
 
 
 @dataclass

@@ -744,3 +744,43 @@ def test_a_dump_cut_off_mid_stream_leaves_no_copy(dump_plan: Path, sample_db: st
     assert copy.manifest.part == "globals" and service.verify(copy).ok
     files = [p.name for p in (dump_plan.parent / "store").rglob("*") if p.is_file()]
     assert not [name for name in files if ".pgdump." in name]
+
+
+def test_pitr_fetches_wal_in_batches_and_resumes(archiving: Archiving, monkeypatch) -> None:
+    """With no lookahead the first batch ends before the target; recovery resumes on the next
+    batch, and the WAL far beyond the target is never fetched."""
+    from spark_backup.sources.postgres import pitr as recovery
+
+    monkeypatch.setattr(recovery, "WAL_LOOKAHEAD", 0)
+    cluster = archiving.cluster
+    [base] = archiving.service.backup("pg_main", artifact="base")
+    cluster.execute("CREATE TABLE batches (x int)")
+    cluster.execute("INSERT INTO batches VALUES (1)")
+    cluster.switch_wal_and_wait()
+    time.sleep(1.1)
+    target = dt.datetime.now(dt.UTC)
+    time.sleep(1.1)
+    for value in range(2, 8):
+        cluster.execute(f"INSERT INTO batches VALUES ({value})")
+        cluster.switch_wal_and_wait()
+    report = archiving.service.pitr(
+        "pg_main", target, archiving.root / "pitr_batches", port=free_port(), stop_after=False
+    )
+    try:
+        assert report.ok and report.base_copy_id == base.id
+        after_base = [
+            w
+            for w in archived_wal(archiving.service.store("local"), "pg_main")
+            if w.is_segment and w.modified >= base.started
+        ]
+        assert report.wal_files < len(after_base)
+        log = (Path(report.target_dir) / recovery.LOG_FILE).read_text()
+        assert log.count(recovery.ENDED_EARLY) >= 1  # the first batch was not enough
+        recovered = psycopg2.connect(
+            host=report.target_dir, port=report.port, user="postgres", dbname="postgres"
+        )
+        with closing(recovered), recovered.cursor() as cursor:
+            cursor.execute("SELECT array_agg(x ORDER BY x) FROM batches")
+            assert cursor.fetchone()[0] == [1]
+    finally:
+        Cluster(Path(report.target_dir), report.port).stop()

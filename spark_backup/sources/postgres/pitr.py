@@ -45,6 +45,11 @@ LOG_FILE = "postgresql.log"
 REPORT_FILE = "pitr.json"
 HBA_FILE = "pg_hba.conf"
 DEFAULT_PORT = 54329
+# Segments beyond the last one archived before the target fetched up front: the commit that
+# ends recovery is usually in the next few.
+WAL_LOOKAHEAD = 8
+# PostgreSQL 15's words when the WAL ran out before the recovery target.
+ENDED_EARLY = "recovery ended before configured recovery target was reached"
 LATEST = "latest"
 START_TIMEOUT_SECONDS = 2 * 3600  # the RTO: a recovery that takes longer has failed anyway
 _STOPPING_RE = re.compile(r"recovery stopping (before|after) .*?time ([0-9-]+ [0-9:.]+\+?[0-9:]*)")
@@ -308,11 +313,33 @@ def write_report(target_dir: Path, report: PitrReport) -> None:
 
 
 def timed(report: PitrReport, step: str, action: Callable[[], Any]) -> Any:
+    """Run ``action``, adding its duration to the report's ``step``."""
     started = time.monotonic()
     try:
         return action()
     finally:
-        report.seconds[step] = round(time.monotonic() - started, 3)
+        spent = report.seconds.get(step, 0.0) + time.monotonic() - started
+        report.seconds[step] = round(spent, 3)
+
+
+def wal_batches(wanted: list[ArchivedWal], target: dt.datetime | None) -> list[list[ArchivedWal]]:
+    """The WAL to fetch, in batches. A segment archived before the target holds nothing after
+    it, so all of those come first, with the history files and a few segments beyond; later
+    batches, each twice the size, are fetched only if recovery ends before reaching the target
+    (it then resumes where it stopped). Without a target, all of it at once."""
+    histories = [entry for entry in wanted if not entry.is_segment]
+    segments = sorted((e for e in wanted if e.is_segment), key=lambda e: (e.position, e.timeline))
+    if target is None:
+        return [histories + segments]
+    before = sum(1 for entry in segments if entry.modified < target)
+    size = before + WAL_LOOKAHEAD
+    batches = [histories + segments[:size]]
+    step = max(WAL_LOOKAHEAD, 1)
+    while size < len(segments):
+        step *= 2
+        batches.append(segments[size : size + step])
+        size += step
+    return batches
 
 
 def default_os_user() -> str | None:
