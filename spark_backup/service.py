@@ -551,7 +551,7 @@ class BackupService:
                         report,
                         "recovery",
                         lambda: recovery.start_and_wait(
-                            pg_ctl, target_dir, os_user, recovery.START_TIMEOUT_SECONDS, user
+                            pg_ctl, target_dir, port, os_user, recovery.START_TIMEOUT_SECONDS, user
                         ),
                     )
                     break
@@ -571,7 +571,7 @@ class BackupService:
             report.last_transaction = points["last_transaction"]
             report.recovered_to = points["last_transaction"]
             report.databases = recovery.timed(
-                report, "verify", lambda: recovery.verify_cluster(target_dir, base, user)
+                report, "verify", lambda: recovery.verify_cluster(target_dir, port, base, user)
             )
             report.ok = True
         except SparkBackupError as exc:

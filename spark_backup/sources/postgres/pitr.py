@@ -15,7 +15,6 @@ private key, and the same settings work by hand (docs/runbooks/postgres.md).
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import json
 import os
@@ -180,7 +179,7 @@ def configure_recovery(
         conf.write("\n# spark-backup pg-pitr: recovery into a throwaway cluster\n")
         conf.writelines(f"{name} = {value}\n" for name, value in settings.items())
     (data / "recovery.signal").touch()
-    with_suppress_unlink(data / "standby.signal")
+    (data / "standby.signal").unlink(missing_ok=True)
     os.chmod(data, 0o700)
     os.chmod(target_dir, 0o700)  # the socket trusts whoever reaches it: only the owner may
     if os_user:
@@ -189,11 +188,6 @@ def configure_recovery(
             for name in [*dirs, *files]:
                 os.lchown(os.path.join(root, name), entry.pw_uid, entry.pw_gid)
         os.lchown(target_dir, entry.pw_uid, entry.pw_gid)
-
-
-def with_suppress_unlink(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
 
 
 def _quote(value: str) -> str:
@@ -205,7 +199,7 @@ def as_user(args: Sequence[str], os_user: str | None) -> list[str]:
 
 
 def start_and_wait(
-    pg_ctl: Path, target_dir: Path, os_user: str | None, timeout: float, user: str
+    pg_ctl: Path, target_dir: Path, port: int, os_user: str | None, timeout: float, user: str
 ) -> None:
     """Start the cluster and wait until recovery has ended and it was promoted. Raises with the
     server's own reason (from its log) if it stops instead."""
@@ -225,7 +219,7 @@ def start_and_wait(
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            with closing(_connect(target_dir, user)) as conn, conn.cursor() as cursor:
+            with closing(_connect(target_dir, port, user)) as conn, conn.cursor() as cursor:
                 cursor.execute("SELECT pg_is_in_recovery()")
                 if not cursor.fetchone()[0]:
                     return
@@ -253,16 +247,10 @@ def stop(pg_ctl: Path, target_dir: Path, os_user: str | None) -> None:
     )
 
 
-def _connect(target_dir: Path, user: str, dbname: str = "postgres") -> Any:
-    port = _configured_port(target_dir)
+def _connect(target_dir: Path, port: int, user: str, dbname: str = "postgres") -> Any:
     return psycopg2.connect(
         host=str(target_dir), port=port, user=user, dbname=dbname, connect_timeout=5
     )
-
-
-def _configured_port(target_dir: Path) -> int:
-    text = (target_dir / DATA_FOLDER / "postgresql.auto.conf").read_text(encoding="utf-8")
-    return int(re.findall(r"^port = (\d+)$", text, re.MULTILINE)[-1])
 
 
 def _log_failure(log: Path) -> str:
@@ -285,14 +273,16 @@ def recovery_points(log: Path) -> dict[str, str | None]:
     }
 
 
-def verify_cluster(target_dir: Path, base: Manifest, user: str) -> dict[str, dict[str, Any]]:
+def verify_cluster(
+    target_dir: Path, port: int, base: Manifest, user: str
+) -> dict[str, dict[str, Any]]:
     """Every database the base backup recorded must accept connections and every table must be
     readable; the counts are reported beside those recorded when the base backup started."""
     recorded: dict[str, dict[str, int]] = base.source_metadata.get("row_counts", {})
     result: dict[str, dict[str, Any]] = {}
     for database in base.source_metadata.get("databases", []):
         try:
-            with closing(_connect(target_dir, user, database)) as conn:
+            with closing(_connect(target_dir, port, user, database)) as conn:
                 counts = table_row_counts(conn, logged_only=True)
         except psycopg2.Error as exc:
             raise IntegrityError(
