@@ -31,12 +31,13 @@ from rich.table import Table
 
 from spark_backup.engine.manifest import Manifest
 from spark_backup.engine.streams import ProgressCallback
-from spark_backup.errors import IntegrityError, NotFoundError, SparkBackupError, UsageError
+from spark_backup.errors import IntegrityError, SparkBackupError, UsageError
 from spark_backup.plan import format_duration
 from spark_backup.service import BackupService, CopyRef, WalArchiveStatus
 from spark_backup.sources import kind_module
 from spark_backup.sources.postgres.pitr import DEFAULT_PORT as DEFAULT_PITR_PORT
 from spark_backup.sources.postgres.pitr import LATEST
+from spark_backup.sources.postgres.wal import WalNotArchived
 
 # Wide when piped, so tables and ids are not cut at 80 columns in logs.
 stdout = Console(width=None if sys.stdout.isatty() else 200)
@@ -331,7 +332,7 @@ def verify(
 
 @cli.command()
 @click.argument("copy_id")
-@click.option("--to", "target", type=click.Path(file_okay=False), help="Staging folder.")
+@click.option("--to", "target", help="Staging folder.")
 @click.option(
     "--to-db", "database", help="PostgreSQL dumps: a new database on the source's server."
 )
@@ -449,7 +450,7 @@ WAL_FETCH_ABORT = 255
 
 
 @cli.command("wal-push")
-@click.argument("path", type=click.Path(dir_okay=False))
+@click.argument("path")
 @click.option("--source", help="The PostgreSQL source (default: the plan's only one).")
 @pass_context
 def wal_push(ctx: _Context, path: str, source: str | None) -> None:
@@ -460,9 +461,21 @@ def wal_push(ctx: _Context, path: str, source: str | None) -> None:
         stderr.print(f"{Path(path).name}: {outcome}", highlight=False)
 
 
-@cli.command("wal-fetch")
+class _RestoreCommand(click.Command):
+    """A command PostgreSQL runs as restore_command: a mistake in its arguments must abort
+    recovery (exit 255) like any other failure, not pass for a missing file."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.ClickException as exc:
+            exc.exit_code = WAL_FETCH_ABORT
+            raise
+
+
+@cli.command("wal-fetch", cls=_RestoreCommand)
 @click.argument("name")
-@click.argument("destination", type=click.Path(dir_okay=False))
+@click.argument("destination")
 @click.option("--source", help="The PostgreSQL source (default: the plan's only one).")
 @click.option("--identity", type=click.Path(dir_okay=False), help="age identity file.")
 @pass_context
@@ -474,7 +487,7 @@ def wal_fetch(
     aborts rather than stopping early)."""
     try:
         ctx.service.wal_fetch(source, name, Path(destination), identity)
-    except NotFoundError as error:
+    except WalNotArchived as error:
         stderr.print(f"{error}", highlight=False, soft_wrap=True)
         sys.exit(WAL_FETCH_MISSING)
     except Exception as error:
@@ -556,7 +569,7 @@ def _conf_quote(value: str) -> str:
     required=True,
     help="ISO 8601 time (without a zone it is UTC), or 'latest': all archived WAL.",
 )
-@click.option("--target-dir", required=True, type=click.Path(file_okay=False))
+@click.option("--target-dir", required=True, help="A new or empty folder for the cluster.")
 @click.option("--port", default=DEFAULT_PITR_PORT, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--identity", type=click.Path(dir_okay=False), help="age identity file.")
 @click.option("--stop", "stop_after", is_flag=True, help="Stop the cluster after verifying it.")

@@ -269,10 +269,11 @@ class PostgresSource(_SourceBase):
                     "it with 'password_env' (or use 'passfile')"
                 )
             dsn = data.get("dsn")
-            if isinstance(dsn, str) and _dsn_has_password(dsn):
+            if isinstance(dsn, str) and (secret := _dsn_secret(dsn)):
                 raise ValueError(
-                    "dsn must not contain a password; name the environment variable that holds "
-                    "it with 'password_env' (or use 'passfile')"
+                    f"dsn must not contain a {secret}; name the environment variable that holds "
+                    "a password with 'password_env' (or use 'passfile'), and keep key passwords "
+                    "out of the plan"
                 )
         return data
 
@@ -289,8 +290,15 @@ class PostgresSource(_SourceBase):
 
     @model_validator(mode="after")
     def _dsn_or_host(self) -> PostgresSource:
-        if self.dsn and (self.host or self.user):
+        if self.dsn and ({"host", "port", "user"} & self.model_fields_set):
             raise ValueError("set either dsn or host/port/user, not both")
+        if self.password_env and self.passfile:
+            raise ValueError("set password_env or passfile, not both")
+        if self.base_backup.wal_method == "none" and not self.wal_archiving:
+            raise ValueError(
+                "base_backup.wal_method none needs wal_archiving: such a base backup is "
+                "consistent only with the archived WAL"
+            )
         if self.wal_archiving and not self.base_backup.enabled:
             raise ValueError(
                 "wal_archiving needs base_backup.enabled: WAL replays only onto a base backup"
@@ -298,14 +306,16 @@ class PostgresSource(_SourceBase):
         return self
 
 
-def _dsn_has_password(dsn: str) -> bool:
+def _dsn_secret(dsn: str) -> str | None:
+    """The secret a libpq connection string holds, if any (never echoed)."""
     from psycopg2 import ProgrammingError
     from psycopg2.extensions import parse_dsn
 
     try:
-        return "password" in parse_dsn(dsn)
+        params = parse_dsn(dsn)
     except ProgrammingError:
         raise ValueError("dsn is not a libpq connection string or URI") from None
+    return next((name for name in ("password", "sslpassword") if name in params), None)
 
 
 SourceConfig = Annotated[ConfigArchiveSource | PostgresSource, Field(discriminator="kind")]

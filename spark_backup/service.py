@@ -362,14 +362,24 @@ class BackupService:
     def freshness(
         self, source_name: str, artifact: str | None = None, now: dt.datetime | None = None
     ) -> Freshness:
+        """How old the artifact's newest copies are. For kinds that write several parts per run
+        (one per database), the stalest part counts, and a part the kind expects but nobody
+        wrote is missing: a database whose dump fails every night must not hide behind the
+        others."""
         source = self.plan.source(source_name)
         chosen = self.artifact(source, artifact)
-        newest = catalog.latest_copy(m.manifest for m in self.copies(source.name, chosen.name))
+        copies = [ref.manifest for ref in self.copies(source.name, chosen.name)]
+        newest_by_part = {
+            part: catalog.latest_copy(m for m in copies if m.part == part)
+            for part in kind_module(source.kind).expected_parts(chosen.name, copies)
+        }
+        present = [m for m in newest_by_part.values() if m is not None]
         return Freshness(
             source=source.name,
             max_age=chosen.max_age,
-            newest=newest,
+            newest=min(present, key=lambda m: (m.finished_at, m.id), default=None),
             now=now or utcnow(),
+            missing_parts=sorted(part for part, m in newest_by_part.items() if m is None),
         )
 
     # --- PostgreSQL ----------------------------------------------------------------------------
@@ -412,6 +422,8 @@ class BackupService:
     ) -> WalArchiveStatus:
         """How far the WAL archive lags behind the server, against the source's RPO."""
         source = self.postgres_source(source_name)
+        if not source.wal_archiving:
+            raise UsageError(f"source {source.name!r} does not archive WAL (wal_archiving: false)")
         entries = archived_wal(self.store_for(source), source.name)
         status = WalArchiveStatus(
             source=source.name, rpo=source.rpo, now=now or utcnow(), newest=newest_segment(entries)
@@ -505,20 +517,26 @@ class BackupService:
         source = self.postgres_source(source_name)
         store = self.store_for(source)
         target_dir = Path(os.path.abspath(target_dir))
+        if target_time is not None and target_time > utcnow():
+            raise UsageError(
+                f"--to-time {target_time.isoformat()} is in the future; use 'latest' to recover "
+                "all archived WAL"
+            )
         base = recovery.choose_base(
             [r.manifest for r in self.copies(source.name, "base")], target_time, source.name
         )
         identities = self.identities(identity_file)
-        recovery.prepare_target(target_dir)
+        os_user = recovery.default_os_user()
+        recovery.prepare_target(target_dir, os_user)
+        user = PostgresServer.from_source(source, self.loaded).user or "postgres"
         report = recovery.PitrReport(
             source.name,
+            user,
             base.id,
             target_time.isoformat() if target_time else recovery.LATEST,
             str(target_dir),
             port,
         )
-        os_user = recovery.default_os_user()
-        user = PostgresServer.from_source(source, self.loaded).user or "postgres"
         major = int(str(base.source_metadata["server_version"]).split(".")[0])
         bin_dir = self.loaded.resolve(source.bin_dir) if source.bin_dir else None
         pg_ctl = recovery.server_binary("pg_ctl", major, bin_dir)
@@ -556,7 +574,9 @@ class BackupService:
                     )
                     break
                 except SourceError as exc:
-                    if number < len(batches) and recovery.ENDED_EARLY in str(exc):
+                    if recovery.ENDED_EARLY not in str(exc):
+                        raise  # the server would not start at all: its own reason says why
+                    if number < len(batches):
                         continue  # the archive has more: fetch it, and recovery resumes
                     points = recovery.recovery_points(target_dir / recovery.LOG_FILE)
                     reached = points["last_transaction"] or points["redo_done_lsn"] or "unknown"
@@ -631,12 +651,14 @@ class WalArchiveStatus:
 
 @dataclass(frozen=True)
 class Freshness:
-    """How old the newest committed copy of a source is, against its allowed maximum age."""
+    """How old the newest committed copy of an artifact is (of its stalest part), against its
+    allowed maximum age."""
 
     source: str
     max_age: dt.timedelta
     newest: Manifest | None
     now: dt.datetime
+    missing_parts: list[str] = field(default_factory=list)
 
     @property
     def age(self) -> dt.timedelta | None:
@@ -644,7 +666,7 @@ class Freshness:
 
     @property
     def ok(self) -> bool:
-        return self.age is not None and self.age <= self.max_age
+        return not self.missing_parts and self.age is not None and self.age <= self.max_age
 
 
 def _is_ours(key: str) -> bool:

@@ -108,12 +108,13 @@ def build_freshness_check(
     def freshness(spark_backup: SparkBackupResource) -> AssetCheckResult:
         status = spark_backup.service.freshness(source.name, artifact.name)
         limit = format_duration(status.max_age)
-        if status.newest is None or status.age is None:
+        if status.newest is None or status.age is None or status.missing_parts:
+            missing = f" ({', '.join(status.missing_parts)})" if status.newest else ""
             return AssetCheckResult(
                 check_name=FRESHNESS_CHECK,
                 passed=False,
                 severity=AssetCheckSeverity.ERROR,
-                description=f"no copy of {source.name} exists (allowed age {limit})",
+                description=f"no copy of {source.name}{missing} exists (allowed age {limit})",
                 metadata={"max_age_hours": status.max_age.total_seconds() / 3600},
             )
         age_hours = status.age.total_seconds() / 3600

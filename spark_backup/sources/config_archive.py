@@ -343,6 +343,11 @@ def artifact_of(manifest: Manifest) -> str:
     return ARCHIVE
 
 
+def expected_parts(artifact: str, copies: list[Manifest]) -> set[str]:
+    """One stream per run, so one part."""
+    return {""}
+
+
 def readers_for(
     source: ConfigArchiveSource, loaded: LoadedPlan, artifact: str = ARCHIVE
 ) -> list[ConfigArchiveReader]:

@@ -12,6 +12,7 @@ archiving, for restores of one database and point-in-time recovery of the whole 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from spark_backup.engine.safe_tar import extract_tar
 from spark_backup.engine.staging import staged_restore
 from spark_backup.engine.stores.base import ObjectStore
 from spark_backup.engine.streams import CHUNK_SIZE, ProgressCallback, Readable
-from spark_backup.errors import IntegrityError, NotFoundError, UsageError
+from spark_backup.errors import IntegrityError, NotFoundError, RestoreRefused, UsageError
 from spark_backup.plan import LoadedPlan, Plan, PostgresSource
 from spark_backup.sources.artifacts import Artifact
 from spark_backup.sources.postgres.basebackup import (
@@ -36,6 +37,7 @@ from spark_backup.sources.postgres.dump import (
     GLOBALS_PART,
     DatabaseDumpReader,
     GlobalsReader,
+    database_part,
 )
 from spark_backup.sources.postgres.server import PostgresServer, list_databases, server_major
 
@@ -77,6 +79,18 @@ def artifact_of(manifest: Manifest) -> str:
     return BASE if manifest.part == BASE_PART else DUMP
 
 
+def expected_parts(artifact: str, copies: list[Manifest]) -> set[str]:
+    """The base backup; or the globals and every database the newest dump run set out to dump
+    (recorded in its globals copy), so a database whose dump keeps failing shows up stale, and
+    one dropped from the server stops being expected."""
+    if artifact == BASE:
+        return {BASE_PART}
+    runs = [m for m in copies if m.part == GLOBALS_PART]
+    newest = max(runs, key=lambda m: (m.finished_at, m.id), default=None)
+    databases = newest.source_metadata.get("databases", []) if newest else []
+    return {GLOBALS_PART, *(database_part(db) for db in databases)}
+
+
 def readers_for(source: PostgresSource, loaded: LoadedPlan, artifact: str) -> list[PlaintextSource]:
     server = PostgresServer.from_source(source, loaded)
     if artifact == BASE:
@@ -85,10 +99,8 @@ def readers_for(source: PostgresSource, loaded: LoadedPlan, artifact: str) -> li
         return [BaseBackupReader(server, source.base_backup, f"spark-backup {source.name}")]
     if artifact != DUMP:
         raise UsageError(f"source {source.name!r} has no artifact {artifact!r} (dump, base)")
-    return [
-        GlobalsReader(server),
-        *(DatabaseDumpReader(server, db) for db in databases(source, server)),
-    ]
+    wanted = databases(source, server)
+    return [GlobalsReader(server, wanted), *(DatabaseDumpReader(server, db) for db in wanted)]
 
 
 def databases(source: PostgresSource, server: PostgresServer) -> list[str]:
@@ -150,17 +162,26 @@ def restore_copy(
 
 
 def dump_file_name(manifest: Manifest) -> str:
+    """``globals.sql`` or ``<database>.dump``; a database name may hold any character, so only
+    a plain file name made of it is used (``../x`` becomes ``_.._x.dump``)."""
     if manifest.part == GLOBALS_PART:
         return "globals.sql"
-    return f"{manifest.part.removeprefix(DATABASE_PART_PREFIX)}.dump"
+    database = manifest.part.removeprefix(DATABASE_PART_PREFIX)
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", database)
+    return f"{'_' + safe if safe.startswith('.') else safe}.dump"
 
 
 def _write_file(plain: Readable, path: Path) -> int:
+    """Write a restored file readable by its owner only: dumps and role hashes are secrets."""
     written = 0
-    with open(path, "xb") as out:
-        while chunk := plain.read(CHUNK_SIZE):
-            out.write(chunk)
-            written += len(chunk)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            while chunk := plain.read(CHUNK_SIZE):
+                out.write(chunk)
+                written += len(chunk)
+    except OSError as exc:
+        raise RestoreRefused(f"cannot write {path}: {exc.strerror}") from None
     return written
 
 

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from typing import Any
 
+import psycopg2
 from psycopg2 import sql
 from psycopg2.extensions import ISOLATION_LEVEL_REPEATABLE_READ
 
@@ -28,6 +29,7 @@ from spark_backup.errors import IntegrityError, RestoreRefused, SourceError
 from spark_backup.sources.postgres.server import (
     Background,
     PostgresServer,
+    first_line,
     server_major,
     server_version_text,
     table_row_counts,
@@ -84,11 +86,17 @@ class DatabaseDumpReader:
                 f"--snapshot={snapshot}",
                 f"--dbname={self.server.dsn(self.database)}",
             ]
-            with (
-                self.server.tool_environment() as env,
-                streamed_tool(args, env, f"pg_dump of {self.database!r}") as output,
-            ):
-                yield output
+            try:
+                with (
+                    self.server.tool_environment() as env,
+                    streamed_tool(args, env, f"pg_dump of {self.database!r}") as output,
+                ):
+                    yield output
+            except SourceError:
+                # A failed count aborts our transaction, and with it the snapshot pg_dump
+                # imports: then the count's error is the cause worth reporting.
+                counter.result()
+                raise
             counts = counter.result()
             self._metadata.update(
                 {"tables": len(counts), "rows": sum(counts.values()), "row_counts": counts}
@@ -112,8 +120,11 @@ class GlobalsReader:
     layers = GLOBALS_LAYERS
     part = GLOBALS_PART
 
-    def __init__(self, server: PostgresServer):
+    def __init__(self, server: PostgresServer, databases: list[str]):
         self.server = server
+        # The databases this run dumps, recorded so that freshness can tell a database whose
+        # dump failed from one that is gone.
+        self.databases = databases
         self._metadata: dict[str, Any] = {}
         self._tools: dict[str, str] = {}
 
@@ -136,6 +147,7 @@ class GlobalsReader:
             args.append("--no-role-passwords")
         self._metadata = {
             "server_version": version,
+            "databases": self.databases,
             "role_passwords": superuser,
             "format": "SQL script (pg_dumpall --globals-only)",
         }
@@ -214,6 +226,11 @@ def _outside_transaction(server: PostgresServer, statement: str, *databases: str
         conn.autocommit = True
         with conn.cursor() as cursor:
             cursor.execute(sql.SQL(statement).format(*map(sql.Identifier, databases)))
+    except psycopg2.Error as exc:
+        shown = statement.split(" {}", 1)[0]
+        raise SourceError(
+            f"{shown} {', '.join(databases)} on {server.where}: {first_line(str(exc))}"
+        ) from None
     finally:
         conn.close()
 
@@ -266,6 +283,11 @@ def check_row_counts(
     conn = server.connect(restored_into)
     try:
         restored = table_row_counts(conn)
+    except psycopg2.Error as exc:
+        raise SourceError(
+            f"restore of {manifest.id}: cannot count the rows of {restored_into!r}: "
+            f"{first_line(str(exc))}"
+        ) from None
     finally:
         conn.close()
     for table, rows in recorded.items():

@@ -32,10 +32,10 @@ from typing import Any
 import psycopg2
 
 from spark_backup.engine.manifest import Manifest
-from spark_backup.engine.processes import tool_environment
+from spark_backup.engine.processes import first_error, tool_environment
 from spark_backup.errors import IntegrityError, RestoreRefused, SourceError, UsageError
 from spark_backup.sources.postgres.basebackup import segment_of
-from spark_backup.sources.postgres.server import DEBIAN_BIN_DIRS, table_row_counts
+from spark_backup.sources.postgres.server import DEBIAN_BIN_DIRS, first_line, table_row_counts
 from spark_backup.sources.postgres.wal import ArchivedWal
 
 DATA_FOLDER = "data"
@@ -59,6 +59,7 @@ _REDO_DONE_RE = re.compile(r"redo done at ([0-9A-F]+/[0-9A-F]+)")
 @dataclass
 class PitrReport:
     source: str
+    user: str
     base_copy_id: str
     target_time: str
     target_dir: str
@@ -73,7 +74,7 @@ class PitrReport:
     error: str | None = None
 
     def connect_hint(self) -> str:
-        return f"psql -h {self.target_dir} -p {self.port}"
+        return f"psql -h {self.target_dir} -p {self.port} -U {self.user}"
 
 
 def choose_base(bases: Sequence[Manifest], target: dt.datetime | None, source: str) -> Manifest:
@@ -91,7 +92,8 @@ def choose_base(bases: Sequence[Manifest], target: dt.datetime | None, source: s
     )
 
 
-def prepare_target(target_dir: Path) -> None:
+def prepare_target(target_dir: Path, os_user: str | None) -> None:
+    """An empty folder the cluster's OS user can reach (every parent open to it)."""
     if target_dir.exists():
         if not target_dir.is_dir():
             raise RestoreRefused(f"--target-dir {target_dir} exists and is not a directory")
@@ -100,7 +102,15 @@ def prepare_target(target_dir: Path) -> None:
                 f"--target-dir {target_dir} is not empty; recovery builds a new cluster in an "
                 "empty folder"
             )
-    target_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        target_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RestoreRefused(f"cannot create --target-dir {target_dir}: {exc.strerror}") from None
+    if os_user and subprocess.run(as_user(["test", "-x", str(target_dir)], os_user)).returncode:
+        raise RestoreRefused(
+            f"--target-dir {target_dir}: the {os_user} OS user, which runs the recovered "
+            "cluster, cannot enter it (a parent folder is closed to it); choose another folder"
+        )
 
 
 def wal_to_fetch(
@@ -215,7 +225,7 @@ def start_and_wait(
         env=tool_environment(),
     )
     if result.returncode != 0:
-        raise SourceError(_log_failure(log))
+        raise SourceError(_log_failure(log, result.stderr))
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -253,11 +263,15 @@ def _connect(target_dir: Path, port: int, user: str, dbname: str = "postgres") -
     )
 
 
-def _log_failure(log: Path) -> str:
+def _log_failure(log: Path, pg_ctl_output: str = "") -> str:
+    """The server's last FATAL or PANIC line, else what pg_ctl said."""
     text = log.read_text(encoding="utf-8", errors="replace") if log.exists() else ""
     fatal = [line for line in text.splitlines() if "FATAL" in line or "PANIC" in line]
-    reason = fatal[-1].split("FATAL:", 1)[-1].strip() if fatal else "the server stopped"
-    return f"recovery failed: {reason} (log: {log})"
+    if fatal:
+        reason = fatal[-1].split("FATAL:", 1)[-1].split("PANIC:", 1)[-1].strip()
+    else:
+        reason = first_error(pg_ctl_output.splitlines(), 1) if pg_ctl_output else "it stopped"
+    return f"the recovery cluster failed: {reason} (log: {log})"
 
 
 def recovery_points(log: Path) -> dict[str, str | None]:
@@ -286,8 +300,7 @@ def verify_cluster(
                 counts = table_row_counts(conn, logged_only=True)
         except psycopg2.Error as exc:
             raise IntegrityError(
-                f"recovered cluster: database {database!r} cannot be read: "
-                f"{str(exc).strip().splitlines()[0]}"
+                f"recovered cluster: database {database!r} cannot be read: {first_line(str(exc))}"
             ) from None
         at_backup = recorded.get(database, {})
         result[database] = {

@@ -39,6 +39,18 @@ APPLICATION_NAME = "spark-backup"
 # A segment's first page starts with a long header (SizeOfXLogLongPHD): an insert position no
 # further than this into a segment means nothing was written to it yet.
 WAL_PAGE_HEADER_BYTES = 40
+# libpq's environment settings that reach the client tools; never PGPASSWORD or PGPASSFILE (the
+# password travels in a private passfile) nor anything else that merely starts with PG.
+LIBPQ_SETTINGS = frozenset(
+    {
+        "PGHOST", "PGHOSTADDR", "PGPORT", "PGDATABASE", "PGUSER", "PGSERVICE",
+        "PGSERVICEFILE", "PGOPTIONS", "PGSSLMODE", "PGREQUIRESSL", "PGSSLCOMPRESSION",
+        "PGSSLCERT", "PGSSLKEY", "PGSSLROOTCERT", "PGSSLCRL", "PGSSLCRLDIR", "PGSSLSNI",
+        "PGREQUIREPEER", "PGSSLMINPROTOCOLVERSION", "PGSSLMAXPROTOCOLVERSION",
+        "PGGSSENCMODE", "PGKRBSRVNAME", "PGGSSLIB", "PGCHANNELBINDING", "PGCLIENTENCODING",
+        "PGTARGETSESSIONATTRS", "PGLOADBALANCEHOSTS", "PGTZ", "PGDATESTYLE", "PGSYSCONFDIR",
+    }
+)  # fmt: skip
 _VERSION_RE = re.compile(r"\(PostgreSQL\) (\d+)(?:\.(\d+))?")
 # Ordinary tables (leaf partitions included) outside the system schemas.
 _TABLES_SQL = """
@@ -91,8 +103,10 @@ class PostgresServer:
         return f"{host}:{params.get('port', 5432)}"
 
     def _password(self) -> str | None:
+        """From ``password_env``; else libpq's own PGPASSWORD, so that our connections and the
+        tools (which get it through the passfile) agree."""
         if not self.password_env:
-            return None
+            return os.environ.get("PGPASSWORD")
         value = os.environ.get(self.password_env)
         if value is None:
             raise SourceError(
@@ -116,7 +130,7 @@ class PostgresServer:
             )
         except psycopg2.OperationalError as exc:
             database = dbname or self.maintenance_db
-            detail = _first_line(str(exc), password)
+            detail = first_line(str(exc), password)
             if "does not exist" in detail and "database" in detail:
                 raise NotFoundError(
                     f"source {self.source_name!r}: database {database!r} does not exist on "
@@ -137,7 +151,7 @@ class PostgresServer:
         env.update(
             (name, value)
             for name, value in os.environ.items()
-            if name.startswith("PG") and name not in ("PGPASSWORD", "PGPASSFILE")
+            if name in LIBPQ_SETTINGS and name != self.password_env
         )
         env["PGAPPNAME"] = APPLICATION_NAME
         env["PGCONNECT_TIMEOUT"] = str(CONNECT_TIMEOUT_SECONDS)
@@ -211,7 +225,7 @@ def server_archive_state(server: PostgresServer) -> ServerArchiveState:
     except psycopg2.Error as exc:
         raise SourceError(
             f"source {server.source_name!r}: cannot read the WAL position: "
-            f"{_first_line(str(exc), None)}"
+            f"{first_line(str(exc), None)}"
         ) from None
     finally:
         conn.close()
@@ -247,7 +261,7 @@ def apply_settings(server: PostgresServer, settings: dict[str, str]) -> list[str
     except psycopg2.Error as exc:
         raise SourceError(
             f"source {server.source_name!r}: cannot change server settings: "
-            f"{_first_line(str(exc), None)}"
+            f"{first_line(str(exc), None)}"
         ) from None
     finally:
         conn.close()
@@ -321,7 +335,8 @@ def _passfile_escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace(":", "\\:")
 
 
-def _first_line(message: str, secret: str | None) -> str:
+def first_line(message: str, secret: str | None = None) -> str:
+    """The first non-empty line of a driver's message, with ``secret`` masked."""
     line = next((part.strip() for part in message.splitlines() if part.strip()), message)
     return line.replace(secret, "***") if secret else line
 
@@ -344,5 +359,10 @@ class Background:
     def result(self) -> Any:
         self._thread.join()
         if self._error is not None:
-            raise SourceError(f"counting rows failed: {self._error}") from None
+            detail = (
+                first_line(str(self._error))
+                if isinstance(self._error, psycopg2.Error)
+                else str(self._error)
+            )
+            raise SourceError(f"counting rows failed: {detail}") from None
         return self._value

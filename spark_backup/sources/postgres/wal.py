@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from pyrage import x25519
 
@@ -27,7 +28,13 @@ from spark_backup.engine.crypto import Recipients
 from spark_backup.engine.pipeline import CompressionSettings, encrypt_to_store, open_encrypted
 from spark_backup.engine.stores.base import ObjectLock, ObjectStore
 from spark_backup.engine.streams import CHUNK_SIZE, Readable
-from spark_backup.errors import IntegrityError, NotFoundError, StoreError, UsageError
+from spark_backup.errors import (
+    IntegrityError,
+    NotFoundError,
+    SourceError,
+    StoreError,
+    UsageError,
+)
 
 WAL_FOLDER = "wal"
 _WAL_NAME = r"[0-9A-F]{24}(?:\.partial|\.[0-9A-F]{8}\.backup)?|[0-9A-F]{8}\.history"
@@ -37,6 +44,11 @@ _WAL_KEY_RE = re.compile(
     r"-(?P<sha256>[0-9a-f]{64})\.zst\.age$"
 )
 PARTIAL_SUFFIX = ".spark-backup-partial"
+
+
+class WalNotArchived(NotFoundError):
+    """The archive does not hold the WAL file asked for: the one answer that lets PostgreSQL
+    end recovery (restore_command's exit 1)."""
 
 
 def wal_prefix(source: str) -> str:
@@ -144,14 +156,14 @@ def fetch_wal(
     check_wal_name(name)
     versions = archived_wal(store, source, name)
     if not versions:
-        raise NotFoundError(f"WAL file {name} is not in the archive of source {source!r}")
+        raise WalNotArchived(f"WAL file {name} is not in the archive of source {source!r}")
     if len(versions) > 1:
         raise IntegrityError(f"WAL file {name} is archived with {len(versions)} different contents")
     entry = versions[0]
     partial = destination.with_name(destination.name + PARTIAL_SUFFIX)
     try:
         with (
-            open(partial, "wb") as out,
+            _create(partial) as out,
             open_encrypted(store, entry.key, identities, f"WAL file {name}") as opened,
         ):
             while chunk := opened.plaintext.read(CHUNK_SIZE):
@@ -189,7 +201,19 @@ def _file_sha256(path: Path) -> str:
                 digest.update(chunk)
     except FileNotFoundError:
         raise NotFoundError(f"WAL file {path} does not exist") from None
+    except OSError as exc:
+        raise SourceError(f"cannot read WAL file {path}: {exc.strerror}") from None
     return digest.hexdigest()
+
+
+@contextmanager
+def _create(path: Path) -> Iterator[BinaryIO]:
+    try:
+        handle = open(path, "wb")  # noqa: SIM115 - closed below
+    except OSError as exc:
+        raise SourceError(f"cannot write {path}: {exc.strerror}") from None
+    with handle:
+        yield handle
 
 
 @contextmanager
