@@ -550,7 +550,7 @@ class BackupService:
                 ),
             )
             wanted, gap = recovery.wal_to_fetch(base, archived_wal(store, source.name))
-            wal_folder = target_dir / recovery.WAL_FOLDER
+            wal_folder = target_dir / recovery.WAL_CACHE_FOLDER
             wal_folder.mkdir()
             recovery.configure_recovery(target_dir, target_time, port, os_user)
             batches = recovery.wal_batches(wanted, target_time)
@@ -562,6 +562,7 @@ class BackupService:
                         store, source.name, batch, wal_folder, identities
                     ),
                 )
+                recovery.hand_over(target_dir, os_user)
                 report.wal_files += len(batch)
                 started = True
                 try:
@@ -590,6 +591,12 @@ class BackupService:
             report.stopped = points["stopped"]
             report.last_transaction = points["last_transaction"]
             report.recovered_to = points["last_transaction"]
+            if target_time is None:
+                # "latest" must mean all of the archive: a gap, or WAL that was fetched but not
+                # replayed, is an early stop nobody chose.
+                recovery.check_replayed_all(
+                    points, wanted, gap, source.name, base.source_metadata["wal_segment_size"]
+                )
             report.databases = recovery.timed(
                 report, "verify", lambda: recovery.verify_cluster(target_dir, port, base, user)
             )
@@ -616,11 +623,18 @@ class BackupService:
         # busy (a day of WAL at 60 s archive_timeout is over 1,400 files).
         with ThreadPoolExecutor(max_workers=WAL_FETCH_WORKERS) as pool:
             futures = [
-                pool.submit(fetch_wal, store, source, entry.name, folder / entry.name, identities)
+                pool.submit(
+                    fetch_wal, store, source, entry.name, folder / entry.name, identities, entry
+                )
                 for entry in entries
             ]
-            for future in futures:
-                future.result()
+            try:
+                for future in futures:
+                    future.result()
+            except BaseException:
+                for future in futures:
+                    future.cancel()  # an error or Ctrl-C: do not wait for the queued files
+                raise
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import shutil
 import threading
 import time
@@ -602,6 +603,11 @@ def test_pitr_reports_the_last_reachable_point_of_an_archive_with_a_gap(
     assert f"segment {missing} is missing" in message
     assert "the last reachable point is 20" in message  # a time from the server log
     assert "\n" not in message
+    # "latest" must not pass a gap off as the end of the archive either.
+    with pytest.raises(IntegrityError, match=f"stopped at a gap .* segment {missing} is missing"):
+        BackupService.from_path(plan).pitr(
+            "pg_main", None, archiving.root / "pitr_gap_latest", port=free_port(), stop_after=True
+        )
 
 
 def test_wal_archive_lag_check_passes_then_fails_beyond_the_rpo(archiving: Archiving) -> None:
@@ -782,5 +788,33 @@ def test_pitr_fetches_wal_in_batches_and_resumes(archiving: Archiving, monkeypat
         with closing(recovered), recovered.cursor() as cursor:
             cursor.execute("SELECT array_agg(x ORDER BY x) FROM batches")
             assert cursor.fetchone()[0] == [1]
+    finally:
+        Cluster(Path(report.target_dir), report.port).stop()
+
+
+def test_pitr_latest_replays_everything_whatever_the_umask(archiving: Archiving) -> None:
+    """Fetched WAL is handed to the cluster's OS user: with root's umask 077 a `cp` that cannot
+    read it would once have ended recovery early and silently."""
+    cluster = archiving.cluster
+    archiving.service.backup("pg_main", artifact="base")
+    cluster.execute("CREATE TABLE umask_probe AS SELECT generate_series(1, 10) AS x")
+    cluster.switch_wal_and_wait()
+    cluster.execute("INSERT INTO umask_probe VALUES (11)")
+    cluster.switch_wal_and_wait()
+    previous = os.umask(0o077)
+    try:
+        report = archiving.service.pitr(
+            "pg_main", None, archiving.root / "pitr_umask", port=free_port()
+        )
+    finally:
+        os.umask(previous)
+    try:
+        assert report.ok
+        recovered = psycopg2.connect(
+            host=report.target_dir, port=report.port, user="postgres", dbname="postgres"
+        )
+        with closing(recovered), recovered.cursor() as cursor:
+            cursor.execute("SELECT count(*) FROM umask_probe")
+            assert cursor.fetchone()[0] == 11
     finally:
         Cluster(Path(report.target_dir), report.port).stop()

@@ -20,6 +20,7 @@ import json
 import os
 import pwd
 import re
+import shlex
 import shutil
 import subprocess
 import time
@@ -34,12 +35,12 @@ import psycopg2
 from spark_backup.engine.manifest import Manifest
 from spark_backup.engine.processes import first_error, tool_environment
 from spark_backup.errors import IntegrityError, RestoreRefused, SourceError, UsageError
-from spark_backup.sources.postgres.basebackup import segment_of
+from spark_backup.sources.postgres.basebackup import lsn_value, segment_of
 from spark_backup.sources.postgres.server import DEBIAN_BIN_DIRS, first_line, table_row_counts
 from spark_backup.sources.postgres.wal import ArchivedWal
 
 DATA_FOLDER = "data"
-WAL_FOLDER = "wal_archive"
+WAL_CACHE_FOLDER = "wal_archive"
 LOG_FILE = "postgresql.log"
 REPORT_FILE = "pitr.json"
 HBA_FILE = "pg_hba.conf"
@@ -106,6 +107,7 @@ def prepare_target(target_dir: Path, os_user: str | None) -> None:
         target_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise RestoreRefused(f"cannot create --target-dir {target_dir}: {exc.strerror}") from None
+    hand_over(target_dir, os_user)
     if os_user and subprocess.run(as_user(["test", "-x", str(target_dir)], os_user)).returncode:
         raise RestoreRefused(
             f"--target-dir {target_dir}: the {os_user} OS user, which runs the recovered "
@@ -162,24 +164,39 @@ def server_binary(name: str, major: int, bin_dir: Path | None) -> Path:
 def configure_recovery(
     target_dir: Path, target_time: dt.datetime | None, port: int, os_user: str | None
 ) -> None:
-    """Recovery settings appended to the restored cluster's own (later lines win); the
-    production settings that would reach outside (archiving, TCP) are switched off."""
+    """Recovery settings appended to the restored cluster's own (later lines win). Whatever of
+    production's settings would reach outside is switched off: archiving, TCP, replication
+    connections, subscriptions, and production's own recovery commands and targets."""
     data = target_dir / DATA_FOLDER
     (target_dir / HBA_FILE).write_text(
         "# spark-backup pg-pitr: local socket only, in the recovery folder\nlocal all all trust\n",
         encoding="utf-8",
     )
     (data / "postgresql.conf").touch(exist_ok=True)  # Debian keeps it outside the data folder
-    wal_dir = target_dir / WAL_FOLDER
+    wal = shlex.quote(str(target_dir / WAL_CACHE_FOLDER))
     settings = {
         "port": str(port),
         "listen_addresses": "''",
         "unix_socket_directories": _quote(str(target_dir)),
         "hba_file": _quote(str(target_dir / HBA_FILE)),
         "archive_mode": "off",
-        "restore_command": _quote(f'cp "{wal_dir}/%f" "%p"'),
+        # Only a file that is not there may end recovery (exit 1); a copy that fails for any
+        # other reason must abort it (above 125), never pass for the end of the WAL.
+        "restore_command": _quote(f'test ! -e {wal}/%f && exit 1; cp {wal}/%f "%p" || exit 255'),
+        "recovery_end_command": "''",
+        "archive_cleanup_command": "''",
+        "primary_conninfo": "''",
+        "primary_slot_name": "''",
+        "max_logical_replication_workers": "0",  # no subscription may consume a publisher's slot
+        # No connections before promotion: also lifts hot standby's rule that these limits
+        # be at least the primary's, whose settings may live outside the data folder.
+        "hot_standby": "off",
+        "recovery_target": "''",
+        "recovery_target_lsn": "''",
+        "recovery_target_name": "''",
+        "recovery_target_xid": "''",
+        "recovery_target_time": "''",
         "recovery_target_timeline": "'latest'",
-        "hot_standby": "on",
     }
     if target_time is not None:
         # Without a target, recovery replays all archived WAL and then promotes.
@@ -192,12 +209,18 @@ def configure_recovery(
     (data / "standby.signal").unlink(missing_ok=True)
     os.chmod(data, 0o700)
     os.chmod(target_dir, 0o700)  # the socket trusts whoever reaches it: only the owner may
-    if os_user:
-        entry = pwd.getpwnam(os_user)
-        for root, dirs, files in os.walk(target_dir):
-            for name in [*dirs, *files]:
-                os.lchown(os.path.join(root, name), entry.pw_uid, entry.pw_gid)
-        os.lchown(target_dir, entry.pw_uid, entry.pw_gid)
+    hand_over(target_dir, os_user)
+
+
+def hand_over(target_dir: Path, os_user: str | None) -> None:
+    """Give the recovery folder, WAL fetched so far included, to the cluster's OS user."""
+    if not os_user:
+        return
+    entry = pwd.getpwnam(os_user)
+    for root, dirs, files in os.walk(target_dir):
+        for name in [*dirs, *files]:
+            os.lchown(os.path.join(root, name), entry.pw_uid, entry.pw_gid)
+    os.lchown(target_dir, entry.pw_uid, entry.pw_gid)
 
 
 def _quote(value: str) -> str:
@@ -214,7 +237,9 @@ def start_and_wait(
     """Start the cluster and wait until recovery has ended and it was promoted. Raises with the
     server's own reason (from its log) if it stops instead."""
     data, log = target_dir / DATA_FOLDER, target_dir / LOG_FILE
-    # -w: returns once the server accepts (read-only) connections, or fails if it stopped.
+    since = log.stat().st_size if log.exists() else 0  # the log is appended across starts
+    # -w: returns once recovery has ended and the server accepts connections, or fails if it
+    # stopped.
     result = subprocess.run(
         as_user(
             [str(pg_ctl), "-D", str(data), "-l", str(log), "-w", "-t", str(int(timeout)), "start"],
@@ -225,7 +250,7 @@ def start_and_wait(
         env=tool_environment(),
     )
     if result.returncode != 0:
-        raise SourceError(_log_failure(log, result.stderr))
+        raise SourceError(_log_failure(log, since, result.stderr))
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -235,7 +260,7 @@ def start_and_wait(
                     return
         except psycopg2.OperationalError:
             if _server_stopped(pg_ctl, data, os_user):
-                raise SourceError(_log_failure(log)) from None
+                raise SourceError(_log_failure(log, since)) from None
         time.sleep(0.5)
     raise SourceError(f"recovery did not finish within {timeout:.0f} s (see {log})")
 
@@ -263,9 +288,13 @@ def _connect(target_dir: Path, port: int, user: str, dbname: str = "postgres") -
     )
 
 
-def _log_failure(log: Path, pg_ctl_output: str = "") -> str:
-    """The server's last FATAL or PANIC line, else what pg_ctl said."""
-    text = log.read_text(encoding="utf-8", errors="replace") if log.exists() else ""
+def _log_failure(log: Path, since: int, pg_ctl_output: str = "") -> str:
+    """The server's last FATAL or PANIC line of this start, else what pg_ctl said."""
+    text = ""
+    if log.exists():
+        with open(log, "rb") as handle:
+            handle.seek(since)
+            text = handle.read().decode("utf-8", errors="replace")
     fatal = [line for line in text.splitlines() if "FATAL" in line or "PANIC" in line]
     if fatal:
         reason = fatal[-1].split("FATAL:", 1)[-1].split("PANIC:", 1)[-1].strip()
@@ -351,4 +380,32 @@ def default_os_user() -> str | None:
 
 
 def remove_wal_cache(target_dir: Path) -> None:
-    shutil.rmtree(target_dir / WAL_FOLDER, ignore_errors=True)
+    shutil.rmtree(target_dir / WAL_CACHE_FOLDER, ignore_errors=True)
+
+
+def check_replayed_all(
+    points: dict[str, str | None],
+    fetched: list[ArchivedWal],
+    gap: str | None,
+    source: str,
+    segment_size: int,
+) -> None:
+    """After a recovery to the end of the archive: it must have replayed into the last segment
+    fetched, and the archive must have had no gap."""
+    segments = [entry for entry in fetched if entry.is_segment]
+    reached = points["last_transaction"] or points["redo_done_lsn"] or "unknown"
+    if gap:
+        raise IntegrityError(
+            f"recovery of {source!r} to the latest point stopped at a gap in the WAL archive: "
+            f"segment {gap} is missing; the last reachable point is {reached}. Re-run with "
+            "--to-time at or before it to accept that point"
+        )
+    redo = points["redo_done_lsn"]
+    if segments and redo:
+        last = max(segments, key=lambda entry: (entry.position, entry.timeline))
+        log, seg = int(last.position[:8], 16), int(last.position[8:], 16)
+        if lsn_value(redo) < (log << 32) + seg * segment_size:
+            raise IntegrityError(
+                f"recovery of {source!r} stopped at {redo}, before the last archived segment "
+                f"{last.name}: the server could not read all fetched WAL (see its log)"
+            )

@@ -150,27 +150,36 @@ def fetch_wal(
     name: str,
     destination: Path,
     identities: list[x25519.Identity],
+    entry: ArchivedWal | None = None,
 ) -> None:
     """Restore one WAL file to ``destination``, which appears only complete and checked.
-    ``NotFoundError`` if the archive does not hold it."""
+    ``WalNotArchived`` if the archive does not hold it; ``entry`` (from a listing the caller
+    made) saves listing the archive again."""
     check_wal_name(name)
-    versions = archived_wal(store, source, name)
+    versions = [entry] if entry else archived_wal(store, source, name)
     if not versions:
+        if not archived_wal(store, source):
+            # An archive with no WAL at all is a store that is not there (an unmounted disk,
+            # a wrong bucket): that must abort recovery, not end it.
+            raise StoreError(
+                f"the WAL archive of source {source!r} in store {store.name!r} holds no WAL at "
+                "all; is the store reachable and the plan right?"
+            )
         raise WalNotArchived(f"WAL file {name} is not in the archive of source {source!r}")
     if len(versions) > 1:
         raise IntegrityError(f"WAL file {name} is archived with {len(versions)} different contents")
-    entry = versions[0]
+    found = versions[0]
     partial = destination.with_name(destination.name + PARTIAL_SUFFIX)
     try:
         with (
             _create(partial) as out,
-            open_encrypted(store, entry.key, identities, f"WAL file {name}") as opened,
+            open_encrypted(store, found.key, identities, f"WAL file {name}") as opened,
         ):
             while chunk := opened.plaintext.read(CHUNK_SIZE):
                 out.write(chunk)
             out.flush()
             os.fsync(out.fileno())
-        if opened.plaintext.hexdigest() != entry.sha256:
+        if opened.plaintext.hexdigest() != found.sha256:
             raise IntegrityError(f"WAL file {name}: content does not match its archived sha256")
         os.replace(partial, destination)
     finally:
