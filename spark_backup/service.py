@@ -439,6 +439,7 @@ class BackupService:
         """The server settings for continuous archiving into this plan's store (docs/runbooks/
         postgres.md explains each)."""
         source = self.postgres_source(source_name)
+        self.store_for(source).check()  # reachable, and a local store's folder exists for wal-push
         command = shutil.which("spark-backup") or str(
             Path(sys.executable).with_name("spark-backup")
         )

@@ -194,6 +194,7 @@ def _tar_bytes(build) -> bytes:
 
 
 def _store_tar(service: BackupService, build) -> str:
+    service.store("local").check()  # creates the store's folder, as a backup does
     manifest = write_copy(
         service.store("local"),
         BytesSource(_tar_bytes(build), kind="config_archive", layers=["tar"]),

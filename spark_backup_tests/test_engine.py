@@ -24,6 +24,7 @@ from spark_backup_tests.helpers import BytesSource, make_key
 
 
 def _write(store, data: bytes, key: str, **kwargs) -> Manifest:
+    store.check()  # creates a local store's folder, as a backup does
     return write_copy(
         store,
         BytesSource(data, **kwargs),
@@ -175,6 +176,7 @@ def test_data_without_manifest_is_invisible_and_pruned_after_grace(service: Back
 
 def test_interrupted_local_write_leaves_only_a_hidden_partial(tmp_path: Path) -> None:
     store = LocalStore("local", tmp_path / "store")
+    store.check()
     with pytest.raises(KeyboardInterrupt), store.open_write("blob/data/x.age") as writer:
         writer.write(b"half")
         raise KeyboardInterrupt
@@ -365,3 +367,15 @@ def test_a_manifest_under_another_copys_name_is_refused(service: BackupService) 
     )
     with pytest.raises(IntegrityError, match="holds the manifest of another copy"):
         service.copies()
+
+
+def test_local_store_never_recreates_a_missing_root(tmp_path: Path) -> None:
+    """An unmounted backup disk must fail writes, not fill the mount point's folder."""
+    store = LocalStore("local", tmp_path / "mnt" / "backups")
+    with pytest.raises(StoreError, match="does not exist"), store.open_write("a/b") as writer:
+        writer.write(b"x")
+    assert not (tmp_path / "mnt").exists()
+    store.check()  # first use creates it
+    with store.open_write("a/b") as writer:
+        writer.write(b"x")
+    assert store.get_bytes("a/b") == b"x"

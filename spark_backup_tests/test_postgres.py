@@ -366,6 +366,10 @@ def test_wal_push_is_idempotent_and_refuses_other_content(dump_plan: Path, tmp_p
     segment.parent.mkdir()
     segment.write_bytes(bytes(range(256)) * 4096)
     plan = str(dump_plan)
+    unmounted = run_cli("--plan", plan, "wal-push", str(segment))
+    assert unmounted.returncode == 5 and "does not exist" in unmounted.stderr
+    setup = run_cli("--plan", plan, "pg-setup-archiving")  # creates the store's folder
+    assert setup.returncode == 0, setup.stderr
     first = run_cli("--plan", plan, "wal-push", str(segment))
     assert first.returncode == 0, first.stderr
     again = run_cli("--plan", plan, "wal-push", "--source", "pg_main", str(segment))

@@ -57,6 +57,10 @@ class LocalStore(ObjectStore):
         if final.exists():
             raise StoreError(f"store {self.name!r}: object {key} already exists")
         partial = final.with_name(f".{final.name}{PARTIAL_MARKER}{secrets.token_hex(4)}")
+        if not self.root.is_dir():
+            # Never re-create the root here: an unmounted backup disk would quietly fill the
+            # folder it is mounted on. check() creates it on first use.
+            raise StoreError(f"store {self.name!r}: {self.root} does not exist (not mounted?)")
         try:
             final.parent.mkdir(parents=True, exist_ok=True)
             handle = open(partial, "xb")  # noqa: SIM115 - closed in the finally below
@@ -91,13 +95,19 @@ class LocalStore(ObjectStore):
         with handle:
             yield handle
 
+    def _unlistable(self, error: OSError) -> None:
+        if not isinstance(error, FileNotFoundError):  # a prefix nobody wrote yet is just empty
+            raise StoreError(
+                f"store {self.name!r}: cannot list {error.filename}: {error.strerror}"
+            ) from None
+
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         if not self.root.is_dir():
             return
         found: list[ObjectInfo] = []
         # Walk only below the prefix's folder: a WAL archive holds thousands of objects.
         start = self.root / prefix.rsplit("/", 1)[0] if "/" in prefix else self.root
-        for directory, _dirs, files in os.walk(start):
+        for directory, _dirs, files in os.walk(start, onerror=self._unlistable):
             for file_name in files:
                 if PARTIAL_MARKER in file_name:
                     continue
