@@ -483,7 +483,7 @@ class BackupService:
         exists = pg_dump_restore.check_target_database(server, ref.manifest, database, force)
         started = utcnow()
         staging = pg_dump_restore.staging_database_name(database)
-        pg_dump_restore.create_database(server, staging)
+        pg_dump_restore.create_database(server, staging, like=ref.manifest)
         try:
             with open_copy(ref.store, ref.manifest, identities, progress) as plain:
                 pg_dump_restore.pg_restore_into(server, plain, staging, no_owner=no_owner)

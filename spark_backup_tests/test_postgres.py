@@ -822,3 +822,39 @@ def test_pitr_latest_replays_everything_whatever_the_umask(archiving: Archiving)
             assert cursor.fetchone()[0] == 11
     finally:
         Cluster(Path(report.target_dir), report.port).stop()
+
+
+def test_restore_keeps_encoding_and_replaces_a_busy_database(tmp_path: Path, age_key) -> None:
+    """The restored database gets the dumped one's encoding and locale; --force ends the
+    sessions on the database it replaces, and the old one goes only once the new one is in."""
+    name = f"sbtest_{uuid.uuid4().hex[:10]}"
+    run_sql(
+        f"CREATE DATABASE {name} TEMPLATE template0 ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C'"
+    )
+    try:
+        run_sql("CREATE TABLE t (s text); INSERT INTO t VALUES ('Grüße')", name)
+        source = pg_source(
+            **MAIN, databases=[name], base_backup={"enabled": False}, wal_archiving=False
+        )
+        plan = plan_dict([age_key[1]], [source])
+        plan["encryption"]["identity_file"] = str(age_key[0])
+        service = BackupService.from_path(write_plan(tmp_path, plan))
+        dump = service.backup("pg_main")[1]
+        assert dump.source_metadata["encoding"] == "LATIN1"
+        target = f"{name}_copy"
+        service.restore_to_database(dump.id, target)
+        assert run_sql(
+            f"SELECT pg_encoding_to_char(encoding), datcollate FROM pg_database WHERE datname = '{target}'"
+        ) == [("LATIN1", "C")]
+        busy = main_conn(target)  # a client still connected to the database being replaced
+        try:
+            summary = service.restore_to_database(dump.id, target, force=True)
+        finally:
+            busy.close()
+        assert summary["rows"] == 1
+        assert run_sql("SELECT s FROM t", target) == [("Grüße",)]
+        leftovers = run_sql(f"SELECT datname FROM pg_database WHERE datname LIKE '{name}%'")
+        assert sorted(row[0] for row in leftovers) == [name, target]
+    finally:
+        for (other,) in run_sql(f"SELECT datname FROM pg_database WHERE datname LIKE '{name}%'"):
+            drop_database(other)

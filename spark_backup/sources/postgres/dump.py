@@ -68,6 +68,13 @@ class DatabaseDumpReader:
             with conn.cursor() as cursor:
                 cursor.execute("SELECT pg_export_snapshot(), now()")
                 snapshot, snapshot_time = cursor.fetchone()
+                # What a restore must create the database with for text to sort and compare as
+                # it did (pg_dump restores these only with --create).
+                cursor.execute(
+                    "SELECT pg_encoding_to_char(encoding), datcollate, datctype FROM pg_database "
+                    "WHERE datname = current_database()"
+                )
+                encoding, collate, ctype = cursor.fetchone()
             major = server_major(conn)
             pg_dump = self.server.tool("pg_dump", major)
             self._tools = {"pg_dump": tool_version(str(pg_dump))[1]}
@@ -75,6 +82,9 @@ class DatabaseDumpReader:
                 "database": self.database,
                 "server_version": server_version_text(conn),
                 "snapshot_time": snapshot_time.astimezone(dt.UTC).isoformat(),
+                "encoding": encoding,
+                "lc_collate": collate,
+                "lc_ctype": ctype,
                 "format": "pg_dump custom format (-Fc, uncompressed inside zstd)",
             }
             # The counts run in our transaction, on the snapshot pg_dump reads, while it reads.
@@ -205,14 +215,60 @@ def staging_database_name(target: str) -> str:
 
 
 def publish_database(server: PostgresServer, staging: str, target: str, replace: bool) -> None:
-    """Give the checked staging database the target's name, dropping the old one if asked."""
-    if replace:
-        drop_database(server, target)
-    _outside_transaction(server, "ALTER DATABASE {} RENAME TO {}", staging, target)
+    """Give the checked staging database the target's name. With ``replace``, the old database
+    steps aside under a temporary name first and is dropped only once the new one holds the
+    name; if that rename fails, the old one gets its name back."""
+    if not replace:
+        _outside_transaction(server, "ALTER DATABASE {} RENAME TO {}", staging, target)
+        return
+    aside = staging_database_name(f"{target}_old")
+    _end_sessions(server, target)
+    _outside_transaction(server, "ALTER DATABASE {} RENAME TO {}", target, aside)
+    try:
+        _outside_transaction(server, "ALTER DATABASE {} RENAME TO {}", staging, target)
+    except BaseException:
+        _outside_transaction(server, "ALTER DATABASE {} RENAME TO {}", aside, target)
+        raise
+    drop_database(server, aside)
 
 
-def create_database(server: PostgresServer, name: str) -> None:
-    _outside_transaction(server, "CREATE DATABASE {} TEMPLATE template0", name)
+def create_database(server: PostgresServer, name: str, like: Manifest | None = None) -> None:
+    """A new database from template0, with the dumped database's encoding and locale."""
+    meta = like.source_metadata if like else {}
+    if not meta.get("encoding"):
+        _outside_transaction(server, "CREATE DATABASE {} TEMPLATE template0", name)
+        return
+    conn = server.connect()
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cursor:
+            cursor.execute(
+                sql.SQL(
+                    "CREATE DATABASE {} TEMPLATE template0 ENCODING %s LC_COLLATE %s LC_CTYPE %s"
+                ).format(sql.Identifier(name)),
+                (meta["encoding"], meta["lc_collate"], meta["lc_ctype"]),
+            )
+    except psycopg2.Error as exc:
+        raise SourceError(
+            f"CREATE DATABASE {name} on {server.where}: {first_line(str(exc))}"
+        ) from None
+    finally:
+        conn.close()
+
+
+def _end_sessions(server: PostgresServer, database: str) -> None:
+    """--force replaces a database: the sessions still on it are ended, as DROP ... FORCE would."""
+    conn = server.connect()
+    try:
+        with conn.cursor() as cursor:
+            cursor.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = %s AND pid <> pg_backend_pid()",
+                (database,),
+            )
+        conn.commit()
+    finally:
+        conn.close()
 
 
 def drop_database(server: PostgresServer, name: str) -> None:
