@@ -858,3 +858,28 @@ def test_restore_keeps_encoding_and_replaces_a_busy_database(tmp_path: Path, age
     finally:
         for (other,) in run_sql(f"SELECT datname FROM pg_database WHERE datname LIKE '{name}%'"):
             drop_database(other)
+
+
+def test_setup_archiving_never_lowers_a_setting() -> None:
+    from spark_backup.sources.postgres.server import raise_only
+
+    wanted = {
+        "wal_level": "replica",
+        "archive_mode": "on",
+        "archive_timeout": "60s",
+        "archive_command": "spark-backup wal-push %p",
+        "max_wal_senders": "10",
+    }
+    current = {
+        "wal_level": "logical",
+        "archive_mode": "off",
+        "archive_timeout": "30",
+        "archive_command": "(disabled)",
+        "max_wal_senders": "20",
+    }
+    assert raise_only(wanted, current) == {
+        "archive_mode": "on",
+        "archive_command": "spark-backup wal-push %p",
+    }
+    lower = {"wal_level": "minimal", "archive_timeout": "0", "max_wal_senders": "0"}
+    assert raise_only(wanted, lower) == wanted

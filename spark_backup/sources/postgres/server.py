@@ -245,6 +245,33 @@ def previous_segment(name: str, segment_size: int) -> str:
     return f"{timeline:08X}{log:08X}{seg:08X}"
 
 
+# Settings where a server may already have more than archiving needs: levels in order, and
+# numbers where more is more (archive_timeout: less is more, 0 being off).
+_LEVELS = {"wal_level": ["minimal", "replica", "logical"], "archive_mode": ["off", "on", "always"]}
+
+
+def raise_only(wanted: dict[str, str], current: dict[str, str]) -> dict[str, str]:
+    """The settings of ``wanted`` that would raise the server's, never lower one: a server
+    with wal_level logical, more WAL senders or a shorter archive_timeout keeps them."""
+    result = {}
+    for name, value in wanted.items():
+        now = current.get(name)
+        if now is not None:
+            if name in _LEVELS and now in _LEVELS[name] and value in _LEVELS[name]:
+                if _LEVELS[name].index(now) >= _LEVELS[name].index(value):
+                    continue
+            elif (name == "max_wal_senders" and int(now) >= int(value)) or (
+                name == "archive_timeout" and 0 < int(now) <= _seconds(value)
+            ):
+                continue
+        result[name] = value
+    return result
+
+
+def _seconds(value: str) -> int:
+    return int(value.removesuffix("s"))
+
+
 def apply_settings(server: PostgresServer, settings: dict[str, str]) -> list[str]:
     """ALTER SYSTEM SET each setting, reload, and return those waiting for a restart."""
     conn = server.connect()
@@ -253,6 +280,10 @@ def apply_settings(server: PostgresServer, settings: dict[str, str]) -> list[str
         with conn.cursor() as cursor:
             cursor.execute("SELECT pg_conf_load_time()")
             loaded_before = cursor.fetchone()[0]
+            cursor.execute(
+                "SELECT name, setting FROM pg_settings WHERE name = ANY(%s)", (list(settings),)
+            )
+            settings = raise_only(settings, dict(cursor.fetchall()))
             for name, value in settings.items():
                 cursor.execute(
                     sql.SQL("ALTER SYSTEM SET {} = %s").format(sql.Identifier(name)), (value,)
