@@ -205,10 +205,17 @@ class ServerArchiveState:
     last_failed_wal: str | None
     last_failed_time: dt.datetime | None
     failed_count: int
+    segment_size: int = 16 * 1024 * 1024
+    archive_timeout_seconds: int = 0
 
     def current_segment_archived(self, newest_archived: str) -> bool:
         """True when the archive holds the segment with the last byte the server wrote."""
         return newest_archived[8:24] >= self.current_segment[8:24]
+
+    def completed_segments_archived(self, newest_archived: str) -> bool:
+        """True when only the segment being written is missing from the archive."""
+        previous = previous_segment(self.current_segment, self.segment_size)
+        return newest_archived[8:24] >= previous[8:24]
 
 
 def server_archive_state(server: PostgresServer) -> ServerArchiveState:
@@ -218,10 +225,11 @@ def server_archive_state(server: PostgresServer) -> ServerArchiveState:
             cursor.execute(
                 "SELECT w.file_name, w.file_offset, "
                 "(SELECT setting::bigint FROM pg_settings WHERE name = 'wal_segment_size'), "
+                "(SELECT setting::int FROM pg_settings WHERE name = 'archive_timeout'), "
                 "a.last_archived_wal, a.last_failed_wal, a.last_failed_time, a.failed_count "
                 "FROM pg_walfile_name_offset(pg_current_wal_insert_lsn()) w, pg_stat_archiver a"
             )
-            name, offset, segment_size, *row = cursor.fetchone()
+            name, offset, segment_size, archive_timeout, *row = cursor.fetchone()
     except psycopg2.Error as exc:
         raise SourceError(
             f"source {server.source_name!r}: cannot read the WAL position: "
@@ -233,7 +241,9 @@ def server_archive_state(server: PostgresServer) -> ServerArchiveState:
         # Nothing but the page header written since the last switch: the WAL that matters ends
         # in the previous segment.
         name = previous_segment(name, segment_size)
-    return ServerArchiveState(name, row[0], row[1], row[2], int(row[3]))
+    return ServerArchiveState(
+        name, row[0], row[1], row[2], int(row[3]), int(segment_size), int(archive_timeout)
+    )
 
 
 def previous_segment(name: str, segment_size: int) -> str:
