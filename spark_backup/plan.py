@@ -320,6 +320,8 @@ def _dsn_secret(dsn: str) -> str | None:
 
 SourceConfig = Annotated[ConfigArchiveSource | PostgresSource, Field(discriminator="kind")]
 SOURCE_KINDS = ("config_archive", "postgres")
+# Suffixes of the assets a source has beside backups/<name> (defs/assets.py names them).
+DERIVED_ASSET_SUFFIXES = {"postgres": ("base", "wal_archive")}
 STORE_KINDS = ("local", "s3")
 
 
@@ -391,7 +393,18 @@ class Plan(_Model):
                 f"defaults.store names unknown store {self.defaults.store!r} "
                 f"(expected one of: {', '.join(store_names)})"
             )
+        # A postgres source's other assets are named after it (backups/<name>_base, ...).
+        derived = {
+            f"{source.name}_{suffix}": source.name
+            for source in self.sources
+            for suffix in DERIVED_ASSET_SUFFIXES.get(source.kind, ())
+        }
         for index, source in enumerate(self.sources):
+            if source.name in derived:
+                raise ValueError(
+                    f"sources[{index}].name {source.name!r} is the name of an asset of source "
+                    f"{derived[source.name]!r}; rename one of them"
+                )
             if source.store and source.store not in store_names:
                 raise ValueError(
                     f"sources[{index}].store names unknown store {source.store!r} "

@@ -139,6 +139,13 @@ def dump_plan(tmp_path: Path, age_key, sample_db: str) -> Path:
         ({"password_env": "not-a-name"}, "password_env"),
         ({"base_backup": {"enabled": False}}, "wal_archiving needs base_backup.enabled"),
         ({"databases": []}, "databases: expected 'all' or a non-empty list of database names"),
+        ({"dsn": "host=db sslpassword=hunter2"}, "dsn must not contain a sslpassword"),
+        ({"dsn": "host=db", "port": 5999}, "set either dsn or host/port/user, not both"),
+        ({"password_env": "PW", "passfile": "pgpass"}, "set password_env or passfile, not both"),
+        (
+            {"base_backup": {"wal_method": "none"}, "wal_archiving": False},
+            "wal_method none needs wal_archiving",
+        ),
         ({"databases": "everything"}, "databases: expected 'all' or a non-empty list"),
     ],
 )
@@ -149,6 +156,13 @@ def test_plan_refuses_inline_secrets_and_contradictions(tmp_path, age_key, field
     message = str(raised.value)
     assert expected in message and "\n" not in message
     assert "hunter2" not in message
+
+
+def test_plan_refuses_a_source_named_like_another_sources_asset(tmp_path, age_key):
+    sources = [pg_source(**MAIN), pg_source("pg_main_base", **MAIN)]
+    path = write_plan(tmp_path, plan_dict([age_key[1]], sources))
+    with pytest.raises(PlanError, match="'pg_main_base' is the name of an asset of source"):
+        load_plan(path)
 
 
 def test_plan_defaults_for_postgres(tmp_path, age_key):
