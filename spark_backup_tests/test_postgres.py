@@ -326,6 +326,12 @@ def test_bad_connections_and_tools_give_one_line(tmp_path: Path, age_key, sample
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
         assert "Traceback" not in result.stderr
     assert not list((tmp_path / "store").rglob("*.json")) if (tmp_path / "store").exists() else True
+    # The shared server allows no replication connection: --probe says so before a base backup.
+    plan = write_plan(tmp_path, plan_dict([age_key[1]], [pg_source(**MAIN)]), "replication.yaml")
+    probe = run_cli("--plan", str(plan), "plan", "check", "--probe")
+    assert probe.returncode == 6
+    assert "cannot make a replication connection to 127.0.0.1:5432" in probe.stderr
+    assert "no pg_hba.conf entry for replication" in probe.stderr
 
 
 def test_password_reaches_the_tools_and_never_the_output(tmp_path: Path, age_key) -> None:

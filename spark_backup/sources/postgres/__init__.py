@@ -134,6 +134,15 @@ def probe(source: PostgresSource, loaded: LoadedPlan) -> None:
     for tool in ("pg_dump", "pg_dumpall", "pg_restore", "pg_basebackup"):
         server.tool(tool, major)
     databases(source, server)
+    if source.base_backup.enabled:
+        # Base backups need what pg_basebackup needs: a pg_hba.conf "replication" line and a
+        # role with REPLICATION.
+        replication = server.connect(replication=True)
+        try:
+            with replication.cursor() as cursor:
+                cursor.execute("IDENTIFY_SYSTEM")
+        finally:
+            replication.close()
 
 
 def restore_copy(

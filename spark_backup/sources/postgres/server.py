@@ -27,6 +27,7 @@ import psycopg2
 from psycopg2 import sql
 from psycopg2.extensions import connection as PgConnection
 from psycopg2.extensions import make_dsn, parse_dsn
+from psycopg2.extras import PhysicalReplicationConnection
 
 from spark_backup.engine.processes import tool_environment
 from spark_backup.errors import NotFoundError, SourceError
@@ -115,12 +116,15 @@ class PostgresServer:
             )
         return value
 
-    def connect(self, dbname: str | None = None) -> PgConnection:
-        """A connection as the plan's user; ``SourceError`` in one line if refused."""
+    def connect(self, dbname: str | None = None, replication: bool = False) -> PgConnection:
+        """A connection as the plan's user (a physical replication connection, as
+        pg_basebackup makes, with ``replication``); ``SourceError`` in one line if refused."""
         password = self._password()
-        extra = {"password": password} if password is not None else {}
+        extra: dict[str, Any] = {"password": password} if password is not None else {}
         if self.passfile:
             extra["passfile"] = str(self.passfile)
+        if replication:
+            extra["connection_factory"] = PhysicalReplicationConnection
         try:
             return psycopg2.connect(
                 self.dsn(dbname),
@@ -136,8 +140,9 @@ class PostgresServer:
                     f"source {self.source_name!r}: database {database!r} does not exist on "
                     f"{self.where}"
                 ) from None
+            what = "make a replication connection to" if replication else "connect to"
             raise SourceError(
-                f"source {self.source_name!r}: cannot connect to {self.where} "
+                f"source {self.source_name!r}: cannot {what} {self.where} "
                 f"(database {database!r}): {detail}"
             ) from None
 
