@@ -37,6 +37,7 @@ from spark_backup.service import BackupService, CopyRef, WalArchiveStatus
 from spark_backup.sources import kind_module
 from spark_backup.sources.postgres.pitr import DEFAULT_PORT as DEFAULT_PITR_PORT
 from spark_backup.sources.postgres.pitr import LATEST
+from spark_backup.sources.postgres.server import conf_value
 from spark_backup.sources.postgres.wal import WalNotArchived
 
 # Wide when piped, so tables and ids are not cut at 80 columns in logs.
@@ -543,7 +544,7 @@ def pg_setup_archiving(ctx: _Context, source: str | None, apply: bool) -> None:
     settings = _run(lambda: service.archiving_settings(source))
     if not apply:
         for name, value in settings.items():
-            stdout.print(f"{name} = {_conf_quote(value)}", highlight=False, soft_wrap=True)
+            stdout.print(f"{name} = {conf_value(value)}", highlight=False, soft_wrap=True)
         stdout.print(
             "# put these in postgresql.conf (or run with --apply), then restart PostgreSQL",
             highlight=False,
@@ -555,10 +556,6 @@ def pg_setup_archiving(ctx: _Context, source: str | None, apply: bool) -> None:
         + (f"restart PostgreSQL for {', '.join(restart)}" if restart else "reloaded"),
         highlight=False,
     )
-
-
-def _conf_quote(value: str) -> str:
-    return value if value.replace(".", "").isalnum() else "'" + value.replace("'", "''") + "'"
 
 
 @cli.command("pg-pitr")

@@ -23,9 +23,8 @@ from dagster import (
 
 from spark_backup.defs.partitions import PARTITIONS_BY_CADENCE
 from spark_backup.defs.resources import SparkBackupResource
-from spark_backup.engine.catalog import latest_copy
+from spark_backup.engine.catalog import latest_per_part
 from spark_backup.plan import SourceConfig, format_duration
-from spark_backup.service import CopyRef
 from spark_backup.sources.artifacts import Artifact
 
 CHECKSUM_CHECK = "checksum"
@@ -55,8 +54,10 @@ def build_checksum_check(
     ) -> AssetCheckResult:
         service = spark_backup.service
         partition = context.partition_key
-        refs = service.copies(source.name, artifact.name)
-        newest = newest_per_part(refs, partition)
+        refs = {ref.manifest.id: ref for ref in service.copies(source.name, artifact.name)}
+        newest = [
+            refs[m.id] for m in latest_per_part((r.manifest for r in refs.values()), partition)
+        ]
         if not newest:
             return AssetCheckResult(
                 check_name=CHECKSUM_CHECK,
@@ -85,16 +86,6 @@ def build_checksum_check(
         )
 
     return checksum
-
-
-def newest_per_part(refs: list[CopyRef], partition: str) -> list[CopyRef]:
-    """The newest copy of each part (database, globals, ...) made for the partition."""
-    by_id = {ref.manifest.id: ref for ref in refs}
-    parts = sorted({ref.manifest.part for ref in refs if ref.manifest.partition == partition})
-    newest = [
-        latest_copy((r.manifest for r in refs if r.manifest.part == p), partition) for p in parts
-    ]
-    return [by_id[m.id] for m in newest if m is not None]
 
 
 def build_freshness_check(

@@ -57,6 +57,14 @@ def latest_copy(copies: Iterable[Manifest], partition: str | None = None) -> Man
     return max(candidates, key=lambda m: (m.finished_at, m.id), default=None)
 
 
+def latest_per_part(copies: Iterable[Manifest], partition: str) -> list[Manifest]:
+    """The newest copy of each part (database, globals, ...) made for the partition."""
+    of_partition = [c for c in copies if c.partition == partition]
+    parts = sorted({c.part for c in of_partition})
+    newest = (latest_copy(c for c in of_partition if c.part == part) for part in parts)
+    return [m for m in newest if m is not None]
+
+
 def find_orphans(
     store: ObjectStore, older_than: dt.timedelta, now: dt.datetime | None = None
 ) -> list[ObjectInfo]:

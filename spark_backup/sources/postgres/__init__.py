@@ -39,9 +39,15 @@ from spark_backup.sources.postgres.dump import (
     GlobalsReader,
     database_part,
 )
-from spark_backup.sources.postgres.server import PostgresServer, list_databases, server_major
+from spark_backup.sources.postgres.server import (
+    KIND as KIND,
+)
+from spark_backup.sources.postgres.server import (
+    PostgresServer,
+    list_databases,
+    server_major,
+)
 
-KIND = "postgres"
 DUMP = "dump"
 BASE = "base"
 # A pg_dump custom archive starts with these bytes; a globals script with this comment.

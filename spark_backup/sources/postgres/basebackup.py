@@ -22,6 +22,7 @@ from spark_backup.engine.streams import Readable
 from spark_backup.errors import IntegrityError, SourceError
 from spark_backup.plan import PostgresBaseBackup
 from spark_backup.sources.postgres.server import (
+    KIND,
     Background,
     PostgresServer,
     list_databases,
@@ -31,7 +32,6 @@ from spark_backup.sources.postgres.server import (
     tool_version,
 )
 
-KIND = "postgres"
 BASE_PART = "base"
 BASE_LAYERS = ["tar"]
 # Members a usable base backup must hold.

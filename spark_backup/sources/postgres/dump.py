@@ -27,6 +27,7 @@ from spark_backup.engine.processes import first_error, streamed_tool
 from spark_backup.engine.streams import CHUNK_SIZE, Readable
 from spark_backup.errors import IntegrityError, RestoreRefused, SourceError
 from spark_backup.sources.postgres.server import (
+    KIND,
     Background,
     PostgresServer,
     first_line,
@@ -36,7 +37,6 @@ from spark_backup.sources.postgres.server import (
     tool_version,
 )
 
-KIND = "postgres"
 GLOBALS_PART = "globals"
 DATABASE_PART_PREFIX = "database:"
 DUMP_LAYERS = ["pgdump"]

@@ -36,7 +36,12 @@ from spark_backup.engine.manifest import Manifest
 from spark_backup.engine.processes import first_error, tool_environment
 from spark_backup.errors import IntegrityError, RestoreRefused, SourceError, UsageError
 from spark_backup.sources.postgres.basebackup import lsn_value, segment_of
-from spark_backup.sources.postgres.server import DEBIAN_BIN_DIRS, first_line, table_row_counts
+from spark_backup.sources.postgres.server import (
+    DEBIAN_BIN_DIRS,
+    conf_value,
+    first_line,
+    table_row_counts,
+)
 from spark_backup.sources.postgres.wal import ArchivedWal
 
 DATA_FOLDER = "data"
@@ -177,12 +182,14 @@ def configure_recovery(
     settings = {
         "port": str(port),
         "listen_addresses": "''",
-        "unix_socket_directories": _quote(str(target_dir)),
-        "hba_file": _quote(str(target_dir / HBA_FILE)),
+        "unix_socket_directories": conf_value(str(target_dir)),
+        "hba_file": conf_value(str(target_dir / HBA_FILE)),
         "archive_mode": "off",
         # Only a file that is not there may end recovery (exit 1); a copy that fails for any
         # other reason must abort it (above 125), never pass for the end of the WAL.
-        "restore_command": _quote(f'test ! -e {wal}/%f && exit 1; cp {wal}/%f "%p" || exit 255'),
+        "restore_command": conf_value(
+            f'test ! -e {wal}/%f && exit 1; cp {wal}/%f "%p" || exit 255'
+        ),
         "recovery_end_command": "''",
         "archive_cleanup_command": "''",
         "primary_conninfo": "''",
@@ -200,7 +207,7 @@ def configure_recovery(
     }
     if target_time is not None:
         # Without a target, recovery replays all archived WAL and then promotes.
-        settings["recovery_target_time"] = _quote(target_time.isoformat(sep=" "))
+        settings["recovery_target_time"] = conf_value(target_time.isoformat(sep=" "))
         settings["recovery_target_action"] = "'promote'"
     with open(data / "postgresql.auto.conf", "a", encoding="utf-8") as conf:
         conf.write("\n# spark-backup pg-pitr: recovery into a throwaway cluster\n")
@@ -221,10 +228,6 @@ def hand_over(target_dir: Path, os_user: str | None) -> None:
         for name in [*dirs, *files]:
             os.lchown(os.path.join(root, name), entry.pw_uid, entry.pw_gid)
     os.lchown(target_dir, entry.pw_uid, entry.pw_gid)
-
-
-def _quote(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
 
 
 def as_user(args: Sequence[str], os_user: str | None) -> list[str]:

@@ -33,6 +33,7 @@ from spark_backup.engine.processes import tool_environment
 from spark_backup.errors import NotFoundError, SourceError
 from spark_backup.plan import LoadedPlan, PostgresSource
 
+KIND = "postgres"
 # Debian and Ubuntu keep one folder of binaries per major version.
 DEBIAN_BIN_DIRS = "/usr/lib/postgresql/{major}/bin"
 CONNECT_TIMEOUT_SECONDS = 10
@@ -412,3 +413,11 @@ class Background:
             )
             raise SourceError(f"counting rows failed: {detail}") from None
         return self._value
+
+
+def conf_value(value: str) -> str:
+    """A value as postgresql.conf writes it: bare when it is a plain word or number, else in
+    single quotes with quotes doubled."""
+    if re.fullmatch(r"[A-Za-z0-9_.]+", value):
+        return value
+    return "'" + value.replace("'", "''") + "'"
