@@ -321,7 +321,8 @@ def _dsn_secret(dsn: str) -> str | None:
 SourceConfig = Annotated[ConfigArchiveSource | PostgresSource, Field(discriminator="kind")]
 SOURCE_KINDS = ("config_archive", "postgres")
 # Suffixes of the assets a source has beside backups/<name> (defs/assets.py names them).
-DERIVED_ASSET_SUFFIXES = {"postgres": ("base", "wal_archive")}
+WAL_ARCHIVE_ASSET_SUFFIX = "wal_archive"
+DERIVED_ASSET_SUFFIXES = {"postgres": ("base", WAL_ARCHIVE_ASSET_SUFFIX)}
 STORE_KINDS = ("local", "s3")
 
 

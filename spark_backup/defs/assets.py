@@ -14,15 +14,19 @@ from dagster import (
 from spark_backup.defs.partitions import PARTITIONS_BY_CADENCE
 from spark_backup.defs.resources import SparkBackupResource
 from spark_backup.engine.manifest import Manifest
-from spark_backup.plan import LoadedPlan, SourceConfig, format_duration
+from spark_backup.plan import (
+    WAL_ARCHIVE_ASSET_SUFFIX,
+    LoadedPlan,
+    SourceConfig,
+    format_duration,
+)
 from spark_backup.sources.artifacts import Artifact
 
 ASSET_PREFIX = "backups"
-WAL_ARCHIVE_SUFFIX = "wal_archive"
 # Dagster pools limit concurrent steps across all runs: one per source, limit 1 (dagster.yaml),
 # so two runs never back up the same source at once.
 POOL_PREFIX = "spark_backup_source_"
-KIND_LABELS = {"config_archive": "tar", "postgres": "postgres"}
+KIND_LABELS = {"config_archive": "tar"}
 
 
 def backup_asset_key(source_name: str, artifact: Artifact | None = None) -> AssetKey:
@@ -34,7 +38,7 @@ def backup_asset_key(source_name: str, artifact: Artifact | None = None) -> Asse
 
 
 def wal_archive_asset_key(source_name: str) -> AssetKey:
-    return AssetKey([ASSET_PREFIX, f"{source_name}_{WAL_ARCHIVE_SUFFIX}"])
+    return AssetKey([ASSET_PREFIX, f"{source_name}_{WAL_ARCHIVE_ASSET_SUFFIX}"])
 
 
 def source_pool(source_name: str) -> str:

@@ -40,16 +40,12 @@ class ToolOutput:
 
 
 @contextmanager
-def streamed_tool(
-    args: Sequence[str], env: dict[str, str], label: str, stdin: int | None = None
-) -> Iterator[ToolOutput]:
+def streamed_tool(args: Sequence[str], env: dict[str, str], label: str) -> Iterator[ToolOutput]:
     """Run ``args`` and stream its stdout. On exit the tool must have ended with status 0 and
     its output must have been read to the end; otherwise ``SourceError`` names ``label`` and
     the tool's first error line. An exception in the block stops the tool."""
     with tempfile.TemporaryFile() as stderr:
-        process = subprocess.Popen(
-            list(args), stdin=stdin, stdout=subprocess.PIPE, stderr=stderr, env=env
-        )
+        process = subprocess.Popen(list(args), stdout=subprocess.PIPE, stderr=stderr, env=env)
         assert process.stdout is not None
         output = ToolOutput(process.stdout)
         try:

@@ -238,50 +238,37 @@ def create_database(server: PostgresServer, name: str, like: Manifest | None = N
     if not meta.get("encoding"):
         _outside_transaction(server, "CREATE DATABASE {} TEMPLATE template0", name)
         return
-    conn = server.connect()
-    try:
-        conn.autocommit = True
-        with conn.cursor() as cursor:
-            cursor.execute(
-                sql.SQL(
-                    "CREATE DATABASE {} TEMPLATE template0 ENCODING %s LC_COLLATE %s LC_CTYPE %s"
-                ).format(sql.Identifier(name)),
-                (meta["encoding"], meta["lc_collate"], meta["lc_ctype"]),
-            )
-    except psycopg2.Error as exc:
-        raise SourceError(
-            f"CREATE DATABASE {name} on {server.where}: {first_line(str(exc))}"
-        ) from None
-    finally:
-        conn.close()
+    _outside_transaction(
+        server,
+        "CREATE DATABASE {} TEMPLATE template0 ENCODING %s LC_COLLATE %s LC_CTYPE %s",
+        name,
+        params=(meta["encoding"], meta["lc_collate"], meta["lc_ctype"]),
+    )
 
 
 def _end_sessions(server: PostgresServer, database: str) -> None:
     """--force replaces a database: the sessions still on it are ended, as DROP ... FORCE would."""
-    conn = server.connect()
-    try:
-        with conn.cursor() as cursor:
-            cursor.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE datname = %s AND pid <> pg_backend_pid()",
-                (database,),
-            )
-        conn.commit()
-    finally:
-        conn.close()
+    _outside_transaction(
+        server,
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+        "WHERE datname = %s AND pid <> pg_backend_pid()",
+        params=(database,),
+    )
 
 
 def drop_database(server: PostgresServer, name: str) -> None:
     _outside_transaction(server, "DROP DATABASE IF EXISTS {} WITH (FORCE)", name)
 
 
-def _outside_transaction(server: PostgresServer, statement: str, *databases: str) -> None:
-    """Run a statement that names databases and cannot run inside a transaction."""
+def _outside_transaction(
+    server: PostgresServer, statement: str, *databases: str, params: tuple[str, ...] = ()
+) -> None:
+    """Run a statement that names databases (``{}``) and cannot run inside a transaction."""
     conn = server.connect()
     try:
         conn.autocommit = True
         with conn.cursor() as cursor:
-            cursor.execute(sql.SQL(statement).format(*map(sql.Identifier, databases)))
+            cursor.execute(sql.SQL(statement).format(*map(sql.Identifier, databases)), params)
     except psycopg2.Error as exc:
         shown = statement.split(" {}", 1)[0]
         raise SourceError(
