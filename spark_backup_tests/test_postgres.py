@@ -776,6 +776,29 @@ def test_a_dump_cut_off_mid_stream_leaves_no_copy(dump_plan: Path, sample_db: st
     assert not [name for name in files if ".pgdump." in name]
 
 
+def test_recovery_failure_names_the_startup_reason_not_our_refused_polls(tmp_path: Path) -> None:
+    """While recovery runs our polls are refused with FATAL lines that can be logged after the
+    startup process's own FATAL; the reason must stay the startup process's."""
+    from spark_backup.sources.postgres import pitr as recovery
+
+    log = tmp_path / recovery.LOG_FILE
+    earlier = "2026-11-27 10:00:00.000 UTC [90] FATAL:  an earlier start's reason\n"
+    log.write_text(
+        earlier
+        + "2026-11-27 10:00:01.100 UTC [101] LOG:  starting point-in-time recovery\n"
+        + "2026-11-27 10:00:01.200 UTC [102] FATAL:  the database system is not yet accepting"
+        " connections\n"
+        + f"2026-11-27 10:00:01.300 UTC [101] FATAL:  {recovery.ENDED_EARLY}\n"
+        + "2026-11-27 10:00:01.310 UTC [103] FATAL:  the database system is in recovery mode\n"
+        + "2026-11-27 10:00:01.320 UTC [104] FATAL:  the database system is shutting down\n"
+    )
+    reason = recovery._log_failure(log, len(earlier))
+    assert recovery.ENDED_EARLY in reason and "recovery mode" not in reason
+    only_polls = tmp_path / "polls.log"
+    only_polls.write_text("x [1] FATAL:  the database system is starting up\n")
+    assert "it stopped" in recovery._log_failure(only_polls, 0)
+
+
 def test_pitr_fetches_wal_in_batches_and_resumes(archiving: Archiving, monkeypatch) -> None:
     """With no lookahead the first batch ends before the target; recovery resumes on the next
     batch, and the WAL far beyond the target is never fetched."""

@@ -57,6 +57,12 @@ WAL_LOOKAHEAD = 8
 ENDED_EARLY = "recovery ended before configured recovery target was reached"
 LATEST = "latest"
 START_TIMEOUT_SECONDS = 2 * 3600  # the RTO: a recovery that takes longer has failed anyway
+# Our own polling connections are refused with a FATAL line while the server recovers or shuts
+# down; those may be logged after the startup process's real reason, so they never name the cause.
+_CONNECTION_REFUSED_RE = re.compile(
+    r"FATAL:\s+the database system is (starting up|in recovery mode|shutting down|"
+    r"not (yet )?accepting connections)"
+)
 _STOPPING_RE = re.compile(r"recovery stopping (before|after) .*?time ([0-9-]+ [0-9:.]+\+?[0-9:]*)")
 _LAST_TX_RE = re.compile(r"last completed transaction was at log time ([0-9-]+ [0-9:.]+\+?[0-9:]*)")
 _REDO_DONE_RE = re.compile(r"redo done at ([0-9A-F]+/[0-9A-F]+)")
@@ -298,7 +304,11 @@ def _log_failure(log: Path, since: int, pg_ctl_output: str = "") -> str:
         with open(log, "rb") as handle:
             handle.seek(since)
             text = handle.read().decode("utf-8", errors="replace")
-    fatal = [line for line in text.splitlines() if "FATAL" in line or "PANIC" in line]
+    fatal = [
+        line
+        for line in text.splitlines()
+        if ("FATAL" in line or "PANIC" in line) and not _CONNECTION_REFUSED_RE.search(line)
+    ]
     if fatal:
         reason = fatal[-1].split("FATAL:", 1)[-1].split("PANIC:", 1)[-1].strip()
     else:
