@@ -829,6 +829,7 @@ def test_pitr_fetches_wal_in_batches_and_resumes(archiving: Archiving, monkeypat
         assert report.wal_files < len(after_base)
         log = (Path(report.target_dir) / recovery.LOG_FILE).read_text()
         assert log.count(recovery.ENDED_EARLY) >= 1  # the first batch was not enough
+        assert "the database system is" not in log  # waiting for promotion makes no connections
         recovered = psycopg2.connect(
             host=report.target_dir, port=report.port, user="postgres", dbname="postgres"
         )

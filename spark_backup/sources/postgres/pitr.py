@@ -56,6 +56,9 @@ WAL_LOOKAHEAD = 8
 # PostgreSQL 15's words when the WAL ran out before the recovery target.
 ENDED_EARLY = "recovery ended before configured recovery target was reached"
 LATEST = "latest"
+# postmaster.pid's eighth line is the server's status (PostgreSQL's LOCK_FILE_LINE_PM_STATUS).
+POSTMASTER_PID_STATUS_LINE = 7
+PM_STATUS_READY = "ready"
 START_TIMEOUT_SECONDS = 2 * 3600  # the RTO: a recovery that takes longer has failed anyway
 # Our own polling connections are refused with a FATAL line while the server recovers or shuts
 # down; those may be logged after the startup process's real reason, so they never name the cause.
@@ -260,18 +263,33 @@ def start_and_wait(
     )
     if result.returncode != 0:
         raise SourceError(_log_failure(log, since, result.stderr))
+    # pg_ctl returns as soon as recovery starts. The postmaster announces promotion in its lock
+    # file, as pg_ctl itself reads it; polling that, not connections, keeps the log to the
+    # server's own lines.
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
+        if _postmaster_status(data) == PM_STATUS_READY:
             with closing(_connect(target_dir, port, user)) as conn, conn.cursor() as cursor:
                 cursor.execute("SELECT pg_is_in_recovery()")
                 if not cursor.fetchone()[0]:
                     return
-        except psycopg2.OperationalError:
-            if _server_stopped(pg_ctl, data, os_user):
-                raise SourceError(_log_failure(log, since)) from None
+        elif _server_stopped(pg_ctl, data, os_user):
+            raise SourceError(_log_failure(log, since))
         time.sleep(0.5)
     raise SourceError(f"recovery did not finish within {timeout:.0f} s (see {log})")
+
+
+def _postmaster_status(data: Path) -> str | None:
+    """The status line of postmaster.pid ("starting", "standby", "ready", "stopping")."""
+    try:
+        lines = (data / "postmaster.pid").read_text().splitlines()
+    except OSError:
+        return None
+    return (
+        lines[POSTMASTER_PID_STATUS_LINE].strip()
+        if len(lines) > POSTMASTER_PID_STATUS_LINE
+        else None
+    )
 
 
 def _server_stopped(pg_ctl: Path, data: Path, os_user: str | None) -> bool:
