@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import resource
 import shlex
@@ -35,6 +34,8 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from machine import basic_facts, first_line, load_average
 
 MB = 1_000_000  # throughput and sizes are reported in decimal megabytes
 MIB = 1 << 20
@@ -458,34 +459,7 @@ def rss_check(
 # --- reporting -------------------------------------------------------------------------------------
 
 
-def _first_line(command: list[str]) -> str:
-    try:
-        proc = subprocess.run(command, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return "not found"
-    text = (proc.stdout or proc.stderr).strip()
-    return text.splitlines()[0] if text else "unknown"
-
-
-def _load() -> str:
-    """1/5/15-minute load average: other work on the machine skews every figure."""
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
 def machine_facts(python: str, workdir: Path) -> dict[str, Any]:
-    cpu = "unknown"
-    mem = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                mem = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
-                break
-    except OSError:
-        pass
     versions = subprocess.run(
         [
             python,
@@ -500,19 +474,16 @@ def machine_facts(python: str, workdir: Path) -> dict[str, Any]:
     ).stdout.split()
     usage = shutil.disk_usage(workdir)
     return {
-        "nproc": os.cpu_count(),
+        **basic_facts(),
         "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "cpu": cpu,
-        "memory": mem,
-        "platform": platform.platform(),
         "python": versions[0],
         "spark_backup": versions[1],
         "zstandard": f"{versions[2]} (libzstd {versions[3]})",
         "pyrage": versions[4],
-        "tar": _first_line(["tar", "--version"]),
-        "zstd": _first_line(["zstd", "--version"]),
-        "age": _first_line(["age", "--version"]),
-        "load_average": _load(),
+        "tar": first_line(["tar", "--version"]),
+        "zstd": first_line(["zstd", "--version"]),
+        "age": first_line(["age", "--version"]),
+        "load_average": load_average(),
         "workdir": str(workdir),
         "workdir_free_gb": round(usage.free / 1e9, 1),
     }
@@ -648,7 +619,7 @@ def run_benchmark(args: argparse.Namespace, workdir: Path) -> None:
         for op in ("backup", "restore"):
             if rss[f"{op}_peak_rss_mb"] > TARGET_RSS_MB:
                 print(f"MISS rss-check {op}: peak RSS above {TARGET_RSS_MB:.0f} MB")
-    print(f"\nload average at the end: {_load()} (at the start: {facts['load_average']})")
+    print(f"\nload average at the end: {load_average()} (at the start: {facts['load_average']})")
     misses = [(m, text) for m in measurements for text in m.misses]
     print()
     for m, text in misses:

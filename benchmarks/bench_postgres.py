@@ -17,7 +17,7 @@ In one throwaway cluster with WAL archiving through ``spark-backup wal-push`` an
 Every throughput figure is the best (fastest) of the runs. The script always exits 0: it reports,
 it does not judge (MISS lines say where a target was not met). Needs root or the ``postgres``
 OS user, the PostgreSQL server binaries (``SPARK_BACKUP_PG_BIN``, default
-/usr/lib/postgresql/15/bin) and ``age-keygen``.
+/usr/lib/postgresql/15/bin).
 
 Run with the project's venv, from the checkout::
 
@@ -45,9 +45,11 @@ from pathlib import Path
 from typing import Any
 
 import psycopg2
+from machine import basic_facts, first_line, load_average
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # spark_backup_tests, from anywhere
 
+from spark_backup_tests.helpers import free_port, make_key
 from spark_backup_tests.pg_cluster import (
     BIN_DIR,
     SPARK_BACKUP,
@@ -56,7 +58,6 @@ from spark_backup_tests.pg_cluster import (
     as_os_user,
     chown_tree,
     executable_for_postgres,
-    free_port,
     shared_dir,
     throwaway_cluster,
 )
@@ -177,16 +178,6 @@ def log_tail(cluster: Cluster, lines: int = 10) -> str:
 
 
 # --- plan, key, clusters -----------------------------------------------------------------------
-
-
-def make_key(workdir: Path) -> tuple[Path, str]:
-    key = workdir / "age.key"
-    subprocess.run(["age-keygen", "-o", str(key)], check=True, capture_output=True)
-    os.chmod(key, 0o644)  # wal-push runs as postgres and loads the plan, which names the key
-    public = subprocess.run(
-        ["age-keygen", "-y", str(key)], check=True, capture_output=True, text=True
-    ).stdout.strip()
-    return key, public
 
 
 def archiving_settings(plan: Path) -> dict[str, str]:
@@ -652,39 +643,13 @@ def rpo_on_small_cluster(ctx: Context, index: int, key: Path, public: str) -> di
 # --- reporting ---------------------------------------------------------------------------------
 
 
-def _first_line(command: list[str]) -> str:
-    try:
-        proc = subprocess.run(command, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return "not found"
-    text = (proc.stdout or proc.stderr).strip()
-    return text.splitlines()[0] if text else "unknown"
-
-
-def _load() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
 def machine_facts() -> dict[str, Any]:
-    cpu = mem = "unknown"
-    with suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                mem = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
-                break
     return {
-        "nproc": os.cpu_count(),
-        "cpu": cpu,
-        "memory": mem,
-        "platform": platform.platform(),
+        **basic_facts(),
         "python": platform.python_version(),
-        "spark_backup": _first_line([str(SPARK_BACKUP), "--version"]),
-        "postgres": _first_line([pg_tool("postgres"), "--version"]),
-        "load_average": _load(),
+        "spark_backup": first_line([str(SPARK_BACKUP), "--version"]),
+        "postgres": first_line([pg_tool("postgres"), "--version"]),
+        "load_average": load_average(),
     }
 
 
@@ -783,7 +748,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    missing = [t for t in ("age-keygen", "runuser") if not shutil.which(t)]
+    missing = [t for t in ("runuser",) if not shutil.which(t)]
     missing += [n for n in ("pg_ctl", "pg_dump", "pgbench") if not (BIN_DIR / n).exists()]
     if missing or not SPARK_BACKUP.exists():
         print(f"error: not found: {', '.join(missing) or SPARK_BACKUP}", file=sys.stderr)
@@ -823,6 +788,7 @@ def run_benchmark(args: argparse.Namespace, workdir: Path) -> None:
         f"{args.restore_repeat} (restore); archive_timeout {ARCHIVE_TIMEOUT}; zstd -3, 2 threads"
     )
     key, public = make_key(workdir)
+    os.chmod(key, 0o644)  # wal-push runs as postgres and loads the plan, which names the key
     plan = workdir / "plan.yaml"
     store = workdir / "store"
     results: dict[str, Any] = {"machine": facts, "settings": vars(args) | {"json": None}}
@@ -873,7 +839,7 @@ def run_benchmark(args: argparse.Namespace, workdir: Path) -> None:
         run = step(ctx, label, lambda i=index: rpo_on_small_cluster(ctx, i, key, public))
         rpo.append(run or {"cluster": "pgbench scale 1 (fresh)", "error": "failed"})
 
-    facts["load_average_end"] = _load()
+    facts["load_average_end"] = load_average()
     print(
         f"\nload average at the end: {facts['load_average_end']} (start: {facts['load_average']})"
     )

@@ -170,6 +170,9 @@ class BackupService:
         store = self.store_for(source)
         store.check()  # an unreachable store or rejected credentials: say so before reading
         readers = kind_module(source.kind).readers_for(source, self.loaded, chosen.name)
+        # One partition for the whole run, even one that crosses midnight.
+        partition = partition or self.current_partition(chosen)
+        recipients, compression = self.recipients(), self._compression(source)
         manifests, failures = [], []
         for reader in readers:
             try:
@@ -178,9 +181,9 @@ class BackupService:
                         store,
                         reader,
                         source_name=source.name,
-                        partition=partition or self.current_partition(chosen),
-                        recipients=self.recipients(),
-                        compression=self._compression(source),
+                        partition=partition,
+                        recipients=recipients,
+                        compression=compression,
                         progress=progress,
                     )
                 )
@@ -563,7 +566,7 @@ class BackupService:
                         store, source.name, batch, wal_folder, identities
                     ),
                 )
-                recovery.hand_over(target_dir, os_user)
+                recovery.hand_over(wal_folder, os_user)  # the rest was handed over before
                 report.wal_files += len(batch)
                 started = True
                 try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import socket
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -16,6 +17,13 @@ from spark_backup.engine.crypto import generate_identity
 from spark_backup.errors import SourceError
 
 SPARK_BACKUP = [sys.executable, "-m", "spark_backup"]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def make_key(directory: Path, name: str = "age") -> tuple[Path, str]:

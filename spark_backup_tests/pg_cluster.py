@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
-import socket
 import stat
 import subprocess
 import sys
@@ -25,19 +24,16 @@ from pathlib import Path
 
 import psycopg2
 
+from spark_backup.sources.postgres.pitr import as_user, default_os_user
+from spark_backup_tests.helpers import free_port
+
 BIN_DIR = Path(os.environ.get("SPARK_BACKUP_PG_BIN", "/usr/lib/postgresql/15/bin"))
-OS_USER = "postgres" if os.geteuid() == 0 else None
+OS_USER = default_os_user()
 SPARK_BACKUP = Path(sys.executable).with_name("spark-backup")
 
 
-def free_port() -> int:
-    with closing(socket.socket()) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def as_os_user(args: list[str]) -> list[str]:
-    return ["runuser", "-u", OS_USER, "--", *args] if OS_USER else args
+    return as_user(args, OS_USER)
 
 
 def shared_dir(prefix: str) -> Path:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ import pytest
 
 from spark_backup.engine.partitions import partition_key_for
 from spark_backup.engine.pipeline import utcnow
-from spark_backup_tests.helpers import run_cli
+from spark_backup_tests.helpers import free_port, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 DONE = ("SUCCESS", "FAILURE", "CANCELED")
@@ -78,12 +77,6 @@ class DagsterDev:
         raise AssertionError(f"run {run_id} did not finish in {timeout}s")
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def dagster_dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DagsterDev]:
     """The demo's estate and plan, served by ``dagster dev``; every child is stopped after."""
@@ -96,7 +89,7 @@ def dagster_dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DagsterDev
     # As an operator deploys it: instance config and pools first, then the services.
     run_cli("dagster-init", cwd=ROOT, env=env, check=True)
     assert (dagster_home / "dagster.yaml").read_text() == (ROOT / "dagster.yaml").read_text()
-    port = _free_port()
+    port = free_port()
     log = open(home / "dagster_dev.log", "wb")  # noqa: SIM115 - closed after the process
     process = subprocess.Popen(
         [

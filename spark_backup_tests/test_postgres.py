@@ -33,12 +33,19 @@ from spark_backup.errors import (
 from spark_backup.plan import load_plan
 from spark_backup.service import BackupService
 from spark_backup.sources.postgres.wal import archived_wal
-from spark_backup_tests.helpers import flip_last_byte, make_key, plan_dict, run_cli, write_plan
+from spark_backup_tests.helpers import (
+    flip_last_byte,
+    free_port,
+    make_key,
+    plan_dict,
+    run_cli,
+    write_plan,
+)
 from spark_backup_tests.pg_cluster import (
+    OS_USER,
     Cluster,
     archive_command,
     executable_for_postgres,
-    free_port,
     shared_dir,
     throwaway_cluster,
 )
@@ -338,7 +345,8 @@ def test_password_reaches_the_tools_and_never_the_output(tmp_path: Path, age_key
     root = shared_dir("spark-backup-pw-")
     pwfile = root / "pw"
     pwfile.write_text("right-Pa55:word\n")
-    shutil.chown(pwfile, "postgres") if Path("/usr/sbin/runuser").exists() else None
+    if OS_USER:
+        shutil.chown(pwfile, OS_USER)  # initdb reads it as the cluster's OS user
     try:
         with throwaway_cluster(
             "spark-backup-scram-", initdb_args=("-A", "scram-sha-256", f"--pwfile={pwfile}")

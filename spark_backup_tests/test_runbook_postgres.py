@@ -23,7 +23,7 @@ import yaml
 
 from spark_backup.plan import PostgresSource, load_plan
 from spark_backup.service import BackupService
-from spark_backup_tests.helpers import flip_last_byte, make_key, plan_dict, write_plan
+from spark_backup_tests.helpers import flip_last_byte, free_port, make_key, plan_dict, write_plan
 from spark_backup_tests.pg_cluster import (
     BIN_DIR,
     OS_USER,
@@ -32,7 +32,6 @@ from spark_backup_tests.pg_cluster import (
     as_os_user,
     chown_tree,
     executable_for_postgres,
-    free_port,
     shared_dir,
     throwaway_cluster,
 )
@@ -177,16 +176,14 @@ def test_database_globals_and_table_restore_by_hand(tmp_path: Path) -> None:
             ("auditor",)
         ]
 
+        table_env = {
+            **estate.libpq_env(),
+            "DUMPFILE": str(work / "app.dump"),
+            "DB": "app",
+            "TABLE": "orders",
+        }
         pg.execute("DELETE FROM orders WHERE id % 3 = 0; UPDATE orders SET item = 'kept'", "app")
-        result = run_block(
-            "# One table by hand",
-            {
-                **estate.libpq_env(),
-                "DUMPFILE": str(work / "app.dump"),
-                "DB": "app",
-                "TABLE": "orders",
-            },
-        )
+        result = run_block("# One table by hand", table_env)
         assert result.returncode == 0, result.stdout + result.stderr
         assert count(pg, "orders") == 210
         assert count(pg, "orders WHERE item = 'kept'") == 140  # rows still there are left alone
@@ -194,15 +191,7 @@ def test_database_globals_and_table_restore_by_hand(tmp_path: Path) -> None:
         assert pg.execute("SELECT to_regclass('public.orders_restored')", "app") == [(None,)]
 
         pg.execute("DROP TABLE orders", "app")
-        result = run_block(
-            "# A dropped table by hand",
-            {
-                **estate.libpq_env(),
-                "DUMPFILE": str(work / "app.dump"),
-                "DB": "app",
-                "TABLE": "orders",
-            },
-        )
+        result = run_block("# A dropped table by hand", table_env)
         assert result.returncode == 0, result.stdout + result.stderr
         assert count(pg, "orders") == 210
         assert pg.execute(

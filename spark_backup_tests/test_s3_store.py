@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import os
-import socket
 import time
 from typing import Any
 
@@ -23,6 +22,7 @@ from spark_backup.engine.stores.base import ObjectLock
 from spark_backup.engine.stores.s3 import MIB, S3Store
 from spark_backup.errors import NotFoundError, ObjectLockedError, StoreError
 from spark_backup.plan import S3StoreConfig
+from spark_backup_tests.helpers import free_port
 from spark_backup_tests.seaweedfs import SeaweedFS
 
 KEY_ENV = "SB_TEST_S3_ACCESS_KEY_ID"
@@ -120,12 +120,6 @@ def versions(seaweedfs: SeaweedFS, bucket: str, key: str) -> list[dict]:
         for entry in listing.get("Versions", []) + listing.get("DeleteMarkers", [])
         if entry["Key"] == key
     ]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # --- round trips ---------------------------------------------------------------------------------

@@ -23,8 +23,8 @@ import signal
 import sys
 
 import pyrage
-from pyrage import x25519
 
+from spark_backup.engine.crypto import identities_from_text
 from spark_backup.engine.streams import CHUNK_SIZE, HashingReader
 
 
@@ -34,10 +34,7 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     identity_fd, status_fd = int(argv[0]), int(argv[1])
     with os.fdopen(identity_fd, "r", encoding="utf-8") as handle:
-        lines = [line.strip() for line in handle.read().splitlines()]
-    identities = [
-        x25519.Identity.from_str(line) for line in lines if line and not line.startswith("#")
-    ]
+        identities = identities_from_text(handle.read(), "the identity pipe")
     stored = HashingReader(open(0, "rb", buffering=CHUNK_SIZE, closefd=False))  # noqa: SIM115
     plain = _PlainOut(open(1, "wb", buffering=CHUNK_SIZE, closefd=False))  # noqa: SIM115
     status: dict[str, object]

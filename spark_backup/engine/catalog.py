@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from spark_backup.engine.manifest import (
     Manifest,
     copy_id_of_data_key,
+    copy_id_of_manifest_key,
     is_manifest_key,
     manifest_key,
     manifest_prefix,
@@ -72,11 +73,7 @@ def find_orphans(
     belong to a backup still running). Objects spark-backup did not write are never orphans."""
     cutoff = (now or dt.datetime.now(dt.UTC)) - older_than
     objects = list(store.list())
-    committed = {
-        info.key.rsplit("/", 1)[1].removesuffix(".json")
-        for info in objects
-        if is_manifest_key(info.key)
-    }
+    committed = {copy_id_of_manifest_key(info.key) for info in objects} - {None}
     return [
         info
         for info in objects

@@ -86,7 +86,7 @@ def load_identities(
     if os.environ.get(IDENTITY_FILE_ENV):
         return _identities_from_file(Path(os.environ[IDENTITY_FILE_ENV]))
     if os.environ.get(IDENTITY_ENV):
-        return _identities_from_text(os.environ[IDENTITY_ENV], f"${IDENTITY_ENV}")
+        return identities_from_text(os.environ[IDENTITY_ENV], f"${IDENTITY_ENV}")
     if plan_file:
         return _identities_from_file(plan_file)
     raise CryptoError(
@@ -102,10 +102,10 @@ def _identities_from_file(path: Path) -> list[x25519.Identity]:
         raise CryptoError(f"{path}: identity file not found") from None
     except OSError as exc:
         raise CryptoError(f"{path}: cannot read identity file: {exc.strerror}") from None
-    return _identities_from_text(text, str(path))
+    return identities_from_text(text, str(path))
 
 
-def _identities_from_text(text: str, origin: str) -> list[x25519.Identity]:
+def identities_from_text(text: str, origin: str) -> list[x25519.Identity]:
     identities = []
     for number, line in enumerate(text.splitlines(), start=1):
         line = line.strip()

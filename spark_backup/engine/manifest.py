@@ -26,10 +26,11 @@ from spark_backup.errors import IntegrityError, NotFoundError
 
 MANIFEST_FORMAT = "spark-backup.manifest/v1"
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-_COPY_ID = r"[a-z][a-z0-9_]{0,62}-\d{8}T\d{6}\.\d{3}Z-[0-9a-f]{8}"
-COPY_ID_RE = re.compile(
-    r"^(?P<source>[a-z][a-z0-9_]{0,62})-(?P<ts>\d{8}T\d{6}\.\d{3}Z)-(?P<rand>[0-9a-f]{8})$"
-)
+# A source's name as the plan allows it; every key starts with one.
+SOURCE_NAME = r"[a-z][a-z0-9_]{0,62}"
+# A copy id is its source's name, then this: the start time (UTC, milliseconds) and 8 random hex.
+_ID_AFTER_SOURCE = r"-\d{8}T\d{6}\.\d{3}Z-[0-9a-f]{8}"
+COPY_ID_RE = re.compile(rf"^(?P<source>{SOURCE_NAME}){_ID_AFTER_SOURCE}$")
 
 
 def new_copy_id(source: str, started_at: dt.datetime) -> str:
@@ -60,19 +61,25 @@ def manifest_prefix(source: str | None = None) -> str:
     return f"{source}/manifests/" if source else ""
 
 
+# (?P=source): a copy's id names the source whose folder holds it.
 _MANIFEST_KEY_RE = re.compile(
-    rf"^(?P<source>[a-z][a-z0-9_]{{0,62}})/manifests/(?P<id>{_COPY_ID})\.json$"
+    rf"^(?P<source>{SOURCE_NAME})/manifests/(?P<id>(?P=source){_ID_AFTER_SOURCE})\.json$"
 )
 # The suffix names the layers, innermost first, as the pipeline writes it (``.tar.zst.age``).
 _DATA_KEY_RE = re.compile(
-    rf"^(?P<source>[a-z][a-z0-9_]{{0,62}})/data/(?P<id>{_COPY_ID})\.(?:[a-z0-9]+\.)*zst\.age$"
+    rf"^(?P<source>{SOURCE_NAME})/data/(?P<id>(?P=source){_ID_AFTER_SOURCE})"
+    r"\.(?:[a-z0-9]+\.)*zst\.age$"
 )
 
 
 def is_manifest_key(key: str) -> bool:
     """A key spark-backup writes manifests under (other objects in the store are not ours)."""
+    return copy_id_of_manifest_key(key) is not None
+
+
+def copy_id_of_manifest_key(key: str) -> str | None:
     match = _MANIFEST_KEY_RE.match(key)
-    return bool(match) and match["id"].startswith(match["source"] + "-")
+    return match["id"] if match else None
 
 
 def is_copy_key(key: str) -> bool:
@@ -82,9 +89,7 @@ def is_copy_key(key: str) -> bool:
 
 def copy_id_of_data_key(key: str) -> str | None:
     match = _DATA_KEY_RE.match(key)
-    if not match or not match["id"].startswith(match["source"] + "-"):
-        return None
-    return match["id"]
+    return match["id"] if match else None
 
 
 @dataclass(frozen=True)

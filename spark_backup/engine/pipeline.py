@@ -43,6 +43,7 @@ from spark_backup.engine.streams import (
     ProgressCallback,
     Readable,
     Writable,
+    copy_stream,
 )
 from spark_backup.errors import (
     CryptoError,
@@ -341,8 +342,7 @@ class _DecryptWorker:
         pipe = self._process.stdin
         assert pipe is not None
         try:
-            while chunk := self._stored.read(CHUNK_SIZE):
-                pipe.write(chunk)
+            copy_stream(self._stored, pipe)
         except BrokenPipeError:
             pass  # the worker stopped first; its status says why
         except BaseException as exc:

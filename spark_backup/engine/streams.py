@@ -76,3 +76,12 @@ class HashingWriter:
 
     def hexdigest(self) -> str:
         return self.sha256.hexdigest()
+
+
+def copy_stream(source: Readable, target: Writable) -> int:
+    """Copy in chunks, never the whole stream in memory; return the bytes copied."""
+    total = 0
+    while chunk := source.read(CHUNK_SIZE):
+        target.write(chunk)
+        total += len(chunk)
+    return total

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Artifact:
-    source: str
     name: str
     cadence: str
     max_age: dt.timedelta

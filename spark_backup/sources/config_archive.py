@@ -329,7 +329,6 @@ ARCHIVE = "archive"
 def artifacts(source: ConfigArchiveSource, plan: Plan) -> list[Artifact]:
     return [
         Artifact(
-            source.name,
             ARCHIVE,
             source.cadence,
             plan.max_age_for(source),

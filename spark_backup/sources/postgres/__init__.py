@@ -23,7 +23,7 @@ from spark_backup.engine.pipeline import PlaintextSource, open_copy
 from spark_backup.engine.safe_tar import extract_tar
 from spark_backup.engine.staging import staged_restore
 from spark_backup.engine.stores.base import ObjectStore
-from spark_backup.engine.streams import CHUNK_SIZE, ProgressCallback, Readable
+from spark_backup.engine.streams import ProgressCallback, Readable, copy_stream
 from spark_backup.errors import IntegrityError, NotFoundError, RestoreRefused, UsageError
 from spark_backup.plan import LoadedPlan, Plan, PostgresSource
 from spark_backup.sources.artifacts import Artifact
@@ -58,7 +58,6 @@ _GLOBALS_MARKER = b"PostgreSQL database cluster dump"
 def artifacts(source: PostgresSource, plan: Plan) -> list[Artifact]:
     found = [
         Artifact(
-            source.name,
             DUMP,
             source.cadence,
             plan.max_age_for(source),
@@ -70,7 +69,6 @@ def artifacts(source: PostgresSource, plan: Plan) -> list[Artifact]:
         settings = source.base_backup
         found.append(
             Artifact(
-                source.name,
                 BASE,
                 settings.cadence,
                 settings.max_age or plan.max_age_for(source),
@@ -188,16 +186,12 @@ def dump_file_name(manifest: Manifest) -> str:
 
 def _write_file(plain: Readable, path: Path) -> int:
     """Write a restored file readable by its owner only: dumps and role hashes are secrets."""
-    written = 0
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as out:
-            while chunk := plain.read(CHUNK_SIZE):
-                out.write(chunk)
-                written += len(chunk)
+            return copy_stream(plain, out)
     except OSError as exc:
         raise RestoreRefused(f"cannot write {path}: {exc.strerror}") from None
-    return written
 
 
 def check_plaintext(plain: Readable, manifest: Manifest) -> None:

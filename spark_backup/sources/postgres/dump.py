@@ -24,7 +24,7 @@ from psycopg2.extensions import ISOLATION_LEVEL_REPEATABLE_READ
 
 from spark_backup.engine.manifest import Manifest
 from spark_backup.engine.processes import first_error, streamed_tool
-from spark_backup.engine.streams import CHUNK_SIZE, Readable
+from spark_backup.engine.streams import Readable, copy_stream
 from spark_backup.errors import IntegrityError, RestoreRefused, SourceError
 from spark_backup.sources.postgres.server import (
     KIND,
@@ -302,8 +302,7 @@ def pg_restore_into(
         )
         assert process.stdin is not None
         try:
-            while chunk := plain.read(CHUNK_SIZE):
-                process.stdin.write(chunk)
+            copy_stream(plain, process.stdin)
             process.stdin.close()
         except BrokenPipeError:
             pass  # pg_restore stopped early; its status and stderr say why

@@ -228,15 +228,15 @@ def configure_recovery(
     hand_over(target_dir, os_user)
 
 
-def hand_over(target_dir: Path, os_user: str | None) -> None:
-    """Give the recovery folder, WAL fetched so far included, to the cluster's OS user."""
+def hand_over(folder: Path, os_user: str | None) -> None:
+    """Give a folder and all in it to the cluster's OS user (when we run as root)."""
     if not os_user:
         return
     entry = pwd.getpwnam(os_user)
-    for root, dirs, files in os.walk(target_dir):
+    for root, dirs, files in os.walk(folder):
         for name in [*dirs, *files]:
             os.lchown(os.path.join(root, name), entry.pw_uid, entry.pw_gid)
-    os.lchown(target_dir, entry.pw_uid, entry.pw_gid)
+    os.lchown(folder, entry.pw_uid, entry.pw_gid)
 
 
 def as_user(args: Sequence[str], os_user: str | None) -> list[str]:

@@ -13,7 +13,6 @@ own proof, and ``age -d | zstd -d`` gives back the file.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import os
 import re
 from collections.abc import Iterator
@@ -25,9 +24,10 @@ from typing import BinaryIO
 from pyrage import x25519
 
 from spark_backup.engine.crypto import Recipients
+from spark_backup.engine.manifest import SOURCE_NAME
 from spark_backup.engine.pipeline import CompressionSettings, encrypt_to_store, open_encrypted
 from spark_backup.engine.stores.base import ObjectLock, ObjectStore
-from spark_backup.engine.streams import CHUNK_SIZE, Readable
+from spark_backup.engine.streams import HashingReader, Readable, copy_stream
 from spark_backup.errors import (
     IntegrityError,
     NotFoundError,
@@ -40,7 +40,7 @@ WAL_FOLDER = "wal"
 _WAL_NAME = r"[0-9A-F]{24}(?:\.partial|\.[0-9A-F]{8}\.backup)?|[0-9A-F]{8}\.history"
 WAL_NAME_RE = re.compile(rf"^(?:{_WAL_NAME})$")
 _WAL_KEY_RE = re.compile(
-    rf"^(?P<source>[a-z][a-z0-9_]{{0,62}})/{WAL_FOLDER}/(?P<name>{_WAL_NAME})"
+    rf"^(?P<source>{SOURCE_NAME})/{WAL_FOLDER}/(?P<name>{_WAL_NAME})"
     r"-(?P<sha256>[0-9a-f]{64})\.zst\.age$"
 )
 PARTIAL_SUFFIX = ".spark-backup-partial"
@@ -175,8 +175,7 @@ def fetch_wal(
             _create(partial) as out,
             open_encrypted(store, found.key, identities, f"WAL file {name}") as opened,
         ):
-            while chunk := opened.plaintext.read(CHUNK_SIZE):
-                out.write(chunk)
+            copy_stream(opened.plaintext, out)
             out.flush()
             os.fsync(out.fileno())
         if opened.plaintext.hexdigest() != found.sha256:
@@ -203,16 +202,15 @@ def expendable_wal(entries: list[ArchivedWal], oldest_needed_segment: str) -> li
 
 
 def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     try:
         with open(path, "rb") as handle:
-            while chunk := handle.read(CHUNK_SIZE):
-                digest.update(chunk)
+            reader = HashingReader(handle)
+            reader.drain()
     except FileNotFoundError:
         raise NotFoundError(f"WAL file {path} does not exist") from None
     except OSError as exc:
         raise SourceError(f"cannot read WAL file {path}: {exc.strerror}") from None
-    return digest.hexdigest()
+    return reader.hexdigest()
 
 
 @contextmanager

@@ -1,0 +1,40 @@
+"""What the benchmarks report about the machine they ran on: figures mean little without it."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from contextlib import suppress
+from pathlib import Path
+from typing import Any
+
+
+def first_line(command: list[str]) -> str:
+    """The first line a command prints (a tool's ``--version``), or why there is none."""
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "not found"
+    text = (proc.stdout or proc.stderr).strip()
+    return text.splitlines()[0] if text else "unknown"
+
+
+def load_average() -> str:
+    """1/5/15-minute load average: other work on the machine skews every figure."""
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def basic_facts() -> dict[str, Any]:
+    """CPU count and model, memory and platform."""
+    cpu = mem = "unknown"
+    with suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                mem = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
+                break
+    return {"nproc": os.cpu_count(), "cpu": cpu, "memory": mem, "platform": platform.platform()}
