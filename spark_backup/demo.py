@@ -19,11 +19,12 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+import yaml
 from rich.console import Console
 from rich.table import Table
 
+from spark_backup.engine.cadence import DEFAULT_PARTITIONS_START, partition_key_for
 from spark_backup.engine.crypto import generate_identity
-from spark_backup.engine.partitions import partition_key_for
 from spark_backup.engine.pipeline import utcnow
 from spark_backup.errors import IntegrityError
 from spark_backup.globs import matches_any
@@ -96,6 +97,11 @@ class DemoPaths:
         return self.demo / "spark_backup.yaml"
 
     @property
+    def started(self) -> Path:
+        """Holds the day the demo first ran: its partitions start there."""
+        return self.demo / "started"
+
+    @property
     def keys(self) -> Path:
         return self.home / "keys"
 
@@ -125,9 +131,32 @@ def prepare_demo(home: Path) -> DemoPaths:
     if not key.exists():
         public = generate_identity(key)
         (paths.keys / "demo-age.pub").write_text(f"{public}\n")
-    template = resources.files("spark_backup").joinpath("demo_data/spark_backup.yaml").read_text()
-    paths.plan.write_text(template)
+    if not paths.started.exists():
+        paths.started.write_text(f"{utcnow().date().isoformat()}\n")
+    first_day = paths.started.read_text().strip()
+    paths.plan.write_text(
+        demo_plan_template().replace(
+            f"partitions_start: {DEFAULT_PARTITIONS_START}", f"partitions_start: {first_day}"
+        )
+    )
     return paths
+
+
+def demo_plan_template() -> str:
+    return resources.files("spark_backup").joinpath("demo_data/spark_backup.yaml").read_text()
+
+
+def demo_trees(plan: Path) -> dict[str, tuple[list[Path], list[str]]]:
+    """Per demo source, the estate folders it protects and what it excludes, as the demo's own
+    plan file says."""
+    data = yaml.safe_load(plan.read_text())
+    return {
+        entry["name"]: (
+            [plan.parent / path for path in entry.get("paths", [])],
+            entry.get("exclude", []),
+        )
+        for entry in data["sources"]
+    }
 
 
 def prepare_dagster_home(paths: DemoPaths) -> Path:
@@ -145,7 +174,7 @@ def run_demo(home: Path, console: Console) -> None:
 
     from spark_backup.defs.build import build_definitions
     from spark_backup.defs.instance import ensure_source_pools
-    from spark_backup.defs.schedules import FRESHNESS_JOB, backup_job_name
+    from spark_backup.defs.schedules import FRESHNESS_JOB, OBSERVE_JOB, backup_job_name
 
     paths = prepare_demo(home)
     dagster_home = prepare_dagster_home(paths)
@@ -160,6 +189,11 @@ def run_demo(home: Path, console: Console) -> None:
     failures: list[str] = []
     with DagsterInstance.get() as instance:
         ensure_source_pools(instance, loaded.plan)
+        observed = defs.resolve_job_def(OBSERVE_JOB).execute_in_process(
+            instance=instance, raise_on_error=False, run_config=QUIET
+        )
+        if not observed.success:
+            failures.append(f"job {OBSERVE_JOB} failed (see the run in the UI)")
         for cadence in sorted({s.cadence for s in loaded.plan.sources}):
             partition = partition_key_for(cadence, utcnow())
             job = defs.resolve_job_def(backup_job_name(cadence))
@@ -197,6 +231,7 @@ def run_demo(home: Path, console: Console) -> None:
     ):
         table.add_column(column)
     shutil.rmtree(paths.restore, ignore_errors=True)
+    trees = demo_trees(paths.plan)
     for source in loaded.plan.sources:
         copies = service.copies(source.name)
         if not copies:
@@ -206,8 +241,8 @@ def run_demo(home: Path, console: Console) -> None:
         outcome = service.verify(ref, identities)
         target = paths.restore / source.name
         summary = service.restore(ref.manifest.id, target)
-        roots = [loaded.resolve(p) for p in source.paths]
-        differences = compare_trees(roots, target, exclude=getattr(source, "exclude", []))
+        roots, exclude = trees[source.name]
+        differences = compare_trees(roots, target, exclude=exclude)
         if not outcome.ok:
             failures.append(f"verify {ref.manifest.id}: {outcome.error}")
         failures += [f"restore {source.name}: {d}" for d in differences]
@@ -224,9 +259,14 @@ def run_demo(home: Path, console: Console) -> None:
     console.print(table)
     console.print(open_with_standard_tools(service, paths))
     console.print(
-        "\nSee it in the Dagster UI (assets, partitions, checks, runs):\n"
+        "\nSee it in the Dagster UI (assets, lineage, partitions, checks, runs):\n"
         f"  DAGSTER_HOME={dagster_home} {PLAN_ENV}={paths.plan} {_dagster_command()} dev\n"
-        "then open http://127.0.0.1:3000/assets (group config_archive).",
+        "then open http://127.0.0.1:3000/asset-groups.\n"
+        "\nWork with the copies from the command line:\n"
+        f"  export {PLAN_ENV}={paths.plan}\n"
+        f"  {_installed_command('spark-backup')} list\n"
+        f"  {_installed_command('spark-backup')} verify --deep\n"
+        f"  {_installed_command('spark-backup')} restore COPY_ID --to /tmp/restore",
         highlight=False,
         soft_wrap=True,
     )
@@ -238,10 +278,14 @@ def run_demo(home: Path, console: Console) -> None:
 
 
 def _dagster_command() -> str:
-    """``dagster`` as the user can type it: the one installed beside this Python."""
-    installed = Path(sys.executable).parent / "dagster"
+    return _installed_command("dagster")
+
+
+def _installed_command(name: str) -> str:
+    """A command as the user can type it: the one installed beside this Python."""
+    installed = Path(sys.executable).parent / name
     if not installed.exists():
-        return "dagster"
+        return name
     relative = os.path.relpath(installed)
     return relative if not relative.startswith("..") else str(installed)
 
@@ -275,7 +319,7 @@ def _digest(path: Path) -> str:
 
 def open_with_standard_tools(service: BackupService, paths: DemoPaths) -> str:
     """Open the newest copy with age, zstd and tar alone, as the runbook does by hand."""
-    copies = service.copies()
+    copies = service.all_listings()[0]
     if not copies:
         return "\nNo copy to open with standard tools."
     ref = copies[-1]

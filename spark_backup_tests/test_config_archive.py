@@ -18,7 +18,7 @@ from spark_backup.engine.pipeline import CompressionSettings, write_copy
 from spark_backup.errors import RestoreRefused, SourceError
 from spark_backup.globs import glob_to_regex
 from spark_backup.service import BackupService
-from spark_backup.sources.config_archive import ConfigArchiveReader
+from spark_backup.sources.config_archive.reader import ConfigArchiveReader
 from spark_backup_tests.helpers import BytesSource, config_source, plan_dict, run_cli, write_plan
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from spark_backup.engine.partitions import partition_key_for
+from spark_backup.engine.cadence import partition_key_for
 from spark_backup.engine.pipeline import utcnow
 from spark_backup_tests.helpers import free_port, run_cli
 
@@ -88,7 +88,7 @@ def dagster_dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DagsterDev
     env = {**os.environ, "DAGSTER_HOME": str(dagster_home), "SPARK_BACKUP_PLAN": str(paths.plan)}
     # As an operator deploys it: instance config and pools first, then the services.
     run_cli("dagster-init", cwd=ROOT, env=env, check=True)
-    assert (dagster_home / "dagster.yaml").read_text() == (ROOT / "dagster.yaml").read_text()
+    assert (dagster_home / "dagster.yaml").read_text() == (ROOT / "spark_backup" / "defs" / "dagster.yaml").read_text()
     port = free_port()
     log = open(home / "dagster_dev.log", "wb")  # noqa: SIM115 - closed after the process
     process = subprocess.Popen(

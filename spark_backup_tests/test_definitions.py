@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import subprocess
 import sys
@@ -21,17 +22,18 @@ from dagster import (
     define_asset_job,
 )
 
-from spark_backup.defs.assets import backup_asset_key, source_pool
+from spark_backup.defs.assets import backup_asset_key, source_pool, system_asset_key
 from spark_backup.defs.build import build_definitions
 from spark_backup.defs.checks import CHECKSUM_CHECK, FRESHNESS_CHECK
-from spark_backup.defs.partitions import DAILY_PARTITIONS, MONTHLY_PARTITIONS, WEEKLY_PARTITIONS
-from spark_backup.defs.schedules import FRESHNESS_CRON, FRESHNESS_JOB
-from spark_backup.engine.partitions import partition_key_for
+from spark_backup.defs.partitions import partitions_for
+from spark_backup.defs.schedules import FRESHNESS_CRON, FRESHNESS_JOB, OBSERVE_JOB
+from spark_backup.engine.cadence import CADENCES, DEFAULT_PARTITIONS_START, partition_key_for
 from spark_backup.plan import load_plan
 from spark_backup.service import BackupService
 from spark_backup_tests.helpers import config_source, flip_last_byte, plan_dict, write_plan
 
 ROOT = Path(__file__).resolve().parents[1]
+INSTANCE_CONFIG = ROOT / "spark_backup" / "defs" / "dagster.yaml"
 QUIET = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
 
 
@@ -62,15 +64,19 @@ def test_definitions_load_and_are_pinned(three_cadences: Path, monkeypatch) -> N
     defs = load_defs()
     assert isinstance(defs, Definitions)
     graph = defs.resolve_asset_graph()
-    keys = {AssetKey(["backups", n]) for n in ("dgx_config", "vpn_config", "k8s_config")}
-    assert graph.get_all_asset_keys() == keys
+    names = ("dgx_config", "vpn_config", "k8s_config")
+    keys = {AssetKey(["backups", n]) for n in names}
+    assert graph.get_all_asset_keys() == keys | {system_asset_key(n) for n in names}
     assert graph.asset_check_keys == {
         AssetCheckKey(k, name) for k in keys for name in (CHECKSUM_CHECK, FRESHNESS_CHECK)
     }
+    for name in names:  # lineage: each protected system feeds its backups
+        assert graph.get(backup_asset_key(name)).parent_keys == {system_asset_key(name)}
     specs = {spec.key: spec for spec in defs.resolve_all_asset_specs()}
-    assert specs[backup_asset_key("vpn_config")].partitions_def == DAILY_PARTITIONS
-    assert specs[backup_asset_key("dgx_config")].partitions_def == WEEKLY_PARTITIONS
-    assert specs[backup_asset_key("k8s_config")].partitions_def == MONTHLY_PARTITIONS
+    start = DEFAULT_PARTITIONS_START
+    assert specs[backup_asset_key("vpn_config")].partitions_def == partitions_for("daily", start)
+    assert specs[backup_asset_key("dgx_config")].partitions_def == partitions_for("weekly", start)
+    assert specs[backup_asset_key("k8s_config")].partitions_def == partitions_for("monthly", start)
     vpn = specs[backup_asset_key("vpn_config")]
     assert vpn.owners == ["security@example.com"]
     assert vpn.group_name == "config_archive"
@@ -85,6 +91,7 @@ def test_definitions_load_and_are_pinned(three_cadences: Path, monkeypatch) -> N
         "weekly_backups_schedule",
         "monthly_backups_schedule",
         "freshness_checks_schedule",
+        f"{OBSERVE_JOB}_schedule",
     }
     assert schedules["daily_backups_schedule"].cron_schedule == "0 1 * * *"
     assert schedules["weekly_backups_schedule"].cron_schedule == "0 1 * * 1"
@@ -104,13 +111,33 @@ def test_definitions_load_and_are_pinned(three_cadences: Path, monkeypatch) -> N
     ],
 )
 def test_cli_partition_keys_match_dagster(when: dt.datetime) -> None:
-    for cadence, partitions in (
-        ("daily", DAILY_PARTITIONS),
-        ("weekly", WEEKLY_PARTITIONS),
-        ("monthly", MONTHLY_PARTITIONS),
-    ):
+    for cadence in CADENCES:
+        partitions = partitions_for(cadence, DEFAULT_PARTITIONS_START)
         window = partitions.time_window_for_partition_key(partition_key_for(cadence, when))
         assert window.start <= when < window.end, (cadence, when)
+
+
+def test_partitions_start_is_a_plan_setting_that_moves_no_key(tmp_path: Path, age_key) -> None:
+    """A new installation lists partitions from its own start; the key of a period is the same
+    whatever the start, so copies of existing installations keep their partitions."""
+    late = dt.date(2026, 11, 25)  # a Wednesday
+    for cadence in CADENCES:
+        early_keys = partitions_for(cadence, DEFAULT_PARTITIONS_START).get_partition_keys()
+        late_keys = partitions_for(cadence, late).get_partition_keys()
+        assert set(late_keys) <= set(early_keys) and len(late_keys) < len(early_keys)
+        # The first partition is the period that holds the start day.
+        first = dt.datetime.combine(late, dt.time(), dt.UTC)
+        assert late_keys[0] == partition_key_for(cadence, first)
+    plan = plan_dict(
+        [age_key[1]],
+        [config_source("vpn_config", [str(tmp_path)], cadence="weekly")],
+        defaults={"partitions_start": late.isoformat()},
+    )
+    defs = build_definitions(load_plan(write_plan(tmp_path, plan)))
+    spec = next(
+        s for s in defs.resolve_all_asset_specs() if s.key == backup_asset_key("vpn_config")
+    )
+    assert spec.partitions_def.get_first_partition_key() == "2026-11-23"
 
 
 def _with_job(defs: Definitions, name: str, selection) -> Definitions:
@@ -191,7 +218,7 @@ def test_freshness_fails_when_newest_copy_is_too_old_or_missing(three_cadences: 
 def test_instance_config_is_valid_and_limits_runs_per_source(tmp_path: Path) -> None:
     home = tmp_path / "dagster_home"
     home.mkdir()
-    (home / "dagster.yaml").write_text((ROOT / "dagster.yaml").read_text())
+    (home / "dagster.yaml").write_text(INSTANCE_CONFIG.read_text())
     env = {**os.environ, "DAGSTER_HOME": str(home)}
     probe = (
         "from dagster import DagsterInstance\n"
@@ -207,7 +234,7 @@ def test_instance_config_is_valid_and_limits_runs_per_source(tmp_path: Path) -> 
     storage, coordinator, limit, granularity, _nux = out.stdout.split()
     assert storage == "SqliteRunStorage" and coordinator == "QueuedRunCoordinator"
     assert (limit, granularity) == ("1", "run")
-    config = yaml.safe_load((ROOT / "dagster.yaml").read_text())
+    config = yaml.safe_load(INSTANCE_CONFIG.read_text())
     assert config["nux"] == {"enabled": False}
 
 
@@ -237,3 +264,57 @@ def test_workspace_loads_with_dagster_cli(three_cadences: Path, tmp_path: Path) 
         timeout=120,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- the snapshot: what the UI shows, pinned -----------------------------------------------------
+
+SNAPSHOT = Path(__file__).parent / "snapshots" / "definitions.json"
+UPDATE_ENV = "SPARK_BACKUP_UPDATE_SNAPSHOTS"
+
+
+def definitions_snapshot(defs: Definitions) -> dict:
+    """Every asset key (with its group, kinds, owners, partitions and upstream keys), check,
+    job, schedule, sensor and pool, as plain data: a renamed asset or a lost edge shows as a diff."""
+    graph = defs.resolve_asset_graph()
+    assets = {}
+    for key in sorted(graph.get_all_asset_keys(), key=lambda k: k.to_user_string()):
+        node = graph.get(key)
+        partitions = node.partitions_def
+        assets[key.to_user_string()] = {
+            "group": node.group_name,
+            "kinds": sorted(node.kinds),
+            "owners": list(node.owners),
+            "partitions": partitions.get_cron_schedule() if partitions else None,
+            "upstream": sorted(k.to_user_string() for k in node.parent_keys),
+            "observable": node.is_observable,
+            "pool": next(iter(node.pools), None) if node.pools else None,
+        }
+    return {
+        "assets": assets,
+        "checks": sorted(
+            f"{c.asset_key.to_user_string()}:{c.name}" for c in graph.asset_check_keys
+        ),
+        "jobs": sorted(j.name for j in defs.resolve_all_job_defs() if not j.name.startswith("__")),
+        "schedules": {
+            s.name: defs.resolve_schedule_def(s.name).cron_schedule
+            for s in sorted(defs.schedules or [], key=lambda s: s.name)
+        },
+        "sensors": sorted(s.name for s in defs.sensors or []),
+    }
+
+
+def test_definitions_match_the_snapshot(tmp_path: Path, age_key) -> None:
+    """Asset keys, checks, jobs, schedules, sensors and pools of a plan with one source of each
+    kind are pinned; set SPARK_BACKUP_UPDATE_SNAPSHOTS=1 to accept a deliberate change."""
+    sources = [
+        config_source("vpn_config", [str(tmp_path)], cadence="weekly", owner="team:security"),
+        {"name": "pg_main", "kind": "postgres", "cadence": "daily", "owner": "team:dba"},
+    ]
+    plan = plan_dict([age_key[1]], sources, defaults={"partitions_start": "2026-11-01"})
+    snapshot = definitions_snapshot(build_definitions(load_plan(write_plan(tmp_path, plan))))
+    text = json.dumps(snapshot, indent=2, sort_keys=True) + "\n"
+    if os.environ.get(UPDATE_ENV):
+        SNAPSHOT.write_text(text)
+    assert text == SNAPSHOT.read_text(), (
+        f"definitions changed; review, then rerun with {UPDATE_ENV}=1"
+    )

@@ -24,14 +24,19 @@ def test_demo_backs_up_verifies_restores_and_records_in_dagster(
     assert "demo complete" in result.stdout
     assert "Opened" in result.stdout and "with standard tools" in result.stdout
     assert f"DAGSTER_HOME={home / 'dagster_home'}" in result.stdout
+    # The next steps on the command line name the plan, so `list` finds it.
+    assert f"export SPARK_BACKUP_PLAN={home / 'demo' / 'spark_backup.yaml'}" in result.stdout
     assert (home / "dagster_home" / "dagster.yaml").read_text() == (
-        ROOT / "dagster.yaml"
+        ROOT / "spark_backup" / "defs" / "dagster.yaml"
     ).read_text()
     assert oct((home / "keys" / "demo-age.key").stat().st_mode & 0o777) == "0o600"
 
     monkeypatch.setenv("DAGSTER_HOME", str(home / "dagster_home"))
     with DagsterInstance.get() as instance:
         for source in SOURCES:
+            # The protected system was observed: the UI shows when it changes after its copy.
+            observed = instance.get_latest_data_version_record(AssetKey(["systems", source]))
+            assert observed is not None, source
             key = AssetKey(["backups", source])
             event = instance.get_latest_materialization_event(key)
             assert event is not None, source

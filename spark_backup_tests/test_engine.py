@@ -162,7 +162,7 @@ def test_data_without_manifest_is_invisible_and_pruned_after_grace(service: Back
     [manifest] = service.backup("dgx_config")
     store = service.find(manifest.id).store
     store.delete(manifest_key("dgx_config", manifest.id))  # as if the backup died before the commit
-    assert service.copies() == []
+    assert service.copies("dgx_config") == []
     assert (
         find_orphans(store, service.plan.defaults.orphan_grace) == []
     )  # young: maybe still running
@@ -258,8 +258,7 @@ def test_manifest_with_unknown_format_is_refused(service: BackupService) -> None
     raw = json.loads(path.read_text())
     raw["format"] = "something-else/v9"
     path.write_text(json.dumps(raw))
-    with pytest.raises(IntegrityError, match="unsupported manifest format 'something-else/v9'"):
-        service.copies()
+    _damaged_alone(service, manifest.id, "unsupported manifest format 'something-else/v9'")
 
 
 def test_partial_files_are_not_listed_and_only_stalled_own_ones_are_cleaned(tmp_path: Path) -> None:
@@ -355,8 +354,7 @@ def test_tampered_manifests_are_refused(service: BackupService, change, message:
     raw = json.loads(path.read_text())
     change(raw)
     path.write_text(json.dumps(raw))
-    with pytest.raises(IntegrityError, match=re.escape(message)):
-        service.copies()
+    _damaged_alone(service, manifest.id, message)
 
 
 def test_a_manifest_under_another_copys_name_is_refused(service: BackupService) -> None:
@@ -365,8 +363,12 @@ def test_a_manifest_under_another_copys_name_is_refused(service: BackupService) 
     (root / manifest_key("dgx_config", first.id)).write_bytes(
         (root / manifest_key("dgx_config", second.id)).read_bytes()
     )
+    refs, damaged = service.listing("dgx_config")
+    assert [r.manifest.id for r in refs] == [second.id]
+    assert [d.copy_id for d in damaged] == [first.id]
+    assert "holds the manifest of another copy" in damaged[0].error
     with pytest.raises(IntegrityError, match="holds the manifest of another copy"):
-        service.copies()
+        service.find(first.id)
 
 
 def test_local_store_never_recreates_a_missing_root(tmp_path: Path) -> None:
@@ -379,3 +381,15 @@ def test_local_store_never_recreates_a_missing_root(tmp_path: Path) -> None:
     with store.open_write("a/b") as writer:
         writer.write(b"x")
     assert store.get_bytes("a/b") == b"x"
+
+
+def _damaged_alone(service: BackupService, copy_id: str, message: str) -> None:
+    """The copy with a damaged manifest fails, named, with ``message``; a copy made after it
+    lists and verifies as usual, and a restore of the damaged one is refused."""
+    [other] = service.backup("dgx_config")
+    refs, damaged = service.listing("dgx_config")
+    assert [r.manifest.id for r in refs] == [other.id]
+    assert [d.copy_id for d in damaged] == [copy_id] and message in damaged[0].error
+    assert all(service.verify(r).ok for r in refs)
+    with pytest.raises(IntegrityError, match=re.escape(message)):
+        service.find(copy_id)

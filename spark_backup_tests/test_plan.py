@@ -70,8 +70,9 @@ def test_valid_plan_resolves_defaults(tmp_path: Path) -> None:
         (lambda p: p["sources"][0].pop("paths"), "sources[0].paths: field required"),
         (lambda p: p["sources"][0].pop("cadence"), "sources[0].cadence: field required"),
         (
-            lambda p: p["sources"][0].update(cadence="hourly"),
-            "sources[0].cadence: Input should be 'daily', 'weekly' or 'monthly'",
+            lambda p: p["sources"][0].update(cadence="fortnightly"),
+            "sources[0].cadence: expected one of: 15min, hourly, daily, weekly, monthly, got "
+            "'fortnightly'",
         ),
         (
             lambda p: p["sources"][0].update(rpo="soon"),

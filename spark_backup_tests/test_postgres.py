@@ -20,8 +20,7 @@ import yaml
 from dagster import AssetKey, DagsterInstance
 
 from spark_backup.defs.build import build_definitions
-from spark_backup.defs.checks import WAL_ARCHIVE_LAG_CHECK
-from spark_backup.defs.schedules import WAL_ARCHIVE_JOB
+from spark_backup.defs.schedules import log_checks_job_name
 from spark_backup.engine.manifest import manifest_key
 from spark_backup.errors import (
     IntegrityError,
@@ -32,6 +31,8 @@ from spark_backup.errors import (
 )
 from spark_backup.plan import load_plan
 from spark_backup.service import BackupService
+from spark_backup.sources.postgres import KIND as POSTGRES
+from spark_backup.sources.postgres import ops
 from spark_backup.sources.postgres.wal import archived_wal
 from spark_backup_tests.helpers import (
     flip_last_byte,
@@ -262,7 +263,7 @@ def test_row_counts_are_taken_in_the_dumps_snapshot(dump_plan: Path, sample_db: 
     counts = dump.source_metadata["row_counts"]
     live = run_sql("SELECT count(*) FROM bulk", sample_db)[0][0]
     assert 150000 <= counts["public.bulk"] < live
-    summary = service.restore_to_database(dump.id, f"{sample_db}_snap")
+    summary = service.restore_to("database", dump.id, f"{sample_db}_snap")
     assert summary["rows"] == dump.source_metadata["rows"]
 
 
@@ -270,18 +271,18 @@ def test_restore_refuses_existing_and_source_databases(dump_plan: Path, sample_d
     service = BackupService.from_path(dump_plan)
     globals_copy, dump = service.backup("pg_main")
     with pytest.raises(RestoreRefused, match=r"is the one copy .* was taken from"):
-        service.restore_to_database(dump.id, sample_db)
+        service.restore_to("database", dump.id, sample_db)
     run_sql(f"CREATE DATABASE {sample_db}_taken")
     result = run_cli("--plan", str(dump_plan), "restore", dump.id, "--to-db", f"{sample_db}_taken")
     assert result.returncode == 7
     assert "already exists" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     with pytest.raises(RestoreRefused, match="not a database dump"):
-        service.restore_to_database(globals_copy.id, f"{sample_db}_globals")
+        service.restore_to("database", globals_copy.id, f"{sample_db}_globals")
     both = run_cli("--plan", str(dump_plan), "restore", dump.id, "--to", "x", "--to-db", "y")
     assert both.returncode == 2
     # --force replaces the contents of an existing database, and still checks the counts.
     run_sql("DELETE FROM app.orders WHERE id > 10", sample_db)
-    forced = service.restore_to_database(dump.id, sample_db, force=True)
+    forced = service.restore_to("database", dump.id, sample_db, flags={"force": True})
     assert forced["rows"] == 5010
     assert run_sql("SELECT count(*) FROM app.orders", sample_db)[0][0] == 5000
 
@@ -544,7 +545,7 @@ def test_pitr_drill_recovers_exactly_the_rows_before_the_damage(archiving: Archi
     cluster.execute("DROP TABLE keep_me")
     cluster.execute("CREATE TABLE after_target (x int)")
     cluster.switch_wal_and_wait()
-    assert archiving.service.wal_archive_status("pg_main").ok
+    assert ops.wal_archive_status(archiving.service, archiving.service.source("pg_main")).ok
 
     target_dir = archiving.root / "pitr_drill"
     result = run_cli(
@@ -586,9 +587,15 @@ def test_pitr_refuses_bad_targets(archiving: Archiving) -> None:
     busy.mkdir()
     (busy / "something").write_text("x")
     with pytest.raises(RestoreRefused, match="is not empty"):
-        service.pitr("pg_main", dt.datetime.now(dt.UTC), busy)
+        ops.pitr(service, POSTGRES, service.source("pg_main"), dt.datetime.now(dt.UTC), busy)
     with pytest.raises(UsageError, match="before the oldest base backup"):
-        service.pitr("pg_main", dt.datetime(2026, 1, 2, tzinfo=dt.UTC), archiving.root / "early")
+        ops.pitr(
+            service,
+            POSTGRES,
+            service.source("pg_main"),
+            dt.datetime(2026, 1, 2, tzinfo=dt.UTC),
+            archiving.root / "early",
+        )
     bad = run_cli(
         "--plan",
         str(archiving.plan),
@@ -627,9 +634,16 @@ def test_pitr_reports_the_last_reachable_point_of_an_archive_with_a_gap(
     plan = archiving.write_plan(
         "gap.yaml", stores=[{"name": "local", "kind": "local", "path": str(store_copy)}]
     )
+    gapped = BackupService.from_path(plan)
     with pytest.raises(IntegrityError) as raised:
-        BackupService.from_path(plan).pitr(
-            "pg_main", target, archiving.root / "pitr_gap", port=free_port(), stop_after=True
+        ops.pitr(
+            gapped,
+            POSTGRES,
+            gapped.source("pg_main"),
+            target,
+            archiving.root / "pitr_gap",
+            port=free_port(),
+            stop_after=True,
         )
     message = str(raised.value)
     assert f"segment {missing} is missing" in message
@@ -637,8 +651,14 @@ def test_pitr_reports_the_last_reachable_point_of_an_archive_with_a_gap(
     assert "\n" not in message
     # "latest" must not pass a gap off as the end of the archive either.
     with pytest.raises(IntegrityError, match=f"stopped at a gap .* segment {missing} is missing"):
-        BackupService.from_path(plan).pitr(
-            "pg_main", None, archiving.root / "pitr_gap_latest", port=free_port(), stop_after=True
+        ops.pitr(
+            gapped,
+            POSTGRES,
+            gapped.source("pg_main"),
+            None,
+            archiving.root / "pitr_gap_latest",
+            port=free_port(),
+            stop_after=True,
         )
 
 
@@ -653,11 +673,11 @@ def test_wal_archive_lag_check_passes_then_fails_beyond_the_rpo(archiving: Archi
             time.sleep(3)
         defs = build_definitions(load_plan(plan))
         with DagsterInstance.ephemeral() as instance:
-            result = defs.resolve_job_def(WAL_ARCHIVE_JOB).execute_in_process(
-                instance=instance, raise_on_error=False
-            )
+            result = defs.resolve_job_def(
+                log_checks_job_name(POSTGRES.log_asset_suffix)
+            ).execute_in_process(instance=instance, raise_on_error=False)
         [evaluation] = result.get_asset_check_evaluations()
-        assert evaluation.check_name == WAL_ARCHIVE_LAG_CHECK
+        assert evaluation.check_name == POSTGRES.lag_check_name
         assert evaluation.passed is expect, evaluation.description
         lag = evaluation.metadata["lag_seconds"].value
         assert (lag < 5) if expect else (lag >= 2)
@@ -677,10 +697,10 @@ def test_prune_expires_wal_older_than_every_kept_base_backup(archiving: Archivin
     report = BackupService.from_path(one_a_day).prune(dry_run=True)
     assert newest.id in report.kept and report.expired
     start = newest.source_metadata["start_lsn"]
-    from spark_backup.sources.postgres.basebackup import segment_of
+    from spark_backup.sources.postgres.walname import WalSegment
 
-    first_needed = segment_of(start, 1)[8:]
-    expired = {key.rsplit("/", 1)[1][:24] for key in report.wal_expired}
+    first_needed = WalSegment.from_lsn(start, 1).position
+    expired = {key.rsplit("/", 1)[1][:24] for key in report.log_expired}
     assert expired and all(name[8:] < first_needed for name in expired)
     remaining = {w.name for w in archived_wal(service.store("local"), "pg_main")} - expired
     assert any(name[8:24] >= first_needed for name in remaining)
@@ -707,24 +727,41 @@ def test_definitions_for_a_postgres_source(tmp_path: Path, age_key) -> None:
     defs = build_definitions(load_plan(plan))
     graph = defs.get_repository_def().asset_graph
     assert {key.to_user_string() for key in graph.get_all_asset_keys()} == {
+        "systems/pg_main",
         "backups/pg_main",
         "backups/pg_main_base",
         "backups/pg_main_wal_archive",
+        "recovery/pg_main",
+    }
+    # Lineage: the system feeds its copies and its WAL; base backups and WAL feed recovery.
+    assert graph.get(AssetKey.from_user_string("backups/pg_main")).parent_keys == {
+        AssetKey.from_user_string("systems/pg_main")
+    }
+    assert graph.get(AssetKey.from_user_string("recovery/pg_main")).parent_keys == {
+        AssetKey.from_user_string("backups/pg_main_base"),
+        AssetKey.from_user_string("backups/pg_main_wal_archive"),
     }
     assert {(c.asset_key.to_user_string(), c.name) for c in graph.asset_check_keys} == {
         ("backups/pg_main", "checksum"),
         ("backups/pg_main", "freshness"),
         ("backups/pg_main_base", "checksum"),
         ("backups/pg_main_base", "freshness"),
-        ("backups/pg_main_wal_archive", WAL_ARCHIVE_LAG_CHECK),
+        ("backups/pg_main_wal_archive", POSTGRES.lag_check_name),
     }
     repository = defs.get_repository_def()
     assert {s.name for s in repository.schedule_defs} == {
         "daily_backups_schedule",
         "freshness_checks_schedule",
-        f"{WAL_ARCHIVE_JOB}_schedule",
+        f"{log_checks_job_name(POSTGRES.log_asset_suffix)}_schedule",
+        "observe_systems_schedule",
+        "recovery_windows_schedule",
     }
-    assert repository.get_schedule_def(f"{WAL_ARCHIVE_JOB}_schedule").cron_schedule == "*/5 * * * *"
+    assert (
+        repository.get_schedule_def(
+            f"{log_checks_job_name(POSTGRES.log_asset_suffix)}_schedule"
+        ).cron_schedule
+        == "*/5 * * * *"
+    )
     for key in ("backups/pg_main", "backups/pg_main_base"):
         node = graph.get(AssetKey.from_user_string(key))
         assert node.owners == ["team:dba"] and "postgres" in node.kinds
@@ -824,8 +861,14 @@ def test_pitr_fetches_wal_in_batches_and_resumes(archiving: Archiving, monkeypat
     for value in range(2, 8):
         cluster.execute(f"INSERT INTO batches VALUES ({value})")
         cluster.switch_wal_and_wait()
-    report = archiving.service.pitr(
-        "pg_main", target, archiving.root / "pitr_batches", port=free_port(), stop_after=False
+    report = ops.pitr(
+        archiving.service,
+        POSTGRES,
+        archiving.service.source("pg_main"),
+        target,
+        archiving.root / "pitr_batches",
+        port=free_port(),
+        stop_after=False,
     )
     try:
         assert report.ok and report.base_copy_id == base.id
@@ -859,8 +902,13 @@ def test_pitr_latest_replays_everything_whatever_the_umask(archiving: Archiving)
     cluster.switch_wal_and_wait()
     previous = os.umask(0o077)
     try:
-        report = archiving.service.pitr(
-            "pg_main", None, archiving.root / "pitr_umask", port=free_port()
+        report = ops.pitr(
+            archiving.service,
+            POSTGRES,
+            archiving.service.source("pg_main"),
+            None,
+            archiving.root / "pitr_umask",
+            port=free_port(),
         )
     finally:
         os.umask(previous)
@@ -894,13 +942,13 @@ def test_restore_keeps_encoding_and_replaces_a_busy_database(tmp_path: Path, age
         dump = service.backup("pg_main")[1]
         assert dump.source_metadata["encoding"] == "LATIN1"
         target = f"{name}_copy"
-        service.restore_to_database(dump.id, target)
+        service.restore_to("database", dump.id, target)
         assert run_sql(
             f"SELECT pg_encoding_to_char(encoding), datcollate FROM pg_database WHERE datname = '{target}'"
         ) == [("LATIN1", "C")]
         busy = main_conn(target)  # a client still connected to the database being replaced
         try:
-            summary = service.restore_to_database(dump.id, target, force=True)
+            summary = service.restore_to("database", dump.id, target, flags={"force": True})
         finally:
             busy.close()
         assert summary["rows"] == 1
@@ -940,7 +988,7 @@ def test_setup_archiving_never_lowers_a_setting() -> None:
 def test_lag_of_an_idle_server_is_bounded_by_archive_timeout() -> None:
     """Idle: every completed segment archived, the open one holding only records that never
     force a switch. The lag is at most archive_timeout, not the time since the last switch."""
-    from spark_backup.service import WalArchiveStatus
+    from spark_backup.sources.postgres.ops import WalArchiveStatus
     from spark_backup.sources.postgres.server import ServerArchiveState
     from spark_backup.sources.postgres.wal import ArchivedWal
 

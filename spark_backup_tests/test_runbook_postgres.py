@@ -21,8 +21,9 @@ import psycopg2
 import pytest
 import yaml
 
-from spark_backup.plan import PostgresSource, load_plan
+from spark_backup.plan import load_plan
 from spark_backup.service import BackupService
+from spark_backup.sources.postgres.settings import PostgresSource
 from spark_backup_tests.helpers import flip_last_byte, free_port, make_key, plan_dict, write_plan
 from spark_backup_tests.pg_cluster import (
     BIN_DIR,

@@ -19,9 +19,9 @@ from botocore.exceptions import ClientError
 from spark_backup.engine.manifest import is_copy_key
 from spark_backup.engine.stores import s3
 from spark_backup.engine.stores.base import ObjectLock
+from spark_backup.engine.stores.config import S3StoreConfig
 from spark_backup.engine.stores.s3 import MIB, S3Store
 from spark_backup.errors import NotFoundError, ObjectLockedError, StoreError
-from spark_backup.plan import S3StoreConfig
 from spark_backup_tests.helpers import free_port
 from spark_backup_tests.seaweedfs import SeaweedFS
 

@@ -1,52 +1,112 @@
-"""One partitioned asset per artifact of a plan source (materializing a partition makes new
-copies), and an external asset for each PostgreSQL WAL archive."""
+"""The assets of one plan source, built from what its kind declares:
+
+- ``systems/<source>``: the protected system, observed where its kind can do so cheaply (a
+  tree's names, sizes and times; a database's WAL position), so the UI shows when it changed
+  since its last copy;
+- ``backups/<source>`` and ``backups/<source>_<artifact>``: one partitioned asset per artifact
+  (materializing a partition makes new copies), downstream of the system;
+- ``backups/<source>_<log>``: a continuous log (PostgreSQL's WAL archive), written by the
+  system itself, not by a run, so an external asset with a lag check;
+- ``recovery/<source>``: for kinds with point-in-time recovery, the window it can recover to,
+  downstream of the base copies and the log.
+"""
+
+import warnings
 
 from dagster import (
     AssetExecutionContext,
     AssetKey,
     AssetsDefinition,
     AssetSpec,
+    BetaWarning,
+    DataVersion,
     MaterializeResult,
     MetadataValue,
+    ObserveResult,
     asset,
+    multi_observable_source_asset,
 )
 
-from spark_backup.defs.partitions import PARTITIONS_BY_CADENCE
-from spark_backup.defs.resources import SparkBackupResource
+from spark_backup.defs.partitions import partitions_for
+from spark_backup.defs.resources import RESOURCE_KEY, SparkBackupResource
 from spark_backup.engine.manifest import Manifest
-from spark_backup.plan import (
-    WAL_ARCHIVE_ASSET_SUFFIX,
-    LoadedPlan,
-    SourceConfig,
-    format_duration,
+from spark_backup.engine.settings import format_duration
+from spark_backup.plan import LoadedPlan, SourceSettings
+from spark_backup.sources.base import (
+    Artifact,
+    ContinuousLog,
+    Observable,
+    PointInTimeRecovery,
+    SourceKind,
 )
-from spark_backup.sources.artifacts import Artifact
+
+# Observable source assets with specs (kinds, owners, deps) are a Dagster beta; tested against
+# the pinned release in spark_backup_tests/test_definitions.py.
+warnings.filterwarnings("ignore", message=".*multi_observable_source_asset", category=BetaWarning)
 
 ASSET_PREFIX = "backups"
+SYSTEM_PREFIX = "systems"
+RECOVERY_PREFIX = "recovery"
 # Dagster pools limit concurrent steps across all runs: one per source, limit 1 (dagster.yaml),
 # so two runs never back up the same source at once.
 POOL_PREFIX = "spark_backup_source_"
-KIND_LABELS = {"config_archive": "tar"}
 
 
 def backup_asset_key(source_name: str, artifact: Artifact | None = None) -> AssetKey:
     """``backups/<source>`` for a source's primary artifact, ``backups/<source>_<artifact>``
     for the others (a PostgreSQL source's base backups)."""
-    if artifact is None or artifact.primary:
-        return AssetKey([ASSET_PREFIX, source_name])
-    return AssetKey([ASSET_PREFIX, f"{source_name}_{artifact.name}"])
+    suffix = artifact.asset_suffix if artifact else None
+    return AssetKey([ASSET_PREFIX, f"{source_name}_{suffix}" if suffix else source_name])
 
 
-def wal_archive_asset_key(source_name: str) -> AssetKey:
-    return AssetKey([ASSET_PREFIX, f"{source_name}_{WAL_ARCHIVE_ASSET_SUFFIX}"])
+def log_asset_key(source_name: str, kind: ContinuousLog) -> AssetKey:
+    return AssetKey([ASSET_PREFIX, f"{source_name}_{kind.log_asset_suffix}"])
+
+
+def system_asset_key(source_name: str) -> AssetKey:
+    return AssetKey([SYSTEM_PREFIX, source_name])
+
+
+def recovery_asset_key(source_name: str) -> AssetKey:
+    return AssetKey([RECOVERY_PREFIX, source_name])
 
 
 def source_pool(source_name: str) -> str:
     return f"{POOL_PREFIX}{source_name}"
 
 
+def build_system_asset(
+    source: SourceSettings, kind: SourceKind, loaded: LoadedPlan
+) -> AssetsDefinition | AssetSpec:
+    spec = AssetSpec(
+        key=system_asset_key(source.name),
+        group_name=source.kind,
+        kinds=set(kind.labels),
+        owners=[source.owner],
+        description=source.description or f"the system {source.name} protects ({source.kind})",
+    )
+    if not isinstance(kind, Observable):
+        return spec
+
+    @multi_observable_source_asset(
+        specs=[spec],
+        name=f"observe_{source.name}",
+        required_resource_keys={RESOURCE_KEY},
+    )
+    def observe(context):
+        service = getattr(context.resources, RESOURCE_KEY).service
+        observation = kind.observe(source, service.context(source))
+        yield ObserveResult(
+            asset_key=spec.key,
+            data_version=DataVersion(observation.version),
+            metadata=dict(observation.metadata),
+        )
+
+    return observe
+
+
 def build_backup_asset(
-    source: SourceConfig, artifact: Artifact, loaded: LoadedPlan
+    source: SourceSettings, artifact: Artifact, kind: SourceKind, loaded: LoadedPlan
 ) -> AssetsDefinition:
     plan = loaded.plan
     store = plan.store_for(source)
@@ -54,9 +114,10 @@ def build_backup_asset(
 
     @asset(
         key=backup_asset_key(source.name, artifact),
-        partitions_def=PARTITIONS_BY_CADENCE[artifact.cadence],
+        deps=[system_asset_key(source.name)],
+        partitions_def=partitions_for(artifact.cadence, plan.defaults.partitions_start),
         group_name=source.kind,
-        kinds={KIND_LABELS.get(source.kind, source.kind), "age", store.kind},
+        kinds={*kind.labels, "age", store.kind},
         owners=[source.owner],
         pool=source_pool(source.name),
         description=source.description or f"{artifact.description} of {source.name}",
@@ -86,18 +147,52 @@ def build_backup_asset(
     return backup
 
 
-def build_wal_archive_spec(source: SourceConfig, loaded: LoadedPlan) -> AssetSpec:
-    """The continuous WAL archive: written by the server's archive_command, not by a run, so
-    it is an external asset; its ``wal_archive_lag`` check measures the RPO."""
+def build_log_spec(source: SourceSettings, kind: ContinuousLog, loaded: LoadedPlan) -> AssetSpec:
+    """The continuous log: written by the system (PostgreSQL's archive_command), not by a run,
+    so it is an external asset; its lag check measures the RPO."""
+    assert isinstance(kind, SourceKind)
     store = loaded.plan.store_for(source)
     return AssetSpec(
-        key=wal_archive_asset_key(source.name),
+        key=log_asset_key(source.name, kind),
+        deps=[system_asset_key(source.name)],
         group_name=source.kind,
-        kinds={"postgres", "age", store.kind},
+        kinds={*kind.labels, "age", store.kind},
         owners=[source.owner],
-        description=f"WAL segments of {source.name}, archived by `spark-backup wal-push`",
+        description=f"{kind.log_name.upper()} of {source.name}, archived as it is written",
         metadata={"rpo": format_duration(source.rpo), "store": store.name},
     )
+
+
+def build_recovery_asset(
+    source: SourceSettings, kind: PointInTimeRecovery, upstream: list[AssetKey]
+) -> AssetsDefinition:
+    """The window the source can be recovered to, from its base copies and its log:
+    materialized on a schedule, plotted per materialization."""
+    assert isinstance(kind, SourceKind)
+
+    @asset(
+        key=recovery_asset_key(source.name),
+        deps=upstream,
+        group_name=source.kind,
+        kinds=set(kind.labels),
+        owners=[source.owner],
+        description=f"the point-in-time recovery window of {source.name} (base copies + log)",
+    )
+    def recovery_window(spark_backup: SparkBackupResource) -> MaterializeResult:
+        service = spark_backup.service
+        window = kind.recovery_window(service, source)
+        metadata: dict[str, object] = {
+            key: MetadataValue.text(str(value)) for key, value in window.details.items()
+        }
+        if window.earliest and window.latest:
+            metadata["earliest"] = MetadataValue.timestamp(window.earliest)
+            metadata["latest"] = MetadataValue.timestamp(window.latest)
+            metadata["window_hours"] = MetadataValue.float(
+                round((window.latest - window.earliest).total_seconds() / 3600, 3)
+            )
+        return MaterializeResult(metadata=metadata)
+
+    return recovery_window
 
 
 def copies_metadata(

@@ -1,30 +1,41 @@
-"""Builds the Dagster definitions for one protection plan: an asset and two checks per artifact
-of each source, an external asset with its lag check per PostgreSQL WAL archive, a backup job
-and schedule per cadence, the freshness and WAL archive schedules, and the plan resource."""
+"""Builds the Dagster definitions for one protection plan by asking each source's kind what it
+has: the system, an asset and two checks per artifact, the continuous log with its lag check,
+the recovery window; a backup job and schedule per cadence; the check, observation and recovery
+schedules; and the plan resource."""
 
 from collections import defaultdict
 
-from dagster import AssetKey, AssetsDefinition, AssetSpec, Definitions
+from dagster import AssetCheckKey, AssetKey, AssetsDefinition, AssetSpec, Definitions
 
 from spark_backup.defs.assets import (
     backup_asset_key,
     build_backup_asset,
-    build_wal_archive_spec,
+    build_log_spec,
+    build_recovery_asset,
+    build_system_asset,
+    system_asset_key,
 )
 from spark_backup.defs.checks import (
     build_checksum_check,
     build_freshness_check,
-    build_wal_archive_lag_check,
+    build_log_lag_check,
 )
 from spark_backup.defs.resources import RESOURCE_KEY, SparkBackupResource
 from spark_backup.defs.schedules import (
+    OBSERVE_CRON,
+    OBSERVE_JOB,
+    RECOVERY_CRON,
+    RECOVERY_JOB,
+    asset_schedule,
     build_backup_job,
     build_backup_schedule,
     build_freshness_schedule,
-    build_wal_archive_schedule,
+    check_schedule,
+    log_checks_job_name,
 )
-from spark_backup.plan import LoadedPlan, PostgresSource
+from spark_backup.plan import LoadedPlan
 from spark_backup.service import BackupService
+from spark_backup.sources.base import ContinuousLog, Observable, PointInTimeRecovery
 
 
 def build_definitions(loaded: LoadedPlan) -> Definitions:
@@ -32,30 +43,68 @@ def build_definitions(loaded: LoadedPlan) -> Definitions:
     assets: list[AssetsDefinition | AssetSpec] = []
     checks, schedules, jobs = [], [], []
     keys_by_cadence: dict[str, list[AssetKey]] = defaultdict(list)
-    wal_archives: list[AssetKey] = []
+    # Lag checks by (log asset suffix, cron): one job and schedule each.
+    log_checks: dict[tuple[str, str], list[AssetCheckKey]] = defaultdict(list)
+    observed: list[AssetKey] = []
+    recoveries: list[AssetKey] = []
     for source in loaded.plan.sources:
+        kind = service.kind_of(source)
+        system = build_system_asset(source, kind, loaded)
+        assets.append(system)
+        if isinstance(kind, Observable):
+            observed.append(system_asset_key(source.name))
+        artifact_keys = {}
         for artifact in service.artifacts(source):
             key = backup_asset_key(source.name, artifact)
+            artifact_keys[artifact.name] = key
             keys_by_cadence[artifact.cadence].append(key)
-            assets.append(build_backup_asset(source, artifact, loaded))
+            assets.append(build_backup_asset(source, artifact, kind, loaded))
             checks += [
-                build_checksum_check(source, artifact, key),
+                build_checksum_check(source, artifact, key, loaded),
                 build_freshness_check(source, artifact, key),
             ]
-        if isinstance(source, PostgresSource) and source.wal_archiving:
-            spec = build_wal_archive_spec(source, loaded)
+        if isinstance(kind, ContinuousLog) and kind.log_enabled(source):
+            spec = build_log_spec(source, kind, loaded)
             assets.append(spec)
-            checks.append(build_wal_archive_lag_check(source, spec.key))
-            wal_archives.append(spec.key)
-    for cadence, keys in keys_by_cadence.items():
-        job = build_backup_job(cadence, keys)
+            checks.append(build_log_lag_check(source, kind, spec.key))
+            log_checks[(kind.log_asset_suffix, kind.lag_check_cron)].append(
+                AssetCheckKey(spec.key, kind.lag_check_name)
+            )
+            if isinstance(kind, PointInTimeRecovery) and kind.base_artifact in artifact_keys:
+                recovery = build_recovery_asset(
+                    source, kind, [artifact_keys[kind.base_artifact], spec.key]
+                )
+                assets.append(recovery)
+                recoveries.append(recovery.key)
+    for cadence_name, keys in keys_by_cadence.items():
+        job = build_backup_job(cadence_name, keys)
         jobs.append(job)
-        schedules.append(build_backup_schedule(job))
+        schedules.append(build_backup_schedule(job, cadence_name))
     schedules.append(
         build_freshness_schedule([k for keys in keys_by_cadence.values() for k in keys])
     )
-    if wal_archives:
-        schedules.append(build_wal_archive_schedule(wal_archives))
+    for (check_name, cron), keys in log_checks.items():
+        schedules.append(
+            check_schedule(
+                log_checks_job_name(check_name),
+                keys,
+                cron,
+                f"Is every log within its RPO ({check_name})?",
+            )
+        )
+    if observed:
+        schedules.append(
+            asset_schedule(OBSERVE_JOB, observed, OBSERVE_CRON, "Observe every protected system.")
+        )
+    if recoveries:
+        schedules.append(
+            asset_schedule(
+                RECOVERY_JOB,
+                recoveries,
+                RECOVERY_CRON,
+                "Measure every point-in-time recovery window.",
+            )
+        )
     return Definitions(
         assets=assets,
         asset_checks=checks,

@@ -1,11 +1,13 @@
-"""Asset checks on every backup asset. Names are constants shared by specs and results.
+"""Asset checks. Names are constants (or a kind's class attribute) shared by specs and results.
 
-- ``checksum`` (per partition): re-read the newest copy of the partition from its store,
-  recompute sha256 and size and compare them with the manifest. No key is needed.
+- ``checksum`` (per partition, on every backup asset): re-read the newest copy of each part of
+  the partition from its store, recompute sha256 and size and compare them with the manifest.
+  No key is needed.
 - ``freshness`` (per artifact): the newest committed copy must be at most ``max_age`` old. A
   schedule evaluates it (see schedules.py), so it fails even when nothing runs.
-- ``wal_archive_lag`` (per PostgreSQL WAL archive): the WAL the server wrote must be archived
-  within the source's RPO; the lag is plotted as metadata. A schedule runs it every 5 minutes.
+- the log's lag check (``wal_archive_lag`` for PostgreSQL, named by the kind): the log the
+  system wrote must be in the store within the source's RPO; the lag is plotted as metadata,
+  and a schedule runs it at the kind's cadence (every 5 minutes).
 """
 
 import warnings
@@ -21,15 +23,16 @@ from dagster import (
     asset_check,
 )
 
-from spark_backup.defs.partitions import PARTITIONS_BY_CADENCE
+from spark_backup.defs.partitions import partitions_for
 from spark_backup.defs.resources import SparkBackupResource
 from spark_backup.engine.catalog import latest_per_part
-from spark_backup.plan import SourceConfig, format_duration
-from spark_backup.sources.artifacts import Artifact
+from spark_backup.engine.pipeline import utcnow
+from spark_backup.engine.settings import format_duration
+from spark_backup.plan import LoadedPlan, SourceSettings
+from spark_backup.sources.base import Artifact, ContinuousLog
 
 CHECKSUM_CHECK = "checksum"
 FRESHNESS_CHECK = "freshness"
-WAL_ARCHIVE_LAG_CHECK = "wal_archive_lag"
 
 # Partitioned asset checks are a Dagster preview feature; they are what lets the UI show, for
 # every day, week and month, whether that partition's copy is intact. Tested in
@@ -40,12 +43,12 @@ warnings.filterwarnings(
 
 
 def build_checksum_check(
-    source: SourceConfig, artifact: Artifact, asset_key: AssetKey
+    source: SourceSettings, artifact: Artifact, asset_key: AssetKey, loaded: LoadedPlan
 ) -> AssetChecksDefinition:
     @asset_check(
         asset=asset_key,
         name=CHECKSUM_CHECK,
-        partitions_def=PARTITIONS_BY_CADENCE[artifact.cadence],
+        partitions_def=partitions_for(artifact.cadence, loaded.plan.defaults.partitions_start),
         description="Re-reads the partition's newest copies and compares their sha256 and size "
         "with the manifests.",
     )
@@ -89,7 +92,7 @@ def build_checksum_check(
 
 
 def build_freshness_check(
-    source: SourceConfig, artifact: Artifact, asset_key: AssetKey
+    source: SourceSettings, artifact: Artifact, asset_key: AssetKey
 ) -> AssetChecksDefinition:
     @asset_check(
         asset=asset_key,
@@ -125,37 +128,40 @@ def build_freshness_check(
     return freshness
 
 
-def build_wal_archive_lag_check(source: SourceConfig, asset_key: AssetKey) -> AssetChecksDefinition:
+def build_log_lag_check(
+    source: SourceSettings, kind: ContinuousLog, asset_key: AssetKey
+) -> AssetChecksDefinition:
+    check_name = kind.lag_check_name
+
     @asset_check(
         asset=asset_key,
-        name=WAL_ARCHIVE_LAG_CHECK,
-        description="Fails when WAL the server wrote is not archived within the source's RPO.",
+        name=check_name,
+        description="Fails when the log the system wrote is not in the store within the "
+        "source's RPO.",
     )
-    def wal_archive_lag(spark_backup: SparkBackupResource) -> AssetCheckResult:
-        status = spark_backup.service.wal_archive_status(source.name)
+    def log_lag(spark_backup: SparkBackupResource) -> AssetCheckResult:
+        status = kind.lag(spark_backup.service, source, utcnow())
         rpo = format_duration(status.rpo)
         metadata: dict[str, object] = {
             "rpo_seconds": status.rpo.total_seconds(),
-            "newest_segment": status.newest.name if status.newest else "",
+            "newest": status.newest or "",
+            **status.details,
         }
-        if status.server:
-            metadata["server_segment"] = status.server.current_segment
-            metadata["archiver_failed_count"] = status.server.failed_count
         if status.lag is None:
-            description = f"no WAL of {source.name} is archived (RPO {rpo})"
+            description = f"nothing of {source.name}'s {kind.log_name} is archived (RPO {rpo})"
         else:
             metadata["lag_seconds"] = MetadataValue.float(round(status.lag.total_seconds(), 1))
             description = f"archive lag {status.lag.total_seconds():.0f} s (RPO {rpo})"
-        if status.server_error:
+        if status.source_error:
             description += (
-                f"; server not reachable, lag measured from the store: {status.server_error}"
+                f"; source not reachable, lag measured from the store: {status.source_error}"
             )
         return AssetCheckResult(
-            check_name=WAL_ARCHIVE_LAG_CHECK,
+            check_name=check_name,
             passed=status.ok,
             severity=AssetCheckSeverity.ERROR,
             description=description,
             metadata=metadata,
         )
 
-    return wal_archive_lag
+    return log_lag

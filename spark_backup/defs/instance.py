@@ -6,6 +6,7 @@ configured pools, so in the very first queue pass that sees a new pool two runs 
 source could both start. Setting every source's pool up front closes that gap.
 """
 
+import os
 import shutil
 from importlib import resources
 from pathlib import Path
@@ -44,3 +45,15 @@ def ensure_source_pools(instance: DagsterInstance, plan: Plan) -> list[str]:
             instance.event_log_storage.set_concurrency_slots(pool, SOURCE_POOL_LIMIT)
             changed.append(pool)
     return changed
+
+
+def prepare_instance(
+    dagster_home: Path, plan: Plan, template: Path | None = None
+) -> tuple[bool, list[str]]:
+    """Install the instance config (unless one is there) and set every source's pool; return
+    whether the config was installed and the pools set."""
+    installed = install_instance_config(dagster_home, template)
+    os.environ["DAGSTER_HOME"] = str(dagster_home)
+    with DagsterInstance.get() as instance:
+        pools = ensure_source_pools(instance, plan)
+    return installed, pools

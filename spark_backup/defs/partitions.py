@@ -1,30 +1,28 @@
-"""One partitions definition per cadence, shared by assets, checks and jobs.
+"""Time-window partitions per cadence, shared by assets, checks and jobs, made from the engine's
+cadence registry (``engine/cadence.py``) so that the CLI and the UI agree on every key.
 
-``end_offset=1`` makes the current day, week or month a partition: a copy belongs to the period
-in which it was made, the same rule the CLI follows (``engine.partitions.partition_key_for``).
+``end_offset=1`` makes the current period a partition: a copy belongs to the period in which it
+was made. The first partition is the period holding the plan's ``defaults.partitions_start``; the definitions are
+cached per cadence and start, so every asset, check and job of a cadence shares one object.
 """
 
 from __future__ import annotations
 
-from dagster import (
-    DailyPartitionsDefinition,
-    MonthlyPartitionsDefinition,
-    TimeWindowPartitionsDefinition,
-    WeeklyPartitionsDefinition,
-)
+import datetime as dt
+import functools
 
-from spark_backup.engine.partitions import PARTITIONS_START, TIMEZONE, WEEK_STARTS_ON
+from dagster import TimeWindowPartitionsDefinition
 
-_START = PARTITIONS_START.isoformat()
+from spark_backup.engine.cadence import TIMEZONE, cadence
 
-DAILY_PARTITIONS = DailyPartitionsDefinition(start_date=_START, timezone=TIMEZONE, end_offset=1)
-WEEKLY_PARTITIONS = WeeklyPartitionsDefinition(
-    start_date=_START, timezone=TIMEZONE, day_offset=WEEK_STARTS_ON, end_offset=1
-)
-MONTHLY_PARTITIONS = MonthlyPartitionsDefinition(start_date=_START, timezone=TIMEZONE, end_offset=1)
 
-PARTITIONS_BY_CADENCE: dict[str, TimeWindowPartitionsDefinition] = {
-    "daily": DAILY_PARTITIONS,
-    "weekly": WEEKLY_PARTITIONS,
-    "monthly": MONTHLY_PARTITIONS,
-}
+@functools.cache
+def partitions_for(cadence_name: str, start: dt.date) -> TimeWindowPartitionsDefinition:
+    chosen = cadence(cadence_name)
+    return TimeWindowPartitionsDefinition(
+        cron_schedule=chosen.cron,
+        start=chosen.first_start(start).replace(tzinfo=None),
+        fmt=chosen.key_format,
+        timezone=TIMEZONE,
+        end_offset=1,
+    )

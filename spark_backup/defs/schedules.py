@@ -1,7 +1,8 @@
-"""A backup job and schedule per cadence, and a schedule every 30 minutes for the freshness checks.
+"""A backup job and schedule per cadence, and the check and observation schedules.
 
 Backup jobs select the cadence's assets, which brings their ``checksum`` checks into the same
-run: every new copy is re-read and compared right after it is written.
+run: every new copy is re-read and compared right after it is written. A period's backup runs
+``schedule_delay`` after it starts (engine/cadence.py): at 01:00 UTC for days, weeks and months.
 """
 
 from __future__ import annotations
@@ -18,66 +19,82 @@ from dagster import (
     define_asset_job,
 )
 
-from spark_backup.defs.checks import FRESHNESS_CHECK, WAL_ARCHIVE_LAG_CHECK
+from spark_backup.defs.checks import FRESHNESS_CHECK
+from spark_backup.engine.cadence import cadence
 
 FRESHNESS_JOB = "freshness_checks"
 FRESHNESS_CRON = "*/30 * * * *"
-# The RPO is 15 minutes by default: the lag must be looked at well within that.
-WAL_ARCHIVE_JOB = "wal_archive_checks"
-WAL_ARCHIVE_CRON = "*/5 * * * *"
-# Backups start shortly after the period begins (UTC), at a quiet hour.
-BACKUP_HOUR = 1
+OBSERVE_JOB = "observe_systems"
+OBSERVE_CRON = "7 * * * *"
+RECOVERY_JOB = "recovery_windows"
+RECOVERY_CRON = "17 * * * *"
 
 
-def backup_job_name(cadence: str) -> str:
-    return f"{cadence}_backups"
+def backup_job_name(cadence_name: str) -> str:
+    return f"{cadence_name}_backups"
 
 
-def build_backup_job(cadence: str, keys: Sequence[AssetKey]):
+def log_checks_job_name(log_asset_suffix: str) -> str:
+    return f"{log_asset_suffix}_checks"
+
+
+def build_backup_job(cadence_name: str, keys: Sequence[AssetKey]):
     return define_asset_job(
-        backup_job_name(cadence),
+        backup_job_name(cadence_name),
         selection=AssetSelection.assets(*keys),
-        description=f"Back up every {cadence} source and verify the new copies.",
-        tags={"spark_backup/cadence": cadence},
+        description=f"Back up every {cadence_name} artifact and verify the new copies.",
+        tags={"spark_backup/cadence": cadence_name},
     )
 
 
-def build_backup_schedule(job) -> ScheduleDefinition:
+def build_backup_schedule(job, cadence_name: str) -> ScheduleDefinition:
+    delay = cadence(cadence_name).schedule_delay
+    hours, minutes = divmod(int(delay.total_seconds()) // 60, 60)
+    timing = (
+        {"hour_of_day": hours, "minute_of_hour": minutes}
+        if not cadence(cadence_name).sub_daily
+        else {}
+    )
     return build_schedule_from_partitioned_job(
         job,
         name=f"{job.name}_schedule",
-        hour_of_day=BACKUP_HOUR,
         default_status=DefaultScheduleStatus.RUNNING,
+        **timing,
     )
 
 
 def build_freshness_schedule(keys: Sequence[AssetKey]) -> ScheduleDefinition:
-    return _check_schedule(
+    return check_schedule(
         FRESHNESS_JOB,
         [AssetCheckKey(key, FRESHNESS_CHECK) for key in keys],
         FRESHNESS_CRON,
-        "Is the newest copy of every source young enough?",
+        "Is the newest copy of every artifact young enough?",
     )
 
 
-def build_wal_archive_schedule(keys: Sequence[AssetKey]) -> ScheduleDefinition:
-    return _check_schedule(
-        WAL_ARCHIVE_JOB,
-        [AssetCheckKey(key, WAL_ARCHIVE_LAG_CHECK) for key in keys],
-        WAL_ARCHIVE_CRON,
-        "Is every PostgreSQL WAL archive within its RPO?",
-    )
-
-
-def _check_schedule(
+def check_schedule(
     job_name: str, checks: Sequence[AssetCheckKey], cron: str, description: str
 ) -> ScheduleDefinition:
     """A job that runs only the given checks, and a schedule that runs it whatever else runs."""
     job = define_asset_job(
         job_name, selection=AssetSelection.checks(*checks), description=description
     )
+    return _schedule(job, cron)
+
+
+def asset_schedule(
+    job_name: str, keys: Sequence[AssetKey], cron: str, description: str
+) -> ScheduleDefinition:
+    """A job of unpartitioned assets (observations, reports) and its schedule."""
+    job = define_asset_job(
+        job_name, selection=AssetSelection.assets(*keys), description=description
+    )
+    return _schedule(job, cron)
+
+
+def _schedule(job, cron: str) -> ScheduleDefinition:
     return ScheduleDefinition(
-        name=f"{job_name}_schedule",
+        name=f"{job.name}_schedule",
         job=job,
         cron_schedule=cron,
         execution_timezone="UTC",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 from spark_backup.engine.manifest import (
     Manifest,
@@ -23,19 +24,65 @@ from spark_backup.engine.stores.base import ObjectInfo, ObjectStore
 from spark_backup.errors import IntegrityError, NotFoundError
 
 
+@dataclass(frozen=True)
+class DamagedManifest:
+    """A manifest that cannot be read: its copy fails, every other copy is unaffected."""
+
+    key: str
+    copy_id: str | None
+    uri: str
+    error: str
+
+
+@dataclass
+class Listing:
+    copies: list[Manifest] = field(default_factory=list)  # oldest first
+    damaged: list[DamagedManifest] = field(default_factory=list)
+
+
+class Catalog:
+    """The copies in one store."""
+
+    def __init__(self, store: ObjectStore):
+        self.store = store
+
+    def listing(self, source: str) -> Listing:
+        found = Listing()
+        for info in self.store.list(manifest_prefix(source)):
+            if not is_manifest_key(info.key):
+                continue
+            uri = self.store.object_uri(info.key)
+            try:
+                manifest = Manifest.from_json(self.store.get_bytes(info.key), uri)
+                if manifest_key(manifest.source, manifest.id) != info.key:
+                    raise IntegrityError(
+                        f"{uri}: holds the manifest of another copy ({manifest.id})"
+                    )
+            except IntegrityError as exc:
+                found.damaged.append(
+                    DamagedManifest(info.key, copy_id_of_manifest_key(info.key), uri, str(exc))
+                )
+                continue
+            found.copies.append(manifest)
+        found.copies.sort(key=lambda m: (m.started_at, m.id))
+        return found
+
+    def sources(self) -> list[str]:
+        return sorted(
+            {key.split("/", 1)[0] for key in (i.key for i in self.store.list()) if "/" in key}
+        )
+
+
 def list_copies(store: ObjectStore, source: str | None = None) -> list[Manifest]:
-    """Committed copies, oldest first (by start time, then id)."""
-    manifests = []
-    for info in store.list(manifest_prefix(source)):
-        if not is_manifest_key(info.key):
-            continue
-        manifest = Manifest.from_json(store.get_bytes(info.key), store.object_uri(info.key))
-        if manifest_key(manifest.source, manifest.id) != info.key:
-            raise IntegrityError(
-                f"{store.object_uri(info.key)}: holds the manifest of another copy ({manifest.id})"
-            )
-        manifests.append(manifest)
-    return sorted(manifests, key=lambda m: (m.started_at, m.id))
+    """Committed copies (of ``source``, else of every source) whose manifests read, oldest
+    first."""
+    catalog = Catalog(store)
+    found = [
+        m
+        for name in ([source] if source else catalog.sources())
+        for m in catalog.listing(name).copies
+    ]
+    return sorted(found, key=lambda m: (m.started_at, m.id))
 
 
 def find_copy(stores: Iterable[ObjectStore], copy_id: str) -> tuple[ObjectStore, Manifest]:
@@ -48,7 +95,12 @@ def find_copy(stores: Iterable[ObjectStore], copy_id: str) -> tuple[ObjectStore,
             raw = store.get_bytes(key)
         except NotFoundError:
             continue
-        return store, Manifest.from_json(raw, store.object_uri(key))
+        manifest = Manifest.from_json(raw, store.object_uri(key))
+        if manifest.id != copy_id:
+            raise IntegrityError(
+                f"{store.object_uri(key)}: holds the manifest of another copy ({manifest.id})"
+            )
+        return store, manifest
     raise NotFoundError(f"copy {copy_id} not found in store(s) {', '.join(searched)}")
 
 

@@ -72,3 +72,12 @@ def first_error(messages: Sequence[str], status: int) -> str:
         if "error" in line.lower() or "fatal" in line.lower():
             return line
     return lines[0] if lines else f"exited with status {status}"
+
+
+def free_local_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now (for a server we start)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -8,13 +8,11 @@ newest copy of a source is always kept. Periods are taken from when a copy finis
 
 from __future__ import annotations
 
-import datetime as dt
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from zoneinfo import ZoneInfo
 
+from spark_backup.engine.cadence import cadence
 from spark_backup.engine.manifest import Manifest
-from spark_backup.engine.partitions import TIMEZONE
 
 
 @dataclass(frozen=True)
@@ -30,29 +28,25 @@ class RetentionDecision:
     expire: list[Manifest]
 
 
-_PERIODS: list[tuple[str, Callable[[dt.datetime], tuple[int, ...]]]] = [
-    ("daily", lambda t: (t.year, t.month, t.day)),
-    ("weekly", lambda t: tuple(t.isocalendar()[:2])),
-    ("monthly", lambda t: (t.year, t.month)),
-]
+# Each tier counts the periods of the cadence of its name (engine/cadence.py).
+TIERS = ("daily", "weekly", "monthly")
 
 
 def apply_retention(copies: Sequence[Manifest], rule: RetentionRule) -> RetentionDecision:
-    zone = ZoneInfo(TIMEZONE)
     newest_first = sorted(copies, key=lambda m: (m.finished_at, m.id), reverse=True)
     keep: dict[str, list[str]] = {}
     if newest_first:
         keep[newest_first[0].id] = ["newest copy"]
-    for name, period_of in _PERIODS:
-        limit = getattr(rule, name)
-        seen: set[tuple[int, ...]] = set()
+    for name in TIERS:
+        limit, period_of = getattr(rule, name), cadence(name).key_for
+        seen: set[str] = set()
         for manifest in newest_first:
             if len(seen) >= limit:
                 break
-            period = period_of(manifest.finished.astimezone(zone))
+            period = period_of(manifest.finished)
             if period in seen:
                 continue
             seen.add(period)
-            keep.setdefault(manifest.id, []).append(f"{name} {'-'.join(map(str, period))}")
+            keep.setdefault(manifest.id, []).append(f"{name} {period}")
     expire = [m for m in newest_first if m.id not in keep]
     return RetentionDecision(keep=keep, expire=expire)

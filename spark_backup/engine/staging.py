@@ -81,3 +81,18 @@ def _move(source: Path, destination: Path) -> None:
     elif os.path.lexists(destination) and _is_real_dir(source):
         destination.unlink()  # a directory cannot be renamed over a file or a link
     os.replace(source, destination)
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a restored tree, folders restored without write permission included."""
+    if not os.path.lexists(path):
+        return
+    if os.path.isdir(path) and not os.path.islink(path):
+        for directory, folders, _files in os.walk(path):
+            for name in folders:
+                child = os.path.join(directory, name)
+                if not os.path.islink(child):
+                    os.chmod(child, 0o700)
+        shutil.rmtree(path)
+    else:
+        os.unlink(path)

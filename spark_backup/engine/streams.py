@@ -85,3 +85,11 @@ def copy_stream(source: Readable, target: Writable) -> int:
         target.write(chunk)
         total += len(chunk)
     return total
+
+
+def drain(source: Readable) -> int:
+    """Read to the end in chunks; return the bytes read."""
+    total = 0
+    while chunk := source.read(CHUNK_SIZE):
+        total += len(chunk)
+    return total

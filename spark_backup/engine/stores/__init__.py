@@ -1,11 +1,14 @@
-"""Stores hold copies. ``open_store`` is the one switch from a plan's store entry to an
+"""Stores hold copies. ``open_store`` is the one switch from a store's settings to an
 implementation: a local folder (the embedded default) or S3-compatible object storage."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
 from spark_backup.engine.stores.base import ObjectInfo, ObjectLock, ObjectLockPolicy, ObjectStore
+from spark_backup.engine.stores.config import LocalStoreConfig, S3StoreConfig, StoreConfig
 from spark_backup.engine.stores.local import LocalStore
-from spark_backup.plan import LoadedPlan, LocalStoreConfig, S3StoreConfig, StoreConfig
 
 __all__ = [
     "LocalStore",
@@ -17,9 +20,11 @@ __all__ = [
 ]
 
 
-def open_store(config: StoreConfig, plan: LoadedPlan) -> ObjectStore:
+def open_store(config: StoreConfig, resolve: Callable[[str], Path]) -> ObjectStore:
+    """The store ``config`` describes; ``resolve`` turns a local store's path (relative to the
+    plan file) into a folder."""
     if isinstance(config, LocalStoreConfig):
-        return LocalStore(config.name, plan.resolve(config.path))
+        return LocalStore(config.name, resolve(config.path))
     if isinstance(config, S3StoreConfig):
         from spark_backup.engine.stores.s3 import S3Store  # boto3 loads only when S3 is used
 

@@ -16,7 +16,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 from spark_backup.engine.streams import Readable, Writable
-from spark_backup.errors import StoreError
+from spark_backup.errors import NotFoundError, StoreError
 
 _KEY_RE = re.compile(r"^[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)*$")
 
@@ -98,6 +98,14 @@ class ObjectStore(ABC):
     @abstractmethod
     def lock_of(self, key: str) -> ObjectLock | None:
         """The object's retention, or None where none applies (or the store has no locks)."""
+
+    def locked(self, key: str, now: dt.datetime | None = None) -> bool:
+        """Whether an active lock protects ``key`` now (a missing object is not locked)."""
+        try:
+            lock = self.lock_of(key)
+        except NotFoundError:
+            return False
+        return bool(lock and lock.active(now))
 
     @abstractmethod
     def delete(self, key: str) -> None:

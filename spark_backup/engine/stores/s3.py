@@ -32,9 +32,9 @@ from spark_backup.engine.stores.base import (
     ObjectStore,
     check_key,
 )
+from spark_backup.engine.stores.config import S3StoreConfig
 from spark_backup.engine.streams import Readable, Writable
 from spark_backup.errors import NotFoundError, ObjectLockedError, StoreError
-from spark_backup.plan import S3StoreConfig
 
 MIB = 1024 * 1024
 CONNECT_TIMEOUT = 10.0

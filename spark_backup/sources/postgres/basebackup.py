@@ -20,9 +20,8 @@ from spark_backup.engine.manifest import Manifest
 from spark_backup.engine.processes import streamed_tool
 from spark_backup.engine.streams import Readable
 from spark_backup.errors import IntegrityError, SourceError
-from spark_backup.plan import PostgresBaseBackup
 from spark_backup.sources.postgres.server import (
-    KIND,
+    KIND_NAME,
     Background,
     PostgresServer,
     list_databases,
@@ -31,6 +30,7 @@ from spark_backup.sources.postgres.server import (
     table_row_counts,
     tool_version,
 )
+from spark_backup.sources.postgres.settings import PostgresBaseBackup
 
 BASE_PART = "base"
 BASE_LAYERS = ["tar"]
@@ -43,7 +43,7 @@ _END_RE = re.compile(r"write-ahead log end point: ([0-9A-F]+/[0-9A-F]+)")
 class BaseBackupReader:
     """A ``PlaintextSource``: the cluster's data directory as one tar stream."""
 
-    kind = KIND
+    kind = KIND_NAME
     layers = BASE_LAYERS
     part = BASE_PART
 
@@ -144,16 +144,3 @@ def check_base_plaintext(plain: Readable, manifest: Manifest) -> None:
         raise IntegrityError(
             f"copy {manifest.id}: base backup lacks {', '.join(missing)}; it cannot be recovered"
         )
-
-
-def lsn_value(lsn: str) -> int:
-    """A WAL position such as ``0/3000028`` as a number, for ordering."""
-    high, low = (int(part, 16) for part in lsn.split("/"))
-    return (high << 32) | low
-
-
-def segment_of(lsn: str, timeline: int, segment_size: int = 16 * 1024 * 1024) -> str:
-    """The WAL file name holding ``lsn`` (as PostgreSQL's pg_walfile_name, without the server)."""
-    segment = lsn_value(lsn) // segment_size
-    per_log = 0x100000000 // segment_size
-    return f"{timeline:08X}{segment // per_log:08X}{segment % per_log:08X}"

@@ -27,7 +27,7 @@ from spark_backup.engine.processes import first_error, streamed_tool
 from spark_backup.engine.streams import Readable, copy_stream
 from spark_backup.errors import IntegrityError, RestoreRefused, SourceError
 from spark_backup.sources.postgres.server import (
-    KIND,
+    KIND_NAME,
     Background,
     PostgresServer,
     first_line,
@@ -50,7 +50,7 @@ def database_part(database: str) -> str:
 class DatabaseDumpReader:
     """A ``PlaintextSource``: one database as a pg_dump custom-format archive."""
 
-    kind = KIND
+    kind = KIND_NAME
     layers = DUMP_LAYERS
 
     def __init__(self, server: PostgresServer, database: str):
@@ -126,7 +126,7 @@ class DatabaseDumpReader:
 class GlobalsReader:
     """A ``PlaintextSource``: roles, role memberships and tablespaces as SQL (pg_dumpall)."""
 
-    kind = KIND
+    kind = KIND_NAME
     layers = GLOBALS_LAYERS
     part = GLOBALS_PART
 

@@ -35,7 +35,6 @@ import psycopg2
 from spark_backup.engine.manifest import Manifest
 from spark_backup.engine.processes import first_error, tool_environment
 from spark_backup.errors import IntegrityError, RestoreRefused, SourceError, UsageError
-from spark_backup.sources.postgres.basebackup import lsn_value, segment_of
 from spark_backup.sources.postgres.server import (
     DEBIAN_BIN_DIRS,
     conf_value,
@@ -43,6 +42,7 @@ from spark_backup.sources.postgres.server import (
     table_row_counts,
 )
 from spark_backup.sources.postgres.wal import ArchivedWal
+from spark_backup.sources.postgres.walname import DEFAULT_SEGMENT_SIZE, WalSegment, lsn_value
 
 DATA_FOLDER = "data"
 WAL_CACHE_FOLDER = "wal_archive"
@@ -69,6 +69,17 @@ _CONNECTION_REFUSED_RE = re.compile(
 _STOPPING_RE = re.compile(r"recovery stopping (before|after) .*?time ([0-9-]+ [0-9:.]+\+?[0-9:]*)")
 _LAST_TX_RE = re.compile(r"last completed transaction was at log time ([0-9-]+ [0-9:.]+\+?[0-9:]*)")
 _REDO_DONE_RE = re.compile(r"redo done at ([0-9A-F]+/[0-9A-F]+)")
+
+
+class RecoveryEndedEarly(SourceError):
+    """The server used up the WAL it was given before reaching the recovery target: with more
+    WAL, recovery can resume where it stopped."""
+
+
+def _start_failure(log: Path, since: int, pg_ctl_output: str = "") -> SourceError:
+    """Why this start failed, as the server logged it, typed by what the server said."""
+    reason = _log_failure(log, since, pg_ctl_output)
+    return RecoveryEndedEarly(reason) if ENDED_EARLY in reason else SourceError(reason)
 
 
 @dataclass
@@ -135,31 +146,29 @@ def wal_to_fetch(
     """The archived WAL recovery from ``base`` can use: timeline history files and every segment
     from the base's start onward, up to the first gap; and the first missing segment, if any."""
     meta = base.source_metadata
-    start = segment_of(meta["start_lsn"], meta["timeline"], meta.get("wal_segment_size", 16 << 20))
+    size = meta.get("wal_segment_size", DEFAULT_SEGMENT_SIZE)
+    start = WalSegment.from_lsn(meta["start_lsn"], meta["timeline"], size)
     histories = [entry for entry in archive if entry.name.endswith(".history")]
     segments = [
         entry
         for entry in archive
-        if entry.is_segment and entry.timeline >= meta["timeline"] and entry.position >= start[8:]
+        if entry.is_segment
+        and entry.timeline >= meta["timeline"]
+        and WalSegment.from_name(entry.name, size).number >= start.number
     ]
-    positions = sorted({entry.position for entry in segments})
+    numbers = sorted({WalSegment.from_name(entry.name, size).number for entry in segments})
     usable, gap = set(), None
-    expected = start[8:]
-    per_log = 0x100000000 // meta.get("wal_segment_size", 16 << 20)
-    for position in positions:
-        if position != expected:
-            gap = f"{meta['timeline']:08X}{expected}"
+    expected = start
+    for number in numbers:
+        if number != expected.number:
+            gap = expected.name
             break
-        usable.add(position)
-        expected = _next_position(position, per_log)
-    return histories + [e for e in segments if e.position in usable], gap
-
-
-def _next_position(position: str, per_log: int) -> str:
-    log, seg = int(position[:8], 16), int(position[8:], 16) + 1
-    if seg >= per_log:
-        log, seg = log + 1, 0
-    return f"{log:08X}{seg:08X}"
+        usable.add(number)
+        expected = expected.next()
+    return (
+        histories + [e for e in segments if WalSegment.from_name(e.name, size).number in usable],
+        gap,
+    )
 
 
 def server_binary(name: str, major: int, bin_dir: Path | None) -> Path:
@@ -262,7 +271,7 @@ def start_and_wait(
         env=tool_environment(),
     )
     if result.returncode != 0:
-        raise SourceError(_log_failure(log, since, result.stderr))
+        raise _start_failure(log, since, result.stderr)
     # pg_ctl returns as soon as recovery starts. The postmaster announces promotion in its lock
     # file, as pg_ctl itself reads it; polling that, not connections, keeps the log to the
     # server's own lines.
@@ -274,7 +283,7 @@ def start_and_wait(
                 if not cursor.fetchone()[0]:
                     return
         elif _server_stopped(pg_ctl, data, os_user):
-            raise SourceError(_log_failure(log, since))
+            raise _start_failure(log, since)
         time.sleep(0.5)
     raise SourceError(f"recovery did not finish within {timeout:.0f} s (see {log})")
 
@@ -434,8 +443,7 @@ def check_replayed_all(
     redo = points["redo_done_lsn"]
     if segments and redo:
         last = max(segments, key=lambda entry: (entry.position, entry.timeline))
-        log, seg = int(last.position[:8], 16), int(last.position[8:], 16)
-        if lsn_value(redo) < (log << 32) + seg * segment_size:
+        if lsn_value(redo) < WalSegment.from_name(last.name, segment_size).start:
             raise IntegrityError(
                 f"recovery of {source!r} stopped at {redo}, before the last archived segment "
                 f"{last.name}: the server could not read all fetched WAL (see its log)"

@@ -31,9 +31,11 @@ from psycopg2.extras import PhysicalReplicationConnection
 
 from spark_backup.engine.processes import tool_environment
 from spark_backup.errors import NotFoundError, SourceError
-from spark_backup.plan import LoadedPlan, PostgresSource
+from spark_backup.sources.base import SourceContext
+from spark_backup.sources.postgres.settings import PostgresSource
+from spark_backup.sources.postgres.walname import WalSegment
 
-KIND = "postgres"
+KIND_NAME = "postgres"
 # Debian and Ubuntu keep one folder of binaries per major version.
 DEBIAN_BIN_DIRS = "/usr/lib/postgresql/{major}/bin"
 CONNECT_TIMEOUT_SECONDS = 10
@@ -77,7 +79,7 @@ class PostgresServer:
     bin_dir: Path | None = None
 
     @classmethod
-    def from_source(cls, source: PostgresSource, loaded: LoadedPlan) -> PostgresServer:
+    def from_source(cls, source: PostgresSource, context: SourceContext) -> PostgresServer:
         base = source.dsn or make_dsn(host=source.host, port=source.port, user=source.user)
         return cls(
             source_name=source.name,
@@ -85,8 +87,8 @@ class PostgresServer:
             # A database named in the dsn is the one to connect to for server facts.
             maintenance_db=parse_dsn(base).get("dbname") or source.maintenance_db,
             password_env=source.password_env,
-            passfile=loaded.resolve(source.passfile) if source.passfile else None,
-            bin_dir=loaded.resolve(source.bin_dir) if source.bin_dir else None,
+            passfile=context.resolve(source.passfile) if source.passfile else None,
+            bin_dir=context.resolve(source.bin_dir) if source.bin_dir else None,
         )
 
     def dsn(self, dbname: str | None = None, **extra: Any) -> str:
@@ -220,7 +222,7 @@ class ServerArchiveState:
 
     def completed_segments_archived(self, newest_archived: str) -> bool:
         """True when only the segment being written is missing from the archive."""
-        previous = previous_segment(self.current_segment, self.segment_size)
+        previous = WalSegment.from_name(self.current_segment, self.segment_size).previous().name
         return newest_archived[8:24] >= previous[8:24]
 
 
@@ -246,19 +248,10 @@ def server_archive_state(server: PostgresServer) -> ServerArchiveState:
     if offset <= WAL_PAGE_HEADER_BYTES:
         # Nothing but the page header written since the last switch: the WAL that matters ends
         # in the previous segment.
-        name = previous_segment(name, segment_size)
+        name = WalSegment.from_name(name, segment_size).previous().name
     return ServerArchiveState(
         name, row[0], row[1], row[2], int(row[3]), int(segment_size), int(archive_timeout)
     )
-
-
-def previous_segment(name: str, segment_size: int) -> str:
-    timeline, log, seg = int(name[:8], 16), int(name[8:16], 16), int(name[16:24], 16)
-    if seg == 0:
-        log, seg = log - 1, 0x100000000 // segment_size - 1
-    else:
-        seg -= 1
-    return f"{timeline:08X}{log:08X}{seg:08X}"
 
 
 # Settings where a server may already have more than archiving needs: levels in order, and

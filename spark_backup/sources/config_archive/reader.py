@@ -1,14 +1,10 @@
-"""Configuration archives: DGX, Kubernetes and VPN configuration trees as POSIX tar streams.
+"""The configuration archive's reader: a tree walk that hands member names to GNU tar.
 
 Backup walks the plan's paths in Python (so include/exclude globs, unreadable paths and special
 files are decided and reported here) and hands the member names to GNU tar as it finds them;
 tar writes a pax archive that keeps modes, owners, mtimes and symlinks as links. GNU tar is
 used for speed: Python's tarfile spends about four times as long per member on trees of small
 files.
-
-Restore extracts with ``engine.safe_tar`` (tarfile's ``data`` filter and the archive guard)
-into a staging folder (``engine.staging``) that is published only after the copy's checksums
-were confirmed; existing files are never overwritten unless asked to.
 """
 
 from __future__ import annotations
@@ -17,7 +13,6 @@ import functools
 import os
 import stat
 import subprocess
-import tarfile
 import tempfile
 import threading
 from collections.abc import Iterator, Sequence
@@ -26,21 +21,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from pyrage import x25519
-
-from spark_backup.engine.manifest import Manifest
-from spark_backup.engine.pipeline import open_copy
 from spark_backup.engine.processes import tool_environment
-from spark_backup.engine.safe_tar import count_members, extract_tar
-from spark_backup.engine.staging import staged_restore
-from spark_backup.engine.stores.base import ObjectStore
-from spark_backup.engine.streams import ProgressCallback, Readable
-from spark_backup.errors import IntegrityError, SourceError, UsageError
+from spark_backup.engine.streams import Readable
+from spark_backup.errors import SourceError
 from spark_backup.globs import patterns_regex
-from spark_backup.plan import ConfigArchiveSource, LoadedPlan, Plan
-from spark_backup.sources.artifacts import Artifact
 
-KIND = "config_archive"
+KIND_NAME = "config_archive"
 TAR_LAYERS = ["tar"]
 # Warnings kept in a manifest; the count says how many there were in all.
 MAX_WARNINGS = 20
@@ -69,7 +55,7 @@ class TreeStats:
 class ConfigArchiveReader:
     """A ``PlaintextSource`` producing a pax tar stream of the given paths."""
 
-    kind = KIND
+    kind = KIND_NAME
     layers = TAR_LAYERS
 
     def __init__(
@@ -315,90 +301,3 @@ def _tar_version() -> str:
     except (OSError, subprocess.CalledProcessError) as exc:
         raise SourceError(f"GNU tar is needed to create configuration archives: {exc}") from None
     return out.stdout.splitlines()[0]
-
-
-# --- restore -----------------------------------------------------------------------------------
-
-
-# --- entry points for the service --------------------------------------------------------------
-
-
-ARCHIVE = "archive"
-
-
-def artifacts(source: ConfigArchiveSource, plan: Plan) -> list[Artifact]:
-    return [
-        Artifact(
-            ARCHIVE,
-            source.cadence,
-            plan.max_age_for(source),
-            primary=True,
-            description=f"{source.cadence} tar archives of {', '.join(source.paths)}",
-        )
-    ]
-
-
-def artifact_of(manifest: Manifest) -> str:
-    return ARCHIVE
-
-
-def expected_parts(artifact: str, copies: list[Manifest]) -> set[str]:
-    """One stream per run, so one part."""
-    return {""}
-
-
-def readers_for(
-    source: ConfigArchiveSource, loaded: LoadedPlan, artifact: str = ARCHIVE
-) -> list[ConfigArchiveReader]:
-    if artifact != ARCHIVE:
-        raise UsageError(f"source {source.name!r} has no artifact {artifact!r} ({ARCHIVE})")
-    return [
-        ConfigArchiveReader(
-            source.name,
-            [loaded.resolve(p) for p in source.paths],
-            include=source.include,
-            exclude=source.exclude,
-            one_file_system=source.one_file_system,
-        )
-    ]
-
-
-def probe(source: ConfigArchiveSource, loaded: LoadedPlan) -> None:
-    """Walk the paths as a backup would, reading nothing but names."""
-    readers_for(source, loaded)[0].collect()
-
-
-def restore_copy(
-    store: ObjectStore,
-    manifest: Manifest,
-    identities: list[x25519.Identity],
-    target: Path,
-    *,
-    overwrite: bool = False,
-    skip_unsafe: bool = False,
-    progress: ProgressCallback | None = None,
-) -> dict[str, Any]:
-    # open_copy exits (checksums compared) before staged_restore publishes anything.
-    with (
-        staged_restore(target, overwrite) as staging,
-        open_copy(store, manifest, identities, progress) as plain,
-    ):
-        summary = extract_tar(plain, staging, skip_unsafe)
-    return {"target": str(Path(os.path.abspath(target))), **asdict(summary)}
-
-
-def check_plaintext(plain: Readable, manifest: Manifest) -> None:
-    """The archive must list the files and links the backup recorded. (Not their bytes: the
-    walk sizes a file before tar reads it, and a live file may grow in between; the plaintext
-    sha256 covers the content.)"""
-    try:
-        counts = asdict(count_members(plain))
-    except tarfile.TarError as exc:
-        raise IntegrityError(f"copy {manifest.id}: not a readable tar archive: {exc}") from None
-    recorded = manifest.source_metadata
-    for name in ("files", "symlinks"):
-        if name in recorded and counts[name] != recorded[name]:
-            raise IntegrityError(
-                f"copy {manifest.id}: archive holds {counts[name]} {name}, the manifest recorded "
-                f"{recorded[name]}"
-            )

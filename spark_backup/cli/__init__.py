@@ -1,0 +1,12 @@
+"""``spark-backup``: the command line over the same operations the Dagster layer runs.
+
+- ``app.py``: the root group, exit codes, the kinds' own commands;
+- ``copies.py``: backup, list, verify, restore, prune;
+- ``plan.py``: plan check;
+- ``dagster.py``: dagster-init and the demo.
+"""
+
+from spark_backup.cli import copies, dagster, plan  # noqa: F401 - each registers its commands
+from spark_backup.cli.app import cli, main
+
+__all__ = ["cli", "main"]

@@ -1,0 +1,358 @@
+"""The commands on copies, for every kind alike: backup, list, verify, restore, prune."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import click
+
+from spark_backup.cli.app import CliState, cli, pass_state, progress_bar
+from spark_backup.console import error_line, printable, size, stderr, stdout
+from spark_backup.engine.catalog import DamagedManifest
+from spark_backup.engine.manifest import Manifest
+from spark_backup.errors import IntegrityError, SparkBackupError
+from spark_backup.sources.base import CopyRef, RestoreTarget, RestoreTargets
+
+# --- backup ------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("sources", nargs=-1)
+@click.option("--all", "all_sources", is_flag=True, help="Back up every source in the plan.")
+@click.option("--partition", help="Partition key (default: the current day, week or month).")
+@click.option(
+    "--artifact",
+    help="Which artifact of the source (default: its primary one; `plan check` lists them).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the manifests as JSON.")
+@pass_state
+def backup(
+    state: CliState,
+    sources: tuple[str, ...],
+    all_sources: bool,
+    partition: str | None,
+    artifact: str | None,
+    as_json: bool,
+) -> None:
+    """Back up SOURCES (new copies each time; existing copies are never replaced). A failing
+    source does not stop the others; the exit code is the first failure's."""
+    service = state.service
+    names = [s.name for s in service.plan.sources] if all_sources else list(sources)
+    if not names:
+        raise click.UsageError("name at least one source, or pass --all")
+    manifests = []
+    failures: list[SparkBackupError] = []
+    for name in names:
+        try:
+            with progress_bar(state.progress, f"backup {name}", None) as progress:
+                made = service.backup(name, partition, progress, artifact)
+        except SparkBackupError as error:
+            error_line(error)
+            failures.append(error)
+            continue
+        manifests += made
+        for manifest in made:
+            _print_backup(manifest, as_json)
+    if as_json:
+        click.echo(json.dumps([asdict(m) for m in manifests], indent=2))
+    if failures:
+        sys.exit(failures[0].exit_code)
+
+
+def _print_backup(manifest: Manifest, as_json: bool) -> None:
+    warnings = manifest.source_metadata.get("warning_count", 0)
+    if not as_json:
+        part = f"  {printable(manifest.part)}" if manifest.part else ""
+        stdout.print(
+            f"{manifest.id}  {manifest.partition}{part}  {size(manifest.plaintext.bytes)} -> "
+            f"{size(manifest.stored.bytes)}  {manifest.duration_seconds:.1f}s  "
+            f"sha256 {manifest.stored.sha256[:16]}..."
+            + (f"  {warnings} warning(s)" if warnings else ""),
+            highlight=False,
+        )
+    for warning in manifest.source_metadata.get("warnings", []):
+        stderr.print(
+            f"warning: {manifest.source}: {printable(warning)}", highlight=False, soft_wrap=True
+        )
+
+
+# --- list --------------------------------------------------------------------------------------
+
+
+@cli.command("list")
+@click.argument("source", required=False)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per copy, as an array.")
+@pass_state
+def list_(state: CliState, source: str | None, as_json: bool) -> None:
+    """List committed copies, oldest first. A manifest that cannot be read is listed as
+    damaged (exit 3); every other copy is listed as usual."""
+    service = state.service
+    refs, damaged = service.listing(source) if source else service.all_listings()
+    if as_json:
+        rows = [_copy_row(r) for r in refs] + [_damaged_row(d) for d in damaged]
+        click.echo(json.dumps(rows, indent=2))
+    else:
+        from rich.table import Table
+
+        table = Table()
+        for column in ("id", "source", "part", "partition", "finished", "size", "stored", "store"):
+            table.add_column(column, no_wrap=column == "id")
+        for ref in refs:
+            m = ref.manifest
+            table.add_row(
+                m.id,
+                m.source,
+                printable(m.part),
+                printable(m.partition),
+                printable(m.finished_at[:19]),
+                size(m.plaintext.bytes),
+                size(m.stored.bytes),
+                ref.store.name,
+            )
+        stdout.print(table)
+        for entry in damaged:
+            error_line(f"damaged manifest: {entry.error}")
+    if damaged:
+        sys.exit(IntegrityError.exit_code)
+
+
+def _copy_row(ref: CopyRef) -> dict[str, Any]:
+    m = ref.manifest
+    return {
+        "id": m.id,
+        "source": m.source,
+        "kind": m.kind,
+        "part": m.part,
+        "partition": m.partition,
+        "started_at": m.started_at,
+        "finished_at": m.finished_at,
+        "plaintext_bytes": m.plaintext.bytes,
+        "plaintext_sha256": m.plaintext.sha256,
+        "stored_bytes": m.stored.bytes,
+        "stored_sha256": m.stored.sha256,
+        "store": ref.store.name,
+        "uri": ref.store.object_uri(m.data_key),
+        "lock": m.lock,
+    }
+
+
+def _damaged_row(entry: DamagedManifest) -> dict[str, Any]:
+    return {"id": entry.copy_id, "damaged": entry.error, "uri": entry.uri}
+
+
+# --- verify ------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("selector", required=False, metavar="[SOURCE|ID]")
+@click.option(
+    "--deep",
+    is_flag=True,
+    help="Also decrypt and decompress (needs an identity) and check the plaintext.",
+)
+@click.option(
+    "--identity", type=click.Path(dir_okay=False), help="age identity file (implies --deep)."
+)
+@click.option("--json", "as_json", is_flag=True, help="Results as JSON.")
+@pass_state
+def verify(
+    state: CliState, selector: str | None, deep: bool, identity: str | None, as_json: bool
+) -> None:
+    """Re-read copies and compare them with their manifests. Exit 3 if any copy fails.
+
+    Plain: the stored bytes' sha256 and size (no key needed). --deep: also decrypt (age
+    authenticates every chunk), decompress (zstd frame checksums), compare the plaintext's
+    sha256 and size, and check the kind's format."""
+    from spark_backup.service import VerifyOutcome
+
+    service = state.service
+    refs, damaged = service.select(selector)
+    identities = service.identities(identity) if (deep or identity) else None
+    outcomes = [VerifyOutcome.of_damaged(d, bool(identities)) for d in damaged]
+    for outcome in outcomes:
+        if not as_json:
+            stdout.print(f"[red]FAILED[/red]  {printable(outcome.error)}", highlight=False)
+    for ref in refs:
+        with progress_bar(
+            # A deep verify counts plaintext bytes, a stored-bytes check counts stored bytes.
+            state.progress,
+            f"verify {ref.manifest.id}",
+            (ref.manifest.plaintext if identities else ref.manifest.stored).bytes,
+        ) as progress:
+            outcome = service.verify(ref, identities, progress)
+        outcomes.append(outcome)
+        if not as_json:
+            status = "[green]ok[/green]" if outcome.ok else "[red]FAILED[/red]"
+            detail = f"  {printable(outcome.error)}" if outcome.error else ""
+            stdout.print(f"{status}  {outcome.copy_id}{detail}", highlight=False, soft_wrap=True)
+    failed = [o for o in outcomes if not o.ok]
+    if as_json:
+        click.echo(json.dumps([asdict(o) for o in outcomes], indent=2))
+    elif not outcomes:
+        stdout.print("no copies to verify")
+    else:
+        checks = outcomes[-1].checks or ("stored sha256 and size",)
+        stdout.print(
+            f"{len(outcomes) - len(failed)} of {len(outcomes)} copies intact "
+            f"({'deep' if identities else 'plain'} verify: {', '.join(checks)})"
+        )
+    if failed:
+        sys.exit(IntegrityError.exit_code)
+
+
+# --- restore -----------------------------------------------------------------------------------
+
+
+def _restore_targets() -> dict[str, RestoreTarget]:
+    """Every restore target a registered kind offers, by name."""
+    from spark_backup.sources import registry
+
+    found: dict[str, RestoreTarget] = {}
+    for kind in registry.kinds().values():
+        if isinstance(kind, RestoreTargets):
+            for target in kind.restore_targets():
+                found.setdefault(target.name, target)
+    return found
+
+
+def _target_param(target: RestoreTarget) -> str:
+    return f"target_{target.name}"
+
+
+class RestoreCommand(click.Command):
+    """``restore``, with one option per restore target the registered kinds offer (``--to-db``
+    for databases, ...) and their switches; built when the command is used, so that kinds load
+    only then."""
+
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        if not getattr(self, "_targets_added", False):
+            self._targets_added = True
+            flags: dict[str, list[str]] = {}
+            for target in _restore_targets().values():
+                self.params.append(
+                    click.Option(
+                        [target.option, _target_param(target)],
+                        metavar=target.metavar,
+                        help=target.help,
+                    )
+                )
+                for flag, text in target.flags.items():
+                    flags.setdefault(flag, []).append(text)
+            for flag, texts in flags.items():
+                self.params.append(
+                    click.Option([f"--{flag.replace('_', '-')}", flag], is_flag=True, help=texts[0])
+                )
+        return super().get_params(ctx)
+
+
+@cli.command(cls=RestoreCommand)
+@click.argument("copy_id")
+@click.option("--to", "target", help="Staging folder.")
+@click.option("--identity", type=click.Path(dir_okay=False), help="age identity file.")
+@click.option("--overwrite", is_flag=True, help="Replace files that already exist in the target.")
+@click.option(
+    "--skip-unsafe", is_flag=True, help="Leave out unsafe archive members instead of refusing."
+)
+@click.option("--json", "as_json", is_flag=True, help="Summary as JSON.")
+@pass_state
+def restore(
+    state: CliState,
+    copy_id: str,
+    target: str | None,
+    identity: str | None,
+    overwrite: bool,
+    skip_unsafe: bool,
+    as_json: bool,
+    **target_options: Any,
+) -> None:
+    """Restore copy COPY_ID into a staging folder (--to, never in place) or into a target its
+    kind offers (--to-db for a database dump, ...)."""
+    targets = _restore_targets()
+    chosen = {
+        name: value
+        for name, t in targets.items()
+        if (value := target_options.get(_target_param(t))) is not None
+    }
+    if (target is None) == (not chosen) or len(chosen) > 1:
+        options = " or ".join(["--to DIR", *(f"{t.option} {t.metavar}" for t in targets.values())])
+        raise click.UsageError(f"give exactly one of {options}")
+    flags = {k: v for k, v in target_options.items() if not k.startswith("target_")}
+    service = state.service
+    total = service.find(copy_id).manifest.plaintext.bytes
+    with progress_bar(state.progress, f"restore {copy_id}", total) as progress:
+        if chosen:
+            ((name, value),) = chosen.items()
+            summary = service.restore_to(
+                name, copy_id, value, identity_file=identity, flags=flags, progress=progress
+            )
+        else:
+            summary = service.restore(
+                copy_id,
+                Path(target or "."),
+                identity_file=identity,
+                overwrite=overwrite,
+                skip_unsafe=skip_unsafe,
+                progress=progress,
+            )
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    if "database" in summary:
+        stdout.print(
+            f"restored {copy_id} into database {printable(summary['database'])}: "
+            f"{summary['tables']} tables, {summary['rows']} rows (row counts match the dump) in "
+            f"{summary['seconds']:.1f}s",
+            highlight=False,
+        )
+        return
+    stdout.print(
+        f"restored {copy_id} into {printable(summary['target'])}: {summary['files']} files, "
+        f"{summary['directories']} directories, {summary['symlinks']} links, "
+        f"{size(summary['bytes'])} in {summary['seconds']:.1f}s",
+        highlight=False,
+    )
+    for skipped in summary.get("skipped", []):
+        stderr.print(f"skipped unsafe member {printable(skipped)}", highlight=False)
+
+
+# --- prune -------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--apply", is_flag=True, help="Delete; without it, only show what would go.")
+@click.option("--json", "as_json", is_flag=True, help="Report as JSON.")
+@pass_state
+def prune(state: CliState, apply: bool, as_json: bool) -> None:
+    """Apply retention: expire copies no rule keeps, remove orphans of interrupted backups.
+    Copies under an Object Lock, and copies whose manifest cannot be read, are never deleted."""
+    report = state.service.prune(dry_run=not apply)
+    if as_json:
+        click.echo(json.dumps(asdict(report), indent=2))
+    else:
+        verb = "would delete" if report.dry_run else "deleted"
+        for copy_id in report.expired:
+            stdout.print(f"{verb} {copy_id}", highlight=False)
+        for copy_id in report.locked:
+            stdout.print(
+                f"kept {copy_id}: expired by retention but under Object Lock", highlight=False
+            )
+        for orphan in report.orphans:
+            stdout.print(f"{verb} orphaned data {printable(orphan)}", highlight=False)
+        for upload in report.incomplete_uploads:
+            stdout.print(f"aborted incomplete upload {printable(upload)}", highlight=False)
+        for key in report.log_expired:
+            stdout.print(
+                f"{verb} log {printable(key)}: older than every base copy kept", highlight=False
+            )
+        for entry in report.damaged:
+            error_line(f"kept a copy whose manifest is damaged: {entry}")
+        stdout.print(
+            f"{len(report.kept)} kept, {len(report.expired)} expired, {len(report.locked)} "
+            f"locked, {len(report.orphans)} orphans" + ("" if apply else " (dry run: pass --apply)")
+        )
+    if report.damaged:
+        sys.exit(IntegrityError.exit_code)

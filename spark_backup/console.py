@@ -1,0 +1,49 @@
+"""What the command line prints with: the two consoles, sizes, and text made safe for a
+terminal. Shared by the core commands (``spark_backup/cli/``) and every kind's own commands."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import sys
+
+from rich.console import Console
+
+from spark_backup.errors import UsageError
+
+# Wide when piped, so tables and ids are not cut at 80 columns in logs.
+stdout = Console(width=None if sys.stdout.isatty() else 200)
+stderr = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
+
+# C0 and C1 control characters (escape sequences start with one), except tab.
+_CONTROL_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+
+
+def printable(text: object) -> str:
+    """``text`` with control characters shown as escapes: a file name or manifest field must
+    never reach the terminal as an escape sequence."""
+    return _CONTROL_RE.sub(lambda m: f"\\x{ord(m.group()):02x}", str(text))
+
+
+def size(value: int) -> str:
+    amount = float(value)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if amount < 1024 or unit == "GiB":
+            return f"{amount:.0f} {unit}" if unit == "B" else f"{amount:.1f} {unit}"
+        amount /= 1024
+    return f"{amount:.1f} TiB"
+
+
+def error_line(message: object) -> None:
+    stderr.print(f"[red]error:[/red] {printable(message)}", highlight=False, soft_wrap=True)
+
+
+def parse_time(text: str, option: str = "--to-time") -> dt.datetime:
+    """An ISO 8601 time; without a zone it is UTC."""
+    try:
+        value = dt.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise UsageError(
+            f"{option} {text!r} is not an ISO 8601 time (e.g. 2026-11-27T09:30:00Z)"
+        ) from None
+    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)

@@ -1,0 +1,70 @@
+"""Reading a plan file: YAML in, a validated plan out, or one ``PlanError`` line naming the
+file and every field at fault."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import yaml
+from pydantic import ValidationError
+
+from spark_backup.errors import PlanError
+from spark_backup.plan.errors import describe_validation_error
+from spark_backup.plan.schema import Plan, plan_model
+
+PLAN_ENV = "SPARK_BACKUP_PLAN"
+DEFAULT_PLAN_PATH = "spark_backup.yaml"
+
+
+class LoadedPlan:
+    """A validated plan and the file it came from; relative paths resolve against that file."""
+
+    def __init__(self, plan: Plan, path: Path):
+        self.plan = plan
+        self.path = path
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.parent
+
+    def resolve(self, path: str) -> Path:
+        return resolve_relative(self.base_dir, path)
+
+
+def resolve_relative(base_dir: Path, path: str) -> Path:
+    """``path`` with ``~`` and ``$VARS`` expanded, relative to ``base_dir`` unless absolute."""
+    expanded = Path(os.path.expanduser(os.path.expandvars(path)))
+    return Path(os.path.normpath(expanded if expanded.is_absolute() else base_dir / expanded))
+
+
+def resolve_plan_path(path: str | os.PathLike[str] | None = None) -> Path:
+    return Path(path or os.environ.get(PLAN_ENV) or DEFAULT_PLAN_PATH)
+
+
+def load_plan(path: str | os.PathLike[str] | None = None) -> LoadedPlan:
+    """Read and validate the plan; raise ``PlanError`` with one line naming file and fields."""
+    plan_path = resolve_plan_path(path)
+    try:
+        text = plan_path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise PlanError(
+            f"{plan_path}: plan file not found (pass --plan or set {PLAN_ENV})"
+        ) from None
+    except OSError as exc:
+        raise PlanError(f"{plan_path}: cannot read plan: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise PlanError(f"{plan_path}: {where}invalid YAML: {problem}") from None
+    if not isinstance(data, dict):
+        raise PlanError(f"{plan_path}: expected a mapping with encryption, stores and sources")
+    model = plan_model()
+    try:
+        plan = model.model_validate(data)
+    except ValidationError as exc:
+        raise PlanError(f"{plan_path}: {describe_validation_error(exc, data, model)}") from None
+    return LoadedPlan(plan=plan, path=plan_path.resolve())

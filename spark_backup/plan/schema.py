@@ -1,0 +1,171 @@
+"""The plan's schema: encryption, stores, defaults and sources. Each source's fields come from
+its kind's own model (``SourceKind.settings``), chosen by its ``kind``; the model of a whole
+plan is assembled from the registry when a plan is validated."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from typing import Annotated, Literal, Union
+
+from pydantic import Field, create_model, field_validator, model_validator
+
+from spark_backup.engine.cadence import DEFAULT_PARTITIONS_START
+from spark_backup.engine.settings import Duration, Name, SettingsModel
+from spark_backup.engine.stores.config import StoreConfig
+from spark_backup.errors import NotFoundError
+from spark_backup.plan.source import Compression, Retention, SourceSettings
+
+AGE_RECIPIENT_PATTERN = re.compile(r"^age1[02-9ac-hj-np-z]{58}$")
+MIN_ORPHAN_GRACE = dt.timedelta(hours=1)
+
+
+class Encryption(SettingsModel):
+    """age X25519 recipients. Identities (private keys) are only needed where a restore runs."""
+
+    recipients: list[str] = Field(default_factory=list)
+    recipients_files: list[str] = Field(default_factory=list)
+    identity_file: str | None = None
+
+    @field_validator("recipients")
+    @classmethod
+    def _valid_recipients(cls, value: list[str]) -> list[str]:
+        for recipient in value:
+            if not AGE_RECIPIENT_PATTERN.match(recipient.strip()):
+                raise ValueError(
+                    f"expected an age X25519 public key (age1... , 62 characters), got "
+                    f"{recipient[:16]!r}..."
+                )
+        return [r.strip() for r in value]
+
+    @field_validator("identity_file")
+    @classmethod
+    def _identity_is_a_path(cls, value: str | None) -> str | None:
+        if value and value.strip().startswith("AGE-SECRET-KEY-"):
+            raise ValueError("expected a path to an identity file; never put a private key here")
+        return value
+
+    @model_validator(mode="after")
+    def _has_recipients(self) -> Encryption:
+        if not self.recipients and not self.recipients_files:
+            raise ValueError("expected at least one entry in recipients or recipients_files")
+        return self
+
+
+class Defaults(SettingsModel):
+    store: Name | None = None
+    retention: Retention = Retention()
+    compression: Compression = Compression()
+    max_age: Duration = dt.timedelta(hours=24)
+    # Leftovers younger than this may belong to a backup still running; it must be longer than
+    # the longest backup (an S3 object's time is when its upload started).
+    orphan_grace: Duration = dt.timedelta(hours=24)
+    # The first partition the UI lists. Partition keys never depend on it: moving it changes
+    # which periods show as missing, never where a copy belongs.
+    partitions_start: dt.date = DEFAULT_PARTITIONS_START
+
+    @field_validator("orphan_grace")
+    @classmethod
+    def _grace_covers_running_backups(cls, value: dt.timedelta) -> dt.timedelta:
+        if value < MIN_ORPHAN_GRACE:
+            raise ValueError(
+                "expected at least 1h: prune must not take the data of a backup still running"
+            )
+        return value
+
+
+class Plan(SettingsModel):
+    version: Literal[1] = 1
+    defaults: Defaults = Defaults()
+    encryption: Encryption
+    stores: list[StoreConfig] = Field(min_length=1)
+    # Each entry is validated as its kind's model (see ``plan_model``).
+    sources: list[SourceSettings] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _references(self) -> Plan:
+        from spark_backup.sources import registry
+
+        store_names = [s.name for s in self.stores]
+        _unique(store_names, "stores")
+        _unique([s.name for s in self.sources], "sources")
+        if self.defaults.store and self.defaults.store not in store_names:
+            raise ValueError(
+                f"defaults.store names unknown store {self.defaults.store!r} "
+                f"(expected one of: {', '.join(store_names)})"
+            )
+        # A source's other assets are named after it (backups/<name>_<suffix>).
+        derived = {
+            f"{source.name}_{suffix}": source.name
+            for source in self.sources
+            for suffix in registry.kind(source.kind).asset_suffixes(source)
+        }
+        for index, source in enumerate(self.sources):
+            if source.name in derived:
+                raise ValueError(
+                    f"sources[{index}].name {source.name!r} is the name of an asset of source "
+                    f"{derived[source.name]!r}; rename one of them"
+                )
+            if source.store and source.store not in store_names:
+                raise ValueError(
+                    f"sources[{index}].store names unknown store {source.store!r} "
+                    f"(expected one of: {', '.join(store_names)})"
+                )
+        return self
+
+    # Resolved views: a source's effective settings after defaults.
+
+    def source(self, name: str) -> SourceSettings:
+        for source in self.sources:
+            if source.name == name:
+                return source
+        raise NotFoundError(
+            f"source {name!r} is not in the plan (sources: "
+            f"{', '.join(s.name for s in self.sources)})"
+        )
+
+    def store_for(self, source: SourceSettings) -> StoreConfig:
+        wanted = source.store or self.defaults.store or self.stores[0].name
+        return next(s for s in self.stores if s.name == wanted)
+
+    def retention_for(self, source: SourceSettings) -> Retention:
+        return source.retention or self.defaults.retention
+
+    def compression_for(self, source: SourceSettings) -> Compression:
+        return source.compression or self.defaults.compression
+
+    def max_age_for(self, source: SourceSettings) -> dt.timedelta:
+        return source.max_age or self.defaults.max_age
+
+
+def _unique(names: list[str], field: str) -> None:
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise ValueError(f"{field}: name {name!r} is used twice")
+        seen.add(name)
+
+
+_models: dict[int, type[Plan]] = {}
+
+
+def plan_model() -> type[Plan]:
+    """``Plan`` with ``sources`` as the union of every registered kind's model, told apart by
+    ``kind`` (rebuilt when the registry changes)."""
+    from spark_backup.sources import registry
+
+    version = registry.version()
+    if version not in _models:
+        models = tuple(kind.settings for kind in registry.kinds().values())
+        entry = (
+            Annotated[Union[models], Field(discriminator="kind")]  # noqa: UP007
+            if len(models) > 1
+            else models[0]
+        )
+        _models.clear()
+        _models[version] = create_model(
+            "Plan",
+            __base__=Plan,
+            sources=(list[entry], Field(min_length=1)),  # type: ignore[valid-type]
+        )
+    return _models[version]

@@ -1,0 +1,23 @@
+"""The operations a plan supports, shared by the command line and the Dagster layer so both do
+exactly the same thing; one module per concern, no Dagster imports:
+
+- ``runtime.py``: the plan opened: stores, keys, sources, kinds, the catalog of copies;
+- ``copies.py``: back up, verify, restore;
+- ``retention.py``: prune;
+- ``freshness.py``: the age of the newest copies.
+
+A kind's own operations (PostgreSQL's WAL, PITR, ...) live in its package and get the service
+as their ``Runtime``.
+"""
+
+from spark_backup.service.copies import CopyOperations, VerifyOutcome
+from spark_backup.service.freshness import Freshness, FreshnessOperations
+from spark_backup.service.retention import PruneReport, RetentionOperations
+from spark_backup.sources.base import CopyRef
+
+
+class BackupService(CopyOperations, RetentionOperations, FreshnessOperations):
+    """A plan's operations, all concerns together."""
+
+
+__all__ = ["BackupService", "CopyRef", "Freshness", "PruneReport", "VerifyOutcome"]

@@ -1,0 +1,171 @@
+"""Copies: back up, verify and restore, for every kind alike."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pyrage import x25519
+
+from spark_backup.engine.cadence import cadence
+from spark_backup.engine.catalog import DamagedManifest
+from spark_backup.engine.manifest import Manifest
+from spark_backup.engine.pipeline import Verification, open_copy, utcnow, verify_copy, write_copy
+from spark_backup.engine.streams import ProgressCallback
+from spark_backup.errors import IntegrityError, NotFoundError, SparkBackupError, UsageError
+from spark_backup.service.runtime import PlanRuntime
+from spark_backup.sources.base import CopyRef, FolderRestore, RestoreTargets
+
+
+@dataclass
+class VerifyOutcome:
+    copy_id: str
+    source: str
+    partition: str
+    ok: bool
+    deep: bool
+    error: str | None = None
+    bytes_read: int = 0
+    seconds: float = 0.0
+    # What was checked: "stored sha256 and size", and for a deep verify also the plaintext.
+    checks: tuple[str, ...] = ()
+
+    @classmethod
+    def of_damaged(cls, damaged: DamagedManifest, deep: bool) -> VerifyOutcome:
+        return cls(damaged.copy_id or damaged.key, "", "", False, deep, damaged.error)
+
+
+STORED_CHECK = "stored sha256 and size"
+DEEP_CHECKS = ("decrypted with age", "zstd frame checksums", "plaintext sha256 and size")
+
+
+class CopyOperations(PlanRuntime):
+    def backup(
+        self,
+        source_name: str,
+        partition: str | None = None,
+        progress: ProgressCallback | None = None,
+        artifact: str | None = None,
+    ) -> list[Manifest]:
+        """Back up one artifact of a source (its primary one by default) as new copies, one per
+        stream the kind makes (one per database for a PostgreSQL dump). A failing stream does
+        not stop the others; the first failure is raised once all were tried."""
+        source = self.plan.source(source_name)
+        chosen = self.artifact(source, artifact)
+        if partition is not None:
+            cadence(chosen.cadence).check_key(
+                partition, utcnow(), self.plan.defaults.partitions_start
+            )
+        store = self.store_for(source)
+        store.check()  # an unreachable store or rejected credentials: say so before reading
+        readers = self.kind_of(source).readers(source, self.context(source), chosen.name)
+        # One partition for the whole run, even one that crosses midnight.
+        partition = partition or self.current_partition(chosen)
+        recipients, compression = self.recipients(), self.compression(source)
+        manifests, failures = [], []
+        for reader in readers:
+            try:
+                manifests.append(
+                    write_copy(
+                        store,
+                        reader,
+                        source_name=source.name,
+                        partition=partition,
+                        recipients=recipients,
+                        compression=compression,
+                        progress=progress,
+                    )
+                )
+            except SparkBackupError as exc:
+                failures.append(exc)
+        if failures:
+            raise failures[0]
+        return manifests
+
+    def verify(
+        self,
+        ref: CopyRef,
+        identities: list[x25519.Identity] | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> VerifyOutcome:
+        manifest = ref.manifest
+        outcome = VerifyOutcome(
+            manifest.id, manifest.source, manifest.partition, ok=False, deep=bool(identities)
+        )
+        try:
+            if identities:
+                result = self._verify_deep(ref, identities, progress)
+                outcome.checks = (STORED_CHECK, *DEEP_CHECKS, f"{manifest.kind} format")
+            else:
+                result = verify_copy(ref.store, manifest, progress)
+                outcome.checks = (STORED_CHECK,)
+        except (IntegrityError, NotFoundError) as exc:
+            # The copy is damaged or its data is gone. A wrong key or an unreachable store is
+            # not a verdict on the copy: those propagate with their own exit codes.
+            outcome.error = str(exc)
+            return outcome
+        outcome.ok = True
+        outcome.bytes_read = result.bytes_read
+        outcome.seconds = result.seconds
+        return outcome
+
+    def _verify_deep(
+        self, ref: CopyRef, identities: list[x25519.Identity], progress: ProgressCallback | None
+    ) -> Verification:
+        started = utcnow()
+        kind = self.kind_named(ref.manifest.kind)
+        with open_copy(ref.store, ref.manifest, identities, progress) as plain:
+            kind.check_plaintext(plain, ref.manifest)
+        seconds = (utcnow() - started).total_seconds()
+        # open_copy compared the bytes it read with the manifest's count, so this is what it read.
+        return Verification(ref.manifest.id, True, ref.manifest.stored.bytes, seconds)
+
+    def restore(
+        self,
+        copy_id: str,
+        target: Path,
+        *,
+        identity_file: str | Path | None = None,
+        overwrite: bool = False,
+        skip_unsafe: bool = False,
+        progress: ProgressCallback | None = None,
+    ) -> dict[str, Any]:
+        """Restore a copy into a staging folder, published only after its digests matched."""
+        ref = self.find(copy_id)
+        identities = self.identities(identity_file)
+        started = utcnow()
+        summary = self.kind_named(ref.manifest.kind).restore_to_folder(
+            ref, identities, target, FolderRestore(overwrite, skip_unsafe, progress)
+        )
+        return {
+            "copy_id": copy_id,
+            "source": ref.manifest.source,
+            "partition": ref.manifest.partition,
+            "seconds": round((utcnow() - started).total_seconds(), 3),
+            **summary,
+        }
+
+    def restore_to(
+        self,
+        target: str,
+        copy_id: str,
+        value: str,
+        *,
+        identity_file: str | Path | None = None,
+        flags: Mapping[str, bool] | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> dict[str, Any]:
+        """Restore a copy into a target its kind offers (a database, a namespace)."""
+        ref = self.find(copy_id)
+        kind = self.kind_named(ref.manifest.kind)
+        offered = kind.restore_targets() if isinstance(kind, RestoreTargets) else ()
+        if not any(t.name == target for t in offered):
+            raise UsageError(
+                f"copy {copy_id} is a {kind.name} copy, which cannot be restored into a {target}"
+            )
+        assert isinstance(kind, RestoreTargets)
+        return kind.restore_to_target(
+            self, target, ref, value, identity_file=identity_file, flags=flags, progress=progress
+        )

@@ -1,0 +1,95 @@
+"""Retention and prune: expire what no rule keeps, clean up what interrupted writes left."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from spark_backup.engine import catalog
+from spark_backup.engine.manifest import Manifest, is_copy_key, manifest_key
+from spark_backup.engine.pipeline import utcnow
+from spark_backup.engine.retention import apply_retention
+from spark_backup.service.runtime import PlanRuntime
+from spark_backup.sources import registry
+from spark_backup.sources.base import ContinuousLog
+
+
+@dataclass
+class PruneReport:
+    dry_run: bool
+    kept: dict[str, list[str]] = field(default_factory=dict)
+    expired: list[str] = field(default_factory=list)
+    locked: list[str] = field(default_factory=list)
+    orphans: list[str] = field(default_factory=list)
+    incomplete_uploads: list[str] = field(default_factory=list)
+    # Log objects (WAL, oplog slices) no kept base copy needs.
+    log_expired: list[str] = field(default_factory=list)
+    # Manifests that cannot be read: their copies are kept and reported, never deleted.
+    damaged: list[str] = field(default_factory=list)
+
+
+def owned_by_spark_backup(key: str) -> bool:
+    """Keys spark-backup writes: copies, and every kind's log objects. Prune never touches
+    any other object in a shared bucket or folder."""
+    return is_copy_key(key) or any(
+        kind.owns_key(key) for kind in registry.kinds().values() if isinstance(kind, ContinuousLog)
+    )
+
+
+class RetentionOperations(PlanRuntime):
+    def prune(self, dry_run: bool = True, now: dt.datetime | None = None) -> PruneReport:
+        """Expire copies no retention rule keeps, remove orphaned data and stale uploads.
+
+        A copy is deleted manifest first (it disappears from listings at once), then data; a
+        copy or object under an active Object Lock is never touched.
+        """
+        report = PruneReport(dry_run=dry_run)
+        now = now or utcnow()
+        for source in self.plan.sources:
+            store = self.store_for(source)
+            rule = self.retention(source)
+            refs, damaged = self.listing(source.name)
+            report.damaged += [f"{d.uri}: {d.error}" for d in damaged]
+            # Each part (one database's dumps, the base backups, ...) is its own series.
+            series: dict[str, list[Manifest]] = defaultdict(list)
+            for ref in refs:
+                series[ref.manifest.part].append(ref.manifest)
+            expired: list[Manifest] = []
+            for copies in series.values():
+                decision = apply_retention(copies, rule)
+                report.kept.update(decision.keep)
+                expired += decision.expire
+            for manifest in expired:
+                key = manifest_key(manifest.source, manifest.id)
+                if store.locked(key, now) or store.locked(manifest.data_key, now):
+                    report.locked.append(manifest.id)
+                    continue
+                report.expired.append(manifest.id)
+                if not dry_run:
+                    store.delete(key)
+                    store.delete(manifest.data_key)
+            kind = self.kind_of(source)
+            if isinstance(kind, ContinuousLog) and kind.log_enabled(source):
+                gone = set(report.expired)
+                kept_bases = [
+                    ref.manifest
+                    for ref in refs
+                    if kind.artifact_of(ref.manifest) == kind.base_artifact
+                    and ref.manifest.id not in gone
+                ]
+                report.log_expired += kind.expire(self, source, kept_bases, now, dry_run)
+        grace = self.plan.defaults.orphan_grace
+        for store in self.all_stores():
+            for orphan in catalog.find_orphans(store, grace, now):
+                if store.locked(orphan.key, now):
+                    continue
+                report.orphans.append(f"{store.name}:{orphan.key}")
+                if not dry_run:
+                    store.delete(orphan.key)
+            if not dry_run:
+                report.incomplete_uploads.extend(
+                    f"{store.name}:{key}"
+                    for key in store.cleanup_incomplete(grace, owned_by_spark_backup)
+                )
+        return report

@@ -1,0 +1,158 @@
+"""A plan, opened: its stores, keys, sources and their kinds, and the copies in its stores.
+This is the ``Runtime`` each kind's own operations get (``sources/base.py``)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+from pyrage import x25519
+
+from spark_backup.engine.cadence import partition_key_for
+from spark_backup.engine.catalog import Catalog, DamagedManifest, find_copy
+from spark_backup.engine.crypto import Recipients, load_identities, read_recipients_file
+from spark_backup.engine.manifest import COPY_ID_RE
+from spark_backup.engine.pipeline import CompressionSettings, utcnow
+from spark_backup.engine.retention import RetentionRule
+from spark_backup.engine.stores import ObjectStore, open_store
+from spark_backup.errors import NotFoundError, UsageError
+from spark_backup.plan import LoadedPlan, SourceSettings, load_plan
+from spark_backup.sources import registry
+from spark_backup.sources.base import Artifact, CopyRef, SourceContext, SourceKind
+
+
+class PlanRuntime:
+    def __init__(self, loaded: LoadedPlan):
+        self.loaded = loaded
+        self.plan = loaded.plan
+        self._stores: dict[str, ObjectStore] = {}
+
+    @classmethod
+    def from_path(cls, path: str | Path | None = None):
+        return cls(load_plan(path))
+
+    @property
+    def plan_path(self) -> Path:
+        return self.loaded.path
+
+    # --- sources and their kinds ------------------------------------------------------------------
+
+    def source(self, name: str) -> SourceSettings:
+        return self.plan.source(name)
+
+    def kind_of(self, source: SourceSettings) -> SourceKind:
+        return registry.kind(source.kind)
+
+    def kind_named(self, name: str) -> SourceKind:
+        return registry.kind(name)
+
+    def sources_of(self, kind: SourceKind) -> list[SourceSettings]:
+        return [s for s in self.plan.sources if s.kind == kind.name]
+
+    def context(self, source: SourceSettings) -> SourceContext:
+        return SourceContext(self.loaded.path, self.plan.max_age_for(source))
+
+    def artifacts(self, source: SourceSettings) -> list[Artifact]:
+        return self.kind_of(source).artifacts(source, self.context(source))
+
+    def artifact(self, source: SourceSettings, name: str | None = None) -> Artifact:
+        """One of the source's artifacts by name; its primary one if ``name`` is None."""
+        found = self.artifacts(source)
+        for artifact in found:
+            if artifact.name == name or (name is None and artifact.primary):
+                return artifact
+        raise UsageError(
+            f"source {source.name!r} has no artifact {name!r} "
+            f"(it has: {', '.join(a.name for a in found)})"
+        )
+
+    def current_partition(self, artifact: Artifact, now: dt.datetime | None = None) -> str:
+        return partition_key_for(artifact.cadence, now or utcnow())
+
+    def retention(self, source: SourceSettings) -> RetentionRule:
+        retention = self.plan.retention_for(source)
+        return RetentionRule(retention.daily, retention.weekly, retention.monthly)
+
+    def compression(self, source: SourceSettings) -> CompressionSettings:
+        compression = self.plan.compression_for(source)
+        return CompressionSettings(compression.level, compression.threads)
+
+    # --- stores and keys -----------------------------------------------------------------------
+
+    def store(self, name: str) -> ObjectStore:
+        if name not in self._stores:
+            config = next(s for s in self.plan.stores if s.name == name)
+            self._stores[name] = open_store(config, self.loaded.resolve)
+        return self._stores[name]
+
+    def store_for(self, source: SourceSettings) -> ObjectStore:
+        return self.store(self.plan.store_for(source).name)
+
+    def all_stores(self) -> list[ObjectStore]:
+        return [self.store(s.name) for s in self.plan.stores]
+
+    def recipients(self) -> Recipients:
+        encryption = self.plan.encryption
+        keys = list(encryption.recipients)
+        for path in encryption.recipients_files:
+            keys.extend(read_recipients_file(self.loaded.resolve(path)))
+        return Recipients.from_keys(keys, f"{self.loaded.path}: encryption")
+
+    def identities(self, identity_file: str | Path | None = None) -> list[x25519.Identity]:
+        plan_file = self.plan.encryption.identity_file
+        return load_identities(identity_file, self.loaded.resolve(plan_file) if plan_file else None)
+
+    # --- copies --------------------------------------------------------------------------------
+
+    def listing(
+        self, source_name: str, artifact: str | None = None
+    ) -> tuple[list[CopyRef], list[DamagedManifest]]:
+        """The committed copies of one source (of one artifact, if named), oldest first, and
+        the manifests of its that cannot be read."""
+        source = self.plan.source(source_name)
+        store = self.store_for(source)
+        kind = self.kind_of(source)
+        found = Catalog(store).listing(source.name)
+        refs = [
+            CopyRef(store, m)
+            for m in found.copies
+            if artifact is None or kind.artifact_of(m) == artifact
+        ]
+        return refs, found.damaged
+
+    def copies(self, source_name: str | None = None, artifact: str | None = None) -> list[CopyRef]:
+        """The readable copies of one source (of one of its artifacts), or of every source."""
+        if source_name is None:
+            return self.all_listings()[0]
+        return self.listing(source_name, artifact)[0]
+
+    def all_listings(self) -> tuple[list[CopyRef], list[DamagedManifest]]:
+        """Every copy in the plan's stores, of sources in the plan or no longer in it."""
+        refs: list[CopyRef] = []
+        damaged: list[DamagedManifest] = []
+        for store in self.all_stores():
+            catalog = Catalog(store)
+            for source in catalog.sources():
+                found = catalog.listing(source)
+                refs += [CopyRef(store, m) for m in found.copies]
+                damaged += found.damaged
+        refs.sort(key=lambda r: (r.manifest.started_at, r.manifest.id))
+        return refs, damaged
+
+    def find(self, copy_id: str) -> CopyRef:
+        store, manifest = find_copy(self.all_stores(), copy_id)
+        return CopyRef(store, manifest)
+
+    def select(self, selector: str | None) -> tuple[list[CopyRef], list[DamagedManifest]]:
+        """Copies named by a source name, a copy id, or (None) every copy; and the damaged
+        manifests among those asked for."""
+        if selector is None:
+            return self.all_listings()
+        if any(s.name == selector for s in self.plan.sources):
+            return self.listing(selector)
+        if not COPY_ID_RE.match(selector):
+            raise NotFoundError(
+                f"{selector!r} is neither a source in the plan "
+                f"({', '.join(s.name for s in self.plan.sources)}) nor a copy id"
+            )
+        return [self.find(selector)], []

@@ -1,0 +1,383 @@
+"""The contract every artifact kind fulfils, and the optional capabilities a kind may add.
+
+A kind is one package under ``spark_backup/sources/`` whose ``KIND`` object subclasses
+``SourceKind`` (generic over its plan model) and registers through the ``spark_backup.kinds``
+entry point (see ``registry.py``). Everything else in spark-backup (the plan, the service, the
+command line, the Dagster layer, the demo) asks the registry and these types, and never
+branches on a kind's name: a new kind lands in its own package and nowhere else.
+
+The contract:
+
+- ``settings``: the kind's plan model (a ``SourceSettings`` subclass);
+- ``artifacts``: what a source of the kind produces, each a series of copies with its own
+  cadence and its own Dagster asset;
+- ``readers``: the plaintext streams one backup run of an artifact writes, one copy each;
+- ``expected_parts``: which of those a complete run leaves (freshness judges the stalest);
+- ``probe``: reach the source without backing it up;
+- ``restore_to_folder``: a staged restore into a folder;
+- ``check_plaintext``: a deep verify of a copy's decrypted stream.
+
+Optional capabilities, each a small abstract class a kind mixes in:
+
+- ``Observable``: a cheap fingerprint of the protected system, so the UI shows when it changed
+  since its last copy;
+- ``ContinuousLog``: a log written between base copies (PostgreSQL WAL; MongoDB oplog next):
+  push, fetch, lag against the RPO, expiry bound to the base copies kept;
+- ``PointInTimeRecovery``: recover to a moment from a base copy and the log;
+- ``RestoreTargets``: restore into something other than a folder (a database, a namespace);
+- ``SemanticCheck``: prove a copy usable, not only intact (row counts, probe queries, tensor
+  digests).
+
+Kinds may contribute command-line commands (``cli_commands``); they reach the plan's stores and
+keys through ``Runtime``, which the service implements, never by importing the service.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
+
+from pyrage import x25519
+
+from spark_backup.engine.crypto import Recipients
+from spark_backup.engine.manifest import Manifest
+from spark_backup.engine.pipeline import CompressionSettings, PlaintextSource
+from spark_backup.engine.stores.base import ObjectStore
+from spark_backup.engine.streams import ProgressCallback, Readable
+from spark_backup.plan.load import resolve_relative
+from spark_backup.plan.source import SourceSettings
+
+if TYPE_CHECKING:
+    import click
+
+SettingsT = TypeVar("SettingsT", bound=SourceSettings)
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """One series of copies a source produces, with its own cadence and asset. The primary
+    artifact is ``backups/<source>``; another is ``backups/<source>_<name>``."""
+
+    name: str
+    cadence: str
+    max_age: dt.timedelta
+    primary: bool
+    description: str = ""
+
+    @property
+    def asset_suffix(self) -> str | None:
+        return None if self.primary else self.name
+
+
+@dataclass(frozen=True)
+class SourceContext:
+    """What a kind may know of the plan around one of its sources."""
+
+    plan_path: Path
+    # The source's allowed copy age: its own max_age, else the plan's default.
+    max_age: dt.timedelta
+
+    def resolve(self, path: str) -> Path:
+        """A path from the plan, relative to the plan file, with ``~`` and ``$VARS`` expanded."""
+        return resolve_relative(self.plan_path.parent, path)
+
+
+@dataclass(frozen=True)
+class CopyRef:
+    """A committed copy and the store that holds it."""
+
+    store: ObjectStore
+    manifest: Manifest
+
+
+@dataclass(frozen=True)
+class FolderRestore:
+    overwrite: bool = False
+    skip_unsafe: bool = False
+    progress: ProgressCallback | None = None
+
+
+class Runtime(Protocol):
+    """What a kind's own operations may use of the plan and its stores (the service)."""
+
+    @property
+    def plan_path(self) -> Path: ...
+
+    def source(self, name: str) -> SourceSettings: ...
+
+    def sources_of(self, kind: SourceKind) -> list[SourceSettings]: ...
+
+    def context(self, source: SourceSettings) -> SourceContext: ...
+
+    def store_for(self, source: SourceSettings) -> ObjectStore: ...
+
+    def recipients(self) -> Recipients: ...
+
+    def identities(self, identity_file: str | Path | None = None) -> list[x25519.Identity]: ...
+
+    def compression(self, source: SourceSettings) -> CompressionSettings: ...
+
+    def copies(
+        self, source_name: str | None = None, artifact: str | None = None
+    ) -> list[CopyRef]: ...
+
+    def find(self, copy_id: str) -> CopyRef: ...
+
+
+class SourceKind(ABC, Generic[SettingsT]):
+    """An artifact kind. Subclasses set the class attributes and implement every abstract
+    method; instantiating one that misses any fails at once."""
+
+    name: ClassVar[str]
+    settings: ClassVar[type[SourceSettings]]
+    # Tool names for the UI's kind tags beside "age" and the store's kind (e.g. "tar").
+    labels: ClassVar[frozenset[str]] = frozenset()
+
+    @abstractmethod
+    def artifacts(self, source: SettingsT, context: SourceContext) -> list[Artifact]:
+        """What the source produces; exactly one is primary."""
+
+    @abstractmethod
+    def artifact_of(self, manifest: Manifest) -> str:
+        """Which artifact a copy belongs to."""
+
+    def expected_parts(self, artifact: str, copies: Sequence[Manifest]) -> set[str]:
+        """The parts a complete run of ``artifact`` leaves (one stream per run: one part)."""
+        return {""}
+
+    @abstractmethod
+    def readers(
+        self, source: SettingsT, context: SourceContext, artifact: str
+    ) -> list[PlaintextSource]:
+        """One plaintext stream per copy a backup run of ``artifact`` makes."""
+
+    @abstractmethod
+    def probe(self, source: SettingsT, context: SourceContext) -> None:
+        """Reach the source as a backup would, without backing it up; raise on any problem."""
+
+    @abstractmethod
+    def restore_to_folder(
+        self,
+        copy: CopyRef,
+        identities: list[x25519.Identity],
+        target: Path,
+        options: FolderRestore,
+    ) -> dict[str, Any]:
+        """Restore into ``target`` through a staging folder, published only after the copy's
+        digests matched; return a summary (``target``, ``files``, ``bytes``, ...)."""
+
+    @abstractmethod
+    def check_plaintext(self, plain: Readable, manifest: Manifest) -> None:
+        """Deep verify: raise ``IntegrityError`` if the plaintext is not what the kind wrote."""
+
+    def asset_suffixes(self, source: SettingsT) -> tuple[str, ...]:
+        """Names of the source's assets beside ``backups/<source>``, as ``<source>_<suffix>``
+        (a plan may not name another source like one of them)."""
+        return ()
+
+    def cli_commands(self) -> Sequence[click.Command]:
+        """Commands of the kind's own (``spark-backup wal-push``, ...)."""
+        return ()
+
+
+# --- optional capabilities ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Observation:
+    """A fingerprint of a protected system's state: it changes when the system changed."""
+
+    version: str
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+
+class Observable(ABC):
+    @abstractmethod
+    def observe(self, source: Any, context: SourceContext) -> Observation:
+        """Cheap: names, sizes and times, a log position; never the data itself."""
+
+
+@dataclass
+class LogStatus:
+    """How much a loss of the source now would lose at most: the age of the newest log item
+    that is not safely in the store, against the RPO."""
+
+    source: str
+    rpo: dt.timedelta
+    now: dt.datetime
+    lag: dt.timedelta | None  # None: nothing archived yet
+    newest: str | None = None  # the newest archived item
+    details: dict[str, Any] = field(default_factory=dict)
+    # Why the source itself could not be asked (the lag was then measured from the store).
+    source_error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.lag is not None and self.lag <= self.rpo
+
+
+class ContinuousLog(ABC):
+    """A log the source writes between its base copies, archived as it is written."""
+
+    log_name: ClassVar[str]
+    # The log's asset is backups/<source>_<log_asset_suffix>; its lag check is named so.
+    log_asset_suffix: ClassVar[str]
+    lag_check_name: ClassVar[str]
+    # The RPO is minutes: the lag is looked at well within it.
+    lag_check_cron: ClassVar[str] = "*/5 * * * *"
+    # The artifact whose copies the log replays onto; expiry keeps what its oldest kept copy needs.
+    base_artifact: ClassVar[str]
+
+    @abstractmethod
+    def log_enabled(self, source: Any) -> bool: ...
+
+    @abstractmethod
+    def push(self, runtime: Runtime, source: Any, path: Path) -> str:
+        """Archive one log file; return what happened ("archived", "already archived")."""
+
+    @abstractmethod
+    def fetch(
+        self,
+        runtime: Runtime,
+        source: Any,
+        name: str,
+        destination: Path,
+        identity_file: str | Path | None = None,
+    ) -> None:
+        """Restore one archived log file to ``destination``."""
+
+    @abstractmethod
+    def lag(self, runtime: Runtime, source: Any, now: dt.datetime) -> LogStatus: ...
+
+    @abstractmethod
+    def expire(
+        self,
+        runtime: Runtime,
+        source: Any,
+        kept_bases: Sequence[Manifest],
+        now: dt.datetime,
+        dry_run: bool,
+    ) -> list[str]:
+        """Delete (or with ``dry_run`` list) the log no kept base copy needs; never anything
+        under a lock. Returns the keys."""
+
+    @abstractmethod
+    def owns_key(self, key: str) -> bool:
+        """Whether ``key`` is one of the log's objects (prune cleans up their leftovers)."""
+
+
+@dataclass(frozen=True)
+class RecoveryTarget:
+    """The moment to recover to; ``time`` None means the end of the log (after a disaster)."""
+
+    time: dt.datetime | None = None
+
+
+@dataclass(frozen=True)
+class RecoveryWindow:
+    """From when to when a source can be recovered to any moment."""
+
+    earliest: dt.datetime | None
+    latest: dt.datetime | None
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+class PointInTimeRecovery(ABC):
+    @abstractmethod
+    def recover(
+        self,
+        runtime: Runtime,
+        source: Any,
+        target: RecoveryTarget,
+        target_dir: Path,
+        *,
+        identity_file: str | Path | None = None,
+        stop_after: bool = False,
+        progress: ProgressCallback | None = None,
+    ) -> Any:
+        """Recover into something new under ``target_dir`` and verify it; production is never
+        touched. Returns the kind's report."""
+
+    @abstractmethod
+    def recovery_window(self, runtime: Runtime, source: Any) -> RecoveryWindow: ...
+
+
+@dataclass(frozen=True)
+class RestoreTarget:
+    """Somewhere a copy can be restored other than a folder, as the command line offers it."""
+
+    name: str  # "database"
+    option: str  # "--to-db"
+    metavar: str
+    help: str
+    # Boolean switches that apply to this target: name -> help.
+    flags: Mapping[str, str] = field(default_factory=dict)
+
+
+class RestoreTargets(ABC):
+    @abstractmethod
+    def restore_targets(self) -> Sequence[RestoreTarget]: ...
+
+    @abstractmethod
+    def restore_to_target(
+        self,
+        runtime: Runtime,
+        target: str,
+        copy: CopyRef,
+        value: str,
+        *,
+        identity_file: str | Path | None = None,
+        flags: Mapping[str, bool] | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class SemanticResult:
+    """Whether a restored copy is usable, with the figures that show it."""
+
+    passed: bool
+    description: str
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+class SemanticCheck(ABC):
+    """Proof that a copy is usable: restore it into scratch space, look at it as its users
+    would, and clean up."""
+
+    semantic_check_name: ClassVar[str]
+
+    @abstractmethod
+    def semantic_check(
+        self,
+        runtime: Runtime,
+        copy: CopyRef,
+        identities: list[x25519.Identity],
+        scratch: Path,
+    ) -> SemanticResult:
+        """``scratch`` is an empty folder the check may use and must leave empty."""
+
+
+# --- the command line ---------------------------------------------------------------------------
+
+
+class RuntimeHolder(ABC):
+    """What the command line puts on click's context, so a kind's command reaches the plan."""
+
+    @property
+    @abstractmethod
+    def runtime(self) -> Runtime: ...
+
+
+def current_runtime() -> Runtime:
+    """The runtime of the plan given on the command line, for a kind's own commands."""
+    import click
+
+    holder = click.get_current_context().find_object(RuntimeHolder)
+    if holder is None:
+        raise RuntimeError("a kind's command ran outside spark-backup's command line")
+    return holder.runtime

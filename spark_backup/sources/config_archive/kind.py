@@ -1,0 +1,164 @@
+"""Configuration archives: DGX, Kubernetes and VPN configuration trees as POSIX tar streams.
+
+Backup: ``reader.py`` walks the trees and GNU tar writes the archive. Restore extracts with
+``engine.safe_tar`` into a staging folder (``engine.staging``) that is published only after the
+copy's checksums were confirmed; existing files are never overwritten unless asked to.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import tarfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from pyrage import x25519
+
+from spark_backup.engine.manifest import Manifest
+from spark_backup.engine.pipeline import open_copy
+from spark_backup.engine.safe_tar import count_members, extract_tar
+from spark_backup.engine.staging import remove_tree, staged_restore
+from spark_backup.engine.streams import Readable, drain
+from spark_backup.errors import IntegrityError, UsageError
+from spark_backup.sources.base import (
+    Artifact,
+    CopyRef,
+    FolderRestore,
+    Observable,
+    Observation,
+    Runtime,
+    SemanticCheck,
+    SemanticResult,
+    SourceContext,
+    SourceKind,
+)
+from spark_backup.sources.config_archive.reader import KIND_NAME, ConfigArchiveReader
+from spark_backup.sources.config_archive.settings import ConfigArchiveSource
+
+ARCHIVE = "archive"
+
+
+class ConfigArchiveKind(SourceKind[ConfigArchiveSource], Observable, SemanticCheck):
+    name = KIND_NAME
+    settings = ConfigArchiveSource
+    labels = frozenset({"tar"})
+    semantic_check_name = "tree"
+
+    def artifacts(self, source: ConfigArchiveSource, context: SourceContext) -> list[Artifact]:
+        return [
+            Artifact(
+                ARCHIVE,
+                source.cadence,
+                context.max_age,
+                primary=True,
+                description=f"{source.cadence} tar archives of {', '.join(source.paths)}",
+            )
+        ]
+
+    def artifact_of(self, manifest: Manifest) -> str:
+        return ARCHIVE
+
+    def readers(
+        self, source: ConfigArchiveSource, context: SourceContext, artifact: str = ARCHIVE
+    ) -> list[ConfigArchiveReader]:
+        if artifact != ARCHIVE:
+            raise UsageError(f"source {source.name!r} has no artifact {artifact!r} ({ARCHIVE})")
+        return [
+            ConfigArchiveReader(
+                source.name,
+                [context.resolve(p) for p in source.paths],
+                include=source.include,
+                exclude=source.exclude,
+                one_file_system=source.one_file_system,
+            )
+        ]
+
+    def probe(self, source: ConfigArchiveSource, context: SourceContext) -> None:
+        """Walk the paths as a backup would, reading nothing but names."""
+        self.readers(source, context)[0].collect()
+
+    def restore_to_folder(
+        self,
+        copy: CopyRef,
+        identities: list[x25519.Identity],
+        target: Path,
+        options: FolderRestore,
+    ) -> dict[str, Any]:
+        # open_copy exits (checksums compared) before staged_restore publishes anything.
+        with (
+            staged_restore(target, options.overwrite) as staging,
+            open_copy(copy.store, copy.manifest, identities, options.progress) as plain,
+        ):
+            summary = extract_tar(plain, staging, options.skip_unsafe)
+        return {"target": str(Path(os.path.abspath(target))), **asdict(summary)}
+
+    def check_plaintext(self, plain: Readable, manifest: Manifest) -> None:
+        """The archive must list the files and links the backup recorded. (Not their bytes: the
+        walk sizes a file before tar reads it, and a live file may grow in between; the
+        plaintext sha256 covers the content.)"""
+        try:
+            counts = asdict(count_members(plain))
+        except tarfile.TarError as exc:
+            raise IntegrityError(f"copy {manifest.id}: not a readable tar archive: {exc}") from None
+        recorded = manifest.source_metadata
+        for name in ("files", "symlinks"):
+            if name in recorded and counts[name] != recorded[name]:
+                raise IntegrityError(
+                    f"copy {manifest.id}: archive holds {counts[name]} {name}, the manifest "
+                    f"recorded {recorded[name]}"
+                )
+
+    def observe(self, source: ConfigArchiveSource, context: SourceContext) -> Observation:
+        """A digest of every member's name, type, size, mode and mtime, as a backup would walk
+        them: it changes when anything a backup would archive changed."""
+        reader = self.readers(source, context)[0]
+        digest = hashlib.sha256()
+        for member in reader.members():
+            st = os.lstat(member)
+            digest.update(
+                f"{member}\0{stat.S_IFMT(st.st_mode)}\0{st.st_mode}\0{st.st_size}\0"
+                f"{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape")
+            )
+        stats = reader.stats
+        return Observation(
+            digest.hexdigest()[:16],
+            {"files": stats.files, "directories": stats.directories, "bytes": stats.bytes},
+        )
+
+    def semantic_check(
+        self,
+        runtime: Runtime,
+        copy: CopyRef,
+        identities: list[x25519.Identity],
+        scratch: Path,
+    ) -> SemanticResult:
+        """Restore into ``scratch`` and count what arrived against what the backup archived;
+        every regular file must read to its end."""
+        target = scratch / "tree"
+        try:
+            self.restore_to_folder(copy, identities, target, FolderRestore())
+            files = symlinks = size = 0
+            for directory, folders, names in os.walk(target):
+                for name in (*folders, *names):
+                    path = os.path.join(directory, name)
+                    st = os.lstat(path)
+                    if stat.S_ISLNK(st.st_mode):
+                        symlinks += 1
+                    elif stat.S_ISREG(st.st_mode):
+                        files += 1
+                        with open(path, "rb") as handle:
+                            size += drain(handle)
+        finally:
+            remove_tree(target)
+        recorded = copy.manifest.source_metadata
+        expected = (recorded.get("files"), recorded.get("symlinks"))
+        passed = expected == (files, symlinks)
+        return SemanticResult(
+            passed,
+            f"restored {files} files and {symlinks} links"
+            + ("" if passed else f"; the backup archived {expected[0]} and {expected[1]}"),
+            {"files": files, "symlinks": symlinks, "bytes": size},
+        )

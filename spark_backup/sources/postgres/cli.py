@@ -1,0 +1,192 @@
+"""PostgreSQL's own commands: WAL archiving for the server (``wal-push``, ``wal-fetch``), the
+archive's lag, archiving settings, and point-in-time recovery."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import click
+
+from spark_backup.console import error_line, parse_time, printable, stderr, stdout
+from spark_backup.engine.settings import format_duration
+from spark_backup.errors import IntegrityError
+from spark_backup.sources.base import current_runtime
+from spark_backup.sources.postgres import KIND, ops
+from spark_backup.sources.postgres.pitr import DEFAULT_PORT, LATEST
+from spark_backup.sources.postgres.server import conf_value
+from spark_backup.sources.postgres.wal import WalNotArchived
+
+# restore_command: PostgreSQL ends recovery on exit status 1 to 125 (the file is not there) and
+# aborts it on a status above 125, as if the command had been killed: a store that cannot be
+# reached, or a damaged file, must not pass for the end of the WAL.
+WAL_FETCH_MISSING = 1
+WAL_FETCH_ABORT = 255
+
+
+def _source(name: str | None) -> Any:
+    runtime = current_runtime()
+    return runtime, ops.postgres_source(runtime, KIND, name)
+
+
+@click.command("wal-push")
+@click.argument("path")
+@click.option("--source", help="The PostgreSQL source (default: the plan's only one).")
+def wal_push(path: str, source: str | None) -> None:
+    """Archive one WAL file: archive_command = 'spark-backup --plan PLAN wal-push %p'.
+    Pushing a file already archived with the same content succeeds; other content fails."""
+    runtime, chosen = _source(source)
+    outcome = ops.wal_push(runtime, chosen, Path(path))
+    if outcome != "archived":
+        stderr.print(f"{printable(Path(path).name)}: {outcome}", highlight=False)
+
+
+class _RestoreCommand(click.Command):
+    """A command PostgreSQL runs as restore_command: a mistake in its arguments must abort
+    recovery (exit 255) like any other failure, not pass for a missing file."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.ClickException as exc:
+            exc.exit_code = WAL_FETCH_ABORT
+            raise
+
+
+@click.command("wal-fetch", cls=_RestoreCommand)
+@click.argument("name")
+@click.argument("destination")
+@click.option("--source", help="The PostgreSQL source (default: the plan's only one).")
+@click.option("--identity", type=click.Path(dir_okay=False), help="age identity file.")
+def wal_fetch(name: str, destination: str, source: str | None, identity: str | None) -> None:
+    """Restore one WAL file: restore_command = 'spark-backup --plan PLAN wal-fetch %f %p'.
+    Exit 0 restored, 1 not in the archive (recovery ends there), 255 anything else (recovery
+    aborts rather than stopping early)."""
+    try:
+        runtime, chosen = _source(source)
+        ops.wal_fetch(runtime, chosen, name, Path(destination), identity)
+    except WalNotArchived as error:
+        stderr.print(printable(error), highlight=False, soft_wrap=True)
+        sys.exit(WAL_FETCH_MISSING)
+    except Exception as error:
+        error_line(error)
+        sys.exit(WAL_FETCH_ABORT)
+
+
+@click.command("wal-status")
+@click.argument("source", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Status as JSON.")
+def wal_status(source: str | None, as_json: bool) -> None:
+    """How far the WAL archive lags behind the server, against the RPO. Exit 3 if beyond it."""
+    runtime, chosen = _source(source)
+    status = ops.wal_archive_status(runtime, chosen)
+    row = wal_status_row(status)
+    if as_json:
+        click.echo(json.dumps(row, indent=2))
+    else:
+        lag = "none archived" if status.lag is None else f"{row['lag_seconds']:.0f} s"
+        stdout.print(
+            f"{'ok' if status.ok else 'BEHIND'}  {status.source}: archive lag {lag} "
+            f"(RPO {format_duration(status.rpo)}), newest {row['newest_segment']}"
+            + (f"; server: {printable(status.server_error)}" if status.server_error else ""),
+            highlight=False,
+        )
+    if not status.ok:
+        sys.exit(IntegrityError.exit_code)
+
+
+def wal_status_row(status: ops.WalArchiveStatus) -> dict[str, Any]:
+    server = status.server
+    return {
+        "source": status.source,
+        "ok": status.ok,
+        "lag_seconds": None if status.lag is None else status.lag.total_seconds(),
+        "rpo_seconds": status.rpo.total_seconds(),
+        "newest_segment": status.newest.name if status.newest else None,
+        "newest_archived_at": status.newest.modified.isoformat() if status.newest else None,
+        "server_segment": server.current_segment if server else None,
+        "failed_count": server.failed_count if server else None,
+        "last_failed_wal": server.last_failed_wal if server else None,
+        "server_error": status.server_error,
+    }
+
+
+@click.command("pg-setup-archiving")
+@click.argument("source", required=False)
+@click.option("--apply", is_flag=True, help="ALTER SYSTEM on the server (needs a superuser).")
+def pg_setup_archiving(source: str | None, apply: bool) -> None:
+    """Print (or apply) the server settings for continuous archiving into the plan's store."""
+    runtime, chosen = _source(source)
+    settings = ops.archiving_settings(runtime, chosen)
+    if not apply:
+        for name, value in settings.items():
+            stdout.print(f"{name} = {conf_value(value)}", highlight=False, soft_wrap=True)
+        stdout.print(
+            "# put these in postgresql.conf (or run with --apply), then restart PostgreSQL",
+            highlight=False,
+        )
+        return
+    restart = ops.apply_archiving_settings(runtime, chosen, settings)
+    stdout.print(
+        "applied with ALTER SYSTEM; "
+        + (f"restart PostgreSQL for {', '.join(restart)}" if restart else "reloaded"),
+        highlight=False,
+    )
+
+
+@click.command("pg-pitr")
+@click.argument("source", required=False)
+@click.option(
+    "--to-time",
+    "to_time",
+    required=True,
+    help="ISO 8601 time (without a zone it is UTC), or 'latest': all archived WAL.",
+)
+@click.option("--target-dir", required=True, help="A new or empty folder for the cluster.")
+@click.option("--port", default=DEFAULT_PORT, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--identity", type=click.Path(dir_okay=False), help="age identity file.")
+@click.option("--stop", "stop_after", is_flag=True, help="Stop the cluster after verifying it.")
+@click.option("--json", "as_json", is_flag=True, help="Report as JSON.")
+def pg_pitr(
+    source: str | None,
+    to_time: str,
+    target_dir: str,
+    port: int,
+    identity: str | None,
+    stop_after: bool,
+    as_json: bool,
+) -> None:
+    """Recover SOURCE to a point in time in a new cluster (base backup plus archived WAL),
+    start it on a local socket in TARGET_DIR and verify it. Production is not touched."""
+    target_time = None if to_time == LATEST else parse_time(to_time)
+    runtime, chosen = _source(source)
+    report = ops.pitr(
+        runtime,
+        KIND,
+        chosen,
+        target_time,
+        Path(target_dir),
+        port=port,
+        identity_file=identity,
+        stop_after=stop_after,
+    )
+    if as_json:
+        click.echo(json.dumps(asdict(report), indent=2))
+        return
+    tables = sum(len(d["row_counts"]) for d in report.databases.values())
+    stdout.print(
+        f"recovered {report.source} to {report.target_time} (last transaction replayed: "
+        f"{report.recovered_to or 'none after the base backup'}) from "
+        f"{report.base_copy_id} with {report.wal_files} WAL files in "
+        f"{sum(report.seconds.values()):.1f}s; {len(report.databases)} databases, {tables} "
+        f"tables readable",
+        highlight=False,
+    )
+    if not stop_after:
+        stdout.print(f"running: {report.connect_hint()}", highlight=False)
+
+
+COMMANDS = (wal_push, wal_fetch, wal_status, pg_setup_archiving, pg_pitr)

@@ -1,0 +1,379 @@
+"""PostgreSQL's own operations over a plan: WAL push and fetch, the archive's lag, archiving
+settings, restore into a database, and point-in-time recovery. They reach stores and keys
+through the ``Runtime`` (the service), shared by the command line and the Dagster layer."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import shlex
+import shutil
+import sys
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pyrage import x25519
+
+from spark_backup.engine.pipeline import open_copy, utcnow
+from spark_backup.engine.stores.base import ObjectStore
+from spark_backup.engine.streams import ProgressCallback
+from spark_backup.errors import IntegrityError, SparkBackupError, UsageError
+from spark_backup.sources.base import CopyRef, FolderRestore, Runtime, SourceKind
+from spark_backup.sources.postgres import dump as pg_dump_restore
+from spark_backup.sources.postgres import pitr as recovery
+from spark_backup.sources.postgres.basebackup import BASE_PART
+from spark_backup.sources.postgres.server import (
+    PostgresServer,
+    ServerArchiveState,
+    server_archive_state,
+)
+from spark_backup.sources.postgres.server import apply_settings as pg_apply_settings
+from spark_backup.sources.postgres.settings import PostgresSource
+from spark_backup.sources.postgres.wal import (
+    ArchivedWal,
+    archived_wal,
+    expendable_wal,
+    fetch_wal,
+    newest_segment,
+    push_wal,
+)
+from spark_backup.sources.postgres.walname import WalSegment, lsn_value
+
+WAL_FETCH_WORKERS = 4
+BASE = "base"
+
+
+def postgres_source(runtime: Runtime, kind: SourceKind, name: str | None = None) -> PostgresSource:
+    """The named PostgreSQL source, or the plan's only one when no name is given."""
+    if name is not None:
+        source = runtime.source(name)
+        if not isinstance(source, PostgresSource):
+            raise UsageError(f"source {name!r} is a {source.kind} source, not {kind.name}")
+        return source
+    found = runtime.sources_of(kind)
+    if len(found) != 1:
+        names = ", ".join(s.name for s in found) or "none"
+        raise UsageError(f"name the PostgreSQL source (the plan has: {names})")
+    source = found[0]
+    assert isinstance(source, PostgresSource)
+    return source
+
+
+def server_of(runtime: Runtime, source: PostgresSource) -> PostgresServer:
+    return PostgresServer.from_source(source, runtime.context(source))
+
+
+# --- WAL archive ------------------------------------------------------------------------------
+
+
+def wal_push(runtime: Runtime, source: PostgresSource, path: Path) -> str:
+    store = runtime.store_for(source)
+    lock = store.default_lock.lock_from(utcnow()) if store.default_lock else None
+    return push_wal(
+        store, source.name, path, runtime.recipients(), runtime.compression(source), lock
+    )
+
+
+def wal_fetch(
+    runtime: Runtime,
+    source: PostgresSource,
+    name: str,
+    destination: Path,
+    identity_file: str | Path | None = None,
+) -> None:
+    fetch_wal(
+        runtime.store_for(source), source.name, name, destination, runtime.identities(identity_file)
+    )
+
+
+@dataclass
+class WalArchiveStatus:
+    """The WAL archive's lag: how much committed work a loss of the server now would lose at
+    most. Zero when everything the server has written is archived; otherwise the age of the
+    newest archived segment (everything since may be lost)."""
+
+    source: str
+    rpo: dt.timedelta
+    now: dt.datetime
+    newest: ArchivedWal | None
+    server: ServerArchiveState | None = None
+    server_error: str | None = None
+
+    @property
+    def lag(self) -> dt.timedelta | None:
+        if self.newest is None:
+            return None
+        age = max(self.now - self.newest.modified, dt.timedelta(0))
+        server = self.server
+        if server is None:
+            return age
+        if server.current_segment_archived(self.newest.name):
+            return dt.timedelta(0)
+        timeout = dt.timedelta(seconds=server.archive_timeout_seconds)
+        if server.completed_segments_archived(self.newest.name) and (
+            dt.timedelta(0) < timeout <= self.rpo
+        ):
+            # Only the open segment is missing, and the server closes it within archive_timeout
+            # once it holds anything that matters; an idle server (which writes only records
+            # that never force a switch) must not look as if it fell behind.
+            return min(age, timeout)
+        return age
+
+    @property
+    def ok(self) -> bool:
+        return self.lag is not None and self.lag <= self.rpo
+
+
+def wal_archive_status(
+    runtime: Runtime, source: PostgresSource, now: dt.datetime | None = None
+) -> WalArchiveStatus:
+    """How far the WAL archive lags behind the server, against the source's RPO."""
+    if not source.wal_archiving:
+        raise UsageError(f"source {source.name!r} does not archive WAL (wal_archiving: false)")
+    entries = archived_wal(runtime.store_for(source), source.name)
+    status = WalArchiveStatus(
+        source=source.name, rpo=source.rpo, now=now or utcnow(), newest=newest_segment(entries)
+    )
+    try:
+        status.server = server_archive_state(server_of(runtime, source))
+    except SparkBackupError as exc:
+        status.server_error = str(exc)
+    return status
+
+
+def expire_wal(
+    runtime: Runtime,
+    source: PostgresSource,
+    kept_bases: Sequence[Any],
+    now: dt.datetime,
+    dry_run: bool,
+) -> list[str]:
+    """WAL older than the oldest base backup that stays can serve no recovery; without a base
+    backup, all WAL stays. Nothing under a lock is touched."""
+    bases = [m for m in kept_bases if m.part == BASE_PART]
+    if not bases:
+        return []
+    oldest = min(bases, key=lambda m: lsn_value(m.source_metadata["start_lsn"]))
+    meta = oldest.source_metadata
+    start = WalSegment.from_lsn(meta["start_lsn"], meta["timeline"], meta["wal_segment_size"])
+    store = runtime.store_for(source)
+    expired = []
+    for entry in expendable_wal(archived_wal(store, source.name), start.name):
+        if store.locked(entry.key, now):
+            continue
+        expired.append(entry.key)
+        if not dry_run:
+            store.delete(entry.key)
+    return expired
+
+
+def archiving_settings(runtime: Runtime, source: PostgresSource) -> dict[str, str]:
+    """The server settings for continuous archiving into this plan's store (docs/runbooks/
+    postgres.md explains each)."""
+    runtime.store_for(source).check()  # reachable, and a local store's folder exists for wal-push
+    command = shutil.which("spark-backup") or str(Path(sys.executable).with_name("spark-backup"))
+    return {
+        "wal_level": "replica",
+        "archive_mode": "on",
+        # A partly filled segment is archived after at most this long: the RPO floor.
+        "archive_timeout": "60s",
+        "archive_command": (
+            f"{shlex.quote(command)} --plan {shlex.quote(str(runtime.plan_path))} "
+            f"wal-push --source {source.name} %p"
+        ),
+        "max_wal_senders": "10",
+    }
+
+
+def apply_archiving_settings(
+    runtime: Runtime, source: PostgresSource, settings: dict[str, str]
+) -> list[str]:
+    """ALTER SYSTEM each setting and reload; return those that need a restart."""
+    return pg_apply_settings(server_of(runtime, source), settings)
+
+
+# --- restore into a database --------------------------------------------------------------------
+
+
+def restore_to_database(
+    runtime: Runtime,
+    copy: CopyRef,
+    database: str,
+    *,
+    identity_file: str | Path | None = None,
+    force: bool = False,
+    no_owner: bool = False,
+    progress: ProgressCallback | None = None,
+) -> dict[str, Any]:
+    """Restore a database dump into ``database`` on the source's server and check every
+    table's row count against the dump's. The dump goes into a new staging database that
+    takes the name only once the copy's checksums and the counts matched (with ``force``,
+    replacing the database of that name); a failed restore drops the staging database."""
+    source = runtime.source(copy.manifest.source)
+    assert isinstance(source, PostgresSource)
+    server = server_of(runtime, source)
+    identities = runtime.identities(identity_file)
+    exists = pg_dump_restore.check_target_database(server, copy.manifest, database, force)
+    started = utcnow()
+    staging = pg_dump_restore.staging_database_name(database)
+    pg_dump_restore.create_database(server, staging, like=copy.manifest)
+    try:
+        with open_copy(copy.store, copy.manifest, identities, progress) as plain:
+            pg_dump_restore.pg_restore_into(server, plain, staging, no_owner=no_owner)
+        counts = pg_dump_restore.check_row_counts(server, copy.manifest, staging, database)
+        pg_dump_restore.publish_database(server, staging, database, replace=exists)
+    except BaseException:
+        pg_dump_restore.drop_database(server, staging)
+        raise
+    return {
+        "copy_id": copy.manifest.id,
+        "source": source.name,
+        "database": database,
+        "tables": len(counts),
+        "rows": sum(counts.values()),
+        "seconds": round((utcnow() - started).total_seconds(), 3),
+    }
+
+
+# --- point-in-time recovery ---------------------------------------------------------------------
+
+
+def pitr(
+    runtime: Runtime,
+    kind: SourceKind,
+    source: PostgresSource,
+    target_time: dt.datetime | None,
+    target_dir: Path,
+    *,
+    port: int = recovery.DEFAULT_PORT,
+    identity_file: str | Path | None = None,
+    stop_after: bool = False,
+    progress: ProgressCallback | None = None,
+) -> recovery.PitrReport:
+    """Recover the source to ``target_time`` (None: to the end of the archived WAL, for a
+    disaster) in a new cluster under ``target_dir``, start it and verify it. The production
+    cluster is not touched."""
+    store = runtime.store_for(source)
+    target_dir = Path(os.path.abspath(target_dir))
+    if target_time is not None and target_time > utcnow():
+        raise UsageError(
+            f"--to-time {target_time.isoformat()} is in the future; use 'latest' to recover "
+            "all archived WAL"
+        )
+    base = recovery.choose_base(
+        [r.manifest for r in runtime.copies(source.name, BASE)], target_time, source.name
+    )
+    identities = runtime.identities(identity_file)
+    os_user = recovery.default_os_user()
+    recovery.prepare_target(target_dir, os_user)
+    user = server_of(runtime, source).user or "postgres"
+    report = recovery.PitrReport(
+        source.name,
+        user,
+        base.id,
+        target_time.isoformat() if target_time else recovery.LATEST,
+        str(target_dir),
+        port,
+    )
+    major = int(str(base.source_metadata["server_version"]).split(".")[0])
+    bin_dir = runtime.context(source).resolve(source.bin_dir) if source.bin_dir else None
+    pg_ctl = recovery.server_binary("pg_ctl", major, bin_dir)
+    started = False
+    try:
+        recovery.timed(
+            report,
+            "restore_base_backup",
+            lambda: kind.restore_to_folder(
+                CopyRef(store, base),
+                identities,
+                target_dir / recovery.DATA_FOLDER,
+                FolderRestore(progress=progress),
+            ),
+        )
+        wanted, gap = recovery.wal_to_fetch(base, archived_wal(store, source.name))
+        wal_folder = target_dir / recovery.WAL_CACHE_FOLDER
+        wal_folder.mkdir()
+        recovery.configure_recovery(target_dir, target_time, port, os_user)
+        batches = recovery.wal_batches(wanted, target_time)
+        for number, batch in enumerate(batches, start=1):
+            recovery.timed(
+                report,
+                "fetch_wal",
+                lambda batch=batch: _fetch_wal_files(
+                    store, source.name, batch, wal_folder, identities
+                ),
+            )
+            recovery.hand_over(wal_folder, os_user)  # the rest was handed over before
+            report.wal_files += len(batch)
+            started = True
+            try:
+                recovery.timed(
+                    report,
+                    "recovery",
+                    lambda: recovery.start_and_wait(
+                        pg_ctl, target_dir, port, os_user, recovery.START_TIMEOUT_SECONDS, user
+                    ),
+                )
+                break
+            except recovery.RecoveryEndedEarly as exc:
+                if number < len(batches):
+                    continue  # the archive has more: fetch it, and recovery resumes
+                points = recovery.recovery_points(target_dir / recovery.LOG_FILE)
+                reached = points["last_transaction"] or points["redo_done_lsn"] or "unknown"
+                missing = f"segment {gap} is missing" if gap else "it ends"
+                raise IntegrityError(
+                    f"recovery of {source.name!r} cannot reach {report.target_time}: the "
+                    f"WAL archive has no more WAL ({missing}); the last reachable point is "
+                    f"{reached}. Choose --to-time at or before it. ({exc})"
+                ) from None
+        points = recovery.recovery_points(target_dir / recovery.LOG_FILE)
+        report.stopped = points["stopped"]
+        report.last_transaction = points["last_transaction"]
+        report.recovered_to = points["last_transaction"]
+        if target_time is None:
+            # "latest" must mean all of the archive: a gap, or WAL that was fetched but not
+            # replayed, is an early stop nobody chose.
+            recovery.check_replayed_all(
+                points, wanted, gap, source.name, base.source_metadata["wal_segment_size"]
+            )
+        report.databases = recovery.timed(
+            report, "verify", lambda: recovery.verify_cluster(target_dir, port, base, user)
+        )
+        report.ok = True
+    except SparkBackupError as exc:
+        report.error = str(exc)
+        raise
+    finally:
+        if started and (stop_after or not report.ok):
+            recovery.stop(pg_ctl, target_dir, os_user)
+        recovery.remove_wal_cache(target_dir)
+        recovery.write_report(target_dir, report)
+    return report
+
+
+def _fetch_wal_files(
+    store: ObjectStore,
+    source: str,
+    entries: list[ArchivedWal],
+    folder: Path,
+    identities: list[x25519.Identity],
+) -> None:
+    # Each file is decrypted in its own worker process: a few at a time keep the cores
+    # busy (a day of WAL at 60 s archive_timeout is over 1,400 files).
+    with ThreadPoolExecutor(max_workers=WAL_FETCH_WORKERS) as pool:
+        futures = [
+            pool.submit(
+                fetch_wal, store, source, entry.name, folder / entry.name, identities, entry
+            )
+            for entry in entries
+        ]
+        try:
+            for future in futures:
+                future.result()
+        except BaseException:
+            for future in futures:
+                future.cancel()  # an error or Ctrl-C: do not wait for the queued files
+            raise

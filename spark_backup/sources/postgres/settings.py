@@ -1,0 +1,109 @@
+"""The plan model of a ``postgres`` source."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from spark_backup.engine.settings import Duration, EnvName, SettingsModel
+from spark_backup.plan.source import CadenceName, SourceSettings
+
+
+class PostgresBaseBackup(SettingsModel):
+    """Physical base backups (``pg_basebackup``): the starting point of point-in-time recovery."""
+
+    enabled: bool = True
+    cadence: CadenceName = "daily"
+    # fetch: the WAL needed to make the backup consistent travels inside it (self-contained);
+    # none: it comes from the WAL archive at restore time.
+    wal_method: Literal["fetch", "none"] = "fetch"
+    checkpoint: Literal["fast", "spread"] = "fast"
+    max_age: Duration | None = None
+    # Exact row counts of every table, taken while the backup runs, for the recovery report.
+    # They read every table once more: switch off for clusters too large for that.
+    count_rows: bool = True
+
+
+class PostgresSource(SourceSettings):
+    """A PostgreSQL cluster: logical dumps per database and globals, physical base backups and
+    continuous WAL archiving for point-in-time recovery."""
+
+    kind: Literal["postgres"]
+    # libpq connection string or URI, without a password; or host/port/user below.
+    dsn: str | None = None
+    host: str | None = None
+    port: int = Field(5432, ge=1, le=65535)
+    user: str | None = None
+    # The database connected to for listing databases and server facts.
+    maintenance_db: str = "postgres"
+    password_env: EnvName | None = None
+    passfile: str | None = None
+    databases: list[str] | Literal["all"] = "all"
+    exclude_databases: list[str] = Field(default_factory=list)
+    # Where pg_dump, pg_basebackup, pg_restore, pg_ctl live; default: the server's major version
+    # under /usr/lib/postgresql, else PATH.
+    bin_dir: str | None = None
+    rpo: Duration = dt.timedelta(minutes=15)
+    base_backup: PostgresBaseBackup = PostgresBaseBackup()
+    wal_archiving: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_inline_password(cls, data: Any) -> Any:
+        if isinstance(data, Mapping):
+            if "password" in data:
+                raise ValueError(
+                    "inline password is not allowed; name the environment variable that holds "
+                    "it with 'password_env' (or use 'passfile')"
+                )
+            dsn = data.get("dsn")
+            if isinstance(dsn, str) and (secret := _dsn_secret(dsn)):
+                raise ValueError(
+                    f"dsn must not contain a {secret}; name the environment variable that holds "
+                    "a password with 'password_env' (or use 'passfile'), and keep key passwords "
+                    "out of the plan"
+                )
+        return data
+
+    @field_validator("databases", mode="before")
+    @classmethod
+    def _database_names(cls, value: Any) -> Any:
+        if value != "all" and (
+            not isinstance(value, list)
+            or not value
+            or not all(isinstance(name, str) and name for name in value)
+        ):
+            raise ValueError("expected 'all' or a non-empty list of database names")
+        return value
+
+    @model_validator(mode="after")
+    def _dsn_or_host(self) -> PostgresSource:
+        if self.dsn and ({"host", "port", "user"} & self.model_fields_set):
+            raise ValueError("set either dsn or host/port/user, not both")
+        if self.password_env and self.passfile:
+            raise ValueError("set password_env or passfile, not both")
+        if self.base_backup.wal_method == "none" and not self.wal_archiving:
+            raise ValueError(
+                "base_backup.wal_method none needs wal_archiving: such a base backup is "
+                "consistent only with the archived WAL"
+            )
+        if self.wal_archiving and not self.base_backup.enabled:
+            raise ValueError(
+                "wal_archiving needs base_backup.enabled: WAL replays only onto a base backup"
+            )
+        return self
+
+
+def _dsn_secret(dsn: str) -> str | None:
+    """The secret a libpq connection string holds, if any (never echoed)."""
+    from psycopg2 import ProgrammingError
+    from psycopg2.extensions import parse_dsn
+
+    try:
+        params = parse_dsn(dsn)
+    except ProgrammingError:
+        raise ValueError("dsn is not a libpq connection string or URI") from None
+    return next((name for name in ("password", "sslpassword") if name in params), None)

@@ -1,0 +1,67 @@
+"""The registry of artifact kinds: the one place the rest of spark-backup asks about kinds.
+
+Kinds register through the ``spark_backup.kinds`` entry-point group (``pyproject.toml``), so a
+kind shipped in another package plugs in without a change here, and no module outside a kind's
+own package names it. ``register`` adds one at run time (tests, plugins under development).
+Kinds load on first use: importing the registry imports no kind.
+"""
+
+from __future__ import annotations
+
+from importlib import metadata
+
+from spark_backup.errors import NotFoundError, PlanError
+from spark_backup.sources.base import SourceKind
+
+ENTRY_POINT_GROUP = "spark_backup.kinds"
+
+_kinds: dict[str, SourceKind] | None = None
+# Bumped on every change, so that models built from the registry know when to rebuild.
+_version = 0
+
+
+def _loaded() -> dict[str, SourceKind]:
+    global _kinds
+    if _kinds is None:
+        found: dict[str, SourceKind] = {}
+        for entry in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+            kind = entry.load()
+            if not isinstance(kind, SourceKind) or kind.name != entry.name:
+                raise PlanError(
+                    f"entry point {entry.name} = {entry.value} ({ENTRY_POINT_GROUP}) is not the "
+                    f"SourceKind named {entry.name!r}"
+                )
+            found[kind.name] = kind
+        _kinds = found
+    return _kinds
+
+
+def kinds() -> dict[str, SourceKind]:
+    """Every registered kind by name."""
+    return dict(_loaded())
+
+
+def kind(name: str) -> SourceKind:
+    try:
+        return _loaded()[name]
+    except KeyError:
+        raise NotFoundError(
+            f"unknown source kind {name!r} (this version knows: {', '.join(_loaded())})"
+        ) from None
+
+
+def register(new: SourceKind) -> None:
+    """Add a kind (or replace one of the same name)."""
+    global _version
+    _loaded()[new.name] = new
+    _version += 1
+
+
+def unregister(name: str) -> None:
+    global _version
+    _loaded().pop(name, None)
+    _version += 1
+
+
+def version() -> int:
+    return _version
