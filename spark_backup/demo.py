@@ -23,16 +23,13 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from spark_backup.engine.cadence import DEFAULT_PARTITIONS_START, partition_key_for
+from spark_backup.engine.cadence import DEFAULT_PARTITIONS_START
 from spark_backup.engine.crypto import generate_identity
 from spark_backup.engine.pipeline import utcnow
 from spark_backup.errors import IntegrityError
 from spark_backup.globs import matches_any
 from spark_backup.plan import PLAN_ENV, load_plan
 from spark_backup.service import BackupService
-
-# The runs' event logs are in the instance (and the UI); the console gets warnings only.
-QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 
 # path relative to the estate -> (mode, content); a content starting with '->' is a symlink.
 ESTATE: dict[str, tuple[int, str]] = {
@@ -170,52 +167,17 @@ def prepare_dagster_home(paths: DemoPaths) -> Path:
 
 
 def run_demo(home: Path, console: Console) -> None:
-    from dagster import DagsterInstance
-
-    from spark_backup.defs.build import build_definitions
-    from spark_backup.defs.instance import ensure_source_pools
-    from spark_backup.defs.schedules import FRESHNESS_JOB, OBSERVE_JOB, backup_job_name
+    from spark_backup.defs.in_process import run_plan_once  # Dagster loads only for the demo
 
     paths = prepare_demo(home)
     dagster_home = prepare_dagster_home(paths)
     os.environ[PLAN_ENV] = str(paths.plan)
     loaded = load_plan(paths.plan)
     service = BackupService(loaded)
-    defs = build_definitions(loaded)
     console.print(
         f"estate: {paths.estate}\nplan:   {paths.plan}\nstore:  {service.all_stores()[0].uri}"
     )
-
-    failures: list[str] = []
-    with DagsterInstance.get() as instance:
-        ensure_source_pools(instance, loaded.plan)
-        observed = defs.resolve_job_def(OBSERVE_JOB).execute_in_process(
-            instance=instance, raise_on_error=False, run_config=QUIET
-        )
-        if not observed.success:
-            failures.append(f"job {OBSERVE_JOB} failed (see the run in the UI)")
-        for cadence in sorted({s.cadence for s in loaded.plan.sources}):
-            partition = partition_key_for(cadence, utcnow())
-            job = defs.resolve_job_def(backup_job_name(cadence))
-            console.print(f"running Dagster job {job.name} for partition {partition} ...")
-            result = job.execute_in_process(
-                instance=instance, partition_key=partition, raise_on_error=False, run_config=QUIET
-            )
-            if not result.success:
-                failures.append(f"job {job.name} failed (see the run in the UI)")
-            failures += [
-                f"check {e.asset_check_key.name} on {e.asset_key.to_user_string()} failed"
-                for e in result.get_asset_check_evaluations()
-                if not e.passed
-            ]
-        freshness = defs.resolve_job_def(FRESHNESS_JOB).execute_in_process(
-            instance=instance, raise_on_error=False, run_config=QUIET
-        )
-        failures += [
-            f"freshness of {e.asset_key.to_user_string()}: {e.description}"
-            for e in freshness.get_asset_check_evaluations()
-            if not e.passed
-        ]
+    failures = run_plan_once(loaded, console.print)
 
     identities = service.identities()
     table = Table(title="spark-backup demo")

@@ -260,3 +260,76 @@ def test_one_failing_source_does_not_stop_the_others(tmp_path: Path, age_key, es
     assert result.returncode == 6
     assert "source 'vpn_config': path" in result.stderr
     assert [m["source"] for m in json.loads(result.stdout)] == ["dgx_config"]
+
+
+def test_a_truncated_manifest_fails_only_its_own_copy(tmp_path: Path, age_key) -> None:
+    """One damaged manifest must not stop list, verify or prune for anything else: it is named
+    (exit 3), and every other copy of every source lists, verifies and prunes."""
+    estate = tmp_path / "estate"
+    (estate / "a").mkdir(parents=True)
+    (estate / "a" / "file").write_text("a\n")
+    sources = [
+        config_source(
+            "alpha", [str(estate / "a")], retention={"daily": 1, "weekly": 0, "monthly": 0}
+        ),
+        config_source(
+            "beta", [str(estate / "a")], retention={"daily": 1, "weekly": 0, "monthly": 0}
+        ),
+    ]
+    plan = str(write_plan(tmp_path, plan_dict([age_key[1]], sources)))
+    made = {}
+    for name in ("alpha", "alpha", "beta", "beta"):
+        made.setdefault(name, []).append(
+            json.loads(run_cli("--plan", plan, "backup", name, "--json", check=True).stdout)[0]
+        )
+    damaged = made["alpha"][0]["id"]
+    manifest = tmp_path / "store" / "alpha" / "manifests" / f"{damaged}.json"
+    manifest.write_bytes(manifest.read_bytes()[:40])
+
+    for args in (("list",), ("list", "alpha")):
+        listed = run_cli("--plan", plan, *args, "--json")
+        assert listed.returncode == 3, listed.stderr
+        rows = json.loads(listed.stdout)
+        assert {r["id"] for r in rows if "damaged" not in r} >= {made["alpha"][1]["id"]}
+        assert [r["id"] for r in rows if "damaged" in r] == [damaged]
+        assert "not valid JSON" in next(r for r in rows if "damaged" in r)["damaged"]
+    everything = json.loads(run_cli("--plan", plan, "list", "--json").stdout)
+    assert len([r for r in everything if "damaged" not in r]) == 3
+
+    verified = run_cli("--plan", plan, "verify", "alpha", "--json")
+    assert verified.returncode == 3
+    outcomes = {o["copy_id"]: o["ok"] for o in json.loads(verified.stdout)}
+    assert outcomes == {damaged: False, made["alpha"][1]["id"]: True}
+    assert run_cli("--plan", plan, "verify", "beta").returncode == 0
+
+    pruned = run_cli("--plan", plan, "prune", "--apply", "--json")
+    assert pruned.returncode == 3  # done, but something needs a look
+    report = json.loads(pruned.stdout)
+    assert report["expired"] == [made["beta"][0]["id"]]  # retention went on for the others
+    assert len(report["damaged"]) == 1 and damaged in report["damaged"][0]
+    assert manifest.exists()  # a copy whose manifest cannot be read is never deleted
+    assert (tmp_path / "store" / "alpha" / "data" / f"{damaged}.tar.zst.age").exists()
+
+
+def test_restore_with_a_wrong_key_leaves_no_folder(local_plan: Path, tmp_path: Path) -> None:
+    plan = str(local_plan)
+    (manifest,) = json.loads(
+        run_cli("--plan", plan, "backup", "dgx_config", "--json", check=True).stdout
+    )
+    other, _public = make_key(tmp_path / "other")
+    target = tmp_path / "restore" / "here"
+    result = run_cli(
+        "--plan", plan, "restore", manifest["id"], "--to", str(target), "--identity", str(other)
+    )
+    assert result.returncode == 8, result.stderr
+    assert "none of the given age identities opens it" in result.stderr
+    assert not (tmp_path / "restore").exists()
+
+
+def test_verify_says_which_checks_ran(local_plan: Path, age_key) -> None:
+    plan = str(local_plan)
+    run_cli("--plan", plan, "backup", "dgx_config", check=True)
+    plain = run_cli("--plan", plan, "verify", check=True).stdout
+    deep = run_cli("--plan", plan, "verify", "--identity", str(age_key[0]), check=True).stdout
+    assert "plain verify: stored sha256 and size" in plain
+    assert "deep verify:" in deep and "plaintext sha256 and size" in deep and "age" in deep

@@ -88,7 +88,9 @@ def dagster_dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DagsterDev
     env = {**os.environ, "DAGSTER_HOME": str(dagster_home), "SPARK_BACKUP_PLAN": str(paths.plan)}
     # As an operator deploys it: instance config and pools first, then the services.
     run_cli("dagster-init", cwd=ROOT, env=env, check=True)
-    assert (dagster_home / "dagster.yaml").read_text() == (ROOT / "spark_backup" / "defs" / "dagster.yaml").read_text()
+    assert (dagster_home / "dagster.yaml").read_text() == (
+        ROOT / "spark_backup" / "defs" / "dagster.yaml"
+    ).read_text()
     port = free_port()
     log = open(home / "dagster_dev.log", "wb")  # noqa: SIM115 - closed after the process
     process = subprocess.Popen(

@@ -239,3 +239,31 @@ def test_example_plan_in_docs_is_valid(tmp_path: Path) -> None:
     data = yaml.safe_load(text)
     data["encryption"] = {"recipients": [RECIPIENT]}
     load_plan(write_plan(tmp_path, data))
+
+
+def test_every_error_is_shown_unknown_fields_first_with_a_hint(tmp_path: Path) -> None:
+    """A misspelled key shows as what it is, with the field it was meant to be, before the
+    "field required" it causes; every other error follows in the same line."""
+    plan = _plan()
+    source = plan["sources"][0]
+    source["cadance"] = source.pop("cadence")
+    source["exclude"] = ["[z-a]*"]
+    plan["stores"][0]["pth"] = "store"
+    with pytest.raises(PlanError) as raised:
+        load_plan(write_plan(tmp_path, plan))
+    message = str(raised.value)
+    assert "\n" not in message
+    unknown = "sources[0].cadance: unknown field (did you mean 'cadence'?)"
+    assert unknown in message and "stores[0].pth: unknown field (did you mean 'path'?)" in message
+    assert message.index(unknown) < message.index("sources[0].cadence: field required")
+    assert "sources[0].exclude: invalid glob '[z-a]*'" in message
+    assert "(and " not in message
+
+
+def test_a_misspelled_kind_gets_a_hint(tmp_path: Path) -> None:
+    plan = _plan()
+    plan["sources"][0]["kind"] = "config_archiv"
+    with pytest.raises(
+        PlanError, match=r"unknown kind 'config_archiv' .*did you mean 'config_archive'"
+    ):
+        load_plan(write_plan(tmp_path, plan))

@@ -24,11 +24,15 @@ def staged_restore(target: Path, overwrite: bool = False) -> Iterator[Path]:
     if target.exists() and not target.is_dir():
         raise RestoreRefused(f"restore target {target} exists and is not a directory")
     staging = target / f"{STAGING_PREFIX}{secrets.token_hex(4)}"
+    # Folders this restore creates: a failed restore removes them again, so that a wrong key or
+    # a damaged copy leaves nothing behind, not even an empty target.
+    created = [p for p in (target, *target.parents) if not os.path.lexists(p)]
     try:
         target.mkdir(parents=True, exist_ok=True)
         staging.mkdir(mode=0o700)
     except OSError as exc:
         raise RestoreRefused(f"cannot create restore target {target}: {exc.strerror}") from None
+    published = False
     try:
         yield staging
         collisions = _collisions(staging, target)
@@ -45,8 +49,15 @@ def staged_restore(target: Path, overwrite: bool = False) -> Iterator[Path]:
             raise RestoreRefused(
                 f"publishing into {target} failed at {exc.filename}: {exc.strerror}"
             ) from None
+        published = True
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if not published:
+            for folder in created:  # innermost first; stops at the first that is not empty
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
 
 
 def _is_real_dir(path: Path) -> bool:

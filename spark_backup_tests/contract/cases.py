@@ -1,0 +1,85 @@
+"""One case per kind for the kind contract suite: a plan with one source of the kind, backed by
+the real thing (a configuration tree, a database on the machine's PostgreSQL server, a file).
+A kind registered without a case here fails the suite: a new kind cannot skip it."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import closing, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg2
+
+from spark_backup_tests.helpers import config_source, make_estate, plan_dict, write_plan
+
+PG = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
+
+
+@dataclass
+class KindCase:
+    plan: Path
+    source: str
+
+
+def _sql(statement: str, dbname: str = "postgres") -> None:
+    with closing(psycopg2.connect(dbname=dbname, connect_timeout=5, **PG)) as conn:
+        conn.autocommit = True
+        with conn.cursor() as cursor:
+            cursor.execute(statement)
+
+
+def _plan(tmp_path: Path, public_key: str, source: dict[str, Any]) -> Path:
+    # One daily copy kept: a second copy of the same day expires the first.
+    retention = {"daily": 1, "weekly": 0, "monthly": 0}
+    return write_plan(tmp_path, plan_dict([public_key], [{**source, "retention": retention}]))
+
+
+@contextmanager
+def config_archive_case(tmp_path: Path, public_key: str) -> Iterator[KindCase]:
+    estate = make_estate(tmp_path / "estate")
+    yield KindCase(_plan(tmp_path, public_key, config_source("trees", [str(estate)])), "trees")
+
+
+@contextmanager
+def postgres_case(tmp_path: Path, public_key: str) -> Iterator[KindCase]:
+    database = f"sbcontract_{uuid.uuid4().hex[:10]}"
+    _sql(f"CREATE DATABASE {database}")
+    try:
+        _sql(
+            "CREATE TABLE items (id int PRIMARY KEY, name text); "
+            "INSERT INTO items SELECT g, 'item ' || g FROM generate_series(1, 250) g",
+            database,
+        )
+        source = {
+            "name": "pg",
+            "kind": "postgres",
+            "cadence": "daily",
+            "owner": "team:dba",
+            "databases": [database],
+            "base_backup": {"enabled": False},
+            "wal_archiving": False,
+            **PG,
+        }
+        yield KindCase(_plan(tmp_path, public_key, source), "pg")
+    finally:
+        _sql(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
+
+
+@contextmanager
+def toy_case(tmp_path: Path, public_key: str) -> Iterator[KindCase]:
+    from spark_backup_tests.contract.toy_kind import MAGIC
+
+    blob = tmp_path / "model.bin"
+    blob.write_bytes(MAGIC + bytes(range(256)) * 64)
+    source = {"name": "blob", "kind": "toy_blob", "cadence": "daily", "owner": "team:ml"}
+    yield KindCase(_plan(tmp_path, public_key, {**source, "path": str(blob)}), "blob")
+
+
+CASES: dict[str, Callable[[Path, str], Any]] = {
+    "config_archive": config_archive_case,
+    "postgres": postgres_case,
+    "toy_blob": toy_case,
+}
