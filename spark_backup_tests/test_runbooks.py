@@ -67,3 +67,22 @@ def test_plan_reference_example_is_valid(tmp_path: Path) -> None:
     loaded = load_plan(write_plan(tmp_path, yaml.safe_load(example)))
     assert [s.name for s in loaded.plan.sources] == ["dgx_config"]
     assert loaded.plan.store_for(loaded.plan.sources[0]).name == "offsite"
+
+
+def test_exit_code_table_matches_the_code() -> None:
+    """Every exit code the runbook lists is one the code uses, with the error class behind it,
+    and every error class's code is listed."""
+    import inspect
+
+    from spark_backup import errors
+    from spark_backup.cli.app import INTERRUPTED
+
+    text = (DOCS / "runbooks" / "config_archive.md").read_text()
+    table = text.split("### Exit codes", 1)[1].split("\n## ", 1)[0]
+    documented = {int(code) for code in re.findall(r"^\| (\d+) \|", table, flags=re.MULTILINE)}
+    used = {
+        cls.exit_code
+        for _name, cls in inspect.getmembers(errors, inspect.isclass)
+        if issubclass(cls, errors.SparkBackupError)
+    }
+    assert documented == used | {0, INTERRUPTED}

@@ -352,11 +352,6 @@ class PostgresKind(
     ) -> dict[str, Any]:
         if target != DATABASE_TARGET:
             raise UsageError(f"a {self.name} copy cannot be restored into a {target}")
-        if not copy.manifest.part.startswith(DATABASE_PART_PREFIX):
-            raise RestoreRefused(
-                f"copy {copy.manifest.id} ({copy.manifest.part or 'base'}) is not a database dump; "
-                "only database dumps restore into a database (restore it with --to DIR)"
-            )
         flags = flags or {}
         return ops.restore_to_database(
             runtime,
