@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,17 +18,21 @@ from pathlib import Path
 
 import pytest
 
+from spark_backup.defs.schedules import OBSERVE_JOB
 from spark_backup.engine.cadence import partition_key_for
 from spark_backup.engine.pipeline import utcnow
+from spark_backup_tests import browser
 from spark_backup_tests.helpers import free_port, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 DONE = ("SUCCESS", "FAILURE", "CANCELED")
+SOURCES = ("dgx_config", "k8s_config", "vpn_config")  # the demo plan's
 
 
 class DagsterDev:
     def __init__(self, port: int):
-        self.url = f"http://127.0.0.1:{port}/graphql"
+        self.base = f"http://127.0.0.1:{port}"
+        self.url = f"{self.base}/graphql"
 
     def query(self, text: str, variables: dict | None = None) -> dict:
         request = urllib.request.Request(
@@ -60,6 +66,21 @@ class DagsterDev:
                     },
                 }
             },
+        )["launchPipelineExecution"]
+        assert data["__typename"] == "LaunchRunSuccess", data
+        return data["run"]["runId"]
+
+    def launch_job(self, job: str) -> str:
+        """Launch a job of the code location, as the UI's Launchpad does."""
+        selector = {
+            "repositoryLocationName": "spark_backup",
+            "repositoryName": "__repository__",
+            "pipelineName": job,
+        }
+        data = self.query(
+            """mutation($p: ExecutionParams!) { launchPipelineExecution(executionParams: $p) {
+                 __typename ... on LaunchRunSuccess { run { runId } } ... on PythonError { message } } }""",
+            {"p": {"selector": selector}},
         )["launchPipelineExecution"]
         assert data["__typename"] == "LaunchRunSuccess", data
         return data["run"]["runId"]
@@ -191,3 +212,28 @@ def test_two_runs_never_back_up_the_same_source_at_once(dagster_dev: DagsterDev)
     runs = sorted((dagster_dev.wait(first), dagster_dev.wait(second)), key=lambda r: r["startTime"])
     assert [r["status"] for r in runs] == ["SUCCESS", "SUCCESS"]
     assert runs[1]["startTime"] >= runs[0]["endTime"]  # the pool held the second run in the queue
+
+
+# Lineage edges as the UI draws them: an SVG path with the lineage colour and an arrow head.
+_EDGE_RE = re.compile(r'<path d="M[^"]*" stroke="var\(--color-lineage-edge\)"[^>]*marker-end=')
+SCREENSHOTS = ROOT / "docs" / "images"
+UPDATE_SCREENSHOTS_ENV = "SPARK_BACKUP_UPDATE_SCREENSHOTS"
+
+
+def test_lineage_shows_every_system_feeding_its_backups(
+    dagster_dev: DagsterDev, tmp_path: Path
+) -> None:
+    """In a real browser: the lineage page draws one edge from every protected system to its
+    backups, and names every asset. The screenshot in docs/ is taken here."""
+    observed = dagster_dev.wait(dagster_dev.launch_job(OBSERVE_JOB))
+    assert observed["status"] == "SUCCESS"
+    url = f"{dagster_dev.base}/asset-groups/config_archive"
+    dom = browser.rendered_dom(url)
+    graph = dom.split("AssetGraphExplorer_svgContainer", 1)[1].split("</svg>", 1)[0]
+    assert len(_EDGE_RE.findall(graph)) == len(SOURCES), "one edge per source: system -> backups"
+    for source in SOURCES:
+        assert dom.count(f">{source}<") >= 2, source  # the system and its backups
+    assert "Observed" in dom  # the systems are observable source assets
+    shot = browser.screenshot(url, tmp_path / "lineage.png")
+    if os.environ.get(UPDATE_SCREENSHOTS_ENV):
+        shutil.copyfile(shot, SCREENSHOTS / "lineage.png")
