@@ -1005,3 +1005,20 @@ def test_lag_of_an_idle_server_is_bounded_by_archive_timeout() -> None:
     no_timeout = ServerArchiveState("000000010000000000000006", None, None, None, 0, 16 << 20, 0)
     status = WalArchiveStatus("pg", dt.timedelta(minutes=15), now, archived, no_timeout)
     assert status.lag == dt.timedelta(hours=3)
+
+
+def test_a_missing_database_is_told_apart_by_asking_the_server(tmp_path: Path, age_key) -> None:
+    """libpq gives no SQLSTATE for a refused connection: a missing database is found by asking
+    the server, whatever words the message uses, and a missing maintenance database too."""
+    from spark_backup.errors import NotFoundError
+    from spark_backup.sources.postgres.ops import server_of
+
+    plan = write_plan(
+        tmp_path, plan_dict([age_key[1]], [pg_source(**MAIN, maintenance_db="gone_db")])
+    )
+    service = BackupService.from_path(plan)
+    server = server_of(service, service.source("pg_main"))
+    for database in ("gone_db", "another_missing_db"):
+        with pytest.raises(NotFoundError, match=f"database '{database}' does not exist"):
+            server.connect(database)
+    assert server.database_exists("postgres") is True

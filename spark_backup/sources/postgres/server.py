@@ -30,7 +30,7 @@ from psycopg2.extensions import make_dsn, parse_dsn
 from psycopg2.extras import PhysicalReplicationConnection
 
 from spark_backup.engine.processes import tool_environment
-from spark_backup.errors import NotFoundError, SourceError
+from spark_backup.errors import NotFoundError, SourceError, SparkBackupError
 from spark_backup.sources.base import SourceContext
 from spark_backup.sources.postgres.settings import PostgresSource
 from spark_backup.sources.postgres.walname import WalSegment
@@ -138,7 +138,9 @@ class PostgresServer:
         except psycopg2.OperationalError as exc:
             database = dbname or self.maintenance_db
             detail = first_line(str(exc), password)
-            if "does not exist" in detail and "database" in detail:
+            # libpq reports no SQLSTATE for a refused connection (3D000 stays on the server's
+            # side), so whether the database exists is asked, not read from the message.
+            if self.database_exists(database) is False:
                 raise NotFoundError(
                     f"source {self.source_name!r}: database {database!r} does not exist on "
                     f"{self.where}"
@@ -148,6 +150,24 @@ class PostgresServer:
                 f"source {self.source_name!r}: cannot {what} {self.where} "
                 f"(database {database!r}): {detail}"
             ) from None
+
+    def database_exists(self, database: str) -> bool | None:
+        """Whether ``database`` exists, asked through another database (the maintenance
+        database, else ``postgres`` or ``template1``); None if none of them can be reached."""
+        for other in dict.fromkeys((self.maintenance_db, "postgres", "template1")):
+            if other == database:
+                continue
+            try:
+                conn = self.connect(other)
+            except SparkBackupError:
+                continue
+            try:
+                with conn.cursor() as cursor:
+                    cursor.execute("SELECT 1 FROM pg_database WHERE datname = %s", (database,))
+                    return cursor.fetchone() is not None
+            finally:
+                conn.close()
+        return None
 
     @contextmanager
     def tool_environment(self) -> Iterator[dict[str, str]]:
