@@ -235,7 +235,9 @@ def test_interrupted_restore_publishes_nothing_and_leaves_no_worker(
     _out, err = process.communicate(timeout=60)
     assert process.returncode == 130, err
     assert "Traceback" not in err and "interrupted" in err
-    assert list(target.iterdir()) == []  # the staging folder is gone, nothing was published
+    # The staging folder is gone, nothing was published, and the target this restore created
+    # is removed again.
+    assert not target.exists()
     workers = subprocess.run(["pgrep", "-f", "spark_backup.engine.age_worker"], capture_output=True)
     assert workers.stdout == b""
 

@@ -208,7 +208,7 @@ def test_corrupted_copy_fails_verify_and_restore_refuses(
     target = tmp_path / "restore"
     with pytest.raises(IntegrityError, match=manifest.id):
         service.restore(manifest.id, target, identity_file=age_key[0])
-    assert list(target.iterdir()) == []  # nothing published, staging removed
+    assert not target.exists()  # nothing published, staging and the new target removed
 
 
 def test_truncated_copy_is_an_integrity_error(service: BackupService, age_key, tmp_path) -> None:
@@ -226,7 +226,7 @@ def test_wrong_identity_is_a_clear_crypto_error(service: BackupService, tmp_path
     with pytest.raises(CryptoError, match="none of the given age identities opens it") as raised:
         service.restore(manifest.id, tmp_path / "restore", identity_file=other)
     assert "AGE-SECRET-KEY" not in str(raised.value)
-    assert not any((tmp_path / "restore").iterdir())
+    assert not (tmp_path / "restore").exists()
 
 
 def test_malformed_identity_never_echoes_the_key(service: BackupService, tmp_path) -> None:

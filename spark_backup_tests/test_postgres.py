@@ -1021,4 +1021,4 @@ def test_a_missing_database_is_told_apart_by_asking_the_server(tmp_path: Path, a
     for database in ("gone_db", "another_missing_db"):
         with pytest.raises(NotFoundError, match=f"database '{database}' does not exist"):
             server.connect(database)
-    assert server.database_exists("postgres") is True
+    assert server.connect("postgres").close() is None  # an existing database still connects

@@ -30,7 +30,7 @@ from psycopg2.extensions import make_dsn, parse_dsn
 from psycopg2.extras import PhysicalReplicationConnection
 
 from spark_backup.engine.processes import tool_environment
-from spark_backup.errors import NotFoundError, SourceError, SparkBackupError
+from spark_backup.errors import NotFoundError, SourceError
 from spark_backup.sources.base import SourceContext
 from spark_backup.sources.postgres.settings import PostgresSource
 from spark_backup.sources.postgres.walname import WalSegment
@@ -39,6 +39,8 @@ KIND_NAME = "postgres"
 # Debian and Ubuntu keep one folder of binaries per major version.
 DEBIAN_BIN_DIRS = "/usr/lib/postgresql/{major}/bin"
 CONNECT_TIMEOUT_SECONDS = 10
+# Asking whether a database exists after a refused connection: the server just answered.
+EXISTS_TIMEOUT_SECONDS = 3
 APPLICATION_NAME = "spark-backup"
 # A segment's first page starts with a long header (SizeOfXLogLongPHD): an insert position no
 # further than this into a segment means nothing was written to it yet.
@@ -121,26 +123,16 @@ class PostgresServer:
 
     def connect(self, dbname: str | None = None, replication: bool = False) -> PgConnection:
         """A connection as the plan's user (a physical replication connection, as
-        pg_basebackup makes, with ``replication``); ``SourceError`` in one line if refused."""
-        password = self._password()
-        extra: dict[str, Any] = {"password": password} if password is not None else {}
-        if self.passfile:
-            extra["passfile"] = str(self.passfile)
-        if replication:
-            extra["connection_factory"] = PhysicalReplicationConnection
+        pg_basebackup makes, with ``replication``); ``SourceError`` in one line if refused,
+        ``NotFoundError`` if the database does not exist."""
+        database = dbname or self.maintenance_db
         try:
-            return psycopg2.connect(
-                self.dsn(dbname),
-                connect_timeout=CONNECT_TIMEOUT_SECONDS,
-                application_name=APPLICATION_NAME,
-                **extra,
-            )
+            return self._open(database, replication)
         except psycopg2.OperationalError as exc:
-            database = dbname or self.maintenance_db
-            detail = first_line(str(exc), password)
+            detail = first_line(str(exc), self._password())
             # libpq reports no SQLSTATE for a refused connection (3D000 stays on the server's
             # side), so whether the database exists is asked, not read from the message.
-            if self.database_exists(database) is False:
+            if not replication and self._database_exists(database) is False:
                 raise NotFoundError(
                     f"source {self.source_name!r}: database {database!r} does not exist on "
                     f"{self.where}"
@@ -151,20 +143,38 @@ class PostgresServer:
                 f"(database {database!r}): {detail}"
             ) from None
 
-    def database_exists(self, database: str) -> bool | None:
-        """Whether ``database`` exists, asked through another database (the maintenance
-        database, else ``postgres`` or ``template1``); None if none of them can be reached."""
-        for other in dict.fromkeys((self.maintenance_db, "postgres", "template1")):
+    def _open(
+        self, database: str, replication: bool = False, timeout: int = CONNECT_TIMEOUT_SECONDS
+    ) -> PgConnection:
+        password = self._password()
+        extra: dict[str, Any] = {"password": password} if password is not None else {}
+        if self.passfile:
+            extra["passfile"] = str(self.passfile)
+        if replication:
+            extra["connection_factory"] = PhysicalReplicationConnection
+        return psycopg2.connect(
+            self.dsn(database),
+            connect_timeout=timeout,
+            application_name=APPLICATION_NAME,
+            **extra,
+        )
+
+    def _database_exists(self, database: str) -> bool | None:
+        """Whether ``database`` exists, asked through the maintenance database, else
+        ``template1``; None if neither can be asked."""
+        for other in dict.fromkeys((self.maintenance_db, "template1")):
             if other == database:
                 continue
             try:
-                conn = self.connect(other)
-            except SparkBackupError:
+                conn = self._open(other, timeout=EXISTS_TIMEOUT_SECONDS)
+            except psycopg2.Error:
                 continue
             try:
                 with conn.cursor() as cursor:
                     cursor.execute("SELECT 1 FROM pg_database WHERE datname = %s", (database,))
                     return cursor.fetchone() is not None
+            except psycopg2.Error:
+                return None
             finally:
                 conn.close()
         return None
