@@ -92,12 +92,26 @@ def test_imports_keep_the_floors_apart(module: str, path: Path) -> None:
 
 def test_no_module_outside_a_kind_names_a_kind() -> None:
     """Kinds are asked through the registry; their names appear only in their own package
-    (and in pyproject.toml's entry points, which register them)."""
+    (and in pyproject.toml's entry points, which register them), and no other module imports
+    a kind's package."""
     names = set(registry.kinds())
     offenders = []
     for module, path in _modules().items():
         owner = next((n for n in names if _within(module, f"spark_backup.sources.{n}")), None)
+        where = path.relative_to(PACKAGE.parent)
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Constant) and node.value in names and node.value != owner:
-                offenders.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.value!r}")
-    assert not offenders, "kind names outside their package: " + "; ".join(offenders)
+                offenders.append(f"{where}:{node.lineno} {node.value!r}")
+        for imported in _imports(path, module):
+            kind = next((n for n in names if _within(imported, f"spark_backup.sources.{n}")), None)
+            if kind and kind != owner:
+                offenders.append(f"{where} imports {imported}")
+            if imported == "spark_backup.sources" and module != "spark_backup.sources":
+                # ``from spark_backup.sources import <kind>`` names the kind as a module
+                tree = ast.parse(path.read_text())
+                for node in ast.walk(tree):
+                    if isinstance(node, ast.ImportFrom) and node.module == "spark_backup.sources":
+                        offenders += [
+                            f"{where} imports kind {a.name}" for a in node.names if a.name in names
+                        ]
+    assert not offenders, "kinds named outside their package: " + "; ".join(offenders)
