@@ -6,7 +6,9 @@ from __future__ import annotations
 import datetime as dt
 import re
 import sys
+from collections.abc import Iterable, Sequence
 
+from rich.cells import cell_len
 from rich.console import Console
 
 from spark_backup.errors import UsageError
@@ -23,6 +25,24 @@ def printable(text: object) -> str:
     """``text`` with control characters shown as escapes: a file name or manifest field must
     never reach the terminal as an escape sequence."""
     return _CONTROL_RE.sub(lambda m: f"\\x{ord(m.group()):02x}", str(text))
+
+
+def print_columns(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> None:
+    """Rows as plain columns, aligned and two spaces apart, every cell made printable (tabs too,
+    which would break the alignment). Rich's Table took 6-12 s for 5,000 rows; this is linear
+    and takes milliseconds, so ``list`` stays cheap as copies grow."""
+    table = [[_cell(value) for value in row] for row in (headers, *rows)]
+    widths = [max(cell_len(row[i]) for row in table) for i in range(len(headers))]
+    lines = (
+        "  ".join(c + " " * (w - cell_len(c)) for c, w in zip(row, widths, strict=True)).rstrip()
+        for row in table
+    )
+    sys.stdout.write("".join(f"{line}\n" for line in lines))
+    sys.stdout.flush()
+
+
+def _cell(value: object) -> str:
+    return printable(value).replace("\t", "\\x09")
 
 
 def size(value: int) -> str:

@@ -45,6 +45,13 @@ def check_key(key: str) -> str:
     return key
 
 
+def check_folder(prefix: str) -> str:
+    """A folder prefix: "" (the store's root) or a valid key followed by "/"."""
+    if prefix and not (prefix.endswith("/") and check_key(prefix[:-1])):
+        raise StoreError(f"invalid folder {prefix!r} (a folder ends in '/')")
+    return prefix
+
+
 class ObjectStore(ABC):
     """A place that holds copies. Implementations: ``LocalStore``, ``S3Store``."""
 
@@ -91,6 +98,12 @@ class ObjectStore(ABC):
     @abstractmethod
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         """Published objects whose key starts with ``prefix``, in key order."""
+
+    @abstractmethod
+    def list_folders(self, prefix: str = "") -> list[str]:
+        """The names of the folders directly below ``prefix`` ("" or a folder ending in "/")
+        that hold at least one published object, sorted: one source's copies are found without
+        walking every source."""
 
     @abstractmethod
     def exists(self, key: str) -> bool: ...

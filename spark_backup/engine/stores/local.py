@@ -16,12 +16,20 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from spark_backup.engine.stores.base import ObjectInfo, ObjectLock, ObjectStore, check_key
+from spark_backup.engine.stores.base import (
+    ObjectInfo,
+    ObjectLock,
+    ObjectStore,
+    check_folder,
+    check_key,
+)
 from spark_backup.engine.streams import Readable, Writable
 from spark_backup.errors import NotFoundError, StoreError
 
 PARTIAL_MARKER = ".partial-"
 _PARTIAL_RE = re.compile(r"^\.(?P<name>.+)\.partial-[0-9a-f]{8}$")
+# A folder name a key can hold (check_key's parts).
+_KEY_PART_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
 
 class LocalStore(ObjectStore):
@@ -124,6 +132,22 @@ class LocalStore(ObjectStore):
                 )
         yield from sorted(found, key=lambda info: info.key)
 
+    def list_folders(self, prefix: str = "") -> list[str]:
+        parent = self.root / check_folder(prefix)
+        try:
+            entries = list(os.scandir(parent))
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise StoreError(f"store {self.name!r}: cannot list {parent}: {exc.strerror}") from None
+        return sorted(
+            entry.name
+            for entry in entries
+            if entry.is_dir(follow_symlinks=False)
+            and _KEY_PART_RE.match(entry.name)
+            and _holds_object(Path(entry.path))
+        )
+
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
@@ -184,6 +208,15 @@ class _StoreFileWriter:
 
     def flush(self) -> None:
         self._handle.flush()
+
+
+def _holds_object(directory: Path) -> bool:
+    """Whether a published object lies anywhere below ``directory`` (a folder holding only a
+    write in progress is no folder yet, as on S3); stops at the first one."""
+    for _directory, _dirs, files in os.walk(directory):
+        if any(PARTIAL_MARKER not in name for name in files):
+            return True
+    return False
 
 
 def _fsync_dir(path: Path) -> None:
