@@ -102,15 +102,17 @@ class ObjectStore(ABC):
     @abstractmethod
     def list_folders(self, prefix: str = "") -> list[str]:
         """The names of the folders directly below ``prefix`` ("" or a folder ending in "/")
-        that hold at least one published object, sorted: one source's copies are found without
-        walking every source."""
+        that hold a published object, sorted: one source's copies are found without walking
+        every source. A folder emptied by deletes may still be named (some S3 servers keep its
+        entry); listing it finds nothing."""
 
     @abstractmethod
     def exists(self, key: str) -> bool: ...
 
     @abstractmethod
     def lock_of(self, key: str) -> ObjectLock | None:
-        """The object's retention, or None where none applies (or the store has no locks)."""
+        """The object's retention, or None where none applies (or the store has no locks);
+        ``NotFoundError`` if there is no such object."""
 
     def locked(self, key: str, now: dt.datetime | None = None) -> bool:
         """Whether an active lock protects ``key`` now (a missing object is not locked)."""

@@ -152,7 +152,9 @@ class LocalStore(ObjectStore):
         return self._path(key).is_file()
 
     def lock_of(self, key: str) -> ObjectLock | None:
-        return None
+        if not self.exists(key):
+            raise NotFoundError(f"store {self.name!r}: object {key} not found")
+        return None  # a folder cannot hold a lock
 
     def delete(self, key: str) -> None:
         path = self._path(key)
