@@ -115,16 +115,17 @@ class LocalStore(ObjectStore):
         found: list[ObjectInfo] = []
         # Walk only below the prefix's folder: a WAL archive holds thousands of objects.
         start = self.root / prefix.rsplit("/", 1)[0] if "/" in prefix else self.root
+        root = str(self.root)
+        # Keys by string operations, not pathlib: listing thousands of manifests is on the path
+        # of every `list`.
         for directory, _dirs, files in os.walk(start, onerror=self._unlistable):
+            folder = directory[len(root) + 1 :]
             for file_name in files:
-                if PARTIAL_MARKER in file_name:
-                    continue
-                path = Path(directory, file_name)
-                key = path.relative_to(self.root).as_posix()
-                if not key.startswith(prefix):
+                key = f"{folder}/{file_name}" if folder else file_name
+                if PARTIAL_MARKER in file_name or not key.startswith(prefix):
                     continue
                 try:
-                    stat = path.stat()
+                    stat = os.stat(f"{directory}/{file_name}")
                 except FileNotFoundError:
                     continue  # deleted meanwhile
                 found.append(
