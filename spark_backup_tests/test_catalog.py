@@ -15,10 +15,14 @@ import pytest
 import zstandard
 
 from spark_backup.engine.catalog import REWRITE_AFTER_READS, Catalog, index_prefix
+from spark_backup.engine.crypto import Recipients
 from spark_backup.engine.manifest import Manifest, manifest_key
+from spark_backup.engine.pipeline import CompressionSettings, write_copy
 from spark_backup.engine.stores import LocalStore
+from spark_backup.engine.stores.s3 import MIB, S3Store
 from spark_backup.service import BackupService
 from spark_backup_tests.helpers import (
+    BytesSource,
     clone_copies,
     config_source,
     flip_last_byte,
@@ -357,3 +361,32 @@ def test_catalog_of_a_store_without_sources(tmp_path: Path) -> None:
     catalog = Catalog(store)
     assert catalog.sources() == []
     assert catalog.listing("absent").copies == []
+
+
+def test_index_on_s3(seaweedfs, s3_bucket: str, age_key) -> None:
+    store = S3Store("offsite", seaweedfs.client(), s3_bucket, "spark/prod", part_size=5 * MIB)
+    template = write_copy(
+        store,
+        BytesSource(b"config = value\n" * 100),
+        source_name=SOURCE,
+        partition="2026-01-05",
+        recipients=Recipients.from_keys([age_key[1]], "test"),
+        compression=CompressionSettings(),
+    )
+    clone_copies(store, template, REWRITE_AFTER_READS + 4, start=START, step=dt.timedelta(hours=6))
+    Catalog(store).update_index(SOURCE)
+    [segment] = [info.key for info in store.list(index_prefix(SOURCE))]
+
+    listing = Catalog(store).listing(SOURCE)
+    assert listing.manifests_read == 0 and listing.index_key == segment
+    assert len(listing.copies) == REWRITE_AFTER_READS + 5
+    assert Catalog(store).sources() == [SOURCE]
+
+    store.delete(segment)  # objects are create-only: damage is a new object under the same key
+    store.put_bytes(segment, b"garbage")
+    listing = Catalog(store).listing(SOURCE)
+    assert listing.index_problem is not None and segment in listing.index_problem
+    assert listing.manifests_read == REWRITE_AFTER_READS + 5
+    assert len(listing.copies) == REWRITE_AFTER_READS + 5
+    assert [info.key for info in store.list(index_prefix(SOURCE))] != [segment]
+    assert Catalog(store).listing(SOURCE).manifests_read == 0

@@ -115,9 +115,18 @@ class IndexEntry:
     modified: str
     manifest: Manifest
 
+    @property
+    def modified_at(self) -> dt.datetime:
+        return dt.datetime.fromisoformat(self.modified)
+
 
 _HEADER = TypeAdapter(IndexHeader)
 _ENTRY = TypeAdapter(IndexEntry)
+
+
+# A copy as a segment holds it: its manifest object's size and modification time, and the
+# manifest.
+Indexed = tuple[int, dt.datetime, Manifest]
 
 
 def _modified(info: ObjectInfo) -> str:
@@ -130,7 +139,7 @@ class Catalog:
 
     def __init__(self, store: ObjectStore):
         self.store = store
-        self._segments: dict[str, dict[str, IndexEntry]] = {}
+        self._segments: dict[str, dict[str, Indexed]] = {}
         # Manifests read one by one, by key, size and time: unchanged objects are not re-read.
         self._read: dict[tuple[str, int, str], Manifest] = {}
 
@@ -165,7 +174,7 @@ class Catalog:
             info.key for info in self.store.list(index_prefix(source)) if is_index_key(info.key)
         ]
         found = Listing()
-        indexed: dict[str, IndexEntry] = {}
+        indexed: dict[str, Indexed] = {}
         if segments:
             found.index_key = segments[-1]  # keys sort by the time they were written
             try:
@@ -175,8 +184,8 @@ class Catalog:
                 found.index_key, found.index_problem = None, str(exc)
         for key, info in manifests.items():
             entry = indexed.get(key)
-            if entry is not None and entry.size == info.size and entry.modified == _modified(info):
-                found.copies.append(entry.manifest)
+            if entry is not None and entry[0] == info.size and entry[1] == info.modified:
+                found.copies.append(entry[2])
                 continue
             try:
                 found.copies.append(self._manifest(info, found))
@@ -199,7 +208,7 @@ class Catalog:
             self._read[version] = manifest
         return self._read[version]
 
-    def _segment(self, source: str, key: str) -> dict[str, IndexEntry]:
+    def _segment(self, source: str, key: str) -> dict[str, Indexed]:
         if key not in self._segments:
             self._segments[key] = read_segment(self.store, source, key)
         return self._segments[key]
@@ -226,7 +235,10 @@ class Catalog:
                 "index of %s not updated (listing reads manifests instead): %s", source, exc
             )
             return
-        self._segments[key] = {manifest_key(e.manifest.source, e.manifest.id): e for e in entries}
+        self._segments[key] = {
+            manifest_key(e.manifest.source, e.manifest.id): (e.size, e.modified_at, e.manifest)
+            for e in entries
+        }
         for old in segments:
             try:
                 self.store.delete(old)
@@ -249,7 +261,7 @@ def write_segment(store: ObjectStore, source: str, key: str, entries: list[Index
             compressed.write(json.dumps(asdict(record), separators=(",", ":")).encode() + b"\n")
 
 
-def read_segment(store: ObjectStore, source: str, key: str) -> dict[str, IndexEntry]:
+def read_segment(store: ObjectStore, source: str, key: str) -> dict[str, Indexed]:
     """A segment's copies by manifest key; ``IntegrityError`` if any of it is damaged."""
     uri = store.object_uri(key)
     try:
@@ -258,26 +270,46 @@ def read_segment(store: ObjectStore, source: str, key: str) -> dict[str, IndexEn
             header = _HEADER.validate_json(next(lines, b"{}"), strict=True)
             if header.format != INDEX_FORMAT or header.source != source:
                 raise IntegrityError(f"{uri}: not an index segment of {source} ({header.format})")
-            entries: dict[str, IndexEntry] = {}
+            entries: dict[str, Indexed] = {}
             for line in lines:
                 # Lax, unlike a manifest's: this line was written from a checked manifest and
                 # the frame checksum holds it; strict would double the cost of every listing.
                 entry = _ENTRY.validate_json(line)
-                manifest = entry.manifest.checked(uri)
-                if manifest.source != source:
-                    raise IntegrityError(f"{uri}: index segment holds a copy of {manifest.source}")
-                entries[manifest_key(manifest.source, manifest.id)] = entry
+                manifest = entry.manifest
+                _check_entry(manifest, source, uri)
+                entries[manifest_key(source, manifest.id)] = (
+                    entry.size,
+                    entry.modified_at,
+                    manifest,
+                )
     except zstandard.ZstdError as exc:
         raise IntegrityError(f"{uri}: index segment is damaged: {exc}") from None
     except ValidationError as exc:
         error = exc.errors(include_url=False)[0]
         where = ".".join(str(part) for part in error["loc"])
         raise IntegrityError(f"{uri}: index segment line field {where}: {error['msg']}") from None
+    except (
+        ValueError
+    ) as exc:  # a time that is not ISO 8601 (after ValidationError, a ValueError too)
+        raise IntegrityError(f"{uri}: index segment is damaged: {exc}") from None
     if len(entries) != header.copies:
         raise IntegrityError(
             f"{uri}: index segment is incomplete ({len(entries)} of {header.copies} copies)"
         )
     return entries
+
+
+def _check_entry(manifest: Manifest, source: str, uri: str) -> None:
+    """What a line must satisfy to stand for a manifest of ``source``. Lighter than a stored
+    manifest's checks (``Manifest.checked``): the line was written from a checked manifest
+    and the frame checksum holds it, but its copy must be the one its data key names."""
+    if (
+        manifest.source != source
+        or not manifest.data_key.startswith(data_prefix(source))
+        or copy_id_of_data_key(manifest.data_key) != manifest.id
+    ):
+        raise IntegrityError(f"{uri}: index segment line of {manifest.id} is not of {source}")
+    manifest.started, manifest.finished  # noqa: B018 - retention needs both times
 
 
 def _lines(stream: io.RawIOBase) -> Iterator[bytes]:
