@@ -6,7 +6,9 @@ from __future__ import annotations
 import datetime as dt
 import re
 import sys
+from collections.abc import Iterable, Sequence
 
+from rich.cells import cell_len
 from rich.console import Console
 
 from spark_backup.errors import UsageError
@@ -23,6 +25,39 @@ def printable(text: object) -> str:
     """``text`` with control characters shown as escapes: a file name or manifest field must
     never reach the terminal as an escape sequence."""
     return _CONTROL_RE.sub(lambda m: f"\\x{ord(m.group()):02x}", str(text))
+
+
+# What a cell of a column may not hold as is: control characters, and tabs (they would break
+# the alignment).
+_CELL_UNSAFE_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def print_columns(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> None:
+    """Rows as plain columns, aligned and two spaces apart, every cell made printable. Rich's
+    Table took 6-12 s for 5,000 rows; this is linear and cheap per row (a row of plain ASCII,
+    the usual case, is checked once and padded by ``len``), so ``list`` stays cheap as copies
+    grow."""
+    table = [_cells(row) for row in (headers, *rows)]
+    widths = [max(width for _cell, width in column) for column in zip(*table, strict=True)]
+    lines = (
+        "  ".join(
+            cell + " " * (width - cell_width)
+            for (cell, cell_width), width in zip(row, widths, strict=True)
+        ).rstrip()
+        for row in table
+    )
+    sys.stdout.write("".join(f"{line}\n" for line in lines))
+    sys.stdout.flush()
+
+
+def _cells(row: Sequence[object]) -> list[tuple[str, int]]:
+    """Each cell of a row made printable, with its width in terminal columns."""
+    texts = [str(value) for value in row]
+    joined = "".join(texts)
+    if joined.isascii() and not _CELL_UNSAFE_RE.search(joined):
+        return [(text, len(text)) for text in texts]
+    cells = [printable(text).replace("\t", "\\x09") for text in texts]
+    return [(cell, cell_len(cell)) for cell in cells]
 
 
 def size(value: int) -> str:

@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from spark_backup.cli.app import CliState, cli, pass_state, progress_bar
-from spark_backup.console import error_line, printable, size, stderr, stdout
+from spark_backup.console import error_line, print_columns, printable, size, stderr, stdout
 from spark_backup.engine.catalog import DamagedManifest
 from spark_backup.engine.manifest import Manifest
 from spark_backup.errors import IntegrityError, SparkBackupError
@@ -96,28 +96,28 @@ def list_(state: CliState, source: str | None, as_json: bool) -> None:
         rows = [_copy_row(r) for r in refs] + [_damaged_row(d) for d in damaged]
         click.echo(json.dumps(rows, indent=2))
     else:
-        from rich.table import Table
-
-        table = Table()
-        for column in ("id", "source", "part", "partition", "finished", "size", "stored", "store"):
-            table.add_column(column, no_wrap=column == "id")
-        for ref in refs:
-            m = ref.manifest
-            table.add_row(
-                m.id,
-                m.source,
-                printable(m.part),
-                printable(m.partition),
-                printable(m.finished_at[:19]),
-                size(m.plaintext.bytes),
-                size(m.stored.bytes),
-                ref.store.name,
-            )
-        stdout.print(table)
+        print_columns(LIST_COLUMNS, (_list_row(ref) for ref in refs))
         for entry in damaged:
             error_line(f"damaged manifest: {entry.error}")
     if damaged:
         sys.exit(IntegrityError.exit_code)
+
+
+LIST_COLUMNS = ("id", "source", "part", "partition", "finished", "size", "stored", "store")
+
+
+def _list_row(ref: CopyRef) -> tuple[str, ...]:
+    m = ref.manifest
+    return (
+        m.id,
+        m.source,
+        m.part,
+        m.partition,
+        m.finished_at[:19],
+        size(m.plaintext.bytes),
+        size(m.stored.bytes),
+        ref.store.name,
+    )
 
 
 def _copy_row(ref: CopyRef) -> dict[str, Any]:

@@ -80,6 +80,8 @@ class CopyOperations(PlanRuntime):
                 )
             except SparkBackupError as exc:
                 failures.append(exc)
+        if manifests:
+            self.update_index(store, source.name)
         if failures:
             raise failures[0]
         return manifests

@@ -30,6 +30,7 @@ from spark_backup.engine.stores.base import (
     ObjectLock,
     ObjectLockPolicy,
     ObjectStore,
+    check_folder,
     check_key,
 )
 from spark_backup.engine.stores.config import S3StoreConfig
@@ -257,6 +258,20 @@ class S3Store(ObjectStore):
         except (ClientError, BotoCoreError) as exc:
             raise self._failure(f"list {root + prefix or '/'}", exc) from None
         yield from sorted(found, key=lambda info: info.key)
+
+    def list_folders(self, prefix: str = "") -> list[str]:
+        parent = self._root() + check_folder(prefix)
+        found = []
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=parent, Delimiter="/"
+            )
+            for page in pages:
+                for common in page.get("CommonPrefixes", []):
+                    found.append(common["Prefix"][len(parent) :].rstrip("/"))
+        except (ClientError, BotoCoreError) as exc:
+            raise self._failure(f"list {parent or '/'}", exc) from None
+        return sorted(found)
 
     def exists(self, key: str) -> bool:
         return self._head(self._full(key), f"read {key}") is not None
