@@ -788,6 +788,52 @@ def test_definitions_for_a_postgres_source(tmp_path: Path, age_key) -> None:
         assert node.group_name == "postgres" and node.partitions_def is not None
 
 
+def test_backup_as_root_before_the_first_wal_push_leaves_the_wal_writable(tmp_path) -> None:
+    """The store folder belongs to the server's user; a base backup run as root creates the
+    source's folders first: wal-push, run by the server as that user, must still write."""
+    root = shared_dir("spark-backup-firstpush-")
+    try:
+        _key, public = make_key(root)
+        store = root / "store"
+        store.mkdir()
+        shutil.chown(store, root.owner(), root.group())  # as pg-setup-archiving leaves it
+        port = free_port()
+        plan_path = root / "plan.yaml"
+        source = pg_source(host="127.0.0.1", port=port, user="postgres")
+        plan = plan_dict(
+            [public], [source], stores=[{"name": "local", "kind": "local", "path": str(store)}]
+        )
+        plan_path.write_text(yaml.safe_dump(plan))
+        plan_path.chmod(0o644)
+        settings = {
+            "wal_level": "replica",
+            "archive_mode": "on",
+            "archive_command": archive_command(plan_path, "pg_main"),
+            "max_wal_senders": "4",
+        }
+        cluster = Cluster(root / "cluster", port)
+        (root / "cluster").mkdir()
+        shutil.chown(root / "cluster", root.owner(), root.group())
+        with executable_for_postgres():
+            try:
+                # archive_command fails until the first backup: no segment is complete yet.
+                cluster.init(settings).start()
+                backup = run_cli(
+                    "--plan", str(plan_path), "backup", "pg_main", "--artifact", "base"
+                )
+                assert backup.returncode == 0, backup.stderr
+                for folder in (store / "pg_main", *(store / "pg_main").rglob("*")):
+                    if folder.is_dir():
+                        assert folder.owner() == store.owner(), folder
+                segment = cluster.switch_wal_and_wait(timeout=60)
+                assert (store / "pg_main" / "wal").is_dir()
+                assert any(segment in path.name for path in (store / "pg_main" / "wal").rglob("*"))
+            finally:
+                cluster.stop()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def test_probe_makes_a_replication_connection(archiving: Archiving) -> None:
     """A walsender takes replication commands only: the probe's IDENTIFY_SYSTEM must pass."""
     probe = run_cli("--plan", str(archiving.plan), "plan", "check", "--probe")
