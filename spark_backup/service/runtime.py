@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from pyrage import x25519
 
@@ -25,11 +27,16 @@ log = logging.getLogger(__name__)
 
 
 class PlanRuntime:
-    def __init__(self, loaded: LoadedPlan):
+    def __init__(
+        self, loaded: LoadedPlan, s3_clients: Mapping[str, Callable[[], Any]] | None = None
+    ):
+        """``s3_clients``: per S3 store name, what makes its client (the Dagster layer's
+        resources); other S3 stores make their own from the plan."""
         self.loaded = loaded
         self.plan = loaded.plan
         self._stores: dict[str, ObjectStore] = {}
         self._catalogs: dict[str, Catalog] = {}
+        self._s3_clients = dict(s3_clients or {})
 
     @classmethod
     def from_path(cls, path: str | Path | None = None):
@@ -86,7 +93,8 @@ class PlanRuntime:
     def store(self, name: str) -> ObjectStore:
         if name not in self._stores:
             config = next(s for s in self.plan.stores if s.name == name)
-            self._stores[name] = open_store(config, self.loaded.resolve)
+            client = self._s3_clients[name]() if name in self._s3_clients else None
+            self._stores[name] = open_store(config, self.loaded.resolve, client)
         return self._stores[name]
 
     def store_for(self, source: SourceSettings) -> ObjectStore:

@@ -70,7 +70,7 @@ class LocalStore(ObjectStore):
             # folder it is mounted on. check() creates it on first use.
             raise StoreError(f"store {self.name!r}: {self.root} does not exist (not mounted?)")
         try:
-            final.parent.mkdir(parents=True, exist_ok=True)
+            _make_folders(final.parent)
             handle = open(partial, "xb")  # noqa: SIM115 - closed in the finally below
         except OSError as exc:
             raise StoreError(f"store {self.name!r}: cannot write {key}: {exc.strerror}") from None
@@ -220,6 +220,25 @@ def _holds_object(directory: Path) -> bool:
         if any(PARTIAL_MARKER not in name for name in files):
             return True
     return False
+
+
+def _make_folders(folder: Path) -> None:
+    """Create ``folder`` and its missing parents. As root, each new folder gets the owner and
+    group of the folder it is made in: a store prepared for another user (PostgreSQL's
+    ``archive_command`` runs as ``postgres``) stays writable for that user below, whoever wrote
+    first."""
+    missing = []
+    while not folder.is_dir():
+        missing.append(folder)
+        folder = folder.parent
+    for new in reversed(missing):
+        try:
+            new.mkdir()
+        except FileExistsError:
+            continue  # made meanwhile by another writer
+        if os.geteuid() == 0:
+            parent = new.parent.stat()
+            os.chown(new, parent.st_uid, parent.st_gid)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -22,7 +22,13 @@ from typing import Any
 
 import boto3
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError, NoCredentialsError
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    HTTPClientError,
+    NoCredentialsError,
+    ProfileNotFound,
+)
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from spark_backup.engine.stores.base import (
@@ -52,6 +58,51 @@ _CREDENTIALS_REJECTED = {
 }
 
 
+def make_client(
+    store: str,
+    *,
+    endpoint_url: str | None,
+    region_name: str | None,
+    profile_name: str | None = None,
+    max_attempts: int = 5,
+    connect_timeout: float = CONNECT_TIMEOUT,
+    read_timeout: float = READ_TIMEOUT,
+    use_ssl: bool = True,
+    verify: bool | None = None,
+    aws_access_key_id: str | None = None,
+    aws_secret_access_key: str | None = None,
+    aws_session_token: str | None = None,
+) -> Any:
+    """An S3 client as every store needs it: SigV4, path-style addressing (S3-compatible
+    servers), bounded retries and timeouts. A profile may assume a role (``role_arn`` in the
+    AWS config); explicit credentials take precedence over it, as boto3 decides."""
+    config = Config(
+        signature_version="s3v4",
+        s3={"addressing_style": "path"},
+        retries={"max_attempts": max_attempts, "mode": "standard"},
+        connect_timeout=connect_timeout,
+        read_timeout=read_timeout,
+    )
+    # A session of its own: boto3's default session is not safe to share between threads.
+    try:
+        session = boto3.session.Session(profile_name=profile_name)
+    except ProfileNotFound:
+        raise StoreError(
+            f"store {store!r}: AWS profile {profile_name!r} is not in the AWS config"
+        ) from None
+    return session.client(
+        "s3",
+        endpoint_url=endpoint_url,
+        region_name=region_name,
+        use_ssl=use_ssl,
+        verify=verify,
+        aws_access_key_id=aws_access_key_id,
+        aws_secret_access_key=aws_secret_access_key,
+        aws_session_token=aws_session_token,
+        config=config,
+    )
+
+
 class S3Store(ObjectStore):
     def __init__(
         self,
@@ -77,36 +128,37 @@ class S3Store(ObjectStore):
         cls,
         cfg: S3StoreConfig,
         *,
+        client: Any = None,
         connect_timeout: float = CONNECT_TIMEOUT,
         read_timeout: float = READ_TIMEOUT,
     ) -> S3Store:
-        credentials: dict[str, str] = {}
-        for parameter, env_name in (
-            ("aws_access_key_id", cfg.access_key_id_env),
-            ("aws_secret_access_key", cfg.secret_access_key_env),
-            ("aws_session_token", cfg.session_token_env),
-        ):
-            if env_name is None:
-                continue
-            value = os.environ.get(env_name)
-            if not value:
-                raise StoreError(f"store {cfg.name!r}: environment variable {env_name} is not set")
-            credentials[parameter] = value
-        config = Config(
-            signature_version="s3v4",
-            s3={"addressing_style": "path"},
-            retries={"max_attempts": cfg.max_attempts, "mode": "standard"},
-            connect_timeout=connect_timeout,
-            read_timeout=read_timeout,
-        )
-        # A session of its own: boto3's default session is not safe to share between threads.
-        client = boto3.session.Session().client(
-            "s3",
-            endpoint_url=cfg.endpoint_url,
-            region_name=cfg.region_name,
-            config=config,
-            **credentials,
-        )
+        """The store ``cfg`` describes, with ``client`` (the Dagster layer's, from dagster-aws's
+        session configuration) or else a client of its own made from ``cfg``."""
+        if client is None:
+            credentials: dict[str, str] = {}
+            for parameter, env_name in (
+                ("aws_access_key_id", cfg.access_key_id_env),
+                ("aws_secret_access_key", cfg.secret_access_key_env),
+                ("aws_session_token", cfg.session_token_env),
+            ):
+                if env_name is None:
+                    continue
+                value = os.environ.get(env_name)
+                if not value:
+                    raise StoreError(
+                        f"store {cfg.name!r}: environment variable {env_name} is not set"
+                    )
+                credentials[parameter] = value
+            client = make_client(
+                cfg.name,
+                endpoint_url=cfg.endpoint_url,
+                region_name=cfg.region_name,
+                profile_name=cfg.profile_name,
+                max_attempts=cfg.max_attempts,
+                connect_timeout=connect_timeout,
+                read_timeout=read_timeout,
+                **credentials,
+            )
         lock_policy = (
             ObjectLockPolicy(cfg.object_lock.mode, cfg.object_lock.retain_days)
             if cfg.object_lock

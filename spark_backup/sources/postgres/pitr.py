@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psycopg2
+import psycopg
 
 from spark_backup.engine.manifest import Manifest
 from spark_backup.engine.processes import first_error, tool_environment
@@ -318,8 +318,10 @@ def stop(pg_ctl: Path, target_dir: Path, os_user: str | None) -> None:
     )
 
 
-def _connect(target_dir: Path, port: int, user: str, dbname: str = "postgres") -> Any:
-    return psycopg2.connect(
+def _connect(
+    target_dir: Path, port: int, user: str, dbname: str = "postgres"
+) -> psycopg.Connection:
+    return psycopg.connect(
         host=str(target_dir), port=port, user=user, dbname=dbname, connect_timeout=5
     )
 
@@ -367,7 +369,7 @@ def verify_cluster(
         try:
             with closing(_connect(target_dir, port, user, database)) as conn:
                 counts = table_row_counts(conn, logged_only=True)
-        except psycopg2.Error as exc:
+        except psycopg.Error as exc:
             raise IntegrityError(
                 f"recovered cluster: database {database!r} cannot be read: {first_line(str(exc))}"
             ) from None
