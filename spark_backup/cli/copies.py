@@ -6,16 +6,19 @@ import json
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from spark_backup.cli.app import CliState, cli, pass_state, progress_bar
 from spark_backup.console import error_line, printable, size, stderr, stdout
-from spark_backup.engine.catalog import DamagedManifest
-from spark_backup.engine.manifest import Manifest
 from spark_backup.errors import IntegrityError, SparkBackupError
 from spark_backup.sources.base import CopyRef, RestoreTarget, RestoreTargets
+
+# The service and the engine load when a command runs, not when the command line starts.
+if TYPE_CHECKING:
+    from spark_backup.engine.catalog import DamagedManifest
+    from spark_backup.engine.manifest import Manifest
 
 # --- backup ------------------------------------------------------------------------------------
 

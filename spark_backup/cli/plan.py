@@ -6,7 +6,6 @@ import click
 
 from spark_backup.cli.app import CliState, cli, pass_state
 from spark_backup.console import stdout
-from spark_backup.engine.settings import format_duration
 
 
 @cli.group()
@@ -20,6 +19,8 @@ def plan() -> None:
 def plan_check(state: CliState, probe: bool) -> None:
     """Validate the plan without touching anything (unless --probe)."""
     from rich.table import Table
+
+    from spark_backup.engine.settings import format_duration
 
     service = state.service
     service.recipients()
