@@ -1,5 +1,8 @@
 """What the command line prints with: the two consoles, sizes, and text made safe for a
-terminal. Shared by the core commands (``spark_backup/cli/``) and every kind's own commands."""
+terminal. Shared by the core commands (``spark_backup/cli/``) and every kind's own commands.
+
+rich loads on the first print, not on import: ``--help``, ``--version`` and ``wal-push``, which
+PostgreSQL runs for every WAL segment, start without it."""
 
 from __future__ import annotations
 
@@ -7,15 +10,37 @@ import datetime as dt
 import re
 import sys
 from collections.abc import Iterable, Sequence
-
-from rich.cells import cell_len
-from rich.console import Console
+from typing import TYPE_CHECKING, Any
 
 from spark_backup.errors import UsageError
 
-# Wide when piped, so tables and ids are not cut at 80 columns in logs.
-stdout = Console(width=None if sys.stdout.isatty() else 200)
-stderr = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
+if TYPE_CHECKING:
+    from rich.console import Console
+
+
+class _LazyConsole:
+    """A rich ``Console`` made on first use; every attribute is the console's."""
+
+    def __init__(self, to_stderr: bool):
+        self._to_stderr = to_stderr
+        self._console: Console | None = None
+
+    @property
+    def console(self) -> Console:
+        if self._console is None:
+            from rich.console import Console
+
+            stream = sys.stderr if self._to_stderr else sys.stdout
+            # Wide when piped, so tables and ids are not cut at 80 columns in logs.
+            self._console = Console(stderr=self._to_stderr, width=None if stream.isatty() else 200)
+        return self._console
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.console, name)
+
+
+stdout = _LazyConsole(to_stderr=False)
+stderr = _LazyConsole(to_stderr=True)
 
 # C0 and C1 control characters (escape sequences start with one), except tab.
 _CONTROL_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
@@ -57,6 +82,8 @@ def _cells(row: Sequence[object]) -> list[tuple[str, int]]:
     if joined.isascii() and not _CELL_UNSAFE_RE.search(joined):
         return [(text, len(text)) for text in texts]
     cells = [printable(text).replace("\t", "\\x09") for text in texts]
+    from rich.cells import cell_len
+
     return [(cell, cell_len(cell)) for cell in cells]
 
 

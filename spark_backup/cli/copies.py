@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from spark_backup.cli.app import CliState, cli, pass_state, progress_bar
 from spark_backup.console import error_line, print_columns, printable, size, stderr, stdout
-from spark_backup.engine.catalog import DamagedManifest
-from spark_backup.engine.manifest import Manifest
 from spark_backup.errors import IntegrityError, SparkBackupError
 from spark_backup.sources.base import CopyRef, RestoreTarget, RestoreTargets
+
+# The service and the engine load when a command runs, not when the command line starts.
+if TYPE_CHECKING:
+    from spark_backup.engine.catalog import DamagedManifest
+    from spark_backup.engine.manifest import Manifest
 
 # --- backup ------------------------------------------------------------------------------------
 
@@ -176,19 +180,23 @@ def verify(
     for outcome in outcomes:
         if not as_json:
             stdout.print(f"[red]FAILED[/red]  {printable(outcome.error)}", highlight=False)
-    for ref in refs:
-        with progress_bar(
-            # A deep verify counts plaintext bytes, a stored-bytes check counts stored bytes.
-            state.progress,
-            f"verify {ref.manifest.id}",
-            (ref.manifest.plaintext if identities else ref.manifest.stored).bytes,
-        ) as progress:
-            outcome = service.verify(ref, identities, progress)
-        outcomes.append(outcome)
-        if not as_json:
-            status = "[green]ok[/green]" if outcome.ok else "[red]FAILED[/red]"
-            detail = f"  {printable(outcome.error)}" if outcome.error else ""
-            stdout.print(f"{status}  {outcome.copy_id}{detail}", highlight=False, soft_wrap=True)
+    # A deep verify decrypts every copy in one age worker process.
+    with service.decryption_worker(identities) if identities else nullcontext() as worker:
+        for ref in refs:
+            with progress_bar(
+                # A deep verify counts plaintext bytes, a stored-bytes check counts stored bytes.
+                state.progress,
+                f"verify {ref.manifest.id}",
+                (ref.manifest.plaintext if identities else ref.manifest.stored).bytes,
+            ) as progress:
+                outcome = service.verify(ref, identities, progress, worker)
+            outcomes.append(outcome)
+            if not as_json:
+                status = "[green]ok[/green]" if outcome.ok else "[red]FAILED[/red]"
+                detail = f"  {printable(outcome.error)}" if outcome.error else ""
+                stdout.print(
+                    f"{status}  {outcome.copy_id}{detail}", highlight=False, soft_wrap=True
+                )
     failed = [o for o in outcomes if not o.ok]
     if as_json:
         click.echo(json.dumps([asdict(o) for o in outcomes], indent=2))

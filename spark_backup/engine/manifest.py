@@ -14,15 +14,17 @@ it is stored in clear JSON for anyone to read.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import re
 import secrets
 from dataclasses import asdict, dataclass, field
-from typing import Any
-
-from pydantic import TypeAdapter, ValidationError
+from typing import TYPE_CHECKING, Any
 
 from spark_backup.errors import IntegrityError, NotFoundError
+
+if TYPE_CHECKING:
+    from pydantic import TypeAdapter
 
 MANIFEST_FORMAT = "spark-backup.manifest/v1"
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -163,8 +165,10 @@ class Manifest:
             raise IntegrityError(
                 f"{origin}: unsupported manifest format {found!r} (expected {MANIFEST_FORMAT})"
             )
+        from pydantic import ValidationError
+
         try:
-            manifest = _ADAPTER.validate_json(raw, strict=True)
+            manifest = _adapter().validate_json(raw, strict=True)
         except ValidationError as exc:
             error = exc.errors(include_url=False)[0]
             field_path = ".".join(str(part) for part in error["loc"])
@@ -195,4 +199,9 @@ class Manifest:
         return manifest
 
 
-_ADAPTER = TypeAdapter(Manifest)
+@functools.cache
+def _adapter() -> TypeAdapter[Manifest]:
+    """Built on first use: pydantic and the schema cost a command that reads no manifest."""
+    from pydantic import TypeAdapter
+
+    return TypeAdapter(Manifest)
