@@ -4,25 +4,23 @@ terminal. Shared by the core commands (``spark_backup/cli/``) and every kind's o
 from __future__ import annotations
 
 import datetime as dt
-import re
 import sys
 
 from rich.console import Console
+from rich.markup import escape
 
+from spark_backup.engine.text import printable as text_printable
 from spark_backup.errors import UsageError
 
 # Wide when piped, so tables and ids are not cut at 80 columns in logs.
 stdout = Console(width=None if sys.stdout.isatty() else 200)
 stderr = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 
-# C0 and C1 control characters (escape sequences start with one), except tab.
-_CONTROL_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
-
 
 def printable(text: object) -> str:
-    """``text`` with control characters shown as escapes: a file name or manifest field must
-    never reach the terminal as an escape sequence."""
-    return _CONTROL_RE.sub(lambda m: f"\\x{ord(m.group()):02x}", str(text))
+    """``text`` safe to print through rich: control characters escaped (``engine.text``), and
+    square brackets escaped so that a name like ``[red]x`` is shown, not taken as markup."""
+    return escape(text_printable(text))
 
 
 def size(value: int) -> str:
