@@ -12,6 +12,7 @@ import sys
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from spark_backup.engine.text import printable as text_printable
 from spark_backup.errors import UsageError
 
 if TYPE_CHECKING:
@@ -42,18 +43,17 @@ class _LazyConsole:
 stdout = _LazyConsole(to_stderr=False)
 stderr = _LazyConsole(to_stderr=True)
 
-# C0 and C1 control characters (escape sequences start with one), except tab.
-_CONTROL_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
-
 
 def printable(text: object) -> str:
-    """``text`` with control characters shown as escapes: a file name or manifest field must
-    never reach the terminal as an escape sequence."""
-    return _CONTROL_RE.sub(lambda m: f"\\x{ord(m.group()):02x}", str(text))
+    """``text`` safe to print through rich: control characters escaped (``engine.text``), and
+    square brackets escaped so that a name like ``[red]x`` is shown, not taken as markup."""
+    from rich.markup import escape
+
+    return escape(text_printable(text))
 
 
 # What a cell of a column may not hold as is: control characters, and tabs (they would break
-# the alignment).
+# the alignment). Columns are plain text, not rich markup: brackets stay as they are.
 _CELL_UNSAFE_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
@@ -81,7 +81,7 @@ def _cells(row: Sequence[object]) -> list[tuple[str, int]]:
     joined = "".join(texts)
     if joined.isascii() and not _CELL_UNSAFE_RE.search(joined):
         return [(text, len(text)) for text in texts]
-    cells = [printable(text).replace("\t", "\\x09") for text in texts]
+    cells = [text_printable(text).replace("\t", "\\x09") for text in texts]
     from rich.cells import cell_len
 
     return [(cell, cell_len(cell)) for cell in cells]

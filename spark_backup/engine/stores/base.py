@@ -128,11 +128,11 @@ class ObjectStore(ABC):
 
     @abstractmethod
     def cleanup_incomplete(
-        self, older_than: dt.timedelta, owned: Callable[[str], bool]
+        self, older_than: dt.timedelta, owned: Callable[[str], bool], *, apply: bool = True
     ) -> list[str]:
         """Remove the leftovers of writes to keys ``owned`` accepts that never finished (a killed
         process) and saw no progress for ``older_than``; return their keys. Leftovers of other
-        writers sharing the store are not touched."""
+        writers sharing the store are not touched. Without ``apply``, only list them."""
 
 
 @dataclass(frozen=True)

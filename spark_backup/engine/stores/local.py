@@ -168,7 +168,7 @@ class LocalStore(ObjectStore):
         _remove_empty_parents(path.parent, self.root)
 
     def cleanup_incomplete(
-        self, older_than: dt.timedelta, owned: Callable[[str], bool]
+        self, older_than: dt.timedelta, owned: Callable[[str], bool], *, apply: bool = True
     ) -> list[str]:
         if not self.root.is_dir():
             return []
@@ -188,7 +188,8 @@ class LocalStore(ObjectStore):
                 except FileNotFoundError:
                     continue  # the write finished meanwhile
                 if modified < cutoff:
-                    path.unlink(missing_ok=True)
+                    if apply:
+                        path.unlink(missing_ok=True)
                     removed.append(path.relative_to(self.root).as_posix())
         return removed
 

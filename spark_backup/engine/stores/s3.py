@@ -356,7 +356,7 @@ class S3Store(ObjectStore):
                 raise self._failure(f"delete {key}", exc) from None
 
     def cleanup_incomplete(
-        self, older_than: dt.timedelta, owned: Callable[[str], bool]
+        self, older_than: dt.timedelta, owned: Callable[[str], bool], *, apply: bool = True
     ) -> list[str]:
         cutoff = dt.datetime.now(dt.UTC) - older_than
         root = self._root()
@@ -370,9 +370,10 @@ class S3Store(ObjectStore):
                     key = upload["Key"][len(root) :]
                     if not owned(key) or self._upload_progress(upload) >= cutoff:
                         continue
-                    self.client.abort_multipart_upload(
-                        Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
-                    )
+                    if apply:
+                        self.client.abort_multipart_upload(
+                            Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+                        )
                     removed.append(key)
         except (ClientError, BotoCoreError) as exc:
             raise self._failure("clean up incomplete uploads", exc) from None
