@@ -12,7 +12,6 @@ import sys
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from spark_backup.engine.text import printable as text_printable
 from spark_backup.errors import UsageError
 
 if TYPE_CHECKING:
@@ -49,6 +48,8 @@ def printable(text: object) -> str:
     square brackets escaped so that a name like ``[red]x`` is shown, not taken as markup."""
     from rich.markup import escape
 
+    from spark_backup.engine.text import printable as text_printable
+
     return escape(text_printable(text))
 
 
@@ -81,6 +82,8 @@ def _cells(row: Sequence[object]) -> list[tuple[str, int]]:
     joined = "".join(texts)
     if joined.isascii() and not _CELL_UNSAFE_RE.search(joined):
         return [(text, len(text)) for text in texts]
+    from spark_backup.engine.text import printable as text_printable
+
     cells = [text_printable(text).replace("\t", "\\x09") for text in texts]
     from rich.cells import cell_len
 
