@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 from contextlib import nullcontext
@@ -96,6 +97,10 @@ def _warn(subject: str, message: str) -> None:
 def list_(state: CliState, source: str | None, as_json: bool) -> None:
     """List committed copies, oldest first. A manifest that cannot be read is listed as
     damaged (exit 3); every other copy is listed as usual."""
+    # The process ends with this command, and its thousands of objects per copy are freed by
+    # reference counting: cyclic collections would only walk them again (a fifth of the CPU
+    # of listing 5,000 copies).
+    gc.disable()
     service = state.service
     refs, damaged = service.listing(source) if source else service.all_listings()
     if as_json:

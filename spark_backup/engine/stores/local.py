@@ -136,18 +136,19 @@ class LocalStore(ObjectStore):
     def list_folders(self, prefix: str = "") -> list[str]:
         parent = self.root / check_folder(prefix)
         try:
-            entries = list(os.scandir(parent))
+            with os.scandir(parent) as entries:
+                folders = [e for e in entries if e.is_dir(follow_symlinks=False)]
+            return sorted(
+                folder.name
+                for folder in folders
+                if _KEY_PART_RE.match(folder.name) and _holds_object(folder.path)
+            )
         except FileNotFoundError:
-            return []
+            return []  # a folder nobody wrote yet is just empty
         except OSError as exc:
-            raise StoreError(f"store {self.name!r}: cannot list {parent}: {exc.strerror}") from None
-        return sorted(
-            entry.name
-            for entry in entries
-            if entry.is_dir(follow_symlinks=False)
-            and _KEY_PART_RE.match(entry.name)
-            and _holds_object(Path(entry.path))
-        )
+            raise StoreError(
+                f"store {self.name!r}: cannot list {exc.filename or parent}: {exc.strerror}"
+            ) from None
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
@@ -214,13 +215,22 @@ class _StoreFileWriter:
         self._handle.flush()
 
 
-def _holds_object(directory: Path) -> bool:
+def _holds_object(directory: str) -> bool:
     """Whether a published object lies anywhere below ``directory`` (a folder holding only a
-    write in progress is no folder yet, as on S3); stops at the first one."""
-    for _directory, _dirs, files in os.walk(directory):
-        if any(PARTIAL_MARKER not in name for name in files):
-            return True
-    return False
+    write in progress is no folder yet, as on S3); stops at the first one, so a source folder
+    of thousands of copies costs a few entries."""
+    folders = []
+    try:
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                if not entry.is_dir():
+                    if PARTIAL_MARKER not in entry.name:
+                        return True
+                elif not entry.is_symlink():  # as list(), which does not follow them
+                    folders.append(entry.path)
+    except FileNotFoundError:
+        return False  # deleted meanwhile
+    return any(_holds_object(folder) for folder in folders)
 
 
 def _make_folders(folder: Path) -> None:
