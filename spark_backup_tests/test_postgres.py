@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
+from types import SimpleNamespace
 
 import psycopg
 import pytest
@@ -832,6 +833,37 @@ def test_backup_as_root_before_the_first_wal_push_leaves_the_wal_writable(tmp_pa
                 cluster.stop()
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_pg_check_sends_a_segment_through_the_archive(archiving: Archiving) -> None:
+    result = run_cli("--plan", str(archiving.plan), "pg-check", "--json", "--timeout", "60")
+    assert result.returncode == 0, result.stderr
+    check = json.loads(result.stdout)
+    assert check["store"] == "local" and check["seconds"] < 60
+    assert archived_wal(archiving.service.store("local"), "pg_main", check["segment"])
+    # A plan whose store the server does not archive into: the segment never arrives there.
+    (archiving.root / "elsewhere").mkdir()
+    other = archiving.write_plan(
+        "elsewhere.yaml",
+        stores=[{"name": "local", "kind": "local", "path": str(archiving.root / "elsewhere")}],
+    )
+    missed = run_cli("--plan", str(other), "pg-check", "--timeout", "1")
+    assert missed.returncode == 6
+    assert missed.stderr.startswith("error: source 'pg_main': WAL segment ")
+    assert "did not arrive in store 'local' within 1 s" in missed.stderr
+    assert len(missed.stderr.strip().splitlines()) == 1
+
+
+def test_pg_check_refuses_base_backups_of_another_cluster_or_major() -> None:
+    def base(system_identifier: str, version: str) -> SimpleNamespace:
+        meta = {"system_identifier": system_identifier, "server_version": version}
+        return SimpleNamespace(id="20261129T000000Z-pg_main-base-0001", source_metadata=meta)
+
+    ops.check_same_cluster("pg_main", "7001", "15.4", [base("7001", "15.2")])
+    with pytest.raises(IntegrityError, match="system identifier 7001 is not that of base backup"):
+        ops.check_same_cluster("pg_main", "7001", "15.4", [base("7002", "15.4")])
+    with pytest.raises(IntegrityError, match=r"runs PostgreSQL 16\.1, base backup .* from 15\.4"):
+        ops.check_same_cluster("pg_main", "7001", "16.1", [base("7001", "15.4")])
 
 
 def test_probe_makes_a_replication_connection(archiving: Archiving) -> None:

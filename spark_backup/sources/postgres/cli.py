@@ -137,6 +137,33 @@ def pg_setup_archiving(source: str | None, apply: bool) -> None:
     )
 
 
+@click.command("pg-check")
+@click.argument("source", required=False)
+@click.option(
+    "--timeout",
+    default=60.0,
+    show_default=True,
+    type=click.FloatRange(min=0.1),
+    help="Seconds to wait for the segment in the store.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Report as JSON.")
+def pg_check(source: str | None, timeout: float, as_json: bool) -> None:
+    """Send a WAL file through the archive: switch the server's WAL (needs a superuser) and
+    wait until the closed segment is in the store. Also checks that the server is the cluster
+    and major version the archive's base backups come from."""
+    runtime, chosen = _source(source)
+    check = ops.check_archive(runtime, chosen, timeout)
+    if as_json:
+        click.echo(json.dumps(asdict(check), indent=2))
+        return
+    stdout.print(
+        f"WAL segment {check.segment} of {check.source} arrived in store {check.store!r} after "
+        f"{check.seconds:.1f}s (system identifier {check.system_identifier}, PostgreSQL "
+        f"{check.server_version}, {check.base_backups_checked} base backups of this cluster)",
+        highlight=False,
+    )
+
+
 @click.command("pg-pitr")
 @click.argument("source", required=False)
 @click.option(
@@ -189,4 +216,4 @@ def pg_pitr(
         stdout.print(f"running: {report.connect_hint()}", highlight=False)
 
 
-COMMANDS = (wal_push, wal_fetch, wal_status, pg_setup_archiving, pg_pitr)
+COMMANDS = (wal_push, wal_fetch, wal_status, pg_setup_archiving, pg_check, pg_pitr)

@@ -9,6 +9,7 @@ import os
 import shlex
 import shutil
 import sys
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from pyrage import x25519
 from spark_backup.engine.pipeline import open_copy, utcnow
 from spark_backup.engine.stores.base import ObjectStore
 from spark_backup.engine.streams import ProgressCallback
-from spark_backup.errors import IntegrityError, SparkBackupError, UsageError
+from spark_backup.errors import IntegrityError, SourceError, SparkBackupError, UsageError
 from spark_backup.sources.base import CopyRef, FolderRestore, Runtime, SourceKind
 from spark_backup.sources.postgres import dump as pg_dump_restore
 from spark_backup.sources.postgres import pitr as recovery
@@ -29,6 +30,7 @@ from spark_backup.sources.postgres.server import (
     PostgresServer,
     ServerArchiveState,
     server_archive_state,
+    switch_wal,
 )
 from spark_backup.sources.postgres.server import apply_settings as pg_apply_settings
 from spark_backup.sources.postgres.settings import PostgresSource
@@ -142,6 +144,79 @@ def wal_archive_status(
     except SparkBackupError as exc:
         status.server_error = str(exc)
     return status
+
+
+@dataclass
+class ArchiveCheck:
+    """``pg-check``: a segment the server was made to close, and when it was in the store."""
+
+    source: str
+    segment: str
+    store: str
+    seconds: float
+    system_identifier: str
+    server_version: str
+    base_backups_checked: int
+
+
+def check_archive(
+    runtime: Runtime, source: PostgresSource, timeout: float, poll: float = 0.2
+) -> ArchiveCheck:
+    """Force a WAL switch and wait until the store holds the closed segment; the server must
+    be the cluster (and the major version) the archive's base backups were taken from."""
+    if not source.wal_archiving:
+        raise UsageError(f"source {source.name!r} does not archive WAL (wal_archiving: false)")
+    server = server_of(runtime, source)
+    bases = [r.manifest for r in runtime.copies(source.name, BASE)]
+    store = runtime.store_for(source)
+    started = time.monotonic()
+    switched = switch_wal(server)
+    check_same_cluster(source.name, switched.system_identifier, switched.server_version, bases)
+    while not archived_wal(store, source.name, switched.segment):
+        if time.monotonic() - started > timeout:
+            state = server_archive_state(server)
+            failed = (
+                f"; the server's archiver last failed on {state.last_failed_wal} at "
+                f"{state.last_failed_time:%Y-%m-%d %H:%M:%S %Z} (see its log)"
+                if state.last_failed_wal and state.last_failed_time
+                else ""
+            )
+            raise SourceError(
+                f"source {source.name!r}: WAL segment {switched.segment} did not arrive in "
+                f"store {store.name!r} within {timeout:g} s{failed}"
+            )
+        time.sleep(poll)
+    return ArchiveCheck(
+        source.name,
+        switched.segment,
+        store.name,
+        round(time.monotonic() - started, 3),
+        switched.system_identifier,
+        switched.server_version,
+        len(bases),
+    )
+
+
+def check_same_cluster(
+    source: str, system_identifier: str, server_version: str, bases: Sequence[Any]
+) -> None:
+    """``IntegrityError`` if the archive's base backups come from another cluster or another
+    major version: its WAL would not replay onto them."""
+    major = server_version.split(".")[0]
+    for base in bases:
+        meta = base.source_metadata
+        if str(meta.get("system_identifier")) != system_identifier:
+            raise IntegrityError(
+                f"source {source!r}: the server's system identifier {system_identifier} is not "
+                f"that of base backup {base.id} ({meta.get('system_identifier')}); is another "
+                "cluster archiving into this source?"
+            )
+        if str(meta.get("server_version", "")).split(".")[0] != major:
+            raise IntegrityError(
+                f"source {source!r}: the server runs PostgreSQL {server_version}, base backup "
+                f"{base.id} was taken from {meta.get('server_version')}; take a new base backup "
+                "after a major upgrade"
+            )
 
 
 def expire_wal(
