@@ -600,6 +600,97 @@ def test_pitr_drill_recovers_exactly_the_rows_before_the_damage(archiving: Archi
     Cluster(target_dir, report["port"]).stop()
 
 
+def test_pitr_to_a_restore_point_an_xid_an_lsn_and_immediate(archiving: Archiving) -> None:
+    cluster = archiving.cluster
+    service = archiving.service
+    service.backup("pg_main", artifact="base")
+    cluster.execute("CREATE TABLE steps (step int, xid bigint)")
+    cluster.execute("INSERT INTO steps VALUES (1, txid_current())")
+    cluster.execute("SELECT pg_create_restore_point('before two')")
+    (lsn,) = cluster.execute("SELECT pg_current_wal_lsn()::text")[0]
+    cluster.execute("INSERT INTO steps VALUES (2, txid_current())")
+    cluster.execute("INSERT INTO steps VALUES (3, txid_current())")
+    (xid,) = cluster.execute("SELECT xid FROM steps WHERE step = 2")[0]
+    cluster.switch_wal_and_wait()
+
+    def steps_after(target: ops.recovery.PgTarget, folder: str) -> list[int] | None:
+        port = free_port()
+        report = ops.pitr(
+            service, POSTGRES, service.source("pg_main"), target, archiving.root / folder, port=port
+        )
+        assert report.ok and report.target_time == target.describe()
+        try:
+            with (
+                closing(
+                    psycopg.connect(host=str(archiving.root / folder), port=port, user="postgres")
+                ) as conn,
+                conn.cursor() as cursor,
+            ):
+                cursor.execute("SELECT to_regclass('steps') IS NOT NULL")
+                if not cursor.fetchone()[0]:
+                    return None
+                cursor.execute("SELECT step FROM steps ORDER BY step")
+                return [row[0] for row in cursor.fetchall()]
+        finally:
+            Cluster(archiving.root / folder, port).stop()
+
+    PgTarget = ops.recovery.PgTarget
+    assert steps_after(PgTarget(name="before two"), "pitr_name") == [1]
+    assert steps_after(PgTarget(xid=xid), "pitr_xid") == [1, 2]
+    assert steps_after(PgTarget(xid=xid, inclusive=False), "pitr_xid_exclusive") == [1]
+    assert steps_after(PgTarget(lsn=lsn), "pitr_lsn") == [1]
+    # The base backup was taken before the table: consistent, and not a transaction more.
+    assert steps_after(PgTarget(immediate=True), "pitr_immediate") is None
+
+
+def test_pitr_target_options_are_checked_before_anything_is_touched(archiving: Archiving) -> None:
+    never = archiving.root / "pitr_never"
+    cases = [
+        ([], "choose a recovery target"),
+        (["--to-xid", "7", "--to-name", "x"], "choose one recovery target"),
+        (["--to-lsn", "3000060"], "is not a WAL position such as 0/3000060"),
+        (["--to-name", "n" * 64], "a restore point name has 1 to 63 bytes"),
+        (["--immediate", "--exclusive"], "--exclusive applies to --to-time, --to-xid"),
+        (["--to-time", "latest", "--immediate"], "--to-time latest is a recovery target"),
+    ]
+    for options, expected in cases:
+        result = run_cli(
+            "--plan", str(archiving.plan), "pg-pitr", *options, "--target-dir", str(never)
+        )
+        assert result.returncode == 2, (options, result.stderr)
+        assert expected in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not never.exists()
+
+
+def test_list_shows_the_wal_each_base_backup_needs(archiving: Archiving) -> None:
+    (base,) = archiving.service.backup("pg_main", artifact="base")
+    archiving.cluster.switch_wal_and_wait()
+    listed = run_cli("--plan", str(archiving.plan), "list", "pg_main", "--json")
+    assert listed.returncode == 0, listed.stderr
+    rows = {row["id"]: row for row in json.loads(listed.stdout)}
+    log = rows[base.id]["log"]
+    meta = base.source_metadata
+    assert (log["start"], log["stop"]) == (meta["start_lsn"], meta["end_lsn"])
+    assert log["first"] <= log["last"] and log["complete"] and log["missing"] is None
+    assert all("log" not in row for row in rows.values() if row["part"] != "base")
+
+    # A copy of the archive without the base's first segment: the listing names it.
+    store_copy = archiving.root / "store_without_first"
+    shutil.copytree(archiving.root / "store", store_copy)
+    for key in store_copy.glob(f"pg_main/wal/{log['first']}-*"):
+        key.unlink()
+    plan = archiving.write_plan(
+        "without_first.yaml", stores=[{"name": "local", "kind": "local", "path": str(store_copy)}]
+    )
+    rows = {
+        row["id"]: row for row in json.loads(run_cli("--plan", str(plan), "list", "--json").stdout)
+    }
+    assert rows[base.id]["log"]["complete"] is False
+    assert rows[base.id]["log"]["missing"] == log["first"]
+    text = run_cli("--plan", str(plan), "list", "pg_main").stdout  # the cell may wrap
+    assert "MISSING" in text and f"{log['first']}.." in text
+
+
 def test_pitr_refuses_bad_targets(archiving: Archiving) -> None:
     service = archiving.service
     if not service.copies("pg_main", "base"):

@@ -15,7 +15,13 @@ from spark_backup.console import error_line, printable, size, stderr, stdout
 from spark_backup.engine.catalog import DamagedManifest
 from spark_backup.engine.manifest import Manifest
 from spark_backup.errors import IntegrityError, SparkBackupError
-from spark_backup.sources.base import CopyRef, RestoreTarget, RestoreTargets
+from spark_backup.sources.base import (
+    ContinuousLog,
+    CopyRef,
+    LogRange,
+    RestoreTarget,
+    RestoreTargets,
+)
 
 # --- backup ------------------------------------------------------------------------------------
 
@@ -92,18 +98,21 @@ def list_(state: CliState, source: str | None, as_json: bool) -> None:
     damaged (exit 3); every other copy is listed as usual."""
     service = state.service
     refs, damaged = service.listing(source) if source else service.all_listings()
+    ranges = _log_ranges(service, refs)
     if as_json:
-        rows = [_copy_row(r) for r in refs] + [_damaged_row(d) for d in damaged]
+        rows = [_copy_row(r, ranges.get(r.manifest.id)) for r in refs]
+        rows += [_damaged_row(d) for d in damaged]
         click.echo(json.dumps(rows, indent=2))
     else:
         from rich.table import Table
 
         table = Table()
-        for column in ("id", "source", "part", "partition", "finished", "size", "stored", "store"):
+        columns = ["id", "source", "part", "partition", "finished", "size", "stored", "store"]
+        for column in columns + (["log needed"] if ranges else []):
             table.add_column(column, no_wrap=column == "id")
         for ref in refs:
             m = ref.manifest
-            table.add_row(
+            row = [
                 m.id,
                 m.source,
                 printable(m.part),
@@ -112,7 +121,16 @@ def list_(state: CliState, source: str | None, as_json: bool) -> None:
                 size(m.plaintext.bytes),
                 size(m.stored.bytes),
                 ref.store.name,
-            )
+            ]
+            if ranges:
+                found = ranges.get(m.id)
+                row.append(
+                    ""
+                    if found is None
+                    else f"{found.first}..{found.last} "
+                    + ("archived" if found.complete else f"MISSING {found.missing}")
+                )
+            table.add_row(*row)
         stdout.print(table)
         for entry in damaged:
             error_line(f"damaged manifest: {entry.error}")
@@ -120,8 +138,24 @@ def list_(state: CliState, source: str | None, as_json: bool) -> None:
         sys.exit(IntegrityError.exit_code)
 
 
-def _copy_row(ref: CopyRef) -> dict[str, Any]:
+def _log_ranges(service: Any, refs: list[CopyRef]) -> dict[str, LogRange]:
+    """The log each base copy needs, from the kinds that archive one, for sources in the plan."""
+    ranges: dict[str, LogRange] = {}
+    in_plan = {source.name: source for source in service.plan.sources}
+    for name in dict.fromkeys(ref.manifest.source for ref in refs):
+        source = in_plan.get(name)
+        if source is None:
+            continue
+        kind = service.kind_of(source)
+        if isinstance(kind, ContinuousLog) and kind.log_enabled(source):
+            mine = [r.manifest for r in refs if r.manifest.source == name]
+            ranges.update(kind.log_ranges(service, source, mine))
+    return ranges
+
+
+def _copy_row(ref: CopyRef, log: LogRange | None = None) -> dict[str, Any]:
     m = ref.manifest
+    extra = {"log": {**asdict(log), "complete": log.complete}} if log else {}
     return {
         "id": m.id,
         "source": m.source,
@@ -137,6 +171,7 @@ def _copy_row(ref: CopyRef) -> dict[str, Any]:
         "store": ref.store.name,
         "uri": ref.store.object_uri(m.data_key),
         "lock": m.lock,
+        **extra,
     }
 
 

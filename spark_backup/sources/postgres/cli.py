@@ -13,10 +13,10 @@ import click
 
 from spark_backup.console import error_line, parse_time, printable, stderr, stdout
 from spark_backup.engine.settings import format_duration
-from spark_backup.errors import IntegrityError
+from spark_backup.errors import IntegrityError, UsageError
 from spark_backup.sources.base import current_runtime
 from spark_backup.sources.postgres import KIND, ops
-from spark_backup.sources.postgres.pitr import DEFAULT_PORT, LATEST
+from spark_backup.sources.postgres.pitr import DEFAULT_PORT, LATEST, PgTarget
 from spark_backup.sources.postgres.server import conf_value
 from spark_backup.sources.postgres.wal import WalNotArchived
 
@@ -169,8 +169,16 @@ def pg_check(source: str | None, timeout: float, as_json: bool) -> None:
 @click.option(
     "--to-time",
     "to_time",
-    required=True,
     help="ISO 8601 time (without a zone it is UTC), or 'latest': all archived WAL.",
+)
+@click.option("--to-xid", "to_xid", type=int, help="A transaction id (txid_current()).")
+@click.option("--to-lsn", "to_lsn", help="A WAL position such as 0/3000060.")
+@click.option("--to-name", "to_name", help="A restore point (pg_create_restore_point).")
+@click.option("--immediate", is_flag=True, help="Stop as soon as the base backup is consistent.")
+@click.option(
+    "--exclusive",
+    is_flag=True,
+    help="Stop just before the time, xid or lsn rather than after it.",
 )
 @click.option("--target-dir", required=True, help="A new or empty folder for the cluster.")
 @click.option("--port", default=DEFAULT_PORT, show_default=True, type=click.IntRange(1, 65535))
@@ -179,7 +187,12 @@ def pg_check(source: str | None, timeout: float, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Report as JSON.")
 def pg_pitr(
     source: str | None,
-    to_time: str,
+    to_time: str | None,
+    to_xid: int | None,
+    to_lsn: str | None,
+    to_name: str | None,
+    immediate: bool,
+    exclusive: bool,
     target_dir: str,
     port: int,
     identity: str | None,
@@ -187,14 +200,30 @@ def pg_pitr(
     as_json: bool,
 ) -> None:
     """Recover SOURCE to a point in time in a new cluster (base backup plus archived WAL),
-    start it on a local socket in TARGET_DIR and verify it. Production is not touched."""
-    target_time = None if to_time == LATEST else parse_time(to_time)
+    start it on a local socket in TARGET_DIR and verify it. Production is not touched. The
+    target is one of --to-time (or 'latest'), --to-xid, --to-lsn, --to-name, --immediate."""
+    if to_time is None and to_xid is None and to_lsn is None and to_name is None:
+        if not immediate:
+            raise UsageError(
+                "choose a recovery target: --to-time TIME|latest, --to-xid, --to-lsn, "
+                "--to-name or --immediate"
+            )
+    elif to_time == LATEST and (to_xid, to_lsn, to_name, immediate) != (None, None, None, False):
+        raise UsageError("--to-time latest is a recovery target of its own; choose one")
+    target = PgTarget(
+        time=None if to_time in (None, LATEST) else parse_time(to_time),
+        xid=to_xid,
+        lsn=to_lsn,
+        name=to_name,
+        immediate=immediate,
+        inclusive=not exclusive,
+    )
     runtime, chosen = _source(source)
     report = ops.pitr(
         runtime,
         KIND,
         chosen,
-        target_time,
+        target,
         Path(target_dir),
         port=port,
         identity_file=identity,

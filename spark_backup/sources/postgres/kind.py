@@ -27,6 +27,7 @@ from spark_backup.sources.base import (
     ContinuousLog,
     CopyRef,
     FolderRestore,
+    LogRange,
     LogStatus,
     Observable,
     Observation,
@@ -272,6 +273,11 @@ class PostgresKind(
 
     def owns_key(self, key: str) -> bool:
         return is_wal_key(key)
+
+    def log_ranges(
+        self, runtime: Runtime, source: PostgresSource, bases: Sequence[Manifest]
+    ) -> dict[str, LogRange]:
+        return ops.wal_ranges(runtime, source, bases)
 
     # --- PointInTimeRecovery --------------------------------------------------------------------
 

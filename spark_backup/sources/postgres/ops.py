@@ -22,7 +22,7 @@ from spark_backup.engine.pipeline import open_copy, utcnow
 from spark_backup.engine.stores.base import ObjectStore
 from spark_backup.engine.streams import ProgressCallback
 from spark_backup.errors import IntegrityError, SourceError, SparkBackupError, UsageError
-from spark_backup.sources.base import CopyRef, FolderRestore, Runtime, SourceKind
+from spark_backup.sources.base import CopyRef, FolderRestore, LogRange, Runtime, SourceKind
 from spark_backup.sources.postgres import dump as pg_dump_restore
 from spark_backup.sources.postgres import pitr as recovery
 from spark_backup.sources.postgres.basebackup import BASE_PART
@@ -42,7 +42,7 @@ from spark_backup.sources.postgres.wal import (
     newest_segment,
     push_wal,
 )
-from spark_backup.sources.postgres.walname import WalSegment, lsn_value
+from spark_backup.sources.postgres.walname import DEFAULT_SEGMENT_SIZE, WalSegment, lsn_value
 
 WAL_FETCH_WORKERS = 4
 BASE = "base"
@@ -219,6 +219,33 @@ def check_same_cluster(
             )
 
 
+def wal_ranges(
+    runtime: Runtime, source: PostgresSource, bases: Sequence[Any]
+) -> dict[str, LogRange]:
+    """Per base backup: the WAL from its start to its end position (what makes it consistent,
+    as ``pgbackrest info`` shows it), and the first of those segments the archive lacks."""
+    bases = [m for m in bases if m.part == BASE_PART]
+    if not bases:
+        return {}
+    archived = {e.name for e in archived_wal(runtime.store_for(source), source.name)}
+    ranges = {}
+    for base in bases:
+        meta = base.source_metadata
+        size = meta.get("wal_segment_size", DEFAULT_SEGMENT_SIZE)
+        first = WalSegment.from_lsn(meta["start_lsn"], meta["timeline"], size)
+        # The end position is just past the last record: at a segment's start, that record
+        # ended in the segment before.
+        last = WalSegment(meta["timeline"], (lsn_value(meta["end_lsn"]) - 1) // size, size)
+        needed = [first]
+        while needed[-1].number < last.number:
+            needed.append(needed[-1].next())
+        missing = next((s.name for s in needed if s.name not in archived), None)
+        ranges[base.id] = LogRange(
+            meta["start_lsn"], meta["end_lsn"], first.name, last.name, missing
+        )
+    return ranges
+
+
 def expire_wal(
     runtime: Runtime,
     source: PostgresSource,
@@ -320,7 +347,7 @@ def pitr(
     runtime: Runtime,
     kind: SourceKind,
     source: PostgresSource,
-    target_time: dt.datetime | None,
+    target: dt.datetime | recovery.PgTarget | None,
     target_dir: Path,
     *,
     port: int = recovery.DEFAULT_PORT,
@@ -328,9 +355,11 @@ def pitr(
     stop_after: bool = False,
     progress: ProgressCallback | None = None,
 ) -> recovery.PitrReport:
-    """Recover the source to ``target_time`` (None: to the end of the archived WAL, for a
-    disaster) in a new cluster under ``target_dir``, start it and verify it. The production
-    cluster is not touched."""
+    """Recover the source to ``target`` (a time or a ``PgTarget``; None: to the end of the
+    archived WAL, for a disaster) in a new cluster under ``target_dir``, start it and verify it.
+    The production cluster is not touched."""
+    goal = recovery.as_target(target)
+    target_time = goal.time
     store = runtime.store_for(source)
     target_dir = Path(os.path.abspath(target_dir))
     if target_time is not None and target_time > utcnow():
@@ -339,7 +368,10 @@ def pitr(
             "all archived WAL"
         )
     base = recovery.choose_base(
-        [r.manifest for r in runtime.copies(source.name, BASE)], target_time, source.name
+        [r.manifest for r in runtime.copies(source.name, BASE)],
+        target_time,
+        source.name,
+        goal.lsn,
     )
     identities = runtime.identities(identity_file)
     os_user = recovery.default_os_user()
@@ -349,7 +381,7 @@ def pitr(
         source.name,
         user,
         base.id,
-        target_time.isoformat() if target_time else recovery.LATEST,
+        goal.describe(),
         str(target_dir),
         port,
     )
@@ -371,7 +403,9 @@ def pitr(
         wanted, gap = recovery.wal_to_fetch(base, archived_wal(store, source.name))
         wal_folder = target_dir / recovery.WAL_CACHE_FOLDER
         wal_folder.mkdir()
-        recovery.configure_recovery(target_dir, target_time, port, os_user)
+        if goal.immediate:
+            wanted = recovery.up_to_consistency(base, wanted)
+        recovery.configure_recovery(target_dir, goal, port, os_user)
         batches = recovery.wal_batches(wanted, target_time)
         for number, batch in enumerate(batches, start=1):
             recovery.timed(
@@ -402,13 +436,13 @@ def pitr(
                 raise IntegrityError(
                     f"recovery of {source.name!r} cannot reach {report.target_time}: the "
                     f"WAL archive has no more WAL ({missing}); the last reachable point is "
-                    f"{reached}. Choose --to-time at or before it. ({exc})"
+                    f"{reached}. Choose a target at or before it. ({exc})"
                 ) from None
         points = recovery.recovery_points(target_dir / recovery.LOG_FILE)
         report.stopped = points["stopped"]
         report.last_transaction = points["last_transaction"]
         report.recovered_to = points["last_transaction"]
-        if target_time is None:
+        if goal.is_latest:
             # "latest" must mean all of the archive: a gap, or WAL that was fetched but not
             # replayed, is an early stop nobody chose.
             recovery.check_replayed_all(
