@@ -7,6 +7,7 @@ import datetime as dt
 import json
 import os
 import shutil
+import subprocess
 import threading
 import time
 import uuid
@@ -37,6 +38,7 @@ from spark_backup.sources.postgres import ops
 from spark_backup.sources.postgres.server import first_line
 from spark_backup.sources.postgres.wal import archived_wal
 from spark_backup_tests.helpers import (
+    SPARK_BACKUP,
     flip_last_byte,
     free_port,
     make_key,
@@ -471,6 +473,49 @@ def test_wal_fetch_aborts_recovery_when_the_store_is_unreachable(tmp_path, age_k
     )
     assert result.returncode == 255, result.stderr
     assert not (tmp_path / "seg").exists()
+
+
+def test_wal_fetch_in_standby_mode_waits_out_a_brief_store_outage(
+    dump_plan: Path, tmp_path: Path
+) -> None:
+    """The store's folder is gone (an unmounted disk) for two seconds: a standby's wal-fetch
+    retries and restores the file; an outage longer than its retry window exits 1, which a
+    standby answers by asking again later, never 255, which would stop it."""
+    segment = tmp_path / "pg_wal" / SEGMENT
+    segment.parent.mkdir()
+    segment.write_bytes(os.urandom(64 * 1024))
+    (tmp_path / "store").mkdir()  # as pg-setup-archiving leaves it
+    assert run_cli("--plan", str(dump_plan), "wal-push", str(segment)).returncode == 0
+    store, away = tmp_path / "store", tmp_path / "store-unmounted"
+    store.rename(away)
+    restored = tmp_path / "restored"
+    fetch = ["wal-fetch", "--standby", "--retry-seconds", "60", SEGMENT, str(restored)]
+    fetching = subprocess.Popen(
+        [*SPARK_BACKUP, "--no-progress", "--plan", str(dump_plan), *fetch],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(2)
+    assert fetching.poll() is None  # still retrying, quietly
+    away.rename(store)
+    _, errors = fetching.communicate(timeout=60)
+    assert fetching.returncode == 0, errors
+    assert restored.read_bytes() == segment.read_bytes() and errors == ""
+
+    store.rename(away)
+    started = time.monotonic()
+    longer = run_cli(
+        "--plan", str(dump_plan), "wal-fetch", "--standby", "--retry-seconds", "1",
+        SEGMENT, str(tmp_path / "never"),
+    )  # fmt: skip
+    assert longer.returncode == 1, longer.stderr
+    assert time.monotonic() - started >= 1
+    assert "holds no WAL at all" in longer.stderr
+    assert len(longer.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "never").exists()
+    # Without --standby, the same outage aborts recovery at once (exit 255).
+    aborted = run_cli("--plan", str(dump_plan), "wal-fetch", SEGMENT, str(tmp_path / "never"))
+    assert aborted.returncode == 255
 
 
 # --- archiving, base backups, PITR -------------------------------------------------------------

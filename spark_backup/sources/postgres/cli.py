@@ -13,7 +13,7 @@ import click
 
 from spark_backup.console import error_line, parse_time, printable, stderr, stdout
 from spark_backup.engine.settings import format_duration
-from spark_backup.errors import IntegrityError, UsageError
+from spark_backup.errors import IntegrityError, StoreError, UsageError
 from spark_backup.sources.base import current_runtime
 from spark_backup.sources.postgres import KIND, ops
 from spark_backup.sources.postgres.pitr import DEFAULT_PORT, LATEST, PgTarget
@@ -61,16 +61,42 @@ class _RestoreCommand(click.Command):
 @click.argument("destination")
 @click.option("--source", help="The PostgreSQL source (default: the plan's only one).")
 @click.option("--identity", type=click.Path(dir_okay=False), help="age identity file.")
-def wal_fetch(name: str, destination: str, source: str | None, identity: str | None) -> None:
+@click.option(
+    "--standby",
+    is_flag=True,
+    help="For a standby's restore_command: retry an unreachable store quietly, then exit 1 "
+    "(PostgreSQL asks again later) rather than 255 (which stops the standby).",
+)
+@click.option(
+    "--retry-seconds",
+    default=60.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="With --standby: how long to retry an unreachable store.",
+)
+def wal_fetch(
+    name: str,
+    destination: str,
+    source: str | None,
+    identity: str | None,
+    standby: bool,
+    retry_seconds: float,
+) -> None:
     """Restore one WAL file: restore_command = 'spark-backup --plan PLAN wal-fetch %f %p'.
     Exit 0 restored, 1 not in the archive (recovery ends there), 255 anything else (recovery
-    aborts rather than stopping early)."""
+    aborts rather than stopping early). With --standby, an unreachable store is retried and
+    then also exits 1: a standby waits for the file, it never ends recovery."""
     try:
         runtime, chosen = _source(source)
-        ops.wal_fetch(runtime, chosen, name, Path(destination), identity)
+        ops.wal_fetch(
+            runtime, chosen, name, Path(destination), identity, retry_seconds if standby else 0
+        )
     except WalNotArchived as error:
         stderr.print(printable(error), highlight=False, soft_wrap=True)
         sys.exit(WAL_FETCH_MISSING)
+    except StoreError as error:
+        error_line(error)
+        sys.exit(WAL_FETCH_MISSING if standby else WAL_FETCH_ABORT)
     except Exception as error:
         error_line(error)
         sys.exit(WAL_FETCH_ABORT)

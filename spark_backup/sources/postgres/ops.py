@@ -21,7 +21,13 @@ from pyrage import x25519
 from spark_backup.engine.pipeline import open_copy, utcnow
 from spark_backup.engine.stores.base import ObjectStore
 from spark_backup.engine.streams import ProgressCallback
-from spark_backup.errors import IntegrityError, SourceError, SparkBackupError, UsageError
+from spark_backup.errors import (
+    IntegrityError,
+    SourceError,
+    SparkBackupError,
+    StoreError,
+    UsageError,
+)
 from spark_backup.sources.base import CopyRef, FolderRestore, LogRange, Runtime, SourceKind
 from spark_backup.sources.postgres import dump as pg_dump_restore
 from spark_backup.sources.postgres import pitr as recovery
@@ -45,6 +51,9 @@ from spark_backup.sources.postgres.wal import (
 from spark_backup.sources.postgres.walname import DEFAULT_SEGMENT_SIZE, WalSegment, lsn_value
 
 WAL_FETCH_WORKERS = 4
+# A standby's wal-fetch asks an unreachable store again after these pauses (doubling).
+WAL_FETCH_FIRST_PAUSE = 0.5
+WAL_FETCH_MAX_PAUSE = 5.0
 BASE = "base"
 
 
@@ -85,10 +94,23 @@ def wal_fetch(
     name: str,
     destination: Path,
     identity_file: str | Path | None = None,
+    retry_for: float = 0.0,
 ) -> None:
-    fetch_wal(
-        runtime.store_for(source), source.name, name, destination, runtime.identities(identity_file)
-    )
+    """Restore one WAL file. A store that cannot be reached is asked again for ``retry_for``
+    seconds (a standby's brief store outage); a file not archived or damaged is not retried."""
+    store = runtime.store_for(source)
+    identities = runtime.identities(identity_file)
+    deadline = time.monotonic() + retry_for
+    pause = WAL_FETCH_FIRST_PAUSE
+    while True:
+        try:
+            fetch_wal(store, source.name, name, destination, identities)
+            return
+        except StoreError:
+            if time.monotonic() + pause > deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, WAL_FETCH_MAX_PAUSE)
 
 
 @dataclass
