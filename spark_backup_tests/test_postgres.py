@@ -54,6 +54,9 @@ from spark_backup_tests.pg_cluster import (
     shared_dir,
     throwaway_cluster,
 )
+from spark_backup_tests.pg_cluster import (
+    SPARK_BACKUP as SPARK_BACKUP_BIN,
+)
 
 MAIN = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
 SAMPLE_SQL = """
@@ -1007,6 +1010,48 @@ def test_probe_makes_a_replication_connection(archiving: Archiving) -> None:
     probe = run_cli("--plan", str(archiving.plan), "plan", "check", "--probe")
     assert probe.returncode == 0, probe.stderr
     assert "plan is valid" in probe.stdout
+
+
+def test_probe_runs_archive_command_as_the_servers_user(archiving: Archiving) -> None:
+    """The traps of archive_command, which runs as postgres: an interpreter under a folder that
+    user cannot enter (exit 126), and a store folder it cannot write. plan check --probe runs
+    the server's own command with --dry-run as that user and names the fix."""
+    cluster = archiving.cluster
+    (original,) = cluster.execute("SHOW archive_command")[0]
+    closed = archiving.root / "closed"
+    closed.mkdir(mode=0o700)
+    shutil.chown(closed, "root", "root")
+    wrapper = closed / "spark-backup"
+    wrapper.write_text(f'#!/bin/sh\nexec {SPARK_BACKUP_BIN} "$@"\n')
+    wrapper.chmod(0o755)
+    root_store = archiving.root / "root_store"
+    root_store.mkdir(mode=0o755)
+    shutil.chown(root_store, "root", "root")
+    unwritable = archiving.write_plan(
+        "root_store.yaml", stores=[{"name": "local", "kind": "local", "path": str(root_store)}]
+    )
+
+    def probe_with(command: str):
+        cluster.execute(f"ALTER SYSTEM SET archive_command = '{command}'")
+        cluster.execute("SELECT pg_reload_conf()")
+        return run_cli("--plan", str(archiving.plan), "plan", "check", "--probe")
+
+    try:
+        closed_venv = probe_with(f"{wrapper} --plan {archiving.plan} wal-push %p")
+        assert closed_venv.returncode == 6, closed_venv.stderr
+        assert "archive_command cannot start as OS user postgres (exit 126" in closed_venv.stderr
+        assert "install spark-backup where postgres can run it" in closed_venv.stderr
+        assert len(closed_venv.stderr.strip().splitlines()) == 1
+
+        no_write = probe_with(f"{SPARK_BACKUP_BIN} --plan {unwritable} wal-push %p")
+        assert no_write.returncode == 6, no_write.stderr
+        assert "archive_command fails as OS user postgres" in no_write.stderr
+        assert f"{root_store} is not writable by user postgres" in no_write.stderr
+    finally:
+        cluster.execute(f"ALTER SYSTEM SET archive_command = '{original}'")
+        cluster.execute("SELECT pg_reload_conf()")
+    ok = run_cli("--plan", str(archiving.plan), "plan", "check", "--probe")
+    assert ok.returncode == 0, ok.stderr
 
 
 def test_setup_archiving_prints_and_applies_the_settings(archiving: Archiving) -> None:

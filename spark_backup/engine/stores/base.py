@@ -67,6 +67,11 @@ class ObjectStore(ABC):
     def check(self) -> None:
         """Raise ``StoreError`` with one line if the store cannot be reached or used."""
 
+    def check_writable(self, prefix: str) -> None:
+        """Raise ``StoreError`` with one line if this process could not write below ``prefix``;
+        creates nothing. By default, what ``check`` finds."""
+        self.check()
+
     @abstractmethod
     def open_write(
         self, key: str, *, lock: ObjectLock | None = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import errno
 import os
+import pwd
 import re
 import secrets
 from collections.abc import Callable, Iterator
@@ -45,6 +46,19 @@ class LocalStore(ObjectStore):
             ) from None
         if not os.access(self.root, os.W_OK | os.X_OK):
             raise StoreError(f"store {self.name!r}: {self.root} is not writable")
+
+    def check_writable(self, prefix: str) -> None:
+        """The folder below which ``prefix`` lives, or the nearest one that exists, must be
+        writable by this process (the store's root is never created here)."""
+        if not self.root.is_dir():
+            raise StoreError(f"store {self.name!r}: {self.root} does not exist (not mounted?)")
+        folder = self.root / prefix.strip("/") if prefix.strip("/") else self.root
+        while not folder.is_dir():
+            folder = folder.parent
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise StoreError(
+                f"store {self.name!r}: {folder} is not writable by user {_user_name()}"
+            )
 
     def _path(self, key: str) -> Path:
         return self.root / check_key(key)
@@ -184,6 +198,13 @@ class _StoreFileWriter:
 
     def flush(self) -> None:
         self._handle.flush()
+
+
+def _user_name() -> str:
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return str(os.geteuid())
 
 
 def _make_folders(folder: Path) -> None:

@@ -33,12 +33,24 @@ def _source(name: str | None) -> Any:
 
 
 @click.command("wal-push")
-@click.argument("path")
+@click.argument("path", required=False)
 @click.option("--source", help="The PostgreSQL source (default: the plan's only one).")
-def wal_push(path: str, source: str | None) -> None:
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Archive nothing: check that this user can read the plan and the recipients and "
+    "write into the WAL archive (plan check --probe runs it as the server's user).",
+)
+def wal_push(path: str | None, source: str | None, dry_run: bool) -> None:
     """Archive one WAL file: archive_command = 'spark-backup --plan PLAN wal-push %p'.
     Pushing a file already archived with the same content succeeds; other content fails."""
     runtime, chosen = _source(source)
+    if dry_run:
+        where = ops.wal_push_dry_run(runtime, chosen)
+        stdout.print(f"wal-push would archive into {where}", highlight=False, soft_wrap=True)
+        return
+    if path is None:
+        raise UsageError("wal-push needs the WAL file's PATH (%p), or --dry-run")
     outcome = ops.wal_push(runtime, chosen, Path(path))
     if outcome != "archived":
         stderr.print(f"{printable(Path(path).name)}: {outcome}", highlight=False)

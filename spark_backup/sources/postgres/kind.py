@@ -159,6 +159,10 @@ class PostgresKind(
                 replication.cursor() as cursor,
             ):
                 cursor.execute("IDENTIFY_SYSTEM")
+        if source.wal_archiving:
+            # archive_command runs as the server's OS user: a venv it cannot reach (exit 126)
+            # or a store folder it cannot write stalls archiving, found here, not by the server.
+            ops.archive_command_as_server_user(server, source)
 
     def restore_to_folder(
         self,

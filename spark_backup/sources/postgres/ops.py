@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import pwd
 import shlex
 import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -19,6 +21,7 @@ from typing import Any
 from pyrage import x25519
 
 from spark_backup.engine.pipeline import open_copy, utcnow
+from spark_backup.engine.processes import first_error, tool_environment
 from spark_backup.engine.stores.base import ObjectStore
 from spark_backup.engine.streams import ProgressCallback
 from spark_backup.errors import (
@@ -36,6 +39,7 @@ from spark_backup.sources.postgres.server import (
     PostgresServer,
     ServerArchiveState,
     server_archive_state,
+    server_settings,
     switch_wal,
 )
 from spark_backup.sources.postgres.server import apply_settings as pg_apply_settings
@@ -47,6 +51,7 @@ from spark_backup.sources.postgres.wal import (
     fetch_wal,
     newest_segment,
     push_wal,
+    wal_prefix,
 )
 from spark_backup.sources.postgres.walname import DEFAULT_SEGMENT_SIZE, WalSegment, lsn_value
 
@@ -86,6 +91,68 @@ def wal_push(runtime: Runtime, source: PostgresSource, path: Path) -> str:
     return push_wal(
         store, source.name, path, runtime.recipients(), runtime.compression(source), lock
     )
+
+
+def wal_push_dry_run(runtime: Runtime, source: PostgresSource) -> str:
+    """What ``wal-push`` needs, checked without archiving anything: the recipients, and a
+    store this user may write the source's WAL into. Returns where it would go."""
+    runtime.recipients()
+    store = runtime.store_for(source)
+    store.check_writable(wal_prefix(source.name))
+    return f"{store.uri}/{wal_prefix(source.name)}"
+
+
+def archive_command_as_server_user(
+    server: PostgresServer, source: PostgresSource, timeout: float = 60.0
+) -> str | None:
+    """Run the server's own ``archive_command`` with ``--dry-run`` in place of the file, as
+    the OS user the server runs as (we must be root to become it). Returns that user, or None
+    when there is nothing to try: not root, archiving off, or a command that is not wal-push."""
+    if os.geteuid() != 0:
+        return None
+    settings = server_settings(server, ("archive_mode", "archive_command", "data_directory"))
+    command = settings.get("archive_command") or ""
+    if settings.get("archive_mode") == "off" or "wal-push" not in command:
+        return None
+    os_user = _data_directory_owner(settings.get("data_directory")) or "postgres"
+    try:
+        result = subprocess.run(
+            ["runuser", "-u", os_user, "--", "sh", "-c", command.replace("%p", "--dry-run")],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=tool_environment(),
+            cwd="/",
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise SourceError(
+            f"source {source.name!r}: cannot run archive_command as {os_user}: {exc}"
+        ) from None
+    if result.returncode in (126, 127):
+        raise SourceError(
+            f"source {source.name!r}: archive_command cannot start as OS user {os_user} (exit "
+            f"{result.returncode}: {first_error(result.stderr.splitlines(), result.returncode)});"
+            f" install spark-backup where {os_user} can run it, outside any home folder closed "
+            "to it (README: PostgreSQL archiving)"
+        )
+    if result.returncode != 0:
+        lines = result.stderr.splitlines()
+        # A Python traceback says what went wrong on its last line.
+        reason = lines[-1] if "Traceback" in result.stderr else first_error(lines, 1)
+        raise SourceError(
+            f"source {source.name!r}: archive_command fails as OS user {os_user}: {reason}"
+        )
+    return os_user
+
+
+def _data_directory_owner(data_directory: str | None) -> str | None:
+    """The owner of the server's data folder, when the server runs on this machine."""
+    if not data_directory:
+        return None
+    try:
+        return pwd.getpwuid(os.stat(data_directory).st_uid).pw_name
+    except (OSError, KeyError):
+        return None
 
 
 def wal_fetch(

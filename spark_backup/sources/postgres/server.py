@@ -17,7 +17,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -283,6 +283,24 @@ def server_archive_state(server: PostgresServer) -> ServerArchiveState:
     return ServerArchiveState(
         name, row[0], row[1], row[2], int(row[3]), int(segment_size), int(archive_timeout)
     )
+
+
+def server_settings(server: PostgresServer, names: Sequence[str]) -> dict[str, str]:
+    """The current values of ``names`` the plan's user may read (superuser-only ones are
+    missing for others)."""
+    conn = server.connect()
+    try:
+        with conn.cursor() as cursor:
+            cursor.execute(
+                "SELECT name, setting FROM pg_settings WHERE name = ANY(%s)", (list(names),)
+            )
+            return dict(cursor.fetchall())
+    except psycopg.Error as exc:
+        raise SourceError(
+            f"source {server.source_name!r}: cannot read server settings: {first_line(str(exc))}"
+        ) from None
+    finally:
+        conn.close()
 
 
 @dataclass(frozen=True)
