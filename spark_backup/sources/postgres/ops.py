@@ -107,14 +107,18 @@ def archive_command_as_server_user(
 ) -> str | None:
     """Run the server's own ``archive_command`` with ``--dry-run`` in place of the file, as
     the OS user the server runs as (we must be root to become it). Returns that user, or None
-    when there is nothing to try: not root, archiving off, or a command that is not wal-push."""
+    when there is nothing to try: not root, archiving off, a command that is not wal-push, or a
+    server on another machine (or whose data_directory this role may not read)."""
     if os.geteuid() != 0:
         return None
     settings = server_settings(server, ("archive_mode", "archive_command", "data_directory"))
     command = settings.get("archive_command") or ""
     if settings.get("archive_mode") == "off" or "wal-push" not in command:
         return None
-    os_user = _data_directory_owner(settings.get("data_directory")) or "postgres"
+    # Only a server on this machine runs its archive_command here: its data folder is here.
+    os_user = _data_directory_owner(settings.get("data_directory"))
+    if os_user is None:
+        return None
     try:
         result = subprocess.run(
             ["runuser", "-u", os_user, "--", "sh", "-c", command.replace("%p", "--dry-run")],
