@@ -1069,6 +1069,32 @@ def test_setup_archiving_prints_and_applies_the_settings(archiving: Archiving) -
     archiving.cluster.switch_wal_and_wait()  # the applied archive_command works
 
 
+def test_setup_archiving_gives_the_wal_folders_to_the_servers_user(archiving: Archiving) -> None:
+    """Run as root, pg-setup-archiving makes a new local store's WAL folders and gives them to
+    the server's OS user, so that its archive_command can write there."""
+    fresh = archiving.root / "fresh_store"
+    plan = archiving.write_plan(
+        "fresh.yaml", stores=[{"name": "local", "kind": "local", "path": str(fresh)}]
+    )
+    printed = run_cli("--plan", str(plan), "pg-setup-archiving", "pg_main")
+    assert printed.returncode == 0, printed.stderr
+    wal = fresh / "pg_main" / "wal"
+    for folder in (fresh, fresh / "pg_main", wal):
+        assert folder.owner() == "postgres", folder
+        assert f"# {folder} now belongs to postgres" in printed.stdout
+    push = [str(SPARK_BACKUP_BIN), "--plan", str(plan), "wal-push", "--dry-run"]
+    dry_run = subprocess.run(
+        ["runuser", "-u", "postgres", "--", *push],
+        capture_output=True,
+        text=True,
+        cwd="/",
+    )
+    assert dry_run.returncode == 0, dry_run.stderr
+    assert f"wal-push would archive into {fresh.as_uri()}/pg_main/wal/" in dry_run.stdout
+    again = run_cli("--plan", str(plan), "pg-setup-archiving", "pg_main")
+    assert "now belongs to" not in again.stdout  # nothing left to change
+
+
 def test_a_dump_cut_off_mid_stream_leaves_no_copy(dump_plan: Path, sample_db: str) -> None:
     """The server ends pg_dump's session while it streams: that database gets no copy, not
     even an invisible one; the globals copy made before it stays valid."""

@@ -47,6 +47,29 @@ class LocalStore(ObjectStore):
         if not os.access(self.root, os.W_OK | os.X_OK):
             raise StoreError(f"store {self.name!r}: {self.root} is not writable")
 
+    def give_to(self, prefix: str, os_user: str) -> list[str]:
+        try:
+            entry = pwd.getpwnam(os_user)
+        except KeyError:
+            raise StoreError(f"store {self.name!r}: OS user {os_user!r} does not exist") from None
+        folders = [self.root]
+        for part in [p for p in prefix.strip("/").split("/") if p]:
+            folders.append(folders[-1] / part)
+        changed = []
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for folder in folders:
+                folder.mkdir(exist_ok=True)
+                status = folder.stat()
+                if (status.st_uid, status.st_gid) != (entry.pw_uid, entry.pw_gid):
+                    os.chown(folder, entry.pw_uid, entry.pw_gid)
+                    changed.append(str(folder))
+        except OSError as exc:
+            raise StoreError(
+                f"store {self.name!r}: cannot give {exc.filename} to {os_user}: {exc.strerror}"
+            ) from None
+        return changed
+
     def check_writable(self, prefix: str) -> None:
         """The folder below which ``prefix`` lives, or the nearest one that exists, must be
         writable by this process (the store's root is never created here)."""

@@ -159,6 +159,13 @@ def pg_setup_archiving(source: str | None, apply: bool) -> None:
     """Print (or apply) the server settings for continuous archiving into the plan's store."""
     runtime, chosen = _source(source)
     settings = ops.archiving_settings(runtime, chosen)
+    os_user, given = ops.prepare_store_for_server(runtime, chosen)
+    for folder in given:
+        stdout.print(
+            f"# {folder} now belongs to {os_user}, who runs archive_command",
+            highlight=False,
+            soft_wrap=True,
+        )
     if not apply:
         for name, value in settings.items():
             stdout.print(f"{name} = {conf_value(value)}", highlight=False, soft_wrap=True)

@@ -383,6 +383,22 @@ def archiving_settings(runtime: Runtime, source: PostgresSource) -> dict[str, st
     }
 
 
+def prepare_store_for_server(runtime: Runtime, source: PostgresSource) -> tuple[str, list[str]]:
+    """As root, for a server on this machine: the WAL folders of a local store made and given
+    to the server's OS user, who runs archive_command. Returns (that user, folders changed);
+    ("", []) when there is no such user to ask for."""
+    if os.geteuid() != 0:
+        return "", []
+    try:
+        settings = server_settings(server_of(runtime, source), ("data_directory",))
+    except SparkBackupError:
+        return "", []  # printing the settings needs no server
+    os_user = _data_directory_owner(settings.get("data_directory"))
+    if os_user is None:
+        return "", []
+    return os_user, runtime.store_for(source).give_to(wal_prefix(source.name), os_user)
+
+
 def apply_archiving_settings(
     runtime: Runtime, source: PostgresSource, settings: dict[str, str]
 ) -> list[str]:
