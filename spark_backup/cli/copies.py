@@ -15,7 +15,13 @@ import click
 from spark_backup.cli.app import CliState, cli, pass_state, progress_bar
 from spark_backup.console import error_line, print_columns, printable, size, stderr, stdout
 from spark_backup.errors import IntegrityError, SparkBackupError
-from spark_backup.sources.base import CopyRef, RestoreTarget, RestoreTargets
+from spark_backup.sources.base import (
+    ContinuousLog,
+    CopyRef,
+    LogRange,
+    RestoreTarget,
+    RestoreTargets,
+)
 
 # The service and the engine load when a command runs, not when the command line starts.
 if TYPE_CHECKING:
@@ -103,11 +109,14 @@ def list_(state: CliState, source: str | None, as_json: bool) -> None:
     gc.disable()
     service = state.service
     refs, damaged = service.listing(source) if source else service.all_listings()
+    ranges = _log_ranges(service, refs)
     if as_json:
-        rows = [_copy_row(r) for r in refs] + [_damaged_row(d) for d in damaged]
+        rows = [_copy_row(r, ranges.get(r.manifest.id)) for r in refs]
+        rows += [_damaged_row(d) for d in damaged]
         click.echo(json.dumps(rows, indent=2))
     else:
-        print_columns(LIST_COLUMNS, (_list_row(ref) for ref in refs))
+        columns = LIST_COLUMNS + (("log needed",) if ranges else ())
+        print_columns(columns, (_list_row(ref, ranges) for ref in refs))
         for entry in damaged:
             error_line(f"damaged manifest: {entry.error}")
     if damaged:
@@ -117,9 +126,9 @@ def list_(state: CliState, source: str | None, as_json: bool) -> None:
 LIST_COLUMNS = ("id", "source", "part", "partition", "finished", "size", "stored", "store")
 
 
-def _list_row(ref: CopyRef) -> tuple[str, ...]:
+def _list_row(ref: CopyRef, ranges: dict[str, LogRange]) -> tuple[str, ...]:
     m = ref.manifest
-    return (
+    row = (
         m.id,
         m.source,
         m.part,
@@ -129,10 +138,36 @@ def _list_row(ref: CopyRef) -> tuple[str, ...]:
         size(m.stored.bytes),
         ref.store.name,
     )
+    if not ranges:
+        return row
+    found = ranges.get(m.id)
+    needed = (
+        ""
+        if found is None
+        else f"{found.first}..{found.last} "
+        + ("archived" if found.complete else f"MISSING {found.missing}")
+    )
+    return (*row, needed)
 
 
-def _copy_row(ref: CopyRef) -> dict[str, Any]:
+def _log_ranges(service: Any, refs: list[CopyRef]) -> dict[str, LogRange]:
+    """The log each base copy needs, from the kinds that archive one, for sources in the plan."""
+    ranges: dict[str, LogRange] = {}
+    in_plan = {source.name: source for source in service.plan.sources}
+    for name in dict.fromkeys(ref.manifest.source for ref in refs):
+        source = in_plan.get(name)
+        if source is None:
+            continue
+        kind = service.kind_of(source)
+        if isinstance(kind, ContinuousLog) and kind.log_enabled(source):
+            mine = [r.manifest for r in refs if r.manifest.source == name]
+            ranges.update(kind.log_ranges(service, source, mine))
+    return ranges
+
+
+def _copy_row(ref: CopyRef, log: LogRange | None = None) -> dict[str, Any]:
     m = ref.manifest
+    extra = {"log": {**asdict(log), "complete": log.complete}} if log else {}
     return {
         "id": m.id,
         "source": m.source,
@@ -148,6 +183,7 @@ def _copy_row(ref: CopyRef) -> dict[str, Any]:
         "store": ref.store.name,
         "uri": ref.store.object_uri(m.data_key),
         "lock": m.lock,
+        **extra,
     }
 
 
