@@ -18,10 +18,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from typing import Any
 
-import psycopg2
-from psycopg2 import sql
-from psycopg2.extensions import ISOLATION_LEVEL_REPEATABLE_READ
-
 from spark_backup.engine.manifest import Manifest
 from spark_backup.engine.processes import first_error, streamed_tool
 from spark_backup.engine.streams import Readable, copy_stream
@@ -62,6 +58,8 @@ class DatabaseDumpReader:
 
     @contextmanager
     def open(self) -> Iterator[Readable]:
+        from psycopg2.extensions import ISOLATION_LEVEL_REPEATABLE_READ
+
         conn = self.server.connect(self.database)
         try:
             conn.set_session(isolation_level=ISOLATION_LEVEL_REPEATABLE_READ, readonly=True)
@@ -264,6 +262,9 @@ def _outside_transaction(
     server: PostgresServer, statement: str, *databases: str, params: tuple[str, ...] = ()
 ) -> None:
     """Run a statement that names databases (``{}``) and cannot run inside a transaction."""
+    import psycopg2
+    from psycopg2 import sql
+
     conn = server.connect()
     try:
         conn.autocommit = True
@@ -321,6 +322,8 @@ def check_row_counts(
     server: PostgresServer, manifest: Manifest, restored_into: str, target: str
 ) -> dict[str, int]:
     """The restored database must hold exactly the rows the dump's snapshot held."""
+    import psycopg2
+
     recorded: dict[str, int] = manifest.source_metadata.get("row_counts", {})
     conn = server.connect(restored_into)
     try:

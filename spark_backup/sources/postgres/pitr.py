@@ -30,8 +30,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psycopg2
-
 from spark_backup.engine.manifest import Manifest
 from spark_backup.engine.processes import first_error, tool_environment
 from spark_backup.errors import IntegrityError, RestoreRefused, SourceError, UsageError
@@ -318,6 +316,8 @@ def stop(pg_ctl: Path, target_dir: Path, os_user: str | None) -> None:
 
 
 def _connect(target_dir: Path, port: int, user: str, dbname: str = "postgres") -> Any:
+    import psycopg2  # loads with a connection, not with the kind (server.py says why)
+
     return psycopg2.connect(
         host=str(target_dir), port=port, user=user, dbname=dbname, connect_timeout=5
     )
@@ -360,6 +360,8 @@ def verify_cluster(
 ) -> dict[str, dict[str, Any]]:
     """Every database the base backup recorded must accept connections and every table must be
     readable; the counts are reported beside those recorded when the base backup started."""
+    import psycopg2
+
     recorded: dict[str, dict[str, int]] = base.source_metadata.get("row_counts", {})
     result: dict[str, dict[str, Any]] = {}
     for database in base.source_metadata.get("databases", []):

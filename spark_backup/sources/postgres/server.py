@@ -21,13 +21,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import psycopg2
-from psycopg2 import sql
-from psycopg2.extensions import connection as PgConnection
-from psycopg2.extensions import make_dsn, parse_dsn
-from psycopg2.extras import PhysicalReplicationConnection
+# psycopg2 loads where a connection string is built or a connection made, not with the kind:
+# ``list`` and ``wal-push`` (run for every WAL segment) never talk to the server.
+if TYPE_CHECKING:
+    from psycopg2.extensions import connection as PgConnection
 
 from spark_backup.engine.processes import tool_environment
 from spark_backup.errors import NotFoundError, SourceError
@@ -82,6 +81,8 @@ class PostgresServer:
 
     @classmethod
     def from_source(cls, source: PostgresSource, context: SourceContext) -> PostgresServer:
+        from psycopg2.extensions import make_dsn, parse_dsn
+
         base = source.dsn or make_dsn(host=source.host, port=source.port, user=source.user)
         return cls(
             source_name=source.name,
@@ -95,15 +96,21 @@ class PostgresServer:
 
     def dsn(self, dbname: str | None = None, **extra: Any) -> str:
         """A libpq connection string for one database (never with a password)."""
+        from psycopg2.extensions import make_dsn
+
         return make_dsn(self.base_dsn, dbname=dbname or self.maintenance_db, **extra)
 
     @property
     def user(self) -> str | None:
+        from psycopg2.extensions import parse_dsn
+
         return parse_dsn(self.base_dsn).get("user")
 
     @property
     def where(self) -> str:
         """host:port for messages, from the connection string (which holds no secret)."""
+        from psycopg2.extensions import parse_dsn
+
         params = parse_dsn(self.base_dsn)
         host = params.get("host") or params.get("hostaddr") or "local socket"
         return f"{host}:{params.get('port', 5432)}"
@@ -125,6 +132,8 @@ class PostgresServer:
         """A connection as the plan's user (a physical replication connection, as
         pg_basebackup makes, with ``replication``); ``SourceError`` in one line if refused,
         ``NotFoundError`` if the database does not exist."""
+        import psycopg2
+
         database = dbname or self.maintenance_db
         try:
             return self._open(database, replication)
@@ -146,6 +155,9 @@ class PostgresServer:
     def _open(
         self, database: str, replication: bool = False, timeout: int = CONNECT_TIMEOUT_SECONDS
     ) -> PgConnection:
+        import psycopg2
+        from psycopg2.extras import PhysicalReplicationConnection
+
         password = self._password()
         extra: dict[str, Any] = {"password": password} if password is not None else {}
         if self.passfile:
@@ -162,6 +174,8 @@ class PostgresServer:
     def _database_exists(self, database: str) -> bool | None:
         """Whether ``database`` exists, asked through the maintenance database, else
         ``template1``; None if neither can be asked."""
+        import psycopg2
+
         for other in dict.fromkeys((self.maintenance_db, "template1")):
             if other == database:
                 continue
@@ -257,6 +271,8 @@ class ServerArchiveState:
 
 
 def server_archive_state(server: PostgresServer) -> ServerArchiveState:
+    import psycopg2
+
     conn = server.connect()
     try:
         with conn.cursor() as cursor:
@@ -313,6 +329,9 @@ def _seconds(value: str) -> int:
 
 def apply_settings(server: PostgresServer, settings: dict[str, str]) -> list[str]:
     """ALTER SYSTEM SET each setting, reload, and return those waiting for a restart."""
+    import psycopg2
+    from psycopg2 import sql
+
     conn = server.connect()
     try:
         conn.autocommit = True
@@ -427,6 +446,8 @@ class Background:
             self._error = exc
 
     def result(self) -> Any:
+        import psycopg2
+
         self._thread.join()
         if self._error is not None:
             detail = (
