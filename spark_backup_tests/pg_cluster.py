@@ -138,7 +138,7 @@ class Cluster:
             cursor.execute(statement)
             return cursor.fetchall() if cursor.description else []
 
-    def switch_wal_and_wait(self, timeout: float = 30) -> str:
+    def switch_wal_and_wait(self, timeout: float = 90) -> str:
         """Close the current segment and wait until the archiver has archived it."""
         segment = self.execute("SELECT pg_walfile_name(pg_switch_wal())")[0][0]
         deadline = time.monotonic() + timeout
