@@ -16,7 +16,7 @@ from spark_backup.errors import IntegrityError, StoreError, UsageError
 from spark_backup.sources.base import current_runtime
 from spark_backup.sources.postgres.pitr_options import DEFAULT_PORT, LATEST
 
-# ``--help`` imports this module; the kind, its operations and psycopg2 load when a command runs.
+# ``--help`` imports this module; the kind, its operations and psycopg load when a command runs.
 if TYPE_CHECKING:
     from spark_backup.sources.postgres import ops
 
