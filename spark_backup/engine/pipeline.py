@@ -43,6 +43,7 @@ from spark_backup.engine.streams import (
     HashingWriter,
     ProgressCallback,
     Readable,
+    ReadAhead,
     Writable,
     copy_stream,
 )
@@ -370,7 +371,7 @@ class Decrypted:
     """An object being decrypted: its plaintext stream, and once the block exits cleanly, the
     digest of the stored bytes that were read."""
 
-    plaintext: HashingReader
+    plaintext: ReadAhead
     stored: Digest | None = None
 
 
@@ -388,14 +389,16 @@ def open_encrypted(
 
     Decryption (and the stored digest) runs in an ``age_worker`` process, on another core."""
     with store.open_read(key) as raw, _DecryptWorker(raw, identities) as worker:
-        plain = HashingReader(
+        # Decompression and the plaintext hash run on a thread beside the consumer.
+        plain = ReadAhead(
             zstandard.ZstdDecompressor().stream_reader(worker.plaintext, read_size=CHUNK_SIZE),
             progress,
         )
         opened = Decrypted(plain)
         try:
-            yield opened
-            plain.drain()
+            with plain:
+                yield opened
+                plain.drain()
         except BaseException as exc:
             status = worker.finish()
             if not isinstance(exc, Exception):

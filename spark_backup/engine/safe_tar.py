@@ -94,17 +94,24 @@ class ArchiveGuard:
         name = member.name
         if name.startswith("/"):
             raise UnsafeMember("it has an absolute path")
-        parts = [part for part in name.split("/") if part not in ("", ".")]
-        if not parts or ".." in parts:
-            raise UnsafeMember("its name contains '..' or is empty")
-        if len(parts) > MAX_DEPTH:
+        if "/." in name or "//" in name or name.startswith(".") or name.endswith("/"):
+            parts = [part for part in name.split("/") if part not in ("", ".")]
+            if not parts or ".." in parts:
+                raise UnsafeMember("its name contains '..' or is empty")
+            normal = "/".join(parts)
+        else:  # the common case: nothing to normalise
+            normal, parts = name, None
+            if not name:
+                raise UnsafeMember("its name contains '..' or is empty")
+        if normal.count("/") >= MAX_DEPTH:
             raise UnsafeMember(f"it is nested deeper than {MAX_DEPTH} folders")
-        normal = "/".join(parts)
-        if len(os.fsencode(normal)) > MAX_NAME_BYTES:
+        # A character takes at most four bytes in UTF-8.
+        if len(normal) * 4 > MAX_NAME_BYTES and len(os.fsencode(normal)) > MAX_NAME_BYTES:
             raise UnsafeMember(f"its name is longer than {MAX_NAME_BYTES} bytes")
-        through = self._link_prefix(parts)
-        if through:
-            raise UnsafeMember(f"it goes through the archive's link {_short(through)!r}")
+        if self.links:
+            through = self._link_prefix(parts or normal.split("/"))
+            if through:
+                raise UnsafeMember(f"it goes through the archive's link {_short(through)!r}")
         return normal
 
     def admit_hardlink(self, member: Member) -> None:
@@ -197,6 +204,7 @@ class _Extraction:
         self.guard = ArchiveGuard()
         self.summary = ExtractSummary()
         self.deferred: list[tuple[str, Member]] = []
+        self.umask = _current_umask()
 
     def refuse(self, member: Member, reason: str) -> None:
         if not self.skip_unsafe:
@@ -259,11 +267,14 @@ class _Extraction:
             os.unlink(name, dir_fd=self.root)
 
     def write_file(self, name: str, member: Member, reader: TarReader) -> None:
-        self._replace(name)
-        fd = os.open(name, _CREATE, 0o600, dir_fd=self.root)
+        if name in self.guard.files:
+            self._replace(name)
+        mode = restored_file_mode(member.mode)
+        fd = os.open(name, _CREATE, mode, dir_fd=self.root)
         try:
             reader.copy_to(member, fd)
-            os.fchmod(fd, restored_file_mode(member.mode))
+            if self.umask is None or mode & self.umask:
+                os.fchmod(fd, mode)  # the umask took bits the archive gives
             os.utime(fd, (member.mtime, member.mtime))
         finally:
             os.close(fd)
@@ -339,6 +350,18 @@ def count_members(plain: Readable) -> ExtractSummary:
         elif member.issym():
             summary.symlinks += 1
     return summary
+
+
+def _current_umask() -> int | None:
+    """The process's umask, read without changing it (os.umask would, for every thread)."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _short(text: str, limit: int = 120) -> str:

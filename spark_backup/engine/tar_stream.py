@@ -28,6 +28,7 @@ SYMLINK = b"2"
 DIRECTORY = b"5"
 _PAX_LOCAL, _PAX_GLOBAL, _GNU_LONGNAME, _GNU_LONGLINK = b"x", b"g", b"L", b"K"
 _GNU_TYPES = (_GNU_LONGNAME, _GNU_LONGLINK, b"S")
+_ENDS = (0, 32)  # NUL and space end a numeric field
 # Members whose size field does not count data in the stream (as tarfile reads them): links,
 # folders, FIFOs and devices. Every other type, unknown ones included, is followed by its data.
 _NO_DATA = (HARDLINK, SYMLINK, DIRECTORY, b"3", b"4", b"6")
@@ -126,13 +127,21 @@ class TarReader:
     def copy_to(self, member: Member, fd: int) -> None:
         """Write the current member's data to ``fd``."""
         size = member.stored_size()
-        self._pass(size, fd)
+        pos = self._pos
+        if len(self._buf) - pos >= size:  # the common case: all of it in the buffer
+            _write_all(fd, memoryview(self._buf)[pos : pos + size])
+            self._pos = pos + size
+        else:
+            self._pass(size, fd)
         self._unread -= size
 
     def __iter__(self) -> Iterator[Member]:
         while True:
             if self._unread:
-                self._pass(self._unread, None)
+                if len(self._buf) - self._pos >= self._unread:
+                    self._pos += self._unread
+                else:
+                    self._pass(self._unread, None)
                 self._unread = 0
             member = self._next_member()
             if member is None:
@@ -145,16 +154,31 @@ class TarReader:
         local: dict[str, bytes] = {}
         long_name = long_link = None
         while True:
-            if not self._ensure(BLOCK):
+            pos = self._pos
+            if len(self._buf) - pos >= BLOCK:
+                header = self._buf[pos : pos + BLOCK]
+                self._pos = pos + BLOCK
+            elif self._ensure(BLOCK):
+                header = self._take(BLOCK)
+            else:
                 if len(self._buf) - self._pos:
                     raise TarFormatError("unexpected end of data")
                 return None  # no end-of-archive blocks: tarfile accepts that too
-            header = self._take(BLOCK)
             if header == _ZERO_BLOCK:
                 return None
-            _check_sum(header)
+            # Numbers as GNU tar writes them (zero-padded octal and a NUL) parse at once; the
+            # rest (spaces, base-256) take the general way.
+            try:
+                if header[135] not in _ENDS:
+                    raise ValueError  # twelve digits: all of them count
+                recorded = int(header[148:154], 8)
+                size = int(header[124:135], 8)
+            except ValueError:
+                recorded = _number(header[148:156])
+                size = _number(header[124:136])
+            if recorded != 256 + sum(header) - sum(header[148:156]):
+                _check_sum(header)
             type_ = header[156:157]
-            size = _number(header[124:136])
             if type_ in (_PAX_LOCAL, _PAX_GLOBAL, _GNU_LONGNAME, _GNU_LONGLINK):
                 if size > MAX_EXTENDED_HEADER:
                     raise TarFormatError(f"extended header of {size} bytes")
@@ -180,14 +204,28 @@ class TarReader:
         long_name: bytes | None,
         long_link: bytes | None,
     ) -> Member:
-        name = header[0:100].split(b"\0", 1)[0]
-        prefix = header[345:500].split(b"\0", 1)[0]
-        if prefix and type_ not in _GNU_TYPES and header[257:263] == b"ustar\0":
-            name = prefix + b"/" + name
+        end = header.find(b"\0", 0, 100)
+        name = header[: end if end >= 0 else 100]
+        if header[345] and type_ not in _GNU_TYPES and header[257:263] == b"ustar\0":
+            end = header.find(b"\0", 345, 500)
+            name = header[345 : end if end >= 0 else 500] + b"/" + name
         if long_name is not None:
             name = long_name
-        linkname = long_link if long_link is not None else header[157:257].split(b"\0", 1)[0]
-        mtime: float = _number(header[136:148])
+        if long_link is not None:
+            linkname = long_link
+        elif header[157]:
+            end = header.find(b"\0", 157, 257)
+            linkname = header[157 : end if end >= 0 else 257]
+        else:
+            linkname = b""
+        try:
+            if header[107] not in _ENDS or header[147] not in _ENDS:
+                raise ValueError
+            mode = int(header[100:107], 8)
+            mtime: float = int(header[136:147], 8)
+        except ValueError:
+            mode = _number(header[100:108])
+            mtime = _number(header[136:148])
         unsupported = ""
         fields = {**self._globals, **local} if self._globals else local
         if fields:
@@ -211,10 +249,10 @@ class TarReader:
         return Member(
             name.decode("utf-8", "surrogateescape"),
             type_,
-            _number(header[100:108]),
+            mode,
             size,
             mtime,
-            linkname.decode("utf-8", "surrogateescape"),
+            linkname.decode("utf-8", "surrogateescape") if linkname else "",
             unsupported,
         )
 
