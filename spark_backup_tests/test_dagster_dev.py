@@ -3,6 +3,7 @@ GraphQL the way the UI drives it (queued runs, the daemon, pools)."""
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import re
 import shutil
@@ -99,3 +100,33 @@ def test_lineage_shows_every_system_feeding_its_backups(
     shot = browser.screenshot(url, tmp_path / "lineage.png")
     if os.environ.get(UPDATE_SCREENSHOTS_ENV):
         shutil.copyfile(shot, SCREENSHOTS / "lineage.png")
+
+
+def test_partitions_and_a_failed_check_in_the_browser(
+    dagster_dev: DagsterGraphQL, tmp_path: Path
+) -> None:
+    """In a real browser: a source's partitions page shows the week that has a copy, and its
+    checks page the failed check of a week without one, with the reason."""
+    current = partition_key_for("weekly", utcnow())
+    previous = (dt.date.fromisoformat(current) - dt.timedelta(weeks=1)).isoformat()
+    assert dagster_dev.wait(dagster_dev.launch("k8s_config", current))["status"] == "SUCCESS"
+    # Last week has no copy: its checksum check fails (the run itself succeeds).
+    checked = dagster_dev.wait(dagster_dev.launch("k8s_config", previous, checks=["checksum"]))
+    assert checked["status"] == "SUCCESS"
+    asset = f"{dagster_dev.base}/assets/backups/k8s_config"
+    pages = {"partitions": f"{asset}?view=partitions", "checks": f"{asset}?view=checks"}
+
+    partitions = browser.visible_text(browser.rendered_dom(pages["partitions"]))
+    assert f"| {current} |" in partitions
+    assert "| Materialized (1) |" in partitions and "| Failed (0) |" in partitions
+
+    checks = browser.visible_text(browser.rendered_dom(pages["checks"]))
+    assert "| checksum | checksum | Failed |" in checks
+    assert "| freshness | freshness | Not evaluated |" in checks
+    assert f"| no committed copy of k8s_config for partition {previous} |" in checks
+    assert f"| Partition | {previous} |" in checks
+
+    if os.environ.get(UPDATE_SCREENSHOTS_ENV):  # chromium takes seconds a page: only on demand
+        for name, url in pages.items():
+            shot = browser.screenshot(url, tmp_path / f"{name}.png")
+            shutil.copyfile(shot, SCREENSHOTS / f"k8s_config_{name}.png")
