@@ -18,11 +18,22 @@ import yaml
 from dagster._core.instance.config import dagster_instance_config
 
 from spark_backup.defs.build import build_definitions
-from spark_backup.defs.instance import packaged_config, postgres_instance_config
+from spark_backup.defs.instance import (
+    install_postgres_config,
+    packaged_config,
+    postgres_instance_config,
+)
 from spark_backup.defs.schedules import BACKUP_RUN_RETRIES, backup_job_name
 from spark_backup.errors import UsageError
 from spark_backup.plan import load_plan
-from spark_backup_tests.helpers import config_source, make_key, plan_dict, write_plan
+from spark_backup_tests.helpers import (
+    config_source,
+    free_port,
+    make_key,
+    plan_dict,
+    run_cli,
+    write_plan,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -273,3 +284,33 @@ def test_dockerfile_installs_the_project_at_its_pins() -> None:
         f"uid {VALUES['runLauncher']['config']['k8sRunLauncher']['runK8sConfig']['podSpecConfig']['securityContext']['runAsUser']}"
         in dockerfile
     )
+
+
+def test_dagster_init_postgres_says_when_the_database_cannot_be_reached(tmp_path: Path) -> None:
+    """One line naming the instance config and the server's refusal, exit status 2, and the
+    password nowhere in what it prints."""
+    _, public = make_key(tmp_path)
+    plan = write_plan(tmp_path, plan_dict([public], [config_source("etc", [str(tmp_path)])]))
+    password = "s3cret-never-printed"
+    env = {
+        "DAGSTER_HOME": str(tmp_path / "home"),
+        "SPARK_BACKUP_PLAN": str(plan),
+        "DAGSTER_PG_PASSWORD": password,
+    }
+    url = f"postgresql://postgres@127.0.0.1:{free_port()}/dagster"
+    result = run_cli("dagster-init", "--postgres", url, env=env)
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {tmp_path / 'home' / 'dagster.yaml'}: the instance storage")
+    assert "Connection refused" in last
+    assert password not in result.stdout + result.stderr
+
+
+def test_dagster_init_postgres_never_replaces_another_instance_config(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    sqlite = packaged_config("dagster.yaml").read_text()
+    (home / "dagster.yaml").write_text(sqlite)
+    with pytest.raises(UsageError, match="an instance config is there already and differs"):
+        install_postgres_config(home, "postgresql://u@db/dagster")
+    assert (home / "dagster.yaml").read_text() == sqlite
