@@ -219,19 +219,85 @@ def test_run_pod_config_is_valid_kubernetes() -> None:
         )
 
 
-def test_example_secrets_are_valid_and_are_the_ones_the_values_name() -> None:
-    """A value naming a Secret that is not created leaves pods stuck: every name the values
-    use is one secrets.example.yaml defines, and nothing there is unused."""
+def _rendered_like_the_chart() -> list[dict]:
+    """The pods the chart renders from values.yaml, reduced to what uses Secrets: the user code
+    Deployment (envFrom its envSecrets, the PostgreSQL password as DAGSTER_PG_PASSWORD from the
+    global Secret) and a run's Job (envFrom the launcher's envSecrets)."""
+    password = {
+        "name": "DAGSTER_PG_PASSWORD",
+        "valueFrom": {
+            "secretKeyRef": {
+                "name": VALUES["global"]["postgresqlSecretName"],
+                "key": "postgresql-password",
+            }
+        },
+    }
+    launcher = VALUES["runLauncher"]["config"]["k8sRunLauncher"]
+    rendered = []
+    for deployment in VALUES["dagster-user-deployments"]["deployments"]:
+        container = {
+            "name": deployment["name"],
+            "image": "spark-backup:test",
+            "env": [password, *deployment["env"]],
+            "envFrom": [{"secretRef": s} for s in deployment["envSecrets"]],
+        }
+        rendered.append(
+            {
+                "apiVersion": "apps/v1",
+                "kind": "Deployment",
+                "metadata": {"name": deployment["name"]},
+                "spec": {
+                    "selector": {"matchLabels": {"app": "user-code"}},
+                    "template": {
+                        "metadata": {"labels": {"app": "user-code"}},
+                        "spec": {"containers": [container], "volumes": deployment["volumes"]},
+                    },
+                },
+            }
+        )
+    run_container = {
+        "name": "dagster",
+        "image": "spark-backup:test",
+        "env": [password],
+        "envFrom": [{"secretRef": s} for s in launcher["envSecrets"]],
+    }
+    rendered.append(
+        {
+            "apiVersion": "batch/v1",
+            "kind": "Job",
+            "metadata": {"name": "dagster-run-0000"},
+            "spec": {
+                "template": {"spec": {"containers": [run_container], "restartPolicy": "Never"}}
+            },
+        }
+    )
+    for manifest in rendered:
+        _validate(manifest)
+    return rendered
+
+
+CHECK_SECRETS = DEPLOY / "helm" / "check_secrets.py"
+
+
+def _check_secrets(rendered: list[dict], defined: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(CHECK_SECRETS), "--defined", str(defined)],
+        input=yaml.safe_dump_all(rendered),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_example_secrets_are_valid_and_every_secret_used_is_defined(tmp_path: Path) -> None:
+    """deploy/helm/check_secrets.py, as an operator runs it on `helm template`'s output: with
+    secrets.example.yaml everything the pods use is there; without one, it is named."""
     manifests = _manifests()
     for manifest in manifests:
         _validate(manifest)
-    defined = {m["metadata"]["name"] for m in manifests if m["kind"] == "Secret"}
-    named = {VALUES["global"]["postgresqlSecretName"]}
-    launcher = VALUES["runLauncher"]["config"]["k8sRunLauncher"]
-    named |= {s["name"] for s in launcher["envSecrets"]}
-    for deployment in VALUES["dagster-user-deployments"]["deployments"]:
-        named |= {s["name"] for s in deployment["envSecrets"]}
-    assert named == defined
+    rendered = _rendered_like_the_chart()
+    result = _check_secrets(rendered, DEPLOY / "helm" / "secrets.example.yaml")
+    assert result.returncode == 0, result.stderr
     postgres_secret = next(
         m for m in manifests if m["metadata"]["name"] == VALUES["global"]["postgresqlSecretName"]
     )
@@ -239,6 +305,18 @@ def test_example_secrets_are_valid_and_are_the_ones_the_values_name() -> None:
     config_maps = {m["metadata"]["name"] for m in manifests if m["kind"] == "ConfigMap"}
     for deployment in VALUES["dagster-user-deployments"]["deployments"]:
         assert {v["configMap"]["name"] for v in deployment["volumes"]} <= config_maps
+
+    without_store = [
+        m for m in manifests if m["metadata"]["name"] != "spark-backup-store-credentials"
+    ]
+    partial = tmp_path / "secrets.yaml"
+    partial.write_text(yaml.safe_dump_all(without_store))
+    result = _check_secrets(rendered, partial)
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        "Secret 'spark-backup-store-credentials' is missing; "
+        "used by Deployment/spark-backup, Job/dagster-run-0000"
+    )
 
 
 def test_helm_values_match_the_instance_config() -> None:
