@@ -4,6 +4,7 @@ This is the ``Runtime`` each kind's own operations get (``sources/base.py``)."""
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -17,10 +18,12 @@ from spark_backup.engine.manifest import COPY_ID_RE
 from spark_backup.engine.pipeline import CompressionSettings, utcnow
 from spark_backup.engine.retention import RetentionRule
 from spark_backup.engine.stores import ObjectStore, open_store
-from spark_backup.errors import NotFoundError, UsageError
+from spark_backup.errors import NotFoundError, StoreError, UsageError
 from spark_backup.plan import LoadedPlan, SourceSettings, load_plan
 from spark_backup.sources import registry
 from spark_backup.sources.base import Artifact, CopyRef, SourceContext, SourceKind
+
+log = logging.getLogger(__name__)
 
 
 class PlanRuntime:
@@ -32,6 +35,7 @@ class PlanRuntime:
         self.loaded = loaded
         self.plan = loaded.plan
         self._stores: dict[str, ObjectStore] = {}
+        self._catalogs: dict[str, Catalog] = {}
         self._s3_clients = dict(s3_clients or {})
 
     @classmethod
@@ -99,6 +103,12 @@ class PlanRuntime:
     def all_stores(self) -> list[ObjectStore]:
         return [self.store(s.name) for s in self.plan.stores]
 
+    def catalog(self, store: ObjectStore) -> Catalog:
+        """The store's catalog, one per store and run, so index segments are read once."""
+        if store.name not in self._catalogs:
+            self._catalogs[store.name] = Catalog(store)
+        return self._catalogs[store.name]
+
     def recipients(self) -> Recipients:
         encryption = self.plan.encryption
         keys = list(encryption.recipients)
@@ -120,7 +130,7 @@ class PlanRuntime:
         source = self.plan.source(source_name)
         store = self.store_for(source)
         kind = self.kind_of(source)
-        found = Catalog(store).listing(source.name)
+        found = self.catalog(store).listing(source.name)
         refs = [
             CopyRef(store, m)
             for m in found.copies
@@ -139,13 +149,22 @@ class PlanRuntime:
         refs: list[CopyRef] = []
         damaged: list[DamagedManifest] = []
         for store in self.all_stores():
-            catalog = Catalog(store)
+            catalog = self.catalog(store)
             for source in catalog.sources():
                 found = catalog.listing(source)
                 refs += [CopyRef(store, m) for m in found.copies]
                 damaged += found.damaged
         refs.sort(key=lambda r: (r.manifest.started_at, r.manifest.id))
         return refs, damaged
+
+    def update_index(self, store: ObjectStore, source_name: str) -> None:
+        """Write the source's index after its copies changed (a backup, a prune)."""
+        try:
+            self.catalog(store).update_index(source_name)
+        except StoreError as exc:
+            # The change itself is done; until the next update, listing reads the manifests
+            # the index lacks.
+            log.warning("index of %s not updated: %s", source_name, exc)
 
     def find(self, copy_id: str) -> CopyRef:
         store, manifest = find_copy(self.all_stores(), copy_id)

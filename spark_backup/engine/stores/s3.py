@@ -36,6 +36,7 @@ from spark_backup.engine.stores.base import (
     ObjectLock,
     ObjectLockPolicy,
     ObjectStore,
+    check_folder,
     check_key,
 )
 from spark_backup.engine.stores.config import S3StoreConfig
@@ -310,6 +311,20 @@ class S3Store(ObjectStore):
             raise self._failure(f"list {root + prefix or '/'}", exc) from None
         yield from sorted(found, key=lambda info: info.key)
 
+    def list_folders(self, prefix: str = "") -> list[str]:
+        parent = self._root() + check_folder(prefix)
+        found = []
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=parent, Delimiter="/"
+            )
+            for page in pages:
+                for common in page.get("CommonPrefixes", []):
+                    found.append(common["Prefix"][len(parent) :].rstrip("/"))
+        except (ClientError, BotoCoreError) as exc:
+            raise self._failure(f"list {parent or '/'}", exc) from None
+        return sorted(found)
+
     def exists(self, key: str) -> bool:
         return self._head(self._full(key), f"read {key}") is not None
 
@@ -341,7 +356,7 @@ class S3Store(ObjectStore):
                 raise self._failure(f"delete {key}", exc) from None
 
     def cleanup_incomplete(
-        self, older_than: dt.timedelta, owned: Callable[[str], bool]
+        self, older_than: dt.timedelta, owned: Callable[[str], bool], *, apply: bool = True
     ) -> list[str]:
         cutoff = dt.datetime.now(dt.UTC) - older_than
         root = self._root()
@@ -355,9 +370,10 @@ class S3Store(ObjectStore):
                     key = upload["Key"][len(root) :]
                     if not owned(key) or self._upload_progress(upload) >= cutoff:
                         continue
-                    self.client.abort_multipart_upload(
-                        Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
-                    )
+                    if apply:
+                        self.client.abort_multipart_upload(
+                            Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+                        )
                     removed.append(key)
         except (ClientError, BotoCoreError) as exc:
             raise self._failure("clean up incomplete uploads", exc) from None

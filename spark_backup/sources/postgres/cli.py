@@ -7,18 +7,18 @@ import json
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from spark_backup.console import error_line, parse_time, printable, stderr, stdout
-from spark_backup.engine.settings import format_duration
 from spark_backup.errors import IntegrityError, StoreError, UsageError
 from spark_backup.sources.base import current_runtime
-from spark_backup.sources.postgres import KIND, ops
-from spark_backup.sources.postgres.pitr import DEFAULT_PORT, LATEST, PgTarget
-from spark_backup.sources.postgres.server import conf_value
-from spark_backup.sources.postgres.wal import WalNotArchived
+from spark_backup.sources.postgres.pitr_options import DEFAULT_PORT, LATEST
+
+# ``--help`` imports this module; the kind, its operations and psycopg load when a command runs.
+if TYPE_CHECKING:
+    from spark_backup.sources.postgres import ops
 
 # restore_command: PostgreSQL ends recovery on exit status 1 to 125 (the file is not there) and
 # aborts it on a status above 125, as if the command had been killed: a store that cannot be
@@ -28,8 +28,16 @@ WAL_FETCH_ABORT = 255
 
 
 def _source(name: str | None) -> Any:
+    from spark_backup.sources.postgres import KIND, ops
+
     runtime = current_runtime()
     return runtime, ops.postgres_source(runtime, KIND, name)
+
+
+def _ops() -> Any:
+    from spark_backup.sources.postgres import ops
+
+    return ops
 
 
 @click.command("wal-push")
@@ -46,12 +54,12 @@ def wal_push(path: str | None, source: str | None, dry_run: bool) -> None:
     Pushing a file already archived with the same content succeeds; other content fails."""
     runtime, chosen = _source(source)
     if dry_run:
-        where = ops.wal_push_dry_run(runtime, chosen)
+        where = _ops().wal_push_dry_run(runtime, chosen)
         stdout.print(f"wal-push would archive into {where}", highlight=False, soft_wrap=True)
         return
     if path is None:
         raise UsageError("wal-push needs the WAL file's PATH (%p), or --dry-run")
-    outcome = ops.wal_push(runtime, chosen, Path(path))
+    outcome = _ops().wal_push(runtime, chosen, Path(path))
     if outcome != "archived":
         stderr.print(f"{printable(Path(path).name)}: {outcome}", highlight=False)
 
@@ -98,9 +106,11 @@ def wal_fetch(
     Exit 0 restored, 1 not in the archive (recovery ends there), 255 anything else (recovery
     aborts rather than stopping early). With --standby, an unreachable store is retried and
     then also exits 1: a standby waits for the file, it never ends recovery."""
+    from spark_backup.sources.postgres.wal import WalNotArchived
+
     try:
         runtime, chosen = _source(source)
-        ops.wal_fetch(
+        _ops().wal_fetch(
             runtime, chosen, name, Path(destination), identity, retry_seconds if standby else 0
         )
     except WalNotArchived as error:
@@ -119,8 +129,10 @@ def wal_fetch(
 @click.option("--json", "as_json", is_flag=True, help="Status as JSON.")
 def wal_status(source: str | None, as_json: bool) -> None:
     """How far the WAL archive lags behind the server, against the RPO. Exit 3 if beyond it."""
+    from spark_backup.engine.settings import format_duration
+
     runtime, chosen = _source(source)
-    status = ops.wal_archive_status(runtime, chosen)
+    status = _ops().wal_archive_status(runtime, chosen)
     row = wal_status_row(status)
     if as_json:
         click.echo(json.dumps(row, indent=2))
@@ -157,9 +169,11 @@ def wal_status_row(status: ops.WalArchiveStatus) -> dict[str, Any]:
 @click.option("--apply", is_flag=True, help="ALTER SYSTEM on the server (needs a superuser).")
 def pg_setup_archiving(source: str | None, apply: bool) -> None:
     """Print (or apply) the server settings for continuous archiving into the plan's store."""
+    from spark_backup.sources.postgres.server import conf_value
+
     runtime, chosen = _source(source)
-    settings = ops.archiving_settings(runtime, chosen)
-    os_user, given = ops.prepare_store_for_server(runtime, chosen)
+    settings = _ops().archiving_settings(runtime, chosen)
+    os_user, given = _ops().prepare_store_for_server(runtime, chosen)
     for folder in given:
         stdout.print(
             f"# {folder} now belongs to {os_user}, who runs archive_command",
@@ -174,7 +188,7 @@ def pg_setup_archiving(source: str | None, apply: bool) -> None:
             highlight=False,
         )
         return
-    restart = ops.apply_archiving_settings(runtime, chosen, settings)
+    restart = _ops().apply_archiving_settings(runtime, chosen, settings)
     stdout.print(
         "applied with ALTER SYSTEM; "
         + (f"restart PostgreSQL for {', '.join(restart)}" if restart else "reloaded"),
@@ -197,7 +211,7 @@ def pg_check(source: str | None, timeout: float, as_json: bool) -> None:
     wait until the closed segment is in the store. Also checks that the server is the cluster
     and major version the archive's base backups come from."""
     runtime, chosen = _source(source)
-    check = ops.check_archive(runtime, chosen, timeout)
+    check = _ops().check_archive(runtime, chosen, timeout)
     if as_json:
         click.echo(json.dumps(asdict(check), indent=2))
         return
@@ -255,6 +269,9 @@ def pg_pitr(
             )
     elif to_time == LATEST and (to_xid, to_lsn, to_name, immediate) != (None, None, None, False):
         raise UsageError("--to-time latest is a recovery target of its own; choose one")
+    from spark_backup.sources.postgres import KIND
+    from spark_backup.sources.postgres.pitr import PgTarget
+
     target = PgTarget(
         time=None if to_time in (None, LATEST) else parse_time(to_time),
         xid=to_xid,
@@ -264,7 +281,7 @@ def pg_pitr(
         inclusive=not exclusive,
     )
     runtime, chosen = _source(source)
-    report = ops.pitr(
+    report = _ops().pitr(
         runtime,
         KIND,
         chosen,

@@ -35,6 +35,7 @@ import psycopg
 from spark_backup.engine.manifest import Manifest
 from spark_backup.engine.processes import first_error, tool_environment
 from spark_backup.errors import IntegrityError, RestoreRefused, SourceError, UsageError
+from spark_backup.sources.postgres.pitr_options import LATEST
 from spark_backup.sources.postgres.server import (
     DEBIAN_BIN_DIRS,
     conf_value,
@@ -49,13 +50,11 @@ WAL_CACHE_FOLDER = "wal_archive"
 LOG_FILE = "postgresql.log"
 REPORT_FILE = "pitr.json"
 HBA_FILE = "pg_hba.conf"
-DEFAULT_PORT = 54329
 # Segments beyond the last one archived before the target fetched up front: the commit that
 # ends recovery is usually in the next few.
 WAL_LOOKAHEAD = 8
 # PostgreSQL 15's words when the WAL ran out before the recovery target.
 ENDED_EARLY = "recovery ended before configured recovery target was reached"
-LATEST = "latest"
 # postmaster.pid's eighth line is the server's status (PostgreSQL's LOCK_FILE_LINE_PM_STATUS).
 POSTMASTER_PID_STATUS_LINE = 7
 PM_STATUS_READY = "ready"
