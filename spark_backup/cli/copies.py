@@ -115,8 +115,8 @@ def list_(state: CliState, source: str | None, as_json: bool) -> None:
         rows += [_damaged_row(d) for d in damaged]
         click.echo(json.dumps(rows, indent=2))
     else:
-        columns = LIST_COLUMNS + (("log needed",) if ranges else ())
-        print_columns(columns, (_list_row(ref, ranges) for ref in refs))
+        columns = (*LIST_COLUMNS, LOG_COLUMN) if ranges else LIST_COLUMNS
+        print_columns(columns, (_list_row(ref) + _log_cell(ranges, ref) for ref in refs))
         for entry in damaged:
             error_line(f"damaged manifest: {entry.error}")
     if damaged:
@@ -124,11 +124,12 @@ def list_(state: CliState, source: str | None, as_json: bool) -> None:
 
 
 LIST_COLUMNS = ("id", "source", "part", "partition", "finished", "size", "stored", "store")
+LOG_COLUMN = "log needed"
 
 
-def _list_row(ref: CopyRef, ranges: dict[str, LogRange]) -> tuple[str, ...]:
+def _list_row(ref: CopyRef) -> tuple[str, ...]:
     m = ref.manifest
-    row = (
+    return (
         m.id,
         m.source,
         m.part,
@@ -138,16 +139,18 @@ def _list_row(ref: CopyRef, ranges: dict[str, LogRange]) -> tuple[str, ...]:
         size(m.stored.bytes),
         ref.store.name,
     )
+
+
+def _log_cell(ranges: dict[str, LogRange], ref: CopyRef) -> tuple[str, ...]:
+    """The log a base copy needs and whether the archive holds it; nothing when no source
+    listed has a log."""
     if not ranges:
-        return row
-    found = ranges.get(m.id)
-    needed = (
-        ""
-        if found is None
-        else f"{found.first}..{found.last} "
-        + ("archived" if found.complete else f"MISSING {found.missing}")
-    )
-    return (*row, needed)
+        return ()
+    found = ranges.get(ref.manifest.id)
+    if found is None:
+        return ("",)
+    held = "archived" if found.complete else f"MISSING {found.missing}"
+    return (f"{found.first}..{found.last} {held}",)
 
 
 def _log_ranges(service: Any, refs: list[CopyRef]) -> dict[str, LogRange]:
