@@ -134,3 +134,16 @@ def test_commands_found_by_entry_point_are_the_kinds_own() -> None:
     assert set(indexed) <= set(kinds), "a commands entry point names no kind"
     for name, kind in kinds.items():
         assert indexed.get(name, []) == list(kind.cli_commands()), name
+
+
+def test_a_command_missing_from_the_index_is_still_found(monkeypatch) -> None:
+    """An install whose entry-point metadata lacks the commands group still runs them: the
+    kinds are asked when a name is not in the index."""
+    from spark_backup.cli import cli
+
+    monkeypatch.setattr(registry, "_commands", None)
+    monkeypatch.setattr(registry, "_kinds", None)
+    monkeypatch.setattr(registry, "command_entry_points", list)
+    context = cli.make_context("spark-backup", ["--help"], resilient_parsing=True)
+    assert cli.get_command(context, "wal-push") is not None
+    assert cli.get_command(context, "no-such-command") is None
