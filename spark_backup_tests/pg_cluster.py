@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
 
-import psycopg2
+import psycopg
 
 from spark_backup.sources.postgres.pitr import as_user, default_os_user
 from spark_backup_tests.helpers import free_port
@@ -127,7 +127,7 @@ class Cluster:
         )
 
     def connect(self, dbname: str = "postgres"):
-        conn = psycopg2.connect(
+        conn = psycopg.connect(
             host="127.0.0.1", port=self.port, user="postgres", dbname=dbname, connect_timeout=5
         )
         conn.autocommit = True

@@ -8,9 +8,10 @@ refused; 8 key or identity problem; 130 interrupted. Errors are printed as one l
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 import click
 
@@ -131,9 +132,14 @@ def main() -> None:
         error_line(error)
         sys.exit(error.exit_code)
     except (click.exceptions.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort
+        with suppress(ValueError):  # outside the main thread there is no Ctrl-C to ignore
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second one does not cut this short
         stderr.print("interrupted: nothing unfinished was published", highlight=False)
         sys.exit(INTERRUPTED)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
+    # Done: a Ctrl-C now would only cut the interpreter's exit short (and kill it by SIGINT).
+    with suppress(ValueError):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     sys.exit(code if isinstance(code, int) else 0)

@@ -24,6 +24,14 @@ def plan_check(state: CliState, probe: bool) -> None:
 
     service = state.service
     service.recipients()
+    from spark_backup.engine.stores.config import S3StoreConfig
+
+    if any(isinstance(store, S3StoreConfig) for store in service.plan.stores):
+        # A run's S3 stores get their clients from dagster-aws resources: their configuration
+        # must not contradict the plan's store entries.
+        from spark_backup.defs.resources import platform_s3_resources, s3_store_resources
+
+        s3_store_resources(service.plan, platform_s3_resources())
     if probe:
         for store in service.all_stores():
             store.check()

@@ -15,7 +15,9 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import platform
+import queue
 import socket
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager, suppress
 from dataclasses import dataclass
@@ -125,9 +127,15 @@ def write_copy(
         lock=lock_summary(lock),
         part=getattr(source, "part", ""),
     )
+    committed = manifest_key(source_name, copy_id)
     try:
-        store.put_bytes(manifest_key(source_name, copy_id), manifest.to_json(), lock=lock)
+        store.put_bytes(committed, manifest.to_json(), lock=lock)
     except BaseException:
+        # An interrupt can land after the manifest was published (while the store syncs its
+        # folder): then the copy exists, and its data must stay.
+        with suppress(StoreError):
+            if store.exists(committed):
+                raise
         _discard_uncommitted(store, key)
         raise
     return manifest
@@ -153,20 +161,131 @@ def encrypt_to_store(
         # The source closes (and reports a failed producer) before the store commits.
         with open_plaintext() as plain_stream:
             plain = HashingReader(plain_stream, progress)
-            compressed = compressor.stream_reader(plain, read_size=CHUNK_SIZE)
-            _encrypt(compressed, stored, recipients)
+            _OverlappedEncryption(compressor, stored, recipients).run(plain)
     return Digest(plain.hexdigest(), plain.bytes), Digest(stored.hexdigest(), stored.bytes)
 
 
-def _encrypt(reader: Readable, writer: HashingWriter, recipients: Recipients) -> None:
-    guard = _CallbackGuard()
-    try:
-        pyrage.encrypt_io(guard.reader(reader), guard.writer(writer), recipients.parsed())
-    except pyrage.EncryptError as exc:
-        guard.reraise()
-        raise CryptoError(f"age encryption failed: {exc}") from None
-    except zstandard.ZstdError as exc:
-        raise SparkBackupError(f"zstd compression failed: {exc}") from None
+class _Stopped(Exception):
+    """Another stage failed or the run was interrupted: this stage ends quietly."""
+
+
+class _OverlappedEncryption:
+    """Read, compress and encrypt at once: the calling thread reads and hashes the plaintext
+    while one thread compresses (zstd releases the interpreter lock, and uses its own worker
+    threads) and another encrypts, writes and hashes the stored bytes. Bounded queues between
+    the stages hold at most a few chunks each, so memory stays flat whatever the input.
+
+    An interrupt (Ctrl-C) or a failure in any stage stops the others; the caller gets the first
+    error as it was raised (a ``SourceError`` stays one, Ctrl-C stays ``KeyboardInterrupt``):
+    the encryption runs off the main thread, where no interrupt can reach it and be reported
+    as an encryption failure."""
+
+    DEPTH = 4  # chunks in flight between two stages
+
+    def __init__(self, compressor: zstandard.ZstdCompressor, stored: Writable, recipients):
+        self._compressor = compressor
+        self._stored = stored
+        self._recipients = recipients
+        self._stop = threading.Event()
+        self._errors: list[BaseException] = []
+        self._raw: queue.Queue[bytes | None] = queue.Queue(self.DEPTH)
+        self._packed: queue.Queue[bytes | None] = queue.Queue(self.DEPTH)
+
+    def run(self, plain: Readable) -> None:
+        stages = [
+            threading.Thread(target=self._stage, args=(self._compress,), name="backup-zstd"),
+            threading.Thread(target=self._stage, args=(self._encrypt,), name="backup-age"),
+        ]
+        for stage in stages:
+            stage.start()
+        try:
+            while chunk := plain.read(CHUNK_SIZE):
+                self._put(self._raw, chunk)
+            self._put(self._raw, None)
+            for stage in stages:
+                stage.join()
+        except _Stopped:
+            for stage in stages:
+                stage.join()
+        except BaseException:
+            self._stop.set()
+            for stage in stages:
+                stage.join()
+            raise
+        if self._errors:
+            raise self._errors[0]
+
+    def _stage(self, work: Callable[[], None]) -> None:
+        try:
+            work()
+        except _Stopped:
+            pass
+        except BaseException as exc:
+            if not self._stop.is_set():
+                self._errors.append(exc)
+            self._stop.set()
+
+    def _put(self, channel: queue.Queue, item: bytes | None) -> None:
+        while not self._stop.is_set():
+            try:
+                channel.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+        raise _Stopped
+
+    def _get(self, channel: queue.Queue) -> bytes | None:
+        while not self._stop.is_set():
+            try:
+                return channel.get(timeout=0.1)
+            except queue.Empty:
+                continue
+        raise _Stopped
+
+    def _compress(self) -> None:
+        packer = self._compressor.compressobj()
+        try:
+            while (chunk := self._get(self._raw)) is not None:
+                packed = packer.compress(chunk)
+                if packed:
+                    self._put(self._packed, packed)
+            self._put(self._packed, packer.flush())
+        except zstandard.ZstdError as exc:
+            raise SparkBackupError(f"zstd compression failed: {exc}") from None
+        self._put(self._packed, None)
+
+    def _encrypt(self) -> None:
+        guard = _CallbackGuard()
+        reader = _ChunkReader(lambda: self._get(self._packed))
+        try:
+            pyrage.encrypt_io(
+                guard.reader(reader), guard.writer(self._stored), self._recipients.parsed()
+            )
+        except pyrage.EncryptError as exc:
+            guard.reraise()
+            raise CryptoError(f"age encryption failed: {exc}") from None
+
+
+class _ChunkReader:
+    """A readable over chunks handed out by ``next_chunk`` (None at the end)."""
+
+    def __init__(self, next_chunk: Callable[[], bytes | None]):
+        self._next = next_chunk
+        self._chunk = memoryview(b"")
+        self._ended = False
+
+    def read(self, size: int = -1) -> bytes:
+        while not self._chunk and not self._ended:
+            chunk = self._next()
+            if chunk is None:
+                self._ended = True
+            else:
+                self._chunk = memoryview(chunk)
+        if size < 0 or size >= len(self._chunk):
+            data, self._chunk = self._chunk, memoryview(b"")
+        else:
+            data, self._chunk = self._chunk[:size], self._chunk[size:]
+        return bytes(data)
 
 
 class _CallbackGuard:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,8 @@ class VerifyOutcome:
     seconds: float = 0.0
     # What was checked: "stored sha256 and size", and for a deep verify also the plaintext.
     checks: tuple[str, ...] = ()
+    # What the operator must know although the copy is intact (files the backup read torn).
+    cautions: list[str] = field(default_factory=list)
 
     @classmethod
     def of_damaged(cls, damaged: DamagedManifest, deep: bool) -> VerifyOutcome:
@@ -81,6 +83,8 @@ class CopyOperations(PlanRuntime):
                 )
             except SparkBackupError as exc:
                 failures.append(exc)
+        if manifests:
+            self.update_index(store, source.name)
         if failures:
             raise failures[0]
         return manifests
@@ -111,6 +115,7 @@ class CopyOperations(PlanRuntime):
             outcome.error = str(exc)
             return outcome
         outcome.ok = True
+        outcome.cautions = self.kind_named(manifest.kind).cautions(manifest)
         outcome.bytes_read = result.bytes_read
         outcome.seconds = result.seconds
         return outcome
@@ -149,7 +154,8 @@ class CopyOperations(PlanRuntime):
         ref = self.find(copy_id)
         identities = self.identities(identity_file)
         started = utcnow()
-        summary = self.kind_named(ref.manifest.kind).restore_to_folder(
+        kind = self.kind_named(ref.manifest.kind)
+        summary = kind.restore_to_folder(
             ref, identities, target, FolderRestore(overwrite, skip_unsafe, progress)
         )
         return {
@@ -157,6 +163,7 @@ class CopyOperations(PlanRuntime):
             "source": ref.manifest.source,
             "partition": ref.manifest.partition,
             "seconds": round((utcnow() - started).total_seconds(), 3),
+            "cautions": kind.cautions(ref.manifest),
             **summary,
         }
 

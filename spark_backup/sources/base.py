@@ -176,6 +176,11 @@ class SourceKind(ABC, Generic[SettingsT]):
     def check_plaintext(self, plain: Readable, manifest: Manifest) -> None:
         """Deep verify: raise ``IntegrityError`` if the plaintext is not what the kind wrote."""
 
+    def cautions(self, manifest: Manifest) -> list[str]:
+        """What a restore or verify of the copy must tell the operator although the copy is
+        intact (files the backup read while they changed)."""
+        return []
+
     def asset_suffixes(self, source: SettingsT) -> tuple[str, ...]:
         """Names of the source's assets beside ``backups/<source>``, as ``<source>_<suffix>``
         (a plan may not name another source like one of them)."""

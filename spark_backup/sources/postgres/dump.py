@@ -58,11 +58,12 @@ class DatabaseDumpReader:
 
     @contextmanager
     def open(self) -> Iterator[Readable]:
-        from psycopg2.extensions import ISOLATION_LEVEL_REPEATABLE_READ
+        from psycopg import IsolationLevel  # loads with a connection (server.py says why)
 
         conn = self.server.connect(self.database)
         try:
-            conn.set_session(isolation_level=ISOLATION_LEVEL_REPEATABLE_READ, readonly=True)
+            conn.isolation_level = IsolationLevel.REPEATABLE_READ
+            conn.read_only = True
             with conn.cursor() as cursor:
                 cursor.execute("SELECT pg_export_snapshot(), now()")
                 snapshot, snapshot_time = cursor.fetchone()
@@ -261,16 +262,18 @@ def drop_database(server: PostgresServer, name: str) -> None:
 def _outside_transaction(
     server: PostgresServer, statement: str, *databases: str, params: tuple[str, ...] = ()
 ) -> None:
-    """Run a statement that names databases (``{}``) and cannot run inside a transaction."""
-    import psycopg2
-    from psycopg2 import sql
+    """Run a statement that names databases (``{}``) and cannot run inside a transaction.
+    ``params`` are bound on the client: CREATE DATABASE, like every utility statement, takes no
+    server-side parameters."""
+    import psycopg
+    from psycopg import sql
 
     conn = server.connect()
     try:
         conn.autocommit = True
-        with conn.cursor() as cursor:
+        with psycopg.ClientCursor(conn) as cursor:
             cursor.execute(sql.SQL(statement).format(*map(sql.Identifier, databases)), params)
-    except psycopg2.Error as exc:
+    except psycopg.Error as exc:
         shown = statement.split(" {}", 1)[0]
         raise SourceError(
             f"{shown} {', '.join(databases)} on {server.where}: {first_line(str(exc))}"
@@ -322,13 +325,13 @@ def check_row_counts(
     server: PostgresServer, manifest: Manifest, restored_into: str, target: str
 ) -> dict[str, int]:
     """The restored database must hold exactly the rows the dump's snapshot held."""
-    import psycopg2
+    import psycopg
 
     recorded: dict[str, int] = manifest.source_metadata.get("row_counts", {})
     conn = server.connect(restored_into)
     try:
         restored = table_row_counts(conn)
-    except psycopg2.Error as exc:
+    except psycopg.Error as exc:
         raise SourceError(
             f"restore of {manifest.id}: cannot count the rows of {restored_into!r}: "
             f"{first_line(str(exc))}"

@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from spark_backup.engine.manifest import Manifest
 from spark_backup.engine.processes import first_error, tool_environment
@@ -42,6 +42,9 @@ from spark_backup.sources.postgres.server import (
 )
 from spark_backup.sources.postgres.wal import ArchivedWal
 from spark_backup.sources.postgres.walname import DEFAULT_SEGMENT_SIZE, WalSegment, lsn_value
+
+if TYPE_CHECKING:
+    import psycopg
 
 DATA_FOLDER = "data"
 WAL_CACHE_FOLDER = "wal_archive"
@@ -315,10 +318,12 @@ def stop(pg_ctl: Path, target_dir: Path, os_user: str | None) -> None:
     )
 
 
-def _connect(target_dir: Path, port: int, user: str, dbname: str = "postgres") -> Any:
-    import psycopg2  # loads with a connection, not with the kind (server.py says why)
+def _connect(
+    target_dir: Path, port: int, user: str, dbname: str = "postgres"
+) -> psycopg.Connection:
+    import psycopg  # loads with a connection, not with the kind (server.py says why)
 
-    return psycopg2.connect(
+    return psycopg.connect(
         host=str(target_dir), port=port, user=user, dbname=dbname, connect_timeout=5
     )
 
@@ -360,7 +365,7 @@ def verify_cluster(
 ) -> dict[str, dict[str, Any]]:
     """Every database the base backup recorded must accept connections and every table must be
     readable; the counts are reported beside those recorded when the base backup started."""
-    import psycopg2
+    import psycopg
 
     recorded: dict[str, dict[str, int]] = base.source_metadata.get("row_counts", {})
     result: dict[str, dict[str, Any]] = {}
@@ -368,7 +373,7 @@ def verify_cluster(
         try:
             with closing(_connect(target_dir, port, user, database)) as conn:
                 counts = table_row_counts(conn, logged_only=True)
-        except psycopg2.Error as exc:
+        except psycopg.Error as exc:
             raise IntegrityError(
                 f"recovered cluster: database {database!r} cannot be read: {first_line(str(exc))}"
             ) from None
