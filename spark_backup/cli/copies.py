@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from spark_backup.cli.app import CliState, cli, pass_state, progress_bar
-from spark_backup.console import error_line, printable, size, stderr, stdout
-from spark_backup.engine.catalog import DamagedManifest
-from spark_backup.engine.manifest import Manifest
+from spark_backup.console import error_line, print_columns, printable, size, stderr, stdout
 from spark_backup.errors import IntegrityError, SparkBackupError
 from spark_backup.sources.base import CopyRef, RestoreTarget, RestoreTargets
+
+# The service and the engine load when a command runs, not when the command line starts.
+if TYPE_CHECKING:
+    from spark_backup.engine.catalog import DamagedManifest
+    from spark_backup.engine.manifest import Manifest
 
 # --- backup ------------------------------------------------------------------------------------
 
@@ -98,28 +102,28 @@ def list_(state: CliState, source: str | None, as_json: bool) -> None:
         rows = [_copy_row(r) for r in refs] + [_damaged_row(d) for d in damaged]
         click.echo(json.dumps(rows, indent=2))
     else:
-        from rich.table import Table
-
-        table = Table()
-        for column in ("id", "source", "part", "partition", "finished", "size", "stored", "store"):
-            table.add_column(column, no_wrap=column == "id")
-        for ref in refs:
-            m = ref.manifest
-            table.add_row(
-                m.id,
-                m.source,
-                printable(m.part),
-                printable(m.partition),
-                printable(m.finished_at[:19]),
-                size(m.plaintext.bytes),
-                size(m.stored.bytes),
-                ref.store.name,
-            )
-        stdout.print(table)
+        print_columns(LIST_COLUMNS, (_list_row(ref) for ref in refs))
         for entry in damaged:
             error_line(f"damaged manifest: {entry.error}")
     if damaged:
         sys.exit(IntegrityError.exit_code)
+
+
+LIST_COLUMNS = ("id", "source", "part", "partition", "finished", "size", "stored", "store")
+
+
+def _list_row(ref: CopyRef) -> tuple[str, ...]:
+    m = ref.manifest
+    return (
+        m.id,
+        m.source,
+        m.part,
+        m.partition,
+        m.finished_at[:19],
+        size(m.plaintext.bytes),
+        size(m.stored.bytes),
+        ref.store.name,
+    )
 
 
 def _copy_row(ref: CopyRef) -> dict[str, Any]:
@@ -178,21 +182,25 @@ def verify(
     for outcome in outcomes:
         if not as_json:
             stdout.print(f"[red]FAILED[/red]  {printable(outcome.error)}", highlight=False)
-    for ref in refs:
-        with progress_bar(
-            # A deep verify counts plaintext bytes, a stored-bytes check counts stored bytes.
-            state.progress,
-            f"verify {ref.manifest.id}",
-            (ref.manifest.plaintext if identities else ref.manifest.stored).bytes,
-        ) as progress:
-            outcome = service.verify(ref, identities, progress)
-        outcomes.append(outcome)
-        if not as_json:
-            status = "[green]ok[/green]" if outcome.ok else "[red]FAILED[/red]"
-            detail = f"  {printable(outcome.error)}" if outcome.error else ""
-            stdout.print(f"{status}  {outcome.copy_id}{detail}", highlight=False, soft_wrap=True)
-            for caution in outcome.cautions:
-                _warn(outcome.copy_id, caution)
+    # A deep verify decrypts every copy in one age worker process.
+    with service.decryption_worker(identities) if identities else nullcontext() as worker:
+        for ref in refs:
+            with progress_bar(
+                # A deep verify counts plaintext bytes, a stored-bytes check counts stored bytes.
+                state.progress,
+                f"verify {ref.manifest.id}",
+                (ref.manifest.plaintext if identities else ref.manifest.stored).bytes,
+            ) as progress:
+                outcome = service.verify(ref, identities, progress, worker)
+            outcomes.append(outcome)
+            if not as_json:
+                status = "[green]ok[/green]" if outcome.ok else "[red]FAILED[/red]"
+                detail = f"  {printable(outcome.error)}" if outcome.error else ""
+                stdout.print(
+                    f"{status}  {outcome.copy_id}{detail}", highlight=False, soft_wrap=True
+                )
+                for caution in outcome.cautions:
+                    _warn(outcome.copy_id, caution)
     failed = [o for o in outcomes if not o.ok]
     if as_json:
         click.echo(json.dumps([asdict(o) for o in outcomes], indent=2))

@@ -9,6 +9,7 @@ from typing import Any
 
 from pyrage import x25519
 
+from spark_backup.engine.age_worker import AgeWorker
 from spark_backup.engine.cadence import cadence
 from spark_backup.engine.catalog import DamagedManifest
 from spark_backup.engine.manifest import Manifest
@@ -82,6 +83,8 @@ class CopyOperations(PlanRuntime):
                 )
             except SparkBackupError as exc:
                 failures.append(exc)
+        if manifests:
+            self.update_index(store, source.name)
         if failures:
             raise failures[0]
         return manifests
@@ -91,14 +94,17 @@ class CopyOperations(PlanRuntime):
         ref: CopyRef,
         identities: list[x25519.Identity] | None = None,
         progress: ProgressCallback | None = None,
+        worker: AgeWorker | None = None,
     ) -> VerifyOutcome:
+        """Verify one copy: plain, or deep with ``identities``. To verify many copies deeply,
+        pass one ``decryption_worker`` for them all: each copy then costs no process start."""
         manifest = ref.manifest
         outcome = VerifyOutcome(
             manifest.id, manifest.source, manifest.partition, ok=False, deep=bool(identities)
         )
         try:
             if identities:
-                result = self._verify_deep(ref, identities, progress)
+                result = self._verify_deep(ref, identities, progress, worker)
                 outcome.checks = (STORED_CHECK, *DEEP_CHECKS, f"{manifest.kind} format")
             else:
                 result = verify_copy(ref.store, manifest, progress)
@@ -114,12 +120,21 @@ class CopyOperations(PlanRuntime):
         outcome.seconds = result.seconds
         return outcome
 
+    def decryption_worker(self, identities: list[x25519.Identity]) -> AgeWorker:
+        """One age worker process for many decryptions (started on first use); use it in a
+        ``with`` block so that it stops."""
+        return AgeWorker(identities)
+
     def _verify_deep(
-        self, ref: CopyRef, identities: list[x25519.Identity], progress: ProgressCallback | None
+        self,
+        ref: CopyRef,
+        identities: list[x25519.Identity],
+        progress: ProgressCallback | None,
+        worker: AgeWorker | None,
     ) -> Verification:
         started = utcnow()
         kind = self.kind_named(ref.manifest.kind)
-        with open_copy(ref.store, ref.manifest, identities, progress) as plain:
+        with open_copy(ref.store, ref.manifest, identities, progress, worker) as plain:
             kind.check_plaintext(plain, ref.manifest)
         seconds = (utcnow() - started).total_seconds()
         # open_copy compared the bytes it read with the manifest's count, so this is what it read.

@@ -7,6 +7,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from spark_backup.engine import catalog
+from spark_backup.engine.catalog import is_index_key
 from spark_backup.engine.manifest import Manifest, is_copy_key, manifest_key
 from spark_backup.engine.pipeline import utcnow
 from spark_backup.engine.retention import apply_retention
@@ -33,10 +34,16 @@ class PruneReport:
 
 
 def owned_by_spark_backup(key: str) -> bool:
-    """Keys spark-backup writes: copies, and every kind's log objects. Prune never touches
+    """Keys spark-backup writes: copies, index segments, and every kind's log objects. Prune never touches
     any other object in a shared bucket or folder."""
-    return is_copy_key(key) or any(
-        kind.owns_key(key) for kind in registry.kinds().values() if isinstance(kind, ContinuousLog)
+    return (
+        is_copy_key(key)
+        or is_index_key(key)
+        or any(
+            kind.owns_key(key)
+            for kind in registry.kinds().values()
+            if isinstance(kind, ContinuousLog)
+        )
     )
 
 
@@ -72,6 +79,8 @@ class RetentionOperations(PlanRuntime):
                 if not dry_run:
                     store.delete(key)
                     store.delete(manifest.data_key)
+            if expired and not dry_run:
+                self.update_index(store, source.name)
             kind = self.kind_of(source)
             if isinstance(kind, ContinuousLog) and kind.log_enabled(source):
                 gone = set(report.expired)
