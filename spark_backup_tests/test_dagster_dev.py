@@ -224,15 +224,17 @@ def test_lineage_shows_every_system_feeding_its_backups(
     dagster_dev: DagsterDev, tmp_path: Path
 ) -> None:
     """In a real browser: the lineage page draws one edge from every protected system to its
-    backups, and names every asset. The screenshot in docs/ is taken here."""
+    backups and one from the backups to their restore drill, and names every asset. The
+    screenshot in docs/ is taken here."""
     observed = dagster_dev.wait(dagster_dev.launch_job(OBSERVE_JOB))
     assert observed["status"] == "SUCCESS"
     url = f"{dagster_dev.base}/asset-groups/config_archive"
     dom = browser.rendered_dom(url)
     graph = dom.split("AssetGraphExplorer_svgContainer", 1)[1].split("</svg>", 1)[0]
-    assert len(_EDGE_RE.findall(graph)) == len(SOURCES), "one edge per source: system -> backups"
+    edges = len(_EDGE_RE.findall(graph))
+    assert edges == 2 * len(SOURCES), "two edges per source: system -> backups -> drills"
     for source in SOURCES:
-        assert dom.count(f">{source}<") >= 2, source  # the system and its backups
+        assert dom.count(f">{source}<") >= 3, source  # the system, its backups, its drill
     assert "Observed" in dom  # the systems are observable source assets
     shot = browser.screenshot(url, tmp_path / "lineage.png")
     if os.environ.get(UPDATE_SCREENSHOTS_ENV):

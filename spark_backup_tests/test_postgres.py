@@ -20,6 +20,7 @@ import yaml
 from dagster import AssetKey, DagsterInstance
 
 from spark_backup.defs.build import build_definitions
+from spark_backup.defs.drills import DRILL_CHECK, RTO_CHECK, drill_schedule_name
 from spark_backup.defs.schedules import log_checks_job_name
 from spark_backup.engine.manifest import manifest_key
 from spark_backup.errors import (
@@ -732,6 +733,8 @@ def test_definitions_for_a_postgres_source(tmp_path: Path, age_key) -> None:
         "backups/pg_main_base",
         "backups/pg_main_wal_archive",
         "recovery/pg_main",
+        "drills/pg_main",
+        "drills/pg_main_base",
     }
     # Lineage: the system feeds its copies and its WAL; base backups and WAL feed recovery.
     assert graph.get(AssetKey.from_user_string("backups/pg_main")).parent_keys == {
@@ -747,6 +750,11 @@ def test_definitions_for_a_postgres_source(tmp_path: Path, age_key) -> None:
         ("backups/pg_main_base", "checksum"),
         ("backups/pg_main_base", "freshness"),
         ("backups/pg_main_wal_archive", POSTGRES.lag_check_name),
+        *(
+            (f"drills/{a}", c)
+            for a in ("pg_main", "pg_main_base")
+            for c in (DRILL_CHECK, RTO_CHECK)
+        ),
     }
     repository = defs.get_repository_def()
     assert {s.name for s in repository.schedule_defs} == {
@@ -755,6 +763,7 @@ def test_definitions_for_a_postgres_source(tmp_path: Path, age_key) -> None:
         f"{log_checks_job_name(POSTGRES.log_asset_suffix)}_schedule",
         "observe_systems_schedule",
         "recovery_windows_schedule",
+        drill_schedule_name("daily"),
     }
     assert (
         repository.get_schedule_def(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import sys
 from dataclasses import asdict
@@ -13,7 +14,9 @@ import click
 from spark_backup.cli.app import CliState, cli, pass_state, progress_bar
 from spark_backup.console import error_line, printable, size, stderr, stdout
 from spark_backup.engine.catalog import DamagedManifest
+from spark_backup.engine.drill_record import DrillRecord
 from spark_backup.engine.manifest import Manifest
+from spark_backup.engine.settings import format_duration
 from spark_backup.errors import IntegrityError, SparkBackupError
 from spark_backup.sources.base import CopyRef, RestoreTarget, RestoreTargets
 
@@ -92,14 +95,27 @@ def list_(state: CliState, source: str | None, as_json: bool) -> None:
     damaged (exit 3); every other copy is listed as usual."""
     service = state.service
     refs, damaged = service.listing(source) if source else service.all_listings()
+    drills = service.drills_of(refs)
     if as_json:
-        rows = [_copy_row(r) for r in refs] + [_damaged_row(d) for d in damaged]
+        rows = [_copy_row(r, drills.get(r.manifest.id)) for r in refs] + [
+            _damaged_row(d) for d in damaged
+        ]
         click.echo(json.dumps(rows, indent=2))
     else:
         from rich.table import Table
 
         table = Table()
-        for column in ("id", "source", "part", "partition", "finished", "size", "stored", "store"):
+        for column in (
+            "id",
+            "source",
+            "part",
+            "partition",
+            "finished",
+            "size",
+            "stored",
+            "store",
+            "drilled",
+        ):
             table.add_column(column, no_wrap=column == "id")
         for ref in refs:
             m = ref.manifest
@@ -112,6 +128,7 @@ def list_(state: CliState, source: str | None, as_json: bool) -> None:
                 size(m.plaintext.bytes),
                 size(m.stored.bytes),
                 ref.store.name,
+                _drill_cell(drills.get(m.id)),
             )
         stdout.print(table)
         for entry in damaged:
@@ -120,7 +137,31 @@ def list_(state: CliState, source: str | None, as_json: bool) -> None:
         sys.exit(IntegrityError.exit_code)
 
 
-def _copy_row(ref: CopyRef) -> dict[str, Any]:
+def _drill_cell(record: DrillRecord | None) -> str:
+    """``passed 2026-11-29 12.3s/2h``: the newest drill, its restore time against the RTO."""
+    if record is None:
+        return "-"
+    verdict = "passed" if record.passed and record.within_rto else "FAILED"
+    rto = format_duration(dt.timedelta(seconds=record.rto_seconds))
+    return f"{verdict} {record.drilled_at[:10]} {record.drill_seconds:.1f}s/{rto}"
+
+
+def _drill_row(record: DrillRecord | None) -> dict[str, Any] | None:
+    if record is None:
+        return None
+    return {
+        "drilled_at": record.drilled_at,
+        "passed": record.passed,
+        "restore_seconds": record.restore_seconds,
+        "drill_seconds": record.drill_seconds,
+        "rto_seconds": record.rto_seconds,
+        "within_rto": record.within_rto,
+        "check": record.check,
+        "description": record.description,
+    }
+
+
+def _copy_row(ref: CopyRef, drill: DrillRecord | None = None) -> dict[str, Any]:
     m = ref.manifest
     return {
         "id": m.id,
@@ -137,6 +178,7 @@ def _copy_row(ref: CopyRef) -> dict[str, Any]:
         "store": ref.store.name,
         "uri": ref.store.object_uri(m.data_key),
         "lock": m.lock,
+        "drill": _drill_row(drill),
     }
 
 

@@ -1,7 +1,7 @@
 """Builds the Dagster definitions for one protection plan by asking each source's kind what it
-has: the system, an asset and two checks per artifact, the continuous log with its lag check,
-the recovery window; a backup job and schedule per cadence; the check, observation and recovery
-schedules; and the plan resource."""
+has: the system, an asset and two checks per artifact and its restore drill, the continuous log
+with its lag check, the recovery window; a backup job and schedule per cadence; the check,
+observation, recovery and monthly drill schedules; and the plan resource."""
 
 from collections import defaultdict
 
@@ -20,6 +20,7 @@ from spark_backup.defs.checks import (
     build_freshness_check,
     build_log_lag_check,
 )
+from spark_backup.defs.drills import build_drill_asset, build_drill_schedule, drill_asset_key
 from spark_backup.defs.resources import RESOURCE_KEY, SparkBackupResource
 from spark_backup.defs.schedules import (
     OBSERVE_CRON,
@@ -47,6 +48,7 @@ def build_definitions(loaded: LoadedPlan) -> Definitions:
     log_checks: dict[tuple[str, str], list[AssetCheckKey]] = defaultdict(list)
     observed: list[AssetKey] = []
     recoveries: list[AssetKey] = []
+    drills_by_cadence: dict[str, list[AssetKey]] = defaultdict(list)
     for source in loaded.plan.sources:
         kind = service.kind_of(source)
         system = build_system_asset(source, kind, loaded)
@@ -59,6 +61,8 @@ def build_definitions(loaded: LoadedPlan) -> Definitions:
             artifact_keys[artifact.name] = key
             keys_by_cadence[artifact.cadence].append(key)
             assets.append(build_backup_asset(source, artifact, kind, loaded))
+            assets.append(build_drill_asset(source, artifact, kind, loaded))
+            drills_by_cadence[artifact.cadence].append(drill_asset_key(source.name, artifact))
             checks += [
                 build_checksum_check(source, artifact, key, loaded),
                 build_freshness_check(source, artifact, key),
@@ -105,6 +109,8 @@ def build_definitions(loaded: LoadedPlan) -> Definitions:
                 "Measure every point-in-time recovery window.",
             )
         )
+    for cadence_name, keys in drills_by_cadence.items():
+        schedules.append(build_drill_schedule(cadence_name, keys))
     return Definitions(
         assets=assets,
         asset_checks=checks,

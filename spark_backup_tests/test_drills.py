@@ -1,0 +1,191 @@
+"""Restore drills: staging restored, checked, timed against the RTO, torn down and recorded, from
+the service, the command line and Dagster."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+
+import pytest
+from dagster import (
+    AssetCheckKey,
+    AssetKey,
+    DagsterInstance,
+    build_schedule_context,
+)
+
+from spark_backup.defs.build import build_definitions
+from spark_backup.defs.drills import (
+    DRILL_CHECK,
+    DRILL_CRON,
+    RTO_CHECK,
+    drill_asset_key,
+    drill_job_name,
+    drill_schedule_name,
+)
+from spark_backup.engine.cadence import partition_key_for
+from spark_backup.engine.drill_record import drill_prefix
+from spark_backup.engine.pipeline import utcnow
+from spark_backup.errors import NotFoundError
+from spark_backup.plan import load_plan
+from spark_backup.service import BackupService
+from spark_backup_tests.helpers import (
+    config_source,
+    flip_last_byte,
+    plan_dict,
+    run_cli,
+    write_plan,
+)
+from spark_backup_tests.test_postgres import dump_plan, run_sql, sample_db  # noqa: F401 - fixtures
+
+QUIET = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
+
+
+@pytest.fixture
+def drill_plan(tmp_path: Path, age_key, estate: Path) -> Path:
+    sources = [
+        config_source("vpn_config", [str(estate / "wireguard")], cadence="daily"),
+        config_source("dgx_config", [str(estate / "nvidia")], cadence="weekly", rto="1s"),
+    ]
+    plan = plan_dict([age_key[1]], sources)
+    plan["encryption"]["identity_file"] = str(age_key[0])
+    return write_plan(tmp_path, plan)
+
+
+def _data_path(service: BackupService, copy_id: str) -> Path:
+    ref = service.find(copy_id)
+    return Path(ref.store.object_uri(ref.manifest.data_key).removeprefix("file://"))
+
+
+def test_drill_restores_checks_times_tears_down_and_records(drill_plan: Path, tmp_path) -> None:
+    service = BackupService.from_path(drill_plan)
+    (manifest,) = service.backup("vpn_config")
+    staging_root = tmp_path / "staging"
+    staging_root.mkdir()
+    report = service.drill("vpn_config", staging_root=staging_root)
+    assert report.passed and report.within_rto and report.torn_down
+    assert report.partition == manifest.partition
+    (step,) = report.steps
+    assert step.copy_id == manifest.id and step.check == "tree"
+    assert step.metrics["files"] == manifest.source_metadata["files"]
+    assert report.rto_seconds == 7200  # the plan's default RTO: 2 h
+    assert list(staging_root.iterdir()) == []  # the drill's own staging is gone
+    record = service.drill_status("vpn_config")[manifest.id]
+    assert record.passed and record.within_rto and record.rto_seconds == 7200
+    assert record.restore_seconds == step.seconds
+    # The record lies beside the copy, and the copy still lists and verifies as before.
+    store = service.store_for(service.plan.source("vpn_config"))
+    assert [i.key for i in store.list(drill_prefix("vpn_config"))] == report.records
+    assert [r.manifest.id for r in service.copies("vpn_config")] == [manifest.id]
+
+
+def test_drill_of_a_damaged_copy_fails_and_says_why(drill_plan: Path) -> None:
+    service = BackupService.from_path(drill_plan)
+    (manifest,) = service.backup("vpn_config")
+    path = _data_path(service, manifest.id)
+    path.write_bytes(flip_last_byte(path.read_bytes()))
+    report = service.drill("vpn_config")
+    assert not report.passed and report.torn_down
+    assert "do not match" in report.steps[0].description or report.steps[0].description
+    assert not service.drill_status("vpn_config")[manifest.id].passed
+
+
+def test_drill_over_the_rto_is_recorded_as_such(drill_plan: Path) -> None:
+    service = BackupService.from_path(drill_plan)
+    service.backup("dgx_config")
+    report = service.drill("dgx_config")
+    assert report.passed and report.rto_seconds == 1
+    assert report.within_rto == (report.restore_seconds <= 1)
+
+
+def test_drill_without_a_copy_is_a_clear_error(drill_plan: Path) -> None:
+    service = BackupService.from_path(drill_plan)
+    with pytest.raises(NotFoundError, match="no committed copy of vpn_config"):
+        service.drill("vpn_config")
+    service.backup("vpn_config")
+    with pytest.raises(NotFoundError, match="partition 2020-01-01"):
+        service.drill("vpn_config", partition="2020-01-01")
+
+
+def test_cli_drill_and_list_show_drilled_status(drill_plan: Path) -> None:
+    plan = str(drill_plan)
+    run_cli("--plan", plan, "backup", "vpn_config", check=True)
+    listed = json.loads(run_cli("--plan", plan, "list", "--json", check=True).stdout)
+    assert listed[0]["drill"] is None
+    report = json.loads(run_cli("--plan", plan, "drill", "vpn_config", "--json", check=True).stdout)
+    assert report["passed"] and report["within_rto"]
+    (row,) = json.loads(run_cli("--plan", plan, "list", "--json", check=True).stdout)
+    assert row["drill"]["passed"] and row["drill"]["rto_seconds"] == 7200
+    table = run_cli("--plan", plan, "list", check=True).stdout
+    assert "drilled" in table and "passed" in table and "/2h" in table
+
+
+def test_drill_asset_materializes_with_checks_per_partition(drill_plan: Path) -> None:
+    loaded = load_plan(drill_plan)
+    defs = build_definitions(loaded)
+    partition = partition_key_for("daily", utcnow())
+    key = drill_asset_key("vpn_config")
+    graph = defs.resolve_asset_graph()
+    assert graph.get(key).parent_keys == {AssetKey(["backups", "vpn_config"])}
+    assert {
+        AssetCheckKey(key, DRILL_CHECK),
+        AssetCheckKey(key, RTO_CHECK),
+    } <= graph.asset_check_keys
+    with DagsterInstance.ephemeral() as instance:
+        backup = defs.resolve_job_def("daily_backups").execute_in_process(
+            instance=instance, partition_key=partition, run_config=QUIET
+        )
+        assert backup.success
+        result = defs.resolve_job_def(drill_job_name("daily")).execute_in_process(
+            instance=instance, partition_key=partition, run_config=QUIET
+        )
+        assert result.success
+        (materialization,) = result.asset_materializations_for_node("drills__vpn_config")
+        assert materialization.partition == partition
+        assert materialization.metadata["rto_seconds"].value == 7200
+        assert materialization.metadata["restore_seconds"].value > 0
+        evaluations = {e.asset_check_key.name: e for e in result.get_asset_check_evaluations()}
+        assert evaluations[DRILL_CHECK].passed and evaluations[DRILL_CHECK].partition == partition
+        assert evaluations[RTO_CHECK].passed
+
+
+def test_monthly_schedules_request_one_drill_per_cadence_and_partition(drill_plan: Path) -> None:
+    defs = build_definitions(load_plan(drill_plan))
+    when = dt.datetime(2026, 12, 1, 3, tzinfo=dt.UTC)
+    expected = {"daily": "2026-12-01", "weekly": "2026-11-30"}
+    with DagsterInstance.ephemeral() as instance:
+        for cadence_name, partition in expected.items():
+            schedule = defs.resolve_schedule_def(drill_schedule_name(cadence_name))
+            assert schedule.cron_schedule == DRILL_CRON
+            assert schedule.job_name == drill_job_name(cadence_name)
+            context = build_schedule_context(
+                instance=instance,
+                scheduled_execution_time=when,
+                repository_def=defs.get_repository_def(),
+            )
+            (request,) = schedule.evaluate_tick(context).run_requests
+            assert request.partition_key == partition
+            assert request.run_key == f"{drill_job_name(cadence_name)}:{partition}"
+
+
+def test_postgres_drill_restores_into_a_scratch_database_and_drops_it(
+    dump_plan: Path,  # noqa: F811 - the fixture imported above
+    sample_db: str,  # noqa: F811
+) -> None:
+    """Real PostgreSQL: the dump is restored into a scratch database of the drill's own, its
+    rows counted against the dump, the scratch database dropped; the source is untouched."""
+    service = BackupService.from_path(dump_plan)
+    manifests = service.backup("pg_main")
+    ours = f"SELECT datname FROM pg_database WHERE datname LIKE '{sample_db}%' ORDER BY 1"
+    before = run_sql(ours)
+    report = service.drill("pg_main")
+    assert report.passed and report.within_rto and report.torn_down
+    steps = {step.part: step for step in report.steps}
+    assert set(steps) == {m.part for m in manifests}
+    database = steps[f"database:{sample_db}"]
+    assert database.check == "row_counts" and database.metrics["rows"] == 5010
+    assert run_sql(ours) == before == [(sample_db,)]
+    drilled = service.drill_status("pg_main")
+    assert {m.id for m in manifests} == set(drilled)
+    assert all(r.passed and r.drill_seconds == report.restore_seconds for r in drilled.values())
