@@ -34,6 +34,7 @@ from spark_backup.defs.schedules import (
     check_schedule,
     log_checks_job_name,
 )
+from spark_backup.defs.sensors import build_check_failure_sensor, build_run_failure_sensor
 from spark_backup.plan import LoadedPlan
 from spark_backup.service import BackupService
 from spark_backup.sources.base import ContinuousLog, Observable, PointInTimeRecovery
@@ -49,7 +50,10 @@ def build_definitions(loaded: LoadedPlan) -> Definitions:
     observed: list[AssetKey] = []
     recoveries: list[AssetKey] = []
     drills_by_cadence: dict[str, list[AssetKey]] = defaultdict(list)
+    # Which source each asset belongs to, for the failure sensors' tickets.
+    sources_by_asset: dict[AssetKey, str] = {}
     for source in loaded.plan.sources:
+        first = len(assets)
         kind = service.kind_of(source)
         system = build_system_asset(source, kind, loaded)
         assets.append(system)
@@ -80,6 +84,9 @@ def build_definitions(loaded: LoadedPlan) -> Definitions:
                 )
                 assets.append(recovery)
                 recoveries.append(recovery.key)
+        for item in assets[first:]:
+            item_keys = item.keys if isinstance(item, AssetsDefinition) else {item.key}
+            sources_by_asset.update(dict.fromkeys(item_keys, source.name))
     for cadence_name, keys in keys_by_cadence.items():
         job = build_backup_job(cadence_name, keys)
         jobs.append(job)
@@ -116,5 +123,9 @@ def build_definitions(loaded: LoadedPlan) -> Definitions:
         asset_checks=checks,
         jobs=jobs,
         schedules=schedules,
+        sensors=[
+            build_run_failure_sensor(sources_by_asset),
+            build_check_failure_sensor(sources_by_asset),
+        ],
         resources={RESOURCE_KEY: SparkBackupResource(plan_path=str(loaded.path))},
     )
