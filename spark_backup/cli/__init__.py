@@ -4,10 +4,11 @@
 - ``copies.py``: backup, list, verify, restore, prune;
 - ``plan.py``: plan check;
 - ``drills.py``: drill;
+- ``alerts.py``: alerts;
 - ``dagster.py``: dagster-init and the demo.
 """
 
-from spark_backup.cli import copies, dagster, drills, plan  # noqa: F401 - each registers its commands
+from spark_backup.cli import alerts, copies, dagster, drills, plan  # noqa: F401 - each registers its commands
 from spark_backup.cli.app import cli, main
 
 __all__ = ["cli", "main"]

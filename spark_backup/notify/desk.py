@@ -153,6 +153,20 @@ class TicketDesk:
                     outcome.warning = outcome.warning or warning
             return outcome
 
+    def preview(self, failure: Failure) -> str:
+        """What ``report`` would do, changing nothing."""
+        with self._state() as state:
+            entry = state["tickets"].get(failure.key)
+        target = self.backend.name
+        if entry and failure.event in entry["events"]:
+            return f"nothing (already reported in {entry.get('ticket') or 'the queue'})"
+        if entry and entry.get("ticket"):
+            action = f"comment on ticket {entry['ticket']} ({target})"
+        else:
+            action = f"open a ticket ({target}): {failure.title()}"
+        email = self.settings.email
+        return action + (f"; email {', '.join(email.to)}" if email else "")
+
     def retry(self) -> list[str]:
         """Deliver what is queued; return what was delivered, one line each."""
         with self._state() as state:

@@ -64,6 +64,9 @@ class Defaults(SettingsModel):
     # The first partition the UI lists. Partition keys never depend on it: moving it changes
     # which periods show as missing, never where a copy belongs.
     partitions_start: dt.date = DEFAULT_PARTITIONS_START
+    # A source whose last restore drill is older than this is reported by ``alerts`` (the
+    # drills run monthly, so a month and a little).
+    drill_max_age: Duration = dt.timedelta(days=32)
 
     @field_validator("orphan_grace")
     @classmethod
