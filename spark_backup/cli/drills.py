@@ -9,7 +9,7 @@ import sys
 import click
 
 from spark_backup.cli.app import CliState, cli, pass_state
-from spark_backup.console import printable, stdout
+from spark_backup.console import error_line, printable, stdout
 from spark_backup.engine.settings import format_duration
 from spark_backup.errors import IntegrityError
 from spark_backup.service.drills import DrillReport
@@ -48,6 +48,8 @@ def drill(
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:
         print_drill(report)
+    for error in report.journal_errors:
+        error_line(error)
     if not (report.passed and report.within_rto):
         sys.exit(DRILL_FAILED_EXIT)
 
@@ -70,3 +72,5 @@ def print_drill(report: DrillReport) -> None:
         f"{report.restore_seconds:.1f}s of RTO {rto}; {torn}",
         highlight=False,
     )
+    for written in report.journal:
+        stdout.print(f"journal: {printable(written)}", highlight=False, soft_wrap=True)

@@ -105,6 +105,10 @@ def build_drill_asset(
         for step in report.steps:
             log = context.log.info if step.passed else context.log.error
             log(f"{step.copy_id}: {step.check} {step.seconds:.1f}s: {step.description}")
+        for written in report.journal:
+            context.log.info(f"journal: {written}")
+        for error in report.journal_errors:
+            context.log.warning(f"journal: {error}")
         return MaterializeResult(
             metadata=drill_metadata(report), check_results=drill_check_results(report)
         )
@@ -136,6 +140,7 @@ def drill_metadata(report: DrillReport) -> dict[str, object]:
         ),
         "drilled_at": MetadataValue.timestamp(dt.datetime.fromisoformat(report.finished_at)),
         "staging_removed": report.torn_down,
+        "journal": MetadataValue.json({"written": report.journal, "errors": report.journal_errors}),
     }
 
 

@@ -86,7 +86,8 @@ def build_run_failure_sensor(sources_by_asset: Mapping[AssetKey, str]) -> Sensor
             for event in context.get_step_failure_events()
             if event.event_specific_data and event.event_specific_data.error
         ]
-        desk = spark_backup.service.ticket_desk()
+        service = spark_backup.service
+        desk = service.ticket_desk()
         for source in sources or ["-"]:
             failure = Failure(
                 source=source,
@@ -96,7 +97,7 @@ def build_run_failure_sensor(sources_by_asset: Mapping[AssetKey, str]) -> Sensor
                 summary=f"run {run.run_id} of job {run.job_name} failed",
                 detail="\n".join(steps) or (context.failure_event.message or ""),
             )
-            _say(context, failure, desk.report(failure))
+            _say(context, failure, service.report_failure(failure, desk))
 
     return run_failures
 
@@ -120,7 +121,8 @@ def build_check_failure_sensor(sources_by_asset: Mapping[AssetKey, str]) -> Sens
         )
         if not records:
             return SkipReason("no new check evaluations")
-        desk = spark_backup.service.ticket_desk()
+        service = spark_backup.service
+        desk = service.ticket_desk()
         failed = 0
         for record in records:
             event = record.event_log_entry.dagster_event
@@ -138,7 +140,7 @@ def build_check_failure_sensor(sources_by_asset: Mapping[AssetKey, str]) -> Sens
                 f"({evaluation.severity.value}): {evaluation.description or ''}",
                 detail=f"run {record.event_log_entry.run_id}",
             )
-            _say(context, failure, desk.report(failure))
+            _say(context, failure, service.report_failure(failure, desk))
         context.update_cursor(str(records[-1].storage_id))
         if not failed:
             return SkipReason(f"{len(records)} check evaluations, none failed")

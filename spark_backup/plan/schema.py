@@ -14,6 +14,7 @@ from spark_backup.engine.cadence import DEFAULT_PARTITIONS_START
 from spark_backup.engine.settings import Duration, Name, SettingsModel
 from spark_backup.engine.stores.config import StoreConfig
 from spark_backup.errors import NotFoundError
+from spark_backup.journal.settings import JournalSettings
 from spark_backup.notify.settings import Notifications
 from spark_backup.plan.source import Compression, Retention, SourceSettings
 
@@ -84,6 +85,7 @@ class Plan(SettingsModel):
     encryption: Encryption
     stores: list[StoreConfig] = Field(min_length=1)
     notifications: Notifications = Notifications()
+    journal: JournalSettings = JournalSettings()
     # Each entry is validated as its kind's model (see ``plan_model``).
     sources: list[SourceSettings] = Field(min_length=1)
 

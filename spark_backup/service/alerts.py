@@ -145,4 +145,4 @@ class AlertOperations(FreshnessOperations, DrillOperations, NotifyOperations):
 
     def send_alerts(self, alerts: list[Alert]) -> list[Outcome]:
         desk = self.ticket_desk()
-        return [desk.report(alert.failure) for alert in alerts]
+        return [self.report_failure(alert.failure, desk) for alert in alerts]

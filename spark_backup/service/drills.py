@@ -25,7 +25,7 @@ from spark_backup.engine.drill_record import DrillRecord, latest_drills, write_d
 from spark_backup.engine.pipeline import utcnow
 from spark_backup.engine.staging import remove_tree
 from spark_backup.errors import NotFoundError, SparkBackupError
-from spark_backup.service.runtime import PlanRuntime
+from spark_backup.service.journal import JournalOperations
 from spark_backup.sources.base import CopyRef, FolderRestore, SemanticCheck
 
 # What a drill of a kind without a semantic check proves: the copy restores into a folder.
@@ -60,6 +60,9 @@ class DrillReport:
     # The stores' keys of the drill records written.
     records: list[str] = field(default_factory=list)
     teardown_error: str | None = None
+    # The journal files and documents written, and those that could not be (left unchanged).
+    journal: list[str] = field(default_factory=list)
+    journal_errors: list[str] = field(default_factory=list)
 
     @property
     def restore_seconds(self) -> float:
@@ -83,7 +86,7 @@ class DrillReport:
         }
 
 
-class DrillOperations(PlanRuntime):
+class DrillOperations(JournalOperations):
     def drill_copies(
         self, source_name: str, artifact: str | None = None, partition: str | None = None
     ) -> list[CopyRef]:
@@ -117,7 +120,8 @@ class DrillOperations(PlanRuntime):
     ) -> DrillReport:
         """Drill one partition of an artifact. A copy that fails to restore or to pass its
         check is a failed step, not an exception; a missing key or copy raises before anything
-        is restored."""
+        is restored. The drill is journaled; a passed one updates the task overview and the
+        Definition of Done."""
         source = self.plan.source(source_name)
         chosen = self.artifact(source, artifact)
         refs = self.drill_copies(source.name, chosen.name, partition)
@@ -165,6 +169,7 @@ class DrillOperations(PlanRuntime):
                 metrics=step.metrics,
             )
             report.records.append(write_drill_record(ref.store, record))
+        report.journal, report.journal_errors = self.journal_drill(report)
         return report
 
     def _drill_one(self, ref: CopyRef, identities: list, scratch: Path) -> DrillStep:
