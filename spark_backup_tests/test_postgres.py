@@ -21,6 +21,7 @@ from dagster import AssetKey, DagsterInstance
 
 from spark_backup.defs.build import build_definitions
 from spark_backup.defs.drills import DRILL_CHECK, RTO_CHECK, drill_schedule_name
+from spark_backup.defs.kpis import KPI_ASSET, KPI_JOB
 from spark_backup.defs.schedules import log_checks_job_name
 from spark_backup.engine.manifest import manifest_key
 from spark_backup.errors import (
@@ -735,6 +736,7 @@ def test_definitions_for_a_postgres_source(tmp_path: Path, age_key) -> None:
         "recovery/pg_main",
         "drills/pg_main",
         "drills/pg_main_base",
+        KPI_ASSET.to_user_string(),
     }
     # Lineage: the system feeds its copies and its WAL; base backups and WAL feed recovery.
     assert graph.get(AssetKey.from_user_string("backups/pg_main")).parent_keys == {
@@ -764,6 +766,7 @@ def test_definitions_for_a_postgres_source(tmp_path: Path, age_key) -> None:
         "observe_systems_schedule",
         "recovery_windows_schedule",
         drill_schedule_name("daily"),
+        f"{KPI_JOB}_schedule",
     }
     assert (
         repository.get_schedule_def(

@@ -5,10 +5,11 @@
 - ``plan.py``: plan check;
 - ``drills.py``: drill;
 - ``alerts.py``: alerts;
+- ``monitor.py``: monitor (KPIs);
 - ``dagster.py``: dagster-init and the demo.
 """
 
-from spark_backup.cli import alerts, copies, dagster, drills, plan  # noqa: F401 - each registers its commands
+from spark_backup.cli import alerts, copies, dagster, drills, monitor, plan  # noqa: F401 - each registers its commands
 from spark_backup.cli.app import cli, main
 
 __all__ = ["cli", "main"]

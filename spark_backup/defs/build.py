@@ -21,6 +21,7 @@ from spark_backup.defs.checks import (
     build_log_lag_check,
 )
 from spark_backup.defs.drills import build_drill_asset, build_drill_schedule, drill_asset_key
+from spark_backup.defs.kpis import KPI_ASSET, KPI_CRON, KPI_JOB, build_kpi_asset
 from spark_backup.defs.resources import RESOURCE_KEY, SparkBackupResource
 from spark_backup.defs.schedules import (
     OBSERVE_CRON,
@@ -116,6 +117,10 @@ def build_definitions(loaded: LoadedPlan) -> Definitions:
                 "Measure every point-in-time recovery window.",
             )
         )
+    assets.append(build_kpi_asset(loaded))
+    schedules.append(
+        asset_schedule(KPI_JOB, [KPI_ASSET], KPI_CRON, "Measure the KPIs of every source.")
+    )
     for cadence_name, keys in drills_by_cadence.items():
         schedules.append(build_drill_schedule(cadence_name, keys))
     return Definitions(
