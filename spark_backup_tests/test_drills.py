@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,12 +14,14 @@ from dagster import (
     AssetKey,
     DagsterInstance,
     build_schedule_context,
+    build_sensor_context,
 )
 
 from spark_backup.defs.build import build_definitions
 from spark_backup.defs.drills import (
     DRILL_CHECK,
     DRILL_CRON,
+    DRILL_SENSOR,
     RTO_CHECK,
     drill_asset_key,
     drill_job_name,
@@ -39,6 +42,9 @@ from spark_backup_tests.helpers import (
 )
 from spark_backup_tests.test_postgres import dump_plan, run_sql, sample_db  # noqa: F401 - fixtures
 
+EXAMPLES = Path(__file__).resolve().parents[1] / "docs" / "examples"
+TASKS = "Agenten_Aufgaben_Uebersicht.csv"
+DOD = "DEFINITION_OF_DONE.md"
 QUIET = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
 
 
@@ -189,3 +195,86 @@ def test_postgres_drill_restores_into_a_scratch_database_and_drops_it(
     drilled = service.drill_status("pg_main")
     assert {m.id for m in manifests} == set(drilled)
     assert all(r.passed and r.drill_seconds == report.restore_seconds for r in drilled.values())
+
+
+# --- the sensor: one drill for every new copy ----------------------------------------------------
+
+
+def _sensor_tick(defs, instance, cursor):
+    context = build_sensor_context(
+        instance=instance,
+        cursor=cursor,
+        definitions=defs,
+        resources=defs.get_repository_def().get_top_level_resources(),
+    )
+    result = defs.resolve_sensor_def(DRILL_SENSOR).evaluate_tick(context)
+    return list(result.run_requests or []), result.cursor
+
+
+def test_a_new_copy_is_drilled_once_through_the_sensor_and_journaled(
+    drill_plan: Path, tmp_path: Path
+) -> None:
+    """The first end-to-end path: a copy lands (a Dagster run), the sensor requests its drill,
+    the drill passes, the journal, the task overview and the Definition of Done are updated;
+    a copy made from the command line is drilled too, and nothing is requested twice."""
+    (tmp_path / "docs").mkdir()
+    shutil.copyfile(EXAMPLES / "Agenten_Aufgaben_Uebersicht.csv", tmp_path / TASKS)
+    shutil.copyfile(EXAMPLES / "DEFINITION_OF_DONE.md", tmp_path / "docs" / DOD)
+    defs = build_definitions(load_plan(drill_plan))
+    partition = partition_key_for("daily", utcnow())
+    with DagsterInstance.ephemeral() as instance:
+        requests, cursor = _sensor_tick(defs, instance, None)
+        assert requests == []  # no copy yet
+        assert (
+            defs.resolve_job_def("daily_backups")
+            .execute_in_process(instance=instance, partition_key=partition, run_config=QUIET)
+            .success
+        )
+        (request,), cursor = _sensor_tick(defs, instance, cursor)
+        (copy,) = BackupService.from_path(drill_plan).copies("vpn_config")
+        assert request.partition_key == partition
+        assert request.asset_selection == [drill_asset_key("vpn_config")]
+        assert request.run_key == f"drills/vpn_config:{partition}:{copy.manifest.id}"
+        assert _sensor_tick(defs, instance, cursor)[0] == []  # seen: not again
+        result = defs.resolve_job_def(request.job_name).execute_in_process(
+            instance=instance,
+            partition_key=request.partition_key,
+            asset_selection=request.asset_selection,
+            run_config=QUIET,
+        )
+        assert result.success
+        assert all(e.passed for e in result.get_asset_check_evaluations())
+        # A copy from the command line is a new copy too.
+        run_cli("--plan", str(drill_plan), "backup", "vpn_config", check=True)
+        (again,), cursor = _sensor_tick(defs, instance, cursor)
+        assert again.partition_key == partition and again.run_key != request.run_key
+    journal = tmp_path / "orchestration_journal" / "backups"
+    events = [
+        json.loads(line)["event"]
+        for f in journal.glob("*.jsonl")
+        for line in f.read_text().splitlines()
+    ]
+    assert events.count("drill") == 1 and events.count("backup") == 2
+    assert (
+        '"restore-drill";' in (tmp_path / TASKS).read_text()
+        and '"erledigt"' in (tmp_path / TASKS).read_text()
+    )
+    assert "- [x] Restore-Probe" in (tmp_path / "docs" / DOD).read_text()
+
+
+def test_sampling_drills_one_new_partition_in_n(tmp_path: Path, age_key, estate: Path) -> None:
+    plan = plan_dict(
+        [age_key[1]],
+        [config_source("vpn_config", [str(estate)], cadence="daily", drill_every=2)],
+    )
+    path = write_plan(tmp_path, plan)
+    defs = build_definitions(load_plan(path))
+    service = BackupService.from_path(path)
+    service.backup("vpn_config", "2026-11-01")
+    with DagsterInstance.ephemeral() as instance:
+        (first,), cursor = _sensor_tick(defs, instance, None)  # the newest partition only
+        assert first.partition_key == "2026-11-01"
+        for day in ("2026-11-02", "2026-11-03", "2026-11-04"):
+            service.backup("vpn_config", day)
+        requests, cursor = _sensor_tick(defs, instance, cursor)
+        assert [r.partition_key for r in requests] == ["2026-11-03"]

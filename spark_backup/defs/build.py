@@ -20,8 +20,17 @@ from spark_backup.defs.checks import (
     build_freshness_check,
     build_log_lag_check,
 )
-from spark_backup.defs.drills import build_drill_asset, build_drill_schedule, drill_asset_key
+from spark_backup.defs.drills import (
+    DrillTarget,
+    build_drill_asset,
+    build_drill_job,
+    build_drill_schedule,
+    build_drill_sensor,
+    drill_asset_key,
+    drill_job_name,
+)
 from spark_backup.defs.kpis import KPI_ASSET, KPI_CRON, KPI_JOB, build_kpi_asset
+from spark_backup.defs.partitions import partitions_for
 from spark_backup.defs.resources import RESOURCE_KEY, SparkBackupResource
 from spark_backup.defs.schedules import (
     OBSERVE_CRON,
@@ -51,6 +60,7 @@ def build_definitions(loaded: LoadedPlan) -> Definitions:
     observed: list[AssetKey] = []
     recoveries: list[AssetKey] = []
     drills_by_cadence: dict[str, list[AssetKey]] = defaultdict(list)
+    drill_targets: list[DrillTarget] = []
     # Which source each asset belongs to, for the failure sensors' tickets.
     sources_by_asset: dict[AssetKey, str] = {}
     for source in loaded.plan.sources:
@@ -67,7 +77,18 @@ def build_definitions(loaded: LoadedPlan) -> Definitions:
             keys_by_cadence[artifact.cadence].append(key)
             assets.append(build_backup_asset(source, artifact, kind, loaded))
             assets.append(build_drill_asset(source, artifact, kind, loaded))
-            drills_by_cadence[artifact.cadence].append(drill_asset_key(source.name, artifact))
+            drill_key = drill_asset_key(source.name, artifact)
+            drills_by_cadence[artifact.cadence].append(drill_key)
+            drill_targets.append(
+                DrillTarget(
+                    drill_key,
+                    source.name,
+                    artifact.name,
+                    drill_job_name(artifact.cadence),
+                    partitions_for(artifact.cadence, loaded.plan.defaults.partitions_start),
+                    source.drill_every,
+                )
+            )
             checks += [
                 build_checksum_check(source, artifact, key, loaded),
                 build_freshness_check(source, artifact, key),
@@ -121,14 +142,18 @@ def build_definitions(loaded: LoadedPlan) -> Definitions:
     schedules.append(
         asset_schedule(KPI_JOB, [KPI_ASSET], KPI_CRON, "Measure the KPIs of every source.")
     )
+    drill_jobs = []
     for cadence_name, keys in drills_by_cadence.items():
-        schedules.append(build_drill_schedule(cadence_name, keys))
+        job = build_drill_job(cadence_name, keys)
+        drill_jobs.append(job)
+        schedules.append(build_drill_schedule(cadence_name, job))
     return Definitions(
         assets=assets,
         asset_checks=checks,
         jobs=jobs,
         schedules=schedules,
         sensors=[
+            build_drill_sensor(drill_targets, drill_jobs),
             build_run_failure_sensor(sources_by_asset),
             build_check_failure_sensor(sources_by_asset),
         ],

@@ -10,12 +10,15 @@ Two checks per drill asset, evaluated in the same step and shown per partition:
   was removed;
 - ``rto``: the measured restore time is within the source's RTO.
 
-A monthly schedule per cadence drills the current partition of every drill asset (the restore
+The ``drill_new_copies`` sensor requests a drill for every new copy (sampled per source with
+``drill_every``), and a monthly schedule per cadence drills the current partition of every drill asset (the restore
 test the recovery plan asks for); one per cadence, because a job runs one partitioning.
 """
 
 import datetime as dt
+import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from dagster import (
     AssetCheckResult,
@@ -26,14 +29,21 @@ from dagster import (
     AssetsDefinition,
     AssetSelection,
     DefaultScheduleStatus,
+    DefaultSensorStatus,
     MaterializeResult,
     MetadataValue,
     RunRequest,
     ScheduleDefinition,
     ScheduleEvaluationContext,
+    SensorDefinition,
+    SensorEvaluationContext,
+    SensorResult,
+    SkipReason,
+    TimeWindowPartitionsDefinition,
     asset,
     define_asset_job,
     schedule,
+    sensor,
 )
 
 from spark_backup.defs.assets import backup_asset_key, source_pool
@@ -52,6 +62,8 @@ RTO_CHECK = "rto"
 # have made the current partition's copies (their schedules run at 01:00).
 DRILL_SCHEDULE = "monthly_restore_drills"
 DRILL_CRON = "0 3 1 * *"
+DRILL_SENSOR = "drill_new_copies"
+DRILL_SENSOR_INTERVAL = 120
 
 
 def drill_asset_key(source_name: str, artifact: Artifact | None = None) -> AssetKey:
@@ -181,16 +193,20 @@ def drill_schedule_name(cadence_name: str) -> str:
     return f"{DRILL_SCHEDULE}_{cadence_name}"
 
 
-def build_drill_schedule(cadence_name: str, keys: Sequence[AssetKey]) -> ScheduleDefinition:
-    """The monthly restore test of one cadence's drill assets (a job holds one partitioning):
-    one run for the cadence's current partition; the run key (job, partition) makes a
-    re-evaluated tick request nothing twice."""
-    job = define_asset_job(
+def build_drill_job(cadence_name: str, keys: Sequence[AssetKey]):
+    """The drill assets of one cadence (a job holds one partitioning)."""
+    return define_asset_job(
         drill_job_name(cadence_name),
         selection=AssetSelection.assets(*keys),
         description=f"Drill every {cadence_name} artifact's copies of a partition.",
         tags={"spark_backup/cadence": cadence_name},
     )
+
+
+def build_drill_schedule(cadence_name: str, job) -> ScheduleDefinition:
+    """The monthly restore test of one cadence's drill assets: one run for the cadence's
+    current partition; the run key (job, partition) makes a re-evaluated tick request nothing
+    twice."""
 
     @schedule(
         name=drill_schedule_name(cadence_name),
@@ -209,3 +225,79 @@ def build_drill_schedule(cadence_name: str, keys: Sequence[AssetKey]) -> Schedul
         )
 
     return monthly_restore_drills
+
+
+@dataclass(frozen=True)
+class DrillTarget:
+    """One drill asset, what it drills, and how often the sensor asks for it."""
+
+    key: AssetKey
+    source: str
+    artifact: str
+    job_name: str
+    partitions: TimeWindowPartitionsDefinition
+    every: int  # 0: never on a new copy; N: one new partition's copies in N
+
+
+def build_drill_sensor(targets: Sequence[DrillTarget], jobs: Sequence) -> SensorDefinition:
+    """Requests one drill for every new copy, whichever way it was made (a scheduled run, a
+    backfill, the UI, the command line): the sensor reads the copies from the stores, not the
+    materialization events, which a CLI backup does not write. Its cursor holds, per drill
+    asset, the newest copy seen (finish time and id) and how many new partitions it saw (for
+    sampling); the run key names the drill asset, the partition and its newest copy, so even a
+    lost cursor never asks for the same drill twice. On its first look at an asset it drills
+    only the newest partition, not the whole history."""
+
+    @sensor(
+        name=DRILL_SENSOR,
+        minimum_interval_seconds=DRILL_SENSOR_INTERVAL,
+        default_status=DefaultSensorStatus.RUNNING,
+        jobs=list(jobs),
+        description="Requests a restore drill for every new copy (sampled per source).",
+    )
+    def drill_new_copies(context: SensorEvaluationContext, spark_backup: SparkBackupResource):
+        cursor = json.loads(context.cursor) if context.cursor else {}
+        service = spark_backup.service
+        requests: list[RunRequest] = []
+        for target in targets:
+            name = target.key.to_user_string()
+            manifests = [r.manifest for r in service.copies(target.source, target.artifact)]
+            state = cursor.get(name)
+            if state is None:  # first look: only the newest partition is new
+                newest = max(manifests, key=lambda m: (m.finished_at, m.id), default=None)
+                before = [m for m in manifests if newest and m.partition != newest.partition]
+                last = max(((m.finished_at, m.id) for m in before), default=("", ""))
+                state = {"after": list(last), "seen": 0}
+            after = tuple(state["after"])
+            new = [m for m in manifests if (m.finished_at, m.id) > after]
+            by_partition: dict[str, list] = {}
+            for manifest in sorted(new, key=lambda m: (m.finished_at, m.id)):
+                by_partition.setdefault(manifest.partition, []).append(manifest)
+            for partition, copies in by_partition.items():
+                state["seen"] += 1
+                newest_id = copies[-1].id
+                if not target.every or (state["seen"] - 1) % target.every:
+                    continue
+                if not target.partitions.has_partition_key(partition):
+                    context.log.warning(f"{name}: {partition} is not a partition; not drilled")
+                    continue
+                requests.append(
+                    RunRequest(
+                        run_key=f"{name}:{partition}:{newest_id}",
+                        job_name=target.job_name,
+                        asset_selection=[target.key],
+                        partition_key=partition,
+                        tags={"spark_backup/drill": "new_copy", "spark_backup/copy": newest_id},
+                    )
+                )
+            if new:
+                last = max(new, key=lambda m: (m.finished_at, m.id))
+                state["after"] = [last.finished_at, last.id]
+            cursor[name] = state
+        return SensorResult(
+            run_requests=requests,
+            cursor=json.dumps(cursor, sort_keys=True),
+            skip_reason=None if requests else SkipReason("no new copy to drill"),
+        )
+
+    return drill_new_copies
