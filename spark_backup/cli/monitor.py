@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 
 import click
+from rich.table import Table
 
 from spark_backup.cli.app import CliState, cli, pass_state
 from spark_backup.console import size, stdout
-from spark_backup.service.kpis import prometheus_text
+from spark_backup.service.kpis import Kpi, prometheus_text
 
 
 @cli.command()
@@ -26,8 +27,11 @@ def monitor(state: CliState, as_json: bool, prometheus: bool) -> None:
     if prometheus:
         click.echo(prometheus_text(rows), nl=False)
         return
-    from rich.table import Table
+    stdout.print(kpi_table(rows))
 
+
+def kpi_table(rows: list[Kpi]) -> Table:
+    """The KPIs as a table (``monitor`` and the demo)."""
     table = Table()
     for column in (
         "source",
@@ -62,4 +66,4 @@ def monitor(state: CliState, as_json: bool, prometheus: bool) -> None:
                 else f"- / {row.rto_seconds / 3600:g} h"
             ),
         )
-    stdout.print(table)
+    return table
