@@ -99,12 +99,14 @@ def test_jira_tickets_and_smtp_mail_with_secrets_from_the_environment(
         assert opened.action == "opened" and opened.emailed
         commented = desk.report(_failure("run:2"))
         assert commented.action == "commented" and commented.ticket == opened.ticket
+        assert not commented.emailed
         (issue,) = jira.issues("spark-backup")
         assert issue["key"] == opened.ticket
         assert issue["fields"]["summary"] == _failure().title()
         comments = jira.get(f"/rest/api/2/issue/{opened.ticket}/comment")["comments"]
         assert len(comments) == 1 and "Recurred" in comments[0]["body"]
-        assert len(mailbox.messages) == 2 and mailbox.logins == [(SMTP_USER, SMTP_PASSWORD)] * 2
+        # One mail when the ticket opened; a recurrence is a comment only (unless asked).
+        assert len(mailbox.messages) == 1 and mailbox.logins == [(SMTP_USER, SMTP_PASSWORD)]
         assert mailbox.messages[0]["To"] == "security@example.com"
         assert opened.ticket in mailbox.messages[0]["Subject"]
         for message in mailbox.messages:
@@ -284,3 +286,16 @@ def test_failed_run_opens_a_ticket_through_the_run_failure_sensor(
         assert partition in issue["fields"]["summary"]
         assert "wireguard" in issue["fields"]["description"]
         assert len(mailbox.messages) == 1
+
+
+def test_every_occurrence_mails_each_recurrence(tmp_path: Path) -> None:
+    with smtp_server() as mailbox:
+        settings = Notifications.model_validate(
+            {"email": _email(mailbox.port, every_occurrence=True)}
+        )
+        desk = TicketDesk(settings, tmp_path)
+        assert desk.report(_failure("run:1")).emailed
+        again = desk.report(_failure("run:2"))
+        assert again.action == "commented" and again.emailed
+        assert not desk.report(_failure("run:2")).emailed  # the same event: nothing
+        assert len(mailbox.messages) == 2

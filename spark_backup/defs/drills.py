@@ -63,7 +63,7 @@ RTO_CHECK = "rto"
 DRILL_SCHEDULE = "monthly_restore_drills"
 DRILL_CRON = "0 3 1 * *"
 DRILL_SENSOR = "drill_new_copies"
-DRILL_SENSOR_INTERVAL = 120
+DRILL_SENSOR_INTERVAL = 30
 
 
 def drill_asset_key(source_name: str, artifact: Artifact | None = None) -> AssetKey:

@@ -1,8 +1,9 @@
 """The ticket desk: one ticket per failure, commented on when it recurs, and the security team
 emailed; nothing lost when a backend is down.
 
-A failure is known by its dedup key (source, partition, check): the first report opens a ticket,
-a later one comments on it. Each report names the event it comes from (a run id, an event's
+A failure is known by its dedup key (source, partition, check): the first report opens a ticket
+and mails the security team, a later one comments on it (and mails only with
+``email.every_occurrence``). Each report names the event it comes from (a run id, an event's
 storage id), and an event already reported is ignored, so a sensor that evaluates the same
 event twice opens nothing twice. What cannot be delivered (the ticket system is down, or refused
 the credentials) is queued and retried on every later report or ``retry``; a refused credential
@@ -144,7 +145,8 @@ class TicketDesk:
                     outcome.action = "queued"
                     outcome.warning = self._queue(state, {"kind": "ticket", **message}, exc)
             outcome.ticket = entry["ticket"]
-            if self.settings.email is not None:
+            email = self.settings.email
+            if email is not None and (action == "open" or email.every_occurrence):
                 try:
                     self._deliver_email(failure, entry["ticket"])
                     outcome.emailed = True

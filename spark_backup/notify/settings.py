@@ -63,6 +63,9 @@ class EmailSettings(SettingsModel):
     user: str | None = None
     password_env: EnvName | None = None
     timeout: Duration = dt.timedelta(seconds=10)
+    # Mail when a ticket is opened; with this, also at every recurrence (a stale copy fails its
+    # freshness check every 30 minutes: that is a comment each time, and a mail only if asked).
+    every_occurrence: bool = False
 
     _secrets = model_validator(mode="before")(_refuse_inline_secrets)
 
