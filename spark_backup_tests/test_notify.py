@@ -299,3 +299,23 @@ def test_every_occurrence_mails_each_recurrence(tmp_path: Path) -> None:
         assert again.action == "commented" and again.emailed
         assert not desk.report(_failure("run:2")).emailed  # the same event: nothing
         assert len(mailbox.messages) == 2
+
+
+def test_chat_webhook_tells_the_security_team_and_never_shows_its_url(tmp_path: Path) -> None:
+    """A Slack/Teams-compatible incoming webhook gets {"text": ...} when a ticket opens; while
+    it is down the message is queued, and the warning does not show the URL's secret path."""
+    with webhook_server() as chat:
+        secret_url = f"{chat.url}/T000/B000/XXXXsecretXXXX"
+        settings = Notifications.model_validate({"chat": {"url": secret_url}})
+        desk = TicketDesk(settings, tmp_path)
+        chat.status = 503
+        down = desk.report(_failure("run:1"))
+        assert not down.chatted and "HTTP 503" in down.warning
+        assert "XXXXsecretXXXX" not in down.warning and "URL not shown" in down.warning
+        assert "XXXXsecretXXXX" not in (tmp_path / "ledger.json").read_text()
+        chat.status = 200
+        assert desk.retry() == ["chat message about vpn_config/2026-11-29/checksum"]
+        (message,) = chat.received
+        assert set(message) == {"text"} and "checksum failed for vpn_config" in message["text"]
+        desk.report(_failure("run:2"))  # a recurrence: a comment, no chat message
+        assert len(chat.received) == 1

@@ -10,13 +10,14 @@ import os
 import smtplib
 import ssl
 import urllib.error
+import urllib.parse
 import urllib.request
 from abc import ABC, abstractmethod
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
-from spark_backup.notify.settings import EmailSettings, TicketSettings
+from spark_backup.notify.settings import ChatSettings, EmailSettings, TicketSettings
 
 
 class DeliveryError(Exception):
@@ -75,6 +76,40 @@ class OutboxBackend(TicketBackend):
         self._append({"action": "comment", "ticket": ticket, "body": body})
 
 
+def post_json(
+    name: str,
+    url: str,
+    payload: dict[str, Any],
+    headers: dict[str, str],
+    timeout: float,
+    shown_url: str | None = None,
+) -> dict[str, Any]:
+    """POST ``payload``; the answer's JSON (or ``{}``). Errors name ``shown_url`` (default
+    ``url``), never the headers."""
+    shown = shown_url or url
+    request = urllib.request.Request(
+        url,
+        json.dumps(payload).encode("utf-8"),
+        {"Content-Type": "application/json", "Accept": "application/json", **headers},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            raw = response.read()
+    except urllib.error.HTTPError as exc:
+        raise DeliveryError(
+            f"{name} at {shown} answered HTTP {exc.code} {exc.reason}",
+            rejected=exc.code in (401, 403),
+        ) from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise DeliveryError(f"{name} at {shown} not reachable: {reason}") from None
+    try:
+        return json.loads(raw) if raw.strip() else {}
+    except ValueError:
+        return {}
+
+
 class _HttpBackend(TicketBackend):
     def __init__(self, settings: TicketSettings):
         assert settings.url is not None
@@ -83,35 +118,15 @@ class _HttpBackend(TicketBackend):
 
     def _headers(self) -> dict[str, str]:
         token = _secret(self.settings.token_env, f"{self.name} tickets")
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if token and self.settings.user:
             pair = f"{self.settings.user}:{token}".encode()
-            headers["Authorization"] = "Basic " + base64.b64encode(pair).decode()
-        elif token:
-            headers["Authorization"] = f"Bearer {token}"
-        return headers
+            return {"Authorization": "Basic " + base64.b64encode(pair).decode()}
+        return {"Authorization": f"Bearer {token}"} if token else {}
 
     def _post(self, url: str, payload: dict[str, Any]) -> dict[str, Any]:
-        request = urllib.request.Request(
-            url, json.dumps(payload).encode("utf-8"), self._headers(), method="POST"
+        return post_json(
+            self.name, url, payload, self._headers(), self.settings.timeout.total_seconds()
         )
-        try:
-            with urllib.request.urlopen(
-                request, timeout=self.settings.timeout.total_seconds()
-            ) as response:
-                raw = response.read()
-        except urllib.error.HTTPError as exc:
-            raise DeliveryError(
-                f"{self.name} at {url} answered HTTP {exc.code} {exc.reason}",
-                rejected=exc.code in (401, 403),
-            ) from None
-        except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise DeliveryError(f"{self.name} at {url} not reachable: {reason}") from None
-        try:
-            return json.loads(raw) if raw.strip() else {}
-        except ValueError:
-            return {}
 
 
 class WebhookBackend(_HttpBackend):
@@ -162,6 +177,21 @@ def ticket_backend(settings: TicketSettings, outbox: Path) -> TicketBackend:
     if settings.backend == "webhook":
         return WebhookBackend(settings)
     return OutboxBackend(outbox)
+
+
+def send_chat(settings: ChatSettings, text: str) -> None:
+    """One message to a Slack- or Teams-compatible incoming webhook. The URL may carry the
+    webhook's secret, so errors name only its host."""
+    token = _secret(settings.token_env, "chat webhook")
+    host = urllib.parse.urlsplit(settings.url).netloc
+    post_json(
+        "chat webhook",
+        settings.url,
+        {"text": text},
+        {"Authorization": f"Bearer {token}"} if token else {},
+        settings.timeout.total_seconds(),
+        shown_url=f"{host} (URL not shown)",
+    )
 
 
 def send_email(settings: EmailSettings, subject: str, body: str) -> None:

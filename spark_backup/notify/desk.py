@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from spark_backup.engine.pipeline import utcnow
-from spark_backup.notify.backends import DeliveryError, send_email, ticket_backend
+from spark_backup.notify.backends import DeliveryError, send_chat, send_email, ticket_backend
 from spark_backup.notify.settings import Notifications
 
 LEDGER = "ledger.json"
@@ -76,6 +76,7 @@ class Outcome:
     action: str
     ticket: str | None = None
     emailed: bool = False
+    chatted: bool = False
     # Something to say once (a backend down or refusing credentials), else None.
     warning: str | None = None
     delivered: list[str] = field(default_factory=list)
@@ -153,6 +154,13 @@ class TicketDesk:
                 except DeliveryError as exc:
                     warning = self._queue(state, {"kind": "email", **message}, exc)
                     outcome.warning = outcome.warning or warning
+            if self.settings.chat is not None and action == "open":
+                try:
+                    self._deliver_chat(failure, entry["ticket"])
+                    outcome.chatted = True
+                except DeliveryError as exc:
+                    warning = self._queue(state, {"kind": "chat", **message}, exc)
+                    outcome.warning = outcome.warning or warning
             return outcome
 
     def preview(self, failure: Failure) -> str:
@@ -187,6 +195,9 @@ class TicketDesk:
                 if item["kind"] == "email":
                     self._deliver_email(failure, entry.get("ticket"))
                     delivered.append(f"email about {failure.key}")
+                elif item["kind"] == "chat":
+                    self._deliver_chat(failure, entry.get("ticket"))
+                    delivered.append(f"chat message about {failure.key}")
                 else:
                     action = "open" if entry.get("ticket") is None else "comment"
                     ticket = self._deliver_ticket(action, failure, entry.get("ticket"))
@@ -213,7 +224,7 @@ class TicketDesk:
             return None
         state["said"].append(reason)
         verdict = "refused the credentials" if exc.rejected else "is unavailable"
-        return f"{reason}: {self.backend.name if item['kind'] == 'ticket' else 'email'} {verdict}; queued in {self.state_dir / LEDGER}, retried on every later report"
+        return f"{reason}: {self.backend.name if item['kind'] == 'ticket' else item['kind']} {verdict}; queued in {self.state_dir / LEDGER}, retried on every later report"
 
     def _deliver_ticket(self, action: str, failure: Failure, ticket: str | None) -> str:
         if action == "open" or ticket is None:
@@ -222,6 +233,11 @@ class TicketDesk:
             )
         self.backend.comment(ticket, f"Recurred.\n\n{failure.body()}")
         return ticket
+
+    def _deliver_chat(self, failure: Failure, ticket: str | None) -> None:
+        assert self.settings.chat is not None
+        suffix = f" [{ticket}]" if ticket else ""
+        send_chat(self.settings.chat, f"{failure.title()}{suffix}\n{failure.summary}")
 
     def _deliver_email(self, failure: Failure, ticket: str | None) -> None:
         assert self.settings.email is not None

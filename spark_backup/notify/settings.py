@@ -70,9 +70,22 @@ class EmailSettings(SettingsModel):
     _secrets = model_validator(mode="before")(_refuse_inline_secrets)
 
 
+class ChatSettings(SettingsModel):
+    """A Slack- or Teams-compatible incoming webhook: a JSON POST of ``{"text": ...}``."""
+
+    url: str = Field(pattern=r"^https?://")
+    # The webhook URL is often the secret itself; a bearer token, if the receiver wants one.
+    token_env: EnvName | None = None
+    timeout: Duration = dt.timedelta(seconds=10)
+
+    _secrets = model_validator(mode="before")(_refuse_inline_secrets)
+
+
 class Notifications(SettingsModel):
     # The ledger of opened tickets, the queue of undelivered messages and the outbox backend's
     # tickets; relative to the plan file.
     state_dir: str = ".spark_backup/notifications"
     tickets: TicketSettings = TicketSettings()
     email: EmailSettings | None = None
+    # The security team's chat channel, told when a ticket opens (like the mail).
+    chat: ChatSettings | None = None
