@@ -201,3 +201,14 @@ def test_journal_auto_commit(tmp_path: Path, age_key, estate: Path) -> None:
         ["git", "-C", str(repo), "status", "--porcelain"], capture_output=True, text=True
     ).stdout
     assert status == ""
+
+
+def test_shipped_journal_example_has_the_format_the_code_writes() -> None:
+    folder = EXAMPLES / "orchestration_journal" / "backups"
+    (day,) = folder.glob("*.jsonl")
+    entries = [json.loads(line) for line in day.read_text().splitlines()]
+    assert {e["event"] for e in entries} == {"backup", "drill"}
+    for entry in entries:
+        assert entry["at"].startswith(day.stem)
+        if entry["event"] == "drill":
+            assert (folder / entry["summary"]).exists() or entry["source"] != "vpn_config"
