@@ -155,7 +155,18 @@ def build_definitions(loaded: LoadedPlan) -> Definitions:
         sensors=[
             build_drill_sensor(drill_targets, drill_jobs),
             build_run_failure_sensor(sources_by_asset),
-            build_check_failure_sensor(sources_by_asset),
+            build_check_failure_sensor(
+                sources_by_asset,
+                [
+                    *(key for check in checks for key in check.check_keys),
+                    *(
+                        key
+                        for item in assets
+                        if isinstance(item, AssetsDefinition)
+                        for key in item.check_keys
+                    ),
+                ],
+            ),
         ],
         resources={RESOURCE_KEY: SparkBackupResource(plan_path=str(loaded.path))},
     )

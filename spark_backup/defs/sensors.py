@@ -3,8 +3,10 @@
 - ``run_failures``: a failed run of any job (a backup, a drill): one failure per source the run
   selected, known by its run id;
 - ``check_failures``: a failed asset check of any severity (checksum, freshness, the log's lag,
-  a drill's restore or RTO), read from the event log with a cursor (the newest event's storage
-  id), so every evaluation is seen once, whichever run or partition made it. A run-failure
+  a drill's restore or RTO), read from each check's execution history with a cursor per check
+  (the newest execution id below which every execution finished), so every evaluation is seen,
+  whichever run or partition made it. (Not the event log by storage id: on Dagster's default
+  SQLite storage, check evaluations are kept per run, and their ids are not global.) A run-failure
   sensor never sees a failed check in a run that succeeded, so both are needed.
 
 Each failure is deduplicated by source, partition and check: the first opens a ticket, a
@@ -12,14 +14,15 @@ recurrence comments on it. The desk also ignores an event it already reported, s
 evaluated twice opens nothing twice. Neither sensor launches runs.
 """
 
-from collections.abc import Mapping
+import json
+from collections.abc import Mapping, Sequence
 
 from dagster import (
+    AssetCheckKey,
     AssetKey,
     DagsterEventType,
     DagsterInstance,
     DefaultSensorStatus,
-    EventRecordsFilter,
     RunFailureSensorContext,
     SensorDefinition,
     SensorEvaluationContext,
@@ -33,9 +36,11 @@ from spark_backup.notify import RUN_FAILED, Failure, Outcome
 
 RUN_FAILURE_SENSOR = "run_failures"
 CHECK_FAILURE_SENSOR = "check_failures"
-# Evaluations read per tick; the cursor carries on from the last one read.
+# Executions read per check and tick; the cursor carries on from there.
 CHECK_EVENTS_PER_TICK = 200
 PARTITION_TAG = "dagster/partition"
+# Check execution statuses (AssetCheckExecutionRecordStatus, which Dagster does not export).
+PLANNED, FAILED = "PLANNED", "FAILED"
 
 
 def _say(context, failure: Failure, outcome: Outcome) -> None:
@@ -102,7 +107,9 @@ def build_run_failure_sensor(sources_by_asset: Mapping[AssetKey, str]) -> Sensor
     return run_failures
 
 
-def build_check_failure_sensor(sources_by_asset: Mapping[AssetKey, str]) -> SensorDefinition:
+def build_check_failure_sensor(
+    sources_by_asset: Mapping[AssetKey, str], check_keys: Sequence[AssetCheckKey]
+) -> SensorDefinition:
     @sensor(
         name=CHECK_FAILURE_SENSOR,
         minimum_interval_seconds=30,
@@ -111,39 +118,47 @@ def build_check_failure_sensor(sources_by_asset: Mapping[AssetKey, str]) -> Sens
         "check (any severity), deduplicated by source, partition and check.",
     )
     def check_failures(context: SensorEvaluationContext, spark_backup: SparkBackupResource):
-        after = int(context.cursor) if context.cursor else None
-        records = context.instance.event_log_storage.get_event_records(
-            EventRecordsFilter(
-                event_type=DagsterEventType.ASSET_CHECK_EVALUATION, after_cursor=after
-            ),
-            limit=CHECK_EVENTS_PER_TICK,
-            ascending=True,
-        )
-        if not records:
-            return SkipReason("no new check evaluations")
+        # Per check: every execution up to this id has finished (and its failure, if any, was
+        # reported). An execution is recorded when planned and completed later under the same
+        # id, so the cursor stops below the oldest one still running.
+        loaded = json.loads(context.cursor) if context.cursor else {}
+        cursor: dict[str, int] = loaded if isinstance(loaded, dict) else {}  # else: start over
+        storage = context.instance.event_log_storage
         service = spark_backup.service
         desk = service.ticket_desk()
-        failed = 0
-        for record in records:
-            event = record.event_log_entry.dagster_event
-            evaluation = event.event_specific_data if event else None
-            if evaluation is None or evaluation.passed:
-                continue
-            failed += 1
-            failure = Failure(
-                source=sources_by_asset.get(evaluation.asset_key, "-"),
-                partition=evaluation.partition or "",
-                check=evaluation.check_name,
-                event=f"check:{record.storage_id}",
-                summary=f"check {evaluation.check_name} on "
-                f"{evaluation.asset_key.to_user_string()} failed "
-                f"({evaluation.severity.value}): {evaluation.description or ''}",
-                detail=f"run {record.event_log_entry.run_id}",
-            )
-            _say(context, failure, service.report_failure(failure, desk))
-        context.update_cursor(str(records[-1].storage_id))
+        failed = seen = 0
+        for check_key in check_keys:
+            name = check_key.to_user_string()
+            done = cursor.get(name, 0)
+            records = [
+                r
+                for r in storage.get_asset_check_execution_history(
+                    check_key, limit=CHECK_EVENTS_PER_TICK
+                )
+                if r.id > done
+            ]
+            running = [r.id for r in records if r.status.value == PLANNED]
+            for record in sorted(records, key=lambda r: r.id):
+                seen += 1
+                if record.status.value != FAILED or record.event is None:
+                    continue
+                evaluation = record.event.dagster_event.event_specific_data
+                failed += 1
+                failure = Failure(
+                    source=sources_by_asset.get(check_key.asset_key, "-"),
+                    partition=record.partition or "",
+                    check=check_key.name,
+                    event=f"check:{name}:{record.id}",
+                    summary=f"check {check_key.name} on {check_key.asset_key.to_user_string()} "
+                    f"failed ({evaluation.severity.value}): {evaluation.description or ''}",
+                    detail=f"run {record.run_id}",
+                )
+                _say(context, failure, service.report_failure(failure, desk))
+            if records:
+                cursor[name] = (min(running) - 1) if running else max(r.id for r in records)
+        context.update_cursor(json.dumps(cursor, sort_keys=True))
         if not failed:
-            return SkipReason(f"{len(records)} check evaluations, none failed")
+            return SkipReason(f"{seen} new check executions, none failed")
         return None
 
     return check_failures
