@@ -30,7 +30,7 @@ from spark_backup.defs.drills import (
 from spark_backup.engine.cadence import partition_key_for
 from spark_backup.engine.drill_record import drill_prefix
 from spark_backup.engine.pipeline import utcnow
-from spark_backup.errors import NotFoundError
+from spark_backup.errors import NotFoundError, UsageError
 from spark_backup.plan import load_plan
 from spark_backup.service import BackupService
 from spark_backup_tests.helpers import (
@@ -278,3 +278,37 @@ def test_sampling_drills_one_new_partition_in_n(tmp_path: Path, age_key, estate:
             service.backup("vpn_config", day)
         requests, cursor = _sensor_tick(defs, instance, cursor)
         assert [r.partition_key for r in requests] == ["2026-11-03"]
+
+
+def test_drill_into_a_missing_staging_folder_is_a_clear_error(drill_plan: Path, tmp_path) -> None:
+    service = BackupService.from_path(drill_plan)
+    service.backup("vpn_config")
+    with pytest.raises(UsageError, match=r"cannot make the drill's staging folder in .*absent"):
+        service.drill("vpn_config", staging_root=tmp_path / "absent")
+    assert service.drill_status("vpn_config") == {}
+
+
+def test_prune_removes_the_drill_records_of_expired_copies(
+    tmp_path: Path, age_key, estate: Path
+) -> None:
+    plan = plan_dict(
+        [age_key[1]],
+        [
+            config_source(
+                "vpn_config",
+                [str(estate)],
+                cadence="daily",
+                retention={"daily": 1, "weekly": 0, "monthly": 0},
+            )
+        ],
+    )
+    plan["encryption"]["identity_file"] = str(age_key[0])
+    service = BackupService.from_path(write_plan(tmp_path, plan))
+    (old,) = service.backup("vpn_config")
+    service.drill("vpn_config")
+    (new,) = service.backup("vpn_config")
+    service.drill("vpn_config")
+    assert set(service.drill_status("vpn_config")) == {old.id, new.id}
+    report = service.prune(dry_run=False)
+    assert report.expired == [old.id]
+    assert set(service.drill_status("vpn_config")) == {new.id}

@@ -24,7 +24,7 @@ from spark_backup.engine.catalog import latest_per_part
 from spark_backup.engine.drill_record import DrillRecord, latest_drills, write_drill_record
 from spark_backup.engine.pipeline import utcnow
 from spark_backup.engine.staging import remove_tree
-from spark_backup.errors import NotFoundError, SparkBackupError
+from spark_backup.errors import NotFoundError, SparkBackupError, UsageError
 from spark_backup.service.journal import JournalOperations
 from spark_backup.sources.base import CopyRef, FolderRestore, SemanticCheck
 
@@ -127,7 +127,15 @@ class DrillOperations(JournalOperations):
         refs = self.drill_copies(source.name, chosen.name, partition)
         identities = self.identities(identity_file)
         started = utcnow()
-        staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{source.name}-", dir=staging_root))
+        try:
+            staging = Path(
+                tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{source.name}-", dir=staging_root)
+            )
+        except OSError as exc:
+            raise UsageError(
+                f"cannot make the drill's staging folder in {staging_root or tempfile.gettempdir()}: "
+                f"{exc.strerror}"
+            ) from None
         steps: list[DrillStep] = []
         teardown_error = None
         try:
