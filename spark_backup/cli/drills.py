@@ -5,14 +5,17 @@ from __future__ import annotations
 import datetime as dt
 import json
 import sys
+from typing import TYPE_CHECKING
 
 import click
 
 from spark_backup.cli.app import CliState, cli, pass_state
 from spark_backup.console import error_line, printable, stdout
-from spark_backup.engine.settings import format_duration
 from spark_backup.errors import IntegrityError
-from spark_backup.service.drills import DrillReport
+
+# The service and the engine load when the command runs, not when the command line starts.
+if TYPE_CHECKING:
+    from spark_backup.service.drills import DrillReport
 
 DRILL_FAILED_EXIT = IntegrityError.exit_code
 
@@ -55,6 +58,8 @@ def drill(
 
 
 def print_drill(report: DrillReport) -> None:
+    from spark_backup.engine.settings import format_duration
+
     for step in report.steps:
         verdict = "ok  " if step.passed else "FAIL"
         part = f" {printable(step.part)}" if step.part else ""

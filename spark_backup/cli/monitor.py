@@ -4,13 +4,18 @@ Prometheus text format for node-exporter's textfile collector."""
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 import click
-from rich.table import Table
 
 from spark_backup.cli.app import CliState, cli, pass_state
 from spark_backup.console import size, stdout
-from spark_backup.service.kpis import Kpi, prometheus_text
+
+# rich and the service load when the command runs, not when the command line starts.
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from spark_backup.service.kpis import Kpi
 
 
 @cli.command()
@@ -25,6 +30,8 @@ def monitor(state: CliState, as_json: bool, prometheus: bool) -> None:
         click.echo(json.dumps([row.to_dict() for row in rows], indent=2))
         return
     if prometheus:
+        from spark_backup.service.kpis import prometheus_text
+
         click.echo(prometheus_text(rows), nl=False)
         return
     stdout.print(kpi_table(rows))
@@ -32,6 +39,8 @@ def monitor(state: CliState, as_json: bool, prometheus: bool) -> None:
 
 def kpi_table(rows: list[Kpi]) -> Table:
     """The KPIs as a table (``monitor`` and the demo)."""
+    from rich.table import Table
+
     table = Table()
     for column in (
         "source",

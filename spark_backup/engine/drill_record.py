@@ -104,18 +104,22 @@ def write_drill_record(store: ObjectStore, record: DrillRecord) -> str:
 
 def latest_drills(store: ObjectStore, source: str) -> dict[str, DrillRecord]:
     """The newest readable drill record of each copy of ``source`` in ``store``, by copy id.
-    An unreadable record is skipped: it must not hide the copy, and a later drill replaces it."""
-    newest: dict[str, DrillRecord] = {}
+    Keys sort by drill time within a copy, so only the newest is read (an unreadable one is
+    skipped for the one before it: it must not hide the copy)."""
+    keys: dict[str, list[str]] = {}
     for info in store.list(drill_prefix(source)):
-        if copy_id_of_drill_key(info.key) is None:
-            continue
-        try:
-            record = DrillRecord.from_json(store.get_bytes(info.key), store.object_uri(info.key))
-        except (IntegrityError, NotFoundError):
-            continue
-        known = newest.get(record.copy_id)
-        if known is None or record.drilled_at > known.drilled_at:
-            newest[record.copy_id] = record
+        copy_id = copy_id_of_drill_key(info.key)
+        if copy_id is not None:
+            keys.setdefault(copy_id, []).append(info.key)
+    newest: dict[str, DrillRecord] = {}
+    for copy_id, found in keys.items():
+        for key in sorted(found, reverse=True):
+            try:
+                record = DrillRecord.from_json(store.get_bytes(key), store.object_uri(key))
+            except (IntegrityError, NotFoundError):
+                continue
+            newest[copy_id] = record
+            break
     return newest
 
 
