@@ -126,7 +126,7 @@ def test_a_backend_down_queues_says_so_once_and_delivers_later(tmp_path: Path, m
         first = desk.report(_failure("run:1"))
         assert first.action == "queued" and first.ticket is None
         assert "HTTP 401" in first.warning and "refused the credentials" in first.warning
-        assert TOKEN not in first.warning
+        assert TOKEN not in first.warning and "/hook" not in first.warning
         second = desk.report(_failure("run:2", partition="2026-11-30"))
         assert second.action == "queued" and second.warning is None  # said once
         recurred = desk.report(_failure("run:3"))  # waits behind its ticket

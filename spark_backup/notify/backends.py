@@ -125,8 +125,16 @@ class _HttpBackend(TicketBackend):
 
     def _post(self, url: str, payload: dict[str, Any]) -> dict[str, Any]:
         return post_json(
-            self.name, url, payload, self._headers(), self.settings.timeout.total_seconds()
+            self.name,
+            url,
+            payload,
+            self._headers(),
+            self.settings.timeout.total_seconds(),
+            shown_url=self._shown(url),
         )
+
+    def _shown(self, url: str) -> str:
+        return url
 
 
 class WebhookBackend(_HttpBackend):
@@ -134,6 +142,10 @@ class WebhookBackend(_HttpBackend):
     the ticket, else the dedup key names it."""
 
     name = "webhook"
+
+    def _shown(self, url: str) -> str:
+        # A webhook's URL often carries its secret: errors name the host only.
+        return f"{urllib.parse.urlsplit(url).netloc} (URL not shown)"
 
     def open(self, title: str, body: str, labels: list[str]) -> str:
         answer = self._post(
