@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import gc
 import json
 import sys
@@ -26,6 +27,7 @@ from spark_backup.sources.base import (
 # The service and the engine load when a command runs, not when the command line starts.
 if TYPE_CHECKING:
     from spark_backup.engine.catalog import DamagedManifest
+    from spark_backup.engine.drill_record import DrillRecord
     from spark_backup.engine.manifest import Manifest
 
 # --- backup ------------------------------------------------------------------------------------
@@ -110,24 +112,38 @@ def list_(state: CliState, source: str | None, as_json: bool) -> None:
     service = state.service
     refs, damaged = service.listing(source) if source else service.all_listings()
     ranges = _log_ranges(service, refs)
+    drills = service.drills_of(refs)
     if as_json:
-        rows = [_copy_row(r, ranges.get(r.manifest.id)) for r in refs]
+        rows = [_copy_row(r, ranges.get(r.manifest.id), drills.get(r.manifest.id)) for r in refs]
         rows += [_damaged_row(d) for d in damaged]
         click.echo(json.dumps(rows, indent=2))
     else:
         columns = (*LIST_COLUMNS, LOG_COLUMN) if ranges else LIST_COLUMNS
-        print_columns(columns, (_list_row(ref) + _log_cell(ranges, ref) for ref in refs))
+        print_columns(
+            columns,
+            (_list_row(ref, drills.get(ref.manifest.id)) + _log_cell(ranges, ref) for ref in refs),
+        )
         for entry in damaged:
             error_line(f"damaged manifest: {entry.error}")
     if damaged:
         sys.exit(IntegrityError.exit_code)
 
 
-LIST_COLUMNS = ("id", "source", "part", "partition", "finished", "size", "stored", "store")
+LIST_COLUMNS = (
+    "id",
+    "source",
+    "part",
+    "partition",
+    "finished",
+    "size",
+    "stored",
+    "store",
+    "drilled",
+)
 LOG_COLUMN = "log needed"
 
 
-def _list_row(ref: CopyRef) -> tuple[str, ...]:
+def _list_row(ref: CopyRef, drill: DrillRecord | None) -> tuple[str, ...]:
     m = ref.manifest
     return (
         m.id,
@@ -138,6 +154,7 @@ def _list_row(ref: CopyRef) -> tuple[str, ...]:
         size(m.plaintext.bytes),
         size(m.stored.bytes),
         ref.store.name,
+        _drill_cell(drill),
     )
 
 
@@ -168,7 +185,35 @@ def _log_ranges(service: Any, refs: list[CopyRef]) -> dict[str, LogRange]:
     return ranges
 
 
-def _copy_row(ref: CopyRef, log: LogRange | None = None) -> dict[str, Any]:
+def _drill_cell(record: DrillRecord | None) -> str:
+    """``passed 2026-11-29 12.3s/2h``: the newest drill, its restore time against the RTO."""
+    if record is None:
+        return "-"
+    from spark_backup.engine.settings import format_duration
+
+    verdict = "passed" if record.passed and record.within_rto else "FAILED"
+    rto = format_duration(dt.timedelta(seconds=record.rto_seconds))
+    return f"{verdict} {record.drilled_at[:10]} {record.drill_seconds:.1f}s/{rto}"
+
+
+def _drill_row(record: DrillRecord | None) -> dict[str, Any] | None:
+    if record is None:
+        return None
+    return {
+        "drilled_at": record.drilled_at,
+        "passed": record.passed,
+        "restore_seconds": record.restore_seconds,
+        "drill_seconds": record.drill_seconds,
+        "rto_seconds": record.rto_seconds,
+        "within_rto": record.within_rto,
+        "check": record.check,
+        "description": record.description,
+    }
+
+
+def _copy_row(
+    ref: CopyRef, log: LogRange | None = None, drill: DrillRecord | None = None
+) -> dict[str, Any]:
     m = ref.manifest
     extra = {"log": {**asdict(log), "complete": log.complete}} if log else {}
     return {
@@ -186,6 +231,7 @@ def _copy_row(ref: CopyRef, log: LogRange | None = None) -> dict[str, Any]:
         "store": ref.store.name,
         "uri": ref.store.object_uri(m.data_key),
         "lock": m.lock,
+        "drill": _drill_row(drill),
         **extra,
     }
 

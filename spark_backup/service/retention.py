@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from spark_backup.engine import catalog
 from spark_backup.engine.catalog import is_index_key
+from spark_backup.engine.drill_record import drill_keys_of
 from spark_backup.engine.manifest import Manifest, is_copy_key, manifest_key
 from spark_backup.engine.pipeline import utcnow
 from spark_backup.engine.retention import apply_retention
@@ -79,6 +80,10 @@ class RetentionOperations(PlanRuntime):
                 if not dry_run:
                     store.delete(key)
                     store.delete(manifest.data_key)
+                    # Its drill records go with it (under a lock they stay until it ends).
+                    for record in drill_keys_of(store, manifest.source, manifest.id):
+                        if not store.locked(record, now):
+                            store.delete(record)
             if expired and not dry_run:
                 self.update_index(store, source.name)
             kind = self.kind_of(source)
