@@ -24,9 +24,15 @@ from dagster import (
 
 from spark_backup.defs.assets import backup_asset_key, source_pool, system_asset_key
 from spark_backup.defs.build import build_definitions
-from spark_backup.defs.checks import CHECKSUM_CHECK, FRESHNESS_CHECK
+from spark_backup.defs.checks import CHECKSUM_CHECK, FRESHNESS_CHECK, ROTATION_CHECK
 from spark_backup.defs.partitions import partitions_for
-from spark_backup.defs.schedules import FRESHNESS_CRON, FRESHNESS_JOB, OBSERVE_JOB
+from spark_backup.defs.schedules import (
+    FRESHNESS_CRON,
+    FRESHNESS_JOB,
+    OBSERVE_JOB,
+    ROTATION_CRON,
+    ROTATION_JOB,
+)
 from spark_backup.engine.cadence import CADENCES, DEFAULT_PARTITIONS_START, partition_key_for
 from spark_backup.plan import load_plan
 from spark_backup.service import BackupService
@@ -69,7 +75,7 @@ def test_definitions_load_and_are_pinned(three_cadences: Path, monkeypatch) -> N
     assert graph.get_all_asset_keys() == keys | {system_asset_key(n) for n in names}
     assert graph.asset_check_keys == {
         AssetCheckKey(k, name) for k in keys for name in (CHECKSUM_CHECK, FRESHNESS_CHECK)
-    }
+    } | {AssetCheckKey(system_asset_key(n), ROTATION_CHECK) for n in names}
     for name in names:  # lineage: each protected system feeds its backups
         assert graph.get(backup_asset_key(name)).parent_keys == {system_asset_key(name)}
     specs = {spec.key: spec for spec in defs.resolve_all_asset_specs()}
@@ -92,11 +98,13 @@ def test_definitions_load_and_are_pinned(three_cadences: Path, monkeypatch) -> N
         "monthly_backups_schedule",
         "freshness_checks_schedule",
         f"{OBSERVE_JOB}_schedule",
+        f"{ROTATION_JOB}_schedule",
     }
     assert schedules["daily_backups_schedule"].cron_schedule == "0 1 * * *"
     assert schedules["weekly_backups_schedule"].cron_schedule == "0 1 * * 1"
     assert schedules["monthly_backups_schedule"].cron_schedule == "0 1 1 * *"
     assert schedules["freshness_checks_schedule"].cron_schedule == FRESHNESS_CRON
+    assert schedules[f"{ROTATION_JOB}_schedule"].cron_schedule == ROTATION_CRON
     jobs = {j.name for j in defs.resolve_all_job_defs()}
     assert {"daily_backups", "weekly_backups", "monthly_backups", FRESHNESS_JOB} <= jobs
 

@@ -16,16 +16,25 @@ from spark_backup.defs.assets import (
     system_asset_key,
 )
 from spark_backup.defs.checks import (
+    ROTATION_CHECK,
     build_checksum_check,
     build_freshness_check,
     build_log_lag_check,
+    build_rotation_check,
 )
-from spark_backup.defs.resources import RESOURCE_KEY, SparkBackupResource
+from spark_backup.defs.resources import (
+    RESOURCE_KEY,
+    SECRETS_RESOURCE_KEY,
+    SecretsResource,
+    SparkBackupResource,
+)
 from spark_backup.defs.schedules import (
     OBSERVE_CRON,
     OBSERVE_JOB,
     RECOVERY_CRON,
     RECOVERY_JOB,
+    ROTATION_CRON,
+    ROTATION_JOB,
     asset_schedule,
     build_backup_job,
     build_backup_schedule,
@@ -47,10 +56,13 @@ def build_definitions(loaded: LoadedPlan) -> Definitions:
     log_checks: dict[tuple[str, str], list[AssetCheckKey]] = defaultdict(list)
     observed: list[AssetKey] = []
     recoveries: list[AssetKey] = []
+    rotation_checks: list[AssetCheckKey] = []
     for source in loaded.plan.sources:
         kind = service.kind_of(source)
         system = build_system_asset(source, kind, loaded)
         assets.append(system)
+        checks.append(build_rotation_check(source, system_asset_key(source.name)))
+        rotation_checks.append(AssetCheckKey(system_asset_key(source.name), ROTATION_CHECK))
         if isinstance(kind, Observable):
             observed.append(system_asset_key(source.name))
         artifact_keys = {}
@@ -92,6 +104,14 @@ def build_definitions(loaded: LoadedPlan) -> Definitions:
                 f"Is every log within its RPO ({check_name})?",
             )
         )
+    schedules.append(
+        check_schedule(
+            ROTATION_JOB,
+            rotation_checks,
+            ROTATION_CRON,
+            "Is every secret the plan names within its rotation limit?",
+        )
+    )
     if observed:
         schedules.append(
             asset_schedule(OBSERVE_JOB, observed, OBSERVE_CRON, "Observe every protected system.")
@@ -110,5 +130,8 @@ def build_definitions(loaded: LoadedPlan) -> Definitions:
         asset_checks=checks,
         jobs=jobs,
         schedules=schedules,
-        resources={RESOURCE_KEY: SparkBackupResource(plan_path=str(loaded.path))},
+        resources={
+            RESOURCE_KEY: SparkBackupResource(plan_path=str(loaded.path)),
+            SECRETS_RESOURCE_KEY: SecretsResource(plan_path=str(loaded.path)),
+        },
     )

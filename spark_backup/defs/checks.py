@@ -8,6 +8,10 @@
 - the log's lag check (``wal_archive_lag`` for PostgreSQL, named by the kind): the log the
   system wrote must be in the store within the source's RPO; the lag is plotted as metadata,
   and a schedule runs it at the kind's cadence (every 5 minutes).
+- ``secret_rotation`` (per source, on its system asset): every secret a backup of the source
+  needs (its own, its store's, the plan's) was written within the rotation limit (182 days by
+  default); a secret of unknown age fails unless the plan says ``unknown_age: warn``. A sealed
+  or unreachable Vault fails it too. Metadata names references, versions and ages, never values.
 """
 
 import warnings
@@ -24,15 +28,17 @@ from dagster import (
 )
 
 from spark_backup.defs.partitions import partitions_for
-from spark_backup.defs.resources import SparkBackupResource
+from spark_backup.defs.resources import SecretsResource, SparkBackupResource
 from spark_backup.engine.catalog import latest_per_part
 from spark_backup.engine.pipeline import utcnow
 from spark_backup.engine.settings import format_duration
+from spark_backup.errors import SecretsUnavailableError
 from spark_backup.plan import LoadedPlan, SourceSettings
 from spark_backup.sources.base import Artifact, ContinuousLog
 
 CHECKSUM_CHECK = "checksum"
 FRESHNESS_CHECK = "freshness"
+ROTATION_CHECK = "secret_rotation"
 
 # Partitioned asset checks are a Dagster preview feature; they are what lets the UI show, for
 # every day, week and month, whether that partition's copy is intact. Tested in
@@ -165,3 +171,62 @@ def build_log_lag_check(
         )
 
     return log_lag
+
+
+def build_rotation_check(source: SourceSettings, asset_key: AssetKey) -> AssetChecksDefinition:
+    @asset_check(
+        asset=asset_key,
+        name=ROTATION_CHECK,
+        description="Fails when a secret a backup of this source needs is older than the "
+        "rotation limit, has no known age, or cannot be read.",
+    )
+    def secret_rotation(secrets: SecretsResource) -> AssetCheckResult:
+        try:
+            statuses = secrets.status(source.name)
+        except SecretsUnavailableError as exc:
+            return AssetCheckResult(
+                check_name=ROTATION_CHECK,
+                passed=False,
+                severity=AssetCheckSeverity.ERROR,
+                description=str(exc),
+            )
+        limit = secrets.rotation_policy().max_age
+        failed = [s for s in statuses if s.failed]
+        warned = [s for s in statuses if s.finding and s.finding.verdict == "unknown"]
+        metadata: dict[str, object] = {
+            "rotation_limit_days": limit.days,
+            "secrets": MetadataValue.md(
+                "| field | reference | version | age (days) | rotation |\n"
+                "| --- | --- | --- | --- | --- |\n"
+                + "".join(
+                    f"| {s.path} | `{s.ref}` | {_or_dash(s.finding and s.finding.secret.version)} "
+                    f"| {_or_dash(s.finding and s.finding.age and s.finding.age.days)} "
+                    f"| {s.finding.verdict if s.finding else 'unreadable'} |\n"
+                    for s in statuses
+                )
+            ),
+        }
+        ages = [s.finding.age.days for s in statuses if s.finding and s.finding.age is not None]
+        if ages:
+            metadata["oldest_days"] = max(ages)
+        if not statuses:
+            description = f"{source.name} uses no secret references"
+        elif failed or warned:
+            description = "; ".join(
+                s.error or (s.finding.reason if s.finding else "") for s in failed or warned
+            )
+        else:
+            description = f"{len(statuses)} secrets, all within {limit.days} days"
+        return AssetCheckResult(
+            check_name=ROTATION_CHECK,
+            passed=not failed,
+            severity=AssetCheckSeverity.ERROR if failed else AssetCheckSeverity.WARN,
+            description=description,
+            metadata=metadata,
+        )
+
+    return secret_rotation
+
+
+def _or_dash(value: object) -> str:
+    return "-" if value is None or value is False else str(value)

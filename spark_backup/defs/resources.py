@@ -1,7 +1,9 @@
-"""The one resource the assets and checks use: the protection plan, opened as a service.
+"""The resources the assets and checks use: the protection plan, opened as a service, and the
+secrets backends its references name.
 
-Which stores, keys and sources are used is the plan's choice (``engine.stores.open_store`` is
-the switch between a local folder and S3), so environments differ by plan file, not by code.
+Which stores, keys, sources and secrets backends are used is the plan's choice
+(``engine.stores.open_store`` and ``engine.secrets.open_secrets`` are the switches), so
+environments differ by plan file, not by code.
 """
 
 from __future__ import annotations
@@ -10,9 +12,11 @@ from functools import cached_property
 
 from dagster import ConfigurableResource
 
-from spark_backup.service import BackupService
+from spark_backup.engine.secrets import RotationPolicy
+from spark_backup.service import BackupService, SecretStatus
 
 RESOURCE_KEY = "spark_backup"
+SECRETS_RESOURCE_KEY = "secrets"
 
 
 class SparkBackupResource(ConfigurableResource):
@@ -23,3 +27,23 @@ class SparkBackupResource(ConfigurableResource):
     @cached_property
     def service(self) -> BackupService:
         return BackupService.from_path(self.plan_path)
+
+
+class SecretsResource(ConfigurableResource):
+    """The secrets backends of the plan at ``plan_path`` (environment variables, and Vault or
+    OpenBao where the plan's ``secrets.vault`` names one). Hands out statuses, never values:
+    the values are read where a backup or restore needs them."""
+
+    plan_path: str
+
+    @cached_property
+    def _plan(self) -> BackupService:
+        return BackupService.from_path(self.plan_path)
+
+    def status(self, source_name: str) -> list[SecretStatus]:
+        """Version, age and rotation verdict of each secret a backup of the source needs."""
+        plan = self._plan
+        return plan.secrets_status(plan.source(source_name))
+
+    def rotation_policy(self) -> RotationPolicy:
+        return self._plan.rotation_policy()

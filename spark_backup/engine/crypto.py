@@ -76,6 +76,11 @@ def generate_identity(path: Path) -> str:
     return public
 
 
+def identity_from_environment() -> bool:
+    """Whether an identity is given through the environment (it wins over the plan's)."""
+    return bool(os.environ.get(IDENTITY_FILE_ENV) or os.environ.get(IDENTITY_ENV))
+
+
 def load_identities(
     explicit_file: str | os.PathLike[str] | None = None, plan_file: Path | None = None
 ) -> list[x25519.Identity]:

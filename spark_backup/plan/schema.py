@@ -11,6 +11,7 @@ from typing import Annotated, Literal, Union
 from pydantic import Field, create_model, field_validator, model_validator
 
 from spark_backup.engine.cadence import DEFAULT_PARTITIONS_START
+from spark_backup.engine.secrets import SecretReference, SecretsConfig
 from spark_backup.engine.settings import Duration, Name, SettingsModel
 from spark_backup.engine.stores.config import StoreConfig
 from spark_backup.errors import NotFoundError
@@ -26,6 +27,8 @@ class Encryption(SettingsModel):
     recipients: list[str] = Field(default_factory=list)
     recipients_files: list[str] = Field(default_factory=list)
     identity_file: str | None = None
+    # The identity text held by a secrets backend (vault:kv/spark/age#identity), for restores.
+    identity: SecretReference | None = None
 
     @field_validator("recipients")
     @classmethod
@@ -49,6 +52,8 @@ class Encryption(SettingsModel):
     def _has_recipients(self) -> Encryption:
         if not self.recipients and not self.recipients_files:
             raise ValueError("expected at least one entry in recipients or recipients_files")
+        if self.identity and self.identity_file:
+            raise ValueError("set identity or identity_file, not both")
         return self
 
 
@@ -78,6 +83,7 @@ class Plan(SettingsModel):
     version: Literal[1] = 1
     defaults: Defaults = Defaults()
     encryption: Encryption
+    secrets: SecretsConfig = SecretsConfig()
     stores: list[StoreConfig] = Field(min_length=1)
     # Each entry is validated as its kind's model (see ``plan_model``).
     sources: list[SourceSettings] = Field(min_length=1)

@@ -4,7 +4,8 @@ exactly the same thing; one module per concern, no Dagster imports:
 - ``runtime.py``: the plan opened: stores, keys, sources, kinds, the catalog of copies;
 - ``copies.py``: back up, verify, restore;
 - ``retention.py``: prune;
-- ``freshness.py``: the age of the newest copies.
+- ``freshness.py``: the age of the newest copies;
+- ``secrets.py``: the secrets the plan names, their age and rotation.
 
 A kind's own operations (PostgreSQL's WAL, PITR, ...) live in its package and get the service
 as their ``Runtime``.
@@ -13,11 +14,19 @@ as their ``Runtime``.
 from spark_backup.service.copies import CopyOperations, VerifyOutcome
 from spark_backup.service.freshness import Freshness, FreshnessOperations
 from spark_backup.service.retention import PruneReport, RetentionOperations
+from spark_backup.service.secrets import SecretsOperations, SecretStatus
 from spark_backup.sources.base import CopyRef
 
 
-class BackupService(CopyOperations, RetentionOperations, FreshnessOperations):
+class BackupService(CopyOperations, RetentionOperations, FreshnessOperations, SecretsOperations):
     """A plan's operations, all concerns together."""
 
 
-__all__ = ["BackupService", "CopyRef", "Freshness", "PruneReport", "VerifyOutcome"]
+__all__ = [
+    "BackupService",
+    "CopyRef",
+    "Freshness",
+    "PruneReport",
+    "SecretStatus",
+    "VerifyOutcome",
+]

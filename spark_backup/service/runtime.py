@@ -10,10 +10,17 @@ from pyrage import x25519
 
 from spark_backup.engine.cadence import partition_key_for
 from spark_backup.engine.catalog import Catalog, DamagedManifest, find_copy
-from spark_backup.engine.crypto import Recipients, load_identities, read_recipients_file
+from spark_backup.engine.crypto import (
+    Recipients,
+    identities_from_text,
+    identity_from_environment,
+    load_identities,
+    read_recipients_file,
+)
 from spark_backup.engine.manifest import COPY_ID_RE
 from spark_backup.engine.pipeline import CompressionSettings, utcnow
 from spark_backup.engine.retention import RetentionRule
+from spark_backup.engine.secrets import SecretRef, SecretResolver, find_references, open_secrets
 from spark_backup.engine.stores import ObjectStore, open_store
 from spark_backup.errors import NotFoundError, UsageError
 from spark_backup.plan import LoadedPlan, SourceSettings, load_plan
@@ -26,6 +33,7 @@ class PlanRuntime:
         self.loaded = loaded
         self.plan = loaded.plan
         self._stores: dict[str, ObjectStore] = {}
+        self._secrets: SecretResolver | None = None
 
     @classmethod
     def from_path(cls, path: str | Path | None = None):
@@ -50,7 +58,7 @@ class PlanRuntime:
         return [s for s in self.plan.sources if s.kind == kind.name]
 
     def context(self, source: SourceSettings) -> SourceContext:
-        return SourceContext(self.loaded.path, self.plan.max_age_for(source))
+        return SourceContext(self.loaded.path, self.plan.max_age_for(source), self.secrets)
 
     def artifacts(self, source: SourceSettings) -> list[Artifact]:
         return self.kind_of(source).artifacts(source, self.context(source))
@@ -77,12 +85,36 @@ class PlanRuntime:
         compression = self.plan.compression_for(source)
         return CompressionSettings(compression.level, compression.threads)
 
-    # --- stores and keys -----------------------------------------------------------------------
+    # --- secrets, stores and keys -------------------------------------------------------------
+
+    @property
+    def secrets(self) -> SecretResolver:
+        """Reads what the plan's references name (Vault is asked only when first needed)."""
+        if self._secrets is None:
+            self._secrets = open_secrets(self.plan.secrets, self.loaded.resolve)
+        return self._secrets
+
+    def secret_references(
+        self, source: SourceSettings | None = None
+    ) -> list[tuple[str, SecretRef]]:
+        """The references the plan holds, with their field paths; with ``source``, those a
+        backup or restore of it needs (its own, its store's and the plan-wide ones)."""
+        found = list(find_references(self.plan))
+        if source is None:
+            return found
+        index = self.plan.sources.index(source)
+        store = self.plan.stores.index(self.plan.store_for(source))
+        mine = (f"sources[{index}].", f"stores[{store}].")
+        return [
+            (path, ref)
+            for path, ref in found
+            if path.startswith(mine) or not path.startswith(("sources[", "stores["))
+        ]
 
     def store(self, name: str) -> ObjectStore:
         if name not in self._stores:
             config = next(s for s in self.plan.stores if s.name == name)
-            self._stores[name] = open_store(config, self.loaded.resolve)
+            self._stores[name] = open_store(config, self.loaded.resolve, self.secrets)
         return self._stores[name]
 
     def store_for(self, source: SourceSettings) -> ObjectStore:
@@ -99,7 +131,11 @@ class PlanRuntime:
         return Recipients.from_keys(keys, f"{self.loaded.path}: encryption")
 
     def identities(self, identity_file: str | Path | None = None) -> list[x25519.Identity]:
-        plan_file = self.plan.encryption.identity_file
+        encryption = self.plan.encryption
+        if encryption.identity and not identity_file and not identity_from_environment():
+            text = self.secrets.resolve_for("encryption.identity", encryption.identity)
+            return identities_from_text(text, f"encryption.identity {encryption.identity}")
+        plan_file = encryption.identity_file
         return load_identities(identity_file, self.loaded.resolve(plan_file) if plan_file else None)
 
     # --- copies --------------------------------------------------------------------------------

@@ -46,6 +46,7 @@ from pyrage import x25519
 from spark_backup.engine.crypto import Recipients
 from spark_backup.engine.manifest import Manifest
 from spark_backup.engine.pipeline import CompressionSettings, PlaintextSource
+from spark_backup.engine.secrets import EnvSecrets, SecretResolver
 from spark_backup.engine.stores.base import ObjectStore
 from spark_backup.engine.streams import ProgressCallback, Readable
 from spark_backup.plan.load import resolve_relative
@@ -80,6 +81,8 @@ class SourceContext:
     plan_path: Path
     # The source's allowed copy age: its own max_age, else the plan's default.
     max_age: dt.timedelta
+    # Reads the secrets the source's settings name (environment variables only, by default).
+    secrets: SecretResolver = field(default_factory=lambda: SecretResolver({"env": EnvSecrets()}))
 
     def resolve(self, path: str) -> Path:
         """A path from the plan, relative to the plan file, with ``~`` and ``$VARS`` expanded."""

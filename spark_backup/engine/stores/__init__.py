@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from spark_backup.engine.secrets import SecretResolver
 from spark_backup.engine.stores.base import ObjectInfo, ObjectLock, ObjectLockPolicy, ObjectStore
 from spark_backup.engine.stores.config import LocalStoreConfig, S3StoreConfig, StoreConfig
 from spark_backup.engine.stores.local import LocalStore
@@ -20,13 +21,16 @@ __all__ = [
 ]
 
 
-def open_store(config: StoreConfig, resolve: Callable[[str], Path]) -> ObjectStore:
+def open_store(
+    config: StoreConfig, resolve: Callable[[str], Path], secrets: SecretResolver | None = None
+) -> ObjectStore:
     """The store ``config`` describes; ``resolve`` turns a local store's path (relative to the
-    plan file) into a folder."""
+    plan file) into a folder; ``secrets`` reads the credentials it names (environment variables
+    only, if not given)."""
     if isinstance(config, LocalStoreConfig):
         return LocalStore(config.name, resolve(config.path))
     if isinstance(config, S3StoreConfig):
         from spark_backup.engine.stores.s3 import S3Store  # boto3 loads only when S3 is used
 
-        return S3Store.from_config(config)
+        return S3Store.from_config(config, secrets)
     raise TypeError(f"unknown store config {type(config).__name__}")

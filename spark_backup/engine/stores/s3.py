@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import hashlib
-import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from typing import Any
@@ -25,6 +24,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError, NoCredentialsError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
+from spark_backup.engine.secrets import EnvSecrets, SecretResolver
 from spark_backup.engine.stores.base import (
     ObjectInfo,
     ObjectLock,
@@ -75,22 +75,20 @@ class S3Store(ObjectStore):
     def from_config(
         cls,
         cfg: S3StoreConfig,
+        secrets: SecretResolver | None = None,
         *,
         connect_timeout: float = CONNECT_TIMEOUT,
         read_timeout: float = READ_TIMEOUT,
     ) -> S3Store:
+        secrets = secrets or SecretResolver({"env": EnvSecrets()})
         credentials: dict[str, str] = {}
-        for parameter, env_name in (
-            ("aws_access_key_id", cfg.access_key_id_env),
-            ("aws_secret_access_key", cfg.secret_access_key_env),
-            ("aws_session_token", cfg.session_token_env),
+        for parameter, ref in (
+            ("aws_access_key_id", cfg.access_key_id),
+            ("aws_secret_access_key", cfg.secret_access_key),
+            ("aws_session_token", cfg.session_token),
         ):
-            if env_name is None:
-                continue
-            value = os.environ.get(env_name)
-            if not value:
-                raise StoreError(f"store {cfg.name!r}: environment variable {env_name} is not set")
-            credentials[parameter] = value
+            if ref is not None:
+                credentials[parameter] = secrets.resolve_for(f"store {cfg.name!r}", ref)
         config = Config(
             signature_version="s3v4",
             s3={"addressing_style": "path"},
@@ -158,7 +156,7 @@ class S3Store(ObjectStore):
         elif isinstance(exc, HTTPClientError):
             detail = f"connection to endpoint {self.endpoint} failed ({type(exc).__name__})"
         elif isinstance(exc, NoCredentialsError):
-            detail = "no credentials found (name them with access_key_id_env/secret_access_key_env)"
+            detail = "no credentials found (name them with access_key_id/secret_access_key)"
         else:
             detail = f"{type(exc).__name__}: {exc}"
         return StoreError(" ".join(f"store {self.name!r}: cannot {doing}: {detail}".split()))

@@ -1,0 +1,53 @@
+"""The secrets a plan names: each one's version, age and rotation verdict, never its value."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+from spark_backup.engine.pipeline import utcnow
+from spark_backup.engine.secrets import RotationFinding, RotationPolicy, SecretRef
+from spark_backup.errors import SecretError, SecretsUnavailableError
+from spark_backup.plan import SourceSettings
+from spark_backup.service.runtime import PlanRuntime
+
+
+@dataclass(frozen=True)
+class SecretStatus:
+    """One reference in the plan: where it is written, and what reading it found."""
+
+    path: str
+    ref: SecretRef
+    # None when the secret could not be read (``error`` says why).
+    finding: RotationFinding | None
+    error: str | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self.finding is None or self.finding.failed
+
+
+class SecretsOperations(PlanRuntime):
+    def rotation_policy(self) -> RotationPolicy:
+        rotation = self.plan.secrets.rotation
+        return RotationPolicy(rotation.max_age, rotation.unknown_age == "fail")
+
+    def secrets_status(
+        self, source: SourceSettings | None = None, now: dt.datetime | None = None
+    ) -> list[SecretStatus]:
+        """Each reference the plan (or what ``source`` needs) holds, read and judged. A sealed
+        or unreachable backend raises ``SecretsUnavailableError``: no verdict is given without
+        the backend's word."""
+        policy = self.rotation_policy()
+        now = now or utcnow()
+        statuses = []
+        for path, ref in dict.fromkeys(self.secret_references(source)):
+            try:
+                secret = self.secrets.read(ref)
+            except SecretsUnavailableError:
+                raise
+            except SecretError as exc:
+                statuses.append(SecretStatus(path, ref, None, str(exc)))
+                continue
+            statuses.append(SecretStatus(path, ref, policy.judge(secret, now)))
+        return statuses
