@@ -7,6 +7,9 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import os
+import shutil
+import subprocess
 import uuid
 from pathlib import Path
 
@@ -18,6 +21,7 @@ from spark_backup.defs.assets import system_asset_key
 from spark_backup.defs.build import build_definitions
 from spark_backup.defs.checks import ROTATION_CHECK
 from spark_backup.defs.schedules import ROTATION_JOB
+from spark_backup.engine.cadence import partition_key_for
 from spark_backup.engine.secrets import (
     EnvSecrets,
     Redactor,
@@ -31,7 +35,9 @@ from spark_backup.errors import PlanError, SecretError, SecretsUnavailableError,
 from spark_backup.plan import load_plan
 from spark_backup.service import BackupService
 from spark_backup_tests.helpers import config_source, free_port, plan_dict, run_cli, write_plan
-from spark_backup_tests.openbao import KV_MOUNT, OpenBao
+from spark_backup_tests.openbao import KV_MOUNT, OpenBao, bao_binary
+from spark_backup_tests.pg_cluster import OS_USER, shared_dir, throwaway_cluster
+from spark_backup_tests.test_runbooks import DOCS, fenced_blocks
 
 DAY = dt.timedelta(days=1)
 
@@ -325,3 +331,94 @@ def test_secrets_status_lists_versions_and_ages_never_values(
             left_behind += file.read_bytes().decode("latin-1")
     for value in values:
         assert value not in left_behind
+
+
+def test_postgres_password_from_openbao_through_dagster_leaves_no_trace(
+    tmp_path, openbao: OpenBao, age_key
+) -> None:
+    """A SCRAM cluster whose password is only in OpenBao: a Dagster run backs it up, and the
+    password is nowhere in the store, the run's events, logs or the instance's storage."""
+    password = "pg-" + uuid.uuid4().hex
+    path = f"spark/{uuid.uuid4().hex[:8]}"
+    openbao.put(path, password=password)
+    root = shared_dir("spark-backup-vault-pw-")
+    pwfile = root / "pw"
+    pwfile.write_text(password + "\n")
+    if OS_USER:
+        shutil.chown(pwfile, OS_USER)
+    source = {
+        "name": "pg_vault",
+        "kind": "postgres",
+        "cadence": "daily",
+        "owner": "team:dba",
+        "host": "127.0.0.1",
+        "user": "postgres",
+        "password": f"vault:{KV_MOUNT}/{path}#password",
+        "databases": ["postgres"],
+        "base_backup": {"enabled": False},
+        "wal_archiving": False,
+    }
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    try:
+        with throwaway_cluster(
+            "spark-backup-vault-", initdb_args=("-A", "scram-sha-256", f"--pwfile={pwfile}")
+        ) as cluster:
+            source["port"] = cluster.port
+            plan = plan_dict(
+                [age_key[1]],
+                [source],
+                secrets={"vault": {"address": openbao.address, "token_env": "SB_TEST_BAO_TOKEN"}},
+            )
+            plan_path = write_plan(tmp_path, plan)
+            os.environ["SB_TEST_BAO_TOKEN"] = openbao.root_token
+            try:
+                defs = build_definitions(load_plan(plan_path))
+                partition = partition_key_for("daily", dt.datetime.now(dt.UTC))
+                with DagsterInstance.local_temp(str(home)) as instance:
+                    result = defs.resolve_job_def("daily_backups").execute_in_process(
+                        instance=instance, partition_key=partition, raise_on_error=False
+                    )
+                    assert result.success, [e.message for e in result.all_events if e.is_failure]
+                    events = "\n".join(repr(record) for record in instance.all_logs(result.run_id))
+            finally:
+                del os.environ["SB_TEST_BAO_TOKEN"]
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    copies = BackupService.from_path(plan_path).copies("pg_vault")
+    assert copies and all(c.manifest.source == "pg_vault" for c in copies)
+    assert "pg_vault" in events and password not in events
+    for file in tmp_path.rglob("*"):
+        if file.is_file():
+            assert password.encode() not in file.read_bytes(), file
+
+
+def test_runbook_rotation_block_runs_against_openbao(tmp_path, openbao: OpenBao) -> None:
+    (script,) = [
+        b
+        for b in fenced_blocks(DOCS / "runbooks" / "vault.md", "bash")
+        if b.startswith("# Rotate a secret")
+    ]
+    path = f"spark/{uuid.uuid4().hex[:8]}"
+    first = openbao.put(path, password="old-" + uuid.uuid4().hex)
+    bin_dir = bao_binary().parent
+    result = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script],
+        env={
+            **os.environ,
+            "PATH": f"{bin_dir}:{os.environ['PATH']}",
+            "BAO_ADDR": openbao.address,
+            "BAO_TOKEN": openbao.root_token,
+            "MOUNT": KV_MOUNT,
+            "SECRET_PATH": path,
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"version {first['version'] + 1} written 20")
+    secret = VaultSecrets(openbao.address, openbao.root_token).read(
+        parse_reference(f"vault:{KV_MOUNT}/{path}#password")
+    )
+    assert secret.version == first["version"] + 1 and not secret.reveal().startswith("old-")
