@@ -39,6 +39,13 @@ class IntegrityError(SparkBackupError):
     exit_code = 3
 
 
+class SignatureError(IntegrityError):
+    """A copy's signature does not check (altered, forged, signed by an untrusted key), or an
+    unsigned copy is not one the plan accepts: a verdict of its own, apart from damage."""
+
+    exit_code = 11
+
+
 class NotFoundError(SparkBackupError):
     """A source, copy or object that was asked for does not exist."""
 

@@ -14,7 +14,7 @@ from spark_backup.cli.app import CliState, cli, pass_state, progress_bar
 from spark_backup.console import error_line, printable, size, stderr, stdout
 from spark_backup.engine.catalog import DamagedManifest
 from spark_backup.engine.manifest import Manifest
-from spark_backup.errors import IntegrityError, SparkBackupError
+from spark_backup.errors import IntegrityError, SignatureError, SparkBackupError
 from spark_backup.sources.base import CopyRef, RestoreTarget, RestoreTargets
 
 # --- backup ------------------------------------------------------------------------------------
@@ -99,7 +99,8 @@ def list_(state: CliState, source: str | None, as_json: bool) -> None:
         from rich.table import Table
 
         table = Table()
-        for column in ("id", "source", "part", "partition", "finished", "size", "stored", "store"):
+        columns = ("id", "source", "part", "partition", "finished", "size", "stored", "store")
+        for column in (*columns, "signature"):
             table.add_column(column, no_wrap=column == "id")
         for ref in refs:
             m = ref.manifest
@@ -112,12 +113,13 @@ def list_(state: CliState, source: str | None, as_json: bool) -> None:
                 size(m.plaintext.bytes),
                 size(m.stored.bytes),
                 ref.store.name,
+                ref.signature,
             )
         stdout.print(table)
         for entry in damaged:
             error_line(f"damaged manifest: {entry.error}")
     if damaged:
-        sys.exit(IntegrityError.exit_code)
+        sys.exit(_exit_code([d.exit_code for d in damaged]))
 
 
 def _copy_row(ref: CopyRef) -> dict[str, Any]:
@@ -137,11 +139,19 @@ def _copy_row(ref: CopyRef) -> dict[str, Any]:
         "store": ref.store.name,
         "uri": ref.store.object_uri(m.data_key),
         "lock": m.lock,
+        "signature": ref.signature,
     }
 
 
 def _damaged_row(entry: DamagedManifest) -> dict[str, Any]:
     return {"id": entry.copy_id, "damaged": entry.error, "uri": entry.uri}
+
+
+def _exit_code(codes: list[int]) -> int:
+    """A refused signature (11) outranks damage (3): a forgery is the graver finding."""
+    return (
+        SignatureError.exit_code if SignatureError.exit_code in codes else IntegrityError.exit_code
+    )
 
 
 # --- verify ------------------------------------------------------------------------------------
@@ -201,7 +211,7 @@ def verify(
             f"({'deep' if identities else 'plain'} verify: {', '.join(checks)})"
         )
     if failed:
-        sys.exit(IntegrityError.exit_code)
+        sys.exit(_exit_code([o.exit_code for o in failed]))
 
 
 # --- restore -----------------------------------------------------------------------------------

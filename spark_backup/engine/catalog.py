@@ -20,6 +20,7 @@ from spark_backup.engine.manifest import (
     manifest_prefix,
     source_of,
 )
+from spark_backup.engine.signing import Verifier
 from spark_backup.engine.stores.base import ObjectInfo, ObjectStore
 from spark_backup.errors import IntegrityError, NotFoundError
 
@@ -32,6 +33,8 @@ class DamagedManifest:
     copy_id: str | None
     uri: str
     error: str
+    # IntegrityError's (3), or SignatureError's (11) for a forged or untrusted copy.
+    exit_code: int = IntegrityError.exit_code
 
 
 @dataclass
@@ -43,8 +46,11 @@ class Listing:
 class Catalog:
     """The copies in one store."""
 
-    def __init__(self, store: ObjectStore):
+    def __init__(self, store: ObjectStore, verifier: Verifier | None = None):
         self.store = store
+        self.verifier = verifier or Verifier()
+        # Copy id -> signature verdict of the copies listed so far.
+        self.verdicts: dict[str, str] = {}
 
     def listing(self, source: str) -> Listing:
         found = Listing()
@@ -58,9 +64,14 @@ class Catalog:
                     raise IntegrityError(
                         f"{uri}: holds the manifest of another copy ({manifest.id})"
                     )
+                self.verdicts[manifest.id] = self.verifier.check_manifest(
+                    manifest, info.modified, uri
+                )
             except IntegrityError as exc:
                 found.damaged.append(
-                    DamagedManifest(info.key, copy_id_of_manifest_key(info.key), uri, str(exc))
+                    DamagedManifest(
+                        info.key, copy_id_of_manifest_key(info.key), uri, str(exc), exc.exit_code
+                    )
                 )
                 continue
             found.copies.append(manifest)
@@ -85,8 +96,11 @@ def list_copies(store: ObjectStore, source: str | None = None) -> list[Manifest]
     return sorted(found, key=lambda m: (m.started_at, m.id))
 
 
-def find_copy(stores: Iterable[ObjectStore], copy_id: str) -> tuple[ObjectStore, Manifest]:
-    """The store and manifest of a copy id; the id names its source, so no listing is needed."""
+def find_copy(
+    stores: Iterable[ObjectStore], copy_id: str, verifier: Verifier | None = None
+) -> tuple[ObjectStore, Manifest, str]:
+    """The store, manifest and signature verdict of a copy id; the id names its source, so no
+    listing is needed. ``SignatureError`` if ``verifier`` does not accept its signature."""
     key = manifest_key(source_of(copy_id), copy_id)
     searched = []
     for store in stores:
@@ -100,7 +114,12 @@ def find_copy(stores: Iterable[ObjectStore], copy_id: str) -> tuple[ObjectStore,
             raise IntegrityError(
                 f"{store.object_uri(key)}: holds the manifest of another copy ({manifest.id})"
             )
-        return store, manifest
+        verifier = verifier or Verifier()
+        # The store's time of the manifest matters only for an unsigned one.
+        stored_at = None
+        if verifier.enabled and manifest.signature is None:
+            stored_at = next((i.modified for i in store.list(key) if i.key == key), None)
+        return store, manifest, verifier.check_manifest(manifest, stored_at, store.object_uri(key))
     raise NotFoundError(f"copy {copy_id} not found in store(s) {', '.join(searched)}")
 
 

@@ -35,6 +35,7 @@ from pyrage import x25519
 from spark_backup.engine.crypto import Recipients
 from spark_backup.engine.manifest import Digest, Manifest, data_key, manifest_key, new_copy_id
 from spark_backup.engine.processes import tool_environment
+from spark_backup.engine.signing import Signer
 from spark_backup.engine.stores.base import ObjectLock, ObjectStore
 from spark_backup.engine.streams import (
     CHUNK_SIZE,
@@ -95,8 +96,10 @@ def write_copy(
     recipients: Recipients,
     compression: CompressionSettings,
     progress: ProgressCallback | None = None,
+    signer: Signer | None = None,
 ) -> Manifest:
-    """Back up one partition of a source as a new copy; return its committed manifest.
+    """Back up one partition of a source as a new copy; return its committed manifest (signed
+    with ``signer``, if given).
 
     A re-run of a partition makes a new copy beside the existing ones; it never replaces one.
     """
@@ -132,6 +135,8 @@ def write_copy(
         lock=lock_summary(lock),
         part=getattr(source, "part", ""),
     )
+    if signer is not None:
+        manifest = signer.sign_manifest(manifest)
     try:
         store.put_bytes(manifest_key(source_name, copy_id), manifest.to_json(), lock=lock)
     except BaseException:

@@ -13,6 +13,7 @@ from pydantic import Field, create_model, field_validator, model_validator
 from spark_backup.engine.cadence import DEFAULT_PARTITIONS_START
 from spark_backup.engine.secrets import SecretReference, SecretsConfig
 from spark_backup.engine.settings import Duration, Name, SettingsModel
+from spark_backup.engine.signing import SigningConfig
 from spark_backup.engine.stores.config import StoreConfig
 from spark_backup.errors import NotFoundError
 from spark_backup.plan.source import Compression, Retention, SourceSettings
@@ -84,6 +85,7 @@ class Plan(SettingsModel):
     defaults: Defaults = Defaults()
     encryption: Encryption
     secrets: SecretsConfig = SecretsConfig()
+    signing: SigningConfig | None = None
     stores: list[StoreConfig] = Field(min_length=1)
     # Each entry is validated as its kind's model (see ``plan_model``).
     sources: list[SourceSettings] = Field(min_length=1)

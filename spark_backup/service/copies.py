@@ -31,10 +31,22 @@ class VerifyOutcome:
     seconds: float = 0.0
     # What was checked: "stored sha256 and size", and for a deep verify also the plaintext.
     checks: tuple[str, ...] = ()
+    # The manifest's signature: "signed", "unsigned" (an accepted earlier copy), "not checked".
+    signature: str = "not checked"
+    # The CLI's exit code when this copy fails: 3, or 11 for a refused signature.
+    exit_code: int = IntegrityError.exit_code
 
     @classmethod
     def of_damaged(cls, damaged: DamagedManifest, deep: bool) -> VerifyOutcome:
-        return cls(damaged.copy_id or damaged.key, "", "", False, deep, damaged.error)
+        return cls(
+            damaged.copy_id or damaged.key,
+            "",
+            "",
+            False,
+            deep,
+            damaged.error,
+            exit_code=damaged.exit_code,
+        )
 
 
 STORED_CHECK = "stored sha256 and size"
@@ -64,6 +76,7 @@ class CopyOperations(PlanRuntime):
         # One partition for the whole run, even one that crosses midnight.
         partition = partition or self.current_partition(chosen)
         recipients, compression = self.recipients(), self.compression(source)
+        signer = self.signer()
         manifests, failures = [], []
         for reader in readers:
             try:
@@ -76,6 +89,7 @@ class CopyOperations(PlanRuntime):
                         recipients=recipients,
                         compression=compression,
                         progress=progress,
+                        signer=signer,
                     )
                 )
             except SparkBackupError as exc:
@@ -92,7 +106,12 @@ class CopyOperations(PlanRuntime):
     ) -> VerifyOutcome:
         manifest = ref.manifest
         outcome = VerifyOutcome(
-            manifest.id, manifest.source, manifest.partition, ok=False, deep=bool(identities)
+            manifest.id,
+            manifest.source,
+            manifest.partition,
+            ok=False,
+            deep=bool(identities),
+            signature=ref.signature,
         )
         try:
             if identities:

@@ -21,8 +21,9 @@ from spark_backup.engine.manifest import COPY_ID_RE
 from spark_backup.engine.pipeline import CompressionSettings, utcnow
 from spark_backup.engine.retention import RetentionRule
 from spark_backup.engine.secrets import SecretRef, SecretResolver, find_references, open_secrets
+from spark_backup.engine.signing import Signer, Verifier
 from spark_backup.engine.stores import ObjectStore, open_store
-from spark_backup.errors import NotFoundError, UsageError
+from spark_backup.errors import NotFoundError, PlanError, UsageError
 from spark_backup.plan import LoadedPlan, SourceSettings, load_plan
 from spark_backup.sources import registry
 from spark_backup.sources.base import Artifact, CopyRef, SourceContext, SourceKind
@@ -34,6 +35,8 @@ class PlanRuntime:
         self.plan = loaded.plan
         self._stores: dict[str, ObjectStore] = {}
         self._secrets: SecretResolver | None = None
+        self._signer: Signer | None = None
+        self.verifier = Verifier.from_config(self.plan.signing)
 
     @classmethod
     def from_path(cls, path: str | Path | None = None):
@@ -111,6 +114,22 @@ class PlanRuntime:
             if path.startswith(mine) or not path.startswith(("sources[", "stores["))
         ]
 
+    def signer(self) -> Signer | None:
+        """The key backups sign manifests and WAL with (None if the plan has no signing key)."""
+        signing = self.plan.signing
+        if signing is None or signing.key is None:
+            return None
+        if self._signer is None:
+            pem = self.secrets.resolve_for("signing.key", signing.key)
+            signer = Signer.from_pem(pem, f"signing.key {signing.key}")
+            if signer.public_key not in signing.public_keys:
+                raise PlanError(
+                    f"{self.loaded.path}: signing.key's public key {signer.public_key} is not "
+                    "in signing.public_keys: copies it signs would be refused"
+                )
+            self._signer = signer
+        return self._signer
+
     def store(self, name: str) -> ObjectStore:
         if name not in self._stores:
             config = next(s for s in self.plan.stores if s.name == name)
@@ -148,9 +167,10 @@ class PlanRuntime:
         source = self.plan.source(source_name)
         store = self.store_for(source)
         kind = self.kind_of(source)
-        found = Catalog(store).listing(source.name)
+        catalog = Catalog(store, self.verifier)
+        found = catalog.listing(source.name)
         refs = [
-            CopyRef(store, m)
+            CopyRef(store, m, catalog.verdicts[m.id])
             for m in found.copies
             if artifact is None or kind.artifact_of(m) == artifact
         ]
@@ -167,17 +187,16 @@ class PlanRuntime:
         refs: list[CopyRef] = []
         damaged: list[DamagedManifest] = []
         for store in self.all_stores():
-            catalog = Catalog(store)
+            catalog = Catalog(store, self.verifier)
             for source in catalog.sources():
                 found = catalog.listing(source)
-                refs += [CopyRef(store, m) for m in found.copies]
+                refs += [CopyRef(store, m, catalog.verdicts[m.id]) for m in found.copies]
                 damaged += found.damaged
         refs.sort(key=lambda r: (r.manifest.started_at, r.manifest.id))
         return refs, damaged
 
     def find(self, copy_id: str) -> CopyRef:
-        store, manifest = find_copy(self.all_stores(), copy_id)
-        return CopyRef(store, manifest)
+        return CopyRef(*find_copy(self.all_stores(), copy_id, self.verifier))
 
     def select(self, selector: str | None) -> tuple[list[CopyRef], list[DamagedManifest]]:
         """Copies named by a source name, a copy id, or (None) every copy; and the damaged

@@ -95,6 +95,9 @@ class CopyRef:
 
     store: ObjectStore
     manifest: Manifest
+    # The manifest's signature as checked when it was listed or found: "signed", "unsigned"
+    # (an earlier release's copy the plan accepts) or "not checked" (no signing in the plan).
+    signature: str = "not checked"
 
 
 @dataclass(frozen=True)
