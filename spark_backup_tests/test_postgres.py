@@ -749,6 +749,7 @@ def test_definitions_for_a_postgres_source(tmp_path: Path, age_key) -> None:
         ("backups/pg_main_base", "checksum"),
         ("backups/pg_main_base", "freshness"),
         ("backups/pg_main_wal_archive", POSTGRES.lag_check_name),
+        ("systems/pg_main", "secret_rotation"),
     }
     repository = defs.get_repository_def()
     assert {s.name for s in repository.schedule_defs} == {
@@ -757,6 +758,7 @@ def test_definitions_for_a_postgres_source(tmp_path: Path, age_key) -> None:
         f"{log_checks_job_name(POSTGRES.log_asset_suffix)}_schedule",
         "observe_systems_schedule",
         "recovery_windows_schedule",
+        "secret_rotation_checks_schedule",
     }
     assert (
         repository.get_schedule_def(

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import shutil
+import subprocess
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,10 +18,12 @@ import yaml
 from spark_backup.engine.catalog import Catalog
 from spark_backup.engine.manifest import Manifest, manifest_key
 from spark_backup.engine.pipeline import CompressionSettings, write_copy
+from spark_backup.engine.secrets import VaultSecrets, parse_reference
 from spark_backup.engine.signing import Signer, Verifier
 from spark_backup.engine.stores import LocalStore
 from spark_backup.errors import SignatureError
 from spark_backup.service import BackupService
+from spark_backup.sources.postgres.wal import archived_wal, push_wal, signature_key
 from spark_backup_tests.helpers import (
     BytesSource,
     config_source,
@@ -27,7 +31,9 @@ from spark_backup_tests.helpers import (
     run_cli,
     write_plan,
 )
+from spark_backup_tests.openbao import bao_binary
 from spark_backup_tests.test_earlier_releases import RELEASE_0_1_0
+from spark_backup_tests.test_runbooks import DOCS, fenced_blocks
 
 KEY_ENV = "SB_TEST_SIGNING_KEY"
 
@@ -232,3 +238,100 @@ def test_release_0_1_0_copies_are_reported_unsigned_and_restore(tmp_path, signin
     refused = run_cli("--plan", str(plan_path), "verify", "release_config")
     assert refused.returncode == 11 and "refuses unsigned copies" in refused.stdout + refused.stderr
     assert Catalog(LocalStore("local", store)).listing("release_config").copies  # untouched
+
+
+SEGMENT = "000000010000000000000007"
+NEXT_SEGMENT = "000000010000000000000008"
+
+
+def test_forged_wal_segment_is_refused_by_wal_fetch(tmp_path, age_key, signing_key) -> None:
+    signer, pem = signing_key
+    env = {KEY_ENV: pem}
+    (tmp_path / "store").mkdir()
+    source = {
+        "name": "pg_main",
+        "kind": "postgres",
+        "cadence": "daily",
+        "owner": "team:dba",
+        "host": "127.0.0.1",
+        "user": "postgres",
+    }
+    plan = plan_dict(
+        [age_key[1]],
+        [source],
+        signing={"key": f"env:{KEY_ENV}", "public_keys": [signer.public_key]},
+    )
+    plan["encryption"]["identity_file"] = str(age_key[0])
+    plan_path = str(write_plan(tmp_path, plan))
+    segment = tmp_path / "pg_wal" / SEGMENT
+    segment.parent.mkdir()
+    segment.write_bytes(bytes(range(256)) * 4096)
+    pushed = run_cli("--plan", plan_path, "wal-push", str(segment), env=env)
+    assert pushed.returncode == 0, pushed.stderr
+    service = BackupService.from_path(plan_path)
+    store = service.store("local")
+    [genuine] = archived_wal(store, "pg_main")
+    assert store.exists(signature_key(genuine.key))
+    fetched = run_cli("--plan", plan_path, "wal-fetch", SEGMENT, str(tmp_path / "ok"), env=env)
+    assert fetched.returncode == 0, fetched.stderr
+
+    # The attacker archives the next segment with content of their own: a valid age file of
+    # the right name and hash, but no signature from the plan's key.
+    forged = tmp_path / "attacker" / NEXT_SEGMENT
+    forged.parent.mkdir()
+    forged.write_bytes(b"\x00" * 4096 * 256)
+    push_wal(store, "pg_main", forged, service.recipients(), CompressionSettings(), None)
+    refused = run_cli(
+        "--plan", plan_path, "wal-fetch", NEXT_SEGMENT, str(tmp_path / "RECOVERYXLOG"), env=env
+    )
+    assert refused.returncode == 255, refused.stderr  # recovery aborts, it does not replay it
+    assert NEXT_SEGMENT in refused.stderr and "unsigned" in refused.stderr
+    assert not list(tmp_path.glob("RECOVERYXLOG*"))
+
+    # ... or signs it with a key of their own: refused as well.
+    attacker, _ = Signer.generate()
+    [forged_entry] = archived_wal(store, "pg_main", NEXT_SEGMENT)
+    store.put_bytes(signature_key(forged_entry.key), attacker.sign_wal(forged_entry.key))
+    untrusted = run_cli(
+        "--plan", plan_path, "wal-fetch", NEXT_SEGMENT, str(tmp_path / "RECOVERYXLOG"), env=env
+    )
+    assert untrusted.returncode == 255 and "does not trust" in untrusted.stderr
+    # A genuine sidecar moved onto the forged object does not check either.
+    sidecar = Path(store.root, signature_key(forged_entry.key))  # type: ignore[attr-defined]
+    sidecar.write_bytes(Path(store.root, signature_key(genuine.key)).read_bytes())  # type: ignore[attr-defined]
+    moved = run_cli(
+        "--plan", plan_path, "wal-fetch", NEXT_SEGMENT, str(tmp_path / "RECOVERYXLOG"), env=env
+    )
+    assert moved.returncode == 255 and "does not match its content" in moved.stderr
+
+
+def test_plan_doc_signing_key_block_runs_against_openbao(tmp_path, openbao) -> None:
+    """The commands docs/plan.md gives for making the signing key, run as written."""
+    (script,) = [b for b in fenced_blocks(DOCS / "plan.md", "bash") if "genpkey" in b]
+    env = {
+        **os.environ,
+        "PATH": f"{bao_binary().parent}:{os.environ['PATH']}",
+        "BAO_ADDR": openbao.address,
+        "BAO_TOKEN": openbao.root_token,
+    }
+    subprocess.run(
+        [str(bao_binary()), "secrets", "enable", "-path=kv", "kv-v2"],
+        env=env,
+        capture_output=True,
+        check=False,  # enabled already by an earlier test of this session
+    )
+    result = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert not (tmp_path / "signing.pem").exists()
+    secret = VaultSecrets(openbao.address, openbao.root_token).read(
+        parse_reference("vault:kv/spark/signing#private_key")
+    )
+    signer = Signer.from_pem(secret.reveal(), "test")
+    assert result.stdout.strip() == signer.public_key

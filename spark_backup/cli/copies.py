@@ -6,7 +6,7 @@ import json
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -16,6 +16,9 @@ from spark_backup.engine.catalog import DamagedManifest
 from spark_backup.engine.manifest import Manifest
 from spark_backup.errors import IntegrityError, SignatureError, SparkBackupError
 from spark_backup.sources.base import CopyRef, RestoreTarget, RestoreTargets
+
+if TYPE_CHECKING:
+    from spark_backup.service.locks import LockStatus
 
 # --- backup ------------------------------------------------------------------------------------
 
@@ -92,15 +95,17 @@ def list_(state: CliState, source: str | None, as_json: bool) -> None:
     damaged (exit 3); every other copy is listed as usual."""
     service = state.service
     refs, damaged = service.listing(source) if source else service.all_listings()
+    locks = {ref.manifest.id: service.lock_status(ref) for ref in refs}
     if as_json:
-        rows = [_copy_row(r) for r in refs] + [_damaged_row(d) for d in damaged]
+        rows = [_copy_row(r, locks[r.manifest.id]) for r in refs]
+        rows += [_damaged_row(d) for d in damaged]
         click.echo(json.dumps(rows, indent=2))
     else:
         from rich.table import Table
 
         table = Table()
         columns = ("id", "source", "part", "partition", "finished", "size", "stored", "store")
-        for column in (*columns, "signature"):
+        for column in (*columns, "signature", "WORM"):
             table.add_column(column, no_wrap=column == "id")
         for ref in refs:
             m = ref.manifest
@@ -114,6 +119,7 @@ def list_(state: CliState, source: str | None, as_json: bool) -> None:
                 size(m.stored.bytes),
                 ref.store.name,
                 ref.signature,
+                _worm_cell(locks[m.id]),
             )
         stdout.print(table)
         for entry in damaged:
@@ -122,7 +128,16 @@ def list_(state: CliState, source: str | None, as_json: bool) -> None:
         sys.exit(_exit_code([d.exit_code for d in damaged]))
 
 
-def _copy_row(ref: CopyRef) -> dict[str, Any]:
+def _worm_cell(lock: LockStatus | None) -> str:
+    if lock is None:
+        return "-"
+    if lock.problems:
+        return f"[red]{printable('; '.join(lock.problems))}[/red]"
+    state = "until" if lock.active else "ended"
+    return f"{lock.mode} {state} {printable((lock.retain_until or '')[:10])}"
+
+
+def _copy_row(ref: CopyRef, lock: LockStatus | None = None) -> dict[str, Any]:
     m = ref.manifest
     return {
         "id": m.id,
@@ -140,6 +155,8 @@ def _copy_row(ref: CopyRef) -> dict[str, Any]:
         "uri": ref.store.object_uri(m.data_key),
         "lock": m.lock,
         "signature": ref.signature,
+        # The lock as the store reports it now (the manifest's "lock" is what was asked for).
+        "worm": lock.as_dict() if lock else None,
     }
 
 

@@ -19,6 +19,7 @@ from spark_backup.defs.checks import (
     ROTATION_CHECK,
     build_checksum_check,
     build_freshness_check,
+    build_locked_check,
     build_log_lag_check,
     build_rotation_check,
 )
@@ -75,6 +76,9 @@ def build_definitions(loaded: LoadedPlan) -> Definitions:
                 build_checksum_check(source, artifact, key, loaded),
                 build_freshness_check(source, artifact, key),
             ]
+            # Only a store with Object Lock (a WORM store) has locks to read back.
+            if getattr(loaded.plan.store_for(source), "object_lock", None):
+                checks.append(build_locked_check(source, artifact, key))
         if isinstance(kind, ContinuousLog) and kind.log_enabled(source):
             spec = build_log_spec(source, kind, loaded)
             assets.append(spec)

@@ -12,6 +12,10 @@
   needs (its own, its store's, the plan's) was written within the rotation limit (182 days by
   default); a secret of unknown age fails unless the plan says ``unknown_age: warn``. A sealed
   or unreachable Vault fails it too. Metadata names references, versions and ages, never values.
+- ``locked`` (per artifact, only on a store with Object Lock): every copy's data object and
+  manifest are read back from the store: each must hold the store's lock mode with a date no
+  earlier than its manifest recorded, and every copy retention still keeps must still be locked
+  (the lock covers the tier's retention).
 """
 
 import warnings
@@ -39,6 +43,7 @@ from spark_backup.sources.base import Artifact, ContinuousLog
 CHECKSUM_CHECK = "checksum"
 FRESHNESS_CHECK = "freshness"
 ROTATION_CHECK = "secret_rotation"
+LOCKED_CHECK = "locked"
 
 # Partitioned asset checks are a Dagster preview feature; they are what lets the UI show, for
 # every day, week and month, whether that partition's copy is intact. Tested in
@@ -230,3 +235,49 @@ def build_rotation_check(source: SourceSettings, asset_key: AssetKey) -> AssetCh
 
 def _or_dash(value: object) -> str:
     return "-" if value is None or value is False else str(value)
+
+
+def build_locked_check(
+    source: SourceSettings, artifact: Artifact, asset_key: AssetKey
+) -> AssetChecksDefinition:
+    @asset_check(
+        asset=asset_key,
+        name=LOCKED_CHECK,
+        description="Reads back every copy's Object Lock: the store's mode, a date no earlier "
+        "than recorded, and still active for every copy retention keeps.",
+    )
+    def locked(spark_backup: SparkBackupResource) -> AssetCheckResult:
+        found = spark_backup.service.worm_status(source.name, artifact.name)
+        failing = [
+            (status, kept)
+            for status, kept in found
+            if status.problems or (kept and not status.active)
+        ]
+        rows = "".join(
+            f"| {s.copy_id} | {s.mode or '-'} | {s.retain_until or '-'} | "
+            f"{'kept' if kept else 'expired'} | {'; '.join(s.problems) or ('ok' if s.active or not kept else 'lock ended')} |\n"
+            for s, kept in found
+        )
+        return AssetCheckResult(
+            check_name=LOCKED_CHECK,
+            passed=bool(found) and not failing,
+            severity=AssetCheckSeverity.ERROR,
+            description=(
+                f"no copy of {source.name} to read a lock from"
+                if not found
+                else "; ".join(
+                    f"{s.copy_id}: {'; '.join(s.problems) or 'kept by retention but no longer locked'}"
+                    for s, _ in failing
+                )
+                or f"{len(found)} copies locked ({found[0][0].expected_mode})"
+            ),
+            metadata={
+                "copies": MetadataValue.md(
+                    "| copy | mode | retain until | retention | lock |\n"
+                    "| --- | --- | --- | --- | --- |\n" + rows
+                ),
+                "locked_copies": sum(1 for s, _ in found if s.active and not s.problems),
+            },
+        )
+
+    return locked

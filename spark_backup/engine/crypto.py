@@ -96,7 +96,7 @@ def load_identities(
         return _identities_from_file(plan_file)
     raise CryptoError(
         f"no age identity to open the copy: pass --identity FILE, or set {IDENTITY_FILE_ENV} "
-        f"or {IDENTITY_ENV}, or encryption.identity_file in the plan"
+        f"or {IDENTITY_ENV}, or encryption.identity or encryption.identity_file in the plan"
     )
 
 

@@ -10,8 +10,9 @@ What is signed (``spark-backup.signature/v1``):
 
 - a manifest: the domain line ``spark-backup.manifest-signature/v1`` and a newline, then the
   manifest as canonical JSON (keys sorted, no whitespace, UTF-8) without its ``signature``;
-- a WAL object: the domain line ``spark-backup.wal-signature/v1``, then the object's key, the
-  plaintext's sha256 and the stored bytes' sha256, one per line.
+- a WAL object: the domain line ``spark-backup.wal-signature/v1``, then the object's key. The
+  key names the source, the WAL file and the sha256 of its content, which ``wal-fetch`` checks
+  after decrypting, so signing the key signs the content.
 
 The signature lives in the manifest (``signature``) and beside a WAL object (``<key>.sig``) as
 ``{"algorithm": "ed25519", "public_key": "ed25519:<base64>", "value": "<base64>"}``.
@@ -105,8 +106,8 @@ def manifest_payload(manifest: Manifest) -> bytes:
     return MANIFEST_DOMAIN + canonical.encode("utf-8")
 
 
-def wal_payload(key: str, plaintext_sha256: str, stored_sha256: str) -> bytes:
-    return WAL_DOMAIN + f"{key}\n{plaintext_sha256}\n{stored_sha256}\n".encode()
+def wal_payload(key: str) -> bytes:
+    return WAL_DOMAIN + key.encode() + b"\n"
 
 
 class Signer:
@@ -157,9 +158,9 @@ class Signer:
         unsigned = replace(manifest, signature=None)
         return replace(unsigned, signature=self.signature(manifest_payload(unsigned)))
 
-    def sign_wal(self, key: str, plaintext_sha256: str, stored_sha256: str) -> bytes:
-        signature = self.signature(wal_payload(key, plaintext_sha256, stored_sha256))
-        return (json.dumps(signature, sort_keys=True) + "\n").encode()
+    def sign_wal(self, key: str) -> bytes:
+        """The sidecar ``<key>.sig`` of a WAL object."""
+        return (json.dumps(self.signature(wal_payload(key)), sort_keys=True) + "\n").encode()
 
 
 @dataclass(frozen=True)
@@ -195,14 +196,9 @@ class Verifier:
         return "signed"
 
     def check_wal(
-        self,
-        key: str,
-        plaintext_sha256: str,
-        stored_sha256: str,
-        sidecar: bytes | None,
-        stored_at: dt.datetime | None,
-        origin: str,
+        self, key: str, sidecar: bytes | None, stored_at: dt.datetime | None, origin: str
     ) -> Verdict:
+        """As ``check_manifest``, for a WAL object and its sidecar (None if there is none)."""
         if not self.enabled:
             return "not checked"
         what = f"WAL object {key}"
@@ -213,7 +209,7 @@ class Verifier:
             signature = json.loads(sidecar)
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise SignatureError(f"{origin}: {what}: its signature is not valid JSON") from None
-        self._check(signature, wal_payload(key, plaintext_sha256, stored_sha256), what, origin)
+        self._check(signature, wal_payload(key), what, origin)
         return "signed"
 
     def _allow_unsigned(self, what: str, stored_at: dt.datetime | None, origin: str) -> None:

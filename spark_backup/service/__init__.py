@@ -5,7 +5,8 @@ exactly the same thing; one module per concern, no Dagster imports:
 - ``copies.py``: back up, verify, restore;
 - ``retention.py``: prune;
 - ``freshness.py``: the age of the newest copies;
-- ``secrets.py``: the secrets the plan names, their age and rotation.
+- ``secrets.py``: the secrets the plan names, their age and rotation;
+- ``locks.py``: each copy's Object Lock, read back from the store.
 
 A kind's own operations (PostgreSQL's WAL, PITR, ...) live in its package and get the service
 as their ``Runtime``.
@@ -13,6 +14,7 @@ as their ``Runtime``.
 
 from spark_backup.service.copies import CopyOperations, VerifyOutcome
 from spark_backup.service.freshness import Freshness, FreshnessOperations
+from spark_backup.service.locks import LockStatus
 from spark_backup.service.retention import PruneReport, RetentionOperations
 from spark_backup.service.secrets import SecretsOperations, SecretStatus
 from spark_backup.sources.base import CopyRef
@@ -26,6 +28,7 @@ __all__ = [
     "BackupService",
     "CopyRef",
     "Freshness",
+    "LockStatus",
     "PruneReport",
     "SecretStatus",
     "VerifyOutcome",

@@ -15,7 +15,7 @@ from spark_backup.engine.manifest import Manifest
 from spark_backup.engine.pipeline import Verification, open_copy, utcnow, verify_copy, write_copy
 from spark_backup.engine.streams import ProgressCallback
 from spark_backup.errors import IntegrityError, NotFoundError, SparkBackupError, UsageError
-from spark_backup.service.runtime import PlanRuntime
+from spark_backup.service.locks import LockOperations
 from spark_backup.sources.base import CopyRef, FolderRestore, RestoreTargets
 
 
@@ -35,6 +35,8 @@ class VerifyOutcome:
     signature: str = "not checked"
     # The CLI's exit code when this copy fails: 3, or 11 for a refused signature.
     exit_code: int = IntegrityError.exit_code
+    # The Object Lock read back from a WORM store (``LockStatus.as_dict``); None elsewhere.
+    worm: dict[str, Any] | None = None
 
     @classmethod
     def of_damaged(cls, damaged: DamagedManifest, deep: bool) -> VerifyOutcome:
@@ -53,7 +55,7 @@ STORED_CHECK = "stored sha256 and size"
 DEEP_CHECKS = ("decrypted with age", "zstd frame checksums", "plaintext sha256 and size")
 
 
-class CopyOperations(PlanRuntime):
+class CopyOperations(LockOperations):
     def backup(
         self,
         source_name: str,
@@ -125,9 +127,16 @@ class CopyOperations(PlanRuntime):
             # not a verdict on the copy: those propagate with their own exit codes.
             outcome.error = str(exc)
             return outcome
-        outcome.ok = True
         outcome.bytes_read = result.bytes_read
         outcome.seconds = result.seconds
+        lock = self.lock_status(ref)
+        if lock is not None:
+            outcome.worm = lock.as_dict()
+            outcome.checks = (*outcome.checks, f"{lock.expected_mode} Object Lock read back")
+            if lock.problems:
+                outcome.error = f"copy {manifest.id}: WORM: {'; '.join(lock.problems)}"
+                return outcome
+        outcome.ok = True
         return outcome
 
     def _verify_deep(

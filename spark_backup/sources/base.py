@@ -47,6 +47,7 @@ from spark_backup.engine.crypto import Recipients
 from spark_backup.engine.manifest import Manifest
 from spark_backup.engine.pipeline import CompressionSettings, PlaintextSource
 from spark_backup.engine.secrets import EnvSecrets, SecretResolver
+from spark_backup.engine.signing import Signer, Verifier
 from spark_backup.engine.stores.base import ObjectStore
 from spark_backup.engine.streams import ProgressCallback, Readable
 from spark_backup.plan.load import resolve_relative
@@ -126,6 +127,11 @@ class Runtime(Protocol):
     def identities(self, identity_file: str | Path | None = None) -> list[x25519.Identity]: ...
 
     def compression(self, source: SourceSettings) -> CompressionSettings: ...
+
+    # Signs what a backup writes (None without a signing key); checks what a restore reads.
+    def signer(self) -> Signer | None: ...
+
+    verifier: Verifier
 
     def copies(
         self, source_name: str | None = None, artifact: str | None = None

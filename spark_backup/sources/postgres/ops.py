@@ -18,6 +18,7 @@ from typing import Any
 from pyrage import x25519
 
 from spark_backup.engine.pipeline import open_copy, utcnow
+from spark_backup.engine.signing import Verifier
 from spark_backup.engine.stores.base import ObjectStore
 from spark_backup.engine.streams import ProgressCallback
 from spark_backup.errors import IntegrityError, SparkBackupError, UsageError
@@ -39,6 +40,7 @@ from spark_backup.sources.postgres.wal import (
     fetch_wal,
     newest_segment,
     push_wal,
+    signature_key,
 )
 from spark_backup.sources.postgres.walname import WalSegment, lsn_value
 
@@ -73,7 +75,13 @@ def wal_push(runtime: Runtime, source: PostgresSource, path: Path) -> str:
     store = runtime.store_for(source)
     lock = store.default_lock.lock_from(utcnow()) if store.default_lock else None
     return push_wal(
-        store, source.name, path, runtime.recipients(), runtime.compression(source), lock
+        store,
+        source.name,
+        path,
+        runtime.recipients(),
+        runtime.compression(source),
+        lock,
+        runtime.signer(),
     )
 
 
@@ -85,7 +93,12 @@ def wal_fetch(
     identity_file: str | Path | None = None,
 ) -> None:
     fetch_wal(
-        runtime.store_for(source), source.name, name, destination, runtime.identities(identity_file)
+        runtime.store_for(source),
+        source.name,
+        name,
+        destination,
+        runtime.identities(identity_file),
+        verifier=runtime.verifier,
     )
 
 
@@ -167,6 +180,8 @@ def expire_wal(
         expired.append(entry.key)
         if not dry_run:
             store.delete(entry.key)
+            if store.exists(signature_key(entry.key)):
+                store.delete(signature_key(entry.key))
     return expired
 
 
@@ -303,7 +318,7 @@ def pitr(
                 report,
                 "fetch_wal",
                 lambda batch=batch: _fetch_wal_files(
-                    store, source.name, batch, wal_folder, identities
+                    store, source.name, batch, wal_folder, identities, runtime.verifier
                 ),
             )
             recovery.hand_over(wal_folder, os_user)  # the rest was handed over before
@@ -360,13 +375,21 @@ def _fetch_wal_files(
     entries: list[ArchivedWal],
     folder: Path,
     identities: list[x25519.Identity],
+    verifier: Verifier,
 ) -> None:
     # Each file is decrypted in its own worker process: a few at a time keep the cores
     # busy (a day of WAL at 60 s archive_timeout is over 1,400 files).
     with ThreadPoolExecutor(max_workers=WAL_FETCH_WORKERS) as pool:
         futures = [
             pool.submit(
-                fetch_wal, store, source, entry.name, folder / entry.name, identities, entry
+                fetch_wal,
+                store,
+                source,
+                entry.name,
+                folder / entry.name,
+                identities,
+                entry,
+                verifier,
             )
             for entry in entries
         ]
