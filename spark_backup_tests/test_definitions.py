@@ -24,7 +24,12 @@ from dagster import (
 
 from spark_backup.defs.assets import backup_asset_key, source_pool, system_asset_key
 from spark_backup.defs.build import build_definitions
-from spark_backup.defs.checks import CHECKSUM_CHECK, FRESHNESS_CHECK, ROTATION_CHECK
+from spark_backup.defs.checks import (
+    CHECKSUM_CHECK,
+    FRESHNESS_CHECK,
+    RETENTION_CHECK,
+    ROTATION_CHECK,
+)
 from spark_backup.defs.partitions import partitions_for
 from spark_backup.defs.schedules import (
     FRESHNESS_CRON,
@@ -74,7 +79,9 @@ def test_definitions_load_and_are_pinned(three_cadences: Path, monkeypatch) -> N
     keys = {AssetKey(["backups", n]) for n in names}
     assert graph.get_all_asset_keys() == keys | {system_asset_key(n) for n in names}
     assert graph.asset_check_keys == {
-        AssetCheckKey(k, name) for k in keys for name in (CHECKSUM_CHECK, FRESHNESS_CHECK)
+        AssetCheckKey(k, name)
+        for k in keys
+        for name in (CHECKSUM_CHECK, FRESHNESS_CHECK, RETENTION_CHECK)
     } | {AssetCheckKey(system_asset_key(n), ROTATION_CHECK) for n in names}
     for name in names:  # lineage: each protected system feeds its backups
         assert graph.get(backup_asset_key(name)).parent_keys == {system_asset_key(name)}

@@ -746,8 +746,10 @@ def test_definitions_for_a_postgres_source(tmp_path: Path, age_key) -> None:
     assert {(c.asset_key.to_user_string(), c.name) for c in graph.asset_check_keys} == {
         ("backups/pg_main", "checksum"),
         ("backups/pg_main", "freshness"),
+        ("backups/pg_main", "retention"),
         ("backups/pg_main_base", "checksum"),
         ("backups/pg_main_base", "freshness"),
+        ("backups/pg_main_base", "retention"),
         ("backups/pg_main_wal_archive", POSTGRES.lag_check_name),
         ("systems/pg_main", "secret_rotation"),
     }

@@ -51,7 +51,7 @@ def test_worm_backup_verify_restore_and_prune(
         s3_lock_bucket,
         age_key[1],
         estate,
-        retention={"daily": 0, "weekly": 0, "monthly": 0},
+        retention={"daily": 1, "weekly": 0, "monthly": 0},
     )
     service = BackupService.from_path(plan)
     service.store("worm").check()

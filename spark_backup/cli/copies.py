@@ -361,8 +361,13 @@ def prune(state: CliState, apply: bool, as_json: bool) -> None:
         click.echo(json.dumps(asdict(report), indent=2))
     else:
         verb = "would delete" if report.dry_run else "deleted"
+        for copy_id, reasons in sorted(report.kept.items()):
+            stdout.print(f"kept {copy_id}: {', '.join(reasons)}", highlight=False)
         for copy_id in report.expired:
-            stdout.print(f"{verb} {copy_id}", highlight=False)
+            stdout.print(
+                f"{verb} {copy_id}: newer copies fill every daily, weekly and monthly slot",
+                highlight=False,
+            )
         for copy_id in report.locked:
             stdout.print(
                 f"kept {copy_id}: expired by retention but under Object Lock", highlight=False

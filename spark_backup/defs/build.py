@@ -21,6 +21,7 @@ from spark_backup.defs.checks import (
     build_freshness_check,
     build_locked_check,
     build_log_lag_check,
+    build_retention_check,
     build_rotation_check,
 )
 from spark_backup.defs.resources import (
@@ -75,6 +76,7 @@ def build_definitions(loaded: LoadedPlan) -> Definitions:
             checks += [
                 build_checksum_check(source, artifact, key, loaded),
                 build_freshness_check(source, artifact, key),
+                build_retention_check(source, artifact, key),
             ]
             # Only a store with Object Lock (a WORM store) has locks to read back.
             if getattr(loaded.plan.store_for(source), "object_lock", None):

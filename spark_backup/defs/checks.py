@@ -12,6 +12,9 @@
   needs (its own, its store's, the plan's) was written within the rotation limit (182 days by
   default); a secret of unknown age fails unless the plan says ``unknown_age: warn``. A sealed
   or unreachable Vault fails it too. Metadata names references, versions and ages, never values.
+- ``retention`` (per artifact): per part, how many of the last 7 days, 4 weeks and 12 months
+  (the plan's policy) hold a copy retention keeps, fewer while the series is younger; a period
+  without one warns (the freshness check is the one that fails for a missed backup).
 - ``locked`` (per artifact, only on a store with Object Lock): every copy's data object and
   manifest are read back from the store: each must hold the store's lock mode with a date no
   earlier than its manifest recorded, and every copy retention still keeps must still be locked
@@ -44,6 +47,7 @@ CHECKSUM_CHECK = "checksum"
 FRESHNESS_CHECK = "freshness"
 ROTATION_CHECK = "secret_rotation"
 LOCKED_CHECK = "locked"
+RETENTION_CHECK = "retention"
 
 # Partitioned asset checks are a Dagster preview feature; they are what lets the UI show, for
 # every day, week and month, whether that partition's copy is intact. Tested in
@@ -281,3 +285,49 @@ def build_locked_check(
         )
 
     return locked
+
+
+def build_retention_check(
+    source: SourceSettings, artifact: Artifact, asset_key: AssetKey
+) -> AssetChecksDefinition:
+    @asset_check(
+        asset=asset_key,
+        name=RETENTION_CHECK,
+        description="Per tier, how many of the policy's daily, weekly and monthly periods hold "
+        "a copy retention keeps.",
+    )
+    def retention(spark_backup: SparkBackupResource) -> AssetCheckResult:
+        parts = spark_backup.service.retention_status(source.name, artifact.name)
+        rows, short, metadata = [], [], {}
+        for part, tiers in parts.items():
+            for tier in tiers:
+                label = f"{part} {tier.tier}".strip()
+                rows.append(
+                    f"| {part or '-'} | {tier.tier} | {tier.held} | {tier.expected} | "
+                    f"{tier.policy} | {', '.join(tier.missing) or '-'} |\n"
+                )
+                if not part:
+                    metadata[f"{tier.tier}_held"] = tier.held
+                if tier.missing:
+                    short.append(f"{label}: no copy for {', '.join(tier.missing)}")
+        if not parts:
+            description = f"no copy of {source.name} yet"
+        else:
+            description = "; ".join(short) or ", ".join(
+                f"{t.tier} {t.held}/{t.policy}" for t in next(iter(parts.values()))
+            )
+        return AssetCheckResult(
+            check_name=RETENTION_CHECK,
+            passed=bool(parts) and not short,
+            severity=AssetCheckSeverity.WARN,
+            description=description,
+            metadata={
+                **metadata,
+                "tiers": MetadataValue.md(
+                    "| part | tier | held | of last periods | policy | periods without a copy |\n"
+                    "| --- | --- | --- | --- | --- | --- |\n" + "".join(rows)
+                ),
+            },
+        )
+
+    return retention

@@ -32,6 +32,16 @@ class Retention(SettingsModel):
     weekly: int = Field(4, ge=0)
     monthly: int = Field(12, ge=0)
 
+    @field_validator("daily")
+    @classmethod
+    def _keeps_daily_copies(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError(
+                "expected at least 1: a policy of zero daily copies would expire yesterday's "
+                "copy as soon as today's exists"
+            )
+        return value
+
 
 class Compression(SettingsModel):
     level: int = Field(3, ge=1, le=19)

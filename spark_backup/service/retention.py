@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from spark_backup.engine import catalog
 from spark_backup.engine.manifest import Manifest, is_copy_key, manifest_key
 from spark_backup.engine.pipeline import utcnow
-from spark_backup.engine.retention import apply_retention
+from spark_backup.engine.retention import TierStatus, apply_retention, tier_status
 from spark_backup.service.runtime import PlanRuntime
 from spark_backup.sources import registry
 from spark_backup.sources.base import ContinuousLog
@@ -93,3 +93,17 @@ class RetentionOperations(PlanRuntime):
                     for key in store.cleanup_incomplete(grace, owned_by_spark_backup)
                 )
         return report
+
+    def retention_status(
+        self, source_name: str, artifact: str | None = None, now: dt.datetime | None = None
+    ) -> dict[str, list[TierStatus]]:
+        """Per part of the source's copies (of one artifact): each tier against the policy."""
+        source = self.plan.source(source_name)
+        series: dict[str, list[Manifest]] = defaultdict(list)
+        for ref in self.copies(source_name, artifact):
+            series[ref.manifest.part].append(ref.manifest)
+        rule = self.retention(source)
+        return {
+            part: tier_status(copies, rule, now or utcnow())
+            for part, copies in sorted(series.items())
+        }
