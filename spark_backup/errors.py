@@ -91,3 +91,7 @@ class SecretsUnavailableError(SecretError):
     runs, and no weaker source is tried instead."""
 
     exit_code = 10
+
+
+class ErasedError(CryptoError):
+    """The copy's data key was destroyed by an erasure (crypto-shredding): it cannot be opened."""

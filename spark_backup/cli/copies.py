@@ -388,3 +388,38 @@ def prune(state: CliState, apply: bool, as_json: bool) -> None:
         )
     if report.damaged:
         sys.exit(IntegrityError.exit_code)
+
+
+# --- erase -------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("source")
+@click.option("--before", required=True, help="Erase every whole month before this date.")
+@click.option("--apply", is_flag=True, help="Destroy the keys; without it, only show what would.")
+@click.option("--json", "as_json", is_flag=True, help="Report as JSON.")
+@pass_state
+def erase(state: CliState, source: str, before: str, apply: bool, as_json: bool) -> None:
+    """Serve an erasure request by crypto-shredding: destroy the data keys of a personal_data
+    source's months before --before. Their copies can no longer be opened; their objects stay
+    (locked ones until their retention ends). Irreversible with --apply."""
+    import datetime as dt
+
+    from spark_backup.errors import UsageError
+
+    try:
+        day = dt.date.fromisoformat(before)
+    except ValueError:
+        raise UsageError(f"--before {before!r} is not a date (YYYY-MM-DD)") from None
+    report = state.service.erase(source, day, dry_run=not apply)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    verb = "would destroy" if not apply else "destroyed"
+    for month in report["months"]:
+        stdout.print(f"{verb} the data key of {source} {month}", highlight=False)
+    stdout.print(
+        f"{len(report['copies'])} copies {'would become' if not apply else 'are now'} "
+        f"unreadable" + ("" if apply else " (dry run: pass --apply)"),
+        highlight=False,
+    )

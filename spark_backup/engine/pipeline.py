@@ -33,6 +33,7 @@ import zstandard
 from pyrage import x25519
 
 from spark_backup.engine.crypto import Recipients
+from spark_backup.engine.datakeys import unwrap
 from spark_backup.engine.manifest import Digest, Manifest, data_key, manifest_key, new_copy_id
 from spark_backup.engine.processes import tool_environment
 from spark_backup.engine.signing import Signer
@@ -97,6 +98,7 @@ def write_copy(
     compression: CompressionSettings,
     progress: ProgressCallback | None = None,
     signer: Signer | None = None,
+    month_key: str | None = None,
 ) -> Manifest:
     """Back up one partition of a source as a new copy; return its committed manifest (signed
     with ``signer``, if given).
@@ -128,7 +130,12 @@ def write_copy(
             "level": compression.level,
             "threads": compression.threads,
         },
-        encryption={"algorithm": "age-x25519", "recipients": list(recipients.public_keys)},
+        encryption={
+            "algorithm": "age-x25519",
+            "recipients": list(recipients.public_keys),
+            # The month's data key (engine/datakeys.py) the recipients belong to, if any.
+            **({"data_key": month_key} if month_key else {}),
+        },
         tools={**_engine_versions(), **source.tool_versions()},
         host=socket.gethostname(),
         source_metadata=source.metadata(),
@@ -242,6 +249,8 @@ def open_copy(
     and plaintext sha256 and sizes with the manifest: ``IntegrityError`` on any difference,
     ``CryptoError`` if no identity opens it. Callers must not publish what they read before the
     block has exited cleanly."""
+    if data_key := manifest.encryption.get("data_key"):
+        identities = unwrap(store, manifest.source, manifest.id, data_key, identities)
     _require_matching_identity(manifest, identities)
     with open_encrypted(store, manifest.data_key, identities, f"copy {manifest.id}", progress) as (
         opened

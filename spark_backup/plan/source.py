@@ -62,6 +62,9 @@ class SourceSettings(SettingsModel):
     store: Name | None = None
     retention: Retention | None = None
     compression: Compression | None = None
+    # Holds personal data: each month's copies get a data key of their own, which
+    # ``spark-backup erase`` destroys to serve an erasure request (crypto-shredding).
+    personal_data: bool = False
 
     @field_validator("owner")
     @classmethod

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,7 @@ from pyrage import x25519
 
 from spark_backup.engine.cadence import cadence
 from spark_backup.engine.catalog import DamagedManifest
+from spark_backup.engine.datakeys import erase_months, recipients_for
 from spark_backup.engine.manifest import Manifest
 from spark_backup.engine.pipeline import Verification, open_copy, utcnow, verify_copy, write_copy
 from spark_backup.engine.streams import ProgressCallback
@@ -79,6 +81,11 @@ class CopyOperations(LockOperations):
         partition = partition or self.current_partition(chosen)
         recipients, compression = self.recipients(), self.compression(source)
         signer = self.signer()
+        month_key = None
+        if source.personal_data:
+            recipients, month_key = recipients_for(
+                store, source.name, utcnow(), recipients, signer, self.verifier
+            )
         manifests, failures = [], []
         for reader in readers:
             try:
@@ -92,6 +99,7 @@ class CopyOperations(LockOperations):
                         compression=compression,
                         progress=progress,
                         signer=signer,
+                        month_key=month_key,
                     )
                 )
             except SparkBackupError as exc:
@@ -197,3 +205,26 @@ class CopyOperations(LockOperations):
         return kind.restore_to_target(
             self, target, ref, value, identity_file=identity_file, flags=flags, progress=progress
         )
+
+    def erase(self, source_name: str, before: dt.date, dry_run: bool = True) -> dict[str, Any]:
+        """Crypto-shred every whole month of a ``personal_data`` source before ``before``:
+        destroy those months' data keys, so their copies can no longer be opened while their
+        (possibly locked) objects stay. Returns the months and the copies made unreadable."""
+        source = self.plan.source(source_name)
+        if not source.personal_data:
+            raise UsageError(
+                f"source {source_name!r} is not marked personal_data: its copies have no data "
+                "keys of their own and cannot be erased selectively"
+            )
+        now = utcnow()
+        if before > now.date():
+            raise UsageError(f"--before {before} is in the future")
+        store = self.store_for(source)
+        months = erase_months(store, source.name, before, now, dry_run)
+        erased = {f"{source.name}/keys/{month}.json" for month in months}
+        copies = [
+            ref.manifest.id
+            for ref in self.copies(source.name)
+            if ref.manifest.encryption.get("data_key") in erased
+        ]
+        return {"source": source.name, "months": months, "copies": copies, "dry_run": dry_run}

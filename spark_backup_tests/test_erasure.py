@@ -1,0 +1,95 @@
+"""GDPR erasure on locked copies, by crypto-shredding, against SeaweedFS with Object Lock: after
+``erase``, exactly the targeted copies refuse to restore, with a clear message, while their
+locked objects stay; every other copy still restores."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+from spark_backup.engine.datakeys import data_key_path
+from spark_backup.service import BackupService
+from spark_backup_tests.helpers import config_source, plan_dict, run_cli, write_plan
+
+KEY_ENV = "SB_TEST_ERASE_KEY"
+SECRET_ENV = "SB_TEST_ERASE_SECRET"
+
+
+def test_erase_makes_exactly_the_targeted_copies_unreadable(
+    tmp_path, seaweedfs, s3_lock_bucket, age_key, estate, monkeypatch
+) -> None:
+    env = {KEY_ENV: seaweedfs.access_key, SECRET_ENV: seaweedfs.secret_key}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    store = {
+        "name": "worm",
+        "kind": "s3",
+        "endpoint_url": seaweedfs.endpoint_url,
+        "bucket": s3_lock_bucket,
+        "region_name": seaweedfs.region,
+        "access_key_id": f"env:{KEY_ENV}",
+        "secret_access_key": f"env:{SECRET_ENV}",
+        "object_lock": {"mode": "COMPLIANCE", "retain_days": 1},
+    }
+    sources = [
+        config_source("hr_config", [str(estate / "wireguard")], personal_data=True),
+        config_source("dgx_config", [str(estate / "nvidia")]),
+    ]
+    plan = plan_dict([age_key[1]], sources, stores=[store])
+    plan["encryption"]["identity_file"] = str(age_key[0])
+    plan_path = write_plan(tmp_path, plan)
+
+    now = dt.datetime.now(dt.UTC)
+    last_month = (now.replace(day=1) - dt.timedelta(days=1)).replace(day=15)
+    service = BackupService.from_path(plan_path)
+    monkeypatch.setattr("spark_backup.service.copies.utcnow", lambda: last_month)
+    [old] = service.backup("hr_config")
+    monkeypatch.undo()
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    [current] = service.backup("hr_config")
+    [other] = service.backup("dgx_config")
+    assert old.encryption["data_key"] == data_key_path("hr_config", f"{last_month:%Y-%m}")
+    assert current.encryption["data_key"] == data_key_path("hr_config", f"{now:%Y-%m}")
+    assert "data_key" not in other.encryption
+    # The copy is encrypted to the month's key, not to the plan's recipient.
+    assert old.encryption["recipients"] != [age_key[1]]
+
+    before = now.replace(day=1).date().isoformat()
+    dry = run_cli("--plan", str(plan_path), "erase", "hr_config", "--before", before, "--json")
+    assert dry.returncode == 0, dry.stderr
+    assert json.loads(dry.stdout) == {
+        "source": "hr_config",
+        "months": [f"{last_month:%Y-%m}"],
+        "copies": [old.id],
+        "dry_run": True,
+    }
+    assert (
+        run_cli(
+            "--plan", str(plan_path), "restore", old.id, "--to", str(tmp_path / "r0")
+        ).returncode
+        == 0
+    )
+    applied = run_cli("--plan", str(plan_path), "erase", "hr_config", "--before", before, "--apply")
+    assert applied.returncode == 0, applied.stderr
+    assert f"destroyed the data key of hr_config {last_month:%Y-%m}" in applied.stdout
+
+    refused = run_cli("--plan", str(plan_path), "restore", old.id, "--to", str(tmp_path / "r1"))
+    assert refused.returncode == 8
+    assert (
+        f"copy {old.id} was erased on " in refused.stderr and "crypto-shredding" in refused.stderr
+    )
+    assert not (tmp_path / "r1").exists()
+    deep = run_cli("--plan", str(plan_path), "verify", old.id, "--deep", "--json")
+    assert deep.returncode != 0 and "was erased" in deep.stdout + deep.stderr
+    # The locked objects stay, intact, until their retention ends.
+    worm = service.store("worm")
+    assert worm.locked(old.data_key) and service.verify(service.find(old.id)).ok
+
+    for copy in (current, other):
+        target = tmp_path / f"restore-{copy.id}"
+        restored = run_cli("--plan", str(plan_path), "restore", copy.id, "--to", str(target))
+        assert restored.returncode == 0, restored.stderr
+
+    not_personal = run_cli("--plan", str(plan_path), "erase", "dgx_config", "--before", before)
+    assert not_personal.returncode == 2 and "not marked personal_data" in not_personal.stderr
