@@ -7,9 +7,17 @@ from __future__ import annotations
 import datetime as dt
 import json
 
+import yaml
+from dagster import DagsterInstance
+
+from spark_backup.defs.build import build_definitions
+from spark_backup.defs.checks import DELETION_REVIEW_CHECK
+from spark_backup.defs.schedules import ROTATION_JOB
 from spark_backup.engine.datakeys import data_key_path
+from spark_backup.plan import load_plan
 from spark_backup.service import BackupService
 from spark_backup_tests.helpers import config_source, plan_dict, run_cli, write_plan
+from spark_backup_tests.test_runbooks import DOCS
 
 KEY_ENV = "SB_TEST_ERASE_KEY"
 SECRET_ENV = "SB_TEST_ERASE_SECRET"
@@ -93,3 +101,38 @@ def test_erase_makes_exactly_the_targeted_copies_unreadable(
 
     not_personal = run_cli("--plan", str(plan_path), "erase", "dgx_config", "--before", before)
     assert not_personal.returncode == 2 and "not marked personal_data" in not_personal.stderr
+
+
+def test_deletion_concept_review_check_fails_after_a_year(tmp_path, age_key, estate) -> None:
+    concept = tmp_path / "deletion-concept.md"
+    old = dt.date.today() - dt.timedelta(days=400)
+    concept.write_text(f"# Deletion concept\n\nLast reviewed: {old}\n")
+    plan = plan_dict(
+        [age_key[1]],
+        [config_source("hr_config", [str(estate)], personal_data=True)],
+        compliance={"deletion_concept": "deletion-concept.md"},
+    )
+    plan_path = write_plan(tmp_path, plan)
+
+    def evaluate():
+        defs = build_definitions(load_plan(plan_path))
+        with DagsterInstance.ephemeral() as instance:
+            run = defs.resolve_job_def(ROTATION_JOB).execute_in_process(
+                instance=instance, raise_on_error=False
+            )
+        return {e.check_name: e for e in run.get_asset_check_evaluations()}[DELETION_REVIEW_CHECK]
+
+    stale = evaluate()
+    assert not stale.passed and "400 days ago" in stale.description
+    concept.write_text(f"# Deletion concept\n\nLast reviewed: {dt.date.today()}\n")
+    assert evaluate().passed
+
+    # The project's own concept carries a date the check reads.
+    repo_concept = DOCS / "compliance" / "deletion-concept.md"
+    data = yaml.safe_load(plan_path.read_text())
+    data["compliance"]["deletion_concept"] = str(repo_concept)
+    plan_path.write_text(yaml.safe_dump(data))
+    status = BackupService.from_path(plan_path).deletion_concept_review(
+        now=dt.datetime(2026, 12, 1, tzinfo=dt.UTC)
+    )
+    assert status.ok and status.reviewed == dt.date(2026, 11, 29)

@@ -16,8 +16,10 @@ from spark_backup.defs.assets import (
     system_asset_key,
 )
 from spark_backup.defs.checks import (
+    DELETION_REVIEW_CHECK,
     ROTATION_CHECK,
     build_checksum_check,
+    build_deletion_review_check,
     build_freshness_check,
     build_locked_check,
     build_log_lag_check,
@@ -65,6 +67,11 @@ def build_definitions(loaded: LoadedPlan) -> Definitions:
         assets.append(system)
         checks.append(build_rotation_check(source, system_asset_key(source.name)))
         rotation_checks.append(AssetCheckKey(system_asset_key(source.name), ROTATION_CHECK))
+        if source.personal_data:
+            checks.append(build_deletion_review_check(system_asset_key(source.name)))
+            rotation_checks.append(
+                AssetCheckKey(system_asset_key(source.name), DELETION_REVIEW_CHECK)
+            )
         if isinstance(kind, Observable):
             observed.append(system_asset_key(source.name))
         artifact_keys = {}
@@ -115,7 +122,8 @@ def build_definitions(loaded: LoadedPlan) -> Definitions:
             ROTATION_JOB,
             rotation_checks,
             ROTATION_CRON,
-            "Is every secret the plan names within its rotation limit?",
+            "Daily compliance: is every secret within its rotation limit, and the deletion "
+            "concept reviewed within the year?",
         )
     )
     if observed:

@@ -15,6 +15,8 @@
 - ``retention`` (per artifact): per part, how many of the last 7 days, 4 weeks and 12 months
   (the plan's policy) hold a copy retention keeps, fewer while the series is younger; a period
   without one warns (the freshness check is the one that fails for a missed backup).
+- ``deletion_concept_review`` (per ``personal_data`` source, on its system asset): the
+  deletion concept (``compliance.deletion_concept``) was reviewed within the last year.
 - ``locked`` (per artifact, only on a store with Object Lock): every copy's data object and
   manifest are read back from the store: each must hold the store's lock mode with a date no
   earlier than its manifest recorded, and every copy retention still keeps must still be locked
@@ -48,6 +50,7 @@ FRESHNESS_CHECK = "freshness"
 ROTATION_CHECK = "secret_rotation"
 LOCKED_CHECK = "locked"
 RETENTION_CHECK = "retention"
+DELETION_REVIEW_CHECK = "deletion_concept_review"
 
 # Partitioned asset checks are a Dagster preview feature; they are what lets the UI show, for
 # every day, week and month, whether that partition's copy is intact. Tested in
@@ -331,3 +334,22 @@ def build_retention_check(
         )
 
     return retention
+
+
+def build_deletion_review_check(asset_key: AssetKey) -> AssetChecksDefinition:
+    @asset_check(
+        asset=asset_key,
+        name=DELETION_REVIEW_CHECK,
+        description="Fails when the deletion concept was last reviewed more than a year ago.",
+    )
+    def deletion_concept_review(spark_backup: SparkBackupResource) -> AssetCheckResult:
+        status = spark_backup.service.deletion_concept_review()
+        return AssetCheckResult(
+            check_name=DELETION_REVIEW_CHECK,
+            passed=status.ok,
+            severity=AssetCheckSeverity.ERROR,
+            description=status.description,
+            metadata={"last_reviewed": str(status.reviewed or "")},
+        )
+
+    return deletion_concept_review

@@ -80,12 +80,20 @@ class Defaults(SettingsModel):
         return value
 
 
+class Compliance(SettingsModel):
+    # The deletion concept (a Markdown file with a "Last reviewed: YYYY-MM-DD" line), relative
+    # to the plan file: its review is checked yearly for every personal_data source.
+    deletion_concept: str | None = None
+    review_every: Duration = dt.timedelta(days=365)
+
+
 class Plan(SettingsModel):
     version: Literal[1] = 1
     defaults: Defaults = Defaults()
     encryption: Encryption
     secrets: SecretsConfig = SecretsConfig()
     signing: SigningConfig | None = None
+    compliance: Compliance = Compliance()
     stores: list[StoreConfig] = Field(min_length=1)
     # Each entry is validated as its kind's model (see ``plan_model``).
     sources: list[SourceSettings] = Field(min_length=1)

@@ -6,12 +6,14 @@ exactly the same thing; one module per concern, no Dagster imports:
 - ``retention.py``: prune;
 - ``freshness.py``: the age of the newest copies;
 - ``secrets.py``: the secrets the plan names, their age and rotation;
-- ``locks.py``: each copy's Object Lock, read back from the store.
+- ``locks.py``: each copy's Object Lock, read back from the store;
+- ``compliance.py``: the deletion concept's yearly review.
 
 A kind's own operations (PostgreSQL's WAL, PITR, ...) live in its package and get the service
 as their ``Runtime``.
 """
 
+from spark_backup.service.compliance import ComplianceOperations
 from spark_backup.service.copies import CopyOperations, VerifyOutcome
 from spark_backup.service.freshness import Freshness, FreshnessOperations
 from spark_backup.service.locks import LockStatus
@@ -20,7 +22,13 @@ from spark_backup.service.secrets import SecretsOperations, SecretStatus
 from spark_backup.sources.base import CopyRef
 
 
-class BackupService(CopyOperations, RetentionOperations, FreshnessOperations, SecretsOperations):
+class BackupService(
+    CopyOperations,
+    RetentionOperations,
+    FreshnessOperations,
+    SecretsOperations,
+    ComplianceOperations,
+):
     """A plan's operations, all concerns together."""
 
 
