@@ -4,8 +4,10 @@ the recovery window; a backup job and schedule per cadence; the check, observati
 schedules; and the plan resource."""
 
 from collections import defaultdict
+from collections.abc import Mapping
 
 from dagster import AssetCheckKey, AssetKey, AssetsDefinition, AssetSpec, Definitions
+from dagster_aws.s3 import S3Resource
 
 from spark_backup.defs.assets import (
     backup_asset_key,
@@ -31,6 +33,8 @@ from spark_backup.defs.resources import (
     SECRETS_RESOURCE_KEY,
     SecretsResource,
     SparkBackupResource,
+    platform_s3_resources,
+    s3_store_resources,
 )
 from spark_backup.defs.schedules import (
     OBSERVE_CRON,
@@ -51,8 +55,15 @@ from spark_backup.service import BackupService
 from spark_backup.sources.base import ContinuousLog, Observable, PointInTimeRecovery
 
 
-def build_definitions(loaded: LoadedPlan) -> Definitions:
+def build_definitions(
+    loaded: LoadedPlan, platform_s3: Mapping[str, S3Resource] | None = None
+) -> Definitions:
+    """``platform_s3``: the platform's own S3Resource per store name (default: those named by
+    ``$SPARK_BACKUP_S3_RESOURCES``), merged into each S3 store's resource."""
     service = BackupService(loaded)
+    s3_stores = s3_store_resources(
+        loaded.plan, platform_s3_resources() if platform_s3 is None else platform_s3
+    )
     assets: list[AssetsDefinition | AssetSpec] = []
     checks, schedules, jobs = [], [], []
     keys_by_cadence: dict[str, list[AssetKey]] = defaultdict(list)
@@ -145,7 +156,7 @@ def build_definitions(loaded: LoadedPlan) -> Definitions:
         jobs=jobs,
         schedules=schedules,
         resources={
-            RESOURCE_KEY: SparkBackupResource(plan_path=str(loaded.path)),
+            RESOURCE_KEY: SparkBackupResource(plan_path=str(loaded.path), s3_stores=s3_stores),
             SECRETS_RESOURCE_KEY: SecretsResource(plan_path=str(loaded.path)),
         },
     )

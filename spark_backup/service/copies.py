@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pyrage import x25519
 
+from spark_backup.engine.age_worker import AgeWorker
 from spark_backup.engine.cadence import cadence
 from spark_backup.engine.catalog import DamagedManifest
 from spark_backup.engine.datakeys import erase_months, recipients_for
@@ -39,6 +40,8 @@ class VerifyOutcome:
     exit_code: int = IntegrityError.exit_code
     # The Object Lock read back from a WORM store (``LockStatus.as_dict``); None elsewhere.
     worm: dict[str, Any] | None = None
+    # What the operator must know although the copy is intact (files the backup read torn).
+    cautions: list[str] = field(default_factory=list)
 
     @classmethod
     def of_damaged(cls, damaged: DamagedManifest, deep: bool) -> VerifyOutcome:
@@ -104,6 +107,8 @@ class CopyOperations(LockOperations):
                 )
             except SparkBackupError as exc:
                 failures.append(exc)
+        if manifests:
+            self.update_index(store, source.name)
         if failures:
             raise failures[0]
         return manifests
@@ -113,7 +118,10 @@ class CopyOperations(LockOperations):
         ref: CopyRef,
         identities: list[x25519.Identity] | None = None,
         progress: ProgressCallback | None = None,
+        worker: AgeWorker | None = None,
     ) -> VerifyOutcome:
+        """Verify one copy: plain, or deep with ``identities``. To verify many copies deeply,
+        pass one ``decryption_worker`` for them all: each copy then costs no process start."""
         manifest = ref.manifest
         outcome = VerifyOutcome(
             manifest.id,
@@ -125,7 +133,7 @@ class CopyOperations(LockOperations):
         )
         try:
             if identities:
-                result = self._verify_deep(ref, identities, progress)
+                result = self._verify_deep(ref, identities, progress, worker)
                 outcome.checks = (STORED_CHECK, *DEEP_CHECKS, f"{manifest.kind} format")
             else:
                 result = verify_copy(ref.store, manifest, progress)
@@ -135,6 +143,7 @@ class CopyOperations(LockOperations):
             # not a verdict on the copy: those propagate with their own exit codes.
             outcome.error = str(exc)
             return outcome
+        outcome.cautions = self.kind_named(manifest.kind).cautions(manifest)
         outcome.bytes_read = result.bytes_read
         outcome.seconds = result.seconds
         lock = self.lock_status(ref)
@@ -147,12 +156,21 @@ class CopyOperations(LockOperations):
         outcome.ok = True
         return outcome
 
+    def decryption_worker(self, identities: list[x25519.Identity]) -> AgeWorker:
+        """One age worker process for many decryptions (started on first use); use it in a
+        ``with`` block so that it stops."""
+        return AgeWorker(identities)
+
     def _verify_deep(
-        self, ref: CopyRef, identities: list[x25519.Identity], progress: ProgressCallback | None
+        self,
+        ref: CopyRef,
+        identities: list[x25519.Identity],
+        progress: ProgressCallback | None,
+        worker: AgeWorker | None,
     ) -> Verification:
         started = utcnow()
         kind = self.kind_named(ref.manifest.kind)
-        with open_copy(ref.store, ref.manifest, identities, progress) as plain:
+        with open_copy(ref.store, ref.manifest, identities, progress, worker) as plain:
             kind.check_plaintext(plain, ref.manifest)
         seconds = (utcnow() - started).total_seconds()
         # open_copy compared the bytes it read with the manifest's count, so this is what it read.
@@ -172,7 +190,8 @@ class CopyOperations(LockOperations):
         ref = self.find(copy_id)
         identities = self.identities(identity_file)
         started = utcnow()
-        summary = self.kind_named(ref.manifest.kind).restore_to_folder(
+        kind = self.kind_named(ref.manifest.kind)
+        summary = kind.restore_to_folder(
             ref, identities, target, FolderRestore(overwrite, skip_unsafe, progress)
         )
         return {
@@ -180,6 +199,7 @@ class CopyOperations(LockOperations):
             "source": ref.manifest.source,
             "partition": ref.manifest.partition,
             "seconds": round((utcnow() - started).total_seconds(), 3),
+            "cautions": kind.cautions(ref.manifest),
             **summary,
         }
 

@@ -41,22 +41,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 
-from pyrage import x25519
-
-from spark_backup.engine.crypto import Recipients
-from spark_backup.engine.manifest import Manifest
-from spark_backup.engine.pipeline import CompressionSettings, PlaintextSource
-from spark_backup.engine.secrets import EnvSecrets, SecretResolver
-from spark_backup.engine.signing import Signer, Verifier
-from spark_backup.engine.stores.base import ObjectStore
-from spark_backup.engine.streams import ProgressCallback, Readable
-from spark_backup.plan.load import resolve_relative
-from spark_backup.plan.source import SourceSettings
-
+# Only types from here: the command line imports this module to find a kind's commands, and
+# must not pay for the pipeline, pydantic or pyrage to print its help.
 if TYPE_CHECKING:
     import click
+    from pyrage import x25519
 
-SettingsT = TypeVar("SettingsT", bound=SourceSettings)
+    from spark_backup.engine.crypto import Recipients
+    from spark_backup.engine.manifest import Manifest
+    from spark_backup.engine.pipeline import CompressionSettings, PlaintextSource
+    from spark_backup.engine.secrets import SecretResolver
+    from spark_backup.engine.signing import Signer, Verifier
+    from spark_backup.engine.stores.base import ObjectStore
+    from spark_backup.engine.streams import ProgressCallback, Readable
+    from spark_backup.plan.source import SourceSettings
+
+SettingsT = TypeVar("SettingsT", bound="SourceSettings")
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,12 @@ class Artifact:
         return None if self.primary else self.name
 
 
+def _environment_secrets() -> SecretResolver:
+    from spark_backup.engine.secrets import EnvSecrets, SecretResolver
+
+    return SecretResolver({"env": EnvSecrets()})
+
+
 @dataclass(frozen=True)
 class SourceContext:
     """What a kind may know of the plan around one of its sources."""
@@ -83,10 +89,12 @@ class SourceContext:
     # The source's allowed copy age: its own max_age, else the plan's default.
     max_age: dt.timedelta
     # Reads the secrets the source's settings name (environment variables only, by default).
-    secrets: SecretResolver = field(default_factory=lambda: SecretResolver({"env": EnvSecrets()}))
+    secrets: SecretResolver = field(default_factory=lambda: _environment_secrets())
 
     def resolve(self, path: str) -> Path:
         """A path from the plan, relative to the plan file, with ``~`` and ``$VARS`` expanded."""
+        from spark_backup.plan.load import resolve_relative
+
         return resolve_relative(self.plan_path.parent, path)
 
 
@@ -185,6 +193,11 @@ class SourceKind(ABC, Generic[SettingsT]):
     @abstractmethod
     def check_plaintext(self, plain: Readable, manifest: Manifest) -> None:
         """Deep verify: raise ``IntegrityError`` if the plaintext is not what the kind wrote."""
+
+    def cautions(self, manifest: Manifest) -> list[str]:
+        """What a restore or verify of the copy must tell the operator although the copy is
+        intact (files the backup read while they changed)."""
+        return []
 
     def asset_suffixes(self, source: SettingsT) -> tuple[str, ...]:
         """Names of the source's assets beside ``backups/<source>``, as ``<source>_<suffix>``

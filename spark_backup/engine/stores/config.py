@@ -32,7 +32,10 @@ class S3StoreConfig(SettingsModel):
 
     Credentials are named by reference (``env:NAME`` or ``vault:MOUNT/PATH#FIELD``), never
     written here; without them boto3's default chain (instance profile, ``AWS_*`` variables,
-    shared config) applies. The older ``*_env: NAME`` fields read as ``env:NAME``.
+    shared config, ``profile_name``) applies. The older ``*_env: NAME`` fields read as
+    ``env:NAME``. In a Dagster run the client of a store whose credentials are ``env:``
+    references (or none) comes from the store's ``S3Resource`` (``spark_backup/defs/
+    resources.py``), built from these same fields.
     """
 
     name: Name
@@ -44,6 +47,8 @@ class S3StoreConfig(SettingsModel):
     access_key_id: SecretReference | None = None
     secret_access_key: SecretReference | None = None
     session_token: SecretReference | None = None
+    # A profile of the AWS config (``~/.aws/config``); one with ``role_arn`` assumes that role.
+    profile_name: str | None = None
     object_lock: ObjectLockConfig | None = None
     part_size_mb: int = Field(16, ge=5, le=5120)
     max_attempts: int = Field(5, ge=1, le=20)
