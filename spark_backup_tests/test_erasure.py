@@ -136,3 +136,33 @@ def test_deletion_concept_review_check_fails_after_a_year(tmp_path, age_key, est
         now=dt.datetime(2026, 12, 1, tzinfo=dt.UTC)
     )
     assert status.ok and status.reviewed == dt.date(2026, 11, 29)
+
+
+def test_a_data_key_put_into_the_store_by_someone_else_is_refused(
+    tmp_path, age_key, estate
+) -> None:
+    """With signing, a backup never encrypts to a month key it did not sign: an attacker who
+    swaps the key object for one of their own (whose identity they hold) gets a refusal."""
+    from pyrage import x25519
+
+    from spark_backup.engine.signing import Signer
+
+    signer, pem = Signer.generate()
+    plan = plan_dict(
+        [age_key[1]],
+        [config_source("hr_config", [str(estate)], personal_data=True)],
+        signing={"key": "env:SB_TEST_ERASE_SIGNING", "public_keys": [signer.public_key]},
+    )
+    plan_path = write_plan(tmp_path, plan)
+    env = {"SB_TEST_ERASE_SIGNING": pem}
+    assert run_cli("--plan", str(plan_path), "backup", "hr_config", env=env).returncode == 0
+    month = f"{dt.datetime.now(dt.UTC):%Y-%m}"
+    key_file = tmp_path / "store" / data_key_path("hr_config", month)
+    document = json.loads(key_file.read_text())
+    assert document["signature"]["public_key"] == signer.public_key
+    document["recipient"] = str(x25519.Identity.generate().to_public())
+    key_file.chmod(0o600)
+    key_file.write_text(json.dumps(document))
+    refused = run_cli("--plan", str(plan_path), "backup", "hr_config", env=env)
+    assert refused.returncode == 11, refused.stderr
+    assert "does not match its content" in refused.stderr

@@ -84,7 +84,7 @@ def _read(store: ObjectStore, source: str, month: str, verifier: Verifier) -> Da
         signature = data.get("signature")
         if signature is None:
             raise IntegrityError(f"{uri}: the data key is unsigned; refusing to use it")
-        verifier._check(signature, found.payload(), f"data key {month}", uri)
+        verifier.check_signature(signature, found.payload(), f"data key {month}", uri)
     return found
 
 

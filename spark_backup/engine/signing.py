@@ -192,7 +192,9 @@ class Verifier:
         if manifest.signature is None:
             self._allow_unsigned(f"copy {manifest.id}", stored_at, origin)
             return "unsigned"
-        self._check(manifest.signature, manifest_payload(manifest), f"copy {manifest.id}", origin)
+        self.check_signature(
+            manifest.signature, manifest_payload(manifest), f"copy {manifest.id}", origin
+        )
         return "signed"
 
     def check_wal(
@@ -209,7 +211,7 @@ class Verifier:
             signature = json.loads(sidecar)
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise SignatureError(f"{origin}: {what}: its signature is not valid JSON") from None
-        self._check(signature, wal_payload(key), what, origin)
+        self.check_signature(signature, wal_payload(key), what, origin)
         return "signed"
 
     def _allow_unsigned(self, what: str, stored_at: dt.datetime | None, origin: str) -> None:
@@ -225,7 +227,8 @@ class Verifier:
                 f"(signing.unsigned_until: {cutoff}): refusing it as a possible forgery"
             )
 
-    def _check(self, signature: Any, payload: bytes, what: str, origin: str) -> None:
+    def check_signature(self, signature: Any, payload: bytes, what: str, origin: str) -> None:
+        """``SignatureError`` unless ``signature`` is a trusted key's over ``payload``."""
         from cryptography.exceptions import InvalidSignature
 
         if not isinstance(signature, Mapping) or signature.get("algorithm") != ALGORITHM:
