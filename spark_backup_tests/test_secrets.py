@@ -422,3 +422,41 @@ def test_runbook_rotation_block_runs_against_openbao(tmp_path, openbao: OpenBao)
         parse_reference(f"vault:{KV_MOUNT}/{path}#password")
     )
     assert secret.version == first["version"] + 1 and not secret.reveal().startswith("old-")
+
+
+def test_rotate_key_adds_a_recipient_and_old_copies_still_restore(
+    tmp_path, openbao: OpenBao, age_key, estate
+) -> None:
+    path = f"spark/{uuid.uuid4().hex[:8]}"
+    first = openbao.put(path, identity=age_key[0].read_text().splitlines()[1])
+    plan_path = _vault_plan(tmp_path, openbao, age_key[1], estate)
+    data = yaml.safe_load(plan_path.read_text())
+    data["encryption"]["identity"] = f"vault:{KV_MOUNT}/{path}#identity"
+    plan_path.write_text(yaml.safe_dump(data))
+    env = {"SB_TEST_BAO_TOKEN": openbao.root_token}
+    assert run_cli("--plan", str(plan_path), "backup", "dgx_config", env=env).returncode == 0
+
+    rotated = run_cli("--plan", str(plan_path), "secrets", "rotate-key", env=env)
+    assert rotated.returncode == 0, rotated.stderr
+    new = rotated.stdout.split("new recipient: ", 1)[1].split()[0]
+    assert new.startswith("age1") and new != age_key[1]
+    assert f"secret version {first['version'] + 1}" in rotated.stdout
+    assert "AGE-SECRET-KEY" not in rotated.stdout + rotated.stderr
+
+    data["encryption"]["recipients"] = [new]
+    plan_path.write_text(yaml.safe_dump(data))
+    assert run_cli("--plan", str(plan_path), "backup", "dgx_config", env=env).returncode == 0
+    copies = json.loads(run_cli("--plan", str(plan_path), "list", "--json", check=True).stdout)
+    assert len(copies) == 2
+    for copy in copies:  # the old copy (old recipient) and the new one both open
+        target = tmp_path / f"r-{copy['id']}"
+        restored = run_cli(
+            "--plan", str(plan_path), "restore", copy["id"], "--to", str(target), env=env
+        )
+        assert restored.returncode == 0, restored.stderr
+
+    data["encryption"]["identity_file"] = str(age_key[0])
+    del data["encryption"]["identity"]
+    plan_path.write_text(yaml.safe_dump(data))
+    refused = run_cli("--plan", str(plan_path), "secrets", "rotate-key", env=env)
+    assert refused.returncode == 2 and "not a vault: reference" in refused.stderr

@@ -3,7 +3,7 @@
 - ``app.py``: the root group, exit codes, the kinds' own commands;
 - ``copies.py``: backup, list, verify, restore, prune;
 - ``plan.py``: plan check;
-- ``secrets.py``: secrets status;
+- ``secrets.py``: secrets status and rotate-key;
 - ``dagster.py``: dagster-init and the demo.
 """
 

@@ -64,3 +64,19 @@ def secrets_status(state: CliState, as_json: bool) -> None:
                 )
     if any(row["failed"] for row in rows):
         sys.exit(SecretError.exit_code)
+
+
+@secrets.command("rotate-key")
+@pass_state
+def secrets_rotate_key(state: CliState) -> None:
+    """Add a new age identity to the one in Vault (encryption.identity) and print its recipient.
+    The secret keeps the old identities, so copies encrypted to them still restore until they
+    expire; put the new recipient into encryption.recipients in place of the old one."""
+    new, old, version = state.service.rotate_identity()
+    stdout.print(
+        f"new recipient: {new}\n"
+        f"encryption.identity now holds {len(old) + 1} identities (secret version {version}).\n"
+        f"Next: replace {', '.join(old)} with {new} in encryption.recipients; keep the old "
+        "identities in the secret until the last copy encrypted to them has expired.",
+        highlight=False,
+    )

@@ -5,9 +5,18 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 
+from pyrage import x25519
+
+from spark_backup.engine.crypto import identities_from_text
 from spark_backup.engine.pipeline import utcnow
-from spark_backup.engine.secrets import RotationFinding, RotationPolicy, SecretRef
-from spark_backup.errors import SecretError, SecretsUnavailableError
+from spark_backup.engine.secrets import (
+    REDACTOR,
+    RotationFinding,
+    RotationPolicy,
+    SecretRef,
+    VaultSecrets,
+)
+from spark_backup.errors import SecretError, SecretsUnavailableError, UsageError
 from spark_backup.plan import SourceSettings
 from spark_backup.service.runtime import PlanRuntime
 
@@ -51,3 +60,24 @@ class SecretsOperations(PlanRuntime):
                 continue
             statuses.append(SecretStatus(path, ref, policy.judge(secret, now)))
         return statuses
+
+    def rotate_identity(self) -> tuple[str, list[str], int | None]:
+        """Add a new age identity in front of those ``encryption.identity`` holds in Vault, as a
+        new version of that secret; return the new recipient, the old ones (which copies still
+        need until they expire) and the secret's new version."""
+        ref = self.plan.encryption.identity
+        if ref is None or ref.scheme != "vault":
+            raise UsageError(
+                "encryption.identity is not a vault: reference: rotate-key keeps the identities "
+                "in Vault (with identity_file, add a key with age-keygen and keep the old file)"
+            )
+        backend = self.secrets.backend("vault")
+        assert isinstance(backend, VaultSecrets)
+        current = self.secrets.resolve_for("encryption.identity", ref)
+        old = [str(identity.to_public()) for identity in identities_from_text(current, str(ref))]
+        new = x25519.Identity.generate()
+        stamp = utcnow().date().isoformat()
+        text = f"# added {stamp} by spark-backup secrets rotate-key\n{new}\n{current.strip()}\n"
+        REDACTOR.add(str(new))
+        version = backend.write(ref, text)
+        return str(new.to_public()), old, version

@@ -111,6 +111,18 @@ class VaultSecrets:
             created_at=_parse_time(metadata.get("created_time")),
         )
 
+    def write(self, ref: SecretRef, value: str) -> int:
+        """Write ``value`` into the reference's field as a new version of the secret (its other
+        fields kept); the new version's number."""
+        mount, path, name = ref.vault_parts
+        response = self._call(
+            ref,
+            lambda: self._client.secrets.kv.v2.patch(
+                path=path, secret={name: value}, mount_point=mount
+            ),
+        )
+        return int((response.get("data") or {}).get("version") or 0)
+
     def _call(self, ref: SecretRef, request: Any) -> Any:
         import hvac.exceptions
         import requests
