@@ -107,3 +107,33 @@ def test_locks_are_read_back_per_copy_and_prune_keeps_locked_copies(
     evaluations = {e.check_name: e for e in result.get_asset_check_evaluations()}
     assert not evaluations[LOCKED_CHECK].passed
     assert "has no retention" in evaluations[LOCKED_CHECK].description
+
+
+def test_plan_refuses_a_compliance_copy_on_a_store_that_is_not_worm_enough(tmp_path, age_key):
+    import pytest
+
+    from spark_backup.errors import PlanError
+
+    def store(**lock):
+        return {"name": "worm", "kind": "s3", "bucket": "b-1", **lock}
+
+    cases = [
+        ({}, "has no object_lock in COMPLIANCE mode"),
+        (
+            {"object_lock": {"mode": "GOVERNANCE", "retain_days": 400}},
+            "has no object_lock in COMPLIANCE mode",
+        ),
+        (
+            {"object_lock": {"mode": "COMPLIANCE", "retain_days": 30}},
+            "kept up to 372 days by its retention, but store 'worm' locks copies for only 30 days",
+        ),
+    ]
+    source = config_source("vpn_config", ["/etc"], compliance_copy=True)
+    for index, (lock, expected) in enumerate(cases):
+        plan = write_plan(
+            tmp_path, plan_dict([age_key[1]], [source], stores=[store(**lock)]), f"p{index}.yaml"
+        )
+        with pytest.raises(PlanError, match=expected):
+            load_plan(plan)
+    good = {"object_lock": {"mode": "COMPLIANCE", "retain_days": 372}}
+    load_plan(write_plan(tmp_path, plan_dict([age_key[1]], [source], stores=[store(**good)])))

@@ -127,7 +127,28 @@ class Plan(SettingsModel):
                     f"sources[{index}].store names unknown store {source.store!r} "
                     f"(expected one of: {', '.join(store_names)})"
                 )
+            if source.compliance_copy:
+                self._check_compliance_store(index, source)
         return self
+
+    def _check_compliance_store(self, index: int, source: SourceSettings) -> None:
+        """A compliance copy goes to a COMPLIANCE-locked store whose lock outlasts retention."""
+        store = self.store_for(source)
+        lock = getattr(store, "object_lock", None)
+        if lock is None or lock.mode != "COMPLIANCE":
+            raise ValueError(
+                f"sources[{index}] is a compliance_copy but its store {store.name!r} has no "
+                "object_lock in COMPLIANCE mode"
+            )
+        retention = self.retention_for(source)
+        # The longest a tier keeps a copy: its count of periods, a month counted as 31 days.
+        longest = max(retention.daily, retention.weekly * 7, retention.monthly * 31)
+        if lock.retain_days < longest:
+            raise ValueError(
+                f"sources[{index}] is a compliance_copy kept up to {longest} days by its "
+                f"retention, but store {store.name!r} locks copies for only "
+                f"{lock.retain_days} days (object_lock.retain_days)"
+            )
 
     # Resolved views: a source's effective settings after defaults.
 

@@ -65,6 +65,9 @@ class SourceSettings(SettingsModel):
     # Holds personal data: each month's copies get a data key of their own, which
     # ``spark-backup erase`` destroys to serve an erasure request (crypto-shredding).
     personal_data: bool = False
+    # A compliance copy: its store must be WORM (S3 Object Lock in COMPLIANCE mode) with locks
+    # at least as long as its retention keeps a copy.
+    compliance_copy: bool = False
 
     @field_validator("owner")
     @classmethod
