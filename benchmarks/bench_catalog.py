@@ -7,14 +7,17 @@ clone verifies and restores), and the source's index is written as a backup writ
 each in a fresh process as a user or a Dagster check run pays it:
 
 * ``list``: ``spark-backup list SOURCE``, output read through a pipe;
-* ``checks``: open the plan, run the freshness check and the checksum check of the newest
-  partition (list the copies, verify the partition's newest copy's stored bytes);
+* ``freshness_check`` and ``checksum_check``: open the plan and run what the check does (the
+  checksum check for the newest partition: list the copies, verify the partition's newest
+  copy's stored bytes), each in its own process as a run step of its own pays it;
+  ``both_checks`` runs the two in one process, one after the other;
 
 and, in-process, the listing call alone (``service.listing``) with the index and (for
 comparison) the first listing after the index was lost, which reads every manifest and writes
 the index again. Every figure is the best of ``--repeat`` runs. The ratio 5,000 / 10 is the
-target (at most 1.5 for ``list`` and the checks). The script reports, it does not judge:
-MISS lines say where a target was not met; it always exits 0.
+target (at most 1.5 for ``list`` and each check), judged on CPU time: on a loaded machine a
+process's wall time is mostly waiting for a CPU (both are printed). The script reports, it
+does not judge: MISS lines say where a target was not met; it always exits 0.
 
     .venv/bin/python benchmarks/bench_catalog.py
     .venv/bin/python benchmarks/bench_catalog.py --counts 10 5000 20000 --repeat 5
@@ -57,20 +60,30 @@ SOURCE = "bench_catalog"
 STEP = dt.timedelta(minutes=15)
 TARGET_RATIO = 1.5
 
-# What the freshness and checksum checks (defs/checks.py) do, in a fresh process.
-CHECKS = """
-import sys, time
-started = time.perf_counter()
+# What the freshness and the checksum check (defs/checks.py) do, each in a fresh process as a
+# run step of its own pays it; "both" runs them one after the other in one process (one run).
+CHECKS = {
+    "freshness": """
+fresh = service.freshness(source)
+assert fresh.newest is not None
+""",
+    "checksum": """
+refs = {ref.manifest.id: ref for ref in service.copies(source)}
+partition = max(r.manifest.partition for r in refs.values())
+newest = latest_per_part((r.manifest for r in refs.values()), partition)
+outcomes = [service.verify(refs[m.id]) for m in newest]
+assert outcomes and all(o.ok for o in outcomes), outcomes
+""",
+}
+CHECKS["both"] = CHECKS["freshness"] + CHECKS["checksum"]
+CHECK_OPENING = """
+import sys
 from spark_backup.engine.catalog import latest_per_part
 from spark_backup.service import BackupService
-service = BackupService.from_path(sys.argv[1])
-fresh = service.freshness(sys.argv[2])
-refs = service.copies(sys.argv[2])
-newest = latest_per_part((r.manifest for r in refs), refs[-1].manifest.partition)
-outcomes = [service.verify(r) for r in refs if r.manifest in newest]
-assert fresh.newest is not None and outcomes and all(o.ok for o in outcomes), outcomes
-print(time.perf_counter() - started)
+service, source = BackupService.from_path(sys.argv[1]), sys.argv[2]
 """
+# Held to the target: what a user and one check run pay.
+JUDGED = ("list_cli", "freshness_check", "checksum_check")
 
 
 def make_source(workdir: Path, count: int) -> Path:
@@ -123,8 +136,8 @@ def cli_list(plan: Path) -> Figure:
     )
 
 
-def checks(plan: Path) -> Figure:
-    return timed_process([sys.executable, "-c", CHECKS, str(plan), SOURCE])
+def check(plan: Path, name: str) -> Figure:
+    return timed_process([sys.executable, "-c", CHECK_OPENING + CHECKS[name], str(plan), SOURCE])
 
 
 def in_process_listing(plan: Path) -> Figure:
@@ -169,7 +182,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n{count:,} copies made in {time.perf_counter() - started:.1f}s", flush=True)
             figures = {
                 "list_cli": best(args.repeat, lambda plan=plan: cli_list(plan)),
-                "checks_process": best(args.repeat, lambda plan=plan: checks(plan)),
+                **{
+                    f"{name}_check{'s' if name == 'both' else ''}": best(
+                        args.repeat, lambda plan=plan, name=name: check(plan, name)
+                    )
+                    for name in CHECKS
+                },
                 "listing_in_process": best(args.repeat, lambda plan=plan: in_process_listing(plan)),
             }
             rebuild, read = listing_without_index(plan)
@@ -195,9 +213,9 @@ def main(argv: list[str] | None = None) -> int:
             ratios.append(b / a)
             print(f"  {name:<24} {measure:<4} {b / a:7.2f}x   {per_copy:7.1f} us per added copy")
         wall_ratio, cpu_ratio = ratios
-        if name in ("list_cli", "checks_process") and cpu_ratio > TARGET_RATIO:
+        if name in JUDGED and cpu_ratio > TARGET_RATIO:
             misses.append(f"MISS {name}: CPU {cpu_ratio:.2f}x > {TARGET_RATIO}x")
-        elif name in ("list_cli", "checks_process") and wall_ratio > TARGET_RATIO:
+        elif name in JUDGED and wall_ratio > TARGET_RATIO:
             misses.append(f"note {name}: wall {wall_ratio:.2f}x > {TARGET_RATIO}x (CPU within)")
     print(f"\nload average at the end: {load_average()} (at the start: {facts['load_average']})")
     print("\n".join(misses))

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
+from spark_backup.console import print_columns
 from spark_backup.engine.catalog import REWRITE_AFTER_READS, Catalog, index_prefix
 from spark_backup.engine.crypto import Recipients
 from spark_backup.engine.manifest import Manifest, manifest_key
@@ -347,7 +348,8 @@ def test_list_prints_plain_columns_with_control_characters_escaped(
     assert "\x1b" not in listed.stdout and "\t" not in listed.stdout
     assert "2026-W02\\x1b[2J\\x09x" in listed.stdout
     assert header.split() == [
-        "id", "source", "part", "partition", "finished", "size", "stored", "store"
+        "id", "source", "part", "partition", "finished", "size", "stored", "store", "signature",
+        "WORM",
     ]  # fmt: skip
     assert len(rows) == 2
     # Columns line up: the store column starts at the same place on every line.
@@ -390,3 +392,13 @@ def test_index_on_s3(seaweedfs, s3_bucket: str, age_key) -> None:
     assert len(listing.copies) == REWRITE_AFTER_READS + 5
     assert [info.key for info in store.list(index_prefix(SOURCE))] != [segment]
     assert Catalog(store).listing(SOURCE).manifests_read == 0
+
+
+def test_columns_align_by_terminal_width(capsys: pytest.CaptureFixture[str]) -> None:
+    print_columns(("name", "n"), [("日本", 1), ("ab\x1b[1m", 22), ("x\ty", 3)])
+    assert capsys.readouterr().out.splitlines() == [
+        "name       n",
+        "日本       1",  # two wide characters take four columns
+        "ab\\x1b[1m  22",
+        "x\\x09y     3",
+    ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 from contextlib import nullcontext
@@ -14,7 +15,13 @@ import click
 from spark_backup.cli.app import CliState, cli, pass_state, progress_bar
 from spark_backup.console import error_line, print_columns, printable, size, stderr, stdout
 from spark_backup.errors import IntegrityError, SignatureError, SparkBackupError
-from spark_backup.sources.base import CopyRef, RestoreTarget, RestoreTargets
+from spark_backup.sources.base import (
+    ContinuousLog,
+    CopyRef,
+    LogRange,
+    RestoreTarget,
+    RestoreTargets,
+)
 
 # The service and the engine load when a command runs, not when the command line starts.
 if TYPE_CHECKING:
@@ -97,15 +104,21 @@ def _warn(subject: str, message: str) -> None:
 def list_(state: CliState, source: str | None, as_json: bool) -> None:
     """List committed copies, oldest first. A manifest that cannot be read is listed as
     damaged (exit 3); every other copy is listed as usual."""
+    # The process ends with this command, and its thousands of objects per copy are freed by
+    # reference counting: cyclic collections would only walk them again (a fifth of the CPU
+    # of listing 5,000 copies).
+    gc.disable()
     service = state.service
     refs, damaged = service.listing(source) if source else service.all_listings()
     locks = {ref.manifest.id: service.lock_status(ref) for ref in refs}
+    ranges = _log_ranges(service, refs)
     if as_json:
-        rows = [_copy_row(r, locks[r.manifest.id]) for r in refs]
+        rows = [_copy_row(r, locks[r.manifest.id], ranges.get(r.manifest.id)) for r in refs]
         rows += [_damaged_row(d) for d in damaged]
         click.echo(json.dumps(rows, indent=2))
     else:
-        print_columns(LIST_COLUMNS, (_list_row(ref, locks[ref.manifest.id]) for ref in refs))
+        columns = LIST_COLUMNS + (("log needed",) if ranges else ())
+        print_columns(columns, (_list_row(ref, locks[ref.manifest.id], ranges) for ref in refs))
         for entry in damaged:
             error_line(f"damaged manifest: {entry.error}")
     if damaged:
@@ -126,9 +139,11 @@ LIST_COLUMNS = (
 )
 
 
-def _list_row(ref: CopyRef, lock: LockStatus | None) -> tuple[str, ...]:
+def _list_row(
+    ref: CopyRef, lock: LockStatus | None, ranges: dict[str, LogRange]
+) -> tuple[str, ...]:
     m = ref.manifest
-    return (
+    row = (
         m.id,
         m.source,
         m.part,
@@ -140,6 +155,16 @@ def _list_row(ref: CopyRef, lock: LockStatus | None) -> tuple[str, ...]:
         ref.signature,
         _worm_cell(lock),
     )
+    if not ranges:
+        return row
+    found = ranges.get(m.id)
+    needed = (
+        ""
+        if found is None
+        else f"{found.first}..{found.last} "
+        + ("archived" if found.complete else f"MISSING {found.missing}")
+    )
+    return (*row, needed)
 
 
 def _worm_cell(lock: LockStatus | None) -> str:
@@ -152,8 +177,26 @@ def _worm_cell(lock: LockStatus | None) -> str:
     return f"{lock.mode} {state} {(lock.retain_until or '')[:10]}"
 
 
-def _copy_row(ref: CopyRef, lock: LockStatus | None = None) -> dict[str, Any]:
+def _log_ranges(service: Any, refs: list[CopyRef]) -> dict[str, LogRange]:
+    """The log each base copy needs, from the kinds that archive one, for sources in the plan."""
+    ranges: dict[str, LogRange] = {}
+    in_plan = {source.name: source for source in service.plan.sources}
+    for name in dict.fromkeys(ref.manifest.source for ref in refs):
+        source = in_plan.get(name)
+        if source is None:
+            continue
+        kind = service.kind_of(source)
+        if isinstance(kind, ContinuousLog) and kind.log_enabled(source):
+            mine = [r.manifest for r in refs if r.manifest.source == name]
+            ranges.update(kind.log_ranges(service, source, mine))
+    return ranges
+
+
+def _copy_row(
+    ref: CopyRef, lock: LockStatus | None = None, log: LogRange | None = None
+) -> dict[str, Any]:
     m = ref.manifest
+    extra = {"log": {**asdict(log), "complete": log.complete}} if log else {}
     return {
         "id": m.id,
         "source": m.source,
@@ -172,6 +215,7 @@ def _copy_row(ref: CopyRef, lock: LockStatus | None = None) -> dict[str, Any]:
         "signature": ref.signature,
         # The lock as the store reports it now (the manifest's "lock" is what was asked for).
         "worm": lock.as_dict() if lock else None,
+        **extra,
     }
 
 

@@ -40,6 +40,7 @@ from spark_backup.engine.streams import (
     HashingWriter,
     ProgressCallback,
     Readable,
+    ReadAhead,
     Writable,
 )
 from spark_backup.errors import (
@@ -381,7 +382,7 @@ class Decrypted:
     """An object being decrypted: its plaintext stream, and once the block exits cleanly, the
     digest of the stored bytes that were read."""
 
-    plaintext: HashingReader
+    plaintext: ReadAhead
     stored: Digest | None = None
 
 
@@ -406,14 +407,16 @@ def open_encrypted(
             worker = stack.enter_context(AgeWorker(identities))
         raw = stack.enter_context(store.open_read(key))
         decryption = stack.enter_context(worker.decrypting(raw))
-        plain = HashingReader(
+        # Decompression and the plaintext hash run on a thread beside the consumer.
+        plain = ReadAhead(
             zstandard.ZstdDecompressor().stream_reader(decryption.plaintext, read_size=CHUNK_SIZE),
             progress,
         )
         opened = Decrypted(plain)
         try:
-            yield opened
-            plain.drain()
+            with plain:
+                yield opened
+                plain.drain()
         except BaseException as exc:
             status = decryption.finish()
             if not isinstance(exc, Exception):

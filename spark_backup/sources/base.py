@@ -294,6 +294,29 @@ class ContinuousLog(ABC):
     def owns_key(self, key: str) -> bool:
         """Whether ``key`` is one of the log's objects (prune cleans up their leftovers)."""
 
+    def log_ranges(
+        self, runtime: Runtime, source: Any, bases: Sequence[Manifest]
+    ) -> dict[str, LogRange]:
+        """Per base copy id (of ``bases``): the log it needs to become consistent, and whether
+        the archive holds all of it. None known by default."""
+        return {}
+
+
+@dataclass(frozen=True)
+class LogRange:
+    """The log a base copy needs: from position ``start`` (in file ``first``) to ``stop`` (in
+    file ``last``); ``missing``: the first of those files the archive lacks."""
+
+    start: str
+    stop: str
+    first: str
+    last: str
+    missing: str | None = None
+
+    @property
+    def complete(self) -> bool:
+        return self.missing is None
+
 
 @dataclass(frozen=True)
 class RecoveryTarget:

@@ -74,6 +74,17 @@ class ObjectStore(ABC):
     def check(self) -> None:
         """Raise ``StoreError`` with one line if the store cannot be reached or used."""
 
+    def give_to(self, prefix: str, os_user: str) -> list[str]:
+        """Make the folders down to ``prefix`` and give them to ``os_user``, who must write
+        below it (a server's archive_command); return what changed. Object storage has no
+        owners: nothing to do by default."""
+        return []
+
+    def check_writable(self, prefix: str) -> None:
+        """Raise ``StoreError`` with one line if this process could not write below ``prefix``;
+        creates nothing. By default, what ``check`` finds."""
+        self.check()
+
     @abstractmethod
     def open_write(
         self, key: str, *, lock: ObjectLock | None = None

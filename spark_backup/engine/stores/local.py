@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import errno
 import os
+import pwd
 import re
 import secrets
 from collections.abc import Callable, Iterator
@@ -53,6 +54,42 @@ class LocalStore(ObjectStore):
             ) from None
         if not os.access(self.root, os.W_OK | os.X_OK):
             raise StoreError(f"store {self.name!r}: {self.root} is not writable")
+
+    def give_to(self, prefix: str, os_user: str) -> list[str]:
+        try:
+            entry = pwd.getpwnam(os_user)
+        except KeyError:
+            raise StoreError(f"store {self.name!r}: OS user {os_user!r} does not exist") from None
+        folders = [self.root]
+        for part in [p for p in prefix.strip("/").split("/") if p]:
+            folders.append(folders[-1] / part)
+        changed = []
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for folder in folders:
+                folder.mkdir(exist_ok=True)
+                status = folder.stat()
+                if (status.st_uid, status.st_gid) != (entry.pw_uid, entry.pw_gid):
+                    os.chown(folder, entry.pw_uid, entry.pw_gid)
+                    changed.append(str(folder))
+        except OSError as exc:
+            raise StoreError(
+                f"store {self.name!r}: cannot give {exc.filename} to {os_user}: {exc.strerror}"
+            ) from None
+        return changed
+
+    def check_writable(self, prefix: str) -> None:
+        """The folder below which ``prefix`` lives, or the nearest one that exists, must be
+        writable by this process (the store's root is never created here)."""
+        if not self.root.is_dir():
+            raise StoreError(f"store {self.name!r}: {self.root} does not exist (not mounted?)")
+        folder = self.root / prefix.strip("/") if prefix.strip("/") else self.root
+        while not folder.is_dir():
+            folder = folder.parent
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise StoreError(
+                f"store {self.name!r}: {folder} is not writable by user {_user_name()}"
+            )
 
     def _path(self, key: str) -> Path:
         return self.root / check_key(key)
@@ -136,18 +173,19 @@ class LocalStore(ObjectStore):
     def list_folders(self, prefix: str = "") -> list[str]:
         parent = self.root / check_folder(prefix)
         try:
-            entries = list(os.scandir(parent))
+            with os.scandir(parent) as entries:
+                folders = [e for e in entries if e.is_dir(follow_symlinks=False)]
+            return sorted(
+                folder.name
+                for folder in folders
+                if _KEY_PART_RE.match(folder.name) and _holds_object(folder.path)
+            )
         except FileNotFoundError:
-            return []
+            return []  # a folder nobody wrote yet is just empty
         except OSError as exc:
-            raise StoreError(f"store {self.name!r}: cannot list {parent}: {exc.strerror}") from None
-        return sorted(
-            entry.name
-            for entry in entries
-            if entry.is_dir(follow_symlinks=False)
-            and _KEY_PART_RE.match(entry.name)
-            and _holds_object(Path(entry.path))
-        )
+            raise StoreError(
+                f"store {self.name!r}: cannot list {exc.filename or parent}: {exc.strerror}"
+            ) from None
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
@@ -214,13 +252,29 @@ class _StoreFileWriter:
         self._handle.flush()
 
 
-def _holds_object(directory: Path) -> bool:
+def _holds_object(directory: str) -> bool:
     """Whether a published object lies anywhere below ``directory`` (a folder holding only a
-    write in progress is no folder yet, as on S3); stops at the first one."""
-    for _directory, _dirs, files in os.walk(directory):
-        if any(PARTIAL_MARKER not in name for name in files):
-            return True
-    return False
+    write in progress is no folder yet, as on S3); stops at the first one, so a source folder
+    of thousands of copies costs a few entries."""
+    folders = []
+    try:
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                if not entry.is_dir():
+                    if PARTIAL_MARKER not in entry.name:
+                        return True
+                elif not entry.is_symlink():  # as list(), which does not follow them
+                    folders.append(entry.path)
+    except FileNotFoundError:
+        return False  # deleted meanwhile
+    return any(_holds_object(folder) for folder in folders)
+
+
+def _user_name() -> str:
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return str(os.geteuid())
 
 
 def _make_folders(folder: Path) -> None:

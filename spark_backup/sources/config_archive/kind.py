@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
-import tarfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from spark_backup.engine.pipeline import open_copy
 from spark_backup.engine.safe_tar import count_members, extract_tar
 from spark_backup.engine.staging import remove_tree, staged_restore
 from spark_backup.engine.streams import Readable, drain
+from spark_backup.engine.tar_stream import TarFormatError
 from spark_backup.errors import IntegrityError, UsageError
 from spark_backup.sources.base import (
     Artifact,
@@ -109,7 +109,7 @@ class ConfigArchiveKind(SourceKind[ConfigArchiveSource], Observable, SemanticChe
         plaintext sha256 covers the content.)"""
         try:
             counts = asdict(count_members(plain))
-        except tarfile.TarError as exc:
+        except TarFormatError as exc:
             raise IntegrityError(f"copy {manifest.id}: not a readable tar archive: {exc}") from None
         recorded = manifest.source_metadata
         for name in ("files", "symlinks"):

@@ -17,7 +17,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -277,6 +277,65 @@ def server_archive_state(server: PostgresServer) -> ServerArchiveState:
     return ServerArchiveState(
         name, row[0], row[1], row[2], int(row[3]), int(segment_size), int(archive_timeout)
     )
+
+
+def server_settings(server: PostgresServer, names: Sequence[str]) -> dict[str, str]:
+    """The current values of ``names`` the plan's user may read (superuser-only ones are
+    missing for others)."""
+    conn = server.connect()
+    try:
+        with conn.cursor() as cursor:
+            cursor.execute(
+                "SELECT name, setting FROM pg_settings WHERE name = ANY(%s)", (list(names),)
+            )
+            return dict(cursor.fetchall())
+    except psycopg.Error as exc:
+        raise SourceError(
+            f"source {server.source_name!r}: cannot read server settings: {first_line(str(exc))}"
+        ) from None
+    finally:
+        conn.close()
+
+
+@dataclass(frozen=True)
+class SwitchedSegment:
+    """What ``switch_wal`` made the server archive, and who the server is."""
+
+    segment: str
+    system_identifier: str
+    server_version: str
+    archive_mode: str
+
+
+def switch_wal(server: PostgresServer) -> SwitchedSegment:
+    """Close the current WAL segment so the archiver must archive it. A restore point first
+    guarantees the segment holds a record, so that the switch is never a no-op (pgBackRest's
+    check does the same). Needs a superuser, or EXECUTE on both functions."""
+    conn = server.connect()
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cursor:
+            cursor.execute(
+                "SELECT system_identifier::text, current_setting('server_version'), "
+                "current_setting('archive_mode') FROM pg_control_system()"
+            )
+            system_identifier, version, archive_mode = cursor.fetchone()
+            if archive_mode == "off":
+                raise SourceError(
+                    f"source {server.source_name!r}: archive_mode is off on {server.where}; "
+                    "see pg-setup-archiving"
+                )
+            cursor.execute("SELECT pg_create_restore_point(%s)", (f"{APPLICATION_NAME} check",))
+            cursor.execute("SELECT pg_walfile_name(pg_switch_wal())")
+            (segment,) = cursor.fetchone()
+    except psycopg.Error as exc:
+        raise SourceError(
+            f"source {server.source_name!r}: cannot switch the WAL on {server.where}: "
+            f"{first_line(str(exc))}"
+        ) from None
+    finally:
+        conn.close()
+    return SwitchedSegment(segment, system_identifier, version, archive_mode)
 
 
 # Settings where a server may already have more than archiving needs: levels in order, and
