@@ -13,10 +13,20 @@ from pathlib import Path
 
 import pytest
 
+from spark_backup.engine.secrets.redact import REDACTOR
 from spark_backup.service import BackupService
 from spark_backup_tests.helpers import config_source, make_estate, make_key, plan_dict, write_plan
 from spark_backup_tests.openbao import OpenBao, openbao_server
 from spark_backup_tests.seaweedfs import SeaweedFS, seaweedfs_server
+
+
+@pytest.fixture(autouse=True)
+def _forget_resolved_secrets() -> Iterator[None]:
+    """Each test starts with no secret registered for redaction: a value one test resolved
+    (say ``secret``) must not mask another test's messages."""
+    yield
+    REDACTOR.clear()
+
 
 # Restores record their staging folders for prune under $XDG_STATE_HOME: tests keep theirs
 # out of the home folder of whoever runs them.

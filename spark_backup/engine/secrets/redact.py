@@ -34,6 +34,12 @@ class Redactor:
                 if len(part) >= MIN_REDACTED_LENGTH:
                     self._values.add(part)
 
+    def clear(self) -> None:
+        """Forget every value: for a process that starts over with other secrets (a test
+        session runs many plans in one process)."""
+        with self._lock:
+            self._values.clear()
+
     def redact(self, text: str) -> str:
         # Longest first: a value that contains another is masked whole.
         for value in sorted(self._values, key=len, reverse=True):
