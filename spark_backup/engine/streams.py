@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 CHUNK_SIZE = 1 << 20
@@ -93,3 +93,28 @@ def drain(source: Readable) -> int:
     while chunk := source.read(CHUNK_SIZE):
         total += len(chunk)
     return total
+
+
+class ChunkReader:
+    """A readable stream over an iterator of byte chunks, pulled as the reader asks: whatever
+    the iterator raises reaches the reader, so a producer's failure aborts the copy."""
+
+    def __init__(self, chunks: Iterator[bytes]):
+        self._chunks = chunks
+        self._pending = b""
+        self._done = False
+
+    def read(self, size: int = -1) -> bytes:
+        while not self._done and (size < 0 or len(self._pending) < size):
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                self._done = True
+            else:
+                self._pending += chunk
+        if size < 0:
+            size = len(self._pending)
+        data, self._pending = self._pending[:size], self._pending[size:]
+        return data
+
+    def readable(self) -> bool:
+        return True

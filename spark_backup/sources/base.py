@@ -48,6 +48,7 @@ from spark_backup.engine.manifest import Manifest
 from spark_backup.engine.pipeline import CompressionSettings, PlaintextSource
 from spark_backup.engine.stores.base import ObjectStore
 from spark_backup.engine.streams import ProgressCallback, Readable
+from spark_backup.errors import UsageError
 from spark_backup.plan.load import resolve_relative
 from spark_backup.plan.source import SourceSettings
 
@@ -363,6 +364,21 @@ class SemanticCheck(ABC):
 
 
 # --- the command line ---------------------------------------------------------------------------
+
+
+def source_of_kind(runtime: Runtime, kind: SourceKind, name: str | None = None) -> SourceSettings:
+    """The named source, which must be of ``kind``; or the plan's only source of ``kind`` when
+    no name is given (a kind's commands take the source as an optional argument)."""
+    if name is not None:
+        source = runtime.source(name)
+        if source.kind != kind.name:
+            raise UsageError(f"source {name!r} is a {source.kind} source, not {kind.name}")
+        return source
+    found = runtime.sources_of(kind)
+    if len(found) != 1:
+        names = ", ".join(s.name for s in found) or "none"
+        raise UsageError(f"name the {kind.name} source (the plan has: {names})")
+    return found[0]
 
 
 class RuntimeHolder(ABC):

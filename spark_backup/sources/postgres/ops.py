@@ -21,7 +21,7 @@ from spark_backup.engine.pipeline import open_copy, utcnow
 from spark_backup.engine.stores.base import ObjectStore
 from spark_backup.engine.streams import ProgressCallback
 from spark_backup.errors import IntegrityError, SparkBackupError, UsageError
-from spark_backup.sources.base import CopyRef, FolderRestore, Runtime, SourceKind
+from spark_backup.sources.base import CopyRef, FolderRestore, Runtime, SourceKind, source_of_kind
 from spark_backup.sources.postgres import dump as pg_dump_restore
 from spark_backup.sources.postgres import pitr as recovery
 from spark_backup.sources.postgres.basebackup import BASE_PART
@@ -48,16 +48,7 @@ BASE = "base"
 
 def postgres_source(runtime: Runtime, kind: SourceKind, name: str | None = None) -> PostgresSource:
     """The named PostgreSQL source, or the plan's only one when no name is given."""
-    if name is not None:
-        source = runtime.source(name)
-        if not isinstance(source, PostgresSource):
-            raise UsageError(f"source {name!r} is a {source.kind} source, not {kind.name}")
-        return source
-    found = runtime.sources_of(kind)
-    if len(found) != 1:
-        names = ", ".join(s.name for s in found) or "none"
-        raise UsageError(f"name the PostgreSQL source (the plan has: {names})")
-    source = found[0]
+    source = source_of_kind(runtime, kind, name)
     assert isinstance(source, PostgresSource)
     return source
 
