@@ -51,10 +51,14 @@ class RetentionOperations(PlanRuntime):
             rule = self.retention(source)
             refs, damaged = self.listing(source.name)
             report.damaged += [f"{d.uri}: {d.error}" for d in damaged]
-            # Each part (one database's dumps, the base backups, ...) is its own series.
+            # Each part (one database's dumps, the base backups, ...) is its own series. A
+            # log's slices are no series: they go with the base copies (the log's expire).
+            kind = self.kind_of(source)
+            with_base = {a.name for a in self.artifacts(source) if a.expires_with_base}
             series: dict[str, list[Manifest]] = defaultdict(list)
             for ref in refs:
-                series[ref.manifest.part].append(ref.manifest)
+                if kind.artifact_of(ref.manifest) not in with_base:
+                    series[ref.manifest.part].append(ref.manifest)
             expired: list[Manifest] = []
             for copies in series.values():
                 decision = apply_retention(copies, rule)
@@ -69,7 +73,6 @@ class RetentionOperations(PlanRuntime):
                 if not dry_run:
                     store.delete(key)
                     store.delete(manifest.data_key)
-            kind = self.kind_of(source)
             if isinstance(kind, ContinuousLog) and kind.log_enabled(source):
                 gone = set(report.expired)
                 kept_bases = [

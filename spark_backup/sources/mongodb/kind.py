@@ -1,8 +1,10 @@
 """The ``mongodb`` kind: what the contract asks of a kind, and the capabilities MongoDB has
-(restore into databases, per-collection count and digest checks)."""
+(oplog slices as a continuous log, restore into databases, per-collection count and digest
+checks)."""
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -10,16 +12,19 @@ from typing import Any
 
 from pyrage import x25519
 
-from spark_backup.engine.manifest import Manifest
+from spark_backup.engine.cadence import cadence
+from spark_backup.engine.manifest import Manifest, manifest_key
 from spark_backup.engine.pipeline import PlaintextSource, open_copy
 from spark_backup.engine.safe_tar import extract_tar
 from spark_backup.engine.staging import staged_restore
-from spark_backup.engine.streams import ProgressCallback, Readable
-from spark_backup.errors import IntegrityError, UsageError
+from spark_backup.engine.streams import ProgressCallback, Readable, copy_stream
+from spark_backup.errors import IntegrityError, SparkBackupError, UsageError
 from spark_backup.sources.base import (
     Artifact,
+    ContinuousLog,
     CopyRef,
     FolderRestore,
+    LogStatus,
     RestoreTarget,
     RestoreTargets,
     Runtime,
@@ -28,26 +33,33 @@ from spark_backup.sources.base import (
     SourceContext,
     SourceKind,
 )
-from spark_backup.sources.mongodb import ops
-from spark_backup.sources.mongodb.dump import MongoDumpReader
+from spark_backup.sources.mongodb import oplog, ops, slices
+from spark_backup.sources.mongodb.bsonfile import CollectionDigest, iter_documents
+from spark_backup.sources.mongodb.dump import OPLOG_FILE, MongoDumpReader
 from spark_backup.sources.mongodb.restore import check_dump_plaintext
 from spark_backup.sources.mongodb.server import KIND_NAME, connected, list_namespaces
 from spark_backup.sources.mongodb.settings import MongoSource
 
 DUMP = "dump"
+OPLOG = "oplog"
 DATABASE_TARGET = "database"
 
 
-class MongoKind(SourceKind[MongoSource], RestoreTargets, SemanticCheck):
+class MongoKind(SourceKind[MongoSource], ContinuousLog, RestoreTargets, SemanticCheck):
     name = KIND_NAME
     settings = MongoSource
     labels = frozenset({"mongodb"})
+    log_name = "oplog"
+    log_asset_suffix = OPLOG
+    lag_check_name = "oplog_lag"
+    base_artifact = DUMP
+    log_artifact = OPLOG
     semantic_check_name = "collection_digests"
 
     # --- the contract ---------------------------------------------------------------------------
 
     def artifacts(self, source: MongoSource, context: SourceContext) -> list[Artifact]:
-        return [
+        found = [
             Artifact(
                 DUMP,
                 source.cadence,
@@ -56,16 +68,35 @@ class MongoKind(SourceKind[MongoSource], RestoreTargets, SemanticCheck):
                 description=f"{source.cadence} dumps in mongodump's layout",
             )
         ]
+        if source.oplog.enabled:
+            interval = cadence(source.slice_cadence).length
+            found.append(
+                Artifact(
+                    OPLOG,
+                    source.slice_cadence,
+                    source.oplog.max_age or 2 * interval,
+                    primary=False,
+                    description=f"oplog slices every {source.slice_cadence} (RPO)",
+                    expires_with_base=True,
+                )
+            )
+        return found
 
     def artifact_of(self, manifest: Manifest) -> str:
-        return DUMP
+        return OPLOG if slices.is_slice(manifest) else DUMP
+
+    def expected_parts(self, artifact: str, copies: Sequence[Manifest]) -> set[str]:
+        return {slices.OPLOG_PART} if artifact == OPLOG else {""}
 
     def readers(
         self, source: MongoSource, context: SourceContext, artifact: str
     ) -> list[PlaintextSource]:
-        if artifact != DUMP:
-            raise UsageError(f"source {source.name!r} has no artifact {artifact!r} ({DUMP})")
-        return [MongoDumpReader(source)]
+        if artifact == DUMP:
+            return [MongoDumpReader(source)]
+        if artifact == OPLOG and source.oplog.enabled:
+            assert context.copies is not None, "a slice resumes from the copies in the store"
+            return [slices.OplogSliceReader(source, context.copies(OPLOG), context.copies(DUMP))]
+        raise UsageError(f"source {source.name!r} has no artifact {artifact!r}")
 
     def probe(self, source: MongoSource, context: SourceContext) -> None:
         """Connect, authenticate and list what a dump would read."""
@@ -79,16 +110,102 @@ class MongoKind(SourceKind[MongoSource], RestoreTargets, SemanticCheck):
         target: Path,
         options: FolderRestore,
     ) -> dict[str, Any]:
-        """mongodump's directory layout, for ``mongorestore --dir``."""
+        """A dump: mongodump's directory layout, for ``mongorestore --dir``. A slice: its
+        entries as ``oplog.bson``, for ``mongorestore --oplogReplay``."""
         with (
             staged_restore(target, options.overwrite) as staging,
             open_copy(copy.store, copy.manifest, identities, options.progress) as plain,
         ):
-            summary = extract_tar(plain, staging, options.skip_unsafe)
-        return {"target": str(Path(os.path.abspath(target))), **vars(summary)}
+            if slices.is_slice(copy.manifest):
+                with open(staging / OPLOG_FILE, "wb") as out:
+                    written = copy_stream(plain, out)
+                summary = {"files": 1, "directories": 0, "symlinks": 0, "bytes": written}
+            else:
+                summary = vars(extract_tar(plain, staging, options.skip_unsafe))
+        return {"target": str(Path(os.path.abspath(target))), **summary}
 
     def check_plaintext(self, plain: Readable, manifest: Manifest) -> None:
-        check_dump_plaintext(plain, manifest)
+        if not slices.is_slice(manifest):
+            check_dump_plaintext(plain, manifest)
+            return
+        digest = CollectionDigest()
+        for raw in iter_documents(plain, f"copy {manifest.id}"):
+            digest.add(raw)
+        recorded = manifest.source_metadata
+        if (digest.documents, digest.digest) != (recorded["entries"], recorded["digest"]):
+            raise IntegrityError(
+                f"copy {manifest.id}: {digest.documents} oplog entries, the slice recorded "
+                f"{recorded['entries']} (or their digest differs)"
+            )
+
+    def asset_suffixes(self, source: MongoSource) -> tuple[str, ...]:
+        return (OPLOG,)
+
+    # --- ContinuousLog --------------------------------------------------------------------------
+
+    def log_enabled(self, source: MongoSource) -> bool:
+        return source.oplog.enabled
+
+    def lag(self, runtime: Runtime, source: MongoSource, now: dt.datetime) -> LogStatus:
+        """From the newest slice's read time; zero when the server has written nothing since
+        (an idle replica set must not look behind). A gap between slices, or an oplog that
+        rolled over past the newest slice, fails the check whatever the lag."""
+        saved = [ref.manifest for ref in runtime.copies(source.name, OPLOG)]
+        newest = max(saved, key=slices.slice_order, default=None)
+        through = slices.saved_through(saved)
+        status = LogStatus(
+            source=source.name,
+            rpo=source.rpo,
+            now=now,
+            lag=max(now - through, dt.timedelta(0)) if through else None,
+            newest=newest.id if newest else None,
+            problems=[gap.describe() for gap in slices.chain_gaps(saved)],
+        )
+        if newest is None:
+            return status
+        last = newest.source_metadata["last_ts"]
+        status.details["last_saved_ts"] = f"{last['t']}:{last['i']}"
+        try:
+            with connected(source) as client:
+                server_newest = oplog.newest_ts(client)
+                server_oldest = oplog.oldest_ts(client)
+        except SparkBackupError as exc:
+            status.source_error = str(exc)
+            return status
+        if server_oldest and oplog.ts_key(server_oldest) > oplog.ts_key(last):
+            status.problems.append(
+                f"the oplog rolled over past the newest slice's end {last} (oldest entry now "
+                f"{server_oldest}): writes since are lost to point-in-time restore until the "
+                "next dump"
+            )
+        elif server_newest and oplog.ts_key(server_newest) <= oplog.ts_key(last):
+            status.lag = dt.timedelta(0)  # nothing written since the newest slice
+        return status
+
+    def expire(
+        self,
+        runtime: Runtime,
+        source: MongoSource,
+        kept_bases: Sequence[Manifest],
+        now: dt.datetime,
+        dry_run: bool,
+    ) -> list[str]:
+        """Slices no kept dump replays them onto: manifest first, then data; none under a lock."""
+        store = runtime.store_for(source)
+        saved = [ref.manifest for ref in runtime.copies(source.name, OPLOG)]
+        expired = []
+        for manifest in slices.expendable_slices(saved, kept_bases):
+            key = manifest_key(manifest.source, manifest.id)
+            if store.locked(key, now) or store.locked(manifest.data_key, now):
+                continue
+            expired.append(key)
+            if not dry_run:
+                store.delete(key)
+                store.delete(manifest.data_key)
+        return expired
+
+    def owns_key(self, key: str) -> bool:
+        return False  # slices are copies: data and manifest keys like every copy's
 
     # --- RestoreTargets -------------------------------------------------------------------------
 
