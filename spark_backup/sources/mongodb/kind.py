@@ -5,8 +5,10 @@ checks)."""
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,9 @@ from spark_backup.sources.base import (
     CopyRef,
     FolderRestore,
     LogStatus,
+    PointInTimeRecovery,
+    RecoveryTarget,
+    RecoveryWindow,
     RestoreTarget,
     RestoreTargets,
     Runtime,
@@ -45,7 +50,9 @@ OPLOG = "oplog"
 DATABASE_TARGET = "database"
 
 
-class MongoKind(SourceKind[MongoSource], ContinuousLog, RestoreTargets, SemanticCheck):
+class MongoKind(
+    SourceKind[MongoSource], ContinuousLog, PointInTimeRecovery, RestoreTargets, SemanticCheck
+):
     name = KIND_NAME
     settings = MongoSource
     labels = frozenset({"mongodb"})
@@ -141,6 +148,11 @@ class MongoKind(SourceKind[MongoSource], ContinuousLog, RestoreTargets, Semantic
     def asset_suffixes(self, source: MongoSource) -> tuple[str, ...]:
         return (OPLOG,)
 
+    def cli_commands(self) -> Sequence[Any]:
+        from spark_backup.sources.mongodb.cli import COMMANDS
+
+        return COMMANDS
+
     # --- ContinuousLog --------------------------------------------------------------------------
 
     def log_enabled(self, source: MongoSource) -> bool:
@@ -206,6 +218,59 @@ class MongoKind(SourceKind[MongoSource], ContinuousLog, RestoreTargets, Semantic
 
     def owns_key(self, key: str) -> bool:
         return False  # slices are copies: data and manifest keys like every copy's
+
+    # --- PointInTimeRecovery --------------------------------------------------------------------
+
+    def recover(
+        self,
+        runtime: Runtime,
+        source: MongoSource,
+        target: RecoveryTarget,
+        target_dir: Path,
+        *,
+        identity_file: str | Path | None = None,
+        stop_after: bool = False,
+        progress: ProgressCallback | None = None,
+    ) -> Any:
+        """Into new databases (``target.into``: NAME or SRC=DST,...) on the source's server;
+        the report is also written to ``target_dir/mongo-pitr.json``."""
+        if not target.into:
+            raise UsageError("a MongoDB point-in-time restore needs target databases (--to-db)")
+        report = ops.point_in_time_restore(
+            runtime,
+            source,
+            target.time,
+            target.into,
+            identities=runtime.identities(identity_file),
+            progress=progress,
+        )
+        target_dir.mkdir(parents=True, exist_ok=True)
+        (target_dir / "mongo-pitr.json").write_text(json.dumps(asdict(report), indent=2) + "\n")
+        return report
+
+    def recovery_window(self, runtime: Runtime, source: MongoSource) -> RecoveryWindow:
+        """From the oldest dump with an oplog position to the end of the unbroken chain of
+        slices after the newest one."""
+        refs = runtime.copies(source.name)
+        dumps = [r.manifest for r in refs if not slices.is_slice(r.manifest)]
+        saved = [r.manifest for r in refs if slices.is_slice(r.manifest)]
+        positioned = [m for m in dumps if m.source_metadata.get("consistent_at")]
+        if not positioned:
+            return RecoveryWindow(None, None, {"dumps": len(dumps), "positioned_dumps": 0})
+        consistent = [oplog.ts_time(m.source_metadata["consistent_at"]) for m in positioned]
+        newest = max(positioned, key=lambda m: oplog.ts_key(m.source_metadata["consistent_at"]))
+        latest = oplog.ts_time(newest.source_metadata["consistent_at"])
+        covered = oplog.ts_key(newest.source_metadata["consistent_at"])
+        details: dict[str, Any] = {"dumps": len(positioned), "slices": len(saved)}
+        for manifest in sorted(saved, key=slices.slice_order):
+            if slices.slice_order(manifest) <= covered:
+                continue
+            if oplog.ts_key(manifest.source_metadata["after_ts"]) > covered:
+                details["gap_before"] = manifest.id
+                break
+            covered = slices.slice_order(manifest)
+            latest = dt.datetime.fromisoformat(manifest.source_metadata["read_at"])
+        return RecoveryWindow(min(consistent), latest, details)
 
     # --- RestoreTargets -------------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ unless forced, and never into an existing database unless forced.
 from __future__ import annotations
 
 import tarfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -166,12 +166,18 @@ class DatabaseRestore:
                     f"(copy database {src!r})"
                 )
 
-    def restore(self, plain: Readable) -> None:
+    def restore(
+        self, plain: Readable, replay_oplog: Callable[[Readable], None] | None = None
+    ) -> None:
+        """The dump's collections; its ``oplog.bson`` goes to ``replay_oplog`` (a point-in-time
+        restore replays it), else is left out, as ``mongorestore`` without ``--oplogReplay``."""
         existing = set(self.client.list_database_names())
         pending_indexes: dict[str, list[dict[str, Any]]] = {}
         for member in dump_members(plain, self.label):
             if not member.collection:
-                continue  # oplog.bson: the point-in-time restore replays it
+                if replay_oplog is not None:
+                    replay_oplog(member.stream)
+                continue
             if member.database not in self.mapping:
                 continue
             target = self.mapping[member.database]
