@@ -31,7 +31,7 @@ from spark_backup.sources.mongodb.bsonfile import CollectionDigest, iter_documen
 from spark_backup.sources.mongodb.restore import check_dump_plaintext
 from spark_backup.sources.mongodb.settings import MongoSource
 from spark_backup_tests.contract.cases import fill_mongo_database
-from spark_backup_tests.helpers import plan_dict, run_cli, write_plan
+from spark_backup_tests.helpers import mongodb_source, plan_dict, run_cli, write_plan
 from spark_backup_tests.mongo_server import mongo_server
 
 SECRET = "pa55-w0rd-never-shown"
@@ -49,16 +49,7 @@ def database() -> Iterator[str]:
 
 
 def _source(database: str, **extra) -> dict:
-    return {
-        "name": "docs",
-        "kind": "mongodb",
-        "cadence": "daily",
-        "owner": "team:dba",
-        "uri": mongo_server().uri,
-        "databases": [database],
-        "oplog": {"enabled": False},
-        **extra,
-    }
+    return {**mongodb_source(mongo_server().uri, [database]), **extra}
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from spark_backup.errors import SourceError, UsageError
 from spark_backup.service import BackupService
 from spark_backup.sources import registry
 from spark_backup.sources.mongodb.slices import OPLOG_PART, chain_gaps
-from spark_backup_tests.helpers import BytesSource, plan_dict, write_plan
+from spark_backup_tests.helpers import BytesSource, mongodb_source, plan_dict, write_plan
 
 HELLO = {
     "ismaster": True,
@@ -117,15 +117,8 @@ def recorded() -> Iterator[tuple[mockupdb.MockupDB, RecordedOplog]]:
 @pytest.fixture
 def service(tmp_path: Path, age_key, recorded) -> BackupService:
     server, _oplog = recorded
-    source = {
-        "name": "docs",
-        "kind": "mongodb",
-        "cadence": "daily",
-        "owner": "team:dba",
-        "uri": f"{server.uri}/?directConnection=true",
-        "databases": ["shop"],
-        "connect_timeout": "3s",
-    }
+    uri = f"{server.uri}/?directConnection=true"
+    source = mongodb_source(uri, ["shop"], oplog={"enabled": True}, connect_timeout="3s")
     return BackupService.from_path(write_plan(tmp_path, plan_dict([age_key[1]], [source])))
 
 

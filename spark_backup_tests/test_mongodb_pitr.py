@@ -25,7 +25,7 @@ from spark_backup.sources.mongodb import dump as mongo_dump
 from spark_backup.sources.mongodb import oplog as mongo_oplog
 from spark_backup.sources.mongodb.apply import OplogApplier, apply_diff
 from spark_backup.sources.mongodb.slices import OPLOG_PART
-from spark_backup_tests.helpers import BytesSource, plan_dict, run_cli, write_plan
+from spark_backup_tests.helpers import BytesSource, mongodb_source, plan_dict, run_cli, write_plan
 from spark_backup_tests.mongo_server import mongo_server
 
 T0 = int(dt.datetime.now(dt.UTC).timestamp()) - 3600  # the dump's consistent point
@@ -146,14 +146,7 @@ def test_replay_is_in_order_idempotent_and_renamed(databases: str) -> None:
 def service(tmp_path: Path, age_key, databases: str, monkeypatch) -> BackupService:
     """A dump of the database, taken as on a replica set whose oplog moved from T0-60 to T0
     while it ran, and slices after it."""
-    source = {
-        "name": "docs",
-        "kind": "mongodb",
-        "cadence": "daily",
-        "owner": "team:dba",
-        "uri": mongo_server().uri,
-        "databases": [databases],
-    }
+    source = mongodb_source(mongo_server().uri, [databases], oplog={"enabled": True})
     service = BackupService.from_path(write_plan(tmp_path, plan_dict([age_key[1]], [source])))
     ends = iter([{"t": T0 - 60, "i": 1}, {"t": T0, "i": 1}])
     monkeypatch.setattr(mongo_dump, "is_replica_set", lambda client: True)

@@ -16,7 +16,7 @@ import pytest
 from spark_backup.service import BackupService
 from spark_backup.sources.mongodb.bsonfile import CollectionDigest, iter_documents
 from spark_backup_tests.contract.cases import fill_mongo_database
-from spark_backup_tests.helpers import plan_dict, write_plan
+from spark_backup_tests.helpers import mongodb_source, plan_dict, write_plan
 from spark_backup_tests.mongo_server import mongo_server
 from spark_backup_tests.test_runbooks import DOCS, fenced_blocks
 
@@ -43,15 +43,7 @@ def dumped(tmp_path: Path, age_key) -> Iterator[tuple[BackupService, str, dict[s
     database = f"sbrunbook_{uuid.uuid4().hex[:8]}"
     with mongo_server().client() as client:
         fill_mongo_database(client, database)
-        source = {
-            "name": "docs",
-            "kind": "mongodb",
-            "cadence": "daily",
-            "owner": "team:dba",
-            "uri": mongo_server().uri,
-            "databases": [database],
-            "oplog": {"enabled": False},
-        }
+        source = mongodb_source(mongo_server().uri, [database])
         service = BackupService.from_path(write_plan(tmp_path, plan_dict([age_key[1]], [source])))
         service.backup("docs")
         env = {

@@ -13,7 +13,13 @@ from typing import Any
 
 import psycopg2
 
-from spark_backup_tests.helpers import config_source, make_estate, plan_dict, write_plan
+from spark_backup_tests.helpers import (
+    config_source,
+    make_estate,
+    mongodb_source,
+    plan_dict,
+    write_plan,
+)
 
 PG = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
 
@@ -98,15 +104,7 @@ def mongodb_case(tmp_path: Path, public_key: str) -> Iterator[KindCase]:
     with server.client() as client:
         fill_mongo_database(client, database)
         try:
-            source = {
-                "name": "docs",
-                "kind": "mongodb",
-                "cadence": "daily",
-                "owner": "team:dba",
-                "uri": server.uri,
-                "databases": [database],
-                "oplog": {"enabled": False},
-            }
+            source = mongodb_source(server.uri, [database])
             yield KindCase(_plan(tmp_path, public_key, source), "docs")
         finally:
             for name in client.list_database_names():
