@@ -274,3 +274,31 @@ def test_latest_on_the_command_line_and_what_is_refused(service, databases, age_
         )
     with mongo_server().client() as client:
         assert f"{databases}_gap" not in client.list_database_names()
+
+
+def test_point_in_time_by_hand_builds_the_oplog_mongorestore_replays(
+    service, databases, age_key, tmp_path
+) -> None:
+    """The runbook's by-hand block: the dump's oplog.bson, then every slice after the dump's
+    consistent point in order, each checked; a slice that breaks the chain stops it."""
+    from spark_backup_tests.test_runbook_mongodb import _block, _run
+
+    env = {
+        "STORE": str(service.store("local").root),
+        "SOURCE": "docs",
+        "KEY": str(age_key[0]),
+        "DUMP": str(tmp_path / "dump"),
+    }
+    # One shell, as an operator pastes steps 1 to 3 and then the slices block.
+    by_hand = _block("# What to restore") + _block("# Point in time by hand")
+    result = _run(by_hand, env)
+    assert result.returncode == 0, result.stderr
+    assert f"oplog saved through {T0 + 950}:1" in result.stdout
+    replayed = bson.decode_all((tmp_path / "dump" / "oplog.bson").read_bytes())
+    expected = [Timestamp(T0, 1)] + [e["ts"] for e in entries_for(databases)]
+    assert [e["ts"] for e in replayed] == expected
+
+    seed_slice(service, [entries_for(databases)[-1]], after=(T0 + 960, 1), last=(T0 + 990, 1))
+    env["DUMP"] = str(tmp_path / "dump2")
+    broken = _run(by_hand, env)
+    assert broken.returncode == 3 and f"gap after {T0 + 950}:1" in broken.stderr
