@@ -38,3 +38,26 @@ def basic_facts() -> dict[str, Any]:
                 mem = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
                 break
     return {"nproc": os.cpu_count(), "cpu": cpu, "memory": mem, "platform": platform.platform()}
+
+
+GNU_TIME = "/usr/bin/time"
+
+
+def with_peak_rss(args: list[str], report: Path) -> list[str]:
+    """``args`` under GNU time, which writes the peak RSS (KiB) of the command's largest
+    process into ``report``. ``wait4``'s own figure cannot be used from a large parent: a
+    forked child counts the parent's pages until it execs. Unchanged if GNU time is missing."""
+    if not Path(GNU_TIME).exists():
+        return args
+    return [GNU_TIME, "-f", "%M", "-o", str(report), *args]
+
+
+def peak_rss_mb(report: Path) -> float | None:
+    """What ``with_peak_rss`` wrote (MB), or None; the report is removed."""
+    try:
+        text = report.read_text().strip().splitlines()[-1]
+    except (OSError, IndexError):
+        return None
+    finally:
+        report.unlink(missing_ok=True)
+    return int(text) / 1024 if text.isdigit() else None

@@ -3,6 +3,8 @@ page as rendered after its scripts ran (not its GraphQL), and a screenshot of it
 
 from __future__ import annotations
 
+import html
+import re
 import shutil
 import subprocess
 import tempfile
@@ -61,3 +63,11 @@ def screenshot(url: str, path: Path) -> Path:
     _run(url, f"--screenshot={path}")
     assert path.stat().st_size > 10_000, f"{path}: the screenshot is (nearly) empty"
     return path
+
+
+def visible_text(dom: str) -> str:
+    """The page's text as a person reads it: scripts and styles dropped, every element's text
+    separated by " | " (so that "Failed" next to "checksum" reads "checksum | Failed")."""
+    text = re.sub(r"<(script|style)\b.*?</\1>", "", dom, flags=re.S)
+    text = re.sub(r"<[^>]+>", " | ", text)
+    return html.unescape(re.sub(r"(\s*\|\s*)+", " | ", text))

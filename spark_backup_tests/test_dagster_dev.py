@@ -3,17 +3,11 @@ GraphQL the way the UI drives it (queued runs, the daemon, pools)."""
 
 from __future__ import annotations
 
-import json
+import datetime as dt
 import os
 import re
 import shutil
-import signal
-import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Iterator
-from contextlib import suppress
 from pathlib import Path
 
 import pytest
@@ -21,85 +15,16 @@ import pytest
 from spark_backup.defs.schedules import OBSERVE_JOB
 from spark_backup.engine.cadence import partition_key_for
 from spark_backup.engine.pipeline import utcnow
-from spark_backup_tests import browser
+from spark_backup_tests import browser, dagster_processes
+from spark_backup_tests.dagster_processes import DagsterGraphQL
 from spark_backup_tests.helpers import free_port, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
-DONE = ("SUCCESS", "FAILURE", "CANCELED")
 SOURCES = ("dgx_config", "k8s_config", "vpn_config")  # the demo plan's
 
 
-class DagsterDev:
-    def __init__(self, port: int):
-        self.base = f"http://127.0.0.1:{port}"
-        self.url = f"{self.base}/graphql"
-
-    def query(self, text: str, variables: dict | None = None) -> dict:
-        request = urllib.request.Request(
-            self.url,
-            json.dumps({"query": text, "variables": variables or {}}).encode(),
-            {"content-type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=30) as response:
-            body = json.load(response)
-        assert "errors" not in body, body
-        return body["data"]
-
-    def launch(self, asset: str, partition: str, checks: list[str] | None = None) -> str:
-        """Launch a run as the UI's Materialize (or a check's Execute, with ``checks``) does."""
-        key = {"path": ["backups", asset]}
-        selector = {
-            "repositoryLocationName": "spark_backup",
-            "repositoryName": "__repository__",
-            "pipelineName": "__ASSET_JOB",
-            "assetSelection": [] if checks else [key],
-            "assetCheckSelection": [{"assetKey": key, "name": name} for name in checks or []],
-        }
-        data = self.query(
-            """mutation($p: ExecutionParams!) { launchPipelineExecution(executionParams: $p) {
-                 __typename ... on LaunchRunSuccess { run { runId } } ... on PythonError { message } } }""",
-            {
-                "p": {
-                    "selector": selector,
-                    "executionMetadata": {
-                        "tags": [{"key": "dagster/partition", "value": partition}]
-                    },
-                }
-            },
-        )["launchPipelineExecution"]
-        assert data["__typename"] == "LaunchRunSuccess", data
-        return data["run"]["runId"]
-
-    def launch_job(self, job: str) -> str:
-        """Launch a job of the code location, as the UI's Launchpad does."""
-        selector = {
-            "repositoryLocationName": "spark_backup",
-            "repositoryName": "__repository__",
-            "pipelineName": job,
-        }
-        data = self.query(
-            """mutation($p: ExecutionParams!) { launchPipelineExecution(executionParams: $p) {
-                 __typename ... on LaunchRunSuccess { run { runId } } ... on PythonError { message } } }""",
-            {"p": {"selector": selector}},
-        )["launchPipelineExecution"]
-        assert data["__typename"] == "LaunchRunSuccess", data
-        return data["run"]["runId"]
-
-    def wait(self, run_id: str, timeout: float = 120) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            run = self.query(
-                "query($id: ID!) { runOrError(runId: $id) { ... on Run { status startTime endTime } } }",
-                {"id": run_id},
-            )["runOrError"]
-            if run["status"] in DONE:
-                return run
-            time.sleep(0.5)
-        raise AssertionError(f"run {run_id} did not finish in {timeout}s")
-
-
 @pytest.fixture(scope="module")
-def dagster_dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DagsterDev]:
+def dagster_dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DagsterGraphQL]:
     """The demo's estate and plan, served by ``dagster dev``; every child is stopped after."""
     home = tmp_path_factory.mktemp("demo")
     from spark_backup.demo import prepare_demo
@@ -113,84 +38,22 @@ def dagster_dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DagsterDev
         ROOT / "spark_backup" / "defs" / "dagster.yaml"
     ).read_text()
     port = free_port()
-    log = open(home / "dagster_dev.log", "wb")  # noqa: SIM115 - closed after the process
-    process = subprocess.Popen(
-        [
-            str(Path(sys.executable).parent / "dagster"),
-            "dev",
-            "-w",
-            "workspace.yaml",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            str(port),
-        ],
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # its own process group, so that every child can be stopped
-        # dagster dev maps SIGTERM to its SIGINT handler; a SIGINT ignored by a shell without
-        # job control (and inherited) would make it ignore SIGTERM too.
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    log = home / "dagster_dev.log"
+    process = dagster_processes.start(
+        ["dagster", "dev", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)],
+        log,
+        ROOT,
+        env,
     )
-    server = DagsterDev(port)
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                server.query("{ version }")
-                break
-            except OSError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError((home / "dagster_dev.log").read_text()[-3000:]) from None
-                time.sleep(0.5)
+        server = DagsterGraphQL(port)
+        server.wait_ready(process, log)
         yield server
     finally:
-        _stop_group(process)
-        log.close()
+        dagster_processes.stop_group(process)
 
 
-def _stop_group(process: subprocess.Popen) -> None:
-    """SIGTERM to dagster dev's whole process group, SIGKILL to whatever outlives it."""
-    group = os.getpgid(process.pid)
-    os.killpg(group, signal.SIGTERM)
-    with suppress(subprocess.TimeoutExpired):
-        process.wait(timeout=20)
-    if not _wait_until_gone(group, 15):
-        with suppress(ProcessLookupError):
-            os.killpg(group, signal.SIGKILL)
-        process.wait()
-        assert _wait_until_gone(group, 10), f"processes of group {group} survived SIGKILL"
-
-
-def _wait_until_gone(group: int, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while _live_members(group):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.2)
-    return True
-
-
-def _live_members(group: int) -> list[int]:
-    """Processes of ``group`` that still run (zombies waiting to be reaped do not count)."""
-    members = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as handle:
-                fields = handle.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        state, pgrp = fields[0], int(fields[2])
-        if pgrp == group and state != "Z":
-            members.append(int(entry))
-    return members
-
-
-def test_materialize_and_check_alone_through_the_webserver(dagster_dev: DagsterDev) -> None:
+def test_materialize_and_check_alone_through_the_webserver(dagster_dev: DagsterGraphQL) -> None:
     partition = partition_key_for("weekly", utcnow())
     backup = dagster_dev.wait(dagster_dev.launch("vpn_config", partition))
     assert backup["status"] == "SUCCESS"
@@ -206,7 +69,7 @@ def test_materialize_and_check_alone_through_the_webserver(dagster_dev: DagsterD
     assert latest["status"] == "SUCCEEDED" and latest["evaluation"]["partition"] == partition
 
 
-def test_two_runs_never_back_up_the_same_source_at_once(dagster_dev: DagsterDev) -> None:
+def test_two_runs_never_back_up_the_same_source_at_once(dagster_dev: DagsterGraphQL) -> None:
     partition = partition_key_for("weekly", utcnow())
     first, second = (dagster_dev.launch("dgx_config", partition) for _ in range(2))
     runs = sorted((dagster_dev.wait(first), dagster_dev.wait(second)), key=lambda r: r["startTime"])
@@ -221,7 +84,7 @@ UPDATE_SCREENSHOTS_ENV = "SPARK_BACKUP_UPDATE_SCREENSHOTS"
 
 
 def test_lineage_shows_every_system_feeding_its_backups(
-    dagster_dev: DagsterDev, tmp_path: Path
+    dagster_dev: DagsterGraphQL, tmp_path: Path
 ) -> None:
     """In a real browser: the lineage page draws one edge from every protected system to its
     backups, and names every asset. The screenshot in docs/ is taken here."""
@@ -237,3 +100,33 @@ def test_lineage_shows_every_system_feeding_its_backups(
     shot = browser.screenshot(url, tmp_path / "lineage.png")
     if os.environ.get(UPDATE_SCREENSHOTS_ENV):
         shutil.copyfile(shot, SCREENSHOTS / "lineage.png")
+
+
+def test_partitions_and_a_failed_check_in_the_browser(
+    dagster_dev: DagsterGraphQL, tmp_path: Path
+) -> None:
+    """In a real browser: a source's partitions page shows the week that has a copy, and its
+    checks page the failed check of a week without one, with the reason."""
+    current = partition_key_for("weekly", utcnow())
+    previous = (dt.date.fromisoformat(current) - dt.timedelta(weeks=1)).isoformat()
+    assert dagster_dev.wait(dagster_dev.launch("k8s_config", current))["status"] == "SUCCESS"
+    # Last week has no copy: its checksum check fails (the run itself succeeds).
+    checked = dagster_dev.wait(dagster_dev.launch("k8s_config", previous, checks=["checksum"]))
+    assert checked["status"] == "SUCCESS"
+    asset = f"{dagster_dev.base}/assets/backups/k8s_config"
+    pages = {"partitions": f"{asset}?view=partitions", "checks": f"{asset}?view=checks"}
+
+    partitions = browser.visible_text(browser.rendered_dom(pages["partitions"]))
+    assert f"| {current} |" in partitions
+    assert "| Materialized (1) |" in partitions and "| Failed (0) |" in partitions
+
+    checks = browser.visible_text(browser.rendered_dom(pages["checks"]))
+    assert "| checksum | checksum | Failed |" in checks
+    assert "| freshness | freshness | Not evaluated |" in checks
+    assert f"| no committed copy of k8s_config for partition {previous} |" in checks
+    assert f"| Partition | {previous} |" in checks
+
+    if os.environ.get(UPDATE_SCREENSHOTS_ENV):  # chromium takes seconds a page: only on demand
+        for name, url in pages.items():
+            shot = browser.screenshot(url, tmp_path / f"{name}.png")
+            shutil.copyfile(shot, SCREENSHOTS / f"k8s_config_{name}.png")

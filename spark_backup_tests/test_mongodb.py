@@ -21,7 +21,7 @@ from bson import json_util
 from bson.raw_bson import RawBSONDocument
 
 from spark_backup.engine.streams import ChunkReader
-from spark_backup.engine.tar_stream import TarStream
+from spark_backup.engine.tar_stream import TarWriter
 from spark_backup.errors import IntegrityError, PlanError, RestoreRefused, SourceError
 from spark_backup.plan import load_plan
 from spark_backup.service import BackupService
@@ -246,7 +246,7 @@ EVERY_TYPE = {
 
 
 def _archive(members: dict[str, bytes]) -> bytes:
-    tar = TarStream()
+    tar = TarWriter()
 
     def chunks():
         for name, data in members.items():

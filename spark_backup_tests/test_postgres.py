@@ -7,14 +7,16 @@ import datetime as dt
 import json
 import os
 import shutil
+import subprocess
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
+from types import SimpleNamespace
 
-import psycopg2
+import psycopg
 import pytest
 import yaml
 from dagster import AssetKey, DagsterInstance
@@ -33,8 +35,10 @@ from spark_backup.plan import load_plan
 from spark_backup.service import BackupService
 from spark_backup.sources.postgres import KIND as POSTGRES
 from spark_backup.sources.postgres import ops
+from spark_backup.sources.postgres.server import first_line
 from spark_backup.sources.postgres.wal import archived_wal
 from spark_backup_tests.helpers import (
+    SPARK_BACKUP,
     flip_last_byte,
     free_port,
     make_key,
@@ -49,6 +53,9 @@ from spark_backup_tests.pg_cluster import (
     executable_for_postgres,
     shared_dir,
     throwaway_cluster,
+)
+from spark_backup_tests.pg_cluster import (
+    SPARK_BACKUP as SPARK_BACKUP_BIN,
 )
 
 MAIN = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
@@ -68,7 +75,7 @@ CREATE TABLE public.empty (x int);
 
 
 def main_conn(dbname: str = "postgres"):
-    conn = psycopg2.connect(dbname=dbname, connect_timeout=5, **MAIN)
+    conn = psycopg.connect(dbname=dbname, connect_timeout=5, **MAIN)
     conn.autocommit = True
     return conn
 
@@ -342,6 +349,25 @@ def test_bad_connections_and_tools_give_one_line(tmp_path: Path, age_key, sample
     assert "no pg_hba.conf entry for replication" in probe.stderr
 
 
+def test_connection_errors_keep_every_address_tried_on_one_line() -> None:
+    """psycopg 3 words a refusal after several addresses as a heading and one line per address."""
+    message = (
+        "connection failed: Multiple connection attempts failed. All failures were:\n"
+        "- host: 'db', port: '5432', hostaddr: '::1': connection failed: Connection refused\n"
+        "\tIs the server running on that host and accepting TCP/IP connections?\n"
+        "- host: 'db', port: '5432', hostaddr: '10.0.0.5': FATAL:  password authentication "
+        'failed for user "app" s3cret'
+    )
+    assert first_line(message, "s3cret") == (
+        "host: 'db', port: '5432', hostaddr: '::1': connection failed: Connection refused; "
+        "host: 'db', port: '5432', hostaddr: '10.0.0.5': FATAL:  password authentication "
+        'failed for user "app" ***'
+    )
+    assert first_line("connection failed: connection to server failed: FATAL:  no\nmore") == (
+        "connection to server failed: FATAL:  no"
+    )
+
+
 def test_password_reaches_the_tools_and_never_the_output(tmp_path: Path, age_key) -> None:
     root = shared_dir("spark-backup-pw-")
     pwfile = root / "pw"
@@ -450,6 +476,49 @@ def test_wal_fetch_aborts_recovery_when_the_store_is_unreachable(tmp_path, age_k
     )
     assert result.returncode == 255, result.stderr
     assert not (tmp_path / "seg").exists()
+
+
+def test_wal_fetch_in_standby_mode_waits_out_a_brief_store_outage(
+    dump_plan: Path, tmp_path: Path
+) -> None:
+    """The store's folder is gone (an unmounted disk) for two seconds: a standby's wal-fetch
+    retries and restores the file; an outage longer than its retry window exits 1, which a
+    standby answers by asking again later, never 255, which would stop it."""
+    segment = tmp_path / "pg_wal" / SEGMENT
+    segment.parent.mkdir()
+    segment.write_bytes(os.urandom(64 * 1024))
+    (tmp_path / "store").mkdir()  # as pg-setup-archiving leaves it
+    assert run_cli("--plan", str(dump_plan), "wal-push", str(segment)).returncode == 0
+    store, away = tmp_path / "store", tmp_path / "store-unmounted"
+    store.rename(away)
+    restored = tmp_path / "restored"
+    fetch = ["wal-fetch", "--standby", "--retry-seconds", "60", SEGMENT, str(restored)]
+    fetching = subprocess.Popen(
+        [*SPARK_BACKUP, "--no-progress", "--plan", str(dump_plan), *fetch],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(2)
+    assert fetching.poll() is None  # still retrying, quietly
+    away.rename(store)
+    _, errors = fetching.communicate(timeout=60)
+    assert fetching.returncode == 0, errors
+    assert restored.read_bytes() == segment.read_bytes() and errors == ""
+
+    store.rename(away)
+    started = time.monotonic()
+    longer = run_cli(
+        "--plan", str(dump_plan), "wal-fetch", "--standby", "--retry-seconds", "1",
+        SEGMENT, str(tmp_path / "never"),
+    )  # fmt: skip
+    assert longer.returncode == 1, longer.stderr
+    assert time.monotonic() - started >= 1
+    assert "holds no WAL at all" in longer.stderr
+    assert len(longer.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "never").exists()
+    # Without --standby, the same outage aborts recovery at once (exit 255).
+    aborted = run_cli("--plan", str(dump_plan), "wal-fetch", SEGMENT, str(tmp_path / "never"))
+    assert aborted.returncode == 255
 
 
 # --- archiving, base backups, PITR -------------------------------------------------------------
@@ -569,7 +638,7 @@ def test_pitr_drill_recovers_exactly_the_rows_before_the_damage(archiving: Archi
         "public.keep_me": 1,
         "public.ledger": 250,
     }
-    recovered = psycopg2.connect(
+    recovered = psycopg.connect(
         host=str(target_dir), port=report["port"], user="postgres", dbname="postgres"
     )
     with closing(recovered):
@@ -577,6 +646,97 @@ def test_pitr_drill_recovers_exactly_the_rows_before_the_damage(archiving: Archi
     assert json.loads((target_dir / "pitr.json").read_text())["ok"]
     assert not (target_dir / "wal_archive").exists()
     Cluster(target_dir, report["port"]).stop()
+
+
+def test_pitr_to_a_restore_point_an_xid_an_lsn_and_immediate(archiving: Archiving) -> None:
+    cluster = archiving.cluster
+    service = archiving.service
+    service.backup("pg_main", artifact="base")
+    cluster.execute("CREATE TABLE steps (step int, xid bigint)")
+    cluster.execute("INSERT INTO steps VALUES (1, txid_current())")
+    cluster.execute("SELECT pg_create_restore_point('before two')")
+    (lsn,) = cluster.execute("SELECT pg_current_wal_lsn()::text")[0]
+    cluster.execute("INSERT INTO steps VALUES (2, txid_current())")
+    cluster.execute("INSERT INTO steps VALUES (3, txid_current())")
+    (xid,) = cluster.execute("SELECT xid FROM steps WHERE step = 2")[0]
+    cluster.switch_wal_and_wait()
+
+    def steps_after(target: ops.recovery.PgTarget, folder: str) -> list[int] | None:
+        port = free_port()
+        report = ops.pitr(
+            service, POSTGRES, service.source("pg_main"), target, archiving.root / folder, port=port
+        )
+        assert report.ok and report.target_time == target.describe()
+        try:
+            with (
+                closing(
+                    psycopg.connect(host=str(archiving.root / folder), port=port, user="postgres")
+                ) as conn,
+                conn.cursor() as cursor,
+            ):
+                cursor.execute("SELECT to_regclass('steps') IS NOT NULL")
+                if not cursor.fetchone()[0]:
+                    return None
+                cursor.execute("SELECT step FROM steps ORDER BY step")
+                return [row[0] for row in cursor.fetchall()]
+        finally:
+            Cluster(archiving.root / folder, port).stop()
+
+    PgTarget = ops.recovery.PgTarget
+    assert steps_after(PgTarget(name="before two"), "pitr_name") == [1]
+    assert steps_after(PgTarget(xid=xid), "pitr_xid") == [1, 2]
+    assert steps_after(PgTarget(xid=xid, inclusive=False), "pitr_xid_exclusive") == [1]
+    assert steps_after(PgTarget(lsn=lsn), "pitr_lsn") == [1]
+    # The base backup was taken before the table: consistent, and not a transaction more.
+    assert steps_after(PgTarget(immediate=True), "pitr_immediate") is None
+
+
+def test_pitr_target_options_are_checked_before_anything_is_touched(archiving: Archiving) -> None:
+    never = archiving.root / "pitr_never"
+    cases = [
+        ([], "choose a recovery target"),
+        (["--to-xid", "7", "--to-name", "x"], "choose one recovery target"),
+        (["--to-lsn", "3000060"], "is not a WAL position such as 0/3000060"),
+        (["--to-name", "n" * 64], "a restore point name has 1 to 63 bytes"),
+        (["--immediate", "--exclusive"], "--exclusive applies to --to-time, --to-xid"),
+        (["--to-time", "latest", "--immediate"], "--to-time latest is a recovery target"),
+    ]
+    for options, expected in cases:
+        result = run_cli(
+            "--plan", str(archiving.plan), "pg-pitr", *options, "--target-dir", str(never)
+        )
+        assert result.returncode == 2, (options, result.stderr)
+        assert expected in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not never.exists()
+
+
+def test_list_shows_the_wal_each_base_backup_needs(archiving: Archiving) -> None:
+    (base,) = archiving.service.backup("pg_main", artifact="base")
+    archiving.cluster.switch_wal_and_wait()
+    listed = run_cli("--plan", str(archiving.plan), "list", "pg_main", "--json")
+    assert listed.returncode == 0, listed.stderr
+    rows = {row["id"]: row for row in json.loads(listed.stdout)}
+    log = rows[base.id]["log"]
+    meta = base.source_metadata
+    assert (log["start"], log["stop"]) == (meta["start_lsn"], meta["end_lsn"])
+    assert log["first"] <= log["last"] and log["complete"] and log["missing"] is None
+    assert all("log" not in row for row in rows.values() if row["part"] != "base")
+
+    # A copy of the archive without the base's first segment: the listing names it.
+    store_copy = archiving.root / "store_without_first"
+    shutil.copytree(archiving.root / "store", store_copy)
+    for key in store_copy.glob(f"pg_main/wal/{log['first']}-*"):
+        key.unlink()
+    plan = archiving.write_plan(
+        "without_first.yaml", stores=[{"name": "local", "kind": "local", "path": str(store_copy)}]
+    )
+    rows = {
+        row["id"]: row for row in json.loads(run_cli("--plan", str(plan), "list", "--json").stdout)
+    }
+    assert rows[base.id]["log"]["complete"] is False
+    assert rows[base.id]["log"]["missing"] == log["first"]
+    text = run_cli("--plan", str(plan), "list", "pg_main").stdout  # the cell may wrap
+    assert "MISSING" in text and f"{log['first']}.." in text
 
 
 def test_pitr_refuses_bad_targets(archiving: Archiving) -> None:
@@ -768,6 +928,132 @@ def test_definitions_for_a_postgres_source(tmp_path: Path, age_key) -> None:
         assert node.group_name == "postgres" and node.partitions_def is not None
 
 
+def test_backup_as_root_before_the_first_wal_push_leaves_the_wal_writable(tmp_path) -> None:
+    """The store folder belongs to the server's user; a base backup run as root creates the
+    source's folders first: wal-push, run by the server as that user, must still write."""
+    root = shared_dir("spark-backup-firstpush-")
+    try:
+        _key, public = make_key(root)
+        store = root / "store"
+        store.mkdir()
+        shutil.chown(store, root.owner(), root.group())  # as pg-setup-archiving leaves it
+        port = free_port()
+        plan_path = root / "plan.yaml"
+        source = pg_source(host="127.0.0.1", port=port, user="postgres")
+        plan = plan_dict(
+            [public], [source], stores=[{"name": "local", "kind": "local", "path": str(store)}]
+        )
+        plan_path.write_text(yaml.safe_dump(plan))
+        plan_path.chmod(0o644)
+        settings = {
+            "wal_level": "replica",
+            "archive_mode": "on",
+            "archive_command": archive_command(plan_path, "pg_main"),
+            "max_wal_senders": "4",
+        }
+        cluster = Cluster(root / "cluster", port)
+        (root / "cluster").mkdir()
+        shutil.chown(root / "cluster", root.owner(), root.group())
+        with executable_for_postgres():
+            try:
+                # archive_command fails until the first backup: no segment is complete yet.
+                cluster.init(settings).start()
+                backup = run_cli(
+                    "--plan", str(plan_path), "backup", "pg_main", "--artifact", "base"
+                )
+                assert backup.returncode == 0, backup.stderr
+                for folder in (store / "pg_main", *(store / "pg_main").rglob("*")):
+                    if folder.is_dir():
+                        assert folder.owner() == store.owner(), folder
+                segment = cluster.switch_wal_and_wait(timeout=60)
+                assert (store / "pg_main" / "wal").is_dir()
+                assert any(segment in path.name for path in (store / "pg_main" / "wal").rglob("*"))
+            finally:
+                cluster.stop()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_pg_check_sends_a_segment_through_the_archive(archiving: Archiving) -> None:
+    result = run_cli("--plan", str(archiving.plan), "pg-check", "--json", "--timeout", "60")
+    assert result.returncode == 0, result.stderr
+    check = json.loads(result.stdout)
+    assert check["store"] == "local" and check["seconds"] < 60
+    assert archived_wal(archiving.service.store("local"), "pg_main", check["segment"])
+    # A plan whose store the server does not archive into: the segment never arrives there.
+    (archiving.root / "elsewhere").mkdir()
+    other = archiving.write_plan(
+        "elsewhere.yaml",
+        stores=[{"name": "local", "kind": "local", "path": str(archiving.root / "elsewhere")}],
+    )
+    missed = run_cli("--plan", str(other), "pg-check", "--timeout", "1")
+    assert missed.returncode == 6
+    assert missed.stderr.startswith("error: source 'pg_main': WAL segment ")
+    assert "did not arrive in store 'local' within 1 s" in missed.stderr
+    assert len(missed.stderr.strip().splitlines()) == 1
+
+
+def test_pg_check_refuses_base_backups_of_another_cluster_or_major() -> None:
+    def base(system_identifier: str, version: str) -> SimpleNamespace:
+        meta = {"system_identifier": system_identifier, "server_version": version}
+        return SimpleNamespace(id="20261129T000000Z-pg_main-base-0001", source_metadata=meta)
+
+    ops.check_same_cluster("pg_main", "7001", "15.4", [base("7001", "15.2")])
+    with pytest.raises(IntegrityError, match="system identifier 7001 is not that of base backup"):
+        ops.check_same_cluster("pg_main", "7001", "15.4", [base("7002", "15.4")])
+    with pytest.raises(IntegrityError, match=r"runs PostgreSQL 16\.1, base backup .* from 15\.4"):
+        ops.check_same_cluster("pg_main", "7001", "16.1", [base("7001", "15.4")])
+
+
+def test_probe_makes_a_replication_connection(archiving: Archiving) -> None:
+    """A walsender takes replication commands only: the probe's IDENTIFY_SYSTEM must pass."""
+    probe = run_cli("--plan", str(archiving.plan), "plan", "check", "--probe")
+    assert probe.returncode == 0, probe.stderr
+    assert "plan is valid" in probe.stdout
+
+
+def test_probe_runs_archive_command_as_the_servers_user(archiving: Archiving) -> None:
+    """The traps of archive_command, which runs as postgres: an interpreter under a folder that
+    user cannot enter (exit 126), and a store folder it cannot write. plan check --probe runs
+    the server's own command with --dry-run as that user and names the fix."""
+    cluster = archiving.cluster
+    (original,) = cluster.execute("SHOW archive_command")[0]
+    closed = archiving.root / "closed"
+    closed.mkdir(mode=0o700)
+    shutil.chown(closed, "root", "root")
+    wrapper = closed / "spark-backup"
+    wrapper.write_text(f'#!/bin/sh\nexec {SPARK_BACKUP_BIN} "$@"\n')
+    wrapper.chmod(0o755)
+    root_store = archiving.root / "root_store"
+    root_store.mkdir(mode=0o755)
+    shutil.chown(root_store, "root", "root")
+    unwritable = archiving.write_plan(
+        "root_store.yaml", stores=[{"name": "local", "kind": "local", "path": str(root_store)}]
+    )
+
+    def probe_with(command: str):
+        cluster.execute(f"ALTER SYSTEM SET archive_command = '{command}'")
+        cluster.execute("SELECT pg_reload_conf()")
+        return run_cli("--plan", str(archiving.plan), "plan", "check", "--probe")
+
+    try:
+        closed_venv = probe_with(f"{wrapper} --plan {archiving.plan} wal-push %p")
+        assert closed_venv.returncode == 6, closed_venv.stderr
+        assert "archive_command cannot start as OS user postgres (exit 126" in closed_venv.stderr
+        assert "install spark-backup where postgres can run it" in closed_venv.stderr
+        assert len(closed_venv.stderr.strip().splitlines()) == 1
+
+        no_write = probe_with(f"{SPARK_BACKUP_BIN} --plan {unwritable} wal-push %p")
+        assert no_write.returncode == 6, no_write.stderr
+        assert "archive_command fails as OS user postgres" in no_write.stderr
+        assert f"{root_store} is not writable by user postgres" in no_write.stderr
+    finally:
+        cluster.execute(f"ALTER SYSTEM SET archive_command = '{original}'")
+        cluster.execute("SELECT pg_reload_conf()")
+    ok = run_cli("--plan", str(archiving.plan), "plan", "check", "--probe")
+    assert ok.returncode == 0, ok.stderr
+
+
 def test_setup_archiving_prints_and_applies_the_settings(archiving: Archiving) -> None:
     printed = run_cli("--plan", str(archiving.plan), "pg-setup-archiving", "pg_main")
     assert printed.returncode == 0, printed.stderr
@@ -781,6 +1067,32 @@ def test_setup_archiving_prints_and_applies_the_settings(archiving: Archiving) -
     assert applied.stdout.strip().endswith("restart PostgreSQL for max_wal_senders")
     assert archiving.cluster.execute("SHOW archive_timeout") == [("1min",)]
     archiving.cluster.switch_wal_and_wait()  # the applied archive_command works
+
+
+def test_setup_archiving_gives_the_wal_folders_to_the_servers_user(archiving: Archiving) -> None:
+    """Run as root, pg-setup-archiving makes a new local store's WAL folders and gives them to
+    the server's OS user, so that its archive_command can write there."""
+    fresh = archiving.root / "fresh_store"
+    plan = archiving.write_plan(
+        "fresh.yaml", stores=[{"name": "local", "kind": "local", "path": str(fresh)}]
+    )
+    printed = run_cli("--plan", str(plan), "pg-setup-archiving", "pg_main")
+    assert printed.returncode == 0, printed.stderr
+    wal = fresh / "pg_main" / "wal"
+    for folder in (fresh, fresh / "pg_main", wal):
+        assert folder.owner() == "postgres", folder
+        assert f"# {folder} now belongs to postgres" in printed.stdout
+    push = [str(SPARK_BACKUP_BIN), "--plan", str(plan), "wal-push", "--dry-run"]
+    dry_run = subprocess.run(
+        ["runuser", "-u", "postgres", "--", *push],
+        capture_output=True,
+        text=True,
+        cwd="/",
+    )
+    assert dry_run.returncode == 0, dry_run.stderr
+    assert f"wal-push would archive into {fresh.as_uri()}/pg_main/wal/" in dry_run.stdout
+    again = run_cli("--plan", str(plan), "pg-setup-archiving", "pg_main")
+    assert "now belongs to" not in again.stdout  # nothing left to change
 
 
 def test_a_dump_cut_off_mid_stream_leaves_no_copy(dump_plan: Path, sample_db: str) -> None:
@@ -881,7 +1193,7 @@ def test_pitr_fetches_wal_in_batches_and_resumes(archiving: Archiving, monkeypat
         log = (Path(report.target_dir) / recovery.LOG_FILE).read_text()
         assert log.count(recovery.ENDED_EARLY) >= 1  # the first batch was not enough
         assert "the database system is" not in log  # waiting for promotion makes no connections
-        recovered = psycopg2.connect(
+        recovered = psycopg.connect(
             host=report.target_dir, port=report.port, user="postgres", dbname="postgres"
         )
         with closing(recovered), recovered.cursor() as cursor:
@@ -914,7 +1226,7 @@ def test_pitr_latest_replays_everything_whatever_the_umask(archiving: Archiving)
         os.umask(previous)
     try:
         assert report.ok
-        recovered = psycopg2.connect(
+        recovered = psycopg.connect(
             host=report.target_dir, port=report.port, user="postgres", dbname="postgres"
         )
         with closing(recovered), recovered.cursor() as cursor:

@@ -17,22 +17,33 @@ from spark_backup.console import stdout
     "template",
     type=click.Path(dir_okay=False, exists=True),
     help="Instance config to install into $DAGSTER_HOME if it has none "
-    "(default: spark-backup's dagster.yaml).",
+    "(default: spark-backup's dagster.yaml, SQLite under $DAGSTER_HOME).",
+)
+@click.option(
+    "--postgres",
+    metavar="URL",
+    help="Install the shared-installation config instead: PostgreSQL storage at "
+    "postgresql://USER@HOST:PORT/DB (password from $DAGSTER_PG_PASSWORD, never in the URL), "
+    "queued runs with limits, run retries and run monitoring. See docs/deploy.md.",
 )
 @pass_state
-def dagster_init(state: CliState, template: str | None) -> None:
+def dagster_init(state: CliState, template: str | None, postgres: str | None) -> None:
     """Prepare the Dagster instance at $DAGSTER_HOME for the plan: install dagster.yaml if
-    missing and give every source its pool limit (one backup of a source at a time)."""
+    missing, create its storage and give every source its pool limit (one backup of a source
+    at a time)."""
     from spark_backup.defs.instance import prepare_instance  # Dagster loads only here
 
     home = os.environ.get("DAGSTER_HOME")
     if not home:
         raise click.UsageError("set DAGSTER_HOME to the instance's folder")
+    if template and postgres:
+        raise click.UsageError("give --config or --postgres, not both")
     installed, pools = prepare_instance(
-        Path(home), state.service.plan, Path(template) if template else None
+        Path(home), state.service.plan, Path(template) if template else None, postgres
     )
     if installed:
-        stdout.print(f"installed {template or 'dagster.yaml'} into {home}", highlight=False)
+        what = "the PostgreSQL instance config" if postgres else template or "dagster.yaml"
+        stdout.print(f"installed {what} into {home}", highlight=False)
     stdout.print(
         f"pools set to one run at a time: {', '.join(pools) or 'none needed'}", highlight=False
     )
@@ -50,4 +61,4 @@ def demo(home: str) -> None:
     """Back up, verify and restore a sample estate through Dagster, on the embedded defaults."""
     from spark_backup.demo import run_demo
 
-    run_demo(Path(home), stdout)
+    run_demo(Path(home), stdout.console)

@@ -28,6 +28,14 @@ OBSERVE_JOB = "observe_systems"
 OBSERVE_CRON = "7 * * * *"
 RECOVERY_JOB = "recovery_windows"
 RECOVERY_CRON = "17 * * * *"
+# Run retries (enabled in deploy/dagster.yaml, off for every job that does not ask): a backup run
+# that failed is run again from its failed steps, so the sources that were copied are not copied
+# twice; each retry makes new copies, never replaces one.
+BACKUP_RUN_RETRIES = 2
+RETRY_TAGS = {
+    "dagster/max_retries": str(BACKUP_RUN_RETRIES),
+    "dagster/retry_strategy": "FROM_FAILURE",
+}
 
 
 def backup_job_name(cadence_name: str) -> str:
@@ -43,7 +51,7 @@ def build_backup_job(cadence_name: str, keys: Sequence[AssetKey]):
         backup_job_name(cadence_name),
         selection=AssetSelection.assets(*keys),
         description=f"Back up every {cadence_name} artifact and verify the new copies.",
-        tags={"spark_backup/cadence": cadence_name},
+        tags={"spark_backup/cadence": cadence_name, **RETRY_TAGS},
     )
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
-import tarfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from spark_backup.engine.pipeline import open_copy
 from spark_backup.engine.safe_tar import count_members, extract_tar
 from spark_backup.engine.staging import remove_tree, staged_restore
 from spark_backup.engine.streams import Readable, drain
+from spark_backup.engine.tar_stream import TarFormatError
 from spark_backup.errors import IntegrityError, UsageError
 from spark_backup.sources.base import (
     Artifact,
@@ -35,7 +35,7 @@ from spark_backup.sources.base import (
     SourceContext,
     SourceKind,
 )
-from spark_backup.sources.config_archive.reader import KIND_NAME, ConfigArchiveReader
+from spark_backup.sources.config_archive.reader import KIND_NAME, TORN_FILES, ConfigArchiveReader
 from spark_backup.sources.config_archive.settings import ConfigArchiveSource
 
 ARCHIVE = "archive"
@@ -73,6 +73,7 @@ class ConfigArchiveKind(SourceKind[ConfigArchiveSource], Observable, SemanticChe
                 include=source.include,
                 exclude=source.exclude,
                 one_file_system=source.one_file_system,
+                allow_torn_files=source.allow_torn_files,
             )
         ]
 
@@ -95,13 +96,20 @@ class ConfigArchiveKind(SourceKind[ConfigArchiveSource], Observable, SemanticChe
             summary = extract_tar(plain, staging, options.skip_unsafe)
         return {"target": str(Path(os.path.abspath(target))), **asdict(summary)}
 
+    def cautions(self, manifest: Manifest) -> list[str]:
+        return [
+            f"{path} was torn: it shrank while the backup read it, and the copy holds it padded "
+            "with zeros"
+            for path in manifest.source_metadata.get(TORN_FILES, [])
+        ]
+
     def check_plaintext(self, plain: Readable, manifest: Manifest) -> None:
         """The archive must list the files and links the backup recorded. (Not their bytes: the
         walk sizes a file before tar reads it, and a live file may grow in between; the
         plaintext sha256 covers the content.)"""
         try:
             counts = asdict(count_members(plain))
-        except tarfile.TarError as exc:
+        except TarFormatError as exc:
             raise IntegrityError(f"copy {manifest.id}: not a readable tar archive: {exc}") from None
         recorded = manifest.source_metadata
         for name in ("files", "symlinks"):

@@ -19,8 +19,6 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any
 
-from pymongo.errors import OperationFailure
-
 from spark_backup.errors import IntegrityError
 
 _IGNORED_COMMANDS = frozenset({"commitTransaction", "abortTransaction", "startIndexBuild"})
@@ -93,6 +91,8 @@ class OplogApplier:
         elif name == "dropIndexes":
             index = command.get("index")
             if index not in (None, "*"):
+                from pymongo.errors import OperationFailure
+
                 with suppress(OperationFailure):  # already gone: idempotent
                     database[command["dropIndexes"]].drop_index(index)
         elif name in _IGNORED_COMMANDS:

@@ -6,16 +6,23 @@ import json
 import sys
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import click
 
 from spark_backup.console import parse_time, printable, stdout
-from spark_backup.engine.pipeline import utcnow
-from spark_backup.engine.settings import format_duration
 from spark_backup.errors import IntegrityError
 from spark_backup.sources.base import RecoveryTarget, current_runtime
-from spark_backup.sources.mongodb import KIND, ops
-from spark_backup.sources.mongodb.pitr import LATEST
+from spark_backup.sources.mongodb.pitr_options import LATEST
+
+# ``--help`` imports this module; the kind, its operations and pymongo load when a command runs.
+
+
+def _source(name: str | None) -> Any:
+    from spark_backup.sources.mongodb import KIND, ops
+
+    runtime = current_runtime()
+    return runtime, KIND, ops.mongo_source(runtime, KIND, name)
 
 
 @click.command("oplog-status")
@@ -24,9 +31,11 @@ from spark_backup.sources.mongodb.pitr import LATEST
 def oplog_status(source: str | None, as_json: bool) -> None:
     """How far the saved oplog slices lag behind the replica set, against the RPO; gaps and a
     rolled-over oplog. Exit 3 if beyond the RPO or broken."""
-    runtime = current_runtime()
-    chosen = ops.mongo_source(runtime, KIND, source)
-    status = KIND.lag(runtime, chosen, utcnow())
+    from spark_backup.engine.pipeline import utcnow
+    from spark_backup.engine.settings import format_duration
+
+    runtime, kind, chosen = _source(source)
+    status = kind.lag(runtime, chosen, utcnow())
     lag = None if status.lag is None else status.lag.total_seconds()
     if as_json:
         row = {
@@ -75,10 +84,9 @@ def mongo_pitr(
 ) -> None:
     """Restore SOURCE to a point in time into new databases: the newest dump before it, then
     the oplog slices up to it, replayed in order. The source's databases are not touched."""
-    runtime = current_runtime()
-    chosen = ops.mongo_source(runtime, KIND, source)
+    runtime, kind, chosen = _source(source)
     target = RecoveryTarget(None if to_time == LATEST else parse_time(to_time), into=to_db)
-    report = KIND.recover(runtime, chosen, target, Path(report_dir), identity_file=identity)
+    report = kind.recover(runtime, chosen, target, Path(report_dir), identity_file=identity)
     if as_json:
         click.echo(json.dumps(asdict(report), indent=2))
         return

@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from typing import Any, BinaryIO
 
 from spark_backup.engine.streams import ChunkReader, Readable
-from spark_backup.engine.tar_stream import TarStream
+from spark_backup.engine.tar_stream import TarWriter
 from spark_backup.errors import SourceError
 from spark_backup.sources.mongodb import oplog
 from spark_backup.sources.mongodb.bsonfile import DIGEST_ALGORITHM, CollectionDigest
@@ -96,7 +96,7 @@ class MongoDumpReader:
         replica_set = is_replica_set(client)
         start_ts = oplog.newest_ts(client) if replica_set else None
         namespaces = list_namespaces(client, source)
-        tar = TarStream()
+        tar = TarWriter()
         collections: dict[str, Any] = {}
         databases: list[str] = []
         for namespace in namespaces:

@@ -8,7 +8,6 @@ import secrets
 from pathlib import Path
 from typing import Any
 
-import bson
 from pyrage import x25519
 
 from spark_backup.engine.pipeline import open_copy, utcnow
@@ -19,13 +18,13 @@ from spark_backup.sources.mongodb import oplog
 from spark_backup.sources.mongodb.apply import OplogApplier
 from spark_backup.sources.mongodb.bsonfile import iter_documents
 from spark_backup.sources.mongodb.pitr import (
-    LATEST,
     MongoPitrReport,
     choose_base,
     describe,
     slices_to_replay,
     within,
 )
+from spark_backup.sources.mongodb.pitr_options import LATEST
 from spark_backup.sources.mongodb.restore import (
     DatabaseRestore,
     compare_collections,
@@ -142,6 +141,8 @@ def point_in_time_restore(
         slices=[m.id for m in chain],
         reached_ts=base.source_metadata["consistent_at"],
     )
+    import bson  # with pymongo, loaded only by the commands that talk to a server
+
     label = f"source {source.name!r}"
     with connected(source) as client:
         job = DatabaseRestore(client, mapping, f"copy {base.id}")

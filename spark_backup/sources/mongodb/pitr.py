@@ -19,8 +19,6 @@ from spark_backup.errors import IntegrityError, NotFoundError
 from spark_backup.sources.mongodb import oplog
 from spark_backup.sources.mongodb.slices import slice_order
 
-LATEST = "latest"
-
 
 @dataclass
 class MongoPitrReport:

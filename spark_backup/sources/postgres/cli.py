@@ -7,18 +7,18 @@ import json
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from spark_backup.console import error_line, parse_time, printable, stderr, stdout
-from spark_backup.engine.settings import format_duration
-from spark_backup.errors import IntegrityError
+from spark_backup.errors import IntegrityError, StoreError, UsageError
 from spark_backup.sources.base import current_runtime
-from spark_backup.sources.postgres import KIND, ops
-from spark_backup.sources.postgres.pitr import DEFAULT_PORT, LATEST
-from spark_backup.sources.postgres.server import conf_value
-from spark_backup.sources.postgres.wal import WalNotArchived
+from spark_backup.sources.postgres.pitr_options import DEFAULT_PORT, LATEST
+
+# ``--help`` imports this module; the kind, its operations and psycopg load when a command runs.
+if TYPE_CHECKING:
+    from spark_backup.sources.postgres import ops
 
 # restore_command: PostgreSQL ends recovery on exit status 1 to 125 (the file is not there) and
 # aborts it on a status above 125, as if the command had been killed: a store that cannot be
@@ -28,18 +28,38 @@ WAL_FETCH_ABORT = 255
 
 
 def _source(name: str | None) -> Any:
+    from spark_backup.sources.postgres import KIND, ops
+
     runtime = current_runtime()
     return runtime, ops.postgres_source(runtime, KIND, name)
 
 
+def _ops() -> Any:
+    from spark_backup.sources.postgres import ops
+
+    return ops
+
+
 @click.command("wal-push")
-@click.argument("path")
+@click.argument("path", required=False)
 @click.option("--source", help="The PostgreSQL source (default: the plan's only one).")
-def wal_push(path: str, source: str | None) -> None:
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Archive nothing: check that this user can read the plan and the recipients and "
+    "write into the WAL archive (plan check --probe runs it as the server's user).",
+)
+def wal_push(path: str | None, source: str | None, dry_run: bool) -> None:
     """Archive one WAL file: archive_command = 'spark-backup --plan PLAN wal-push %p'.
     Pushing a file already archived with the same content succeeds; other content fails."""
     runtime, chosen = _source(source)
-    outcome = ops.wal_push(runtime, chosen, Path(path))
+    if dry_run:
+        where = _ops().wal_push_dry_run(runtime, chosen)
+        stdout.print(f"wal-push would archive into {where}", highlight=False, soft_wrap=True)
+        return
+    if path is None:
+        raise UsageError("wal-push needs the WAL file's PATH (%p), or --dry-run")
+    outcome = _ops().wal_push(runtime, chosen, Path(path))
     if outcome != "archived":
         stderr.print(f"{printable(Path(path).name)}: {outcome}", highlight=False)
 
@@ -61,16 +81,44 @@ class _RestoreCommand(click.Command):
 @click.argument("destination")
 @click.option("--source", help="The PostgreSQL source (default: the plan's only one).")
 @click.option("--identity", type=click.Path(dir_okay=False), help="age identity file.")
-def wal_fetch(name: str, destination: str, source: str | None, identity: str | None) -> None:
+@click.option(
+    "--standby",
+    is_flag=True,
+    help="For a standby's restore_command: retry an unreachable store quietly, then exit 1 "
+    "(PostgreSQL asks again later) rather than 255 (which stops the standby).",
+)
+@click.option(
+    "--retry-seconds",
+    default=60.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="With --standby: how long to retry an unreachable store.",
+)
+def wal_fetch(
+    name: str,
+    destination: str,
+    source: str | None,
+    identity: str | None,
+    standby: bool,
+    retry_seconds: float,
+) -> None:
     """Restore one WAL file: restore_command = 'spark-backup --plan PLAN wal-fetch %f %p'.
     Exit 0 restored, 1 not in the archive (recovery ends there), 255 anything else (recovery
-    aborts rather than stopping early)."""
+    aborts rather than stopping early). With --standby, an unreachable store is retried and
+    then also exits 1: a standby waits for the file, it never ends recovery."""
+    from spark_backup.sources.postgres.wal import WalNotArchived
+
     try:
         runtime, chosen = _source(source)
-        ops.wal_fetch(runtime, chosen, name, Path(destination), identity)
+        _ops().wal_fetch(
+            runtime, chosen, name, Path(destination), identity, retry_seconds if standby else 0
+        )
     except WalNotArchived as error:
         stderr.print(printable(error), highlight=False, soft_wrap=True)
         sys.exit(WAL_FETCH_MISSING)
+    except StoreError as error:
+        error_line(error)
+        sys.exit(WAL_FETCH_MISSING if standby else WAL_FETCH_ABORT)
     except Exception as error:
         error_line(error)
         sys.exit(WAL_FETCH_ABORT)
@@ -81,8 +129,10 @@ def wal_fetch(name: str, destination: str, source: str | None, identity: str | N
 @click.option("--json", "as_json", is_flag=True, help="Status as JSON.")
 def wal_status(source: str | None, as_json: bool) -> None:
     """How far the WAL archive lags behind the server, against the RPO. Exit 3 if beyond it."""
+    from spark_backup.engine.settings import format_duration
+
     runtime, chosen = _source(source)
-    status = ops.wal_archive_status(runtime, chosen)
+    status = _ops().wal_archive_status(runtime, chosen)
     row = wal_status_row(status)
     if as_json:
         click.echo(json.dumps(row, indent=2))
@@ -119,8 +169,17 @@ def wal_status_row(status: ops.WalArchiveStatus) -> dict[str, Any]:
 @click.option("--apply", is_flag=True, help="ALTER SYSTEM on the server (needs a superuser).")
 def pg_setup_archiving(source: str | None, apply: bool) -> None:
     """Print (or apply) the server settings for continuous archiving into the plan's store."""
+    from spark_backup.sources.postgres.server import conf_value
+
     runtime, chosen = _source(source)
-    settings = ops.archiving_settings(runtime, chosen)
+    settings = _ops().archiving_settings(runtime, chosen)
+    os_user, given = _ops().prepare_store_for_server(runtime, chosen)
+    for folder in given:
+        stdout.print(
+            f"# {folder} now belongs to {os_user}, who runs archive_command",
+            highlight=False,
+            soft_wrap=True,
+        )
     if not apply:
         for name, value in settings.items():
             stdout.print(f"{name} = {conf_value(value)}", highlight=False, soft_wrap=True)
@@ -129,10 +188,37 @@ def pg_setup_archiving(source: str | None, apply: bool) -> None:
             highlight=False,
         )
         return
-    restart = ops.apply_archiving_settings(runtime, chosen, settings)
+    restart = _ops().apply_archiving_settings(runtime, chosen, settings)
     stdout.print(
         "applied with ALTER SYSTEM; "
         + (f"restart PostgreSQL for {', '.join(restart)}" if restart else "reloaded"),
+        highlight=False,
+    )
+
+
+@click.command("pg-check")
+@click.argument("source", required=False)
+@click.option(
+    "--timeout",
+    default=60.0,
+    show_default=True,
+    type=click.FloatRange(min=0.1),
+    help="Seconds to wait for the segment in the store.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Report as JSON.")
+def pg_check(source: str | None, timeout: float, as_json: bool) -> None:
+    """Send a WAL file through the archive: switch the server's WAL (needs a superuser) and
+    wait until the closed segment is in the store. Also checks that the server is the cluster
+    and major version the archive's base backups come from."""
+    runtime, chosen = _source(source)
+    check = _ops().check_archive(runtime, chosen, timeout)
+    if as_json:
+        click.echo(json.dumps(asdict(check), indent=2))
+        return
+    stdout.print(
+        f"WAL segment {check.segment} of {check.source} arrived in store {check.store!r} after "
+        f"{check.seconds:.1f}s (system identifier {check.system_identifier}, PostgreSQL "
+        f"{check.server_version}, {check.base_backups_checked} base backups of this cluster)",
         highlight=False,
     )
 
@@ -142,8 +228,16 @@ def pg_setup_archiving(source: str | None, apply: bool) -> None:
 @click.option(
     "--to-time",
     "to_time",
-    required=True,
     help="ISO 8601 time (without a zone it is UTC), or 'latest': all archived WAL.",
+)
+@click.option("--to-xid", "to_xid", type=int, help="A transaction id (txid_current()).")
+@click.option("--to-lsn", "to_lsn", help="A WAL position such as 0/3000060.")
+@click.option("--to-name", "to_name", help="A restore point (pg_create_restore_point).")
+@click.option("--immediate", is_flag=True, help="Stop as soon as the base backup is consistent.")
+@click.option(
+    "--exclusive",
+    is_flag=True,
+    help="Stop just before the time, xid or lsn rather than after it.",
 )
 @click.option("--target-dir", required=True, help="A new or empty folder for the cluster.")
 @click.option("--port", default=DEFAULT_PORT, show_default=True, type=click.IntRange(1, 65535))
@@ -152,7 +246,12 @@ def pg_setup_archiving(source: str | None, apply: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Report as JSON.")
 def pg_pitr(
     source: str | None,
-    to_time: str,
+    to_time: str | None,
+    to_xid: int | None,
+    to_lsn: str | None,
+    to_name: str | None,
+    immediate: bool,
+    exclusive: bool,
     target_dir: str,
     port: int,
     identity: str | None,
@@ -160,14 +259,33 @@ def pg_pitr(
     as_json: bool,
 ) -> None:
     """Recover SOURCE to a point in time in a new cluster (base backup plus archived WAL),
-    start it on a local socket in TARGET_DIR and verify it. Production is not touched."""
-    target_time = None if to_time == LATEST else parse_time(to_time)
+    start it on a local socket in TARGET_DIR and verify it. Production is not touched. The
+    target is one of --to-time (or 'latest'), --to-xid, --to-lsn, --to-name, --immediate."""
+    if to_time is None and to_xid is None and to_lsn is None and to_name is None:
+        if not immediate:
+            raise UsageError(
+                "choose a recovery target: --to-time TIME|latest, --to-xid, --to-lsn, "
+                "--to-name or --immediate"
+            )
+    elif to_time == LATEST and (to_xid, to_lsn, to_name, immediate) != (None, None, None, False):
+        raise UsageError("--to-time latest is a recovery target of its own; choose one")
+    from spark_backup.sources.postgres import KIND
+    from spark_backup.sources.postgres.pitr import PgTarget
+
+    target = PgTarget(
+        time=None if to_time in (None, LATEST) else parse_time(to_time),
+        xid=to_xid,
+        lsn=to_lsn,
+        name=to_name,
+        immediate=immediate,
+        inclusive=not exclusive,
+    )
     runtime, chosen = _source(source)
-    report = ops.pitr(
+    report = _ops().pitr(
         runtime,
         KIND,
         chosen,
-        target_time,
+        target,
         Path(target_dir),
         port=port,
         identity_file=identity,
@@ -189,4 +307,4 @@ def pg_pitr(
         stdout.print(f"running: {report.connect_hint()}", highlight=False)
 
 
-COMMANDS = (wal_push, wal_fetch, wal_status, pg_setup_archiving, pg_pitr)
+COMMANDS = (wal_push, wal_fetch, wal_status, pg_setup_archiving, pg_check, pg_pitr)

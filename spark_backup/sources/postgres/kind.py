@@ -26,6 +26,7 @@ from spark_backup.sources.base import (
     Artifact,
     CopyRef,
     FolderRestore,
+    LogRange,
     LogStatus,
     Observable,
     Observation,
@@ -158,6 +159,10 @@ class PostgresKind(
                 replication.cursor() as cursor,
             ):
                 cursor.execute("IDENTIFY_SYSTEM")
+        if source.wal_archiving:
+            # archive_command runs as the server's OS user: a venv it cannot reach (exit 126)
+            # or a store folder it cannot write stalls archiving, found here, not by the server.
+            ops.archive_command_as_server_user(server, source)
 
     def restore_to_folder(
         self,
@@ -272,6 +277,11 @@ class PostgresKind(
 
     def owns_key(self, key: str) -> bool:
         return is_wal_key(key)
+
+    def log_ranges(
+        self, runtime: Runtime, source: PostgresSource, bases: Sequence[Manifest]
+    ) -> dict[str, LogRange]:
+        return ops.wal_ranges(runtime, source, bases)
 
     # --- PointInTimeRecovery --------------------------------------------------------------------
 

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import pwd
 import shlex
 import shutil
+import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -18,17 +21,34 @@ from typing import Any
 from pyrage import x25519
 
 from spark_backup.engine.pipeline import open_copy, utcnow
+from spark_backup.engine.processes import first_error, tool_environment
 from spark_backup.engine.stores.base import ObjectStore
 from spark_backup.engine.streams import ProgressCallback
-from spark_backup.errors import IntegrityError, SparkBackupError, UsageError
-from spark_backup.sources.base import CopyRef, FolderRestore, Runtime, SourceKind, source_of_kind
+from spark_backup.errors import (
+    IntegrityError,
+    SourceError,
+    SparkBackupError,
+    StoreError,
+    UsageError,
+)
+from spark_backup.sources.base import (
+    CopyRef,
+    FolderRestore,
+    LogRange,
+    Runtime,
+    SourceKind,
+    source_of_kind,
+)
 from spark_backup.sources.postgres import dump as pg_dump_restore
 from spark_backup.sources.postgres import pitr as recovery
 from spark_backup.sources.postgres.basebackup import BASE_PART
+from spark_backup.sources.postgres.pitr_options import DEFAULT_PORT
 from spark_backup.sources.postgres.server import (
     PostgresServer,
     ServerArchiveState,
     server_archive_state,
+    server_settings,
+    switch_wal,
 )
 from spark_backup.sources.postgres.server import apply_settings as pg_apply_settings
 from spark_backup.sources.postgres.settings import PostgresSource
@@ -39,10 +59,14 @@ from spark_backup.sources.postgres.wal import (
     fetch_wal,
     newest_segment,
     push_wal,
+    wal_prefix,
 )
-from spark_backup.sources.postgres.walname import WalSegment, lsn_value
+from spark_backup.sources.postgres.walname import DEFAULT_SEGMENT_SIZE, WalSegment, lsn_value
 
 WAL_FETCH_WORKERS = 4
+# A standby's wal-fetch asks an unreachable store again after these pauses (doubling).
+WAL_FETCH_FIRST_PAUSE = 0.5
+WAL_FETCH_MAX_PAUSE = 5.0
 BASE = "base"
 
 
@@ -68,16 +92,95 @@ def wal_push(runtime: Runtime, source: PostgresSource, path: Path) -> str:
     )
 
 
+def wal_push_dry_run(runtime: Runtime, source: PostgresSource) -> str:
+    """What ``wal-push`` needs, checked without archiving anything: the recipients, and a
+    store this user may write the source's WAL into. Returns where it would go."""
+    runtime.recipients()
+    store = runtime.store_for(source)
+    store.check_writable(wal_prefix(source.name))
+    return f"{store.uri}/{wal_prefix(source.name)}"
+
+
+def archive_command_as_server_user(
+    server: PostgresServer, source: PostgresSource, timeout: float = 60.0
+) -> str | None:
+    """Run the server's own ``archive_command`` with ``--dry-run`` in place of the file, as
+    the OS user the server runs as (we must be root to become it). Returns that user, or None
+    when there is nothing to try: not root, archiving off, a command that is not wal-push, or a
+    server on another machine (or whose data_directory this role may not read)."""
+    if os.geteuid() != 0:
+        return None
+    settings = server_settings(server, ("archive_mode", "archive_command", "data_directory"))
+    command = settings.get("archive_command") or ""
+    if settings.get("archive_mode") == "off" or "wal-push" not in command:
+        return None
+    # Only a server on this machine runs its archive_command here: its data folder is here.
+    os_user = _data_directory_owner(settings.get("data_directory"))
+    if os_user is None:
+        return None
+    try:
+        result = subprocess.run(
+            ["runuser", "-u", os_user, "--", "sh", "-c", command.replace("%p", "--dry-run")],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=tool_environment(),
+            cwd="/",
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise SourceError(
+            f"source {source.name!r}: cannot run archive_command as {os_user}: {exc}"
+        ) from None
+    if result.returncode in (126, 127):
+        raise SourceError(
+            f"source {source.name!r}: archive_command cannot start as OS user {os_user} (exit "
+            f"{result.returncode}: {first_error(result.stderr.splitlines(), result.returncode)});"
+            f" install spark-backup where {os_user} can run it, outside any home folder closed "
+            "to it (README: PostgreSQL archiving)"
+        )
+    if result.returncode != 0:
+        lines = result.stderr.splitlines()
+        # A Python traceback says what went wrong on its last line.
+        reason = lines[-1] if "Traceback" in result.stderr else first_error(lines, 1)
+        raise SourceError(
+            f"source {source.name!r}: archive_command fails as OS user {os_user}: {reason}"
+        )
+    return os_user
+
+
+def _data_directory_owner(data_directory: str | None) -> str | None:
+    """The owner of the server's data folder, when the server runs on this machine."""
+    if not data_directory:
+        return None
+    try:
+        return pwd.getpwuid(os.stat(data_directory).st_uid).pw_name
+    except (OSError, KeyError):
+        return None
+
+
 def wal_fetch(
     runtime: Runtime,
     source: PostgresSource,
     name: str,
     destination: Path,
     identity_file: str | Path | None = None,
+    retry_for: float = 0.0,
 ) -> None:
-    fetch_wal(
-        runtime.store_for(source), source.name, name, destination, runtime.identities(identity_file)
-    )
+    """Restore one WAL file. A store that cannot be reached is asked again for ``retry_for``
+    seconds (a standby's brief store outage); a file not archived or damaged is not retried."""
+    store = runtime.store_for(source)
+    identities = runtime.identities(identity_file)
+    deadline = time.monotonic() + retry_for
+    pause = WAL_FETCH_FIRST_PAUSE
+    while True:
+        try:
+            fetch_wal(store, source.name, name, destination, identities)
+            return
+        except StoreError:
+            if time.monotonic() + pause > deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, WAL_FETCH_MAX_PAUSE)
 
 
 @dataclass
@@ -135,6 +238,106 @@ def wal_archive_status(
     return status
 
 
+@dataclass
+class ArchiveCheck:
+    """``pg-check``: a segment the server was made to close, and when it was in the store."""
+
+    source: str
+    segment: str
+    store: str
+    seconds: float
+    system_identifier: str
+    server_version: str
+    base_backups_checked: int
+
+
+def check_archive(
+    runtime: Runtime, source: PostgresSource, timeout: float, poll: float = 0.2
+) -> ArchiveCheck:
+    """Force a WAL switch and wait until the store holds the closed segment; the server must
+    be the cluster (and the major version) the archive's base backups were taken from."""
+    if not source.wal_archiving:
+        raise UsageError(f"source {source.name!r} does not archive WAL (wal_archiving: false)")
+    server = server_of(runtime, source)
+    bases = [r.manifest for r in runtime.copies(source.name, BASE)]
+    store = runtime.store_for(source)
+    started = time.monotonic()
+    switched = switch_wal(server)
+    check_same_cluster(source.name, switched.system_identifier, switched.server_version, bases)
+    while not archived_wal(store, source.name, switched.segment):
+        if time.monotonic() - started > timeout:
+            state = server_archive_state(server)
+            failed = (
+                f"; the server's archiver last failed on {state.last_failed_wal} at "
+                f"{state.last_failed_time:%Y-%m-%d %H:%M:%S %Z} (see its log)"
+                if state.last_failed_wal and state.last_failed_time
+                else ""
+            )
+            raise SourceError(
+                f"source {source.name!r}: WAL segment {switched.segment} did not arrive in "
+                f"store {store.name!r} within {timeout:g} s{failed}"
+            )
+        time.sleep(poll)
+    return ArchiveCheck(
+        source.name,
+        switched.segment,
+        store.name,
+        round(time.monotonic() - started, 3),
+        switched.system_identifier,
+        switched.server_version,
+        len(bases),
+    )
+
+
+def check_same_cluster(
+    source: str, system_identifier: str, server_version: str, bases: Sequence[Any]
+) -> None:
+    """``IntegrityError`` if the archive's base backups come from another cluster or another
+    major version: its WAL would not replay onto them."""
+    major = server_version.split(".")[0]
+    for base in bases:
+        meta = base.source_metadata
+        if str(meta.get("system_identifier")) != system_identifier:
+            raise IntegrityError(
+                f"source {source!r}: the server's system identifier {system_identifier} is not "
+                f"that of base backup {base.id} ({meta.get('system_identifier')}); is another "
+                "cluster archiving into this source?"
+            )
+        if str(meta.get("server_version", "")).split(".")[0] != major:
+            raise IntegrityError(
+                f"source {source!r}: the server runs PostgreSQL {server_version}, base backup "
+                f"{base.id} was taken from {meta.get('server_version')}; take a new base backup "
+                "after a major upgrade"
+            )
+
+
+def wal_ranges(
+    runtime: Runtime, source: PostgresSource, bases: Sequence[Any]
+) -> dict[str, LogRange]:
+    """Per base backup: the WAL from its start to its end position (what makes it consistent,
+    as ``pgbackrest info`` shows it), and the first of those segments the archive lacks."""
+    bases = [m for m in bases if m.part == BASE_PART]
+    if not bases:
+        return {}
+    archived = {e.name for e in archived_wal(runtime.store_for(source), source.name)}
+    ranges = {}
+    for base in bases:
+        meta = base.source_metadata
+        size = meta.get("wal_segment_size", DEFAULT_SEGMENT_SIZE)
+        first = WalSegment.from_lsn(meta["start_lsn"], meta["timeline"], size)
+        # The end position is just past the last record: at a segment's start, that record
+        # ended in the segment before.
+        last = WalSegment(meta["timeline"], (lsn_value(meta["end_lsn"]) - 1) // size, size)
+        needed = [first]
+        while needed[-1].number < last.number:
+            needed.append(needed[-1].next())
+        missing = next((s.name for s in needed if s.name not in archived), None)
+        ranges[base.id] = LogRange(
+            meta["start_lsn"], meta["end_lsn"], first.name, last.name, missing
+        )
+    return ranges
+
+
 def expire_wal(
     runtime: Runtime,
     source: PostgresSource,
@@ -177,6 +380,22 @@ def archiving_settings(runtime: Runtime, source: PostgresSource) -> dict[str, st
         ),
         "max_wal_senders": "10",
     }
+
+
+def prepare_store_for_server(runtime: Runtime, source: PostgresSource) -> tuple[str, list[str]]:
+    """As root, for a server on this machine: the WAL folders of a local store made and given
+    to the server's OS user, who runs archive_command. Returns (that user, folders changed);
+    ("", []) when there is no such user to ask for."""
+    if os.geteuid() != 0:
+        return "", []
+    try:
+        settings = server_settings(server_of(runtime, source), ("data_directory",))
+    except SparkBackupError:
+        return "", []  # printing the settings needs no server
+    os_user = _data_directory_owner(settings.get("data_directory"))
+    if os_user is None:
+        return "", []
+    return os_user, runtime.store_for(source).give_to(wal_prefix(source.name), os_user)
 
 
 def apply_archiving_settings(
@@ -236,17 +455,19 @@ def pitr(
     runtime: Runtime,
     kind: SourceKind,
     source: PostgresSource,
-    target_time: dt.datetime | None,
+    target: dt.datetime | recovery.PgTarget | None,
     target_dir: Path,
     *,
-    port: int = recovery.DEFAULT_PORT,
+    port: int = DEFAULT_PORT,
     identity_file: str | Path | None = None,
     stop_after: bool = False,
     progress: ProgressCallback | None = None,
 ) -> recovery.PitrReport:
-    """Recover the source to ``target_time`` (None: to the end of the archived WAL, for a
-    disaster) in a new cluster under ``target_dir``, start it and verify it. The production
-    cluster is not touched."""
+    """Recover the source to ``target`` (a time or a ``PgTarget``; None: to the end of the
+    archived WAL, for a disaster) in a new cluster under ``target_dir``, start it and verify it.
+    The production cluster is not touched."""
+    goal = recovery.as_target(target)
+    target_time = goal.time
     store = runtime.store_for(source)
     target_dir = Path(os.path.abspath(target_dir))
     if target_time is not None and target_time > utcnow():
@@ -255,7 +476,10 @@ def pitr(
             "all archived WAL"
         )
     base = recovery.choose_base(
-        [r.manifest for r in runtime.copies(source.name, BASE)], target_time, source.name
+        [r.manifest for r in runtime.copies(source.name, BASE)],
+        target_time,
+        source.name,
+        goal.lsn,
     )
     identities = runtime.identities(identity_file)
     os_user = recovery.default_os_user()
@@ -265,7 +489,7 @@ def pitr(
         source.name,
         user,
         base.id,
-        target_time.isoformat() if target_time else recovery.LATEST,
+        goal.describe(),
         str(target_dir),
         port,
     )
@@ -287,7 +511,9 @@ def pitr(
         wanted, gap = recovery.wal_to_fetch(base, archived_wal(store, source.name))
         wal_folder = target_dir / recovery.WAL_CACHE_FOLDER
         wal_folder.mkdir()
-        recovery.configure_recovery(target_dir, target_time, port, os_user)
+        if goal.immediate:
+            wanted = recovery.up_to_consistency(base, wanted)
+        recovery.configure_recovery(target_dir, goal, port, os_user)
         batches = recovery.wal_batches(wanted, target_time)
         for number, batch in enumerate(batches, start=1):
             recovery.timed(
@@ -318,13 +544,13 @@ def pitr(
                 raise IntegrityError(
                     f"recovery of {source.name!r} cannot reach {report.target_time}: the "
                     f"WAL archive has no more WAL ({missing}); the last reachable point is "
-                    f"{reached}. Choose --to-time at or before it. ({exc})"
+                    f"{reached}. Choose a target at or before it. ({exc})"
                 ) from None
         points = recovery.recovery_points(target_dir / recovery.LOG_FILE)
         report.stopped = points["stopped"]
         report.last_transaction = points["last_transaction"]
         report.recovered_to = points["last_transaction"]
-        if target_time is None:
+        if goal.is_latest:
             # "latest" must mean all of the archive: a gap, or WAL that was fetched but not
             # replayed, is an early stop nobody chose.
             recovery.check_replayed_all(

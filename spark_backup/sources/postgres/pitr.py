@@ -30,11 +30,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psycopg2
+import psycopg
 
 from spark_backup.engine.manifest import Manifest
 from spark_backup.engine.processes import first_error, tool_environment
 from spark_backup.errors import IntegrityError, RestoreRefused, SourceError, UsageError
+from spark_backup.sources.postgres.pitr_options import LATEST
 from spark_backup.sources.postgres.server import (
     DEBIAN_BIN_DIRS,
     conf_value,
@@ -49,13 +50,11 @@ WAL_CACHE_FOLDER = "wal_archive"
 LOG_FILE = "postgresql.log"
 REPORT_FILE = "pitr.json"
 HBA_FILE = "pg_hba.conf"
-DEFAULT_PORT = 54329
 # Segments beyond the last one archived before the target fetched up front: the commit that
 # ends recovery is usually in the next few.
 WAL_LOOKAHEAD = 8
 # PostgreSQL 15's words when the WAL ran out before the recovery target.
 ENDED_EARLY = "recovery ended before configured recovery target was reached"
-LATEST = "latest"
 # postmaster.pid's eighth line is the server's status (PostgreSQL's LOCK_FILE_LINE_PM_STATUS).
 POSTMASTER_PID_STATUS_LINE = 7
 PM_STATUS_READY = "ready"
@@ -103,19 +102,124 @@ class PitrReport:
         return f"psql -h {self.target_dir} -p {self.port} -U {self.user}"
 
 
-def choose_base(bases: Sequence[Manifest], target: dt.datetime | None, source: str) -> Manifest:
-    """The newest base backup that finished (was consistent) at or before ``target`` (None:
-    the newest of all)."""
-    usable = [b for b in bases if target is None or b.finished <= target]
+_LSN_RE = re.compile(r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$")
+# PostgreSQL's NAMEDATALEN - 1: a longer restore point name is cut, and would never match.
+MAX_RESTORE_POINT_NAME = 63
+
+
+@dataclass(frozen=True)
+class PgTarget:
+    """Where recovery stops: a time, a transaction id, a WAL position, a named restore point
+    (``pg_create_restore_point``), ``immediate`` (as soon as the base backup is consistent), or
+    none of them: the end of the archived WAL. ``inclusive``: stop after the target (PostgreSQL's
+    default) rather than just before it; time, xid and lsn only."""
+
+    time: dt.datetime | None = None
+    xid: int | None = None
+    lsn: str | None = None
+    name: str | None = None
+    immediate: bool = False
+    inclusive: bool = True
+
+    def __post_init__(self) -> None:
+        chosen = [self.time, self.xid, self.lsn, self.name, self.immediate or None]
+        if sum(value is not None for value in chosen) > 1:
+            raise UsageError(
+                "choose one recovery target: --to-time, --to-xid, --to-lsn, --to-name or "
+                "--immediate"
+            )
+        if self.xid is not None and self.xid < 3:
+            raise UsageError(f"--to-xid {self.xid}: a transaction id is 3 or more")
+        if self.lsn is not None and not _LSN_RE.match(self.lsn):
+            raise UsageError(f"--to-lsn {self.lsn!r} is not a WAL position such as 0/3000060")
+        if self.name is not None and not 0 < len(self.name.encode()) <= MAX_RESTORE_POINT_NAME:
+            raise UsageError(
+                f"--to-name: a restore point name has 1 to {MAX_RESTORE_POINT_NAME} bytes"
+            )
+        if not self.inclusive and (self.name is not None or self.immediate or self.is_latest):
+            raise UsageError("--exclusive applies to --to-time, --to-xid and --to-lsn only")
+
+    @property
+    def is_latest(self) -> bool:
+        return (
+            self.time is None
+            and self.xid is None
+            and self.lsn is None
+            and self.name is None
+            and not self.immediate
+        )
+
+    def describe(self) -> str:
+        if self.time is not None:
+            what = self.time.isoformat()
+        elif self.xid is not None:
+            what = f"xid {self.xid}"
+        elif self.lsn is not None:
+            what = f"lsn {self.lsn.upper()}"
+        elif self.name is not None:
+            what = f"restore point {self.name!r}"
+        else:
+            what = "immediate" if self.immediate else LATEST
+        return what if self.inclusive else f"{what} (exclusive)"
+
+    def settings(self) -> dict[str, str]:
+        """The recovery_target* settings (the others are cleared by configure_recovery)."""
+        if self.is_latest:
+            return {}  # replay all archived WAL, then promote
+        if self.time is not None:
+            found = {"recovery_target_time": conf_value(self.time.isoformat(sep=" "))}
+        elif self.xid is not None:
+            found = {"recovery_target_xid": conf_value(str(self.xid))}
+        elif self.lsn is not None:
+            found = {"recovery_target_lsn": conf_value(self.lsn.upper())}
+        elif self.name is not None:
+            found = {"recovery_target_name": conf_value(self.name)}
+        else:
+            found = {"recovery_target": "'immediate'"}
+        found["recovery_target_inclusive"] = "on" if self.inclusive else "off"
+        found["recovery_target_action"] = "'promote'"
+        return found
+
+
+def choose_base(
+    bases: Sequence[Manifest], target: dt.datetime | None, source: str, lsn: str | None = None
+) -> Manifest:
+    """The newest base backup that finished (was consistent) at or before ``target``, or whose
+    end is at or before WAL position ``lsn`` (neither: the newest of all)."""
+    usable = [
+        b
+        for b in bases
+        if (target is None or b.finished <= target)
+        and (lsn is None or lsn_value(b.source_metadata["end_lsn"]) <= lsn_value(lsn))
+    ]
     if usable:
         return max(usable, key=lambda b: (b.finished_at, b.id))
     if not bases:
         raise UsageError(f"source {source!r} has no base backup; recovery needs one")
     oldest = min(bases, key=lambda b: b.finished_at)
+    if lsn is not None:
+        raise UsageError(
+            f"--to-lsn {lsn} is before the end of the oldest base backup of {source!r} "
+            f"({oldest.id}, consistent from {oldest.source_metadata['end_lsn']}); choose a "
+            "later position"
+        )
     raise UsageError(
         f"--to-time {target.isoformat() if target else LATEST} is before the oldest base backup of {source!r} "
         f"({oldest.id}, consistent from {oldest.finished_at}); choose a later time"
     )
+
+
+def up_to_consistency(base: Manifest, wanted: list[ArchivedWal]) -> list[ArchivedWal]:
+    """Of ``wanted``, what recovery to ``immediate`` reads: the segments up to the one where
+    the base backup became consistent, and the history files."""
+    meta = base.source_metadata
+    size = meta.get("wal_segment_size", DEFAULT_SEGMENT_SIZE)
+    end = WalSegment.from_lsn(meta["end_lsn"], meta["timeline"], size).number
+    return [
+        entry
+        for entry in wanted
+        if not entry.is_segment or WalSegment.from_name(entry.name, size).number <= end
+    ]
 
 
 def prepare_target(target_dir: Path, os_user: str | None) -> None:
@@ -185,7 +289,7 @@ def server_binary(name: str, major: int, bin_dir: Path | None) -> Path:
 
 
 def configure_recovery(
-    target_dir: Path, target_time: dt.datetime | None, port: int, os_user: str | None
+    target_dir: Path, target: dt.datetime | PgTarget | None, port: int, os_user: str | None
 ) -> None:
     """Recovery settings appended to the restored cluster's own (later lines win). Whatever of
     production's settings would reach outside is switched off: archiving, TCP, replication
@@ -223,10 +327,11 @@ def configure_recovery(
         "recovery_target_time": "''",
         "recovery_target_timeline": "'latest'",
     }
-    if target_time is not None:
-        # Without a target, recovery replays all archived WAL and then promotes.
-        settings["recovery_target_time"] = conf_value(target_time.isoformat(sep=" "))
-        settings["recovery_target_action"] = "'promote'"
+    # Without a target, recovery replays all archived WAL and then promotes. The target comes
+    # after the cleared ones: PostgreSQL refuses any recovery_target* line, even an empty one,
+    # that follows a target already set ("multiple recovery targets specified").
+    chosen = as_target(target).settings()
+    settings = {name: value for name, value in settings.items() if name not in chosen} | chosen
     with open(data / "postgresql.auto.conf", "a", encoding="utf-8") as conf:
         conf.write("\n# spark-backup pg-pitr: recovery into a throwaway cluster\n")
         conf.writelines(f"{name} = {value}\n" for name, value in settings.items())
@@ -235,6 +340,11 @@ def configure_recovery(
     os.chmod(data, 0o700)
     os.chmod(target_dir, 0o700)  # the socket trusts whoever reaches it: only the owner may
     hand_over(target_dir, os_user)
+
+
+def as_target(target: dt.datetime | PgTarget | None) -> PgTarget:
+    """A time (or None, the latest point) as a target."""
+    return target if isinstance(target, PgTarget) else PgTarget(time=target)
 
 
 def hand_over(folder: Path, os_user: str | None) -> None:
@@ -318,8 +428,10 @@ def stop(pg_ctl: Path, target_dir: Path, os_user: str | None) -> None:
     )
 
 
-def _connect(target_dir: Path, port: int, user: str, dbname: str = "postgres") -> Any:
-    return psycopg2.connect(
+def _connect(
+    target_dir: Path, port: int, user: str, dbname: str = "postgres"
+) -> psycopg.Connection:
+    return psycopg.connect(
         host=str(target_dir), port=port, user=user, dbname=dbname, connect_timeout=5
     )
 
@@ -367,7 +479,7 @@ def verify_cluster(
         try:
             with closing(_connect(target_dir, port, user, database)) as conn:
                 counts = table_row_counts(conn, logged_only=True)
-        except psycopg2.Error as exc:
+        except psycopg.Error as exc:
             raise IntegrityError(
                 f"recovered cluster: database {database!r} cannot be read: {first_line(str(exc))}"
             ) from None

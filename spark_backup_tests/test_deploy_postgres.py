@@ -1,0 +1,240 @@
+"""The production stack on this machine: a PostgreSQL-backed instance made by
+``spark-backup dagster-init --postgres``, a code server, ``dagster-daemon`` and
+``dagster-webserver`` as separate processes (as deploy/systemd/ runs them). A backfill launched
+through GraphQL runs through the queued coordinator, the global limit and the per-source pools;
+the daemon is killed with -9 in the middle and restarted, and no run is lost or duplicated.
+Every process is stopped and the scratch database dropped after."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from spark_backup_tests import dagster_processes
+from spark_backup_tests.dagster_processes import DagsterGraphQL
+from spark_backup_tests.helpers import (
+    config_source,
+    free_port,
+    make_estate,
+    make_key,
+    plan_dict,
+    run_cli,
+    write_plan,
+)
+from spark_backup_tests.test_postgres import MAIN, drop_database, run_sql
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCES = ("gpu_node", "ingress", "vpn")
+# One partition per backfill: four runs, each a fresh process (seconds on a loaded 2-core host).
+PARTITIONS = 1
+# The global limit the test sets (deploy/dagster.yaml ships 4): below the number of sources, so
+# that it, and not only the pools, has to hold runs back.
+GLOBAL_LIMIT = 2
+
+
+@dataclass
+class Stack:
+    home: Path
+    env: dict[str, str]
+    workspace: Path
+    server: DagsterGraphQL
+    partitions: list[str]
+    daemon: subprocess.Popen | None = None
+
+    def start_daemon(self) -> None:
+        self.daemon = dagster_processes.start(
+            ["dagster-daemon", "run", "-w", str(self.workspace)],
+            self.home / "daemon.log",
+            ROOT,
+            self.env,
+        )
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    home = tmp_path_factory.mktemp("deploy")
+    database = f"spark_backup_deploy_{uuid.uuid4().hex[:8]}"
+    run_sql(f'CREATE DATABASE "{database}"')
+    processes: list[subprocess.Popen] = []
+    stack = None
+    try:
+        estate = make_estate(home / "estate")
+        _, public = make_key(home)
+        today = dt.datetime.now(dt.UTC).date()
+        start = today - dt.timedelta(days=PARTITIONS)
+        plan = plan_dict(
+            [public],
+            [config_source(name, [str(estate)], cadence="daily") for name in SOURCES],
+            stores=[{"name": "local", "kind": "local", "path": str(home / "store")}],
+            defaults={"partitions_start": start.isoformat()},
+        )
+        plan_path = write_plan(home, plan)
+        dagster_home = home / "dagster_home"
+        env = {
+            **os.environ,
+            "DAGSTER_HOME": str(dagster_home),
+            "SPARK_BACKUP_PLAN": str(plan_path),
+            "DAGSTER_PG_PASSWORD": "",  # trust authentication on this machine
+        }
+        url = f"postgresql://{MAIN['user']}@{MAIN['host']}:{MAIN['port']}/{database}"
+        run_cli("dagster-init", "--postgres", url, cwd=ROOT, env=env, check=True)
+        config_path = dagster_home / "dagster.yaml"
+        config = yaml.safe_load(config_path.read_text())
+        config["concurrency"]["runs"]["max_concurrent_runs"] = GLOBAL_LIMIT
+        config_path.write_text(yaml.safe_dump(config))
+
+        grpc_port, web_port = free_port(), free_port()
+        workspace = home / "workspace.yaml"
+        workspace.write_text(
+            yaml.safe_dump(
+                {
+                    "load_from": [
+                        {
+                            "grpc_server": {
+                                "host": "127.0.0.1",
+                                "port": grpc_port,
+                                "location_name": "spark_backup",
+                            }
+                        }
+                    ]
+                }
+            )
+        )
+        processes.append(
+            dagster_processes.start(
+                [
+                    "dagster",
+                    "code-server",
+                    "start",
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    str(grpc_port),
+                    "-m",
+                    "spark_backup.definitions",
+                    "--location-name",
+                    "spark_backup",
+                ],
+                home / "code_server.log",
+                ROOT,
+                env,
+            )
+        )
+        web = dagster_processes.start(
+            ["dagster-webserver", "-w", str(workspace), "-h", "127.0.0.1", "-p", str(web_port)],
+            home / "webserver.log",
+            ROOT,
+            env,
+        )
+        processes.append(web)
+        server = DagsterGraphQL(web_port)
+        server.wait_ready(web, home / "webserver.log")
+        server.wait_location_loaded("spark_backup")
+        partitions = [(start + dt.timedelta(days=i)).isoformat() for i in range(PARTITIONS)]
+        stack = Stack(home, env, workspace, server, partitions)
+        stack.start_daemon()
+        yield stack
+    finally:
+        if stack and stack.daemon:
+            processes.append(stack.daemon)
+        for process in reversed(processes):
+            dagster_processes.stop_group(process)
+        drop_database(database)
+
+
+BACKFILL = """mutation($p: LaunchBackfillParams!) { launchPartitionBackfill(backfillParams: $p) {
+  __typename ... on LaunchBackfillSuccess { backfillId } ... on PythonError { message } } }"""
+RUNS = """query($id: String!) { runsOrError(filter: {tags: [{key: "dagster/backfill", value: $id}]}) {
+  ... on Runs { results { runId status startTime endTime tags { key value }
+    assetSelection { path } } } } }"""
+BACKFILL_STATUS = """query($id: String!) { partitionBackfillOrError(backfillId: $id) {
+  ... on PartitionBackfill { status } } }"""
+DONE_BACKFILL = ("COMPLETED", "COMPLETED_SUCCESS", "COMPLETED_FAILED", "FAILED", "CANCELED")
+MATERIALIZATIONS = """query($key: AssetKeyInput!) { assetOrError(assetKey: $key) {
+  ... on Asset { assetMaterializations(limit: 1000) { partition runId } } } }"""
+
+
+def test_backfills_survive_a_killed_daemon(stack: Stack) -> None:
+    """One backfill per source, as an operator launches them from each asset's page, and the
+    first source's launched twice: runs of different sources overlap up to the global limit,
+    the two runs of one source never do."""
+    server = stack.server
+    backfills = []
+    for name in (*SOURCES, SOURCES[0]):
+        launched = server.query(
+            BACKFILL,
+            {
+                "p": {
+                    "partitionNames": stack.partitions,
+                    "assetSelection": [{"path": ["backups", name]}],
+                }
+            },
+        )["launchPartitionBackfill"]
+        assert launched["__typename"] == "LaunchBackfillSuccess", launched
+        backfills.append(launched["backfillId"])
+
+    def runs() -> list[dict]:
+        return [
+            run
+            for backfill in backfills
+            for run in server.query(RUNS, {"id": backfill})["runsOrError"]["results"]
+        ]
+
+    # Kill the daemon with -9 once a run finished and others wait, then start another.
+    deadline = time.monotonic() + 180
+    while not any(r["status"] == "SUCCESS" for r in runs()):
+        assert time.monotonic() < deadline, (stack.home / "daemon.log").read_text()[-3000:]
+        time.sleep(0.5)
+    assert stack.daemon is not None
+    os.killpg(os.getpgid(stack.daemon.pid), signal.SIGKILL)
+    stack.daemon.wait()
+    stack.start_daemon()
+
+    deadline = time.monotonic() + 240
+    while not all(
+        server.query(BACKFILL_STATUS, {"id": backfill})["partitionBackfillOrError"]["status"]
+        in DONE_BACKFILL
+        for backfill in backfills
+    ):
+        assert time.monotonic() < deadline, (stack.home / "daemon.log").read_text()[-3000:]
+        time.sleep(1)
+    finished = runs()
+    expected_runs = len(backfills) * len(stack.partitions)
+    assert [r["status"] for r in finished] == ["SUCCESS"] * expected_runs, finished
+
+    # Each run materialized its partition once: no run lost, none launched twice.
+    for name in SOURCES:
+        events = server.query(MATERIALIZATIONS, {"key": {"path": ["backups", name]}})[
+            "assetOrError"
+        ]["assetMaterializations"]
+        mine = [r for r in finished if _source_of(r) == name]
+        assert sorted(e["runId"] for e in events) == sorted(r["runId"] for r in mine), name
+        assert sorted(e["partition"] for e in events) == sorted(
+            _tag(r, "dagster/partition") for r in mine
+        )
+
+    # The two runs of one source never overlapped; never more than the global limit at once.
+    spans = [(r["startTime"], r["endTime"], _source_of(r)) for r in finished]
+    first = sorted((start, end) for start, end, source in spans if source == SOURCES[0])
+    assert len(first) == 2 and first[1][0] >= first[0][1], "two runs of one source overlapped"
+    for start, _, _ in spans:
+        assert sum(1 for s, e, _ in spans if s <= start < e) <= GLOBAL_LIMIT
+
+
+def _source_of(run: dict) -> str:
+    (asset,) = run["assetSelection"]
+    return asset["path"][1]
+
+
+def _tag(run: dict, key: str) -> str:
+    return next(t["value"] for t in run["tags"] if t["key"] == key)
