@@ -44,7 +44,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psycopg2
+import psycopg
 from machine import basic_facts, first_line, load_average
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # spark_backup_tests, from anywhere
@@ -250,7 +250,7 @@ def pitr(
         report = json.loads(run.stdout)
         with (
             closing(
-                psycopg2.connect(host=str(target), port=port, user="postgres", dbname=DATABASE)
+                psycopg.connect(host=str(target), port=port, user="postgres", dbname=DATABASE)
             ) as conn,
             conn.cursor() as cursor,
         ):
@@ -550,10 +550,10 @@ class ProbeWriter(threading.Thread):
 
     def run(self) -> None:
         try:
-            conn = psycopg2.connect(
+            conn = psycopg.connect(
                 host="127.0.0.1", port=self.port, user="postgres", dbname=DATABASE
             )
-        except psycopg2.Error as exc:
+        except psycopg.Error as exc:
             self.error = str(exc).strip()
             return
         conn.autocommit = True
@@ -566,10 +566,10 @@ class ProbeWriter(threading.Thread):
                     self.last = cursor.fetchone()
                     self.committed += 1
                     self.stopping.wait(PROBE_INTERVAL)
-        except psycopg2.Error as exc:  # the disaster
+        except psycopg.Error as exc:  # the disaster
             self.error = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
         finally:
-            with suppress(psycopg2.Error):
+            with suppress(psycopg.Error):
                 conn.close()
 
 

@@ -1,28 +1,93 @@
 """What the command line prints with: the two consoles, sizes, and text made safe for a
-terminal. Shared by the core commands (``spark_backup/cli/``) and every kind's own commands."""
+terminal. Shared by the core commands (``spark_backup/cli/``) and every kind's own commands.
+
+rich loads on the first print, not on import: ``--help``, ``--version`` and ``wal-push``, which
+PostgreSQL runs for every WAL segment, start without it."""
 
 from __future__ import annotations
 
 import datetime as dt
 import re
 import sys
-
-from rich.console import Console
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from spark_backup.errors import UsageError
 
-# Wide when piped, so tables and ids are not cut at 80 columns in logs.
-stdout = Console(width=None if sys.stdout.isatty() else 200)
-stderr = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
+if TYPE_CHECKING:
+    from rich.console import Console
 
-# C0 and C1 control characters (escape sequences start with one), except tab.
-_CONTROL_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+
+class _LazyConsole:
+    """A rich ``Console`` made on first use; every attribute is the console's."""
+
+    def __init__(self, to_stderr: bool):
+        self._to_stderr = to_stderr
+        self._console: Console | None = None
+
+    @property
+    def console(self) -> Console:
+        if self._console is None:
+            from rich.console import Console
+
+            stream = sys.stderr if self._to_stderr else sys.stdout
+            # Wide when piped, so tables and ids are not cut at 80 columns in logs.
+            self._console = Console(stderr=self._to_stderr, width=None if stream.isatty() else 200)
+        return self._console
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.console, name)
+
+
+stdout = _LazyConsole(to_stderr=False)
+stderr = _LazyConsole(to_stderr=True)
 
 
 def printable(text: object) -> str:
-    """``text`` with control characters shown as escapes: a file name or manifest field must
-    never reach the terminal as an escape sequence."""
-    return _CONTROL_RE.sub(lambda m: f"\\x{ord(m.group()):02x}", str(text))
+    """``text`` safe to print through rich: control characters escaped (``engine.text``), and
+    square brackets escaped so that a name like ``[red]x`` is shown, not taken as markup."""
+    from rich.markup import escape
+
+    from spark_backup.engine.text import printable as text_printable
+
+    return escape(text_printable(text))
+
+
+# What a cell of a column may not hold as is: control characters, and tabs (they would break
+# the alignment). Columns are plain text, not rich markup: brackets stay as they are.
+_CELL_UNSAFE_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def print_columns(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> None:
+    """Rows as plain columns, aligned and two spaces apart, every cell made printable. Rich's
+    Table took 6-12 s for 5,000 rows; this is linear and cheap per row (a row of plain ASCII,
+    the usual case, is checked once and padded by ``len``), so ``list`` stays cheap as copies
+    grow."""
+    table = [_cells(row) for row in (headers, *rows)]
+    widths = [max(width for _cell, width in column) for column in zip(*table, strict=True)]
+    lines = (
+        "  ".join(
+            cell + " " * (width - cell_width)
+            for (cell, cell_width), width in zip(row, widths, strict=True)
+        ).rstrip()
+        for row in table
+    )
+    sys.stdout.write("".join(f"{line}\n" for line in lines))
+    sys.stdout.flush()
+
+
+def _cells(row: Sequence[object]) -> list[tuple[str, int]]:
+    """Each cell of a row made printable, with its width in terminal columns."""
+    texts = [str(value) for value in row]
+    joined = "".join(texts)
+    if joined.isascii() and not _CELL_UNSAFE_RE.search(joined):
+        return [(text, len(text)) for text in texts]
+    from spark_backup.engine.text import printable as text_printable
+
+    cells = [text_printable(text).replace("\t", "\\x09") for text in texts]
+    from rich.cells import cell_len
+
+    return [(cell, cell_len(cell)) for cell in cells]
 
 
 def size(value: int) -> str:

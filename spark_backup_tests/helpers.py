@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import datetime as dt
 import io
 import os
 import socket
@@ -13,7 +15,10 @@ from typing import Any
 
 import yaml
 
+from spark_backup.engine.cadence import partition_key_for
 from spark_backup.engine.crypto import generate_identity
+from spark_backup.engine.manifest import Manifest, data_key, manifest_key, new_copy_id
+from spark_backup.engine.stores import ObjectStore
 from spark_backup.errors import SourceError
 
 SPARK_BACKUP = [sys.executable, "-m", "spark_backup"]
@@ -150,3 +155,36 @@ class BytesSource:
 def flip_last_byte(data: bytes) -> bytes:
     """The same bytes with the last one changed, whatever it was (damage that always shows)."""
     return data[:-1] + bytes([data[-1] ^ 0x01])
+
+
+def clone_copies(
+    store: ObjectStore,
+    template: Manifest,
+    count: int,
+    *,
+    start: dt.datetime,
+    step: dt.timedelta,
+    cadence: str = "daily",
+) -> list[Manifest]:
+    """``count`` more copies of ``template``'s source, made without running backups: its stored
+    bytes under new data keys and its manifest with a new id, times and partition. Each clone
+    is a whole copy (it verifies and restores) committed as a backup commits: data, then
+    manifest."""
+    stored = store.get_bytes(template.data_key)
+    suffix = template.data_key.removeprefix(data_key(template.source, template.id, ""))
+    made = []
+    for number in range(count):
+        started = start + number * step
+        copy_id = new_copy_id(template.source, started)
+        clone = dataclasses.replace(
+            template,
+            id=copy_id,
+            data_key=data_key(template.source, copy_id, suffix),
+            partition=partition_key_for(cadence, started),
+            started_at=started.isoformat(),
+            finished_at=(started + dt.timedelta(seconds=1)).isoformat(),
+        )
+        store.put_bytes(clone.data_key, stored)
+        store.put_bytes(manifest_key(clone.source, copy_id), clone.to_json())
+        made.append(clone)
+    return made

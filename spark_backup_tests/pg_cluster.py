@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
 
-import psycopg2
+import psycopg
 
 from spark_backup.sources.postgres.pitr import as_user, default_os_user
 from spark_backup_tests.helpers import free_port
@@ -127,7 +127,7 @@ class Cluster:
         )
 
     def connect(self, dbname: str = "postgres"):
-        conn = psycopg2.connect(
+        conn = psycopg.connect(
             host="127.0.0.1", port=self.port, user="postgres", dbname=dbname, connect_timeout=5
         )
         conn.autocommit = True
@@ -138,7 +138,7 @@ class Cluster:
             cursor.execute(statement)
             return cursor.fetchall() if cursor.description else []
 
-    def switch_wal_and_wait(self, timeout: float = 30) -> str:
+    def switch_wal_and_wait(self, timeout: float = 90) -> str:
         """Close the current segment and wait until the archiver has archived it."""
         segment = self.execute("SELECT pg_walfile_name(pg_switch_wal())")[0][0]
         deadline = time.monotonic() + timeout

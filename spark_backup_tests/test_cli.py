@@ -238,7 +238,11 @@ def test_interrupted_restore_publishes_nothing_and_leaves_no_worker(
     # The staging folder is gone, nothing was published, and the target this restore created
     # is removed again.
     assert not target.exists()
-    workers = subprocess.run(["pgrep", "-f", "spark_backup.engine.age_worker"], capture_output=True)
+    # Only this restore's session: other runs on the machine may have workers of their own.
+    workers = subprocess.run(
+        ["pgrep", "-s", str(process.pid), "-f", "spark_backup.engine.age_worker"],
+        capture_output=True,
+    )
     assert workers.stdout == b""
 
 

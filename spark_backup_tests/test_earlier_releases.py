@@ -7,7 +7,7 @@ import uuid
 from contextlib import closing
 from pathlib import Path
 
-import psycopg2
+import psycopg
 import pytest
 
 from spark_backup.service import BackupService
@@ -80,11 +80,11 @@ def test_release_0_1_0_dump_restores_into_a_database(release_0_1_0) -> None:
     try:
         summary = service.restore_to("database", dump.manifest.id, database, identity_file=key)
         assert summary["rows"] == 20
-        with closing(psycopg2.connect(dbname=database, **PG)) as conn, conn.cursor() as cursor:
+        with closing(psycopg.connect(dbname=database, **PG)) as conn, conn.cursor() as cursor:
             cursor.execute("SELECT count(*), max(name) FROM items")
             assert cursor.fetchone() == (20, "item 9")
     finally:
-        with closing(psycopg2.connect(dbname="postgres", **PG)) as conn:
+        with closing(psycopg.connect(dbname="postgres", **PG)) as conn:
             conn.autocommit = True
             with conn.cursor() as cursor:
                 cursor.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")

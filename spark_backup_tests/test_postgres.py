@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
 
-import psycopg2
+import psycopg
 import pytest
 import yaml
 from dagster import AssetKey, DagsterInstance
@@ -33,6 +33,7 @@ from spark_backup.plan import load_plan
 from spark_backup.service import BackupService
 from spark_backup.sources.postgres import KIND as POSTGRES
 from spark_backup.sources.postgres import ops
+from spark_backup.sources.postgres.server import first_line
 from spark_backup.sources.postgres.wal import archived_wal
 from spark_backup_tests.helpers import (
     flip_last_byte,
@@ -68,7 +69,7 @@ CREATE TABLE public.empty (x int);
 
 
 def main_conn(dbname: str = "postgres"):
-    conn = psycopg2.connect(dbname=dbname, connect_timeout=5, **MAIN)
+    conn = psycopg.connect(dbname=dbname, connect_timeout=5, **MAIN)
     conn.autocommit = True
     return conn
 
@@ -342,6 +343,25 @@ def test_bad_connections_and_tools_give_one_line(tmp_path: Path, age_key, sample
     assert "no pg_hba.conf entry for replication" in probe.stderr
 
 
+def test_connection_errors_keep_every_address_tried_on_one_line() -> None:
+    """psycopg 3 words a refusal after several addresses as a heading and one line per address."""
+    message = (
+        "connection failed: Multiple connection attempts failed. All failures were:\n"
+        "- host: 'db', port: '5432', hostaddr: '::1': connection failed: Connection refused\n"
+        "\tIs the server running on that host and accepting TCP/IP connections?\n"
+        "- host: 'db', port: '5432', hostaddr: '10.0.0.5': FATAL:  password authentication "
+        'failed for user "app" s3cret'
+    )
+    assert first_line(message, "s3cret") == (
+        "host: 'db', port: '5432', hostaddr: '::1': connection failed: Connection refused; "
+        "host: 'db', port: '5432', hostaddr: '10.0.0.5': FATAL:  password authentication "
+        'failed for user "app" ***'
+    )
+    assert first_line("connection failed: connection to server failed: FATAL:  no\nmore") == (
+        "connection to server failed: FATAL:  no"
+    )
+
+
 def test_password_reaches_the_tools_and_never_the_output(tmp_path: Path, age_key) -> None:
     root = shared_dir("spark-backup-pw-")
     pwfile = root / "pw"
@@ -569,7 +589,7 @@ def test_pitr_drill_recovers_exactly_the_rows_before_the_damage(archiving: Archi
         "public.keep_me": 1,
         "public.ledger": 250,
     }
-    recovered = psycopg2.connect(
+    recovered = psycopg.connect(
         host=str(target_dir), port=report["port"], user="postgres", dbname="postgres"
     )
     with closing(recovered):
@@ -768,6 +788,59 @@ def test_definitions_for_a_postgres_source(tmp_path: Path, age_key) -> None:
         assert node.group_name == "postgres" and node.partitions_def is not None
 
 
+def test_backup_as_root_before_the_first_wal_push_leaves_the_wal_writable(tmp_path) -> None:
+    """The store folder belongs to the server's user; a base backup run as root creates the
+    source's folders first: wal-push, run by the server as that user, must still write."""
+    root = shared_dir("spark-backup-firstpush-")
+    try:
+        _key, public = make_key(root)
+        store = root / "store"
+        store.mkdir()
+        shutil.chown(store, root.owner(), root.group())  # as pg-setup-archiving leaves it
+        port = free_port()
+        plan_path = root / "plan.yaml"
+        source = pg_source(host="127.0.0.1", port=port, user="postgres")
+        plan = plan_dict(
+            [public], [source], stores=[{"name": "local", "kind": "local", "path": str(store)}]
+        )
+        plan_path.write_text(yaml.safe_dump(plan))
+        plan_path.chmod(0o644)
+        settings = {
+            "wal_level": "replica",
+            "archive_mode": "on",
+            "archive_command": archive_command(plan_path, "pg_main"),
+            "max_wal_senders": "4",
+        }
+        cluster = Cluster(root / "cluster", port)
+        (root / "cluster").mkdir()
+        shutil.chown(root / "cluster", root.owner(), root.group())
+        with executable_for_postgres():
+            try:
+                # archive_command fails until the first backup: no segment is complete yet.
+                cluster.init(settings).start()
+                backup = run_cli(
+                    "--plan", str(plan_path), "backup", "pg_main", "--artifact", "base"
+                )
+                assert backup.returncode == 0, backup.stderr
+                for folder in (store / "pg_main", *(store / "pg_main").rglob("*")):
+                    if folder.is_dir():
+                        assert folder.owner() == store.owner(), folder
+                segment = cluster.switch_wal_and_wait(timeout=60)
+                assert (store / "pg_main" / "wal").is_dir()
+                assert any(segment in path.name for path in (store / "pg_main" / "wal").rglob("*"))
+            finally:
+                cluster.stop()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_probe_makes_a_replication_connection(archiving: Archiving) -> None:
+    """A walsender takes replication commands only: the probe's IDENTIFY_SYSTEM must pass."""
+    probe = run_cli("--plan", str(archiving.plan), "plan", "check", "--probe")
+    assert probe.returncode == 0, probe.stderr
+    assert "plan is valid" in probe.stdout
+
+
 def test_setup_archiving_prints_and_applies_the_settings(archiving: Archiving) -> None:
     printed = run_cli("--plan", str(archiving.plan), "pg-setup-archiving", "pg_main")
     assert printed.returncode == 0, printed.stderr
@@ -881,7 +954,7 @@ def test_pitr_fetches_wal_in_batches_and_resumes(archiving: Archiving, monkeypat
         log = (Path(report.target_dir) / recovery.LOG_FILE).read_text()
         assert log.count(recovery.ENDED_EARLY) >= 1  # the first batch was not enough
         assert "the database system is" not in log  # waiting for promotion makes no connections
-        recovered = psycopg2.connect(
+        recovered = psycopg.connect(
             host=report.target_dir, port=report.port, user="postgres", dbname="postgres"
         )
         with closing(recovered), recovered.cursor() as cursor:
@@ -914,7 +987,7 @@ def test_pitr_latest_replays_everything_whatever_the_umask(archiving: Archiving)
         os.umask(previous)
     try:
         assert report.ok
-        recovered = psycopg2.connect(
+        recovered = psycopg.connect(
             host=report.target_dir, port=report.port, user="postgres", dbname="postgres"
         )
         with closing(recovered), recovered.cursor() as cursor:

@@ -17,7 +17,7 @@ from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import psycopg2
+import psycopg
 import pytest
 import yaml
 
@@ -282,7 +282,7 @@ def test_point_in_time_recovery_by_hand(tmp_path: Path) -> None:
         assert "recovery stopping before commit of transaction" in result.stdout
         with (
             closing(
-                psycopg2.connect(host=str(target), port=port, user="postgres", dbname="app")
+                psycopg.connect(host=str(target), port=port, user="postgres", dbname="app")
             ) as conn,
             conn.cursor() as cursor,
         ):

@@ -451,7 +451,8 @@ def test_governance_lock_refuses_plain_delete(make_store, s3_lock_bucket, seawee
 def test_delete_removes_every_version_once_unlocked(make_store, s3_lock_bucket, seaweedfs):
     store = make_store(s3_lock_bucket)
     full = f"{PREFIX}/short"
-    until = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=2)
+    # Long enough that a loaded machine still tries the delete inside the lock.
+    until = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=8)
     store.put_bytes("short", b"brief", lock=ObjectLock("COMPLIANCE", until))
     # A plain DELETE by someone else only hides the object behind a delete marker.
     seaweedfs.client().delete_object(Bucket=s3_lock_bucket, Key=full)

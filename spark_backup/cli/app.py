@@ -8,9 +8,10 @@ refused; 8 key or identity problem; 130 interrupted. Errors are printed as one l
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 import click
 
@@ -24,10 +25,18 @@ INTERRUPTED = 130
 class CliState(RuntimeHolder):
     """What every command finds on click's context: the plan (opened on first use)."""
 
-    def __init__(self, plan_path: str | None, progress: bool):
+    def __init__(self, plan_path: str | None, progress: bool | None):
         self.plan_path = plan_path
-        self.progress = progress
+        self._progress = progress
         self._service = None
+
+    @property
+    def progress(self) -> bool:
+        """Whether to draw progress bars: as asked, else when stderr is a terminal (asking
+        rich loads it, so commands that draw none never do)."""
+        if self._progress is None:
+            self._progress = stderr.is_terminal
+        return self._progress
 
     @property
     def service(self):
@@ -46,17 +55,16 @@ pass_state = click.make_pass_decorator(CliState)
 
 
 class SparkBackupGroup(click.Group):
-    """The core commands, then every registered kind's own; kinds load only when a command
-    that is not a core one is asked for."""
+    """The core commands, then every registered kind's own (found without loading the kinds,
+    see ``registry.commands``)."""
 
     def _kind_commands(self) -> dict[str, click.Command]:
         from spark_backup.sources import registry
 
         commands: dict[str, click.Command] = {}
-        for kind in registry.kinds().values():
-            for command in kind.cli_commands():
-                assert command.name is not None
-                commands[command.name] = command
+        for command in registry.commands():
+            assert command.name is not None
+            commands[command.name] = command
         return commands
 
     def list_commands(self, ctx: click.Context) -> list[str]:
@@ -80,7 +88,7 @@ class SparkBackupGroup(click.Group):
 @click.pass_context
 def cli(ctx: click.Context, plan_path: str | None, progress: bool | None) -> None:
     """Back up, verify and restore the platform's artifacts under one protection plan."""
-    ctx.obj = CliState(plan_path, stderr.is_terminal if progress is None else progress)
+    ctx.obj = CliState(plan_path, progress)
 
 
 @contextmanager
@@ -104,7 +112,7 @@ def progress_bar(enabled: bool, label: str, total: int | None) -> Iterator:
         TransferSpeedColumn(),
         TimeElapsedColumn(),
     ]
-    with Progress(*columns, console=stderr, transient=True) as bar:
+    with Progress(*columns, console=stderr.console, transient=True) as bar:
         task = bar.add_task(label, total=total)
         yield lambda n: bar.advance(task, n)
 
@@ -116,9 +124,14 @@ def main() -> None:
         error_line(error)
         sys.exit(error.exit_code)
     except (click.exceptions.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort
+        with suppress(ValueError):  # outside the main thread there is no Ctrl-C to ignore
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second one does not cut this short
         stderr.print("interrupted: nothing unfinished was published", highlight=False)
         sys.exit(INTERRUPTED)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
+    # Done: a Ctrl-C now would only cut the interpreter's exit short (and kill it by SIGINT).
+    with suppress(ValueError):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     sys.exit(code if isinstance(code, int) else 0)

@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from spark_backup.cli.app import CliState, cli, pass_state, progress_bar
-from spark_backup.console import error_line, printable, size, stderr, stdout
-from spark_backup.engine.catalog import DamagedManifest
-from spark_backup.engine.manifest import Manifest
+from spark_backup.console import error_line, print_columns, printable, size, stderr, stdout
 from spark_backup.errors import IntegrityError, SparkBackupError
 from spark_backup.sources.base import CopyRef, RestoreTarget, RestoreTargets
+
+# The service and the engine load when a command runs, not when the command line starts.
+if TYPE_CHECKING:
+    from spark_backup.engine.catalog import DamagedManifest
+    from spark_backup.engine.manifest import Manifest
 
 # --- backup ------------------------------------------------------------------------------------
 
@@ -75,9 +79,11 @@ def _print_backup(manifest: Manifest, as_json: bool) -> None:
             highlight=False,
         )
     for warning in manifest.source_metadata.get("warnings", []):
-        stderr.print(
-            f"warning: {manifest.source}: {printable(warning)}", highlight=False, soft_wrap=True
-        )
+        _warn(manifest.source, warning)
+
+
+def _warn(subject: str, message: str) -> None:
+    stderr.print(f"warning: {subject}: {printable(message)}", highlight=False, soft_wrap=True)
 
 
 # --- list --------------------------------------------------------------------------------------
@@ -96,28 +102,28 @@ def list_(state: CliState, source: str | None, as_json: bool) -> None:
         rows = [_copy_row(r) for r in refs] + [_damaged_row(d) for d in damaged]
         click.echo(json.dumps(rows, indent=2))
     else:
-        from rich.table import Table
-
-        table = Table()
-        for column in ("id", "source", "part", "partition", "finished", "size", "stored", "store"):
-            table.add_column(column, no_wrap=column == "id")
-        for ref in refs:
-            m = ref.manifest
-            table.add_row(
-                m.id,
-                m.source,
-                printable(m.part),
-                printable(m.partition),
-                printable(m.finished_at[:19]),
-                size(m.plaintext.bytes),
-                size(m.stored.bytes),
-                ref.store.name,
-            )
-        stdout.print(table)
+        print_columns(LIST_COLUMNS, (_list_row(ref) for ref in refs))
         for entry in damaged:
             error_line(f"damaged manifest: {entry.error}")
     if damaged:
         sys.exit(IntegrityError.exit_code)
+
+
+LIST_COLUMNS = ("id", "source", "part", "partition", "finished", "size", "stored", "store")
+
+
+def _list_row(ref: CopyRef) -> tuple[str, ...]:
+    m = ref.manifest
+    return (
+        m.id,
+        m.source,
+        m.part,
+        m.partition,
+        m.finished_at[:19],
+        size(m.plaintext.bytes),
+        size(m.stored.bytes),
+        ref.store.name,
+    )
 
 
 def _copy_row(ref: CopyRef) -> dict[str, Any]:
@@ -176,19 +182,25 @@ def verify(
     for outcome in outcomes:
         if not as_json:
             stdout.print(f"[red]FAILED[/red]  {printable(outcome.error)}", highlight=False)
-    for ref in refs:
-        with progress_bar(
-            # A deep verify counts plaintext bytes, a stored-bytes check counts stored bytes.
-            state.progress,
-            f"verify {ref.manifest.id}",
-            (ref.manifest.plaintext if identities else ref.manifest.stored).bytes,
-        ) as progress:
-            outcome = service.verify(ref, identities, progress)
-        outcomes.append(outcome)
-        if not as_json:
-            status = "[green]ok[/green]" if outcome.ok else "[red]FAILED[/red]"
-            detail = f"  {printable(outcome.error)}" if outcome.error else ""
-            stdout.print(f"{status}  {outcome.copy_id}{detail}", highlight=False, soft_wrap=True)
+    # A deep verify decrypts every copy in one age worker process.
+    with service.decryption_worker(identities) if identities else nullcontext() as worker:
+        for ref in refs:
+            with progress_bar(
+                # A deep verify counts plaintext bytes, a stored-bytes check counts stored bytes.
+                state.progress,
+                f"verify {ref.manifest.id}",
+                (ref.manifest.plaintext if identities else ref.manifest.stored).bytes,
+            ) as progress:
+                outcome = service.verify(ref, identities, progress, worker)
+            outcomes.append(outcome)
+            if not as_json:
+                status = "[green]ok[/green]" if outcome.ok else "[red]FAILED[/red]"
+                detail = f"  {printable(outcome.error)}" if outcome.error else ""
+                stdout.print(
+                    f"{status}  {outcome.copy_id}{detail}", highlight=False, soft_wrap=True
+                )
+                for caution in outcome.cautions:
+                    _warn(outcome.copy_id, caution)
     failed = [o for o in outcomes if not o.ok]
     if as_json:
         click.echo(json.dumps([asdict(o) for o in outcomes], indent=2))
@@ -315,8 +327,21 @@ def restore(
         f"{size(summary['bytes'])} in {summary['seconds']:.1f}s",
         highlight=False,
     )
+    for caution in summary.get("cautions", []):
+        _warn(copy_id, caution)
     for skipped in summary.get("skipped", []):
         stderr.print(f"skipped unsafe member {printable(skipped)}", highlight=False)
+    if summary.get("modes_stripped_count"):
+        listed = summary["modes_stripped"]
+        more = summary["modes_stripped_count"] - len(listed)
+        stdout.print(
+            f"restored {summary['modes_stripped_count']} members without their setuid, setgid, "
+            "sticky or group/world write bits: "
+            + ", ".join(printable(m) for m in listed)
+            + (f" and {more} more" if more > 0 else ""),
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 # --- prune -------------------------------------------------------------------------------------
@@ -327,8 +352,9 @@ def restore(
 @click.option("--json", "as_json", is_flag=True, help="Report as JSON.")
 @pass_state
 def prune(state: CliState, apply: bool, as_json: bool) -> None:
-    """Apply retention: expire copies no rule keeps, remove orphans of interrupted backups.
-    Copies under an Object Lock, and copies whose manifest cannot be read, are never deleted."""
+    """Apply retention: expire copies no rule keeps, remove orphans and unfinished uploads of
+    interrupted backups and the staging folders of killed restores. Copies under an Object
+    Lock, and copies whose manifest cannot be read, are never deleted."""
     report = state.service.prune(dry_run=not apply)
     if as_json:
         click.echo(json.dumps(asdict(report), indent=2))
@@ -343,7 +369,15 @@ def prune(state: CliState, apply: bool, as_json: bool) -> None:
         for orphan in report.orphans:
             stdout.print(f"{verb} orphaned data {printable(orphan)}", highlight=False)
         for upload in report.incomplete_uploads:
-            stdout.print(f"aborted incomplete upload {printable(upload)}", highlight=False)
+            stdout.print(
+                f"{verb} unfinished upload {printable(upload)}: a write that stopped",
+                highlight=False,
+            )
+        for staging in report.stale_restore_staging:
+            stdout.print(
+                f"{verb} staging folder {printable(staging)}: left by a restore that was killed",
+                highlight=False,
+            )
         for key in report.log_expired:
             stdout.print(
                 f"{verb} log {printable(key)}: older than every base copy kept", highlight=False
@@ -352,7 +386,9 @@ def prune(state: CliState, apply: bool, as_json: bool) -> None:
             error_line(f"kept a copy whose manifest is damaged: {entry}")
         stdout.print(
             f"{len(report.kept)} kept, {len(report.expired)} expired, {len(report.locked)} "
-            f"locked, {len(report.orphans)} orphans" + ("" if apply else " (dry run: pass --apply)")
+            f"locked, {len(report.orphans)} orphans, {len(report.incomplete_uploads)} unfinished "
+            f"uploads, {len(report.stale_restore_staging)} stale restore staging folders"
+            + ("" if apply else " (dry run: pass --apply)")
         )
     if report.damaged:
         sys.exit(IntegrityError.exit_code)

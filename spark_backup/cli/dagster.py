@@ -50,4 +50,4 @@ def demo(home: str) -> None:
     """Back up, verify and restore a sample estate through Dagster, on the embedded defaults."""
     from spark_backup.demo import run_demo
 
-    run_demo(Path(home), stdout)
+    run_demo(Path(home), stdout.console)

@@ -6,7 +6,6 @@ import click
 
 from spark_backup.cli.app import CliState, cli, pass_state
 from spark_backup.console import stdout
-from spark_backup.engine.settings import format_duration
 
 
 @cli.group()
@@ -21,8 +20,18 @@ def plan_check(state: CliState, probe: bool) -> None:
     """Validate the plan without touching anything (unless --probe)."""
     from rich.table import Table
 
+    from spark_backup.engine.settings import format_duration
+
     service = state.service
     service.recipients()
+    from spark_backup.engine.stores.config import S3StoreConfig
+
+    if any(isinstance(store, S3StoreConfig) for store in service.plan.stores):
+        # A run's S3 stores get their clients from dagster-aws resources: their configuration
+        # must not contradict the plan's store entries.
+        from spark_backup.defs.resources import platform_s3_resources, s3_store_resources
+
+        s3_store_resources(service.plan, platform_s3_resources())
     if probe:
         for store in service.all_stores():
             store.check()

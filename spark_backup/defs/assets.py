@@ -31,6 +31,7 @@ from spark_backup.defs.partitions import partitions_for
 from spark_backup.defs.resources import RESOURCE_KEY, SparkBackupResource
 from spark_backup.engine.manifest import Manifest
 from spark_backup.engine.settings import format_duration
+from spark_backup.engine.text import printable
 from spark_backup.plan import LoadedPlan, SourceSettings
 from spark_backup.sources.base import (
     Artifact,
@@ -138,10 +139,11 @@ def build_backup_asset(
         )
         for manifest in manifests:
             context.log.info(
-                f"committed copy {manifest.id} {manifest.part} ({manifest.stored.bytes} bytes stored)"
+                f"committed copy {manifest.id} {printable(manifest.part)} "
+                f"({manifest.stored.bytes} bytes stored)"
             )
             for warning in manifest.source_metadata.get("warnings", []):
-                context.log.warning(f"{source.name}: {warning}")
+                context.log.warning(f"{source.name}: {printable(warning)}")
         return MaterializeResult(metadata=copies_metadata(manifests, spark_backup))
 
     return backup

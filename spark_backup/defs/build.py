@@ -4,8 +4,10 @@ the recovery window; a backup job and schedule per cadence; the check, observati
 schedules; and the plan resource."""
 
 from collections import defaultdict
+from collections.abc import Mapping
 
 from dagster import AssetCheckKey, AssetKey, AssetsDefinition, AssetSpec, Definitions
+from dagster_aws.s3 import S3Resource
 
 from spark_backup.defs.assets import (
     backup_asset_key,
@@ -20,7 +22,12 @@ from spark_backup.defs.checks import (
     build_freshness_check,
     build_log_lag_check,
 )
-from spark_backup.defs.resources import RESOURCE_KEY, SparkBackupResource
+from spark_backup.defs.resources import (
+    RESOURCE_KEY,
+    SparkBackupResource,
+    platform_s3_resources,
+    s3_store_resources,
+)
 from spark_backup.defs.schedules import (
     OBSERVE_CRON,
     OBSERVE_JOB,
@@ -38,8 +45,15 @@ from spark_backup.service import BackupService
 from spark_backup.sources.base import ContinuousLog, Observable, PointInTimeRecovery
 
 
-def build_definitions(loaded: LoadedPlan) -> Definitions:
+def build_definitions(
+    loaded: LoadedPlan, platform_s3: Mapping[str, S3Resource] | None = None
+) -> Definitions:
+    """``platform_s3``: the platform's own S3Resource per store name (default: those named by
+    ``$SPARK_BACKUP_S3_RESOURCES``), merged into each S3 store's resource."""
     service = BackupService(loaded)
+    s3_stores = s3_store_resources(
+        loaded.plan, platform_s3_resources() if platform_s3 is None else platform_s3
+    )
     assets: list[AssetsDefinition | AssetSpec] = []
     checks, schedules, jobs = [], [], []
     keys_by_cadence: dict[str, list[AssetKey]] = defaultdict(list)
@@ -114,5 +128,7 @@ def build_definitions(loaded: LoadedPlan) -> Definitions:
         asset_checks=checks,
         jobs=jobs,
         schedules=schedules,
-        resources={RESOURCE_KEY: SparkBackupResource(plan_path=str(loaded.path))},
+        resources={
+            RESOURCE_KEY: SparkBackupResource(plan_path=str(loaded.path), s3_stores=s3_stores)
+        },
     )

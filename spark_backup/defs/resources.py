@@ -1,25 +1,177 @@
-"""The one resource the assets and checks use: the protection plan, opened as a service.
+"""The resources the assets and checks use: the protection plan, opened as a service, and one
+dagster-aws ``S3Resource`` per S3 store, from which that store gets its client in a run.
 
 Which stores, keys and sources are used is the plan's choice (``engine.stores.open_store`` is
 the switch between a local folder and S3), so environments differ by plan file, not by code.
+
+S3 in a Dagster run is configured the Dagster way: each S3 store of the plan is an
+``S3StoreResource`` (dagster-aws's ``S3Resource`` with the store's name) whose session fields
+(region, endpoint, profile, which may assume a role, retries, ``EnvVar`` credentials) come from
+the store's entry in the plan, and, for the fields the plan leaves unset, from the platform's
+own ``S3Resource`` for that store, named by ``$SPARK_BACKUP_S3_RESOURCES``
+(``module:attribute``, a mapping of store name to ``S3Resource``). The plan wins where it speaks
+(the command line, which has no Dagster, must reach the same store as a run); a field both set,
+to different values, is a contradiction, refused by ``plan check`` and when the definitions load.
 """
 
 from __future__ import annotations
 
+import importlib
+import os
+from collections.abc import Mapping
 from functools import cached_property
+from typing import Any
 
-from dagster import ConfigurableResource
+from dagster import ConfigurableResource, EnvVar
+from dagster_aws.s3 import S3Resource
+from pydantic import Field
 
+from spark_backup.engine.stores.config import S3StoreConfig
+from spark_backup.engine.stores.s3 import make_client
+from spark_backup.errors import PlanError
+from spark_backup.plan import Plan, load_plan
 from spark_backup.service import BackupService
 
 RESOURCE_KEY = "spark_backup"
+# module:attribute of the platform's S3Resource per store name (optional).
+S3_RESOURCES_ENV = "SPARK_BACKUP_S3_RESOURCES"
+# Session fields of S3Resource and the plan's S3 store that both may set.
+SESSION_FIELDS = ("region_name", "endpoint_url", "profile_name", "max_attempts")
+# S3Resource's credential fields and the plan's fields naming their environment variables.
+CREDENTIAL_FIELDS = {
+    "aws_access_key_id": "access_key_id_env",
+    "aws_secret_access_key": "secret_access_key_env",
+    "aws_session_token": "session_token_env",
+}
+
+
+class S3StoreResource(S3Resource):
+    """dagster-aws's ``S3Resource`` for the plan's S3 store ``store``. Its client is made with
+    this session configuration and the engine's client settings (SigV4, path-style addressing,
+    timeouts), which every store needs."""
+
+    store: str
+
+    def get_client(self) -> Any:
+        if self.use_unsigned_session:
+            raise PlanError(
+                f"store {self.store!r}: use_unsigned_session is set on its S3Resource; a store "
+                "writes signed requests only"
+            )
+        return make_client(
+            self.store,
+            endpoint_url=self.endpoint_url,
+            region_name=self.region_name,
+            profile_name=self.profile_name,
+            max_attempts=self.max_attempts,
+            use_ssl=self.use_ssl,
+            verify=self.verify,
+            aws_access_key_id=self.aws_access_key_id or None,
+            aws_secret_access_key=self.aws_secret_access_key or None,
+            aws_session_token=self.aws_session_token or None,
+        )
 
 
 class SparkBackupResource(ConfigurableResource):
-    """Opens the plan at ``plan_path`` (validated when first used in a run)."""
+    """Opens the plan at ``plan_path`` (validated when first used in a run); its S3 stores get
+    their clients from ``s3_stores``."""
 
     plan_path: str
+    s3_stores: list[S3StoreResource] = Field(default_factory=list)
 
     @cached_property
     def service(self) -> BackupService:
-        return BackupService.from_path(self.plan_path)
+        clients = {resource.store: resource.get_client for resource in self.s3_stores}
+        return BackupService(load_plan(self.plan_path), s3_clients=clients)
+
+
+def s3_store_resources(
+    plan: Plan, platform: Mapping[str, S3Resource] | None = None
+) -> list[S3StoreResource]:
+    """One resource per S3 store of ``plan``: the store's session fields, with those the plan
+    leaves unset from ``platform``'s resource for the store. ``PlanError`` (one line) for a
+    contradiction, or a platform resource for a store that is not an S3 store of the plan."""
+    platform = dict(platform or {})
+    s3_stores = {store.name: store for store in plan.stores if isinstance(store, S3StoreConfig)}
+    unknown = sorted(set(platform) - set(s3_stores))
+    if unknown:
+        raise PlanError(
+            f"{S3_RESOURCES_ENV}: {unknown[0]!r} is not an S3 store of the plan "
+            f"(S3 stores: {', '.join(s3_stores) or 'none'})"
+        )
+    return [_merged(config, platform.get(name)) for name, config in s3_stores.items()]
+
+
+def _merged(config: S3StoreConfig, given: S3Resource | None) -> S3StoreResource:
+    fields: dict[str, Any] = {"store": config.name}
+    given_fields = _set_fields(given) if given is not None else {}
+    for name in SESSION_FIELDS:
+        ours = getattr(config, name) if name in config.model_fields_set else None
+        theirs = given_fields.get(name)
+        if ours is not None and theirs is not None and ours != theirs:
+            raise PlanError(
+                f"store {config.name!r}: {name} is {ours!r} in the plan but {theirs!r} in its "
+                f"S3Resource ({S3_RESOURCES_ENV}); set it in one place"
+            )
+        value = ours if ours is not None else theirs
+        if value is None and name == "max_attempts":
+            value = config.max_attempts
+        if value is not None:
+            fields[name] = value
+    for name, plan_field in CREDENTIAL_FIELDS.items():
+        env_name = getattr(config, plan_field)
+        theirs = given_fields.get(name)
+        if (
+            env_name
+            and theirs is not None
+            and not (isinstance(theirs, EnvVar) and theirs.env_var_name == env_name)
+        ):
+            # Never the value: a literal credential is only said to be there.
+            shown = (
+                f"EnvVar({theirs.env_var_name!r})" if isinstance(theirs, EnvVar) else "a literal"
+            )
+            raise PlanError(
+                f"store {config.name!r}: {name} comes from {plan_field} {env_name} in the plan "
+                f"but from {shown} in its S3Resource ({S3_RESOURCES_ENV}); set it in one place"
+            )
+        if env_name:
+            fields[name] = EnvVar(env_name)
+        elif theirs is not None:
+            fields[name] = theirs
+    for name in ("use_ssl", "verify", "use_unsigned_session"):
+        if name in given_fields:
+            fields[name] = given_fields[name]
+    return S3StoreResource(**fields)
+
+
+def _set_fields(resource: S3Resource) -> dict[str, Any]:
+    """The fields set on ``resource`` (``EnvVar`` kept as such, not resolved)."""
+    return {
+        name: value
+        for name in resource.model_fields_set
+        if (value := getattr(resource, name)) is not None
+    }
+
+
+def platform_s3_resources() -> dict[str, S3Resource]:
+    """The platform's S3Resource per store name, from ``$SPARK_BACKUP_S3_RESOURCES``; none if
+    it is unset."""
+    reference = os.environ.get(S3_RESOURCES_ENV)
+    if not reference:
+        return {}
+    module_name, _, attribute = reference.partition(":")
+    if not module_name or not attribute:
+        raise PlanError(f"{S3_RESOURCES_ENV}: expected module:attribute, got {reference!r}")
+    try:
+        found = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as exc:
+        raise PlanError(f"{S3_RESOURCES_ENV}: cannot load {reference!r}: {exc}") from None
+    if not isinstance(found, Mapping) or not all(
+        isinstance(name, str) and isinstance(resource, S3Resource)
+        for name, resource in found.items()
+    ):
+        raise PlanError(
+            f"{S3_RESOURCES_ENV}: {reference!r} is not a mapping of store name to "
+            "dagster_aws.s3.S3Resource"
+        )
+    return dict(found)

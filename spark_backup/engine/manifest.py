@@ -14,15 +14,17 @@ it is stored in clear JSON for anyone to read.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import re
 import secrets
 from dataclasses import asdict, dataclass, field
-from typing import Any
-
-from pydantic import TypeAdapter, ValidationError
+from typing import TYPE_CHECKING, Any
 
 from spark_backup.errors import IntegrityError, NotFoundError
+
+if TYPE_CHECKING:
+    from pydantic import TypeAdapter
 
 MANIFEST_FORMAT = "spark-backup.manifest/v1"
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -33,10 +35,14 @@ _ID_AFTER_SOURCE = r"-\d{8}T\d{6}\.\d{3}Z-[0-9a-f]{8}"
 COPY_ID_RE = re.compile(rf"^(?P<source>{SOURCE_NAME}){_ID_AFTER_SOURCE}$")
 
 
+def utc_stamp(when: dt.datetime) -> str:
+    """``YYYYMMDDTHHMMSS.mmmZ``: a UTC time in a key, sorting as the time does."""
+    utc = when.astimezone(dt.UTC)
+    return f"{utc:%Y%m%dT%H%M%S}.{utc.microsecond // 1000:03d}Z"
+
+
 def new_copy_id(source: str, started_at: dt.datetime) -> str:
-    started = started_at.astimezone(dt.UTC)
-    stamp = f"{started:%Y%m%dT%H%M%S}.{started.microsecond // 1000:03d}Z"
-    return f"{source}-{stamp}-{secrets.token_hex(4)}"
+    return f"{source}-{utc_stamp(started_at)}-{secrets.token_hex(4)}"
 
 
 def source_of(copy_id: str) -> str:
@@ -51,6 +57,10 @@ def source_of(copy_id: str) -> str:
 
 def data_key(source: str, copy_id: str, suffix: str) -> str:
     return f"{source}/data/{copy_id}.{suffix}"
+
+
+def data_prefix(source: str) -> str:
+    return f"{source}/data/"
 
 
 def manifest_key(source: str, copy_id: str) -> str:
@@ -155,12 +165,20 @@ class Manifest:
             raise IntegrityError(
                 f"{origin}: unsupported manifest format {found!r} (expected {MANIFEST_FORMAT})"
             )
+        from pydantic import ValidationError
+
         try:
-            manifest = _ADAPTER.validate_json(raw, strict=True)
+            manifest = _adapter().validate_json(raw, strict=True)
         except ValidationError as exc:
             error = exc.errors(include_url=False)[0]
             field_path = ".".join(str(part) for part in error["loc"])
             raise IntegrityError(f"{origin}: manifest field {field_path}: {error['msg']}") from None
+        return manifest.checked(origin)
+
+    def checked(self, origin: str) -> Manifest:
+        """This manifest if its fields agree with each other, else ``IntegrityError``; what a
+        type check alone cannot see."""
+        manifest = self
         try:
             manifest.started, manifest.finished  # noqa: B018 - both must parse
         except ValueError:
@@ -181,4 +199,9 @@ class Manifest:
         return manifest
 
 
-_ADAPTER = TypeAdapter(Manifest)
+@functools.cache
+def _adapter() -> TypeAdapter[Manifest]:
+    """Built on first use: pydantic and the schema cost a command that reads no manifest."""
+    from pydantic import TypeAdapter
+
+    return TypeAdapter(Manifest)

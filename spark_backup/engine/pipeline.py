@@ -14,16 +14,12 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
-import json
-import os
 import platform
+import queue
 import socket
-import stat
-import subprocess
-import sys
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, suppress
+from contextlib import AbstractContextManager, ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
 from typing import Any, Protocol
@@ -32,9 +28,9 @@ import pyrage
 import zstandard
 from pyrage import x25519
 
+from spark_backup.engine.age_worker import AgeWorker
 from spark_backup.engine.crypto import Recipients
 from spark_backup.engine.manifest import Digest, Manifest, data_key, manifest_key, new_copy_id
-from spark_backup.engine.processes import tool_environment
 from spark_backup.engine.stores.base import ObjectLock, ObjectStore
 from spark_backup.engine.streams import (
     CHUNK_SIZE,
@@ -43,7 +39,6 @@ from spark_backup.engine.streams import (
     ProgressCallback,
     Readable,
     Writable,
-    copy_stream,
 )
 from spark_backup.errors import (
     CryptoError,
@@ -132,9 +127,15 @@ def write_copy(
         lock=lock_summary(lock),
         part=getattr(source, "part", ""),
     )
+    committed = manifest_key(source_name, copy_id)
     try:
-        store.put_bytes(manifest_key(source_name, copy_id), manifest.to_json(), lock=lock)
+        store.put_bytes(committed, manifest.to_json(), lock=lock)
     except BaseException:
+        # An interrupt can land after the manifest was published (while the store syncs its
+        # folder): then the copy exists, and its data must stay.
+        with suppress(StoreError):
+            if store.exists(committed):
+                raise
         _discard_uncommitted(store, key)
         raise
     return manifest
@@ -160,20 +161,131 @@ def encrypt_to_store(
         # The source closes (and reports a failed producer) before the store commits.
         with open_plaintext() as plain_stream:
             plain = HashingReader(plain_stream, progress)
-            compressed = compressor.stream_reader(plain, read_size=CHUNK_SIZE)
-            _encrypt(compressed, stored, recipients)
+            _OverlappedEncryption(compressor, stored, recipients).run(plain)
     return Digest(plain.hexdigest(), plain.bytes), Digest(stored.hexdigest(), stored.bytes)
 
 
-def _encrypt(reader: Readable, writer: HashingWriter, recipients: Recipients) -> None:
-    guard = _CallbackGuard()
-    try:
-        pyrage.encrypt_io(guard.reader(reader), guard.writer(writer), recipients.parsed())
-    except pyrage.EncryptError as exc:
-        guard.reraise()
-        raise CryptoError(f"age encryption failed: {exc}") from None
-    except zstandard.ZstdError as exc:
-        raise SparkBackupError(f"zstd compression failed: {exc}") from None
+class _Stopped(Exception):
+    """Another stage failed or the run was interrupted: this stage ends quietly."""
+
+
+class _OverlappedEncryption:
+    """Read, compress and encrypt at once: the calling thread reads and hashes the plaintext
+    while one thread compresses (zstd releases the interpreter lock, and uses its own worker
+    threads) and another encrypts, writes and hashes the stored bytes. Bounded queues between
+    the stages hold at most a few chunks each, so memory stays flat whatever the input.
+
+    An interrupt (Ctrl-C) or a failure in any stage stops the others; the caller gets the first
+    error as it was raised (a ``SourceError`` stays one, Ctrl-C stays ``KeyboardInterrupt``):
+    the encryption runs off the main thread, where no interrupt can reach it and be reported
+    as an encryption failure."""
+
+    DEPTH = 4  # chunks in flight between two stages
+
+    def __init__(self, compressor: zstandard.ZstdCompressor, stored: Writable, recipients):
+        self._compressor = compressor
+        self._stored = stored
+        self._recipients = recipients
+        self._stop = threading.Event()
+        self._errors: list[BaseException] = []
+        self._raw: queue.Queue[bytes | None] = queue.Queue(self.DEPTH)
+        self._packed: queue.Queue[bytes | None] = queue.Queue(self.DEPTH)
+
+    def run(self, plain: Readable) -> None:
+        stages = [
+            threading.Thread(target=self._stage, args=(self._compress,), name="backup-zstd"),
+            threading.Thread(target=self._stage, args=(self._encrypt,), name="backup-age"),
+        ]
+        for stage in stages:
+            stage.start()
+        try:
+            while chunk := plain.read(CHUNK_SIZE):
+                self._put(self._raw, chunk)
+            self._put(self._raw, None)
+            for stage in stages:
+                stage.join()
+        except _Stopped:
+            for stage in stages:
+                stage.join()
+        except BaseException:
+            self._stop.set()
+            for stage in stages:
+                stage.join()
+            raise
+        if self._errors:
+            raise self._errors[0]
+
+    def _stage(self, work: Callable[[], None]) -> None:
+        try:
+            work()
+        except _Stopped:
+            pass
+        except BaseException as exc:
+            if not self._stop.is_set():
+                self._errors.append(exc)
+            self._stop.set()
+
+    def _put(self, channel: queue.Queue, item: bytes | None) -> None:
+        while not self._stop.is_set():
+            try:
+                channel.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+        raise _Stopped
+
+    def _get(self, channel: queue.Queue) -> bytes | None:
+        while not self._stop.is_set():
+            try:
+                return channel.get(timeout=0.1)
+            except queue.Empty:
+                continue
+        raise _Stopped
+
+    def _compress(self) -> None:
+        packer = self._compressor.compressobj()
+        try:
+            while (chunk := self._get(self._raw)) is not None:
+                packed = packer.compress(chunk)
+                if packed:
+                    self._put(self._packed, packed)
+            self._put(self._packed, packer.flush())
+        except zstandard.ZstdError as exc:
+            raise SparkBackupError(f"zstd compression failed: {exc}") from None
+        self._put(self._packed, None)
+
+    def _encrypt(self) -> None:
+        guard = _CallbackGuard()
+        reader = _ChunkReader(lambda: self._get(self._packed))
+        try:
+            pyrage.encrypt_io(
+                guard.reader(reader), guard.writer(self._stored), self._recipients.parsed()
+            )
+        except pyrage.EncryptError as exc:
+            guard.reraise()
+            raise CryptoError(f"age encryption failed: {exc}") from None
+
+
+class _ChunkReader:
+    """A readable over chunks handed out by ``next_chunk`` (None at the end)."""
+
+    def __init__(self, next_chunk: Callable[[], bytes | None]):
+        self._next = next_chunk
+        self._chunk = memoryview(b"")
+        self._ended = False
+
+    def read(self, size: int = -1) -> bytes:
+        while not self._chunk and not self._ended:
+            chunk = self._next()
+            if chunk is None:
+                self._ended = True
+            else:
+                self._chunk = memoryview(chunk)
+        if size < 0 or size >= len(self._chunk):
+            data, self._chunk = self._chunk, memoryview(b"")
+        else:
+            data, self._chunk = self._chunk[:size], self._chunk[size:]
+        return bytes(data)
 
 
 class _CallbackGuard:
@@ -232,15 +344,16 @@ def open_copy(
     manifest: Manifest,
     identities: list[x25519.Identity],
     progress: ProgressCallback | None = None,
+    worker: AgeWorker | None = None,
 ) -> Iterator[Readable]:
     """Stream a copy's plaintext. On exit, having read the copy to its end, compare the stored
     and plaintext sha256 and sizes with the manifest: ``IntegrityError`` on any difference,
     ``CryptoError`` if no identity opens it. Callers must not publish what they read before the
-    block has exited cleanly."""
+    block has exited cleanly. ``worker``: see ``open_encrypted``."""
     _require_matching_identity(manifest, identities)
-    with open_encrypted(store, manifest.data_key, identities, f"copy {manifest.id}", progress) as (
-        opened
-    ):
+    with open_encrypted(
+        store, manifest.data_key, identities, f"copy {manifest.id}", progress, worker
+    ) as opened:
         yield opened.plaintext
     assert opened.stored is not None  # set when the block exits cleanly
     compare_digest(manifest, "stored", opened.stored.sha256, opened.stored.bytes)
@@ -263,15 +376,22 @@ def open_encrypted(
     identities: list[x25519.Identity],
     label: str,
     progress: ProgressCallback | None = None,
+    worker: AgeWorker | None = None,
 ) -> Iterator[Decrypted]:
     """Stream an object's plaintext (age, then zstd, undone). On a clean exit the object was read
     to its end, age authenticated every chunk and zstd checked its frame checksums; ``label``
     names the object in errors.
 
-    Decryption (and the stored digest) runs in an ``age_worker`` process, on another core."""
-    with store.open_read(key) as raw, _DecryptWorker(raw, identities) as worker:
+    Decryption (and the stored digest) runs in an ``age_worker`` process, on another core:
+    ``worker``, one that serves many objects in turn (a deep verify of many copies), else one
+    started for this object alone."""
+    with ExitStack() as stack:
+        if worker is None:
+            worker = stack.enter_context(AgeWorker(identities))
+        raw = stack.enter_context(store.open_read(key))
+        decryption = stack.enter_context(worker.decrypting(raw))
         plain = HashingReader(
-            zstandard.ZstdDecompressor().stream_reader(worker.plaintext, read_size=CHUNK_SIZE),
+            zstandard.ZstdDecompressor().stream_reader(decryption.plaintext, read_size=CHUNK_SIZE),
             progress,
         )
         opened = Decrypted(plain)
@@ -279,7 +399,7 @@ def open_encrypted(
             yield opened
             plain.drain()
         except BaseException as exc:
-            status = worker.finish()
+            status = decryption.finish()
             if not isinstance(exc, Exception):
                 raise  # an interrupt is reported as such, whatever the worker made of it
             # A failed decryption explains whatever the consumer then tripped over.
@@ -287,105 +407,9 @@ def open_encrypted(
             if isinstance(exc, zstandard.ZstdError):
                 raise IntegrityError(f"{label}: zstd stream is damaged: {exc}") from None
             raise
-        status = worker.finish()
+        status = decryption.finish()
         _raise_decrypt_failure(label, status)
         opened.stored = Digest(status["sha256"], status["bytes"])
-
-
-class _DecryptWorker:
-    """An ``age_worker`` process: stored bytes in (straight from the file where the store has
-    one, else fed by a thread), plaintext out, status on its own pipe."""
-
-    def __init__(self, stored: Readable, identities: list[x25519.Identity]):
-        self._stored = stored
-        self._identities = identities
-        self._feeder: threading.Thread | None = None
-        self._feed_error: list[BaseException] = []
-
-    def __enter__(self) -> _DecryptWorker:
-        identity_read, identity_write = os.pipe()
-        self._status_read, status_write = os.pipe()
-        stdin_fd = _real_fileno(self._stored)
-        try:
-            self._process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "spark_backup.engine.age_worker",
-                    str(identity_read),
-                    str(status_write),
-                ],
-                stdin=stdin_fd if stdin_fd is not None else subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                pass_fds=(identity_read, status_write),
-                env=tool_environment(),
-            )
-        finally:
-            os.close(identity_read)
-            os.close(status_write)
-        try:
-            with os.fdopen(identity_write, "w", encoding="utf-8") as keys:
-                keys.write("".join(f"{identity}\n" for identity in self._identities))
-            assert self._process.stdout is not None
-            self.plaintext = self._process.stdout
-            if stdin_fd is None:
-                self._feeder = threading.Thread(
-                    target=self._feed, name="age-worker-feed", daemon=True
-                )
-                self._feeder.start()
-        except BaseException:
-            self.__exit__()  # the worker died at start: leave no process or pipe behind
-            raise
-        return self
-
-    def _feed(self) -> None:
-        pipe = self._process.stdin
-        assert pipe is not None
-        try:
-            copy_stream(self._stored, pipe)
-        except BrokenPipeError:
-            pass  # the worker stopped first; its status says why
-        except BaseException as exc:
-            self._feed_error.append(exc)
-        finally:
-            with suppress(BrokenPipeError):
-                pipe.close()
-
-    def finish(self) -> dict[str, Any]:
-        """Wait for the worker and return its status (``{}`` if it died without one)."""
-        # After a full read this only closes our end; if the consumer stopped early, the
-        # worker's next write fails and it stops.
-        self.plaintext.close()
-        self._process.wait()
-        if self._feeder is not None:
-            self._feeder.join()
-        if self._feed_error:
-            raise self._feed_error[0]
-        with os.fdopen(self._status_read, "r", encoding="utf-8") as report:
-            line = report.readline()
-        self._status_read = -1
-        return json.loads(line) if line else {}
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self._process.poll() is None:
-            self._process.kill()
-            self._process.wait()
-        for pipe in (self._process.stdin, self._process.stdout):
-            if pipe is not None:
-                with suppress(OSError):
-                    pipe.close()
-        if self._status_read != -1:
-            os.close(self._status_read)
-            self._status_read = -1
-
-
-def _real_fileno(stream: Readable) -> int | None:
-    """The descriptor of a regular file behind ``stream``, at its current position, if any."""
-    try:
-        fd = stream.fileno()  # type: ignore[attr-defined]
-    except (AttributeError, OSError, ValueError):
-        return None
-    return fd if stat.S_ISREG(os.fstat(fd).st_mode) else None
 
 
 def _require_matching_identity(manifest: Manifest, identities: list[x25519.Identity]) -> None:

@@ -27,6 +27,16 @@ from spark_backup.errors import RestoreRefused
 
 # The kernel gives up after 40 links in one lookup; so does the guard.
 MAX_LINK_HOPS = 40
+# Deeper names are refused: publishing, the collision check and removal walk a tree one level
+# per stack frame, and no configuration tree or data directory comes near this.
+MAX_DEPTH = 256
+# Linux's PATH_MAX: a longer name cannot be opened by path (counted without the staging folder).
+MAX_NAME_BYTES = 4095
+# Mode bits a restore never sets (tarfile's data filter and ours): setuid, setgid, sticky, and
+# write permission for group and others.
+STRIPPED_MODE_BITS = 0o7022
+# How many of the members restored without such bits the summary names (it counts them all).
+MAX_LISTED = 20
 
 
 class UnsafeMember(tarfile.FilterError):
@@ -42,6 +52,16 @@ class ExtractSummary:
     symlinks: int = 0
     bytes: int = 0
     skipped: list[str] = field(default_factory=list)
+    # Members whose setuid, setgid, sticky or group/other write bits were not restored:
+    # "name (mode 4755)"; the first MAX_LISTED, and how many there were in all.
+    modes_stripped: list[str] = field(default_factory=list)
+    modes_stripped_count: int = 0
+
+    def note_mode(self, name: str, member: tarfile.TarInfo) -> None:
+        if member.mode & STRIPPED_MODE_BITS:
+            self.modes_stripped_count += 1
+            if len(self.modes_stripped) < MAX_LISTED:
+                self.modes_stripped.append(f"{name} (mode {member.mode & 0o7777:o})")
 
 
 class ArchiveGuard:
@@ -61,7 +81,11 @@ class ArchiveGuard:
         parts = [part for part in name.split("/") if part not in ("", ".")]
         if not parts or ".." in parts:
             raise UnsafeMember(member, "its name contains '..' or is empty")
+        if len(parts) > MAX_DEPTH:
+            raise UnsafeMember(member, f"it is nested deeper than {MAX_DEPTH} folders")
         normal = "/".join(parts)
+        if len(os.fsencode(normal)) > MAX_NAME_BYTES:
+            raise UnsafeMember(member, f"its name is longer than {MAX_NAME_BYTES} bytes")
         through = self._link_prefix(parts)
         if through:
             raise UnsafeMember(member, f"it goes through the archive's link {_short(through)!r}")
@@ -156,6 +180,7 @@ def extract_tar(plain: Readable, destination: Path, skip_unsafe: bool = False) -
             return None
         if checked.isreg() or checked.islnk():
             guard.files.add(name)
+        summary.note_mode(name, member)
         if checked.isreg():
             summary.files += 1
             summary.bytes += checked.size

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pyrage import x25519
 
+from spark_backup.engine.age_worker import AgeWorker
 from spark_backup.engine.cadence import cadence
 from spark_backup.engine.catalog import DamagedManifest
 from spark_backup.engine.manifest import Manifest
@@ -31,6 +32,8 @@ class VerifyOutcome:
     seconds: float = 0.0
     # What was checked: "stored sha256 and size", and for a deep verify also the plaintext.
     checks: tuple[str, ...] = ()
+    # What the operator must know although the copy is intact (files the backup read torn).
+    cautions: list[str] = field(default_factory=list)
 
     @classmethod
     def of_damaged(cls, damaged: DamagedManifest, deep: bool) -> VerifyOutcome:
@@ -80,6 +83,8 @@ class CopyOperations(PlanRuntime):
                 )
             except SparkBackupError as exc:
                 failures.append(exc)
+        if manifests:
+            self.update_index(store, source.name)
         if failures:
             raise failures[0]
         return manifests
@@ -89,14 +94,17 @@ class CopyOperations(PlanRuntime):
         ref: CopyRef,
         identities: list[x25519.Identity] | None = None,
         progress: ProgressCallback | None = None,
+        worker: AgeWorker | None = None,
     ) -> VerifyOutcome:
+        """Verify one copy: plain, or deep with ``identities``. To verify many copies deeply,
+        pass one ``decryption_worker`` for them all: each copy then costs no process start."""
         manifest = ref.manifest
         outcome = VerifyOutcome(
             manifest.id, manifest.source, manifest.partition, ok=False, deep=bool(identities)
         )
         try:
             if identities:
-                result = self._verify_deep(ref, identities, progress)
+                result = self._verify_deep(ref, identities, progress, worker)
                 outcome.checks = (STORED_CHECK, *DEEP_CHECKS, f"{manifest.kind} format")
             else:
                 result = verify_copy(ref.store, manifest, progress)
@@ -107,16 +115,26 @@ class CopyOperations(PlanRuntime):
             outcome.error = str(exc)
             return outcome
         outcome.ok = True
+        outcome.cautions = self.kind_named(manifest.kind).cautions(manifest)
         outcome.bytes_read = result.bytes_read
         outcome.seconds = result.seconds
         return outcome
 
+    def decryption_worker(self, identities: list[x25519.Identity]) -> AgeWorker:
+        """One age worker process for many decryptions (started on first use); use it in a
+        ``with`` block so that it stops."""
+        return AgeWorker(identities)
+
     def _verify_deep(
-        self, ref: CopyRef, identities: list[x25519.Identity], progress: ProgressCallback | None
+        self,
+        ref: CopyRef,
+        identities: list[x25519.Identity],
+        progress: ProgressCallback | None,
+        worker: AgeWorker | None,
     ) -> Verification:
         started = utcnow()
         kind = self.kind_named(ref.manifest.kind)
-        with open_copy(ref.store, ref.manifest, identities, progress) as plain:
+        with open_copy(ref.store, ref.manifest, identities, progress, worker) as plain:
             kind.check_plaintext(plain, ref.manifest)
         seconds = (utcnow() - started).total_seconds()
         # open_copy compared the bytes it read with the manifest's count, so this is what it read.
@@ -136,7 +154,8 @@ class CopyOperations(PlanRuntime):
         ref = self.find(copy_id)
         identities = self.identities(identity_file)
         started = utcnow()
-        summary = self.kind_named(ref.manifest.kind).restore_to_folder(
+        kind = self.kind_named(ref.manifest.kind)
+        summary = kind.restore_to_folder(
             ref, identities, target, FolderRestore(overwrite, skip_unsafe, progress)
         )
         return {
@@ -144,6 +163,7 @@ class CopyOperations(PlanRuntime):
             "source": ref.manifest.source,
             "partition": ref.manifest.partition,
             "seconds": round((utcnow() - started).total_seconds(), 3),
+            "cautions": kind.cautions(ref.manifest),
             **summary,
         }
 

@@ -7,9 +7,11 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from spark_backup.engine import catalog
+from spark_backup.engine.catalog import is_index_key
 from spark_backup.engine.manifest import Manifest, is_copy_key, manifest_key
 from spark_backup.engine.pipeline import utcnow
 from spark_backup.engine.retention import apply_retention
+from spark_backup.engine.staging import stale_staging
 from spark_backup.service.runtime import PlanRuntime
 from spark_backup.sources import registry
 from spark_backup.sources.base import ContinuousLog
@@ -27,13 +29,21 @@ class PruneReport:
     log_expired: list[str] = field(default_factory=list)
     # Manifests that cannot be read: their copies are kept and reported, never deleted.
     damaged: list[str] = field(default_factory=list)
+    # Staging folders of restores that were killed (plaintext, never published).
+    stale_restore_staging: list[str] = field(default_factory=list)
 
 
 def owned_by_spark_backup(key: str) -> bool:
-    """Keys spark-backup writes: copies, and every kind's log objects. Prune never touches
+    """Keys spark-backup writes: copies, index segments, and every kind's log objects. Prune never touches
     any other object in a shared bucket or folder."""
-    return is_copy_key(key) or any(
-        kind.owns_key(key) for kind in registry.kinds().values() if isinstance(kind, ContinuousLog)
+    return (
+        is_copy_key(key)
+        or is_index_key(key)
+        or any(
+            kind.owns_key(key)
+            for kind in registry.kinds().values()
+            if isinstance(kind, ContinuousLog)
+        )
     )
 
 
@@ -73,6 +83,8 @@ class RetentionOperations(PlanRuntime):
                 if not dry_run:
                     store.delete(key)
                     store.delete(manifest.data_key)
+            if expired and not dry_run:
+                self.update_index(store, source.name)
             if isinstance(kind, ContinuousLog) and kind.log_enabled(source):
                 gone = set(report.expired)
                 kept_bases = [
@@ -81,7 +93,11 @@ class RetentionOperations(PlanRuntime):
                     if kind.artifact_of(ref.manifest) == kind.base_artifact
                     and ref.manifest.id not in gone
                 ]
-                report.log_expired += kind.expire(self, source, kept_bases, now, dry_run)
+                log_expired = kind.expire(self, source, kept_bases, now, dry_run)
+                report.log_expired += log_expired
+                if log_expired and not dry_run:
+                    # A log's slices may be copies (MongoDB's): the listing index follows.
+                    self.update_index(store, source.name)
         grace = self.plan.defaults.orphan_grace
         for store in self.all_stores():
             for orphan in catalog.find_orphans(store, grace, now):
@@ -90,9 +106,9 @@ class RetentionOperations(PlanRuntime):
                 report.orphans.append(f"{store.name}:{orphan.key}")
                 if not dry_run:
                     store.delete(orphan.key)
-            if not dry_run:
-                report.incomplete_uploads.extend(
-                    f"{store.name}:{key}"
-                    for key in store.cleanup_incomplete(grace, owned_by_spark_backup)
-                )
+            report.incomplete_uploads.extend(
+                f"{store.name}:{key}"
+                for key in store.cleanup_incomplete(grace, owned_by_spark_backup, apply=not dry_run)
+            )
+        report.stale_restore_staging = stale_staging(remove=not dry_run)
         return report

@@ -4,7 +4,10 @@ This is the ``Runtime`` each kind's own operations get (``sources/base.py``)."""
 from __future__ import annotations
 
 import datetime as dt
+import logging
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from pyrage import x25519
 
@@ -15,17 +18,25 @@ from spark_backup.engine.manifest import COPY_ID_RE
 from spark_backup.engine.pipeline import CompressionSettings, utcnow
 from spark_backup.engine.retention import RetentionRule
 from spark_backup.engine.stores import ObjectStore, open_store
-from spark_backup.errors import NotFoundError, UsageError
+from spark_backup.errors import NotFoundError, StoreError, UsageError
 from spark_backup.plan import LoadedPlan, SourceSettings, load_plan
 from spark_backup.sources import registry
 from spark_backup.sources.base import Artifact, CopyRef, SourceContext, SourceKind
 
+log = logging.getLogger(__name__)
+
 
 class PlanRuntime:
-    def __init__(self, loaded: LoadedPlan):
+    def __init__(
+        self, loaded: LoadedPlan, s3_clients: Mapping[str, Callable[[], Any]] | None = None
+    ):
+        """``s3_clients``: per S3 store name, what makes its client (the Dagster layer's
+        resources); other S3 stores make their own from the plan."""
         self.loaded = loaded
         self.plan = loaded.plan
         self._stores: dict[str, ObjectStore] = {}
+        self._catalogs: dict[str, Catalog] = {}
+        self._s3_clients = dict(s3_clients or {})
 
     @classmethod
     def from_path(cls, path: str | Path | None = None):
@@ -86,7 +97,8 @@ class PlanRuntime:
     def store(self, name: str) -> ObjectStore:
         if name not in self._stores:
             config = next(s for s in self.plan.stores if s.name == name)
-            self._stores[name] = open_store(config, self.loaded.resolve)
+            client = self._s3_clients[name]() if name in self._s3_clients else None
+            self._stores[name] = open_store(config, self.loaded.resolve, client)
         return self._stores[name]
 
     def store_for(self, source: SourceSettings) -> ObjectStore:
@@ -94,6 +106,12 @@ class PlanRuntime:
 
     def all_stores(self) -> list[ObjectStore]:
         return [self.store(s.name) for s in self.plan.stores]
+
+    def catalog(self, store: ObjectStore) -> Catalog:
+        """The store's catalog, one per store and run, so index segments are read once."""
+        if store.name not in self._catalogs:
+            self._catalogs[store.name] = Catalog(store)
+        return self._catalogs[store.name]
 
     def recipients(self) -> Recipients:
         encryption = self.plan.encryption
@@ -116,7 +134,7 @@ class PlanRuntime:
         source = self.plan.source(source_name)
         store = self.store_for(source)
         kind = self.kind_of(source)
-        found = Catalog(store).listing(source.name)
+        found = self.catalog(store).listing(source.name)
         refs = [
             CopyRef(store, m)
             for m in found.copies
@@ -135,13 +153,22 @@ class PlanRuntime:
         refs: list[CopyRef] = []
         damaged: list[DamagedManifest] = []
         for store in self.all_stores():
-            catalog = Catalog(store)
+            catalog = self.catalog(store)
             for source in catalog.sources():
                 found = catalog.listing(source)
                 refs += [CopyRef(store, m) for m in found.copies]
                 damaged += found.damaged
         refs.sort(key=lambda r: (r.manifest.started_at, r.manifest.id))
         return refs, damaged
+
+    def update_index(self, store: ObjectStore, source_name: str) -> None:
+        """Write the source's index after its copies changed (a backup, a prune)."""
+        try:
+            self.catalog(store).update_index(source_name)
+        except StoreError as exc:
+            # The change itself is done; until the next update, listing reads the manifests
+            # the index lacks.
+            log.warning("index of %s not updated: %s", source_name, exc)
 
     def find(self, copy_id: str) -> CopyRef:
         store, manifest = find_copy(self.all_stores(), copy_id)

@@ -43,21 +43,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 
-from pyrage import x25519
-
-from spark_backup.engine.crypto import Recipients
-from spark_backup.engine.manifest import Manifest
-from spark_backup.engine.pipeline import CompressionSettings, PlaintextSource
-from spark_backup.engine.stores.base import ObjectStore
-from spark_backup.engine.streams import ProgressCallback, Readable
-from spark_backup.errors import UsageError
-from spark_backup.plan.load import resolve_relative
-from spark_backup.plan.source import SourceSettings
-
+# Only types from here: the command line imports this module to find a kind's commands, and
+# must not pay for the pipeline, pydantic or pyrage to print its help.
 if TYPE_CHECKING:
     import click
+    from pyrage import x25519
 
-SettingsT = TypeVar("SettingsT", bound=SourceSettings)
+    from spark_backup.engine.crypto import Recipients
+    from spark_backup.engine.manifest import Manifest
+    from spark_backup.engine.pipeline import CompressionSettings, PlaintextSource
+    from spark_backup.engine.stores.base import ObjectStore
+    from spark_backup.engine.streams import ProgressCallback, Readable
+    from spark_backup.plan.source import SourceSettings
+
+SettingsT = TypeVar("SettingsT", bound="SourceSettings")
 
 
 @dataclass(frozen=True)
@@ -93,6 +92,8 @@ class SourceContext:
 
     def resolve(self, path: str) -> Path:
         """A path from the plan, relative to the plan file, with ``~`` and ``$VARS`` expanded."""
+        from spark_backup.plan.load import resolve_relative
+
         return resolve_relative(self.plan_path.parent, path)
 
 
@@ -183,6 +184,11 @@ class SourceKind(ABC, Generic[SettingsT]):
     @abstractmethod
     def check_plaintext(self, plain: Readable, manifest: Manifest) -> None:
         """Deep verify: raise ``IntegrityError`` if the plaintext is not what the kind wrote."""
+
+    def cautions(self, manifest: Manifest) -> list[str]:
+        """What a restore or verify of the copy must tell the operator although the copy is
+        intact (files the backup read while they changed)."""
+        return []
 
     def asset_suffixes(self, source: SettingsT) -> tuple[str, ...]:
         """Names of the source's assets beside ``backups/<source>``, as ``<source>_<suffix>``
@@ -392,6 +398,8 @@ class SemanticCheck(ABC):
 def source_of_kind(runtime: Runtime, kind: SourceKind, name: str | None = None) -> SourceSettings:
     """The named source, which must be of ``kind``; or the plan's only source of ``kind`` when
     no name is given (a kind's commands take the source as an optional argument)."""
+    from spark_backup.errors import UsageError
+
     if name is not None:
         source = runtime.source(name)
         if source.kind != kind.name:

@@ -4,16 +4,26 @@ Kinds register through the ``spark_backup.kinds`` entry-point group (``pyproject
 kind shipped in another package plugs in without a change here, and no module outside a kind's
 own package names it. ``register`` adds one at run time (tests, plugins under development).
 Kinds load on first use: importing the registry imports no kind.
+
+A kind's own commands are listed by ``--help`` and run by PostgreSQL's ``archive_command``, so
+they are found without loading the kind: a kind that has commands also names them in the
+``spark_backup.commands`` group, under its own name, pointing at the same sequence its
+``cli_commands`` returns (the contract tests hold the two equal).
 """
 
 from __future__ import annotations
 
 from importlib import metadata
+from typing import TYPE_CHECKING
 
 from spark_backup.errors import NotFoundError, PlanError
 from spark_backup.sources.base import SourceKind
 
+if TYPE_CHECKING:
+    import click
+
 ENTRY_POINT_GROUP = "spark_backup.kinds"
+COMMANDS_ENTRY_POINT_GROUP = "spark_backup.commands"
 
 _kinds: dict[str, SourceKind] | None = None
 # Bumped on every change, so that models built from the registry know when to rebuild.
@@ -65,3 +75,18 @@ def unregister(name: str) -> None:
 
 def version() -> int:
     return _version
+
+
+def commands() -> list[click.Command]:
+    """Every kind's own commands, by kind name. Once the kinds are loaded they are asked
+    (``cli_commands``, which covers kinds registered at run time); before that, only the
+    modules the ``spark_backup.commands`` entry points name are imported, never the kinds."""
+    if _kinds is not None:
+        found = {name: list(kind.cli_commands()) for name, kind in _kinds.items()}
+    else:
+        found = {entry.name: list(entry.load()) for entry in command_entry_points()}
+    return [command for name in sorted(found) for command in found[name]]
+
+
+def command_entry_points() -> list[metadata.EntryPoint]:
+    return sorted(metadata.entry_points(group=COMMANDS_ENTRY_POINT_GROUP), key=lambda e: e.name)

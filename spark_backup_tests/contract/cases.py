@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psycopg2
+import psycopg
 
 from spark_backup_tests.helpers import (
     config_source,
@@ -31,7 +31,7 @@ class KindCase:
 
 
 def _sql(statement: str, dbname: str = "postgres") -> None:
-    with closing(psycopg2.connect(dbname=dbname, connect_timeout=5, **PG)) as conn:
+    with closing(psycopg.connect(dbname=dbname, connect_timeout=5, **PG)) as conn:
         conn.autocommit = True
         with conn.cursor() as cursor:
             cursor.execute(statement)

@@ -45,6 +45,13 @@ def check_key(key: str) -> str:
     return key
 
 
+def check_folder(prefix: str) -> str:
+    """A folder prefix: "" (the store's root) or a valid key followed by "/"."""
+    if prefix and not (prefix.endswith("/") and check_key(prefix[:-1])):
+        raise StoreError(f"invalid folder {prefix!r} (a folder ends in '/')")
+    return prefix
+
+
 class ObjectStore(ABC):
     """A place that holds copies. Implementations: ``LocalStore``, ``S3Store``."""
 
@@ -93,11 +100,19 @@ class ObjectStore(ABC):
         """Published objects whose key starts with ``prefix``, in key order."""
 
     @abstractmethod
+    def list_folders(self, prefix: str = "") -> list[str]:
+        """The names of the folders directly below ``prefix`` ("" or a folder ending in "/")
+        that hold a published object, sorted: one source's copies are found without walking
+        every source. A folder emptied by deletes may still be named (some S3 servers keep its
+        entry); listing it finds nothing."""
+
+    @abstractmethod
     def exists(self, key: str) -> bool: ...
 
     @abstractmethod
     def lock_of(self, key: str) -> ObjectLock | None:
-        """The object's retention, or None where none applies (or the store has no locks)."""
+        """The object's retention, or None where none applies (or the store has no locks);
+        ``NotFoundError`` if there is no such object."""
 
     def locked(self, key: str, now: dt.datetime | None = None) -> bool:
         """Whether an active lock protects ``key`` now (a missing object is not locked)."""
@@ -113,11 +128,11 @@ class ObjectStore(ABC):
 
     @abstractmethod
     def cleanup_incomplete(
-        self, older_than: dt.timedelta, owned: Callable[[str], bool]
+        self, older_than: dt.timedelta, owned: Callable[[str], bool], *, apply: bool = True
     ) -> list[str]:
         """Remove the leftovers of writes to keys ``owned`` accepts that never finished (a killed
         process) and saw no progress for ``older_than``; return their keys. Leftovers of other
-        writers sharing the store are not touched."""
+        writers sharing the store are not touched. Without ``apply``, only list them."""
 
 
 @dataclass(frozen=True)

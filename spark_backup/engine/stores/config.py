@@ -30,7 +30,9 @@ class S3StoreConfig(SettingsModel):
     """Any S3-compatible object storage, configured like dagster-aws's ``S3Resource``.
 
     Credentials are named by environment variable, never written here; without them boto3's
-    default chain (instance profile, ``AWS_*`` variables, shared config) applies.
+    default chain (instance profile, ``AWS_*`` variables, shared config, ``profile_name``)
+    applies. In a Dagster run the client comes from the store's ``S3Resource``
+    (``spark_backup/defs/resources.py``), built from these same fields.
     """
 
     name: Name
@@ -42,6 +44,8 @@ class S3StoreConfig(SettingsModel):
     access_key_id_env: EnvName | None = None
     secret_access_key_env: EnvName | None = None
     session_token_env: EnvName | None = None
+    # A profile of the AWS config (``~/.aws/config``); one with ``role_arn`` assumes that role.
+    profile_name: str | None = None
     object_lock: ObjectLockConfig | None = None
     part_size_mb: int = Field(16, ge=5, le=5120)
     max_attempts: int = Field(5, ge=1, le=20)

@@ -16,12 +16,20 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from spark_backup.engine.stores.base import ObjectInfo, ObjectLock, ObjectStore, check_key
+from spark_backup.engine.stores.base import (
+    ObjectInfo,
+    ObjectLock,
+    ObjectStore,
+    check_folder,
+    check_key,
+)
 from spark_backup.engine.streams import Readable, Writable
 from spark_backup.errors import NotFoundError, StoreError
 
 PARTIAL_MARKER = ".partial-"
 _PARTIAL_RE = re.compile(r"^\.(?P<name>.+)\.partial-[0-9a-f]{8}$")
+# A folder name a key can hold (check_key's parts).
+_KEY_PART_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
 
 class LocalStore(ObjectStore):
@@ -62,7 +70,7 @@ class LocalStore(ObjectStore):
             # folder it is mounted on. check() creates it on first use.
             raise StoreError(f"store {self.name!r}: {self.root} does not exist (not mounted?)")
         try:
-            final.parent.mkdir(parents=True, exist_ok=True)
+            _make_folders(final.parent)
             handle = open(partial, "xb")  # noqa: SIM115 - closed in the finally below
         except OSError as exc:
             raise StoreError(f"store {self.name!r}: cannot write {key}: {exc.strerror}") from None
@@ -107,16 +115,17 @@ class LocalStore(ObjectStore):
         found: list[ObjectInfo] = []
         # Walk only below the prefix's folder: a WAL archive holds thousands of objects.
         start = self.root / prefix.rsplit("/", 1)[0] if "/" in prefix else self.root
+        root = str(self.root)
+        # Keys by string operations, not pathlib: listing thousands of manifests is on the path
+        # of every `list`.
         for directory, _dirs, files in os.walk(start, onerror=self._unlistable):
+            folder = directory[len(root) + 1 :]
             for file_name in files:
-                if PARTIAL_MARKER in file_name:
-                    continue
-                path = Path(directory, file_name)
-                key = path.relative_to(self.root).as_posix()
-                if not key.startswith(prefix):
+                key = f"{folder}/{file_name}" if folder else file_name
+                if PARTIAL_MARKER in file_name or not key.startswith(prefix):
                     continue
                 try:
-                    stat = path.stat()
+                    stat = os.stat(f"{directory}/{file_name}")
                 except FileNotFoundError:
                     continue  # deleted meanwhile
                 found.append(
@@ -124,11 +133,29 @@ class LocalStore(ObjectStore):
                 )
         yield from sorted(found, key=lambda info: info.key)
 
+    def list_folders(self, prefix: str = "") -> list[str]:
+        parent = self.root / check_folder(prefix)
+        try:
+            entries = list(os.scandir(parent))
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise StoreError(f"store {self.name!r}: cannot list {parent}: {exc.strerror}") from None
+        return sorted(
+            entry.name
+            for entry in entries
+            if entry.is_dir(follow_symlinks=False)
+            and _KEY_PART_RE.match(entry.name)
+            and _holds_object(Path(entry.path))
+        )
+
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
     def lock_of(self, key: str) -> ObjectLock | None:
-        return None
+        if not self.exists(key):
+            raise NotFoundError(f"store {self.name!r}: object {key} not found")
+        return None  # a folder cannot hold a lock
 
     def delete(self, key: str) -> None:
         path = self._path(key)
@@ -141,7 +168,7 @@ class LocalStore(ObjectStore):
         _remove_empty_parents(path.parent, self.root)
 
     def cleanup_incomplete(
-        self, older_than: dt.timedelta, owned: Callable[[str], bool]
+        self, older_than: dt.timedelta, owned: Callable[[str], bool], *, apply: bool = True
     ) -> list[str]:
         if not self.root.is_dir():
             return []
@@ -161,7 +188,8 @@ class LocalStore(ObjectStore):
                 except FileNotFoundError:
                     continue  # the write finished meanwhile
                 if modified < cutoff:
-                    path.unlink(missing_ok=True)
+                    if apply:
+                        path.unlink(missing_ok=True)
                     removed.append(path.relative_to(self.root).as_posix())
         return removed
 
@@ -184,6 +212,34 @@ class _StoreFileWriter:
 
     def flush(self) -> None:
         self._handle.flush()
+
+
+def _holds_object(directory: Path) -> bool:
+    """Whether a published object lies anywhere below ``directory`` (a folder holding only a
+    write in progress is no folder yet, as on S3); stops at the first one."""
+    for _directory, _dirs, files in os.walk(directory):
+        if any(PARTIAL_MARKER not in name for name in files):
+            return True
+    return False
+
+
+def _make_folders(folder: Path) -> None:
+    """Create ``folder`` and its missing parents. As root, each new folder gets the owner and
+    group of the folder it is made in: a store prepared for another user (PostgreSQL's
+    ``archive_command`` runs as ``postgres``) stays writable for that user below, whoever wrote
+    first."""
+    missing = []
+    while not folder.is_dir():
+        missing.append(folder)
+        folder = folder.parent
+    for new in reversed(missing):
+        try:
+            new.mkdir()
+        except FileExistsError:
+            continue  # made meanwhile by another writer
+        if os.geteuid() == 0:
+            parent = new.parent.stat()
+            os.chown(new, parent.st_uid, parent.st_gid)
 
 
 def _fsync_dir(path: Path) -> None:

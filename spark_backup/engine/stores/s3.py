@@ -22,7 +22,13 @@ from typing import Any
 
 import boto3
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError, NoCredentialsError
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    HTTPClientError,
+    NoCredentialsError,
+    ProfileNotFound,
+)
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from spark_backup.engine.stores.base import (
@@ -30,6 +36,7 @@ from spark_backup.engine.stores.base import (
     ObjectLock,
     ObjectLockPolicy,
     ObjectStore,
+    check_folder,
     check_key,
 )
 from spark_backup.engine.stores.config import S3StoreConfig
@@ -49,6 +56,51 @@ _CREDENTIALS_REJECTED = {
     "InvalidToken",
     "ExpiredToken",
 }
+
+
+def make_client(
+    store: str,
+    *,
+    endpoint_url: str | None,
+    region_name: str | None,
+    profile_name: str | None = None,
+    max_attempts: int = 5,
+    connect_timeout: float = CONNECT_TIMEOUT,
+    read_timeout: float = READ_TIMEOUT,
+    use_ssl: bool = True,
+    verify: bool | None = None,
+    aws_access_key_id: str | None = None,
+    aws_secret_access_key: str | None = None,
+    aws_session_token: str | None = None,
+) -> Any:
+    """An S3 client as every store needs it: SigV4, path-style addressing (S3-compatible
+    servers), bounded retries and timeouts. A profile may assume a role (``role_arn`` in the
+    AWS config); explicit credentials take precedence over it, as boto3 decides."""
+    config = Config(
+        signature_version="s3v4",
+        s3={"addressing_style": "path"},
+        retries={"max_attempts": max_attempts, "mode": "standard"},
+        connect_timeout=connect_timeout,
+        read_timeout=read_timeout,
+    )
+    # A session of its own: boto3's default session is not safe to share between threads.
+    try:
+        session = boto3.session.Session(profile_name=profile_name)
+    except ProfileNotFound:
+        raise StoreError(
+            f"store {store!r}: AWS profile {profile_name!r} is not in the AWS config"
+        ) from None
+    return session.client(
+        "s3",
+        endpoint_url=endpoint_url,
+        region_name=region_name,
+        use_ssl=use_ssl,
+        verify=verify,
+        aws_access_key_id=aws_access_key_id,
+        aws_secret_access_key=aws_secret_access_key,
+        aws_session_token=aws_session_token,
+        config=config,
+    )
 
 
 class S3Store(ObjectStore):
@@ -76,36 +128,37 @@ class S3Store(ObjectStore):
         cls,
         cfg: S3StoreConfig,
         *,
+        client: Any = None,
         connect_timeout: float = CONNECT_TIMEOUT,
         read_timeout: float = READ_TIMEOUT,
     ) -> S3Store:
-        credentials: dict[str, str] = {}
-        for parameter, env_name in (
-            ("aws_access_key_id", cfg.access_key_id_env),
-            ("aws_secret_access_key", cfg.secret_access_key_env),
-            ("aws_session_token", cfg.session_token_env),
-        ):
-            if env_name is None:
-                continue
-            value = os.environ.get(env_name)
-            if not value:
-                raise StoreError(f"store {cfg.name!r}: environment variable {env_name} is not set")
-            credentials[parameter] = value
-        config = Config(
-            signature_version="s3v4",
-            s3={"addressing_style": "path"},
-            retries={"max_attempts": cfg.max_attempts, "mode": "standard"},
-            connect_timeout=connect_timeout,
-            read_timeout=read_timeout,
-        )
-        # A session of its own: boto3's default session is not safe to share between threads.
-        client = boto3.session.Session().client(
-            "s3",
-            endpoint_url=cfg.endpoint_url,
-            region_name=cfg.region_name,
-            config=config,
-            **credentials,
-        )
+        """The store ``cfg`` describes, with ``client`` (the Dagster layer's, from dagster-aws's
+        session configuration) or else a client of its own made from ``cfg``."""
+        if client is None:
+            credentials: dict[str, str] = {}
+            for parameter, env_name in (
+                ("aws_access_key_id", cfg.access_key_id_env),
+                ("aws_secret_access_key", cfg.secret_access_key_env),
+                ("aws_session_token", cfg.session_token_env),
+            ):
+                if env_name is None:
+                    continue
+                value = os.environ.get(env_name)
+                if not value:
+                    raise StoreError(
+                        f"store {cfg.name!r}: environment variable {env_name} is not set"
+                    )
+                credentials[parameter] = value
+            client = make_client(
+                cfg.name,
+                endpoint_url=cfg.endpoint_url,
+                region_name=cfg.region_name,
+                profile_name=cfg.profile_name,
+                max_attempts=cfg.max_attempts,
+                connect_timeout=connect_timeout,
+                read_timeout=read_timeout,
+                **credentials,
+            )
         lock_policy = (
             ObjectLockPolicy(cfg.object_lock.mode, cfg.object_lock.retain_days)
             if cfg.object_lock
@@ -258,6 +311,20 @@ class S3Store(ObjectStore):
             raise self._failure(f"list {root + prefix or '/'}", exc) from None
         yield from sorted(found, key=lambda info: info.key)
 
+    def list_folders(self, prefix: str = "") -> list[str]:
+        parent = self._root() + check_folder(prefix)
+        found = []
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=parent, Delimiter="/"
+            )
+            for page in pages:
+                for common in page.get("CommonPrefixes", []):
+                    found.append(common["Prefix"][len(parent) :].rstrip("/"))
+        except (ClientError, BotoCoreError) as exc:
+            raise self._failure(f"list {parent or '/'}", exc) from None
+        return sorted(found)
+
     def exists(self, key: str) -> bool:
         return self._head(self._full(key), f"read {key}") is not None
 
@@ -289,7 +356,7 @@ class S3Store(ObjectStore):
                 raise self._failure(f"delete {key}", exc) from None
 
     def cleanup_incomplete(
-        self, older_than: dt.timedelta, owned: Callable[[str], bool]
+        self, older_than: dt.timedelta, owned: Callable[[str], bool], *, apply: bool = True
     ) -> list[str]:
         cutoff = dt.datetime.now(dt.UTC) - older_than
         root = self._root()
@@ -303,9 +370,10 @@ class S3Store(ObjectStore):
                     key = upload["Key"][len(root) :]
                     if not owned(key) or self._upload_progress(upload) >= cutoff:
                         continue
-                    self.client.abort_multipart_upload(
-                        Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
-                    )
+                    if apply:
+                        self.client.abort_multipart_upload(
+                            Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+                        )
                     removed.append(key)
         except (ClientError, BotoCoreError) as exc:
             raise self._failure("clean up incomplete uploads", exc) from None

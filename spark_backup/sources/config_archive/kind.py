@@ -35,7 +35,7 @@ from spark_backup.sources.base import (
     SourceContext,
     SourceKind,
 )
-from spark_backup.sources.config_archive.reader import KIND_NAME, ConfigArchiveReader
+from spark_backup.sources.config_archive.reader import KIND_NAME, TORN_FILES, ConfigArchiveReader
 from spark_backup.sources.config_archive.settings import ConfigArchiveSource
 
 ARCHIVE = "archive"
@@ -73,6 +73,7 @@ class ConfigArchiveKind(SourceKind[ConfigArchiveSource], Observable, SemanticChe
                 include=source.include,
                 exclude=source.exclude,
                 one_file_system=source.one_file_system,
+                allow_torn_files=source.allow_torn_files,
             )
         ]
 
@@ -94,6 +95,13 @@ class ConfigArchiveKind(SourceKind[ConfigArchiveSource], Observable, SemanticChe
         ):
             summary = extract_tar(plain, staging, options.skip_unsafe)
         return {"target": str(Path(os.path.abspath(target))), **asdict(summary)}
+
+    def cautions(self, manifest: Manifest) -> list[str]:
+        return [
+            f"{path} was torn: it shrank while the backup read it, and the copy holds it padded "
+            "with zeros"
+            for path in manifest.source_metadata.get(TORN_FILES, [])
+        ]
 
     def check_plaintext(self, plain: Readable, manifest: Manifest) -> None:
         """The archive must list the files and links the backup recorded. (Not their bytes: the

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import stat
 import subprocess
 import tempfile
@@ -30,6 +31,11 @@ KIND_NAME = "config_archive"
 TAR_LAYERS = ["tar"]
 # Warnings kept in a manifest; the count says how many there were in all.
 MAX_WARNINGS = 20
+# The manifest's list of files that shrank while tar read them (tar padded them with zeros).
+TORN_FILES = "torn_files"
+# GNU tar's message for such a file (its messages are read in the C locale; names are quoted
+# in tar's escape style, so one message is one line).
+_SHRANK_RE = re.compile(r"^tar: (?P<name>.+): File shrank by \d+ bytes; padding with zeros$")
 
 
 # --- backup ------------------------------------------------------------------------------------
@@ -45,6 +51,7 @@ class TreeStats:
     skipped_special: int = 0
     warnings: list[str] = field(default_factory=list)
     warning_count: int = 0
+    torn_files: list[str] = field(default_factory=list)
 
     def warn(self, message: str) -> None:
         self.warning_count += 1
@@ -65,6 +72,7 @@ class ConfigArchiveReader:
         include: Sequence[str] = (),
         exclude: Sequence[str] = (),
         one_file_system: bool = True,
+        allow_torn_files: bool = False,
     ):
         self.source_name = source_name
         # Parent folders reached through links (``/lib -> usr/lib``) are resolved, so that the
@@ -82,6 +90,7 @@ class ConfigArchiveReader:
         self._include = patterns_regex(self.include)
         self._exclude = patterns_regex(self.exclude)
         self.one_file_system = one_file_system
+        self.allow_torn_files = allow_torn_files
         self.stats = TreeStats()
 
     def collect(self) -> list[str]:
@@ -221,7 +230,7 @@ class ConfigArchiveReader:
                     stdin=subprocess.PIPE,
                     stdout=subprocess.PIPE,
                     stderr=stderr,
-                    env=tool_environment(),
+                    env=_tar_environment(),
                 )
             except FileNotFoundError:
                 raise SourceError(
@@ -255,7 +264,20 @@ class ConfigArchiveReader:
             detail = next((m for m in messages if m.strip()), f"tar exited with status {status}")
             raise SourceError(f"source {self.source_name!r}: {detail}")
         for message in messages:
+            torn = _SHRANK_RE.match(message)
+            if torn:
+                self.stats.torn_files.append("/" + torn["name"])
             self.stats.warn(message)
+        torn_files = self.stats.torn_files
+        if torn_files and not self.allow_torn_files:
+            shown = ", ".join(torn_files[:3]) + (
+                f" and {len(torn_files) - 3} more" if len(torn_files) > 3 else ""
+            )
+            raise SourceError(
+                f"source {self.source_name!r}: {len(torn_files)} file(s) shrank while tar read "
+                f"them and would be restored padded with zeros: {shown}; back up again when they "
+                "are quiet, or set allow_torn_files: true to keep such copies"
+            )
 
     def _hand_members(self, names: BinaryIO, errors: list[BaseException]) -> None:
         """Write member names to tar, relative to '/' (tar would strip the slash noisily)."""
@@ -286,6 +308,17 @@ class ConfigArchiveReader:
 
     def tool_versions(self) -> dict[str, str]:
         return {"tar": _tar_version()}
+
+
+def _tar_environment() -> dict[str, str]:
+    """The tool environment with tar's messages in English (they are parsed for torn files),
+    the character set for file names left as it is."""
+    env = tool_environment()
+    if "LC_ALL" in env:
+        env.setdefault("LC_CTYPE", env.pop("LC_ALL"))
+    env.pop("LANGUAGE", None)
+    env["LC_MESSAGES"] = "C"
+    return env
 
 
 @functools.cache

@@ -18,6 +18,9 @@ class ConfigArchiveSource(SourceSettings):
     include: list[str] = Field(default_factory=list)
     exclude: list[str] = Field(default_factory=list)
     one_file_system: bool = True
+    # A file that shrinks while tar reads it is padded with zeros (torn). False fails the backup;
+    # true keeps the copy, which records the torn files for restore and verify to name.
+    allow_torn_files: bool = False
 
     @field_validator("include", "exclude")
     @classmethod

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import sys
 from dataclasses import asdict
@@ -10,12 +11,10 @@ from pathlib import Path
 import click
 
 from spark_backup.console import parse_time, printable, stdout
-from spark_backup.engine.pipeline import utcnow
-from spark_backup.engine.settings import format_duration
 from spark_backup.errors import IntegrityError
 from spark_backup.sources.base import RecoveryTarget, current_runtime
-from spark_backup.sources.mongodb import KIND, ops
-from spark_backup.sources.mongodb.pitr import LATEST
+
+# ``--help`` imports this module; the kind, its operations and pymongo load when a command runs.
 
 
 @click.command("oplog-status")
@@ -24,9 +23,12 @@ from spark_backup.sources.mongodb.pitr import LATEST
 def oplog_status(source: str | None, as_json: bool) -> None:
     """How far the saved oplog slices lag behind the replica set, against the RPO; gaps and a
     rolled-over oplog. Exit 3 if beyond the RPO or broken."""
+    from spark_backup.engine.settings import format_duration
+    from spark_backup.sources.mongodb import KIND, ops
+
     runtime = current_runtime()
     chosen = ops.mongo_source(runtime, KIND, source)
-    status = KIND.lag(runtime, chosen, utcnow())
+    status = KIND.lag(runtime, chosen, dt.datetime.now(dt.UTC))
     lag = None if status.lag is None else status.lag.total_seconds()
     if as_json:
         row = {
@@ -75,6 +77,9 @@ def mongo_pitr(
 ) -> None:
     """Restore SOURCE to a point in time into new databases: the newest dump before it, then
     the oplog slices up to it, replayed in order. The source's databases are not touched."""
+    from spark_backup.sources.mongodb import KIND, ops
+    from spark_backup.sources.mongodb.pitr import LATEST
+
     runtime = current_runtime()
     chosen = ops.mongo_source(runtime, KIND, source)
     target = RecoveryTarget(None if to_time == LATEST else parse_time(to_time), into=to_db)

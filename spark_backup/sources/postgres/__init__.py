@@ -13,6 +13,23 @@ cluster.
 - ``server.py``: connections, credentials for the client tools, versions.
 """
 
-from spark_backup.sources.postgres.kind import PostgresKind
+from __future__ import annotations
 
-KIND = PostgresKind()
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from spark_backup.sources.postgres.kind import PostgresKind
+
+    KIND: PostgresKind
+
+
+def __getattr__(name: str) -> object:
+    # The kind loads when first asked for, so that ``spark_backup.sources.postgres.cli`` (the
+    # kind's commands, listed by ``--help``) can be imported without it.
+    if name == "KIND":
+        from spark_backup.sources.postgres.kind import PostgresKind
+
+        global KIND
+        KIND = PostgresKind()
+        return KIND
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -118,7 +118,7 @@ class BaseBackupReader:
     def _row_counts(self, database: str) -> dict[str, int]:
         conn = self.server.connect(database)
         try:
-            conn.set_session(readonly=True)
+            conn.read_only = True
             return table_row_counts(conn, logged_only=True)
         finally:
             conn.close()

@@ -7,18 +7,18 @@ import json
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from spark_backup.console import error_line, parse_time, printable, stderr, stdout
-from spark_backup.engine.settings import format_duration
 from spark_backup.errors import IntegrityError
 from spark_backup.sources.base import current_runtime
-from spark_backup.sources.postgres import KIND, ops
-from spark_backup.sources.postgres.pitr import DEFAULT_PORT, LATEST
-from spark_backup.sources.postgres.server import conf_value
-from spark_backup.sources.postgres.wal import WalNotArchived
+from spark_backup.sources.postgres.pitr_options import DEFAULT_PORT, LATEST
+
+# ``--help`` imports this module; the kind, its operations and psycopg2 load when a command runs.
+if TYPE_CHECKING:
+    from spark_backup.sources.postgres import ops
 
 # restore_command: PostgreSQL ends recovery on exit status 1 to 125 (the file is not there) and
 # aborts it on a status above 125, as if the command had been killed: a store that cannot be
@@ -28,8 +28,16 @@ WAL_FETCH_ABORT = 255
 
 
 def _source(name: str | None) -> Any:
+    from spark_backup.sources.postgres import KIND, ops
+
     runtime = current_runtime()
     return runtime, ops.postgres_source(runtime, KIND, name)
+
+
+def _ops() -> Any:
+    from spark_backup.sources.postgres import ops
+
+    return ops
 
 
 @click.command("wal-push")
@@ -39,7 +47,7 @@ def wal_push(path: str, source: str | None) -> None:
     """Archive one WAL file: archive_command = 'spark-backup --plan PLAN wal-push %p'.
     Pushing a file already archived with the same content succeeds; other content fails."""
     runtime, chosen = _source(source)
-    outcome = ops.wal_push(runtime, chosen, Path(path))
+    outcome = _ops().wal_push(runtime, chosen, Path(path))
     if outcome != "archived":
         stderr.print(f"{printable(Path(path).name)}: {outcome}", highlight=False)
 
@@ -65,9 +73,11 @@ def wal_fetch(name: str, destination: str, source: str | None, identity: str | N
     """Restore one WAL file: restore_command = 'spark-backup --plan PLAN wal-fetch %f %p'.
     Exit 0 restored, 1 not in the archive (recovery ends there), 255 anything else (recovery
     aborts rather than stopping early)."""
+    from spark_backup.sources.postgres.wal import WalNotArchived
+
     try:
         runtime, chosen = _source(source)
-        ops.wal_fetch(runtime, chosen, name, Path(destination), identity)
+        _ops().wal_fetch(runtime, chosen, name, Path(destination), identity)
     except WalNotArchived as error:
         stderr.print(printable(error), highlight=False, soft_wrap=True)
         sys.exit(WAL_FETCH_MISSING)
@@ -81,8 +91,10 @@ def wal_fetch(name: str, destination: str, source: str | None, identity: str | N
 @click.option("--json", "as_json", is_flag=True, help="Status as JSON.")
 def wal_status(source: str | None, as_json: bool) -> None:
     """How far the WAL archive lags behind the server, against the RPO. Exit 3 if beyond it."""
+    from spark_backup.engine.settings import format_duration
+
     runtime, chosen = _source(source)
-    status = ops.wal_archive_status(runtime, chosen)
+    status = _ops().wal_archive_status(runtime, chosen)
     row = wal_status_row(status)
     if as_json:
         click.echo(json.dumps(row, indent=2))
@@ -119,8 +131,10 @@ def wal_status_row(status: ops.WalArchiveStatus) -> dict[str, Any]:
 @click.option("--apply", is_flag=True, help="ALTER SYSTEM on the server (needs a superuser).")
 def pg_setup_archiving(source: str | None, apply: bool) -> None:
     """Print (or apply) the server settings for continuous archiving into the plan's store."""
+    from spark_backup.sources.postgres.server import conf_value
+
     runtime, chosen = _source(source)
-    settings = ops.archiving_settings(runtime, chosen)
+    settings = _ops().archiving_settings(runtime, chosen)
     if not apply:
         for name, value in settings.items():
             stdout.print(f"{name} = {conf_value(value)}", highlight=False, soft_wrap=True)
@@ -129,7 +143,7 @@ def pg_setup_archiving(source: str | None, apply: bool) -> None:
             highlight=False,
         )
         return
-    restart = ops.apply_archiving_settings(runtime, chosen, settings)
+    restart = _ops().apply_archiving_settings(runtime, chosen, settings)
     stdout.print(
         "applied with ALTER SYSTEM; "
         + (f"restart PostgreSQL for {', '.join(restart)}" if restart else "reloaded"),
@@ -162,8 +176,10 @@ def pg_pitr(
     """Recover SOURCE to a point in time in a new cluster (base backup plus archived WAL),
     start it on a local socket in TARGET_DIR and verify it. Production is not touched."""
     target_time = None if to_time == LATEST else parse_time(to_time)
+    from spark_backup.sources.postgres import KIND
+
     runtime, chosen = _source(source)
-    report = ops.pitr(
+    report = _ops().pitr(
         runtime,
         KIND,
         chosen,

@@ -18,9 +18,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from typing import Any
 
-import psycopg2
-from psycopg2 import sql
-from psycopg2.extensions import ISOLATION_LEVEL_REPEATABLE_READ
+import psycopg
+from psycopg import IsolationLevel, sql
 
 from spark_backup.engine.manifest import Manifest
 from spark_backup.engine.processes import first_error, streamed_tool
@@ -64,7 +63,8 @@ class DatabaseDumpReader:
     def open(self) -> Iterator[Readable]:
         conn = self.server.connect(self.database)
         try:
-            conn.set_session(isolation_level=ISOLATION_LEVEL_REPEATABLE_READ, readonly=True)
+            conn.isolation_level = IsolationLevel.REPEATABLE_READ
+            conn.read_only = True
             with conn.cursor() as cursor:
                 cursor.execute("SELECT pg_export_snapshot(), now()")
                 snapshot, snapshot_time = cursor.fetchone()
@@ -263,13 +263,15 @@ def drop_database(server: PostgresServer, name: str) -> None:
 def _outside_transaction(
     server: PostgresServer, statement: str, *databases: str, params: tuple[str, ...] = ()
 ) -> None:
-    """Run a statement that names databases (``{}``) and cannot run inside a transaction."""
+    """Run a statement that names databases (``{}``) and cannot run inside a transaction.
+    ``params`` are bound on the client: CREATE DATABASE, like every utility statement, takes no
+    server-side parameters."""
     conn = server.connect()
     try:
         conn.autocommit = True
-        with conn.cursor() as cursor:
+        with psycopg.ClientCursor(conn) as cursor:
             cursor.execute(sql.SQL(statement).format(*map(sql.Identifier, databases)), params)
-    except psycopg2.Error as exc:
+    except psycopg.Error as exc:
         shown = statement.split(" {}", 1)[0]
         raise SourceError(
             f"{shown} {', '.join(databases)} on {server.where}: {first_line(str(exc))}"
@@ -325,7 +327,7 @@ def check_row_counts(
     conn = server.connect(restored_into)
     try:
         restored = table_row_counts(conn)
-    except psycopg2.Error as exc:
+    except psycopg.Error as exc:
         raise SourceError(
             f"restore of {manifest.id}: cannot count the rows of {restored_into!r}: "
             f"{first_line(str(exc))}"

@@ -25,6 +25,7 @@ from spark_backup.sources.base import CopyRef, FolderRestore, Runtime, SourceKin
 from spark_backup.sources.postgres import dump as pg_dump_restore
 from spark_backup.sources.postgres import pitr as recovery
 from spark_backup.sources.postgres.basebackup import BASE_PART
+from spark_backup.sources.postgres.pitr_options import DEFAULT_PORT
 from spark_backup.sources.postgres.server import (
     PostgresServer,
     ServerArchiveState,
@@ -239,7 +240,7 @@ def pitr(
     target_time: dt.datetime | None,
     target_dir: Path,
     *,
-    port: int = recovery.DEFAULT_PORT,
+    port: int = DEFAULT_PORT,
     identity_file: str | Path | None = None,
     stop_after: bool = False,
     progress: ProgressCallback | None = None,

@@ -30,11 +30,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psycopg2
+import psycopg
 
 from spark_backup.engine.manifest import Manifest
 from spark_backup.engine.processes import first_error, tool_environment
 from spark_backup.errors import IntegrityError, RestoreRefused, SourceError, UsageError
+from spark_backup.sources.postgres.pitr_options import LATEST
 from spark_backup.sources.postgres.server import (
     DEBIAN_BIN_DIRS,
     conf_value,
@@ -49,13 +50,11 @@ WAL_CACHE_FOLDER = "wal_archive"
 LOG_FILE = "postgresql.log"
 REPORT_FILE = "pitr.json"
 HBA_FILE = "pg_hba.conf"
-DEFAULT_PORT = 54329
 # Segments beyond the last one archived before the target fetched up front: the commit that
 # ends recovery is usually in the next few.
 WAL_LOOKAHEAD = 8
 # PostgreSQL 15's words when the WAL ran out before the recovery target.
 ENDED_EARLY = "recovery ended before configured recovery target was reached"
-LATEST = "latest"
 # postmaster.pid's eighth line is the server's status (PostgreSQL's LOCK_FILE_LINE_PM_STATUS).
 POSTMASTER_PID_STATUS_LINE = 7
 PM_STATUS_READY = "ready"
@@ -318,8 +317,10 @@ def stop(pg_ctl: Path, target_dir: Path, os_user: str | None) -> None:
     )
 
 
-def _connect(target_dir: Path, port: int, user: str, dbname: str = "postgres") -> Any:
-    return psycopg2.connect(
+def _connect(
+    target_dir: Path, port: int, user: str, dbname: str = "postgres"
+) -> psycopg.Connection:
+    return psycopg.connect(
         host=str(target_dir), port=port, user=user, dbname=dbname, connect_timeout=5
     )
 
@@ -367,7 +368,7 @@ def verify_cluster(
         try:
             with closing(_connect(target_dir, port, user, database)) as conn:
                 counts = table_row_counts(conn, logged_only=True)
-        except psycopg2.Error as exc:
+        except psycopg.Error as exc:
             raise IntegrityError(
                 f"recovered cluster: database {database!r} cannot be read: {first_line(str(exc))}"
             ) from None

@@ -23,11 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psycopg2
-from psycopg2 import sql
-from psycopg2.extensions import connection as PgConnection
-from psycopg2.extensions import make_dsn, parse_dsn
-from psycopg2.extras import PhysicalReplicationConnection
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from spark_backup.engine.processes import tool_environment
 from spark_backup.errors import NotFoundError, SourceError
@@ -57,6 +55,8 @@ LIBPQ_SETTINGS = frozenset(
         "PGTARGETSESSIONATTRS", "PGLOADBALANCEHOSTS", "PGTZ", "PGDATESTYLE", "PGSYSCONFDIR",
     }
 )  # fmt: skip
+# psycopg's heading of every refused connection: it says nothing the rest does not.
+_CONNECTION_FAILED = "connection failed: "
 _VERSION_RE = re.compile(r"\(PostgreSQL\) (\d+)(?:\.(\d+))?")
 # Ordinary tables (leaf partitions included) outside the system schemas.
 _TABLES_SQL = """
@@ -82,12 +82,12 @@ class PostgresServer:
 
     @classmethod
     def from_source(cls, source: PostgresSource, context: SourceContext) -> PostgresServer:
-        base = source.dsn or make_dsn(host=source.host, port=source.port, user=source.user)
+        base = source.dsn or make_conninfo(host=source.host, port=source.port, user=source.user)
         return cls(
             source_name=source.name,
             base_dsn=base,
             # A database named in the dsn is the one to connect to for server facts.
-            maintenance_db=parse_dsn(base).get("dbname") or source.maintenance_db,
+            maintenance_db=conninfo_to_dict(base).get("dbname") or source.maintenance_db,
             password_env=source.password_env,
             passfile=context.resolve(source.passfile) if source.passfile else None,
             bin_dir=context.resolve(source.bin_dir) if source.bin_dir else None,
@@ -95,16 +95,16 @@ class PostgresServer:
 
     def dsn(self, dbname: str | None = None, **extra: Any) -> str:
         """A libpq connection string for one database (never with a password)."""
-        return make_dsn(self.base_dsn, dbname=dbname or self.maintenance_db, **extra)
+        return make_conninfo(self.base_dsn, dbname=dbname or self.maintenance_db, **extra)
 
     @property
     def user(self) -> str | None:
-        return parse_dsn(self.base_dsn).get("user")
+        return conninfo_to_dict(self.base_dsn).get("user")
 
     @property
     def where(self) -> str:
         """host:port for messages, from the connection string (which holds no secret)."""
-        params = parse_dsn(self.base_dsn)
+        params = conninfo_to_dict(self.base_dsn)
         host = params.get("host") or params.get("hostaddr") or "local socket"
         return f"{host}:{params.get('port', 5432)}"
 
@@ -121,14 +121,15 @@ class PostgresServer:
             )
         return value
 
-    def connect(self, dbname: str | None = None, replication: bool = False) -> PgConnection:
+    def connect(self, dbname: str | None = None, replication: bool = False) -> psycopg.Connection:
         """A connection as the plan's user (a physical replication connection, as
-        pg_basebackup makes, with ``replication``); ``SourceError`` in one line if refused,
-        ``NotFoundError`` if the database does not exist."""
+        pg_basebackup makes, with ``replication``: in autocommit, since a walsender takes
+        replication commands only); ``SourceError`` in one line if refused, ``NotFoundError`` if
+        the database does not exist."""
         database = dbname or self.maintenance_db
         try:
             return self._open(database, replication)
-        except psycopg2.OperationalError as exc:
+        except psycopg.OperationalError as exc:
             detail = first_line(str(exc), self._password())
             # libpq reports no SQLSTATE for a refused connection (3D000 stays on the server's
             # side), so whether the database exists is asked, not read from the message.
@@ -145,14 +146,14 @@ class PostgresServer:
 
     def _open(
         self, database: str, replication: bool = False, timeout: int = CONNECT_TIMEOUT_SECONDS
-    ) -> PgConnection:
+    ) -> psycopg.Connection:
         password = self._password()
         extra: dict[str, Any] = {"password": password} if password is not None else {}
         if self.passfile:
             extra["passfile"] = str(self.passfile)
         if replication:
-            extra["connection_factory"] = PhysicalReplicationConnection
-        return psycopg2.connect(
+            extra.update(replication="true", autocommit=True)
+        return psycopg.connect(
             self.dsn(database),
             connect_timeout=timeout,
             application_name=APPLICATION_NAME,
@@ -167,13 +168,13 @@ class PostgresServer:
                 continue
             try:
                 conn = self._open(other, timeout=EXISTS_TIMEOUT_SECONDS)
-            except psycopg2.Error:
+            except psycopg.Error:
                 continue
             try:
                 with conn.cursor() as cursor:
                     cursor.execute("SELECT 1 FROM pg_database WHERE datname = %s", (database,))
                     return cursor.fetchone() is not None
-            except psycopg2.Error:
+            except psycopg.Error:
                 return None
             finally:
                 conn.close()
@@ -268,7 +269,7 @@ def server_archive_state(server: PostgresServer) -> ServerArchiveState:
                 "FROM pg_walfile_name_offset(pg_current_wal_insert_lsn()) w, pg_stat_archiver a"
             )
             name, offset, segment_size, archive_timeout, *row = cursor.fetchone()
-    except psycopg2.Error as exc:
+    except psycopg.Error as exc:
         raise SourceError(
             f"source {server.source_name!r}: cannot read the WAL position: "
             f"{first_line(str(exc), None)}"
@@ -324,11 +325,14 @@ def apply_settings(server: PostgresServer, settings: dict[str, str]) -> list[str
             )
             settings = raise_only(settings, dict(cursor.fetchall()))
             for name, value in settings.items():
+                # A utility statement takes no server-side parameters: the value is quoted here.
                 cursor.execute(
-                    sql.SQL("ALTER SYSTEM SET {} = %s").format(sql.Identifier(name)), (value,)
+                    sql.SQL("ALTER SYSTEM SET {} = {}").format(
+                        sql.Identifier(name), sql.Literal(value)
+                    )
                 )
             cursor.execute("SELECT pg_reload_conf()")
-    except psycopg2.Error as exc:
+    except psycopg.Error as exc:
         raise SourceError(
             f"source {server.source_name!r}: cannot change server settings: "
             f"{first_line(str(exc), None)}"
@@ -353,17 +357,17 @@ def apply_settings(server: PostgresServer, settings: dict[str, str]) -> list[str
         time.sleep(0.1)
 
 
-def server_major(conn: PgConnection) -> int:
-    return conn.server_version // 10000
+def server_major(conn: psycopg.Connection) -> int:
+    return conn.info.server_version // 10000
 
 
-def server_version_text(conn: PgConnection) -> str:
+def server_version_text(conn: psycopg.Connection) -> str:
     with conn.cursor() as cursor:
         cursor.execute("SHOW server_version")
         return str(cursor.fetchone()[0])
 
 
-def list_databases(conn: PgConnection) -> list[str]:
+def list_databases(conn: psycopg.Connection) -> list[str]:
     """Databases a dump can cover: those that accept connections, templates excluded."""
     with conn.cursor() as cursor:
         cursor.execute(
@@ -373,7 +377,7 @@ def list_databases(conn: PgConnection) -> list[str]:
         return [row[0] for row in cursor.fetchall()]
 
 
-def table_row_counts(conn: PgConnection, logged_only: bool = False) -> dict[str, int]:
+def table_row_counts(conn: psycopg.Connection, logged_only: bool = False) -> dict[str, int]:
     """Exact row counts of every ordinary table, in the connection's current snapshot."""
     counts: dict[str, int] = {}
     with conn.cursor() as cursor:
@@ -406,8 +410,13 @@ def _passfile_escape(value: str) -> str:
 
 
 def first_line(message: str, secret: str | None = None) -> str:
-    """The first non-empty line of a driver's message, with ``secret`` masked."""
-    line = next((part.strip() for part in message.splitlines() if part.strip()), message)
+    """The first non-empty line of a driver's message, with ``secret`` masked. psycopg puts
+    each address it tried on a line of its own ("- host: ...") after a heading line: those are
+    kept, joined into one line."""
+    lines = [part.strip() for part in message.splitlines() if part.strip()]
+    attempts = [line.removeprefix("- ") for line in lines[1:] if line.startswith("- ")]
+    line = "; ".join(attempts) if attempts else next(iter(lines), message)
+    line = line.removeprefix(_CONNECTION_FAILED)
     return line.replace(secret, "***") if secret else line
 
 
@@ -431,7 +440,7 @@ class Background:
         if self._error is not None:
             detail = (
                 first_line(str(self._error))
-                if isinstance(self._error, psycopg2.Error)
+                if isinstance(self._error, psycopg.Error)
                 else str(self._error)
             )
             raise SourceError(f"counting rows failed: {detail}") from None

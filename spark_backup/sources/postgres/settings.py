@@ -99,11 +99,11 @@ class PostgresSource(SourceSettings):
 
 def _dsn_secret(dsn: str) -> str | None:
     """The secret a libpq connection string holds, if any (never echoed)."""
-    from psycopg2 import ProgrammingError
-    from psycopg2.extensions import parse_dsn
+    from psycopg import ProgrammingError
+    from psycopg.conninfo import conninfo_to_dict
 
     try:
-        params = parse_dsn(dsn)
+        params = conninfo_to_dict(dsn)
     except ProgrammingError:
         raise ValueError("dsn is not a libpq connection string or URI") from None
     return next((name for name in ("password", "sslpassword") if name in params), None)

@@ -1,0 +1,91 @@
+"""One age worker process decrypts a whole deep verify (issue 12): many copies, one process
+start; a damaged copy in the middle fails alone; a worker that dies is replaced."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from spark_backup.engine import age_worker
+from spark_backup.engine.pipeline import open_copy
+from spark_backup.service import BackupService
+from spark_backup_tests.helpers import run_cli
+
+
+@pytest.fixture
+def worker_starts(monkeypatch: pytest.MonkeyPatch) -> list[subprocess.Popen[bytes]]:
+    """Every age worker process started from here on."""
+    started: list[subprocess.Popen[bytes]] = []
+    real = subprocess.Popen
+
+    def recording(args, *rest, **kwargs):
+        process = real(args, *rest, **kwargs)
+        if "spark_backup.engine.age_worker" in args:
+            started.append(process)
+        return process
+
+    monkeypatch.setattr(age_worker.subprocess, "Popen", recording)
+    return started
+
+
+def _damage(service: BackupService, copy_id: str) -> None:
+    ref = service.find(copy_id)
+    path = Path(ref.store.object_uri(ref.manifest.data_key).removeprefix("file://"))
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_deep_verify_of_many_copies_starts_one_worker(
+    service: BackupService, age_key, worker_starts
+) -> None:
+    copies = [m.id for _ in range(12) for m in service.backup("dgx_config")]
+    _damage(service, copies[5])
+    identities = service.identities(age_key[0])
+    with service.decryption_worker(identities) as worker:
+        outcomes = [service.verify(service.find(c), identities, None, worker) for c in copies]
+    assert [o.ok for o in outcomes] == [i != 5 for i in range(12)]
+    assert "age could not authenticate" in (outcomes[5].error or "")
+    assert len(worker_starts) == 1
+    assert worker_starts[0].poll() == 0  # told to stop, it exited on its own
+
+
+def test_a_worker_that_died_is_replaced(service: BackupService, age_key, worker_starts) -> None:
+    first, second = (m for _ in range(2) for m in service.backup("dgx_config"))
+    identities = service.identities(age_key[0])
+    with service.decryption_worker(identities) as worker:
+        assert service.verify(service.find(first.id), identities, None, worker).ok
+        worker_starts[0].kill()
+        worker_starts[0].wait()
+        assert service.verify(service.find(second.id), identities, None, worker).ok
+    assert len(worker_starts) == 2
+
+
+def test_a_reader_stopping_early_leaves_the_worker_usable(
+    service: BackupService, age_key, worker_starts
+) -> None:
+    """The consumer gives up after a few bytes (an error of its own): the worker notices the
+    closed pipe, reports, and decrypts the next copy as if nothing happened."""
+    first, second = (m for _ in range(2) for m in service.backup("dgx_config"))
+    identities = service.identities(age_key[0])
+    with service.decryption_worker(identities) as worker:
+        ref = service.find(first.id)
+        with (
+            pytest.raises(RuntimeError, match="consumer"),
+            open_copy(ref.store, ref.manifest, identities, None, worker) as plain,
+        ):
+            plain.read(10)
+            raise RuntimeError("consumer gave up")
+        assert service.verify(service.find(second.id), identities, None, worker).ok
+    assert len(worker_starts) == 1
+
+
+def test_cli_deep_verify_of_many_copies(local_plan: Path, age_key) -> None:
+    for _ in range(5):
+        run_cli("--plan", str(local_plan), "backup", "dgx_config", check=True)
+    done = run_cli(
+        "--plan", str(local_plan), "verify", "--deep", "--identity", str(age_key[0]), check=True
+    )
+    assert "5 of 5 copies intact (deep verify" in done.stdout

@@ -1,0 +1,132 @@
+"""The command line starts at once: each quick command imports only what it needs (issue 12).
+
+Structural, not timed: a command runs in a fresh interpreter that records, as it exits, which
+modules were imported; heavy libraries and the kinds' operations must not be among them unless
+the command uses them. ``benchmarks/bench_cli_startup.py`` measures the times themselves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from spark_backup.sources import registry
+from spark_backup_tests.helpers import config_source, plan_dict, run_cli, write_plan
+
+# Records sys.modules at exit (after main()'s sys.exit), into the file $MODULES_OUT names.
+_RECORDER = """
+import atexit, json, os, sys
+atexit.register(lambda: open(os.environ["MODULES_OUT"], "w").write(json.dumps(sorted(sys.modules))))
+sys.argv = ["spark-backup", *sys.argv[1:]]
+from spark_backup.cli import main
+main()
+"""
+
+# Libraries no quick command needs (boto3: these tests use a local store).
+NEVER = ("dagster", "boto3", "botocore")
+# What --help and --version must do without: validating a plan, printing with rich, the
+# pipeline, a kind's operations.
+NOT_FOR_HELP = (
+    *NEVER,
+    "pydantic",
+    "rich",
+    "yaml",
+    "psycopg2",
+    "zstandard",
+    "pyrage",
+    "spark_backup.plan",
+    "spark_backup.service",
+    "spark_backup.engine",
+    "spark_backup.sources.postgres.kind",
+    "spark_backup.sources.config_archive",
+)
+
+
+def imported_by(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], set[str]]:
+    out = tmp_path / f"modules-{len(list(tmp_path.glob('modules-*')))}.json"
+    done = subprocess.run(
+        [sys.executable, "-c", _RECORDER, *args],
+        env={**os.environ, "MODULES_OUT": str(out)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return done, set(json.loads(out.read_text()))
+
+
+def offending(modules: set[str], forbidden: tuple[str, ...]) -> list[str]:
+    return sorted(
+        prefix
+        for prefix in forbidden
+        if any(m == prefix or m.startswith(prefix + ".") for m in modules)
+    )
+
+
+@pytest.mark.parametrize("args", [("--help",), ("--version",)])
+def test_help_and_version_load_nothing_heavy(tmp_path: Path, args: tuple[str, ...]) -> None:
+    done, modules = imported_by(tmp_path, *args)
+    assert done.returncode == 0, done.stderr
+    assert offending(modules, NOT_FOR_HELP) == []
+
+
+def test_help_lists_the_kinds_commands_without_loading_the_kinds(tmp_path: Path) -> None:
+    done, modules = imported_by(tmp_path, "--help")
+    for command in registry.commands():
+        assert f"  {command.name} " in done.stdout
+    assert "wal-push" in done.stdout  # the kind's commands are there, from entry-point metadata
+    assert not any(m.endswith(".kind") for m in modules if m.startswith("spark_backup.sources"))
+
+
+@pytest.fixture
+def quick_plan(tmp_path: Path, age_key, estate: Path) -> Path:
+    """A local store with one copy, and a PostgreSQL source archiving WAL into it (wal-push
+    contacts no server)."""
+    postgres = {
+        "name": "pg_main",
+        "kind": "postgres",
+        "cadence": "daily",
+        "owner": "team:dba",
+        "host": "127.0.0.1",
+        "port": 5432,
+        "user": "postgres",
+    }
+    plan = write_plan(
+        tmp_path, plan_dict([age_key[1]], [config_source("etc", [str(estate)]), postgres])
+    )
+    run_cli("--plan", str(plan), "backup", "etc", check=True)
+    return plan
+
+
+def test_list_loads_no_dagster_and_as_json_no_rich(tmp_path: Path, quick_plan: Path) -> None:
+    done, modules = imported_by(tmp_path, "--plan", str(quick_plan), "list")
+    assert done.returncode == 0, done.stderr
+    assert "etc-" in done.stdout
+    assert offending(modules, NEVER) == []
+    done, modules = imported_by(tmp_path, "--plan", str(quick_plan), "list", "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)[0]["source"] == "etc"
+    assert offending(modules, (*NEVER, "rich")) == []
+
+
+def test_wal_push_loads_no_dagster_and_no_rich(tmp_path: Path, quick_plan: Path) -> None:
+    segment = tmp_path / "pg_wal" / "000000010000000000000001"
+    segment.parent.mkdir()
+    segment.write_bytes(bytes(range(256)) * 64)
+    done, modules = imported_by(tmp_path, "--plan", str(quick_plan), "wal-push", str(segment))
+    assert done.returncode == 0, done.stderr
+    assert offending(modules, (*NEVER, "rich")) == []
+
+
+def test_commands_found_by_entry_point_are_the_kinds_own() -> None:
+    """The ``spark_backup.commands`` entry points index exactly what each kind's
+    ``cli_commands`` returns, so ``--help`` (which reads the index) and a loaded kind agree."""
+    indexed = {entry.name: list(entry.load()) for entry in registry.command_entry_points()}
+    kinds = registry.kinds()
+    assert set(indexed) <= set(kinds), "a commands entry point names no kind"
+    for name, kind in kinds.items():
+        assert indexed.get(name, []) == list(kind.cli_commands()), name
