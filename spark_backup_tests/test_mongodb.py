@@ -9,7 +9,9 @@ from __future__ import annotations
 import datetime as dt
 import io
 import json
+import os
 import re
+import sys
 import tarfile
 import uuid
 from collections.abc import Iterator
@@ -293,3 +295,76 @@ def test_a_bson_file_cut_short_fails_the_deep_verify(plan: Path, age_key) -> Non
     archive = _archive({f"{database}/orders.bson": cut})
     with pytest.raises(IntegrityError, match="cut short"):
         check_dump_plaintext(io.BytesIO(archive), manifest)
+
+
+# --- dump_tool: mongodump (SIMULATED tool: no MongoDB Database Tools here) ---------------------
+
+FAKE_MONGODUMP = """#!{python}
+# SIMULATED mongodump: writes mongodump's layout for each --nsInclude with pymongo, and records
+# its arguments and the mode of its --config file, so the test sees what spark-backup passed.
+import json, os, sys
+from pathlib import Path
+import pymongo
+from bson import CodecOptions, json_util
+from bson.raw_bson import RawBSONDocument
+args = sys.argv[1:]
+if args == ["--version"]:
+    print("mongodump version: simulated"); sys.exit(0)
+uri = args[args.index("--uri") + 1]
+out = Path(args[args.index("--out") + 1])
+config = args[args.index("--config") + 1] if "--config" in args else None
+(Path(sys.argv[0]).parent / "mongodump.json").write_text(json.dumps(
+    {{"args": args, "config_mode": oct(os.stat(config).st_mode & 0o777) if config else None,
+      "config": Path(config).read_text() if config else None}}))
+client = pymongo.MongoClient(uri)
+for spec in [a.split("=", 1)[1] for a in args if a.startswith("--nsInclude=")]:
+    database, collection = spec.split(".", 1)
+    folder = out / database
+    folder.mkdir(parents=True, exist_ok=True)
+    raw = client[database].get_collection(collection, codec_options=CodecOptions(document_class=RawBSONDocument))
+    with open(folder / (collection + ".bson"), "wb") as handle:
+        for document in raw.find():
+            handle.write(document.raw)
+    meta = {{"indexes": list(client[database][collection].list_indexes()), "collectionName": collection, "type": "collection", "options": {{}}}}
+    (folder / (collection + ".metadata.json")).write_text(json_util.dumps(meta, json_options=json_util.CANONICAL_JSON_OPTIONS))
+"""
+
+
+def test_dump_tool_mongodump_gives_the_same_layout_and_checks(
+    tmp_path: Path, age_key, database: str, monkeypatch
+) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    tool = bin_dir / "mongodump"
+    tool.write_text(FAKE_MONGODUMP.format(python=sys.executable))
+    tool.chmod(0o755)
+    log = bin_dir / "mongodump.json"
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv("DOCS_PASSWORD", SECRET)
+    source = _source(database, dump_tool="mongodump", password_env="DOCS_PASSWORD")
+    service = BackupService.from_path(write_plan(tmp_path, plan_dict([age_key[1]], [source])))
+    (manifest,) = service.backup("docs")
+    called = json.loads(log.read_text())
+    assert SECRET not in " ".join(called["args"])  # the password travels in the config file
+    assert called["config_mode"] == "0o600" and SECRET in called["config"]
+    assert sorted(a for a in called["args"] if a.startswith("--nsInclude")) == [
+        f"--nsInclude={database}.customers",
+        f"--nsInclude={database}.orders",
+    ]
+    meta = manifest.source_metadata
+    assert meta["dump_tool"] == "mongodump" and manifest.tools["mongodump"].endswith("simulated")
+    assert meta["collections"][f"{database}.orders"]["documents"] == 300
+    assert service.verify(service.copies("docs")[0], service.identities(age_key[0])).ok
+    summary = service.restore_to(
+        "database", manifest.id, f"{database}_tool", identity_file=age_key[0]
+    )
+    assert summary["documents"] == 317
+
+
+def test_dump_tool_mongodump_missing_is_one_line(tmp_path: Path, age_key, database, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no mongodump there
+    source = _source(database, dump_tool="mongodump")
+    service = BackupService.from_path(write_plan(tmp_path, plan_dict([age_key[1]], [source])))
+    with pytest.raises(SourceError, match="mongodump is not on the PATH"):
+        service.backup("docs")
+    assert service.copies("docs") == []

@@ -148,7 +148,9 @@ def slices_of(service: BackupService):
     return [r.manifest for r in service.copies("docs", "oplog")]
 
 
-def test_slices_resume_from_the_dump_then_from_each_other(service, recorded, age_key) -> None:
+def test_slices_resume_from_the_dump_then_from_each_other(
+    service, recorded, age_key, tmp_path
+) -> None:
     _server, oplog = recorded
     noop = {"ts": Timestamp(100, 4), "op": "n", "ns": "", "o": {"msg": "periodic noop"}}
     oplog.entries = [insert(100, 1), insert(100, 2), insert(100, 3), noop]
@@ -177,6 +179,10 @@ def test_slices_resume_from_the_dump_then_from_each_other(service, recorded, age
     for ref in service.copies("docs", "oplog"):
         outcome = service.verify(ref, identities)
         assert outcome.ok, outcome.error
+        checked = registry.kind("mongodb").semantic_check(service, ref, identities, tmp_path)
+        assert (
+            checked.passed and checked.metrics["entries"] == ref.manifest.source_metadata["entries"]
+        )
     target = service.restore(
         second.id, Path(service.plan_path.parent / "slice"), identity_file=age_key[0]
     )

@@ -8,6 +8,9 @@ restores into databases checked by per-collection counts and digests.
 - ``bsonfile.py``: BSON files and the order-independent content digest;
 - ``restore.py``: deep verify and restore into databases;
 - ``oplog.py``: reading ``local.oplog.rs``;
+- ``slices.py``: oplog slices, their chain, gaps and expiry;
+- ``apply.py``, ``pitr.py``: oplog replay and point-in-time restore;
+- ``mongodump_tool.py``: ``dump_tool: mongodump``;
 - ``ops.py``: those operations over a plan; ``cli.py``: the kind's commands.
 """
 

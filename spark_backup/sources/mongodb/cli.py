@@ -53,7 +53,7 @@ def oplog_status(source: str | None, as_json: bool) -> None:
         shown = "nothing saved" if lag is None else f"{lag:.0f} s"
         stdout.print(
             f"{'ok' if status.ok else 'BEHIND'}  {status.source}: oplog lag {shown} (RPO "
-            f"{format_duration(status.rpo)}), newest slice {status.newest}"
+            f"{format_duration(status.rpo)}), newest slice {status.newest or 'none'}"
             + "".join(f"; {printable(p)}" for p in status.problems)
             + (f"; server: {printable(status.source_error)}" if status.source_error else ""),
             highlight=False,

@@ -41,6 +41,7 @@ from spark_backup.sources.base import (
 from spark_backup.sources.mongodb import oplog, ops, slices
 from spark_backup.sources.mongodb.bsonfile import CollectionDigest, iter_documents
 from spark_backup.sources.mongodb.dump import OPLOG_FILE, MongoDumpReader
+from spark_backup.sources.mongodb.mongodump_tool import MongodumpToolReader, mongodump_path
 from spark_backup.sources.mongodb.restore import check_dump_plaintext
 from spark_backup.sources.mongodb.server import KIND_NAME, connected, list_namespaces
 from spark_backup.sources.mongodb.settings import MongoSource
@@ -99,6 +100,8 @@ class MongoKind(
         self, source: MongoSource, context: SourceContext, artifact: str
     ) -> list[PlaintextSource]:
         if artifact == DUMP:
+            if source.dump_tool == "mongodump":
+                return [MongodumpToolReader(source)]
             return [MongoDumpReader(source)]
         if artifact == OPLOG and source.oplog.enabled:
             assert context.copies is not None, "a slice resumes from the copies in the store"
@@ -106,7 +109,10 @@ class MongoKind(
         raise UsageError(f"source {source.name!r} has no artifact {artifact!r}")
 
     def probe(self, source: MongoSource, context: SourceContext) -> None:
-        """Connect, authenticate and list what a dump would read."""
+        """Connect, authenticate and list what a dump would read (and find mongodump, if the
+        plan asks for it)."""
+        if source.dump_tool == "mongodump":
+            mongodump_path(source)
         with connected(source) as client:
             list_namespaces(client, source)
 
@@ -317,7 +323,18 @@ class MongoKind(
         scratch: Path,
     ) -> SemanticResult:
         """Restore the dump into scratch databases on the source's server (never the source's
-        own), compare every collection's document count and digest with the dump's, drop them."""
+        own), compare every collection's document count and digest with the dump's, drop them.
+        A slice: every entry parses, and their count and digest are the manifest's."""
+        if slices.is_slice(copy.manifest):
+            try:
+                with open_copy(copy.store, copy.manifest, identities) as plain:
+                    self.check_plaintext(plain, copy.manifest)
+            except IntegrityError as exc:
+                return SemanticResult(False, str(exc), {})
+            entries = copy.manifest.source_metadata["entries"]
+            return SemanticResult(
+                True, f"{entries} oplog entries, digest equal", {"entries": entries}
+            )
         try:
             counts = ops.check_by_restoring(runtime, copy, identities, scratch)
         except IntegrityError as exc:

@@ -203,12 +203,10 @@ class DatabaseRestore:
         db = self.client[database]
         if collection in db.list_collection_names():
             db.drop_collection(collection)  # forced into an existing database
-        options = dict(metadata.get("options", {}))
-        if metadata.get("type") == "view":
-            db.command("create", collection, **options)
-            return
-        db.command("create", collection, **options)
-        self.collections += 1
+        # A view's options hold its definition (viewOn, pipeline): create makes either.
+        db.command("create", collection, **dict(metadata.get("options", {})))
+        if metadata.get("type") != "view":
+            self.collections += 1
 
     def _insert(self, database: str, collection: str, stream: Readable) -> None:
         from bson import CodecOptions

@@ -153,7 +153,8 @@ def _hosts(uri: str) -> str:
 
 def _scrub(exc: BaseException, source: MongoSource) -> str:
     """pymongo's message on one line, without the password should it ever appear in it."""
-    text = " ".join(str(exc).split())
+    # A server selection timeout appends the whole topology: the reason comes before it.
+    text = " ".join(str(exc).split()).split(", Topology Description:")[0]
     if source.password_env and (secret := os.environ.get(source.password_env)):
         text = text.replace(secret, "***")
     return text[:300]
