@@ -1,5 +1,6 @@
 """Tar streams member by member, both ways: ``TarReader`` parses headers and hands data
-straight to a file; ``TarWriter`` yields an archive for sources that produce files as they go.
+straight to a file (or as a stream: ``open``); ``TarWriter`` yields an archive for sources that
+produce files as they go.
 
 Reads the formats spark-backup's copies hold (GNU tar's pax archives, pg_basebackup's ustar):
 ustar headers with their name prefix, pax extended headers (local and global: ``path``,
@@ -140,6 +141,23 @@ class TarReader:
             self._pass(size, fd)
         self._unread -= size
 
+    def open(self, member: Member) -> Readable:
+        """The current member's data as a stream, to be read before asking for the next member
+        (what it leaves is skipped); a read may return less than asked, never past the member."""
+        return _MemberData(self, member.stored_size())
+
+    def _read_data(self, count: int) -> bytes:
+        """1 to ``count`` bytes of the current member's data, from the buffer while it lasts."""
+        if len(self._buf) == self._pos:
+            self._buf = self._source.read(CHUNK_SIZE)
+            self._pos = 0
+            if not self._buf:
+                raise TarFormatError("unexpected end of data")
+        data = self._buf[self._pos : self._pos + count]
+        self._pos += len(data)
+        self._unread -= len(data)
+        return data
+
     def __iter__(self) -> Iterator[Member]:
         while True:
             if self._unread:
@@ -260,6 +278,25 @@ class TarReader:
             linkname.decode("utf-8", "surrogateescape") if linkname else "",
             unsupported,
         )
+
+
+class _MemberData:
+    def __init__(self, reader: TarReader, size: int):
+        self._reader = reader
+        self._left = size
+
+    def read(self, size: int = -1) -> bytes:
+        if size < 0:
+            return b"".join(iter(lambda: self.read(CHUNK_SIZE), b""))
+        count = min(size, self._left)
+        if not count:
+            return b""
+        data = self._reader._read_data(count)
+        self._left -= len(data)
+        return data
+
+    def readable(self) -> bool:
+        return True
 
 
 class TarWriter:

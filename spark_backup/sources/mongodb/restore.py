@@ -9,13 +9,13 @@ unless forced, and never into an existing database unless forced.
 
 from __future__ import annotations
 
-import tarfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from spark_backup.engine.manifest import Manifest
 from spark_backup.engine.streams import Readable
+from spark_backup.engine.tar_stream import TarFormatError, TarReader
 from spark_backup.errors import IntegrityError, RestoreRefused, UsageError
 from spark_backup.sources.mongodb.bsonfile import CollectionDigest, iter_documents
 from spark_backup.sources.mongodb.dump import OPLOG_FILE, read_metadata_json, unescape_name
@@ -42,29 +42,28 @@ class DumpMember:
 def dump_members(plain: Readable, label: str) -> Iterator[DumpMember]:
     """The files of a dump's tar stream, in archive order, each to be read before the next."""
     try:
-        with tarfile.open(fileobj=plain, mode="r|") as archive:
-            for member in archive:
-                if member.isdir():
-                    continue
-                if not member.isreg():
-                    raise IntegrityError(f"{label}: unexpected member {member.name!r}")
-                stream = archive.extractfile(member)
-                assert stream is not None
-                if member.name == OPLOG_FILE:
-                    yield DumpMember("", "", False, stream)
-                    continue
-                database, slash, file_name = member.name.partition("/")
-                if not slash or "/" in file_name:
-                    raise IntegrityError(f"{label}: {member.name!r} is not in mongodump's layout")
-                if file_name.endswith(_METADATA):
-                    name = file_name.removesuffix(_METADATA)
-                    yield DumpMember(database, unescape_name(name), True, stream)
-                elif file_name.endswith(_BSON):
-                    name = file_name.removesuffix(_BSON)
-                    yield DumpMember(database, unescape_name(name), False, stream)
-                else:
-                    raise IntegrityError(f"{label}: {member.name!r} is not in mongodump's layout")
-    except tarfile.ReadError as exc:
+        archive = TarReader(plain)
+        for member in archive:
+            if member.isdir():
+                continue
+            if not member.isreg():
+                raise IntegrityError(f"{label}: unexpected member {member.name!r}")
+            stream = archive.open(member)
+            if member.name == OPLOG_FILE:
+                yield DumpMember("", "", False, stream)
+                continue
+            database, slash, file_name = member.name.partition("/")
+            if not slash or "/" in file_name:
+                raise IntegrityError(f"{label}: {member.name!r} is not in mongodump's layout")
+            if file_name.endswith(_METADATA):
+                name = file_name.removesuffix(_METADATA)
+                yield DumpMember(database, unescape_name(name), True, stream)
+            elif file_name.endswith(_BSON):
+                name = file_name.removesuffix(_BSON)
+                yield DumpMember(database, unescape_name(name), False, stream)
+            else:
+                raise IntegrityError(f"{label}: {member.name!r} is not in mongodump's layout")
+    except TarFormatError as exc:
         raise IntegrityError(f"{label}: not a readable tar stream: {exc}") from None
 
 
