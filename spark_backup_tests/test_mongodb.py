@@ -368,3 +368,17 @@ def test_dump_tool_mongodump_missing_is_one_line(tmp_path: Path, age_key, databa
     with pytest.raises(SourceError, match="mongodump is not on the PATH"):
         service.backup("docs")
     assert service.copies("docs") == []
+
+
+def test_the_system_is_observed_by_its_counts(plan: Path, database: str) -> None:
+    """A standalone server (as the simulated one is): the namespaces' document counts; a write
+    changes the observation, a read does not."""
+    service = BackupService.from_path(plan)
+    source = service.source("docs")
+    kind = service.kind_of(source)
+    first = kind.observe(source, service.context(source))
+    assert first.metadata == {"collections": 2, "documents": 317}
+    assert kind.observe(source, service.context(source)).version == first.version
+    with mongo_server().client() as client:
+        client[database].orders.insert_one({"_id": "new"})
+    assert kind.observe(source, service.context(source)).version != first.version

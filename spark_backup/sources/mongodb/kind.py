@@ -5,6 +5,7 @@ checks)."""
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -27,6 +28,8 @@ from spark_backup.sources.base import (
     CopyRef,
     FolderRestore,
     LogStatus,
+    Observable,
+    Observation,
     PointInTimeRecovery,
     RecoveryTarget,
     RecoveryWindow,
@@ -43,7 +46,12 @@ from spark_backup.sources.mongodb.bsonfile import CollectionDigest, iter_documen
 from spark_backup.sources.mongodb.dump import OPLOG_FILE, MongoDumpReader
 from spark_backup.sources.mongodb.mongodump_tool import MongodumpToolReader, mongodump_path
 from spark_backup.sources.mongodb.restore import check_dump_plaintext
-from spark_backup.sources.mongodb.server import KIND_NAME, connected, list_namespaces
+from spark_backup.sources.mongodb.server import (
+    KIND_NAME,
+    connected,
+    is_replica_set,
+    list_namespaces,
+)
 from spark_backup.sources.mongodb.settings import MongoSource
 
 DUMP = "dump"
@@ -52,7 +60,12 @@ DATABASE_TARGET = "database"
 
 
 class MongoKind(
-    SourceKind[MongoSource], ContinuousLog, PointInTimeRecovery, RestoreTargets, SemanticCheck
+    SourceKind[MongoSource],
+    Observable,
+    ContinuousLog,
+    PointInTimeRecovery,
+    RestoreTargets,
+    SemanticCheck,
 ):
     name = KIND_NAME
     settings = MongoSource
@@ -158,6 +171,23 @@ class MongoKind(
         from spark_backup.sources.mongodb.cli import COMMANDS
 
         return COMMANDS
+
+    # --- Observable -----------------------------------------------------------------------------
+
+    def observe(self, source: MongoSource, context: SourceContext) -> Observation:
+        """A replica set: its newest oplog write (no-ops left out). A standalone server: the
+        protected namespaces with their estimated document counts."""
+        with connected(source) as client:
+            if is_replica_set(client) and (newest := oplog.newest_write_ts(client)):
+                version = f"{newest['t']}:{newest['i']}"
+                return Observation(version, {"oplog_ts": version})
+            counts = {
+                ns.name: client[ns.database][ns.collection].estimated_document_count()
+                for ns in list_namespaces(client, source)
+                if ns.type == "collection"
+            }
+        digest = hashlib.sha256(json.dumps(counts, sort_keys=True).encode()).hexdigest()[:16]
+        return Observation(digest, {"collections": len(counts), "documents": sum(counts.values())})
 
     # --- ContinuousLog --------------------------------------------------------------------------
 

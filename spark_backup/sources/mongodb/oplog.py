@@ -60,6 +60,15 @@ def newest_ts(client: Any) -> dict[str, int] | None:
     return _end(client, -1)
 
 
+def newest_write_ts(client: Any) -> dict[str, int] | None:
+    """The newest entry that is not a no-op: an idle replica set still writes a no-op every
+    10 seconds, which must not look like a change."""
+    entry = oplog_collection(client).find_one(
+        {"op": {"$ne": _NOOP}}, projection={"ts": 1}, sort=[("$natural", -1)]
+    )
+    return ts_json(entry["ts"]) if entry else None
+
+
 def oldest_ts(client: Any) -> dict[str, int] | None:
     return _end(client, 1)
 
