@@ -1,5 +1,7 @@
 """Dagster entry point (workspace.yaml, ``dagster dev``): everything built from the plan at
-$SPARK_BACKUP_PLAN, or ./spark_backup.yaml. Loaded lazily, so importing this module reads no plan."""
+$SPARK_BACKUP_PLAN, or ./spark_backup.yaml, with the platform's own S3Resource per store from
+$SPARK_BACKUP_S3_RESOURCES if set (``spark_backup/defs/resources.py``). Loaded lazily, so
+importing this module reads no plan."""
 
 import dagster as dg
 

@@ -3,7 +3,8 @@
 It builds a sample estate (DGX, Kubernetes and VPN configuration trees) and a demo age key under
 the demo home, backs every source up by running the Dagster backup jobs against a persistent
 SQLite instance (so ``dagster dev`` shows the runs, partitions and checks afterwards), verifies
-every copy, restores each into a staging folder and compares it with the estate, opens one copy
+every copy, restores each into a staging folder and compares it with the estate, lets the
+``drill_new_copies`` sensor drill the new copies, prints the drills and the KPIs, opens one copy
 with the standard ``age``/``zstd``/``tar`` tools if they are installed, and prints a summary.
 """
 
@@ -23,6 +24,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from spark_backup.cli.monitor import kpi_table
 from spark_backup.engine.cadence import DEFAULT_PARTITIONS_START
 from spark_backup.engine.crypto import generate_identity
 from spark_backup.engine.pipeline import utcnow
@@ -219,6 +221,8 @@ def run_demo(home: Path, console: Console) -> None:
             f"{summary['seconds']:.2f}",
         )
     console.print(table)
+    failures += print_drills(service, console)
+    console.print(kpi_table(service.kpis()))
     console.print(open_with_standard_tools(service, paths))
     console.print(
         "\nSee it in the Dagster UI (assets, lineage, partitions, checks, runs):\n"
@@ -237,6 +241,33 @@ def run_demo(home: Path, console: Console) -> None:
     console.print(
         "[green]demo complete: every copy backed up, verified and restored identically[/green]"
     )
+
+
+def print_drills(service: BackupService, console: Console) -> list[str]:
+    """The restore drills the sensor ran: one line per source; a failed or missing one fails."""
+    from spark_backup.engine.settings import format_duration
+
+    failures = []
+    console.print("\nRestore drills (run by the drill_new_copies sensor):")
+    for source in service.plan.sources:
+        last = service.last_drill(source.name)
+        if last is None:
+            failures.append(f"{source.name} was not drilled")
+            console.print(f"  {source.name}: not drilled")
+            continue
+        verdict = "passed" if last.passed and last.within_rto else "FAILED"
+        if verdict == "FAILED":
+            failures.append(f"drill of {last.copy_id} failed: {last.description}")
+        console.print(
+            f"  {source.name}: {verdict} {last.drilled_at[:19]}  {last.copy_id}  "
+            f"restore {last.drill_seconds:.2f} s of RTO {format_duration(source.rto)}  "
+            f"({last.description})",
+            highlight=False,
+            soft_wrap=True,
+        )
+    journal = service.journal()
+    console.print(f"  journal: {journal.directory}", highlight=False, soft_wrap=True)
+    return failures
 
 
 def _dagster_command() -> str:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 
@@ -10,6 +14,11 @@ import pytest
 from spark_backup.service import BackupService
 from spark_backup_tests.helpers import config_source, make_estate, make_key, plan_dict, write_plan
 from spark_backup_tests.seaweedfs import SeaweedFS, seaweedfs_server
+
+# Restores record their staging folders for prune under $XDG_STATE_HOME: tests keep theirs
+# out of the home folder of whoever runs them.
+os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="spark-backup-test-state-")
+atexit.register(shutil.rmtree, os.environ["XDG_STATE_HOME"], True)
 
 
 @pytest.fixture(scope="session")

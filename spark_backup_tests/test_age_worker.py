@@ -11,7 +11,7 @@ import pytest
 from spark_backup.engine import age_worker
 from spark_backup.engine.pipeline import open_copy
 from spark_backup.service import BackupService
-from spark_backup_tests.helpers import run_cli
+from spark_backup_tests.helpers import config_source, plan_dict, run_cli, write_plan
 
 
 @pytest.fixture
@@ -89,3 +89,32 @@ def test_cli_deep_verify_of_many_copies(local_plan: Path, age_key) -> None:
         "--plan", str(local_plan), "verify", "--deep", "--identity", str(age_key[0]), check=True
     )
     assert "5 of 5 copies intact (deep verify" in done.stdout
+
+
+def test_one_worker_reads_many_copies_from_s3(
+    tmp_path: Path, seaweedfs, s3_bucket: str, age_key, estate: Path, worker_starts, monkeypatch
+) -> None:
+    """From a store without files the stored bytes reach the worker through a pipe a thread
+    feeds: one worker, one feeding thread per copy, every copy read to its end."""
+    monkeypatch.setenv("SPARK_TEST_S3_KEY_ID", seaweedfs.access_key)
+    monkeypatch.setenv("SPARK_TEST_S3_SECRET", seaweedfs.secret_key)
+    store = {
+        "name": "s3",
+        "kind": "s3",
+        "endpoint_url": seaweedfs.endpoint_url,
+        "bucket": s3_bucket,
+        "region_name": seaweedfs.region,
+        "access_key_id_env": "SPARK_TEST_S3_KEY_ID",
+        "secret_access_key_env": "SPARK_TEST_S3_SECRET",
+    }
+    plan = write_plan(
+        tmp_path,
+        plan_dict([age_key[1]], [config_source("etc", [str(estate)])], stores=[store]),
+    )
+    service = BackupService.from_path(plan)
+    copies = [m.id for _ in range(3) for m in service.backup("etc")]
+    identities = service.identities(age_key[0])
+    with service.decryption_worker(identities) as worker:
+        outcomes = [service.verify(service.find(c), identities, None, worker) for c in copies]
+    assert all(o.ok for o in outcomes), [o.error for o in outcomes]
+    assert len(worker_starts) == 1

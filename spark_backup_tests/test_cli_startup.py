@@ -36,6 +36,7 @@ NOT_FOR_HELP = (
     "pydantic",
     "rich",
     "yaml",
+    "psycopg",
     "psycopg2",
     "pymongo",
     "bson",
@@ -113,14 +114,14 @@ def test_list_talks_to_no_server_and_as_json_prints_without_rich(
     done, modules = imported_by(tmp_path, "--plan", str(quick_plan), "list")
     assert done.returncode == 0, done.stderr
     assert "etc-" in done.stdout
-    assert offending(modules, (*NEVER, "psycopg2", "pymongo")) == []
+    assert offending(modules, (*NEVER, "psycopg", "psycopg2", "pymongo")) == []
     done, modules = imported_by(tmp_path, "--plan", str(quick_plan), "list", "--json")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)[0]["source"] == "etc"
-    assert offending(modules, (*NEVER, "psycopg2", "pymongo", "rich")) == []
+    assert offending(modules, (*NEVER, "psycopg", "psycopg2", "pymongo", "rich")) == []
 
 
-def test_wal_push_loads_neither_psycopg2_nor_rich(tmp_path: Path, quick_plan: Path) -> None:
+def test_wal_push_loads_neither_psycopg_nor_rich(tmp_path: Path, quick_plan: Path) -> None:
     """PostgreSQL runs it for every WAL segment: it reads the plan and writes to the store,
     and never needs a connection or a table."""
     segment = tmp_path / "pg_wal" / "000000010000000000000001"
@@ -128,7 +129,7 @@ def test_wal_push_loads_neither_psycopg2_nor_rich(tmp_path: Path, quick_plan: Pa
     segment.write_bytes(bytes(range(256)) * 64)
     done, modules = imported_by(tmp_path, "--plan", str(quick_plan), "wal-push", str(segment))
     assert done.returncode == 0, done.stderr
-    assert offending(modules, (*NEVER, "psycopg2", "pymongo", "rich")) == []
+    assert offending(modules, (*NEVER, "psycopg", "psycopg2", "pymongo", "rich")) == []
 
 
 def test_commands_found_by_entry_point_are_the_kinds_own() -> None:
@@ -139,3 +140,16 @@ def test_commands_found_by_entry_point_are_the_kinds_own() -> None:
     assert set(indexed) <= set(kinds), "a commands entry point names no kind"
     for name, kind in kinds.items():
         assert indexed.get(name, []) == list(kind.cli_commands()), name
+
+
+def test_a_command_missing_from_the_index_is_still_found(monkeypatch) -> None:
+    """An install whose entry-point metadata lacks the commands group still runs them: the
+    kinds are asked when a name is not in the index."""
+    from spark_backup.cli import cli
+
+    monkeypatch.setattr(registry, "_commands", None)
+    monkeypatch.setattr(registry, "_kinds", None)
+    monkeypatch.setattr(registry, "command_entry_points", list)
+    context = cli.make_context("spark-backup", ["--help"], resilient_parsing=True)
+    assert cli.get_command(context, "wal-push") is not None
+    assert cli.get_command(context, "no-such-command") is None

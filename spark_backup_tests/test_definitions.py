@@ -25,6 +25,8 @@ from dagster import (
 from spark_backup.defs.assets import backup_asset_key, source_pool, system_asset_key
 from spark_backup.defs.build import build_definitions
 from spark_backup.defs.checks import CHECKSUM_CHECK, FRESHNESS_CHECK
+from spark_backup.defs.drills import DRILL_CHECK, RTO_CHECK, drill_asset_key, drill_schedule_name
+from spark_backup.defs.kpis import KPI_ASSET, KPI_JOB
 from spark_backup.defs.partitions import partitions_for
 from spark_backup.defs.schedules import FRESHNESS_CRON, FRESHNESS_JOB, OBSERVE_JOB
 from spark_backup.engine.cadence import CADENCES, DEFAULT_PARTITIONS_START, partition_key_for
@@ -66,12 +68,16 @@ def test_definitions_load_and_are_pinned(three_cadences: Path, monkeypatch) -> N
     graph = defs.resolve_asset_graph()
     names = ("dgx_config", "vpn_config", "k8s_config")
     keys = {AssetKey(["backups", n]) for n in names}
-    assert graph.get_all_asset_keys() == keys | {system_asset_key(n) for n in names}
+    drills = {drill_asset_key(n) for n in names}
+    assert graph.get_all_asset_keys() == keys | drills | {system_asset_key(n) for n in names} | {
+        KPI_ASSET
+    }
     assert graph.asset_check_keys == {
         AssetCheckKey(k, name) for k in keys for name in (CHECKSUM_CHECK, FRESHNESS_CHECK)
-    }
+    } | {AssetCheckKey(k, name) for k in drills for name in (DRILL_CHECK, RTO_CHECK)}
     for name in names:  # lineage: each protected system feeds its backups
         assert graph.get(backup_asset_key(name)).parent_keys == {system_asset_key(name)}
+        assert graph.get(drill_asset_key(name)).parent_keys == {backup_asset_key(name)}
     specs = {spec.key: spec for spec in defs.resolve_all_asset_specs()}
     start = DEFAULT_PARTITIONS_START
     assert specs[backup_asset_key("vpn_config")].partitions_def == partitions_for("daily", start)
@@ -92,6 +98,8 @@ def test_definitions_load_and_are_pinned(three_cadences: Path, monkeypatch) -> N
         "monthly_backups_schedule",
         "freshness_checks_schedule",
         f"{OBSERVE_JOB}_schedule",
+        *(drill_schedule_name(c) for c in ("daily", "weekly", "monthly")),
+        f"{KPI_JOB}_schedule",
     }
     assert schedules["daily_backups_schedule"].cron_schedule == "0 1 * * *"
     assert schedules["weekly_backups_schedule"].cron_schedule == "0 1 * * 1"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 from dagster import AssetCheckKey, AssetKey, DagsterInstance
@@ -23,6 +24,10 @@ def test_demo_backs_up_verifies_restores_and_records_in_dagster(
     assert result.returncode == 0, result.stdout + result.stderr
     assert "demo complete" in result.stdout
     assert "Opened" in result.stdout and "with standard tools" in result.stdout
+    # The drill_new_copies sensor drilled every source's new copy; the KPIs are printed.
+    for source in SOURCES:
+        assert re.search(rf"{source}: passed .* restore [0-9.]+ s of RTO", result.stdout), source
+    assert "last drill" in result.stdout and "restore / RTO" in result.stdout
     assert f"DAGSTER_HOME={home / 'dagster_home'}" in result.stdout
     # The next steps on the command line name the plan, so `list` finds it.
     assert f"export SPARK_BACKUP_PLAN={home / 'demo' / 'spark_backup.yaml'}" in result.stdout
@@ -42,6 +47,8 @@ def test_demo_backs_up_verifies_restores_and_records_in_dagster(
             assert event is not None, source
             metadata = event.asset_materialization.metadata
             assert metadata["bytes"].value > 0
+            drilled = instance.get_latest_materialization_event(AssetKey(["drills", source]))
+            assert drilled is not None and drilled.asset_materialization.metadata["passed"].value
             for check in ("checksum", "freshness"):
                 record = instance.event_log_storage.get_latest_asset_check_execution_by_key(
                     [AssetCheckKey(key, check)]

@@ -8,6 +8,8 @@ import os
 import re
 import shutil
 import subprocess
+import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -148,6 +150,54 @@ def test_store_failure_halfway_leaves_nothing_and_next_run_succeeds(tmp_path: Pa
     healthy = LocalStore("local", tmp_path / "store")
     manifest = _write(healthy, os.urandom(4 << 20), public)
     assert [m.id for m in list_copies(healthy)] == [manifest.id]
+
+
+class StallingStore(LocalStore):
+    """A local store whose first data write waits until the test lets it go."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.release = threading.Event()
+
+    @contextmanager
+    def open_write(self, key, *, lock=None):
+        with super().open_write(key, lock=lock) as writer:
+            release = self.release
+
+            class Stalling:
+                def write(self, data):
+                    release.wait(timeout=30)
+                    return writer.write(data)
+
+            yield Stalling()
+
+
+def test_backup_reads_only_a_few_chunks_ahead_of_a_slow_store(tmp_path: Path) -> None:
+    """Reading, compression and encryption overlap, with bounded queues between them: while the
+    store is stuck, the source is not read far ahead (memory stays flat)."""
+    _identity, public = make_key(tmp_path)
+    store = StallingStore("local", tmp_path / "store")
+    source = BytesSource(os.urandom(96 << 20))
+    positions: list[int] = []
+    done = threading.Thread(
+        target=lambda: write_copy(
+            store,
+            source,
+            source_name="blob",
+            partition="2026-11-27",
+            recipients=Recipients.from_keys([public], "test"),
+            compression=CompressionSettings(level=3, threads=2),
+            progress=lambda n: positions.append((positions[-1] if positions else 0) + n),
+        )
+    )
+    store.check()
+    done.start()
+    time.sleep(3)  # long enough for every stage to fill up and stall
+    read_while_stuck = positions[-1]
+    store.release.set()
+    done.join(timeout=120)
+    assert positions[-1] == 96 << 20
+    assert read_while_stuck <= 48 << 20, read_while_stuck
 
 
 def test_failed_manifest_write_removes_the_data(tmp_path: Path) -> None:

@@ -22,6 +22,8 @@ import yaml
 from dagster import AssetKey, DagsterInstance
 
 from spark_backup.defs.build import build_definitions
+from spark_backup.defs.drills import DRILL_CHECK, RTO_CHECK, drill_schedule_name
+from spark_backup.defs.kpis import KPI_ASSET, KPI_JOB
 from spark_backup.defs.schedules import log_checks_job_name
 from spark_backup.engine.manifest import manifest_key
 from spark_backup.errors import (
@@ -892,6 +894,9 @@ def test_definitions_for_a_postgres_source(tmp_path: Path, age_key) -> None:
         "backups/pg_main_base",
         "backups/pg_main_wal_archive",
         "recovery/pg_main",
+        "drills/pg_main",
+        "drills/pg_main_base",
+        KPI_ASSET.to_user_string(),
     }
     # Lineage: the system feeds its copies and its WAL; base backups and WAL feed recovery.
     assert graph.get(AssetKey.from_user_string("backups/pg_main")).parent_keys == {
@@ -907,6 +912,11 @@ def test_definitions_for_a_postgres_source(tmp_path: Path, age_key) -> None:
         ("backups/pg_main_base", "checksum"),
         ("backups/pg_main_base", "freshness"),
         ("backups/pg_main_wal_archive", POSTGRES.lag_check_name),
+        *(
+            (f"drills/{a}", c)
+            for a in ("pg_main", "pg_main_base")
+            for c in (DRILL_CHECK, RTO_CHECK)
+        ),
     }
     repository = defs.get_repository_def()
     assert {s.name for s in repository.schedule_defs} == {
@@ -915,6 +925,8 @@ def test_definitions_for_a_postgres_source(tmp_path: Path, age_key) -> None:
         f"{log_checks_job_name(POSTGRES.log_asset_suffix)}_schedule",
         "observe_systems_schedule",
         "recovery_windows_schedule",
+        drill_schedule_name("daily"),
+        f"{KPI_JOB}_schedule",
     }
     assert (
         repository.get_schedule_def(

@@ -86,3 +86,43 @@ def test_exit_code_table_matches_the_code() -> None:
         if issubclass(cls, errors.SparkBackupError)
     }
     assert documented == used | {0, INTERRUPTED}
+
+
+def run_config_archive_drill(service, key: Path, tmpdir: Path) -> subprocess.CompletedProcess:
+    """The by-hand restore drill of the configuration archive runbook."""
+    (script,) = [
+        b
+        for b in fenced_blocks(DOCS / "runbooks" / "config_archive.md", "bash")
+        if b.startswith("# A restore drill by hand")
+    ]
+    tmpdir.mkdir(exist_ok=True)
+    return subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script],
+        env={
+            **os.environ,
+            "STORE": str(service.store("local").root),
+            "SOURCE": "dgx_config",
+            "KEY": str(key),
+            "TMPDIR": str(tmpdir),
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_config_archive_drill_by_hand(service, age_key, tmp_path: Path) -> None:
+    """The runbook's drill restores the newest copy into a new folder, counts what the backup
+    archived, times it against the RTO and removes the folder, also when it fails."""
+    [manifest] = service.backup("dgx_config")
+    result = run_config_archive_drill(service, age_key[0], tmp_path / "tmp")
+    assert result.returncode == 0, result.stderr
+    files = manifest.source_metadata["files"]
+    assert f"restored {files} files" in result.stdout
+    assert f"drill of {manifest.id} passed in" in result.stdout
+    assert list((tmp_path / "tmp").iterdir()) == []
+    data = service.store("local").root / manifest.data_key
+    data.write_bytes(flip_last_byte(data.read_bytes()))
+    failed = run_config_archive_drill(service, age_key[0], tmp_path / "tmp")
+    assert failed.returncode != 0 and "did NOT match" in failed.stderr
+    assert list((tmp_path / "tmp").iterdir()) == []

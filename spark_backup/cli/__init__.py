@@ -3,10 +3,13 @@
 - ``app.py``: the root group, exit codes, the kinds' own commands;
 - ``copies.py``: backup, list, verify, restore, prune;
 - ``plan.py``: plan check;
+- ``drills.py``: drill;
+- ``alerts.py``: alerts;
+- ``monitor.py``: monitor (KPIs);
 - ``dagster.py``: dagster-init and the demo.
 """
 
-from spark_backup.cli import copies, dagster, plan  # noqa: F401 - each registers its commands
+from spark_backup.cli import alerts, copies, dagster, drills, monitor, plan  # noqa: F401 - each registers its commands
 from spark_backup.cli.app import cli, main
 
 __all__ = ["cli", "main"]

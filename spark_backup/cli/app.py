@@ -71,7 +71,15 @@ class SparkBackupGroup(click.Group):
         return sorted({*super().list_commands(ctx), *self._kind_commands()})
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        return super().get_command(ctx, name) or self._kind_commands().get(name)
+        found = super().get_command(ctx, name) or self._kind_commands().get(name)
+        if found is None:
+            # Not indexed (a kind without its commands entry point, or an install whose
+            # metadata predates it): the kinds themselves are asked, at the kinds' cost.
+            from spark_backup.sources import registry
+
+            registry.kinds()
+            found = self._kind_commands().get(name)
+        return found
 
 
 @click.group(cls=SparkBackupGroup)

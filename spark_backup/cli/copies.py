@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import gc
 import json
 import sys
@@ -26,6 +27,7 @@ from spark_backup.sources.base import (
 # The service and the engine load when a command runs, not when the command line starts.
 if TYPE_CHECKING:
     from spark_backup.engine.catalog import DamagedManifest
+    from spark_backup.engine.drill_record import DrillRecord
     from spark_backup.engine.manifest import Manifest
 
 # --- backup ------------------------------------------------------------------------------------
@@ -110,25 +112,40 @@ def list_(state: CliState, source: str | None, as_json: bool) -> None:
     service = state.service
     refs, damaged = service.listing(source) if source else service.all_listings()
     ranges = _log_ranges(service, refs)
+    drills = service.drills_of(refs)
     if as_json:
-        rows = [_copy_row(r, ranges.get(r.manifest.id)) for r in refs]
+        rows = [_copy_row(r, ranges.get(r.manifest.id), drills.get(r.manifest.id)) for r in refs]
         rows += [_damaged_row(d) for d in damaged]
         click.echo(json.dumps(rows, indent=2))
     else:
-        columns = LIST_COLUMNS + (("log needed",) if ranges else ())
-        print_columns(columns, (_list_row(ref, ranges) for ref in refs))
+        columns = (*LIST_COLUMNS, LOG_COLUMN) if ranges else LIST_COLUMNS
+        print_columns(
+            columns,
+            (_list_row(ref, drills.get(ref.manifest.id)) + _log_cell(ranges, ref) for ref in refs),
+        )
         for entry in damaged:
             error_line(f"damaged manifest: {entry.error}")
     if damaged:
         sys.exit(IntegrityError.exit_code)
 
 
-LIST_COLUMNS = ("id", "source", "part", "partition", "finished", "size", "stored", "store")
+LIST_COLUMNS = (
+    "id",
+    "source",
+    "part",
+    "partition",
+    "finished",
+    "size",
+    "stored",
+    "store",
+    "drilled",
+)
+LOG_COLUMN = "log needed"
 
 
-def _list_row(ref: CopyRef, ranges: dict[str, LogRange]) -> tuple[str, ...]:
+def _list_row(ref: CopyRef, drill: DrillRecord | None) -> tuple[str, ...]:
     m = ref.manifest
-    row = (
+    return (
         m.id,
         m.source,
         m.part,
@@ -137,17 +154,20 @@ def _list_row(ref: CopyRef, ranges: dict[str, LogRange]) -> tuple[str, ...]:
         size(m.plaintext.bytes),
         size(m.stored.bytes),
         ref.store.name,
+        _drill_cell(drill),
     )
+
+
+def _log_cell(ranges: dict[str, LogRange], ref: CopyRef) -> tuple[str, ...]:
+    """The log a base copy needs and whether the archive holds it; nothing when no source
+    listed has a log."""
     if not ranges:
-        return row
-    found = ranges.get(m.id)
-    needed = (
-        ""
-        if found is None
-        else f"{found.first}..{found.last} "
-        + ("archived" if found.complete else f"MISSING {found.missing}")
-    )
-    return (*row, needed)
+        return ()
+    found = ranges.get(ref.manifest.id)
+    if found is None:
+        return ("",)
+    held = "archived" if found.complete else f"MISSING {found.missing}"
+    return (f"{found.first}..{found.last} {held}",)
 
 
 def _log_ranges(service: Any, refs: list[CopyRef]) -> dict[str, LogRange]:
@@ -165,7 +185,35 @@ def _log_ranges(service: Any, refs: list[CopyRef]) -> dict[str, LogRange]:
     return ranges
 
 
-def _copy_row(ref: CopyRef, log: LogRange | None = None) -> dict[str, Any]:
+def _drill_cell(record: DrillRecord | None) -> str:
+    """``passed 2026-11-29 12.3s/2h``: the newest drill, its restore time against the RTO."""
+    if record is None:
+        return "-"
+    from spark_backup.engine.settings import format_duration
+
+    verdict = "passed" if record.passed and record.within_rto else "FAILED"
+    rto = format_duration(dt.timedelta(seconds=record.rto_seconds))
+    return f"{verdict} {record.drilled_at[:10]} {record.drill_seconds:.1f}s/{rto}"
+
+
+def _drill_row(record: DrillRecord | None) -> dict[str, Any] | None:
+    if record is None:
+        return None
+    return {
+        "drilled_at": record.drilled_at,
+        "passed": record.passed,
+        "restore_seconds": record.restore_seconds,
+        "drill_seconds": record.drill_seconds,
+        "rto_seconds": record.rto_seconds,
+        "within_rto": record.within_rto,
+        "check": record.check,
+        "description": record.description,
+    }
+
+
+def _copy_row(
+    ref: CopyRef, log: LogRange | None = None, drill: DrillRecord | None = None
+) -> dict[str, Any]:
     m = ref.manifest
     extra = {"log": {**asdict(log), "complete": log.complete}} if log else {}
     return {
@@ -183,6 +231,7 @@ def _copy_row(ref: CopyRef, log: LogRange | None = None) -> dict[str, Any]:
         "store": ref.store.name,
         "uri": ref.store.object_uri(m.data_key),
         "lock": m.lock,
+        "drill": _drill_row(drill),
         **extra,
     }
 

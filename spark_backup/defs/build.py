@@ -1,7 +1,7 @@
 """Builds the Dagster definitions for one protection plan by asking each source's kind what it
-has: the system, an asset and two checks per artifact, the continuous log with its lag check,
-the recovery window; a backup job and schedule per cadence; the check, observation and recovery
-schedules; and the plan resource."""
+has: the system, an asset and two checks per artifact and its restore drill, the continuous log
+with its lag check, the recovery window; a backup job and schedule per cadence; the check,
+observation, recovery and monthly drill schedules; and the plan resource."""
 
 from collections import defaultdict
 from collections.abc import Mapping
@@ -29,6 +29,17 @@ from spark_backup.defs.checks import (
     build_freshness_check,
     build_log_lag_check,
 )
+from spark_backup.defs.drills import (
+    DrillTarget,
+    build_drill_asset,
+    build_drill_job,
+    build_drill_schedule,
+    build_drill_sensor,
+    drill_asset_key,
+    drill_job_name,
+)
+from spark_backup.defs.kpis import KPI_ASSET, KPI_CRON, KPI_JOB, build_kpi_asset
+from spark_backup.defs.partitions import partitions_for
 from spark_backup.defs.resources import (
     RESOURCE_KEY,
     SparkBackupResource,
@@ -47,6 +58,7 @@ from spark_backup.defs.schedules import (
     check_schedule,
     log_checks_job_name,
 )
+from spark_backup.defs.sensors import build_check_failure_sensor, build_run_failure_sensor
 from spark_backup.plan import LoadedPlan
 from spark_backup.service import BackupService
 from spark_backup.sources.base import ContinuousLog, Observable, PointInTimeRecovery
@@ -76,7 +88,12 @@ def build_definitions(
     log_checks: dict[tuple[str, str], list[AssetCheckKey]] = defaultdict(list)
     observed: list[AssetKey] = []
     recoveries: list[AssetKey] = []
+    drills_by_cadence: dict[str, list[AssetKey]] = defaultdict(list)
+    drill_targets: list[DrillTarget] = []
+    # Which source each asset belongs to, for the failure sensors' tickets.
+    sources_by_asset: dict[AssetKey, str] = {}
     for source in loaded.plan.sources:
+        first = len(assets)
         kind = service.kind_of(source)
         system = build_system_asset(source, kind, loaded)
         assets.append(system)
@@ -88,6 +105,19 @@ def build_definitions(
             artifact_keys[artifact.name] = key
             keys_by_cadence[artifact.cadence].append(key)
             assets.append(build_backup_asset(source, artifact, kind, loaded))
+            assets.append(build_drill_asset(source, artifact, kind, loaded))
+            drill_key = drill_asset_key(source.name, artifact)
+            drills_by_cadence[artifact.cadence].append(drill_key)
+            drill_targets.append(
+                DrillTarget(
+                    drill_key,
+                    source.name,
+                    artifact.name,
+                    drill_job_name(artifact.cadence),
+                    partitions_for(artifact.cadence, loaded.plan.defaults.partitions_start),
+                    source.drill_every,
+                )
+            )
             checks += [
                 build_checksum_check(source, artifact, key, loaded),
                 build_freshness_check(source, artifact, key),
@@ -109,6 +139,9 @@ def build_definitions(
                 )
                 assets.append(recovery)
                 recoveries.append(recovery.key)
+        for item in assets[first:]:
+            item_keys = item.keys if isinstance(item, AssetsDefinition) else {item.key}
+            sources_by_asset.update(dict.fromkeys(item_keys, source.name))
     for cadence_name, keys in keys_by_cadence.items():
         job = build_backup_job(cadence_name, keys)
         jobs.append(job)
@@ -138,11 +171,36 @@ def build_definitions(
                 "Measure every point-in-time recovery window.",
             )
         )
+    assets.append(build_kpi_asset(loaded))
+    schedules.append(
+        asset_schedule(KPI_JOB, [KPI_ASSET], KPI_CRON, "Measure the KPIs of every source.")
+    )
+    drill_jobs = []
+    for cadence_name, keys in drills_by_cadence.items():
+        job = build_drill_job(cadence_name, keys)
+        drill_jobs.append(job)
+        schedules.append(build_drill_schedule(cadence_name, job))
     return Definitions(
         assets=assets,
         asset_checks=checks,
         jobs=jobs,
         schedules=schedules,
+        sensors=[
+            build_drill_sensor(drill_targets, drill_jobs),
+            build_run_failure_sensor(sources_by_asset),
+            build_check_failure_sensor(
+                sources_by_asset,
+                [
+                    *(key for check in checks for key in check.check_keys),
+                    *(
+                        key
+                        for item in assets
+                        if isinstance(item, AssetsDefinition)
+                        for key in item.check_keys
+                    ),
+                ],
+            ),
+        ],
         resources={
             RESOURCE_KEY: SparkBackupResource(plan_path=str(loaded.path), s3_stores=s3_stores)
         },

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from dagster import DagsterInstance, JobDefinition
+from dagster import DagsterInstance, JobDefinition, build_sensor_context
 
 from spark_backup.defs.build import build_definitions
+from spark_backup.defs.drills import DRILL_SENSOR
 from spark_backup.defs.instance import ensure_source_pools
 from spark_backup.defs.schedules import FRESHNESS_JOB, OBSERVE_JOB, backup_job_name
 from spark_backup.engine.cadence import partition_key_for
@@ -22,7 +23,8 @@ QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 
 def run_plan_once(loaded: LoadedPlan, say: Callable[[str], None]) -> list[str]:
     """Observe every system, run each cadence's backup job for its current partition (with the
-    checksum checks), then the freshness checks; return what failed, one line each."""
+    checksum checks), then the freshness checks, then the drills the ``drill_new_copies``
+    sensor asks for; return what failed, one line each."""
     defs = build_definitions(loaded)
     service = BackupService(loaded)
     cadences = sorted({a.cadence for s in loaded.plan.sources for a in service.artifacts(s)})
@@ -38,6 +40,31 @@ def run_plan_once(loaded: LoadedPlan, say: Callable[[str], None]) -> list[str]:
             say(f"running Dagster job {job.name} for partition {partition} ...")
             failures += _run(job, instance, partition)
         failures += _run(defs.resolve_job_def(FRESHNESS_JOB), instance)
+        failures += _run_sensor_requests(defs, instance, DRILL_SENSOR, say)
+    return failures
+
+
+def _run_sensor_requests(defs, instance: DagsterInstance, sensor_name: str, say) -> list[str]:
+    """Evaluate a sensor as the daemon would (from its first look) and run what it requests."""
+    context = build_sensor_context(
+        instance=instance,
+        definitions=defs,
+        resources=defs.get_repository_def().get_top_level_resources(),
+    )
+    failures = []
+    for request in defs.resolve_sensor_def(sensor_name).evaluate_tick(context).run_requests or []:
+        job = defs.resolve_job_def(request.job_name)
+        selected = ", ".join(k.to_user_string() for k in request.asset_selection or [])
+        say(f"sensor {sensor_name}: running {selected or job.name} for {request.partition_key} ...")
+        result = job.execute_in_process(
+            instance=instance,
+            partition_key=request.partition_key,
+            asset_selection=request.asset_selection,
+            tags=request.tags,
+            raise_on_error=False,
+            run_config=QUIET,
+        )
+        failures += _failures(job, result)
     return failures
 
 
@@ -45,6 +72,10 @@ def _run(job: JobDefinition, instance: DagsterInstance, partition: str | None = 
     result = job.execute_in_process(
         instance=instance, partition_key=partition, raise_on_error=False, run_config=QUIET
     )
+    return _failures(job, result)
+
+
+def _failures(job: JobDefinition, result) -> list[str]:
     failures = [] if result.success else [f"job {job.name} failed (see the run in the UI)"]
     return failures + [
         f"check {e.asset_check_key.name} on {e.asset_key.to_user_string()} failed: {e.description}"

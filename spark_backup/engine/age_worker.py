@@ -207,6 +207,8 @@ class AgeWorker:
         if self._process is not None:
             try:
                 self._process.wait(_EXIT_SECONDS)
+            except subprocess.TimeoutExpired:
+                self._kill()  # stuck: nothing it could still do matters
             except BaseException:
                 self._kill()
                 raise

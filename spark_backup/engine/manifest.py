@@ -31,8 +31,8 @@ _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 # A source's name as the plan allows it; every key starts with one.
 SOURCE_NAME = r"[a-z][a-z0-9_]{0,62}"
 # A copy id is its source's name, then this: the start time (UTC, milliseconds) and 8 random hex.
-_ID_AFTER_SOURCE = r"-\d{8}T\d{6}\.\d{3}Z-[0-9a-f]{8}"
-COPY_ID_RE = re.compile(rf"^(?P<source>{SOURCE_NAME}){_ID_AFTER_SOURCE}$")
+ID_AFTER_SOURCE = r"-\d{8}T\d{6}\.\d{3}Z-[0-9a-f]{8}"
+COPY_ID_RE = re.compile(rf"^(?P<source>{SOURCE_NAME}){ID_AFTER_SOURCE}$")
 
 
 def utc_stamp(when: dt.datetime) -> str:
@@ -73,11 +73,11 @@ def manifest_prefix(source: str | None = None) -> str:
 
 # (?P=source): a copy's id names the source whose folder holds it.
 _MANIFEST_KEY_RE = re.compile(
-    rf"^(?P<source>{SOURCE_NAME})/manifests/(?P<id>(?P=source){_ID_AFTER_SOURCE})\.json$"
+    rf"^(?P<source>{SOURCE_NAME})/manifests/(?P<id>(?P=source){ID_AFTER_SOURCE})\.json$"
 )
 # The suffix names the layers, innermost first, as the pipeline writes it (``.tar.zst.age``).
 _DATA_KEY_RE = re.compile(
-    rf"^(?P<source>{SOURCE_NAME})/data/(?P<id>(?P=source){_ID_AFTER_SOURCE})"
+    rf"^(?P<source>{SOURCE_NAME})/data/(?P<id>(?P=source){ID_AFTER_SOURCE})"
     r"\.(?:[a-z0-9]+\.)*zst\.age$"
 )
 

@@ -245,13 +245,14 @@ class _OverlappedEncryption:
         raise _Stopped
 
     def _compress(self) -> None:
-        packer = self._compressor.compressobj()
+        # A reader, not compressobj: with worker threads, compressobj hands out whole jobs (up
+        # to 20 MB at once); a reader gives at most what is asked for.
+        packer = self._compressor.stream_reader(
+            ChunkReader(iter(lambda: self._get(self._raw), None)), read_size=CHUNK_SIZE
+        )
         try:
-            while (chunk := self._get(self._raw)) is not None:
-                packed = packer.compress(chunk)
-                if packed:
-                    self._put(self._packed, packed)
-            self._put(self._packed, packer.flush())
+            while packed := packer.read(CHUNK_SIZE):
+                self._put(self._packed, packed)
         except zstandard.ZstdError as exc:
             raise SparkBackupError(f"zstd compression failed: {exc}") from None
         self._put(self._packed, None)

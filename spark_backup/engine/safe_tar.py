@@ -30,7 +30,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from spark_backup.engine.streams import Readable
-from spark_backup.engine.tar_stream import Member, TarFormatError, TarReader
+from spark_backup.engine.tar_stream import (
+    DIRECTORY,
+    HARDLINK,
+    REGULAR,
+    SYMLINK,
+    Member,
+    TarFormatError,
+    TarReader,
+)
 from spark_backup.errors import RestoreRefused
 
 # The kernel gives up after 40 links in one lookup; so does the guard.
@@ -220,36 +228,42 @@ class _Extraction:
             name = guard.member_name(member)
             if member.unsupported:
                 raise UnsafeMember(member.unsupported)
-            if member.issym():
+            kind = member.type
+            if kind in REGULAR:
+                guard.admit_file(name)
+            elif kind == SYMLINK:
                 guard.links[name] = member.linkname
                 self.deferred.append((name, member))
                 return
-            if member.isdir():
+            elif kind == DIRECTORY:
                 guard.admit_folder(name)
-            elif member.isreg() or member.islnk():
+            elif kind == HARDLINK:
                 guard.admit_file(name)
-                if member.islnk():
-                    guard.admit_hardlink(member)
+                guard.admit_hardlink(member)
             else:
                 raise UnsafeMember("it is a special file (a device, FIFO or unknown type)")
-            parents = guard.parents_to_make(name)
+            parent = name.rpartition("/")[0]
+            # The common case, a file in a folder made before, needs no walk up the name.
+            parents = guard.parents_to_make(name) if parent not in guard.folders else ()
         except UnsafeMember as error:
             self.refuse(member, str(error))
             return
-        for parent in parents:
-            self.make_folder(parent)
-        if member.isdir():
+        for folder in parents:
+            self.make_folder(folder)
+        summary = self.summary
+        if kind in REGULAR:
+            self.write_file(name, member, reader)
+            summary.files += 1
+            summary.bytes += member.size
+        elif kind == DIRECTORY:
             if name not in guard.folders:
                 self.make_folder(name)
             guard.directories[name] = member.mtime
-            self.summary.directories += 1
-        elif member.isreg():
-            self.write_file(name, member, reader)
-            self.summary.files += 1
-            self.summary.bytes += member.size
+            summary.directories += 1
         else:
             self.hard_link(name, member)
-        self.summary.note_mode(name, member)
+        if member.mode & STRIPPED_MODE_BITS:
+            summary.note_mode(name, member)
 
     def make_folder(self, name: str) -> None:
         try:

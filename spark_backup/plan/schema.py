@@ -14,6 +14,8 @@ from spark_backup.engine.cadence import DEFAULT_PARTITIONS_START
 from spark_backup.engine.settings import Duration, Name, SettingsModel
 from spark_backup.engine.stores.config import StoreConfig
 from spark_backup.errors import NotFoundError
+from spark_backup.journal.settings import JournalSettings
+from spark_backup.notify.settings import Notifications
 from spark_backup.plan.source import Compression, Retention, SourceSettings
 
 AGE_RECIPIENT_PATTERN = re.compile(r"^age1[02-9ac-hj-np-z]{58}$")
@@ -63,6 +65,9 @@ class Defaults(SettingsModel):
     # The first partition the UI lists. Partition keys never depend on it: moving it changes
     # which periods show as missing, never where a copy belongs.
     partitions_start: dt.date = DEFAULT_PARTITIONS_START
+    # A source whose last restore drill is older than this is reported by ``alerts`` (the
+    # drills run monthly, so a month and a little).
+    drill_max_age: Duration = dt.timedelta(days=32)
 
     @field_validator("orphan_grace")
     @classmethod
@@ -79,6 +84,8 @@ class Plan(SettingsModel):
     defaults: Defaults = Defaults()
     encryption: Encryption
     stores: list[StoreConfig] = Field(min_length=1)
+    notifications: Notifications = Notifications()
+    journal: JournalSettings = JournalSettings()
     # Each entry is validated as its kind's model (see ``plan_model``).
     sources: list[SourceSettings] = Field(min_length=1)
 

@@ -46,6 +46,9 @@ class SourceSettings(SettingsModel):
     owner: str
     rpo: Duration = dt.timedelta(days=1)
     rto: Duration = dt.timedelta(hours=2)
+    # Restore drills of new copies (the drill_new_copies sensor): every new partition's copies
+    # (1), one in N, or none (0; the monthly drills still run).
+    drill_every: int = Field(1, ge=0)
     # Freshness: the newest committed copy must be at most this old. The plan's rule is "warn after
     # 24 hours without a backup"; weekly and monthly sources override it.
     max_age: Duration | None = None

@@ -16,7 +16,7 @@ from spark_backup.engine.manifest import Manifest
 from spark_backup.engine.pipeline import Verification, open_copy, utcnow, verify_copy, write_copy
 from spark_backup.engine.streams import ProgressCallback
 from spark_backup.errors import IntegrityError, NotFoundError, SparkBackupError, UsageError
-from spark_backup.service.runtime import PlanRuntime
+from spark_backup.service.journal import JournalOperations
 from spark_backup.sources.base import CopyRef, FolderRestore, RestoreTargets
 
 
@@ -44,7 +44,7 @@ STORED_CHECK = "stored sha256 and size"
 DEEP_CHECKS = ("decrypted with age", "zstd frame checksums", "plaintext sha256 and size")
 
 
-class CopyOperations(PlanRuntime):
+class CopyOperations(JournalOperations):
     def backup(
         self,
         source_name: str,
@@ -85,6 +85,8 @@ class CopyOperations(PlanRuntime):
                 failures.append(exc)
         if manifests:
             self.update_index(store, source.name)
+        for manifest in manifests:
+            self.journal_backup(manifest)
         if failures:
             raise failures[0]
         return manifests

@@ -8,10 +8,17 @@ from dataclasses import dataclass, field
 
 from spark_backup.engine import catalog
 from spark_backup.engine.catalog import is_index_key
-from spark_backup.engine.manifest import Manifest, is_copy_key, manifest_key
+from spark_backup.engine.drill_record import drill_keys_of
+from spark_backup.engine.manifest import (
+    Manifest,
+    copy_id_of_manifest_key,
+    is_copy_key,
+    manifest_key,
+)
 from spark_backup.engine.pipeline import utcnow
 from spark_backup.engine.retention import apply_retention
 from spark_backup.engine.staging import stale_staging
+from spark_backup.engine.stores.base import ObjectStore
 from spark_backup.service.runtime import PlanRuntime
 from spark_backup.sources import registry
 from spark_backup.sources.base import ContinuousLog
@@ -45,6 +52,13 @@ def owned_by_spark_backup(key: str) -> bool:
             if isinstance(kind, ContinuousLog)
         )
     )
+
+
+def _delete_drill_records(store: ObjectStore, source: str, copy_id: str, now: dt.datetime) -> None:
+    """A deleted copy's drill records go with it (under a lock they stay until it ends)."""
+    for record in drill_keys_of(store, source, copy_id):
+        if not store.locked(record, now):
+            store.delete(record)
 
 
 class RetentionOperations(PlanRuntime):
@@ -83,6 +97,7 @@ class RetentionOperations(PlanRuntime):
                 if not dry_run:
                     store.delete(key)
                     store.delete(manifest.data_key)
+                    _delete_drill_records(store, manifest.source, manifest.id, now)
             copies_gone = bool(expired)
             if isinstance(kind, ContinuousLog) and kind.log_enabled(source):
                 gone = set(report.expired)
@@ -94,8 +109,13 @@ class RetentionOperations(PlanRuntime):
                 ]
                 log_gone = kind.expire(self, source, kept_bases, now, dry_run)
                 report.log_expired += log_gone
-                # A log read in slices keeps them as copies, which the index lists.
+                # A log read in slices keeps them as copies, which the index lists and drills
+                # may have recorded.
                 copies_gone = copies_gone or bool(log_gone and kind.log_artifact)
+                for gone_key in log_gone if not dry_run else ():
+                    slice_id = copy_id_of_manifest_key(gone_key)
+                    if slice_id is not None:
+                        _delete_drill_records(store, source.name, slice_id, now)
             if copies_gone and not dry_run:
                 self.update_index(store, source.name)
         grace = self.plan.defaults.orphan_grace

@@ -77,15 +77,24 @@ def version() -> int:
     return _version
 
 
+# The last answer of ``commands()`` and what it was computed from (reading the entry points
+# costs milliseconds, and ``--help`` asks once per command it lists).
+_commands: tuple[tuple[int, bool], list[click.Command]] | None = None
+
+
 def commands() -> list[click.Command]:
     """Every kind's own commands, by kind name. Once the kinds are loaded they are asked
     (``cli_commands``, which covers kinds registered at run time); before that, only the
     modules the ``spark_backup.commands`` entry points name are imported, never the kinds."""
-    if _kinds is not None:
-        found = {name: list(kind.cli_commands()) for name, kind in _kinds.items()}
-    else:
-        found = {entry.name: list(entry.load()) for entry in command_entry_points()}
-    return [command for name in sorted(found) for command in found[name]]
+    global _commands
+    state = (_version, _kinds is not None)
+    if _commands is None or _commands[0] != state:
+        if _kinds is not None:
+            found = {name: list(kind.cli_commands()) for name, kind in _kinds.items()}
+        else:
+            found = {entry.name: list(entry.load()) for entry in command_entry_points()}
+        _commands = (state, [command for name in sorted(found) for command in found[name]])
+    return list(_commands[1])
 
 
 def command_entry_points() -> list[metadata.EntryPoint]:

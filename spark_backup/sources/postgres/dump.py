@@ -18,9 +18,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from typing import Any
 
-import psycopg
-from psycopg import IsolationLevel, sql
-
 from spark_backup.engine.manifest import Manifest
 from spark_backup.engine.processes import first_error, streamed_tool
 from spark_backup.engine.streams import Readable, copy_stream
@@ -61,6 +58,8 @@ class DatabaseDumpReader:
 
     @contextmanager
     def open(self) -> Iterator[Readable]:
+        from psycopg import IsolationLevel  # loads with a connection (server.py says why)
+
         conn = self.server.connect(self.database)
         try:
             conn.isolation_level = IsolationLevel.REPEATABLE_READ
@@ -266,6 +265,9 @@ def _outside_transaction(
     """Run a statement that names databases (``{}``) and cannot run inside a transaction.
     ``params`` are bound on the client: CREATE DATABASE, like every utility statement, takes no
     server-side parameters."""
+    import psycopg
+    from psycopg import sql
+
     conn = server.connect()
     try:
         conn.autocommit = True
@@ -323,6 +325,8 @@ def check_row_counts(
     server: PostgresServer, manifest: Manifest, restored_into: str, target: str
 ) -> dict[str, int]:
     """The restored database must hold exactly the rows the dump's snapshot held."""
+    import psycopg
+
     recorded: dict[str, int] = manifest.source_metadata.get("row_counts", {})
     conn = server.connect(restored_into)
     try:

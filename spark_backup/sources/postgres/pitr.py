@@ -28,9 +28,7 @@ from collections.abc import Callable, Sequence
 from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
-
-import psycopg
+from typing import TYPE_CHECKING, Any
 
 from spark_backup.engine.manifest import Manifest
 from spark_backup.engine.processes import first_error, tool_environment
@@ -44,6 +42,9 @@ from spark_backup.sources.postgres.server import (
 )
 from spark_backup.sources.postgres.wal import ArchivedWal
 from spark_backup.sources.postgres.walname import DEFAULT_SEGMENT_SIZE, WalSegment, lsn_value
+
+if TYPE_CHECKING:
+    import psycopg
 
 DATA_FOLDER = "data"
 WAL_CACHE_FOLDER = "wal_archive"
@@ -431,6 +432,8 @@ def stop(pg_ctl: Path, target_dir: Path, os_user: str | None) -> None:
 def _connect(
     target_dir: Path, port: int, user: str, dbname: str = "postgres"
 ) -> psycopg.Connection:
+    import psycopg  # loads with a connection, not with the kind (server.py says why)
+
     return psycopg.connect(
         host=str(target_dir), port=port, user=user, dbname=dbname, connect_timeout=5
     )
@@ -473,6 +476,8 @@ def verify_cluster(
 ) -> dict[str, dict[str, Any]]:
     """Every database the base backup recorded must accept connections and every table must be
     readable; the counts are reported beside those recorded when the base backup started."""
+    import psycopg
+
     recorded: dict[str, dict[str, int]] = base.source_metadata.get("row_counts", {})
     result: dict[str, dict[str, Any]] = {}
     for database in base.source_metadata.get("databases", []):

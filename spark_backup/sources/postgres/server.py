@@ -21,11 +21,12 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import psycopg
-from psycopg import sql
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
+# psycopg loads where a connection string is built or a connection made, not with the kind:
+# ``list`` and ``wal-push`` (run for every WAL segment) never talk to the server.
+if TYPE_CHECKING:
+    import psycopg
 
 from spark_backup.engine.processes import tool_environment
 from spark_backup.errors import NotFoundError, SourceError
@@ -82,6 +83,8 @@ class PostgresServer:
 
     @classmethod
     def from_source(cls, source: PostgresSource, context: SourceContext) -> PostgresServer:
+        from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
         base = source.dsn or make_conninfo(host=source.host, port=source.port, user=source.user)
         return cls(
             source_name=source.name,
@@ -95,15 +98,21 @@ class PostgresServer:
 
     def dsn(self, dbname: str | None = None, **extra: Any) -> str:
         """A libpq connection string for one database (never with a password)."""
+        from psycopg.conninfo import make_conninfo
+
         return make_conninfo(self.base_dsn, dbname=dbname or self.maintenance_db, **extra)
 
     @property
     def user(self) -> str | None:
+        from psycopg.conninfo import conninfo_to_dict
+
         return conninfo_to_dict(self.base_dsn).get("user")
 
     @property
     def where(self) -> str:
         """host:port for messages, from the connection string (which holds no secret)."""
+        from psycopg.conninfo import conninfo_to_dict
+
         params = conninfo_to_dict(self.base_dsn)
         host = params.get("host") or params.get("hostaddr") or "local socket"
         return f"{host}:{params.get('port', 5432)}"
@@ -126,6 +135,8 @@ class PostgresServer:
         pg_basebackup makes, with ``replication``: in autocommit, since a walsender takes
         replication commands only); ``SourceError`` in one line if refused, ``NotFoundError`` if
         the database does not exist."""
+        import psycopg
+
         database = dbname or self.maintenance_db
         try:
             return self._open(database, replication)
@@ -147,6 +158,8 @@ class PostgresServer:
     def _open(
         self, database: str, replication: bool = False, timeout: int = CONNECT_TIMEOUT_SECONDS
     ) -> psycopg.Connection:
+        import psycopg
+
         password = self._password()
         extra: dict[str, Any] = {"password": password} if password is not None else {}
         if self.passfile:
@@ -163,6 +176,8 @@ class PostgresServer:
     def _database_exists(self, database: str) -> bool | None:
         """Whether ``database`` exists, asked through the maintenance database, else
         ``template1``; None if neither can be asked."""
+        import psycopg
+
         for other in dict.fromkeys((self.maintenance_db, "template1")):
             if other == database:
                 continue
@@ -258,6 +273,8 @@ class ServerArchiveState:
 
 
 def server_archive_state(server: PostgresServer) -> ServerArchiveState:
+    import psycopg
+
     conn = server.connect()
     try:
         with conn.cursor() as cursor:
@@ -288,6 +305,8 @@ def server_archive_state(server: PostgresServer) -> ServerArchiveState:
 def server_settings(server: PostgresServer, names: Sequence[str]) -> dict[str, str]:
     """The current values of ``names`` the plan's user may read (superuser-only ones are
     missing for others)."""
+    import psycopg
+
     conn = server.connect()
     try:
         with conn.cursor() as cursor:
@@ -317,6 +336,8 @@ def switch_wal(server: PostgresServer) -> SwitchedSegment:
     """Close the current WAL segment so the archiver must archive it. A restore point first
     guarantees the segment holds a record, so that the switch is never a no-op (pgBackRest's
     check does the same). Needs a superuser, or EXECUTE on both functions."""
+    import psycopg
+
     conn = server.connect()
     try:
         conn.autocommit = True
@@ -373,6 +394,9 @@ def _seconds(value: str) -> int:
 
 def apply_settings(server: PostgresServer, settings: dict[str, str]) -> list[str]:
     """ALTER SYSTEM SET each setting, reload, and return those waiting for a restart."""
+    import psycopg
+    from psycopg import sql
+
     conn = server.connect()
     try:
         conn.autocommit = True
@@ -495,6 +519,8 @@ class Background:
             self._error = exc
 
     def result(self) -> Any:
+        import psycopg
+
         self._thread.join()
         if self._error is not None:
             detail = (
