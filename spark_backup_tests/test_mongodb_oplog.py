@@ -17,6 +17,7 @@ import mockupdb
 import pytest
 from bson.timestamp import Timestamp
 
+from spark_backup.engine.drill_record import DrillRecord, drill_keys_of, write_drill_record
 from spark_backup.engine.pipeline import CompressionSettings, write_copy
 from spark_backup.errors import SourceError, UsageError
 from spark_backup.service import BackupService
@@ -247,3 +248,38 @@ def test_slices_expire_with_the_dumps_they_follow(service, recorded) -> None:
     # Retention's daily/weekly/monthly rule never expires a slice on its own.
     report = service.prune(dry_run=True)
     assert first.id not in report.expired and second.id not in report.expired
+
+
+def test_prune_removes_an_expired_slices_drill_records_and_lists_it_no_more(
+    service, recorded
+) -> None:
+    """A slice is a copy: when the log's expire deletes it, its drill records go too and the
+    listing index follows."""
+    _server, oplog = recorded
+    oplog.entries = [insert(100, 1), insert(100, 2)]
+    seed_dump(service, {"t": 100, "i": 1})
+    (first,) = service.backup("docs", artifact="oplog")
+    seed_dump(service, {"t": 100, "i": 2})  # a newer dump: the slice is needed by none kept
+    store = service.store_for(service.source("docs"))
+    write_drill_record(
+        store,
+        DrillRecord(
+            copy_id=first.id,
+            source="docs",
+            partition=first.partition or "",
+            part=OPLOG_PART,
+            drilled_at=dt.datetime.now(dt.UTC).isoformat(),
+            passed=True,
+            restore_seconds=0.1,
+            drill_seconds=0.1,
+            rto_seconds=3600,
+            within_rto=True,
+            check="semantic",
+            description="1 oplog entries, digest equal",
+        ),
+    )
+    assert drill_keys_of(store, "docs", first.id)
+    report = service.prune(dry_run=False)
+    assert f"docs/manifests/{first.id}.json" in report.log_expired
+    assert drill_keys_of(store, "docs", first.id) == []
+    assert first.id not in [m.id for m in slices_of(service)]
