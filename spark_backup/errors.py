@@ -3,7 +3,8 @@
 Every error spark-backup raises on purpose is a ``SparkBackupError``: its message is one line that
 names the file, field or object at fault, and its ``exit_code`` is what the CLI returns, so that
 scripts can tell a bad plan from an unreachable store from a damaged copy. Messages never carry
-secrets: callers pass names and references, never credential values.
+secrets: callers pass names and references, never credential values; as a second line of
+defence every message passes through the redactor of resolved secret values.
 """
 
 from __future__ import annotations
@@ -13,6 +14,11 @@ class SparkBackupError(Exception):
     """Base class; ``exit_code`` is the CLI's exit status for this kind of failure."""
 
     exit_code = 1
+
+    def __init__(self, *args: object):
+        from spark_backup.engine.secrets.redact import REDACTOR
+
+        super().__init__(*(REDACTOR.redact(a) if isinstance(a, str) else a for a in args))
 
 
 class PlanError(SparkBackupError):
@@ -31,6 +37,13 @@ class IntegrityError(SparkBackupError):
     """A stored copy does not match its manifest (checksum, size or format)."""
 
     exit_code = 3
+
+
+class SignatureError(IntegrityError):
+    """A copy's signature does not check (altered, forged, signed by an untrusted key), or an
+    unsigned copy is not one the plan accepts: a verdict of its own, apart from damage."""
+
+    exit_code = 11
 
 
 class NotFoundError(SparkBackupError):
@@ -65,3 +78,20 @@ class CryptoError(SparkBackupError):
     """An age recipient or identity is malformed, missing, or does not open the copy."""
 
     exit_code = 8
+
+
+class SecretError(SparkBackupError):
+    """A secret reference names nothing, is not allowed, or its backend refused to read it."""
+
+    exit_code = 9
+
+
+class SecretsUnavailableError(SecretError):
+    """The secrets backend is sealed or cannot be reached: nothing that needs a secret from it
+    runs, and no weaker source is tried instead."""
+
+    exit_code = 10
+
+
+class ErasedError(CryptoError):
+    """The copy's data key was destroyed by an erasure (crypto-shredding): it cannot be opened."""

@@ -1,4 +1,5 @@
-"""Shared fixtures. The S3 ones run one real SeaweedFS server per test session."""
+"""Shared fixtures. The S3 ones run one real SeaweedFS server per test session; the Vault ones
+one real OpenBao dev server (and a fresh one for a test that seals it)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from spark_backup.service import BackupService
 from spark_backup_tests.helpers import config_source, make_estate, make_key, plan_dict, write_plan
+from spark_backup_tests.openbao import OpenBao, openbao_server
 from spark_backup_tests.seaweedfs import SeaweedFS, seaweedfs_server
 
 # Restores record their staging folders for prune under $XDG_STATE_HOME: tests keep theirs
@@ -24,6 +27,19 @@ atexit.register(shutil.rmtree, os.environ["XDG_STATE_HOME"], True)
 @pytest.fixture(scope="session")
 def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
     with seaweedfs_server(tmp_path_factory.mktemp("seaweedfs")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def openbao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenBao]:
+    with openbao_server(tmp_path_factory.mktemp("openbao")) as server:
+        yield server
+
+
+@pytest.fixture
+def sealable_openbao(tmp_path: Path) -> Iterator[OpenBao]:
+    """An OpenBao server of this test's own, which it may seal."""
+    with openbao_server(tmp_path / "openbao") as server:
         yield server
 
 

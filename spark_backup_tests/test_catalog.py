@@ -348,7 +348,8 @@ def test_list_prints_plain_columns_with_control_characters_escaped(
     assert "\x1b" not in listed.stdout and "\t" not in listed.stdout
     assert "2026-W02\\x1b[2J\\x09x" in listed.stdout
     assert header.split() == [
-        "id", "source", "part", "partition", "finished", "size", "stored", "store", "drilled"
+        "id", "source", "part", "partition", "finished", "size", "stored", "store", "signature",
+        "WORM", "drilled",
     ]  # fmt: skip
     assert len(rows) == 2
     # Columns line up: the store column starts at the same place on every line.

@@ -130,12 +130,12 @@ def test_the_plans_session_fields_become_the_resource(tmp_path, age_key, estate)
         ),
         (
             {"offsite": S3Resource(aws_access_key_id=EnvVar("OTHER_KEY"))},
-            "aws_access_key_id comes from access_key_id_env SB_TEST_DAGSTER_S3_KEY in the plan "
+            "aws_access_key_id comes from access_key_id env:SB_TEST_DAGSTER_S3_KEY in the plan "
             "but from EnvVar('OTHER_KEY')",
         ),
         (
             {"offsite": S3Resource(aws_secret_access_key="literal-Secret-99")},
-            "aws_secret_access_key comes from secret_access_key_env SB_TEST_DAGSTER_S3_SECRET "
+            "aws_secret_access_key comes from secret_access_key env:SB_TEST_DAGSTER_S3_SECRET "
             "in the plan but from a literal",
         ),
         (

@@ -24,11 +24,22 @@ from dagster import (
 
 from spark_backup.defs.assets import backup_asset_key, source_pool, system_asset_key
 from spark_backup.defs.build import build_definitions
-from spark_backup.defs.checks import CHECKSUM_CHECK, FRESHNESS_CHECK
+from spark_backup.defs.checks import (
+    CHECKSUM_CHECK,
+    FRESHNESS_CHECK,
+    RETENTION_CHECK,
+    ROTATION_CHECK,
+)
 from spark_backup.defs.drills import DRILL_CHECK, RTO_CHECK, drill_asset_key, drill_schedule_name
 from spark_backup.defs.kpis import KPI_ASSET, KPI_JOB
 from spark_backup.defs.partitions import partitions_for
-from spark_backup.defs.schedules import FRESHNESS_CRON, FRESHNESS_JOB, OBSERVE_JOB
+from spark_backup.defs.schedules import (
+    FRESHNESS_CRON,
+    FRESHNESS_JOB,
+    OBSERVE_JOB,
+    ROTATION_CRON,
+    ROTATION_JOB,
+)
 from spark_backup.engine.cadence import CADENCES, DEFAULT_PARTITIONS_START, partition_key_for
 from spark_backup.plan import load_plan
 from spark_backup.service import BackupService
@@ -73,8 +84,12 @@ def test_definitions_load_and_are_pinned(three_cadences: Path, monkeypatch) -> N
         KPI_ASSET
     }
     assert graph.asset_check_keys == {
-        AssetCheckKey(k, name) for k in keys for name in (CHECKSUM_CHECK, FRESHNESS_CHECK)
-    } | {AssetCheckKey(k, name) for k in drills for name in (DRILL_CHECK, RTO_CHECK)}
+        AssetCheckKey(k, name)
+        for k in keys
+        for name in (CHECKSUM_CHECK, FRESHNESS_CHECK, RETENTION_CHECK)
+    } | {AssetCheckKey(system_asset_key(n), ROTATION_CHECK) for n in names} | {
+        AssetCheckKey(k, name) for k in drills for name in (DRILL_CHECK, RTO_CHECK)
+    }
     for name in names:  # lineage: each protected system feeds its backups
         assert graph.get(backup_asset_key(name)).parent_keys == {system_asset_key(name)}
         assert graph.get(drill_asset_key(name)).parent_keys == {backup_asset_key(name)}
@@ -100,11 +115,13 @@ def test_definitions_load_and_are_pinned(three_cadences: Path, monkeypatch) -> N
         f"{OBSERVE_JOB}_schedule",
         *(drill_schedule_name(c) for c in ("daily", "weekly", "monthly")),
         f"{KPI_JOB}_schedule",
+        f"{ROTATION_JOB}_schedule",
     }
     assert schedules["daily_backups_schedule"].cron_schedule == "0 1 * * *"
     assert schedules["weekly_backups_schedule"].cron_schedule == "0 1 * * 1"
     assert schedules["monthly_backups_schedule"].cron_schedule == "0 1 1 * *"
     assert schedules["freshness_checks_schedule"].cron_schedule == FRESHNESS_CRON
+    assert schedules[f"{ROTATION_JOB}_schedule"].cron_schedule == ROTATION_CRON
     jobs = {j.name for j in defs.resolve_all_job_defs()}
     assert {"daily_backups", "weekly_backups", "monthly_backups", FRESHNESS_JOB} <= jobs
 

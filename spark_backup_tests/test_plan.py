@@ -109,13 +109,13 @@ def test_valid_plan_resolves_defaults(tmp_path: Path) -> None:
             lambda p: p["stores"].append(
                 {"name": "s3", "kind": "s3", "bucket": "b-1", "secret_access_key": "hunter2"}
             ),
-            "stores[1]: inline credential 'secret_access_key' is not allowed; name the environment variable that holds it with 'secret_access_key_env'",
+            "stores[1].secret_access_key: inline secret is not allowed; write a reference: env:NAME or vault:MOUNT/PATH#FIELD",
         ),
         (
             lambda p: p["stores"].append(
                 {"name": "s3", "kind": "s3", "bucket": "b-1", "access_key_id_env": "K"}
             ),
-            "stores[1]: set both access_key_id_env and secret_access_key_env, or neither",
+            "stores[1]: set both access_key_id and secret_access_key, or neither",
         ),
         (
             lambda p: p["stores"][0].update(kind="ftp"),

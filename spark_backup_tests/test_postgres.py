@@ -148,7 +148,8 @@ def dump_plan(tmp_path: Path, age_key, sample_db: str) -> Path:
 @pytest.mark.parametrize(
     ("fields", "expected"),
     [
-        ({"password": "hunter2"}, "inline password is not allowed"),
+        ({"password": "hunter2"}, "password: inline secret is not allowed"),
+        ({"password": "vault:kv"}, "password: expected vault:MOUNT/PATH#FIELD"),
         ({"dsn": "postgresql://app:hunter2@db/app"}, "dsn must not contain a password"),
         ({"dsn": "host=db password=hunter2"}, "dsn must not contain a password"),
         ({"dsn": "host=db", "host": "db2"}, "set either dsn or host/port/user, not both"),
@@ -158,7 +159,8 @@ def dump_plan(tmp_path: Path, age_key, sample_db: str) -> Path:
         ({"databases": []}, "databases: expected 'all' or a non-empty list of database names"),
         ({"dsn": "host=db sslpassword=hunter2"}, "dsn must not contain a sslpassword"),
         ({"dsn": "host=db", "port": 5999}, "set either dsn or host/port/user, not both"),
-        ({"password_env": "PW", "passfile": "pgpass"}, "set password_env or passfile, not both"),
+        ({"password_env": "PW", "passfile": "pgpass"}, "set password or passfile, not both"),
+        ({"password_env": "PW", "password": "env:PW"}, "set password or password_env, not both"),
         (
             {"base_backup": {"wal_method": "none"}, "wal_archiving": False},
             "wal_method none needs wal_archiving",
@@ -333,7 +335,7 @@ def test_bad_connections_and_tools_give_one_line(tmp_path: Path, age_key, sample
             6,
             "older than the server",
         ),
-        (pg_source(**MAIN, password_env="SB_TEST_UNSET_PW"), 6, "SB_TEST_UNSET_PW"),
+        (pg_source(**MAIN, password_env="SB_TEST_UNSET_PW"), 9, "SB_TEST_UNSET_PW"),
     ]
     for index, (source, code, expected) in enumerate(cases):
         plan = write_plan(tmp_path, plan_dict([age_key[1]], [source]), f"plan{index}.yaml")
@@ -909,14 +911,17 @@ def test_definitions_for_a_postgres_source(tmp_path: Path, age_key) -> None:
     assert {(c.asset_key.to_user_string(), c.name) for c in graph.asset_check_keys} == {
         ("backups/pg_main", "checksum"),
         ("backups/pg_main", "freshness"),
+        ("backups/pg_main", "retention"),
         ("backups/pg_main_base", "checksum"),
         ("backups/pg_main_base", "freshness"),
+        ("backups/pg_main_base", "retention"),
         ("backups/pg_main_wal_archive", POSTGRES.lag_check_name),
         *(
             (f"drills/{a}", c)
             for a in ("pg_main", "pg_main_base")
             for c in (DRILL_CHECK, RTO_CHECK)
         ),
+        ("systems/pg_main", "secret_rotation"),
     }
     repository = defs.get_repository_def()
     assert {s.name for s in repository.schedule_defs} == {
@@ -927,6 +932,7 @@ def test_definitions_for_a_postgres_source(tmp_path: Path, age_key) -> None:
         "recovery_windows_schedule",
         drill_schedule_name("daily"),
         f"{KPI_JOB}_schedule",
+        "secret_rotation_checks_schedule",
     }
     assert (
         repository.get_schedule_def(

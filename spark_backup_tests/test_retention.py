@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
+
+import pytest
 
 from spark_backup.engine.manifest import Digest, Manifest
-from spark_backup.engine.retention import RetentionRule, apply_retention
+from spark_backup.engine.retention import RetentionRule, apply_retention, tier_status
+from spark_backup.errors import PlanError
+from spark_backup.plan import load_plan
+from spark_backup_tests.helpers import config_source, plan_dict, run_cli, write_plan
 
 
 def _copy(finished: dt.datetime, n: int = 0) -> Manifest:
@@ -59,3 +65,46 @@ def test_zero_retention_still_keeps_the_newest_copy() -> None:
 
 def test_empty() -> None:
     assert apply_retention([], RetentionRule(7, 4, 12)).expire == []
+
+
+def test_tier_status_proves_7_4_12_and_names_periods_without_a_copy() -> None:
+    start = dt.datetime(2026, 1, 1, 2, tzinfo=dt.UTC)
+    now = start + dt.timedelta(days=399, hours=5)
+    copies = [_copy(start + dt.timedelta(days=d)) for d in range(400)]
+    rule = RetentionRule(daily=7, weekly=4, monthly=12)
+    tiers = {t.tier: t for t in tier_status(copies, rule, now)}
+    assert [(t.held, t.expected, t.policy) for t in tiers.values()] == [
+        (7, 7, 7),
+        (4, 4, 4),
+        (12, 12, 12),
+    ]
+    assert all(t.ok for t in tiers.values())
+
+    # Two days without a backup: the daily tier reaches further back, and says which are gone.
+    gaps = [
+        m for m in copies if m.finished.date() not in {dt.date(2027, 2, 2), dt.date(2027, 2, 3)}
+    ]
+    daily = tier_status(gaps, rule, now)[0]
+    assert daily.missing == ("2027-02-03", "2027-02-02") and daily.held == 5 and not daily.ok
+
+    # A series ten days old is held to ten days, two weeks and one or two months.
+    young = [_copy(now - dt.timedelta(days=d)) for d in range(10)]
+    held = {t.tier: (t.held, t.expected) for t in tier_status(young, rule, now)}
+    assert held["daily"] == (7, 7) and held["weekly"][0] == held["weekly"][1] <= 3
+    assert tier_status([], rule, now)[0].expected == 0
+
+
+def test_a_policy_of_zero_daily_copies_is_refused(tmp_path, age_key) -> None:
+    plan = plan_dict([age_key[1]], [config_source("dgx_config", ["/etc"], retention={"daily": 0})])
+    with pytest.raises(PlanError, match=r"sources\[0\].retention.daily: expected at least 1"):
+        load_plan(write_plan(tmp_path, plan))
+
+
+def test_prune_says_why_each_copy_is_kept_or_expired(local_plan) -> None:
+    for _ in range(2):
+        assert run_cli("--plan", str(local_plan), "backup", "dgx_config").returncode == 0
+    copies = json.loads(run_cli("--plan", str(local_plan), "list", "--json", check=True).stdout)
+    older, newer = (row["id"] for row in copies)
+    dry = run_cli("--plan", str(local_plan), "prune", check=True).stdout
+    assert f"kept {newer}: newest copy, daily " in dry
+    assert f"would delete {older}: newer copies fill every daily" in dry

@@ -51,7 +51,7 @@ def test_worm_backup_verify_restore_and_prune(
         s3_lock_bucket,
         age_key[1],
         estate,
-        retention={"daily": 0, "weekly": 0, "monthly": 0},
+        retention={"daily": 1, "weekly": 0, "monthly": 0},
     )
     service = BackupService.from_path(plan)
     service.store("worm").check()
@@ -127,8 +127,10 @@ def test_wrong_credentials_are_one_line_without_secrets(
     result = run_cli(
         "--plan", str(plan), "plan", "check", "--probe", env={KEY_ENV: "", SECRET_ENV: ""}
     )
-    assert result.returncode == 5
-    assert f"environment variable {KEY_ENV} is not set" in result.stderr
+    assert result.returncode == 9
+    assert (
+        f"store 'worm': env:{KEY_ENV}: environment variable {KEY_ENV} is not set" in result.stderr
+    )
 
 
 def test_cli_round_trip_against_s3(tmp_path, seaweedfs, s3_lock_bucket, s3_env, age_key, estate):

@@ -21,7 +21,7 @@ from spark_backup.engine.stores import s3
 from spark_backup.engine.stores.base import ObjectLock
 from spark_backup.engine.stores.config import S3StoreConfig
 from spark_backup.engine.stores.s3 import MIB, S3Store
-from spark_backup.errors import NotFoundError, ObjectLockedError, StoreError
+from spark_backup.errors import NotFoundError, ObjectLockedError, SecretError, StoreError
 from spark_backup_tests.helpers import free_port
 from spark_backup_tests.seaweedfs import SeaweedFS
 
@@ -339,9 +339,11 @@ def test_wrong_secret_is_rejected_by_the_server(make_store, s3_bucket, seaweedfs
 
 def test_missing_credential_variable_is_named(make_store, s3_bucket, monkeypatch):
     monkeypatch.delenv(SECRET_ENV)
-    with pytest.raises(StoreError) as missing:
+    with pytest.raises(SecretError) as missing:
         make_store(s3_bucket)
-    assert str(missing.value) == (f"store 'offsite': environment variable {SECRET_ENV} is not set")
+    assert str(missing.value) == (
+        f"store 'offsite': env:{SECRET_ENV}: environment variable {SECRET_ENV} is not set"
+    )
 
 
 def test_check_reports_missing_bucket_and_missing_object_lock(make_store, s3_bucket):

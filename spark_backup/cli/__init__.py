@@ -6,10 +6,11 @@
 - ``drills.py``: drill;
 - ``alerts.py``: alerts;
 - ``monitor.py``: monitor (KPIs);
+- ``secrets.py``: secrets status and rotate-key;
 - ``dagster.py``: dagster-init and the demo.
 """
 
-from spark_backup.cli import alerts, copies, dagster, drills, monitor, plan  # noqa: F401 - each registers its commands
+from spark_backup.cli import alerts, copies, dagster, drills, monitor, plan, secrets  # noqa: F401 - each registers its commands
 from spark_backup.cli.app import cli, main
 
 __all__ = ["cli", "main"]

@@ -3,7 +3,8 @@ commands every kind contributes.
 
 Exit codes (scripts may rely on them): 0 success; 1 unexpected error; 2 bad plan or usage;
 3 a copy failed verification; 4 not found; 5 store error; 6 source unreadable; 7 restore
-refused; 8 key or identity problem; 130 interrupted. Errors are printed as one line on stderr.
+refused; 8 key or identity problem; 9 secret problem; 10 secrets backend sealed or unreachable;
+11 signature refused (a forged or altered copy); 130 interrupted. Errors are printed as one line on stderr.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ import click
 
 from spark_backup.cli.app import CliState, cli, pass_state, progress_bar
 from spark_backup.console import error_line, print_columns, printable, size, stderr, stdout
-from spark_backup.errors import IntegrityError, SparkBackupError
+from spark_backup.errors import IntegrityError, SignatureError, SparkBackupError
 from spark_backup.sources.base import (
     ContinuousLog,
     CopyRef,
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from spark_backup.engine.catalog import DamagedManifest
     from spark_backup.engine.drill_record import DrillRecord
     from spark_backup.engine.manifest import Manifest
+    from spark_backup.service.locks import LockStatus
 
 # --- backup ------------------------------------------------------------------------------------
 
@@ -111,22 +112,30 @@ def list_(state: CliState, source: str | None, as_json: bool) -> None:
     gc.disable()
     service = state.service
     refs, damaged = service.listing(source) if source else service.all_listings()
+    locks = {ref.manifest.id: service.lock_status(ref) for ref in refs}
     ranges = _log_ranges(service, refs)
     drills = service.drills_of(refs)
     if as_json:
-        rows = [_copy_row(r, ranges.get(r.manifest.id), drills.get(r.manifest.id)) for r in refs]
+        rows = [
+            _copy_row(r, locks[r.manifest.id], ranges.get(r.manifest.id), drills.get(r.manifest.id))
+            for r in refs
+        ]
         rows += [_damaged_row(d) for d in damaged]
         click.echo(json.dumps(rows, indent=2))
     else:
         columns = (*LIST_COLUMNS, LOG_COLUMN) if ranges else LIST_COLUMNS
         print_columns(
             columns,
-            (_list_row(ref, drills.get(ref.manifest.id)) + _log_cell(ranges, ref) for ref in refs),
+            (
+                _list_row(ref, locks[ref.manifest.id], drills.get(ref.manifest.id))
+                + _log_cell(ranges, ref)
+                for ref in refs
+            ),
         )
         for entry in damaged:
             error_line(f"damaged manifest: {entry.error}")
     if damaged:
-        sys.exit(IntegrityError.exit_code)
+        sys.exit(_exit_code([d.exit_code for d in damaged]))
 
 
 LIST_COLUMNS = (
@@ -138,12 +147,14 @@ LIST_COLUMNS = (
     "size",
     "stored",
     "store",
+    "signature",
+    "WORM",
     "drilled",
 )
 LOG_COLUMN = "log needed"
 
 
-def _list_row(ref: CopyRef, drill: DrillRecord | None) -> tuple[str, ...]:
+def _list_row(ref: CopyRef, lock: LockStatus | None, drill: DrillRecord | None) -> tuple[str, ...]:
     m = ref.manifest
     return (
         m.id,
@@ -154,6 +165,8 @@ def _list_row(ref: CopyRef, drill: DrillRecord | None) -> tuple[str, ...]:
         size(m.plaintext.bytes),
         size(m.stored.bytes),
         ref.store.name,
+        ref.signature,
+        _worm_cell(lock),
         _drill_cell(drill),
     )
 
@@ -168,6 +181,16 @@ def _log_cell(ranges: dict[str, LogRange], ref: CopyRef) -> tuple[str, ...]:
         return ("",)
     held = "archived" if found.complete else f"MISSING {found.missing}"
     return (f"{found.first}..{found.last} {held}",)
+
+
+def _worm_cell(lock: LockStatus | None) -> str:
+    """The lock as the store reports it now: mode and date, or what is wrong with it."""
+    if lock is None:
+        return "-"
+    if lock.problems:
+        return "; ".join(lock.problems)
+    state = "until" if lock.active else "ended"
+    return f"{lock.mode} {state} {(lock.retain_until or '')[:10]}"
 
 
 def _log_ranges(service: Any, refs: list[CopyRef]) -> dict[str, LogRange]:
@@ -212,7 +235,10 @@ def _drill_row(record: DrillRecord | None) -> dict[str, Any] | None:
 
 
 def _copy_row(
-    ref: CopyRef, log: LogRange | None = None, drill: DrillRecord | None = None
+    ref: CopyRef,
+    lock: LockStatus | None = None,
+    log: LogRange | None = None,
+    drill: DrillRecord | None = None,
 ) -> dict[str, Any]:
     m = ref.manifest
     extra = {"log": {**asdict(log), "complete": log.complete}} if log else {}
@@ -231,6 +257,9 @@ def _copy_row(
         "store": ref.store.name,
         "uri": ref.store.object_uri(m.data_key),
         "lock": m.lock,
+        "signature": ref.signature,
+        # The lock as the store reports it now (the manifest's "lock" is what was asked for).
+        "worm": lock.as_dict() if lock else None,
         "drill": _drill_row(drill),
         **extra,
     }
@@ -238,6 +267,13 @@ def _copy_row(
 
 def _damaged_row(entry: DamagedManifest) -> dict[str, Any]:
     return {"id": entry.copy_id, "damaged": entry.error, "uri": entry.uri}
+
+
+def _exit_code(codes: list[int]) -> int:
+    """A refused signature (11) outranks damage (3): a forgery is the graver finding."""
+    return (
+        SignatureError.exit_code if SignatureError.exit_code in codes else IntegrityError.exit_code
+    )
 
 
 # --- verify ------------------------------------------------------------------------------------
@@ -303,7 +339,7 @@ def verify(
             f"({'deep' if identities else 'plain'} verify: {', '.join(checks)})"
         )
     if failed:
-        sys.exit(IntegrityError.exit_code)
+        sys.exit(_exit_code([o.exit_code for o in failed]))
 
 
 # --- restore -----------------------------------------------------------------------------------
@@ -450,8 +486,13 @@ def prune(state: CliState, apply: bool, as_json: bool) -> None:
         click.echo(json.dumps(asdict(report), indent=2))
     else:
         verb = "would delete" if report.dry_run else "deleted"
+        for copy_id, reasons in sorted(report.kept.items()):
+            stdout.print(f"kept {copy_id}: {', '.join(reasons)}", highlight=False)
         for copy_id in report.expired:
-            stdout.print(f"{verb} {copy_id}", highlight=False)
+            stdout.print(
+                f"{verb} {copy_id}: newer copies fill every daily, weekly and monthly slot",
+                highlight=False,
+            )
         for copy_id in report.locked:
             stdout.print(
                 f"kept {copy_id}: expired by retention but under Object Lock", highlight=False
@@ -482,3 +523,38 @@ def prune(state: CliState, apply: bool, as_json: bool) -> None:
         )
     if report.damaged:
         sys.exit(IntegrityError.exit_code)
+
+
+# --- erase -------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("source")
+@click.option("--before", required=True, help="Erase every whole month before this date.")
+@click.option("--apply", is_flag=True, help="Destroy the keys; without it, only show what would.")
+@click.option("--json", "as_json", is_flag=True, help="Report as JSON.")
+@pass_state
+def erase(state: CliState, source: str, before: str, apply: bool, as_json: bool) -> None:
+    """Serve an erasure request by crypto-shredding: destroy the data keys of a personal_data
+    source's months before --before. Their copies can no longer be opened; their objects stay
+    (locked ones until their retention ends). Irreversible with --apply."""
+    import datetime as dt
+
+    from spark_backup.errors import UsageError
+
+    try:
+        day = dt.date.fromisoformat(before)
+    except ValueError:
+        raise UsageError(f"--before {before!r} is not a date (YYYY-MM-DD)") from None
+    report = state.service.erase(source, day, dry_run=not apply)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    verb = "would destroy" if not apply else "destroyed"
+    for month in report["months"]:
+        stdout.print(f"{verb} the data key of {source} {month}", highlight=False)
+    stdout.print(
+        f"{len(report['copies'])} copies {'would become' if not apply else 'are now'} "
+        f"unreadable" + ("" if apply else " (dry run: pass --apply)"),
+        highlight=False,
+    )

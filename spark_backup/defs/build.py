@@ -25,9 +25,15 @@ from spark_backup.defs.assets import (
     system_asset_key,
 )
 from spark_backup.defs.checks import (
+    DELETION_REVIEW_CHECK,
+    ROTATION_CHECK,
     build_checksum_check,
+    build_deletion_review_check,
     build_freshness_check,
+    build_locked_check,
     build_log_lag_check,
+    build_retention_check,
+    build_rotation_check,
 )
 from spark_backup.defs.drills import (
     DrillTarget,
@@ -42,6 +48,8 @@ from spark_backup.defs.kpis import KPI_ASSET, KPI_CRON, KPI_JOB, build_kpi_asset
 from spark_backup.defs.partitions import partitions_for
 from spark_backup.defs.resources import (
     RESOURCE_KEY,
+    SECRETS_RESOURCE_KEY,
+    SecretsResource,
     SparkBackupResource,
     platform_s3_resources,
     s3_store_resources,
@@ -51,6 +59,8 @@ from spark_backup.defs.schedules import (
     OBSERVE_JOB,
     RECOVERY_CRON,
     RECOVERY_JOB,
+    ROTATION_CRON,
+    ROTATION_JOB,
     asset_schedule,
     build_backup_job,
     build_backup_schedule,
@@ -92,11 +102,19 @@ def build_definitions(
     drill_targets: list[DrillTarget] = []
     # Which source each asset belongs to, for the failure sensors' tickets.
     sources_by_asset: dict[AssetKey, str] = {}
+    rotation_checks: list[AssetCheckKey] = []
     for source in loaded.plan.sources:
         first = len(assets)
         kind = service.kind_of(source)
         system = build_system_asset(source, kind, loaded)
         assets.append(system)
+        checks.append(build_rotation_check(source, system_asset_key(source.name)))
+        rotation_checks.append(AssetCheckKey(system_asset_key(source.name), ROTATION_CHECK))
+        if source.personal_data:
+            checks.append(build_deletion_review_check(system_asset_key(source.name)))
+            rotation_checks.append(
+                AssetCheckKey(system_asset_key(source.name), DELETION_REVIEW_CHECK)
+            )
         if isinstance(kind, Observable):
             observed.append(system_asset_key(source.name))
         artifact_keys = {}
@@ -121,7 +139,11 @@ def build_definitions(
             checks += [
                 build_checksum_check(source, artifact, key, loaded),
                 build_freshness_check(source, artifact, key),
+                build_retention_check(source, artifact, key),
             ]
+            # Only a store with Object Lock (a WORM store) has locks to read back.
+            if getattr(loaded.plan.store_for(source), "object_lock", None):
+                checks.append(build_locked_check(source, artifact, key))
         if isinstance(kind, ContinuousLog) and kind.log_enabled(source):
             if kind.log_artifact is None:  # pushed by the system: an external asset
                 spec = build_log_spec(source, kind, loaded)
@@ -158,6 +180,15 @@ def build_definitions(
                 f"Is every log within its RPO ({check_name})?",
             )
         )
+    schedules.append(
+        check_schedule(
+            ROTATION_JOB,
+            rotation_checks,
+            ROTATION_CRON,
+            "Daily compliance: is every secret within its rotation limit, and the deletion "
+            "concept reviewed within the year?",
+        )
+    )
     if observed:
         schedules.append(
             asset_schedule(OBSERVE_JOB, observed, OBSERVE_CRON, "Observe every protected system.")
@@ -202,7 +233,8 @@ def build_definitions(
             ),
         ],
         resources={
-            RESOURCE_KEY: SparkBackupResource(plan_path=str(loaded.path), s3_stores=s3_stores)
+            RESOURCE_KEY: SparkBackupResource(plan_path=str(loaded.path), s3_stores=s3_stores),
+            SECRETS_RESOURCE_KEY: SecretsResource(plan_path=str(loaded.path)),
         },
         executor=EXECUTOR,
     )

@@ -8,6 +8,19 @@
 - the log's lag check (``wal_archive_lag`` for PostgreSQL, named by the kind): the log the
   system wrote must be in the store within the source's RPO; the lag is plotted as metadata,
   and a schedule runs it at the kind's cadence (every 5 minutes).
+- ``secret_rotation`` (per source, on its system asset): every secret a backup of the source
+  needs (its own, its store's, the plan's) was written within the rotation limit (182 days by
+  default); a secret of unknown age fails unless the plan says ``unknown_age: warn``. A sealed
+  or unreachable Vault fails it too. Metadata names references, versions and ages, never values.
+- ``retention`` (per artifact): per part, how many of the last 7 days, 4 weeks and 12 months
+  (the plan's policy) hold a copy retention keeps, fewer while the series is younger; a period
+  without one warns (the freshness check is the one that fails for a missed backup).
+- ``deletion_concept_review`` (per ``personal_data`` source, on its system asset): the
+  deletion concept (``compliance.deletion_concept``) was reviewed within the last year.
+- ``locked`` (per artifact, only on a store with Object Lock): every copy's data object and
+  manifest are read back from the store: each must hold the store's lock mode with a date no
+  earlier than its manifest recorded, and every copy retention still keeps must still be locked
+  (the lock covers the tier's retention).
 """
 
 import warnings
@@ -24,15 +37,20 @@ from dagster import (
 )
 
 from spark_backup.defs.partitions import partitions_for
-from spark_backup.defs.resources import SparkBackupResource
+from spark_backup.defs.resources import SecretsResource, SparkBackupResource
 from spark_backup.engine.catalog import latest_per_part
 from spark_backup.engine.pipeline import utcnow
 from spark_backup.engine.settings import format_duration
+from spark_backup.errors import SecretsUnavailableError
 from spark_backup.plan import LoadedPlan, SourceSettings
 from spark_backup.sources.base import Artifact, ContinuousLog
 
 CHECKSUM_CHECK = "checksum"
 FRESHNESS_CHECK = "freshness"
+ROTATION_CHECK = "secret_rotation"
+LOCKED_CHECK = "locked"
+RETENTION_CHECK = "retention"
+DELETION_REVIEW_CHECK = "deletion_concept_review"
 
 # Partitioned asset checks are a Dagster preview feature; they are what lets the UI show, for
 # every day, week and month, whether that partition's copy is intact. Tested in
@@ -167,3 +185,173 @@ def build_log_lag_check(
         )
 
     return log_lag
+
+
+def build_rotation_check(source: SourceSettings, asset_key: AssetKey) -> AssetChecksDefinition:
+    @asset_check(
+        asset=asset_key,
+        name=ROTATION_CHECK,
+        description="Fails when a secret a backup of this source needs is older than the "
+        "rotation limit, has no known age, or cannot be read.",
+    )
+    def secret_rotation(secrets: SecretsResource) -> AssetCheckResult:
+        try:
+            statuses = secrets.status(source.name)
+        except SecretsUnavailableError as exc:
+            return AssetCheckResult(
+                check_name=ROTATION_CHECK,
+                passed=False,
+                severity=AssetCheckSeverity.ERROR,
+                description=str(exc),
+            )
+        limit = secrets.rotation_policy().max_age
+        failed = [s for s in statuses if s.failed]
+        warned = [s for s in statuses if s.finding and s.finding.verdict == "unknown"]
+        metadata: dict[str, object] = {
+            "rotation_limit_days": limit.days,
+            "secrets": MetadataValue.md(
+                "| field | reference | version | age (days) | rotation |\n"
+                "| --- | --- | --- | --- | --- |\n"
+                + "".join(
+                    f"| {s.path} | `{s.ref}` | {_or_dash(s.finding and s.finding.secret.version)} "
+                    f"| {_or_dash(s.finding and s.finding.age and s.finding.age.days)} "
+                    f"| {s.finding.verdict if s.finding else 'unreadable'} |\n"
+                    for s in statuses
+                )
+            ),
+        }
+        ages = [s.finding.age.days for s in statuses if s.finding and s.finding.age is not None]
+        if ages:
+            metadata["oldest_days"] = max(ages)
+        if not statuses:
+            description = f"{source.name} uses no secret references"
+        elif failed or warned:
+            description = "; ".join(
+                s.error or (s.finding.reason if s.finding else "") for s in failed or warned
+            )
+        else:
+            description = f"{len(statuses)} secrets, all within {limit.days} days"
+        return AssetCheckResult(
+            check_name=ROTATION_CHECK,
+            passed=not failed,
+            severity=AssetCheckSeverity.ERROR if failed else AssetCheckSeverity.WARN,
+            description=description,
+            metadata=metadata,
+        )
+
+    return secret_rotation
+
+
+def _or_dash(value: object) -> str:
+    return "-" if value is None or value is False else str(value)
+
+
+def build_locked_check(
+    source: SourceSettings, artifact: Artifact, asset_key: AssetKey
+) -> AssetChecksDefinition:
+    @asset_check(
+        asset=asset_key,
+        name=LOCKED_CHECK,
+        description="Reads back every copy's Object Lock: the store's mode, a date no earlier "
+        "than recorded, and still active for every copy retention keeps.",
+    )
+    def locked(spark_backup: SparkBackupResource) -> AssetCheckResult:
+        found = spark_backup.service.worm_status(source.name, artifact.name)
+        failing = [
+            (status, kept)
+            for status, kept in found
+            if status.problems or (kept and not status.active)
+        ]
+        rows = "".join(
+            f"| {s.copy_id} | {s.mode or '-'} | {s.retain_until or '-'} | "
+            f"{'kept' if kept else 'expired'} | {'; '.join(s.problems) or ('ok' if s.active or not kept else 'lock ended')} |\n"
+            for s, kept in found
+        )
+        return AssetCheckResult(
+            check_name=LOCKED_CHECK,
+            passed=bool(found) and not failing,
+            severity=AssetCheckSeverity.ERROR,
+            description=(
+                f"no copy of {source.name} to read a lock from"
+                if not found
+                else "; ".join(
+                    f"{s.copy_id}: {'; '.join(s.problems) or 'kept by retention but no longer locked'}"
+                    for s, _ in failing
+                )
+                or f"{len(found)} copies locked ({found[0][0].expected_mode})"
+            ),
+            metadata={
+                "copies": MetadataValue.md(
+                    "| copy | mode | retain until | retention | lock |\n"
+                    "| --- | --- | --- | --- | --- |\n" + rows
+                ),
+                "locked_copies": sum(1 for s, _ in found if s.active and not s.problems),
+            },
+        )
+
+    return locked
+
+
+def build_retention_check(
+    source: SourceSettings, artifact: Artifact, asset_key: AssetKey
+) -> AssetChecksDefinition:
+    @asset_check(
+        asset=asset_key,
+        name=RETENTION_CHECK,
+        description="Per tier, how many of the policy's daily, weekly and monthly periods hold "
+        "a copy retention keeps.",
+    )
+    def retention(spark_backup: SparkBackupResource) -> AssetCheckResult:
+        parts = spark_backup.service.retention_status(source.name, artifact.name)
+        rows, short, metadata = [], [], {}
+        for part, tiers in parts.items():
+            for tier in tiers:
+                label = f"{part} {tier.tier}".strip()
+                rows.append(
+                    f"| {part or '-'} | {tier.tier} | {tier.held} | {tier.expected} | "
+                    f"{tier.policy} | {', '.join(tier.missing) or '-'} |\n"
+                )
+                if not part:
+                    metadata[f"{tier.tier}_held"] = tier.held
+                if tier.missing:
+                    short.append(f"{label}: no copy for {', '.join(tier.missing)}")
+        if not parts:
+            description = f"no copy of {source.name} yet"
+        else:
+            description = "; ".join(short) or ", ".join(
+                f"{t.tier} {t.held}/{t.policy}" for t in next(iter(parts.values()))
+            )
+        return AssetCheckResult(
+            check_name=RETENTION_CHECK,
+            passed=bool(parts) and not short,
+            severity=AssetCheckSeverity.WARN,
+            description=description,
+            metadata={
+                **metadata,
+                "tiers": MetadataValue.md(
+                    "| part | tier | held | of last periods | policy | periods without a copy |\n"
+                    "| --- | --- | --- | --- | --- | --- |\n" + "".join(rows)
+                ),
+            },
+        )
+
+    return retention
+
+
+def build_deletion_review_check(asset_key: AssetKey) -> AssetChecksDefinition:
+    @asset_check(
+        asset=asset_key,
+        name=DELETION_REVIEW_CHECK,
+        description="Fails when the deletion concept was last reviewed more than a year ago.",
+    )
+    def deletion_concept_review(spark_backup: SparkBackupResource) -> AssetCheckResult:
+        status = spark_backup.service.deletion_concept_review()
+        return AssetCheckResult(
+            check_name=DELETION_REVIEW_CHECK,
+            passed=status.ok,
+            severity=AssetCheckSeverity.ERROR,
+            description=status.description,
+            metadata={"last_reviewed": str(status.reviewed or "")},
+        )
+
+    return deletion_concept_review

@@ -12,6 +12,10 @@ own ``S3Resource`` for that store, named by ``$SPARK_BACKUP_S3_RESOURCES``
 (``module:attribute``, a mapping of store name to ``S3Resource``). The plan wins where it speaks
 (the command line, which has no Dagster, must reach the same store as a run); a field both set,
 to different values, is a contradiction, refused by ``plan check`` and when the definitions load.
+
+The secrets backends the plan's references name are a resource of their own, ``SecretsResource``.
+An S3 store whose credentials are ``vault:`` references has no ``S3Resource``: its client is made
+by the engine with the credentials read from Vault, as on the command line.
 """
 
 from __future__ import annotations
@@ -26,22 +30,24 @@ from dagster import ConfigurableResource, EnvVar
 from dagster_aws.s3 import S3Resource
 from pydantic import Field
 
+from spark_backup.engine.secrets import RotationPolicy
 from spark_backup.engine.stores.config import S3StoreConfig
 from spark_backup.engine.stores.s3 import make_client
 from spark_backup.errors import PlanError
 from spark_backup.plan import Plan, load_plan
-from spark_backup.service import BackupService
+from spark_backup.service import BackupService, SecretStatus
 
 RESOURCE_KEY = "spark_backup"
+SECRETS_RESOURCE_KEY = "secrets"
 # module:attribute of the platform's S3Resource per store name (optional).
 S3_RESOURCES_ENV = "SPARK_BACKUP_S3_RESOURCES"
 # Session fields of S3Resource and the plan's S3 store that both may set.
 SESSION_FIELDS = ("region_name", "endpoint_url", "profile_name", "max_attempts")
-# S3Resource's credential fields and the plan's fields naming their environment variables.
+# S3Resource's credential fields and the plan's fields holding their references.
 CREDENTIAL_FIELDS = {
-    "aws_access_key_id": "access_key_id_env",
-    "aws_secret_access_key": "secret_access_key_env",
-    "aws_session_token": "session_token_env",
+    "aws_access_key_id": "access_key_id",
+    "aws_secret_access_key": "secret_access_key",
+    "aws_session_token": "session_token",
 }
 
 
@@ -85,6 +91,26 @@ class SparkBackupResource(ConfigurableResource):
         return BackupService(load_plan(self.plan_path), s3_clients=clients)
 
 
+class SecretsResource(ConfigurableResource):
+    """The secrets backends of the plan at ``plan_path`` (environment variables, and Vault or
+    OpenBao where the plan's ``secrets.vault`` names one). Hands out statuses, never values:
+    the values are read where a backup or restore needs them."""
+
+    plan_path: str
+
+    @cached_property
+    def _plan(self) -> BackupService:
+        return BackupService.from_path(self.plan_path)
+
+    def status(self, source_name: str) -> list[SecretStatus]:
+        """Version, age and rotation verdict of each secret a backup of the source needs."""
+        plan = self._plan
+        return plan.secrets_status(plan.source(source_name))
+
+    def rotation_policy(self) -> RotationPolicy:
+        return self._plan.rotation_policy()
+
+
 def s3_store_resources(
     plan: Plan, platform: Mapping[str, S3Resource] | None = None
 ) -> list[S3StoreResource]:
@@ -92,7 +118,22 @@ def s3_store_resources(
     leaves unset from ``platform``'s resource for the store. ``PlanError`` (one line) for a
     contradiction, or a platform resource for a store that is not an S3 store of the plan."""
     platform = dict(platform or {})
-    s3_stores = {store.name: store for store in plan.stores if isinstance(store, S3StoreConfig)}
+    s3_stores = {
+        store.name: store
+        for store in plan.stores
+        if isinstance(store, S3StoreConfig) and not _credentials_in_vault(store)
+    }
+    in_vault = sorted(
+        name
+        for name in platform
+        if any(s.name == name and isinstance(s, S3StoreConfig) for s in plan.stores)
+        and name not in s3_stores
+    )
+    if in_vault:
+        raise PlanError(
+            f"{S3_RESOURCES_ENV}: store {in_vault[0]!r} takes its credentials from Vault "
+            "(vault: references in the plan) and has no S3Resource"
+        )
     unknown = sorted(set(platform) - set(s3_stores))
     if unknown:
         raise PlanError(
@@ -119,7 +160,8 @@ def _merged(config: S3StoreConfig, given: S3Resource | None) -> S3StoreResource:
         if value is not None:
             fields[name] = value
     for name, plan_field in CREDENTIAL_FIELDS.items():
-        env_name = getattr(config, plan_field)
+        ref = getattr(config, plan_field)
+        env_name = ref.location if ref is not None else None
         theirs = given_fields.get(name)
         if (
             env_name
@@ -131,7 +173,7 @@ def _merged(config: S3StoreConfig, given: S3Resource | None) -> S3StoreResource:
                 f"EnvVar({theirs.env_var_name!r})" if isinstance(theirs, EnvVar) else "a literal"
             )
             raise PlanError(
-                f"store {config.name!r}: {name} comes from {plan_field} {env_name} in the plan "
+                f"store {config.name!r}: {name} comes from {plan_field} env:{env_name} in the plan "
                 f"but from {shown} in its S3Resource ({S3_RESOURCES_ENV}); set it in one place"
             )
         if env_name:
@@ -142,6 +184,13 @@ def _merged(config: S3StoreConfig, given: S3Resource | None) -> S3StoreResource:
         if name in given_fields:
             fields[name] = given_fields[name]
     return S3StoreResource(**fields)
+
+
+def _credentials_in_vault(config: S3StoreConfig) -> bool:
+    return any(
+        (ref := getattr(config, field)) is not None and ref.scheme != "env"
+        for field in CREDENTIAL_FIELDS.values()
+    )
 
 
 def _set_fields(resource: S3Resource) -> dict[str, Any]:

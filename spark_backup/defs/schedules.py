@@ -28,6 +28,9 @@ OBSERVE_JOB = "observe_systems"
 OBSERVE_CRON = "7 * * * *"
 RECOVERY_JOB = "recovery_windows"
 RECOVERY_CRON = "17 * * * *"
+# Secrets age by days: once a day is enough to fail on the first day past the limit.
+ROTATION_JOB = "secret_rotation_checks"
+ROTATION_CRON = "23 6 * * *"
 # Run retries (enabled in deploy/dagster.yaml, off for every job that does not ask): a backup run
 # that failed is run again from its failed steps, so the sources that were copied are not copied
 # twice; each retry makes new copies, never replaces one.

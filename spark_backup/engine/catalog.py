@@ -48,6 +48,7 @@ from spark_backup.engine.manifest import (
     source_of,
     utc_stamp,
 )
+from spark_backup.engine.signing import Verifier
 from spark_backup.engine.stores.base import ObjectInfo, ObjectStore
 from spark_backup.errors import IntegrityError, NotFoundError, ObjectLockedError, StoreError
 
@@ -85,6 +86,8 @@ class DamagedManifest:
     copy_id: str | None
     uri: str
     error: str
+    # IntegrityError's (3), or SignatureError's (11) for a forged or untrusted copy.
+    exit_code: int = IntegrityError.exit_code
 
 
 @dataclass
@@ -139,8 +142,11 @@ class Catalog:
     """The copies in one store. One instance per store and run: segments are create-only, so a
     segment read once is kept (by key) for every later listing in the run."""
 
-    def __init__(self, store: ObjectStore):
+    def __init__(self, store: ObjectStore, verifier: Verifier | None = None):
         self.store = store
+        self.verifier = verifier or Verifier()
+        # Copy id -> signature verdict of the copies listed so far.
+        self.verdicts: dict[str, str] = {}
         self._segments: dict[str, dict[str, Indexed]] = {}
         # Manifests read one by one, by key, size and time: unchanged objects are not re-read.
         self._read: dict[tuple[str, int, str], Manifest] = {}
@@ -190,16 +196,23 @@ class Catalog:
                 found.index_key, found.index_problem = None, str(exc)
         for key, info in manifests.items():
             entry = indexed.get(key)
-            if entry is not None and entry[0] == info.size and entry[1] == info.modified:
-                found.copies.append(entry[2])
-                continue
+            uri = self.store.object_uri(key)
             try:
-                found.copies.append(self._manifest(info, found))
-            except IntegrityError as exc:
-                uri = self.store.object_uri(key)
-                found.damaged.append(
-                    DamagedManifest(key, copy_id_of_manifest_key(key), uri, str(exc))
+                if entry is not None and entry[0] == info.size and entry[1] == info.modified:
+                    manifest = entry[2]
+                else:
+                    manifest = self._manifest(info, found)
+                # Checked however the manifest was found: the index is no more trusted than the
+                # store it lies in; the time is the manifest object's own.
+                self.verdicts[manifest.id] = self.verifier.check_manifest(
+                    manifest, info.modified, uri
                 )
+            except IntegrityError as exc:
+                found.damaged.append(
+                    DamagedManifest(key, copy_id_of_manifest_key(key), uri, str(exc), exc.exit_code)
+                )
+                continue
+            found.copies.append(manifest)
         found.copies.sort(key=lambda m: (m.started_at, m.id))
         return found, manifests, segments
 
@@ -348,9 +361,12 @@ def list_copies(store: ObjectStore, source: str | None = None) -> list[Manifest]
     return sorted(found, key=lambda m: (m.started_at, m.id))
 
 
-def find_copy(stores: Iterable[ObjectStore], copy_id: str) -> tuple[ObjectStore, Manifest]:
-    """The store and manifest of a copy id; the id names its source, so no listing is needed
-    (and no index: a restore reads the manifest itself)."""
+def find_copy(
+    stores: Iterable[ObjectStore], copy_id: str, verifier: Verifier | None = None
+) -> tuple[ObjectStore, Manifest, str]:
+    """The store, manifest and signature verdict of a copy id; the id names its source, so no
+    listing is needed (and no index: a restore reads the manifest itself). ``SignatureError``
+    if ``verifier`` does not accept its signature."""
     key = manifest_key(source_of(copy_id), copy_id)
     searched = []
     for store in stores:
@@ -364,7 +380,12 @@ def find_copy(stores: Iterable[ObjectStore], copy_id: str) -> tuple[ObjectStore,
             raise IntegrityError(
                 f"{store.object_uri(key)}: holds the manifest of another copy ({manifest.id})"
             )
-        return store, manifest
+        verifier = verifier or Verifier()
+        # The store's time of the manifest matters only for an unsigned one.
+        stored_at = None
+        if verifier.enabled and manifest.signature is None:
+            stored_at = next((i.modified for i in store.list(key) if i.key == key), None)
+        return store, manifest, verifier.check_manifest(manifest, stored_at, store.object_uri(key))
     raise NotFoundError(f"copy {copy_id} not found in store(s) {', '.join(searched)}")
 
 

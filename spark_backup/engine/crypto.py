@@ -76,6 +76,11 @@ def generate_identity(path: Path) -> str:
     return public
 
 
+def identity_from_environment() -> bool:
+    """Whether an identity is given through the environment (it wins over the plan's)."""
+    return bool(os.environ.get(IDENTITY_FILE_ENV) or os.environ.get(IDENTITY_ENV))
+
+
 def load_identities(
     explicit_file: str | os.PathLike[str] | None = None, plan_file: Path | None = None
 ) -> list[x25519.Identity]:
@@ -91,7 +96,7 @@ def load_identities(
         return _identities_from_file(plan_file)
     raise CryptoError(
         f"no age identity to open the copy: pass --identity FILE, or set {IDENTITY_FILE_ENV} "
-        f"or {IDENTITY_ENV}, or encryption.identity_file in the plan"
+        f"or {IDENTITY_ENV}, or encryption.identity or encryption.identity_file in the plan"
     )
 
 

@@ -133,6 +133,9 @@ class Manifest:
     # Retention and checks treat each part as its own series.
     part: str = ""
     format: str = MANIFEST_FORMAT
+    # Ed25519 over everything else (engine/signing.py); None in manifests of release 0.1.0
+    # and of plans without signing.
+    signature: dict[str, str] | None = None
 
     @property
     def started(self) -> dt.datetime:

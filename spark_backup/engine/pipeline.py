@@ -30,7 +30,9 @@ from pyrage import x25519
 
 from spark_backup.engine.age_worker import AgeWorker
 from spark_backup.engine.crypto import Recipients
+from spark_backup.engine.datakeys import unwrap
 from spark_backup.engine.manifest import Digest, Manifest, data_key, manifest_key, new_copy_id
+from spark_backup.engine.signing import Signer
 from spark_backup.engine.stores.base import ObjectLock, ObjectStore
 from spark_backup.engine.streams import (
     CHUNK_SIZE,
@@ -92,8 +94,11 @@ def write_copy(
     recipients: Recipients,
     compression: CompressionSettings,
     progress: ProgressCallback | None = None,
+    signer: Signer | None = None,
+    month_key: str | None = None,
 ) -> Manifest:
-    """Back up one partition of a source as a new copy; return its committed manifest.
+    """Back up one partition of a source as a new copy; return its committed manifest (signed
+    with ``signer``, if given).
 
     A re-run of a partition makes a new copy beside the existing ones; it never replaces one.
     """
@@ -122,13 +127,20 @@ def write_copy(
             "level": compression.level,
             "threads": compression.threads,
         },
-        encryption={"algorithm": "age-x25519", "recipients": list(recipients.public_keys)},
+        encryption={
+            "algorithm": "age-x25519",
+            "recipients": list(recipients.public_keys),
+            # The month's data key (engine/datakeys.py) the recipients belong to, if any.
+            **({"data_key": month_key} if month_key else {}),
+        },
         tools={**_engine_versions(), **source.tool_versions()},
         host=socket.gethostname(),
         source_metadata=source.metadata(),
         lock=lock_summary(lock),
         part=getattr(source, "part", ""),
     )
+    if signer is not None:
+        manifest = signer.sign_manifest(manifest)
     committed = manifest_key(source_name, copy_id)
     try:
         store.put_bytes(committed, manifest.to_json(), lock=lock)
@@ -331,6 +343,10 @@ def open_copy(
     and plaintext sha256 and sizes with the manifest: ``IntegrityError`` on any difference,
     ``CryptoError`` if no identity opens it. Callers must not publish what they read before the
     block has exited cleanly. ``worker``: see ``open_encrypted``."""
+    if data_key := manifest.encryption.get("data_key"):
+        identities = unwrap(store, manifest.source, manifest.id, data_key, identities)
+        # A resident worker holds the plan's identities: the month's key needs one of its own.
+        worker = None
     _require_matching_identity(manifest, identities)
     with open_encrypted(
         store, manifest.data_key, identities, f"copy {manifest.id}", progress, worker

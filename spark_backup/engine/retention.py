@@ -8,6 +8,7 @@ newest copy of a source is always kept. Periods are taken from when a copy finis
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -50,3 +51,49 @@ def apply_retention(copies: Sequence[Manifest], rule: RetentionRule) -> Retentio
             keep.setdefault(manifest.id, []).append(f"{name} {period}")
     expire = [m for m in newest_first if m.id not in keep]
     return RetentionDecision(keep=keep, expire=expire)
+
+
+@dataclass(frozen=True)
+class TierStatus:
+    """How many of its periods a tier holds a copy for, against the policy: the last ``policy``
+    calendar periods up to now, fewer while the series is younger than that."""
+
+    tier: str
+    policy: int
+    # Periods (of the last ``expected``) that hold a copy this tier keeps.
+    held: int
+    expected: int
+    # Periods of the last ``expected`` without a copy.
+    missing: tuple[str, ...]
+
+    @property
+    def ok(self) -> bool:
+        return not self.missing
+
+
+def tier_status(
+    copies: Sequence[Manifest], rule: RetentionRule, now: dt.datetime
+) -> list[TierStatus]:
+    decision = apply_retention(copies, rule)
+    first = min((m.finished for m in copies), default=None)
+    found = []
+    for name in TIERS:
+        limit, period = getattr(rule, name), cadence(name)
+        kept = {
+            reason.split(" ", 1)[1]
+            for reasons in decision.keep.values()
+            for reason in reasons
+            if reason.startswith(f"{name} ")
+        }
+        expected: list[str] = []
+        moment = now
+        while first is not None and len(expected) < limit:
+            key = period.key_for(moment)
+            start = period.start_of(moment.astimezone(dt.UTC))
+            if start < period.start_of(first.astimezone(dt.UTC)):
+                break  # the series is younger than the tier
+            expected.append(key)
+            moment = start - dt.timedelta(microseconds=1)
+        missing = tuple(key for key in expected if key not in kept)
+        found.append(TierStatus(name, limit, len(expected) - len(missing), len(expected), missing))
+    return found

@@ -11,7 +11,9 @@ from typing import Annotated, Literal, Union
 from pydantic import Field, create_model, field_validator, model_validator
 
 from spark_backup.engine.cadence import DEFAULT_PARTITIONS_START
+from spark_backup.engine.secrets import SecretReference, SecretsConfig
 from spark_backup.engine.settings import Duration, Name, SettingsModel
+from spark_backup.engine.signing import SigningConfig
 from spark_backup.engine.stores.config import StoreConfig
 from spark_backup.errors import NotFoundError
 from spark_backup.journal.settings import JournalSettings
@@ -28,6 +30,8 @@ class Encryption(SettingsModel):
     recipients: list[str] = Field(default_factory=list)
     recipients_files: list[str] = Field(default_factory=list)
     identity_file: str | None = None
+    # The identity text held by a secrets backend (vault:kv/spark/age#identity), for restores.
+    identity: SecretReference | None = None
 
     @field_validator("recipients")
     @classmethod
@@ -51,6 +55,8 @@ class Encryption(SettingsModel):
     def _has_recipients(self) -> Encryption:
         if not self.recipients and not self.recipients_files:
             raise ValueError("expected at least one entry in recipients or recipients_files")
+        if self.identity and self.identity_file:
+            raise ValueError("set identity or identity_file, not both")
         return self
 
 
@@ -79,10 +85,20 @@ class Defaults(SettingsModel):
         return value
 
 
+class Compliance(SettingsModel):
+    # The deletion concept (a Markdown file with a "Last reviewed: YYYY-MM-DD" line), relative
+    # to the plan file: its review is checked yearly for every personal_data source.
+    deletion_concept: str | None = None
+    review_every: Duration = dt.timedelta(days=365)
+
+
 class Plan(SettingsModel):
     version: Literal[1] = 1
     defaults: Defaults = Defaults()
     encryption: Encryption
+    secrets: SecretsConfig = SecretsConfig()
+    signing: SigningConfig | None = None
+    compliance: Compliance = Compliance()
     stores: list[StoreConfig] = Field(min_length=1)
     notifications: Notifications = Notifications()
     journal: JournalSettings = JournalSettings()
@@ -118,7 +134,28 @@ class Plan(SettingsModel):
                     f"sources[{index}].store names unknown store {source.store!r} "
                     f"(expected one of: {', '.join(store_names)})"
                 )
+            if source.compliance_copy:
+                self._check_compliance_store(index, source)
         return self
+
+    def _check_compliance_store(self, index: int, source: SourceSettings) -> None:
+        """A compliance copy goes to a COMPLIANCE-locked store whose lock outlasts retention."""
+        store = self.store_for(source)
+        lock = getattr(store, "object_lock", None)
+        if lock is None or lock.mode != "COMPLIANCE":
+            raise ValueError(
+                f"sources[{index}] is a compliance_copy but its store {store.name!r} has no "
+                "object_lock in COMPLIANCE mode"
+            )
+        retention = self.retention_for(source)
+        # The longest a tier keeps a copy: its count of periods, a month counted as 31 days.
+        longest = max(retention.daily, retention.weekly * 7, retention.monthly * 31)
+        if lock.retain_days < longest:
+            raise ValueError(
+                f"sources[{index}] is a compliance_copy kept up to {longest} days by its "
+                f"retention, but store {store.name!r} locks copies for only "
+                f"{lock.retain_days} days (object_lock.retain_days)"
+            )
 
     # Resolved views: a source's effective settings after defaults.
 

@@ -32,6 +32,16 @@ class Retention(SettingsModel):
     weekly: int = Field(4, ge=0)
     monthly: int = Field(12, ge=0)
 
+    @field_validator("daily")
+    @classmethod
+    def _keeps_daily_copies(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError(
+                "expected at least 1: a policy of zero daily copies would expire yesterday's "
+                "copy as soon as today's exists"
+            )
+        return value
+
 
 class Compression(SettingsModel):
     level: int = Field(3, ge=1, le=19)
@@ -55,6 +65,12 @@ class SourceSettings(SettingsModel):
     store: Name | None = None
     retention: Retention | None = None
     compression: Compression | None = None
+    # Holds personal data: each month's copies get a data key of their own, which
+    # ``spark-backup erase`` destroys to serve an erasure request (crypto-shredding).
+    personal_data: bool = False
+    # A compliance copy: its store must be WORM (S3 Object Lock in COMPLIANCE mode) with locks
+    # at least as long as its retention keeps a copy.
+    compliance_copy: bool = False
 
     @field_validator("owner")
     @classmethod

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,11 +13,13 @@ from pyrage import x25519
 from spark_backup.engine.age_worker import AgeWorker
 from spark_backup.engine.cadence import cadence
 from spark_backup.engine.catalog import DamagedManifest
+from spark_backup.engine.datakeys import erase_months, recipients_for
 from spark_backup.engine.manifest import Manifest
 from spark_backup.engine.pipeline import Verification, open_copy, utcnow, verify_copy, write_copy
 from spark_backup.engine.streams import ProgressCallback
 from spark_backup.errors import IntegrityError, NotFoundError, SparkBackupError, UsageError
 from spark_backup.service.journal import JournalOperations
+from spark_backup.service.locks import LockOperations
 from spark_backup.sources.base import CopyRef, FolderRestore, RestoreTargets
 
 
@@ -32,19 +35,33 @@ class VerifyOutcome:
     seconds: float = 0.0
     # What was checked: "stored sha256 and size", and for a deep verify also the plaintext.
     checks: tuple[str, ...] = ()
+    # The manifest's signature: "signed", "unsigned" (an accepted earlier copy), "not checked".
+    signature: str = "not checked"
+    # The CLI's exit code when this copy fails: 3, or 11 for a refused signature.
+    exit_code: int = IntegrityError.exit_code
+    # The Object Lock read back from a WORM store (``LockStatus.as_dict``); None elsewhere.
+    worm: dict[str, Any] | None = None
     # What the operator must know although the copy is intact (files the backup read torn).
     cautions: list[str] = field(default_factory=list)
 
     @classmethod
     def of_damaged(cls, damaged: DamagedManifest, deep: bool) -> VerifyOutcome:
-        return cls(damaged.copy_id or damaged.key, "", "", False, deep, damaged.error)
+        return cls(
+            damaged.copy_id or damaged.key,
+            "",
+            "",
+            False,
+            deep,
+            damaged.error,
+            exit_code=damaged.exit_code,
+        )
 
 
 STORED_CHECK = "stored sha256 and size"
 DEEP_CHECKS = ("decrypted with age", "zstd frame checksums", "plaintext sha256 and size")
 
 
-class CopyOperations(JournalOperations):
+class CopyOperations(JournalOperations, LockOperations):
     def backup(
         self,
         source_name: str,
@@ -67,6 +84,12 @@ class CopyOperations(JournalOperations):
         # One partition for the whole run, even one that crosses midnight.
         partition = partition or self.current_partition(chosen)
         recipients, compression = self.recipients(), self.compression(source)
+        signer = self.signer()
+        month_key = None
+        if source.personal_data:
+            recipients, month_key = recipients_for(
+                store, source.name, utcnow(), recipients, signer, self.verifier
+            )
         manifests, failures = [], []
         for reader in readers:
             try:
@@ -79,6 +102,8 @@ class CopyOperations(JournalOperations):
                         recipients=recipients,
                         compression=compression,
                         progress=progress,
+                        signer=signer,
+                        month_key=month_key,
                     )
                 )
             except SparkBackupError as exc:
@@ -102,7 +127,12 @@ class CopyOperations(JournalOperations):
         pass one ``decryption_worker`` for them all: each copy then costs no process start."""
         manifest = ref.manifest
         outcome = VerifyOutcome(
-            manifest.id, manifest.source, manifest.partition, ok=False, deep=bool(identities)
+            manifest.id,
+            manifest.source,
+            manifest.partition,
+            ok=False,
+            deep=bool(identities),
+            signature=ref.signature,
         )
         try:
             if identities:
@@ -116,10 +146,17 @@ class CopyOperations(JournalOperations):
             # not a verdict on the copy: those propagate with their own exit codes.
             outcome.error = str(exc)
             return outcome
-        outcome.ok = True
         outcome.cautions = self.kind_named(manifest.kind).cautions(manifest)
         outcome.bytes_read = result.bytes_read
         outcome.seconds = result.seconds
+        lock = self.lock_status(ref)
+        if lock is not None:
+            outcome.worm = lock.as_dict()
+            outcome.checks = (*outcome.checks, f"{lock.expected_mode} Object Lock read back")
+            if lock.problems:
+                outcome.error = f"copy {manifest.id}: WORM: {'; '.join(lock.problems)}"
+                return outcome
+        outcome.ok = True
         return outcome
 
     def decryption_worker(self, identities: list[x25519.Identity]) -> AgeWorker:
@@ -191,3 +228,26 @@ class CopyOperations(JournalOperations):
         return kind.restore_to_target(
             self, target, ref, value, identity_file=identity_file, flags=flags, progress=progress
         )
+
+    def erase(self, source_name: str, before: dt.date, dry_run: bool = True) -> dict[str, Any]:
+        """Crypto-shred every whole month of a ``personal_data`` source before ``before``:
+        destroy those months' data keys, so their copies can no longer be opened while their
+        (possibly locked) objects stay. Returns the months and the copies made unreadable."""
+        source = self.plan.source(source_name)
+        if not source.personal_data:
+            raise UsageError(
+                f"source {source_name!r} is not marked personal_data: its copies have no data "
+                "keys of their own and cannot be erased selectively"
+            )
+        now = utcnow()
+        if before > now.date():
+            raise UsageError(f"--before {before} is in the future")
+        store = self.store_for(source)
+        months = erase_months(store, source.name, before, now, dry_run)
+        erased = {f"{source.name}/keys/{month}.json" for month in months}
+        copies = [
+            ref.manifest.id
+            for ref in self.copies(source.name)
+            if ref.manifest.encryption.get("data_key") in erased
+        ]
+        return {"source": source.name, "months": months, "copies": copies, "dry_run": dry_run}

@@ -16,7 +16,7 @@ from spark_backup.engine.manifest import (
     manifest_key,
 )
 from spark_backup.engine.pipeline import utcnow
-from spark_backup.engine.retention import apply_retention
+from spark_backup.engine.retention import TierStatus, apply_retention, tier_status
 from spark_backup.engine.staging import stale_staging
 from spark_backup.engine.stores.base import ObjectStore
 from spark_backup.service.runtime import PlanRuntime
@@ -132,3 +132,17 @@ class RetentionOperations(PlanRuntime):
             )
         report.stale_restore_staging = stale_staging(remove=not dry_run)
         return report
+
+    def retention_status(
+        self, source_name: str, artifact: str | None = None, now: dt.datetime | None = None
+    ) -> dict[str, list[TierStatus]]:
+        """Per part of the source's copies (of one artifact): each tier against the policy."""
+        source = self.plan.source(source_name)
+        series: dict[str, list[Manifest]] = defaultdict(list)
+        for ref in self.copies(source_name, artifact):
+            series[ref.manifest.part].append(ref.manifest)
+        rule = self.retention(source)
+        return {
+            part: tier_status(copies, rule, now or utcnow())
+            for part, copies in sorted(series.items())
+        }

@@ -13,12 +13,20 @@ from pyrage import x25519
 
 from spark_backup.engine.cadence import partition_key_for
 from spark_backup.engine.catalog import Catalog, DamagedManifest, find_copy
-from spark_backup.engine.crypto import Recipients, load_identities, read_recipients_file
+from spark_backup.engine.crypto import (
+    Recipients,
+    identities_from_text,
+    identity_from_environment,
+    load_identities,
+    read_recipients_file,
+)
 from spark_backup.engine.manifest import COPY_ID_RE
 from spark_backup.engine.pipeline import CompressionSettings, utcnow
 from spark_backup.engine.retention import RetentionRule
+from spark_backup.engine.secrets import SecretRef, SecretResolver, find_references, open_secrets
+from spark_backup.engine.signing import Signer, Verifier
 from spark_backup.engine.stores import ObjectStore, open_store
-from spark_backup.errors import NotFoundError, StoreError, UsageError
+from spark_backup.errors import NotFoundError, PlanError, StoreError, UsageError
 from spark_backup.plan import LoadedPlan, SourceSettings, load_plan
 from spark_backup.sources import registry
 from spark_backup.sources.base import Artifact, CopyRef, SourceContext, SourceKind
@@ -35,6 +43,9 @@ class PlanRuntime:
         self.loaded = loaded
         self.plan = loaded.plan
         self._stores: dict[str, ObjectStore] = {}
+        self._secrets: SecretResolver | None = None
+        self._signer: Signer | None = None
+        self.verifier = Verifier.from_config(self.plan.signing)
         self._catalogs: dict[str, Catalog] = {}
         self._s3_clients = dict(s3_clients or {})
 
@@ -64,6 +75,7 @@ class PlanRuntime:
         return SourceContext(
             self.loaded.path,
             self.plan.max_age_for(source),
+            self.secrets,
             copies=lambda artifact: [ref.manifest for ref in self.copies(source.name, artifact)],
         )
 
@@ -92,13 +104,53 @@ class PlanRuntime:
         compression = self.plan.compression_for(source)
         return CompressionSettings(compression.level, compression.threads)
 
-    # --- stores and keys -----------------------------------------------------------------------
+    # --- secrets, stores and keys -------------------------------------------------------------
+
+    @property
+    def secrets(self) -> SecretResolver:
+        """Reads what the plan's references name (Vault is asked only when first needed)."""
+        if self._secrets is None:
+            self._secrets = open_secrets(self.plan.secrets, self.loaded.resolve)
+        return self._secrets
+
+    def secret_references(
+        self, source: SourceSettings | None = None
+    ) -> list[tuple[str, SecretRef]]:
+        """The references the plan holds, with their field paths; with ``source``, those a
+        backup or restore of it needs (its own, its store's and the plan-wide ones)."""
+        found = list(find_references(self.plan))
+        if source is None:
+            return found
+        index = self.plan.sources.index(source)
+        store = self.plan.stores.index(self.plan.store_for(source))
+        mine = (f"sources[{index}].", f"stores[{store}].")
+        return [
+            (path, ref)
+            for path, ref in found
+            if path.startswith(mine) or not path.startswith(("sources[", "stores["))
+        ]
+
+    def signer(self) -> Signer | None:
+        """The key backups sign manifests and WAL with (None if the plan has no signing key)."""
+        signing = self.plan.signing
+        if signing is None or signing.key is None:
+            return None
+        if self._signer is None:
+            pem = self.secrets.resolve_for("signing.key", signing.key)
+            signer = Signer.from_pem(pem, f"signing.key {signing.key}")
+            if signer.public_key not in signing.public_keys:
+                raise PlanError(
+                    f"{self.loaded.path}: signing.key's public key {signer.public_key} is not "
+                    "in signing.public_keys: copies it signs would be refused"
+                )
+            self._signer = signer
+        return self._signer
 
     def store(self, name: str) -> ObjectStore:
         if name not in self._stores:
             config = next(s for s in self.plan.stores if s.name == name)
             client = self._s3_clients[name]() if name in self._s3_clients else None
-            self._stores[name] = open_store(config, self.loaded.resolve, client)
+            self._stores[name] = open_store(config, self.loaded.resolve, self.secrets, client)
         return self._stores[name]
 
     def store_for(self, source: SourceSettings) -> ObjectStore:
@@ -110,7 +162,7 @@ class PlanRuntime:
     def catalog(self, store: ObjectStore) -> Catalog:
         """The store's catalog, one per store and run, so index segments are read once."""
         if store.name not in self._catalogs:
-            self._catalogs[store.name] = Catalog(store)
+            self._catalogs[store.name] = Catalog(store, self.verifier)
         return self._catalogs[store.name]
 
     def recipients(self) -> Recipients:
@@ -121,7 +173,11 @@ class PlanRuntime:
         return Recipients.from_keys(keys, f"{self.loaded.path}: encryption")
 
     def identities(self, identity_file: str | Path | None = None) -> list[x25519.Identity]:
-        plan_file = self.plan.encryption.identity_file
+        encryption = self.plan.encryption
+        if encryption.identity and not identity_file and not identity_from_environment():
+            text = self.secrets.resolve_for("encryption.identity", encryption.identity)
+            return identities_from_text(text, f"encryption.identity {encryption.identity}")
+        plan_file = encryption.identity_file
         return load_identities(identity_file, self.loaded.resolve(plan_file) if plan_file else None)
 
     # --- copies --------------------------------------------------------------------------------
@@ -134,9 +190,10 @@ class PlanRuntime:
         source = self.plan.source(source_name)
         store = self.store_for(source)
         kind = self.kind_of(source)
-        found = self.catalog(store).listing(source.name)
+        catalog = self.catalog(store)
+        found = catalog.listing(source.name)
         refs = [
-            CopyRef(store, m)
+            CopyRef(store, m, catalog.verdicts[m.id])
             for m in found.copies
             if artifact is None or kind.artifact_of(m) == artifact
         ]
@@ -156,7 +213,7 @@ class PlanRuntime:
             catalog = self.catalog(store)
             for source in catalog.sources():
                 found = catalog.listing(source)
-                refs += [CopyRef(store, m) for m in found.copies]
+                refs += [CopyRef(store, m, catalog.verdicts[m.id]) for m in found.copies]
                 damaged += found.damaged
         refs.sort(key=lambda r: (r.manifest.started_at, r.manifest.id))
         return refs, damaged
@@ -171,8 +228,7 @@ class PlanRuntime:
             log.warning("index of %s not updated: %s", source_name, exc)
 
     def find(self, copy_id: str) -> CopyRef:
-        store, manifest = find_copy(self.all_stores(), copy_id)
-        return CopyRef(store, manifest)
+        return CopyRef(*find_copy(self.all_stores(), copy_id, self.verifier))
 
     def select(self, selector: str | None) -> tuple[list[CopyRef], list[DamagedManifest]]:
         """Copies named by a source name, a copy id, or (None) every copy; and the damaged

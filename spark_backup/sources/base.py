@@ -52,6 +52,8 @@ if TYPE_CHECKING:
     from spark_backup.engine.crypto import Recipients
     from spark_backup.engine.manifest import Manifest
     from spark_backup.engine.pipeline import CompressionSettings, PlaintextSource
+    from spark_backup.engine.secrets import SecretResolver
+    from spark_backup.engine.signing import Signer, Verifier
     from spark_backup.engine.stores.base import ObjectStore
     from spark_backup.engine.streams import ProgressCallback, Readable
     from spark_backup.plan.source import SourceSettings
@@ -79,6 +81,12 @@ class Artifact:
         return None if self.primary else self.name
 
 
+def _environment_secrets() -> SecretResolver:
+    from spark_backup.engine.secrets import EnvSecrets, SecretResolver
+
+    return SecretResolver({"env": EnvSecrets()})
+
+
 @dataclass(frozen=True)
 class SourceContext:
     """What a kind may know of the plan around one of its sources."""
@@ -86,6 +94,8 @@ class SourceContext:
     plan_path: Path
     # The source's allowed copy age: its own max_age, else the plan's default.
     max_age: dt.timedelta
+    # Reads the secrets the source's settings name (environment variables only, by default).
+    secrets: SecretResolver = field(default_factory=lambda: _environment_secrets())
     # The source's committed copies of one artifact, oldest first: a log read in slices
     # resumes where its newest slice ended.
     copies: Callable[[str], Sequence[Manifest]] | None = None
@@ -103,6 +113,9 @@ class CopyRef:
 
     store: ObjectStore
     manifest: Manifest
+    # The manifest's signature as checked when it was listed or found: "signed", "unsigned"
+    # (an earlier release's copy the plan accepts) or "not checked" (no signing in the plan).
+    signature: str = "not checked"
 
 
 @dataclass(frozen=True)
@@ -131,6 +144,11 @@ class Runtime(Protocol):
     def identities(self, identity_file: str | Path | None = None) -> list[x25519.Identity]: ...
 
     def compression(self, source: SourceSettings) -> CompressionSettings: ...
+
+    # Signs what a backup writes (None without a signing key); checks what a restore reads.
+    def signer(self) -> Signer | None: ...
+
+    verifier: Verifier
 
     def copies(
         self, source_name: str | None = None, artifact: str | None = None

@@ -8,7 +8,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from spark_backup.engine.settings import EnvName, Name, SettingsModel
+from spark_backup.engine.secrets.refs import SecretReference, env_reference
+from spark_backup.engine.settings import Name, SettingsModel
 
 
 class LocalStoreConfig(SettingsModel):
@@ -29,10 +30,12 @@ class ObjectLockConfig(SettingsModel):
 class S3StoreConfig(SettingsModel):
     """Any S3-compatible object storage, configured like dagster-aws's ``S3Resource``.
 
-    Credentials are named by environment variable, never written here; without them boto3's
-    default chain (instance profile, ``AWS_*`` variables, shared config, ``profile_name``)
-    applies. In a Dagster run the client comes from the store's ``S3Resource``
-    (``spark_backup/defs/resources.py``), built from these same fields.
+    Credentials are named by reference (``env:NAME`` or ``vault:MOUNT/PATH#FIELD``), never
+    written here; without them boto3's default chain (instance profile, ``AWS_*`` variables,
+    shared config, ``profile_name``) applies. The older ``*_env: NAME`` fields read as
+    ``env:NAME``. In a Dagster run the client of a store whose credentials are ``env:``
+    references (or none) comes from the store's ``S3Resource`` (``spark_backup/defs/
+    resources.py``), built from these same fields.
     """
 
     name: Name
@@ -41,9 +44,9 @@ class S3StoreConfig(SettingsModel):
     prefix: str = ""
     endpoint_url: str | None = Field(None, pattern=r"^https?://")
     region_name: str | None = None
-    access_key_id_env: EnvName | None = None
-    secret_access_key_env: EnvName | None = None
-    session_token_env: EnvName | None = None
+    access_key_id: SecretReference | None = None
+    secret_access_key: SecretReference | None = None
+    session_token: SecretReference | None = None
     # A profile of the AWS config (``~/.aws/config``); one with ``role_arn`` assumes that role.
     profile_name: str | None = None
     object_lock: ObjectLockConfig | None = None
@@ -52,21 +55,20 @@ class S3StoreConfig(SettingsModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _refuse_inline_credentials(cls, data: Any) -> Any:
+    def _credential_references(cls, data: Any) -> Any:
         if isinstance(data, Mapping):
-            for inline, ref in (
-                ("aws_access_key_id", "access_key_id_env"),
-                ("access_key_id", "access_key_id_env"),
-                ("aws_secret_access_key", "secret_access_key_env"),
-                ("secret_access_key", "secret_access_key_env"),
-                ("aws_session_token", "session_token_env"),
-                ("session_token", "session_token_env"),
+            for inline, field in (
+                ("aws_access_key_id", "access_key_id"),
+                ("aws_secret_access_key", "secret_access_key"),
+                ("aws_session_token", "session_token"),
             ):
                 if inline in data:
                     raise ValueError(
-                        f"inline credential '{inline}' is not allowed; name the environment "
-                        f"variable that holds it with '{ref}'"
+                        f"'{inline}' is not a store field; name where the credential is with "
+                        f"'{field}: env:NAME' or '{field}: vault:MOUNT/PATH#FIELD'"
                     )
+            for field in ("access_key_id", "secret_access_key", "session_token"):
+                data = env_reference(dict(data), f"{field}_env", field)
         return data
 
     @field_validator("prefix")
@@ -79,8 +81,8 @@ class S3StoreConfig(SettingsModel):
 
     @model_validator(mode="after")
     def _credentials_in_pairs(self) -> S3StoreConfig:
-        if (self.access_key_id_env is None) != (self.secret_access_key_env is None):
-            raise ValueError("set both access_key_id_env and secret_access_key_env, or neither")
+        if (self.access_key_id is None) != (self.secret_access_key is None):
+            raise ValueError("set both access_key_id and secret_access_key, or neither")
         return self
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import hashlib
-import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from typing import Any
@@ -31,6 +30,7 @@ from botocore.exceptions import (
 )
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
+from spark_backup.engine.secrets import EnvSecrets, SecretResolver
 from spark_backup.engine.stores.base import (
     ObjectInfo,
     ObjectLock,
@@ -127,28 +127,25 @@ class S3Store(ObjectStore):
     def from_config(
         cls,
         cfg: S3StoreConfig,
+        secrets: SecretResolver | None = None,
         *,
         client: Any = None,
         connect_timeout: float = CONNECT_TIMEOUT,
         read_timeout: float = READ_TIMEOUT,
     ) -> S3Store:
         """The store ``cfg`` describes, with ``client`` (the Dagster layer's, from dagster-aws's
-        session configuration) or else a client of its own made from ``cfg``."""
+        session configuration) or else a client of its own made from ``cfg``, with the
+        credentials its references name read through ``secrets``."""
         if client is None:
+            secrets = secrets or SecretResolver({"env": EnvSecrets()})
             credentials: dict[str, str] = {}
-            for parameter, env_name in (
-                ("aws_access_key_id", cfg.access_key_id_env),
-                ("aws_secret_access_key", cfg.secret_access_key_env),
-                ("aws_session_token", cfg.session_token_env),
+            for parameter, ref in (
+                ("aws_access_key_id", cfg.access_key_id),
+                ("aws_secret_access_key", cfg.secret_access_key),
+                ("aws_session_token", cfg.session_token),
             ):
-                if env_name is None:
-                    continue
-                value = os.environ.get(env_name)
-                if not value:
-                    raise StoreError(
-                        f"store {cfg.name!r}: environment variable {env_name} is not set"
-                    )
-                credentials[parameter] = value
+                if ref is not None:
+                    credentials[parameter] = secrets.resolve_for(f"store {cfg.name!r}", ref)
             client = make_client(
                 cfg.name,
                 endpoint_url=cfg.endpoint_url,
@@ -211,7 +208,7 @@ class S3Store(ObjectStore):
         elif isinstance(exc, HTTPClientError):
             detail = f"connection to endpoint {self.endpoint} failed ({type(exc).__name__})"
         elif isinstance(exc, NoCredentialsError):
-            detail = "no credentials found (name them with access_key_id_env/secret_access_key_env)"
+            detail = "no credentials found (name them with access_key_id/secret_access_key)"
         else:
             detail = f"{type(exc).__name__}: {exc}"
         return StoreError(" ".join(f"store {self.name!r}: cannot {doing}: {detail}".split()))

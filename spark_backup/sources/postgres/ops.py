@@ -22,6 +22,7 @@ from pyrage import x25519
 
 from spark_backup.engine.pipeline import open_copy, utcnow
 from spark_backup.engine.processes import first_error, tool_environment
+from spark_backup.engine.signing import Verifier
 from spark_backup.engine.stores.base import ObjectStore
 from spark_backup.engine.streams import ProgressCallback
 from spark_backup.errors import (
@@ -59,6 +60,7 @@ from spark_backup.sources.postgres.wal import (
     fetch_wal,
     newest_segment,
     push_wal,
+    signature_key,
     wal_prefix,
 )
 from spark_backup.sources.postgres.walname import DEFAULT_SEGMENT_SIZE, WalSegment, lsn_value
@@ -88,7 +90,13 @@ def wal_push(runtime: Runtime, source: PostgresSource, path: Path) -> str:
     store = runtime.store_for(source)
     lock = store.default_lock.lock_from(utcnow()) if store.default_lock else None
     return push_wal(
-        store, source.name, path, runtime.recipients(), runtime.compression(source), lock
+        store,
+        source.name,
+        path,
+        runtime.recipients(),
+        runtime.compression(source),
+        lock,
+        runtime.signer(),
     )
 
 
@@ -167,14 +175,15 @@ def wal_fetch(
     retry_for: float = 0.0,
 ) -> None:
     """Restore one WAL file. A store that cannot be reached is asked again for ``retry_for``
-    seconds (a standby's brief store outage); a file not archived or damaged is not retried."""
+    seconds (a standby's brief store outage); a file not archived, damaged or with a refused
+    signature is not retried."""
     store = runtime.store_for(source)
     identities = runtime.identities(identity_file)
     deadline = time.monotonic() + retry_for
     pause = WAL_FETCH_FIRST_PAUSE
     while True:
         try:
-            fetch_wal(store, source.name, name, destination, identities)
+            fetch_wal(store, source.name, name, destination, identities, verifier=runtime.verifier)
             return
         except StoreError:
             if time.monotonic() + pause > deadline:
@@ -361,6 +370,8 @@ def expire_wal(
         expired.append(entry.key)
         if not dry_run:
             store.delete(entry.key)
+            if store.exists(signature_key(entry.key)):
+                store.delete(signature_key(entry.key))
     return expired
 
 
@@ -520,7 +531,7 @@ def pitr(
                 report,
                 "fetch_wal",
                 lambda batch=batch: _fetch_wal_files(
-                    store, source.name, batch, wal_folder, identities
+                    store, source.name, batch, wal_folder, identities, runtime.verifier
                 ),
             )
             recovery.hand_over(wal_folder, os_user)  # the rest was handed over before
@@ -577,13 +588,21 @@ def _fetch_wal_files(
     entries: list[ArchivedWal],
     folder: Path,
     identities: list[x25519.Identity],
+    verifier: Verifier,
 ) -> None:
     # Each file is decrypted in its own worker process: a few at a time keep the cores
     # busy (a day of WAL at 60 s archive_timeout is over 1,400 files).
     with ThreadPoolExecutor(max_workers=WAL_FETCH_WORKERS) as pool:
         futures = [
             pool.submit(
-                fetch_wal, store, source, entry.name, folder / entry.name, identities, entry
+                fetch_wal,
+                store,
+                source,
+                entry.name,
+                folder / entry.name,
+                identities,
+                entry,
+                verifier,
             )
             for entry in entries
         ]

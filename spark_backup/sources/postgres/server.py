@@ -1,7 +1,7 @@
 """Talking to a PostgreSQL server: connection strings, the password for the client tools, server
 facts, and client binaries that are not older than the server.
 
-The password is read from the environment variable the plan names (or libpq's passfile) and
+The password is read from the secret the plan names (or libpq's passfile) and
 reaches the client tools through a private passfile that lives only while the tool runs: it is
 never put into a connection string, an argument, a log line or a manifest.
 """
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     import psycopg
 
 from spark_backup.engine.processes import tool_environment
+from spark_backup.engine.secrets import EnvSecrets, SecretRef, SecretResolver
 from spark_backup.errors import NotFoundError, SourceError
 from spark_backup.sources.base import SourceContext
 from spark_backup.sources.postgres.settings import PostgresSource
@@ -77,9 +78,10 @@ class PostgresServer:
     source_name: str
     base_dsn: str
     maintenance_db: str
-    password_env: str | None = None
+    password: SecretRef | None = None
     passfile: Path | None = None
     bin_dir: Path | None = None
+    secrets: SecretResolver | None = None
 
     @classmethod
     def from_source(cls, source: PostgresSource, context: SourceContext) -> PostgresServer:
@@ -91,9 +93,10 @@ class PostgresServer:
             base_dsn=base,
             # A database named in the dsn is the one to connect to for server facts.
             maintenance_db=conninfo_to_dict(base).get("dbname") or source.maintenance_db,
-            password_env=source.password_env,
+            password=source.password,
             passfile=context.resolve(source.passfile) if source.passfile else None,
             bin_dir=context.resolve(source.bin_dir) if source.bin_dir else None,
+            secrets=context.secrets,
         )
 
     def dsn(self, dbname: str | None = None, **extra: Any) -> str:
@@ -118,17 +121,12 @@ class PostgresServer:
         return f"{host}:{params.get('port', 5432)}"
 
     def _password(self) -> str | None:
-        """From ``password_env``; else libpq's own PGPASSWORD, so that our connections and the
-        tools (which get it through the passfile) agree."""
-        if not self.password_env:
+        """The secret ``password`` names; else libpq's own PGPASSWORD, so that our connections
+        and the tools (which get it through the passfile) agree."""
+        if not self.password:
             return os.environ.get("PGPASSWORD")
-        value = os.environ.get(self.password_env)
-        if value is None:
-            raise SourceError(
-                f"source {self.source_name!r}: environment variable {self.password_env} "
-                "(password_env) is not set"
-            )
-        return value
+        secrets = self.secrets or SecretResolver({"env": EnvSecrets()})
+        return secrets.resolve_for(f"source {self.source_name!r}", self.password)
 
     def connect(self, dbname: str | None = None, replication: bool = False) -> psycopg.Connection:
         """A connection as the plan's user (a physical replication connection, as
@@ -202,11 +200,7 @@ class PostgresServer:
         env = tool_environment()
         # libpq's own settings (PGSSLMODE, PGSSLROOTCERT, PGSERVICE, ...) apply to the tools as
         # they apply to our connections; a password only ever travels in the passfile below.
-        env.update(
-            (name, value)
-            for name, value in os.environ.items()
-            if name in LIBPQ_SETTINGS and name != self.password_env
-        )
+        env.update((name, value) for name, value in os.environ.items() if name in LIBPQ_SETTINGS)
         env["PGAPPNAME"] = APPLICATION_NAME
         env["PGCONNECT_TIMEOUT"] = str(CONNECT_TIMEOUT_SECONDS)
         password = self._password()

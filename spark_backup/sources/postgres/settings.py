@@ -8,7 +8,8 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from spark_backup.engine.settings import Duration, EnvName, SettingsModel
+from spark_backup.engine.secrets import SecretReference, env_reference
+from spark_backup.engine.settings import Duration, SettingsModel
 from spark_backup.plan.source import CadenceName, SourceSettings
 
 
@@ -39,7 +40,9 @@ class PostgresSource(SourceSettings):
     user: str | None = None
     # The database connected to for listing databases and server facts.
     maintenance_db: str = "postgres"
-    password_env: EnvName | None = None
+    # A reference (env:NAME or vault:MOUNT/PATH#FIELD), never the password; the older
+    # password_env: NAME reads as env:NAME.
+    password: SecretReference | None = None
     passfile: str | None = None
     databases: list[str] | Literal["all"] = "all"
     exclude_databases: list[str] = Field(default_factory=list)
@@ -54,17 +57,13 @@ class PostgresSource(SourceSettings):
     @classmethod
     def _refuse_inline_password(cls, data: Any) -> Any:
         if isinstance(data, Mapping):
-            if "password" in data:
-                raise ValueError(
-                    "inline password is not allowed; name the environment variable that holds "
-                    "it with 'password_env' (or use 'passfile')"
-                )
+            data = env_reference(dict(data), "password_env", "password")
             dsn = data.get("dsn")
             if isinstance(dsn, str) and (secret := _dsn_secret(dsn)):
                 raise ValueError(
-                    f"dsn must not contain a {secret}; name the environment variable that holds "
-                    "a password with 'password_env' (or use 'passfile'), and keep key passwords "
-                    "out of the plan"
+                    f"dsn must not contain a {secret}; name where the password is with "
+                    "'password: env:NAME' or 'password: vault:MOUNT/PATH#FIELD' (or use "
+                    "'passfile'), and keep key passwords out of the plan"
                 )
         return data
 
@@ -83,8 +82,8 @@ class PostgresSource(SourceSettings):
     def _dsn_or_host(self) -> PostgresSource:
         if self.dsn and ({"host", "port", "user"} & self.model_fields_set):
             raise ValueError("set either dsn or host/port/user, not both")
-        if self.password_env and self.passfile:
-            raise ValueError("set password_env or passfile, not both")
+        if self.password and self.passfile:
+            raise ValueError("set password or passfile, not both")
         if self.base_backup.wal_method == "none" and not self.wal_archiving:
             raise ValueError(
                 "base_backup.wal_method none needs wal_archiving: such a base backup is "

@@ -7,7 +7,10 @@ layers as every copy and under the store's Object Lock. The content hash in the 
 push idempotent without a separate index (as pgBackRest does): pushing a file that is already
 archived with the same content succeeds, with different content fails loudly and replaces
 nothing. A WAL object needs no manifest: its name, its hash and age's authentication are its
-own proof, and ``age -d | zstd -d`` gives back the file.
+own proof against damage, and ``age -d | zstd -d`` gives back the file. Against forgery (anyone
+with the public recipient can encrypt) each object has a signed sidecar ``<key>.sig``
+(``engine/signing.py``), written after the object; ``wal-fetch`` refuses an object whose
+sidecar does not check, so recovery stops rather than replaying it.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from pyrage import x25519
 from spark_backup.engine.crypto import Recipients
 from spark_backup.engine.manifest import SOURCE_NAME
 from spark_backup.engine.pipeline import CompressionSettings, encrypt_to_store, open_encrypted
+from spark_backup.engine.signing import SIGNATURE_SUFFIX, Signer, Verifier
 from spark_backup.engine.stores.base import ObjectLock, ObjectStore
 from spark_backup.engine.streams import HashingReader, Readable, copy_stream
 from spark_backup.errors import (
@@ -60,7 +64,12 @@ def wal_key(source: str, name: str, sha256: str) -> str:
 
 
 def is_wal_key(key: str) -> bool:
-    return _WAL_KEY_RE.match(key) is not None
+    """A WAL object's key, or its signature sidecar's."""
+    return _WAL_KEY_RE.match(key.removesuffix(SIGNATURE_SUFFIX)) is not None
+
+
+def signature_key(key: str) -> str:
+    return key + SIGNATURE_SUFFIX
 
 
 @dataclass(frozen=True)
@@ -114,13 +123,18 @@ def push_wal(
     recipients: Recipients,
     compression: CompressionSettings,
     lock: ObjectLock | None,
+    signer: Signer | None = None,
 ) -> str:
-    """Archive one WAL file; return ``archived`` or ``already archived``. ``IntegrityError`` if
-    the name is archived with other content (PostgreSQL then retries, and keeps the file)."""
+    """Archive one WAL file (and its signature, with ``signer``); return ``archived`` or
+    ``already archived``. ``IntegrityError`` if the name is archived with other content
+    (PostgreSQL then retries, and keeps the file)."""
     name = check_wal_name(path.name)
     sha256 = _file_sha256(path)
+    key = wal_key(source, name, sha256)
     existing = archived_wal(store, source, name)
     if any(entry.sha256 == sha256 for entry in existing):
+        # A push killed between object and signature is completed by PostgreSQL's retry.
+        _sign(store, key, signer, lock)
         return "already archived"
     if existing:
         raise IntegrityError(
@@ -128,20 +142,42 @@ def push_wal(
             f"(sha256 {existing[0].sha256[:16]}..., this one {sha256[:16]}...): refusing to "
             "archive a second version; is another cluster archiving into this source?"
         )
-    key = wal_key(source, name, sha256)
     try:
         plaintext, _ = encrypt_to_store(
             store, key, lambda: _open_file(path), recipients, compression, lock=lock
         )
     except StoreError:
         if store.exists(key):
+            _sign(store, key, signer, lock)
             return "already archived"  # a concurrent push of the same content won the race
         raise
     if plaintext.sha256 != sha256:
         with suppress(StoreError):
             store.delete(key)
         raise IntegrityError(f"WAL file {path} changed while it was being archived")
+    _sign(store, key, signer, lock)
     return "archived"
+
+
+def _sign(store: ObjectStore, key: str, signer: Signer | None, lock: ObjectLock | None) -> None:
+    if signer is None or store.exists(signature_key(key)):
+        return
+    try:
+        store.put_bytes(signature_key(key), signer.sign_wal(key), lock=lock)
+    except StoreError:
+        if not store.exists(signature_key(key)):  # else a concurrent push signed it
+            raise
+
+
+def check_wal_signature(store: ObjectStore, entry: ArchivedWal, verifier: Verifier) -> str:
+    """The verdict on an archived WAL object's signature; ``SignatureError`` if refused."""
+    if not verifier.enabled:
+        return "not checked"
+    try:
+        sidecar: bytes | None = store.get_bytes(signature_key(entry.key))
+    except NotFoundError:
+        sidecar = None
+    return verifier.check_wal(entry.key, sidecar, entry.modified, store.object_uri(entry.key))
 
 
 def fetch_wal(
@@ -151,9 +187,11 @@ def fetch_wal(
     destination: Path,
     identities: list[x25519.Identity],
     entry: ArchivedWal | None = None,
+    verifier: Verifier | None = None,
 ) -> None:
     """Restore one WAL file to ``destination``, which appears only complete and checked.
-    ``WalNotArchived`` if the archive does not hold it; ``entry`` (from a listing the caller
+    ``WalNotArchived`` if the archive does not hold it; ``SignatureError`` if ``verifier``
+    refuses its signature (nothing is written then); ``entry`` (from a listing the caller
     made) saves listing the archive again."""
     check_wal_name(name)
     versions = [entry] if entry else archived_wal(store, source, name)
@@ -169,6 +207,7 @@ def fetch_wal(
     if len(versions) > 1:
         raise IntegrityError(f"WAL file {name} is archived with {len(versions)} different contents")
     found = versions[0]
+    check_wal_signature(store, found, verifier or Verifier())
     partial = destination.with_name(destination.name + PARTIAL_SUFFIX)
     try:
         with (
