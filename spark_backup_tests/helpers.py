@@ -83,6 +83,21 @@ def config_source(name: str, paths: list[str], **extra: Any) -> dict[str, Any]:
     }
 
 
+def mongodb_source(uri: str, databases: list[str], **extra: Any) -> dict[str, Any]:
+    """A ``mongodb`` source named ``docs``; ``oplog`` off unless asked (the simulated
+    server has none)."""
+    return {
+        "name": "docs",
+        "kind": "mongodb",
+        "cadence": "daily",
+        "owner": "team:dba",
+        "uri": uri,
+        "databases": databases,
+        "oplog": {"enabled": False},
+        **extra,
+    }
+
+
 def write_plan(directory: Path, plan: dict[str, Any], name: str = "spark_backup.yaml") -> Path:
     path = directory / name
     path.write_text(yaml.safe_dump(plan, sort_keys=False))

@@ -38,12 +38,15 @@ NOT_FOR_HELP = (
     "yaml",
     "psycopg",
     "psycopg2",
+    "pymongo",
+    "bson",
     "zstandard",
     "pyrage",
     "spark_backup.plan",
     "spark_backup.service",
     "spark_backup.engine",
     "spark_backup.sources.postgres.kind",
+    "spark_backup.sources.mongodb.kind",
     "spark_backup.sources.config_archive",
 )
 
@@ -79,7 +82,9 @@ def test_help_lists_the_kinds_commands_without_loading_the_kinds(tmp_path: Path)
     done, modules = imported_by(tmp_path, "--help")
     for command in registry.commands():
         assert f"  {command.name} " in done.stdout
-    assert "wal-push" in done.stdout  # the kind's commands are there, from entry-point metadata
+    # the kinds' commands are there, from entry-point metadata
+    assert "wal-push" in done.stdout
+    assert "mongo-pitr" in done.stdout
     assert not any(m.endswith(".kind") for m in modules if m.startswith("spark_backup.sources"))
 
 
@@ -109,11 +114,11 @@ def test_list_talks_to_no_server_and_as_json_prints_without_rich(
     done, modules = imported_by(tmp_path, "--plan", str(quick_plan), "list")
     assert done.returncode == 0, done.stderr
     assert "etc-" in done.stdout
-    assert offending(modules, (*NEVER, "psycopg", "psycopg2")) == []
+    assert offending(modules, (*NEVER, "psycopg", "psycopg2", "pymongo")) == []
     done, modules = imported_by(tmp_path, "--plan", str(quick_plan), "list", "--json")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)[0]["source"] == "etc"
-    assert offending(modules, (*NEVER, "psycopg", "psycopg2", "rich")) == []
+    assert offending(modules, (*NEVER, "psycopg", "psycopg2", "pymongo", "rich")) == []
 
 
 def test_wal_push_loads_neither_psycopg_nor_rich(tmp_path: Path, quick_plan: Path) -> None:
@@ -124,7 +129,7 @@ def test_wal_push_loads_neither_psycopg_nor_rich(tmp_path: Path, quick_plan: Pat
     segment.write_bytes(bytes(range(256)) * 64)
     done, modules = imported_by(tmp_path, "--plan", str(quick_plan), "wal-push", str(segment))
     assert done.returncode == 0, done.stderr
-    assert offending(modules, (*NEVER, "psycopg", "psycopg2", "rich")) == []
+    assert offending(modules, (*NEVER, "psycopg", "psycopg2", "pymongo", "rich")) == []
 
 
 def test_commands_found_by_entry_point_are_the_kinds_own() -> None:

@@ -334,6 +334,13 @@ def test_definitions_match_the_snapshot(tmp_path: Path, age_key) -> None:
     sources = [
         config_source("vpn_config", [str(tmp_path)], cadence="weekly", owner="team:security"),
         {"name": "pg_main", "kind": "postgres", "cadence": "daily", "owner": "team:dba"},
+        {
+            "name": "docs",
+            "kind": "mongodb",
+            "cadence": "daily",
+            "owner": "team:dba",
+            "uri": "mongodb://backup@db1:27017/?replicaSet=rs0",
+        },
     ]
     plan = plan_dict([age_key[1]], sources, defaults={"partitions_start": "2026-11-01"})
     snapshot = definitions_snapshot(build_definitions(load_plan(write_plan(tmp_path, plan))))

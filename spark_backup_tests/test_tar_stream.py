@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from spark_backup.engine.safe_tar import count_members, extract_tar
-from spark_backup.engine.tar_stream import TarFormatError, TarReader
+from spark_backup.engine.streams import ChunkReader
+from spark_backup.engine.tar_stream import RECORD, TarFormatError, TarReader, TarWriter
 from spark_backup.errors import RestoreRefused
 
 
@@ -155,3 +156,91 @@ def test_what_is_not_a_tar_archive_is_refused(tmp_path: Path) -> None:
     with pytest.raises(RestoreRefused, match="not a readable tar archive: unexpected end of data"):
         extract_tar(io.BytesIO(data[:1024]), tmp_path)
     assert list(TarReader(io.BytesIO(b""))) == []
+
+
+def test_what_the_writer_streams_the_reader_extracts_and_tar_reads(tmp_path: Path) -> None:
+    """TarWriter's archive (pax headers, any name and size) reads back with TarReader, through
+    ``extract_tar``, and with GNU tar; it ends on a whole record as tar's own do."""
+    members = {
+        "db/ünïcødé ✓.bson": os.urandom(3 << 20),
+        f"db/{'n' * 150}.metadata.json": b"{}",
+        "db/empty.bson": b"",
+    }
+    writer = TarWriter()
+
+    def chunks():
+        yield from writer.directory("db")
+        for name, data in members.items():
+            yield from writer.file(name, len(data), io.BytesIO(data))
+        yield from writer.end()
+
+    archive = ChunkReader(chunks()).read()
+    assert len(archive) == writer.written and len(archive) % RECORD == 0
+    assert [(m.name, m.size) for m in TarReader(io.BytesIO(archive))] == [
+        ("db/", 0),
+        *((name, len(data)) for name, data in members.items()),
+    ]
+    (tmp_path / "ours").mkdir()
+    extract_tar(io.BytesIO(archive), tmp_path / "ours")
+    for name, data in members.items():
+        assert (tmp_path / "ours" / name).read_bytes() == data
+    (tmp_path / "gnu").mkdir()
+    subprocess.run(["tar", "-xf", "-", "-C", str(tmp_path / "gnu")], input=archive, check=True)
+    assert (tmp_path / "gnu" / "db/ünïcødé ✓.bson").read_bytes() == members["db/ünïcødé ✓.bson"]
+
+
+def test_a_member_cut_short_fails_the_archive_instead_of_padding_it() -> None:
+    with pytest.raises(OSError, match="ended 6 bytes early"):
+        list(TarWriter().file("short", 10, io.BytesIO(b"four")))
+
+
+def test_chunk_reader_gathers_small_chunks_and_passes_on_a_producers_error() -> None:
+    pieces = [b"ab", b"", b"cde", b"fghij"]
+    reader = ChunkReader(pieces)
+    assert [reader.read(4), reader.read(4), reader.read(4), reader.read(4)] == [
+        b"abcd",
+        b"efgh",
+        b"ij",
+        b"",
+    ]
+    whole = b"x" * 10
+    assert ChunkReader([whole]).read(10) is whole  # a chunk of the size asked: not copied
+    handed_out = [b"1", b"23", None, b"never"]
+    # a function that hands out chunks, None at the end (the overlapped encryption's queue)
+    assert ChunkReader(iter(lambda: handed_out.pop(0), None)).read() == b"123"
+
+    def failing():
+        yield b"partial"
+        raise OSError("source went away")
+
+    reader = ChunkReader(failing())
+    assert reader.read(3) == b"par"
+    with pytest.raises(OSError, match="source went away"):
+        reader.read(100)
+
+
+def test_member_data_streams_in_any_read_size_and_what_is_left_is_skipped() -> None:
+    big, small = os.urandom((1 << 20) + 777), b"tail"
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        _entry(archive, "big", data=big)
+        _entry(archive, "half-read", data=big)
+        _entry(archive, "small", data=small)
+    buffer.seek(0)
+    reader = TarReader(buffer)
+    got = {}
+    for member in reader:
+        stream = reader.open(member)
+        if member.name == "half-read":
+            got[member.name] = stream.read(1000)
+            continue
+        parts = []
+        while part := stream.read(4093):  # reads that straddle the reader's buffer
+            assert len(part) <= 4093
+            parts.append(part)
+        got[member.name] = b"".join(parts)
+    assert got == {"big": big, "half-read": big[:1000], "small": small}
+    with pytest.raises(TarFormatError, match="unexpected end of data"):
+        cut = TarReader(io.BytesIO(buffer.getvalue()[:5000]))
+        for member in cut:
+            cut.open(member).read()

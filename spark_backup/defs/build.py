@@ -145,15 +145,19 @@ def build_definitions(
             if getattr(loaded.plan.store_for(source), "object_lock", None):
                 checks.append(build_locked_check(source, artifact, key))
         if isinstance(kind, ContinuousLog) and kind.log_enabled(source):
-            spec = build_log_spec(source, kind, loaded)
-            assets.append(spec)
-            checks.append(build_log_lag_check(source, kind, spec.key))
+            if kind.log_artifact is None:  # pushed by the system: an external asset
+                spec = build_log_spec(source, kind, loaded)
+                assets.append(spec)
+                log_key = spec.key
+            else:  # read by the kind's own runs: the log artifact's asset
+                log_key = artifact_keys[kind.log_artifact]
+            checks.append(build_log_lag_check(source, kind, log_key))
             log_checks[(kind.log_asset_suffix, kind.lag_check_cron)].append(
-                AssetCheckKey(spec.key, kind.lag_check_name)
+                AssetCheckKey(log_key, kind.lag_check_name)
             )
             if isinstance(kind, PointInTimeRecovery) and kind.base_artifact in artifact_keys:
                 recovery = build_recovery_asset(
-                    source, kind, [artifact_keys[kind.base_artifact], spec.key]
+                    source, kind, [artifact_keys[kind.base_artifact], log_key]
                 )
                 assets.append(recovery)
                 recoveries.append(recovery.key)

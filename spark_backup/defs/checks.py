@@ -170,6 +170,8 @@ def build_log_lag_check(
         else:
             metadata["lag_seconds"] = MetadataValue.float(round(status.lag.total_seconds(), 1))
             description = f"archive lag {status.lag.total_seconds():.0f} s (RPO {rpo})"
+        if status.problems:
+            description = "; ".join(status.problems) + f" ({description})"
         if status.source_error:
             description += (
                 f"; source not reachable, lag measured from the store: {status.source_error}"

@@ -36,6 +36,7 @@ from spark_backup.engine.signing import Signer
 from spark_backup.engine.stores.base import ObjectLock, ObjectStore
 from spark_backup.engine.streams import (
     CHUNK_SIZE,
+    ChunkReader,
     HashingReader,
     HashingWriter,
     ProgressCallback,
@@ -259,7 +260,7 @@ class _OverlappedEncryption:
         # A reader, not compressobj: with worker threads, compressobj hands out whole jobs (up
         # to 20 MB at once); a reader gives at most what is asked for.
         packer = self._compressor.stream_reader(
-            _ChunkReader(lambda: self._get(self._raw)), read_size=CHUNK_SIZE
+            ChunkReader(iter(lambda: self._get(self._raw), None)), read_size=CHUNK_SIZE
         )
         try:
             while packed := packer.read(CHUNK_SIZE):
@@ -270,7 +271,7 @@ class _OverlappedEncryption:
 
     def _encrypt(self) -> None:
         guard = _CallbackGuard()
-        reader = _ChunkReader(lambda: self._get(self._packed))
+        reader = ChunkReader(iter(lambda: self._get(self._packed), None))
         try:
             pyrage.encrypt_io(
                 guard.reader(reader), guard.writer(self._stored), self._recipients.parsed()
@@ -278,28 +279,6 @@ class _OverlappedEncryption:
         except pyrage.EncryptError as exc:
             guard.reraise()
             raise CryptoError(f"age encryption failed: {exc}") from None
-
-
-class _ChunkReader:
-    """A readable over chunks handed out by ``next_chunk`` (None at the end)."""
-
-    def __init__(self, next_chunk: Callable[[], bytes | None]):
-        self._next = next_chunk
-        self._chunk = memoryview(b"")
-        self._ended = False
-
-    def read(self, size: int = -1) -> bytes:
-        while not self._chunk and not self._ended:
-            chunk = self._next()
-            if chunk is None:
-                self._ended = True
-            else:
-                self._chunk = memoryview(chunk)
-        if size < 0 or size >= len(self._chunk):
-            data, self._chunk = self._chunk, memoryview(b"")
-        else:
-            data, self._chunk = self._chunk[:size], self._chunk[size:]
-        return bytes(data)
 
 
 class _CallbackGuard:

@@ -6,7 +6,7 @@ import contextlib
 import hashlib
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 CHUNK_SIZE = 1 << 20
@@ -187,3 +187,37 @@ class ReadAhead:
 
     def hexdigest(self) -> str:
         return self.sha256.hexdigest()
+
+
+class ChunkReader:
+    """A readable stream over byte chunks pulled from ``chunks`` as the reader asks: a read
+    gathers chunks up to ``size`` (a producer of small pieces still makes few reads), and
+    whatever the iterator raises reaches the reader, so a producer's failure aborts the copy.
+    ``iter(next_chunk, None)`` turns a function that hands out chunks into such an iterator."""
+
+    def __init__(self, chunks: Iterable[bytes]):
+        self._chunks = iter(chunks)
+        self._chunk = memoryview(b"")  # what the last read left of the current chunk
+        self._ended = False
+
+    def read(self, size: int = -1) -> bytes:
+        wanted = size if size >= 0 else -1
+        parts: list[bytes | memoryview] = []
+        while wanted:
+            if not self._chunk:
+                chunk = None if self._ended else next(self._chunks, None)
+                if chunk is None:
+                    self._ended = True
+                    break
+                if not parts and len(chunk) == wanted:
+                    return bytes(chunk)  # the common case: a whole chunk as asked, not copied
+                self._chunk = memoryview(chunk)
+            piece = self._chunk if wanted < 0 else self._chunk[:wanted]
+            self._chunk = self._chunk[len(piece) :]
+            parts.append(piece)
+            if wanted > 0:
+                wanted -= len(piece)
+        return b"".join(parts)
+
+    def readable(self) -> bool:
+        return True

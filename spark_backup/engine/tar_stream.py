@@ -1,4 +1,6 @@
-"""Read a tar stream member by member: headers parsed here, data handed straight to a file.
+"""Tar streams member by member, both ways: ``TarReader`` parses headers and hands data
+straight to a file (or as a stream: ``open``); ``TarWriter`` yields an archive for sources that
+produce files as they go.
 
 Reads the formats spark-backup's copies hold (GNU tar's pax archives, pg_basebackup's ustar):
 ustar headers with their name prefix, pax extended headers (local and global: ``path``,
@@ -7,18 +9,22 @@ Every header's checksum is checked. Member data is never held beyond one read bu
 
 Python's ``tarfile`` does the same at about twenty times the cost per member (its header
 objects, and its extraction filter's real-path checks); ``safe_tar`` extracts with this reader
-and keeps its own table of what it created instead.
+and keeps its own table of what it created instead. Writing uses ``tarfile``'s header
+encoder (pax, so any name and size fit); the result reads with GNU tar and ``tarfile`` alike.
 """
 
 from __future__ import annotations
 
 import os
+import tarfile
+import time
 from collections.abc import Iterator
 from zlib import adler32
 
 from spark_backup.engine.streams import CHUNK_SIZE, Readable
 
 BLOCK = 512
+RECORD = 20 * BLOCK  # tar pads an archive to whole records
 _ZERO_BLOCK = bytes(BLOCK)
 # An extended header (pax, GNU long name) larger than this is refused: it would be held whole.
 MAX_EXTENDED_HEADER = 1 << 20
@@ -135,6 +141,23 @@ class TarReader:
         else:
             self._pass(size, fd)
         self._unread -= size
+
+    def open(self, member: Member) -> Readable:
+        """The current member's data as a stream, to be read before asking for the next member
+        (what it leaves is skipped); a read may return less than asked, never past the member."""
+        return _MemberData(self, member.stored_size())
+
+    def _read_data(self, count: int) -> bytes:
+        """1 to ``count`` bytes of the current member's data, from the buffer while it lasts."""
+        if len(self._buf) == self._pos:
+            self._buf = self._source.read(CHUNK_SIZE)
+            self._pos = 0
+            if not self._buf:
+                raise TarFormatError("unexpected end of data")
+        data = self._buf[self._pos : self._pos + count]
+        self._pos += len(data)
+        self._unread -= len(data)
+        return data
 
     def __iter__(self) -> Iterator[Member]:
         while True:
@@ -258,6 +281,67 @@ class TarReader:
             linkname.decode("utf-8", "surrogateescape") if linkname else "",
             unsupported,
         )
+
+
+class _MemberData:
+    def __init__(self, reader: TarReader, size: int):
+        self._reader = reader
+        self._left = size
+
+    def read(self, size: int = -1) -> bytes:
+        if size < 0:
+            return b"".join(iter(lambda: self.read(CHUNK_SIZE), b""))
+        count = min(size, self._left)
+        if not count:
+            return b""
+        data = self._reader._read_data(count)
+        self._left -= len(data)
+        return data
+
+    def readable(self) -> bool:
+        return True
+
+
+class TarWriter:
+    """Yields the bytes of a tar archive member by member; ``written`` counts them, for the
+    closing padding."""
+
+    def __init__(self) -> None:
+        self.written = 0
+        self.mtime = int(time.time())
+
+    def _emit(self, data: bytes) -> bytes:
+        self.written += len(data)
+        return data
+
+    def _header(self, info: tarfile.TarInfo) -> bytes:
+        return self._emit(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+
+    def directory(self, name: str) -> Iterator[bytes]:
+        info = tarfile.TarInfo(name.rstrip("/") + "/")
+        info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o700, self.mtime
+        yield self._header(info)
+
+    def file(self, name: str, size: int, content: Readable) -> Iterator[bytes]:
+        """A regular file of exactly ``size`` bytes read from ``content``."""
+        info = tarfile.TarInfo(name)
+        info.size, info.mode, info.mtime = size, 0o600, self.mtime
+        yield self._header(info)
+        remaining = size
+        while remaining:
+            chunk = content.read(min(CHUNK_SIZE, remaining))
+            if not chunk:
+                raise OSError(f"{name} ended {remaining} bytes early")
+            remaining -= len(chunk)
+            yield self._emit(chunk)
+        if size % BLOCK:
+            yield self._emit(bytes(BLOCK - size % BLOCK))
+
+    def end(self) -> Iterator[bytes]:
+        """Two zero blocks, then zeros up to a whole record, as tar itself ends an archive."""
+        yield self._emit(bytes(2 * BLOCK))
+        if self.written % RECORD:
+            yield self._emit(bytes(RECORD - self.written % RECORD))
 
 
 def _check_sum(header: bytes) -> None:

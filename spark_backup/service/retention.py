@@ -9,10 +9,16 @@ from dataclasses import dataclass, field
 from spark_backup.engine import catalog
 from spark_backup.engine.catalog import is_index_key
 from spark_backup.engine.drill_record import drill_keys_of
-from spark_backup.engine.manifest import Manifest, is_copy_key, manifest_key
+from spark_backup.engine.manifest import (
+    Manifest,
+    copy_id_of_manifest_key,
+    is_copy_key,
+    manifest_key,
+)
 from spark_backup.engine.pipeline import utcnow
 from spark_backup.engine.retention import TierStatus, apply_retention, tier_status
 from spark_backup.engine.staging import stale_staging
+from spark_backup.engine.stores.base import ObjectStore
 from spark_backup.service.runtime import PlanRuntime
 from spark_backup.sources import registry
 from spark_backup.sources.base import ContinuousLog
@@ -48,6 +54,13 @@ def owned_by_spark_backup(key: str) -> bool:
     )
 
 
+def _delete_drill_records(store: ObjectStore, source: str, copy_id: str, now: dt.datetime) -> None:
+    """A deleted copy's drill records go with it (under a lock they stay until it ends)."""
+    for record in drill_keys_of(store, source, copy_id):
+        if not store.locked(record, now):
+            store.delete(record)
+
+
 class RetentionOperations(PlanRuntime):
     def prune(self, dry_run: bool = True, now: dt.datetime | None = None) -> PruneReport:
         """Expire copies no retention rule keeps, remove orphaned data and stale uploads.
@@ -62,10 +75,14 @@ class RetentionOperations(PlanRuntime):
             rule = self.retention(source)
             refs, damaged = self.listing(source.name)
             report.damaged += [f"{d.uri}: {d.error}" for d in damaged]
-            # Each part (one database's dumps, the base backups, ...) is its own series.
+            # Each part (one database's dumps, the base backups, ...) is its own series. A
+            # log's slices are no series: they go with the base copies (the log's expire).
+            kind = self.kind_of(source)
+            with_base = {a.name for a in self.artifacts(source) if a.expires_with_base}
             series: dict[str, list[Manifest]] = defaultdict(list)
             for ref in refs:
-                series[ref.manifest.part].append(ref.manifest)
+                if kind.artifact_of(ref.manifest) not in with_base:
+                    series[ref.manifest.part].append(ref.manifest)
             expired: list[Manifest] = []
             for copies in series.values():
                 decision = apply_retention(copies, rule)
@@ -80,13 +97,8 @@ class RetentionOperations(PlanRuntime):
                 if not dry_run:
                     store.delete(key)
                     store.delete(manifest.data_key)
-                    # Its drill records go with it (under a lock they stay until it ends).
-                    for record in drill_keys_of(store, manifest.source, manifest.id):
-                        if not store.locked(record, now):
-                            store.delete(record)
-            if expired and not dry_run:
-                self.update_index(store, source.name)
-            kind = self.kind_of(source)
+                    _delete_drill_records(store, manifest.source, manifest.id, now)
+            copies_gone = bool(expired)
             if isinstance(kind, ContinuousLog) and kind.log_enabled(source):
                 gone = set(report.expired)
                 kept_bases = [
@@ -95,7 +107,17 @@ class RetentionOperations(PlanRuntime):
                     if kind.artifact_of(ref.manifest) == kind.base_artifact
                     and ref.manifest.id not in gone
                 ]
-                report.log_expired += kind.expire(self, source, kept_bases, now, dry_run)
+                log_gone = kind.expire(self, source, kept_bases, now, dry_run)
+                report.log_expired += log_gone
+                # A log read in slices keeps them as copies, which the index lists and drills
+                # may have recorded.
+                copies_gone = copies_gone or bool(log_gone and kind.log_artifact)
+                for gone_key in log_gone if not dry_run else ():
+                    slice_id = copy_id_of_manifest_key(gone_key)
+                    if slice_id is not None:
+                        _delete_drill_records(store, source.name, slice_id, now)
+            if copies_gone and not dry_run:
+                self.update_index(store, source.name)
         grace = self.plan.defaults.orphan_grace
         for store in self.all_stores():
             for orphan in catalog.find_orphans(store, grace, now):

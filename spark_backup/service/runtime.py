@@ -72,7 +72,12 @@ class PlanRuntime:
         return [s for s in self.plan.sources if s.kind == kind.name]
 
     def context(self, source: SourceSettings) -> SourceContext:
-        return SourceContext(self.loaded.path, self.plan.max_age_for(source), self.secrets)
+        return SourceContext(
+            self.loaded.path,
+            self.plan.max_age_for(source),
+            self.secrets,
+            copies=lambda artifact: [ref.manifest for ref in self.copies(source.name, artifact)],
+        )
 
     def artifacts(self, source: SourceSettings) -> list[Artifact]:
         return self.kind_of(source).artifacts(source, self.context(source))

@@ -21,8 +21,10 @@ Optional capabilities, each a small abstract class a kind mixes in:
 
 - ``Observable``: a cheap fingerprint of the protected system, so the UI shows when it changed
   since its last copy;
-- ``ContinuousLog``: a log written between base copies (PostgreSQL WAL; MongoDB oplog next):
-  push, fetch, lag against the RPO, expiry bound to the base copies kept;
+- ``ContinuousLog``: a log written between base copies, with its lag against the RPO and an
+  expiry bound to the base copies kept; either pushed by the system itself (``PushedLog``:
+  PostgreSQL's WAL through ``archive_command``) or read from it by the kind, a partitioned
+  artifact of sub-daily slices (``log_artifact``: MongoDB's oplog);
 - ``PointInTimeRecovery``: recover to a moment from a base copy and the log;
 - ``RestoreTargets``: restore into something other than a folder (a database, a namespace);
 - ``SemanticCheck``: prove a copy usable, not only intact (row counts, probe queries, tensor
@@ -36,7 +38,7 @@ from __future__ import annotations
 
 import datetime as dt
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
@@ -69,6 +71,10 @@ class Artifact:
     max_age: dt.timedelta
     primary: bool
     description: str = ""
+    # Copies of a continuous log the kind reads in partitions (MongoDB's oplog slices): no
+    # daily/weekly/monthly rule keeps them; they stay while a kept base copy needs them
+    # (``ContinuousLog.expire`` decides).
+    expires_with_base: bool = False
 
     @property
     def asset_suffix(self) -> str | None:
@@ -90,6 +96,9 @@ class SourceContext:
     max_age: dt.timedelta
     # Reads the secrets the source's settings name (environment variables only, by default).
     secrets: SecretResolver = field(default_factory=lambda: _environment_secrets())
+    # The source's committed copies of one artifact, oldest first: a log read in slices
+    # resumes where its newest slice ended.
+    copies: Callable[[str], Sequence[Manifest]] | None = None
 
     def resolve(self, path: str) -> Path:
         """A path from the plan, relative to the plan file, with ``~`` and ``$VARS`` expanded."""
@@ -239,10 +248,13 @@ class LogStatus:
     details: dict[str, Any] = field(default_factory=dict)
     # Why the source itself could not be asked (the lag was then measured from the store).
     source_error: str | None = None
+    # What breaks the log whatever its lag: a gap between saved items, a log that rolled over
+    # past the last saved point.
+    problems: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return self.lag is not None and self.lag <= self.rpo
+        return self.lag is not None and self.lag <= self.rpo and not self.problems
 
 
 class ContinuousLog(ABC):
@@ -256,24 +268,13 @@ class ContinuousLog(ABC):
     lag_check_cron: ClassVar[str] = "*/5 * * * *"
     # The artifact whose copies the log replays onto; expiry keeps what its oldest kept copy needs.
     base_artifact: ClassVar[str]
+    # The artifact whose backup runs read the log from the source, one copy per sub-daily
+    # partition (its asset is the log's asset); None: the system pushes the log itself
+    # (``PushedLog``), and the log is an external asset.
+    log_artifact: ClassVar[str | None] = None
 
     @abstractmethod
     def log_enabled(self, source: Any) -> bool: ...
-
-    @abstractmethod
-    def push(self, runtime: Runtime, source: Any, path: Path) -> str:
-        """Archive one log file; return what happened ("archived", "already archived")."""
-
-    @abstractmethod
-    def fetch(
-        self,
-        runtime: Runtime,
-        source: Any,
-        name: str,
-        destination: Path,
-        identity_file: str | Path | None = None,
-    ) -> None:
-        """Restore one archived log file to ``destination``."""
 
     @abstractmethod
     def lag(self, runtime: Runtime, source: Any, now: dt.datetime) -> LogStatus: ...
@@ -318,11 +319,33 @@ class LogRange:
         return self.missing is None
 
 
+class PushedLog(ContinuousLog):
+    """A log the system hands over file by file (PostgreSQL's ``archive_command``)."""
+
+    @abstractmethod
+    def push(self, runtime: Runtime, source: Any, path: Path) -> str:
+        """Archive one log file; return what happened ("archived", "already archived")."""
+
+    @abstractmethod
+    def fetch(
+        self,
+        runtime: Runtime,
+        source: Any,
+        name: str,
+        destination: Path,
+        identity_file: str | Path | None = None,
+    ) -> None:
+        """Restore one archived log file to ``destination``."""
+
+
 @dataclass(frozen=True)
 class RecoveryTarget:
-    """The moment to recover to; ``time`` None means the end of the log (after a disaster)."""
+    """The moment to recover to; ``time`` None means the end of the log (after a disaster).
+    ``into`` names what to recover into where that is not a folder (a database name for
+    MongoDB); kinds that recover into ``target_dir`` ignore it."""
 
     time: dt.datetime | None = None
+    into: str | None = None
 
 
 @dataclass(frozen=True)
@@ -411,6 +434,23 @@ class SemanticCheck(ABC):
 
 
 # --- the command line ---------------------------------------------------------------------------
+
+
+def source_of_kind(runtime: Runtime, kind: SourceKind, name: str | None = None) -> SourceSettings:
+    """The named source, which must be of ``kind``; or the plan's only source of ``kind`` when
+    no name is given (a kind's commands take the source as an optional argument)."""
+    from spark_backup.errors import UsageError
+
+    if name is not None:
+        source = runtime.source(name)
+        if source.kind != kind.name:
+            raise UsageError(f"source {name!r} is a {source.kind} source, not {kind.name}")
+        return source
+    found = runtime.sources_of(kind)
+    if len(found) != 1:
+        names = ", ".join(s.name for s in found) or "none"
+        raise UsageError(f"name the {kind.name} source (the plan has: {names})")
+    return found[0]
 
 
 class RuntimeHolder(ABC):

@@ -13,7 +13,13 @@ from typing import Any
 
 import psycopg
 
-from spark_backup_tests.helpers import config_source, make_estate, plan_dict, write_plan
+from spark_backup_tests.helpers import (
+    config_source,
+    make_estate,
+    mongodb_source,
+    plan_dict,
+    write_plan,
+)
 
 PG = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
 
@@ -68,6 +74,44 @@ def postgres_case(tmp_path: Path, public_key: str) -> Iterator[KindCase]:
         _sql(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
 
 
+def fill_mongo_database(client, database: str, documents: int = 300) -> None:
+    """Two collections with an index and nested, typed documents the simulated server keeps."""
+    import datetime as dt
+
+    from bson import ObjectId
+
+    db = client[database]
+    db.orders.insert_many(
+        {
+            "_id": i,
+            "customer": f"c{i % 17}",
+            "total": i * 1.25,
+            "placed": dt.datetime(2026, 1, 1) + dt.timedelta(minutes=i),
+            "lines": [{"sku": f"s{i}", "qty": i % 5}],
+        }
+        for i in range(documents)
+    )
+    db.orders.create_index([("customer", 1)])
+    db.customers.insert_many({"_id": ObjectId(), "name": f"c{i}"} for i in range(17))
+
+
+@contextmanager
+def mongodb_case(tmp_path: Path, public_key: str) -> Iterator[KindCase]:
+    from spark_backup_tests.mongo_server import mongo_server
+
+    server = mongo_server()
+    database = f"sbcontract_{uuid.uuid4().hex[:10]}"
+    with server.client() as client:
+        fill_mongo_database(client, database)
+        try:
+            source = mongodb_source(server.uri, [database])
+            yield KindCase(_plan(tmp_path, public_key, source), "docs")
+        finally:
+            for name in client.list_database_names():
+                if name == database or name.startswith("sbcheck_"):
+                    client.drop_database(name)
+
+
 @contextmanager
 def toy_case(tmp_path: Path, public_key: str) -> Iterator[KindCase]:
     from spark_backup_tests.contract.toy_kind import MAGIC
@@ -81,5 +125,6 @@ def toy_case(tmp_path: Path, public_key: str) -> Iterator[KindCase]:
 CASES: dict[str, Callable[[Path, str], Any]] = {
     "config_archive": config_archive_case,
     "postgres": postgres_case,
+    "mongodb": mongodb_case,
     "toy_blob": toy_case,
 }

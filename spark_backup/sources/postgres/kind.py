@@ -24,7 +24,6 @@ from spark_backup.engine.streams import ProgressCallback, Readable, copy_stream
 from spark_backup.errors import IntegrityError, NotFoundError, RestoreRefused, UsageError
 from spark_backup.sources.base import (
     Artifact,
-    ContinuousLog,
     CopyRef,
     FolderRestore,
     LogRange,
@@ -32,6 +31,7 @@ from spark_backup.sources.base import (
     Observable,
     Observation,
     PointInTimeRecovery,
+    PushedLog,
     RecoveryTarget,
     RecoveryWindow,
     RestoreTarget,
@@ -77,7 +77,7 @@ _GLOBALS_MARKER = b"PostgreSQL database cluster dump"
 class PostgresKind(
     SourceKind[PostgresSource],
     Observable,
-    ContinuousLog,
+    PushedLog,
     PointInTimeRecovery,
     RestoreTargets,
     SemanticCheck,
@@ -229,7 +229,7 @@ class PostgresKind(
             str(lsn), {"wal_lsn": str(lsn), "system_identifier": str(system_identifier)}
         )
 
-    # --- ContinuousLog --------------------------------------------------------------------------
+    # --- PushedLog (a ContinuousLog) ---------------------------------------------------------------
 
     def log_enabled(self, source: PostgresSource) -> bool:
         return source.wal_archiving

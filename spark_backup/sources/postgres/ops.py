@@ -32,7 +32,14 @@ from spark_backup.errors import (
     StoreError,
     UsageError,
 )
-from spark_backup.sources.base import CopyRef, FolderRestore, LogRange, Runtime, SourceKind
+from spark_backup.sources.base import (
+    CopyRef,
+    FolderRestore,
+    LogRange,
+    Runtime,
+    SourceKind,
+    source_of_kind,
+)
 from spark_backup.sources.postgres import dump as pg_dump_restore
 from spark_backup.sources.postgres import pitr as recovery
 from spark_backup.sources.postgres.basebackup import BASE_PART
@@ -67,16 +74,7 @@ BASE = "base"
 
 def postgres_source(runtime: Runtime, kind: SourceKind, name: str | None = None) -> PostgresSource:
     """The named PostgreSQL source, or the plan's only one when no name is given."""
-    if name is not None:
-        source = runtime.source(name)
-        if not isinstance(source, PostgresSource):
-            raise UsageError(f"source {name!r} is a {source.kind} source, not {kind.name}")
-        return source
-    found = runtime.sources_of(kind)
-    if len(found) != 1:
-        names = ", ".join(s.name for s in found) or "none"
-        raise UsageError(f"name the PostgreSQL source (the plan has: {names})")
-    source = found[0]
+    source = source_of_kind(runtime, kind, name)
     assert isinstance(source, PostgresSource)
     return source
 
