@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
@@ -103,6 +104,10 @@ class _Failed:
         self.error = error
 
 
+# How long leaving a ReadAhead block waits for its thread.
+STOP_WAIT_SECONDS = 1.0
+
+
 class ReadAhead:
     """Reads ``inner`` on a thread of its own, hashing (sha256) and counting every byte, up to
     ``depth`` chunks ahead of the consumer; a ``HashingReader`` whose producing side (zstd
@@ -130,7 +135,11 @@ class ReadAhead:
 
     def __exit__(self, *exc_info: object) -> None:
         self._stop.set()
-        while self._thread.is_alive():
+        # The producer may be blocked reading ``inner``, a pipe that only ends once the caller
+        # closes what lies beneath (after this block): wait a moment, never for ever. It is a
+        # daemon thread; a read on a closed source ends it.
+        deadline = time.monotonic() + STOP_WAIT_SECONDS
+        while self._thread.is_alive() and time.monotonic() < deadline:
             with contextlib.suppress(queue.Empty):
                 self._queue.get(timeout=0.05)  # unblock a producer waiting to put
 

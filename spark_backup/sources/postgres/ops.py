@@ -186,9 +186,11 @@ def wal_fetch(
             fetch_wal(store, source.name, name, destination, identities, verifier=runtime.verifier)
             return
         except StoreError:
-            if time.monotonic() + pause > deadline:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
                 raise
-        time.sleep(pause)
+        # The last attempt falls on the deadline: a standby waits the whole retry window.
+        time.sleep(min(pause, remaining))
         pause = min(pause * 2, WAL_FETCH_MAX_PAUSE)
 
 
