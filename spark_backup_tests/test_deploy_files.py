@@ -104,6 +104,8 @@ def test_backup_jobs_ask_for_run_retries_and_check_jobs_do_not(tmp_path: Path) -
     backup = defs.resolve_job_def(backup_job_name("daily"))
     assert backup.tags["dagster/max_retries"] == str(BACKUP_RUN_RETRIES)
     assert backup.tags["dagster/retry_strategy"] == "FROM_FAILURE"
+    # deploy/dagster.yaml retries a failed step only where the job asks.
+    assert backup.tags["dagster/retry_on_asset_or_op_failure"] == "true"
     others = [j for j in defs.resolve_all_job_defs() if j.name != backup.name]
     assert others and not any("dagster/max_retries" in j.tags for j in others)
 
@@ -332,7 +334,12 @@ def test_helm_values_match_the_instance_config() -> None:
     monitoring = instance["run_monitoring"]
     assert daemon["runMonitoring"]["startTimeoutSeconds"] == monitoring["start_timeout_seconds"]
     assert daemon["runMonitoring"]["maxResumeRunAttempts"] == 0
-    assert daemon["runRetries"] == {"enabled": True, "maxRetries": 0}
+    retries = instance["run_retries"]
+    assert daemon["runRetries"] == {
+        "enabled": retries["enabled"],
+        "maxRetries": retries["max_retries"],
+        "retryOnAssetOrOpFailure": retries["retry_on_asset_or_op_failure"],
+    }
     assert VALUES["postgresql"]["enabled"] is False
     assert VALUES["generatePostgresqlPasswordSecret"] is False
     assert (

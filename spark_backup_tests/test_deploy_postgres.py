@@ -40,6 +40,10 @@ PARTITIONS = 1
 # The global limit the test sets (deploy/dagster.yaml ships 4): below the number of sources, so
 # that it, and not only the pools, has to hold runs back.
 GLOBAL_LIMIT = 2
+# deploy/dagster.yaml waits 300 s for a run to start and polls each minute; the test waits less,
+# still far above a run's start on a loaded 2-core host (a run that misses it is retried anyway).
+START_TIMEOUT_SECONDS = 60
+MONITORING_POLL_SECONDS = 3
 
 
 @dataclass
@@ -91,6 +95,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         config_path = dagster_home / "dagster.yaml"
         config = yaml.safe_load(config_path.read_text())
         config["concurrency"]["runs"]["max_concurrent_runs"] = GLOBAL_LIMIT
+        config["run_monitoring"]["start_timeout_seconds"] = START_TIMEOUT_SECONDS
+        config["run_monitoring"]["poll_interval_seconds"] = MONITORING_POLL_SECONDS
         config_path.write_text(yaml.safe_dump(config))
 
         grpc_port, web_port = free_port(), free_port()
@@ -164,10 +170,16 @@ MATERIALIZATIONS = """query($key: AssetKeyInput!) { assetOrError(assetKey: $key)
   ... on Asset { assetMaterializations(limit: 1000) { partition runId } } } }"""
 
 
-def test_backfills_survive_a_killed_daemon(stack: Stack) -> None:
+@pytest.mark.timeout(900)
+def test_backfills_survive_a_killed_daemon(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
     """One backfill per source, as an operator launches them from each asset's page, and the
     first source's launched twice: runs of different sources overlap up to the global limit,
-    the two runs of one source never do."""
+    the two runs of one source never do.
+
+    The daemon is killed with -9 while runs wait in the queue. A kill can land between the
+    daemon marking a run STARTING and handing it to the launcher; the test puts one run in that
+    state itself, so the path is taken every time: the start timeout fails that run, the run
+    retry launches it again, and the backfill waits for the retry."""
     server = stack.server
     backfills = []
     for name in (*SOURCES, SOURCES[0]):
@@ -190,17 +202,21 @@ def test_backfills_survive_a_killed_daemon(stack: Stack) -> None:
             for run in server.query(RUNS, {"id": backfill})["runsOrError"]["results"]
         ]
 
-    # Kill the daemon with -9 once a run finished and others wait, then start another.
+    # Kill the daemon with -9 once a run started and others wait in the queue.
     deadline = time.monotonic() + 180
-    while not any(r["status"] == "SUCCESS" for r in runs()):
+    while True:
+        statuses = {r["status"] for r in runs()}
+        if "QUEUED" in statuses and statuses & {"STARTED", "SUCCESS"}:
+            break
         assert time.monotonic() < deadline, (stack.home / "daemon.log").read_text()[-3000:]
         time.sleep(0.5)
     assert stack.daemon is not None
     os.killpg(os.getpgid(stack.daemon.pid), signal.SIGKILL)
     stack.daemon.wait()
+    stranded = _strand_a_queued_run(stack, runs(), monkeypatch)
     stack.start_daemon()
 
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + 420
     while not all(
         server.query(BACKFILL_STATUS, {"id": backfill})["partitionBackfillOrError"]["status"]
         in DONE_BACKFILL
@@ -208,27 +224,61 @@ def test_backfills_survive_a_killed_daemon(stack: Stack) -> None:
     ):
         assert time.monotonic() < deadline, (stack.home / "daemon.log").read_text()[-3000:]
         time.sleep(1)
-    finished = runs()
-    expected_runs = len(backfills) * len(stack.partitions)
-    assert [r["status"] for r in finished] == ["SUCCESS"] * expected_runs, finished
+    statuses = [
+        server.query(BACKFILL_STATUS, {"id": backfill})["partitionBackfillOrError"]["status"]
+        for backfill in backfills
+    ]
+    assert statuses == ["COMPLETED_SUCCESS"] * len(backfills), statuses
 
-    # Each run materialized its partition once: no run lost, none launched twice.
+    # A run that failed never started (the start timeout failed it) and was run again.
+    finished = runs()
+    failed = [r for r in finished if r["status"] != "SUCCESS"]
+    succeeded = [r for r in finished if r["status"] == "SUCCESS"]
+    assert stranded in {r["runId"] for r in failed}, finished
+    for run in failed:
+        assert run["status"] == "FAILURE", run
+        assert _tag(run, "dagster/failure_reason") == "START_TIMEOUT", run
+        assert any(_tag(r, "dagster/parent_run_id") == run["runId"] for r in succeeded), run
+    expected_runs = len(backfills) * len(stack.partitions)
+    assert len(succeeded) == expected_runs, finished
+
+    # Each successful run materialized its partition once: no run lost, none launched twice.
     for name in SOURCES:
         events = server.query(MATERIALIZATIONS, {"key": {"path": ["backups", name]}})[
             "assetOrError"
         ]["assetMaterializations"]
-        mine = [r for r in finished if _source_of(r) == name]
+        mine = [r for r in succeeded if _source_of(r) == name]
         assert sorted(e["runId"] for e in events) == sorted(r["runId"] for r in mine), name
         assert sorted(e["partition"] for e in events) == sorted(
             _tag(r, "dagster/partition") for r in mine
         )
 
     # The two runs of one source never overlapped; never more than the global limit at once.
-    spans = [(r["startTime"], r["endTime"], _source_of(r)) for r in finished]
+    spans = [(r["startTime"], r["endTime"], _source_of(r)) for r in succeeded]
     first = sorted((start, end) for start, end, source in spans if source == SOURCES[0])
     assert len(first) == 2 and first[1][0] >= first[0][1], "two runs of one source overlapped"
     for start, _, _ in spans:
         assert sum(1 for s, e, _ in spans if s <= start < e) <= GLOBAL_LIMIT
+
+
+def _strand_a_queued_run(stack: Stack, runs: list[dict], monkeypatch: pytest.MonkeyPatch) -> str:
+    """Leave a queued run as a daemon killed inside ``DagsterInstance.launch_run`` leaves it:
+    marked STARTING, never handed to the launcher."""
+    from dagster import DagsterInstance
+    from dagster._core.events import DagsterEvent, DagsterEventType
+
+    queued = [r for r in runs if r["status"] == "QUEUED"]
+    assert queued, runs
+    for key in ("DAGSTER_HOME", "DAGSTER_PG_PASSWORD"):
+        monkeypatch.setenv(key, stack.env[key])
+    with DagsterInstance.get() as instance:
+        run = instance.get_run_by_id(queued[0]["runId"])
+        assert run is not None
+        starting = DagsterEvent(
+            event_type_value=DagsterEventType.PIPELINE_STARTING.value, job_name=run.job_name
+        )
+        instance.report_dagster_event(starting, run_id=run.run_id)
+    return run.run_id
 
 
 def _source_of(run: dict) -> str:
@@ -236,5 +286,5 @@ def _source_of(run: dict) -> str:
     return asset["path"][1]
 
 
-def _tag(run: dict, key: str) -> str:
-    return next(t["value"] for t in run["tags"] if t["key"] == key)
+def _tag(run: dict, key: str) -> str | None:
+    return next((t["value"] for t in run["tags"] if t["key"] == key), None)

@@ -31,12 +31,13 @@ RECOVERY_CRON = "17 * * * *"
 # Secrets age by days: once a day is enough to fail on the first day past the limit.
 ROTATION_JOB = "secret_rotation_checks"
 ROTATION_CRON = "23 6 * * *"
-# Run retries (enabled in deploy/dagster.yaml, off for every job that does not ask): a backup run
-# that failed is run again from its failed steps, so the sources that were copied are not copied
-# twice; each retry makes new copies, never replaces one.
+# Run retries (deploy/dagster.yaml retries a dead run once, a failed step only where a job asks):
+# a backup run that failed is run again from its failed steps, so the sources that were copied are
+# not copied twice; each retry makes new copies, never replaces one.
 BACKUP_RUN_RETRIES = 2
 RETRY_TAGS = {
     "dagster/max_retries": str(BACKUP_RUN_RETRIES),
+    "dagster/retry_on_asset_or_op_failure": "true",
     "dagster/retry_strategy": "FROM_FAILURE",
 }
 
