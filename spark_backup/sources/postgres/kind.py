@@ -316,10 +316,14 @@ class PostgresKind(
         bases = [ref.manifest for ref in runtime.copies(source.name, BASE)]
         if not bases:
             return RecoveryWindow(None, None, {"base_backups": 0})
-        archive = (
-            archived_wal(runtime.store_for(source), source.name) if source.wal_archiving else []
-        )
         newest = max(bases, key=lambda m: (m.finished_at, m.id))
+        archive = (
+            archived_wal(
+                runtime.store_for(source), source.name, None, ops.base_system_identifier(newest)
+            )
+            if source.wal_archiving
+            else []
+        )
         usable, gap = recovery.wal_to_fetch(newest, archive)
         segments = [entry for entry in usable if entry.is_segment]
         latest = max((entry.modified for entry in segments), default=newest.finished)

@@ -54,6 +54,7 @@ from spark_backup.sources.postgres.server import (
 from spark_backup.sources.postgres.server import apply_settings as pg_apply_settings
 from spark_backup.sources.postgres.settings import PostgresSource
 from spark_backup.sources.postgres.wal import (
+    STREAMED_PARTIAL,
     ArchivedWal,
     archived_wal,
     expendable_wal,
@@ -98,6 +99,12 @@ def wal_push(runtime: Runtime, source: PostgresSource, path: Path) -> str:
         lock,
         runtime.signer(),
     )
+
+
+def base_system_identifier(base: Any) -> str | None:
+    """The cluster a base backup was taken from: its WAL is archived under that identifier."""
+    found = base.source_metadata.get("system_identifier")
+    return str(found) if found else None
 
 
 def wal_push_dry_run(runtime: Runtime, source: PostgresSource) -> str:
@@ -275,7 +282,7 @@ def check_archive(
     started = time.monotonic()
     switched = switch_wal(server)
     check_same_cluster(source.name, switched.system_identifier, switched.server_version, bases)
-    while not archived_wal(store, source.name, switched.segment):
+    while not archived_wal(store, source.name, switched.segment, switched.system_identifier):
         if time.monotonic() - started > timeout:
             state = server_archive_state(server)
             failed = (
@@ -330,10 +337,12 @@ def wal_ranges(
     bases = [m for m in bases if m.part == BASE_PART]
     if not bases:
         return {}
-    archived = {e.name for e in archived_wal(runtime.store_for(source), source.name)}
+    archive = archived_wal(runtime.store_for(source), source.name)
     ranges = {}
     for base in bases:
         meta = base.source_metadata
+        owner = base_system_identifier(base)
+        archived = {e.name for e in archive if e.system_identifier in (None, owner)}
         size = meta.get("wal_segment_size", DEFAULT_SEGMENT_SIZE)
         first = WalSegment.from_lsn(meta["start_lsn"], meta["timeline"], size)
         # The end position is just past the last record: at a segment's start, that record
@@ -521,7 +530,9 @@ def pitr(
                 FolderRestore(progress=progress),
             ),
         )
-        wanted, gap = recovery.wal_to_fetch(base, archived_wal(store, source.name))
+        wanted, gap = recovery.wal_to_fetch(
+            base, archived_wal(store, source.name, None, base_system_identifier(base))
+        )
         wal_folder = target_dir / recovery.WAL_CACHE_FOLDER
         wal_folder.mkdir()
         if goal.immediate:
@@ -601,7 +612,8 @@ def _fetch_wal_files(
                 store,
                 source,
                 entry.name,
-                folder / entry.name,
+                # A streamed partial segment is replayed as the segment it begins.
+                folder / entry.name.removesuffix(STREAMED_PARTIAL),
                 identities,
                 entry,
                 verifier,
