@@ -93,3 +93,12 @@ def test_two_clusters_never_mix_wal_and_earlier_keys_still_read(tmp_path: Path, 
     again = run_cli("--plan", path, "wal-push", str(tmp_path / "a" / "pg_wal" / legacy_name))
     assert again.returncode == 0 and "already archived" in again.stderr
     assert len(archived_wal(store, "pg_main", legacy_name)) == 1
+
+    # PostgreSQL archives the old timeline's last segment as X.partial at a promotion: it is
+    # an object like any other (a local store once took its key for a write in progress).
+    promoted = tmp_path / "a" / "pg_wal" / f"{legacy_name}.partial"
+    promoted.write_bytes(a.read_bytes())
+    pushed = run_cli("--plan", path, "wal-push", str(promoted))
+    assert pushed.returncode == 0, pushed.stderr
+    [entry] = archived_wal(store, "pg_main", promoted.name)
+    assert entry.system_identifier == str(CLUSTER_A) and not entry.is_partial

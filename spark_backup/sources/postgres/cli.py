@@ -307,4 +307,73 @@ def pg_pitr(
         stdout.print(f"running: {report.connect_hint()}", highlight=False)
 
 
-COMMANDS = (wal_push, wal_fetch, wal_status, pg_setup_archiving, pg_check, pg_pitr)
+@click.command("wal-receive")
+@click.argument("source", required=False)
+@click.option(
+    "--spool",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="A folder on a lasting disk where pg_receivewal writes before the store has the WAL.",
+)
+@click.option("--slot", help="Physical replication slot (default: spark_backup_SOURCE).")
+@click.option("--create-slot", is_flag=True, help="Create the slot if it does not exist.")
+@click.option(
+    "--interval",
+    default=1.0,
+    show_default=True,
+    type=click.FloatRange(min=0.1),
+    help="Seconds between stores of the partial segment: the RPO a lost server has.",
+)
+@click.option(
+    "--max-spool-segments",
+    default=64,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="With this many segments waiting for the store, stop receiving: the slot then keeps "
+    "the WAL on the server.",
+)
+@click.option("--status", "show_status", is_flag=True, help="Print the running service's status.")
+def wal_receive(
+    source: str | None,
+    spool: str,
+    slot: str | None,
+    create_slot: bool,
+    interval: float,
+    max_spool_segments: int,
+    show_status: bool,
+) -> None:
+    """Stream WAL as the server writes it (pg_receivewal with a replication slot) and store each
+    completed segment, and the partial one every --interval, until SIGTERM. Runs as a service
+    (systemd, a Kubernetes sidecar): docs/runbooks/postgres.md, Streamed WAL."""
+    from spark_backup.sources.postgres import receive
+
+    if show_status:
+        click.echo(json.dumps(receive.read_status(Path(spool)), indent=2))
+        return
+    runtime, chosen = _source(source)
+    status = _ops().wal_receive(
+        runtime,
+        chosen,
+        Path(spool),
+        slot or receive.default_slot(chosen.name),
+        interval=interval,
+        max_spool_segments=max_spool_segments,
+        create_slot=create_slot,
+        log=lambda line: stderr.print(printable(line), highlight=False, soft_wrap=True),
+    )
+    stdout.print(
+        f"wal-receive of {status.source} stopped: {status.segments_stored} segments and "
+        f"{status.partials_stored} partial segments stored",
+        highlight=False,
+    )
+
+
+COMMANDS = (
+    wal_push,
+    wal_fetch,
+    wal_status,
+    wal_receive,
+    pg_setup_archiving,
+    pg_check,
+    pg_pitr,
+)

@@ -107,6 +107,15 @@ def base_system_identifier(base: Any) -> str | None:
     return str(found) if found else None
 
 
+def wal_receive(
+    runtime: Runtime, source: PostgresSource, spool: Path, slot: str, **options: Any
+) -> Any:
+    """The ``wal-receive`` service (``receive.py``) until SIGTERM or SIGINT."""
+    from spark_backup.sources.postgres import receive
+
+    return receive.serve(runtime, source, server_of(runtime, source), spool, slot, **options)
+
+
 def wal_push_dry_run(runtime: Runtime, source: PostgresSource) -> str:
     """What ``wal-push`` needs, checked without archiving anything: the recipients, and a
     store this user may write the source's WAL into. Returns where it would go."""

@@ -19,7 +19,7 @@ Releases before it wrote ``<source>/wal/<file name>-<sha256>.zst.age``; those ke
 fetch and restore, as WAL of whichever cluster asks (a name archived with two contents across
 the layouts is refused, as it always was).
 
-A streamed partial segment (``wal-receive``) is ``<segment>.partial``: unlike every other WAL
+A streamed partial segment (``wal-receive``) is ``<segment>.streamed``: unlike every other WAL
 file it grows, so it may have several versions; the newest is the one recovery uses, and the
 older ones are deleted once a newer one is in the store (unless a lock keeps them).
 """
@@ -53,14 +53,17 @@ from spark_backup.errors import (
 )
 
 WAL_FOLDER = "wal"
-_WAL_NAME = r"[0-9A-F]{24}(?:\.partial|\.[0-9A-F]{8}\.backup)?|[0-9A-F]{8}\.history"
+_WAL_NAME = r"[0-9A-F]{24}(?:\.partial|\.streamed|\.[0-9A-F]{8}\.backup)?|[0-9A-F]{8}\.history"
 WAL_NAME_RE = re.compile(rf"^(?:{_WAL_NAME})$")
 _WAL_KEY_RE = re.compile(
     rf"^(?P<source>{SOURCE_NAME})/{WAL_FOLDER}/(?:(?P<system_identifier>[0-9]{{1,20}})/)?"
     rf"(?P<name>{_WAL_NAME})-(?P<sha256>[0-9a-f]{{64}})\.zst\.age$"
 )
 PARTIAL_SUFFIX = ".spark-backup-partial"
-STREAMED_PARTIAL = ".partial"
+# pg_receivewal's segment being filled, in the spool; in the store it is ``<segment>.streamed``
+# (a ``.partial`` file there is PostgreSQL's own, archived at a promotion: a different thing).
+RECEIVING_SUFFIX = ".partial"
+STREAMED_PARTIAL = ".streamed"
 # The first page of a segment (XLogLongPageHeaderData): magic, info, timeline, page address,
 # remaining length, padding, then the system identifier, the segment size and the block size.
 _LONG_HEADER = struct.Struct("<HHIQI4xQII")
@@ -251,10 +254,10 @@ def push_partial(
     compression: CompressionSettings,
     lock: ObjectLock | None,
     signer: Signer | None = None,
-) -> ArchivedWal | None:
+) -> str | None:
     """Archive a snapshot (a copy that no longer changes) of a streamed partial segment as a
-    new version of ``name`` (``<segment>.partial``); then delete the versions it supersedes
-    that no lock keeps. Returns the version now newest, None if that content was archived."""
+    new version of ``name`` (``<segment>.streamed``); then delete the versions it supersedes
+    that no lock keeps. Returns the new version's key, None if that content was archived."""
     check_wal_name(name)
     sha256 = _file_sha256(snapshot)
     older = archived_wal(store, source, name, system_identifier)
@@ -269,8 +272,7 @@ def push_partial(
                 store.delete(entry.key)
                 if store.exists(signature_key(entry.key)):
                     store.delete(signature_key(entry.key))
-    [newest] = [e for e in archived_wal(store, source, name, system_identifier) if e.key == key]
-    return newest
+    return key
 
 
 def _upload(
