@@ -8,6 +8,7 @@ import struct
 from pathlib import Path
 
 from spark_backup.service import BackupService
+from spark_backup.sources.postgres import ops
 from spark_backup.sources.postgres.wal import archived_wal
 from spark_backup_tests.helpers import plan_dict, run_cli, write_plan
 
@@ -102,3 +103,59 @@ def test_two_clusters_never_mix_wal_and_earlier_keys_still_read(tmp_path: Path, 
     assert pushed.returncode == 0, pushed.stderr
     [entry] = archived_wal(store, "pg_main", promoted.name)
     assert entry.system_identifier == str(CLUSTER_A) and not entry.is_partial
+
+
+def test_parallel_push_stores_ready_segments_ahead_and_acknowledges_only_stored_ones(
+    tmp_path: Path, age_key
+) -> None:
+    source = {
+        "name": "pg_main",
+        "kind": "postgres",
+        "cadence": "daily",
+        "owner": "team:dba",
+        "host": "127.0.0.1",
+        "base_backup": {"enabled": False},
+        "wal_archiving": False,
+    }
+    plan = plan_dict([age_key[1]], [source])
+    plan["encryption"]["identity_file"] = str(age_key[0])
+    path = write_plan(tmp_path, plan)
+    (tmp_path / "store").mkdir()
+    first = fake_cluster(tmp_path / "data", CLUSTER_A, os.urandom(2048))
+    pg_wal = first.parent
+    (pg_wal / "archive_status").mkdir()
+    names = [f"0000000100000000000000{n:02X}" for n in range(7, 13)]
+    for name in names:
+        (pg_wal / name).write_bytes(first.read_bytes()[:40] + os.urandom(2048))
+        (pg_wal / "archive_status" / f"{name}.ready").touch()
+    service = BackupService.from_path(path)
+    store = service.store("local")
+    pg_source = service.source("pg_main")
+
+    # The server's call for the first: it and the next three ready ones are stored at once.
+    assert ops.wal_push(service, pg_source, pg_wal / names[0], parallel=4) == "archived"
+    stored = {entry.name for entry in archived_wal(store, "pg_main")}
+    assert stored == set(names[:4])
+    notes = pg_wal / ops.PUSHED_AHEAD_FOLDER
+    assert sorted(p.name for p in notes.iterdir()) == names[1:4]
+    # The server's call for the second returns at once: the store holds it.
+    assert ops.wal_push(service, pg_source, pg_wal / names[1], parallel=4) == "archived ahead"
+    assert not (notes / names[1]).exists()
+    # A note whose object is not in the store (lost meanwhile) is not taken on trust.
+    [third] = archived_wal(store, "pg_main", names[2])
+    store.delete(third.key)
+    assert ops.wal_push(service, pg_source, pg_wal / names[2], parallel=1) == "archived"
+    assert archived_wal(store, "pg_main", names[2])
+
+    # The store goes away: the server's call fails and nothing is noted as stored.
+    (tmp_path / "store").rename(tmp_path / "store-away")
+    for name in names[:4]:
+        (pg_wal / "archive_status" / f"{name}.ready").unlink()
+    (notes / names[3]).unlink()
+    failed = run_cli("--plan", str(path), "wal-push", "--parallel", "4", str(pg_wal / names[4]))
+    assert failed.returncode != 0
+    assert not any(notes.iterdir())
+    (tmp_path / "store-away").rename(tmp_path / "store")
+    ok = run_cli("--plan", str(path), "wal-push", "--parallel", "4", str(pg_wal / names[4]))
+    assert ok.returncode == 0, ok.stderr
+    assert {e.name for e in archived_wal(store, "pg_main")} == set(names)

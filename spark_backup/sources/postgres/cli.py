@@ -49,7 +49,15 @@ def _ops() -> Any:
     help="Archive nothing: check that this user can read the plan and the recipients and "
     "write into the WAL archive (plan check --probe runs it as the server's user).",
 )
-def wal_push(path: str | None, source: str | None, dry_run: bool) -> None:
+@click.option(
+    "--parallel",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 32),
+    help="Also push up to N-1 further segments the server has marked ready, at once; the "
+    "server's call for each of them then returns as soon as the store is seen to hold it.",
+)
+def wal_push(path: str | None, source: str | None, dry_run: bool, parallel: int) -> None:
     """Archive one WAL file: archive_command = 'spark-backup --plan PLAN wal-push %p'.
     Pushing a file already archived with the same content succeeds; other content fails."""
     runtime, chosen = _source(source)
@@ -59,8 +67,8 @@ def wal_push(path: str | None, source: str | None, dry_run: bool) -> None:
         return
     if path is None:
         raise UsageError("wal-push needs the WAL file's PATH (%p), or --dry-run")
-    outcome = _ops().wal_push(runtime, chosen, Path(path))
-    if outcome != "archived":
+    outcome = _ops().wal_push(runtime, chosen, Path(path), parallel)
+    if outcome not in ("archived", "archived ahead"):
         stderr.print(f"{printable(Path(path).name)}: {outcome}", highlight=False)
 
 

@@ -59,9 +59,11 @@ from spark_backup.sources.postgres.wal import (
     archived_wal,
     expendable_wal,
     fetch_wal,
+    is_wal_key,
     newest_segment,
     push_wal,
     signature_key,
+    wal_file_system_identifier,
     wal_prefix,
 )
 from spark_backup.sources.postgres.walname import DEFAULT_SEGMENT_SIZE, WalSegment, lsn_value
@@ -87,18 +89,79 @@ def server_of(runtime: Runtime, source: PostgresSource) -> PostgresServer:
 # --- WAL archive ------------------------------------------------------------------------------
 
 
-def wal_push(runtime: Runtime, source: PostgresSource, path: Path) -> str:
+def wal_push(runtime: Runtime, source: PostgresSource, path: Path, parallel: int = 1) -> str:
+    """Archive one WAL file. With ``parallel`` above 1, also the next segments the server has
+    marked ready (``pg_wal/archive_status/*.ready``), several at once, as WAL-G does: each
+    one stored is noted in ``pg_wal/spark_backup_status/``, so that the server's own
+    ``archive_command`` for it, a moment later, only confirms that the store has it and
+    returns. Nothing is acknowledged to the server before the store holds it."""
     store = runtime.store_for(source)
     lock = store.default_lock.lock_from(utcnow()) if store.default_lock else None
-    return push_wal(
-        store,
-        source.name,
-        path,
-        runtime.recipients(),
-        runtime.compression(source),
-        lock,
-        runtime.signer(),
-    )
+
+    def push(one: Path) -> str:
+        return push_wal(
+            store,
+            source.name,
+            one,
+            runtime.recipients(),
+            runtime.compression(source),
+            lock,
+            runtime.signer(),
+        )
+
+    notes = path.parent / PUSHED_AHEAD_FOLDER
+    note = notes / path.name
+    if note.is_file():
+        key = note.read_text().strip()
+        note.unlink()
+        if key and is_wal_key(key) and store.exists(key):
+            return "archived ahead"
+    ahead = _ready_after(path, parallel - 1)
+    if not ahead:
+        return push(path)
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
+        mine = pool.submit(push, path)
+        others = {one: pool.submit(_push_ahead, push, store, source.name, one) for one in ahead}
+        outcome = mine.result()  # its failure is the server's to retry; the others' are not
+        for one, future in others.items():
+            key = future.result()
+            if key:
+                notes.mkdir(exist_ok=True)
+                temporary = notes / f".{one.name}.tmp"
+                temporary.write_text(key + "\n")
+                os.replace(temporary, notes / one.name)
+    return outcome
+
+
+PUSHED_AHEAD_FOLDER = "spark_backup_status"
+
+
+def _ready_after(path: Path, count: int) -> list[Path]:
+    """Up to ``count`` segments after ``path`` that the server has marked ready to archive."""
+    if count <= 0:
+        return []
+    status = path.parent / "archive_status"
+    try:
+        ready = sorted(
+            entry.name.removesuffix(".ready")
+            for entry in os.scandir(status)
+            if entry.name.endswith(".ready")
+        )
+    except OSError:
+        return []
+    names = [n for n in ready if len(n) == 24 and n > path.name]
+    return [path.parent / name for name in names[:count] if (path.parent / name).is_file()]
+
+
+def _push_ahead(push: Any, store: ObjectStore, source: str, path: Path) -> str | None:
+    """Push a segment ahead of the server's call; its key once stored, else None (the
+    server's own call for it pushes it then, and reports any error)."""
+    try:
+        push(path)
+    except SparkBackupError:
+        return None
+    versions = archived_wal(store, source, path.name, wal_file_system_identifier(path))
+    return versions[0].key if len(versions) == 1 else None
 
 
 def base_system_identifier(base: Any) -> str | None:
