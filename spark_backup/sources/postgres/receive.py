@@ -10,8 +10,8 @@ folder is empty. This module supervises it around a local spool:
 - every completed segment (and timeline history file) in the spool goes into the store through
   the engine exactly as ``wal-push`` sends it, and leaves the spool only once the store holds
   it (then the versions of its partial segment in the store, now superseded, are deleted);
-- every ``interval`` seconds the partial segment, if it changed, is copied to a snapshot and
-  stored as a new version of ``<segment>.streamed``, which ``pg-pitr`` replays after the last
+- every ``interval`` seconds the partial segment, if it changed, is copied to a snapshot
+  (without the zeros that fill the rest of it: fetching puts them back) and stored as a new version of ``<segment>.streamed``, which ``pg-pitr`` replays after the last
   complete segment: a lost server loses at most about ``interval`` of committed work;
 - a receiver that exits (a restart of the server, a network cut) is started again after a
   pause; a slot that is missing or has lost WAL (``max_slot_wal_keep_size``) ends the service
@@ -32,7 +32,6 @@ import datetime as dt
 import fcntl
 import json
 import os
-import shutil
 import signal
 import subprocess
 import threading
@@ -56,6 +55,7 @@ from spark_backup.sources.postgres.wal import (
     push_partial,
     push_wal,
     signature_key,
+    written_prefix,
 )
 from spark_backup.sources.postgres.walname import WalSegment, lsn_value
 
@@ -159,9 +159,11 @@ class WalReceiver:
                         self._start_receiver()
                     elif self._process is not None and time.monotonic() - next_start > 60:
                         pause = FIRST_RESTART_PAUSE  # it has run for a while: start afresh
+                    round_started = time.monotonic()
                     self.store_spool(final=False)
                     self._write_status()
-                    stop.wait(self.interval)
+                    # Rounds start every interval, however long storing took.
+                    stop.wait(max(0.0, self.interval - (time.monotonic() - round_started)))
             finally:
                 self._stop_receiver()
                 with suppress(StoreError):
@@ -400,7 +402,7 @@ class WalReceiver:
         snapshots.mkdir(exist_ok=True)
         snapshot = snapshots / path.name
         try:
-            shutil.copyfile(path, snapshot)
+            written_prefix(path, snapshot)
         except FileNotFoundError:
             return
         try:

@@ -123,6 +123,40 @@ def wal_file_system_identifier(path: Path) -> str | None:
     return control_file_system_identifier(Path(os.path.abspath(path)).parent.parent)
 
 
+def _segment_size_of(path: Path) -> int:
+    with open(path, "rb") as handle:
+        head = handle.read(_LONG_HEADER.size)
+    if len(head) < _LONG_HEADER.size:
+        raise IntegrityError(f"{path.name}: a streamed partial segment without a page header")
+    size = _LONG_HEADER.unpack(head)[6]
+    if not _power_of_two(size, 1 << 20, 1 << 30):
+        raise IntegrityError(f"{path.name}: a streamed partial segment with a bad page header")
+    return size
+
+
+def written_prefix(source: Path, destination: Path, block: int = 8192) -> int:
+    """Copy ``source`` (a segment being filled, zeros after what was written) to
+    ``destination`` without its zero tail, in whole blocks (a written WAL page is never all
+    zeros: it starts with its header); return the bytes copied."""
+    with open(source, "rb") as handle:
+        end = handle.seek(0, os.SEEK_END) // block * block
+        while end > 0:
+            handle.seek(end - block)
+            if handle.read(block).strip(b"\0"):
+                break
+            end -= block
+        handle.seek(0)
+        with open(destination, "wb") as out:
+            left = end
+            while left > 0:
+                chunk = handle.read(min(left, 1 << 20))
+                if not chunk:
+                    break
+                out.write(chunk)
+                left -= len(chunk)
+    return end
+
+
 def _power_of_two(value: int, low: int, high: int) -> bool:
     return low <= value <= high and value & (value - 1) == 0
 
@@ -371,6 +405,10 @@ def fetch_wal(
             open_encrypted(store, found.key, identities, f"WAL file {name}") as opened,
         ):
             copy_stream(opened.plaintext, out)
+            if found.is_partial:
+                # Stored without the zeros pg_receivewal fills the rest of the segment with:
+                # PostgreSQL reads only whole-size segments.
+                out.truncate(_segment_size_of(partial))
             out.flush()
             os.fsync(out.fileno())
         if opened.plaintext.hexdigest() != found.sha256:
