@@ -195,3 +195,63 @@ def test_streamed_wal_survives_a_killed_receiver_and_recovers_a_killed_server(
     with closing(open(streaming.spool / "status.json")) as handle:
         status = json.load(handle)
     assert status["segments_stored"] >= 1 and status["partials_stored"] >= 1
+
+
+def test_a_store_outage_keeps_the_wal_in_the_spool_then_on_the_server(
+    streaming: Streaming,
+) -> None:
+    """The store goes away: completed segments wait in the spool, never acknowledged as
+    stored; at --max-spool-segments the receiver stops so the slot keeps the WAL on the server;
+    the store comes back and everything arrives, without a gap."""
+    cluster = streaming.cluster
+    receiver = streaming.receive("--create-slot", "--max-spool-segments", "2")
+    streaming.wait_running(receiver)
+    store, away = streaming.root / "store", streaming.root / "store-away"
+    store.rename(away)
+    switched = []
+    for n in range(4):
+        cluster.execute(f"CREATE TABLE outage_{n} AS SELECT generate_series(1, 100) AS x")
+        switched.append(cluster.execute("SELECT pg_walfile_name(pg_switch_wal())")[0][0])
+        if n == 1:
+            deadline = time.monotonic() + 60
+            while not streaming.status().get("paused_for_store"):
+                assert time.monotonic() < deadline, streaming.status()
+                time.sleep(0.2)
+    status = streaming.status()
+    assert status["pending_segments"] >= 2 and status["segments_stored"] == 0
+    deadline = time.monotonic() + 30
+    while streaming.slot_active():
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    # The server keeps what the receiver has not taken: the slot still points into it.
+    [(restart_file,)] = cluster.execute(
+        "SELECT pg_walfile_name(restart_lsn) FROM pg_replication_slots"
+    )
+    assert restart_file[8:] <= switched[-1][8:]
+    away.rename(store)
+    for segment in switched:
+        streaming.wait_stored(segment, timeout=120)
+    streaming.wait_running(receiver)
+    assert not streaming.status()["paused_for_store"]
+    assert not [p for p in (streaming.spool / "wal").iterdir() if not p.name.endswith(".partial")]
+
+
+def test_a_slot_that_lost_wal_is_reported_never_papered_over(streaming: Streaming) -> None:
+    cluster = streaming.cluster
+    cluster.execute("ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'")
+    cluster.execute("SELECT pg_reload_conf()")
+    receiver = streaming.receive("--create-slot")
+    streaming.wait_running(receiver)
+    receiver.send_signal(signal.SIGTERM)
+    assert receiver.wait(60) == 0
+    deadline = time.monotonic() + 90
+    while cluster.execute("SELECT wal_status FROM pg_replication_slots")[0][0] != "lost":
+        assert time.monotonic() < deadline
+        cluster.execute("CREATE TABLE IF NOT EXISTS churn AS SELECT 1 AS x")
+        cluster.execute("INSERT INTO churn SELECT generate_series(1, 1000)")
+        cluster.execute("SELECT pg_switch_wal()")
+        cluster.execute("CHECKPOINT")
+    again = streaming.receive()
+    _, errors = again.communicate(timeout=60)
+    assert again.returncode != 0
+    assert "has lost WAL" in errors and "max_slot_wal_keep_size" in errors, errors
