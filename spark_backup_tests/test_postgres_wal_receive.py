@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from spark_backup.engine.pipeline import utcnow
 from spark_backup.service import BackupService
 from spark_backup.sources.postgres import KIND as POSTGRES
 from spark_backup.sources.postgres import ops
@@ -223,6 +224,10 @@ def test_a_store_outage_keeps_the_wal_in_the_spool_then_on_the_server(
     while streaming.slot_active():
         assert time.monotonic() < deadline
         time.sleep(0.2)
+    # The lag check says the stream has stopped, and how much the server keeps for it.
+    lag = POSTGRES.lag(streaming.service, streaming.service.source("pg_main"), utcnow())
+    assert any("is not in use: streaming has stopped" in p for p in lag.problems), lag
+    assert lag.details["receiver_retained_bytes"] > 0 and not lag.ok
     # The server keeps what the receiver has not taken: the slot still points into it.
     [(restart_file,)] = cluster.execute(
         "SELECT pg_walfile_name(restart_lsn) FROM pg_replication_slots"

@@ -285,6 +285,8 @@ class WalArchiveStatus:
     newest: ArchivedWal | None
     server: ServerArchiveState | None = None
     server_error: str | None = None
+    # The slot of a wal-receive service streaming this source, if the server has one.
+    receiver: Any = None
 
     @property
     def lag(self) -> dt.timedelta | None:
@@ -322,7 +324,11 @@ def wal_archive_status(
         source=source.name, rpo=source.rpo, now=now or utcnow(), newest=newest_segment(entries)
     )
     try:
-        status.server = server_archive_state(server_of(runtime, source))
+        server = server_of(runtime, source)
+        status.server = server_archive_state(server)
+        from spark_backup.sources.postgres.receive import receiver_slot
+
+        status.receiver = receiver_slot(server, source.name)
     except SparkBackupError as exc:
         status.server_error = str(exc)
     return status

@@ -446,6 +446,42 @@ class WalReceiver:
         os.replace(temporary, path)
 
 
+@dataclass(frozen=True)
+class ReceiverSlot:
+    """The server's view of a ``wal-receive`` service: its slot."""
+
+    name: str
+    active: bool
+    wal_status: str | None
+    retained_bytes: int | None
+
+    def problem(self, source: str) -> str | None:
+        if self.wal_status == "lost":
+            return (
+                f"wal-receive slot {self.name!r} of {source!r} has lost WAL "
+                "(max_slot_wal_keep_size): the streamed archive has a gap"
+            )
+        if not self.active:
+            return (
+                f"wal-receive slot {self.name!r} of {source!r} is not in use: streaming has "
+                f"stopped, the server keeps {self.retained_bytes or 0} bytes of WAL for it"
+            )
+        return None
+
+
+def receiver_slot(server: PostgresServer, source: str) -> ReceiverSlot | None:
+    """The default ``wal-receive`` slot of ``source`` on the server, if there is one."""
+    slot = default_slot(source)
+    with closing(server.connect()) as conn, conn.cursor() as cursor:
+        cursor.execute(
+            "SELECT active, wal_status, (pg_current_wal_lsn() - restart_lsn)::bigint "
+            "FROM pg_replication_slots WHERE slot_name = %s",
+            (slot,),
+        )
+        row = cursor.fetchone()
+    return None if row is None else ReceiverSlot(slot, bool(row[0]), row[1], row[2])
+
+
 def default_slot(source: str) -> str:
     return "spark_backup_" + "".join(c if c.isalnum() else "_" for c in source.lower())
 
