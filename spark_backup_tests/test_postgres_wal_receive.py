@@ -21,7 +21,7 @@ from spark_backup.service import BackupService
 from spark_backup.sources.postgres import KIND as POSTGRES
 from spark_backup.sources.postgres import ops
 from spark_backup.sources.postgres.wal import archived_wal
-from spark_backup_tests.helpers import free_port, make_key, plan_dict
+from spark_backup_tests.helpers import free_port, make_key, plan_dict, run_cli
 from spark_backup_tests.pg_cluster import Cluster, shared_dir, throwaway_cluster
 
 SPARK_BACKUP = [str(Path(os.sys.executable).with_name("spark-backup")), "--no-progress"]
@@ -228,6 +228,8 @@ def test_a_store_outage_keeps_the_wal_in_the_spool_then_on_the_server(
     lag = POSTGRES.lag(streaming.service, streaming.service.source("pg_main"), utcnow())
     assert any("is not in use: streaming has stopped" in p for p in lag.problems), lag
     assert lag.details["receiver_retained_bytes"] > 0 and not lag.ok
+    status = run_cli("--plan", str(streaming.plan), "wal-status", "pg_main")
+    assert status.returncode == 3 and "streaming has stopped" in status.stdout, status.stdout
     # The server keeps what the receiver has not taken: the slot still points into it.
     [(restart_file,)] = cluster.execute(
         "SELECT pg_walfile_name(restart_lsn) FROM pg_replication_slots"

@@ -149,7 +149,8 @@ def wal_status(source: str | None, as_json: bool) -> None:
         stdout.print(
             f"{'ok' if status.ok else 'BEHIND'}  {status.source}: archive lag {lag} "
             f"(RPO {format_duration(status.rpo)}), newest {row['newest_segment']}"
-            + (f"; server: {printable(status.server_error)}" if status.server_error else ""),
+            + (f"; server: {printable(status.server_error)}" if status.server_error else "")
+            + (f"; {status.receiver_problem}" if status.receiver_problem else ""),
             highlight=False,
         )
     if not status.ok:
@@ -169,6 +170,7 @@ def wal_status_row(status: ops.WalArchiveStatus) -> dict[str, Any]:
         "failed_count": server.failed_count if server else None,
         "last_failed_wal": server.last_failed_wal if server else None,
         "server_error": status.server_error,
+        "receiver_problem": status.receiver_problem,
     }
 
 

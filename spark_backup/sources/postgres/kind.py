@@ -260,7 +260,7 @@ class PostgresKind(
             details["receiver_slot"] = receiver.name
             details["receiver_active"] = receiver.active
             details["receiver_retained_bytes"] = receiver.retained_bytes or 0
-            if problem := receiver.problem(source.name):
+            if problem := status.receiver_problem:
                 problems.append(problem)
         return LogStatus(
             source=source.name,

@@ -309,8 +309,12 @@ class WalArchiveStatus:
         return age
 
     @property
+    def receiver_problem(self) -> str | None:
+        return self.receiver.problem(self.source) if self.receiver else None
+
+    @property
     def ok(self) -> bool:
-        return self.lag is not None and self.lag <= self.rpo
+        return self.lag is not None and self.lag <= self.rpo and not self.receiver_problem
 
 
 def wal_archive_status(
