@@ -262,3 +262,47 @@ def test_a_slot_that_lost_wal_is_reported_never_papered_over(streaming: Streamin
     _, errors = again.communicate(timeout=60)
     assert again.returncode != 0
     assert "has lost WAL" in errors and "max_slot_wal_keep_size" in errors, errors
+
+
+def test_wal_in_the_layout_of_earlier_releases_lists_and_restores(streaming: Streaming) -> None:
+    """WAL keys without the system identifier (releases before it) still serve `list` and a
+    point-in-time recovery of the cluster they belong to."""
+    cluster = streaming.cluster
+    receiver = streaming.receive("--create-slot")
+    streaming.wait_running(receiver)
+    cluster.execute("CREATE TABLE old_layout AS SELECT generate_series(1, 500) AS x")
+    [base] = streaming.service.backup("pg_main", artifact="base")
+    cluster.execute("INSERT INTO old_layout SELECT generate_series(501, 700)")
+    last = cluster.execute("SELECT pg_walfile_name(pg_switch_wal())")[0][0]
+    streaming.wait_stored(last)
+    receiver.send_signal(signal.SIGTERM)
+    assert receiver.wait(60) == 0
+    wal = streaming.root / "store" / "pg_main" / "wal"
+    [folder] = [p for p in wal.iterdir() if p.is_dir()]
+    assert folder.name == base.source_metadata["system_identifier"]
+    for path in folder.iterdir():
+        if ".streamed-" in path.name:
+            path.unlink()  # earlier releases had no streamed partial segments
+        else:
+            path.rename(wal / path.name)
+    folder.rmdir()
+    listed = subprocess.run(
+        [*SPARK_BACKUP, "--plan", str(streaming.plan), "list", "pg_main", "--json"],
+        capture_output=True,
+        text=True,
+    )
+    rows = {row["id"]: row for row in json.loads(listed.stdout)}
+    assert rows[base.id]["log"]["complete"] is True, rows[base.id]
+    service = streaming.service
+    report = ops.pitr(
+        service,
+        POSTGRES,
+        service.source("pg_main"),
+        None,
+        streaming.root / "pitr_old",
+        port=free_port(),
+    )
+    try:
+        assert report.ok and report.databases["postgres"]["row_counts"]["public.old_layout"] == 700
+    finally:
+        Cluster(Path(report.target_dir), report.port).stop()
