@@ -19,6 +19,9 @@ directory; recovery starts at once (the worst case: nothing more reaches the sto
   heartbeat recovered (server clock), and how many committed heartbeats were lost;
 * RTO: the wall time of ``pg-pitr`` (base backup restore, WAL fetch, replay, verification).
 
+Then ``wal-push`` segments per second as ``archive_command`` calls it, one process per segment
+in name order, without and with ``--parallel 4`` (``--segments``, default 16).
+
 Targets from issue 13: RPO at most 1 s with ``wal-receive``; at most ``archive_timeout`` + 1 s
 with archiving alone. The script reports (MISS lines), it does not judge; it exits 0.
 
@@ -38,7 +41,8 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import closing, suppress
+from collections.abc import Iterator
+from contextlib import closing, contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -203,6 +207,79 @@ def drill(mode: str, args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def push_rate(args: argparse.Namespace) -> list[str]:
+    """``wal-push`` segments per second as ``archive_command`` calls it (a process per segment,
+    in name order), one at a time and with ``--parallel 4``, over real segments of a cluster."""
+    lines = []
+    root = shared_dir("spark-backup-push-")
+    try:
+        key, public = make_key(root)
+        with _started(root) as cluster:
+            for _ in range(args.segments):
+                cluster.execute("CREATE TABLE IF NOT EXISTS fill (x text)")
+                cluster.execute(
+                    "INSERT INTO fill SELECT md5(g::text) FROM generate_series(1, 20000) g"
+                )
+                cluster.execute("SELECT pg_switch_wal()")
+            cluster.execute("CHECKPOINT")
+            names = sorted(p.name for p in (cluster.data / "pg_wal").iterdir() if len(p.name) == 24)
+            names = names[: args.segments]
+            for parallel in (1, 4):
+                folder = root / f"data-{parallel}"
+                pg_wal = folder / "pg_wal"
+                (pg_wal / "archive_status").mkdir(parents=True)
+                for name in names:
+                    shutil.copyfile(cluster.data / "pg_wal" / name, pg_wal / name)
+                    (pg_wal / "archive_status" / f"{name}.ready").touch()
+                store = root / f"store-{parallel}"
+                store.mkdir()
+                plan = plan_dict(
+                    [public],
+                    [
+                        {
+                            "name": SOURCE,
+                            "kind": "postgres",
+                            "cadence": "daily",
+                            "owner": "team:dba",
+                            "host": "127.0.0.1",
+                        }
+                    ],
+                    stores=[{"name": "local", "kind": "local", "path": str(store)}],
+                )
+                plan["encryption"]["identity_file"] = str(key)
+                plan_path = root / f"plan-{parallel}.yaml"
+                plan_path.write_text(yaml.safe_dump(plan))
+                started = time.monotonic()
+                for name in names:
+                    subprocess.run(
+                        [str(SPARK_BACKUP), "--no-progress", "--plan", str(plan_path), "wal-push",
+                         "--parallel", str(parallel), str(pg_wal / name)],
+                        check=True, capture_output=True,
+                    )  # fmt: skip
+                    (pg_wal / "archive_status" / f"{name}.ready").rename(
+                        pg_wal / "archive_status" / f"{name}.done"
+                    )  # as the server's archiver does after exit 0
+                seconds = time.monotonic() - started
+                lines.append(
+                    f"wal-push --parallel {parallel}: {len(names)} segments in {seconds:.1f} s, "
+                    f"{len(names) / seconds:.2f} segments/s"
+                )
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return lines
+
+
+@contextmanager
+def _started(root: Path) -> Iterator[Cluster]:
+    (root / "cluster").mkdir()
+    shutil.chown(root / "cluster", root.owner(), root.group())
+    cluster = Cluster(root / "cluster", free_port())
+    try:
+        yield cluster.init({"archive_mode": "off"}).start()
+    finally:
+        cluster.stop()
+
+
 def _socket_connect(folder: Path, port: int):  # type: ignore[no-untyped-def]
     import psycopg
 
@@ -235,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale", type=int, default=2, help="pgbench -i -s")
     parser.add_argument("--archive-timeout", type=int, default=10)
     parser.add_argument("--interval", type=float, default=1.0, help="wal-receive --interval")
+    parser.add_argument("--segments", type=int, default=16, help="segments for the push rate")
+    parser.add_argument("--no-push-rate", action="store_true")
     args = parser.parse_args(argv)
     print(json.dumps(basic_facts()))
     print(f"load average before: {load_average()}")
@@ -256,6 +335,10 @@ def main(argv: list[str] | None = None) -> int:
                     f"{verdict}), RTO {result['rto_seconds']} s {result['pitr_breakdown']}, "
                     f"{result['wal_files']} WAL files"
                 )
+    if not args.no_push_rate:
+        with executable_for_postgres():
+            for line in push_rate(args):
+                print(line)
     print(f"load average after: {load_average()}")
     return 0
 
