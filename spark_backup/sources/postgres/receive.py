@@ -122,6 +122,8 @@ class WalReceiver:
         self.status = ReceiverStatus(source.name, slot)
         self._process: subprocess.Popen[str] | None = None
         self._uploaded_partial: tuple[str, int, int] | None = None
+        self._receiver_log = self.spool / "pg_receivewal.log"
+        self._log_offset = 0
         self.major = 0
 
     # --- the service --------------------------------------------------------------------------
@@ -284,14 +286,20 @@ class WalReceiver:
             self.server.dsn(),
         ]
         with self.server.tool_environment() as env:
-            self._process = subprocess.Popen(
-                args,
-                env=env,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                text=True,
-                preexec_fn=_die_with_parent,
+            # Its messages go to a file, not a pipe nobody reads while it runs (a full pipe
+            # would stop it); the lines of its last run say why it ended.
+            self._log_offset = (
+                self._receiver_log.stat().st_size if self._receiver_log.exists() else 0
             )
+            with open(self._receiver_log, "a", encoding="utf-8") as log_file:
+                self._process = subprocess.Popen(
+                    args,
+                    env=env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=log_file,
+                    text=True,
+                    preexec_fn=_die_with_parent,
+                )
             # The passfile may go once the connection is made: wait for it (or an early exit).
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline and self._process.poll() is None:
@@ -316,7 +324,9 @@ class WalReceiver:
     def _receiver_ended(self) -> None:
         process = self._process
         assert process is not None
-        errors = (process.stderr.read() if process.stderr else "").strip().splitlines()
+        with open(self._receiver_log, encoding="utf-8", errors="replace") as log_file:
+            log_file.seek(self._log_offset)
+            errors = log_file.read().strip().splitlines()
         self._process = None
         self.status.receiver_running = False
         self.status.receiver_restarts += 1
