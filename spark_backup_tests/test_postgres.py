@@ -729,7 +729,7 @@ def test_list_shows_the_wal_each_base_backup_needs(archiving: Archiving) -> None
     # A copy of the archive without the base's first segment: the listing names it.
     store_copy = archiving.root / "store_without_first"
     shutil.copytree(archiving.root / "store", store_copy)
-    for key in store_copy.glob(f"pg_main/wal/{log['first']}-*"):
+    for key in store_copy.glob(f"pg_main/wal/*/{log['first']}-*"):
         key.unlink()
     plan = archiving.write_plan(
         "without_first.yaml", stores=[{"name": "local", "kind": "local", "path": str(store_copy)}]
@@ -793,7 +793,7 @@ def test_pitr_reports_the_last_reachable_point_of_an_archive_with_a_gap(
 
     store_copy = archiving.root / "store_with_gap"
     shutil.copytree(archiving.root / "store", store_copy)
-    for key in store_copy.glob(f"pg_main/wal/{missing}-*"):
+    for key in store_copy.glob(f"pg_main/wal/*/{missing}-*"):
         key.unlink()
     plan = archiving.write_plan(
         "gap.yaml", stores=[{"name": "local", "kind": "local", "path": str(store_copy)}]

@@ -159,7 +159,9 @@ class LocalStore(ObjectStore):
             folder = directory[len(root) + 1 :]
             for file_name in files:
                 key = f"{folder}/{file_name}" if folder else file_name
-                if PARTIAL_MARKER in file_name or not key.startswith(prefix):
+                # An object being written is a hidden file; a key may hold ".partial-" itself
+                # (PostgreSQL's own X.partial WAL files, archived at a promotion).
+                if _PARTIAL_RE.match(file_name) or not key.startswith(prefix):
                     continue
                 try:
                     stat = os.stat(f"{directory}/{file_name}")
@@ -261,7 +263,7 @@ def _holds_object(directory: str) -> bool:
         with os.scandir(directory) as entries:
             for entry in entries:
                 if not entry.is_dir():
-                    if PARTIAL_MARKER not in entry.name:
+                    if not _PARTIAL_RE.match(entry.name):
                         return True
                 elif not entry.is_symlink():  # as list(), which does not follow them
                     folders.append(entry.path)

@@ -49,7 +49,15 @@ def _ops() -> Any:
     help="Archive nothing: check that this user can read the plan and the recipients and "
     "write into the WAL archive (plan check --probe runs it as the server's user).",
 )
-def wal_push(path: str | None, source: str | None, dry_run: bool) -> None:
+@click.option(
+    "--parallel",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 32),
+    help="Also push up to N-1 further segments the server has marked ready, at once; the "
+    "server's call for each of them then returns as soon as the store is seen to hold it.",
+)
+def wal_push(path: str | None, source: str | None, dry_run: bool, parallel: int) -> None:
     """Archive one WAL file: archive_command = 'spark-backup --plan PLAN wal-push %p'.
     Pushing a file already archived with the same content succeeds; other content fails."""
     runtime, chosen = _source(source)
@@ -59,8 +67,8 @@ def wal_push(path: str | None, source: str | None, dry_run: bool) -> None:
         return
     if path is None:
         raise UsageError("wal-push needs the WAL file's PATH (%p), or --dry-run")
-    outcome = _ops().wal_push(runtime, chosen, Path(path))
-    if outcome != "archived":
+    outcome = _ops().wal_push(runtime, chosen, Path(path), parallel)
+    if outcome not in ("archived", "archived ahead"):
         stderr.print(f"{printable(Path(path).name)}: {outcome}", highlight=False)
 
 
@@ -141,7 +149,8 @@ def wal_status(source: str | None, as_json: bool) -> None:
         stdout.print(
             f"{'ok' if status.ok else 'BEHIND'}  {status.source}: archive lag {lag} "
             f"(RPO {format_duration(status.rpo)}), newest {row['newest_segment']}"
-            + (f"; server: {printable(status.server_error)}" if status.server_error else ""),
+            + (f"; server: {printable(status.server_error)}" if status.server_error else "")
+            + (f"; {status.receiver_problem}" if status.receiver_problem else ""),
             highlight=False,
         )
     if not status.ok:
@@ -161,6 +170,7 @@ def wal_status_row(status: ops.WalArchiveStatus) -> dict[str, Any]:
         "failed_count": server.failed_count if server else None,
         "last_failed_wal": server.last_failed_wal if server else None,
         "server_error": status.server_error,
+        "receiver_problem": status.receiver_problem,
     }
 
 
@@ -307,4 +317,73 @@ def pg_pitr(
         stdout.print(f"running: {report.connect_hint()}", highlight=False)
 
 
-COMMANDS = (wal_push, wal_fetch, wal_status, pg_setup_archiving, pg_check, pg_pitr)
+@click.command("wal-receive")
+@click.argument("source", required=False)
+@click.option(
+    "--spool",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="A folder on a lasting disk where pg_receivewal writes before the store has the WAL.",
+)
+@click.option("--slot", help="Physical replication slot (default: spark_backup_SOURCE).")
+@click.option("--create-slot", is_flag=True, help="Create the slot if it does not exist.")
+@click.option(
+    "--interval",
+    default=1.0,
+    show_default=True,
+    type=click.FloatRange(min=0.1),
+    help="Seconds between stores of the partial segment: the RPO a lost server has.",
+)
+@click.option(
+    "--max-spool-segments",
+    default=64,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="With this many segments waiting for the store, stop receiving: the slot then keeps "
+    "the WAL on the server.",
+)
+@click.option("--status", "show_status", is_flag=True, help="Print the running service's status.")
+def wal_receive(
+    source: str | None,
+    spool: str,
+    slot: str | None,
+    create_slot: bool,
+    interval: float,
+    max_spool_segments: int,
+    show_status: bool,
+) -> None:
+    """Stream WAL as the server writes it (pg_receivewal with a replication slot) and store each
+    completed segment, and the partial one every --interval, until SIGTERM. Runs as a service
+    (systemd, a Kubernetes sidecar): docs/runbooks/postgres.md, Streamed WAL."""
+    from spark_backup.sources.postgres import receive
+
+    if show_status:
+        click.echo(json.dumps(receive.read_status(Path(spool)), indent=2))
+        return
+    runtime, chosen = _source(source)
+    status = _ops().wal_receive(
+        runtime,
+        chosen,
+        Path(spool),
+        slot or receive.default_slot(chosen.name),
+        interval=interval,
+        max_spool_segments=max_spool_segments,
+        create_slot=create_slot,
+        log=lambda line: stderr.print(printable(line), highlight=False, soft_wrap=True),
+    )
+    stdout.print(
+        f"wal-receive of {status.source} stopped: {status.segments_stored} segments and "
+        f"{status.partials_stored} partial segments stored",
+        highlight=False,
+    )
+
+
+COMMANDS = (
+    wal_push,
+    wal_fetch,
+    wal_status,
+    wal_receive,
+    pg_setup_archiving,
+    pg_check,
+    pg_pitr,
+)

@@ -255,6 +255,13 @@ class PostgresKind(
                 "server_segment": status.server.current_segment,
                 "archiver_failed_count": status.server.failed_count,
             }
+        problems = []
+        if receiver := status.receiver:
+            details["receiver_slot"] = receiver.name
+            details["receiver_active"] = receiver.active
+            details["receiver_retained_bytes"] = receiver.retained_bytes or 0
+            if problem := status.receiver_problem:
+                problems.append(problem)
         return LogStatus(
             source=source.name,
             rpo=status.rpo,
@@ -263,6 +270,7 @@ class PostgresKind(
             newest=status.newest.name if status.newest else None,
             details=details,
             source_error=status.server_error,
+            problems=problems,
         )
 
     def expire(
@@ -316,13 +324,19 @@ class PostgresKind(
         bases = [ref.manifest for ref in runtime.copies(source.name, BASE)]
         if not bases:
             return RecoveryWindow(None, None, {"base_backups": 0})
-        archive = (
-            archived_wal(runtime.store_for(source), source.name) if source.wal_archiving else []
-        )
         newest = max(bases, key=lambda m: (m.finished_at, m.id))
+        archive = (
+            archived_wal(
+                runtime.store_for(source), source.name, None, ops.base_system_identifier(newest)
+            )
+            if source.wal_archiving
+            else []
+        )
         usable, gap = recovery.wal_to_fetch(newest, archive)
         segments = [entry for entry in usable if entry.is_segment]
-        latest = max((entry.modified for entry in segments), default=newest.finished)
+        # A streamed partial segment (wal-receive) is where the WAL ends: it reaches further.
+        reach = [entry for entry in usable if entry.is_segment or entry.is_partial]
+        latest = max((entry.modified for entry in reach), default=newest.finished)
         earliest = min(bases, key=lambda m: (m.finished_at, m.id)).finished
         details: dict[str, Any] = {
             "base_backups": len(bases),

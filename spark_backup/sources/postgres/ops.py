@@ -54,13 +54,16 @@ from spark_backup.sources.postgres.server import (
 from spark_backup.sources.postgres.server import apply_settings as pg_apply_settings
 from spark_backup.sources.postgres.settings import PostgresSource
 from spark_backup.sources.postgres.wal import (
+    STREAMED_PARTIAL,
     ArchivedWal,
     archived_wal,
     expendable_wal,
     fetch_wal,
+    is_wal_key,
     newest_segment,
     push_wal,
     signature_key,
+    wal_file_system_identifier,
     wal_prefix,
 )
 from spark_backup.sources.postgres.walname import DEFAULT_SEGMENT_SIZE, WalSegment, lsn_value
@@ -86,18 +89,94 @@ def server_of(runtime: Runtime, source: PostgresSource) -> PostgresServer:
 # --- WAL archive ------------------------------------------------------------------------------
 
 
-def wal_push(runtime: Runtime, source: PostgresSource, path: Path) -> str:
+def wal_push(runtime: Runtime, source: PostgresSource, path: Path, parallel: int = 1) -> str:
+    """Archive one WAL file. With ``parallel`` above 1, also the next segments the server has
+    marked ready (``pg_wal/archive_status/*.ready``), several at once, as WAL-G does: each
+    one stored is noted in ``pg_wal/spark_backup_status/``, so that the server's own
+    ``archive_command`` for it, a moment later, only confirms that the store has it and
+    returns. Nothing is acknowledged to the server before the store holds it."""
     store = runtime.store_for(source)
     lock = store.default_lock.lock_from(utcnow()) if store.default_lock else None
-    return push_wal(
-        store,
-        source.name,
-        path,
-        runtime.recipients(),
-        runtime.compression(source),
-        lock,
-        runtime.signer(),
-    )
+
+    def push(one: Path) -> str:
+        return push_wal(
+            store,
+            source.name,
+            one,
+            runtime.recipients(),
+            runtime.compression(source),
+            lock,
+            runtime.signer(),
+        )
+
+    notes = path.parent / PUSHED_AHEAD_FOLDER
+    note = notes / path.name
+    if note.is_file():
+        key = note.read_text().strip()
+        note.unlink()
+        if key and is_wal_key(key) and store.exists(key):
+            return "archived ahead"
+    ahead = _ready_after(path, parallel - 1)
+    if not ahead:
+        return push(path)
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
+        mine = pool.submit(push, path)
+        others = {one: pool.submit(_push_ahead, push, store, source.name, one) for one in ahead}
+        outcome = mine.result()  # its failure is the server's to retry; the others' are not
+        for one, future in others.items():
+            key = future.result()
+            if key:
+                notes.mkdir(exist_ok=True)
+                temporary = notes / f".{one.name}.tmp"
+                temporary.write_text(key + "\n")
+                os.replace(temporary, notes / one.name)
+    return outcome
+
+
+PUSHED_AHEAD_FOLDER = "spark_backup_status"
+
+
+def _ready_after(path: Path, count: int) -> list[Path]:
+    """Up to ``count`` segments after ``path`` that the server has marked ready to archive."""
+    if count <= 0:
+        return []
+    status = path.parent / "archive_status"
+    try:
+        ready = sorted(
+            entry.name.removesuffix(".ready")
+            for entry in os.scandir(status)
+            if entry.name.endswith(".ready")
+        )
+    except OSError:
+        return []
+    names = [n for n in ready if len(n) == 24 and n > path.name]
+    return [path.parent / name for name in names[:count] if (path.parent / name).is_file()]
+
+
+def _push_ahead(push: Any, store: ObjectStore, source: str, path: Path) -> str | None:
+    """Push a segment ahead of the server's call; its key once stored, else None (the
+    server's own call for it pushes it then, and reports any error)."""
+    try:
+        push(path)
+    except SparkBackupError:
+        return None
+    versions = archived_wal(store, source, path.name, wal_file_system_identifier(path))
+    return versions[0].key if len(versions) == 1 else None
+
+
+def base_system_identifier(base: Any) -> str | None:
+    """The cluster a base backup was taken from: its WAL is archived under that identifier."""
+    found = base.source_metadata.get("system_identifier")
+    return str(found) if found else None
+
+
+def wal_receive(
+    runtime: Runtime, source: PostgresSource, spool: Path, slot: str, **options: Any
+) -> Any:
+    """The ``wal-receive`` service (``receive.py``) until SIGTERM or SIGINT."""
+    from spark_backup.sources.postgres import receive
+
+    return receive.serve(runtime, source, server_of(runtime, source), spool, slot, **options)
 
 
 def wal_push_dry_run(runtime: Runtime, source: PostgresSource) -> str:
@@ -206,6 +285,8 @@ class WalArchiveStatus:
     newest: ArchivedWal | None
     server: ServerArchiveState | None = None
     server_error: str | None = None
+    # The slot of a wal-receive service streaming this source, if the server has one.
+    receiver: Any = None
 
     @property
     def lag(self) -> dt.timedelta | None:
@@ -228,8 +309,12 @@ class WalArchiveStatus:
         return age
 
     @property
+    def receiver_problem(self) -> str | None:
+        return self.receiver.problem(self.source) if self.receiver else None
+
+    @property
     def ok(self) -> bool:
-        return self.lag is not None and self.lag <= self.rpo
+        return self.lag is not None and self.lag <= self.rpo and not self.receiver_problem
 
 
 def wal_archive_status(
@@ -243,7 +328,11 @@ def wal_archive_status(
         source=source.name, rpo=source.rpo, now=now or utcnow(), newest=newest_segment(entries)
     )
     try:
-        status.server = server_archive_state(server_of(runtime, source))
+        server = server_of(runtime, source)
+        status.server = server_archive_state(server)
+        from spark_backup.sources.postgres.receive import receiver_slot
+
+        status.receiver = receiver_slot(server, source.name)
     except SparkBackupError as exc:
         status.server_error = str(exc)
     return status
@@ -275,7 +364,7 @@ def check_archive(
     started = time.monotonic()
     switched = switch_wal(server)
     check_same_cluster(source.name, switched.system_identifier, switched.server_version, bases)
-    while not archived_wal(store, source.name, switched.segment):
+    while not archived_wal(store, source.name, switched.segment, switched.system_identifier):
         if time.monotonic() - started > timeout:
             state = server_archive_state(server)
             failed = (
@@ -330,10 +419,12 @@ def wal_ranges(
     bases = [m for m in bases if m.part == BASE_PART]
     if not bases:
         return {}
-    archived = {e.name for e in archived_wal(runtime.store_for(source), source.name)}
+    archive = archived_wal(runtime.store_for(source), source.name)
     ranges = {}
     for base in bases:
         meta = base.source_metadata
+        owner = base_system_identifier(base)
+        archived = {e.name for e in archive if e.system_identifier in (None, owner)}
         size = meta.get("wal_segment_size", DEFAULT_SEGMENT_SIZE)
         first = WalSegment.from_lsn(meta["start_lsn"], meta["timeline"], size)
         # The end position is just past the last record: at a segment's start, that record
@@ -521,7 +612,9 @@ def pitr(
                 FolderRestore(progress=progress),
             ),
         )
-        wanted, gap = recovery.wal_to_fetch(base, archived_wal(store, source.name))
+        wanted, gap = recovery.wal_to_fetch(
+            base, archived_wal(store, source.name, None, base_system_identifier(base))
+        )
         wal_folder = target_dir / recovery.WAL_CACHE_FOLDER
         wal_folder.mkdir()
         if goal.immediate:
@@ -601,7 +694,8 @@ def _fetch_wal_files(
                 store,
                 source,
                 entry.name,
-                folder / entry.name,
+                # A streamed partial segment is replayed as the segment it begins.
+                folder / entry.name.removesuffix(STREAMED_PARTIAL),
                 identities,
                 entry,
                 verifier,

@@ -40,7 +40,7 @@ from spark_backup.sources.postgres.server import (
     first_line,
     table_row_counts,
 )
-from spark_backup.sources.postgres.wal import ArchivedWal
+from spark_backup.sources.postgres.wal import ArchivedWal, newest_version
 from spark_backup.sources.postgres.walname import DEFAULT_SEGMENT_SIZE, WalSegment, lsn_value
 
 if TYPE_CHECKING:
@@ -249,7 +249,9 @@ def wal_to_fetch(
     base: Manifest, archive: list[ArchivedWal]
 ) -> tuple[list[ArchivedWal], str | None]:
     """The archived WAL recovery from ``base`` can use: timeline history files and every segment
-    from the base's start onward, up to the first gap; and the first missing segment, if any."""
+    from the base's start onward, up to the first gap, then the newest streamed partial segment
+    (``wal-receive``) of the segment after the last one, if any; and the first missing segment,
+    if any (a partial segment at the end is no gap: the WAL ends in it)."""
     meta = base.source_metadata
     size = meta.get("wal_segment_size", DEFAULT_SEGMENT_SIZE)
     start = WalSegment.from_lsn(meta["start_lsn"], meta["timeline"], size)
@@ -270,10 +272,19 @@ def wal_to_fetch(
             break
         usable.add(number)
         expected = expected.next()
-    return (
-        histories + [e for e in segments if WalSegment.from_name(e.name, size).number in usable],
-        gap,
-    )
+    wanted = histories + [
+        e for e in segments if WalSegment.from_name(e.name, size).number in usable
+    ]
+    partials = [
+        entry
+        for entry in archive
+        if entry.is_partial
+        and entry.timeline >= meta["timeline"]
+        and WalSegment.from_name(entry.name, size).number == expected.number
+    ]
+    if gap is None and partials:
+        wanted.append(newest_version(partials))
+    return wanted, gap
 
 
 def server_binary(name: str, major: int, bin_dir: Path | None) -> Path:
@@ -516,8 +527,10 @@ def wal_batches(wanted: list[ArchivedWal], target: dt.datetime | None) -> list[l
     it, so all of those come first, with the history files and a few segments beyond; later
     batches, each twice the size, are fetched only if recovery ends before reaching the target
     (it then resumes where it stopped). Without a target, all of it at once."""
-    histories = [entry for entry in wanted if not entry.is_segment]
+    histories = [entry for entry in wanted if not entry.is_segment and not entry.is_partial]
     segments = sorted((e for e in wanted if e.is_segment), key=lambda e: (e.position, e.timeline))
+    # A streamed partial segment, if any, is where the WAL ends: after every segment.
+    segments += [entry for entry in wanted if entry.is_partial]
     if target is None:
         return [histories + segments]
     before = sum(1 for entry in segments if entry.modified < target)
