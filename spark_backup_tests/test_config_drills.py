@@ -326,3 +326,32 @@ def test_parse_only_when_the_tunnel_probe_is_off(tmp_path: Path, age_key) -> Non
     report, step = _drill(service, tmp_path)
     assert report.passed, step.description
     assert "1 WireGuard configurations parsed (tunnel probe off in the plan)" in step.description
+
+
+def test_the_runbooks_tunnel_drill_by_hand(tmp_path: Path, age_key, netns) -> None:
+    """The runbook's by-hand block brings a restored configuration up with standard tools."""
+    from spark_backup_tests.test_runbooks import DOCS, fenced_blocks
+
+    vpn = _tree(tmp_path / "vpn", {"wireguard/wg0.conf": _gateway(_key())})
+    service = _service(tmp_path, age_key, [vpn], {"wireguard": {"configs": ["*.conf"]}})
+    (manifest,) = service.backup("cluster")
+    restored = tmp_path / "restored"
+    service.restore(manifest.id, restored)
+    (conf,) = restored.rglob("wg0.conf")
+    (script,) = [
+        b
+        for b in fenced_blocks(DOCS / "runbooks" / "config_archive.md", "bash")
+        if b.startswith("# A tunnel drill by hand")
+    ]
+    result = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script],
+        env={**os.environ, "CONF": str(conf), "STAGING": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "3 received" in result.stdout and "tunnel drill of" in result.stdout
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert "drillgw" not in listed and "drillpr" not in listed
+    assert not (tmp_path / "probe.key").exists()
