@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -179,7 +180,7 @@ def test_manifests_applied_into_a_fresh_namespace_and_deleted(tmp_path, age_key,
     report, step = _drill(service, tmp_path)
     assert report.passed, step.description
     namespace = step.metrics["namespace"]
-    assert namespace.startswith("drill-") and len(namespace) == len("drill-20261129-231500")
+    assert re.fullmatch(r"drill-\d{8}-\d{6}-[0-9a-f]{4}", namespace)
     calls = _calls(kubectl)
     assert [c["args"][:2] for c in calls] == [
         ["get", "namespace"],

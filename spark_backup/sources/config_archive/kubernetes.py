@@ -3,7 +3,7 @@ offline against the Kubernetes schemas (``kubernetes-validate``, which ships the
 the plan names a cluster, applied into a fresh namespace made for the drill, waited on until its
 workloads are ready, and deleted.
 
-The namespace is the drill's own: ``<prefix>-<UTC time>``, refused if it already exists (a
+The namespace is the drill's own: ``<prefix>-<UTC time>-<4 hex>``, refused if it already exists (a
 drill never reuses or deletes a namespace it did not create). Only namespaced objects are
 applied, with their ``metadata.namespace`` removed so that they land in the drill's namespace;
 cluster-scoped objects (namespaces, cluster roles, CRDs, ...) are validated but never applied,
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import secrets
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,7 +144,9 @@ def validate_manifests(
 
 
 def drill_namespace(prefix: str, now: dt.datetime) -> str:
-    return f"{prefix}-{now.astimezone(dt.UTC):%Y%m%d-%H%M%S}"
+    """``<prefix>-<UTC date and time>-<4 hex>``: two drills started in the same second (the
+    monthly drills of several sources) never pick the same name."""
+    return f"{prefix}-{now.astimezone(dt.UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
 
 
 class Kubectl:

@@ -22,8 +22,8 @@ def _globs(value: list[str]) -> list[str]:
 
 
 class KubernetesCluster(SettingsModel):
-    """Where a drill applies the restored manifests: a fresh namespace ``<prefix>-<UTC time>``
-    made for the drill, waited on until its workloads are ready, and deleted."""
+    """Where a drill applies the restored manifests: a fresh namespace
+    ``<prefix>-<UTC time>-<4 hex>`` made for the drill, waited on until its workloads are ready, and deleted."""
 
     kubectl: str = "kubectl"
     context: str | None = None

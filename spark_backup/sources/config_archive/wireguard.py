@@ -207,11 +207,17 @@ class _Tunnel:
         self.made: list[str] = []
         self.processes: list[subprocess.Popen[bytes]] = []
 
-    def run(self, *args: str, namespace: str | None = None, input: str | None = None) -> str:
+    def run(
+        self,
+        *args: str,
+        namespace: str | None = None,
+        input: str | None = None,
+        limit: float | None = None,
+    ) -> str:
         argv = ["ip", "netns", "exec", namespace, *args] if namespace else list(args)
         try:
             result = subprocess.run(
-                argv, input=input, capture_output=True, text=True, timeout=self.timeout
+                argv, input=input, capture_output=True, text=True, timeout=limit or self.timeout
             )
         except subprocess.TimeoutExpired:
             raise WireGuardError(
@@ -362,7 +368,7 @@ def probe_tunnel(config: WireGuardConfig, scratch: Path, timeout: float) -> Tunn
         try:
             output = tunnel.run(
                 "ping", "-c", "3", "-i", "0.2", "-w", str(deadline), "-q", str(gateway),
-                namespace=ns_pr,
+                namespace=ns_pr, limit=deadline + 10,
             )  # fmt: skip
         except WireGuardError:
             raise WireGuardError(
