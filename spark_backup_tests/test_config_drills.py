@@ -356,3 +356,64 @@ def test_the_runbooks_tunnel_drill_by_hand(tmp_path: Path, age_key, netns) -> No
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert "drillgw" not in listed and "drillpr" not in listed
     assert not (tmp_path / "probe.key").exists()
+
+
+# --- OpenVPN --------------------------------------------------------------------------------------
+
+SERVER = """\
+# the office gateway
+port 1194
+proto udp
+dev tun
+ca keys/ca.crt
+cert keys/server.crt
+key keys/server.key  # kept secret
+dh none
+client-config-dir ccd
+server 10.9.0.0 255.255.255.0
+<tls-crypt>
+-----BEGIN OpenVPN Static key V1-----
+00112233445566778899aabbccddeeff
+-----END OpenVPN Static key V1-----
+</tls-crypt>
+"""
+
+
+def _openvpn(tmp_path: Path, server: str, **files: str) -> Path:
+    tree = {"openvpn/server.conf": server, "openvpn/ccd/client1": "ifconfig-push 10.9.0.10\n"}
+    tree.update({f"openvpn/keys/{name}": text for name, text in files.items()})
+    return _tree(tmp_path / "vpn", tree)
+
+
+def test_openvpn_config_parsed_and_the_files_it_names_restored(tmp_path: Path, age_key) -> None:
+    vpn = _openvpn(
+        tmp_path, SERVER, **{"ca.crt": "ca\n", "server.crt": "crt\n", "server.key": "k\n"}
+    )
+    service = _service(tmp_path, age_key, [vpn], {"openvpn": {"configs": ["openvpn/*.conf"]}})
+    report, step = _drill(service, tmp_path)
+    assert report.passed, step.description
+    assert "1 OpenVPN configurations parsed, the 4 files they name restored" in step.description
+    assert step.metrics["openvpn_files_referenced"] == 4
+
+
+@pytest.mark.parametrize(
+    ("server", "expected"),
+    [
+        (SERVER, "openvpn/server.conf:7: key keys/server.key: the copy does not hold it"),
+        (
+            SERVER.replace("</tls-crypt>\n", ""),
+            "openvpn/server.conf:11: <tls-crypt> is never closed",
+        ),
+        (
+            SERVER.replace("proto udp", "proto quic"),
+            "openvpn/server.conf:3: proto: unknown protocol",
+        ),
+        (SERVER.replace("port 1194", "port 99999"), "openvpn/server.conf:2: port: expected a port"),
+    ],
+)
+def test_a_broken_openvpn_config_fails_the_drill(tmp_path: Path, age_key, server, expected) -> None:
+    vpn = _openvpn(tmp_path, server, **{"ca.crt": "ca\n", "server.crt": "crt\n"})
+    service = _service(tmp_path, age_key, [vpn], {"openvpn": {"configs": ["*.conf"]}})
+    report, step = _drill(service, tmp_path)
+    assert not report.passed and expected in step.description
+    assert "00112233445566778899aabbccddeeff" not in step.description

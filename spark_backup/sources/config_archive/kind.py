@@ -146,7 +146,8 @@ class ConfigArchiveKind(SourceKind[ConfigArchiveSource], Observable, SemanticChe
         """Restore into ``scratch`` and count what arrived against what the backup archived;
         every regular file must read to its end. Then what the source's ``drill`` asks for: the
         Kubernetes manifests validated (and applied into a namespace of the drill's own), the
-        WireGuard configurations parsed and brought up as a tunnel."""
+        WireGuard configurations parsed and brought up as a tunnel, the OpenVPN configurations
+        parsed with every file they name."""
         target = scratch / "tree"
         try:
             self.restore_to_folder(copy, identities, target, FolderRestore())
@@ -200,4 +201,9 @@ class ConfigArchiveKind(SourceKind[ConfigArchiveSource], Observable, SemanticChe
 
             wireguard = source.drill.wireguard
             checks.append(lambda tree, scratch: wireguard_drill(tree, wireguard, scratch))
+        if source.drill.openvpn is not None:
+            from spark_backup.sources.config_archive.openvpn import openvpn_drill
+
+            openvpn = source.drill.openvpn
+            checks.append(lambda tree, scratch: openvpn_drill(tree, openvpn))
         return checks

@@ -77,11 +77,24 @@ class WireGuardDrill(SettingsModel):
         return _globs(value)
 
 
+class OpenVpnDrill(SettingsModel):
+    """The restored OpenVPN configurations (globs over the archived paths) parsed, and every
+    file they name (keys, certificates, CRL, client-config folder) present in the copy."""
+
+    configs: list[str] = Field(min_length=1)
+
+    @field_validator("configs")
+    @classmethod
+    def _valid_globs(cls, value: list[str]) -> list[str]:
+        return _globs(value)
+
+
 class ConfigDrill(SettingsModel):
     """What a restore drill proves of the restored tree beyond its file counts."""
 
     kubernetes: KubernetesDrill | None = None
     wireguard: WireGuardDrill | None = None
+    openvpn: OpenVpnDrill | None = None
 
 
 class ConfigArchiveSource(SourceSettings):
