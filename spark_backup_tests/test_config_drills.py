@@ -417,3 +417,60 @@ def test_a_broken_openvpn_config_fails_the_drill(tmp_path: Path, age_key, server
     report, step = _drill(service, tmp_path)
     assert not report.passed and expected in step.description
     assert "00112233445566778899aabbccddeeff" not in step.description
+
+
+def test_a_failed_tunnel_drill_in_dagster_opens_one_ticket(tmp_path: Path, age_key, netns) -> None:
+    """Through Dagster: the drill asset's restore_drill check fails on a tunnel that carries
+    nothing, check_failures opens exactly one ticket, and no namespace is left behind."""
+    from dagster import DagsterInstance, build_sensor_context
+
+    from spark_backup.defs.build import build_definitions
+    from spark_backup.defs.drills import DRILL_CHECK, drill_asset_key
+    from spark_backup.defs.sensors import CHECK_FAILURE_SENSOR
+    from spark_backup.notify.desk import OUTBOX
+
+    vpn = _tree(tmp_path / "vpn", {"wireguard/wg0.conf": _gateway("A" * 43 + "=")})
+    plan = plan_dict(
+        [age_key[1]],
+        [
+            config_source(
+                "vpn_gw",
+                [str(vpn)],
+                cadence="daily",
+                drill={"wireguard": {"configs": ["*.conf"], "timeout": "3s"}},
+            )
+        ],
+        notifications={"state_dir": "notifications"},
+    )
+    plan["encryption"]["identity_file"] = str(age_key[0])
+    path = write_plan(tmp_path, plan)
+    (copy,) = BackupService.from_path(path).backup("vpn_gw")
+    defs = build_definitions(load_plan(path))
+    with DagsterInstance.ephemeral() as instance:
+        result = defs.resolve_job_def("daily_drills").execute_in_process(
+            instance=instance,
+            partition_key=copy.partition,
+            asset_selection=[drill_asset_key("vpn_gw")],
+            raise_on_error=False,
+            run_config={"loggers": {"console": {"config": {"log_level": "ERROR"}}}},
+        )
+        checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
+        assert not checks[DRILL_CHECK].passed
+        assert "no reply from 10.8.0.1 through the tunnel" in checks[DRILL_CHECK].description
+        assert _drill_namespaces() == []
+        context = build_sensor_context(
+            instance=instance,
+            definitions=defs,
+            resources=defs.get_repository_def().get_top_level_resources(),
+        )
+        cursor = defs.resolve_sensor_def(CHECK_FAILURE_SENSOR).evaluate_tick(context).cursor
+        opened = [json.loads(line) for line in (tmp_path / "notifications" / OUTBOX).open()]
+        assert [(e["action"], DRILL_CHECK in e["title"]) for e in opened] == [("open", True)]
+        context = build_sensor_context(
+            instance=instance,
+            cursor=cursor,
+            definitions=defs,
+            resources=defs.get_repository_def().get_top_level_resources(),
+        )
+        defs.resolve_sensor_def(CHECK_FAILURE_SENSOR).evaluate_tick(context)
+        assert len((tmp_path / "notifications" / OUTBOX).read_text().splitlines()) == 1
