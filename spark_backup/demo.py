@@ -61,7 +61,9 @@ ESTATE: dict[str, tuple[int, str]] = {
     "k8s/manifests/vllm-deployment.yaml": (
         0o644,
         "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: vllm, namespace: llm}\n"
-        "spec:\n  replicas: 2\n",
+        "spec:\n  replicas: 2\n  selector: {matchLabels: {app: vllm}}\n  template:\n"
+        "    metadata: {labels: {app: vllm}}\n"
+        "    spec: {containers: [{name: vllm, image: 'vllm/vllm-openai:v0.6.3'}]}\n",
     ),
     "k8s/helm/values/vllm.yaml": (
         0o644,

@@ -154,3 +154,100 @@ def webhook_server() -> Iterator[Webhook]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+@dataclass
+class GitHub:
+    """The part of GitHub's REST API the github ticket backend uses, kept in memory: list a
+    repository's issues (state, labels, pages), open one, comment on one. Bearer auth with
+    ``token``; 401 "Bad credentials" otherwise, as GitHub answers."""
+
+    url: str
+    token: str
+    repository: str = "acme/platform"
+    issues: list[dict[str, Any]] = field(default_factory=list)
+    comments: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
+    requests: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
+
+
+@contextmanager
+def github_server(token: str) -> Iterator[GitHub]:
+    port = free_port()
+    hub = GitHub(f"http://127.0.0.1:{port}", token)
+    prefix = f"/repos/{hub.repository}/issues"
+
+    class Handler(BaseHTTPRequestHandler):
+        def _answer(self, status: int, payload: Any) -> None:
+            body = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def _allowed(self) -> bool:
+            hub.requests.append((self.command, self.path, dict(self.headers)))
+            if self.headers.get("Authorization") != f"Bearer {hub.token}":
+                self._answer(401, {"message": "Bad credentials", "status": "401"})
+                return False
+            return True
+
+        def do_GET(self):
+            if not self._allowed():
+                return
+            url = urllib.parse.urlsplit(self.path)
+            if url.path != prefix:
+                return self._answer(404, {"message": "Not Found"})
+            query = dict(urllib.parse.parse_qsl(url.query))
+            wanted = set(filter(None, query.get("labels", "").split(",")))
+            state = query.get("state", "open")
+            found = [
+                i
+                for i in hub.issues
+                if (state == "all" or i["state"] == state)
+                and wanted <= {label["name"] for label in i["labels"]}
+            ]
+            found.sort(key=lambda i: -i["number"])  # newest first, as GitHub lists them
+            per_page, page = int(query.get("per_page", 30)), int(query.get("page", 1))
+            self._answer(200, found[(page - 1) * per_page : page * per_page])
+
+        def do_POST(self):
+            if not self._allowed():
+                return
+            payload = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+            path = urllib.parse.urlsplit(self.path).path
+            if path == prefix:
+                if not payload.get("title"):
+                    return self._answer(422, {"message": "Validation Failed"})
+                number = len(hub.issues) + 1
+                issue = {
+                    "number": number,
+                    "title": payload["title"],
+                    "body": payload.get("body", ""),
+                    "state": "open",
+                    "labels": [{"name": n} for n in payload.get("labels", [])],
+                    "html_url": f"https://github.example/{hub.repository}/issues/{number}",
+                }
+                hub.issues.append(issue)
+                return self._answer(201, issue)
+            parts = path.removeprefix(prefix + "/").split("/")
+            if len(parts) == 2 and parts[1] == "comments" and parts[0].isdigit():
+                number = int(parts[0])
+                if not any(i["number"] == number for i in hub.issues):
+                    return self._answer(404, {"message": "Not Found"})
+                comment = {"id": sum(map(len, hub.comments.values())) + 1, "body": payload["body"]}
+                hub.comments.setdefault(number, []).append(comment)
+                return self._answer(201, comment)
+            self._answer(404, {"message": "Not Found"})
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield hub
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -8,8 +8,14 @@ import json
 import time
 from pathlib import Path
 
+from dagster import DagsterInstance, build_sensor_context
+
+from spark_backup.defs.alerts import ALERTS_SENSOR
+from spark_backup.defs.build import build_definitions
+from spark_backup.defs.drills import drill_asset_key
 from spark_backup.engine.pipeline import utcnow
 from spark_backup.notify.desk import LEDGER, OUTBOX
+from spark_backup.plan import load_plan
 from spark_backup.service import BackupService
 from spark_backup.service.alerts import DRILL_OVERDUE_ALERT, FRESHNESS_ALERT
 from spark_backup_tests.helpers import config_source, plan_dict, run_cli, write_plan
@@ -92,3 +98,71 @@ def test_cli_dry_run_sends_nothing_then_alerts_send_once(tmp_path: Path, age_key
         assert len(mailbox.messages) == 1
         assert len((state / OUTBOX).read_text().splitlines()) == 1
         assert json.loads((state / LEDGER).read_text())["pending"] == []
+
+
+def _alerts_tick(defs, instance, cursor):
+    context = build_sensor_context(
+        instance=instance,
+        cursor=cursor,
+        definitions=defs,
+        resources=defs.get_repository_def().get_top_level_resources(),
+    )
+    result = defs.resolve_sensor_def(ALERTS_SENSOR).evaluate_tick(context)
+    return list(result.run_requests or []), result.cursor
+
+
+def test_the_alerts_sensor_sends_each_alert_once_and_runs_an_overdue_drill(
+    tmp_path: Path, age_key, estate
+) -> None:
+    """The evaluation of `spark-backup alerts`, as a Dagster sensor: tickets and mail for each
+    new alert, an overdue drill requested under a stable run key, nothing sent twice."""
+    with smtp_server() as mailbox:
+        plan = _plan(
+            tmp_path,
+            age_key,
+            estate,
+            email={"port": mailbox.port, "sender": "s@example.com", "to": ["sec@example.com"]},
+        )
+        service = BackupService.from_path(plan)
+        (copy,) = service.backup("vpn_config")
+        defs = build_definitions(load_plan(plan))
+        outbox = tmp_path / "notifications" / OUTBOX
+        with DagsterInstance.ephemeral() as instance:
+            requests, cursor = _alerts_tick(defs, instance, None)
+            # vpn_config never drilled (a drill is requested); k8s_config has no copy at all
+            # and was never drilled (nothing to drill: its freshness alert says why).
+            opened = [json.loads(line) for line in outbox.read_text().splitlines()]
+            assert sorted(e["title"] for e in opened) == sorted(
+                [
+                    f"spark-backup: {DRILL_OVERDUE_ALERT} failed for vpn_config (no partition)",
+                    f"spark-backup: {DRILL_OVERDUE_ALERT} failed for k8s_config (no partition)",
+                    f"spark-backup: {FRESHNESS_ALERT} failed for k8s_config (no partition)",
+                ]
+            )
+            assert len(mailbox.messages) == 3
+            (request,) = requests
+            assert request.partition_key == copy.partition
+            assert request.asset_selection == [drill_asset_key("vpn_config")]
+            assert request.run_key == (
+                f"{ALERTS_SENSOR}:drills/vpn_config:{copy.partition}:"
+                f"alert:{DRILL_OVERDUE_ALERT}:never"
+            )
+            assert len(json.loads(cursor)["open"]) == 3
+            # The same state: the same run key (Dagster launches a key once), nothing sent;
+            # with the cursor lost too, the desk recognises every alert's event.
+            for again_cursor in (cursor, None):
+                again, _ = _alerts_tick(defs, instance, again_cursor)
+                assert [r.run_key for r in again] == [request.run_key]
+                assert len(outbox.read_text().splitlines()) == 3
+                assert len(mailbox.messages) == 3
+            # The drill runs (as the requested run would): its alert clears, nothing requested.
+            result = defs.resolve_job_def("daily_drills").execute_in_process(
+                instance=instance,
+                partition_key=request.partition_key,
+                asset_selection=request.asset_selection,
+                raise_on_error=False,
+            )
+            assert result.success
+            cleared, cursor = _alerts_tick(defs, instance, cursor)
+            assert cleared == []
+            assert all("vpn_config" not in event for event in json.loads(cursor)["open"])

@@ -11,8 +11,12 @@ from dagster import DagsterInstance
 
 from spark_backup.defs.build import build_definitions
 from spark_backup.defs.kpis import KPI_JOB
+from spark_backup.engine.pipeline import utcnow
+from spark_backup.notify import Failure
+from spark_backup.notify.desk import RUN_FAILED
 from spark_backup.plan import load_plan
 from spark_backup.service import BackupService
+from spark_backup.service.kpis import period_key
 from spark_backup_tests.helpers import config_source, plan_dict, run_cli, write_plan
 
 QUIET = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
@@ -61,6 +65,14 @@ def test_monitor_prints_a_table_json_and_prometheus_text(tmp_path: Path, age_key
     )
     assert 'spark_backup_drill_passed{source="vpn_config",artifact="archive"} 1.0' in samples
     assert 'spark_backup_rto_seconds{source="k8s_config",artifact="archive"} 7200.0' in samples
+    by_week = json.loads(
+        run_cli("--plan", plan, "monitor", "--history", "week", "--json", check=True).stdout
+    )
+    assert [(r["source"], r["period"], r["backups"], r["verified_rate"]) for r in by_week] == [
+        ("vpn_config", "week", 1, 1.0)
+    ]
+    month = run_cli("--plan", plan, "monitor", "--history", "month", check=True).stdout
+    assert "vpn_config" in month and "100.0 %" in month and "1/1" in month
     metrics = {s.split("{")[0] for s in samples}
     for metric in metrics:
         assert f"# TYPE {metric} gauge" in text and f"# HELP {metric} " in text
@@ -81,3 +93,42 @@ def test_kpi_asset_plots_the_figures_per_source(tmp_path: Path, age_key, estate:
         assert metadata["vpn_config.archive.rto_seconds"].value == 1800
         assert "k8s_config.archive.bytes" not in metadata
         assert "| vpn_config | archive |" in metadata["table"].value
+
+
+def test_kpi_history_per_day_week_and_month(tmp_path: Path, age_key, estate: Path) -> None:
+    """Success rate (failed runs from the journal), verified rate (copies whose drill passed)
+    and the restore time of each drill, per period; the asset plots the current ones."""
+    plan = _plan(tmp_path, age_key, estate)
+    service = BackupService.from_path(plan)
+    (first,) = service.backup("vpn_config")
+    (second,) = service.backup("vpn_config")
+    report = service.drill("vpn_config")  # the partition's newest copy: the second
+    assert [s.copy_id for s in report.steps] == [second.id]
+    service.report_failure(
+        Failure("vpn_config", first.partition, RUN_FAILED, "run:r1", "run r1 failed")
+    )
+    rows = {(r.source, r.period): r for r in service.kpi_history()}
+    assert {source for source, _ in rows} == {"vpn_config"}  # k8s_config: nothing yet
+    for period in ("day", "week", "month"):
+        row = rows[("vpn_config", period)]
+        assert row.key == period_key(period, second.finished)
+        assert (row.backups, row.failed_runs, row.success_rate) == (2, 1, 0.6667)
+        assert (row.verified, row.verified_rate) == (1, 0.5)
+        assert (row.drills, row.drills_passed) == (1, 1)
+        assert row.restore_seconds_max == report.restore_seconds == row.restore_seconds_mean
+        assert row.rto_seconds == 1800
+    assert re.fullmatch(r"\d{4}-W\d{2}", rows[("vpn_config", "week")].key)
+
+    defs = build_definitions(load_plan(plan))
+    with DagsterInstance.ephemeral() as instance:
+        result = defs.resolve_job_def(KPI_JOB).execute_in_process(
+            instance=instance, run_config=QUIET
+        )
+        (materialization,) = result.asset_materializations_for_node("kpis__backups")
+        metadata = materialization.metadata
+        if period_key("month", utcnow()) == rows[("vpn_config", "month")].key:
+            assert metadata["vpn_config.month.success_rate"].value == 0.6667
+            assert metadata["vpn_config.month.verified_rate"].value == 0.5
+        history = metadata["history"].value
+        day = rows[("vpn_config", "day")].key
+        assert f"| vpn_config | {day} | 2 | 1 | 66.7 % | 50.0 % | 1 | 1 |" in history

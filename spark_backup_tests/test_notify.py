@@ -34,6 +34,7 @@ from spark_backup_tests.helpers import config_source, flip_last_byte, plan_dict,
 from spark_backup_tests.notify_servers import (
     SMTP_PASSWORD,
     SMTP_USER,
+    github_server,
     jira_server,
     smtp_server,
     webhook_server,
@@ -143,6 +144,103 @@ def test_a_backend_down_queues_says_so_once_and_delivers_later(tmp_path: Path, m
         assert desk.tickets()["vpn_config/2026-11-29/checksum"]["ticket"] == "HOOK-1"
 
 
+def _github(hub, **extra) -> Notifications:
+    return Notifications.model_validate(
+        {
+            "tickets": {
+                "backend": "github",
+                "url": hub.url,
+                "repository": hub.repository,
+                "token_env": "GITHUB_TOKEN",
+                "labels": ["spark-backup", "backup-failure"],
+                **extra,
+            }
+        }
+    )
+
+
+def test_github_issues_one_per_failure_commented_on_recurrence(tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("GITHUB_TOKEN", TOKEN)
+    with github_server(TOKEN) as hub:
+        desk = TicketDesk(_github(hub), tmp_path / "state")
+        opened = desk.report(_failure("run:1"))
+        assert (opened.action, opened.ticket) == ("opened", "acme/platform#1")
+        assert desk.report(_failure("run:1")).action == "duplicate"
+        assert desk.report(_failure("run:2")).ticket == "acme/platform#1"
+        other = desk.report(_failure("run:3", partition="2026-11-30"))
+        assert other.ticket == "acme/platform#2"
+        assert [i["title"] for i in hub.issues] == [
+            _failure().title(),
+            _failure(partition="2026-11-30").title(),
+        ]
+        assert {label["name"] for label in hub.issues[0]["labels"]} == {
+            "spark-backup",
+            "backup-failure",
+        }
+        assert "check: checksum" in hub.issues[0]["body"]
+        (comment,) = hub.comments[1]
+        assert comment["body"].startswith("Recurred.") and "event: run:2" in comment["body"]
+        headers = {name.lower(): value for name, value in hub.requests[0][2].items()}
+        assert headers["x-github-api-version"] == "2022-11-28"
+        assert headers["accept"] == "application/vnd.github+json"
+        state = (tmp_path / "state" / "ledger.json").read_text()
+        assert TOKEN not in state
+
+
+def test_github_dedupes_by_title_when_the_ledger_is_lost(tmp_path: Path, monkeypatch):
+    """A fresh state folder (a new machine) finds the open issue by its stable title."""
+    monkeypatch.setenv("GITHUB_TOKEN", TOKEN)
+    with github_server(TOKEN) as hub:
+        # Enough newer open issues that the match (the oldest) is on the second page.
+        for n in range(120):
+            hub.issues.append(
+                {
+                    "number": n + 2,
+                    "title": f"other {n}",
+                    "state": "open",
+                    "labels": [{"name": "spark-backup"}, {"name": "backup-failure"}],
+                }
+            )
+        hub.issues.insert(
+            0,
+            {
+                "number": 1,
+                "title": _failure().title(),
+                "state": "open",
+                "labels": [{"name": "spark-backup"}, {"name": "backup-failure"}],
+            },
+        )
+        first = TicketDesk(_github(hub), tmp_path / "one").report(_failure("run:1"))
+        assert first.ticket == "acme/platform#1"
+        again = TicketDesk(_github(hub), tmp_path / "two").report(_failure("run:2"))
+        assert again.ticket == "acme/platform#1"
+        assert len(hub.issues) == 121  # nothing new opened
+        assert [c["body"].split("\n")[0] for c in hub.comments[1]] == [
+            "Recurred (the issue was already open).",
+            "Recurred (the issue was already open).",
+        ]
+        pages = [p for method, p, _ in hub.requests if method == "GET"]
+        assert any("page=2" in p for p in pages)
+        # A closed issue of the same title is not reopened silently: a new one opens.
+        hub.issues[0]["state"] = "closed"
+        fresh = TicketDesk(_github(hub), tmp_path / "three").report(_failure("run:3"))
+        assert fresh.action == "opened" and fresh.ticket == "acme/platform#122"
+
+
+def test_github_refusing_the_token_queues_and_says_so_once(tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("GITHUB_TOKEN", "wrong-token")
+    with github_server(TOKEN) as hub:
+        desk = TicketDesk(_github(hub), tmp_path)
+        first = desk.report(_failure("run:1"))
+        assert first.action == "queued" and "HTTP 401" in first.warning
+        assert "refused the credentials" in first.warning and "wrong-token" not in first.warning
+        assert desk.report(_failure("run:2", partition="2026-11-30")).warning is None
+        assert hub.issues == []
+        monkeypatch.setenv("GITHUB_TOKEN", TOKEN)
+        assert len(desk.retry()) == 2 and desk.pending() == []
+        assert [i["number"] for i in hub.issues] == [1, 2]
+
+
 def test_an_unreachable_smtp_server_queues_the_mail(tmp_path: Path) -> None:
     with smtp_server() as mailbox:
         port = mailbox.port
@@ -160,6 +258,7 @@ def test_an_unreachable_smtp_server_queues_the_mail(tmp_path: Path) -> None:
         ({"tickets": {"backend": "jira", "url": "http://j", "token": "x"}}, "inline secret"),
         ({"tickets": {"backend": "jira", "url": "http://j"}}, "needs project"),
         ({"tickets": {"backend": "webhook"}}, "needs url"),
+        ({"tickets": {"backend": "github", "url": "http://g"}}, "needs repository"),
         ({"email": {"sender": "a@b.c", "to": ["d@e.f"], "password": "x"}}, "password_env"),
     ],
 )

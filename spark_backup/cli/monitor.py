@@ -15,16 +15,28 @@ from spark_backup.console import size, stdout
 if TYPE_CHECKING:
     from rich.table import Table
 
-    from spark_backup.service.kpis import Kpi
+    from spark_backup.service.kpis import Kpi, KpiPeriod
 
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per source artifact.")
 @click.option("--prometheus", is_flag=True, help="Prometheus text format (node-exporter textfile).")
+@click.option(
+    "--history",
+    type=click.Choice(["day", "week", "month"]),
+    help="The KPI history per source and period: success rate, verified rate, drill times.",
+)
 @pass_state
-def monitor(state: CliState, as_json: bool, prometheus: bool) -> None:
+def monitor(state: CliState, as_json: bool, prometheus: bool, history: str | None) -> None:
     """Last success, backup duration, volume, compression and the last drill with its restore
-    time beside the RTO, per source artifact."""
+    time beside the RTO, per source artifact (``--history``: per day, week or month)."""
+    if history:
+        periods = state.service.kpi_history((history,))
+        if as_json:
+            click.echo(json.dumps([row.to_dict() for row in periods], indent=2))
+        else:
+            stdout.print(history_table(periods))
+        return
     rows = state.service.kpis()
     if as_json:
         click.echo(json.dumps([row.to_dict() for row in rows], indent=2))
@@ -72,6 +84,39 @@ def kpi_table(rows: list[Kpi]) -> Table:
             (
                 f"{row.restore_seconds:.1f} s / {row.rto_seconds / 3600:g} h"
                 if row.restore_seconds is not None
+                else f"- / {row.rto_seconds / 3600:g} h"
+            ),
+        )
+    return table
+
+
+def history_table(rows: list[KpiPeriod]) -> Table:
+    from rich.table import Table
+
+    table = Table()
+    for column in (
+        "source",
+        "period",
+        "backups",
+        "failed runs",
+        "success",
+        "verified",
+        "drills",
+        "restore max / RTO",
+    ):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(
+            row.source,
+            row.key,
+            str(row.backups),
+            str(row.failed_runs),
+            f"{100 * row.success_rate:.1f} %" if row.success_rate is not None else "-",
+            f"{100 * row.verified_rate:.1f} %" if row.verified_rate is not None else "-",
+            f"{row.drills_passed}/{row.drills}",
+            (
+                f"{row.restore_seconds_max:.1f} s / {row.rto_seconds / 3600:g} h"
+                if row.restore_seconds_max is not None
                 else f"- / {row.rto_seconds / 3600:g} h"
             ),
         )

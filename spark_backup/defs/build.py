@@ -16,6 +16,7 @@ from dagster import (
 )
 from dagster_aws.s3 import S3Resource
 
+from spark_backup.defs.alerts import build_alerts_sensor
 from spark_backup.defs.assets import (
     backup_asset_key,
     build_backup_asset,
@@ -218,6 +219,7 @@ def build_definitions(
         schedules=schedules,
         sensors=[
             build_drill_sensor(drill_targets, drill_jobs),
+            build_alerts_sensor(drill_targets, drill_jobs),
             build_run_failure_sensor(sources_by_asset),
             build_check_failure_sensor(
                 sources_by_asset,

@@ -1,11 +1,18 @@
 """``kpis/backups``: the KPIs of every source (``service/kpis.py``) as metadata the UI plots
 over time (one float per source artifact and figure), materialized hourly. It reads the stores
-only, so it has no upstream assets."""
+only, so it has no upstream assets.
+
+The KPI history rides along: per source, the success rate, verified rate and the slowest
+drill's restore time of the current day, ISO week and month as floats
+(``<source>.<period>.<figure>``, plotted like the others), and the whole history as a table
+(``history``)."""
 
 from dagster import AssetKey, AssetsDefinition, MaterializeResult, MetadataValue, asset
 
 from spark_backup.defs.resources import SparkBackupResource
+from spark_backup.engine.pipeline import utcnow
 from spark_backup.plan import LoadedPlan
+from spark_backup.service.kpis import period_key
 
 KPI_ASSET = AssetKey(["kpis", "backups"])
 KPI_GROUP = "kpis"
@@ -21,6 +28,9 @@ PLOTTED = (
     "restore_seconds",
     "rto_seconds",
 )
+# Figures of the current day, week and month plotted per source, as
+# ``<source>.<period>.<figure>``.
+HISTORY_PLOTTED = ("success_rate", "verified_rate", "restore_seconds_max")
 
 
 def build_kpi_asset(loaded: LoadedPlan) -> AssetsDefinition:
@@ -44,9 +54,45 @@ def build_kpi_asset(loaded: LoadedPlan) -> AssetsDefinition:
             if row.last_success:
                 metadata[f"{prefix}.last_success"] = row.last_success
         metadata["table"] = MetadataValue.md(kpi_markdown(rows))
+        history = spark_backup.service.kpi_history()
+        now = utcnow()
+        for row in history:
+            if row.key != period_key(row.period, now):
+                continue
+            for figure in HISTORY_PLOTTED:
+                value = getattr(row, figure)
+                if value is not None:
+                    metadata[f"{row.source}.{row.period}.{figure}"] = MetadataValue.float(
+                        float(value)
+                    )
+        metadata["history"] = MetadataValue.md(history_markdown(history))
         return MaterializeResult(metadata=metadata)
 
     return backup_kpis
+
+
+def history_markdown(rows) -> str:
+    lines = [
+        "| source | period | backups | failed runs | success rate | verified rate | drills "
+        "| passed | restore s max | restore s mean | RTO s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.source} | {r.key} | {r.backups} | {r.failed_runs} | "
+            f"{_percent(r.success_rate)} | {_percent(r.verified_rate)} | {r.drills} | "
+            f"{r.drills_passed} | {_seconds(r.restore_seconds_max)} | "
+            f"{_seconds(r.restore_seconds_mean)} | {r.rto_seconds:g} |"
+        )
+    return "\n".join(lines)
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f} %"
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def kpi_markdown(rows) -> str:

@@ -1,5 +1,5 @@
 """Where tickets and messages go: the outbox (JSON lines, the embedded default), a generic
-webhook, Jira REST v2, and SMTP. Each raises ``DeliveryError`` with one line that names the
+webhook, Jira REST v2, GitHub issues (REST), and SMTP. Each raises ``DeliveryError`` with one line that names the
 endpoint and never a credential; ``rejected`` tells a refused credential from a down service."""
 
 from __future__ import annotations
@@ -86,12 +86,27 @@ def post_json(
 ) -> dict[str, Any]:
     """POST ``payload``; the answer's JSON (or ``{}``). Errors name ``shown_url`` (default
     ``url``), never the headers."""
+    answer = request_json(name, "POST", url, payload, headers, timeout, shown_url)
+    return answer if isinstance(answer, dict) else {}
+
+
+def request_json(
+    name: str,
+    method: str,
+    url: str,
+    payload: dict[str, Any] | None,
+    headers: dict[str, str],
+    timeout: float,
+    shown_url: str | None = None,
+) -> Any:
+    """One HTTP request with a JSON body (or none); the answer's JSON (``{}`` if empty or not
+    JSON). Errors name ``shown_url`` (default ``url``), never the headers."""
     shown = shown_url or url
     request = urllib.request.Request(
         url,
-        json.dumps(payload).encode("utf-8"),
+        json.dumps(payload).encode("utf-8") if payload is not None else None,
         {"Content-Type": "application/json", "Accept": "application/json", **headers},
-        method="POST",
+        method=method,
     )
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
@@ -183,9 +198,74 @@ class JiraBackend(_HttpBackend):
         self._post(f"{self.base}/rest/api/2/issue/{ticket}/comment", {"body": body})
 
 
+class GitHubBackend(_HttpBackend):
+    """GitHub issues through the REST API (``url`` is the API root: ``https://api.github.com``
+    or GitHub Enterprise's ``https://HOST/api/v3``), authenticated with a token as a bearer.
+
+    A failure's title is its stable dedup key (source, partition, check): the desk's ledger
+    deduplicates, and so does GitHub itself, so that a lost ledger (a new machine, a fresh pod)
+    never opens a second issue: before opening, the open issues with the plan's labels are
+    searched for the same title, and a match is commented on instead."""
+
+    name = "github"
+    # Open issues with the labels looked through before opening one (100 a page).
+    MAX_PAGES = 10
+
+    def _headers(self) -> dict[str, str]:
+        token = _secret(self.settings.token_env, "github tickets")
+        return {
+            "Accept": "application/vnd.github+json",
+            "X-GitHub-Api-Version": "2022-11-28",
+            **({"Authorization": f"Bearer {token}"} if token else {}),
+        }
+
+    @property
+    def _issues(self) -> str:
+        return f"{self.base}/repos/{self.settings.repository}/issues"
+
+    def _get(self, url: str) -> Any:
+        return request_json(
+            self.name, "GET", url, None, self._headers(), self.settings.timeout.total_seconds()
+        )
+
+    def find(self, title: str, labels: list[str]) -> int | None:
+        """The number of an open issue with this title and the labels, if there is one."""
+        query = {"state": "open", "per_page": "100"}
+        if labels:
+            query["labels"] = ",".join(labels)
+        for page in range(1, self.MAX_PAGES + 1):
+            found = self._get(f"{self._issues}?{urllib.parse.urlencode({**query, 'page': page})}")
+            if not isinstance(found, list):
+                raise DeliveryError(f"github at {self.base} answered the issue list without a list")
+            for issue in found:
+                # The issues API lists pull requests too; they are never tickets.
+                if issue.get("title") == title and "pull_request" not in issue:
+                    return int(issue["number"])
+            if len(found) < 100:
+                return None
+        return None
+
+    def open(self, title: str, body: str, labels: list[str]) -> str:
+        existing = self.find(title, labels)
+        if existing is not None:
+            ticket = f"{self.settings.repository}#{existing}"
+            self.comment(ticket, f"Recurred (the issue was already open).\n\n{body}")
+            return ticket
+        answer = self._post(self._issues, {"title": title, "body": body, "labels": labels})
+        if "number" not in answer:
+            raise DeliveryError(f"github at {self.base} answered without an issue number")
+        return f"{self.settings.repository}#{answer['number']}"
+
+    def comment(self, ticket: str, body: str) -> None:
+        number = ticket.rpartition("#")[2]
+        self._post(f"{self._issues}/{number}/comments", {"body": body})
+
+
 def ticket_backend(settings: TicketSettings, outbox: Path) -> TicketBackend:
     if settings.backend == "jira":
         return JiraBackend(settings)
+    if settings.backend == "github":
+        return GitHubBackend(settings)
     if settings.backend == "webhook":
         return WebhookBackend(settings)
     return OutboxBackend(outbox)

@@ -28,12 +28,15 @@ def _refuse_inline_secrets(data: Any) -> Any:
 
 class TicketSettings(SettingsModel):
     """``outbox``: JSON lines in the state folder (the embedded default); ``webhook``: a JSON
-    POST to ``url``; ``jira``: Jira REST v2 at ``url`` in ``project``."""
+    POST to ``url``; ``jira``: Jira REST v2 at ``url`` in ``project``; ``github``: GitHub issues
+    in ``repository`` through the REST API at ``url`` (``https://api.github.com``)."""
 
-    backend: Literal["outbox", "webhook", "jira"] = "outbox"
+    backend: Literal["outbox", "webhook", "jira", "github"] = "outbox"
     url: str | None = Field(None, pattern=r"^https?://")
     project: str | None = None
     issue_type: str = "Task"
+    # GitHub: OWNER/NAME.
+    repository: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$")
     # Jira: basic auth as ``user`` with the token (or password) in ``token_env``; without a
     # user, the token is sent as a bearer token (Jira personal access tokens, webhooks).
     user: str | None = None
@@ -49,6 +52,8 @@ class TicketSettings(SettingsModel):
             raise ValueError(f"tickets backend {self.backend} needs url")
         if self.backend == "jira" and not self.project:
             raise ValueError("tickets backend jira needs project (a project key)")
+        if self.backend == "github" and not self.repository:
+            raise ValueError("tickets backend github needs repository (OWNER/NAME)")
         return self
 
 

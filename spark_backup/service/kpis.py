@@ -1,14 +1,28 @@
 """KPIs per source artifact, from the stores alone: last success, backup duration, volume,
 compression, and the last drill with its restore time beside the RTO. The same figures feed
-``spark-backup monitor`` (table, JSON, Prometheus text) and the ``kpis/backups`` asset."""
+``spark-backup monitor`` (table, JSON, Prometheus text) and the ``kpis/backups`` asset.
+
+The KPI history (``kpi_history``) groups the same facts per source and per UTC day, ISO week
+and month (plain Python: pandas is not a dependency):
+
+- ``success_rate``: backups that committed a copy over those attempted; a failed backup run is
+  known from the orchestration journal's ``failure`` entries (check ``run``), so without a
+  journal every attempt seen is a success;
+- ``verified_rate``: of the copies committed in the period, those whose newest restore drill
+  passed within the RTO;
+- per drill finished in the period: its restore time (``drill_seconds``) beside the RTO, as
+  ``drills``, ``drills_passed``, ``restore_seconds_max`` and ``restore_seconds_mean``.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 from dataclasses import asdict, dataclass
 
 from spark_backup.engine.catalog import latest_per_part
 from spark_backup.engine.pipeline import utcnow
+from spark_backup.notify.desk import RUN_FAILED
 from spark_backup.service.drills import DrillOperations
 
 
@@ -30,6 +44,44 @@ class Kpi:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+PERIODS = ("day", "week", "month")
+
+
+def period_key(period: str, when: dt.datetime) -> str:
+    """``2026-11-29``, ``2026-W48`` (ISO week) or ``2026-11``, in UTC."""
+    when = when.astimezone(dt.UTC)
+    if period == "day":
+        return f"{when:%Y-%m-%d}"
+    if period == "week":
+        year, week, _ = when.isocalendar()
+        return f"{year}-W{week:02d}"
+    return f"{when:%Y-%m}"
+
+
+@dataclass(frozen=True)
+class KpiPeriod:
+    source: str
+    period: str  # day, week or month
+    key: str  # period_key
+    backups: int  # copies committed in the period
+    failed_runs: int  # failed backup runs the journal recorded
+    success_rate: float | None
+    verified: int  # copies of the period whose newest drill passed within the RTO
+    verified_rate: float | None
+    drills: int  # drills finished in the period (each copy's newest)
+    drills_passed: int
+    restore_seconds_max: float | None
+    restore_seconds_mean: float | None
+    rto_seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _rate(part: int, whole: int) -> float | None:
+    return round(part / whole, 4) if whole else None
 
 
 class KpiOperations(DrillOperations):
@@ -74,6 +126,75 @@ class KpiOperations(DrillOperations):
                     )
                 )
         return rows
+
+    def kpi_history(self, periods: tuple[str, ...] = PERIODS) -> list[KpiPeriod]:
+        """Per source and period (newest first within each source and period kind), from the
+        stores and the journal; a period without a copy, a failure or a drill is left out."""
+        failures = self._journal_failed_runs()
+        rows: list[KpiPeriod] = []
+        for source in self.plan.sources:
+            drills = self.drill_status(source.name)
+            manifests = [ref.manifest for ref in self.copies(source.name)]
+            for period in periods:
+                buckets: dict[str, dict[str, list]] = {}
+
+                def bucket(key: str, buckets=buckets) -> dict[str, list]:
+                    return buckets.setdefault(key, {"copies": [], "failed": [], "drills": []})
+
+                for manifest in manifests:
+                    bucket(period_key(period, manifest.finished))["copies"].append(manifest)
+                for record in drills.values():
+                    bucket(period_key(period, record.drilled))["drills"].append(record)
+                for at in failures.get(source.name, []):
+                    bucket(period_key(period, at))["failed"].append(at)
+                for key in sorted(buckets, reverse=True):
+                    found = buckets[key]
+                    copies, failed, drilled = found["copies"], found["failed"], found["drills"]
+                    verified = sum(
+                        1
+                        for m in copies
+                        if m.id in drills and drills[m.id].passed and drills[m.id].within_rto
+                    )
+                    seconds = [r.drill_seconds for r in drilled]
+                    rows.append(
+                        KpiPeriod(
+                            source=source.name,
+                            period=period,
+                            key=key,
+                            backups=len(copies),
+                            failed_runs=len(failed),
+                            success_rate=_rate(len(copies), len(copies) + len(failed)),
+                            verified=verified,
+                            verified_rate=_rate(verified, len(copies)),
+                            drills=len(drilled),
+                            drills_passed=sum(1 for r in drilled if r.passed and r.within_rto),
+                            restore_seconds_max=max(seconds) if seconds else None,
+                            restore_seconds_mean=round(sum(seconds) / len(seconds), 3)
+                            if seconds
+                            else None,
+                            rto_seconds=source.rto.total_seconds(),
+                        )
+                    )
+        return rows
+
+    def _journal_failed_runs(self) -> dict[str, list[dt.datetime]]:
+        """When each source's backup runs failed, from every day file of the journal (a
+        failure journaled once per failed run: the desk journals a new event only)."""
+        directory = self.journal().directory
+        found: dict[str, list[dt.datetime]] = {}
+        if not directory.is_dir():
+            return found
+        for path in sorted(directory.glob("????-??-??.jsonl")):
+            with open(path, encoding="utf-8") as handle:
+                for line in handle:
+                    try:
+                        entry = json.loads(line)
+                    except ValueError:
+                        continue  # a torn last line of a day file: not a failure
+                    if entry.get("event") == "failure" and entry.get("check") == RUN_FAILED:
+                        at = dt.datetime.fromisoformat(entry["at"])
+                        found.setdefault(str(entry.get("source")), []).append(at)
+        return found
 
 
 # Prometheus text exposition (node-exporter's textfile collector reads it).

@@ -17,12 +17,12 @@ from typing import Any
 from pyrage import x25519
 
 from spark_backup.engine.manifest import Manifest
-from spark_backup.engine.pipeline import open_copy
+from spark_backup.engine.pipeline import open_copy, utcnow
 from spark_backup.engine.safe_tar import count_members, extract_tar
 from spark_backup.engine.staging import remove_tree, staged_restore
 from spark_backup.engine.streams import Readable, drain
 from spark_backup.engine.tar_stream import TarFormatError
-from spark_backup.errors import IntegrityError, UsageError
+from spark_backup.errors import IntegrityError, SparkBackupError, UsageError
 from spark_backup.sources.base import (
     Artifact,
     CopyRef,
@@ -144,7 +144,10 @@ class ConfigArchiveKind(SourceKind[ConfigArchiveSource], Observable, SemanticChe
         scratch: Path,
     ) -> SemanticResult:
         """Restore into ``scratch`` and count what arrived against what the backup archived;
-        every regular file must read to its end."""
+        every regular file must read to its end. Then what the source's ``drill`` asks for: the
+        Kubernetes manifests validated (and applied into a namespace of the drill's own), the
+        WireGuard configurations parsed and brought up as a tunnel, the OpenVPN configurations
+        parsed with every file they name."""
         target = scratch / "tree"
         try:
             self.restore_to_folder(copy, identities, target, FolderRestore())
@@ -159,14 +162,48 @@ class ConfigArchiveKind(SourceKind[ConfigArchiveSource], Observable, SemanticChe
                         files += 1
                         with open(path, "rb") as handle:
                             size += drain(handle)
+            recorded = copy.manifest.source_metadata
+            expected = (recorded.get("files"), recorded.get("symlinks"))
+            passed = expected == (files, symlinks)
+            descriptions = [
+                f"restored {files} files and {symlinks} links"
+                + ("" if passed else f"; the backup archived {expected[0]} and {expected[1]}")
+            ]
+            metrics: dict[str, Any] = {"files": files, "symlinks": symlinks, "bytes": size}
+            for check in self._drill_checks(runtime, copy.manifest.source):
+                result = check(target, scratch)
+                passed = passed and result.passed
+                descriptions.append(result.description)
+                metrics.update(result.metrics)
         finally:
             remove_tree(target)
-        recorded = copy.manifest.source_metadata
-        expected = (recorded.get("files"), recorded.get("symlinks"))
-        passed = expected == (files, symlinks)
-        return SemanticResult(
-            passed,
-            f"restored {files} files and {symlinks} links"
-            + ("" if passed else f"; the backup archived {expected[0]} and {expected[1]}"),
-            {"files": files, "symlinks": symlinks, "bytes": size},
-        )
+        return SemanticResult(passed, "; ".join(descriptions), metrics)
+
+    def _drill_checks(self, runtime: Runtime, source_name: str) -> list:
+        """The source's ``drill`` checks, each (restored tree, scratch) -> a result with
+        ``passed``, ``description`` and ``metrics``."""
+        try:
+            source = runtime.source(source_name)
+        except SparkBackupError:
+            return []  # a copy of a source the plan no longer has: the tree check alone
+        if not isinstance(source, ConfigArchiveSource):
+            return []
+        checks = []
+        if source.drill.kubernetes is not None:
+            from spark_backup.sources.config_archive.kubernetes import kubernetes_drill
+
+            kubernetes = source.drill.kubernetes
+            checks.append(
+                lambda tree, scratch: kubernetes_drill(tree, kubernetes, scratch, utcnow())
+            )
+        if source.drill.wireguard is not None:
+            from spark_backup.sources.config_archive.wireguard import wireguard_drill
+
+            wireguard = source.drill.wireguard
+            checks.append(lambda tree, scratch: wireguard_drill(tree, wireguard, scratch))
+        if source.drill.openvpn is not None:
+            from spark_backup.sources.config_archive.openvpn import openvpn_drill
+
+            openvpn = source.drill.openvpn
+            checks.append(lambda tree, scratch: openvpn_drill(tree, openvpn))
+        return checks
