@@ -143,9 +143,9 @@ def push_wal(
             "archive a second version; is another cluster archiving into this source?"
         )
     try:
-        plaintext, _ = encrypt_to_store(
+        plaintext = encrypt_to_store(
             store, key, lambda: _open_file(path), recipients, compression, lock=lock
-        )
+        ).plaintext
     except StoreError:
         if store.exists(key):
             _sign(store, key, signer, lock)
