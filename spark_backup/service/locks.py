@@ -7,6 +7,7 @@ import datetime as dt
 from collections import defaultdict
 from dataclasses import dataclass
 
+from spark_backup.engine.drill_record import verified_copies
 from spark_backup.engine.manifest import Manifest, manifest_key
 from spark_backup.engine.pipeline import utcnow
 from spark_backup.engine.retention import apply_retention
@@ -120,13 +121,14 @@ class LockOperations(PlanRuntime):
         now = now or utcnow()
         source = self.plan.source(source_name)
         refs = self.copies(source_name, artifact)
+        verified = verified_copies(self.store_for(source), source.name)
         series: dict[str, list[Manifest]] = defaultdict(list)
         for ref in refs:
             series[ref.manifest.part].append(ref.manifest)
         kept = {
             copy_id
             for copies in series.values()
-            for copy_id in apply_retention(copies, self.retention(source)).keep
+            for copy_id in apply_retention(copies, self.retention(source), verified).keep
         }
         found = []
         for ref in refs:

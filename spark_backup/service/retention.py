@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from spark_backup.engine import catalog
 from spark_backup.engine.catalog import is_index_key
-from spark_backup.engine.drill_record import drill_keys_of
+from spark_backup.engine.drill_record import drill_keys_of, verified_copies
 from spark_backup.engine.manifest import (
     Manifest,
     copy_id_of_manifest_key,
@@ -83,9 +83,10 @@ class RetentionOperations(PlanRuntime):
             for ref in refs:
                 if kind.artifact_of(ref.manifest) not in with_base:
                     series[ref.manifest.part].append(ref.manifest)
+            verified = verified_copies(store, source.name)
             expired: list[Manifest] = []
             for copies in series.values():
-                decision = apply_retention(copies, rule)
+                decision = apply_retention(copies, rule, verified)
                 report.kept.update(decision.keep)
                 expired += decision.expire
             for manifest in expired:
