@@ -5,13 +5,17 @@ spark-backup and cp alone; the restored instance opens with its run history."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 from dagster import DagsterInstance, DagsterRunStatus, job, op
 
 from spark_backup_tests.helpers import config_source, plan_dict, run_cli, write_plan
+from spark_backup_tests.test_runbooks import DOCS, fenced_blocks
 
 DAGSTER_YAML = Path(__file__).parents[1] / "spark_backup" / "defs" / "dagster.yaml"
 
@@ -56,12 +60,29 @@ def test_a_sqlite_instance_restores_from_its_own_backup_with_its_run_history(
     shutil.rmtree(home)
     shutil.rmtree(snapshot.parent)
     [copy] = json.loads(run_cli("--plan", str(plan), "list", "--json", check=True).stdout)
-    restored = tmp_path / "restored"
-    run_cli(
-        "--plan", str(plan), "restore", copy["id"], "--to", str(restored),
-        "--identity", str(age_key[0]), check=True,
-    )  # fmt: skip
-    shutil.copytree(restored / snapshot.relative_to("/"), home)
+    # The runbook's block, as an operator pastes it.
+    (script,) = [
+        block
+        for block in fenced_blocks(DOCS / "runbooks" / "rollback.md", "bash")
+        if block.startswith("# Restore the Dagster instance")
+    ]
+    restored = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script],
+        env={
+            **os.environ,
+            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+            "PLAN": str(plan),
+            "COPY_ID": copy["id"],
+            "IDENTITY": str(age_key[0]),
+            "SNAPSHOT": str(snapshot),
+            "DAGSTER_HOME": str(home),
+        },
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert restored.returncode == 0, restored.stdout + restored.stderr
+    assert f"restored {copy['id']}" in restored.stdout
     for database in home.rglob("*.db"):
         with sqlite3.connect(database) as connection:
             assert connection.execute("pragma integrity_check").fetchone() == ("ok",)
