@@ -150,20 +150,21 @@ def test_versions_stacked_on_a_locked_copy_are_tampering_and_change_nothing_for_
         monkeypatch.setenv(name, value)
     lock = {"object_lock": {"mode": "COMPLIANCE", "retain_days": 1}}
     plan = _plan(tmp_path, seaweedfs, s3_lock_bucket, age_key[1], estate, "worm.yaml", **lock)
-    for _ in range(4):
+    for _ in range(5):
         run_cli("--plan", str(plan), "backup", "vpn_config", env=env, check=True)
     copies = BackupService.from_path(plan).copies("vpn_config")
-    assert len(copies) == 4
+    assert len(copies) == 5
     client = seaweedfs.client()
     for ref in copies:
         # The manifest records the version the backup wrote, which is the data object's first.
         history = client.list_object_versions(Bucket=s3_lock_bucket, Prefix=ref.manifest.data_key)
         assert [v["VersionId"] for v in history["Versions"]] == [ref.manifest.data_version]
-    hidden, replaced, forged, intact = (ref.manifest for ref in copies)
+    hidden, replaced, forged, data_hidden, intact = (ref.manifest for ref in copies)
     hidden_key = f"vpn_config/manifests/{hidden.id}.json"
     forged_key = f"vpn_config/manifests/{forged.id}.json"
     client.delete_object(Bucket=s3_lock_bucket, Key=hidden_key)
     client.put_object(Bucket=s3_lock_bucket, Key=replaced.data_key, Body=b"attacker's bytes")
+    client.delete_object(Bucket=s3_lock_bucket, Key=data_hidden.data_key)
     forgery = json.loads(client.get_object(Bucket=s3_lock_bucket, Key=forged_key)["Body"].read())
     forgery["host"] = "attacker"
     client.put_object(Bucket=s3_lock_bucket, Key=forged_key, Body=json.dumps(forgery).encode())
@@ -176,7 +177,7 @@ def test_versions_stacked_on_a_locked_copy_are_tampering_and_change_nothing_for_
 
     listed = json.loads(run_cli("--plan", str(plan), "list", "--json", env=env, check=True).stdout)
     rows = {row["id"]: row for row in listed}
-    assert set(rows) == {m.id for m in (hidden, replaced, forged, intact)}
+    assert set(rows) == {m.id for m in (hidden, replaced, forged, data_hidden, intact)}
     again = {
         ref.manifest.id: ref.manifest for ref in BackupService.from_path(plan).copies("vpn_config")
     }
@@ -186,6 +187,7 @@ def test_versions_stacked_on_a_locked_copy_are_tampering_and_change_nothing_for_
         (hidden, hidden_key, "delete marker"),
         (replaced, replaced.data_key, "is stacked on the recorded version"),
         (forged, forged_key, "is stacked on the recorded version"),
+        (data_hidden, data_hidden.data_key, "delete marker"),
     ):
         problems = " ".join(rows[manifest.id]["worm"]["problems"])
         assert "tampering: " in problems and key in problems and what in problems, problems
@@ -198,12 +200,13 @@ def test_versions_stacked_on_a_locked_copy_are_tampering_and_change_nothing_for_
         (hidden, hidden_key),
         (replaced, replaced.data_key),
         (forged, forged_key),
+        (data_hidden, data_hidden.data_key),
     ):
         outcome = outcomes[manifest.id]
         assert not outcome["ok"] and "tampering" in outcome["error"] and key in outcome["error"]
 
     # Restore reads the versions the backup wrote: the original files, not the attacker's.
-    for manifest in (hidden, replaced, forged):
+    for manifest in (hidden, replaced, forged, data_hidden):
         target = tmp_path / f"restored-{manifest.id}"
         restored = run_cli(
             "--plan", str(plan), "restore", manifest.id, "--to", str(target),
@@ -226,10 +229,12 @@ def test_versions_stacked_on_a_locked_copy_are_tampering_and_change_nothing_for_
     assert replaced.data_key in evaluations[LOCKED_CHECK].description
 
     # Prune keeps every locked copy, the hidden one included, and deletes none of its data.
+    before = len(BackupService.from_path(plan).copies("vpn_config"))  # the job backed up too
     pruned = json.loads(
         run_cli("--plan", str(plan), "prune", "--apply", "--json", env=env, check=True).stdout
     )
     assert hidden.id not in pruned["expired"] and not pruned["orphans"]
+    assert len(BackupService.from_path(plan).copies("vpn_config")) == before == 6
 
 
 def test_upload_lifecycle_check_wants_a_rule_aborting_incomplete_uploads(
