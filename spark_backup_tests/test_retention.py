@@ -143,3 +143,13 @@ def test_prune_keeps_the_newest_copy_a_drill_restored(local_plan, age_key) -> No
     run_cli("--plan", plan, "prune", "--apply", check=True)
     left = [row["id"] for row in json.loads(run_cli("--plan", plan, "list", "--json").stdout)]
     assert left == [verified, newest]
+    # The applied prune is journaled with why each copy stayed or went; the dry run is not.
+    entries = [
+        json.loads(line)
+        for path in (local_plan.parent / "orchestration_journal").rglob("*.jsonl")
+        for line in path.read_text().splitlines()
+    ]
+    [pruned] = [e for e in entries if e["event"] == "prune"]
+    assert pruned["source"] == "dgx_config" and pruned["expired"] == [middle]
+    assert pruned["kept"][verified] == ["newest verified copy"]
+    assert pruned["kept"][newest][0] == "newest copy" and pruned["locked"] == []
