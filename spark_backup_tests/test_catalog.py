@@ -44,9 +44,9 @@ class Spy:
         self.lists: list[str] = []
         open_read, list_ = store.open_read, store.list
 
-        def spy_read(key: str):
+        def spy_read(key: str, version_id: str | None = None):
             self.reads.append(key)
-            return open_read(key)
+            return open_read(key, version_id)
 
         def spy_list(prefix: str = ""):
             self.lists.append(prefix)

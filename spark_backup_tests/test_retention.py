@@ -108,3 +108,48 @@ def test_prune_says_why_each_copy_is_kept_or_expired(local_plan) -> None:
     dry = run_cli("--plan", str(local_plan), "prune", check=True).stdout
     assert f"kept {newer}: newest copy, daily " in dry
     assert f"would delete {older}: newer copies fill every daily" in dry
+
+
+def test_the_newest_verified_copy_is_always_kept() -> None:
+    now = dt.datetime(2026, 11, 27, tzinfo=dt.UTC)
+    copies = [_copy(now - dt.timedelta(hours=h)) for h in range(4)]  # one day, newest first
+    verified = {copies[2].id, copies[3].id}
+    decision = apply_retention(copies, RetentionRule(1, 0, 0), verified)
+    assert decision.keep == {
+        copies[0].id: ["newest copy", "daily 2026-11-27"],
+        copies[2].id: ["newest verified copy"],
+    }
+    assert [m.id for m in decision.expire] == [copies[1].id, copies[3].id]
+    # The newest copy verified as well: nothing older needs keeping for it.
+    both = apply_retention(copies, RetentionRule(1, 0, 0), {copies[0].id})
+    assert both.keep[copies[0].id] == ["newest copy", "newest verified copy", "daily 2026-11-27"]
+    assert len(both.expire) == 3
+
+
+def test_prune_keeps_the_newest_copy_a_drill_restored(local_plan, age_key) -> None:
+    plan = str(local_plan)
+    run_cli("--plan", plan, "backup", "dgx_config", check=True)
+    drilled = run_cli("--plan", plan, "drill", "dgx_config", "--identity", str(age_key[0]))
+    assert drilled.returncode == 0, drilled.stderr
+    for _ in range(2):
+        run_cli("--plan", plan, "backup", "dgx_config", check=True)
+    verified, middle, newest = (
+        row["id"] for row in json.loads(run_cli("--plan", plan, "list", "--json").stdout)
+    )
+    dry = run_cli("--plan", plan, "prune", check=True).stdout
+    assert f"kept {newest}: newest copy" in dry
+    assert f"kept {verified}: newest verified copy" in dry
+    assert f"would delete {middle}" in dry
+    run_cli("--plan", plan, "prune", "--apply", check=True)
+    left = [row["id"] for row in json.loads(run_cli("--plan", plan, "list", "--json").stdout)]
+    assert left == [verified, newest]
+    # The applied prune is journaled with why each copy stayed or went; the dry run is not.
+    entries = [
+        json.loads(line)
+        for path in (local_plan.parent / "orchestration_journal").rglob("*.jsonl")
+        for line in path.read_text().splitlines()
+    ]
+    [pruned] = [e for e in entries if e["event"] == "prune"]
+    assert pruned["source"] == "dgx_config" and pruned["expired"] == [middle]
+    assert pruned["kept"][verified] == ["newest verified copy"]
+    assert pruned["kept"][newest][0] == "newest copy" and pruned["locked"] == []

@@ -460,3 +460,60 @@ def test_rotate_key_adds_a_recipient_and_old_copies_still_restore(
     plan_path.write_text(yaml.safe_dump(data))
     refused = run_cli("--plan", str(plan_path), "secrets", "rotate-key", env=env)
     assert refused.returncode == 2 and "not a vault: reference" in refused.stderr
+
+
+def test_a_stopped_vault_opens_a_ticket_instead_of_a_bare_failure(
+    tmp_path, seaweedfs, s3_bucket, age_key, estate
+) -> None:
+    """OpenBao holds the store's S3 credentials and is stopped: the backup fails with exit 10 and
+    opens a ticket through the plan's desk; ``alerts`` raises the same ticket for every source
+    that needs the backend (a comment, not a second ticket); no value reaches either."""
+    from spark_backup.notify.desk import LEDGER, OUTBOX
+    from spark_backup.service.alerts import SECRETS_ALERT
+    from spark_backup_tests.openbao import openbao_server
+
+    base = f"spark/{uuid.uuid4().hex[:8]}"
+    store = {
+        "name": "offsite",
+        "kind": "s3",
+        "endpoint_url": seaweedfs.endpoint_url,
+        "bucket": s3_bucket,
+        "region_name": seaweedfs.region,
+        "access_key_id": f"vault:{KV_MOUNT}/{base}/s3#key_id",
+        "secret_access_key": f"vault:{KV_MOUNT}/{base}/s3#secret",
+    }
+    with openbao_server(tmp_path / "openbao") as bao:
+        bao.put(f"{base}/s3", key_id=seaweedfs.access_key, secret=seaweedfs.secret_key)
+        plan = plan_dict(
+            [age_key[1]],
+            [config_source("dgx_config", [str(estate)])],
+            stores=[store],
+            secrets={"vault": {"address": bao.address, "token_env": "SB_TEST_BAO_TOKEN"}},
+        )
+        plan["notifications"] = {"state_dir": "notifications"}
+        plan_path = write_plan(tmp_path, plan)
+        env = {"SB_TEST_BAO_TOKEN": bao.root_token}
+        run_cli("--plan", str(plan_path), "backup", "dgx_config", env=env, check=True)
+        token = bao.root_token
+    # OpenBao is stopped now.
+    outbox = tmp_path / "notifications" / OUTBOX
+    assert not outbox.exists()
+    failed = run_cli("--plan", str(plan_path), "backup", "dgx_config", env=env)
+    assert failed.returncode == 10, failed.stderr
+    assert "cannot be reached" in failed.stderr and "stores[0]" not in failed.stdout
+    assert "ticket opened: OUTBOX-1 (secrets unavailable)" in failed.stderr
+    [ticket] = [json.loads(line) for line in outbox.read_text().splitlines()]
+    assert ticket["title"] == f"spark-backup: {SECRETS_ALERT} failed for dgx_config (no partition)"
+    assert "backups of dgx_config cannot read their secrets" in ticket["body"]
+    assert f"vault:{KV_MOUNT}/{base}/s3#" in ticket["body"]
+
+    # The alerts run (cron, or a person) says the same without attempting a backup.
+    alerts = run_cli("--plan", str(plan_path), "alerts", "--json", env=env)
+    found = json.loads(alerts.stdout)
+    assert [a["check"] for a in found if a["source"] == "dgx_config"] == [SECRETS_ALERT], found
+    ledger = json.loads((tmp_path / "notifications" / LEDGER).read_text())
+    assert list(ledger["tickets"]) == [f"dgx_config/-/{SECRETS_ALERT}"]
+    left_behind = outbox.read_text() + (tmp_path / "notifications" / LEDGER).read_text()
+    left_behind += failed.stdout + failed.stderr + alerts.stdout + alerts.stderr
+    for value in (seaweedfs.secret_key, seaweedfs.access_key, token):
+        assert value not in left_behind

@@ -15,7 +15,12 @@ import click
 
 from spark_backup.cli.app import CliState, cli, pass_state, progress_bar
 from spark_backup.console import error_line, print_columns, printable, size, stderr, stdout
-from spark_backup.errors import IntegrityError, SignatureError, SparkBackupError
+from spark_backup.errors import (
+    IntegrityError,
+    SecretsUnavailableError,
+    SignatureError,
+    SparkBackupError,
+)
 from spark_backup.sources.base import (
     ContinuousLog,
     CopyRef,
@@ -67,6 +72,8 @@ def backup(
         except SparkBackupError as error:
             error_line(error)
             failures.append(error)
+            if isinstance(error, SecretsUnavailableError):
+                _report_outage(service, name, error)
             continue
         manifests += made
         for manifest in made:
@@ -75,6 +82,21 @@ def backup(
         click.echo(json.dumps([asdict(m) for m in manifests], indent=2))
     if failures:
         sys.exit(failures[0].exit_code)
+
+
+def _report_outage(service: Any, source: str, error: SecretsUnavailableError) -> None:
+    """A sealed or unreachable secrets backend needs a person: a ticket through the plan's desk
+    (the Dagster layer's run failure sensor does the same for scheduled runs)."""
+    try:
+        outcome = service.report_failure(service.secrets_outage(source, error))
+    except (SparkBackupError, OSError) as exc:
+        error_line(f"no ticket for the secrets outage: {exc}")
+        return
+    if outcome.action != "duplicate":
+        stderr.print(
+            f"ticket {outcome.action}: {outcome.ticket or 'queued'} (secrets unavailable)",
+            highlight=False,
+        )
 
 
 def _print_backup(manifest: Manifest, as_json: bool) -> None:

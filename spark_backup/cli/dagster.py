@@ -62,3 +62,34 @@ def demo(home: str) -> None:
     from spark_backup.demo import run_demo
 
     run_demo(Path(home), stdout.console)
+
+
+@cli.command("dagster-snapshot")
+@click.option(
+    "--to",
+    "target",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="A new folder for the snapshot (back it up with a config_archive source).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print what was copied as JSON.")
+def dagster_snapshot(target: str, as_json: bool) -> None:
+    """Copy the Dagster instance at $DAGSTER_HOME (SQLite storage) consistently into a new
+    folder, databases through SQLite's online backup API while Dagster runs; the rollback
+    plan backs the folder up and restores it (docs/runbooks/rollback.md)."""
+    import json
+
+    from spark_backup.service.instance_snapshot import snapshot_instance
+
+    home = os.environ.get("DAGSTER_HOME")
+    if not home:
+        raise click.UsageError("set DAGSTER_HOME to the instance's folder")
+    report = snapshot_instance(Path(home), Path(target))
+    if as_json:
+        click.echo(json.dumps(vars(report), indent=2))
+        return
+    stdout.print(
+        f"snapshot of {home} in {report.target}: {len(report.databases)} databases, "
+        f"{len(report.files)} other files",
+        highlight=False,
+    )

@@ -28,6 +28,7 @@ from spark_backup.defs.assets import (
 from spark_backup.defs.checks import (
     DELETION_REVIEW_CHECK,
     ROTATION_CHECK,
+    UPLOAD_LIFECYCLE_CHECK,
     build_checksum_check,
     build_deletion_review_check,
     build_freshness_check,
@@ -35,6 +36,7 @@ from spark_backup.defs.checks import (
     build_log_lag_check,
     build_retention_check,
     build_rotation_check,
+    build_upload_lifecycle_check,
 )
 from spark_backup.defs.drills import (
     DrillTarget,
@@ -116,6 +118,12 @@ def build_definitions(
             rotation_checks.append(
                 AssetCheckKey(system_asset_key(source.name), DELETION_REVIEW_CHECK)
             )
+        # Only S3 stores leave incomplete multipart uploads behind.
+        if loaded.plan.store_for(source).kind == "s3":
+            checks.append(build_upload_lifecycle_check(source, system_asset_key(source.name)))
+            rotation_checks.append(
+                AssetCheckKey(system_asset_key(source.name), UPLOAD_LIFECYCLE_CHECK)
+            )
         if isinstance(kind, Observable):
             observed.append(system_asset_key(source.name))
         artifact_keys = {}
@@ -186,8 +194,9 @@ def build_definitions(
             ROTATION_JOB,
             rotation_checks,
             ROTATION_CRON,
-            "Daily compliance: is every secret within its rotation limit, and the deletion "
-            "concept reviewed within the year?",
+            "Daily compliance: is every secret within its rotation limit, the deletion "
+            "concept reviewed within the year, and every S3 store's lifecycle rule aborting "
+            "incomplete uploads?",
         )
     )
     if observed:

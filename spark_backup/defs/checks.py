@@ -17,6 +17,10 @@
   without one warns (the freshness check is the one that fails for a missed backup).
 - ``deletion_concept_review`` (per ``personal_data`` source, on its system asset): the
   deletion concept (``compliance.deletion_concept``) was reviewed within the last year.
+- ``upload_lifecycle`` (per source on an S3 store, on its system asset): the bucket has an
+  enabled lifecycle rule that aborts incomplete multipart uploads below the store's prefix, and
+  none of spark-backup's incomplete uploads is older than that rule allows (a rule the server
+  does not enforce fails); the stale ones ``prune`` will abort are listed.
 - ``locked`` (per artifact, only on a store with Object Lock): every copy's data object and
   manifest are read back from the store: each must hold the store's lock mode with a date no
   earlier than its manifest recorded, and every copy retention still keeps must still be locked
@@ -51,6 +55,7 @@ ROTATION_CHECK = "secret_rotation"
 LOCKED_CHECK = "locked"
 RETENTION_CHECK = "retention"
 DELETION_REVIEW_CHECK = "deletion_concept_review"
+UPLOAD_LIFECYCLE_CHECK = "upload_lifecycle"
 
 # Partitioned asset checks are a Dagster preview feature; they are what lets the UI show, for
 # every day, week and month, whether that partition's copy is intact. Tested in
@@ -355,3 +360,34 @@ def build_deletion_review_check(asset_key: AssetKey) -> AssetChecksDefinition:
         )
 
     return deletion_concept_review
+
+
+def build_upload_lifecycle_check(
+    source: SourceSettings, asset_key: AssetKey
+) -> AssetChecksDefinition:
+    @asset_check(
+        asset=asset_key,
+        name=UPLOAD_LIFECYCLE_CHECK,
+        description="The S3 store's lifecycle rule aborts incomplete multipart uploads, and no "
+        "incomplete upload is older than it allows.",
+    )
+    def upload_lifecycle(spark_backup: SparkBackupResource) -> AssetCheckResult:
+        status = spark_backup.service.upload_lifecycle(source.name)
+        assert status is not None  # built only for sources on a store with multipart uploads
+        return AssetCheckResult(
+            check_name=UPLOAD_LIFECYCLE_CHECK,
+            passed=status.ok,
+            severity=AssetCheckSeverity.ERROR,
+            description=status.description,
+            metadata={
+                "abort_after_days": _or_dash(status.abort_after_days),
+                "overdue_uploads": MetadataValue.md(
+                    "".join(f"- {key}\n" for key in status.overdue) or "none"
+                ),
+                "stale_uploads": MetadataValue.md(
+                    "".join(f"- {key}\n" for key in status.stale) or "none"
+                ),
+            },
+        )
+
+    return upload_lifecycle

@@ -49,7 +49,7 @@ from spark_backup.engine.manifest import (
     utc_stamp,
 )
 from spark_backup.engine.signing import Verifier
-from spark_backup.engine.stores.base import ObjectInfo, ObjectStore
+from spark_backup.engine.stores.base import ObjectInfo, ObjectStore, original_version
 from spark_backup.errors import IntegrityError, NotFoundError, ObjectLockedError, StoreError
 
 log = logging.getLogger(__name__)
@@ -178,9 +178,7 @@ class Catalog:
 
     def _list_copies(self, source: str) -> tuple[Listing, dict[str, ObjectInfo], list[str]]:
         manifests = {
-            info.key: info
-            for info in self.store.list(manifest_prefix(source))
-            if is_manifest_key(info.key)
+            info.key: info for info in self.manifest_objects(source) if is_manifest_key(info.key)
         }
         segments = [
             info.key for info in self.store.list(index_prefix(source)) if is_index_key(info.key)
@@ -216,12 +214,25 @@ class Catalog:
         found.copies.sort(key=lambda m: (m.started_at, m.id))
         return found, manifests, segments
 
+    def manifest_objects(self, source: str) -> Iterable[ObjectInfo]:
+        """The source's manifest objects. On a versioned store, each key's first version, the
+        one the backup wrote: a delete marker cannot hide a copy from a listing, nor a version
+        stacked on it replace it (``verify`` reports both as tampering)."""
+        if not self.store.versioned:
+            return self.store.list(manifest_prefix(source))
+        found = []
+        for key, history in self.store.versions(manifest_prefix(source)).items():
+            original = original_version(history)
+            if original is not None:
+                found.append(ObjectInfo(key, original.size, original.modified, original.version_id))
+        return found
+
     def _manifest(self, info: ObjectInfo, found: Listing) -> Manifest:
         version = (info.key, info.size, _modified(info))
         if version not in self._read:
             uri = self.store.object_uri(info.key)
             found.manifests_read += 1
-            manifest = Manifest.from_json(self.store.get_bytes(info.key), uri)
+            manifest = Manifest.from_json(self.store.get_bytes(info.key, info.version_id), uri)
             if manifest_key(manifest.source, manifest.id) != info.key:
                 raise IntegrityError(f"{uri}: holds the manifest of another copy ({manifest.id})")
             self._read[version] = manifest
@@ -371,8 +382,14 @@ def find_copy(
     searched = []
     for store in stores:
         searched.append(store.name)
+        # On a versioned store, the version the backup wrote (see Catalog._manifest_objects).
+        original = None
+        if store.versioned:
+            original = original_version(store.versions(key).get(key, []))
+            if original is None:
+                continue
         try:
-            raw = store.get_bytes(key)
+            raw = store.get_bytes(key, original.version_id if original else None)
         except NotFoundError:
             continue
         manifest = Manifest.from_json(raw, store.object_uri(key))
@@ -384,7 +401,11 @@ def find_copy(
         # The store's time of the manifest matters only for an unsigned one.
         stored_at = None
         if verifier.enabled and manifest.signature is None:
-            stored_at = next((i.modified for i in store.list(key) if i.key == key), None)
+            stored_at = (
+                original.modified
+                if original
+                else next((i.modified for i in store.list(key) if i.key == key), None)
+            )
         return store, manifest, verifier.check_manifest(manifest, stored_at, store.object_uri(key))
     raise NotFoundError(f"copy {copy_id} not found in store(s) {', '.join(searched)}")
 
@@ -411,10 +432,10 @@ def find_orphans(
     and neither are index segments or log objects: only data keys are looked at."""
     cutoff = (now or dt.datetime.now(dt.UTC)) - older_than
     orphans = []
-    for source in Catalog(store).sources():
-        committed = {
-            copy_id_of_manifest_key(info.key) for info in store.list(manifest_prefix(source))
-        }
+    catalog = Catalog(store)
+    for source in catalog.sources():
+        # A manifest a delete marker hides still commits its copy.
+        committed = {copy_id_of_manifest_key(info.key) for info in catalog.manifest_objects(source)}
         orphans += [
             info
             for info in store.list(data_prefix(source))

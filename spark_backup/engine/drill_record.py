@@ -123,6 +123,11 @@ def latest_drills(store: ObjectStore, source: str) -> dict[str, DrillRecord]:
     return newest
 
 
+def verified_copies(store: ObjectStore, source: str) -> set[str]:
+    """Ids of the copies of ``source`` whose newest drill passed: retention keeps the newest."""
+    return {copy_id for copy_id, record in latest_drills(store, source).items() if record.passed}
+
+
 def drill_keys_of(store: ObjectStore, source: str, copy_id: str) -> list[str]:
     """Every drill record of one copy (prune removes them with the copy)."""
     return [

@@ -132,6 +132,9 @@ class Manifest:
     # PostgreSQL dump writes "globals" and one "database:NAME" per database); "" otherwise.
     # Retention and checks treat each part as its own series.
     part: str = ""
+    # The S3 VersionId of the data object on a versioned (Object Lock) bucket: reads name it, so
+    # a version or delete marker stacked on it later changes nothing; None elsewhere.
+    data_version: str | None = None
     format: str = MANIFEST_FORMAT
     # Ed25519 over everything else (engine/signing.py); None in manifests of release 0.1.0
     # and of plans without signing.

@@ -33,7 +33,7 @@ from spark_backup.engine.crypto import Recipients
 from spark_backup.engine.datakeys import unwrap
 from spark_backup.engine.manifest import Digest, Manifest, data_key, manifest_key, new_copy_id
 from spark_backup.engine.signing import Signer
-from spark_backup.engine.stores.base import ObjectLock, ObjectStore
+from spark_backup.engine.stores.base import ObjectLock, ObjectStore, written_version
 from spark_backup.engine.streams import (
     CHUNK_SIZE,
     ChunkReader,
@@ -107,7 +107,7 @@ def write_copy(
     layers = [*PIPELINE_LAYERS, *source.layers]
     key = data_key(source_name, copy_id, ".".join(reversed(layers)).replace("zstd", "zst"))
     lock = store.default_lock.lock_from(started) if store.default_lock else None
-    plaintext, stored = encrypt_to_store(
+    written = encrypt_to_store(
         store, key, source.open, recipients, compression, lock=lock, progress=progress
     )
     manifest = Manifest(
@@ -120,8 +120,8 @@ def write_copy(
         layers=layers,
         started_at=started.isoformat(),
         finished_at=utcnow().isoformat(),
-        plaintext=plaintext,
-        stored=stored,
+        plaintext=written.plaintext,
+        stored=written.stored,
         compression={
             "algorithm": "zstd",
             "level": compression.level,
@@ -138,6 +138,7 @@ def write_copy(
         source_metadata=source.metadata(),
         lock=lock_summary(lock),
         part=getattr(source, "part", ""),
+        data_version=written.version_id,
     )
     if signer is not None:
         manifest = signer.sign_manifest(manifest)
@@ -164,9 +165,10 @@ def encrypt_to_store(
     *,
     lock: ObjectLock | None = None,
     progress: ProgressCallback | None = None,
-) -> tuple[Digest, Digest]:
+) -> Written:
     """Stream plaintext through zstd and age into a new object ``key``; return the plaintext and
-    stored digests. The object is published only if everything, the source included, succeeded."""
+    stored digests and the version written. The object is published only if everything, the
+    source included, succeeded."""
     compressor = zstandard.ZstdCompressor(
         level=compression.level, threads=compression.threads, write_checksum=True
     )
@@ -176,7 +178,19 @@ def encrypt_to_store(
         with open_plaintext() as plain_stream:
             plain = HashingReader(plain_stream, progress)
             _OverlappedEncryption(compressor, stored, recipients).run(plain)
-    return Digest(plain.hexdigest(), plain.bytes), Digest(stored.hexdigest(), stored.bytes)
+    return Written(
+        Digest(plain.hexdigest(), plain.bytes),
+        Digest(stored.hexdigest(), stored.bytes),
+        written_version(sink),
+    )
+
+
+@dataclass(frozen=True)
+class Written:
+    plaintext: Digest
+    stored: Digest
+    # The store's version id of the new object, on a versioned store.
+    version_id: str | None = None
 
 
 class _Stopped(Exception):
@@ -349,7 +363,13 @@ def open_copy(
         worker = None
     _require_matching_identity(manifest, identities)
     with open_encrypted(
-        store, manifest.data_key, identities, f"copy {manifest.id}", progress, worker
+        store,
+        manifest.data_key,
+        identities,
+        f"copy {manifest.id}",
+        progress,
+        worker,
+        version_id=manifest.data_version,
     ) as opened:
         yield opened.plaintext
     assert opened.stored is not None  # set when the block exits cleanly
@@ -374,6 +394,8 @@ def open_encrypted(
     label: str,
     progress: ProgressCallback | None = None,
     worker: AgeWorker | None = None,
+    *,
+    version_id: str | None = None,
 ) -> Iterator[Decrypted]:
     """Stream an object's plaintext (age, then zstd, undone). On a clean exit the object was read
     to its end, age authenticated every chunk and zstd checked its frame checksums; ``label``
@@ -385,7 +407,7 @@ def open_encrypted(
     with ExitStack() as stack:
         if worker is None:
             worker = stack.enter_context(AgeWorker(identities))
-        raw = stack.enter_context(store.open_read(key))
+        raw = stack.enter_context(store.open_read(key, version_id))
         decryption = stack.enter_context(worker.decrypting(raw))
         # Decompression and the plaintext hash run on a thread beside the consumer.
         plain = ReadAhead(
@@ -459,7 +481,7 @@ def verify_copy(
     is needed. (A deep verify decrypts with ``open_copy`` and checks the plaintext as well.)
     Raises ``IntegrityError``, ``NotFoundError`` or ``StoreError``."""
     started = utcnow()
-    with store.open_read(manifest.data_key) as raw:
+    with store.open_read(manifest.data_key, manifest.data_version) as raw:
         stored = HashingReader(raw, progress)
         stored.drain()
     compare_digest(manifest, "stored", stored.hexdigest(), stored.bytes)

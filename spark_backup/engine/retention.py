@@ -2,14 +2,16 @@
 
 The rule reads like restic's ``--keep-daily/--keep-weekly/--keep-monthly``: walking from the newest
 copy back, keep the newest copy of each of the last N days (weeks, months) that have a copy. The
-newest copy of a source is always kept. Periods are taken from when a copy finished, in UTC
+newest copy of a source is always kept, and so is its newest verified copy (the newest one a
+restore drill passed): if every newer copy turns out damaged, the last one proven to restore is
+still there, whatever the tiers say. Periods are taken from when a copy finished, in UTC
 (the partitions' time zone): that is the state a copy holds, whatever partition slot it was made for.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from spark_backup.engine.cadence import cadence
@@ -33,11 +35,22 @@ class RetentionDecision:
 TIERS = ("daily", "weekly", "monthly")
 
 
-def apply_retention(copies: Sequence[Manifest], rule: RetentionRule) -> RetentionDecision:
+NEWEST = "newest copy"
+NEWEST_VERIFIED = "newest verified copy"
+
+
+def apply_retention(
+    copies: Sequence[Manifest], rule: RetentionRule, verified: Collection[str] = ()
+) -> RetentionDecision:
+    """Which ``copies`` (one series) ``rule`` keeps; ``verified``: ids of copies that passed a
+    restore drill, the newest of which is kept too."""
     newest_first = sorted(copies, key=lambda m: (m.finished_at, m.id), reverse=True)
     keep: dict[str, list[str]] = {}
     if newest_first:
-        keep[newest_first[0].id] = ["newest copy"]
+        keep[newest_first[0].id] = [NEWEST]
+    newest_verified = next((m for m in newest_first if m.id in verified), None)
+    if newest_verified is not None:
+        keep.setdefault(newest_verified.id, []).append(NEWEST_VERIFIED)
     for name in TIERS:
         limit, period_of = getattr(rule, name), cadence(name).key_for
         seen: set[str] = set()

@@ -102,6 +102,9 @@ def public_key_text(key) -> str:
 def manifest_payload(manifest: Manifest) -> bytes:
     data = asdict(manifest)
     data.pop("signature", None)
+    # Fields added later are signed only when set: earlier signatures stay valid.
+    if data.get("data_version") is None:
+        data.pop("data_version", None)
     canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return MANIFEST_DOMAIN + canonical.encode("utf-8")
 

@@ -7,10 +7,11 @@ import datetime as dt
 from collections import defaultdict
 from dataclasses import dataclass
 
+from spark_backup.engine.drill_record import verified_copies
 from spark_backup.engine.manifest import Manifest, manifest_key
 from spark_backup.engine.pipeline import utcnow
 from spark_backup.engine.retention import apply_retention
-from spark_backup.engine.stores.base import ObjectLock
+from spark_backup.engine.stores.base import ObjectLock, original_version, stacked_on
 from spark_backup.errors import NotFoundError
 from spark_backup.service.runtime import PlanRuntime
 from spark_backup.sources.base import CopyRef
@@ -57,12 +58,13 @@ class LockOperations(PlanRuntime):
         manifest = ref.manifest
         problems: list[str] = []
         locks: list[ObjectLock] = []
-        for what, key in (
-            ("data", manifest.data_key),
-            ("manifest", manifest_key(manifest.source, manifest.id)),
+        for what, key, recorded_version in (
+            ("data", manifest.data_key, manifest.data_version),
+            ("manifest", manifest_key(manifest.source, manifest.id), None),
         ):
             try:
-                lock = ref.store.lock_of(key)
+                version = self._tampering(ref, what, key, recorded_version, problems)
+                lock = ref.store.lock_of(key, version)
             except NotFoundError:
                 problems.append(f"{what} object missing")
                 continue
@@ -91,6 +93,25 @@ class LockOperations(PlanRuntime):
             tuple(problems),
         )
 
+    @staticmethod
+    def _tampering(
+        ref: CopyRef, what: str, key: str, recorded: str | None, problems: list[str]
+    ) -> str | None:
+        """On a versioned store: add what was stacked on the version the backup wrote (the
+        recorded one, else the first) to ``problems``, and return that version's id."""
+        if not ref.store.versioned:
+            return recorded
+        history = ref.store.versions(key).get(key, [])
+        original = original_version(history)
+        version = recorded or (original.version_id if original else None)
+        if version is None:
+            raise NotFoundError(f"{what} object {key} has no version")
+        problems += [
+            f"tampering: {problem}"
+            for problem in stacked_on(history, version, f"{what} object {key}")
+        ]
+        return version
+
     def worm_status(
         self, source_name: str, artifact: str | None = None, now: dt.datetime | None = None
     ) -> list[tuple[LockStatus, bool]]:
@@ -100,13 +121,14 @@ class LockOperations(PlanRuntime):
         now = now or utcnow()
         source = self.plan.source(source_name)
         refs = self.copies(source_name, artifact)
+        verified = verified_copies(self.store_for(source), source.name)
         series: dict[str, list[Manifest]] = defaultdict(list)
         for ref in refs:
             series[ref.manifest.part].append(ref.manifest)
         kept = {
             copy_id
             for copies in series.values()
-            for copy_id in apply_retention(copies, self.retention(source)).keep
+            for copy_id in apply_retention(copies, self.retention(source), verified).keep
         }
         found = []
         for ref in refs:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from spark_backup.engine import catalog
 from spark_backup.engine.catalog import is_index_key
-from spark_backup.engine.drill_record import drill_keys_of
+from spark_backup.engine.drill_record import drill_keys_of, verified_copies
 from spark_backup.engine.manifest import (
     Manifest,
     copy_id_of_manifest_key,
@@ -19,7 +19,7 @@ from spark_backup.engine.pipeline import utcnow
 from spark_backup.engine.retention import TierStatus, apply_retention, tier_status
 from spark_backup.engine.staging import stale_staging
 from spark_backup.engine.stores.base import ObjectStore
-from spark_backup.service.runtime import PlanRuntime
+from spark_backup.service.journal import JournalOperations
 from spark_backup.sources import registry
 from spark_backup.sources.base import ContinuousLog
 
@@ -61,7 +61,7 @@ def _delete_drill_records(store: ObjectStore, source: str, copy_id: str, now: dt
             store.delete(record)
 
 
-class RetentionOperations(PlanRuntime):
+class RetentionOperations(JournalOperations):
     def prune(self, dry_run: bool = True, now: dt.datetime | None = None) -> PruneReport:
         """Expire copies no retention rule keeps, remove orphaned data and stale uploads.
 
@@ -83,21 +83,37 @@ class RetentionOperations(PlanRuntime):
             for ref in refs:
                 if kind.artifact_of(ref.manifest) not in with_base:
                     series[ref.manifest.part].append(ref.manifest)
+            verified = verified_copies(store, source.name)
             expired: list[Manifest] = []
+            kept: dict[str, list[str]] = {}
             for copies in series.values():
-                decision = apply_retention(copies, rule)
-                report.kept.update(decision.keep)
+                decision = apply_retention(copies, rule, verified)
+                kept.update(decision.keep)
                 expired += decision.expire
+            report.kept.update(kept)
+            deleted, locked = [], []
             for manifest in expired:
                 key = manifest_key(manifest.source, manifest.id)
                 if store.locked(key, now) or store.locked(manifest.data_key, now):
-                    report.locked.append(manifest.id)
+                    locked.append(manifest.id)
                     continue
-                report.expired.append(manifest.id)
+                deleted.append(manifest.id)
                 if not dry_run:
                     store.delete(key)
                     store.delete(manifest.data_key)
                     _delete_drill_records(store, manifest.source, manifest.id, now)
+            report.expired += deleted
+            report.locked += locked
+            if not dry_run:
+                # The evidence that retention ran, and why each copy stayed or went.
+                self.journal_event(
+                    "prune",
+                    source=source.name,
+                    expired=deleted,
+                    locked=locked,
+                    kept=kept,
+                    rule={"daily": rule.daily, "weekly": rule.weekly, "monthly": rule.monthly},
+                )
             copies_gone = bool(expired)
             if isinstance(kind, ContinuousLog) and kind.log_enabled(source):
                 gone = set(report.expired)

@@ -26,6 +26,51 @@ class ObjectInfo:
     key: str
     size: int
     modified: dt.datetime
+    # The version this is, on a versioned store (S3 with Object Lock); None elsewhere.
+    version_id: str | None = None
+
+
+@dataclass(frozen=True)
+class ObjectVersion:
+    """One entry of a key's history on a versioned store: a data version or a delete marker."""
+
+    key: str
+    version_id: str
+    latest: bool
+    delete_marker: bool
+    size: int
+    modified: dt.datetime
+
+
+def original_version(history: list[ObjectVersion]) -> ObjectVersion | None:
+    """The first data version of a key (``history`` newest first, as S3 lists it): on a
+    create-only store, the one spark-backup wrote; anything above it came later."""
+    data = [version for version in history if not version.delete_marker]
+    return data[-1] if data else None
+
+
+def stacked_on(history: list[ObjectVersion], version_id: str | None, what: str) -> list[str]:
+    """What was put over ``version_id`` (the version written) in a key's history: each other
+    data version and each delete marker, named. Objects are create-only, so any is tampering."""
+    problems = []
+    if version_id is not None and not any(
+        v.version_id == version_id and not v.delete_marker for v in history
+    ):
+        problems.append(f"{what}: recorded version {version_id} is gone")
+    for version in history:
+        if version.version_id == version_id:
+            continue
+        if version.delete_marker:
+            problems.append(
+                f"{what}: delete marker {version.version_id} of "
+                f"{version.modified.isoformat()} hides the recorded version"
+            )
+        else:
+            problems.append(
+                f"{what}: version {version.version_id} of {version.modified.isoformat()} "
+                f"({version.size} bytes) is stacked on the recorded version"
+            )
+    return problems
 
 
 @dataclass(frozen=True)
@@ -94,16 +139,41 @@ class ObjectStore(ABC):
         Refuses (``StoreError``) if ``key`` already exists: objects are create-only.
         """
 
-    def put_bytes(self, key: str, data: bytes, *, lock: ObjectLock | None = None) -> None:
+    def put_bytes(self, key: str, data: bytes, *, lock: ObjectLock | None = None) -> str | None:
+        """Write a small object; return its version id on a versioned store, else None."""
         with self.open_write(key, lock=lock) as writer:
             writer.write(data)
+        return written_version(writer)
+
+    @property
+    def multipart(self) -> bool:
+        """Whether writes can leave incomplete multipart uploads behind (S3)."""
+        return False
+
+    def upload_abort_days(self) -> int | None:
+        """Days after which a lifecycle rule of the store aborts an incomplete multipart upload
+        below the store's prefix; None without one (or on a store without multipart uploads)."""
+        return None
+
+    @property
+    def versioned(self) -> bool:
+        """Whether the store keeps every version of a key (an S3 bucket with Object Lock): then
+        a write's version id is recorded, reads name it, and ``versions`` shows what came after."""
+        return False
+
+    def versions(self, prefix: str) -> dict[str, list[ObjectVersion]]:
+        """Each key starting with ``prefix`` and its history, newest first (versioned stores)."""
+        raise StoreError(f"store {self.name!r} keeps no versions")
 
     @abstractmethod
-    def open_read(self, key: str) -> AbstractContextManager[Readable]:
-        """Stream an object's bytes; ``NotFoundError`` if it does not exist."""
+    def open_read(
+        self, key: str, version_id: str | None = None
+    ) -> AbstractContextManager[Readable]:
+        """Stream an object's bytes (its version ``version_id``, on a versioned store);
+        ``NotFoundError`` if it does not exist."""
 
-    def get_bytes(self, key: str) -> bytes:
-        with self.open_read(key) as reader:
+    def get_bytes(self, key: str, version_id: str | None = None) -> bytes:
+        with self.open_read(key, version_id) as reader:
             return reader.read()
 
     @abstractmethod
@@ -121,8 +191,9 @@ class ObjectStore(ABC):
     def exists(self, key: str) -> bool: ...
 
     @abstractmethod
-    def lock_of(self, key: str) -> ObjectLock | None:
-        """The object's retention, or None where none applies (or the store has no locks);
+    def lock_of(self, key: str, version_id: str | None = None) -> ObjectLock | None:
+        """The object's retention (of version ``version_id``, on a versioned store; else of the
+        version spark-backup wrote), or None where none applies (or the store has no locks);
         ``NotFoundError`` if there is no such object."""
 
     def locked(self, key: str, now: dt.datetime | None = None) -> bool:
@@ -139,11 +210,21 @@ class ObjectStore(ABC):
 
     @abstractmethod
     def cleanup_incomplete(
-        self, older_than: dt.timedelta, owned: Callable[[str], bool], *, apply: bool = True
+        self,
+        older_than: dt.timedelta,
+        owned: Callable[[str], bool],
+        *,
+        apply: bool = True,
+        now: dt.datetime | None = None,
     ) -> list[str]:
         """Remove the leftovers of writes to keys ``owned`` accepts that never finished (a killed
         process) and saw no progress for ``older_than``; return their keys. Leftovers of other
         writers sharing the store are not touched. Without ``apply``, only list them."""
+
+
+def written_version(writer: object) -> str | None:
+    """The version id a finished ``open_write`` writer published, on a versioned store."""
+    return getattr(writer, "version_id", None)
 
 
 @dataclass(frozen=True)

@@ -130,7 +130,8 @@ class LocalStore(ObjectStore):
             partial.unlink(missing_ok=True)
 
     @contextmanager
-    def open_read(self, key: str) -> Iterator[Readable]:
+    def open_read(self, key: str, version_id: str | None = None) -> Iterator[Readable]:
+        # A folder keeps one version of each (create-only) object: ``version_id`` names it.
         try:
             handle = open(self._path(key), "rb")  # noqa: SIM115 - closed below
         except FileNotFoundError:
@@ -192,7 +193,7 @@ class LocalStore(ObjectStore):
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
-    def lock_of(self, key: str) -> ObjectLock | None:
+    def lock_of(self, key: str, version_id: str | None = None) -> ObjectLock | None:
         if not self.exists(key):
             raise NotFoundError(f"store {self.name!r}: object {key} not found")
         return None  # a folder cannot hold a lock
@@ -208,12 +209,17 @@ class LocalStore(ObjectStore):
         _remove_empty_parents(path.parent, self.root)
 
     def cleanup_incomplete(
-        self, older_than: dt.timedelta, owned: Callable[[str], bool], *, apply: bool = True
+        self,
+        older_than: dt.timedelta,
+        owned: Callable[[str], bool],
+        *,
+        apply: bool = True,
+        now: dt.datetime | None = None,
     ) -> list[str]:
         if not self.root.is_dir():
             return []
         # A partial file's mtime moves with every write, so only a stalled write looks old.
-        cutoff = dt.datetime.now(dt.UTC) - older_than
+        cutoff = (now or dt.datetime.now(dt.UTC)) - older_than
         removed = []
         for directory, _dirs, files in os.walk(self.root):
             for file_name in files:

@@ -36,8 +36,10 @@ from spark_backup.engine.stores.base import (
     ObjectLock,
     ObjectLockPolicy,
     ObjectStore,
+    ObjectVersion,
     check_folder,
     check_key,
+    original_version,
 )
 from spark_backup.engine.stores.config import S3StoreConfig
 from spark_backup.engine.streams import Readable, Writable
@@ -47,7 +49,7 @@ MIB = 1024 * 1024
 CONNECT_TIMEOUT = 10.0
 READ_TIMEOUT = 120.0
 
-_MISSING = {"404", "NoSuchKey", "NotFound"}
+_MISSING = {"404", "NoSuchKey", "NotFound", "NoSuchVersion"}
 _CREDENTIALS_REJECTED = {
     "403",
     "AccessDenied",
@@ -184,6 +186,38 @@ class S3Store(ObjectStore):
         return self._lock_policy
 
     @property
+    def multipart(self) -> bool:
+        return True
+
+    def upload_abort_days(self) -> int | None:
+        try:
+            config = self.client.get_bucket_lifecycle_configuration(Bucket=self.bucket)
+        except ClientError as exc:
+            if _code(exc) in ("NoSuchLifecycleConfiguration", "404", "NotFound"):
+                return None
+            raise self._failure(f"read the lifecycle rules of {self.bucket!r}", exc) from None
+        except BotoCoreError as exc:
+            raise self._failure(f"read the lifecycle rules of {self.bucket!r}", exc) from None
+        found = []
+        for rule in config.get("Rules", []):
+            days = rule.get("AbortIncompleteMultipartUpload", {}).get("DaysAfterInitiation")
+            if rule.get("Status") != "Enabled" or days is None:
+                continue
+            selector = rule.get("Filter", {})
+            selector = selector.get("And", selector)
+            if "Tag" in selector or "Tags" in selector:
+                continue  # S3 refuses tag filters with this action; a server may not
+            prefix = rule.get("Prefix") or selector.get("Prefix") or ""
+            if self._root().startswith(prefix):
+                found.append(int(days))
+        return min(found, default=None)
+
+    @property
+    def versioned(self) -> bool:
+        # Object Lock needs a versioned bucket; other buckets are not asked for their history.
+        return self._lock_policy is not None
+
+    @property
     def endpoint(self) -> str:
         return self.client.meta.endpoint_url
 
@@ -272,10 +306,10 @@ class S3Store(ObjectStore):
             raise
 
     @contextmanager
-    def open_read(self, key: str) -> Iterator[Readable]:
+    def open_read(self, key: str, version_id: str | None = None) -> Iterator[Readable]:
         full = self._full(key)
         try:
-            response = self.client.get_object(Bucket=self.bucket, Key=full)
+            response = self.client.get_object(Bucket=self.bucket, Key=full, **_version(version_id))
         except ClientError as exc:
             if _code(exc) in _MISSING:
                 raise NotFoundError(f"store {self.name!r}: object {key} not found") from None
@@ -325,11 +359,48 @@ class S3Store(ObjectStore):
     def exists(self, key: str) -> bool:
         return self._head(self._full(key), f"read {key}") is not None
 
-    def lock_of(self, key: str) -> ObjectLock | None:
-        head = self._head(self._full(key), f"read {key}")
+    def lock_of(self, key: str, version_id: str | None = None) -> ObjectLock | None:
+        full = self._full(key)
+        if version_id is None and self.versioned:
+            # The version spark-backup wrote, not whatever was stacked on it (or hides it).
+            original = original_version(self.versions(key).get(key, []))
+            version_id = original.version_id if original else None
+            if original is None:
+                raise NotFoundError(f"store {self.name!r}: object {key} not found")
+        head = self._head(full, f"read {key}", version_id)
         if head is None:
             raise NotFoundError(f"store {self.name!r}: object {key} not found")
         return _lock_from(head)
+
+    def versions(self, prefix: str) -> dict[str, list[ObjectVersion]]:
+        root = self._root()
+        found: dict[str, list[ObjectVersion]] = {}
+        try:
+            pages = self.client.get_paginator("list_object_versions").paginate(
+                Bucket=self.bucket, Prefix=root + prefix
+            )
+            for page in pages:
+                # S3 lists each key's data versions newest first, and its markers apart.
+                for entry, marker in [(e, False) for e in page.get("Versions", [])] + [
+                    (e, True) for e in page.get("DeleteMarkers", [])
+                ]:
+                    found.setdefault(entry["Key"][len(root) :], []).append(
+                        ObjectVersion(
+                            entry["Key"][len(root) :],
+                            entry["VersionId"],
+                            bool(entry.get("IsLatest")),
+                            marker,
+                            int(entry.get("Size", 0)),
+                            entry["LastModified"].astimezone(dt.UTC),
+                        )
+                    )
+        except (ClientError, BotoCoreError) as exc:
+            raise self._failure(f"list the versions below {root + prefix or '/'}", exc) from None
+        # The latest entry first, then data versions in S3's order (newest first), then markers.
+        return {
+            key: sorted(history, key=lambda v: (not v.latest, v.delete_marker))
+            for key, history in sorted(found.items())
+        }
 
     def delete(self, key: str) -> None:
         full = self._full(key)
@@ -353,9 +424,14 @@ class S3Store(ObjectStore):
                 raise self._failure(f"delete {key}", exc) from None
 
     def cleanup_incomplete(
-        self, older_than: dt.timedelta, owned: Callable[[str], bool], *, apply: bool = True
+        self,
+        older_than: dt.timedelta,
+        owned: Callable[[str], bool],
+        *,
+        apply: bool = True,
+        now: dt.datetime | None = None,
     ) -> list[str]:
-        cutoff = dt.datetime.now(dt.UTC) - older_than
+        cutoff = (now or dt.datetime.now(dt.UTC)) - older_than
         root = self._root()
         removed = []
         try:
@@ -390,10 +466,10 @@ class S3Store(ObjectStore):
 
     # --- helpers --------------------------------------------------------------------------------
 
-    def _head(self, full: str, doing: str) -> dict[str, Any] | None:
-        """The object's metadata, or None if it does not exist."""
+    def _head(self, full: str, doing: str, version_id: str | None = None) -> dict[str, Any] | None:
+        """The object's metadata (of one version), or None if it does not exist."""
         try:
-            return self.client.head_object(Bucket=self.bucket, Key=full)
+            return self.client.head_object(Bucket=self.bucket, Key=full, **_version(version_id))
         except ClientError as exc:
             if _code(exc) in _MISSING:
                 return None
@@ -443,6 +519,8 @@ class _S3Writer:
             else {}
         )
         self._buffer = bytearray()
+        # Set when published, on a versioned bucket: the version the manifest records.
+        self.version_id: str | None = None
         self._upload_id: str | None = None
         self._parts: list[dict[str, Any]] = []
 
@@ -516,7 +594,8 @@ class _S3Writer:
         store = self._store
         if store.conditional_writes:
             try:
-                operation(Bucket=store.bucket, IfNoneMatch="*", **kwargs)
+                response = operation(Bucket=store.bucket, IfNoneMatch="*", **kwargs)
+                self.version_id = _published_version(response)
                 return
             except ClientError as exc:
                 code = _code(exc)
@@ -529,7 +608,8 @@ class _S3Writer:
                 store.conditional_writes = False
             except BotoCoreError as exc:
                 raise store._failure(f"write {self._key}", exc) from None
-        store._call(f"write {self._key}", operation, **kwargs)
+        response = store._call(f"write {self._key}", operation, **kwargs)
+        self.version_id = _published_version(response)
 
     def abort(self) -> None:
         if self._upload_id is None:
@@ -570,6 +650,16 @@ def _code(exc: ClientError) -> str:
     error = exc.response.get("Error", {})
     status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
     return str(error.get("Code") or status)
+
+
+def _published_version(response: dict[str, Any]) -> str | None:
+    """The version a write made; an unversioned bucket has none (some servers say "null")."""
+    version = response.get("VersionId")
+    return version if version and version != "null" else None
+
+
+def _version(version_id: str | None) -> dict[str, str]:
+    return {"VersionId": version_id} if version_id else {}
 
 
 def _lock_from(head: dict[str, Any]) -> ObjectLock | None:

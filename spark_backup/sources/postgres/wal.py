@@ -321,9 +321,9 @@ def _upload(
 ) -> None:
     """The object (then its signature) under ``key``, durable when this returns."""
     try:
-        plaintext, _ = encrypt_to_store(
+        plaintext = encrypt_to_store(
             store, key, lambda: _open_file(path), recipients, compression, lock=lock
-        )
+        ).plaintext
     except StoreError:
         if store.exists(key):
             _sign(store, key, signer, lock)
