@@ -3,7 +3,9 @@ start; a damaged copy in the middle fails alone; a worker that dies is replaced.
 
 from __future__ import annotations
 
+import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -118,3 +120,21 @@ def test_one_worker_reads_many_copies_from_s3(
         outcomes = [service.verify(service.find(c), identities, None, worker) for c in copies]
     assert all(o.ok for o in outcomes), [o.error for o in outcomes]
     assert len(worker_starts) == 1
+
+
+def test_the_worker_process_imports_only_what_decrypting_needs() -> None:
+    """Every restore, verify and wal-fetch waits for a worker to start: its module, run as the
+    worker, loads none of the calling side's helpers (key files, tool environments, the
+    dataclass machinery they bring). Structural: the start-up time is the benchmarks'."""
+    probe = (
+        "import json, sys\n"
+        "import spark_backup.engine.age_worker\n"
+        "print(json.dumps(sorted(sys.modules)))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    modules = set(json.loads(done.stdout))
+    assert "spark_backup.engine.age_worker" in modules
+    for heavy in ("spark_backup.engine.crypto", "spark_backup.engine.processes", "tempfile"):
+        assert heavy not in modules, heavy

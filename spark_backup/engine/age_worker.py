@@ -38,8 +38,6 @@ from typing import Any, BinaryIO
 import pyrage
 from pyrage import x25519
 
-from spark_backup.engine.crypto import identities_from_text
-from spark_backup.engine.processes import tool_environment
 from spark_backup.engine.streams import CHUNK_SIZE, HashingReader, Readable, copy_stream
 
 _REQUEST = b"decrypt"
@@ -57,7 +55,10 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     identity_fd, control_fd = int(argv[0]), int(argv[1])
     with os.fdopen(identity_fd, "r", encoding="utf-8") as handle:
-        identities = identities_from_text(handle.read(), "the identity pipe")
+        # Written by ``AgeWorker`` from identities it holds parsed (``str`` of each), so they
+        # need no second check: the worker imports nothing it can do without, as every restore,
+        # verify and wal-fetch waits for it to start.
+        identities = [x25519.Identity.from_str(line) for line in handle.read().split()]
     with socket.socket(fileno=control_fd) as control:
         while True:
             message, fds, _, _ = socket.recv_fds(control, len(_REQUEST), 2)
@@ -173,6 +174,8 @@ class AgeWorker:
         self.close()
 
     def _start(self) -> None:
+        from spark_backup.engine.processes import tool_environment
+
         identity_read, identity_write = os.pipe()
         control, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
