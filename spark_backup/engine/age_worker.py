@@ -38,9 +38,18 @@ from typing import Any, BinaryIO
 import pyrage
 from pyrage import x25519
 
-from spark_backup.engine.streams import CHUNK_SIZE, HashingReader, Readable, copy_stream
+from spark_backup.engine.streams import (
+    CHUNK_SIZE,
+    HashingReader,
+    Readable,
+    copy_stream,
+    widen_pipe,
+)
 
 _REQUEST = b"decrypt"
+# The same, and the plaintext inflated from zstd before it is written: decompression then runs
+# in the worker too, and the restoring process only reads, hashes and writes.
+_REQUEST_ZSTD = b"decrypt zstd"
 _MAX_STATUS = 64 * 1024
 # How long a worker may take to exit once told to; it has nothing left to do then.
 _EXIT_SECONDS = 10
@@ -61,27 +70,37 @@ def main(argv: list[str]) -> int:
         identities = [x25519.Identity.from_str(line) for line in handle.read().split()]
     with socket.socket(fileno=control_fd) as control:
         while True:
-            message, fds, _, _ = socket.recv_fds(control, len(_REQUEST), 2)
+            message, fds, _, _ = socket.recv_fds(control, len(_REQUEST_ZSTD), 2)
             if not message:
                 return 0  # the caller is done
-            if len(fds) != 2:
+            if len(fds) != 2 or message not in (_REQUEST, _REQUEST_ZSTD):
                 for fd in fds:
                     os.close(fd)
                 return 1
-            status = decrypt(fds[0], fds[1], identities)
+            status = decrypt(fds[0], fds[1], identities, zstd=message == _REQUEST_ZSTD)
             control.sendall(json.dumps(status).encode())
 
 
-def decrypt(stored_fd: int, plain_fd: int, identities: list[x25519.Identity]) -> dict[str, Any]:
-    """Decrypt from ``stored_fd`` into ``plain_fd``, closing both; the status to report."""
+def decrypt(
+    stored_fd: int, plain_fd: int, identities: list[x25519.Identity], zstd: bool = False
+) -> dict[str, Any]:
+    """Decrypt from ``stored_fd`` into ``plain_fd`` (inflated, with ``zstd``), closing both;
+    the status to report."""
     stored_file = open(stored_fd, "rb", buffering=CHUNK_SIZE)  # noqa: SIM115
     stored = HashingReader(stored_file)
     plain = _PlainOut(open(plain_fd, "wb", buffering=CHUNK_SIZE))  # noqa: SIM115
     status: dict[str, Any]
     try:
-        pyrage.decrypt_io(stored, plain, identities)
+        if zstd:
+            inflated = _Inflate(plain)
+            pyrage.decrypt_io(stored, inflated, identities)
+            inflated.finish()
+        else:
+            pyrage.decrypt_io(stored, plain, identities)
         plain.flush()
         status = {"ok": True, "sha256": stored.hexdigest(), "bytes": stored.bytes}
+    except _ZstdDamage as exc:
+        status = {"ok": False, "error": "zstd", "detail": str(exc), "bytes": stored.bytes}
     except (pyrage.DecryptError, OSError) as exc:
         # rage reports a failed chunk authentication as an I/O error, a wrong key or a damaged
         # header as a DecryptError; a write error is ours: the reader went away.
@@ -96,6 +115,37 @@ def decrypt(stored_fd: int, plain_fd: int, identities: list[x25519.Identity]) ->
         plain.close()
         stored_file.close()
     return status
+
+
+class _ZstdDamage(Exception):
+    """The decrypted bytes are not one whole zstd frame whose checksum matches."""
+
+
+class _Inflate:
+    """Inflates the zstd frame written to it into ``out``: one frame, checked to its end and
+    against its checksum, as the restoring process read copies before."""
+
+    def __init__(self, out: _PlainOut):
+        import zstandard  # the worker's alone: the caller-side imports stay as they were
+
+        self._out = out
+        self._error = zstandard.ZstdError
+        self._frame = zstandard.ZstdDecompressor().decompressobj(write_size=CHUNK_SIZE)
+
+    def write(self, data: bytes) -> int:
+        if self._frame.eof:
+            raise _ZstdDamage("data after the end of the zstd frame")
+        try:
+            inflated = self._frame.decompress(data)
+        except self._error as exc:
+            raise _ZstdDamage(str(exc)) from None
+        if inflated:
+            self._out.write(inflated)
+        return len(data)
+
+    def finish(self) -> None:
+        if not self._frame.eof:
+            raise _ZstdDamage("the stream ends inside a zstd frame")
 
 
 class _PlainOut:
@@ -240,9 +290,9 @@ class AgeWorker:
         return json.loads(answer)
 
     @contextmanager
-    def decrypting(self, stored: Readable) -> Iterator[Decryption]:
+    def decrypting(self, stored: Readable, zstd: bool = False) -> Iterator[Decryption]:
         """Decrypt ``stored`` (handed over as it is where it is a regular file, else fed by a
-        thread). Leaving the block without ``finish`` stops the worker: it may be midway."""
+        thread), and with ``zstd`` inflate it too: ``plaintext`` then gives the inflated bytes. Leaving the block without ``finish`` stops the worker: it may be midway."""
         with self._lock:
             if self._process is None or self._process.poll() is not None:
                 self._kill()
@@ -250,11 +300,14 @@ class AgeWorker:
             assert self._control is not None
             file_fd = _real_fileno(stored)
             plain_read, plain_write = os.pipe()
+            widen_pipe(plain_write)
             feed_read, feed_write = os.pipe() if file_fd is None else (-1, -1)
+            if feed_write != -1:
+                widen_pipe(feed_write)
             try:
                 socket.send_fds(
                     self._control,
-                    [_REQUEST],
+                    [_REQUEST_ZSTD if zstd else _REQUEST],
                     [file_fd if file_fd is not None else feed_read, plain_write],
                 )
             except BaseException:
