@@ -43,7 +43,6 @@ from spark_backup.engine.streams import (
     HashingReader,
     Readable,
     copy_stream,
-    widen_pipe,
 )
 
 _REQUEST = b"decrypt"
@@ -300,10 +299,7 @@ class AgeWorker:
             assert self._control is not None
             file_fd = _real_fileno(stored)
             plain_read, plain_write = os.pipe()
-            widen_pipe(plain_write)
             feed_read, feed_write = os.pipe() if file_fd is None else (-1, -1)
-            if feed_write != -1:
-                widen_pipe(feed_write)
             try:
                 socket.send_fds(
                     self._control,

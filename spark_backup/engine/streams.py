@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 from collections.abc import Callable, Iterable
 from typing import Protocol
@@ -95,14 +93,6 @@ def drain(source: Readable) -> int:
     while chunk := source.read(CHUNK_SIZE):
         total += len(chunk)
     return total
-
-
-def widen_pipe(fd: int) -> None:
-    """Let the pipe ``fd`` belongs to hold a whole chunk (Linux's default is 64 KiB): the
-    processes at its two ends then hand over a chunk per wake-up, not sixteen (each a wait for
-    the scheduler on a busy machine). Left as it is where the system refuses."""
-    with contextlib.suppress(OSError, AttributeError):  # AttributeError: no F_SETPIPE_SZ
-        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, CHUNK_SIZE)
 
 
 class ChunkReader:
