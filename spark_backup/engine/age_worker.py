@@ -352,4 +352,6 @@ def _real_fileno(stream: Readable) -> int | None:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    # Every descriptor is closed and every answer sent by now; the caller waits for this exit
+    # (a restore publishes only after it), so the interpreter's teardown is skipped.
+    os._exit(main(sys.argv[1:]))
