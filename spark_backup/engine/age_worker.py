@@ -92,8 +92,11 @@ def decrypt(
     try:
         if zstd:
             inflated = _Inflate(plain)
-            pyrage.decrypt_io(stored, inflated, identities)
-            inflated.finish()
+            try:
+                pyrage.decrypt_io(stored, inflated, identities)
+                inflated.finish()
+            finally:
+                inflated.stop()
         else:
             pyrage.decrypt_io(stored, plain, identities)
         plain.flush()
@@ -122,29 +125,77 @@ class _ZstdDamage(Exception):
 
 class _Inflate:
     """Inflates the zstd frame written to it into ``out``: one frame, checked to its end and
-    against its checksum, as the restoring process read copies before."""
+    against its checksum. Inflating runs on a thread of its own (zstd and the pipe release the
+    interpreter lock), so it overlaps with decryption, which holds it."""
+
+    BATCH = 256 * 1024  # age hands over 8 KiB at a time; the thread takes them in batches
 
     def __init__(self, out: _PlainOut):
+        import queue
+
         import zstandard  # the worker's alone: the caller-side imports stay as they were
 
         self._out = out
         self._error = zstandard.ZstdError
         self._frame = zstandard.ZstdDecompressor().decompressobj(write_size=CHUNK_SIZE)
+        self._batch: list[bytes] = []
+        self._batched = 0
+        self._queue: queue.Queue[bytes | None] = queue.Queue(8)
+        self._failure: BaseException | None = None
+        self._thread = threading.Thread(target=self._inflate, name="inflate", daemon=True)
+        self._thread.start()
 
     def write(self, data: bytes) -> int:
-        if self._frame.eof:
-            raise _ZstdDamage("data after the end of the zstd frame")
-        try:
-            inflated = self._frame.decompress(data)
-        except self._error as exc:
-            raise _ZstdDamage(str(exc)) from None
-        if inflated:
-            self._out.write(inflated)
+        self._batch.append(data)
+        self._batched += len(data)
+        if self._batched >= self.BATCH:
+            self._hand_over(b"".join(self._batch))
+            self._batch, self._batched = [], 0
         return len(data)
 
+    def _hand_over(self, item: bytes | None) -> None:
+        import queue
+
+        while self._failure is None:
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+        raise self._failure
+
+    def _inflate(self) -> None:
+        try:
+            while (data := self._queue.get()) is not None:
+                if self._frame.eof:
+                    raise _ZstdDamage("data after the end of the zstd frame")
+                try:
+                    inflated = self._frame.decompress(data)
+                except self._error as exc:
+                    raise _ZstdDamage(str(exc)) from None
+                if self._frame.eof and self._frame.unused_data:
+                    raise _ZstdDamage("data after the end of the zstd frame")
+                if inflated:
+                    self._out.write(inflated)
+        except BaseException as exc:
+            self._failure = exc
+
     def finish(self) -> None:
+        """Inflate what is left; raise what inflating met (damage, or the reader gone)."""
+        if self._batch:
+            self._hand_over(b"".join(self._batch))
+            self._batch = []
+        self.stop()
+        if self._failure is not None:
+            raise self._failure
         if not self._frame.eof:
             raise _ZstdDamage("the stream ends inside a zstd frame")
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            with suppress(BaseException):
+                self._hand_over(None)
+            self._thread.join()
 
 
 class _PlainOut:
