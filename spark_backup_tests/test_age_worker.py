@@ -3,10 +3,16 @@ start; a damaged copy in the middle fails alone; a worker that dies is replaced.
 
 from __future__ import annotations
 
+import io
+import json
 import subprocess
+import sys
 from pathlib import Path
 
+import pyrage
 import pytest
+import zstandard
+from pyrage import x25519
 
 from spark_backup.engine import age_worker
 from spark_backup.engine.pipeline import open_copy
@@ -118,3 +124,58 @@ def test_one_worker_reads_many_copies_from_s3(
         outcomes = [service.verify(service.find(c), identities, None, worker) for c in copies]
     assert all(o.ok for o in outcomes), [o.error for o in outcomes]
     assert len(worker_starts) == 1
+
+
+def test_the_worker_process_imports_only_what_decrypting_needs() -> None:
+    """Every restore, verify and wal-fetch waits for a worker to start: its module, run as the
+    worker, loads none of the calling side's helpers (key files, tool environments, the
+    dataclass machinery they bring). Structural: the start-up time is the benchmarks'."""
+    probe = (
+        "import json, sys\n"
+        "import spark_backup.engine.age_worker\n"
+        "print(json.dumps(sorted(sys.modules)))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    modules = set(json.loads(done.stdout))
+    assert "spark_backup.engine.age_worker" in modules
+    for heavy in ("spark_backup.engine.crypto", "spark_backup.engine.processes", "tempfile"):
+        assert heavy not in modules, heavy
+
+
+def _decrypted_by_worker(stored: bytes, identity: x25519.Identity) -> tuple[bytes, dict]:
+    with (
+        age_worker.AgeWorker([identity]) as worker,
+        worker.decrypting(io.BytesIO(stored), zstd=True) as decryption,
+    ):
+        plaintext = decryption.plaintext.read()
+        return plaintext, decryption.finish()
+
+
+@pytest.mark.parametrize(
+    ("damage", "detail"),
+    [
+        (lambda frame: frame, None),
+        (lambda frame: frame[: len(frame) // 2], "ends inside a zstd frame"),
+        (lambda frame: frame[:-1] + bytes([frame[-1] ^ 1]), "checksum"),
+        (lambda frame: frame + frame, "after the end of the zstd frame"),
+    ],
+    ids=["whole", "cut short", "checksum", "trailing data"],
+)
+def test_the_worker_inflates_one_whole_checked_zstd_frame(damage, detail) -> None:
+    """Restores have the worker inflate what it decrypts: a frame cut short, one whose
+    checksum does not match and bytes after the frame are damage, reported as such."""
+    identity = x25519.Identity.generate()
+    plaintext = b"".join(b"line %d of a configuration file\n" % n for n in range(100_000))
+    frame = zstandard.ZstdCompressor(level=3, write_checksum=True).compress(plaintext)
+    stored = pyrage.encrypt(damage(frame), [identity.to_public()])
+    inflated, status = _decrypted_by_worker(stored, identity)
+    if detail is None:
+        assert status["ok"], status
+        assert inflated == plaintext
+        assert status["bytes"] == len(stored)
+    else:
+        assert not status["ok"]
+        assert status["error"] == "zstd"
+        assert detail in status["detail"]

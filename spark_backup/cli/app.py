@@ -30,6 +30,7 @@ class CliState(RuntimeHolder):
         self.plan_path = plan_path
         self._progress = progress
         self._service = None
+        self._runtime = None
 
     @property
     def progress(self) -> bool:
@@ -41,15 +42,27 @@ class CliState(RuntimeHolder):
 
     @property
     def service(self):
+        """Every operation of the plan (alerts, drills, retention, ...): imports them all."""
         if self._service is None:
             from spark_backup.service import BackupService
 
-            self._service = BackupService.from_path(self.plan_path)
+            if self._runtime is not None:  # the plan read once per command
+                self._service = BackupService(self._runtime.loaded)
+            else:
+                self._service = BackupService.from_path(self.plan_path)
         return self._service
 
     @property
     def runtime(self):
-        return self.service
+        """The plan opened, as a kind's own commands use it: without the service's other
+        concerns, so ``wal-push`` (run for every WAL segment) imports none of them."""
+        if self._service is not None:
+            return self._service
+        if self._runtime is None:
+            from spark_backup.service.runtime import PlanRuntime
+
+            self._runtime = PlanRuntime.from_path(self.plan_path)
+        return self._runtime
 
 
 pass_state = click.make_pass_decorator(CliState)

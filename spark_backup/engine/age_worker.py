@@ -38,11 +38,17 @@ from typing import Any, BinaryIO
 import pyrage
 from pyrage import x25519
 
-from spark_backup.engine.crypto import identities_from_text
-from spark_backup.engine.processes import tool_environment
-from spark_backup.engine.streams import CHUNK_SIZE, HashingReader, Readable, copy_stream
+from spark_backup.engine.streams import (
+    CHUNK_SIZE,
+    HashingReader,
+    Readable,
+    copy_stream,
+)
 
 _REQUEST = b"decrypt"
+# The same, and the plaintext inflated from zstd before it is written: decompression then runs
+# in the worker too, and the restoring process only reads, hashes and writes.
+_REQUEST_ZSTD = b"decrypt zstd"
 _MAX_STATUS = 64 * 1024
 # How long a worker may take to exit once told to; it has nothing left to do then.
 _EXIT_SECONDS = 10
@@ -57,30 +63,46 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     identity_fd, control_fd = int(argv[0]), int(argv[1])
     with os.fdopen(identity_fd, "r", encoding="utf-8") as handle:
-        identities = identities_from_text(handle.read(), "the identity pipe")
+        # Written by ``AgeWorker`` from identities it holds parsed (``str`` of each), so they
+        # need no second check: the worker imports nothing it can do without, as every restore,
+        # verify and wal-fetch waits for it to start.
+        identities = [x25519.Identity.from_str(line) for line in handle.read().split()]
     with socket.socket(fileno=control_fd) as control:
         while True:
-            message, fds, _, _ = socket.recv_fds(control, len(_REQUEST), 2)
+            message, fds, _, _ = socket.recv_fds(control, len(_REQUEST_ZSTD), 2)
             if not message:
                 return 0  # the caller is done
-            if len(fds) != 2:
+            if len(fds) != 2 or message not in (_REQUEST, _REQUEST_ZSTD):
                 for fd in fds:
                     os.close(fd)
                 return 1
-            status = decrypt(fds[0], fds[1], identities)
+            status = decrypt(fds[0], fds[1], identities, zstd=message == _REQUEST_ZSTD)
             control.sendall(json.dumps(status).encode())
 
 
-def decrypt(stored_fd: int, plain_fd: int, identities: list[x25519.Identity]) -> dict[str, Any]:
-    """Decrypt from ``stored_fd`` into ``plain_fd``, closing both; the status to report."""
+def decrypt(
+    stored_fd: int, plain_fd: int, identities: list[x25519.Identity], zstd: bool = False
+) -> dict[str, Any]:
+    """Decrypt from ``stored_fd`` into ``plain_fd`` (inflated, with ``zstd``), closing both;
+    the status to report."""
     stored_file = open(stored_fd, "rb", buffering=CHUNK_SIZE)  # noqa: SIM115
     stored = HashingReader(stored_file)
     plain = _PlainOut(open(plain_fd, "wb", buffering=CHUNK_SIZE))  # noqa: SIM115
     status: dict[str, Any]
     try:
-        pyrage.decrypt_io(stored, plain, identities)
+        if zstd:
+            inflated = _Inflate(plain)
+            try:
+                pyrage.decrypt_io(stored, inflated, identities)
+                inflated.finish()
+            finally:
+                inflated.stop()
+        else:
+            pyrage.decrypt_io(stored, plain, identities)
         plain.flush()
         status = {"ok": True, "sha256": stored.hexdigest(), "bytes": stored.bytes}
+    except _ZstdDamage as exc:
+        status = {"ok": False, "error": "zstd", "detail": str(exc), "bytes": stored.bytes}
     except (pyrage.DecryptError, OSError) as exc:
         # rage reports a failed chunk authentication as an I/O error, a wrong key or a damaged
         # header as a DecryptError; a write error is ours: the reader went away.
@@ -95,6 +117,85 @@ def decrypt(stored_fd: int, plain_fd: int, identities: list[x25519.Identity]) ->
         plain.close()
         stored_file.close()
     return status
+
+
+class _ZstdDamage(Exception):
+    """The decrypted bytes are not one whole zstd frame whose checksum matches."""
+
+
+class _Inflate:
+    """Inflates the zstd frame written to it into ``out``: one frame, checked to its end and
+    against its checksum. Inflating runs on a thread of its own (zstd and the pipe release the
+    interpreter lock), so it overlaps with decryption, which holds it."""
+
+    BATCH = 256 * 1024  # age hands over 8 KiB at a time; the thread takes them in batches
+
+    def __init__(self, out: _PlainOut):
+        import queue
+
+        import zstandard  # the worker's alone: the caller-side imports stay as they were
+
+        self._out = out
+        self._error = zstandard.ZstdError
+        self._frame = zstandard.ZstdDecompressor().decompressobj(write_size=CHUNK_SIZE)
+        self._batch: list[bytes] = []
+        self._batched = 0
+        self._queue: queue.Queue[bytes | None] = queue.Queue(8)
+        self._failure: BaseException | None = None
+        self._thread = threading.Thread(target=self._inflate, name="inflate", daemon=True)
+        self._thread.start()
+
+    def write(self, data: bytes) -> int:
+        self._batch.append(data)
+        self._batched += len(data)
+        if self._batched >= self.BATCH:
+            self._hand_over(b"".join(self._batch))
+            self._batch, self._batched = [], 0
+        return len(data)
+
+    def _hand_over(self, item: bytes | None) -> None:
+        import queue
+
+        while self._failure is None:
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+        raise self._failure
+
+    def _inflate(self) -> None:
+        try:
+            while (data := self._queue.get()) is not None:
+                if self._frame.eof:
+                    raise _ZstdDamage("data after the end of the zstd frame")
+                try:
+                    inflated = self._frame.decompress(data)
+                except self._error as exc:
+                    raise _ZstdDamage(str(exc)) from None
+                if self._frame.eof and self._frame.unused_data:
+                    raise _ZstdDamage("data after the end of the zstd frame")
+                if inflated:
+                    self._out.write(inflated)
+        except BaseException as exc:
+            self._failure = exc
+
+    def finish(self) -> None:
+        """Inflate what is left; raise what inflating met (damage, or the reader gone)."""
+        if self._batch:
+            self._hand_over(b"".join(self._batch))
+            self._batch = []
+        self.stop()
+        if self._failure is not None:
+            raise self._failure
+        if not self._frame.eof:
+            raise _ZstdDamage("the stream ends inside a zstd frame")
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            with suppress(BaseException):
+                self._hand_over(None)
+            self._thread.join()
 
 
 class _PlainOut:
@@ -173,6 +274,8 @@ class AgeWorker:
         self.close()
 
     def _start(self) -> None:
+        from spark_backup.engine.processes import tool_environment
+
         identity_read, identity_write = os.pipe()
         control, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
@@ -237,9 +340,9 @@ class AgeWorker:
         return json.loads(answer)
 
     @contextmanager
-    def decrypting(self, stored: Readable) -> Iterator[Decryption]:
+    def decrypting(self, stored: Readable, zstd: bool = False) -> Iterator[Decryption]:
         """Decrypt ``stored`` (handed over as it is where it is a regular file, else fed by a
-        thread). Leaving the block without ``finish`` stops the worker: it may be midway."""
+        thread), and with ``zstd`` inflate it too: ``plaintext`` then gives the inflated bytes. Leaving the block without ``finish`` stops the worker: it may be midway."""
         with self._lock:
             if self._process is None or self._process.poll() is not None:
                 self._kill()
@@ -251,7 +354,7 @@ class AgeWorker:
             try:
                 socket.send_fds(
                     self._control,
-                    [_REQUEST],
+                    [_REQUEST_ZSTD if zstd else _REQUEST],
                     [file_fd if file_fd is not None else feed_read, plain_write],
                 )
             except BaseException:
@@ -300,4 +403,6 @@ def _real_fileno(stream: Readable) -> int | None:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    # Every descriptor is closed and every answer sent by now; the caller waits for this exit
+    # (a restore publishes only after it), so the interpreter's teardown is skipped.
+    os._exit(main(sys.argv[1:]))

@@ -41,7 +41,6 @@ from spark_backup.engine.streams import (
     HashingWriter,
     ProgressCallback,
     Readable,
-    ReadAhead,
     Writable,
 )
 from spark_backup.errors import (
@@ -382,7 +381,7 @@ class Decrypted:
     """An object being decrypted: its plaintext stream, and once the block exits cleanly, the
     digest of the stored bytes that were read."""
 
-    plaintext: ReadAhead
+    plaintext: HashingReader
     stored: Digest | None = None
 
 
@@ -401,32 +400,28 @@ def open_encrypted(
     to its end, age authenticated every chunk and zstd checked its frame checksums; ``label``
     names the object in errors.
 
-    Decryption (and the stored digest) runs in an ``age_worker`` process, on another core:
-    ``worker``, one that serves many objects in turn (a deep verify of many copies), else one
-    started for this object alone."""
+    Decryption and decompression (and the stored digest) run in an ``age_worker`` process, on
+    another core: ``worker``, one that serves many objects in turn (a deep verify of many
+    copies), else one started for this object alone. This process reads the plaintext from a
+    pipe and hashes it: one thread, like the last command of ``age -d | zstd -d | tar -x``
+    (a decompressing thread here contended with the consumer for the interpreter lock, and on
+    a busy machine doubled a restore's wall time)."""
     with ExitStack() as stack:
         if worker is None:
             worker = stack.enter_context(AgeWorker(identities))
         raw = stack.enter_context(store.open_read(key, version_id))
-        decryption = stack.enter_context(worker.decrypting(raw))
-        # Decompression and the plaintext hash run on a thread beside the consumer.
-        plain = ReadAhead(
-            zstandard.ZstdDecompressor().stream_reader(decryption.plaintext, read_size=CHUNK_SIZE),
-            progress,
-        )
+        decryption = stack.enter_context(worker.decrypting(raw, zstd=True))
+        plain = HashingReader(decryption.plaintext, progress)
         opened = Decrypted(plain)
         try:
-            with plain:
-                yield opened
-                plain.drain()
+            yield opened
+            plain.drain()
         except BaseException as exc:
             status = decryption.finish()
             if not isinstance(exc, Exception):
                 raise  # an interrupt is reported as such, whatever the worker made of it
             # A failed decryption explains whatever the consumer then tripped over.
             _raise_decrypt_failure(label, status)
-            if isinstance(exc, zstandard.ZstdError):
-                raise IntegrityError(f"{label}: zstd stream is damaged: {exc}") from None
             raise
         status = decryption.finish()
         _raise_decrypt_failure(label, status)
@@ -449,6 +444,8 @@ def _raise_decrypt_failure(label: str, status: dict[str, Any]) -> None:
         return  # decrypted fine, or stopped because the reader stopped: its error is the one
     if not status:
         raise SparkBackupError(f"{label}: the age worker process failed")
+    if status.get("error") == "zstd":
+        raise IntegrityError(f"{label}: zstd stream is damaged: {status.get('detail')}")
     # Copies check the identity against their recipients first, so for them this means damage.
     raise IntegrityError(
         f"{label}: age could not authenticate the stored bytes near byte "

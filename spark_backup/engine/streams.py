@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import queue
-import threading
-import time
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
@@ -97,105 +93,6 @@ def drain(source: Readable) -> int:
     while chunk := source.read(CHUNK_SIZE):
         total += len(chunk)
     return total
-
-
-class _Failed:
-    def __init__(self, error: BaseException):
-        self.error = error
-
-
-# How long leaving a ReadAhead block waits for its thread.
-STOP_WAIT_SECONDS = 1.0
-
-
-class ReadAhead:
-    """Reads ``inner`` on a thread of its own, hashing (sha256) and counting every byte, up to
-    ``depth`` chunks ahead of the consumer; a ``HashingReader`` whose producing side (zstd
-    decompression, sha256: both release the interpreter lock) runs beside the consumer.
-
-    Use it as a context manager: leaving the block stops the thread. An error of ``inner`` is
-    raised by ``read``. ``sha256`` and ``bytes`` cover the whole stream once it was read to
-    its end (``drain``)."""
-
-    def __init__(self, inner: Readable, progress: ProgressCallback | None = None, depth: int = 4):
-        self._inner = inner
-        self._progress = progress
-        self._queue: queue.Queue[bytes | _Failed] = queue.Queue(depth)
-        self._stop = threading.Event()
-        self._chunk = b""
-        self._offset = 0
-        self._ended = False
-        self.sha256 = hashlib.sha256()
-        self.bytes = 0
-        self._thread = threading.Thread(target=self._produce, name="read-ahead", daemon=True)
-
-    def __enter__(self) -> ReadAhead:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._stop.set()
-        # The producer may be blocked reading ``inner``, a pipe that only ends once the caller
-        # closes what lies beneath (after this block): wait a moment, never for ever. It is a
-        # daemon thread; a read on a closed source ends it.
-        deadline = time.monotonic() + STOP_WAIT_SECONDS
-        while self._thread.is_alive() and time.monotonic() < deadline:
-            with contextlib.suppress(queue.Empty):
-                self._queue.get(timeout=0.05)  # unblock a producer waiting to put
-
-    def _produce(self) -> None:
-        try:
-            while not self._stop.is_set():
-                chunk = self._inner.read(CHUNK_SIZE)
-                if chunk:
-                    self.sha256.update(chunk)
-                    self.bytes += len(chunk)
-                if not self._put(chunk) or not chunk:
-                    return
-        except BaseException as exc:
-            self._put(_Failed(exc))
-
-    def _put(self, item: bytes | _Failed) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def read(self, size: int = -1) -> bytes:
-        if size < 0:
-            return b"".join(iter(lambda: self.read(CHUNK_SIZE), b""))
-        if self._offset >= len(self._chunk):
-            if self._ended:
-                return b""
-            item = self._queue.get()
-            if isinstance(item, _Failed):
-                self._ended = True
-                raise item.error
-            self._chunk, self._offset = item, 0
-            if not item:
-                self._ended = True
-                return b""
-        if self._offset == 0 and size >= len(self._chunk):
-            data = self._chunk  # the common case: a whole chunk, not copied
-        else:
-            data = self._chunk[self._offset : self._offset + size]
-        self._offset += len(data)
-        if self._progress:
-            self._progress(len(data))
-        return data
-
-    def readable(self) -> bool:
-        return True
-
-    def drain(self) -> None:
-        while self.read(CHUNK_SIZE):
-            pass
-
-    def hexdigest(self) -> str:
-        return self.sha256.hexdigest()
 
 
 class ChunkReader:

@@ -7,13 +7,8 @@ from __future__ import annotations
 import base64
 import json
 import os
-import smtplib
-import ssl
-import urllib.error
 import urllib.parse
-import urllib.request
 from abc import ABC, abstractmethod
-from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +96,9 @@ def request_json(
 ) -> Any:
     """One HTTP request with a JSON body (or none); the answer's JSON (``{}`` if empty or not
     JSON). Errors name ``shown_url`` (default ``url``), never the headers."""
+    import urllib.error  # what sends loads these; listing, archiving WAL never do (issue 12)
+    import urllib.request
+
     shown = shown_url or url
     request = urllib.request.Request(
         url,
@@ -288,6 +286,10 @@ def send_chat(settings: ChatSettings, text: str) -> None:
 
 def send_email(settings: EmailSettings, subject: str, body: str) -> None:
     """One plain-text message to the security team."""
+    import smtplib
+    import ssl
+    from email.message import EmailMessage
+
     message = EmailMessage()
     message["From"] = settings.sender
     message["To"] = ", ".join(settings.to)

@@ -1,6 +1,7 @@
 """The operations a plan supports, shared by the command line and the Dagster layer so both do
 exactly the same thing; one module per concern, no Dagster imports:
 
+- ``backup_service.py``: ``BackupService``, all the concerns below together;
 - ``runtime.py``: the plan opened: stores, keys, sources, kinds, the catalog of copies;
 - ``copies.py``: back up, verify, restore;
 - ``retention.py``: prune;
@@ -18,28 +19,41 @@ A kind's own operations (PostgreSQL's WAL, PITR, ...) live in its package and ge
 as their ``Runtime``.
 """
 
-from spark_backup.service.alerts import Alert, AlertOperations
-from spark_backup.service.compliance import ComplianceOperations
-from spark_backup.service.copies import CopyOperations, VerifyOutcome
-from spark_backup.service.drills import DrillReport
-from spark_backup.service.freshness import Freshness
-from spark_backup.service.kpis import Kpi, KpiOperations
-from spark_backup.service.locks import LockStatus
-from spark_backup.service.retention import PruneReport, RetentionOperations
-from spark_backup.service.secrets import SecretsOperations, SecretStatus
-from spark_backup.sources.base import CopyRef
+from __future__ import annotations
 
+from typing import TYPE_CHECKING
 
-class BackupService(
-    CopyOperations,
-    RetentionOperations,
-    KpiOperations,
-    AlertOperations,
-    SecretsOperations,
-    ComplianceOperations,
-):
-    """A plan's operations, all concerns together (alerts bring freshness, drills and the
-    ticket desk)."""
+from spark_backup.lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from spark_backup.service.alerts import Alert
+    from spark_backup.service.backup_service import BackupService
+    from spark_backup.service.copies import VerifyOutcome
+    from spark_backup.service.drills import DrillReport
+    from spark_backup.service.freshness import Freshness
+    from spark_backup.service.kpis import Kpi
+    from spark_backup.service.locks import LockStatus
+    from spark_backup.service.retention import PruneReport
+    from spark_backup.service.secrets import SecretStatus
+    from spark_backup.sources.base import CopyRef
+
+# Where each name lives. They load when first asked for: importing one concern
+# (``service.runtime`` for a kind's own commands, such as ``wal-push`` for every WAL segment)
+# does not import all the others, nor what they need (the ticket desk, drills, ...).
+_HOMES = {
+    "Alert": "spark_backup.service.alerts",
+    "BackupService": "spark_backup.service.backup_service",
+    "CopyRef": "spark_backup.sources.base",
+    "DrillReport": "spark_backup.service.drills",
+    "Freshness": "spark_backup.service.freshness",
+    "Kpi": "spark_backup.service.kpis",
+    "LockStatus": "spark_backup.service.locks",
+    "PruneReport": "spark_backup.service.retention",
+    "SecretStatus": "spark_backup.service.secrets",
+    "VerifyOutcome": "spark_backup.service.copies",
+}
+
+__getattr__ = lazy_exports(__name__, _HOMES, globals())
 
 
 __all__ = [
