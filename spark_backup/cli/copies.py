@@ -513,6 +513,11 @@ def prune(state: CliState, apply: bool, as_json: bool) -> None:
             stdout.print(
                 f"{verb} log {printable(key)}: older than every base copy kept", highlight=False
             )
+        for key in report.shared_expired:
+            stdout.print(
+                f"{verb} shared object {printable(key)}: no committed copy needs it",
+                highlight=False,
+            )
         for entry in report.damaged:
             error_line(f"kept a copy whose manifest is damaged: {entry}")
         stdout.print(

@@ -21,7 +21,7 @@ from spark_backup.engine.staging import stale_staging
 from spark_backup.engine.stores.base import ObjectStore
 from spark_backup.service.runtime import PlanRuntime
 from spark_backup.sources import registry
-from spark_backup.sources.base import ContinuousLog
+from spark_backup.sources.base import ContinuousLog, SharedObjects
 
 
 @dataclass
@@ -36,6 +36,8 @@ class PruneReport:
     log_expired: list[str] = field(default_factory=list)
     # Manifests that cannot be read: their copies are kept and reported, never deleted.
     damaged: list[str] = field(default_factory=list)
+    # Shared objects (chunks of the blob layer) no committed copy needs any more.
+    shared_expired: list[str] = field(default_factory=list)
     # Staging folders of restores that were killed (plaintext, never published).
     stale_restore_staging: list[str] = field(default_factory=list)
 
@@ -50,6 +52,11 @@ def owned_by_spark_backup(key: str) -> bool:
             kind.owns_key(key)
             for kind in registry.kinds().values()
             if isinstance(kind, ContinuousLog)
+        )
+        or any(
+            kind.owns_shared_key(key)
+            for kind in registry.kinds().values()
+            if isinstance(kind, SharedObjects)
         )
     )
 
@@ -118,6 +125,11 @@ class RetentionOperations(PlanRuntime):
                         _delete_drill_records(store, source.name, slice_id, now)
             if copies_gone and not dry_run:
                 self.update_index(store, source.name)
+            if isinstance(kind, SharedObjects):
+                # After the expired copies are gone, so that their objects are unreferenced.
+                report.shared_expired += kind.collect(
+                    self, source, now, self.plan.defaults.orphan_grace, dry_run
+                )
         grace = self.plan.defaults.orphan_grace
         for store in self.all_stores():
             for orphan in catalog.find_orphans(store, grace, now):

@@ -15,7 +15,9 @@ import psycopg
 
 from spark_backup_tests.helpers import (
     config_source,
+    llm_source,
     make_estate,
+    make_model_dir,
     mongodb_source,
     plan_dict,
     write_plan,
@@ -122,9 +124,22 @@ def toy_case(tmp_path: Path, public_key: str) -> Iterator[KindCase]:
     yield KindCase(_plan(tmp_path, public_key, {**source, "path": str(blob)}), "blob")
 
 
+@contextmanager
+def llm_artifacts_case(tmp_path: Path, public_key: str) -> Iterator[KindCase]:
+    import os
+
+    model = make_model_dir(tmp_path / "adapter")
+    os.environ["SPARK_TEST_CHUNK_KEY"] = "contract-chunk-key-0123456789"
+    try:
+        yield KindCase(_plan(tmp_path, public_key, llm_source("adapter", str(model))), "adapter")
+    finally:
+        os.environ.pop("SPARK_TEST_CHUNK_KEY", None)
+
+
 CASES: dict[str, Callable[[Path, str], Any]] = {
     "config_archive": config_archive_case,
     "postgres": postgres_case,
     "mongodb": mongodb_case,
+    "llm_artifacts": llm_artifacts_case,
     "toy_blob": toy_case,
 }
