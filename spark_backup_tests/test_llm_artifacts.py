@@ -402,3 +402,40 @@ def test_safetensors_boundaries_cut_chunks(tmp_path):
         for _i, offset, _c in chunker.iter_chunks(io.BytesIO(data), header.regions(len(data)))
     }  # type: ignore[arg-type]
     assert {t.begin for t in header.tensors} <= offsets
+
+
+def test_the_runbook_restores_by_hand(tmp_path, age_key):
+    """The runbook's by-hand block restores the newest version with age, zstd, jq alone."""
+    import os
+    import subprocess
+
+    from spark_backup_tests.test_runbooks import DOCS, fenced_blocks
+
+    model = make_model_dir(tmp_path / "adapter")
+    service = BackupService.from_path(_plan(tmp_path, age_key[1], model))
+    service.backup("adapter")
+    (model / "sub").mkdir()
+    (model / "sub" / "special_tokens_map.json").write_text("{}")
+    [newest] = service.backup("adapter")
+    (script,) = [
+        b
+        for b in fenced_blocks(DOCS / "runbooks" / "llm_artifacts.md", "bash")
+        if b.startswith("# What to restore")
+    ]
+    staging = tmp_path / "staging"
+    result = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script],
+        env={
+            **os.environ,
+            "STORE": str(tmp_path / "store"),
+            "SOURCE": "adapter",
+            "KEY": str(age_key[0]),
+            "STAGING": str(staging),
+        },
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert newest.source_metadata["version_digest"] in result.stdout
+    assert _tree_digests(staging) == _tree_digests(model)
