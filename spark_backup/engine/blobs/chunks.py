@@ -108,15 +108,19 @@ class ChunkWriter:
         compressed = zstandard.ZstdCompressor(level=self._level, write_checksum=True).compress(data)
         sealed = pyrage.encrypt(compressed, self._recipients)
         key = chunk_key(self.scope, cid)
+        stored = len(sealed)
         try:
             self.store.put_bytes(key, sealed)
         except StoreError:
-            if not self.store.exists(key):  # another backup of the scope wrote it first
+            if not self.store.exists(key):
                 raise
+            # Another backup of the scope wrote it first: its object, its size (age headers
+            # differ from one encryption to the next).
+            stored = len(self.store.get_bytes(key))
         with self._lock:
-            self.written[cid] = len(sealed)
+            self.written[cid] = stored
             self.new_chunks += 1
-            self.new_stored_bytes += len(sealed)
+            self.new_stored_bytes += stored
 
     def _raise_failed(self) -> None:
         done = [f for f in self._pending if f.done()]

@@ -30,7 +30,13 @@ from spark_backup.engine.manifest import Manifest, manifest_prefix
 from spark_backup.engine.pipeline import open_copy
 from spark_backup.engine.staging import remove_tree, staged_restore
 from spark_backup.engine.streams import Readable
-from spark_backup.errors import IntegrityError, NotFoundError, SourceError, UsageError
+from spark_backup.errors import (
+    IntegrityError,
+    NotFoundError,
+    RestoreRefused,
+    SourceError,
+    UsageError,
+)
 from spark_backup.sources.base import (
     Artifact,
     CopyRef,
@@ -128,8 +134,14 @@ class LlmArtifactsKind(SourceKind[LlmArtifactsSource], Observable, SemanticCheck
         with staged_restore(target, options.overwrite) as staging:
             for entry in document["files"]:
                 path = staging / entry["path"]
-                path.parent.mkdir(parents=True, exist_ok=True)
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+                try:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+                except OSError as exc:
+                    raise RestoreRefused(
+                        f"{label}: cannot restore {entry['path']}: {exc.strerror} (a name twice, "
+                        "or a file where a folder must be)"
+                    ) from None
                 with os.fdopen(fd, "wb") as out:
                     for data in iter_file(
                         copy.store, copy.manifest.source, entry, identities, label
@@ -214,6 +226,12 @@ class LlmArtifactsKind(SourceKind[LlmArtifactsSource], Observable, SemanticCheck
             return [CHUNKS_PRESENT]
         document = read_document(copy, identities)
         label = f"version {copy.manifest.id}"
+        needed = {chunk[0] for entry in document["files"] for chunk in entry["chunks"]}
+        if needed != refs.keys():
+            # Prune trusts the reference list: one that lacks a chunk would let it go.
+            raise IntegrityError(
+                f"{label}: the chunk reference list does not list exactly the version's chunks"
+            )
         for entry in document["files"]:
             check_file(
                 entry, iter_file(copy.store, copy.manifest.source, entry, identities, label), label
