@@ -439,3 +439,21 @@ def test_the_runbook_restores_by_hand(tmp_path, age_key):
     assert result.returncode == 0, result.stdout + result.stderr
     assert newest.source_metadata["version_digest"] in result.stdout
     assert _tree_digests(staging) == _tree_digests(model)
+
+
+def test_the_drill_runs_the_tensor_digest_check(tmp_path, age_key):
+    model = make_model_dir(tmp_path / "adapter", tensors=5)
+    plan = _plan(tmp_path, age_key[1], model)
+    BackupService.from_path(plan).backup("adapter")
+    result = run_cli(
+        "--plan",
+        str(plan),
+        "drill",
+        "adapter",
+        "--json",
+        env={"SPARK_BACKUP_IDENTITY_FILE": str(age_key[0])},
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["passed"], report
+    assert "tensor_digests" in json.dumps(report) and "5 tensors" in json.dumps(report)
