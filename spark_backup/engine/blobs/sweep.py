@@ -26,7 +26,7 @@ import json
 import secrets
 from dataclasses import dataclass, field
 
-from spark_backup.engine.blobs.chunks import chunk_key, existing_chunks
+from spark_backup.engine.blobs.chunks import chunk_key, chunks_prefix, id_of_chunk_key
 from spark_backup.engine.manifest import utc_stamp
 from spark_backup.engine.stores.base import ObjectStore
 from spark_backup.errors import NotFoundError, ObjectLockedError
@@ -95,17 +95,20 @@ def sweep(
     """Delete (or with ``dry_run`` list) the chunks of ``scope`` outside ``referenced`` that
     were announced unreferenced at least ``grace`` ago."""
     report = SweepReport()
-    present = {info.key: info for info in store.list(f"{scope}/chunks/")}
+    present = {
+        cid: info.modified
+        for info in store.list(chunks_prefix(scope))
+        if (cid := id_of_chunk_key(info.key)) is not None
+    }
     plans = read_plans(store, scope)
     cutoff = now - grace
     unreferenced: dict[str, dt.datetime] = {}
     due = []
-    for cid in sorted(set(existing_chunks(store, scope)) - referenced):
+    for cid in sorted(set(present) - referenced):
         first_seen = plans.unreferenced.get(cid, now)
         unreferenced[cid] = first_seen
         report.unreferenced.append(cid)
-        modified = present[chunk_key(scope, cid)].modified
-        if first_seen <= cutoff and modified <= cutoff:
+        if first_seen <= cutoff and present[cid] <= cutoff:
             due.append(cid)
         else:
             report.waiting.append(cid)

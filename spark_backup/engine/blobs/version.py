@@ -23,11 +23,17 @@ import zstandard
 from pyrage import x25519
 
 from spark_backup.engine.blobs import chunker
-from spark_backup.engine.blobs.chunks import CHUNK_LAYERS, ChunkRef, ChunkWriter, read_chunks
+from spark_backup.engine.blobs.chunks import (
+    CHUNK_LAYERS,
+    ChunkRef,
+    ChunkWriter,
+    existing_chunks,
+    read_chunks,
+)
 from spark_backup.engine.blobs.safetensors import SafetensorsError, read_header
 from spark_backup.engine.manifest import utc_stamp
 from spark_backup.engine.stores.base import ObjectStore
-from spark_backup.errors import IntegrityError, NotFoundError, SourceError
+from spark_backup.errors import IntegrityError, SourceError
 
 VERSION_FORMAT = "spark-backup.version/v1"
 REFS_FORMAT = "spark-backup.chunk-refs/v1"
@@ -234,19 +240,5 @@ def iter_file(
 
 def missing_chunks(store: ObjectStore, scope: str, refs: dict[str, int]) -> list[str]:
     """Chunk ids of ``refs`` the store lacks or holds with another size."""
-    from spark_backup.engine.blobs.chunks import existing_chunks
-
     present = existing_chunks(store, scope)
     return sorted(cid for cid, size in refs.items() if present.get(cid) != size)
-
-
-__all__ = [
-    "ChangedDuringBackup",
-    "NotFoundError",
-    "VersionBuilder",
-    "iter_file",
-    "parse_version",
-    "read_refs",
-    "version_digest",
-    "write_refs",
-]
