@@ -457,3 +457,35 @@ def test_the_drill_runs_the_tensor_digest_check(tmp_path, age_key):
     report = json.loads(result.stdout)
     assert report["passed"], report
     assert "tensor_digests" in json.dumps(report) and "5 tensors" in json.dumps(report)
+
+
+def test_the_backup_asset_records_the_version(tmp_path, age_key):
+    """Dagster: a backup run materializes the version with its digest, label and added bytes,
+    and its checksum check passes (it covers the chunks: every one present)."""
+    from dagster import DagsterInstance
+
+    from spark_backup.defs.build import build_definitions
+    from spark_backup.defs.checks import CHECKSUM_CHECK
+    from spark_backup.engine.cadence import partition_key_for
+    from spark_backup.plan import load_plan
+
+    model = make_model_dir(tmp_path / "adapter", tensors=4)
+    loaded = load_plan(_plan(tmp_path, age_key[1], model, label="support-assistant v7"))
+    defs = build_definitions(loaded)
+    partition = partition_key_for("daily", dt.datetime.now(dt.UTC))
+    quiet = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
+    with DagsterInstance.ephemeral() as instance:
+        result = defs.resolve_job_def("daily_backups").execute_in_process(
+            instance=instance, partition_key=partition, run_config=quiet
+        )
+        assert result.success
+        (materialization,) = result.asset_materializations_for_node("backups__adapter")
+        metadata = materialization.metadata
+        assert metadata["label"].value == "support-assistant v7"
+        assert metadata["tensors"].value == 4 and metadata["added_bytes"].value > 0
+        [version] = BackupService(loaded).copies("adapter")
+        assert (
+            metadata["version_digest"].value == version.manifest.source_metadata["version_digest"]
+        )
+        evaluations = {e.asset_check_key.name: e for e in result.get_asset_check_evaluations()}
+        assert evaluations[CHECKSUM_CHECK].passed

@@ -244,6 +244,13 @@ def copy_metadata(manifest: Manifest, spark_backup: SparkBackupResource) -> dict
     for name in ("files", "directories", "symlinks", "warning_count", "rows", "tables"):
         if name in manifest.source_metadata:
             metadata[name] = MetadataValue.int(manifest.source_metadata[name])
+    # A version of the blob layer: what it holds, and what it added to the store.
+    for name in ("tensors", "chunks", "new_chunks", "added_bytes"):
+        if isinstance(manifest.source_metadata.get(name), int):
+            metadata[name] = MetadataValue.int(manifest.source_metadata[name])
+    for name in ("version_digest", "label"):
+        if isinstance(manifest.source_metadata.get(name), str):
+            metadata[name] = manifest.source_metadata[name]
     if manifest.lock:
         metadata["locked_until"] = manifest.lock["retain_until"]
     return metadata
