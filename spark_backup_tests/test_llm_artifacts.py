@@ -489,3 +489,45 @@ def test_the_backup_asset_records_the_version(tmp_path, age_key):
         )
         evaluations = {e.asset_check_key.name: e for e in result.get_asset_check_evaluations()}
         assert evaluations[CHECKSUM_CHECK].passed
+
+
+def test_on_a_worm_store_chunks_are_locked_and_never_swept(
+    tmp_path, seaweedfs, s3_lock_bucket, age_key, monkeypatch
+):
+    monkeypatch.setenv("SPARK_TEST_S3_KEY_ID", seaweedfs.access_key)
+    monkeypatch.setenv("SPARK_TEST_S3_SECRET", seaweedfs.secret_key)
+    store = {
+        "name": "worm",
+        "kind": "s3",
+        "endpoint_url": seaweedfs.endpoint_url,
+        "bucket": s3_lock_bucket,
+        "prefix": "models",
+        "region_name": seaweedfs.region,
+        "access_key_id_env": "SPARK_TEST_S3_KEY_ID",
+        "secret_access_key_env": "SPARK_TEST_S3_SECRET",
+        "object_lock": {"mode": "COMPLIANCE", "retain_days": 1},
+    }
+    model = make_model_dir(tmp_path / "adapter", tensors=4)
+    source = llm_source("adapter", str(model), retention={"daily": 1, "weekly": 0, "monthly": 0})
+    service = BackupService.from_path(
+        write_plan(
+            tmp_path,
+            plan_dict([age_key[1]], [source], stores=[store], defaults={"orphan_grace": "1h"}),
+        )
+    )
+    [first] = service.backup("adapter")
+    s3 = service.store_for(service.source("adapter"))
+    chunks = existing_chunks(s3, "adapter")
+    assert chunks
+    now = dt.datetime.now(dt.UTC)
+    assert all(s3.locked(chunk_key("adapter", cid), now) for cid in chunks)
+    assert s3.locked(first.source_metadata["chunk_refs"], now)
+    _redraw(model, ["base_model.layers.1.lora_B.weight"])
+    service.backup("adapter")
+    # The first version expires but stays under its lock (a day): prunes past the sweep's
+    # grace (an hour) keep every chunk it needs.
+    for hours in (2, 4):
+        report = service.prune(dry_run=False, now=now + dt.timedelta(hours=hours))
+        assert report.locked == [first.id] and report.shared_expired == []
+    assert set(existing_chunks(s3, "adapter")) >= set(chunks)
+    assert service.verify(service.find(first.id), service.identities(age_key[0])).ok

@@ -22,7 +22,7 @@ from pyrage import x25519
 
 from spark_backup.engine.blobs.keys import chunk_id
 from spark_backup.engine.crypto import Recipients
-from spark_backup.engine.stores.base import ObjectStore
+from spark_backup.engine.stores.base import ObjectLock, ObjectStore
 from spark_backup.errors import IntegrityError, NotFoundError, StoreError
 
 CHUNK_LAYERS = ["age", "zstd"]
@@ -74,8 +74,11 @@ class ChunkWriter:
         mac_key: bytes,
         recipients: Recipients,
         level: int = 3,
+        lock: ObjectLock | None = None,
     ):
+        """``lock``: the Object Lock new chunks are written under (a WORM store's default)."""
         self.store, self.scope, self._key = store, scope, mac_key
+        self._object_lock = lock
         self._recipients = recipients.parsed()
         self._level = level
         self.known = existing_chunks(store, scope)  # id -> stored size
@@ -110,7 +113,7 @@ class ChunkWriter:
         key = chunk_key(self.scope, cid)
         stored = len(sealed)
         try:
-            self.store.put_bytes(key, sealed)
+            self.store.put_bytes(key, sealed, lock=self._object_lock)
         except StoreError:
             if not self.store.exists(key):
                 raise

@@ -32,7 +32,7 @@ from spark_backup.engine.blobs.chunks import (
 )
 from spark_backup.engine.blobs.safetensors import SafetensorsError, read_header
 from spark_backup.engine.manifest import utc_stamp
-from spark_backup.engine.stores.base import ObjectStore
+from spark_backup.engine.stores.base import ObjectLock, ObjectStore
 from spark_backup.errors import IntegrityError, SourceError
 
 VERSION_FORMAT = "spark-backup.version/v1"
@@ -73,12 +73,14 @@ class VersionBuilder:
                     raise SourceError(str(exc)) from None
                 regions = header.regions(size)
             whole = hashlib.sha256()
-            region_digests = [hashlib.sha256() for _ in regions]
+            # Per-region digests only where the regions are tensors (one more pass over them).
+            region_digests = [hashlib.sha256() for _ in regions] if header is not None else []
             chunks: list[list[Any]] = []
             try:
                 for index, _offset, data in chunker.iter_chunks(handle, regions):  # type: ignore[arg-type]
                     whole.update(data)
-                    region_digests[index].update(data)
+                    if region_digests:
+                        region_digests[index].update(data)
                     ref = self.writer.add(data)
                     chunks.append([ref.id, ref.sha256, ref.size])
             except EOFError:
@@ -152,7 +154,9 @@ def refs_prefix(scope: str) -> str:
     return f"{scope}/chunk-refs/"
 
 
-def write_refs(store: ObjectStore, scope: str, stored: dict[str, int], now) -> tuple[str, str]:
+def write_refs(
+    store: ObjectStore, scope: str, stored: dict[str, int], now, lock: ObjectLock | None = None
+) -> tuple[str, str]:
     """Write the reference list of a version about to be committed; return its key and sha256."""
     key = f"{refs_prefix(scope)}{utc_stamp(now)}-{secrets.token_hex(4)}.json.zst"
     body = json.dumps(
@@ -164,7 +168,7 @@ def write_refs(store: ObjectStore, scope: str, stored: dict[str, int], now) -> t
         separators=(",", ":"),
     ).encode()
     data = zstandard.ZstdCompressor(level=3, write_checksum=True).compress(body)
-    store.put_bytes(key, data)
+    store.put_bytes(key, data, lock=lock)
     return key, hashlib.sha256(data).hexdigest()
 
 

@@ -107,8 +107,15 @@ class ModelVersionReader:
         store, scope = self.access.store, self.source.name
         facts = adapter_facts(self.root)
         before = walk_model(self.root)
+        # On a WORM store chunks and reference lists are locked like the copy they belong to.
+        lock = store.default_lock.lock_from(utcnow()) if store.default_lock else None
         writer = ChunkWriter(
-            store, scope, self.mac_key, self.access.recipients, self.access.compression.level
+            store,
+            scope,
+            self.mac_key,
+            self.access.recipients,
+            self.access.compression.level,
+            lock=lock,
         )
         builder = VersionBuilder(writer)
         try:
@@ -136,7 +143,7 @@ class ModelVersionReader:
                 "pruned; no copy was made: back up again after `spark-backup prune --apply`"
             )
         refs_key, refs_sha = write_refs(
-            store, scope, {cid: writer.stored_size(cid) for cid in ids}, utcnow()
+            store, scope, {cid: writer.stored_size(cid) for cid in ids}, utcnow(), lock
         )
         label = make_label(self.source, facts)
         document = builder.document(
