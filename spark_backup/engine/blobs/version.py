@@ -56,6 +56,12 @@ class VersionBuilder:
     fingerprints: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)
 
     def add_file(self, path: str, name: str, *, safetensors: bool = False) -> dict[str, Any]:
+        try:
+            return self._add_file(path, name, safetensors)
+        except OSError as exc:
+            raise SourceError(f"{path}: cannot read: {exc.strerror}") from None
+
+    def _add_file(self, path: str, name: str, safetensors: bool) -> dict[str, Any]:
         before = os.stat(path)
         with open(path, "rb", buffering=0) as handle:
             size = os.fstat(handle.fileno()).st_size
