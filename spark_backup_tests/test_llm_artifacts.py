@@ -531,3 +531,41 @@ def test_on_a_worm_store_chunks_are_locked_and_never_swept(
         assert report.locked == [first.id] and report.shared_expired == []
     assert set(existing_chunks(s3, "adapter")) >= set(chunks)
     assert service.verify(service.find(first.id), service.identities(age_key[0])).ok
+
+
+def test_the_sweep_announces_before_it_deletes_and_remembers_deletions(tmp_path):
+    """Engine level, on a real local store: a chunk goes only after it was announced for the
+    grace; deleted chunks stay 'doomed' for a grace more, so a backup that listed the chunk
+    before it went cannot commit a version that needs it; a rerun after an interruption reads
+    the plans it left."""
+    from spark_backup.engine.blobs.chunks import ChunkWriter
+    from spark_backup.engine.blobs.keys import derive_chunk_key
+    from spark_backup.engine.blobs.sweep import doomed_chunks, sweep
+    from spark_backup.engine.crypto import Recipients
+    from spark_backup.engine.stores.local import LocalStore
+    from spark_backup_tests.helpers import make_key
+
+    _key, public = make_key(tmp_path / "keys")
+    store = LocalStore("local", tmp_path / "store")
+    store.root.mkdir()
+    writer = ChunkWriter(store, "s", derive_chunk_key(CHUNK_SECRET, "s"), Recipients((public,)))
+    kept, gone = writer.add(b"k" * 20000).id, writer.add(b"g" * 20000).id
+    writer.close()
+    grace = dt.timedelta(hours=1)
+    start = dt.datetime.now(dt.UTC) + grace  # the objects are older than the grace from here
+
+    first = sweep(store, "s", {kept}, start, grace, dry_run=False)
+    assert first.deleted == [] and first.waiting == [gone] and first.plan
+    assert doomed_chunks(store, "s") == {gone}  # a backup reusing it now is refused
+
+    assert sweep(store, "s", {kept}, start + grace / 2, grace, dry_run=True).deleted == []
+    later = sweep(store, "s", {kept}, start + grace, grace, dry_run=False)
+    assert later.deleted == [gone] and set(existing_chunks(store, "s")) == {kept}
+    assert doomed_chunks(store, "s") == {gone}  # still remembered for a grace
+
+    # Several plans (an interrupted sweep left its older one) are read together.
+    again = sweep(store, "s", {kept}, start + grace * 1.5, grace, dry_run=False)
+    assert again.deleted == [] and doomed_chunks(store, "s") == {gone}
+    assert len(list(store.list("s/chunk-sweeps/"))) == 1
+    sweep(store, "s", {kept}, start + grace * 3, grace, dry_run=False)
+    assert doomed_chunks(store, "s") == set() and set(existing_chunks(store, "s")) == {kept}
