@@ -28,7 +28,10 @@ Optional capabilities, each a small abstract class a kind mixes in:
 - ``PointInTimeRecovery``: recover to a moment from a base copy and the log;
 - ``RestoreTargets``: restore into something other than a folder (a database, a namespace);
 - ``SemanticCheck``: prove a copy usable, not only intact (row counts, probe queries, tensor
-  digests).
+  digests);
+- ``Catalogued``: a catalogue entry per copy, from its manifest (a vector index's dimension,
+  vector count, metric, embedding model), which ``list --kind K --json`` prints and the backup
+  asset shows as metadata.
 
 Kinds may contribute command-line commands (``cli_commands``); they reach the plan's stores and
 keys through ``Runtime``, which the service implements, never by importing the service.
@@ -431,6 +434,14 @@ class SemanticCheck(ABC):
         scratch: Path,
     ) -> SemanticResult:
         """``scratch`` is an empty folder the check may use and must leave empty."""
+
+
+class Catalogued(ABC):
+    """A kind whose copies each carry a catalogue entry in their manifest."""
+
+    @abstractmethod
+    def catalogue(self, manifest: Manifest) -> dict[str, Any] | None:
+        """The copy's entry (JSON values), or None for a copy without one."""
 
 
 # --- the command line ---------------------------------------------------------------------------
