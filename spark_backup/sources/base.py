@@ -29,6 +29,9 @@ Optional capabilities, each a small abstract class a kind mixes in:
 - ``RestoreTargets``: restore into something other than a folder (a database, a namespace);
 - ``SemanticCheck``: prove a copy usable, not only intact (row counts, probe queries, tensor
   digests);
+- ``Replicable``: the files a version is replicated as, where they are not the copy's own
+  objects (a content-addressed version: its model files); by default a copy replicates as its
+  data object and manifest;
 - ``Catalogued``: a catalogue entry per copy, from its manifest (a vector index's dimension,
   vector count, metric, embedding model), which ``list --kind K --json`` prints and the backup
   asset shows as metadata.
@@ -55,6 +58,7 @@ if TYPE_CHECKING:
     from spark_backup.engine.crypto import Recipients
     from spark_backup.engine.manifest import Manifest
     from spark_backup.engine.pipeline import CompressionSettings, PlaintextSource
+    from spark_backup.engine.replication import ReplicaVersion
     from spark_backup.engine.secrets import SecretResolver
     from spark_backup.engine.signing import Signer, Verifier
     from spark_backup.engine.stores.base import ObjectStore
@@ -434,6 +438,14 @@ class SemanticCheck(ABC):
         scratch: Path,
     ) -> SemanticResult:
         """``scratch`` is an empty folder the check may use and must leave empty."""
+
+
+class Replicable(ABC):
+    """A kind whose versions replicate as other files than the copy's own objects."""
+
+    @abstractmethod
+    def replica_version(self, copy: CopyRef) -> ReplicaVersion:
+        """The version's files, each with its sha256 and a way to stream it."""
 
 
 class Catalogued(ABC):
