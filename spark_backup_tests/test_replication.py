@@ -238,3 +238,33 @@ def test_the_replica_asset_is_downstream_of_the_backups_with_its_check(
 def materializations_unreplicated(result) -> int:
     (materialization,) = result.asset_materializations_for_node("replicas__vpn_config")
     return materialization.metadata["unreplicated"].value
+
+
+def test_prune_removes_an_expired_copys_records_and_never_its_replicas(
+    tmp_path: Path, age_key, estate: Path, registry: Registry
+) -> None:
+    plan = _plan(
+        tmp_path, age_key, estate, registry, retention={"daily": 1, "weekly": 0, "monthly": 0}
+    )
+    service = BackupService.from_path(plan)
+    (first,) = service.backup("vpn_config")
+    service.replicate("vpn_config")
+    (second,) = service.backup("vpn_config")
+    service.replicate("vpn_config")
+    store = service.store_for(service.source("vpn_config"))
+    recorded = {
+        key.key.rsplit("/", 1)[-1].split(".")[0] for key in store.list(replica_prefix("vpn_config"))
+    }
+    assert recorded == {first.id.split(".")[0], second.id.split(".")[0]}
+
+    report = service.prune(dry_run=False)
+    assert report.expired == [first.id]
+    left = [info.key for info in store.list(replica_prefix("vpn_config"))]
+    assert left and all(second.id in key for key in left)
+    # The replicas of the expired copy stay on both targets.
+    offsite = tmp_path / "offsite" / "vpn_config"
+    assert (offsite / "manifests" / f"{first.id}.json").exists()
+    import oras.client
+
+    reference = f"{registry.address}/spark-backup/vpn_config:{first.id}"
+    assert oras.client.OrasClient(insecure=True).get_manifest(reference)["layers"]

@@ -50,6 +50,14 @@ def read_index(path: Path | str, label: str | None = None) -> Any:
     if len(head) < 4 or not set(head) <= _FOURCC_BYTES:
         raise SourceError(f"{label}: not a FAISS index (no FAISS index header)")
     faiss = load_faiss()
+    # Flat codes mapped from the file rather than copied into memory where FAISS can (the
+    # pages are the page cache's, which the kernel can drop); other index types read whole.
+    mapped = getattr(faiss, "IO_FLAG_MMAP_IFC", 0) | getattr(faiss, "IO_FLAG_READ_ONLY", 0)
+    if mapped:
+        try:
+            return faiss.read_index(str(path), mapped)
+        except RuntimeError:
+            pass  # an index type FAISS cannot map: read it whole (and judge the file) below
     try:
         return faiss.read_index(str(path))
     except (RuntimeError, MemoryError) as exc:
