@@ -268,3 +268,39 @@ def test_prune_removes_an_expired_copys_records_and_never_its_replicas(
 
     reference = f"{registry.address}/spark-backup/vpn_config:{first.id}"
     assert oras.client.OrasClient(insecure=True).get_manifest(reference)["layers"]
+
+
+def test_the_runbook_fetches_a_copy_back_from_the_registry_by_hand(
+    tmp_path: Path, age_key, estate: Path, registry: Registry
+) -> None:
+    import os
+    import re
+    import subprocess
+
+    plan = _plan(tmp_path, age_key, estate, registry)
+    service = BackupService.from_path(plan)
+    (manifest,) = service.backup("vpn_config")
+    service.replicate("vpn_config")
+    runbook = Path(__file__).resolve().parents[1] / "docs" / "runbooks" / "faiss.md"
+    blocks = re.findall(r"```bash\n(.*?)```", runbook.read_text(), flags=re.DOTALL)
+    (script,) = [b for b in blocks if b.startswith("REGISTRY=")]
+    download = tmp_path / "download"
+    result = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script],
+        env={
+            **os.environ,
+            "REGISTRY": registry.address,
+            "SCHEME": "http",
+            "SOURCE": "vpn_config",
+            "VERSION": manifest.id,
+            "DOWNLOAD": str(download),
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    store = tmp_path / "store"
+    assert (download / manifest.data_key).read_bytes() == (store / manifest.data_key).read_bytes()
+    key = f"vpn_config/manifests/{manifest.id}.json"
+    assert (download / key).read_bytes() == (store / key).read_bytes()
