@@ -91,14 +91,12 @@ class ReplicationOperations(PlanRuntime):
             return kind.replica_version(ref)
         return copy_version(ref.store, ref.manifest)
 
-    def _scope(
-        self, source_name: str, artifact: str | None, partition: str | None
-    ) -> tuple[list[CopyRef], list[str]]:
+    def _scope(self, source_name: str, artifact: str | None) -> tuple[Any, list[CopyRef]]:
+        """The source's store and copies; a source without targets is a usage error."""
         source = self.plan.source(source_name)
         if not source.replicate_to:
             raise UsageError(f"source {source_name!r} names no replication target (replicate_to)")
-        refs = self.copies(source_name, artifact)
-        return refs, list(source.replicate_to)
+        return self.store_for(source), self.copies(source_name, artifact)
 
     def replicate(
         self,
@@ -109,36 +107,20 @@ class ReplicationOperations(PlanRuntime):
     ) -> list[ReplicaOutcome]:
         """Push to each of the source's targets the partition's copies and every copy not yet
         replicated there (without a partition: only those); record each result."""
-        refs, targets = self._scope(source_name, artifact, partition)
+        store, refs = self._scope(source_name, artifact)
         outcomes = []
-        for name in targets:
+        for name in self.plan.source(source_name).replicate_to:
             target = self.replica_target(name)
-            store = self.store_for(self.plan.source(source_name))
             records = newest_records(store, source_name, name)
             for ref in refs:
                 record = records.get(ref.manifest.id)
                 in_scope = ref.manifest.partition == partition
                 if record is not None and record.replicated and not in_scope:
                     continue
-                outcome = self._push_one(target, ref)
+                outcome = self._judge(target, ref, push=True)
                 outcomes.append(outcome)
                 self._record(store, outcome, target, now)
         return outcomes
-
-    def _push_one(self, target: ReplicaTarget, ref: CopyRef) -> ReplicaOutcome:
-        m = ref.manifest
-        outcome = ReplicaOutcome(m.source, m.id, m.partition, target.name, False, "")
-        try:
-            version = self.version_of(ref)
-            outcome.location = target.location(version)
-            held = target.push(version)
-            outcome.pushed = True
-            outcome.digests = held
-            outcome.problem = _compare(version.expected(), held)
-        except (StoreError, IntegrityError, NotFoundError) as exc:
-            outcome.problem = str(exc)
-        outcome.replicated = outcome.problem is None
-        return outcome
 
     def check_replicas(
         self,
@@ -150,29 +132,35 @@ class ReplicationOperations(PlanRuntime):
         """Compare each target's replica of the partition's copies (every copy, without one)
         with the version's digests. A changed verdict is recorded (a replica gone missing marks
         its version unreplicated, and the next run pushes it again); nothing is deleted."""
-        refs, targets = self._scope(source_name, artifact, partition)
+        store, refs = self._scope(source_name, artifact)
         refs = [r for r in refs if partition is None or r.manifest.partition == partition]
-        store = self.store_for(self.plan.source(source_name))
         outcomes = []
-        for name in targets:
+        for name in self.plan.source(source_name).replicate_to:
             target = self.replica_target(name)
             records = newest_records(store, source_name, name)
             for ref in refs:
-                m = ref.manifest
-                outcome = ReplicaOutcome(m.source, m.id, m.partition, name, False, "")
-                try:
-                    version = self.version_of(ref)
-                    outcome.location = target.location(version)
-                    outcome.digests = target.held(version)
-                    outcome.problem = _compare(version.expected(), outcome.digests)
-                except (StoreError, IntegrityError, NotFoundError) as exc:
-                    outcome.problem = str(exc)
-                outcome.replicated = outcome.problem is None
+                outcome = self._judge(target, ref, push=False)
                 outcomes.append(outcome)
-                previous = records.get(m.id)
+                previous = records.get(ref.manifest.id)
                 if previous is None or previous.replicated != outcome.replicated:
                     self._record(store, outcome, target, now)
         return outcomes
+
+    def _judge(self, target: ReplicaTarget, ref: CopyRef, push: bool) -> ReplicaOutcome:
+        """Push the copy's version (or only look, without ``push``) and compare what the
+        target holds with its digests; a failure is the outcome's problem, never raised."""
+        m = ref.manifest
+        outcome = ReplicaOutcome(m.source, m.id, m.partition, target.name, False, "")
+        try:
+            version = self.version_of(ref)
+            outcome.location = target.location(version)
+            outcome.digests = target.push(version) if push else target.held(version)
+            outcome.pushed = push
+            outcome.problem = _compare(version.expected(), outcome.digests)
+        except (StoreError, IntegrityError, NotFoundError) as exc:
+            outcome.problem = str(exc)
+        outcome.replicated = outcome.problem is None
+        return outcome
 
     def replica_states(self, source_name: str) -> dict[str, dict[str, ReplicaRecord]]:
         """Per target, the newest record of each version (what ``list`` and the UI show)."""
