@@ -156,6 +156,11 @@ def test_a_registry_outage_leaves_versions_unreplicated_and_the_next_run_pushes_
     assert {r.manifest.id for r in service.copies("vpn_config")} == {first.id, second.id}
     states = service.replica_states("vpn_config")
     assert states["registry"][second.id].replicated is False
+    listed = json.loads(run_cli("--plan", str(plan), "list", "--json", check=True).stdout)
+    row = next(r for r in listed if r["id"] == second.id)
+    assert row["replicas"]["registry"]["replicated"] is False
+    assert "unreachable" in row["replicas"]["registry"]["problem"]
+    assert row["replicas"]["offsite"]["replicated"] is True
 
     registry.start()
     again = {(o.version, o.target): o for o in service.replicate("vpn_config")}

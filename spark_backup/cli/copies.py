@@ -128,8 +128,10 @@ def list_(state: CliState, source: str | None, as_json: bool, kind_name: str | N
     ranges = _log_ranges(service, refs)
     drills = service.drills_of(refs)
     if as_json:
+        replicas = _replicas(service, refs)
         rows = [
             _copy_row(r, locks[r.manifest.id], ranges.get(r.manifest.id), drills.get(r.manifest.id))
+            | ({"replicas": replicas[r.manifest.id]} if r.manifest.id in replicas else {})
             for r in refs
         ]
         rows += [_damaged_row(d) for d in damaged]
@@ -218,6 +220,32 @@ def _log_ranges(service: Any, refs: list[CopyRef]) -> dict[str, LogRange]:
             mine = [r.manifest for r in refs if r.manifest.source == name]
             ranges.update(kind.log_ranges(service, source, mine))
     return ranges
+
+
+def _replicas(service: Any, refs: list[CopyRef]) -> dict[str, dict[str, Any]]:
+    """Per copy of a source with ``replicate_to``: each target's newest replica record
+    (``replicated`` false: not yet, or the last push or check failed; none: never tried)."""
+    found: dict[str, dict[str, Any]] = {}
+    listed = {ref.manifest.source for ref in refs}
+    for source in service.plan.sources:
+        if source.name not in listed or not source.replicate_to:
+            continue
+        for target, records in service.replica_states(source.name).items():
+            for ref in refs:
+                if ref.manifest.source != source.name:
+                    continue
+                record = records.get(ref.manifest.id)
+                found.setdefault(ref.manifest.id, {})[target] = (
+                    {
+                        "replicated": record.replicated,
+                        "recorded_at": record.recorded_at,
+                        "location": record.location,
+                        "problem": record.problem,
+                    }
+                    if record
+                    else None
+                )
+    return found
 
 
 def _drill_cell(record: DrillRecord | None) -> str:
