@@ -309,3 +309,48 @@ def test_the_runbook_fetches_a_copy_back_from_the_registry_by_hand(
     assert (download / manifest.data_key).read_bytes() == (store / manifest.data_key).read_bytes()
     key = f"vpn_config/manifests/{manifest.id}.json"
     assert (download / key).read_bytes() == (store / key).read_bytes()
+
+
+def test_a_second_bucket_on_s3_is_a_replica_store(
+    tmp_path: Path, age_key, estate: Path, seaweedfs, s3_bucket: str, monkeypatch
+) -> None:
+    """The store target on a real S3 server (SeaweedFS): the copy under the same keys, judged
+    digest for digest; an object changed there fails the check and is left as found."""
+    monkeypatch.setenv("SPARK_TEST_REPLICA_KEY", seaweedfs.access_key)
+    monkeypatch.setenv("SPARK_TEST_REPLICA_SECRET", seaweedfs.secret_key)
+    plan = plan_dict(
+        [age_key[1]],
+        [config_source("vpn_config", [str(estate)], cadence="daily", replicate_to=["bucket2"])],
+        replication=[
+            {
+                "name": "bucket2",
+                "kind": "store",
+                "store": {
+                    "name": "bucket2",
+                    "kind": "s3",
+                    "endpoint_url": seaweedfs.endpoint_url,
+                    "bucket": s3_bucket,
+                    "prefix": "replica",
+                    "region_name": seaweedfs.region,
+                    "access_key_id": "env:SPARK_TEST_REPLICA_KEY",
+                    "secret_access_key": "env:SPARK_TEST_REPLICA_SECRET",
+                },
+            }
+        ],
+    )
+    service = BackupService.from_path(write_plan(tmp_path, plan))
+    (manifest,) = service.backup("vpn_config")
+    (pushed,) = service.replicate("vpn_config")
+    assert pushed.replicated and pushed.location.startswith("s3://")
+    client = seaweedfs.client()
+    stored = (tmp_path / "store" / manifest.data_key).read_bytes()
+    body = client.get_object(Bucket=s3_bucket, Key=f"replica/{manifest.data_key}")["Body"].read()
+    assert body == stored
+
+    key = f"replica/vpn_config/manifests/{manifest.id}.json"
+    client.put_object(Bucket=s3_bucket, Key=key, Body=b"{}")
+    (checked,) = service.check_replicas("vpn_config")
+    assert not checked.replicated and "digest" in (checked.problem or "")
+    (again,) = service.replicate("vpn_config")
+    assert not again.replicated  # create-only: the changed object stays as found
+    assert client.get_object(Bucket=s3_bucket, Key=key)["Body"].read() == b"{}"
