@@ -264,3 +264,17 @@ def test_the_runbook_restores_and_probes_by_hand(tmp_path: Path, age_key) -> Non
         text=True,
     )
     assert again.returncode != 0 and "ids.json" in again.stdout + again.stderr
+
+
+def test_observation_changes_with_the_index(tmp_path: Path, age_key) -> None:
+    folder = tmp_path / "rag"
+    make_index(folder, "flat")
+    plan = _plan(tmp_path, age_key, [faiss_source(folder)])
+    service = BackupService.from_path(plan)
+    source = service.source("rag")
+    kind = service.kind_of(source)
+    first = kind.observe(source, service.context(source))
+    assert first == kind.observe(source, service.context(source))
+    assert first.metadata["files"] == 3
+    make_index(folder, "flat", vectors=2100)
+    assert kind.observe(source, service.context(source)).version != first.version
