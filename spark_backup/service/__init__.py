@@ -12,7 +12,8 @@ exactly the same thing; one module per concern, no Dagster imports:
 - ``journal.py``: the orchestration journal, the task overview and the Definition of Done.
 - ``secrets.py``: the secrets the plan names, their age and rotation;
 - ``locks.py``: each copy's Object Lock, read back from the store;
-- ``compliance.py``: the deletion concept's yearly review.
+- ``compliance.py``: the deletion concept's yearly review;
+- ``replication.py``: copies pushed to a second target, and the ``replicated`` check.
 
 A kind's own operations (PostgreSQL's WAL, PITR, ...) live in its package and get the service
 as their ``Runtime``.
@@ -25,6 +26,7 @@ from spark_backup.service.drills import DrillReport
 from spark_backup.service.freshness import Freshness
 from spark_backup.service.kpis import Kpi, KpiOperations
 from spark_backup.service.locks import LockStatus
+from spark_backup.service.replication import ReplicaOutcome, ReplicationOperations
 from spark_backup.service.retention import PruneReport, RetentionOperations
 from spark_backup.service.secrets import SecretsOperations, SecretStatus
 from spark_backup.sources.base import CopyRef
@@ -37,6 +39,7 @@ class BackupService(
     AlertOperations,
     SecretsOperations,
     ComplianceOperations,
+    ReplicationOperations,
 ):
     """A plan's operations, all concerns together (alerts bring freshness, drills and the
     ticket desk)."""
@@ -51,6 +54,7 @@ __all__ = [
     "Kpi",
     "LockStatus",
     "PruneReport",
+    "ReplicaOutcome",
     "SecretStatus",
     "VerifyOutcome",
 ]

@@ -16,6 +16,7 @@ from spark_backup.engine.manifest import (
     manifest_key,
 )
 from spark_backup.engine.pipeline import utcnow
+from spark_backup.engine.replication.records import record_keys_of
 from spark_backup.engine.retention import TierStatus, apply_retention, tier_status
 from spark_backup.engine.staging import stale_staging
 from spark_backup.engine.stores.base import ObjectStore
@@ -62,8 +63,9 @@ def owned_by_spark_backup(key: str) -> bool:
 
 
 def _delete_drill_records(store: ObjectStore, source: str, copy_id: str, now: dt.datetime) -> None:
-    """A deleted copy's drill records go with it (under a lock they stay until it ends)."""
-    for record in drill_keys_of(store, source, copy_id):
+    """A deleted copy's drill and replica records go with it (under a lock they stay until it
+    ends); its replicas stay where they are."""
+    for record in [*drill_keys_of(store, source, copy_id), *record_keys_of(store, source, copy_id)]:
         if not store.locked(record, now):
             store.delete(record)
 

@@ -30,7 +30,13 @@ Optional capabilities, each a small abstract class a kind mixes in:
 - ``SemanticCheck``: prove a copy usable, not only intact (row counts, probe queries, tensor
   digests);
 - ``SharedObjects``: objects several copies of a source share (the blob layer's chunks), which
-  verify checks with each copy and prune sweeps once no committed copy needs them.
+  verify checks with each copy and prune sweeps once no committed copy needs them;
+- ``Replicable``: the files a version is replicated as, where they are not the copy's own
+  objects (a content-addressed version: its model files); by default a copy replicates as its
+  data object and manifest;
+- ``Catalogued``: a catalogue entry per copy, from its manifest (a vector index's dimension,
+  vector count, metric, embedding model), which ``list --kind K --json`` prints and the backup
+  asset shows as metadata.
 
 Kinds may contribute command-line commands (``cli_commands``); they reach the plan's stores and
 keys through ``Runtime``, which the service implements, never by importing the service.
@@ -54,6 +60,7 @@ if TYPE_CHECKING:
     from spark_backup.engine.crypto import Recipients
     from spark_backup.engine.manifest import Manifest
     from spark_backup.engine.pipeline import CompressionSettings, PlaintextSource
+    from spark_backup.engine.replication import ReplicaVersion
     from spark_backup.engine.secrets import SecretResolver
     from spark_backup.engine.signing import Signer, Verifier
     from spark_backup.engine.stores.base import ObjectStore
@@ -475,6 +482,22 @@ class SharedObjects(ABC):
     def owns_shared_key(self, key: str) -> bool:
         """Whether ``key`` is one of the kind's shared objects (prune cleans up their partial
         writes)."""
+
+
+class Replicable(ABC):
+    """A kind whose versions replicate as other files than the copy's own objects."""
+
+    @abstractmethod
+    def replica_version(self, copy: CopyRef) -> ReplicaVersion:
+        """The version's files, each with its sha256 and a way to stream it."""
+
+
+class Catalogued(ABC):
+    """A kind whose copies each carry a catalogue entry in their manifest."""
+
+    @abstractmethod
+    def catalogue(self, manifest: Manifest) -> dict[str, Any] | None:
+        """The copy's entry (JSON values), or None for a copy without one."""
 
 
 # --- the command line ---------------------------------------------------------------------------
