@@ -36,6 +36,24 @@ def registry(tmp_path: Path) -> Iterator[Registry]:
         made.stop()
 
 
+def _targets(registry: Registry) -> list[dict]:
+    return [
+        {
+            "name": "registry",
+            "kind": "oci",
+            "registry": registry.address,
+            "repository": "spark-backup",
+            "insecure": True,
+            "timeout_seconds": 3,
+        },
+        {
+            "name": "offsite",
+            "kind": "store",
+            "store": {"name": "offsite", "kind": "local", "path": "offsite"},
+        },
+    ]
+
+
 def _plan(tmp_path: Path, age_key, estate: Path, registry: Registry, **source: object) -> Path:
     plan = plan_dict(
         [age_key[1]],
@@ -48,21 +66,7 @@ def _plan(tmp_path: Path, age_key, estate: Path, registry: Registry, **source: o
                 **source,
             )
         ],
-        replication=[
-            {
-                "name": "registry",
-                "kind": "oci",
-                "registry": registry.address,
-                "repository": "spark-backup",
-                "insecure": True,
-                "timeout_seconds": 3,
-            },
-            {
-                "name": "offsite",
-                "kind": "store",
-                "store": {"name": "offsite", "kind": "local", "path": "offsite"},
-            },
-        ],
+        replication=_targets(registry),
     )
     plan["encryption"]["identity_file"] = str(age_key[0])
     return write_plan(tmp_path, plan)
@@ -354,3 +358,140 @@ def test_a_second_bucket_on_s3_is_a_replica_store(
     (again,) = service.replicate("vpn_config")
     assert not again.replicated  # create-only: the changed object stays as found
     assert client.get_object(Bucket=s3_bucket, Key=key)["Body"].read() == b"{}"
+
+
+def test_llm_versions_replicate_chunk_for_chunk_and_the_store_replica_restores(
+    tmp_path: Path, age_key, registry: Registry, monkeypatch
+) -> None:
+    """A deduplicated version replicates as the objects it is made of: its chunks, its chunk
+    reference list, its version document, its manifest; a second version pushes its own."""
+    import hashlib
+    import os
+    import re
+    import subprocess
+
+    import requests
+
+    from spark_backup.engine.blobs.chunks import chunk_key
+    from spark_backup.engine.blobs.version import read_refs
+    from spark_backup.sources.llm_artifacts.kind import CHUNK_MEDIA_TYPE
+    from spark_backup.sources.llm_artifacts.reader import REFS_KEY, REFS_SHA256
+    from spark_backup_tests.helpers import llm_source, make_model_dir
+
+    monkeypatch.setenv("SPARK_TEST_CHUNK_KEY", "replica-chunk-key-0123456789")
+    model = make_model_dir(tmp_path / "adapter")
+    raw = plan_dict(
+        [age_key[1]],
+        [llm_source("adapter", str(model), replicate_to=["registry", "offsite"])],
+        replication=_targets(registry),
+    )
+    plan = write_plan(tmp_path, raw)
+    service = BackupService.from_path(plan)
+    (first,) = service.backup("adapter")
+    outcomes = service.replicate("adapter")
+    assert {(o.target, o.replicated) for o in outcomes} == {("registry", True), ("offsite", True)}
+
+    # The registry holds one layer per chunk, the reference list, the document, the manifest,
+    # each layer the stored object's bytes under its sha256.
+    store_root = tmp_path / "store"
+    metadata = first.source_metadata
+    refs = read_refs(
+        service.store_for(service.source("adapter")),
+        metadata[REFS_KEY],
+        metadata[REFS_SHA256],
+        "test",
+    )
+    found = _manifest(registry, f"{registry.address}/spark-backup/adapter:{first.id}")
+    layers = {
+        layer["annotations"]["org.opencontainers.image.title"]: layer for layer in found["layers"]
+    }
+    chunk_layers = {n for n, layer in layers.items() if layer["mediaType"] == CHUNK_MEDIA_TYPE}
+    assert chunk_layers == {chunk_key("", cid).lstrip("/") for cid in refs}
+    assert len(layers) == len(refs) + 3
+    assert found["annotations"]["dev.spark-backup.version-digest"] == metadata["version_digest"]
+    name = sorted(chunk_layers)[0]
+    stored = (store_root / "adapter" / name).read_bytes()
+    assert layers[name]["digest"] == f"sha256:{hashlib.sha256(stored).hexdigest()}"
+    blob = requests.get(
+        f"http://{registry.address}/v2/spark-backup/adapter/blobs/{layers[name]['digest']}",
+        timeout=5,
+    )
+    assert blob.content == stored
+
+    # The runbook's by-hand fetch lays the artifact out as a store, which restores the version.
+    runbook = Path(__file__).resolve().parents[1] / "docs" / "runbooks" / "llm_artifacts.md"
+    blocks = re.findall(r"```bash\n(.*?)```", runbook.read_text(), flags=re.DOTALL)
+    (script,) = [b for b in blocks if b.startswith("REGISTRY=")]
+    download = tmp_path / "download"
+    env = {"REGISTRY": registry.address, "SCHEME": "http", "SOURCE": "adapter"}
+    fetched = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script],
+        env={**os.environ, **env, "VERSION": first.id, "DOWNLOAD": str(download)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert fetched.returncode == 0, fetched.stderr
+    fetched_plan = plan_dict(
+        [age_key[1]],
+        [llm_source("adapter", str(model))],
+        stores=[{"name": "download", "kind": "local", "path": str(download)}],
+    )
+    fetched_plan["encryption"]["identity_file"] = str(age_key[0])
+    (tmp_path / "fetched").mkdir()
+    BackupService.from_path(write_plan(tmp_path / "fetched", fetched_plan)).restore(
+        first.id, tmp_path / "from-registry"
+    )
+    original = (model / "adapter_model.safetensors").read_bytes()
+    assert (tmp_path / "from-registry" / "adapter_model.safetensors").read_bytes() == original
+
+    # A second version (one tensor re-drawn) replicates too; the first is not pushed again.
+    weights = model / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-4096:] = bytes(4096)
+    weights.write_bytes(bytes(data))
+    (second,) = service.backup("adapter")
+    again = {(o.version, o.target): o for o in service.replicate("adapter")}
+    assert set(again) == {(second.id, "registry"), (second.id, "offsite")}
+    assert all(o.replicated for o in again.values())
+
+    # The store replica is a store of its own: a plan on it verifies and restores each version.
+    replica_plan = plan_dict(
+        [age_key[1]],
+        [llm_source("adapter", str(model))],
+        stores=[{"name": "offsite", "kind": "local", "path": str(tmp_path / "offsite")}],
+    )
+    replica_plan["encryption"]["identity_file"] = str(age_key[0])
+    (tmp_path / "elsewhere").mkdir()
+    other = BackupService.from_path(write_plan(tmp_path / "elsewhere", replica_plan))
+    refs_there = {r.manifest.id: r for r in other.copies("adapter")}
+    assert set(refs_there) == {first.id, second.id}
+    identities = other.identities()
+    assert other.verify(refs_there[first.id], identities).ok
+    other.restore(second.id, tmp_path / "restored")
+    assert (tmp_path / "restored" / "adapter_model.safetensors").read_bytes() == bytes(data)
+
+    # A chunk lost on the store replica fails the check there, and the next run puts it back.
+    lost = tmp_path / "offsite" / "adapter" / name
+    lost.chmod(0o600)
+    lost.unlink()
+    checked = {(o.version, o.target): o for o in service.check_replicas("adapter")}
+    assert not checked[(first.id, "offsite")].replicated
+    assert name in (checked[(first.id, "offsite")].problem or "")
+    assert checked[(first.id, "registry")].replicated
+    service.replicate("adapter")
+    assert lost.read_bytes() == stored
+    assert all(o.replicated for o in service.check_replicas("adapter"))
+
+    # A chunk missing from the source store: the version stays unreplicated, named, retried.
+    (store_root / "adapter" / name).chmod(0o600)
+    (store_root / "adapter" / name).unlink()
+    shutil.rmtree(registry.repository_folder("spark-backup/adapter"))
+    checked = {(o.version, o.target): o for o in service.check_replicas("adapter")}
+    assert not checked[(first.id, "registry")].replicated
+    outcome = {(o.version, o.target): o for o in service.replicate("adapter")}
+    missing = outcome[(first.id, "registry")]
+    assert not missing.replicated and first.id in (missing.problem or "")
+    assert name in (missing.problem or "") and "missing from the store" in missing.problem
+    assert not service.replica_states("adapter")["registry"][first.id].replicated
+    assert {r.manifest.id for r in service.copies("adapter")} == {first.id, second.id}

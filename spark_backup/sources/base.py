@@ -31,9 +31,9 @@ Optional capabilities, each a small abstract class a kind mixes in:
   digests);
 - ``SharedObjects``: objects several copies of a source share (the blob layer's chunks), which
   verify checks with each copy and prune sweeps once no committed copy needs them;
-- ``Replicable``: the files a version is replicated as, where they are not the copy's own
-  objects (a content-addressed version: its model files); by default a copy replicates as its
-  data object and manifest;
+- ``Replicable``: the files a version is replicated as, where they are not only the copy's own
+  objects (a content-addressed version: its chunks and reference list too); by default a copy
+  replicates as its data object and manifest;
 - ``Catalogued``: a catalogue entry per copy, from its manifest (a vector index's dimension,
   vector count, metric, embedding model), which ``list --kind K --json`` prints and the backup
   asset shows as metadata.

@@ -3,9 +3,10 @@ an OCI registry (a ModelPack-style artifact pushed with the ``oras`` client).
 
 Generic over what is replicated: a ``ReplicaVersion`` is a named set of files with their sha256
 digests and a way to stream each. A copy of the archive pipeline is one version (its data
-object and its manifest, ``copy_version``); a kind that keeps versions otherwise (a
-content-addressed blob layer: one file per model file, or per pack of chunks) builds its own
-``ReplicaVersion`` and gets the same targets, records and ``replicated`` check.
+object and its manifest, ``copy_version``); a kind that keeps versions otherwise (the
+content-addressed blob layer: every chunk a version needs and its reference list, before its
+document and manifest) builds its own ``ReplicaVersion`` and gets the same targets, records and
+``replicated`` check.
 
 - ``version.py``: ``ReplicaFile``, ``ReplicaVersion``, ``copy_version``;
 - ``config.py``: the targets as a plan writes them;

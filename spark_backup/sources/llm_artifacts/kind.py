@@ -11,12 +11,14 @@ import hashlib
 import json
 import os
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from pyrage import x25519
 
-from spark_backup.engine.blobs.chunks import id_of_chunk_key
+from spark_backup.engine.blobs.chunks import chunk_key, id_of_chunk_key
 from spark_backup.engine.blobs.safetensors import SafetensorsError, read_header
 from spark_backup.engine.blobs.sweep import sweep, sweeps_prefix
 from spark_backup.engine.blobs.version import (
@@ -28,8 +30,9 @@ from spark_backup.engine.blobs.version import (
 )
 from spark_backup.engine.manifest import Manifest, manifest_prefix
 from spark_backup.engine.pipeline import open_copy
+from spark_backup.engine.replication import ReplicaFile, ReplicaVersion, copy_version
 from spark_backup.engine.staging import remove_tree, staged_restore
-from spark_backup.engine.streams import Readable
+from spark_backup.engine.streams import HashingReader, Readable
 from spark_backup.errors import (
     IntegrityError,
     NotFoundError,
@@ -43,6 +46,7 @@ from spark_backup.sources.base import (
     FolderRestore,
     Observable,
     Observation,
+    Replicable,
     Runtime,
     SemanticCheck,
     SemanticResult,
@@ -63,6 +67,10 @@ VERSION = "version"
 CHUNKS_PRESENT = "every chunk present"
 CHUNKS_DEEP = "every chunk decrypted, file and tensor digests"
 
+# Media types of a version's store objects in an OCI artifact (one layer per object).
+CHUNK_MEDIA_TYPE = "application/vnd.spark-backup.chunk.v1+age"
+REFS_MEDIA_TYPE = "application/vnd.spark-backup.chunk-refs.v1+json+zstd"
+
 
 def read_document(copy: CopyRef, identities: list[x25519.Identity]) -> dict[str, Any]:
     """The copy's version document (small: names and chunk lists, never file contents)."""
@@ -71,7 +79,9 @@ def read_document(copy: CopyRef, identities: list[x25519.Identity]) -> dict[str,
     return parse_version(data, f"version {copy.manifest.id}")
 
 
-class LlmArtifactsKind(SourceKind[LlmArtifactsSource], Observable, SemanticCheck, SharedObjects):
+class LlmArtifactsKind(
+    SourceKind[LlmArtifactsSource], Observable, SemanticCheck, SharedObjects, Replicable
+):
     name = KIND_NAME
     settings = LlmArtifactsSource
     labels = frozenset({"safetensors"})
@@ -279,6 +289,33 @@ class LlmArtifactsKind(SourceKind[LlmArtifactsSource], Observable, SemanticCheck
             or key.startswith((refs_prefix(parts[0]), sweeps_prefix(parts[0])))
         )
 
+    # --- Replicable: a version as the store objects it is made of ------------------------------
+
+    def replica_version(self, copy: CopyRef) -> ReplicaVersion:
+        """Every chunk the version needs, its chunk reference list, then its version document
+        and manifest (``copy_version``): the manifest last, so a store replica lists a version
+        only once it holds everything the version needs, and lists, verifies and restores it as
+        the source store does. The objects as stored (encrypted): a replica reveals no more than
+        the source store. Chunk digests are not recorded at backup, so each chunk is read and
+        hashed here; a chunk missing from the source store fails with the version's name and
+        the version stays unreplicated."""
+        store, scope, label = copy.store, copy.manifest.source, f"version {copy.manifest.id}"
+        refs = self._refs(copy)
+        files = []
+        for cid in sorted(refs):
+            key = chunk_key(scope, cid)
+            files.append(_stored_file(store, key, scope, CHUNK_MEDIA_TYPE, label))
+        refs_key = copy.manifest.source_metadata[REFS_KEY]
+        files.append(_stored_file(store, refs_key, scope, REFS_MEDIA_TYPE, label))
+        base = copy_version(store, copy.manifest)
+        metadata = copy.manifest.source_metadata
+        annotations = {
+            **base.annotations,
+            "dev.spark-backup.version-digest": str(metadata.get("version_digest") or ""),
+            "dev.spark-backup.label": str(metadata.get("label") or ""),
+        }
+        return replace(base, files=(*files, *base.files), annotations=annotations)
+
     # --- SemanticCheck ----------------------------------------------------------------------------
 
     def semantic_check(
@@ -312,6 +349,25 @@ class LlmArtifactsKind(SourceKind[LlmArtifactsSource], Observable, SemanticCheck
             + (", tokenizer loads" if counts.get("tokenizers") else ""),
             {"files": len(document["files"]), **counts},
         )
+
+
+def _stored_file(store: Any, key: str, scope: str, media_type: str, label: str) -> ReplicaFile:
+    """A store object as a replica file named by its key below the source (unique in the
+    version), with the sha256 and size of its bytes as stored."""
+    try:
+        with store.open_read(key) as raw:
+            reader = HashingReader(raw)
+            reader.drain()
+    except NotFoundError:
+        raise IntegrityError(f"{label}: {key} is missing from the store: not replicated") from None
+    return ReplicaFile(
+        key.removeprefix(f"{scope}/"),
+        reader.hexdigest(),
+        reader.bytes,
+        media_type,
+        key,
+        partial(store.open_read, key),
+    )
 
 
 def _read_file(path: Path) -> Iterator[bytes]:
