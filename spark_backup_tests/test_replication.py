@@ -451,9 +451,19 @@ def test_llm_versions_replicate_chunk_for_chunk_and_the_store_replica_restores(
     data[-4096:] = bytes(4096)
     weights.write_bytes(bytes(data))
     (second,) = service.backup("adapter")
+    # Built once for both targets: building a version reads and hashes every chunk it needs.
+    kind = service.kind_named("llm_artifacts")
+    built: list[str] = []
+    build = type(kind).replica_version
+    monkeypatch.setattr(
+        type(kind),
+        "replica_version",
+        lambda k, copy: built.append(copy.manifest.id) or build(k, copy),
+    )
     again = {(o.version, o.target): o for o in service.replicate("adapter")}
     assert set(again) == {(second.id, "registry"), (second.id, "offsite")}
     assert all(o.replicated for o in again.values())
+    assert built == [second.id]
 
     # The store replica is a store of its own: a plan on it verifies and restores each version.
     replica_plan = plan_dict(

@@ -109,6 +109,7 @@ class ReplicationOperations(PlanRuntime):
         replicated there (without a partition: only those); record each result."""
         store, refs = self._scope(source_name, artifact)
         outcomes = []
+        versions: dict[str, ReplicaVersion] = {}
         for name in self.plan.source(source_name).replicate_to:
             target = self.replica_target(name)
             records = newest_records(store, source_name, name)
@@ -117,7 +118,7 @@ class ReplicationOperations(PlanRuntime):
                 in_scope = ref.manifest.partition == partition
                 if record is not None and record.replicated and not in_scope:
                     continue
-                outcome = self._judge(target, ref, push=True)
+                outcome = self._judge(target, ref, versions, push=True)
                 outcomes.append(outcome)
                 self._record(store, outcome, target, now)
         return outcomes
@@ -135,24 +136,35 @@ class ReplicationOperations(PlanRuntime):
         store, refs = self._scope(source_name, artifact)
         refs = [r for r in refs if partition is None or r.manifest.partition == partition]
         outcomes = []
+        versions: dict[str, ReplicaVersion] = {}
         for name in self.plan.source(source_name).replicate_to:
             target = self.replica_target(name)
             records = newest_records(store, source_name, name)
             for ref in refs:
-                outcome = self._judge(target, ref, push=False)
+                outcome = self._judge(target, ref, versions, push=False)
                 outcomes.append(outcome)
                 previous = records.get(ref.manifest.id)
                 if previous is None or previous.replicated != outcome.replicated:
                     self._record(store, outcome, target, now)
         return outcomes
 
-    def _judge(self, target: ReplicaTarget, ref: CopyRef, push: bool) -> ReplicaOutcome:
+    def _judge(
+        self,
+        target: ReplicaTarget,
+        ref: CopyRef,
+        versions: dict[str, ReplicaVersion],
+        push: bool,
+    ) -> ReplicaOutcome:
         """Push the copy's version (or only look, without ``push``) and compare what the
-        target holds with its digests; a failure is the outcome's problem, never raised."""
+        target holds with its digests; a failure is the outcome's problem, never raised.
+        ``versions``: the versions built in this run, by copy id (building one may read every
+        object it is made of, once for all targets)."""
         m = ref.manifest
         outcome = ReplicaOutcome(m.source, m.id, m.partition, target.name, False, "")
         try:
-            version = self.version_of(ref)
+            if m.id not in versions:
+                versions[m.id] = self.version_of(ref)
+            version = versions[m.id]
             outcome.location = target.location(version)
             outcome.digests = target.push(version) if push else target.held(version)
             outcome.pushed = push
