@@ -505,3 +505,54 @@ def test_llm_versions_replicate_chunk_for_chunk_and_the_store_replica_restores(
     assert name in (missing.problem or "") and "missing from the store" in missing.problem
     assert not service.replica_states("adapter")["registry"][first.id].replicated
     assert {r.manifest.id for r in service.copies("adapter")} == {first.id, second.id}
+
+
+def test_prune_sweeps_an_expired_llm_versions_chunks_at_the_source_never_on_its_replica(
+    tmp_path: Path, age_key, registry: Registry, monkeypatch
+) -> None:
+    import datetime as dt
+
+    from spark_backup.engine.blobs.chunks import existing_chunks
+    from spark_backup_tests.helpers import llm_source, make_model_dir
+
+    monkeypatch.setenv("SPARK_TEST_CHUNK_KEY", "replica-chunk-key-0123456789")
+    model = make_model_dir(tmp_path / "adapter")
+    retention = {"daily": 1, "weekly": 0, "monthly": 0}
+    source = llm_source("adapter", str(model), replicate_to=["offsite"], retention=retention)
+    plan = write_plan(tmp_path, plan_dict([age_key[1]], [source], replication=_targets(registry)))
+    service = BackupService.from_path(plan)
+    (first,) = service.backup("adapter")
+    weights = model / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8192] + bytes(8192))  # the last tensor changed
+    (second,) = service.backup("adapter")
+    outcomes = service.replicate("adapter")
+    assert {(o.version, o.replicated) for o in outcomes} == {(first.id, True), (second.id, True)}
+    store = service.store_for(service.source("adapter"))
+    before = set(existing_chunks(store, "adapter"))
+
+    now = dt.datetime.now(dt.UTC)
+    assert service.prune(dry_run=False, now=now).expired == [first.id]
+    swept = service.prune(dry_run=False, now=now + dt.timedelta(days=2))
+    gone = before - set(existing_chunks(store, "adapter"))
+    assert gone and swept.shared_expired  # the chunks only the first version had
+    assert all(first.id not in info.key for info in store.list(replica_prefix("adapter")))
+
+    # The replica store still holds the expired version whole: it verifies and restores there.
+    replica_plan = plan_dict(
+        [age_key[1]],
+        [llm_source("adapter", str(model))],
+        stores=[{"name": "offsite", "kind": "local", "path": str(tmp_path / "offsite")}],
+    )
+    replica_plan["encryption"]["identity_file"] = str(age_key[0])
+    (tmp_path / "elsewhere").mkdir()
+    other = BackupService.from_path(write_plan(tmp_path / "elsewhere", replica_plan))
+    offsite = other.store_for(other.source("adapter"))
+    assert gone <= set(existing_chunks(offsite, "adapter"))
+    assert other.verify(other.find(first.id), other.identities()).ok
+    other.restore(first.id, tmp_path / "first")
+    assert (
+        tmp_path / "first" / "adapter_model.safetensors"
+    ).stat().st_size == weights.stat().st_size
+    assert (tmp_path / "first" / "adapter_model.safetensors").read_bytes()[-8192:] != bytes(8192)
+    # And the kept version still replicates as checked.
+    assert all(o.replicated for o in service.check_replicas("adapter"))
