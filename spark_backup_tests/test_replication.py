@@ -556,3 +556,40 @@ def test_prune_sweeps_an_expired_llm_versions_chunks_at_the_source_never_on_its_
     assert (tmp_path / "first" / "adapter_model.safetensors").read_bytes()[-8192:] != bytes(8192)
     # And the kept version still replicates as checked.
     assert all(o.replicated for o in service.check_replicas("adapter"))
+
+
+def test_an_llm_sources_replica_asset_runs_after_its_versions_in_the_backup_job(
+    tmp_path: Path, age_key, registry: Registry, monkeypatch
+) -> None:
+    """Lineage source -> version -> registry: ``replicas/adapter`` downstream of
+    ``backups/adapter``, its ``replicated`` check passing on both targets."""
+    from spark_backup_tests.helpers import llm_source, make_model_dir
+
+    monkeypatch.setenv("SPARK_TEST_CHUNK_KEY", "replica-chunk-key-0123456789")
+    model = make_model_dir(tmp_path / "adapter")
+    source = llm_source("adapter", str(model), replicate_to=["registry", "offsite"])
+    raw = plan_dict([age_key[1]], [source], replication=_targets(registry))
+    raw["encryption"]["identity_file"] = str(age_key[0])
+    plan = write_plan(tmp_path, raw)
+    defs = build_definitions(load_plan(plan))
+    key = replica_asset_key("adapter")
+    assert defs.resolve_asset_graph().get(key).parent_keys == {AssetKey(["backups", "adapter"])}
+    partition = partition_key_for("daily", utcnow())
+    with DagsterInstance.ephemeral() as instance:
+        result = defs.resolve_job_def("daily_backups").execute_in_process(
+            instance=instance, partition_key=partition, run_config=QUIET
+        )
+    assert result.success
+    (evaluation,) = [
+        e
+        for e in result.get_asset_check_evaluations()
+        if e.asset_check_key == AssetCheckKey(key, REPLICATED_CHECK)
+    ]
+    assert evaluation.passed
+    (materialization,) = result.asset_materializations_for_node("replicas__adapter")
+    assert materialization.metadata["replicated"].value == 2
+    service = BackupService.from_path(plan)
+    (version,) = service.copies("adapter")
+    states = service.replica_states("adapter")
+    assert set(states) == {"registry", "offsite"}
+    assert all(states[target][version.manifest.id].replicated for target in states)
