@@ -188,3 +188,98 @@ def clone_copies(
         store.put_bytes(manifest_key(clone.source, copy_id), clone.to_json())
         made.append(clone)
     return made
+
+
+def write_safetensors(path: Path, tensors: dict[str, tuple[str, list[int], bytes]]) -> Path:
+    """A safetensors file as the format defines it (name -> dtype, shape, raw bytes), written
+    without the safetensors library; tensors in the order given."""
+    import json
+    import struct
+
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, (dtype, shape, data) in tensors.items():
+        header[name] = {
+            "dtype": dtype,
+            "shape": shape,
+            "data_offsets": [offset, offset + len(data)],
+        }
+        offset += len(data)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as out:
+        out.write(struct.pack("<Q", len(raw)) + raw)
+        for _dtype, _shape, data in tensors.values():
+            out.write(data)
+    return path
+
+
+def make_model_dir(root: Path, seed: int = 1, tensors: int = 12, floats: int = 16384) -> Path:
+    """A LoRA adapter directory: adapter_config.json, tokenizer.json, adapter weights in
+    safetensors (fp32, ``tensors`` tensors of ``floats`` values) and a small .nemo archive."""
+    import io
+    import json
+    import random
+    import tarfile
+
+    rng = random.Random(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "base_model_name_or_path": "meta-llama/Llama-3.1-8B",
+                "r": 16,
+                "peft_type": "LORA",
+                "training_run_id": "run-42",
+            }
+        )
+    )
+    (root / "tokenizer.json").write_text(
+        json.dumps(
+            {
+                "version": "1.0",
+                "truncation": None,
+                "padding": None,
+                "added_tokens": [],
+                "normalizer": None,
+                "pre_tokenizer": {"type": "Whitespace"},
+                "post_processor": None,
+                "decoder": None,
+                "model": {
+                    "type": "WordLevel",
+                    "vocab": {"[UNK]": 0, "hello": 1, "world": 2},
+                    "unk_token": "[UNK]",
+                },
+            }
+        )
+    )
+    weights = {
+        f"base_model.layers.{i}.lora_{'AB'[i % 2]}.weight": (
+            "F32",
+            [floats // 16, 16],
+            rng.randbytes(floats * 4),
+        )
+        for i in range(tensors)
+    }
+    write_safetensors(root / "adapter_model.safetensors", weights)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        data = b"model_config: {hidden: 64}\n"
+        info = tarfile.TarInfo("model_config.yaml")
+        info.size = len(data)
+        archive.addfile(info, io.BytesIO(data))
+    (root / "checkpoint.nemo").write_bytes(buffer.getvalue())
+    return root
+
+
+def llm_source(name: str, path: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "name": name,
+        "kind": "llm_artifacts",
+        "cadence": "daily",
+        "owner": "team:ml",
+        "path": path,
+        "chunk_key": "env:SPARK_TEST_CHUNK_KEY",
+        **extra,
+    }

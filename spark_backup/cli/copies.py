@@ -124,8 +124,15 @@ def _warn(subject: str, message: str) -> None:
 @cli.command("list")
 @click.argument("source", required=False)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per copy, as an array.")
+@click.option(
+    "--kind",
+    "kind_name",
+    metavar="KIND",
+    help="Only copies of this kind; with --json, each with its catalogue entry where the kind "
+    "keeps one (a vector index's dimension, vectors, metric, embedding model).",
+)
 @pass_state
-def list_(state: CliState, source: str | None, as_json: bool) -> None:
+def list_(state: CliState, source: str | None, as_json: bool, kind_name: str | None) -> None:
     """List committed copies, oldest first. A manifest that cannot be read is listed as
     damaged (exit 3); every other copy is listed as usual."""
     # The process ends with this command, and its thousands of objects per copy are freed by
@@ -134,12 +141,19 @@ def list_(state: CliState, source: str | None, as_json: bool) -> None:
     gc.disable()
     service = state.service
     refs, damaged = service.listing(source) if source else service.all_listings()
+    if kind_name is not None:
+        from spark_backup.sources import registry
+
+        registry.kind(kind_name)  # an unknown kind is an error, not an empty list
+        refs = [ref for ref in refs if ref.manifest.kind == kind_name]
     locks = {ref.manifest.id: service.lock_status(ref) for ref in refs}
     ranges = _log_ranges(service, refs)
     drills = service.drills_of(refs)
     if as_json:
+        replicas = _replicas(service, refs)
         rows = [
             _copy_row(r, locks[r.manifest.id], ranges.get(r.manifest.id), drills.get(r.manifest.id))
+            | ({"replicas": replicas[r.manifest.id]} if r.manifest.id in replicas else {})
             for r in refs
         ]
         rows += [_damaged_row(d) for d in damaged]
@@ -230,6 +244,32 @@ def _log_ranges(service: Any, refs: list[CopyRef]) -> dict[str, LogRange]:
     return ranges
 
 
+def _replicas(service: Any, refs: list[CopyRef]) -> dict[str, dict[str, Any]]:
+    """Per copy of a source with ``replicate_to``: each target's newest replica record
+    (``replicated`` false: not yet, or the last push or check failed; none: never tried)."""
+    found: dict[str, dict[str, Any]] = {}
+    listed = {ref.manifest.source for ref in refs}
+    for source in service.plan.sources:
+        if source.name not in listed or not source.replicate_to:
+            continue
+        for target, records in service.replica_states(source.name).items():
+            for ref in refs:
+                if ref.manifest.source != source.name:
+                    continue
+                record = records.get(ref.manifest.id)
+                found.setdefault(ref.manifest.id, {})[target] = (
+                    {
+                        "replicated": record.replicated,
+                        "recorded_at": record.recorded_at,
+                        "location": record.location,
+                        "problem": record.problem,
+                    }
+                    if record
+                    else None
+                )
+    return found
+
+
 def _drill_cell(record: DrillRecord | None) -> str:
     """``passed 2026-11-29 12.3s/2h``: the newest drill, its restore time against the RTO."""
     if record is None:
@@ -263,7 +303,10 @@ def _copy_row(
     drill: DrillRecord | None = None,
 ) -> dict[str, Any]:
     m = ref.manifest
-    extra = {"log": {**asdict(log), "complete": log.complete}} if log else {}
+    extra: dict[str, Any] = {"log": {**asdict(log), "complete": log.complete}} if log else {}
+    entry = _catalogue(m)
+    if entry is not None:
+        extra["catalogue"] = entry
     return {
         "id": m.id,
         "source": m.source,
@@ -285,6 +328,16 @@ def _copy_row(
         "drill": _drill_row(drill),
         **extra,
     }
+
+
+def _catalogue(manifest: Manifest) -> dict[str, Any] | None:
+    """The copy's catalogue entry, from kinds that keep one (a copy of a kind this version does
+    not know has none)."""
+    from spark_backup.sources import registry
+    from spark_backup.sources.base import Catalogued
+
+    kind = registry.kinds().get(manifest.kind)
+    return kind.catalogue(manifest) if isinstance(kind, Catalogued) else None
 
 
 def _damaged_row(entry: DamagedManifest) -> dict[str, Any]:
@@ -534,6 +587,11 @@ def prune(state: CliState, apply: bool, as_json: bool) -> None:
         for key in report.log_expired:
             stdout.print(
                 f"{verb} log {printable(key)}: older than every base copy kept", highlight=False
+            )
+        for key in report.shared_expired:
+            stdout.print(
+                f"{verb} shared object {printable(key)}: no committed copy needs it",
+                highlight=False,
             )
         for entry in report.damaged:
             error_line(f"kept a copy whose manifest is damaged: {entry}")

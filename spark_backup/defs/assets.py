@@ -35,6 +35,7 @@ from spark_backup.engine.text import printable
 from spark_backup.plan import LoadedPlan, SourceSettings
 from spark_backup.sources.base import (
     Artifact,
+    Catalogued,
     ContinuousLog,
     Observable,
     PointInTimeRecovery,
@@ -244,6 +245,32 @@ def copy_metadata(manifest: Manifest, spark_backup: SparkBackupResource) -> dict
     for name in ("files", "directories", "symlinks", "warning_count", "rows", "tables"):
         if name in manifest.source_metadata:
             metadata[name] = MetadataValue.int(manifest.source_metadata[name])
+    # A version of the blob layer: what it holds, and what it added to the store.
+    for name in ("tensors", "chunks", "new_chunks", "added_bytes"):
+        if isinstance(manifest.source_metadata.get(name), int):
+            metadata[name] = MetadataValue.int(manifest.source_metadata[name])
+    for name in ("version_digest", "label"):
+        if isinstance(manifest.source_metadata.get(name), str):
+            metadata[name] = manifest.source_metadata[name]
     if manifest.lock:
         metadata["locked_until"] = manifest.lock["retain_until"]
+    metadata.update(catalogue_metadata(manifest, spark_backup))
+    return metadata
+
+
+def catalogue_metadata(manifest: Manifest, spark_backup: SparkBackupResource) -> dict[str, object]:
+    """A catalogued kind's entry: whole as JSON, and its plain facts (dimension, vectors,
+    metric, ...) one by one, so the UI can plot them per partition."""
+    kind = spark_backup.service.kind_named(manifest.kind)
+    entry = kind.catalogue(manifest) if isinstance(kind, Catalogued) else None
+    if not entry:
+        return {}
+    metadata: dict[str, object] = {"catalogue": MetadataValue.json(entry)}
+    for name, value in entry.items():
+        if isinstance(value, bool):
+            metadata[f"catalogue/{name}"] = MetadataValue.bool(value)
+        elif isinstance(value, int):
+            metadata[f"catalogue/{name}"] = MetadataValue.int(value)
+        elif isinstance(value, str):
+            metadata[f"catalogue/{name}"] = MetadataValue.text(value)
     return metadata

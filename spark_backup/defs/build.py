@@ -49,6 +49,7 @@ from spark_backup.defs.drills import (
 )
 from spark_backup.defs.kpis import KPI_ASSET, KPI_CRON, KPI_JOB, build_kpi_asset
 from spark_backup.defs.partitions import partitions_for
+from spark_backup.defs.replication import build_replica_asset, replica_asset_key
 from spark_backup.defs.resources import (
     RESOURCE_KEY,
     SECRETS_RESOURCE_KEY,
@@ -97,6 +98,8 @@ def build_definitions(
     assets: list[AssetsDefinition | AssetSpec] = []
     checks, schedules, jobs = [], [], []
     keys_by_cadence: dict[str, list[AssetKey]] = defaultdict(list)
+    # Replica assets run in their cadence's backup job, right after the backups they copy.
+    replicas_by_cadence: dict[str, list[AssetKey]] = defaultdict(list)
     # Lag checks by (log asset suffix, cron): one job and schedule each.
     log_checks: dict[tuple[str, str], list[AssetCheckKey]] = defaultdict(list)
     observed: list[AssetKey] = []
@@ -133,6 +136,11 @@ def build_definitions(
             keys_by_cadence[artifact.cadence].append(key)
             assets.append(build_backup_asset(source, artifact, kind, loaded))
             assets.append(build_drill_asset(source, artifact, kind, loaded))
+            if source.replicate_to:
+                assets.append(build_replica_asset(source, artifact, kind, loaded))
+                replicas_by_cadence[artifact.cadence].append(
+                    replica_asset_key(source.name, artifact)
+                )
             drill_key = drill_asset_key(source.name, artifact)
             drills_by_cadence[artifact.cadence].append(drill_key)
             drill_targets.append(
@@ -174,7 +182,7 @@ def build_definitions(
             item_keys = item.keys if isinstance(item, AssetsDefinition) else {item.key}
             sources_by_asset.update(dict.fromkeys(item_keys, source.name))
     for cadence_name, keys in keys_by_cadence.items():
-        job = build_backup_job(cadence_name, keys)
+        job = build_backup_job(cadence_name, [*keys, *replicas_by_cadence[cadence_name]])
         jobs.append(job)
         schedules.append(build_backup_schedule(job, cadence_name))
     schedules.append(

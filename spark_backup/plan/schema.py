@@ -11,6 +11,7 @@ from typing import Annotated, Literal, Union
 from pydantic import Field, create_model, field_validator, model_validator
 
 from spark_backup.engine.cadence import DEFAULT_PARTITIONS_START
+from spark_backup.engine.replication.config import ReplicaConfig
 from spark_backup.engine.secrets import SecretReference, SecretsConfig
 from spark_backup.engine.settings import Duration, Name, SettingsModel
 from spark_backup.engine.signing import SigningConfig
@@ -100,6 +101,9 @@ class Plan(SettingsModel):
     signing: SigningConfig | None = None
     compliance: Compliance = Compliance()
     stores: list[StoreConfig] = Field(min_length=1)
+    # Second targets for versions (another store, an OCI registry); sources name theirs in
+    # ``replicate_to``.
+    replication: list[ReplicaConfig] = Field(default_factory=list)
     notifications: Notifications = Notifications()
     journal: JournalSettings = JournalSettings()
     # Each entry is validated as its kind's model (see ``plan_model``).
@@ -112,6 +116,8 @@ class Plan(SettingsModel):
         store_names = [s.name for s in self.stores]
         _unique(store_names, "stores")
         _unique([s.name for s in self.sources], "sources")
+        replica_names = [r.name for r in self.replication]
+        _unique(replica_names, "replication")
         if self.defaults.store and self.defaults.store not in store_names:
             raise ValueError(
                 f"defaults.store names unknown store {self.defaults.store!r} "
@@ -136,6 +142,12 @@ class Plan(SettingsModel):
                 )
             if source.compliance_copy:
                 self._check_compliance_store(index, source)
+            for target in source.replicate_to:
+                if target not in replica_names:
+                    raise ValueError(
+                        f"sources[{index}].replicate_to names unknown replication target "
+                        f"{target!r} (expected one of: {', '.join(replica_names) or 'none'})"
+                    )
         return self
 
     def _check_compliance_store(self, index: int, source: SourceSettings) -> None:

@@ -71,6 +71,8 @@ class SourceSettings(SettingsModel):
     # A compliance copy: its store must be WORM (S3 Object Lock in COMPLIANCE mode) with locks
     # at least as long as its retention keeps a copy.
     compliance_copy: bool = False
+    # Replication targets (the plan's ``replication`` entries) every copy is pushed to.
+    replicate_to: list[Name] = Field(default_factory=list)
 
     @field_validator("owner")
     @classmethod

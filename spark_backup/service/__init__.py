@@ -13,7 +13,8 @@ exactly the same thing; one module per concern, no Dagster imports:
 - ``journal.py``: the orchestration journal, the task overview and the Definition of Done.
 - ``secrets.py``: the secrets the plan names, their age and rotation;
 - ``locks.py``: each copy's Object Lock, read back from the store;
-- ``compliance.py``: the deletion concept's yearly review.
+- ``compliance.py``: the deletion concept's yearly review;
+- ``replication.py``: copies pushed to a second target, and the ``replicated`` check.
 
 A kind's own operations (PostgreSQL's WAL, PITR, ...) live in its package and get the service
 as their ``Runtime``.
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     from spark_backup.service.freshness import Freshness
     from spark_backup.service.kpis import Kpi
     from spark_backup.service.locks import LockStatus
+    from spark_backup.service.replication import ReplicaOutcome
     from spark_backup.service.retention import PruneReport
     from spark_backup.service.secrets import SecretStatus
     from spark_backup.sources.base import CopyRef
@@ -49,6 +51,7 @@ _HOMES = {
     "Kpi": "spark_backup.service.kpis",
     "LockStatus": "spark_backup.service.locks",
     "PruneReport": "spark_backup.service.retention",
+    "ReplicaOutcome": "spark_backup.service.replication",
     "SecretStatus": "spark_backup.service.secrets",
     "VerifyOutcome": "spark_backup.service.copies",
 }
@@ -65,6 +68,7 @@ __all__ = [
     "Kpi",
     "LockStatus",
     "PruneReport",
+    "ReplicaOutcome",
     "SecretStatus",
     "VerifyOutcome",
 ]

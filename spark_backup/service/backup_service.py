@@ -5,6 +5,7 @@ from spark_backup.service.alerts import AlertOperations
 from spark_backup.service.compliance import ComplianceOperations
 from spark_backup.service.copies import CopyOperations
 from spark_backup.service.kpis import KpiOperations
+from spark_backup.service.replication import ReplicationOperations
 from spark_backup.service.retention import RetentionOperations
 from spark_backup.service.secrets import SecretsOperations
 
@@ -16,6 +17,7 @@ class BackupService(
     AlertOperations,
     SecretsOperations,
     ComplianceOperations,
+    ReplicationOperations,
 ):
     """A plan's operations, all concerns together (alerts bring freshness, drills and the
     ticket desk)."""

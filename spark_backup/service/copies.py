@@ -20,7 +20,7 @@ from spark_backup.engine.streams import ProgressCallback
 from spark_backup.errors import IntegrityError, NotFoundError, SparkBackupError, UsageError
 from spark_backup.service.journal import JournalOperations
 from spark_backup.service.locks import LockOperations
-from spark_backup.sources.base import CopyRef, FolderRestore, RestoreTargets
+from spark_backup.sources.base import CopyRef, FolderRestore, RestoreTargets, SharedObjects
 
 
 @dataclass
@@ -141,6 +141,9 @@ class CopyOperations(JournalOperations, LockOperations):
             else:
                 result = verify_copy(ref.store, manifest, progress)
                 outcome.checks = (STORED_CHECK,)
+            kind = self.kind_named(manifest.kind)
+            if isinstance(kind, SharedObjects):
+                outcome.checks += tuple(kind.check_shared(self, ref, identities or None))
         except (IntegrityError, NotFoundError) as exc:
             # The copy is damaged or its data is gone. A wrong key or an unreachable store is
             # not a verdict on the copy: those propagate with their own exit codes.

@@ -16,12 +16,13 @@ from spark_backup.engine.manifest import (
     manifest_key,
 )
 from spark_backup.engine.pipeline import utcnow
+from spark_backup.engine.replication.records import record_keys_of
 from spark_backup.engine.retention import TierStatus, apply_retention, tier_status
 from spark_backup.engine.staging import stale_staging
 from spark_backup.engine.stores.base import ObjectStore
 from spark_backup.service.journal import JournalOperations
 from spark_backup.sources import registry
-from spark_backup.sources.base import ContinuousLog
+from spark_backup.sources.base import ContinuousLog, SharedObjects
 
 
 @dataclass
@@ -36,6 +37,8 @@ class PruneReport:
     log_expired: list[str] = field(default_factory=list)
     # Manifests that cannot be read: their copies are kept and reported, never deleted.
     damaged: list[str] = field(default_factory=list)
+    # Shared objects (chunks of the blob layer) no committed copy needs any more.
+    shared_expired: list[str] = field(default_factory=list)
     # Staging folders of restores that were killed (plaintext, never published).
     stale_restore_staging: list[str] = field(default_factory=list)
 
@@ -51,12 +54,18 @@ def owned_by_spark_backup(key: str) -> bool:
             for kind in registry.kinds().values()
             if isinstance(kind, ContinuousLog)
         )
+        or any(
+            kind.owns_shared_key(key)
+            for kind in registry.kinds().values()
+            if isinstance(kind, SharedObjects)
+        )
     )
 
 
 def _delete_drill_records(store: ObjectStore, source: str, copy_id: str, now: dt.datetime) -> None:
-    """A deleted copy's drill records go with it (under a lock they stay until it ends)."""
-    for record in drill_keys_of(store, source, copy_id):
+    """A deleted copy's drill and replica records go with it (under a lock they stay until it
+    ends); its replicas stay where they are."""
+    for record in [*drill_keys_of(store, source, copy_id), *record_keys_of(store, source, copy_id)]:
         if not store.locked(record, now):
             store.delete(record)
 
@@ -134,6 +143,11 @@ class RetentionOperations(JournalOperations):
                         _delete_drill_records(store, source.name, slice_id, now)
             if copies_gone and not dry_run:
                 self.update_index(store, source.name)
+            if isinstance(kind, SharedObjects):
+                # After the expired copies are gone, so that their objects are unreferenced.
+                report.shared_expired += kind.collect(
+                    self, source, now, self.plan.defaults.orphan_grace, dry_run
+                )
         grace = self.plan.defaults.orphan_grace
         for store in self.all_stores():
             for orphan in catalog.find_orphans(store, grace, now):

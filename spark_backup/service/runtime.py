@@ -29,7 +29,7 @@ from spark_backup.engine.stores import ObjectStore, open_store
 from spark_backup.errors import NotFoundError, PlanError, StoreError, UsageError
 from spark_backup.plan import LoadedPlan, SourceSettings, load_plan
 from spark_backup.sources import registry
-from spark_backup.sources.base import Artifact, CopyRef, SourceContext, SourceKind
+from spark_backup.sources.base import Artifact, CopyRef, SourceContext, SourceKind, StoreAccess
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,9 @@ class PlanRuntime:
             self.plan.max_age_for(source),
             self.secrets,
             copies=lambda artifact: [ref.manifest for ref in self.copies(source.name, artifact)],
+            store_access=lambda: StoreAccess(
+                self.store_for(source), self.recipients(), self.compression(source)
+            ),
         )
 
     def artifacts(self, source: SourceSettings) -> list[Artifact]:

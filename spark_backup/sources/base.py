@@ -28,7 +28,15 @@ Optional capabilities, each a small abstract class a kind mixes in:
 - ``PointInTimeRecovery``: recover to a moment from a base copy and the log;
 - ``RestoreTargets``: restore into something other than a folder (a database, a namespace);
 - ``SemanticCheck``: prove a copy usable, not only intact (row counts, probe queries, tensor
-  digests).
+  digests);
+- ``SharedObjects``: objects several copies of a source share (the blob layer's chunks), which
+  verify checks with each copy and prune sweeps once no committed copy needs them;
+- ``Replicable``: the files a version is replicated as, where they are not only the copy's own
+  objects (a content-addressed version: its chunks and reference list too); by default a copy
+  replicates as its data object and manifest;
+- ``Catalogued``: a catalogue entry per copy, from its manifest (a vector index's dimension,
+  vector count, metric, embedding model), which ``list --kind K --json`` prints and the backup
+  asset shows as metadata.
 
 Kinds may contribute command-line commands (``cli_commands``); they reach the plan's stores and
 keys through ``Runtime``, which the service implements, never by importing the service.
@@ -52,6 +60,7 @@ if TYPE_CHECKING:
     from spark_backup.engine.crypto import Recipients
     from spark_backup.engine.manifest import Manifest
     from spark_backup.engine.pipeline import CompressionSettings, PlaintextSource
+    from spark_backup.engine.replication import ReplicaVersion
     from spark_backup.engine.secrets import SecretResolver
     from spark_backup.engine.signing import Signer, Verifier
     from spark_backup.engine.stores.base import ObjectStore
@@ -99,12 +108,24 @@ class SourceContext:
     # The source's committed copies of one artifact, oldest first: a log read in slices
     # resumes where its newest slice ended.
     copies: Callable[[str], Sequence[Manifest]] | None = None
+    # The source's store and the keys a backup writes with, for kinds whose readers write
+    # objects of their own beside the copy (chunks of the blob layer); None outside a backup.
+    store_access: Callable[[], StoreAccess] | None = None
 
     def resolve(self, path: str) -> Path:
         """A path from the plan, relative to the plan file, with ``~`` and ``$VARS`` expanded."""
         from spark_backup.plan.load import resolve_relative
 
         return resolve_relative(self.plan_path.parent, path)
+
+
+@dataclass(frozen=True)
+class StoreAccess:
+    """What a backup run writes with: the source's store, the age recipients and compression."""
+
+    store: ObjectStore
+    recipients: Recipients
+    compression: CompressionSettings
 
 
 @dataclass(frozen=True)
@@ -431,6 +452,52 @@ class SemanticCheck(ABC):
         scratch: Path,
     ) -> SemanticResult:
         """``scratch`` is an empty folder the check may use and must leave empty."""
+
+
+class SharedObjects(ABC):
+    """Objects several copies of a source share, kept while a committed copy needs them."""
+
+    @abstractmethod
+    def check_shared(
+        self, runtime: Runtime, copy: CopyRef, identities: list[x25519.Identity] | None
+    ) -> list[str]:
+        """Verify what ``copy`` needs beside its data object: present (plain verify) or, with
+        ``identities``, decrypted and checked; raise ``IntegrityError`` naming every copy a
+        missing object breaks. Returns the names of the checks made."""
+
+    @abstractmethod
+    def collect(
+        self,
+        runtime: Runtime,
+        source: Any,
+        now: dt.datetime,
+        grace: dt.timedelta,
+        dry_run: bool,
+    ) -> list[str]:
+        """Delete (or list) shared objects no committed copy of ``source`` needs, never one a
+        copy still listed (kept, or locked) needs; an interrupted run loses nothing and the next
+        one finishes. Returns the keys."""
+
+    @abstractmethod
+    def owns_shared_key(self, key: str) -> bool:
+        """Whether ``key`` is one of the kind's shared objects (prune cleans up their partial
+        writes)."""
+
+
+class Replicable(ABC):
+    """A kind whose versions replicate as other files than the copy's own objects."""
+
+    @abstractmethod
+    def replica_version(self, copy: CopyRef) -> ReplicaVersion:
+        """The version's files, each with its sha256 and a way to stream it."""
+
+
+class Catalogued(ABC):
+    """A kind whose copies each carry a catalogue entry in their manifest."""
+
+    @abstractmethod
+    def catalogue(self, manifest: Manifest) -> dict[str, Any] | None:
+        """The copy's entry (JSON values), or None for a copy without one."""
 
 
 # --- the command line ---------------------------------------------------------------------------

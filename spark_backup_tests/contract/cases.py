@@ -15,7 +15,9 @@ import psycopg
 
 from spark_backup_tests.helpers import (
     config_source,
+    llm_source,
     make_estate,
+    make_model_dir,
     mongodb_source,
     plan_dict,
     write_plan,
@@ -122,9 +124,33 @@ def toy_case(tmp_path: Path, public_key: str) -> Iterator[KindCase]:
     yield KindCase(_plan(tmp_path, public_key, {**source, "path": str(blob)}), "blob")
 
 
+@contextmanager
+def llm_artifacts_case(tmp_path: Path, public_key: str) -> Iterator[KindCase]:
+    import os
+
+    model = make_model_dir(tmp_path / "adapter")
+    os.environ["SPARK_TEST_CHUNK_KEY"] = "contract-chunk-key-0123456789"
+    try:
+        yield KindCase(_plan(tmp_path, public_key, llm_source("adapter", str(model))), "adapter")
+    finally:
+        os.environ.pop("SPARK_TEST_CHUNK_KEY", None)
+
+
+@contextmanager
+def faiss_case(tmp_path: Path, public_key: str) -> Iterator[KindCase]:
+    from spark_backup_tests.faiss_data import faiss_source, make_index
+
+    folder = tmp_path / "rag"
+    make_index(folder, "ivf")
+    source = faiss_source(folder, probes={"queries": 3, "k": 5, "nprobe": 4})
+    yield KindCase(_plan(tmp_path, public_key, source), "rag")
+
+
 CASES: dict[str, Callable[[Path, str], Any]] = {
     "config_archive": config_archive_case,
     "postgres": postgres_case,
     "mongodb": mongodb_case,
+    "llm_artifacts": llm_artifacts_case,
+    "faiss": faiss_case,
     "toy_blob": toy_case,
 }

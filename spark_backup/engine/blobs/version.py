@@ -1,0 +1,254 @@
+"""A version: one backup of a set of files through the chunk store.
+
+Its document (``spark-backup.version/v1``, JSON) is the copy's plaintext, so the pipeline
+encrypts it like any copy (``<copy id>.json.zst.age``) and the copy's manifest commits it. It
+lists every file with its size, mode, sha256 and chunks (id, plaintext sha256, size), and for
+safetensors files every tensor with its sha256. Beside it, in the clear, a reference list
+(``<scope>/chunk-refs/<stamp>-<hex>.json.zst``: chunk ids and stored sizes only, named with
+its sha256 in the copy's manifest) lets prune and a plain verify work without a key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import zstandard
+from pyrage import x25519
+
+from spark_backup.engine.blobs import chunker
+from spark_backup.engine.blobs.chunks import (
+    CHUNK_LAYERS,
+    ChunkRef,
+    ChunkWriter,
+    existing_chunks,
+    read_chunks,
+)
+from spark_backup.engine.blobs.safetensors import SafetensorsError, read_header
+from spark_backup.engine.manifest import utc_stamp
+from spark_backup.engine.stores.base import ObjectLock, ObjectStore
+from spark_backup.errors import IntegrityError, SourceError
+
+VERSION_FORMAT = "spark-backup.version/v1"
+REFS_FORMAT = "spark-backup.chunk-refs/v1"
+
+
+class ChangedDuringBackup(SourceError):
+    """A file changed while it was read: the version would not be one state of the files."""
+
+
+def _fingerprint(st: os.stat_result) -> tuple[int, int, int, int]:
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+@dataclass
+class VersionBuilder:
+    """Chunks files into ``writer`` and collects the version document."""
+
+    writer: ChunkWriter
+    files: list[dict[str, Any]] = field(default_factory=list)
+    fingerprints: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)
+
+    def add_file(self, path: str, name: str, *, safetensors: bool = False) -> dict[str, Any]:
+        try:
+            return self._add_file(path, name, safetensors)
+        except OSError as exc:
+            raise SourceError(f"{path}: cannot read: {exc.strerror}") from None
+
+    def _add_file(self, path: str, name: str, safetensors: bool) -> dict[str, Any]:
+        before = os.stat(path)
+        with open(path, "rb", buffering=0) as handle:
+            size = os.fstat(handle.fileno()).st_size
+            entry: dict[str, Any] = {
+                "path": name,
+                "size": size,
+                "mode": stat.S_IMODE(before.st_mode),
+            }
+            regions = [(0, size)]
+            header = None
+            if safetensors:
+                try:
+                    header = read_header(handle, size, path)  # type: ignore[arg-type]
+                except SafetensorsError as exc:
+                    raise SourceError(str(exc)) from None
+                regions = header.regions(size)
+            whole = hashlib.sha256()
+            # Per-region digests only where the regions are tensors (one more pass over them).
+            region_digests = [hashlib.sha256() for _ in regions] if header is not None else []
+            chunks: list[list[Any]] = []
+            try:
+                for index, _offset, data in chunker.iter_chunks(handle, regions):  # type: ignore[arg-type]
+                    whole.update(data)
+                    if region_digests:
+                        region_digests[index].update(data)
+                    ref = self.writer.add(data)
+                    chunks.append([ref.id, ref.sha256, ref.size])
+            except EOFError:
+                raise ChangedDuringBackup(
+                    f"{path}: the file shrank while it was read (it is being written)"
+                ) from None
+            after = os.fstat(handle.fileno())
+        if _fingerprint(after) != _fingerprint(before) or _fingerprint(
+            os.stat(path)
+        ) != _fingerprint(before):
+            raise ChangedDuringBackup(
+                f"{path}: the file changed while it was read (it is being written)"
+            )
+        entry["sha256"] = whole.hexdigest()
+        entry["chunks"] = chunks
+        if header is not None:
+            by_region = {
+                region: d.hexdigest() for region, d in zip(regions, region_digests, strict=True)
+            }
+            empty = hashlib.sha256().hexdigest()
+            entry["safetensors"] = {
+                "data_start": header.data_start,
+                "metadata": header.metadata,
+                "tensors": [
+                    [
+                        t.name,
+                        t.dtype,
+                        list(t.shape),
+                        t.begin,
+                        t.end,
+                        by_region.get((t.begin, t.end), empty),
+                    ]
+                    for t in header.tensors
+                ],
+            }
+        self.fingerprints[path] = _fingerprint(before)
+        self.files.append(entry)
+        return entry
+
+    def document(self, scope: str, label: str, extra: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "format": VERSION_FORMAT,
+            "scope": scope,
+            "label": label,
+            "digest": version_digest(self.files),
+            "chunker": {
+                "algorithm": "fastcdc-2020",
+                "average": chunker.AVERAGE,
+                "minimum": chunker.MINIMUM,
+                "maximum": chunker.MAXIMUM,
+            },
+            "chunk_layers": CHUNK_LAYERS,
+            "files": self.files,
+            **extra,
+        }
+
+    def chunk_ids(self) -> set[str]:
+        return {chunk[0] for entry in self.files for chunk in entry["chunks"]}
+
+
+def version_digest(files: list[dict[str, Any]]) -> str:
+    """The version's content: sha256 over every file's name, size and sha256, by name."""
+    lines = sorted(f"{f['path']}\0{f['size']}\0{f['sha256']}\n" for f in files)
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
+# --- the clear reference list -----------------------------------------------------------------
+
+
+def refs_prefix(scope: str) -> str:
+    return f"{scope}/chunk-refs/"
+
+
+def write_refs(
+    store: ObjectStore, scope: str, stored: dict[str, int], now, lock: ObjectLock | None = None
+) -> tuple[str, str]:
+    """Write the reference list of a version about to be committed; return its key and sha256."""
+    key = f"{refs_prefix(scope)}{utc_stamp(now)}-{secrets.token_hex(4)}.json.zst"
+    body = json.dumps(
+        {
+            "format": REFS_FORMAT,
+            "scope": scope,
+            "chunks": sorted([c, s] for c, s in stored.items()),
+        },
+        separators=(",", ":"),
+    ).encode()
+    data = zstandard.ZstdCompressor(level=3, write_checksum=True).compress(body)
+    store.put_bytes(key, data, lock=lock)
+    return key, hashlib.sha256(data).hexdigest()
+
+
+def read_refs(store: ObjectStore, key: str, sha256: str, label: str) -> dict[str, int]:
+    """A version's chunk ids and stored sizes; ``IntegrityError`` if the list is not the one
+    its manifest names (``NotFoundError`` if it is gone)."""
+    data = store.get_bytes(key)
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise IntegrityError(f"{label}: chunk reference list {key} does not match its manifest")
+    try:
+        document = json.loads(zstandard.ZstdDecompressor().decompress(data))
+        return {cid: int(size) for cid, size in document["chunks"]}
+    except (zstandard.ZstdError, ValueError, KeyError, TypeError):
+        raise IntegrityError(f"{label}: chunk reference list {key} is damaged") from None
+
+
+# --- reading a version back -----------------------------------------------------------------
+
+
+def parse_version(data: bytes, label: str) -> dict[str, Any]:
+    try:
+        document = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise IntegrityError(f"{label}: the version document is not JSON") from None
+    if not isinstance(document, dict) or document.get("format") != VERSION_FORMAT:
+        raise IntegrityError(f"{label}: not a {VERSION_FORMAT} document")
+    files = document.get("files")
+    if not isinstance(files, list):
+        raise IntegrityError(f"{label}: the version document lists no files")
+    for entry in files:
+        name = entry.get("path") if isinstance(entry, dict) else None
+        if not isinstance(name, str) or not safe_relative(name):
+            raise IntegrityError(f"{label}: the version lists an unsafe file name {name!r}")
+        if sum(chunk[2] for chunk in entry.get("chunks", [])) != entry.get("size"):
+            raise IntegrityError(f"{label}: {name}: its chunks do not add up to its size")
+    return document
+
+
+def safe_relative(name: str) -> bool:
+    parts = name.split("/")
+    return (
+        bool(name)
+        and not name.startswith("/")
+        and all(p not in ("", ".", "..") for p in parts)
+        and "\0" not in name
+    )
+
+
+def file_chunks(entry: dict[str, Any]) -> list[ChunkRef]:
+    return [ChunkRef(cid, sha, size) for cid, sha, size in entry["chunks"]]
+
+
+def iter_file(
+    store: ObjectStore,
+    scope: str,
+    entry: dict[str, Any],
+    identities: list[x25519.Identity],
+    label: str,
+) -> Iterator[bytes]:
+    """A file's bytes, chunk by chunk, each chunk checked; the file's sha256 and size are
+    compared when the last chunk was read (``IntegrityError``)."""
+    whole = hashlib.sha256()
+    size = 0
+    for data in read_chunks(
+        store, scope, file_chunks(entry), identities, f"{label}: {entry['path']}"
+    ):
+        whole.update(data)
+        size += len(data)
+        yield data
+    if size != entry["size"] or whole.hexdigest() != entry["sha256"]:
+        raise IntegrityError(f"{label}: {entry['path']} does not match its recorded sha256")
+
+
+def missing_chunks(store: ObjectStore, scope: str, refs: dict[str, int]) -> list[str]:
+    """Chunk ids of ``refs`` the store lacks or holds with another size."""
+    present = existing_chunks(store, scope)
+    return sorted(cid for cid, size in refs.items() if present.get(cid) != size)

@@ -1,0 +1,148 @@
+"""FAISS itself, loaded only here and only when a faiss source is backed up, probed or
+checked (``faiss-cpu``, the ``faiss`` extra): the catalogue facts of an index and its probe
+queries."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from spark_backup.errors import SourceError
+
+# FAISS writes a four-character code before every index ("IxF2", "IwFl", "IHNf", ...): ASCII
+# letters and digits. Anything else is no index, and FAISS is never asked to parse it.
+_FOURCC_BYTES = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_")
+
+METRICS = {
+    0: "INNER_PRODUCT",
+    1: "L2",
+    2: "L1",
+    3: "Linf",
+    4: "Lp",
+    20: "Canberra",
+    21: "BrayCurtis",
+    22: "JensenShannon",
+    23: "Jaccard",
+    24: "NaNEuclidean",
+    25: "ABS_INNER_PRODUCT",
+}
+
+
+def load_faiss() -> Any:
+    try:
+        import faiss
+    except ImportError:
+        raise SourceError(
+            "the faiss kind needs FAISS: pip install 'spark-backup[faiss]' (faiss-cpu)"
+        ) from None
+    return faiss
+
+
+def read_index(path: Path | str, label: str | None = None) -> Any:
+    """The index in ``path`` (a descriptor path such as ``/proc/self/fd/N`` reads the file a
+    backup holds open); ``label`` names it in errors. A file that is not a FAISS index is one
+    line naming it."""
+    label = label or str(path)
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    if len(head) < 4 or not set(head) <= _FOURCC_BYTES:
+        raise SourceError(f"{label}: not a FAISS index (no FAISS index header)")
+    faiss = load_faiss()
+    # Flat codes mapped from the file rather than copied into memory where FAISS can (the
+    # pages are the page cache's, which the kernel can drop); other index types read whole.
+    mapped = getattr(faiss, "IO_FLAG_MMAP_IFC", 0) | getattr(faiss, "IO_FLAG_READ_ONLY", 0)
+    if mapped:
+        try:
+            return faiss.read_index(str(path), mapped)
+        except RuntimeError:
+            pass  # an index type FAISS cannot map: read it whole (and judge the file) below
+    try:
+        return faiss.read_index(str(path))
+    except (RuntimeError, MemoryError) as exc:
+        first = next((line for line in str(exc).splitlines() if line.strip()), "unreadable")
+        raise SourceError(f"{label}: not a FAISS index ({first.strip()[:160]})") from None
+
+
+def describe(index: Any, factory: str | None) -> dict[str, Any]:
+    """The catalogue facts of a loaded index."""
+    faiss = load_faiss()
+    concrete = faiss.downcast_index(index)
+    if factory is None:
+        try:
+            factory = faiss.reverse_index_factory(index)
+        except (AttributeError, RuntimeError):
+            factory = None
+    return {
+        "dimension": int(index.d),
+        "ntotal": int(index.ntotal),
+        "metric": METRICS.get(int(index.metric_type), str(int(index.metric_type))),
+        "index_type": type(concrete).__name__,
+        "factory": factory,
+        "is_trained": bool(index.is_trained),
+    }
+
+
+def _search_parameters(index: Any, nprobe: int | None, ef_search: int | None) -> None:
+    faiss = load_faiss()
+    concrete = faiss.downcast_index(index)
+    if nprobe is not None and hasattr(concrete, "nprobe"):
+        concrete.nprobe = nprobe
+    if ef_search is not None and hasattr(concrete, "hnsw"):
+        concrete.hnsw.efSearch = ef_search
+
+
+def probe_queries(dimension: int, queries: int, seed: int) -> list[list[float]]:
+    """Deterministic query vectors: float32 values from a seeded generator, stored in the copy
+    so that a drill on another numpy asks the very same questions."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    vectors = rng.standard_normal((queries, dimension)).astype("float32")
+    return [[float(x) for x in row] for row in vectors]
+
+
+def run_probes(
+    index: Any,
+    vectors: list[list[float]],
+    k: int,
+    nprobe: int | None = None,
+    ef_search: int | None = None,
+) -> dict[str, Any]:
+    """Search ``vectors`` and return the top-``k`` ids and distances (float32 values kept
+    exactly: a float32 is a float64 without loss)."""
+    import numpy as np
+
+    _search_parameters(index, nprobe, ef_search)
+    queries = np.asarray(vectors, dtype="float32").reshape(len(vectors), int(index.d))
+    distances, ids = index.search(queries, k)
+    return {
+        "k": k,
+        "nprobe": nprobe,
+        "ef_search": ef_search,
+        "ids": [[int(i) for i in row] for row in ids],
+        "distances": [[float(x) for x in row] for row in distances],
+    }
+
+
+def results_digest(results: dict[str, Any]) -> str:
+    """A digest of the ids and distances alone, recorded in the manifest."""
+    canonical = json.dumps(
+        {"ids": results["ids"], "distances": results["distances"]}, separators=(",", ":")
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def compare(expected: dict[str, Any], found: dict[str, Any]) -> list[str]:
+    """What differs between the stored answers and the restored index's, query by query."""
+    problems = []
+    for number, (want_ids, got_ids, want_d, got_d) in enumerate(
+        zip(expected["ids"], found["ids"], expected["distances"], found["distances"], strict=True)
+    ):
+        if want_ids != got_ids:
+            problems.append(f"query {number}: ids {got_ids[:5]}... instead of {want_ids[:5]}...")
+        elif want_d != got_d:
+            worst = max(abs(a - b) for a, b in zip(want_d, got_d, strict=True))
+            problems.append(f"query {number}: distances differ by up to {worst:.3g}")
+    return problems

@@ -1,0 +1,168 @@
+"""The snapshot of a FAISS index and its sidecars: one tar stream (the index, each sidecar and
+``spark-backup-probes.json`` side by side under their own names), with the catalogue entry and
+the probe answers for the manifest.
+
+Consistency: every file is opened before anything is read, the index is loaded for the
+catalogue and the probes from the descriptor the backup holds (``/proc/self/fd/N``), so an index
+replaced by a rename meanwhile is still the one archived; a file written in place while the
+backup reads it (its size or mtime changed) fails the copy, which is then never published.
+
+The stream is the unit a content-addressed blob layer would take over unchanged: ``files()``
+yields each file's name and an open handle, and ``catalogue()`` needs only what the walk saw.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from spark_backup.engine.streams import ChunkReader, HashingReader, Readable
+from spark_backup.engine.tar_stream import TarWriter
+from spark_backup.errors import SourceError
+from spark_backup.sources.faiss import index as faiss_index
+from spark_backup.sources.faiss.settings import PROBES_FILE, FaissSource
+
+KIND_NAME = "faiss"
+CATALOGUE = "catalogue"
+PROBES_FORMAT = "spark-backup.faiss-probes/v1"
+
+
+@dataclass
+class _File:
+    role: str
+    path: Path
+    handle: BinaryIO
+    stat: os.stat_result
+    sha256: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def changed(self) -> bool:
+        now = os.fstat(self.handle.fileno())
+        return (now.st_size, now.st_mtime_ns) != (self.stat.st_size, self.stat.st_mtime_ns)
+
+
+def open_files(source: FaissSource, paths: list[Path]) -> list[_File]:
+    """Open every file of the snapshot (the caller closes them), or name the one that fails."""
+    opened: list[_File] = []
+    try:
+        for role, path in zip(source.roles(), paths, strict=True):
+            try:
+                # Non-blocking: a FIFO in the plan's place must not hang the backup.
+                fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError as exc:
+                raise SourceError(
+                    f"source {source.name!r}: cannot read {path}: {exc.strerror}"
+                ) from None
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                os.close(fd)
+                raise SourceError(f"source {source.name!r}: {path} is not a regular file")
+            opened.append(_File(role, path, os.fdopen(fd, "rb"), st))
+    except BaseException:
+        for item in opened:
+            item.handle.close()
+        raise
+    return opened
+
+
+def fd_path(handle: BinaryIO) -> str:
+    return f"/proc/self/fd/{handle.fileno()}"
+
+
+class FaissSnapshotReader:
+    """The ``PlaintextSource`` of one faiss backup."""
+
+    kind = KIND_NAME
+
+    def __init__(self, source: FaissSource, paths: list[Path]):
+        self.source = source
+        self.paths = paths
+        self.layers = ["tar"]
+        self._catalogue: dict[str, Any] = {}
+        self._files: list[_File] = []
+
+    @contextmanager
+    def open(self) -> Iterator[Readable]:
+        with ExitStack() as stack:
+            files = open_files(self.source, self.paths)
+            for item in files:
+                stack.callback(item.handle.close)
+            index_file = files[0]
+            loaded = faiss_index.read_index(fd_path(index_file.handle), str(index_file.path))
+            facts = faiss_index.describe(loaded, self.source.factory)
+            probes = self.source.probes
+            vectors = faiss_index.probe_queries(facts["dimension"], probes.queries, probes.seed)
+            answers = faiss_index.run_probes(
+                loaded, vectors, probes.k, probes.nprobe, probes.ef_search
+            )
+            del loaded  # the catalogue and probes are all the backup needs of the loaded index
+            probe_bytes = json.dumps(
+                {"format": PROBES_FORMAT, "queries": vectors, **answers}, separators=(",", ":")
+            ).encode()
+            yield ChunkReader(self._tar(files, probe_bytes))
+            for item in files:
+                if item.changed():
+                    raise SourceError(
+                        f"source {self.source.name!r}: {item.path} changed during the backup "
+                        "(written in place); the copy was not kept"
+                    )
+            self._files = files
+            self._catalogue = {
+                **facts,
+                "embedding_model": self.source.embedding_model.model_dump(),
+                "files": [
+                    {
+                        "role": f.role,
+                        "name": f.name,
+                        "bytes": f.stat.st_size,
+                        "sha256": f.sha256,
+                    }
+                    for f in files
+                ],
+                "bytes": sum(f.stat.st_size for f in files),
+                "probes": {
+                    "file": PROBES_FILE,
+                    "queries": probes.queries,
+                    "k": probes.k,
+                    "seed": probes.seed,
+                    "nprobe": probes.nprobe,
+                    "ef_search": probes.ef_search,
+                    "results_sha256": faiss_index.results_digest(answers),
+                },
+            }
+
+    def _tar(self, files: list[_File], probe_bytes: bytes) -> Iterator[bytes]:
+        writer = TarWriter()
+        for item in files:
+            hashing = HashingReader(item.handle)
+            try:
+                yield from writer.file(item.name, item.stat.st_size, hashing)
+            except OSError:
+                raise SourceError(
+                    f"source {self.source.name!r}: {item.path} shrank during the backup; "
+                    "the copy was not kept"
+                ) from None
+            item.sha256 = hashing.hexdigest()
+        yield from writer.file(PROBES_FILE, len(probe_bytes), ChunkReader([probe_bytes]))
+        yield from writer.end()
+
+    def metadata(self) -> dict[str, Any]:
+        catalogue = self._catalogue
+        return {
+            CATALOGUE: catalogue,
+            "files": len(catalogue.get("files", [])) + 1,
+            "index": self.paths[0].name,
+        }
+
+    def tool_versions(self) -> dict[str, str]:
+        faiss = faiss_index.load_faiss()
+        return {"faiss": str(getattr(faiss, "__version__", "unknown"))}

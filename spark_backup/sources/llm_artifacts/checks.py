@@ -1,0 +1,168 @@
+"""What a model file must be, checked from its bytes as they stream by (deep verify reads them
+from the chunks, the semantic check from a restored file): every safetensors header parsed
+again and every tensor's bytes against the sha256 recorded at backup, the tokenizer loaded,
+a NeMo archive read as tar. Memory: one chunk, a safetensors header, a tokenizer."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from collections.abc import Iterator
+from typing import Any
+
+from spark_backup.engine.blobs.safetensors import MAX_HEADER, SafetensorsError, parse_header
+from spark_backup.engine.safe_tar import count_members
+from spark_backup.engine.tar_stream import TarFormatError
+from spark_backup.errors import IntegrityError
+
+TOKENIZER_LIMIT = 256 * 1024 * 1024
+
+
+def is_safetensors(name: str) -> bool:
+    return name.endswith(".safetensors")
+
+
+def is_nemo(name: str) -> bool:
+    return name.endswith(".nemo")
+
+
+def is_tokenizer_json(name: str) -> bool:
+    return name.rsplit("/", 1)[-1] == "tokenizer.json"
+
+
+class _IterReader:
+    """A ``read(size)`` over an iterator of byte strings."""
+
+    def __init__(self, parts: Iterator[bytes]):
+        self._parts = parts
+        self._buffer = b""
+
+    def read(self, size: int = -1) -> bytes:
+        while size < 0 or len(self._buffer) < size:
+            part = next(self._parts, None)
+            if part is None:
+                break
+            self._buffer += part
+        if size < 0:
+            data, self._buffer = self._buffer, b""
+        else:
+            data, self._buffer = self._buffer[:size], self._buffer[size:]
+        return data
+
+
+def check_file(entry: dict[str, Any], stream: Iterator[bytes], label: str) -> dict[str, int]:
+    """Consume ``stream`` (the file's bytes) and check it as its kind of file; returns counts."""
+    name = entry["path"]
+    where = f"{label}: {name}"
+    if is_safetensors(name) and "safetensors" in entry:
+        return {"tensors": _check_safetensors(entry, stream, where)}
+    if is_tokenizer_json(name):
+        _check_tokenizer(stream, where)
+        return {"tokenizers": 1}
+    if is_nemo(name):
+        try:
+            members = count_members(_IterReader(stream))  # type: ignore[arg-type]
+        except TarFormatError as exc:
+            raise IntegrityError(f"{where}: not a readable NeMo (tar) archive: {exc}") from None
+        for _rest in stream:
+            pass
+        return {"nemo_members": members.files}
+    for _part in stream:
+        pass
+    return {}
+
+
+def _check_safetensors(entry: dict[str, Any], stream: Iterator[bytes], where: str) -> int:
+    recorded = entry["safetensors"]
+    data_start = recorded["data_start"]
+    if data_start - 8 > MAX_HEADER:
+        raise IntegrityError(f"{where}: recorded safetensors header is impossibly long")
+    head = b""
+    parts = iter(stream)
+    while len(head) < data_start:
+        part = next(parts, None)
+        if part is None:
+            raise IntegrityError(f"{where}: the file ends inside its safetensors header")
+        head += part
+    (length,) = struct.unpack("<Q", head[:8])
+    if 8 + length != data_start:
+        raise IntegrityError(
+            f"{where}: safetensors header length {length} differs from the one backed up"
+        )
+    try:
+        header = parse_header(json.loads(head[8:data_start]), data_start, entry["size"], where)
+    except (ValueError, SafetensorsError) as exc:
+        raise IntegrityError(f"{where}: safetensors header no longer parses: {exc}") from None
+    found = [[t.name, t.dtype, list(t.shape), t.begin, t.end] for t in header.tensors]
+    expected = [row[:5] for row in recorded["tensors"]]
+    if found != expected:
+        raise IntegrityError(f"{where}: safetensors header lists other tensors than backed up")
+    tensors = recorded["tensors"]
+    index = 0
+    position = data_start
+    digest = hashlib.sha256()
+    pending = [head[data_start:]]
+
+    def feed(data: bytes) -> None:
+        nonlocal index, position, digest
+        view = memoryview(data)
+        while view:
+            if index >= len(tensors):
+                raise IntegrityError(f"{where}: bytes after the last tensor")
+            name, _dtype, _shape, _begin, end, sha = tensors[index]
+            take = min(len(view), end - position)
+            digest.update(view[:take])
+            position += take
+            view = view[take:]
+            if position == end:
+                if digest.hexdigest() != sha:
+                    raise IntegrityError(
+                        f"{where}: tensor {name!r} does not match the digest recorded at backup"
+                    )
+                index += 1
+                digest = hashlib.sha256()
+            # zero-length tensors end where they begin
+            while index < len(tensors) and tensors[index][4] == tensors[index][3] == position:
+                index += 1
+
+    while index < len(tensors) and tensors[index][4] == tensors[index][3] == position:
+        index += 1
+    for data in pending:
+        feed(data)
+    for data in parts:
+        feed(data)
+    if index != len(tensors):
+        raise IntegrityError(f"{where}: the file ends inside tensor {tensors[index][0]!r}")
+    return len(tensors)
+
+
+def _check_tokenizer(stream: Iterator[bytes], where: str) -> None:
+    parts, size = [], 0
+    for part in stream:
+        size += len(part)
+        if size > TOKENIZER_LIMIT:
+            raise IntegrityError(f"{where}: larger than any tokenizer ({size} bytes read)")
+        parts.append(part)
+    text = b"".join(parts)
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        try:
+            json.loads(text)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise IntegrityError(f"{where}: the tokenizer is not JSON: {exc}") from None
+        return
+    try:
+        Tokenizer.from_str(text.decode())
+    except Exception as exc:  # tokenizers raises its own Exception subclass
+        raise IntegrityError(f"{where}: the tokenizers library cannot load it: {exc}") from None
+
+
+def tokenizer_loader() -> str:
+    try:
+        import tokenizers
+
+        return f"tokenizers {tokenizers.__version__}"
+    except ImportError:
+        return "json"

@@ -1,0 +1,280 @@
+"""The faiss kind: snapshots of a real FAISS index (faiss-cpu) with its sidecars, the catalogue
+in the manifest, in ``list --kind faiss --json`` and as asset metadata, probe queries proven on
+restore, and the one-line errors of bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from dagster import DagsterInstance
+
+from spark_backup.defs.build import build_definitions
+from spark_backup.engine.cadence import partition_key_for
+from spark_backup.engine.pipeline import utcnow
+from spark_backup.errors import SourceError
+from spark_backup.plan import load_plan
+from spark_backup.service import BackupService
+from spark_backup.sources.faiss.kind import probe_restored
+from spark_backup.sources.faiss.settings import PROBES_FILE
+from spark_backup_tests.faiss_data import faiss_source, make_index
+from spark_backup_tests.helpers import config_source, plan_dict, run_cli, write_plan
+
+QUIET = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
+
+
+def _plan(tmp_path: Path, age_key, sources: list[dict]) -> Path:
+    plan = plan_dict([age_key[1]], sources)
+    plan["encryption"]["identity_file"] = str(age_key[0])
+    return write_plan(tmp_path, plan)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_snapshot_records_the_catalogue_and_list_filters_by_kind(
+    tmp_path: Path, age_key, estate: Path
+) -> None:
+    folder = tmp_path / "rag"
+    make_index(folder, "ivf")
+    sources = [
+        faiss_source(folder, factory="IVF16,Flat", probes={"queries": 4, "k": 7, "nprobe": 3}),
+        config_source("trees", [str(estate)]),
+    ]
+    plan = _plan(tmp_path, age_key, sources)
+    run_cli("--plan", str(plan), "backup", "rag", "trees", check=True)
+
+    listed = run_cli("--plan", str(plan), "list", "--kind", "faiss", "--json", check=True)
+    (row,) = json.loads(listed.stdout)
+    assert row["kind"] == "faiss" and row["source"] == "rag"
+    entry = row["catalogue"]
+    assert entry["dimension"] == 32 and entry["ntotal"] == 2000 and entry["metric"] == "L2"
+    assert entry["index_type"] == "IndexIVFFlat" and entry["factory"] == "IVF16,Flat"
+    assert entry["is_trained"] is True
+    assert entry["embedding_model"] == {"name": "bge-small-en", "version": "1.5"}
+    files = {f["name"]: f for f in entry["files"]}
+    assert [f["role"] for f in entry["files"]] == ["index", "id_mapping", "document_store"]
+    for name in ("index.faiss", "ids.json", "docstore.jsonl"):
+        assert files[name]["sha256"] == _sha256(folder / name)
+        assert files[name]["bytes"] == (folder / name).stat().st_size
+    assert entry["probes"]["queries"] == 4 and entry["probes"]["k"] == 7
+    assert entry["bytes"] == sum(f["bytes"] for f in entry["files"])
+
+    everything = json.loads(run_cli("--plan", str(plan), "list", "--json", check=True).stdout)
+    assert {r["kind"] for r in everything} == {"faiss", "config_archive"}
+    assert "catalogue" not in next(r for r in everything if r["kind"] == "config_archive")
+    unknown = run_cli("--plan", str(plan), "list", "--kind", "nosuchkind", "--json")
+    assert unknown.returncode == 4 and "nosuchkind" in unknown.stderr
+
+
+def test_restore_and_drill_prove_identical_answers(tmp_path: Path, age_key) -> None:
+    folder = tmp_path / "rag"
+    make_index(folder, "flat")
+    plan = _plan(tmp_path, age_key, [faiss_source(folder)])
+    service = BackupService.from_path(plan)
+    (manifest,) = service.backup("rag")
+
+    target = tmp_path / "restored"
+    service.restore(manifest.id, target, identity_file=age_key[0])
+    for name in ("index.faiss", "ids.json", "docstore.jsonl"):
+        assert (target / name).read_bytes() == (folder / name).read_bytes()
+    stored = json.loads((target / PROBES_FILE).read_text())
+    assert len(stored["queries"]) == 5 and len(stored["ids"][0]) == 10
+
+    deep = service.verify(service.find(manifest.id), service.identities(age_key[0]))
+    assert deep.ok, deep.error
+
+    report = service.drill("rag", identity_file=age_key[0])
+    assert report.passed, report
+    drilled = json.loads(run_cli("--plan", str(plan), "list", "--json", check=True).stdout)
+    assert drilled[0]["drill"]["passed"] and drilled[0]["drill"]["check"] == "probe_queries"
+
+
+def test_a_restored_index_that_answers_otherwise_fails_the_check(tmp_path: Path, age_key) -> None:
+    folder = tmp_path / "rag"
+    make_index(folder, "flat")
+    plan = _plan(tmp_path, age_key, [faiss_source(folder)])
+    service = BackupService.from_path(plan)
+    (manifest,) = service.backup("rag")
+    target = tmp_path / "restored"
+    service.restore(manifest.id, target, identity_file=age_key[0])
+    assert probe_restored(manifest, target).passed
+
+    # The same number of vectors, other values: the catalogue agrees, the answers do not.
+    make_index(tmp_path / "other", "flat", seed=8)
+    (target / "index.faiss").write_bytes((tmp_path / "other" / "index.faiss").read_bytes())
+    result = probe_restored(manifest, target)
+    assert not result.passed and "probe queries differently" in result.description
+
+    # Fewer vectors: the catalogue already disagrees.
+    make_index(tmp_path / "small", "flat", vectors=1500)
+    (target / "index.faiss").write_bytes((tmp_path / "small" / "index.faiss").read_bytes())
+    result = probe_restored(manifest, target)
+    assert not result.passed and "ntotal" in result.description
+
+    # Answers edited in the restored probe file no longer match the manifest's digest.
+    make_index(tmp_path / "again", "flat")
+    (target / "index.faiss").write_bytes((folder / "index.faiss").read_bytes())
+    probes = json.loads((target / PROBES_FILE).read_text())
+    probes["ids"][0][0] = probes["ids"][0][1]
+    (target / PROBES_FILE).write_text(json.dumps(probes))
+    result = probe_restored(manifest, target)
+    assert not result.passed and "manifest recorded" in result.description
+
+
+@pytest.mark.parametrize(
+    "content", [b"just some text, not an index\n", b"IxF2" + b"\x00" * 3, b""], ids=repr
+)
+def test_a_file_that_is_not_an_index_is_one_line_naming_it(
+    tmp_path: Path, age_key, content: bytes
+) -> None:
+    folder = tmp_path / "rag"
+    make_index(folder, "flat")
+    (folder / "index.faiss").write_bytes(content)
+    plan = _plan(tmp_path, age_key, [faiss_source(folder)])
+    result = run_cli("--plan", str(plan), "backup", "rag")
+    assert result.returncode == SourceError.exit_code, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(folder / "index.faiss") in lines[0]
+    assert "not a FAISS index" in lines[0]
+    assert json.loads(run_cli("--plan", str(plan), "list", "--json", check=True).stdout) == []
+    probe = run_cli("--plan", str(plan), "plan", "check", "--probe")
+    assert probe.returncode != 0 and str(folder / "index.faiss") in probe.stderr + probe.stdout
+
+
+def test_a_sidecar_written_during_the_backup_fails_the_copy(tmp_path: Path, age_key) -> None:
+    folder = tmp_path / "rag"
+    make_index(folder, "flat")
+    plan = _plan(tmp_path, age_key, [faiss_source(folder)])
+    service = BackupService.from_path(plan)
+    source = service.source("rag")
+    (reader,) = service.kind_of(source).readers(source, service.context(source), "snapshot")
+    later = time.time_ns() + 5_000_000_000
+    with (
+        pytest.raises(SourceError, match=r"docstore\.jsonl changed during the backup"),
+        reader.open() as stream,
+    ):
+        stream.read(1 << 16)
+        with open(folder / "docstore.jsonl", "r+b") as handle:
+            handle.write(b"{")  # in place: the same size, a new mtime
+        os.utime(folder / "docstore.jsonl", ns=(later, later))
+        while stream.read(1 << 20):
+            pass
+
+
+def test_the_kind_loads_without_faiss(tmp_path: Path, age_key) -> None:
+    """Planning, listing and the kind's module need no FAISS: it is imported when an index is
+    read."""
+    folder = tmp_path / "rag"
+    make_index(folder, "flat")
+    plan = _plan(tmp_path, age_key, [faiss_source(folder)])
+    code = (
+        "import sys; from spark_backup.plan import load_plan; "
+        "from spark_backup.sources import registry; "
+        f"load_plan({str(plan)!r}); registry.kind('faiss'); "
+        "print('faiss' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_the_catalogue_is_asset_metadata(tmp_path: Path, age_key) -> None:
+    folder = tmp_path / "rag"
+    make_index(folder, "flat")
+    plan = _plan(tmp_path, age_key, [faiss_source(folder)])
+    defs = build_definitions(load_plan(plan))
+    partition = partition_key_for("daily", utcnow())
+    with DagsterInstance.ephemeral() as instance:
+        result = defs.resolve_job_def("daily_backups").execute_in_process(
+            instance=instance, partition_key=partition, run_config=QUIET
+        )
+        assert result.success
+        (materialization,) = result.asset_materializations_for_node("backups__rag")
+    metadata = materialization.metadata
+    assert metadata["catalogue/dimension"].value == 32
+    assert metadata["catalogue/ntotal"].value == 2000
+    assert metadata["catalogue/metric"].value == "L2"
+    assert metadata["catalogue/index_type"].value == "IndexFlatL2"
+    assert metadata["catalogue"].value["embedding_model"]["version"] == "1.5"
+
+
+RUNBOOK = Path(__file__).resolve().parents[1] / "docs" / "runbooks" / "faiss.md"
+
+
+def _block(language: str, starts: str) -> str:
+    import re
+
+    blocks = re.findall(rf"```{language}\n(.*?)```", RUNBOOK.read_text(), flags=re.DOTALL)
+    (found,) = [b for b in blocks if b.startswith(starts)]
+    return found
+
+
+def test_the_runbook_restores_and_probes_by_hand(tmp_path: Path, age_key) -> None:
+    """The runbook's by-hand blocks: age, zstd, tar, sha256sum and jq restore and check every
+    file; python3 with faiss answers the probe queries identically."""
+    folder = tmp_path / "rag"
+    make_index(folder, "ivf")
+    plan = _plan(tmp_path, age_key, [faiss_source(folder, probes={"nprobe": 4})])
+    service = BackupService.from_path(plan)
+    service.backup("rag")
+    staging = tmp_path / "staging"
+    env = {
+        **os.environ,
+        "STORE": str(tmp_path / "store"),
+        "SOURCE": "rag",
+        "KEY": str(age_key[0]),
+        "STAGING": str(staging),
+    }
+    script = _block("bash", "# What to restore")
+    result = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script], env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "IndexIVFFlat d=32 ntotal=2000 L2  model bge-small-en 1.5" in result.stdout
+    name = result.stdout.strip().splitlines()[-1]
+    assert name == "index.faiss"
+    probe = tmp_path / "probe.py"
+    probe.write_text(_block("python", "# python3 probe.py"))
+    checked = subprocess.run(
+        [sys.executable, str(probe), str(staging), name], capture_output=True, text=True
+    )
+    assert checked.returncode == 0, checked.stderr
+    assert "5 probe queries answered identically" in checked.stdout
+
+    # A damaged sidecar is caught by the catalogue check.
+    (staging / "ids.json").write_text("{}")
+    again = subprocess.run(
+        [
+            "bash",
+            "-euo",
+            "pipefail",
+            "-c",
+            script.split("# 3.")[0]
+            + 'cd "$STAGING" && jq -r \'.source_metadata.catalogue.files[] | "\\(.sha256)  \\(.name)"\' "$MANIFEST" | sha256sum --check --quiet',
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert again.returncode != 0 and "ids.json" in again.stdout + again.stderr
+
+
+def test_observation_changes_with_the_index(tmp_path: Path, age_key) -> None:
+    folder = tmp_path / "rag"
+    make_index(folder, "flat")
+    plan = _plan(tmp_path, age_key, [faiss_source(folder)])
+    service = BackupService.from_path(plan)
+    source = service.source("rag")
+    kind = service.kind_of(source)
+    first = kind.observe(source, service.context(source))
+    assert first == kind.observe(source, service.context(source))
+    assert first.metadata["files"] == 3
+    make_index(folder, "flat", vectors=2100)
+    assert kind.observe(source, service.context(source)).version != first.version

@@ -1,0 +1,571 @@
+"""The llm_artifacts kind and the blob layer under it, on a real local store and on SeaweedFS:
+versions that share chunks, restores checked file by file, bad input refused in one line,
+chunks a version needs never pruned, and a missing chunk named with every version it breaks."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import random
+import struct
+from pathlib import Path
+
+import pyrage
+import pytest
+import zstandard
+
+from spark_backup.engine.blobs import chunker
+from spark_backup.engine.blobs.chunks import chunk_key, existing_chunks
+from spark_backup.engine.blobs.sweep import read_plans
+from spark_backup.errors import IntegrityError, SourceError
+from spark_backup.service import BackupService
+from spark_backup.sources.llm_artifacts.kind import read_document
+from spark_backup_tests.helpers import (
+    llm_source,
+    make_model_dir,
+    plan_dict,
+    run_cli,
+    write_plan,
+    write_safetensors,
+)
+
+CHUNK_SECRET = "test-chunk-secret-0123456789abcdef"
+DAY = dt.timedelta(days=1)
+
+
+@pytest.fixture(autouse=True)
+def chunk_secret(monkeypatch):
+    monkeypatch.setenv("SPARK_TEST_CHUNK_KEY", CHUNK_SECRET)
+
+
+def _plan(tmp_path: Path, public: str, model: Path, **extra) -> Path:
+    source = llm_source("adapter", str(model), retention={"daily": 1, "weekly": 0, "monthly": 0})
+    return write_plan(tmp_path, plan_dict([public], [{**source, **extra}]))
+
+
+def _redraw(model: Path, names: list[str], seed: int = 7) -> None:
+    """Re-draw some tensors of the adapter's weights in place (same shapes)."""
+    from spark_backup.engine.blobs.safetensors import read_header
+
+    path = model / "adapter_model.safetensors"
+    rng = random.Random(seed)
+    with open(path, "r+b") as handle:
+        header = read_header(handle, path.stat().st_size, str(path))
+        for tensor in header.tensors:
+            if tensor.name in names:
+                handle.seek(tensor.begin)
+                handle.write(rng.randbytes(tensor.end - tensor.begin))
+
+
+def _tree_digests(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_versions_share_chunks_and_each_restores(tmp_path, age_key):
+    model = make_model_dir(tmp_path / "adapter", tensors=20, floats=65536)  # 5 MiB of weights
+    plan = _plan(tmp_path, age_key[1], model)
+    service = BackupService.from_path(plan)
+    [first] = service.backup("adapter")
+    original = _tree_digests(model)
+    _redraw(model, ["base_model.layers.3.lora_B.weight"])  # one tensor of 20: 256 KiB
+    [second] = service.backup("adapter")
+
+    meta1, meta2 = first.source_metadata, second.source_metadata
+    assert meta1["label"] == "base=meta-llama/Llama-3.1-8B r=16 run=run-42"
+    assert meta1["tensors"] == 20 and meta1["version_digest"] != meta2["version_digest"]
+    # Cut at tensor boundaries: only the re-drawn tensor's chunks are new (plus the tiny
+    # version-independent rest, which is reused).
+    assert meta2["added_bytes"] <= 1.2 * 65536 * 4 + 4096, meta2
+    assert meta2["new_chunks"] <= 8
+
+    listed = run_cli("--plan", str(plan), "versions", "adapter", "--json", check=True)
+    rows = json.loads(listed.stdout)
+    assert [r["id"] for r in rows] == [first.id, second.id]
+    assert rows[0]["digest"] == meta1["version_digest"] and rows[1]["label"] == meta2["label"]
+
+    target = tmp_path / "restored-v1"
+    summary = service.restore(first.id, target, identity_file=age_key[0])
+    assert summary["version_digest"] == meta1["version_digest"]
+    assert _tree_digests(target) == original
+    target2 = tmp_path / "restored-v2"
+    service.restore(second.id, target2, identity_file=age_key[0])
+    assert _tree_digests(target2) == _tree_digests(model)
+
+    deep = service.verify(service.find(second.id), service.identities(age_key[0]))
+    assert deep.ok, deep.error
+    assert "every chunk decrypted, file and tensor digests" in deep.checks
+
+
+def test_equal_chunks_of_two_sources_get_unrelated_ids(tmp_path, age_key):
+    model = make_model_dir(tmp_path / "adapter")
+    sources = [llm_source("one", str(model)), llm_source("two", str(model))]
+    service = BackupService.from_path(write_plan(tmp_path, plan_dict([age_key[1]], sources)))
+    service.backup("one")
+    service.backup("two")
+    store = service.store_for(service.source("one"))
+    one, two = existing_chunks(store, "one"), existing_chunks(store, "two")
+    assert len(one) == len(two) > 0 and not set(one) & set(two)
+    # and no id is the plain sha256 of a chunk
+    with open(model / "tokenizer.json", "rb") as handle:
+        plain = hashlib.sha256(handle.read()).hexdigest()
+    assert plain not in one
+
+
+def test_chunk_objects_open_with_standard_tools(tmp_path, age_key):
+    import subprocess
+
+    model = make_model_dir(tmp_path / "adapter")
+    service = BackupService.from_path(_plan(tmp_path, age_key[1], model))
+    [version] = service.backup("adapter")
+    store_root = tmp_path / "store"
+    data = store_root / version.data_key
+    document = json.loads(
+        subprocess.run(
+            f"age -d -i {age_key[0]} < {data} | zstd -dc",
+            shell=True,
+            check=True,
+            capture_output=True,
+        ).stdout
+    )
+    entry = next(f for f in document["files"] if f["path"] == "adapter_model.safetensors")
+    rebuilt = b"".join(
+        subprocess.run(
+            f"age -d -i {age_key[0]} < {store_root / chunk_key('adapter', cid)} | zstd -dc",
+            shell=True,
+            check=True,
+            capture_output=True,
+        ).stdout
+        for cid, _sha, _size in entry["chunks"]
+    )
+    assert hashlib.sha256(rebuilt).hexdigest() == entry["sha256"]
+    assert rebuilt == (model / "adapter_model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("length", "header length"),
+        ("json", "not JSON"),
+        ("offsets", "run past the end"),
+        ("shape", "needs"),
+    ],
+)
+def test_a_lying_safetensors_header_is_one_line_and_no_copy(tmp_path, age_key, damage, message):
+    model = make_model_dir(tmp_path / "adapter")
+    path = model / "adapter_model.safetensors"
+    raw = path.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + length])
+    name = next(k for k in header if k != "__metadata__")
+    if damage == "length":
+        raw = struct.pack("<Q", len(raw) * 2) + raw[8:]
+    elif damage == "json":
+        raw = raw[:8] + b"{" * length + raw[8 + length :]
+    else:
+        if damage == "offsets":
+            header[name]["data_offsets"] = [o + 10**9 for o in header[name]["data_offsets"]]
+        else:
+            header[name]["shape"] = [3, 3]
+        body = json.dumps(header, separators=(",", ":")).encode()
+        body += b" " * (length - len(body))
+        raw = raw[:8] + body[:length] + raw[8 + length :]
+    path.write_bytes(raw)
+    plan = _plan(tmp_path, age_key[1], model)
+    result = run_cli("--plan", str(plan), "backup", "adapter")
+    assert result.returncode == SourceError.exit_code, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "adapter_model.safetensors" in lines[0] and message in lines[0]
+    assert BackupService.from_path(plan).copies("adapter") == []
+
+
+def test_a_model_directory_changing_during_backup_leaves_no_copy(tmp_path, age_key, monkeypatch):
+    model = make_model_dir(tmp_path / "adapter")
+    service = BackupService.from_path(_plan(tmp_path, age_key[1], model))
+    real = chunker.iter_chunks
+
+    def training_writes_meanwhile(handle, regions, cdc=None):
+        for n, item in enumerate(real(handle, regions, cdc)):
+            if n == 1:  # a trainer saves a new checkpoint file while the backup reads
+                (model / "adapter_model.safetensors").touch()
+                (model / "optimizer.pt").write_bytes(b"new")
+            yield item
+
+    monkeypatch.setattr(chunker, "iter_chunks", training_writes_meanwhile)
+    with pytest.raises(SourceError, match="changed"):
+        service.backup("adapter")
+    assert service.copies("adapter") == []
+    monkeypatch.setattr(chunker, "iter_chunks", real)
+    assert len(service.backup("adapter")) == 1  # once quiet, the next backup succeeds
+
+
+def test_a_missing_chunk_names_every_version_it_breaks(tmp_path, age_key):
+    model = make_model_dir(tmp_path / "adapter")
+    plan = _plan(tmp_path, age_key[1], model, retention={"daily": 5, "weekly": 0, "monthly": 0})
+    service = BackupService.from_path(plan)
+    [first] = service.backup("adapter")
+    (model / "notes.txt").write_text("second version")
+    [second] = service.backup("adapter")
+    # A chunk of the weights, shared by both versions, vanishes from the store.
+    document = read_document(service.find(second.id), service.identities(age_key[0]))
+    weights = next(f for f in document["files"] if f["path"] == "adapter_model.safetensors")
+    (tmp_path / "store" / chunk_key("adapter", weights["chunks"][2][0])).unlink()
+
+    result = run_cli("--plan", str(plan), "verify", "adapter", "--json")
+    assert result.returncode == IntegrityError.exit_code
+    outcomes = {row["copy_id"]: row for row in json.loads(result.stdout)}
+    for version in (first, second):
+        error = outcomes[version.id]["error"]
+        assert "missing" in error and first.id in error and second.id in error
+    with pytest.raises(IntegrityError, match="missing"):
+        service.restore(second.id, tmp_path / "never", identity_file=age_key[0])
+    assert not (tmp_path / "never").exists()
+
+
+def test_a_chunk_with_other_bytes_fails_deep_verify_and_the_drill(tmp_path, age_key):
+    model = make_model_dir(tmp_path / "adapter")
+    service = BackupService.from_path(_plan(tmp_path, age_key[1], model))
+    [version] = service.backup("adapter")
+    identities = service.identities(age_key[0])
+    document = read_document(service.find(version.id), identities)
+    weights = next(f for f in document["files"] if f["path"] == "adapter_model.safetensors")
+    cid, _sha, size = weights["chunks"][-1]
+    # Someone who knows the public recipient swaps a chunk for other bytes of its size.
+    path = tmp_path / "store" / chunk_key("adapter", cid)
+    plain = bytearray(
+        zstandard.ZstdDecompressor().decompress(
+            pyrage.decrypt(path.read_bytes(), identities), max_output_size=size
+        )
+    )
+    plain[100] ^= 0xFF
+    sealed = zstandard.ZstdCompressor(level=3, write_checksum=True).compress(bytes(plain))
+    recipient = pyrage.x25519.Recipient.from_str(age_key[1])
+    # rage varies its header (grease stanzas): seal until the size is the original's.
+    forged = next(
+        f
+        for f in (pyrage.encrypt(sealed, [recipient]) for _ in range(500))
+        if len(f) == path.stat().st_size
+    )
+    path.unlink()
+    path.write_bytes(forged)
+    ref = service.find(version.id)
+    deep = service.verify(ref, identities)
+    assert not deep.ok and "does not hold the bytes" in deep.error
+    kind = service.kind_of(service.source("adapter"))
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    result = kind.semantic_check(service, ref, identities, scratch)
+    assert not result.passed and list(scratch.iterdir()) == []
+
+
+def test_the_semantic_check_reads_every_tensor(tmp_path, age_key):
+    model = make_model_dir(tmp_path / "adapter", tensors=7)
+    service = BackupService.from_path(_plan(tmp_path, age_key[1], model))
+    [version] = service.backup("adapter")
+    kind = service.kind_of(service.source("adapter"))
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    result = kind.semantic_check(
+        service, service.find(version.id), service.identities(age_key[0]), scratch
+    )
+    assert result.passed, result.description
+    assert result.metrics["tensors"] == 7 and result.metrics["tokenizers"] == 1
+    assert result.metrics["nemo_members"] == 1
+
+
+def _only_in(service, version_id: str, other_id: str, identity: Path) -> set[str]:
+    kind = service.kind_of(service.source("adapter"))
+    refs = [kind._refs(service.find(i)) for i in (version_id, other_id)]
+    return set(refs[0]) - set(refs[1])
+
+
+def test_prune_sweeps_only_chunks_no_version_needs_after_the_grace(tmp_path, age_key):
+    model = make_model_dir(tmp_path / "adapter", tensors=10)
+    plan = _plan(tmp_path, age_key[1], model)
+    service = BackupService.from_path(plan)
+    store = service.store_for(service.source("adapter"))
+    [first] = service.backup("adapter")
+    _redraw(model, ["base_model.layers.0.lora_A.weight", "base_model.layers.5.lora_B.weight"])
+    [second] = service.backup("adapter")
+    only_first = _only_in(service, first.id, second.id, age_key[0])
+    assert only_first
+
+    now = dt.datetime.now(dt.UTC)
+    report = service.prune(dry_run=False, now=now)
+    assert report.expired == [first.id]
+    # Announced, not yet deleted: a backup running now could still be reusing them.
+    assert report.shared_expired == []
+    assert only_first <= set(read_plans(store, "adapter").unreferenced)
+    assert only_first <= set(existing_chunks(store, "adapter"))
+
+    # A prune interrupted halfway through its deletions...
+    real_delete = type(store).delete
+    calls = {"n": 0}
+
+    def dies_after_two(self, key):
+        if "/chunks/" in key:
+            calls["n"] += 1
+            if calls["n"] > 2:
+                raise KeyboardInterrupt
+        return real_delete(self, key)
+
+    later = now + 2 * DAY
+    type(store).delete = dies_after_two
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            service.prune(dry_run=False, now=later)
+    finally:
+        type(store).delete = real_delete
+    assert calls["n"] == 3
+    # ...lost nothing: the kept version restores and deep-verifies.
+    service.restore(second.id, tmp_path / "mid", identity_file=age_key[0])
+    assert _tree_digests(tmp_path / "mid") == _tree_digests(model)
+    # The rerun finishes: every chunk only the expired version had is gone, no other.
+    rerun = service.prune(dry_run=False, now=later + dt.timedelta(minutes=1))
+    left = set(existing_chunks(store, "adapter"))
+    assert not (only_first & left)
+    assert set(service.kind_of(service.source("adapter"))._refs(service.find(second.id))) <= left
+    assert rerun.shared_expired
+    deep = service.verify(service.find(second.id), service.identities(age_key[0]))
+    assert deep.ok, deep.error
+
+
+def test_a_backup_reusing_a_chunk_being_pruned_is_refused(tmp_path, age_key):
+    model = make_model_dir(tmp_path / "adapter", tensors=6)
+    service = BackupService.from_path(_plan(tmp_path, age_key[1], model))
+    original = (model / "adapter_model.safetensors").read_bytes()
+    service.backup("adapter")
+    _redraw(model, ["base_model.layers.2.lora_A.weight"])
+    service.backup("adapter")
+    service.prune(dry_run=False)  # the first version expires; its own chunk is announced
+    (model / "adapter_model.safetensors").write_bytes(original)  # training rolled back
+    with pytest.raises(SourceError, match="being pruned"):
+        service.backup("adapter")
+    assert len(service.copies("adapter")) == 1
+
+
+def test_versions_through_s3(tmp_path, seaweedfs, s3_bucket, age_key, monkeypatch):
+    monkeypatch.setenv("SPARK_TEST_S3_KEY_ID", seaweedfs.access_key)
+    monkeypatch.setenv("SPARK_TEST_S3_SECRET", seaweedfs.secret_key)
+    store = {
+        "name": "s3",
+        "kind": "s3",
+        "endpoint_url": seaweedfs.endpoint_url,
+        "bucket": s3_bucket,
+        "prefix": "models",
+        "region_name": seaweedfs.region,
+        "access_key_id_env": "SPARK_TEST_S3_KEY_ID",
+        "secret_access_key_env": "SPARK_TEST_S3_SECRET",
+    }
+    model = make_model_dir(tmp_path / "adapter", tensors=8)
+    plan = write_plan(
+        tmp_path,
+        plan_dict([age_key[1]], [llm_source("adapter", str(model))], stores=[store]),
+    )
+    service = BackupService.from_path(plan)
+    [first] = service.backup("adapter")
+    _redraw(model, ["base_model.layers.1.lora_B.weight"])
+    [second] = service.backup("adapter")
+    assert second.source_metadata["new_chunks"] < first.source_metadata["new_chunks"]
+    for version in (first, second):
+        assert service.verify(service.find(version.id), service.identities(age_key[0])).ok
+    service.restore(second.id, tmp_path / "restored", identity_file=age_key[0])
+    assert _tree_digests(tmp_path / "restored") == _tree_digests(model)
+
+
+def test_a_chunk_secret_too_short_is_refused(tmp_path, age_key, monkeypatch):
+    monkeypatch.setenv("SPARK_TEST_CHUNK_KEY", "short")
+    model = make_model_dir(tmp_path / "adapter")
+    result = run_cli("--plan", str(_plan(tmp_path, age_key[1], model)), "backup", "adapter")
+    assert result.returncode == SourceError.exit_code and "chunk_key" in result.stderr
+
+
+def test_safetensors_boundaries_cut_chunks(tmp_path):
+    """Each tensor starts a chunk: one re-drawn tensor never shares a chunk with a neighbour."""
+    import io
+
+    from spark_backup.engine.blobs.safetensors import read_header
+
+    rng = random.Random(3)
+    path = write_safetensors(
+        tmp_path / "w.safetensors",
+        {f"t{i}": ("F32", [1000 + i], rng.randbytes(4 * (1000 + i))) for i in range(5)},
+    )
+    data = path.read_bytes()
+    header = read_header(io.BytesIO(data), len(data), str(path))  # type: ignore[arg-type]
+    offsets = {
+        offset
+        for _i, offset, _c in chunker.iter_chunks(io.BytesIO(data), header.regions(len(data)))
+    }  # type: ignore[arg-type]
+    assert {t.begin for t in header.tensors} <= offsets
+
+
+def test_the_runbook_restores_by_hand(tmp_path, age_key):
+    """The runbook's by-hand block restores the newest version with age, zstd, jq alone."""
+    import os
+    import subprocess
+
+    from spark_backup_tests.test_runbooks import DOCS, fenced_blocks
+
+    model = make_model_dir(tmp_path / "adapter")
+    service = BackupService.from_path(_plan(tmp_path, age_key[1], model))
+    service.backup("adapter")
+    (model / "sub").mkdir()
+    (model / "sub" / "special_tokens_map.json").write_text("{}")
+    [newest] = service.backup("adapter")
+    (script,) = [
+        b
+        for b in fenced_blocks(DOCS / "runbooks" / "llm_artifacts.md", "bash")
+        if b.startswith("# What to restore")
+    ]
+    staging = tmp_path / "staging"
+    result = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script],
+        env={
+            **os.environ,
+            "STORE": str(tmp_path / "store"),
+            "SOURCE": "adapter",
+            "KEY": str(age_key[0]),
+            "STAGING": str(staging),
+        },
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert newest.source_metadata["version_digest"] in result.stdout
+    assert _tree_digests(staging) == _tree_digests(model)
+
+
+def test_the_drill_runs_the_tensor_digest_check(tmp_path, age_key):
+    model = make_model_dir(tmp_path / "adapter", tensors=5)
+    plan = _plan(tmp_path, age_key[1], model)
+    BackupService.from_path(plan).backup("adapter")
+    result = run_cli(
+        "--plan",
+        str(plan),
+        "drill",
+        "adapter",
+        "--json",
+        env={"SPARK_BACKUP_IDENTITY_FILE": str(age_key[0])},
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["passed"], report
+    assert "tensor_digests" in json.dumps(report) and "5 tensors" in json.dumps(report)
+
+
+def test_the_backup_asset_records_the_version(tmp_path, age_key):
+    """Dagster: a backup run materializes the version with its digest, label and added bytes,
+    and its checksum check passes (it covers the chunks: every one present)."""
+    from dagster import DagsterInstance
+
+    from spark_backup.defs.build import build_definitions
+    from spark_backup.defs.checks import CHECKSUM_CHECK
+    from spark_backup.engine.cadence import partition_key_for
+    from spark_backup.plan import load_plan
+
+    model = make_model_dir(tmp_path / "adapter", tensors=4)
+    loaded = load_plan(_plan(tmp_path, age_key[1], model, label="support-assistant v7"))
+    defs = build_definitions(loaded)
+    partition = partition_key_for("daily", dt.datetime.now(dt.UTC))
+    quiet = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
+    with DagsterInstance.ephemeral() as instance:
+        result = defs.resolve_job_def("daily_backups").execute_in_process(
+            instance=instance, partition_key=partition, run_config=quiet
+        )
+        assert result.success
+        (materialization,) = result.asset_materializations_for_node("backups__adapter")
+        metadata = materialization.metadata
+        assert metadata["label"].value == "support-assistant v7"
+        assert metadata["tensors"].value == 4 and metadata["added_bytes"].value > 0
+        [version] = BackupService(loaded).copies("adapter")
+        assert (
+            metadata["version_digest"].value == version.manifest.source_metadata["version_digest"]
+        )
+        evaluations = {e.asset_check_key.name: e for e in result.get_asset_check_evaluations()}
+        assert evaluations[CHECKSUM_CHECK].passed
+
+
+def test_on_a_worm_store_chunks_are_locked_and_never_swept(
+    tmp_path, seaweedfs, s3_lock_bucket, age_key, monkeypatch
+):
+    monkeypatch.setenv("SPARK_TEST_S3_KEY_ID", seaweedfs.access_key)
+    monkeypatch.setenv("SPARK_TEST_S3_SECRET", seaweedfs.secret_key)
+    store = {
+        "name": "worm",
+        "kind": "s3",
+        "endpoint_url": seaweedfs.endpoint_url,
+        "bucket": s3_lock_bucket,
+        "prefix": "models",
+        "region_name": seaweedfs.region,
+        "access_key_id_env": "SPARK_TEST_S3_KEY_ID",
+        "secret_access_key_env": "SPARK_TEST_S3_SECRET",
+        "object_lock": {"mode": "COMPLIANCE", "retain_days": 1},
+    }
+    model = make_model_dir(tmp_path / "adapter", tensors=4)
+    source = llm_source("adapter", str(model), retention={"daily": 1, "weekly": 0, "monthly": 0})
+    service = BackupService.from_path(
+        write_plan(
+            tmp_path,
+            plan_dict([age_key[1]], [source], stores=[store], defaults={"orphan_grace": "1h"}),
+        )
+    )
+    [first] = service.backup("adapter")
+    s3 = service.store_for(service.source("adapter"))
+    chunks = existing_chunks(s3, "adapter")
+    assert chunks
+    now = dt.datetime.now(dt.UTC)
+    assert all(s3.locked(chunk_key("adapter", cid), now) for cid in chunks)
+    assert s3.locked(first.source_metadata["chunk_refs"], now)
+    _redraw(model, ["base_model.layers.1.lora_B.weight"])
+    service.backup("adapter")
+    # The first version expires but stays under its lock (a day): prunes past the sweep's
+    # grace (an hour) keep every chunk it needs.
+    for hours in (2, 4):
+        report = service.prune(dry_run=False, now=now + dt.timedelta(hours=hours))
+        assert report.locked == [first.id] and report.shared_expired == []
+    assert set(existing_chunks(s3, "adapter")) >= set(chunks)
+    assert service.verify(service.find(first.id), service.identities(age_key[0])).ok
+
+
+def test_the_sweep_announces_before_it_deletes_and_remembers_deletions(tmp_path):
+    """Engine level, on a real local store: a chunk goes only after it was announced for the
+    grace; deleted chunks stay 'doomed' for a grace more, so a backup that listed the chunk
+    before it went cannot commit a version that needs it; a rerun after an interruption reads
+    the plans it left."""
+    from spark_backup.engine.blobs.chunks import ChunkWriter
+    from spark_backup.engine.blobs.keys import derive_chunk_key
+    from spark_backup.engine.blobs.sweep import doomed_chunks, sweep
+    from spark_backup.engine.crypto import Recipients
+    from spark_backup.engine.stores.local import LocalStore
+    from spark_backup_tests.helpers import make_key
+
+    _key, public = make_key(tmp_path / "keys")
+    store = LocalStore("local", tmp_path / "store")
+    store.root.mkdir()
+    writer = ChunkWriter(store, "s", derive_chunk_key(CHUNK_SECRET, "s"), Recipients((public,)))
+    kept, gone = writer.add(b"k" * 20000).id, writer.add(b"g" * 20000).id
+    writer.close()
+    grace = dt.timedelta(hours=1)
+    start = dt.datetime.now(dt.UTC) + grace  # the objects are older than the grace from here
+
+    first = sweep(store, "s", {kept}, start, grace, dry_run=False)
+    assert first.deleted == [] and first.waiting == [gone] and first.plan
+    assert doomed_chunks(store, "s") == {gone}  # a backup reusing it now is refused
+
+    assert sweep(store, "s", {kept}, start + grace / 2, grace, dry_run=True).deleted == []
+    later = sweep(store, "s", {kept}, start + grace, grace, dry_run=False)
+    assert later.deleted == [gone] and set(existing_chunks(store, "s")) == {kept}
+    assert doomed_chunks(store, "s") == {gone}  # still remembered for a grace
+
+    # Several plans (an interrupted sweep left its older one) are read together.
+    again = sweep(store, "s", {kept}, start + grace * 1.5, grace, dry_run=False)
+    assert again.deleted == [] and doomed_chunks(store, "s") == {gone}
+    assert len(list(store.list("s/chunk-sweeps/"))) == 1
+    sweep(store, "s", {kept}, start + grace * 3, grace, dry_run=False)
+    assert doomed_chunks(store, "s") == set() and set(existing_chunks(store, "s")) == {kept}
