@@ -82,9 +82,10 @@ def connected(
         yield client
     except OperationFailure as exc:
         if exc.code == AUTHENTICATION_FAILED:
+            # The reference says where to look; the value is never shown.
+            hint = f"check {source.password}" if source.password else "the plan names no password"
             raise SourceError(
-                f"{where}: authentication failed for the URI's user (check the secret "
-                f"{source.password or 'none: the plan names no password'})"
+                f"{where}: authentication failed for the URI's user ({hint})"
             ) from None
         raise SourceError(f"{where}: the server refused: {_scrub(exc, password)}") from None
     except ConnectionFailure as exc:
