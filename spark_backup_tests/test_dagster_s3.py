@@ -15,8 +15,8 @@ from dagster_aws.s3 import S3Resource
 
 from spark_backup.defs.build import build_definitions
 from spark_backup.defs.resources import (
-    RESOURCE_KEY,
     S3_RESOURCES_ENV,
+    STORES_RESOURCE_KEY,
     s3_store_resources,
 )
 from spark_backup.defs.schedules import backup_job_name
@@ -59,7 +59,7 @@ def test_a_run_gets_its_s3_client_from_the_platforms_resource(
     monkeypatch.setenv(S3_RESOURCES_ENV, f"{__name__}:PLATFORM_S3")
     plan = _plan(tmp_path, age_key[1], estate, bucket=s3_bucket)
     defs = build_definitions(load_plan(plan))
-    resource = defs.resources[RESOURCE_KEY]
+    resource = defs.resources[STORES_RESOURCE_KEY]
     (store,) = resource.s3_stores
     assert (store.store, store.endpoint_url, store.aws_access_key_id.env_var_name) == (
         "offsite",

@@ -299,7 +299,7 @@ UPDATE_ENV = "SPARK_BACKUP_UPDATE_SNAPSHOTS"
 
 def definitions_snapshot(defs: Definitions) -> dict:
     """Every asset key (with its group, kinds, owners, partitions and upstream keys), check,
-    job, schedule, sensor and pool, as plain data: a renamed asset or a lost edge shows as a diff."""
+    job, schedule, sensor, pool and resource, as plain data: a renamed asset or a lost edge shows as a diff."""
     graph = defs.resolve_asset_graph()
     assets = {}
     for key in sorted(graph.get_all_asset_keys(), key=lambda k: k.to_user_string()):
@@ -325,6 +325,8 @@ def definitions_snapshot(defs: Definitions) -> dict:
             for s in sorted(defs.schedules or [], key=lambda s: s.name)
         },
         "sensors": sorted(s.name for s in defs.sensors or []),
+        # One resource per concern (defs/resources.py), by key and implementation.
+        "resources": {key: type(r).__name__ for key, r in sorted((defs.resources or {}).items())},
     }
 
 

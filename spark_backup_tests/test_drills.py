@@ -201,13 +201,13 @@ def test_postgres_drill_restores_into_a_scratch_database_and_drops_it(
 
 
 def _sensor_tick(defs, instance, cursor):
-    context = build_sensor_context(
+    with build_sensor_context(
         instance=instance,
         cursor=cursor,
         definitions=defs,
         resources=defs.get_repository_def().get_top_level_resources(),
-    )
-    result = defs.resolve_sensor_def(DRILL_SENSOR).evaluate_tick(context)
+    ) as context:
+        result = defs.resolve_sensor_def(DRILL_SENSOR).evaluate_tick(context)
     return list(result.run_requests or []), result.cursor
 
 

@@ -174,7 +174,7 @@ def test_an_unreachable_server_fails_in_one_line_without_the_password(
     source = _source(
         "shop",
         uri="mongodb://backup@127.0.0.1:9/?directConnection=true",
-        password_env="DOCS_PASSWORD",
+        password="env:DOCS_PASSWORD",
         connect_timeout="1s",
     )
     plan = write_plan(tmp_path, plan_dict([age_key[1]], [source]))
@@ -189,7 +189,8 @@ def test_an_unreachable_server_fails_in_one_line_without_the_password(
     ("change", "expected"),
     [
         ({"uri": "mongodb://backup:hunter2@db1:27017/"}, "uri must not contain a password"),
-        ({"password": "hunter2"}, "inline password is not allowed"),
+        ({"password": "hunter2"}, "inline secret is not allowed"),
+        ({"password_env": "DOCS_PASSWORD", "password": "env:X"}, "set password or password_env"),
         ({"uri": "postgres://db1"}, "expected a mongodb:// or mongodb+srv:// URI"),
         ({"include_collections": ["orders"]}, "expected DATABASE.COLLECTION globs"),
     ],
@@ -341,7 +342,7 @@ def test_dump_tool_mongodump_gives_the_same_layout_and_checks(
     log = bin_dir / "mongodump.json"
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     monkeypatch.setenv("DOCS_PASSWORD", SECRET)
-    source = _source(database, dump_tool="mongodump", password_env="DOCS_PASSWORD")
+    source = _source(database, dump_tool="mongodump", password="env:DOCS_PASSWORD")
     service = BackupService.from_path(write_plan(tmp_path, plan_dict([age_key[1]], [source])))
     (manifest,) = service.backup("docs")
     called = json.loads(log.read_text())

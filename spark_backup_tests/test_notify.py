@@ -315,13 +315,13 @@ def test_damaged_copy_gives_one_ticket_and_one_email_through_the_sensor(
         with DagsterInstance.ephemeral() as instance:
 
             def tick(cursor: str | None) -> str | None:
-                context = build_sensor_context(
+                with build_sensor_context(
                     instance=instance,
                     cursor=cursor,
                     definitions=defs,
                     resources=defs.get_repository_def().get_top_level_resources(),
-                )
-                return sensor.evaluate_tick(context).cursor
+                ) as context:
+                    return sensor.evaluate_tick(context).cursor
 
             backup = defs.resolve_job_def("daily_backups").execute_in_process(
                 instance=instance, partition_key=partition, run_config=QUIET
@@ -372,14 +372,14 @@ def test_failed_run_opens_a_ticket_through_the_run_failure_sensor(
             )
             sensor = defs.resolve_sensor_def(RUN_FAILURE_SENSOR)
             for _ in range(2):  # the same failed run seen twice: one ticket
-                context = build_run_status_sensor_context(
+                with build_run_status_sensor_context(
                     sensor_name=RUN_FAILURE_SENSOR,
                     dagster_instance=instance,
                     dagster_run=run,
                     dagster_event=failure_event,
                     resources=defs.get_repository_def().get_top_level_resources(),
-                ).for_run_failure()
-                sensor(context)
+                ) as context:
+                    sensor(context.for_run_failure())
         (issue,) = jira.issues("spark-backup-e2e")
         assert "run failed for vpn_config" in issue["fields"]["summary"]
         assert partition in issue["fields"]["summary"]

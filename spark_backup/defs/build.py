@@ -1,7 +1,7 @@
 """Builds the Dagster definitions for one protection plan by asking each source's kind what it
 has: the system, an asset and two checks per artifact and its restore drill, the continuous log
 with its lag check, the recovery window; a backup job and schedule per cadence; the check,
-observation, recovery and monthly drill schedules; and the plan resource."""
+observation, recovery and monthly drill schedules; and the resources (``defs/resources.py``)."""
 
 from collections import defaultdict
 from collections.abc import Mapping
@@ -50,14 +50,7 @@ from spark_backup.defs.drills import (
 from spark_backup.defs.kpis import KPI_ASSET, KPI_CRON, KPI_JOB, build_kpi_asset
 from spark_backup.defs.partitions import partitions_for
 from spark_backup.defs.replication import build_replica_asset, replica_asset_key
-from spark_backup.defs.resources import (
-    RESOURCE_KEY,
-    SECRETS_RESOURCE_KEY,
-    SecretsResource,
-    SparkBackupResource,
-    platform_s3_resources,
-    s3_store_resources,
-)
+from spark_backup.defs.resources import plan_resources
 from spark_backup.defs.schedules import (
     OBSERVE_CRON,
     OBSERVE_JOB,
@@ -92,9 +85,7 @@ def build_definitions(
     """``platform_s3``: the platform's own S3Resource per store name (default: those named by
     ``$SPARK_BACKUP_S3_RESOURCES``), merged into each S3 store's resource."""
     service = BackupService(loaded)
-    s3_stores = s3_store_resources(
-        loaded.plan, platform_s3_resources() if platform_s3 is None else platform_s3
-    )
+    resources = plan_resources(loaded, platform_s3)
     assets: list[AssetsDefinition | AssetSpec] = []
     checks, schedules, jobs = [], [], []
     keys_by_cadence: dict[str, list[AssetKey]] = defaultdict(list)
@@ -251,9 +242,6 @@ def build_definitions(
                 ],
             ),
         ],
-        resources={
-            RESOURCE_KEY: SparkBackupResource(plan_path=str(loaded.path), s3_stores=s3_stores),
-            SECRETS_RESOURCE_KEY: SecretsResource(plan_path=str(loaded.path)),
-        },
+        resources=resources,
         executor=EXECUTOR,
     )

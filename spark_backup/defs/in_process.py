@@ -46,13 +46,15 @@ def run_plan_once(loaded: LoadedPlan, say: Callable[[str], None]) -> list[str]:
 
 def _run_sensor_requests(defs, instance: DagsterInstance, sensor_name: str, say) -> list[str]:
     """Evaluate a sensor as the daemon would (from its first look) and run what it requests."""
-    context = build_sensor_context(
+    # A context manager: the plan resource holds the stores resource (a nested resource).
+    with build_sensor_context(
         instance=instance,
         definitions=defs,
         resources=defs.get_repository_def().get_top_level_resources(),
-    )
+    ) as context:
+        requests = defs.resolve_sensor_def(sensor_name).evaluate_tick(context).run_requests
     failures = []
-    for request in defs.resolve_sensor_def(sensor_name).evaluate_tick(context).run_requests or []:
+    for request in requests or []:
         job = defs.resolve_job_def(request.job_name)
         selected = ", ".join(k.to_user_string() for k in request.asset_selection or [])
         say(f"sensor {sensor_name}: running {selected or job.name} for {request.partition_key} ...")

@@ -1,8 +1,19 @@
-"""The resources the assets and checks use: the protection plan, opened as a service, and one
-dagster-aws ``S3Resource`` per S3 store, from which that store gets its client in a run.
+"""The resources the assets, checks and sensors use, one per concern:
 
-Which stores, keys and sources are used is the plan's choice (``engine.stores.open_store`` is
-the switch between a local folder and S3), so environments differ by plan file, not by code.
+- ``spark_backup`` (``SparkBackupResource``): the protection plan, opened as the service that
+  backs up, checks and restores;
+- ``stores`` (``StoresResource``): how a run reaches the plan's stores, one dagster-aws
+  ``S3Resource`` per S3 store (a local folder needs none); the service takes its clients;
+- ``secrets`` (``SecretsResource``): the plan's secrets backends, for statuses (never values);
+- ``notifier`` (``NotifierResource``): the plan's ticket desk, which turns a failure into a
+  ticket and an email and journals both.
+
+``plan_resources`` is the one switch that picks the implementations, from the plan and the
+platform: which stores and secrets backends exist and which ticket backend is used (outbox,
+webhook, Jira) is the plan's choice (``engine.stores.open_store`` is the switch between a local
+folder and S3, ``engine.secrets.open_secrets`` between the environment and Vault,
+``notify.TicketDesk`` between the ticket backends), so environments differ by plan file, not
+by code; the platform adds its own ``S3Resource`` per store. No resource holds backup logic.
 
 S3 in a Dagster run is configured the Dagster way: each S3 store of the plan is an
 ``S3StoreResource`` (dagster-aws's ``S3Resource`` with the store's name) whose session fields
@@ -13,7 +24,6 @@ own ``S3Resource`` for that store, named by ``$SPARK_BACKUP_S3_RESOURCES``
 (the command line, which has no Dagster, must reach the same store as a run); a field both set,
 to different values, is a contradiction, refused by ``plan check`` and when the definitions load.
 
-The secrets backends the plan's references name are a resource of their own, ``SecretsResource``.
 An S3 store whose credentials are ``vault:`` references has no ``S3Resource``: its client is made
 by the engine with the credentials read from Vault, as on the command line.
 """
@@ -22,7 +32,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import cached_property
 from typing import Any
 
@@ -34,11 +44,14 @@ from spark_backup.engine.secrets import RotationPolicy
 from spark_backup.engine.stores.config import S3StoreConfig
 from spark_backup.engine.stores.s3 import make_client
 from spark_backup.errors import PlanError
-from spark_backup.plan import Plan, load_plan
+from spark_backup.notify import Failure, Outcome, TicketDesk
+from spark_backup.plan import LoadedPlan, Plan, load_plan
 from spark_backup.service import BackupService, SecretStatus
 
 RESOURCE_KEY = "spark_backup"
+STORES_RESOURCE_KEY = "stores"
 SECRETS_RESOURCE_KEY = "secrets"
+NOTIFIER_RESOURCE_KEY = "notifier"
 # module:attribute of the platform's S3Resource per store name (optional).
 S3_RESOURCES_ENV = "SPARK_BACKUP_S3_RESOURCES"
 # Session fields of S3Resource and the plan's S3 store that both may set.
@@ -78,17 +91,27 @@ class S3StoreResource(S3Resource):
         )
 
 
+class StoresResource(ConfigurableResource):
+    """How a run reaches the plan's stores: the S3 stores' resources (a local folder needs
+    none; an S3 store with Vault credentials gets its client from the engine)."""
+
+    s3_stores: list[S3StoreResource] = Field(default_factory=list)
+
+    def s3_clients(self) -> dict[str, Callable[[], Any]]:
+        """Per S3 store name, what makes its client (called when the store is first used)."""
+        return {resource.store: resource.get_client for resource in self.s3_stores}
+
+
 class SparkBackupResource(ConfigurableResource):
-    """Opens the plan at ``plan_path`` (validated when first used in a run); its S3 stores get
-    their clients from ``s3_stores``."""
+    """Opens the plan at ``plan_path`` (validated when first used in a run) as the service;
+    its S3 stores get their clients from ``stores``."""
 
     plan_path: str
-    s3_stores: list[S3StoreResource] = Field(default_factory=list)
+    stores: StoresResource = Field(default_factory=StoresResource)
 
     @cached_property
     def service(self) -> BackupService:
-        clients = {resource.store: resource.get_client for resource in self.s3_stores}
-        return BackupService(load_plan(self.plan_path), s3_clients=clients)
+        return BackupService(load_plan(self.plan_path), s3_clients=self.stores.s3_clients())
 
 
 class SecretsResource(ConfigurableResource):
@@ -109,6 +132,46 @@ class SecretsResource(ConfigurableResource):
 
     def rotation_policy(self) -> RotationPolicy:
         return self._plan.rotation_policy()
+
+
+class NotifierResource(ConfigurableResource):
+    """The ticket desk of the plan at ``plan_path`` (its ``notifications``: outbox, webhook or
+    Jira, and the security team's email): a failure becomes a ticket or a comment on it, and
+    both are journaled; a failure already reported is neither sent nor journaled again."""
+
+    plan_path: str
+
+    @cached_property
+    def _service(self) -> BackupService:
+        return BackupService.from_path(self.plan_path)
+
+    def desk(self) -> TicketDesk:
+        """The desk, opened once per sensor tick (it reads the ledger of tickets)."""
+        return self._service.ticket_desk()
+
+    def report(self, failure: Failure, desk: TicketDesk | None = None) -> Outcome:
+        return self._service.report_failure(failure, desk)
+
+
+def plan_resources(
+    loaded: LoadedPlan, platform_s3: Mapping[str, S3Resource] | None = None
+) -> dict[str, ConfigurableResource]:
+    """The one switch: every resource key with the implementation the plan and the platform
+    pick. ``platform_s3``: the platform's own S3Resource per store name (default: those named by
+    ``$SPARK_BACKUP_S3_RESOURCES``), merged into each S3 store's resource; ``PlanError`` (one
+    line) where they contradict the plan."""
+    plan_path = str(loaded.path)
+    stores = StoresResource(
+        s3_stores=s3_store_resources(
+            loaded.plan, platform_s3_resources() if platform_s3 is None else platform_s3
+        )
+    )
+    return {
+        RESOURCE_KEY: SparkBackupResource(plan_path=plan_path, stores=stores),
+        STORES_RESOURCE_KEY: stores,
+        SECRETS_RESOURCE_KEY: SecretsResource(plan_path=plan_path),
+        NOTIFIER_RESOURCE_KEY: NotifierResource(plan_path=plan_path),
+    }
 
 
 def s3_store_resources(

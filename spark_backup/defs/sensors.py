@@ -31,7 +31,7 @@ from dagster import (
     sensor,
 )
 
-from spark_backup.defs.resources import SparkBackupResource
+from spark_backup.defs.resources import NotifierResource
 from spark_backup.notify import RUN_FAILED, Failure, Outcome
 
 RUN_FAILURE_SENSOR = "run_failures"
@@ -82,7 +82,7 @@ def build_run_failure_sensor(sources_by_asset: Mapping[AssetKey, str]) -> Sensor
         default_status=DefaultSensorStatus.RUNNING,
         description="Opens a ticket and emails the security team for every failed run.",
     )
-    def run_failures(context: RunFailureSensorContext, spark_backup: SparkBackupResource):
+    def run_failures(context: RunFailureSensorContext, notifier: NotifierResource):
         run = context.dagster_run
         keys = _planned_asset_keys(context.instance, run.run_id)
         sources = sorted({sources_by_asset[k] for k in keys if k in sources_by_asset})
@@ -91,8 +91,7 @@ def build_run_failure_sensor(sources_by_asset: Mapping[AssetKey, str]) -> Sensor
             for event in context.get_step_failure_events()
             if event.event_specific_data and event.event_specific_data.error
         ]
-        service = spark_backup.service
-        desk = service.ticket_desk()
+        desk = notifier.desk()
         for source in sources or ["-"]:
             failure = Failure(
                 source=source,
@@ -102,7 +101,7 @@ def build_run_failure_sensor(sources_by_asset: Mapping[AssetKey, str]) -> Sensor
                 summary=f"run {run.run_id} of job {run.job_name} failed",
                 detail="\n".join(steps) or (context.failure_event.message or ""),
             )
-            _say(context, failure, service.report_failure(failure, desk))
+            _say(context, failure, notifier.report(failure, desk))
 
     return run_failures
 
@@ -117,15 +116,14 @@ def build_check_failure_sensor(
         description="Opens a ticket and emails the security team for every failed asset "
         "check (any severity), deduplicated by source, partition and check.",
     )
-    def check_failures(context: SensorEvaluationContext, spark_backup: SparkBackupResource):
+    def check_failures(context: SensorEvaluationContext, notifier: NotifierResource):
         # Per check: every execution up to this id has finished (and its failure, if any, was
         # reported). An execution is recorded when planned and completed later under the same
         # id, so the cursor stops below the oldest one still running.
         loaded = json.loads(context.cursor) if context.cursor else {}
         cursor: dict[str, int] = loaded if isinstance(loaded, dict) else {}  # else: start over
         storage = context.instance.event_log_storage
-        service = spark_backup.service
-        desk = service.ticket_desk()
+        desk = notifier.desk()
         failed = seen = 0
         for check_key in check_keys:
             name = check_key.to_user_string()
@@ -153,7 +151,7 @@ def build_check_failure_sensor(
                     f"failed ({evaluation.severity.value}): {evaluation.description or ''}",
                     detail=f"run {record.run_id}",
                 )
-                _say(context, failure, service.report_failure(failure, desk))
+                _say(context, failure, notifier.report(failure, desk))
             if records:
                 cursor[name] = (min(running) - 1) if running else max(r.id for r in records)
         context.update_cursor(json.dumps(cursor, sort_keys=True))

@@ -3,7 +3,7 @@ restores into databases checked by per-collection counts and digests.
 
 - ``kind.py``: the contract and MongoDB's capabilities;
 - ``settings.py``: the plan model;
-- ``server.py``: connections (password from the environment) and pymongo's errors;
+- ``server.py``: connections (the password from the plan's secret reference) and pymongo's errors;
 - ``dump.py``: the dump as a tar stream of ``<db>/<collection>.bson`` and ``.metadata.json``;
 - ``bsonfile.py``: BSON files and the order-independent content digest;
 - ``restore.py``: deep verify and restore into databases;

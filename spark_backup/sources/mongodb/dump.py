@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, BinaryIO
 
+from spark_backup.engine.secrets import SecretResolver
 from spark_backup.engine.streams import ChunkReader, Readable
 from spark_backup.engine.tar_stream import TarWriter
 from spark_backup.errors import SourceError
@@ -78,15 +79,16 @@ class MongoDumpReader:
     layers = DUMP_LAYERS
     part = ""
 
-    def __init__(self, source: MongoSource):
+    def __init__(self, source: MongoSource, secrets: SecretResolver | None = None):
         self.source = source
+        self.secrets = secrets
         self._metadata: dict[str, Any] = {}
         self._server_version = "unknown"
 
     @contextmanager
     def open(self) -> Iterator[Readable]:
         self._metadata = {}
-        with connected(self.source) as client:
+        with connected(self.source, self.secrets) as client:
             yield ChunkReader(self._archive(client))
 
     def _archive(self, client: Any) -> Iterator[bytes]:

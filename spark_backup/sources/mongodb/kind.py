@@ -114,11 +114,15 @@ class MongoKind(
     ) -> list[PlaintextSource]:
         if artifact == DUMP:
             if source.dump_tool == "mongodump":
-                return [MongodumpToolReader(source)]
-            return [MongoDumpReader(source)]
+                return [MongodumpToolReader(source, context.secrets)]
+            return [MongoDumpReader(source, context.secrets)]
         if artifact == OPLOG and source.oplog.enabled:
             assert context.copies is not None, "a slice resumes from the copies in the store"
-            return [slices.OplogSliceReader(source, context.copies(OPLOG), context.copies(DUMP))]
+            return [
+                slices.OplogSliceReader(
+                    source, context.copies(OPLOG), context.copies(DUMP), context.secrets
+                )
+            ]
         raise UsageError(f"source {source.name!r} has no artifact {artifact!r}")
 
     def probe(self, source: MongoSource, context: SourceContext) -> None:
@@ -126,7 +130,7 @@ class MongoKind(
         plan asks for it)."""
         if source.dump_tool == "mongodump":
             mongodump_path(source)
-        with connected(source) as client:
+        with connected(source, context.secrets) as client:
             list_namespaces(client, source)
 
     def restore_to_folder(
@@ -177,7 +181,7 @@ class MongoKind(
     def observe(self, source: MongoSource, context: SourceContext) -> Observation:
         """A replica set: its newest oplog write (no-ops left out). A standalone server: the
         protected namespaces with their estimated document counts."""
-        with connected(source) as client:
+        with connected(source, context.secrets) as client:
             if is_replica_set(client) and (newest := oplog.newest_write_ts(client)):
                 version = f"{newest['t']}:{newest['i']}"
                 return Observation(version, {"oplog_ts": version})
@@ -214,7 +218,7 @@ class MongoKind(
         last = newest.source_metadata["last_ts"]
         status.details["last_saved_ts"] = f"{last['t']}:{last['i']}"
         try:
-            with connected(source) as client:
+            with connected(source, runtime.context(source).secrets) as client:
                 server_newest = oplog.newest_ts(client)
                 server_oldest = oplog.oldest_ts(client)
         except SparkBackupError as exc:

@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from spark_backup.engine.processes import first_error, tool_environment
+from spark_backup.engine.secrets import SecretResolver
 from spark_backup.engine.streams import ChunkReader, Readable
 from spark_backup.engine.tar_stream import TarWriter
 from spark_backup.errors import SourceError
@@ -39,6 +40,7 @@ from spark_backup.sources.mongodb.server import (
     connected,
     is_replica_set,
     list_namespaces,
+    password_of,
 )
 from spark_backup.sources.mongodb.settings import MongoSource
 
@@ -71,8 +73,9 @@ class MongodumpToolReader:
     layers = DUMP_LAYERS
     part = ""
 
-    def __init__(self, source: MongoSource):
+    def __init__(self, source: MongoSource, secrets: SecretResolver | None = None):
         self.source = source
+        self.secrets = secrets
         self._metadata: dict[str, Any] = {}
         self._version = "unknown"
 
@@ -81,7 +84,8 @@ class MongodumpToolReader:
         source = self.source
         tool = mongodump_path(source)
         started = dt.datetime.now(dt.UTC)
-        with connected(source) as client:
+        password = password_of(source, self.secrets)
+        with connected(source, self.secrets) as client:
             replica_set = is_replica_set(client)
             namespaces = list_namespaces(client, source)
         with tempfile.TemporaryDirectory(prefix="spark-backup-mongodump-") as folder:
@@ -92,17 +96,16 @@ class MongodumpToolReader:
                 args.append("--oplog")
             else:
                 args += [f"--nsInclude={ns.name}" for ns in namespaces]
-            if source.password_env:
-                args += ["--config", str(_config_file(Path(folder), source))]
+            if password is not None:
+                args += ["--config", str(_config_file(Path(folder), password))]
             result = subprocess.run(
                 args, capture_output=True, text=True, env=tool_environment(), check=False
             )
             if result.returncode != 0:
                 reason = first_error(result.stderr.splitlines(), result.returncode)
-                secret = os.environ.get(source.password_env or "", "")
                 raise SourceError(
                     f"source {source.name!r}: mongodump failed: "
-                    f"{reason.replace(secret, '***') if secret else reason}"
+                    f"{reason.replace(password, '***') if password else reason}"
                 )
             self._version = _tool_version(tool)
             yield ChunkReader(self._archive(out, replica_set, use_oplog, started))
@@ -177,11 +180,11 @@ class MongodumpToolReader:
         return {"mongodump": self._version}
 
 
-def _config_file(folder: Path, source: MongoSource) -> Path:
+def _config_file(folder: Path, password: str) -> Path:
     path = folder / "mongodump.yaml"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        yaml.safe_dump({"password": os.environ.get(source.password_env or "", "")}, handle)
+        yaml.safe_dump({"password": password}, handle)
     return path
 
 

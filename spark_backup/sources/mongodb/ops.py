@@ -62,7 +62,7 @@ def restore_to_database(
     assert isinstance(source, MongoSource)
     mapping = database_mapping(manifest, value)
     started = utcnow()
-    with connected(source) as client:
+    with connected(source, runtime.context(source).secrets) as client:
         job = DatabaseRestore(client, mapping, f"copy {manifest.id}")
         job.check_targets(force, protected=set(manifest.source_metadata.get("databases", [])))
         try:
@@ -95,7 +95,7 @@ def check_by_restoring(
     mapping = {db: f"{CHECK_DATABASE_PREFIX}{token}_{i}" for i, db in enumerate(databases)}
     source = runtime.source(manifest.source)
     assert isinstance(source, MongoSource)
-    with connected(source) as client:
+    with connected(source, runtime.context(source).secrets) as client:
         job = DatabaseRestore(client, mapping, f"copy {manifest.id}")
         job.created = list(mapping.values())
         try:
@@ -144,7 +144,7 @@ def point_in_time_restore(
     import bson  # with pymongo, loaded only by the commands that talk to a server
 
     label = f"source {source.name!r}"
-    with connected(source) as client:
+    with connected(source, runtime.context(source).secrets) as client:
         job = DatabaseRestore(client, mapping, f"copy {base.id}")
         job.check_targets(force, protected=set(base.source_metadata.get("databases", [])))
         applier = OplogApplier(client, mapping)

@@ -1,14 +1,15 @@
-"""Connections to a MongoDB deployment, with the password from the environment, and the one
-place pymongo's errors become spark-backup's (by type, never by message text)."""
+"""Connections to a MongoDB deployment, with the password read from where the plan's reference
+names it (``env:`` or ``vault:``, through the plan's secret resolver), and the one place
+pymongo's errors become spark-backup's (by type, never by message text)."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from spark_backup.engine.secrets import EnvSecrets, SecretResolver
 from spark_backup.errors import SourceError
 from spark_backup.sources.mongodb.settings import MongoSource
 
@@ -31,19 +32,20 @@ class Namespace:
         return f"{self.database}.{self.collection}"
 
 
-def client_for(source: MongoSource, **options: Any):
-    """A client for the source's URI; the password comes from ``password_env`` and is handed
-    to pymongo only, never put in the URI or any message."""
+def password_of(source: MongoSource, secrets: SecretResolver | None = None) -> str | None:
+    """The password the source's reference names (``SecretError`` in one line naming the
+    source and the reference if it cannot be read); None without a reference."""
+    if source.password is None:
+        return None
+    resolver = secrets or SecretResolver({"env": EnvSecrets()})
+    return resolver.resolve_for(f"source {source.name!r}", source.password)
+
+
+def client_for(source: MongoSource, password: str | None, **options: Any):
+    """A client for the source's URI; the password is handed to pymongo only, never put in
+    the URI or any message."""
     import pymongo
 
-    password = None
-    if source.password_env:
-        password = os.environ.get(source.password_env)
-        if password is None:
-            raise SourceError(
-                f"source {source.name!r}: environment variable {source.password_env} "
-                "(password_env) is not set"
-            )
     timeout_ms = int(source.connect_timeout.total_seconds() * 1000)
     return pymongo.MongoClient(
         source.uri,
@@ -56,8 +58,12 @@ def client_for(source: MongoSource, **options: Any):
 
 
 @contextmanager
-def connected(source: MongoSource, **options: Any) -> Iterator[Any]:
-    """A connected client; pymongo's failures come out as one-line ``SourceError``s."""
+def connected(
+    source: MongoSource, secrets: SecretResolver | None = None, **options: Any
+) -> Iterator[Any]:
+    """A connected client, its password read through ``secrets`` (the plan's resolver; by
+    default, environment variables only); pymongo's failures come out as one-line
+    ``SourceError``s."""
     from pymongo.errors import (
         ConfigurationError,
         ConnectionFailure,
@@ -67,22 +73,25 @@ def connected(source: MongoSource, **options: Any) -> Iterator[Any]:
     )
 
     where = f"source {source.name!r} ({_hosts(source.uri)})"
+    password = password_of(source, secrets)
     try:
-        client = client_for(source, **options)
+        client = client_for(source, password, **options)
     except (InvalidURI, ConfigurationError) as exc:
-        raise SourceError(f"{where}: the uri is not usable: {_scrub(exc, source)}") from None
+        raise SourceError(f"{where}: the uri is not usable: {_scrub(exc, password)}") from None
     try:
         yield client
     except OperationFailure as exc:
         if exc.code == AUTHENTICATION_FAILED:
+            # The reference says where to look; the value is never shown.
+            hint = f"check {source.password}" if source.password else "the plan names no password"
             raise SourceError(
-                f"{where}: authentication failed for the URI's user (check password_env)"
+                f"{where}: authentication failed for the URI's user ({hint})"
             ) from None
-        raise SourceError(f"{where}: the server refused: {_scrub(exc, source)}") from None
+        raise SourceError(f"{where}: the server refused: {_scrub(exc, password)}") from None
     except ConnectionFailure as exc:
-        raise SourceError(f"{where}: cannot reach the server: {_scrub(exc, source)}") from None
+        raise SourceError(f"{where}: cannot reach the server: {_scrub(exc, password)}") from None
     except PyMongoError as exc:
-        raise SourceError(f"{where}: {_scrub(exc, source)}") from None
+        raise SourceError(f"{where}: {_scrub(exc, password)}") from None
     finally:
         client.close()
 
@@ -151,10 +160,10 @@ def _hosts(uri: str) -> str:
     return authority.rpartition("@")[2]
 
 
-def _scrub(exc: BaseException, source: MongoSource) -> str:
+def _scrub(exc: BaseException, password: str | None) -> str:
     """pymongo's message on one line, without the password should it ever appear in it."""
     # A server selection timeout appends the whole topology: the reason comes before it.
     text = " ".join(str(exc).split()).split(", Topology Description:")[0]
-    if source.password_env and (secret := os.environ.get(source.password_env)):
-        text = text.replace(secret, "***")
+    if password:
+        text = text.replace(password, "***")
     return text[:300]

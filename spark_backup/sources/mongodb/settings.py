@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from collections.abc import Mapping
 from fnmatch import fnmatchcase
 from typing import Any, Literal
@@ -11,11 +12,15 @@ from urllib.parse import urlsplit
 from pydantic import Field, field_validator, model_validator
 
 from spark_backup.engine.cadence import CADENCES
-from spark_backup.engine.settings import Duration, EnvName, SettingsModel
+from spark_backup.engine.secrets import SecretReference, env_reference
+from spark_backup.engine.settings import Duration, SettingsModel
 from spark_backup.plan.source import CadenceName, SourceSettings
 
 # Databases that hold the server's own state, never a dump's content.
 SYSTEM_DATABASES = frozenset({"admin", "config", "local"})
+LOG = logging.getLogger(__name__)
+# How a plan names where the password is (never the password itself).
+PASSWORD_HINT = "'password: env:NAME' or 'password: vault:MOUNT/PATH#FIELD'"
 
 
 class MongoOplog(SettingsModel):
@@ -34,8 +39,9 @@ class MongoSource(SourceSettings):
     kind: Literal["mongodb"]
     # mongodb:// or mongodb+srv:// URI without a password (user name, hosts, replicaSet, tls...).
     uri: str
-    # The environment variable holding the password of the URI's user.
-    password_env: EnvName | None = None
+    # Where the password of the URI's user is: a reference (env:NAME or vault:MOUNT/PATH#FIELD),
+    # never the password. The older password_env: NAME still reads as env:NAME (deprecated).
+    password: SecretReference | None = None
     databases: list[str] | Literal["all"] = "all"
     exclude_databases: list[str] = Field(default_factory=list)
     # Namespace globs ("shop.orders", "shop.*", "*.audit_*"); include empty: every collection.
@@ -51,16 +57,19 @@ class MongoSource(SourceSettings):
     @classmethod
     def _refuse_inline_password(cls, data: Any) -> Any:
         if isinstance(data, Mapping):
-            if "password" in data:
-                raise ValueError(
-                    "inline password is not allowed; name the environment variable that holds "
-                    "it with 'password_env'"
-                )
             uri = data.get("uri")
             if isinstance(uri, str) and _uri_has_password(uri):
                 raise ValueError(
-                    "uri must not contain a password; name the environment variable that holds "
-                    "it with 'password_env'"
+                    f"uri must not contain a password; name where it is with {PASSWORD_HINT}"
+                )
+            if "password_env" in data:
+                name = data.get("password_env")
+                data = env_reference(dict(data), "password_env", "password")
+                # One line, each time the plan is read, until the plan is rewritten.
+                LOG.warning(
+                    "source %r: password_env is deprecated; write 'password: env:%s' instead",
+                    data.get("name", "?"),
+                    name,
                 )
         return data
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from spark_backup.engine.manifest import Manifest
+from spark_backup.engine.secrets import SecretResolver
 from spark_backup.engine.streams import Readable
 from spark_backup.errors import SourceError, UsageError
 from spark_backup.sources.mongodb import oplog
@@ -119,8 +120,15 @@ class OplogSliceReader:
     layers = SLICE_LAYERS
     part = OPLOG_PART
 
-    def __init__(self, source: MongoSource, slices: Sequence[Manifest], dumps: Sequence[Manifest]):
+    def __init__(
+        self,
+        source: MongoSource,
+        slices: Sequence[Manifest],
+        dumps: Sequence[Manifest],
+        secrets: SecretResolver | None = None,
+    ):
         self.source = source
+        self.secrets = secrets
         self.slices = list(slices)
         self.dumps = list(dumps)
         self._metadata: dict[str, Any] = {}
@@ -128,7 +136,7 @@ class OplogSliceReader:
     @contextmanager
     def open(self) -> Iterator[Readable]:
         self._metadata = {}
-        with connected(self.source) as client, tempfile.TemporaryFile() as spool:
+        with connected(self.source, self.secrets) as client, tempfile.TemporaryFile() as spool:
             if not is_replica_set(client):
                 raise SourceError(
                     f"source {self.source.name!r}: the server is not a replica set member, so "

@@ -1,0 +1,225 @@
+"""A backfill at the scale issue 14 names, through the production stack of
+test_deploy_postgres.py (its queries and run helpers are imported from there): a
+PostgreSQL-backed instance made by ``spark-backup dagster-init --postgres``, a code server,
+``dagster-webserver`` and ``dagster-daemon`` as separate processes, the queued coordinator with
+a global limit below the number of sources and one pool per source.
+
+An operator backfills each of the 3 sources over every daily partition from its asset page.
+Every partition of every source is materialized exactly once, by a run of its own that
+succeeded; no two runs of one source overlapped (the pools); never more runs at once than the
+global limit.
+
+Each run is a process of its own (Dagster's default run launcher) that imports Dagster and this
+package and forks its step, so the cost is per run, not per byte: the sources are tiny
+configuration trees, and the default suite runs 2 partitions x 3 sources (6 runs, which
+already makes the global limit hold runs back). The full 30 x 3 (90 runs) runs with
+``SPARK_BACKUP_FULL_BACKFILL=1``; its time is in docs/scaling.md.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+import os
+import subprocess
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import yaml
+
+from spark_backup.defs.drills import DRILL_SENSOR
+from spark_backup_tests import dagster_processes
+from spark_backup_tests.dagster_processes import DagsterGraphQL
+from spark_backup_tests.helpers import (
+    config_source,
+    free_port,
+    make_estate,
+    make_key,
+    plan_dict,
+    run_cli,
+    write_plan,
+)
+from spark_backup_tests.test_deploy_postgres import (
+    BACKFILL,
+    BACKFILL_STATUS,
+    DONE_BACKFILL,
+    GLOBAL_LIMIT,
+    MATERIALIZATIONS,
+    ROOT,
+    RUNS,
+    SOURCES,
+    Stack,
+    _source_of,
+    _tag,
+)
+from spark_backup_tests.test_postgres import MAIN, drop_database, run_sql
+
+FULL_ENV = "SPARK_BACKUP_FULL_BACKFILL"
+SENSOR = """query($s: SensorSelector!) { sensorOrError(sensorSelector: $s) {
+  __typename ... on Sensor { id } } }"""
+STOP_SENSOR = """mutation($id: String!) { stopSensor(id: $id) {
+  __typename ... on StopSensorMutationResult { instigationState { status } } } }"""
+# Seconds a run may take on average before the backfill counts as stuck: a run takes ~60 s on
+# this 2-core host under a load average of 15 (seconds when quiet).
+SECONDS_PER_RUN = 90
+
+
+@contextmanager
+def production_stack(home: Path, partitions: int, global_limit: int) -> Iterator[Stack]:
+    """The stack of test_deploy_postgres.py for ``partitions`` daily partitions up to
+    yesterday, with the global limit set to ``global_limit``; every process stopped and the
+    scratch database dropped after."""
+    database = f"spark_backup_backfill_{uuid.uuid4().hex[:8]}"
+    run_sql(f'CREATE DATABASE "{database}"')
+    processes: list[subprocess.Popen] = []
+    stack = None
+    try:
+        estate = make_estate(home / "estate")
+        _, public = make_key(home)
+        start = dt.datetime.now(dt.UTC).date() - dt.timedelta(days=partitions)
+        plan = plan_dict(
+            [public],
+            [config_source(name, [str(estate)], cadence="daily") for name in SOURCES],
+            stores=[{"name": "local", "kind": "local", "path": str(home / "store")}],
+            defaults={"partitions_start": start.isoformat()},
+        )
+        plan_path = write_plan(home, plan)
+        dagster_home = home / "dagster_home"
+        env = {
+            **os.environ,
+            "DAGSTER_HOME": str(dagster_home),
+            "SPARK_BACKUP_PLAN": str(plan_path),
+            "DAGSTER_PG_PASSWORD": "",  # trust authentication on this machine
+        }
+        url = f"postgresql://{MAIN['user']}@{MAIN['host']}:{MAIN['port']}/{database}"
+        run_cli("dagster-init", "--postgres", url, cwd=ROOT, env=env, check=True)
+        config_path = dagster_home / "dagster.yaml"
+        config = yaml.safe_load(config_path.read_text())
+        config["concurrency"]["runs"]["max_concurrent_runs"] = global_limit
+        config_path.write_text(yaml.safe_dump(config))
+
+        grpc_port, web_port = free_port(), free_port()
+        workspace = home / "workspace.yaml"
+        location = {"host": "127.0.0.1", "port": grpc_port, "location_name": "spark_backup"}
+        workspace.write_text(yaml.safe_dump({"load_from": [{"grpc_server": location}]}))
+        processes.append(
+            dagster_processes.start(
+                [
+                    *("dagster", "code-server", "start", "-h", "127.0.0.1", "-p", str(grpc_port)),
+                    *("-m", "spark_backup.definitions", "--location-name", "spark_backup"),
+                ],
+                home / "code_server.log",
+                ROOT,
+                env,
+            )
+        )
+        web = dagster_processes.start(
+            ["dagster-webserver", "-w", str(workspace), "-h", "127.0.0.1", "-p", str(web_port)],
+            home / "webserver.log",
+            ROOT,
+            env,
+        )
+        processes.append(web)
+        server = DagsterGraphQL(web_port)
+        server.wait_ready(web, home / "webserver.log")
+        server.wait_location_loaded("spark_backup")
+        names = [(start + dt.timedelta(days=i)).isoformat() for i in range(partitions)]
+        stack = Stack(home, env, workspace, server, names)
+        stack.start_daemon()
+        yield stack
+    finally:
+        if stack and stack.daemon:
+            processes.append(stack.daemon)
+        for process in reversed(processes):
+            dagster_processes.stop_group(process)
+        drop_database(database)
+
+
+@pytest.mark.parametrize(
+    "partitions",
+    [
+        pytest.param(2, marks=pytest.mark.timeout(120 + SECONDS_PER_RUN * 6)),
+        pytest.param(
+            30,
+            marks=[
+                pytest.mark.skipif(
+                    not os.environ.get(FULL_ENV), reason=f"90 runs: set {FULL_ENV}=1"
+                ),
+                pytest.mark.timeout(120 + SECONDS_PER_RUN * 90),
+            ],
+        ),
+    ],
+)
+def test_a_backfill_of_every_source_materializes_each_partition_once_within_the_limits(
+    tmp_path: Path, partitions: int
+) -> None:
+    started = time.monotonic()
+    with production_stack(tmp_path, partitions, GLOBAL_LIMIT) as stack:
+        server = stack.server
+        # Every new copy would also start a drill run (drill_new_copies, tested in
+        # test_dagster_dev.py), doubling the runs: stopped, as from the sensor's page.
+        selector = {
+            "repositoryLocationName": "spark_backup",
+            "repositoryName": "__repository__",
+            "sensorName": DRILL_SENSOR,
+        }
+        sensor = server.query(SENSOR, {"s": selector})["sensorOrError"]
+        assert sensor["__typename"] == "Sensor", sensor
+        stopped = server.query(STOP_SENSOR, {"id": sensor["id"]})["stopSensor"]
+        assert stopped["instigationState"]["status"] == "STOPPED", stopped
+        backfills = []
+        for name in SOURCES:
+            launched = server.query(
+                BACKFILL,
+                {
+                    "p": {
+                        "partitionNames": stack.partitions,
+                        "assetSelection": [{"path": ["backups", name]}],
+                    }
+                },
+            )["launchPartitionBackfill"]
+            assert launched["__typename"] == "LaunchBackfillSuccess", launched
+            backfills.append(launched["backfillId"])
+
+        expected_runs = len(SOURCES) * partitions
+        deadline = time.monotonic() + 60 + SECONDS_PER_RUN * expected_runs
+        while not all(
+            server.query(BACKFILL_STATUS, {"id": backfill})["partitionBackfillOrError"]["status"]
+            in DONE_BACKFILL
+            for backfill in backfills
+        ):
+            assert time.monotonic() < deadline, (stack.home / "daemon.log").read_text()[-3000:]
+            time.sleep(2)
+        finished = [
+            run
+            for backfill in backfills
+            for run in server.query(RUNS, {"id": backfill})["runsOrError"]["results"]
+        ]
+        assert Counter(r["status"] for r in finished) == {"SUCCESS": expected_runs}, finished
+
+        for name in SOURCES:
+            events = server.query(MATERIALIZATIONS, {"key": {"path": ["backups", name]}})[
+                "assetOrError"
+            ]["assetMaterializations"]
+            mine = [r for r in finished if _source_of(r) == name]
+            # Exactly once: every partition, none twice, each by one of this source's runs.
+            assert sorted(e["partition"] for e in events) == stack.partitions, name
+            assert sorted(_tag(r, "dagster/partition") for r in mine) == stack.partitions
+            assert sorted(e["runId"] for e in events) == sorted(r["runId"] for r in mine)
+
+        spans = [(r["startTime"], r["endTime"], _source_of(r)) for r in finished]
+        for name in SOURCES:
+            # Runs of one source, in start order, each started after the previous one ended.
+            own = sorted((start, end) for start, end, source in spans if source == name)
+            overlapping = [(a, b) for a, b in itertools.pairwise(own) if b[0] < a[1]]
+            assert not overlapping, f"runs of {name} overlapped: {overlapping}"
+        peak = max(sum(1 for s, e, _ in spans if s <= start < e) for start, _, _ in spans)
+        assert peak <= GLOBAL_LIMIT, f"{peak} runs at once, limit {GLOBAL_LIMIT}"
+        # Runs of different sources did run side by side: a pool holds back its own source only.
+        assert peak > 1, "the runs never overlapped: the queue ran one at a time"
+    print(f"\n{expected_runs} runs in {time.monotonic() - started:.0f} s (peak {peak} at once)")
