@@ -101,13 +101,13 @@ def test_cli_dry_run_sends_nothing_then_alerts_send_once(tmp_path: Path, age_key
 
 
 def _alerts_tick(defs, instance, cursor):
-    context = build_sensor_context(
+    with build_sensor_context(
         instance=instance,
         cursor=cursor,
         definitions=defs,
         resources=defs.get_repository_def().get_top_level_resources(),
-    )
-    result = defs.resolve_sensor_def(ALERTS_SENSOR).evaluate_tick(context)
+    ) as context:
+        result = defs.resolve_sensor_def(ALERTS_SENSOR).evaluate_tick(context)
     return list(result.run_requests or []), result.cursor
 
 

@@ -458,19 +458,19 @@ def test_a_failed_tunnel_drill_in_dagster_opens_one_ticket(tmp_path: Path, age_k
         assert not checks[DRILL_CHECK].passed
         assert "no reply from 10.8.0.1 through the tunnel" in checks[DRILL_CHECK].description
         assert _drill_namespaces() == []
-        context = build_sensor_context(
+        with build_sensor_context(
             instance=instance,
             definitions=defs,
             resources=defs.get_repository_def().get_top_level_resources(),
-        )
-        cursor = defs.resolve_sensor_def(CHECK_FAILURE_SENSOR).evaluate_tick(context).cursor
+        ) as context:
+            cursor = defs.resolve_sensor_def(CHECK_FAILURE_SENSOR).evaluate_tick(context).cursor
         opened = [json.loads(line) for line in (tmp_path / "notifications" / OUTBOX).open()]
         assert [(e["action"], DRILL_CHECK in e["title"]) for e in opened] == [("open", True)]
-        context = build_sensor_context(
+        with build_sensor_context(
             instance=instance,
             cursor=cursor,
             definitions=defs,
             resources=defs.get_repository_def().get_top_level_resources(),
-        )
-        defs.resolve_sensor_def(CHECK_FAILURE_SENSOR).evaluate_tick(context)
+        ) as context:
+            defs.resolve_sensor_def(CHECK_FAILURE_SENSOR).evaluate_tick(context)
         assert len((tmp_path / "notifications" / OUTBOX).read_text().splitlines()) == 1
