@@ -118,6 +118,12 @@ def test_kpi_history_per_day_week_and_month(tmp_path: Path, age_key, estate: Pat
         assert row.restore_seconds_max == report.restore_seconds == row.restore_seconds_mean
         assert row.rto_seconds == 1800
     assert re.fullmatch(r"\d{4}-W\d{2}", rows[("vpn_config", "week")].key)
+    # The same history as a DataFrame: a row per source and period, the same figures.
+    frame = service.kpi_history_frame()
+    assert len(frame) == len(rows)
+    month = frame[(frame.source == "vpn_config") & (frame.period == "month")].iloc[0]
+    assert (month.backups, month.failed_runs, month.success_rate) == (2, 1, 0.6667)
+    assert month.verified_rate == 0.5 and month.drills_passed == 1
 
     defs = build_definitions(load_plan(plan))
     with DagsterInstance.ephemeral() as instance:

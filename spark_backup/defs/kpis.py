@@ -4,8 +4,10 @@ only, so it has no upstream assets.
 
 The KPI history rides along: per source, the success rate, verified rate and the slowest
 drill's restore time of the current day, ISO week and month as floats
-(``<source>.<period>.<figure>``, plotted like the others), and the whole history as a table
-(``history``)."""
+(``<source>.<period>.<figure>``, plotted like the others), and the whole history (the service's
+pandas DataFrame) as a table (``history``)."""
+
+from typing import TYPE_CHECKING
 
 from dagster import AssetKey, AssetsDefinition, MaterializeResult, MetadataValue, asset
 
@@ -13,6 +15,9 @@ from spark_backup.defs.resources import SparkBackupResource
 from spark_backup.engine.pipeline import utcnow
 from spark_backup.plan import LoadedPlan
 from spark_backup.service.kpis import period_key
+
+if TYPE_CHECKING:
+    import pandas
 
 KPI_ASSET = AssetKey(["kpis", "backups"])
 KPI_GROUP = "kpis"
@@ -54,14 +59,20 @@ def build_kpi_asset(loaded: LoadedPlan) -> AssetsDefinition:
             if row.last_success:
                 metadata[f"{prefix}.last_success"] = row.last_success
         metadata["table"] = MetadataValue.md(kpi_markdown(rows))
-        history = spark_backup.service.kpi_history()
+        import pandas  # loaded by this asset's step only, not by every code location start
+
+        history = spark_backup.service.kpi_history_frame()
         now = utcnow()
-        for row in history:
-            if row.key != period_key(row.period, now):
-                continue
+        current = history[
+            [
+                key == period_key(period, now)
+                for period, key in zip(history.period, history.key, strict=True)
+            ]
+        ]
+        for row in current.itertuples(index=False):
             for figure in HISTORY_PLOTTED:
                 value = getattr(row, figure)
-                if value is not None:
+                if pandas.notna(value):
                     metadata[f"{row.source}.{row.period}.{figure}"] = MetadataValue.float(
                         float(value)
                     )
@@ -71,13 +82,14 @@ def build_kpi_asset(loaded: LoadedPlan) -> AssetsDefinition:
     return backup_kpis
 
 
-def history_markdown(rows) -> str:
+def history_markdown(history: "pandas.DataFrame") -> str:
     lines = [
         "| source | period | backups | failed runs | success rate | verified rate | drills "
         "| passed | restore s max | restore s mean | RTO s |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for r in rows:
+    # Missing figures (NaN) print as "-", as None does on the command line.
+    for r in history.astype(object).where(history.notna(), None).itertuples(index=False):
         lines.append(
             f"| {r.source} | {r.key} | {r.backups} | {r.failed_runs} | "
             f"{_percent(r.success_rate)} | {_percent(r.verified_rate)} | {r.drills} | "

@@ -18,12 +18,16 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
+from typing import TYPE_CHECKING
 
 from spark_backup.engine.catalog import latest_per_part
 from spark_backup.engine.pipeline import utcnow
 from spark_backup.notify.desk import RUN_FAILED
 from spark_backup.service.drills import DrillOperations
+
+if TYPE_CHECKING:
+    import pandas
 
 
 @dataclass(frozen=True)
@@ -176,6 +180,16 @@ class KpiOperations(DrillOperations):
                         )
                     )
         return rows
+
+    def kpi_history_frame(self, periods: tuple[str, ...] = PERIODS) -> pandas.DataFrame:
+        """``kpi_history`` as a DataFrame, a row per source and period, for analysis and plots;
+        a figure that has no value in a period (no copy, no drill) is missing (NaN)."""
+        import pandas  # about 0.3 s to import: only the KPI asset and analyses pay it
+
+        columns = [field.name for field in fields(KpiPeriod)]
+        return pandas.DataFrame.from_records(
+            [row.to_dict() for row in self.kpi_history(periods)], columns=columns
+        )
 
     def _journal_failed_runs(self) -> dict[str, list[dt.datetime]]:
         """When each source's backup runs failed, from every day file of the journal (a
