@@ -6,6 +6,8 @@ line and Dagster."""
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,7 +33,13 @@ from spark_backup_tests.helpers import (
     run_cli,
     write_plan,
 )
-from spark_backup_tests.test_postgres import dump_plan, run_sql, sample_db  # noqa: F401 - fixtures
+from spark_backup_tests.test_postgres import (  # noqa: F401 - fixtures
+    Archiving,
+    archiving,
+    dump_plan,
+    run_sql,
+    sample_db,
+)
 
 QUIET = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
 JOURNAL = "orchestration_journal/backups"
@@ -225,3 +233,35 @@ def test_a_bad_restart_is_a_plan_error(dump_plan: Path, restart: dict, message: 
     write_plan(dump_plan.parent, {**plan, "disaster_drill": {"restart": restart}})
     with pytest.raises(PlanError, match=message):
         load_plan(dump_plan)
+
+
+def test_a_database_with_base_backups_is_recovered_to_the_newest_point(
+    archiving: Archiving,  # noqa: F811
+) -> None:
+    """Real PostgreSQL with WAL archiving: the kind's point-in-time recovery replays every
+    archived write after the base backup into a new cluster of the drill's own, which is
+    stopped and removed; the restart runs after it."""
+    cluster = archiving.cluster
+    cluster.execute("CREATE TABLE disaster_probe AS SELECT generate_series(1, 10) AS x")
+    [base] = archiving.service.backup("pg_main", artifact="base")
+    cluster.execute("INSERT INTO disaster_probe VALUES (11)")
+    cluster.switch_wal_and_wait()
+    plan = archiving.write_plan(
+        "disaster.yaml",
+        source={"critical": True},
+        disaster_drill={"restart": {"command": ["true"], "after": "pg_main"}},
+    )
+    # Short: the recovery cluster's Unix socket lives in its folder (at most 107 bytes).
+    staging = Path(tempfile.mkdtemp(prefix="sbdd-", dir="/tmp"))
+    staging.chmod(0o755)
+    try:
+        report = BackupService.from_path(plan).disaster_drill(staging_root=staging)
+        left = list(staging.iterdir())
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    assert report.passed, report.reasons()
+    recover, restart = report.steps
+    assert recover.action == "recover_to_newest" and recover.copies == [base.id]
+    assert recover.details["databases"]["postgres"]["row_counts"]["public.disaster_probe"] == 11
+    assert restart.action == "restart_command" and restart.passed
+    assert left == []

@@ -26,7 +26,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,8 @@ class DisasterStep:
     # The copies the step restored (their ids).
     copies: list[str] = field(default_factory=list)
     started_at: str = ""
+    # What the kind reported of a recovery (its report's public fields: times, row counts).
+    details: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -184,8 +186,9 @@ class DisasterOperations(DrillOperations):
             base = getattr(result, "base_copy_id", None)
             reached = getattr(result, "recovered_to", None)
             description = error or f"recovered from {base} to {reached or 'the end of the log'}"
+            details = asdict(result) if is_dataclass(result) else {}
         except SparkBackupError as exc:
-            passed, description, base = False, str(exc), None
+            passed, description, base, details = False, str(exc), None, {}
         finally:
             try:
                 remove_tree(staging)
@@ -194,6 +197,7 @@ class DisasterOperations(DrillOperations):
         step = self._step(name, RECOVER, source, passed, clock, description)
         step.copies = [base] if base else []
         step.started_at = started
+        step.details = details
         return step
 
     def _restart_step(self, staging_root: str | Path | None) -> DisasterStep:
