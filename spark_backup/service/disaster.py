@@ -24,7 +24,6 @@ import json
 import os
 import signal
 import subprocess
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
@@ -35,7 +34,8 @@ from spark_backup.engine.settings import format_duration
 from spark_backup.engine.staging import remove_tree
 from spark_backup.errors import SparkBackupError, UsageError
 from spark_backup.plan import SourceSettings
-from spark_backup.service.drills import STAGING_PREFIX, DrillOperations
+from spark_backup.service.drills import DrillOperations, make_staging
+from spark_backup.service.journal import markdown_cell
 from spark_backup.sources.base import PointInTimeRecovery, RecoveryTarget
 
 RESTORE = "restore"
@@ -176,7 +176,7 @@ class DisasterOperations(DrillOperations):
         clock: float,
     ) -> DisasterStep:
         name = f"recover {source.name} to the newest point"
-        staging = self._staging(source.name, staging_root)
+        staging = make_staging(source.name, staging_root)
         # The recovered server runs as its own OS user, which must reach its data folder.
         os.chmod(staging, 0o755)
         try:
@@ -212,50 +212,11 @@ class DisasterOperations(DrillOperations):
             step.action = RESTART_CHECK
             return step
         name = f"restart {restart.service or 'service'}"
-        timeout = restart.timeout.total_seconds()
         service = self.plan.source(restart.service) if restart.service else None
-        try:
-            process = subprocess.Popen(
-                restart.command,
-                cwd=self.loaded.base_dir,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        except OSError as exc:
-            return self._step(
-                name,
-                RESTART_COMMAND,
-                service,
-                False,
-                clock,
-                f"restart command {restart.command[0]!r} could not start: {exc.strerror}",
-                started,
-            )
-        try:
-            status = process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            # The whole process group: a shell script's children hang as well.
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-            return self._step(
-                name,
-                RESTART_COMMAND,
-                service,
-                False,
-                clock,
-                f"restart command {restart.command[0]!r} timed out after "
-                f"{format_duration(restart.timeout)} and was killed",
-                started,
-            )
-        description = (
-            f"restart command {restart.command[0]!r} succeeded"
-            if status == 0
-            else f"restart command {restart.command[0]!r} failed with exit status {status}"
+        passed, description = run_restart_command(
+            restart.command, restart.timeout, self.loaded.base_dir
         )
-        return self._step(name, RESTART_COMMAND, service, status == 0, clock, description, started)
+        return self._step(name, RESTART_COMMAND, service, passed, clock, description, started)
 
     @staticmethod
     def _step(
@@ -276,16 +237,6 @@ class DisasterOperations(DrillOperations):
             description,
             started_at=started,
         )
-
-    @staticmethod
-    def _staging(name: str, staging_root: str | Path | None) -> Path:
-        try:
-            return Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{name}-", dir=staging_root))
-        except OSError as exc:
-            raise UsageError(
-                f"cannot make the drill's staging folder in "
-                f"{staging_root or tempfile.gettempdir()}: {exc.strerror}"
-            ) from None
 
     # --- the report -----------------------------------------------------------------------------
 
@@ -318,6 +269,34 @@ class DisasterOperations(DrillOperations):
         return written, errors
 
 
+def run_restart_command(command: list[str], timeout: dt.timedelta, cwd: Path) -> tuple[bool, str]:
+    """Run the restart command without a shell; kill its whole process group (a script's
+    children hang as well) when it outlives ``timeout``. Its output is never kept: it may print
+    secrets."""
+    what = f"restart command {command[0]!r}"
+    try:
+        process = subprocess.Popen(
+            command,
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    except OSError as exc:
+        return False, f"{what} could not start: {exc.strerror}"
+    try:
+        status = process.wait(timeout=timeout.total_seconds())
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        return False, f"{what} timed out after {format_duration(timeout)} and was killed"
+    if status != 0:
+        return False, f"{what} failed with exit status {status}"
+    return True, f"{what} succeeded"
+
+
 def disaster_markdown(report: DisasterReport) -> str:
     rto = format_duration_seconds(report.rto_seconds)
     verdict = "passed" if report.passed else "FAILED"
@@ -333,10 +312,10 @@ def disaster_markdown(report: DisasterReport) -> str:
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for step in report.steps:
-        description = step.description.replace("|", "\\|").replace("\n", " ")
         lines.append(
             f"| {step.name} | {step.source or '-'} | {', '.join(step.copies) or '-'} | "
-            f"{'pass' if step.passed else 'FAIL'} | {step.seconds:.3f} | {description} |"
+            f"{'pass' if step.passed else 'FAIL'} | {step.seconds:.3f} | "
+            f"{markdown_cell(step.description)} |"
         )
     reasons = report.reasons()
     if reasons:
