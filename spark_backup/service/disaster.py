@@ -118,7 +118,9 @@ class DisasterOperations(DrillOperations):
         steps: list[DisasterStep] = []
         restarted = False
         for source in sources:
-            steps.append(self._restore_step(source, staging_root))
+            # The default restart restores its service's copy itself: not twice.
+            if restart is None or restart.command is not None or restart.service != source.name:
+                steps.append(self._restore_step(source, staging_root))
             if restart is not None and restart.after == source.name:
                 steps.append(self._restart_step(staging_root))
                 restarted = True
