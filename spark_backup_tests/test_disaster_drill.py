@@ -30,8 +30,18 @@ from spark_backup_tests.helpers import (
     config_source,
     llm_source,
     make_model_dir,
+    plan_dict,
     run_cli,
     write_plan,
+)
+from spark_backup_tests.test_config_drills import (  # noqa: F401 - fixture
+    DEPLOYMENT,
+    NAMESPACE,
+    _drill_namespaces,
+    _gateway,
+    _key,
+    _tree,
+    netns,
 )
 from spark_backup_tests.test_postgres import (  # noqa: F401 - fixtures
     Archiving,
@@ -268,3 +278,48 @@ def test_a_database_with_base_backups_is_recovered_to_the_newest_point(
     assert recover.details["databases"]["postgres"]["row_counts"]["public.disaster_probe"] == 11
     assert restart.action == "restart_command" and restart.passed
     assert left == []
+
+
+def test_the_kubernetes_and_vpn_steps_are_the_configuration_drills(
+    tmp_path: Path,
+    age_key,
+    netns,  # noqa: F811
+) -> None:
+    """The configuration archive's own drills, composed: the manifests validated offline
+    against the Kubernetes schemas, the restored WireGuard configuration brought up as a tunnel
+    (wireguard-go in two network namespaces) and pinged through; the private key appears nowhere
+    in the report."""
+    private = _key()
+    k8s = _tree(
+        tmp_path / "k8s", {"manifests/ns.yaml": NAMESPACE, "manifests/vllm.yaml": DEPLOYMENT}
+    )
+    vpn = _tree(tmp_path / "vpn", {"wireguard/wg0.conf": _gateway(private)})
+    sources = [
+        config_source(
+            "k8s_config",
+            [str(k8s)],
+            critical=True,
+            drill={"kubernetes": {"manifests": ["manifests/*.yaml"]}},
+        ),
+        config_source(
+            "vpn_config",
+            [str(vpn)],
+            critical=True,
+            drill={"wireguard": {"configs": ["wireguard/*.conf"]}},
+        ),
+    ]
+    plan = plan_dict([age_key[1]], sources, disaster_drill={"restart": {"command": ["true"]}})
+    plan["encryption"]["identity_file"] = str(age_key[0])
+    service = BackupService.from_path(write_plan(tmp_path, plan))
+    for source in ("k8s_config", "vpn_config"):
+        service.backup(source)
+    report = service.disaster_drill()
+    assert report.passed, report.reasons()
+    kubernetes, tunnel, restart = report.steps
+    assert "3 objects in 2 manifests valid for Kubernetes 1.30.0" in kubernetes.description
+    assert "tunnel up, 3 pings answered by 10.8.0.1" in tunnel.description
+    assert restart.description == "restart command 'true' succeeded"
+    assert _drill_namespaces() == []
+    journal = tmp_path / JOURNAL
+    written = "".join(p.read_text() for p in journal.glob("disaster-drill-*"))
+    assert "tunnel up" in written and private not in written and private[:20] not in written
