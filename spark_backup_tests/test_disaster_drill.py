@@ -323,3 +323,22 @@ def test_the_kubernetes_and_vpn_steps_are_the_configuration_drills(
     journal = tmp_path / JOURNAL
     written = "".join(p.read_text() for p in journal.glob("disaster-drill-*"))
     assert "tunnel up" in written and private not in written and private[:20] not in written
+
+
+def test_a_critical_source_without_a_copy_fails_its_step_and_the_others_still_run(
+    tmp_path: Path, age_key, estate: Path
+) -> None:
+    sources = [
+        config_source("never_copied", [str(estate / "nvidia")], critical=True),
+        config_source("vpn_config", [str(estate / "wireguard")], critical=True),
+    ]
+    plan = plan_dict([age_key[1]], sources)
+    plan["encryption"]["identity_file"] = str(age_key[0])
+    service = BackupService.from_path(write_plan(tmp_path, plan))
+    service.backup("vpn_config")
+    report = service.disaster_drill()
+    missing, vpn = report.steps
+    assert not missing.passed and missing.copies == []
+    assert "no committed copy of never_copied" in missing.description
+    assert vpn.passed and not report.passed
+    assert report.reasons()[0].startswith("restore never_copied: no committed copy")
