@@ -334,8 +334,16 @@ def test_definitions_match_the_snapshot(tmp_path: Path, age_key) -> None:
     """Asset keys, checks, jobs, schedules, sensors and pools of a plan with one source of each
     kind are pinned; set SPARK_BACKUP_UPDATE_SNAPSHOTS=1 to accept a deliberate change."""
     sources = [
-        config_source("vpn_config", [str(tmp_path)], cadence="weekly", owner="team:security"),
-        {"name": "pg_main", "kind": "postgres", "cadence": "daily", "owner": "team:dba"},
+        config_source(
+            "vpn_config", [str(tmp_path)], cadence="weekly", owner="team:security", critical=True
+        ),
+        {
+            "name": "pg_main",
+            "kind": "postgres",
+            "cadence": "daily",
+            "owner": "team:dba",
+            "critical": True,
+        },
         {
             "name": "docs",
             "kind": "mongodb",

@@ -3,7 +3,7 @@
 - ``app.py``: the root group, exit codes, the kinds' own commands;
 - ``copies.py``: backup, list, verify, restore, prune;
 - ``plan.py``: plan check;
-- ``drills.py``: drill;
+- ``drills.py``: drill, disaster-drill;
 - ``replication.py``: replicate;
 - ``alerts.py``: alerts;
 - ``monitor.py``: monitor (KPIs);

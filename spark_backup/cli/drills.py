@@ -1,4 +1,5 @@
-"""``spark-backup drill``: the restore drill the Dagster drill assets run, from the shell."""
+"""``spark-backup drill``: the restore drill the Dagster drill assets run, from the shell;
+``spark-backup disaster-drill``: the monthly disaster drill."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from spark_backup.errors import IntegrityError
 
 # The service and the engine load when the command runs, not when the command line starts.
 if TYPE_CHECKING:
+    from spark_backup.service.disaster import DisasterReport
     from spark_backup.service.drills import DrillReport
 
 DRILL_FAILED_EXIT = IntegrityError.exit_code
@@ -77,5 +79,50 @@ def print_drill(report: DrillReport) -> None:
         f"{report.restore_seconds:.1f}s of RTO {rto}; {torn}",
         highlight=False,
     )
+    for written in report.journal:
+        stdout.print(f"journal: {printable(written)}", highlight=False, soft_wrap=True)
+
+
+@cli.command("disaster-drill")
+@click.option(
+    "--staging",
+    type=click.Path(file_okay=False),
+    help="Folder to make the drill's own staging folders in (default: the system's temp).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the drill report as JSON.")
+@pass_state
+def disaster_drill(state: CliState, staging: str | None, as_json: bool) -> None:
+    """The monthly disaster drill: restore the newest copy of every critical source, restart
+    the service (the plan's disaster_drill.restart), time every step and the total against the
+    plan's disaster_drill.rto, and write the report to the journal. Exit 3 if it failed."""
+    report = state.service.disaster_drill(staging_root=staging)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        print_disaster_drill(report)
+    for error in report.journal_errors:
+        error_line(error)
+    if not report.passed:
+        sys.exit(DRILL_FAILED_EXIT)
+
+
+def print_disaster_drill(report: DisasterReport) -> None:
+    from spark_backup.engine.settings import format_duration
+
+    for step in report.steps:
+        verdict = "ok  " if step.passed else "FAIL"
+        stdout.print(
+            f"{verdict} {printable(step.name)}  {step.seconds:.1f}s  {printable(step.description)}",
+            highlight=False,
+            soft_wrap=True,
+        )
+    rto = format_duration(dt.timedelta(seconds=report.rto_seconds))
+    verdict = "passed" if report.passed else "FAILED"
+    stdout.print(
+        f"disaster drill {verdict}: total {report.total_seconds:.1f}s of RTO {rto}",
+        highlight=False,
+    )
+    for reason in report.reasons():
+        stdout.print(f"  {printable(reason)}", highlight=False, soft_wrap=True)
     for written in report.journal:
         stdout.print(f"journal: {printable(written)}", highlight=False, soft_wrap=True)

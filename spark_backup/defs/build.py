@@ -38,6 +38,7 @@ from spark_backup.defs.checks import (
     build_rotation_check,
     build_upload_lifecycle_check,
 )
+from spark_backup.defs.disaster import build_disaster_asset, build_disaster_schedule
 from spark_backup.defs.drills import (
     DrillTarget,
     build_drill_asset,
@@ -215,6 +216,10 @@ def build_definitions(
     schedules.append(
         asset_schedule(KPI_JOB, [KPI_ASSET], KPI_CRON, "Measure the KPIs of every source.")
     )
+    disaster = build_disaster_asset(loaded)
+    if disaster is not None:
+        assets.append(disaster)
+        schedules.append(build_disaster_schedule())
     drill_jobs = []
     for cadence_name, keys in drills_by_cadence.items():
         job = build_drill_job(cadence_name, keys)

@@ -93,6 +93,34 @@ class Compliance(SettingsModel):
     review_every: Duration = dt.timedelta(days=365)
 
 
+class ServiceRestart(SettingsModel):
+    """The disaster drill's restart of a service after its database came back."""
+
+    # The source whose newest copy the default restart (no ``command``) restores and checks
+    # with its kind's semantic check (an LLM's tokenizer, adapter and tensor digests).
+    service: Name | None = None
+    # Run after the restore of this source (the database); else after every restore.
+    after: Name | None = None
+    # A command (argv, run from the plan's folder without a shell) that restarts the service;
+    # exit status 0 is a pass. Its output is never recorded (it may print secrets).
+    command: list[str] | None = Field(None, min_length=1)
+    timeout: Duration = dt.timedelta(minutes=10)
+
+    @model_validator(mode="after")
+    def _restarts_something(self) -> ServiceRestart:
+        if self.command is None and self.service is None:
+            raise ValueError("set command, or service (whose copy the default restart checks)")
+        return self
+
+
+class DisasterDrill(SettingsModel):
+    """The monthly disaster drill: every ``critical`` source restored, the service restarted,
+    all within ``rto``."""
+
+    rto: Duration = dt.timedelta(hours=2)
+    restart: ServiceRestart | None = None
+
+
 class Plan(SettingsModel):
     version: Literal[1] = 1
     defaults: Defaults = Defaults()
@@ -106,6 +134,7 @@ class Plan(SettingsModel):
     replication: list[ReplicaConfig] = Field(default_factory=list)
     notifications: Notifications = Notifications()
     journal: JournalSettings = JournalSettings()
+    disaster_drill: DisasterDrill = DisasterDrill()
     # Each entry is validated as its kind's model (see ``plan_model``).
     sources: list[SourceSettings] = Field(min_length=1)
 
@@ -148,6 +177,15 @@ class Plan(SettingsModel):
                         f"sources[{index}].replicate_to names unknown replication target "
                         f"{target!r} (expected one of: {', '.join(replica_names) or 'none'})"
                     )
+        restart = self.disaster_drill.restart
+        source_names = [s.name for s in self.sources]
+        for field_name in ("service", "after"):
+            named = getattr(restart, field_name, None)
+            if named is not None and named not in source_names:
+                raise ValueError(
+                    f"disaster_drill.restart.{field_name} names unknown source {named!r} "
+                    f"(expected one of: {', '.join(source_names)})"
+                )
         return self
 
     def _check_compliance_store(self, index: int, source: SourceSettings) -> None:

@@ -56,6 +56,9 @@ class SourceSettings(SettingsModel):
     owner: str
     rpo: Duration = dt.timedelta(days=1)
     rto: Duration = dt.timedelta(hours=2)
+    # Restored by the monthly disaster drill (``spark-backup disaster-drill``): the newest copy
+    # of every critical source, against the plan's ``disaster_drill.rto``.
+    critical: bool = False
     # Restore drills of new copies (the drill_new_copies sensor): every new partition's copies
     # (1), one in N, or none (0; the monthly drills still run).
     drill_every: int = Field(1, ge=0)

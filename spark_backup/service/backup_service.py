@@ -4,6 +4,7 @@ Dagster layer."""
 from spark_backup.service.alerts import AlertOperations
 from spark_backup.service.compliance import ComplianceOperations
 from spark_backup.service.copies import CopyOperations
+from spark_backup.service.disaster import DisasterOperations
 from spark_backup.service.kpis import KpiOperations
 from spark_backup.service.replication import ReplicationOperations
 from spark_backup.service.retention import RetentionOperations
@@ -15,6 +16,7 @@ class BackupService(
     RetentionOperations,
     KpiOperations,
     AlertOperations,
+    DisasterOperations,
     SecretsOperations,
     ComplianceOperations,
     ReplicationOperations,

@@ -127,15 +127,7 @@ class DrillOperations(JournalOperations):
         refs = self.drill_copies(source.name, chosen.name, partition)
         identities = self.identities(identity_file)
         started = utcnow()
-        try:
-            staging = Path(
-                tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{source.name}-", dir=staging_root)
-            )
-        except OSError as exc:
-            raise UsageError(
-                f"cannot make the drill's staging folder in {staging_root or tempfile.gettempdir()}: "
-                f"{exc.strerror}"
-            ) from None
+        staging = make_staging(source.name, staging_root)
         steps: list[DrillStep] = []
         teardown_error = None
         try:
@@ -222,6 +214,17 @@ class DrillOperations(JournalOperations):
     def last_drill(self, source_name: str) -> DrillRecord | None:
         records = self.drill_status(source_name).values()
         return max(records, key=lambda r: r.drilled_at, default=None)
+
+
+def make_staging(name: str, staging_root: str | Path | None) -> Path:
+    """A fresh folder of the drill's own (never an existing one), mode 0700."""
+    try:
+        return Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{name}-", dir=staging_root))
+    except OSError as exc:
+        raise UsageError(
+            f"cannot make the drill's staging folder in {staging_root or tempfile.gettempdir()}: "
+            f"{exc.strerror}"
+        ) from None
 
 
 def drill_age(record: DrillRecord | None, now: dt.datetime | None = None) -> dt.timedelta | None:

@@ -111,9 +111,14 @@ def drill_markdown(report: DrillReport) -> str:
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for step in report.steps:
-        description = step.description.replace("|", "\\|").replace("\n", " ")
         lines.append(
             f"| {step.copy_id} | {step.part or '-'} | {step.check} | "
-            f"{'pass' if step.passed else 'FAIL'} | {step.seconds:.3f} | {description} |"
+            f"{'pass' if step.passed else 'FAIL'} | {step.seconds:.3f} | "
+            f"{markdown_cell(step.description)} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def markdown_cell(text: str) -> str:
+    """``text`` as one cell of a Markdown table row."""
+    return text.replace("|", "\\|").replace("\n", " ")
