@@ -42,7 +42,7 @@ PARTITIONS = 1
 GLOBAL_LIMIT = 2
 # deploy/dagster.yaml waits 300 s for a run to start and polls each minute; the test waits less,
 # still far above a run's start on a loaded 2-core host (a run that misses it is retried anyway).
-START_TIMEOUT_SECONDS = 60
+START_TIMEOUT_SECONDS = 30
 MONITORING_POLL_SECONDS = 3
 
 
