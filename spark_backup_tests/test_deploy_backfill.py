@@ -18,46 +18,27 @@ sources (6 runs) and the full 30 x 3 (90 runs), whose time is in docs/scaling.md
 
 from __future__ import annotations
 
-import datetime as dt
 import itertools
 import os
-import subprocess
 import time
-import uuid
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-import yaml
 
 from spark_backup.defs.drills import DRILL_SENSOR
-from spark_backup_tests import dagster_processes
-from spark_backup_tests.dagster_processes import DagsterGraphQL
-from spark_backup_tests.helpers import (
-    config_source,
-    free_port,
-    make_estate,
-    make_key,
-    plan_dict,
-    run_cli,
-    write_plan,
-)
 from spark_backup_tests.test_deploy_postgres import (
     BACKFILL,
     BACKFILL_STATUS,
     DONE_BACKFILL,
     GLOBAL_LIMIT,
     MATERIALIZATIONS,
-    ROOT,
     RUNS,
     SOURCES,
-    Stack,
     _source_of,
     _tag,
+    production_stack,
 )
-from spark_backup_tests.test_postgres import MAIN, drop_database, run_sql
 
 FULL_ENV = "SPARK_BACKUP_FULL_BACKFILL"
 SENSOR = """query($s: SensorSelector!) { sensorOrError(sensorSelector: $s) {
@@ -67,77 +48,6 @@ STOP_SENSOR = """mutation($id: String!) { stopSensor(id: $id) {
 # Seconds a run may take on average before the backfill counts as stuck: a run takes ~60 s on
 # this 2-core host under a load average of 15 (seconds when quiet).
 SECONDS_PER_RUN = 90
-
-
-@contextmanager
-def production_stack(home: Path, partitions: int, global_limit: int) -> Iterator[Stack]:
-    """The stack of test_deploy_postgres.py for ``partitions`` daily partitions up to
-    yesterday, with the global limit set to ``global_limit``; every process stopped and the
-    scratch database dropped after."""
-    database = f"spark_backup_backfill_{uuid.uuid4().hex[:8]}"
-    run_sql(f'CREATE DATABASE "{database}"')
-    processes: list[subprocess.Popen] = []
-    stack = None
-    try:
-        estate = make_estate(home / "estate")
-        _, public = make_key(home)
-        start = dt.datetime.now(dt.UTC).date() - dt.timedelta(days=partitions)
-        plan = plan_dict(
-            [public],
-            [config_source(name, [str(estate)], cadence="daily") for name in SOURCES],
-            stores=[{"name": "local", "kind": "local", "path": str(home / "store")}],
-            defaults={"partitions_start": start.isoformat()},
-        )
-        plan_path = write_plan(home, plan)
-        dagster_home = home / "dagster_home"
-        env = {
-            **os.environ,
-            "DAGSTER_HOME": str(dagster_home),
-            "SPARK_BACKUP_PLAN": str(plan_path),
-            "DAGSTER_PG_PASSWORD": "",  # trust authentication on this machine
-        }
-        url = f"postgresql://{MAIN['user']}@{MAIN['host']}:{MAIN['port']}/{database}"
-        run_cli("dagster-init", "--postgres", url, cwd=ROOT, env=env, check=True)
-        config_path = dagster_home / "dagster.yaml"
-        config = yaml.safe_load(config_path.read_text())
-        config["concurrency"]["runs"]["max_concurrent_runs"] = global_limit
-        config_path.write_text(yaml.safe_dump(config))
-
-        grpc_port, web_port = free_port(), free_port()
-        workspace = home / "workspace.yaml"
-        location = {"host": "127.0.0.1", "port": grpc_port, "location_name": "spark_backup"}
-        workspace.write_text(yaml.safe_dump({"load_from": [{"grpc_server": location}]}))
-        processes.append(
-            dagster_processes.start(
-                [
-                    *("dagster", "code-server", "start", "-h", "127.0.0.1", "-p", str(grpc_port)),
-                    *("-m", "spark_backup.definitions", "--location-name", "spark_backup"),
-                ],
-                home / "code_server.log",
-                ROOT,
-                env,
-            )
-        )
-        web = dagster_processes.start(
-            ["dagster-webserver", "-w", str(workspace), "-h", "127.0.0.1", "-p", str(web_port)],
-            home / "webserver.log",
-            ROOT,
-            env,
-        )
-        processes.append(web)
-        server = DagsterGraphQL(web_port)
-        server.wait_ready(web, home / "webserver.log")
-        server.wait_location_loaded("spark_backup")
-        names = [(start + dt.timedelta(days=i)).isoformat() for i in range(partitions)]
-        stack = Stack(home, env, workspace, server, names)
-        stack.start_daemon()
-        yield stack
-    finally:
-        if stack and stack.daemon:
-            processes.append(stack.daemon)
-        for process in reversed(processes):
-            dagster_processes.stop_group(process)
-        drop_database(database)
 
 
 # The default suite's production-stack test is test_deploy_postgres.py (backfills of every

@@ -14,6 +14,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,9 +65,11 @@ class Stack:
         )
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    home = tmp_path_factory.mktemp("deploy")
+@contextmanager
+def production_stack(home: Path, partitions: int, global_limit: int) -> Iterator[Stack]:
+    """The production stack for ``partitions`` daily partitions up to yesterday, with the
+    global limit set to ``global_limit`` and the test's start timeout; every process stopped
+    and the scratch database dropped after."""
     database = f"spark_backup_deploy_{uuid.uuid4().hex[:8]}"
     run_sql(f'CREATE DATABASE "{database}"')
     processes: list[subprocess.Popen] = []
@@ -74,8 +77,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     try:
         estate = make_estate(home / "estate")
         _, public = make_key(home)
-        today = dt.datetime.now(dt.UTC).date()
-        start = today - dt.timedelta(days=PARTITIONS)
+        start = dt.datetime.now(dt.UTC).date() - dt.timedelta(days=partitions)
         plan = plan_dict(
             [public],
             [config_source(name, [str(estate)], cadence="daily") for name in SOURCES],
@@ -94,42 +96,20 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         run_cli("dagster-init", "--postgres", url, cwd=ROOT, env=env, check=True)
         config_path = dagster_home / "dagster.yaml"
         config = yaml.safe_load(config_path.read_text())
-        config["concurrency"]["runs"]["max_concurrent_runs"] = GLOBAL_LIMIT
+        config["concurrency"]["runs"]["max_concurrent_runs"] = global_limit
         config["run_monitoring"]["start_timeout_seconds"] = START_TIMEOUT_SECONDS
         config["run_monitoring"]["poll_interval_seconds"] = MONITORING_POLL_SECONDS
         config_path.write_text(yaml.safe_dump(config))
 
         grpc_port, web_port = free_port(), free_port()
         workspace = home / "workspace.yaml"
-        workspace.write_text(
-            yaml.safe_dump(
-                {
-                    "load_from": [
-                        {
-                            "grpc_server": {
-                                "host": "127.0.0.1",
-                                "port": grpc_port,
-                                "location_name": "spark_backup",
-                            }
-                        }
-                    ]
-                }
-            )
-        )
+        location = {"host": "127.0.0.1", "port": grpc_port, "location_name": "spark_backup"}
+        workspace.write_text(yaml.safe_dump({"load_from": [{"grpc_server": location}]}))
         processes.append(
             dagster_processes.start(
                 [
-                    "dagster",
-                    "code-server",
-                    "start",
-                    "-h",
-                    "127.0.0.1",
-                    "-p",
-                    str(grpc_port),
-                    "-m",
-                    "spark_backup.definitions",
-                    "--location-name",
-                    "spark_backup",
+                    *("dagster", "code-server", "start", "-h", "127.0.0.1", "-p", str(grpc_port)),
+                    *("-m", "spark_backup.definitions", "--location-name", "spark_backup"),
                 ],
                 home / "code_server.log",
                 ROOT,
@@ -146,8 +126,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         server = DagsterGraphQL(web_port)
         server.wait_ready(web, home / "webserver.log")
         server.wait_location_loaded("spark_backup")
-        partitions = [(start + dt.timedelta(days=i)).isoformat() for i in range(PARTITIONS)]
-        stack = Stack(home, env, workspace, server, partitions)
+        names = [(start + dt.timedelta(days=i)).isoformat() for i in range(partitions)]
+        stack = Stack(home, env, workspace, server, names)
         stack.start_daemon()
         yield stack
     finally:
@@ -156,6 +136,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         for process in reversed(processes):
             dagster_processes.stop_group(process)
         drop_database(database)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    with production_stack(tmp_path_factory.mktemp("deploy"), PARTITIONS, GLOBAL_LIMIT) as stack:
+        yield stack
 
 
 BACKFILL = """mutation($p: LaunchBackfillParams!) { launchPartitionBackfill(backfillParams: $p) {
