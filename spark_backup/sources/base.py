@@ -536,3 +536,25 @@ def current_runtime() -> Runtime:
     if holder is None:
         raise RuntimeError("a kind's command ran outside spark-backup's command line")
     return holder.runtime
+
+
+def restore_tar_copy(
+    copy: CopyRef, identities: list[x25519.Identity], target: Path, options: FolderRestore
+) -> dict[str, Any]:
+    """``restore_to_folder`` of a kind whose plaintext is a tar archive of the files it backed
+    up: extracted into staging, published only after the copy's digests matched (``open_copy``
+    exits, checksums compared, before ``staged_restore`` publishes anything)."""
+    # Imported here: this module is loaded for a kind's commands, before any pipeline is needed.
+    import os
+    from dataclasses import asdict
+
+    from spark_backup.engine.pipeline import open_copy
+    from spark_backup.engine.safe_tar import extract_tar
+    from spark_backup.engine.staging import staged_restore
+
+    with (
+        staged_restore(target, options.overwrite) as staging,
+        open_copy(copy.store, copy.manifest, identities, options.progress) as plain,
+    ):
+        summary = extract_tar(plain, staging, options.skip_unsafe)
+    return {"target": str(Path(os.path.abspath(target))), **asdict(summary)}

@@ -17,9 +17,9 @@ from typing import Any
 from pyrage import x25519
 
 from spark_backup.engine.manifest import Manifest
-from spark_backup.engine.pipeline import open_copy, utcnow
-from spark_backup.engine.safe_tar import count_members, extract_tar
-from spark_backup.engine.staging import remove_tree, staged_restore
+from spark_backup.engine.pipeline import utcnow
+from spark_backup.engine.safe_tar import count_members
+from spark_backup.engine.staging import remove_tree
 from spark_backup.engine.streams import Readable, drain
 from spark_backup.engine.tar_stream import TarFormatError
 from spark_backup.errors import IntegrityError, SparkBackupError, UsageError
@@ -34,6 +34,7 @@ from spark_backup.sources.base import (
     SemanticResult,
     SourceContext,
     SourceKind,
+    restore_tar_copy,
 )
 from spark_backup.sources.config_archive.reader import KIND_NAME, TORN_FILES, ConfigArchiveReader
 from spark_backup.sources.config_archive.settings import ConfigArchiveSource
@@ -88,13 +89,7 @@ class ConfigArchiveKind(SourceKind[ConfigArchiveSource], Observable, SemanticChe
         target: Path,
         options: FolderRestore,
     ) -> dict[str, Any]:
-        # open_copy exits (checksums compared) before staged_restore publishes anything.
-        with (
-            staged_restore(target, options.overwrite) as staging,
-            open_copy(copy.store, copy.manifest, identities, options.progress) as plain,
-        ):
-            summary = extract_tar(plain, staging, options.skip_unsafe)
-        return {"target": str(Path(os.path.abspath(target))), **asdict(summary)}
+        return restore_tar_copy(copy, identities, target, options)
 
     def cautions(self, manifest: Manifest) -> list[str]:
         return [

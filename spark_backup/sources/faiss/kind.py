@@ -12,16 +12,13 @@ import hashlib
 import json
 import os
 import stat
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from pyrage import x25519
 
 from spark_backup.engine.manifest import Manifest
-from spark_backup.engine.pipeline import open_copy
-from spark_backup.engine.safe_tar import extract_tar
-from spark_backup.engine.staging import remove_tree, staged_restore
+from spark_backup.engine.staging import remove_tree
 from spark_backup.engine.streams import CHUNK_SIZE, Readable
 from spark_backup.engine.tar_stream import TarFormatError, TarReader
 from spark_backup.errors import IntegrityError, SourceError, UsageError
@@ -37,6 +34,7 @@ from spark_backup.sources.base import (
     SemanticResult,
     SourceContext,
     SourceKind,
+    restore_tar_copy,
 )
 from spark_backup.sources.faiss import index as faiss_index
 from spark_backup.sources.faiss.settings import PROBES_FILE, FaissSource
@@ -102,12 +100,7 @@ class FaissKind(SourceKind[FaissSource], Observable, SemanticCheck, Catalogued):
     ) -> dict[str, Any]:
         """The index and its sidecars under their own names, and the probe file, into
         ``target`` (published only after the copy's digests matched)."""
-        with (
-            staged_restore(target, options.overwrite) as staging,
-            open_copy(copy.store, copy.manifest, identities, options.progress) as plain,
-        ):
-            summary = extract_tar(plain, staging, options.skip_unsafe)
-        return {"target": str(Path(os.path.abspath(target))), **asdict(summary)}
+        return restore_tar_copy(copy, identities, target, options)
 
     def check_plaintext(self, plain: Readable, manifest: Manifest) -> None:
         """Every file the catalogue lists, with its size and sha256, and the probe file."""
