@@ -378,8 +378,35 @@ def wal_receive(
     )
 
 
+@click.command("wal-pusher")
+@click.argument("source", required=False)
+@click.option("--status", "show_status", is_flag=True, help="Print the running service's status.")
+def wal_pusher(source: str | None, show_status: bool) -> None:
+    """Asynchronous, parallel WAL archiving: store the WAL files archive_command hands over
+    through the plan's wal_pusher spool (and those the server marks ready, several at once),
+    until SIGTERM. Runs as a service beside the server, as its OS user: docs/runbooks/
+    postgres.md, Asynchronous archiving."""
+    from spark_backup.sources.postgres import pusher
+
+    runtime, chosen = _source(source)
+    if show_status:
+        click.echo(json.dumps(pusher.read_status(pusher.spool_of(runtime, chosen)), indent=2))
+        return
+    status = _ops().wal_pusher(
+        runtime,
+        chosen,
+        log=lambda line: stderr.print(printable(line), highlight=False, soft_wrap=True),
+    )
+    stdout.print(
+        f"wal-pusher of {status.source} stopped: {status.pushed} WAL files stored, "
+        f"{status.already_archived} already archived",
+        highlight=False,
+    )
+
+
 COMMANDS = (
     wal_push,
+    wal_pusher,
     wal_fetch,
     wal_status,
     wal_receive,

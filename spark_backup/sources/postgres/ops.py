@@ -179,6 +179,13 @@ def wal_receive(
     return receive.serve(runtime, source, server_of(runtime, source), spool, slot, **options)
 
 
+def wal_pusher(runtime: Runtime, source: PostgresSource, log: Any) -> Any:
+    """The ``wal-pusher`` service (``pusher.py``) until SIGTERM or SIGINT."""
+    from spark_backup.sources.postgres import pusher
+
+    return pusher.serve(runtime, source, log)
+
+
 def wal_push_dry_run(runtime: Runtime, source: PostgresSource) -> str:
     """What ``wal-push`` needs, checked without archiving anything: the recipients, and a
     store this user may write the source's WAL into. Returns where it would go."""
@@ -473,15 +480,24 @@ def archiving_settings(runtime: Runtime, source: PostgresSource) -> dict[str, st
     postgres.md explains each)."""
     runtime.store_for(source).check()  # reachable, and a local store's folder exists for wal-push
     command = shutil.which("spark-backup") or str(Path(sys.executable).with_name("spark-backup"))
+    if source.wal_pusher is not None:
+        from spark_backup.sources.postgres import pusher
+
+        # Asynchronous: a shell script hands the file to the resident wal-pusher.
+        archive_command = pusher.archive_command(
+            pusher.spool_of(runtime, source), source.wal_pusher
+        )
+    else:
+        archive_command = (
+            f"{shlex.quote(command)} --plan {shlex.quote(str(runtime.plan_path))} "
+            f"wal-push --source {source.name} %p"
+        )
     return {
         "wal_level": "replica",
         "archive_mode": "on",
         # A partly filled segment is archived after at most this long: the RPO floor.
         "archive_timeout": "60s",
-        "archive_command": (
-            f"{shlex.quote(command)} --plan {shlex.quote(str(runtime.plan_path))} "
-            f"wal-push --source {source.name} %p"
-        ),
+        "archive_command": archive_command,
         "max_wal_senders": "10",
     }
 
@@ -499,7 +515,19 @@ def prepare_store_for_server(runtime: Runtime, source: PostgresSource) -> tuple[
     os_user = _data_directory_owner(settings.get("data_directory"))
     if os_user is None:
         return "", []
-    return os_user, runtime.store_for(source).give_to(wal_prefix(source.name), os_user)
+    given = runtime.store_for(source).give_to(wal_prefix(source.name), os_user)
+    if source.wal_pusher is not None:
+        from spark_backup.sources.postgres import pusher
+
+        # archive_command writes requests into the spool as the server's user.
+        spool = pusher.spool_of(runtime, source)
+        spool.mkdir(parents=True, exist_ok=True)
+        entry = pwd.getpwnam(os_user)
+        if (spool.stat().st_uid, spool.stat().st_gid) != (entry.pw_uid, entry.pw_gid):
+            os.chown(spool, entry.pw_uid, entry.pw_gid)
+            given.append(str(spool))
+        pusher.prepare_spool(spool)
+    return os_user, given
 
 
 def apply_archiving_settings(

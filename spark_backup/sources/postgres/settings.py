@@ -28,6 +28,28 @@ class PostgresBaseBackup(SettingsModel):
     count_rows: bool = True
 
 
+class PostgresWalPusher(SettingsModel):
+    """Asynchronous WAL archiving (``wal-pusher``): archive_command hands each WAL file to a
+    resident pusher through ``spool`` and returns once the pusher has stored it."""
+
+    # A folder the server's OS user can write (requests and acknowledgements, never WAL data).
+    spool: str
+    # Segments stored at once (the pusher reads ahead of the server's calls).
+    parallel: int = Field(4, ge=1, le=32)
+    # How long archive_command waits for the store before it fails (the server keeps the
+    # file and calls again).
+    ack_timeout: int = Field(60, ge=1, le=3600)
+
+
+class PostgresWalReceive(SettingsModel):
+    """A ``wal-receive`` service streams this source: its ``wal_receiver`` check watches it."""
+
+    # Physical replication slot (default: spark_backup_<source>).
+    slot: str | None = None
+    # The check fails when the store's newest streamed WAL is further behind the server.
+    max_lag: Duration = dt.timedelta(seconds=30)
+
+
 class PostgresSource(SourceSettings):
     """A PostgreSQL cluster: logical dumps per database and globals, physical base backups and
     continuous WAL archiving for point-in-time recovery."""
@@ -52,6 +74,10 @@ class PostgresSource(SourceSettings):
     rpo: Duration = dt.timedelta(minutes=15)
     base_backup: PostgresBaseBackup = PostgresBaseBackup()
     wal_archiving: bool = True
+    # Set: archive_command hands WAL to a resident ``wal-pusher`` (see PostgresWalPusher).
+    wal_pusher: PostgresWalPusher | None = None
+    # Set: a ``wal-receive`` service streams the WAL, and its ``wal_receiver`` check runs.
+    wal_receive: PostgresWalReceive | None = None
 
     @model_validator(mode="before")
     @classmethod
