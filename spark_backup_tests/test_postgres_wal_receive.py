@@ -306,3 +306,46 @@ def test_wal_in_the_layout_of_earlier_releases_lists_and_restores(streaming: Str
         assert report.ok and report.databases["postgres"]["row_counts"]["public.old_layout"] == 700
     finally:
         Cluster(Path(report.target_dir), report.port).stop()
+
+
+def test_the_wal_receiver_check_shows_the_lag_and_fails_when_the_receiver_is_down(
+    streaming: Streaming,
+) -> None:
+    """The plan's wal_receive brings the ``wal_receiver`` check onto the WAL asset: it fails
+    without a slot, passes while the receiver streams (with its lag as metadata), and fails once
+    the receiver is killed."""
+    from dagster import AssetCheckKey
+
+    from spark_backup.defs.build import build_definitions
+    from spark_backup.plan import load_plan
+    from spark_backup.sources.postgres.receive import WAL_RECEIVER_CHECK, receiver_check
+
+    plan = yaml.safe_load(streaming.plan.read_text())
+    plan["sources"][0]["wal_receive"] = {"max_lag": "20s", "spool": str(streaming.spool)}
+    streaming.plan.write_text(yaml.safe_dump(plan))
+    definitions = build_definitions(load_plan(streaming.plan))
+    check_keys = {key for spec in definitions.asset_checks or [] for key in spec.check_keys}
+    assert any(key.name == WAL_RECEIVER_CHECK for key in check_keys), check_keys
+    assert isinstance(next(iter(check_keys)), AssetCheckKey)
+    service = streaming.service
+    source = service.source("pg_main")
+    missing = receiver_check(service, source, utcnow())
+    assert not missing.passed and "does not exist" in missing.description
+    receiver = streaming.receive("--create-slot")
+    streaming.wait_running(receiver)
+    streaming.cluster.execute("CREATE TABLE checked AS SELECT generate_series(1, 1000) AS x")
+    segment = streaming.cluster.execute("SELECT pg_walfile_name(pg_switch_wal())")[0][0]
+    streaming.wait_stored(segment)
+    deadline = time.monotonic() + 30
+    while not (outcome := receiver_check(service, source, utcnow())).passed:
+        assert time.monotonic() < deadline, outcome
+        time.sleep(0.5)
+    assert outcome.metadata["lag_seconds"] <= 20 and outcome.metadata["active"]
+    assert "streams through slot" in outcome.description
+    receiver.kill()
+    receiver.wait()
+    deadline = time.monotonic() + 30
+    while (outcome := receiver_check(service, source, utcnow())).passed:
+        assert time.monotonic() < deadline, outcome
+        time.sleep(0.5)
+    assert "is not in use: streaming has stopped" in outcome.description, outcome

@@ -32,6 +32,7 @@ from spark_backup.defs.checks import (
     build_checksum_check,
     build_deletion_review_check,
     build_freshness_check,
+    build_kind_log_check,
     build_locked_check,
     build_log_lag_check,
     build_retention_check,
@@ -164,6 +165,11 @@ def build_definitions(
             log_checks[(kind.log_asset_suffix, kind.lag_check_cron)].append(
                 AssetCheckKey(log_key, kind.lag_check_name)
             )
+            for log_check in kind.log_checks(source):
+                checks.append(build_kind_log_check(log_check, log_key))
+                log_checks[(kind.log_asset_suffix, kind.lag_check_cron)].append(
+                    AssetCheckKey(log_key, log_check.name)
+                )
             if isinstance(kind, PointInTimeRecovery) and kind.base_artifact in artifact_keys:
                 recovery = build_recovery_asset(
                     source, kind, [artifact_keys[kind.base_artifact], log_key]

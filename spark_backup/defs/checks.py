@@ -7,7 +7,8 @@
   schedule evaluates it (see schedules.py), so it fails even when nothing runs.
 - the log's lag check (``wal_archive_lag`` for PostgreSQL, named by the kind): the log the
   system wrote must be in the store within the source's RPO; the lag is plotted as metadata,
-  and a schedule runs it at the kind's cadence (every 5 minutes).
+  and a schedule runs it at the kind's cadence (every 5 minutes). A kind may bring more checks
+  of its log, run with it (PostgreSQL: ``wal_receiver``, the streaming receiver's lag).
 - ``secret_rotation`` (per source, on its system asset): every secret a backup of the source
   needs (its own, its store's, the plan's) was written within the rotation limit (182 days by
   default); a secret of unknown age fails unless the plan says ``unknown_age: warn``. A sealed
@@ -47,7 +48,7 @@ from spark_backup.engine.pipeline import utcnow
 from spark_backup.engine.settings import format_duration
 from spark_backup.errors import SecretsUnavailableError
 from spark_backup.plan import LoadedPlan, SourceSettings
-from spark_backup.sources.base import Artifact, ContinuousLog
+from spark_backup.sources.base import Artifact, ContinuousLog, LogCheck
 
 CHECKSUM_CHECK = "checksum"
 FRESHNESS_CHECK = "freshness"
@@ -190,6 +191,23 @@ def build_log_lag_check(
         )
 
     return log_lag
+
+
+def build_kind_log_check(check: LogCheck, asset_key: AssetKey) -> AssetChecksDefinition:
+    """A check a kind brings for its log (``ContinuousLog.log_checks``), named by the kind."""
+
+    @asset_check(asset=asset_key, name=check.name, description=check.description)
+    def kind_log_check(spark_backup: SparkBackupResource) -> AssetCheckResult:
+        outcome = check.evaluate(spark_backup.service, utcnow())
+        return AssetCheckResult(
+            check_name=check.name,
+            passed=outcome.passed,
+            severity=AssetCheckSeverity.ERROR,
+            description=outcome.description,
+            metadata=outcome.metadata,
+        )
+
+    return kind_log_check
 
 
 def build_rotation_check(source: SourceSettings, asset_key: AssetKey) -> AssetChecksDefinition:

@@ -278,6 +278,26 @@ class LogStatus:
         return self.lag is not None and self.lag <= self.rpo and not self.problems
 
 
+@dataclass(frozen=True)
+class CheckOutcome:
+    """What a kind's own check found: the Dagster layer turns it into a check result."""
+
+    passed: bool
+    description: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LogCheck:
+    """A check a kind brings for its log beyond the lag check (PostgreSQL: the streaming
+    receiver's lag), on the log's asset and run with the lag check. ``name`` is the kind's
+    constant, used by both the check's spec and its result."""
+
+    name: str
+    description: str
+    evaluate: Callable[[Runtime, dt.datetime], CheckOutcome]
+
+
 class ContinuousLog(ABC):
     """A log the source writes between its base copies, archived as it is written."""
 
@@ -315,6 +335,10 @@ class ContinuousLog(ABC):
     @abstractmethod
     def owns_key(self, key: str) -> bool:
         """Whether ``key`` is one of the log's objects (prune cleans up their leftovers)."""
+
+    def log_checks(self, source: Any) -> Sequence[LogCheck]:
+        """Checks of the source's log beyond the lag check; none by default."""
+        return ()
 
     def log_ranges(
         self, runtime: Runtime, source: Any, bases: Sequence[Manifest]

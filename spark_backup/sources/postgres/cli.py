@@ -321,11 +321,15 @@ def pg_pitr(
 @click.argument("source", required=False)
 @click.option(
     "--spool",
-    required=True,
     type=click.Path(file_okay=False),
-    help="A folder on a lasting disk where pg_receivewal writes before the store has the WAL.",
+    help="A folder on a lasting disk where pg_receivewal writes before the store has the WAL "
+    "(default: the plan's wal_receive.spool).",
 )
-@click.option("--slot", help="Physical replication slot (default: spark_backup_SOURCE).")
+@click.option(
+    "--slot",
+    help="Physical replication slot (default: the plan's wal_receive.slot, else "
+    "spark_backup_SOURCE).",
+)
 @click.option("--create-slot", is_flag=True, help="Create the slot if it does not exist.")
 @click.option(
     "--interval",
@@ -357,15 +361,22 @@ def wal_receive(
     (systemd, a Kubernetes sidecar): docs/runbooks/postgres.md, Streamed WAL."""
     from spark_backup.sources.postgres import receive
 
+    runtime, chosen = _source(source)
+    planned = chosen.wal_receive
+    if spool is None:
+        if planned is None or planned.spool is None:
+            raise UsageError(
+                f"wal-receive needs --spool, or wal_receive: spool: PATH for source {chosen.name!r}"
+            )
+        spool = str(runtime.context(chosen).resolve(planned.spool))
     if show_status:
         click.echo(json.dumps(receive.read_status(Path(spool)), indent=2))
         return
-    runtime, chosen = _source(source)
     status = _ops().wal_receive(
         runtime,
         chosen,
         Path(spool),
-        slot or receive.default_slot(chosen.name),
+        slot or (planned and planned.slot) or receive.default_slot(chosen.name),
         interval=interval,
         max_spool_segments=max_spool_segments,
         create_slot=create_slot,

@@ -26,6 +26,7 @@ from spark_backup.sources.base import (
     Artifact,
     CopyRef,
     FolderRestore,
+    LogCheck,
     LogRange,
     LogStatus,
     Observable,
@@ -285,6 +286,20 @@ class PostgresKind(
 
     def owns_key(self, key: str) -> bool:
         return is_wal_key(key)
+
+    def log_checks(self, source: PostgresSource) -> Sequence[LogCheck]:
+        if source.wal_receive is None:
+            return ()
+        from spark_backup.sources.postgres.receive import WAL_RECEIVER_CHECK, receiver_check
+
+        return [
+            LogCheck(
+                WAL_RECEIVER_CHECK,
+                "Fails when wal-receive is not streaming (its slot unused or lost) or the "
+                "store's streamed WAL is further behind the server than wal_receive.max_lag.",
+                lambda runtime, now: receiver_check(runtime, source, now),
+            )
+        ]
 
     def log_ranges(
         self, runtime: Runtime, source: PostgresSource, bases: Sequence[Manifest]

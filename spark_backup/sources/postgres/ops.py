@@ -339,7 +339,8 @@ def wal_archive_status(
         status.server = server_archive_state(server)
         from spark_backup.sources.postgres.receive import receiver_slot
 
-        status.receiver = receiver_slot(server, source.name)
+        planned = source.wal_receive.slot if source.wal_receive else None
+        status.receiver = receiver_slot(server, source.name, planned)
     except SparkBackupError as exc:
         status.server_error = str(exc)
     return status

@@ -40,12 +40,13 @@ from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from spark_backup.engine.pipeline import utcnow
 from spark_backup.errors import SourceError, StoreError, UsageError
-from spark_backup.sources.base import Runtime
+from spark_backup.sources.base import CheckOutcome, Runtime
 from spark_backup.sources.postgres.server import PostgresServer
-from spark_backup.sources.postgres.settings import PostgresSource
+from spark_backup.sources.postgres.settings import PostgresSource, PostgresWalReceive
 from spark_backup.sources.postgres.wal import (
     RECEIVING_SUFFIX,
     STREAMED_PARTIAL,
@@ -59,6 +60,8 @@ from spark_backup.sources.postgres.wal import (
 )
 from spark_backup.sources.postgres.walname import WalSegment, lsn_value
 
+# The streaming receiver's check on the WAL archive asset (spec and result share it).
+WAL_RECEIVER_CHECK = "wal_receiver"
 DEFAULT_INTERVAL = 1.0
 DEFAULT_MAX_SPOOL_SEGMENTS = 64
 FIRST_RESTART_PAUSE = 1.0
@@ -479,9 +482,12 @@ class ReceiverSlot:
         return None
 
 
-def receiver_slot(server: PostgresServer, source: str) -> ReceiverSlot | None:
-    """The default ``wal-receive`` slot of ``source`` on the server, if there is one."""
-    slot = default_slot(source)
+def receiver_slot(
+    server: PostgresServer, source: str, slot: str | None = None
+) -> ReceiverSlot | None:
+    """The ``wal-receive`` slot of ``source`` on the server (``slot``, else the default one),
+    if there is one."""
+    slot = slot or default_slot(source)
     with closing(server.connect()) as conn, conn.cursor() as cursor:
         cursor.execute(
             "SELECT active, wal_status, (pg_current_wal_lsn() - restart_lsn)::bigint "
@@ -490,6 +496,97 @@ def receiver_slot(server: PostgresServer, source: str) -> ReceiverSlot | None:
         )
         row = cursor.fetchone()
     return None if row is None else ReceiverSlot(slot, bool(row[0]), row[1], row[2])
+
+
+def receiver_check(runtime: Runtime, source: PostgresSource, now: dt.datetime) -> CheckOutcome:
+    """The ``wal_receiver`` check: the receiver is streaming (its slot is in use and has lost
+    nothing) and the store is at most ``wal_receive.max_lag`` behind what the server wrote.
+
+    The store's lag: zero when the store holds everything the receiver flushed and the
+    receiver holds everything the server wrote; otherwise the age of the newest streamed WAL
+    in the store. "Everything flushed is stored" is the receiver's own ``caught_up_at`` when
+    its spool is readable here (exact, and an idle server is not behind); else the store's
+    newest object reaching the segment of the slot's flush position (a partial segment there
+    may lag by up to its interval)."""
+    settings = source.wal_receive or PostgresWalReceive()
+    slot = settings.slot or default_slot(source.name)
+    bound = settings.max_lag
+    metadata: dict[str, Any] = {"slot": slot, "max_lag_seconds": bound.total_seconds()}
+    server = PostgresServer.from_source(source, runtime.context(source))
+    try:
+        with closing(server.connect()) as conn, conn.cursor() as cursor:
+            cursor.execute(
+                "SELECT s.active, s.wal_status, r.flush_lsn::text, "
+                "(pg_current_wal_lsn() - coalesce(r.flush_lsn, s.restart_lsn))::bigint, "
+                "extract(epoch FROM r.flush_lag)::float8, pg_walfile_name(pg_current_wal_lsn()), "
+                "(SELECT system_identifier FROM pg_control_system())::text, "
+                "(SELECT setting FROM pg_settings WHERE name = 'wal_segment_size')::bigint "
+                "FROM pg_replication_slots s LEFT JOIN pg_stat_replication r "
+                "ON r.pid = s.active_pid WHERE s.slot_name = %s",
+                (slot,),
+            )
+            row = cursor.fetchone()
+    except SourceError as exc:
+        return CheckOutcome(False, f"server of {source.name!r} not reachable: {exc}", metadata)
+    if row is None:
+        return CheckOutcome(
+            False,
+            f"wal-receive slot {slot!r} of {source.name!r} does not exist: nothing streams",
+            metadata,
+        )
+    active, wal_status, flush_lsn, behind, flush_lag, current, sysid, segment_size = row
+    metadata.update(
+        active=bool(active),
+        wal_status=wal_status or "",
+        behind_bytes=int(behind or 0),
+        flush_lag_seconds=round(flush_lag or 0.0, 3),
+    )
+    entries = [
+        entry
+        for entry in archived_wal(runtime.store_for(source), source.name, None, sysid)
+        if entry.is_segment or entry.is_partial
+    ]
+    newest = max(entries, key=lambda entry: entry.modified, default=None)
+    metadata["newest_stored"] = newest.name if newest else ""
+    lag = None if newest is None else max(now - newest.modified, dt.timedelta(0))
+    caught_up = _caught_up_at(runtime, source, settings)
+    if caught_up is not None:
+        lag = max(now - caught_up, dt.timedelta(0)) if behind else dt.timedelta(0)
+        metadata["caught_up_at"] = caught_up.isoformat()
+    elif newest is not None and flush_lsn and not behind:
+        size = int(segment_size)
+        flushed = WalSegment.from_lsn(flush_lsn, int(current[:8], 16), size)
+        if lsn_value(flush_lsn) % size == 0:
+            flushed = flushed.previous()  # the segment before is complete, the next empty
+        reached = max(WalSegment.from_name(e.name, size).number for e in entries)
+        if reached >= flushed.number:
+            lag = dt.timedelta(0)
+    if lag is not None:
+        metadata["lag_seconds"] = round(lag.total_seconds(), 1)
+    problem = ReceiverSlot(slot, bool(active), wal_status, int(behind or 0)).problem(source.name)
+    if problem:
+        return CheckOutcome(False, problem, metadata)
+    if lag is None:
+        return CheckOutcome(False, f"no streamed WAL of {source.name!r} is in the store", metadata)
+    description = (
+        f"wal-receive of {source.name!r} streams through slot {slot!r}: the store is "
+        f"{lag.total_seconds():.1f} s behind (bound {bound.total_seconds():.0f} s), the "
+        f"receiver {int(behind or 0)} bytes"
+    )
+    return CheckOutcome(lag <= bound, description, metadata)
+
+
+def _caught_up_at(
+    runtime: Runtime, source: PostgresSource, settings: PostgresWalReceive
+) -> dt.datetime | None:
+    if not settings.spool:
+        return None
+    try:
+        status = read_status(runtime.context(source).resolve(settings.spool))
+    except (UsageError, OSError, ValueError):
+        return None
+    value = status.get("caught_up_at")
+    return dt.datetime.fromisoformat(value) if isinstance(value, str) else None
 
 
 def default_slot(source: str) -> str:

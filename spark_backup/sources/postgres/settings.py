@@ -46,6 +46,9 @@ class PostgresWalReceive(SettingsModel):
 
     # Physical replication slot (default: spark_backup_<source>).
     slot: str | None = None
+    # The receiver's spool (wal-receive --spool's default); on the check's host, its status
+    # tells when the store last held everything received.
+    spool: str | None = None
     # The check fails when the store's newest streamed WAL is further behind the server.
     max_lag: Duration = dt.timedelta(seconds=30)
 
