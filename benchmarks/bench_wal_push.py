@@ -43,9 +43,9 @@ from machine import basic_facts, first_line, load_average
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from spark_backup.sources.postgres import pusher  # noqa: E402
-from spark_backup_tests.helpers import free_port, make_key, plan_dict  # noqa: E402
-from spark_backup_tests.pg_cluster import (  # noqa: E402
+from spark_backup.sources.postgres import pusher
+from spark_backup_tests.helpers import free_port, make_key, plan_dict
+from spark_backup_tests.pg_cluster import (
     SPARK_BACKUP,
     Cluster,
     as_os_user,
@@ -100,7 +100,7 @@ class Round:
         shutil.chown(path, self.root.owner(), self.root.group())
 
     def _plan(self, **source_extra: Any) -> Path:
-        key, public = make_key(self.root)
+        _key, public = make_key(self.root)
         store = self.root / "store"
         (store / SOURCE / "wal").mkdir(parents=True)
         for folder in (store, store / SOURCE, store / SOURCE / "wal"):
@@ -254,7 +254,9 @@ class Round:
     def latency(self) -> list[float]:
         found = []
         for n in range(self.args.samples):
-            self.cluster.execute(f"INSERT INTO load SELECT g, 'sample {n}' FROM generate_series(1, 500) g")
+            self.cluster.execute(
+                f"INSERT INTO load SELECT g, 'sample {n}' FROM generate_series(1, 500) g"
+            )
             segment = self.cluster.execute("SELECT pg_walfile_name(pg_switch_wal())")[0][0]
             completed = time.monotonic()
             folder, prefix = self.object_folder(segment)
@@ -326,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"round {number + 1} {mode:<10} {rate['segments']} segments in "
                     f"{rate['seconds']:.2f} s ({rate['segments'] / rate['seconds']:.1f}/s, "
                     f"cpu {rate['cpu']:.1f} s), latency median "
-                    f"{statistics.median(latencies[mode][-args.samples:]):.3f} s; "
+                    f"{statistics.median(latencies[mode][-args.samples :]):.3f} s; "
                     f"load {load_average()}",
                     flush=True,
                 )
