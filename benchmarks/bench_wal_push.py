@@ -334,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"load {load_average()}",
                     flush=True,
                 )
-    print(f"\nbest of {args.rounds} rounds, {args.segments} segments each; load {load_average()}")
+    print(f"\nbest of {args.rounds} rounds; load {load_average()}")
     best_rate = {}
     for mode in modes:
         best = min(rates[mode], key=lambda r: r["seconds"])

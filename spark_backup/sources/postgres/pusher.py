@@ -263,11 +263,11 @@ class WalPusher:
             del self._in_flight[name]
             try:
                 outcome = future.result()
-            except FileNotFoundError:
-                # Archived and recycled by the server meanwhile: nothing is waiting for it.
-                (self.spool / REQUESTS / name).unlink(missing_ok=True)
-                continue
             except (SparkBackupError, OSError) as exc:
+                if not self._pending_path(name):
+                    # Archived and recycled by the server meanwhile: nobody waits for it.
+                    (self.spool / REQUESTS / name).unlink(missing_ok=True)
+                    continue
                 self._failed(name, exc)
                 continue
             self._acknowledge(name)
@@ -279,6 +279,13 @@ class WalPusher:
             self.status.last_pushed = name
             self.status.last_pushed_at = utcnow().isoformat()
         self.status.in_flight = len(self._in_flight)
+
+    def _pending_path(self, name: str) -> bool:
+        """Whether the file ``name`` is still there to be archived (requested or ready)."""
+        request = self.spool / REQUESTS / name
+        with suppress(OSError):
+            return Path(request.read_text().strip()).is_file()
+        return any((folder / name).is_file() for folder in self.wal_folders)
 
     def _acknowledge(self, name: str) -> None:
         """The store holds ``name``: say so to the server's call, then forget the request."""
