@@ -4,6 +4,7 @@ stored every interval)."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import signal
@@ -342,6 +343,9 @@ def test_the_wal_receiver_check_shows_the_lag_and_fails_when_the_receiver_is_dow
         time.sleep(0.5)
     assert outcome.metadata["lag_seconds"] <= 20 and outcome.metadata["active"]
     assert "streams through slot" in outcome.description
+    # A minute without a round that stored everything is beyond the plan's bound.
+    later = receiver_check(service, source, utcnow() + dt.timedelta(minutes=1))
+    assert not later.passed and later.metadata["lag_seconds"] > 20, later
     receiver.kill()
     receiver.wait()
     deadline = time.monotonic() + 30

@@ -502,12 +502,11 @@ def receiver_check(runtime: Runtime, source: PostgresSource, now: dt.datetime) -
     """The ``wal_receiver`` check: the receiver is streaming (its slot is in use and has lost
     nothing) and the store is at most ``wal_receive.max_lag`` behind what the server wrote.
 
-    The store's lag: zero when the store holds everything the receiver flushed and the
-    receiver holds everything the server wrote; otherwise the age of the newest streamed WAL
-    in the store. "Everything flushed is stored" is the receiver's own ``caught_up_at`` when
-    its spool is readable here (exact, and an idle server is not behind); else the store's
-    newest object reaching the segment of the slot's flush position (a partial segment there
-    may lag by up to its interval)."""
+    The store's lag: where the receiver's spool is readable here, the time since its last
+    round that left nothing unstored (``caught_up_at``: exact, and an idle server is not
+    behind); elsewhere zero when the receiver holds everything the server wrote and the store
+    reaches the segment of the slot's flush position (a partial segment there may lag by up to
+    its interval), else the age of the newest streamed WAL in the store."""
     settings = source.wal_receive or PostgresWalReceive()
     slot = settings.slot or default_slot(source.name)
     bound = settings.max_lag
@@ -551,7 +550,8 @@ def receiver_check(runtime: Runtime, source: PostgresSource, now: dt.datetime) -
     lag = None if newest is None else max(now - newest.modified, dt.timedelta(0))
     caught_up = _caught_up_at(runtime, source, settings)
     if caught_up is not None:
-        lag = max(now - caught_up, dt.timedelta(0)) if behind else dt.timedelta(0)
+        # Every round that leaves nothing unstored moves it, on an idle server too.
+        lag = max(now - caught_up, dt.timedelta(0))
         metadata["caught_up_at"] = caught_up.isoformat()
     elif newest is not None and flush_lsn and not behind:
         size = int(segment_size)
