@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from spark_backup.engine.pipeline import utcnow
+from spark_backup.errors import SourceError
 from spark_backup.service import BackupService
 from spark_backup.sources.postgres import KIND as POSTGRES
 from spark_backup.sources.postgres import ops, pusher
@@ -142,7 +143,13 @@ def test_segments_arrive_and_a_dead_pusher_or_store_makes_the_server_keep_them(
     first = asynchronous.switch("before_pusher")
     asynchronous.wait_failed(first)
     assert (cluster.data / "pg_wal" / first).exists() and first not in asynchronous.stored()
+    # plan check --probe runs the spool's checks as the server's user, and names the dead pusher.
+    service = asynchronous.service
+    source, server = service.source("pg_main"), ops.server_of(service, service.source("pg_main"))
+    with pytest.raises(SourceError, match="no wal-pusher is running"):
+        ops.archive_command_as_server_user(server, source)
     process = asynchronous.start_pusher()
+    assert ops.archive_command_as_server_user(server, source) == cluster.data.owner()
     segments = [first, *(asynchronous.switch(f"t{n}") for n in range(3))]
     asynchronous.switch_and_wait("caught_up")
     assert set(segments) <= asynchronous.stored()

@@ -44,6 +44,7 @@ from spark_backup.sources.postgres import dump as pg_dump_restore
 from spark_backup.sources.postgres import pitr as recovery
 from spark_backup.sources.postgres.basebackup import BASE_PART
 from spark_backup.sources.postgres.pitr_options import DEFAULT_PORT
+from spark_backup.sources.postgres.pusher import HANDOFF_SCRIPT
 from spark_backup.sources.postgres.server import (
     PostgresServer,
     ServerArchiveState,
@@ -206,11 +207,15 @@ def archive_command_as_server_user(
         return None
     settings = server_settings(server, ("archive_mode", "archive_command", "data_directory"))
     command = settings.get("archive_command") or ""
-    if settings.get("archive_mode") == "off" or "wal-push" not in command:
+    if settings.get("archive_mode") == "off":
         return None
     # Only a server on this machine runs its archive_command here: its data folder is here.
     os_user = _data_directory_owner(settings.get("data_directory"))
     if os_user is None:
+        return None
+    if source.wal_pusher is not None and HANDOFF_SCRIPT in command:
+        return _handoff_as_server_user(command, source, os_user, timeout)
+    if "wal-push" not in command:
         return None
     try:
         result = subprocess.run(
@@ -238,6 +243,55 @@ def archive_command_as_server_user(
         reason = lines[-1] if "Traceback" in result.stderr else first_error(lines, 1)
         raise SourceError(
             f"source {source.name!r}: archive_command fails as OS user {os_user}: {reason}"
+        )
+    return os_user
+
+
+# The asynchronous archive_command's needs, checked as the server's user: one line why not.
+_HANDOFF_PROBE = """
+spool=$1
+[ -r "$spool/archive-handoff.sh" ] || { echo "cannot read $spool/archive-handoff.sh"; exit 1; }
+for folder in requests acked; do
+  [ -w "$spool/$folder" ] || { echo "cannot write $spool/$folder"; exit 1; }
+done
+if flock -n -s "$spool/.lock" true 2>/dev/null; then
+  echo "no wal-pusher is running on $spool: start it (spark-backup wal-pusher)"; exit 1
+fi
+"""
+
+
+def _handoff_as_server_user(
+    command: str, source: PostgresSource, os_user: str, timeout: float
+) -> str:
+    """The hand-off script's spool (from the server's own archive_command, as
+    ``pusher.archive_command`` writes it), as ``os_user``: readable script, writable folders,
+    and a pusher holding its lock (else every archive_command fails)."""
+    try:
+        words = shlex.split(command)
+    except ValueError:
+        words = []
+    if len(words) < 3 or not words[1].endswith(HANDOFF_SCRIPT):
+        raise SourceError(
+            f"source {source.name!r}: archive_command {command!r} is not the wal-pusher "
+            "hand-off; set it with pg-setup-archiving"
+        )
+    try:
+        result = subprocess.run(
+            ["runuser", "-u", os_user, "--", "sh", "-c", _HANDOFF_PROBE, "sh", words[2]],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=tool_environment(),
+            cwd="/",
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise SourceError(
+            f"source {source.name!r}: cannot check the wal-pusher spool as {os_user}: {exc}"
+        ) from None
+    if result.returncode != 0:
+        reason = (result.stdout.strip() or first_error(result.stderr.splitlines(), 1)).splitlines()
+        raise SourceError(
+            f"source {source.name!r}: archive_command fails as OS user {os_user}: {reason[0]}"
         )
     return os_user
 
