@@ -217,19 +217,7 @@ def archive_command_as_server_user(
         return _handoff_as_server_user(command, source, os_user, timeout)
     if "wal-push" not in command:
         return None
-    try:
-        result = subprocess.run(
-            ["runuser", "-u", os_user, "--", "sh", "-c", command.replace("%p", "--dry-run")],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env=tool_environment(),
-            cwd="/",
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise SourceError(
-            f"source {source.name!r}: cannot run archive_command as {os_user}: {exc}"
-        ) from None
+    result = _shell_as(os_user, [command.replace("%p", "--dry-run")], source, timeout)
     if result.returncode in (126, 127):
         raise SourceError(
             f"source {source.name!r}: archive_command cannot start as OS user {os_user} (exit "
@@ -245,6 +233,25 @@ def archive_command_as_server_user(
             f"source {source.name!r}: archive_command fails as OS user {os_user}: {reason}"
         )
     return os_user
+
+
+def _shell_as(
+    os_user: str, script: list[str], source: PostgresSource, timeout: float
+) -> subprocess.CompletedProcess[str]:
+    """``sh -c SCRIPT [ARGS]`` as ``os_user``, with the server's kind of environment."""
+    try:
+        return subprocess.run(
+            ["runuser", "-u", os_user, "--", "sh", "-c", *script],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=tool_environment(),
+            cwd="/",
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise SourceError(
+            f"source {source.name!r}: cannot run archive_command as {os_user}: {exc}"
+        ) from None
 
 
 # The asynchronous archive_command's needs, checked as the server's user: one line why not.
@@ -275,19 +282,7 @@ def _handoff_as_server_user(
             f"source {source.name!r}: archive_command {command!r} is not the wal-pusher "
             "hand-off; set it with pg-setup-archiving"
         )
-    try:
-        result = subprocess.run(
-            ["runuser", "-u", os_user, "--", "sh", "-c", _HANDOFF_PROBE, "sh", words[2]],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env=tool_environment(),
-            cwd="/",
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise SourceError(
-            f"source {source.name!r}: cannot check the wal-pusher spool as {os_user}: {exc}"
-        ) from None
+    result = _shell_as(os_user, [_HANDOFF_PROBE, "sh", words[2]], source, timeout)
     if result.returncode != 0:
         reason = (result.stdout.strip() or first_error(result.stderr.splitlines(), 1)).splitlines()
         raise SourceError(
