@@ -206,3 +206,29 @@ def test_what_the_server_was_told_is_archived_is_in_the_store_after_kill_9(
         fetch_wal(store, "pg_main", name, tmp_path / name, identities)
         assert (tmp_path / name).stat().st_size == 16 * 1024 * 1024
     assert POSTGRES.lag(service, service.source("pg_main"), utcnow()).lag is not None
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ({"wal_pusher": {}}, "wal_pusher.spool"),
+        ({"wal_pusher": {"spool": "s", "parallel": 0}}, "wal_pusher.parallel"),
+        ({"wal_pusher": {"spool": "s", "ack_timeout": 0}}, "wal_pusher.ack_timeout"),
+        ({"wal_receive": {"max_lag": "soon"}}, "wal_receive.max_lag"),
+    ],
+)
+def test_the_plan_refuses_bad_pusher_and_receiver_settings(
+    tmp_path: Path, fields: dict, expected: str
+) -> None:
+    from spark_backup.errors import PlanError
+    from spark_backup.plan import load_plan
+
+    _key, public = make_key(tmp_path)
+    source = {"name": "pg_main", "kind": "postgres", "cadence": "daily", "owner": "team:dba"}
+    plan = plan_dict([public], [{**source, **fields}])
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(plan))
+    with pytest.raises(PlanError) as raised:
+        load_plan(path)
+    message = str(raised.value)
+    assert expected in message and "\n" not in message, message
