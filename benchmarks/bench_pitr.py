@@ -165,7 +165,6 @@ def prepare(root: Path, args: argparse.Namespace) -> dict[str, Any]:
     if load.wait():
         raise RuntimeError(f"pgbench failed: {load.stderr.read() if load.stderr else ''}")
     cluster.switch_wal_and_wait(timeout=600)
-    print(cluster.execute("SELECT * FROM pg_stat_archiver"))
     wal_bytes = sum(p.stat().st_size for p in (store / SOURCE / "wal").rglob("*.age"))
     cluster.stop()
     return {
@@ -195,6 +194,40 @@ def run_ours(root: Path, setup: dict[str, Any], run: int) -> dict[str, Any]:
         "wal_files": report.wal_files,
         "history_rows": history,
     }
+
+
+def base_restore_split(root: Path, setup: dict[str, Any]) -> str:
+    """Our base backup restore alone, with the CPU of this process (reading the plaintext,
+    hashing it, extracting the tar) apart from the decrypting worker's (age and zstd): which
+    one limits it, and whether more threads could help."""
+    import resource
+
+    from spark_backup.sources.base import CopyRef, FolderRestore
+    from spark_backup.sources.postgres.basebackup import BASE_PART
+
+    service = BackupService.from_path(setup["plan"])
+    source = service.source(SOURCE)
+    [base] = [r.manifest for r in service.copies(SOURCE, BASE_PART)]
+    folder = root / "base-split"
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.monotonic()
+    POSTGRES.restore_to_folder(
+        CopyRef(service.store_for(source), base), service.identities(None), folder, FolderRestore()
+    )
+    wall = time.monotonic() - started
+    own_after = resource.getrusage(resource.RUSAGE_SELF)
+    children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    shutil.rmtree(folder, ignore_errors=True)
+    main_cpu = own_after.ru_utime + own_after.ru_stime - own.ru_utime - own.ru_stime
+    worker_cpu = (
+        children_after.ru_utime + children_after.ru_stime - children.ru_utime - children.ru_stime
+    )
+    size = base.plaintext.bytes / 1e6
+    return (
+        f"base restore alone: {size:.0f} MB tar in {wall:.2f} s; CPU of the extracting process "
+        f"{main_cpu:.2f} s, of the decrypting/decompressing worker {worker_cpu:.2f} s"
+    )
 
 
 def run_pgbackrest(root: Path, setup: dict[str, Any], run: int) -> dict[str, Any]:
@@ -276,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"target {setup['target'].isoformat()}, {setup['wal_stored_mb']} MB of WAL "
                 f"stored (ours), load average {load_average()}"
             )
+            print(base_restore_split(root, setup))
             for run in range(1, args.runs + 1):
                 for tool, action in (("spark-backup", run_ours), ("pgbackrest", run_pgbackrest)):
                     result = action(root, setup, run)
