@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The tools the benchmarks compare spark-backup with, from Debian's packages: the shell pipeline
 # (tar, zstd, age), restic, GNU time (peak RSS) and the PostgreSQL 15 server binaries with
-# pgbench (the dump benchmark; bench_postgres.py also needs runuser from util-linux).
+# pgbench (the dump benchmark; bench_postgres.py also needs runuser from util-linux), and
+# pgBackRest (bench_pitr.py compares point-in-time recovery with it).
 # Installs only what is missing; run as root or with sudo.
 set -euo pipefail
 
@@ -10,6 +11,7 @@ as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 declare -A package=(
   [tar]=tar [zstd]=zstd [age]=age [age-keygen]=age [restic]=restic [runuser]=util-linux
   [/usr/bin/time]=time [/usr/lib/postgresql/15/bin/pgbench]=postgresql-15
+  [pgbackrest]=pgbackrest
 )
 missing=()
 for tool in "${!package[@]}"; do
