@@ -34,11 +34,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from pyrage import x25519
 
-from spark_backup.engine.age_worker import AgeWorker
 from spark_backup.engine.crypto import Recipients
 from spark_backup.engine.manifest import SOURCE_NAME
 from spark_backup.engine.pipeline import CompressionSettings, encrypt_to_store, open_encrypted
@@ -52,6 +51,9 @@ from spark_backup.errors import (
     StoreError,
     UsageError,
 )
+
+if TYPE_CHECKING:
+    from spark_backup.engine.age_worker import AgeWorker
 
 WAL_FOLDER = "wal"
 _WAL_NAME = r"[0-9A-F]{24}(?:\.partial|\.streamed|\.[0-9A-F]{8}\.backup)?|[0-9A-F]{8}\.history"
