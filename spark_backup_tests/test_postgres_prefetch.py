@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from spark_backup.errors import IntegrityError
-from spark_backup.sources.postgres.prefetch import FAILED_FILE, WalPrefetch
+from spark_backup.sources.postgres.prefetch import FAILED_SUFFIX, WalPrefetch
 from spark_backup.sources.postgres.wal import ArchivedWal
 
 NOW = dt.datetime(2026, 11, 30, tzinfo=dt.UTC)
@@ -89,10 +89,23 @@ def test_a_failed_fetch_aborts_recovery_and_is_never_served(tmp_path: Path) -> N
     ) as prefetch:
         assert ask(prefetch, names[0], pg_wal) == 0
         assert ask(prefetch, names[1], pg_wal) == 255  # above 125: recovery aborts
-        assert isinstance(prefetch.failure, IntegrityError)
-    assert names[1] in (folder / FAILED_FILE).read_text()
+        assert isinstance(prefetch.refused(), IntegrityError)
+    assert "damaged" in (folder / f"{names[1]}{FAILED_SUFFIX}").read_text()
     assert not (folder / names[1]).exists()
     assert (pg_wal / "RECOVERYXLOG").read_text() == names[0]
+
+
+def test_a_failed_fetch_the_server_never_asks_for_fails_nothing(tmp_path: Path) -> None:
+    """A damaged file past the recovery target: the files before it are still served."""
+    names = segments(5)
+    folder, pg_wal = tmp_path / "wal_archive", tmp_path / "pg_wal"
+    with WalPrefetch(
+        [entry(name) for name in names], folder, Recorder(fail=names[4]), None, ahead=4
+    ) as prefetch:
+        for name in names[:4]:
+            assert ask(prefetch, name, pg_wal) == 0
+        assert prefetch.refused() is None
+    assert list(prefetch.failures) == [names[4]]
 
 
 def test_the_server_never_waits_for_a_prefetch_that_is_gone(tmp_path: Path) -> None:
@@ -127,4 +140,4 @@ def test_nothing_to_fetch_or_one_file(tmp_path: Path, count: int) -> None:
         for name in names:
             assert ask(prefetch, name, pg_wal) == 0
         assert ask(prefetch, segments(count + 1)[-1], pg_wal) == 1  # the end of the WAL
-    assert prefetch.failure is None and prefetch.fetched == count
+    assert not prefetch.failures and prefetch.fetched == count

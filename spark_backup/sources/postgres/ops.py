@@ -603,6 +603,7 @@ def pitr(
     bin_dir = runtime.context(source).resolve(source.bin_dir) if source.bin_dir else None
     pg_ctl = recovery.server_binary("pg_ctl", major, bin_dir)
     started = False
+    began = time.monotonic()
     wanted, gap = recovery.wal_to_fetch(
         base, archived_wal(store, source.name, None, base_system_identifier(base))
     )
@@ -640,9 +641,9 @@ def pitr(
                     ),
                 )
             except SourceError as exc:
-                if prefetch.failure is not None:
+                if (refused := prefetch.refused()) is not None:
                     # The server stopped because a file could not be fetched: say which.
-                    raise _prefetch_error(prefetch.failure) from None
+                    raise _prefetch_error(refused) from None
                 if not isinstance(exc, recovery.RecoveryEndedEarly):
                     raise
                 points = recovery.recovery_points(target_dir / recovery.LOG_FILE)
@@ -678,6 +679,7 @@ def pitr(
         if started and (stop_after or not report.ok):
             recovery.stop(pg_ctl, target_dir, os_user)
         recovery.remove_wal_cache(target_dir)
+        report.wall_seconds = round(time.monotonic() - began, 3)
         recovery.write_report(target_dir, report)
     return report
 
@@ -709,7 +711,7 @@ def _wal_fetcher(
             worker.close()
 
 
-def _prefetch_error(failure: BaseException) -> BaseException:
+def _prefetch_error(failure: Exception) -> Exception:
     """A failed fetch as pg-pitr reports it: our own errors as they are, anything else typed
     as a failed source read."""
     if isinstance(failure, SparkBackupError):

@@ -95,12 +95,25 @@ class PitrReport:
     stopped: str | None = None
     last_transaction: str | None = None
     wal_files: int = 0
+    # Per step; fetch_wal_busy (thread-seconds) overlaps the others, recovery_waited_for_wal
+    # is part of recovery: their sum is not the wall time.
     seconds: dict[str, float] = field(default_factory=dict)
+    wall_seconds: float = 0.0
     databases: dict[str, dict[str, Any]] = field(default_factory=dict)
     error: str | None = None
 
     def connect_hint(self) -> str:
         return f"psql -h {self.target_dir} -p {self.port} -U {self.user}"
+
+    def breakdown(self) -> str:
+        """Where the wall time went, for a person."""
+        step = self.seconds.get
+        return (
+            f"base backup {step('restore_base_backup', 0):.1f}s, replay "
+            f"{step('recovery', 0):.1f}s (waiting for WAL {step('recovery_waited_for_wal', 0):.1f}s),"
+            f" checks {step('verify', 0):.1f}s; WAL fetched alongside in "
+            f"{step('fetch_wal_busy', 0):.1f} thread-seconds"
+        )
 
 
 _LSN_RE = re.compile(r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$")

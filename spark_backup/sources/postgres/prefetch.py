@@ -19,9 +19,11 @@ talks to it through files in the folder:
 * ``<name>``: a fetched file appears only complete, checked (sha256, age's authentication and
   the signature, as ``wal-fetch`` checks) and readable by the server's user; the script copies
   it to ``%p``.
-* ``.failed``: written when a fetch fails (a damaged, forged or vanished object): the script
-  exits 255, which aborts recovery; the file is never handed over. Also when ``pg-pitr`` is
-  gone, so that a killed ``pg-pitr`` never leaves the server waiting for ever.
+* ``<name>.failed``: written when that file's fetch failed (a damaged, forged or vanished
+  object): asked for it, the script exits 255, which aborts recovery; the file is never handed
+  over. A file past the recovery target that the server never asks for fails nothing. The
+  script also exits 255 when ``pg-pitr``'s process is gone, so that a killed ``pg-pitr`` never
+  leaves the server waiting for ever.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from spark_backup.sources.postgres.wal import STREAMED_PARTIAL, ArchivedWal
 
 WANTED_FILE = ".wanted"
 ASKED_FILE = ".asked"
-FAILED_FILE = ".failed"
+FAILED_SUFFIX = ".failed"
 INCOMING_FOLDER = ".incoming"
 SCRIPT_FILE = "restore_wal.sh"
 # Fetching threads (each with its own decrypting process): on two cores, three keep both busy
@@ -71,7 +73,7 @@ grep -qxF "$1" "$dir/{WANTED_FILE}" || exit 1
 printf '%s\\n' "$1" > "$dir/{ASKED_FILE}.tmp" && mv -f "$dir/{ASKED_FILE}.tmp" "$dir/{ASKED_FILE}" || exit 255
 while :; do
   if [ -e "$dir/$1" ]; then cp "$dir/$1" "$2" && exit 0; exit 255; fi
-  [ -e "$dir/{FAILED_FILE}" ] && exit 255
+  [ -e "$dir/$1{FAILED_SUFFIX}" ] && exit 255
   [ -d /proc/{owner_pid} ] || exit 255
   sleep {_POLL_SECONDS * 2:g}
 done
@@ -80,8 +82,8 @@ done
 
 class WalPrefetch:
     """Fetches ``entries`` (in replay order) into ``folder`` ahead of the server; see the module
-    docstring. Use as a context manager: the threads stop at its end. ``failure`` is the first
-    fetch that failed; ``seconds_waited`` the time the server waited for a file not yet there;
+    docstring. Use as a context manager: the threads stop at its end. ``failures``: the fetches
+    that failed, by name (the others go on: the server may never need those files); ``seconds_waited`` the time the server waited for a file not yet there;
     ``fetched`` how many files were fetched."""
 
     def __init__(
@@ -101,10 +103,10 @@ class WalPrefetch:
         self.workers = max(PREFETCH_WORKERS if workers is None else workers, 1)
         self.owner = pwd.getpwnam(os_user) if os_user else None
         self.index = {served_name(entry): number for number, entry in enumerate(entries)}
-        self.state = ["todo"] * len(entries)  # todo, busy, done, removed
+        self.state = ["todo"] * len(entries)  # todo, busy, done, removed, failed
         self.asked = -1
         self.asked_since: float | None = None
-        self.failure: BaseException | None = None
+        self.failures: dict[str, Exception] = {}
         self.fetched = 0
         self.seconds_waited = 0.0
         self.seconds_fetching = 0.0
@@ -146,6 +148,15 @@ class WalPrefetch:
         for thread in self._threads:
             thread.join()
 
+    def refused(self) -> Exception | None:
+        """Why the file the server asked for last could not be given to it, if it could not."""
+        try:
+            name = (self.folder / ASKED_FILE).read_text().strip()
+        except OSError:
+            return None
+        with self._changed:
+            return self.failures.get(name)
+
     def _give(self, path: Path) -> None:
         if self.owner:
             os.lchown(path, self.owner.pw_uid, self.owner.pw_gid)
@@ -177,16 +188,16 @@ class WalPrefetch:
                 self._give(staged)
                 staged.chmod(0o640)
                 os.replace(staged, self.folder / name)
-            except BaseException as exc:
+            except Exception as exc:
+                # The caller reports it if the server needed the file; it is never served.
+                failed = self.folder / f"{name}{FAILED_SUFFIX}"
+                failed.write_text(f"{exc}\n")
+                failed.chmod(0o644)
                 with self._changed:
-                    if self.failure is None:
-                        self.failure = exc
-                        failed = self.folder / FAILED_FILE
-                        failed.write_text(f"{name}: {exc}\n")
-                        failed.chmod(0o644)
-                    self._stopping = True
+                    self.state[number] = "failed"
+                    self.failures[name] = exc
                     self._changed.notify_all()
-                return
+                continue
             with self._changed:
                 self.state[number] = "done"
                 self.fetched += 1
