@@ -27,7 +27,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Callable, Sequence
-from contextlib import closing
+from contextlib import closing, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -378,7 +378,9 @@ def hand_over(folder: Path, os_user: str | None) -> None:
     entry = pwd.getpwnam(os_user)
     for root, dirs, files in os.walk(folder):
         for name in [*dirs, *files]:
-            os.lchown(os.path.join(root, name), entry.pw_uid, entry.pw_gid)
+            # The WAL prefetch renames and deletes files in DIR/wal_archive meanwhile.
+            with suppress(FileNotFoundError):
+                os.lchown(os.path.join(root, name), entry.pw_uid, entry.pw_gid)
     os.lchown(folder, entry.pw_uid, entry.pw_gid)
 
 
