@@ -2,7 +2,8 @@
 # The tools the benchmarks compare spark-backup with, from Debian's packages: the shell pipeline
 # (tar, zstd, age), restic, GNU time (peak RSS) and the PostgreSQL 15 server binaries with
 # pgbench (the dump benchmark; bench_postgres.py also needs runuser from util-linux), and
-# pgBackRest (bench_wal_push.py compares wal-pusher with its archive-push --archive-async).
+# pgBackRest (bench_wal_push.py compares wal-pusher with its archive-push --archive-async,
+# bench_pitr.py point-in-time recovery with its restore --type=time).
 # Installs only what is missing; run as root or with sudo.
 set -euo pipefail
 

@@ -1174,29 +1174,36 @@ def test_recovery_failure_names_the_startup_reason_not_our_refused_polls(tmp_pat
     assert "it stopped" in recovery._log_failure(only_polls, 0)
 
 
-def test_pitr_fetches_wal_in_batches_and_resumes(archiving: Archiving, monkeypatch) -> None:
-    """With no lookahead the first batch ends before the target; recovery resumes on the next
-    batch, and the WAL far beyond the target is never fetched."""
+def test_pitr_prefetches_a_bounded_window_ahead_of_replay(
+    archiving: Archiving, monkeypatch
+) -> None:
+    """With a window of one segment the server is served file by file as it asks (and again a
+    segment it asks for after it was deleted: PostgreSQL rereads the last one at promotion); it
+    stops exactly at the target, the WAL far beyond it is never fetched, and the prefetch
+    folder is gone afterwards."""
     from spark_backup.sources.postgres import pitr as recovery
+    from spark_backup.sources.postgres import prefetch
 
-    monkeypatch.setattr(recovery, "WAL_LOOKAHEAD", 0)
+    monkeypatch.setattr(prefetch, "PREFETCH_AHEAD", 1)
     cluster = archiving.cluster
     [base] = archiving.service.backup("pg_main", artifact="base")
-    cluster.execute("CREATE TABLE batches (x int)")
-    cluster.execute("INSERT INTO batches VALUES (1)")
+    cluster.execute("CREATE TABLE windowed (x int)")
+    cluster.execute("INSERT INTO windowed VALUES (1)")
     cluster.switch_wal_and_wait()
     time.sleep(1.1)
     target = dt.datetime.now(dt.UTC)
     time.sleep(1.1)
-    for value in range(2, 8):
-        cluster.execute(f"INSERT INTO batches VALUES ({value})")
+    cluster.execute("INSERT INTO windowed VALUES (2)")
+    # Whole segments of WAL after the target: more than PostgreSQL's read-ahead (512 kB).
+    for _ in range(2):
+        cluster.execute("INSERT INTO windowed SELECT generate_series(3, 400000)")
         cluster.switch_wal_and_wait()
     report = ops.pitr(
         archiving.service,
         POSTGRES,
         archiving.service.source("pg_main"),
         target,
-        archiving.root / "pitr_batches",
+        archiving.root / "pitr_window",
         port=free_port(),
         stop_after=False,
     )
@@ -1207,18 +1214,59 @@ def test_pitr_fetches_wal_in_batches_and_resumes(archiving: Archiving, monkeypat
             for w in archived_wal(archiving.service.store("local"), "pg_main")
             if w.is_segment and w.modified >= base.started
         ]
-        assert report.wal_files < len(after_base)
+        assert report.wal_files <= len(after_base) - 2
+        assert {"fetch_wal_busy", "recovery_waited_for_wal"} <= set(report.seconds)
         log = (Path(report.target_dir) / recovery.LOG_FILE).read_text()
-        assert log.count(recovery.ENDED_EARLY) >= 1  # the first batch was not enough
+        assert recovery.ENDED_EARLY not in log  # one start: the server waited for the files
         assert "the database system is" not in log  # waiting for promotion makes no connections
+        assert not (Path(report.target_dir) / recovery.WAL_CACHE_FOLDER).exists()
         recovered = psycopg.connect(
             host=report.target_dir, port=report.port, user="postgres", dbname="postgres"
         )
         with closing(recovered), recovered.cursor() as cursor:
-            cursor.execute("SELECT array_agg(x ORDER BY x) FROM batches")
+            cursor.execute("SELECT array_agg(x ORDER BY x) FROM windowed")
             assert cursor.fetchone()[0] == [1]
     finally:
         Cluster(Path(report.target_dir), report.port).stop()
+
+
+def test_pitr_refuses_a_damaged_segment_and_never_replays_it(archiving: Archiving) -> None:
+    """A segment whose stored object was damaged stops recovery with an error naming it; the
+    server is stopped, never handed the file, and the prefetch folder is removed."""
+    from spark_backup.sources.postgres import pitr as recovery
+
+    cluster = archiving.cluster
+    archiving.service.backup("pg_main", artifact="base")
+    cluster.execute("CREATE TABLE damaged (x int)")
+    cluster.execute("INSERT INTO damaged VALUES (1)")
+    damaged = cluster.switch_wal_and_wait()
+    cluster.execute("INSERT INTO damaged VALUES (2)")
+    cluster.switch_wal_and_wait()
+    [stored] = (archiving.root / "store" / "pg_main" / "wal").glob(f"*/{damaged}-*.zst.age")
+    original = stored.read_bytes()
+    spoiled = bytearray(original)
+    spoiled[len(spoiled) // 2] ^= 0xFF
+    stored.chmod(0o644)
+    stored.write_bytes(bytes(spoiled))
+    target_dir = archiving.root / "pitr_damaged"
+    try:
+        with pytest.raises(IntegrityError, match=damaged):
+            ops.pitr(
+                archiving.service,
+                POSTGRES,
+                archiving.service.source("pg_main"),
+                None,
+                target_dir,
+                port=free_port(),
+            )
+    finally:
+        stored.write_bytes(original)
+    report = json.loads((target_dir / recovery.REPORT_FILE).read_text())
+    assert not report["ok"] and damaged in report["error"]
+    assert not (target_dir / recovery.WAL_CACHE_FOLDER).exists()
+    assert not (target_dir / recovery.DATA_FOLDER / "postmaster.pid").exists()  # stopped
+    log = (target_dir / recovery.LOG_FILE).read_text()
+    assert f'restored log file "{damaged}"' not in log
 
 
 def test_pitr_latest_replays_everything_whatever_the_umask(archiving: Archiving) -> None:

@@ -309,8 +309,8 @@ def pg_pitr(
         f"recovered {report.source} to {report.target_time} (last transaction replayed: "
         f"{report.recovered_to or 'none after the base backup'}) from "
         f"{report.base_copy_id} with {report.wal_files} WAL files in "
-        f"{sum(report.seconds.values()):.1f}s; {len(report.databases)} databases, {tables} "
-        f"tables readable",
+        f"{report.wall_seconds:.1f}s; {len(report.databases)} databases, {tables} "
+        f"tables readable ({report.breakdown()})",
         highlight=False,
     )
     if not stop_after:

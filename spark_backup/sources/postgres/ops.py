@@ -11,15 +11,18 @@ import shlex
 import shutil
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pyrage import x25519
 
+from spark_backup.engine.age_worker import AgeWorker
 from spark_backup.engine.pipeline import open_copy, utcnow
 from spark_backup.engine.processes import first_error, tool_environment
 from spark_backup.engine.signing import Verifier
@@ -44,6 +47,7 @@ from spark_backup.sources.postgres import dump as pg_dump_restore
 from spark_backup.sources.postgres import pitr as recovery
 from spark_backup.sources.postgres.basebackup import BASE_PART
 from spark_backup.sources.postgres.pitr_options import DEFAULT_PORT
+from spark_backup.sources.postgres.prefetch import WalPrefetch
 from spark_backup.sources.postgres.pusher import HANDOFF_SCRIPT
 from spark_backup.sources.postgres.server import (
     PostgresServer,
@@ -55,7 +59,6 @@ from spark_backup.sources.postgres.server import (
 from spark_backup.sources.postgres.server import apply_settings as pg_apply_settings
 from spark_backup.sources.postgres.settings import PostgresSource
 from spark_backup.sources.postgres.wal import (
-    STREAMED_PARTIAL,
     ArchivedWal,
     archived_wal,
     expendable_wal,
@@ -69,7 +72,6 @@ from spark_backup.sources.postgres.wal import (
 )
 from spark_backup.sources.postgres.walname import DEFAULT_SEGMENT_SIZE, WalSegment, lsn_value
 
-WAL_FETCH_WORKERS = 4
 # A standby's wal-fetch asks an unreachable store again after these pauses (doubling).
 WAL_FETCH_FIRST_PAUSE = 0.5
 WAL_FETCH_MAX_PAUSE = 5.0
@@ -679,36 +681,34 @@ def pitr(
     bin_dir = runtime.context(source).resolve(source.bin_dir) if source.bin_dir else None
     pg_ctl = recovery.server_binary("pg_ctl", major, bin_dir)
     started = False
+    began = time.monotonic()
+    wanted, gap = recovery.wal_to_fetch(
+        base, archived_wal(store, source.name, None, base_system_identifier(base))
+    )
+    if goal.immediate:
+        wanted = recovery.up_to_consistency(base, wanted)
     try:
-        recovery.timed(
-            report,
-            "restore_base_backup",
-            lambda: kind.restore_to_folder(
-                CopyRef(store, base),
-                identities,
-                target_dir / recovery.DATA_FOLDER,
-                FolderRestore(progress=progress),
-            ),
-        )
-        wanted, gap = recovery.wal_to_fetch(
-            base, archived_wal(store, source.name, None, base_system_identifier(base))
-        )
-        wal_folder = target_dir / recovery.WAL_CACHE_FOLDER
-        wal_folder.mkdir()
-        if goal.immediate:
-            wanted = recovery.up_to_consistency(base, wanted)
-        recovery.configure_recovery(target_dir, goal, port, os_user)
-        batches = recovery.wal_batches(wanted, target_time)
-        for number, batch in enumerate(batches, start=1):
+        # The WAL is fetched from here on, beside the base backup's restore and the replay.
+        with (
+            _wal_fetcher(store, source.name, identities, runtime.verifier) as fetch,
+            WalPrefetch(
+                recovery.replay_order(wanted),
+                target_dir / recovery.WAL_CACHE_FOLDER,
+                fetch,
+                os_user,
+            ) as prefetch,
+        ):
             recovery.timed(
                 report,
-                "fetch_wal",
-                lambda batch=batch: _fetch_wal_files(
-                    store, source.name, batch, wal_folder, identities, runtime.verifier
+                "restore_base_backup",
+                lambda: kind.restore_to_folder(
+                    CopyRef(store, base),
+                    identities,
+                    target_dir / recovery.DATA_FOLDER,
+                    FolderRestore(progress=progress),
                 ),
             )
-            recovery.hand_over(wal_folder, os_user)  # the rest was handed over before
-            report.wal_files += len(batch)
+            recovery.configure_recovery(target_dir, goal, port, os_user)
             started = True
             try:
                 recovery.timed(
@@ -718,10 +718,12 @@ def pitr(
                         pg_ctl, target_dir, port, os_user, recovery.START_TIMEOUT_SECONDS, user
                     ),
                 )
-                break
-            except recovery.RecoveryEndedEarly as exc:
-                if number < len(batches):
-                    continue  # the archive has more: fetch it, and recovery resumes
+            except SourceError as exc:
+                if (refused := prefetch.refused()) is not None:
+                    # The server stopped because a file could not be fetched: say which.
+                    raise _prefetch_error(refused) from None
+                if not isinstance(exc, recovery.RecoveryEndedEarly):
+                    raise
                 points = recovery.recovery_points(target_dir / recovery.LOG_FILE)
                 reached = points["last_transaction"] or points["redo_done_lsn"] or "unknown"
                 missing = f"segment {gap} is missing" if gap else "it ends"
@@ -730,6 +732,10 @@ def pitr(
                     f"WAL archive has no more WAL ({missing}); the last reachable point is "
                     f"{reached}. Choose a target at or before it. ({exc})"
                 ) from None
+            finally:
+                report.wal_files = prefetch.fetched
+                report.seconds["fetch_wal_busy"] = round(prefetch.seconds_fetching, 3)
+                report.seconds["recovery_waited_for_wal"] = round(prefetch.seconds_waited, 3)
         points = recovery.recovery_points(target_dir / recovery.LOG_FILE)
         report.stopped = points["stopped"]
         report.last_transaction = points["last_transaction"]
@@ -751,39 +757,41 @@ def pitr(
         if started and (stop_after or not report.ok):
             recovery.stop(pg_ctl, target_dir, os_user)
         recovery.remove_wal_cache(target_dir)
+        report.wall_seconds = round(time.monotonic() - began, 3)
         recovery.write_report(target_dir, report)
     return report
 
 
-def _fetch_wal_files(
-    store: ObjectStore,
-    source: str,
-    entries: list[ArchivedWal],
-    folder: Path,
-    identities: list[x25519.Identity],
-    verifier: Verifier,
-) -> None:
-    # Each file is decrypted in its own worker process: a few at a time keep the cores
-    # busy (a day of WAL at 60 s archive_timeout is over 1,400 files).
-    with ThreadPoolExecutor(max_workers=WAL_FETCH_WORKERS) as pool:
-        futures = [
-            pool.submit(
-                fetch_wal,
-                store,
-                source,
-                entry.name,
-                # A streamed partial segment is replayed as the segment it begins.
-                folder / entry.name.removesuffix(STREAMED_PARTIAL),
-                identities,
-                entry,
-                verifier,
-            )
-            for entry in entries
-        ]
-        try:
-            for future in futures:
-                future.result()
-        except BaseException:
-            for future in futures:
-                future.cancel()  # an error or Ctrl-C: do not wait for the queued files
-            raise
+@contextmanager
+def _wal_fetcher(
+    store: ObjectStore, source: str, identities: list[x25519.Identity], verifier: Verifier
+) -> Iterator[Callable[[ArchivedWal, Path], None]]:
+    """``fetch_wal`` for the prefetch threads: each thread decrypts in a worker process of its
+    own, started once and reused for every file (a start costs about 80 ms)."""
+    local = threading.local()
+    workers: list[AgeWorker] = []
+    guard = threading.Lock()
+
+    def fetch(entry: ArchivedWal, destination: Path) -> None:
+        worker = getattr(local, "worker", None)
+        if worker is None:
+            worker = local.worker = AgeWorker(identities)
+            with guard:
+                workers.append(worker)
+        fetch_wal(
+            store, source, entry.name, destination, identities, entry, verifier, worker=worker
+        )
+
+    try:
+        yield fetch
+    finally:
+        for worker in workers:
+            worker.close()
+
+
+def _prefetch_error(failure: Exception) -> Exception:
+    """A failed fetch as pg-pitr reports it: our own errors as they are, anything else typed
+    as a failed source read."""
+    if isinstance(failure, SparkBackupError):
+        return failure
+    return SourceError(f"fetching WAL for recovery failed: {failure}")

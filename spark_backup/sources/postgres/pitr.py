@@ -3,14 +3,16 @@
 Layout of the target folder (which must be new or empty)::
 
     DIR/data/            the recovered cluster (from the newest base backup before the target)
-    DIR/wal_archive/     the archived WAL it replays, fetched and checked before it starts
+    DIR/wal_archive/     the archived WAL it replays, fetched and checked ahead of replay
     DIR/pg_hba.conf      local socket connections only, in DIR (nothing listens on TCP)
     DIR/postgresql.log   the server log
     DIR/pitr.json        what was recovered, to which point, and the verification
 
-The WAL is fetched ahead (decrypted and checked by spark-backup), so the server's
-``restore_command`` is a plain ``cp``: the recovery cluster needs neither spark-backup nor a
-private key, and the same settings work by hand (docs/runbooks/postgres.md).
+The WAL is fetched ahead of replay, in parallel and while the base backup is still being
+restored (decrypted and checked by spark-backup, ``prefetch.py``), so the server's
+``restore_command`` is a small shell script that copies a file once it is there: the recovery
+cluster needs neither spark-backup nor a private key. Recovery by hand uses ``wal-fetch`` or a
+plain ``cp`` (docs/runbooks/postgres.md).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Callable, Sequence
-from contextlib import closing
+from contextlib import closing, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,6 +36,7 @@ from spark_backup.engine.manifest import Manifest
 from spark_backup.engine.processes import first_error, tool_environment
 from spark_backup.errors import IntegrityError, RestoreRefused, SourceError, UsageError
 from spark_backup.sources.postgres.pitr_options import LATEST
+from spark_backup.sources.postgres.prefetch import SCRIPT_FILE
 from spark_backup.sources.postgres.server import (
     DEBIAN_BIN_DIRS,
     conf_value,
@@ -51,9 +54,6 @@ WAL_CACHE_FOLDER = "wal_archive"
 LOG_FILE = "postgresql.log"
 REPORT_FILE = "pitr.json"
 HBA_FILE = "pg_hba.conf"
-# Segments beyond the last one archived before the target fetched up front: the commit that
-# ends recovery is usually in the next few.
-WAL_LOOKAHEAD = 8
 # PostgreSQL 15's words when the WAL ran out before the recovery target.
 ENDED_EARLY = "recovery ended before configured recovery target was reached"
 # postmaster.pid's eighth line is the server's status (PostgreSQL's LOCK_FILE_LINE_PM_STATUS).
@@ -95,12 +95,25 @@ class PitrReport:
     stopped: str | None = None
     last_transaction: str | None = None
     wal_files: int = 0
+    # Per step; fetch_wal_busy (thread-seconds) overlaps the others, recovery_waited_for_wal
+    # is part of recovery: their sum is not the wall time.
     seconds: dict[str, float] = field(default_factory=dict)
+    wall_seconds: float = 0.0
     databases: dict[str, dict[str, Any]] = field(default_factory=dict)
     error: str | None = None
 
     def connect_hint(self) -> str:
         return f"psql -h {self.target_dir} -p {self.port} -U {self.user}"
+
+    def breakdown(self) -> str:
+        """Where the wall time went, for a person."""
+        step = self.seconds.get
+        return (
+            f"base backup {step('restore_base_backup', 0):.1f}s, replay "
+            f"{step('recovery', 0):.1f}s (waiting for WAL {step('recovery_waited_for_wal', 0):.1f}s),"
+            f" checks {step('verify', 0):.1f}s; WAL fetched alongside in "
+            f"{step('fetch_wal_busy', 0):.1f} thread-seconds"
+        )
 
 
 _LSN_RE = re.compile(r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$")
@@ -312,18 +325,17 @@ def configure_recovery(
         encoding="utf-8",
     )
     (data / "postgresql.conf").touch(exist_ok=True)  # Debian keeps it outside the data folder
-    wal = shlex.quote(str(target_dir / WAL_CACHE_FOLDER))
+    script = shlex.quote(str(target_dir / WAL_CACHE_FOLDER / SCRIPT_FILE))
     settings = {
         "port": str(port),
         "listen_addresses": "''",
         "unix_socket_directories": conf_value(str(target_dir)),
         "hba_file": conf_value(str(target_dir / HBA_FILE)),
         "archive_mode": "off",
-        # Only a file that is not there may end recovery (exit 1); a copy that fails for any
-        # other reason must abort it (above 125), never pass for the end of the WAL.
-        "restore_command": conf_value(
-            f'test ! -e {wal}/%f && exit 1; cp {wal}/%f "%p" || exit 255'
-        ),
+        # Only a file that is not in the archive may end recovery (exit 1); a fetch or copy
+        # that fails for any other reason aborts it (above 125), never passes for the end of
+        # the WAL (prefetch.restore_script).
+        "restore_command": conf_value(f'{script} "%f" "%p"'),
         "recovery_end_command": "''",
         "archive_cleanup_command": "''",
         "primary_conninfo": "''",
@@ -366,7 +378,9 @@ def hand_over(folder: Path, os_user: str | None) -> None:
     entry = pwd.getpwnam(os_user)
     for root, dirs, files in os.walk(folder):
         for name in [*dirs, *files]:
-            os.lchown(os.path.join(root, name), entry.pw_uid, entry.pw_gid)
+            # The WAL prefetch renames and deletes files in DIR/wal_archive meanwhile.
+            with suppress(FileNotFoundError):
+                os.lchown(os.path.join(root, name), entry.pw_uid, entry.pw_gid)
     os.lchown(folder, entry.pw_uid, entry.pw_gid)
 
 
@@ -522,26 +536,12 @@ def timed(report: PitrReport, step: str, action: Callable[[], Any]) -> Any:
         report.seconds[step] = round(spent, 3)
 
 
-def wal_batches(wanted: list[ArchivedWal], target: dt.datetime | None) -> list[list[ArchivedWal]]:
-    """The WAL to fetch, in batches. A segment archived before the target holds nothing after
-    it, so all of those come first, with the history files and a few segments beyond; later
-    batches, each twice the size, are fetched only if recovery ends before reaching the target
-    (it then resumes where it stopped). Without a target, all of it at once."""
+def replay_order(wanted: list[ArchivedWal]) -> list[ArchivedWal]:
+    """The WAL in the order recovery reads it: the history files, then the segments by position
+    (and timeline), then a streamed partial segment, where the WAL ends."""
     histories = [entry for entry in wanted if not entry.is_segment and not entry.is_partial]
     segments = sorted((e for e in wanted if e.is_segment), key=lambda e: (e.position, e.timeline))
-    # A streamed partial segment, if any, is where the WAL ends: after every segment.
-    segments += [entry for entry in wanted if entry.is_partial]
-    if target is None:
-        return [histories + segments]
-    before = sum(1 for entry in segments if entry.modified < target)
-    size = before + WAL_LOOKAHEAD
-    batches = [histories + segments[:size]]
-    step = max(WAL_LOOKAHEAD, 1)
-    while size < len(segments):
-        step *= 2
-        batches.append(segments[size : size + step])
-        size += step
-    return batches
+    return histories + segments + [entry for entry in wanted if entry.is_partial]
 
 
 def default_os_user() -> str | None:

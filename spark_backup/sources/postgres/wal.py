@@ -34,7 +34,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from pyrage import x25519
 
@@ -51,6 +51,9 @@ from spark_backup.errors import (
     StoreError,
     UsageError,
 )
+
+if TYPE_CHECKING:
+    from spark_backup.engine.age_worker import AgeWorker
 
 WAL_FOLDER = "wal"
 _WAL_NAME = r"[0-9A-F]{24}(?:\.partial|\.streamed|\.[0-9A-F]{8}\.backup)?|[0-9A-F]{8}\.history"
@@ -366,13 +369,15 @@ def fetch_wal(
     entry: ArchivedWal | None = None,
     verifier: Verifier | None = None,
     system_identifier: str | None = None,
+    worker: AgeWorker | None = None,
 ) -> None:
     """Restore one WAL file to ``destination``, which appears only complete and checked.
     ``WalNotArchived`` if the archive does not hold it; ``SignatureError`` if ``verifier``
     refuses its signature (nothing is written then); ``entry`` (from a listing the caller
     made) saves listing the archive again. The file is that of cluster ``system_identifier``
     (else of the cluster whose ``pg_wal`` ``destination`` is in, when it tells), or one
-    archived without an identifier by an earlier release."""
+    archived without an identifier by an earlier release. ``worker``: a decrypting process
+    that serves many files in turn (else one is started for this file)."""
     check_wal_name(name)
     if system_identifier is None and entry is None:
         system_identifier = control_file_system_identifier(
@@ -402,7 +407,9 @@ def fetch_wal(
     try:
         with (
             _create(partial) as out,
-            open_encrypted(store, found.key, identities, f"WAL file {name}") as opened,
+            open_encrypted(
+                store, found.key, identities, f"WAL file {name}", worker=worker
+            ) as opened,
         ):
             copy_stream(opened.plaintext, out)
             if found.is_partial:
