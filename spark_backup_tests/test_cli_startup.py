@@ -166,6 +166,7 @@ def test_a_command_missing_from_the_index_is_still_found(monkeypatch) -> None:
 
     monkeypatch.setattr(registry, "_commands", None)
     monkeypatch.setattr(registry, "_kinds", None)
+    monkeypatch.setattr(registry, "_all_loaded", False)
     monkeypatch.setattr(registry, "command_entry_points", list)
     context = cli.make_context("spark-backup", ["--help"], resilient_parsing=True)
     assert cli.get_command(context, "wal-push") is not None
