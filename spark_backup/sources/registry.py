@@ -14,6 +14,7 @@ they are found without loading the kind: a kind that has commands also names the
 
 from __future__ import annotations
 
+import functools
 from importlib import metadata
 from typing import TYPE_CHECKING
 
@@ -39,9 +40,15 @@ _version = 0
 def _index() -> dict[str, metadata.EntryPoint]:
     global _entry_points
     if _entry_points is None:
-        found = sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name)
+        found = sorted(_installed().select(group=ENTRY_POINT_GROUP), key=lambda e: e.name)
         _entry_points = {entry.name: entry for entry in found}
     return _entry_points
+
+
+@functools.cache
+def _installed() -> metadata.EntryPoints:
+    """Every installed entry point: one scan of the installed packages serves both groups."""
+    return metadata.entry_points()
 
 
 def _load(entry: metadata.EntryPoint) -> SourceKind:
@@ -135,4 +142,4 @@ def commands() -> list[click.Command]:
 
 
 def command_entry_points() -> list[metadata.EntryPoint]:
-    return sorted(metadata.entry_points(group=COMMANDS_ENTRY_POINT_GROUP), key=lambda e: e.name)
+    return sorted(_installed().select(group=COMMANDS_ENTRY_POINT_GROUP), key=lambda e: e.name)
