@@ -16,7 +16,15 @@ from pathlib import Path
 import pytest
 
 from spark_backup.sources import registry
-from spark_backup_tests.helpers import config_source, plan_dict, run_cli, write_plan
+from spark_backup_tests.faiss_data import faiss_source
+from spark_backup_tests.helpers import (
+    config_source,
+    llm_source,
+    mongodb_source,
+    plan_dict,
+    run_cli,
+    write_plan,
+)
 
 # Records sys.modules at exit (after main()'s sys.exit), into the file $MODULES_OUT names.
 _RECORDER = """
@@ -169,6 +177,28 @@ def test_wal_push_loads_neither_psycopg_nor_rich(tmp_path: Path, quick_plan: Pat
     assert offending(modules, KINDS_NOT_IN_THE_QUICK_PLAN) == []
     # what it does need, so the list above is about the right process
     assert {"spark_backup.service.runtime", "pyrage", "zstandard"} <= modules
+
+
+def test_a_plan_of_every_kind_is_read_without_the_kinds_machinery(
+    tmp_path: Path, age_key, estate: Path
+) -> None:
+    """Every kind named, so every kind loads: still no driver, no FAISS, no Dagster, and no
+    cryptography in a plan without signing (the blob layer derives its chunk keys with it
+    only in a backup)."""
+    postgres = {"name": "pg_main", "kind": "postgres", "cadence": "daily", "owner": "team:dba"}
+    sources = [
+        config_source("etc", [str(estate)]),
+        postgres,
+        mongodb_source("mongodb://127.0.0.1:1", ["app"]),
+        llm_source("adapters", str(tmp_path / "model")),
+        faiss_source(tmp_path / "rag"),
+    ]
+    plan = write_plan(tmp_path, plan_dict([age_key[1]], sources))
+    done, modules = imported_by(tmp_path, "--plan", str(plan), "list", "--json")
+    assert done.returncode == 0, done.stderr
+    assert {f"spark_backup.sources.{s['kind']}.kind" for s in sources} <= modules
+    heavy = (*NEVER, "psycopg", "psycopg2", "pymongo", "faiss", "cryptography", "rich")
+    assert offending(modules, heavy) == []
 
 
 def test_commands_found_by_entry_point_are_the_kinds_own() -> None:
