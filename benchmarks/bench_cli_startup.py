@@ -12,10 +12,15 @@ peak RSS. Commands:
   (mostly zeros), a new segment name every run: reading the plan, hashing, compressing,
   encrypting and storing it.
 
+With ``--baseline DIR`` (a folder holding another version's ``spark_backup`` package, such as
+``git archive REV spark_backup | tar -x -C DIR``), each command also runs with that version
+first on ``PYTHONPATH``, interleaved run by run with this one, so that both see the same load.
+
 Run with the project's venv::
 
     .venv/bin/python benchmarks/bench_cli_startup.py
     .venv/bin/python benchmarks/bench_cli_startup.py --repeat 9 --json startup.json
+    .venv/bin/python benchmarks/bench_cli_startup.py --repeat 9 --baseline /tmp/before
 """
 
 from __future__ import annotations
@@ -44,9 +49,10 @@ class StartupResult:
     command: str
     best_s: float
     median_s: float
-    cpu_s: float  # the fastest run's user + system time
+    cpu_s: float  # the least user + system time of the runs
     peak_rss_mb: float
     runs: int
+    reference: bool = False  # libraries alone, not a spark-backup command: no target
 
     @property
     def passed(self) -> bool:
@@ -61,7 +67,7 @@ def spark_backup_script() -> str:
     return str(script)
 
 
-def timed(args: list[str], cwd: Path) -> tuple[float, float, float]:
+def timed(args: list[str], cwd: Path, baseline: Path | None = None) -> tuple[float, float, float]:
     """Wall seconds, CPU seconds and peak RSS (MB) of one run of ``args``, which must succeed.
     (GNU time adds about a millisecond.)"""
     report = cwd / "rss.txt"
@@ -71,7 +77,7 @@ def timed(args: list[str], cwd: Path) -> tuple[float, float, float]:
         cwd=cwd,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
-        env=_environment(),
+        env=_environment(baseline),
     )
     _, status, usage = os.wait4(process.pid, 0)
     wall = time.perf_counter() - started
@@ -84,12 +90,14 @@ def timed(args: list[str], cwd: Path) -> tuple[float, float, float]:
     return wall, usage.ru_utime + usage.ru_stime, peak_rss_mb(report) or usage.ru_maxrss / 1024
 
 
-def _environment() -> dict[str, str]:
+def _environment(baseline: Path | None = None) -> dict[str, str]:
     # No terminal, no colour: what archive_command and scripts see. Bytecode is cached as an
     # installed package has it (pip compiles at install time); with PYTHONDONTWRITEBYTECODE set,
     # every run would compile spark-backup's modules again (about 0.1 CPU-seconds).
     env = {**os.environ, "NO_COLOR": "1", "TERM": "dumb"}
     env.pop("PYTHONDONTWRITEBYTECODE", None)
+    if baseline is not None:  # ahead of the editable install's finder
+        env["PYTHONPATH"] = str(baseline)
     return env
 
 
@@ -152,8 +160,11 @@ def segment(workdir: Path, number: int) -> Path:
     return path
 
 
-def measure(repeat: int, copies: int = 5, workdir: Path | None = None) -> list[StartupResult]:
-    """Time every command ``repeat`` times in a fresh folder (removed afterwards)."""
+def measure(
+    repeat: int, copies: int = 5, workdir: Path | None = None, baseline: Path | None = None
+) -> list[StartupResult]:
+    """Time every command ``repeat`` times in a fresh folder (removed afterwards); with
+    ``baseline``, that version's runs alternate with this one's."""
     base = Path(tempfile.mkdtemp(prefix="spark-bench-cli-", dir=workdir))
     try:
         plan = prepare(base, copies)
@@ -170,34 +181,59 @@ def measure(repeat: int, copies: int = 5, workdir: Path | None = None) -> list[S
                 str(segment(base, n + 1)),
             ],
         }
+        # What any command that reads a plan pays before spark-backup's own code: the
+        # interpreter, click, PyYAML and pydantic with one model built (not a spark-backup
+        # command; it shows how much of list and wal-push is libraries).
+        floor = "import click, yaml, pydantic\nclass M(pydantic.BaseModel):\n    x: int = 1\nM()"
+        references: dict[str, object] = {
+            "interpreter alone (python -c pass)": lambda n: [sys.executable, "-c", "pass"],
+            "click, PyYAML, pydantic (1 model)": lambda n: [sys.executable, "-c", floor],
+        }
+        versions: dict[str, Path | None] = {"": None}
+        if baseline is not None:
+            versions[" [baseline]"] = baseline
         results = []
-        for label, make_args in commands.items():
-            timed(make_args(repeat), base)  # type: ignore[operator]  # warm-up: bytecode, page cache
-            runs = [timed(make_args(n), base) for n in range(repeat)]  # type: ignore[operator]
-            walls = [r[0] for r in runs]
-            fastest = min(runs)
-            results.append(
-                StartupResult(
-                    label,
-                    round(fastest[0], 3),
-                    round(statistics.median(walls), 3),
-                    round(fastest[1], 3),
-                    round(max(r[2] for r in runs), 1),
-                    repeat,
+        for label, make_args in {**commands, **references}.items():
+            runs: dict[str, list[tuple[float, float, float]]] = {}
+            numbers = iter(range(repeat * len(versions) + len(versions)))
+            measured_versions = {"": None} if label in references else versions
+            for version in measured_versions.values():  # warm-up: bytecode, page cache
+                timed(make_args(next(numbers)), base, version)  # type: ignore[operator]
+            for _ in range(repeat):
+                for suffix, version in measured_versions.items():
+                    args = make_args(next(numbers))  # type: ignore[operator]
+                    runs.setdefault(suffix, []).append(timed(args, base, version))
+            for suffix, measured in runs.items():
+                fastest = min(measured)
+                results.append(
+                    StartupResult(
+                        label + suffix,
+                        round(fastest[0], 3),
+                        round(statistics.median(r[0] for r in measured), 3),
+                        round(min(r[1] for r in measured), 3),
+                        round(max(r[2] for r in measured), 1),
+                        repeat,
+                        reference=label in references,
+                    )
                 )
-            )
         return results
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
 
 def table(results: list[StartupResult]) -> str:
-    header = f"{'command':<28}{'best s':>8}{'median s':>10}{'CPU s':>8}{'peak RSS MB':>13}  result"
+    header = f"{'command':<38}{'best s':>8}{'median s':>10}{'CPU s':>8}{'peak RSS MB':>13}  result"
     lines = [header, "-" * len(header)]
     for r in results:
-        verdict = "PASS" if r.passed else f"MISS (target <= {TARGET_SECONDS} s)"
+        verdict = (
+            "(reference)"
+            if r.reference
+            else "PASS"
+            if r.passed
+            else f"MISS (target <= {TARGET_SECONDS} s)"
+        )
         lines.append(
-            f"{r.command:<28}{r.best_s:>8.3f}{r.median_s:>10.3f}{r.cpu_s:>8.3f}"
+            f"{r.command:<38}{r.best_s:>8.3f}{r.median_s:>10.3f}{r.cpu_s:>8.3f}"
             f"{r.peak_rss_mb:>13.1f}  {verdict}"
         )
     return "\n".join(lines)
@@ -208,9 +244,16 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=7, help="runs per command (default 7)")
     parser.add_argument("--copies", type=int, default=5, help="copies in the listed store")
     parser.add_argument("--json", type=Path, help="write the figures as JSON")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="a folder with another version's spark_backup package, run interleaved",
+    )
     args = parser.parse_args()
+    if args.baseline and not (args.baseline / "spark_backup" / "__init__.py").exists():
+        parser.error(f"{args.baseline}: no spark_backup package in it")
     print(f"load average {load_average()}; {basic_facts()}")
-    results = measure(args.repeat, args.copies)
+    results = measure(args.repeat, args.copies, baseline=args.baseline)
     print(table(results))
     print(f"load average {load_average()}")
     if args.json:

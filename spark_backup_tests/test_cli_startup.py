@@ -16,7 +16,15 @@ from pathlib import Path
 import pytest
 
 from spark_backup.sources import registry
-from spark_backup_tests.helpers import config_source, plan_dict, run_cli, write_plan
+from spark_backup_tests.faiss_data import faiss_source
+from spark_backup_tests.helpers import (
+    config_source,
+    llm_source,
+    mongodb_source,
+    plan_dict,
+    run_cli,
+    write_plan,
+)
 
 # Records sys.modules at exit (after main()'s sys.exit), into the file $MODULES_OUT names.
 _RECORDER = """
@@ -42,6 +50,26 @@ NOT_FOR_WAL_PUSH = (
     "spark_backup.service.copies",
     "spark_backup.service.retention",
     "spark_backup.service.journal",
+    # ... nor what the plan's sections name but only other commands do: writing the journal,
+    # replicating, listing and expiring copies.
+    "spark_backup.journal.journal",
+    "spark_backup.journal.documents",
+    "spark_backup.engine.replication.records",
+    "spark_backup.engine.replication.targets",
+    "spark_backup.engine.catalog",
+    "spark_backup.engine.retention",
+)
+# The kinds a plan does not name: reading it loads only the kinds of its own sources.
+KINDS_NOT_IN_THE_QUICK_PLAN = (
+    "spark_backup.sources.mongodb.kind",
+    "spark_backup.sources.mongodb.settings",
+    "spark_backup.sources.llm_artifacts.kind",
+    "spark_backup.sources.llm_artifacts.settings",
+    "spark_backup.sources.faiss.kind",
+    "spark_backup.sources.faiss.settings",
+    "pymongo",
+    "bson",
+    "pyfastcdc",
 )
 # What --help and --version must do without: validating a plan, printing with rich, the
 # pipeline, a kind's operations.
@@ -129,6 +157,7 @@ def test_list_talks_to_no_server_and_as_json_prints_without_rich(
     assert done.returncode == 0, done.stderr
     assert "etc-" in done.stdout
     assert offending(modules, (*NEVER, *NOT_FOR_READING, "psycopg", "psycopg2", "pymongo")) == []
+    assert offending(modules, KINDS_NOT_IN_THE_QUICK_PLAN) == []
     done, modules = imported_by(tmp_path, "--plan", str(quick_plan), "list", "--json")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)[0]["source"] == "etc"
@@ -145,8 +174,31 @@ def test_wal_push_loads_neither_psycopg_nor_rich(tmp_path: Path, quick_plan: Pat
     assert done.returncode == 0, done.stderr
     assert offending(modules, (*NEVER, "psycopg", "psycopg2", "pymongo", "rich")) == []
     assert offending(modules, NOT_FOR_WAL_PUSH) == []
+    assert offending(modules, KINDS_NOT_IN_THE_QUICK_PLAN) == []
     # what it does need, so the list above is about the right process
     assert {"spark_backup.service.runtime", "pyrage", "zstandard"} <= modules
+
+
+def test_a_plan_of_every_kind_is_read_without_the_kinds_machinery(
+    tmp_path: Path, age_key, estate: Path
+) -> None:
+    """Every kind named, so every kind loads: still no driver, no FAISS, no Dagster, and no
+    cryptography in a plan without signing (the blob layer derives its chunk keys with it
+    only in a backup)."""
+    postgres = {"name": "pg_main", "kind": "postgres", "cadence": "daily", "owner": "team:dba"}
+    sources = [
+        config_source("etc", [str(estate)]),
+        postgres,
+        mongodb_source("mongodb://127.0.0.1:1", ["app"]),
+        llm_source("adapters", str(tmp_path / "model")),
+        faiss_source(tmp_path / "rag"),
+    ]
+    plan = write_plan(tmp_path, plan_dict([age_key[1]], sources))
+    done, modules = imported_by(tmp_path, "--plan", str(plan), "list", "--json")
+    assert done.returncode == 0, done.stderr
+    assert {f"spark_backup.sources.{s['kind']}.kind" for s in sources} <= modules
+    heavy = (*NEVER, "psycopg", "psycopg2", "pymongo", "faiss", "cryptography", "rich")
+    assert offending(modules, heavy) == []
 
 
 def test_commands_found_by_entry_point_are_the_kinds_own() -> None:
@@ -166,7 +218,30 @@ def test_a_command_missing_from_the_index_is_still_found(monkeypatch) -> None:
 
     monkeypatch.setattr(registry, "_commands", None)
     monkeypatch.setattr(registry, "_kinds", None)
+    monkeypatch.setattr(registry, "_all_loaded", False)
     monkeypatch.setattr(registry, "command_entry_points", list)
     context = cli.make_context("spark-backup", ["--help"], resilient_parsing=True)
     assert cli.get_command(context, "wal-push") is not None
     assert cli.get_command(context, "no-such-command") is None
+
+
+def test_a_kind_loads_by_its_name_alone() -> None:
+    """Naming the kinds loads none; asking for one loads it and no other; asking for all loads
+    them all, in the order the registry always gave."""
+    script = """
+import json, sys
+from spark_backup.sources import registry
+names = registry.names()
+before = sorted(m for m in sys.modules if m.startswith("spark_backup.sources.") and m.endswith(".kind"))
+registry.kind("config_archive")
+one = sorted(m for m in sys.modules if m.startswith("spark_backup.sources.") and m.endswith(".kind"))
+print(json.dumps([names, before, one, list(registry.kinds())]))
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    names, before, one, everything = json.loads(done.stdout)
+    assert names == everything == sorted(names)
+    assert {"config_archive", "postgres"} <= set(names)
+    assert before == []
+    assert one == ["spark_backup.sources.config_archive.kind"]

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import yaml
 from pydantic import ValidationError
 
 from spark_backup.errors import PlanError
 from spark_backup.plan.errors import describe_validation_error
-from spark_backup.plan.schema import Plan, plan_model
+from spark_backup.plan.schema import Plan, kinds_named, plan_model
 
 PLAN_ENV = "SPARK_BACKUP_PLAN"
 DEFAULT_PLAN_PATH = "spark_backup.yaml"
@@ -62,9 +63,22 @@ def load_plan(path: str | os.PathLike[str] | None = None) -> LoadedPlan:
         raise PlanError(f"{plan_path}: {where}invalid YAML: {problem}") from None
     if not isinstance(data, dict):
         raise PlanError(f"{plan_path}: expected a mapping with encryption, stores and sources")
+    return LoadedPlan(plan=validate_plan(data, plan_path), path=plan_path.resolve())
+
+
+def validate_plan(data: dict[str, Any], plan_path: Path) -> Plan:
+    """The plan ``data`` validated by the models of the kinds it names, so that reading it loads
+    no other kind. Each source is validated by its own kind's model either way; a plan that
+    fails is validated again by the model of every kind, whose errors are the ones reported
+    (an unknown kind, the union's tags)."""
+    named = kinds_named(data)
+    if named is not None:
+        try:
+            return plan_model(named).model_validate(data)
+        except ValidationError:
+            pass
     model = plan_model()
     try:
-        plan = model.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
         raise PlanError(f"{plan_path}: {describe_validation_error(exc, data, model)}") from None
-    return LoadedPlan(plan=plan, path=plan_path.resolve())

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from typing import Annotated, Literal, Union
+from collections.abc import Collection, Mapping
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import Field, create_model, field_validator, model_validator
 
@@ -240,26 +241,42 @@ def _unique(names: list[str], field: str) -> None:
         seen.add(name)
 
 
-_models: dict[int, type[Plan]] = {}
+_models: dict[tuple[int, tuple[str, ...]], type[Plan]] = {}
 
 
-def plan_model() -> type[Plan]:
+def plan_model(kinds: Collection[str] | None = None) -> type[Plan]:
     """``Plan`` with ``sources`` as the union of every registered kind's model, told apart by
-    ``kind`` (rebuilt when the registry changes)."""
+    ``kind`` (rebuilt when the registry changes). With ``kinds`` (registered names), the union
+    of only those: what a plan naming no other kind validates with, loading no other kind."""
     from spark_backup.sources import registry
 
-    version = registry.version()
-    if version not in _models:
-        models = tuple(kind.settings for kind in registry.kinds().values())
+    names = tuple(registry.names() if kinds is None else sorted(kinds))
+    key = (registry.version(), names)
+    if key not in _models:
+        models = tuple(registry.kind(name).settings for name in names)
         entry = (
             Annotated[Union[models], Field(discriminator="kind")]  # noqa: UP007
             if len(models) > 1
             else models[0]
         )
-        _models.clear()
-        _models[version] = create_model(
+        if any(version != key[0] for version, _ in _models):
+            _models.clear()
+        _models[key] = create_model(
             "Plan",
             __base__=Plan,
             sources=(list[entry], Field(min_length=1)),  # type: ignore[valid-type]
         )
-    return _models[version]
+    return _models[key]
+
+
+def kinds_named(data: Mapping[str, Any]) -> set[str] | None:
+    """The kinds a plan's ``sources`` name, if each entry names a registered one (else None:
+    only the model of every kind describes what is wrong)."""
+    from spark_backup.sources import registry
+
+    sources = data.get("sources")
+    if not isinstance(sources, list) or not sources:
+        return None
+    named = {entry.get("kind") if isinstance(entry, Mapping) else None for entry in sources}
+    known = set(registry.names())
+    return named if all(isinstance(name, str) and name in known for name in named) else None

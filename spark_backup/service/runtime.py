@@ -7,12 +7,11 @@ import datetime as dt
 import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pyrage import x25519
 
 from spark_backup.engine.cadence import partition_key_for
-from spark_backup.engine.catalog import Catalog, DamagedManifest, find_copy
 from spark_backup.engine.crypto import (
     Recipients,
     identities_from_text,
@@ -22,7 +21,6 @@ from spark_backup.engine.crypto import (
 )
 from spark_backup.engine.manifest import COPY_ID_RE
 from spark_backup.engine.pipeline import CompressionSettings, utcnow
-from spark_backup.engine.retention import RetentionRule
 from spark_backup.engine.secrets import SecretRef, SecretResolver, find_references, open_secrets
 from spark_backup.engine.signing import Signer, Verifier
 from spark_backup.engine.stores import ObjectStore, open_store
@@ -30,6 +28,12 @@ from spark_backup.errors import NotFoundError, PlanError, StoreError, UsageError
 from spark_backup.plan import LoadedPlan, SourceSettings, load_plan
 from spark_backup.sources import registry
 from spark_backup.sources.base import Artifact, CopyRef, SourceContext, SourceKind, StoreAccess
+
+# The catalog and retention load where copies are listed or expired: ``wal-push``, run for
+# every WAL segment, opens the plan and does neither.
+if TYPE_CHECKING:
+    from spark_backup.engine.catalog import Catalog, DamagedManifest
+    from spark_backup.engine.retention import RetentionRule
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +104,8 @@ class PlanRuntime:
         return partition_key_for(artifact.cadence, now or utcnow())
 
     def retention(self, source: SourceSettings) -> RetentionRule:
+        from spark_backup.engine.retention import RetentionRule
+
         retention = self.plan.retention_for(source)
         return RetentionRule(retention.daily, retention.weekly, retention.monthly)
 
@@ -164,6 +170,8 @@ class PlanRuntime:
 
     def catalog(self, store: ObjectStore) -> Catalog:
         """The store's catalog, one per store and run, so index segments are read once."""
+        from spark_backup.engine.catalog import Catalog
+
         if store.name not in self._catalogs:
             self._catalogs[store.name] = Catalog(store, self.verifier)
         return self._catalogs[store.name]
@@ -231,6 +239,8 @@ class PlanRuntime:
             log.warning("index of %s not updated: %s", source_name, exc)
 
     def find(self, copy_id: str) -> CopyRef:
+        from spark_backup.engine.catalog import find_copy
+
         return CopyRef(*find_copy(self.all_stores(), copy_id, self.verifier))
 
     def select(self, selector: str | None) -> tuple[list[CopyRef], list[DamagedManifest]]:

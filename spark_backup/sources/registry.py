@@ -3,7 +3,8 @@
 Kinds register through the ``spark_backup.kinds`` entry-point group (``pyproject.toml``), so a
 kind shipped in another package plugs in without a change here, and no module outside a kind's
 own package names it. ``register`` adds one at run time (tests, plugins under development).
-Kinds load on first use: importing the registry imports no kind.
+Kinds load on first use, each by its name: importing the registry imports no kind, and
+reading a plan loads only the kinds it names.
 
 A kind's own commands are listed by ``--help`` and run by PostgreSQL's ``archive_command``, so
 they are found without loading the kind: a kind that has commands also names them in the
@@ -13,6 +14,7 @@ they are found without loading the kind: a kind that has commands also names the
 
 from __future__ import annotations
 
+import functools
 from importlib import metadata
 from typing import TYPE_CHECKING
 
@@ -25,25 +27,62 @@ if TYPE_CHECKING:
 ENTRY_POINT_GROUP = "spark_backup.kinds"
 COMMANDS_ENTRY_POINT_GROUP = "spark_backup.commands"
 
+# The kinds loaded so far, by name; a kind loads when first asked for by name (reading a plan
+# loads the kinds it names, not all of them), every kind when all are asked for.
 _kinds: dict[str, SourceKind] | None = None
+_all_loaded = False
+# The ``spark_backup.kinds`` entry points by name, read once (a scan of every installed package).
+_entry_points: dict[str, metadata.EntryPoint] | None = None
 # Bumped on every change, so that models built from the registry know when to rebuild.
 _version = 0
 
 
+def _index() -> dict[str, metadata.EntryPoint]:
+    global _entry_points
+    if _entry_points is None:
+        found = sorted(_installed().select(group=ENTRY_POINT_GROUP), key=lambda e: e.name)
+        _entry_points = {entry.name: entry for entry in found}
+    return _entry_points
+
+
+@functools.cache
+def _installed() -> metadata.EntryPoints:
+    """Every installed entry point: one scan of the installed packages serves both groups."""
+    return metadata.entry_points()
+
+
+def _load(entry: metadata.EntryPoint) -> SourceKind:
+    kind = entry.load()
+    if not isinstance(kind, SourceKind) or kind.name != entry.name:
+        raise PlanError(
+            f"entry point {entry.name} = {entry.value} ({ENTRY_POINT_GROUP}) is not the "
+            f"SourceKind named {entry.name!r}"
+        )
+    return kind
+
+
 def _loaded() -> dict[str, SourceKind]:
-    global _kinds
-    if _kinds is None:
-        found: dict[str, SourceKind] = {}
-        for entry in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
-            kind = entry.load()
-            if not isinstance(kind, SourceKind) or kind.name != entry.name:
-                raise PlanError(
-                    f"entry point {entry.name} = {entry.value} ({ENTRY_POINT_GROUP}) is not the "
-                    f"SourceKind named {entry.name!r}"
-                )
-            found[kind.name] = kind
-        _kinds = found
+    """Every kind, loaded."""
+    global _kinds, _all_loaded
+    if not _all_loaded:
+        loaded = _kinds or {}
+        # Entry-point kinds first, in name order, then those registered at run time.
+        found = {
+            name: loaded[name] if name in loaded else _load(entry)
+            for name, entry in _index().items()
+        }
+        _kinds = {**found, **loaded}
+        _all_loaded = True
+    assert _kinds is not None
     return _kinds
+
+
+def names() -> list[str]:
+    """The name of every registered kind, without loading any."""
+    if _all_loaded:
+        assert _kinds is not None
+        return list(_kinds)
+    return [*_index(), *(name for name in _kinds or {} if name not in _index())]
 
 
 def kinds() -> dict[str, SourceKind]:
@@ -52,12 +91,17 @@ def kinds() -> dict[str, SourceKind]:
 
 
 def kind(name: str) -> SourceKind:
-    try:
-        return _loaded()[name]
-    except KeyError:
+    """The kind called ``name``, loading only it."""
+    global _kinds
+    if _kinds is not None and name in _kinds:
+        return _kinds[name]
+    entry = None if _all_loaded else _index().get(name)
+    if entry is None:
         raise NotFoundError(
-            f"unknown source kind {name!r} (this version knows: {', '.join(_loaded())})"
-        ) from None
+            f"unknown source kind {name!r} (this version knows: {', '.join(names())})"
+        )
+    _kinds = {**(_kinds or {}), name: _load(entry)}
+    return _kinds[name]
 
 
 def register(new: SourceKind) -> None:
@@ -87,10 +131,10 @@ def commands() -> list[click.Command]:
     (``cli_commands``, which covers kinds registered at run time); before that, only the
     modules the ``spark_backup.commands`` entry points name are imported, never the kinds."""
     global _commands
-    state = (_version, _kinds is not None)
+    state = (_version, _all_loaded)
     if _commands is None or _commands[0] != state:
-        if _kinds is not None:
-            found = {name: list(kind.cli_commands()) for name, kind in _kinds.items()}
+        if _all_loaded:
+            found = {name: list(kind.cli_commands()) for name, kind in _loaded().items()}
         else:
             found = {entry.name: list(entry.load()) for entry in command_entry_points()}
         _commands = (state, [command for name in sorted(found) for command in found[name]])
@@ -98,4 +142,4 @@ def commands() -> list[click.Command]:
 
 
 def command_entry_points() -> list[metadata.EntryPoint]:
-    return sorted(metadata.entry_points(group=COMMANDS_ENTRY_POINT_GROUP), key=lambda e: e.name)
+    return sorted(_installed().select(group=COMMANDS_ENTRY_POINT_GROUP), key=lambda e: e.name)

@@ -13,14 +13,16 @@ from __future__ import annotations
 import hashlib
 import hmac
 
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-
 KEY_SALT = b"spark-backup.chunk-id/v1"
 
 
 def derive_chunk_key(secret: str | bytes, scope: str) -> bytes:
     """The 32-byte MAC key of one scope (a source), from the plan's chunk secret."""
+    # Imported here, as signing does: a plan naming an llm_artifacts source loads this module
+    # (through its kind) for every command, and only a backup derives a key.
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
     material = secret.encode() if isinstance(secret, str) else secret
     if len(material) < 16:
         raise ValueError("the chunk secret must be at least 16 bytes")

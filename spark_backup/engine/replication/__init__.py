@@ -15,18 +15,42 @@ document and manifest) builds its own ``ReplicaVersion`` and gets the same targe
 - ``oci.py``: the OCI registry target (``oras``, imported when a push or check runs).
 """
 
-from spark_backup.engine.replication.config import (
-    OciReplicaConfig,
-    ReplicaConfig,
-    StoreReplicaConfig,
-)
-from spark_backup.engine.replication.records import (
-    ReplicaRecord,
-    newest_records,
-    write_record,
-)
-from spark_backup.engine.replication.targets import ReplicaTarget, StoreReplica
-from spark_backup.engine.replication.version import ReplicaFile, ReplicaVersion, copy_version
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from spark_backup.lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from spark_backup.engine.replication.config import (
+        OciReplicaConfig,
+        ReplicaConfig,
+        StoreReplicaConfig,
+    )
+    from spark_backup.engine.replication.records import (
+        ReplicaRecord,
+        newest_records,
+        write_record,
+    )
+    from spark_backup.engine.replication.targets import ReplicaTarget, StoreReplica
+    from spark_backup.engine.replication.version import ReplicaFile, ReplicaVersion, copy_version
+
+# The plan reads ``config.py``; records, targets and versions load where a copy is replicated.
+_HOMES = {
+    "OciReplicaConfig": "spark_backup.engine.replication.config",
+    "ReplicaConfig": "spark_backup.engine.replication.config",
+    "StoreReplicaConfig": "spark_backup.engine.replication.config",
+    "ReplicaRecord": "spark_backup.engine.replication.records",
+    "newest_records": "spark_backup.engine.replication.records",
+    "write_record": "spark_backup.engine.replication.records",
+    "ReplicaTarget": "spark_backup.engine.replication.targets",
+    "StoreReplica": "spark_backup.engine.replication.targets",
+    "ReplicaFile": "spark_backup.engine.replication.version",
+    "ReplicaVersion": "spark_backup.engine.replication.version",
+    "copy_version": "spark_backup.engine.replication.version",
+}
+
+__getattr__ = lazy_exports(__name__, _HOMES, globals())
 
 __all__ = [
     "OciReplicaConfig",
