@@ -18,12 +18,19 @@ from typing import Any
 
 from pyrage import x25519
 
-from spark_backup.engine.blobs.chunks import chunk_key, id_of_chunk_key
+from spark_backup.engine.blobs.chunks import id_of_chunk_key
+from spark_backup.engine.blobs.packs import (
+    PackCache,
+    id_of_index_key,
+    id_of_pack_key,
+    index_prefix,
+)
 from spark_backup.engine.blobs.safetensors import SafetensorsError, read_header
 from spark_backup.engine.blobs.sweep import sweep, sweeps_prefix
 from spark_backup.engine.blobs.version import (
     iter_file,
-    missing_chunks,
+    missing_objects,
+    needed_objects,
     parse_version,
     read_refs,
     refs_prefix,
@@ -68,7 +75,8 @@ CHUNKS_PRESENT = "every chunk present"
 CHUNKS_DEEP = "every chunk decrypted, file and tensor digests"
 
 # Media types of a version's store objects in an OCI artifact (one layer per object).
-CHUNK_MEDIA_TYPE = "application/vnd.spark-backup.chunk.v1+age"
+PACK_MEDIA_TYPE = "application/vnd.spark-backup.pack.v1+age"
+CHUNK_MEDIA_TYPE = "application/vnd.spark-backup.chunk.v1+age"  # first release's layout
 REFS_MEDIA_TYPE = "application/vnd.spark-backup.chunk-refs.v1+json+zstd"
 
 
@@ -141,6 +149,7 @@ class LlmArtifactsKind(
         document = read_document(copy, identities)
         label = f"version {copy.manifest.id}"
         files = size = 0
+        cache = PackCache(copy.store, copy.manifest.source, identities)
         with staged_restore(target, options.overwrite) as staging:
             for entry in document["files"]:
                 path = staging / entry["path"]
@@ -154,7 +163,7 @@ class LlmArtifactsKind(
                     ) from None
                 with os.fdopen(fd, "wb") as out:
                     for data in iter_file(
-                        copy.store, copy.manifest.source, entry, identities, label
+                        copy.store, copy.manifest.source, entry, identities, label, cache
                     ):
                         out.write(data)
                         if options.progress:
@@ -196,7 +205,11 @@ class LlmArtifactsKind(
         metadata = copy.manifest.source_metadata
         try:
             return read_refs(
-                copy.store, metadata[REFS_KEY], metadata[REFS_SHA256], f"version {copy.manifest.id}"
+                copy.store,
+                copy.manifest.source,
+                metadata[REFS_KEY],
+                metadata[REFS_SHA256],
+                f"version {copy.manifest.id}",
             )
         except KeyError:
             raise IntegrityError(
@@ -209,7 +222,7 @@ class LlmArtifactsKind(
             ) from None
 
     def _broken_by(self, runtime: Runtime, copy: CopyRef, missing: list[str]) -> list[str]:
-        """Every version of the source that needs one of the ``missing`` chunks."""
+        """Every version of the source that needs one of the ``missing`` objects."""
         broken = []
         for other in runtime.copies(copy.manifest.source):
             try:
@@ -224,27 +237,29 @@ class LlmArtifactsKind(
         self, runtime: Runtime, copy: CopyRef, identities: list[x25519.Identity] | None
     ) -> list[str]:
         refs = self._refs(copy)
-        missing = missing_chunks(copy.store, copy.manifest.source, refs)
+        missing = missing_objects(copy.store, copy.manifest.source, refs)
         if missing:
             broken = self._broken_by(runtime, copy, missing)
+            names = ", ".join(m.removeprefix(f"{copy.manifest.source}/") for m in missing[:3])
             raise IntegrityError(
-                f"version {copy.manifest.id}: {len(missing)} chunk(s) missing or damaged in the "
-                f"store ({', '.join(m[:12] + '...' for m in missing[:3])}); versions broken: "
-                f"{', '.join(broken)}"
+                f"version {copy.manifest.id}: {len(missing)} pack(s) or chunk(s) missing or "
+                f"damaged in the store ({names}); versions broken: {', '.join(broken)}"
             )
         if not identities:
             return [CHUNKS_PRESENT]
         document = read_document(copy, identities)
         label = f"version {copy.manifest.id}"
-        needed = {chunk[0] for entry in document["files"] for chunk in entry["chunks"]}
-        if needed != refs.keys():
-            # Prune trusts the reference list: one that lacks a chunk would let it go.
+        if needed_objects(document) != refs.keys():
+            # Prune trusts the reference list: one that lacks a pack would let it go.
             raise IntegrityError(
-                f"{label}: the chunk reference list does not list exactly the version's chunks"
+                f"{label}: the chunk reference list does not list exactly the version's packs"
             )
+        cache = PackCache(copy.store, copy.manifest.source, identities)
         for entry in document["files"]:
             check_file(
-                entry, iter_file(copy.store, copy.manifest.source, entry, identities, label), label
+                entry,
+                iter_file(copy.store, copy.manifest.source, entry, identities, label, cache),
+                label,
             )
         return [CHUNKS_PRESENT, CHUNKS_DEEP]
 
@@ -256,9 +271,10 @@ class LlmArtifactsKind(
         grace: dt.timedelta,
         dry_run: bool,
     ) -> list[str]:
-        """Mark every chunk a listed version needs (kept or locked: every manifest still in
-        the store), sweep the rest; remove reference lists no manifest names. Deletes nothing
-        when a manifest or a reference list cannot be read."""
+        """Mark every pack (and first-release chunk object) a listed version needs (kept or
+        locked: every manifest still in the store), sweep the rest; remove reference lists no
+        manifest names and indexes whose pack is gone. Deletes nothing when a manifest or a
+        reference list cannot be read."""
         store = runtime.store_for(source)
         copies = runtime.copies(source.name)
         listed = {c.manifest.id for c in copies}
@@ -274,37 +290,56 @@ class LlmArtifactsKind(
                 return []
             named.add(copy.manifest.source_metadata[REFS_KEY])
         report = sweep(store, source.name, referenced, now, grace, dry_run)
-        removed = [f"{source.name}/chunks/{cid[:2]}/{cid}.zst.age" for cid in report.deleted]
-        for info in store.list(refs_prefix(source.name)):
-            if info.key not in named and info.modified <= now - grace:
-                removed.append(info.key)
-                if not dry_run:
-                    store.delete(info.key)
+        removed = list(report.deleted)
+        packs = {id_of_pack_key(i.key) for i in store.list(f"{source.name}/packs/")}
+        for info in [*store.list(refs_prefix(source.name)), *store.list(index_prefix(source.name))]:
+            if info.modified > now - grace:
+                continue
+            if info.key in named or id_of_index_key(info.key) in packs:
+                continue
+            removed.append(info.key)
+            if not dry_run:
+                store.delete(info.key)
         return removed
 
     def owns_shared_key(self, key: str) -> bool:
         parts = key.split("/")
         return len(parts) >= 3 and (
             (parts[1] == "chunks" and id_of_chunk_key(key) is not None)
+            or (parts[1] == "packs" and id_of_pack_key(key) is not None)
+            or (parts[1] == "pack-index" and id_of_index_key(key) is not None)
             or key.startswith((refs_prefix(parts[0]), sweeps_prefix(parts[0])))
         )
 
     # --- Replicable: a version as the store objects it is made of ------------------------------
 
     def replica_version(self, copy: CopyRef) -> ReplicaVersion:
-        """Every chunk the version needs, its chunk reference list, then its version document
+        """Every pack the version needs, its chunk reference list, then its version document
         and manifest (``copy_version``): the manifest last, so a store replica lists a version
         only once it holds everything the version needs, and lists, verifies and restores it as
         the source store does. The objects as stored (encrypted): a replica reveals no more than
-        the source store. Chunk digests are not recorded at backup, so each chunk is read and
-        hashed here; a chunk missing from the source store fails with the version's name and
-        the version stays unreplicated."""
+        the source store. A pack's id is its sha256, so packs are not read here (the push checks
+        each one as it streams it); a first-release chunk object is read and hashed. An object
+        missing from the source store fails with the version's name and the version stays
+        unreplicated."""
         store, scope, label = copy.store, copy.manifest.source, f"version {copy.manifest.id}"
         refs = self._refs(copy)
         files = []
-        for cid in sorted(refs):
-            key = chunk_key(scope, cid)
-            files.append(_stored_file(store, key, scope, CHUNK_MEDIA_TYPE, label))
+        for key, size in sorted(refs.items()):
+            pid = id_of_pack_key(key)
+            if pid is None:
+                files.append(_stored_file(store, key, scope, CHUNK_MEDIA_TYPE, label))
+                continue
+            files.append(
+                ReplicaFile(
+                    key.removeprefix(f"{scope}/"),
+                    pid,
+                    size,
+                    PACK_MEDIA_TYPE,
+                    key,
+                    partial(store.open_read, key),
+                )
+            )
         refs_key = copy.manifest.source_metadata[REFS_KEY]
         files.append(_stored_file(store, refs_key, scope, REFS_MEDIA_TYPE, label))
         base = copy_version(store, copy.manifest)

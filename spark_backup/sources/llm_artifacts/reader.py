@@ -15,9 +15,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from spark_backup.engine.blobs.chunks import ChunkWriter
 from spark_backup.engine.blobs.keys import derive_chunk_key, key_fingerprint
-from spark_backup.engine.blobs.sweep import doomed_chunks
+from spark_backup.engine.blobs.packs import PackWriter
+from spark_backup.engine.blobs.sweep import doomed_packs
 from spark_backup.engine.blobs.version import VersionBuilder, write_refs
 from spark_backup.engine.pipeline import utcnow
 from spark_backup.errors import SourceError
@@ -109,13 +109,14 @@ class ModelVersionReader:
         before = walk_model(self.root)
         # On a WORM store chunks and reference lists are locked like the copy they belong to.
         lock = store.default_lock.lock_from(utcnow()) if store.default_lock else None
-        writer = ChunkWriter(
+        writer = PackWriter(
             store,
             scope,
             self.mac_key,
             self.access.recipients,
             self.access.compression.level,
             lock=lock,
+            skip_packs=doomed_packs(store, scope),
         )
         builder = VersionBuilder(writer)
         try:
@@ -135,16 +136,15 @@ class ModelVersionReader:
                 f"{' and more' if len(changed) > 1 else ''}); no copy was made: back up again "
                 "once the files are written"
             )
-        ids = builder.chunk_ids()
-        reused_doomed = writer.reused & doomed_chunks(store, scope)
+        packs = builder.locate()
+        # A prune that started during the backup may have announced a pack it reuses.
+        reused_doomed = writer.reused_packs & doomed_packs(store, scope)
         if reused_doomed:
             raise SourceError(
-                f"source {scope!r}: {len(reused_doomed)} chunk(s) this version needs are being "
-                "pruned; no copy was made: back up again after `spark-backup prune --apply`"
+                f"source {scope!r}: {len(reused_doomed)} pack(s) this version needs are being "
+                "pruned; no copy was made: back up again"
             )
-        refs_key, refs_sha = write_refs(
-            store, scope, {cid: writer.stored_size(cid) for cid in ids}, utcnow(), lock
-        )
+        refs_key, refs_sha = write_refs(store, scope, packs, utcnow(), lock)
         label = make_label(self.source, facts)
         document = builder.document(
             scope, label, {"adapter": facts, "key_fingerprint": key_fingerprint(self.mac_key)}
@@ -158,10 +158,12 @@ class ModelVersionReader:
             "files": len(files),
             "bytes": sum(f["size"] for f in files),
             "tensors": sum(len(f.get("safetensors", {}).get("tensors", [])) for f in files),
-            "chunks": len(ids),
+            "chunks": len({c[0] for f in files for c in f["chunks"]}),
             "new_chunks": writer.new_chunks,
+            "packs": len(packs),
+            "new_packs": len(writer.new_packs),
             "added_bytes": writer.new_stored_bytes,
-            "stored_bytes_total": sum(writer.stored_size(cid) for cid in ids),
+            "stored_bytes_total": sum(packs.values()),
             REFS_KEY: refs_key,
             REFS_SHA256: refs_sha,
             "key_fingerprint": document["key_fingerprint"],
