@@ -79,7 +79,7 @@ def index_key(scope: str, pid: str) -> str:
 
 def id_of_pack_key(key: str) -> str | None:
     parts = key.split("/")
-    if len(parts) < 4 or parts[-3] != "packs" or not parts[-1].endswith(".zst.age"):
+    if len(parts) < 3 or parts[-3] != "packs" or not parts[-1].endswith(".zst.age"):
         return None
     pid = parts[-1].removesuffix(".zst.age")
     return pid if is_hex_id(pid) and parts[-2] == pid[:2] else None

@@ -324,6 +324,12 @@ class LlmArtifactsKind(
         unreplicated."""
         store, scope, label = copy.store, copy.manifest.source, f"version {copy.manifest.id}"
         refs = self._refs(copy)
+        missing = missing_objects(store, scope, refs)
+        if missing:
+            raise IntegrityError(
+                f"{label}: {missing[0]} is missing from the store (or of another size): "
+                "not replicated"
+            )
         files = []
         for key, size in sorted(refs.items()):
             pid = id_of_pack_key(key)
