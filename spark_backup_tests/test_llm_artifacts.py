@@ -294,7 +294,7 @@ def test_a_chunk_with_other_bytes_fails_deep_verify_and_the_drill(tmp_path, age_
     new_path = tmp_path / "store" / pack_key("adapter", new_pid)
     new_path.parent.mkdir(parents=True, exist_ok=True)
     new_path.write_bytes(forged)
-    from spark_backup.sources.llm_artifacts.kind import PackCache
+    from spark_backup.engine.blobs.packs import PackCache
 
     cache = PackCache(service.store_for(service.source("adapter")), "adapter", identities)
     from spark_backup.engine.blobs.chunks import ChunkRef

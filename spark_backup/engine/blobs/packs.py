@@ -23,6 +23,7 @@ compressed: about 3 x ``PACK_TARGET``. A restore keeps ``PACK_CACHE`` decrypted 
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
@@ -53,7 +54,7 @@ from spark_backup.engine.stores.base import ObjectLock, ObjectStore
 from spark_backup.errors import IntegrityError, NotFoundError
 
 PACK_TARGET = 16 * 1024 * 1024
-PACK_CACHE = 4
+PACK_CACHE = 2
 WORKERS = 3
 IN_FLIGHT = 32
 INDEX_FORMAT = "spark-backup.pack-index/v1"
@@ -98,6 +99,22 @@ def existing_packs(store: ObjectStore, scope: str) -> dict[str, int]:
         for info in store.list(packs_prefix(scope))
         if (pid := id_of_pack_key(info.key)) is not None
     }
+
+
+def _large_buffers_to_the_os() -> None:
+    """glibc raises its mmap threshold after a large buffer is freed, so later packs land in
+    the heap and its per-thread arenas, which keep their pages: a restore's RSS then grows to
+    several times the packs it holds. A fixed threshold of 1 MiB maps every pack-sized buffer
+    on its own and gives it back when freed (no effect elsewhere than glibc)."""
+    global _TUNED
+    if _TUNED:
+        return
+    _TUNED = True
+    with suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+
+
+_TUNED = False
 
 
 # --- the pack index ----------------------------------------------------------------------------
@@ -195,6 +212,7 @@ class PackWriter:
         self._recipients = recipients.parsed()
         self._level = level
         self._target = pack_target or PACK_TARGET
+        _large_buffers_to_the_os()
         self.known, self.pack_sizes = known_chunks(store, scope, mac_key, skip_packs)
         self.locations: dict[str, tuple[str, int, int]] = {}
         self.reused_packs: set[str] = set()
@@ -311,6 +329,7 @@ class PackCache:
         slots: int = PACK_CACHE,
     ):
         self.store, self.scope, self._identities, self._slots = store, scope, identities, slots
+        _large_buffers_to_the_os()
         self._packs: OrderedDict[str, bytes] = OrderedDict()
         self._loading: dict[str, Future[bytes]] = {}
         self._lock = threading.Lock()

@@ -47,6 +47,9 @@ VERSION_FORMAT = "spark-backup.version/v1"
 REFS_FORMAT = "spark-backup.chunk-refs/v2"
 REFS_FORMAT_CHUNKS = "spark-backup.chunk-refs/v1"  # first release: one object per chunk
 LAYOUT = "packs/v1"
+# The manifest's source_metadata names the version's reference list and its sha256.
+REFS_KEY = "chunk_refs"
+REFS_SHA256 = "chunk_refs_sha256"
 
 
 class ChangedDuringBackup(SourceError):

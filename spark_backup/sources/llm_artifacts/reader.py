@@ -18,7 +18,7 @@ from typing import Any
 from spark_backup.engine.blobs.keys import derive_chunk_key, key_fingerprint
 from spark_backup.engine.blobs.packs import PackWriter
 from spark_backup.engine.blobs.sweep import doomed_packs
-from spark_backup.engine.blobs.version import VersionBuilder, write_refs
+from spark_backup.engine.blobs.version import REFS_KEY, REFS_SHA256, VersionBuilder, write_refs
 from spark_backup.engine.pipeline import utcnow
 from spark_backup.errors import SourceError
 from spark_backup.sources.base import StoreAccess
@@ -26,8 +26,7 @@ from spark_backup.sources.llm_artifacts.checks import is_safetensors, tokenizer_
 from spark_backup.sources.llm_artifacts.settings import KIND_NAME, LlmArtifactsSource
 
 ADAPTER_CONFIG = "adapter_config.json"
-REFS_KEY = "chunk_refs"
-REFS_SHA256 = "chunk_refs_sha256"
+__all__ = ["REFS_KEY", "REFS_SHA256", "ModelVersionReader", "walk_model"]
 
 
 def walk_model(root: Path) -> dict[str, tuple[int, int, int, int]]:
