@@ -17,13 +17,14 @@ keys with sizes.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import secrets
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO
 
 import zstandard
 from pyrage import x25519
@@ -138,6 +139,35 @@ class VersionBuilder:
         self.fingerprints[path] = _fingerprint(before)
         self.files.append(entry)
         return entry
+
+    def add_open_file(self, handle: BinaryIO, name: str, label: str) -> dict[str, Any]:
+        """A file the caller holds open (and checks for changes itself), from its start."""
+        st = os.fstat(handle.fileno())
+        entry: dict[str, Any] = {"path": name, "size": st.st_size, "mode": stat.S_IMODE(st.st_mode)}
+        try:
+            entry["sha256"], entry["chunks"] = self._chunked(handle, st.st_size)
+        except EOFError:
+            raise ChangedDuringBackup(
+                f"{label}: the file shrank while it was read (it is being written)"
+            ) from None
+        self.files.append(entry)
+        return entry
+
+    def add_bytes(self, name: str, data: bytes) -> dict[str, Any]:
+        """A small file made at backup (a probe file, say)."""
+        digest, chunks = self._chunked(io.BytesIO(data), len(data))
+        entry = {"path": name, "size": len(data), "mode": 0o644, "sha256": digest, "chunks": chunks}
+        self.files.append(entry)
+        return entry
+
+    def _chunked(self, handle: Any, size: int) -> tuple[str, list[list[Any]]]:
+        whole = hashlib.sha256()
+        chunks: list[list[Any]] = []
+        for _index, _offset, data in chunker.iter_chunks(handle, [(0, size)]):
+            whole.update(data)
+            ref = self.writer.add(data)
+            chunks.append([ref.id, ref.sha256, ref.size])
+        return whole.hexdigest(), chunks
 
     def document(self, scope: str, label: str, extra: dict[str, Any]) -> dict[str, Any]:
         return {
