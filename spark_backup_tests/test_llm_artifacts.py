@@ -625,8 +625,9 @@ def test_the_sweep_announces_before_it_deletes_and_remembers_deletions(tmp_path)
     store.root.mkdir()
     key = derive_chunk_key(CHUNK_SECRET, "s")
     writer = PackWriter(store, "s", key, Recipients((public,)), pack_target=1)
-    kept_id, gone_id = writer.add(b"k" * 20000).id, writer.add(b"g" * 20000).id
+    kept_n, gone_n = writer.add(b"k" * 20000), writer.add(b"g" * 20000)
     writer.close()
+    kept_id, gone_id = writer.refs[kept_n].id, writer.refs[gone_n].id
     kept, gone = (pack_key("s", writer.location(c)[0]) for c in (kept_id, gone_id))
     grace = dt.timedelta(hours=1)
     start = dt.datetime.now(dt.UTC) + grace  # the objects are older than the grace from here
@@ -656,8 +657,9 @@ class _FirstReleaseWriter:
         self.store, self.scope, self.key = store, scope, mac_key
         self.recipients = recipients.parsed()
         self.stored: dict[str, int] = {}
+        self.refs: list = []
 
-    def add(self, data: bytes):
+    def add(self, data: bytes) -> int:
         from spark_backup.engine.blobs.chunks import ChunkRef, chunk_key
         from spark_backup.engine.blobs.keys import chunk_id
 
@@ -668,9 +670,10 @@ class _FirstReleaseWriter:
             sealed = pyrage.encrypt(compressed, self.recipients)
             self.store.put_bytes(chunk_key(self.scope, cid), sealed)
             self.stored[cid] = len(sealed)
-        return ChunkRef(cid, digest.hex(), len(data))
+        self.refs.append(ChunkRef(cid, digest.hex(), len(data)))
+        return len(self.refs) - 1
 
-    def refs(self, now) -> tuple[str, str]:
+    def refs_list(self, now) -> tuple[str, str]:
         body = json.dumps(
             {
                 "format": "spark-backup.chunk-refs/v1",
@@ -706,7 +709,8 @@ def _first_release_reader(kind_reader):
             builder = VersionBuilder(writer)  # type: ignore[arg-type]
             for name in walk_model(kind_reader.root):
                 builder.add_file(str(kind_reader.root / name), name)
-            refs_key, refs_sha = writer.refs(utcnow())
+            builder.resolve()
+            refs_key, refs_sha = writer.refs_list(utcnow())
             document = builder.document(scope, "first release", {})
             del document["layout"]
             self._metadata = {

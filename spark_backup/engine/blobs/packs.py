@@ -187,12 +187,15 @@ def known_chunks(
 
 
 class PackWriter:
-    """Writes the new chunks of one backup into packs: ``add`` hashes a chunk and returns its
-    reference at once; new chunks are compressed on worker threads (zstd releases the
-    interpreter lock) and appended in order to the pack being filled; a full pack is
-    encrypted and stored on a thread of its own while the next fills (pyrage holds the lock
-    while it encrypts, about 40 ms for a pack). ``close`` writes the last pack, waits for every
-    write and raises the first failure; then ``location`` answers for every chunk added."""
+    """Writes the new chunks of one backup into packs. ``add`` queues a chunk and returns its
+    number at once; worker threads hash it (sha256, then the keyed id) and compress it
+    (hashlib and zstd release the interpreter lock, so they run beside the caller's chunking);
+    in the order chunks were added, a known chunk is referenced where it lies and a new one is
+    appended to the pack being filled (compressing a chunk that turns out to be known costs
+    little next to waiting for its id). A full pack is encrypted and stored on a thread of its
+    own while the next fills (pyrage holds the lock while it encrypts, about 40 ms a pack).
+    ``close`` writes the last pack, waits for every write and raises the first failure; then
+    ``refs[n]`` is the n-th chunk's reference and ``location`` answers for every chunk."""
 
     def __init__(
         self,
@@ -215,54 +218,55 @@ class PackWriter:
         _large_buffers_to_the_os()
         self.known, self.pack_sizes = known_chunks(store, scope, mac_key, skip_packs)
         self.locations: dict[str, tuple[str, int, int]] = {}
+        self.refs: list[ChunkRef] = []
         self.reused_packs: set[str] = set()
         self.new_chunks = 0
         self.new_stored_bytes = 0
         self.new_packs: list[str] = []
-        self._queued: set[str] = set()
+        self._placed: set[str] = set()
         self._local = threading.local()
         self._pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="pack-compress")
         self._sealer = ThreadPoolExecutor(1, thread_name_prefix="pack-seal")
-        self._compressing: deque[tuple[str, Future[bytes]]] = deque()
+        self._compressing: deque[Future[tuple[ChunkRef, bytes]]] = deque()
         self._sealing: Future[None] | None = None
         self._frames: list[bytes] = []
         self._entries: list[tuple[str, int, int]] = []
         self._filled = 0
 
-    def add(self, data: bytes) -> ChunkRef:
-        digest = hashlib.sha256(data).digest()
-        cid = chunk_id(self._key, digest)
-        ref = ChunkRef(cid, digest.hex(), len(data))
-        if cid in self._queued or cid in self.locations:
-            return ref
-        if cid in self.known:
-            self.locations[cid] = self.known[cid]
-            self.reused_packs.add(self.known[cid][0])
-            return ref
-        self._queued.add(cid)
-        self._compressing.append((cid, self._pool.submit(self._compress, data)))
+    def add(self, data: bytes) -> int:
+        self._compressing.append(self._pool.submit(self._prepare, data))
         self._collect(wait=len(self._compressing) >= IN_FLIGHT)
-        return ref
+        return len(self.refs) + len(self._compressing) - 1
 
-    def _compress(self, data: bytes) -> bytes:
+    def _prepare(self, data: bytes) -> tuple[ChunkRef, bytes]:
+        digest = hashlib.sha256(data).digest()
+        ref = ChunkRef(chunk_id(self._key, digest), digest.hex(), len(data))
         compressor = getattr(self._local, "compressor", None)
         if compressor is None:
             compressor = zstandard.ZstdCompressor(level=self._level, write_checksum=True)
             self._local.compressor = compressor
-        return compressor.compress(data)
+        return ref, compressor.compress(data)
 
     def _collect(self, wait: bool, everything: bool = False) -> None:
-        """Append compressed chunks to the pack in the order they were added: those done,
-        and with ``wait`` until fewer than ``IN_FLIGHT`` are left (``everything``: none)."""
-        while self._compressing and (wait or everything or self._compressing[0][1].done()):
-            cid, future = self._compressing.popleft()
-            frame = future.result()
+        """Place prepared chunks in the order they were added: those done, and with ``wait``
+        until fewer than ``IN_FLIGHT`` are left (``everything``: none)."""
+        while self._compressing and (wait or everything or self._compressing[0].done()):
+            ref, frame = self._compressing.popleft().result()
+            self.refs.append(ref)
+            wait = wait and len(self._compressing) >= IN_FLIGHT
+            cid = ref.id
+            if cid in self._placed or cid in self.locations:
+                continue
+            if cid in self.known:
+                self.locations[cid] = self.known[cid]
+                self.reused_packs.add(self.known[cid][0])
+                continue
+            self._placed.add(cid)
             self._entries.append((cid, self._filled, len(frame)))
             self._frames.append(frame)
             self._filled += len(frame)
             if self._filled >= self._target:
                 self._seal()
-            wait = wait and len(self._compressing) >= IN_FLIGHT
 
     def _seal(self) -> None:
         if not self._entries:
@@ -300,7 +304,7 @@ class PackWriter:
             self._sealer.shutdown(wait=True, cancel_futures=True)
 
     def abort(self) -> None:
-        for _cid, future in self._compressing:
+        for future in self._compressing:
             future.cancel()
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._sealer.shutdown(wait=True, cancel_futures=True)

@@ -22,7 +22,9 @@ import json
 import os
 import secrets
 import stat
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
@@ -97,12 +99,12 @@ class VersionBuilder:
             region_digests = [hashlib.sha256() for _ in regions] if header is not None else []
             chunks: list[list[Any]] = []
             try:
-                for index, _offset, data in chunker.iter_chunks(handle, regions):  # type: ignore[arg-type]
-                    whole.update(data)
-                    if region_digests:
-                        region_digests[index].update(data)
-                    ref = self.writer.add(data)
-                    chunks.append([ref.id, ref.sha256, ref.size])
+                with _Hashing() as hashing:
+                    for index, _offset, data in chunker.iter_chunks(handle, regions):  # type: ignore[arg-type]
+                        hashing.update(
+                            (whole, region_digests[index]) if region_digests else (whole,), data
+                        )
+                        chunks.append([self.writer.add(data)])
             except EOFError:
                 raise ChangedDuringBackup(
                     f"{path}: the file shrank while it was read (it is being written)"
@@ -165,8 +167,7 @@ class VersionBuilder:
         chunks: list[list[Any]] = []
         for _index, _offset, data in chunker.iter_chunks(handle, [(0, size)]):
             whole.update(data)
-            ref = self.writer.add(data)
-            chunks.append([ref.id, ref.sha256, ref.size])
+            chunks.append([self.writer.add(data)])
         return whole.hexdigest(), chunks
 
     def document(self, scope: str, label: str, extra: dict[str, Any]) -> dict[str, Any]:
@@ -187,9 +188,18 @@ class VersionBuilder:
             **extra,
         }
 
+    def resolve(self) -> None:
+        """After the writer closed: each chunk's number replaced by its id, sha256 and size."""
+        for entry in self.files:
+            for chunk in entry["chunks"]:
+                if len(chunk) == 1:
+                    ref = self.writer.refs[chunk[0]]
+                    chunk[:] = [ref.id, ref.sha256, ref.size]
+
     def locate(self) -> dict[str, int]:
-        """After the writer closed: every chunk's pack, offset and length into the file entries;
-        returns the packs the version needs with their stored sizes."""
+        """After the writer closed: every chunk's id, sha256, size, pack, offset and length
+        into the file entries; returns the packs the version needs with their stored sizes."""
+        self.resolve()
         packs: dict[str, int] = {}
         for entry in self.files:
             for chunk in entry["chunks"]:
@@ -197,6 +207,36 @@ class VersionBuilder:
                 chunk[3:] = [pid, offset, length]
                 packs[pid] = self.writer.pack_sizes[pid]
         return packs
+
+
+class _Hashing:
+    """A file's sha256 (and its tensor's) updated on a thread of its own, in order: hashlib
+    releases the interpreter lock, so hashing runs beside the chunking; at most ``_AHEAD``
+    chunks wait."""
+
+    _AHEAD = 64
+
+    def __enter__(self) -> _Hashing:
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="file-hash")
+        self._pending: deque[Future[None]] = deque()
+        return self
+
+    def update(self, digests: tuple[Any, ...], data: bytes) -> None:
+        self._pending.append(self._pool.submit(_update_all, digests, data))
+        while self._pending and (len(self._pending) > self._AHEAD or self._pending[0].done()):
+            self._pending.popleft().result()
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            while self._pending:
+                self._pending.popleft().result()
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _update_all(digests: tuple[Any, ...], data: bytes) -> None:
+    for digest in digests:
+        digest.update(data)
 
 
 def version_digest(files: list[dict[str, Any]]) -> str:
@@ -314,12 +354,13 @@ def iter_file(
     fetched once."""
     whole = hashlib.sha256()
     size = 0
-    for data in read_chunks(
-        store, scope, file_chunks(entry), identities, f"{label}: {entry['path']}", cache
-    ):
-        whole.update(data)
-        size += len(data)
-        yield data
+    with _Hashing() as hashing:
+        for data in read_chunks(
+            store, scope, file_chunks(entry), identities, f"{label}: {entry['path']}", cache
+        ):
+            hashing.update((whole,), data)
+            size += len(data)
+            yield data
     if size != entry["size"] or whole.hexdigest() != entry["sha256"]:
         raise IntegrityError(f"{label}: {entry['path']} does not match its recorded sha256")
 
