@@ -82,8 +82,10 @@ def restore_version(
     document = document or read_document(copy, identities)
     label = f"version {copy.manifest.id}"
     files = size = 0
-    cache = PackCache(copy.store, copy.manifest.source, identities)
-    with staged_restore(target, options.overwrite) as staging:
+    with (
+        PackCache(copy.store, copy.manifest.source, identities) as cache,
+        staged_restore(target, options.overwrite) as staging,
+    ):
         for entry in document["files"]:
             path = staging / entry["path"]
             try:
@@ -190,13 +192,13 @@ class BlobVersions(SharedObjects, Replicable):
             raise IntegrityError(
                 f"{label}: the chunk reference list does not list exactly the version's packs"
             )
-        cache = PackCache(copy.store, copy.manifest.source, identities)
-        for entry in document["files"]:
-            self.check_version_file(
-                entry,
-                iter_file(copy.store, copy.manifest.source, entry, identities, label, cache),
-                label,
-            )
+        with PackCache(copy.store, copy.manifest.source, identities) as cache:
+            for entry in document["files"]:
+                self.check_version_file(
+                    entry,
+                    iter_file(copy.store, copy.manifest.source, entry, identities, label, cache),
+                    label,
+                )
         return [CHUNKS_PRESENT, CHUNKS_DEEP]
 
     def collect(

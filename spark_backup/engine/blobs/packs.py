@@ -32,6 +32,7 @@ from collections import OrderedDict, deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import suppress
+from itertools import pairwise
 
 import pyrage
 import zstandard
@@ -41,6 +42,7 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from pyrage import x25519
 
+from spark_backup.engine.age_worker import AgeWorker
 from spark_backup.engine.blobs.chunks import (
     ChunkRef,
     chunk_key,
@@ -54,7 +56,7 @@ from spark_backup.engine.stores.base import ObjectLock, ObjectStore
 from spark_backup.errors import IntegrityError, NotFoundError
 
 PACK_TARGET = 16 * 1024 * 1024
-PACK_CACHE = 2
+PACK_CACHE = 3
 WORKERS = 3
 IN_FLIGHT = 32
 INDEX_FORMAT = "spark-backup.pack-index/v1"
@@ -323,7 +325,10 @@ class PackWriter:
 class PackCache:
     """Decrypted packs (their frames), the ``slots`` most recently used; each pack fetched and
     decrypted by one thread while others needing it wait. A pack's bytes are checked against
-    its id (the sha256 of the stored object) before they are decrypted."""
+    its id (the sha256 of the stored object). Used as a context manager, packs are decrypted in
+    an ``age_worker`` process (which also hashes the ciphertext): pyrage holds the interpreter
+    lock while it decrypts, and on a busy machine a thread preempted while holding it stalls
+    every other; without, in this process."""
 
     def __init__(
         self,
@@ -337,7 +342,17 @@ class PackCache:
         self._packs: OrderedDict[str, bytes] = OrderedDict()
         self._loading: dict[str, Future[bytes]] = {}
         self._lock = threading.Lock()
+        self._worker: AgeWorker | None = None
         self.fetched = 0
+
+    def __enter__(self) -> PackCache:
+        self._worker = AgeWorker(self._identities)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            worker.close()
 
     def get(self, pid: str, label: str) -> bytes:
         with self._lock:
@@ -371,6 +386,8 @@ class PackCache:
     def _load(self, pid: str, label: str) -> bytes:
         key = pack_key(self.scope, pid)
         try:
+            if self._worker is not None:
+                return self._load_in_worker(self._worker, key, pid, label)
             sealed = self.store.get_bytes(key)
         except NotFoundError:
             raise IntegrityError(
@@ -384,6 +401,27 @@ class PackCache:
             raise IntegrityError(
                 f"{label}: pack {pid[:16]}... does not decrypt: encrypted to another key"
             ) from None
+
+    def _load_in_worker(self, worker: AgeWorker, key: str, pid: str, label: str) -> bytes:
+        with self.store.open_read(key) as raw, worker.decrypting(raw) as decryption:
+            plain = decryption.plaintext.read()
+            status = decryption.finish()
+        if status.get("ok") and status.get("sha256") != pid:
+            raise IntegrityError(f"{label}: pack {pid[:16]}... is damaged (its sha256 differs)")
+        if not status.get("ok"):
+            reason = (
+                "encrypted to another key"
+                if status.get("error") == "no_matching_keys"
+                else "damaged"
+            )
+            raise IntegrityError(f"{label}: pack {pid[:16]}... does not decrypt: {reason}")
+        return plain
+
+
+def _quietly(call, *args) -> None:
+    """A fetch ahead: its failure is raised again where the chunk is read."""
+    with suppress(Exception):
+        call(*args)
 
 
 def read_chunks(
@@ -414,10 +452,23 @@ def read_chunks(
             raise IntegrityError(f"{label}: chunk {ref.id[:16]}... lies past its pack's end")
         return inflate(memoryview(frames)[ref.offset : ref.offset + ref.length], ref, label)
 
-    with ThreadPoolExecutor(WORKERS, thread_name_prefix="pack-reader") as pool:
+    refs = list(refs)
+    # Packs in the order the chunks first need them: when one is first needed, the next one is
+    # fetched and decrypted ahead, so the chunks never wait for a whole pack at its boundary.
+    order = list(dict.fromkeys(ref.pack for ref in refs if ref.pack is not None))
+    following = dict(pairwise(order))
+    started: set[str] = set()
+    with (
+        ThreadPoolExecutor(WORKERS, thread_name_prefix="pack-reader") as pool,
+        ThreadPoolExecutor(1, thread_name_prefix="pack-ahead") as ahead,
+    ):
         window: deque[Future[bytes]] = deque()
         try:
             for ref in refs:
+                if ref.pack is not None and ref.pack not in started:
+                    started.add(ref.pack)
+                    if (upcoming := following.get(ref.pack)) is not None:
+                        ahead.submit(_quietly, cache.get, upcoming, label)
                 window.append(pool.submit(fetch, ref))
                 if len(window) >= IN_FLIGHT:
                     yield window.popleft().result()
