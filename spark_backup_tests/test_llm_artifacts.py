@@ -405,7 +405,7 @@ def test_a_backup_never_reuses_a_pack_being_pruned(tmp_path, age_key, one_chunk_
     assert not set(kind._refs(service.find(third.id))) & doomed
 
     # One that started before it (it read the pack indexes, then a prune announced) is refused.
-    from spark_backup.sources.llm_artifacts import reader as reader_module
+    from spark_backup.engine.blobs import version as reader_module
 
     real_doomed = reader_module.doomed_packs
     calls = {"n": 0}

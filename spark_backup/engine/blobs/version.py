@@ -25,6 +25,7 @@ import stat
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
@@ -42,7 +43,10 @@ from spark_backup.engine.blobs.packs import (
     read_chunks,
 )
 from spark_backup.engine.blobs.safetensors import SafetensorsError, read_header
+from spark_backup.engine.blobs.sweep import doomed_packs
+from spark_backup.engine.crypto import Recipients
 from spark_backup.engine.manifest import utc_stamp
+from spark_backup.engine.pipeline import utcnow
 from spark_backup.engine.stores.base import ObjectLock, ObjectStore
 from spark_backup.errors import IntegrityError, SourceError
 
@@ -70,6 +74,33 @@ class VersionBuilder:
     writer: PackWriter
     files: list[dict[str, Any]] = field(default_factory=list)
     fingerprints: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)
+    # The Object Lock the version's packs and reference list are written under.
+    lock: ObjectLock | None = None
+
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        """Chunk files inside the block; leaving it writes the last pack and waits for every
+        write, or on an error stops the writer."""
+        try:
+            yield
+            self.writer.close()
+        except BaseException:
+            self.writer.abort()
+            raise
+
+    def commit_refs(self, store: ObjectStore, scope: str) -> tuple[dict[str, int], str, str]:
+        """After ``writing``: every chunk located, then the reference list written (the last
+        object before the copy's own); returns the packs with their sizes, the list's key and
+        sha256. Refused if a prune announced a reused pack while the backup ran."""
+        packs = self.locate()
+        reused_doomed = self.writer.reused_packs & doomed_packs(store, scope)
+        if reused_doomed:
+            raise SourceError(
+                f"source {scope!r}: {len(reused_doomed)} pack(s) this version needs are being "
+                "pruned; no copy was made: back up again"
+            )
+        key, sha256 = write_refs(store, scope, packs, utcnow(), self.lock)
+        return packs, key, sha256
 
     def add_file(self, path: str, name: str, *, safetensors: bool = False) -> dict[str, Any]:
         try:
@@ -207,6 +238,19 @@ class VersionBuilder:
                 chunk[3:] = [pid, offset, length]
                 packs[pid] = self.writer.pack_sizes[pid]
         return packs
+
+
+def new_version(
+    store: ObjectStore, scope: str, mac_key: bytes, recipients: Recipients, level: int
+) -> VersionBuilder:
+    """The builder of one backup's version: its packs written under the store's default
+    Object Lock (a WORM store locks them like the copy they belong to), reusing no chunk of a
+    pack a prune announced."""
+    lock = store.default_lock.lock_from(utcnow()) if store.default_lock else None
+    writer = PackWriter(
+        store, scope, mac_key, recipients, level, lock=lock, skip_packs=doomed_packs(store, scope)
+    )
+    return VersionBuilder(writer, lock=lock)
 
 
 class _Hashing:

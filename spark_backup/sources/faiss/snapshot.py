@@ -24,10 +24,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from spark_backup.engine.blobs.keys import derive_chunk_key, key_fingerprint
-from spark_backup.engine.blobs.packs import PackWriter
-from spark_backup.engine.blobs.sweep import doomed_packs
-from spark_backup.engine.blobs.version import REFS_KEY, REFS_SHA256, VersionBuilder, write_refs
-from spark_backup.engine.pipeline import utcnow
+from spark_backup.engine.blobs.version import REFS_KEY, REFS_SHA256, new_version
 from spark_backup.engine.streams import ChunkReader, HashingReader, Readable
 from spark_backup.engine.tar_stream import TarWriter
 from spark_backup.errors import SourceError
@@ -211,35 +208,18 @@ class FaissVersionReader:
             for item in files:
                 stack.callback(item.handle.close)
             facts, answers, probe_bytes = inspect_index(self.source, files)
-            lock = store.default_lock.lock_from(utcnow()) if store.default_lock else None
-            writer = PackWriter(
-                store,
-                scope,
-                self.mac_key,
-                self.access.recipients,
-                self.access.compression.level,
-                lock=lock,
-                skip_packs=doomed_packs(store, scope),
+            builder = new_version(
+                store, scope, self.mac_key, self.access.recipients, self.access.compression.level
             )
-            builder = VersionBuilder(writer)
-            try:
+            writer = builder.writer
+            with builder.writing():
                 for item in files:
                     item.handle.seek(0)
                     entry = builder.add_open_file(item.handle, item.name, str(item.path))  # type: ignore[arg-type]
                     item.sha256 = entry["sha256"]
                 builder.add_bytes(PROBES_FILE, probe_bytes)
-                writer.close()
-            except BaseException:
-                writer.abort()
-                raise
             check_unchanged(self.source, files)
-            packs = builder.locate()
-            if writer.reused_packs & doomed_packs(store, scope):
-                raise SourceError(
-                    f"source {scope!r}: packs this snapshot needs are being pruned; no copy was "
-                    "made: back up again"
-                )
-            refs_key, refs_sha = write_refs(store, scope, packs, utcnow(), lock)
+            packs, refs_key, refs_sha = builder.commit_refs(store, scope)
             catalogue = catalogue_entry(self.source, files, facts, answers)
             document = builder.document(
                 scope, self.paths[0].name, {"key_fingerprint": key_fingerprint(self.mac_key)}

@@ -16,10 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from spark_backup.engine.blobs.keys import derive_chunk_key, key_fingerprint
-from spark_backup.engine.blobs.packs import PackWriter
-from spark_backup.engine.blobs.sweep import doomed_packs
-from spark_backup.engine.blobs.version import REFS_KEY, REFS_SHA256, VersionBuilder, write_refs
-from spark_backup.engine.pipeline import utcnow
+from spark_backup.engine.blobs.version import REFS_KEY, REFS_SHA256, new_version
 from spark_backup.errors import SourceError
 from spark_backup.sources.base import StoreAccess
 from spark_backup.sources.llm_artifacts.checks import is_safetensors, tokenizer_loader
@@ -106,25 +103,13 @@ class ModelVersionReader:
         store, scope = self.access.store, self.source.name
         facts = adapter_facts(self.root)
         before = walk_model(self.root)
-        # On a WORM store chunks and reference lists are locked like the copy they belong to.
-        lock = store.default_lock.lock_from(utcnow()) if store.default_lock else None
-        writer = PackWriter(
-            store,
-            scope,
-            self.mac_key,
-            self.access.recipients,
-            self.access.compression.level,
-            lock=lock,
-            skip_packs=doomed_packs(store, scope),
+        builder = new_version(
+            store, scope, self.mac_key, self.access.recipients, self.access.compression.level
         )
-        builder = VersionBuilder(writer)
-        try:
+        writer = builder.writer
+        with builder.writing():
             for name in before:
                 builder.add_file(str(self.root / name), name, safetensors=is_safetensors(name))
-            writer.close()
-        except BaseException:
-            writer.abort()
-            raise
         after = walk_model(self.root)
         if after != before:
             changed = sorted(set(after) ^ set(before)) or sorted(
@@ -135,15 +120,7 @@ class ModelVersionReader:
                 f"{' and more' if len(changed) > 1 else ''}); no copy was made: back up again "
                 "once the files are written"
             )
-        packs = builder.locate()
-        # A prune that started during the backup may have announced a pack it reuses.
-        reused_doomed = writer.reused_packs & doomed_packs(store, scope)
-        if reused_doomed:
-            raise SourceError(
-                f"source {scope!r}: {len(reused_doomed)} pack(s) this version needs are being "
-                "pruned; no copy was made: back up again"
-            )
-        refs_key, refs_sha = write_refs(store, scope, packs, utcnow(), lock)
+        packs, refs_key, refs_sha = builder.commit_refs(store, scope)
         label = make_label(self.source, facts)
         document = builder.document(
             scope, label, {"adapter": facts, "key_fingerprint": key_fingerprint(self.mac_key)}
