@@ -1,6 +1,7 @@
-"""The ``faiss`` kind: a FAISS index with its sidecars (id mapping, document store) as one tar
-stream, a catalogue entry in the manifest, and probe queries that a restore must answer exactly
-as the original index did.
+"""The ``faiss`` kind: a FAISS index with its sidecars (id mapping, document store), as a
+version on the blob layer (a source with ``chunk_key``: ``BlobVersions`` serves its packs) or as
+one tar stream (without it, and every copy of the first release), a catalogue entry in the
+manifest, and probe queries that a restore must answer exactly as the original index did.
 
 FAISS (``faiss-cpu``) is imported only when an index is read: planning, listing and restoring
 by hand need none of it.
