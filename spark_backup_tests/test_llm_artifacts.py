@@ -820,3 +820,46 @@ def test_a_first_release_version_lists_verifies_restores_and_prunes(tmp_path, ag
     assert not list(store.list("adapter/chunk-refs/first-release"))
     deep = service.verify(service.find(new.id), service.identities(age_key[0]))
     assert deep.ok, deep.error
+
+
+def test_a_pack_without_index_or_an_index_without_pack_is_never_reused_and_prune_cleans_up(
+    tmp_path, age_key
+):
+    """The crash table's pack rows: a backup that died between a pack and its index left a pack
+    no index names (no later backup reuses its chunks); a prune that died between an index and
+    its pack cannot happen (index first), but a lost pack behind an index is ignored too. The
+    next backups write those chunks anew and prune removes both leftovers after the grace."""
+    model = make_model_dir(tmp_path / "adapter", tensors=4)
+    service = BackupService.from_path(_plan(tmp_path, age_key[1], model))
+    store = service.store_for(service.source("adapter"))
+    [first] = service.backup("adapter")
+    kind = service.kind_of(service.source("adapter"))
+    (pack,) = kind._refs(service.find(first.id))
+    pid = packs.id_of_pack_key(pack)
+    index = packs.index_key("adapter", pid)
+    # The first version is gone (say it expired); its pack lost its index.
+    (tmp_path / "store" / index).unlink()
+    key = derive_chunk_key(CHUNK_SECRET, "adapter")
+    assert known_chunks(store, "adapter", key)[0] == {}
+    (model / "notes.txt").write_text("v2")
+    [second] = service.backup("adapter")
+    assert pack not in kind._refs(service.find(second.id))  # written anew, not reused
+
+    # An index whose pack is gone names chunks no backup may reuse.
+    (other,) = kind._refs(service.find(second.id))
+    other_pid = packs.id_of_pack_key(other)
+    moved = tmp_path / "moved-pack"
+    (tmp_path / "store" / other).rename(moved)
+    assert known_chunks(store, "adapter", key)[0] == {}
+    moved.rename(tmp_path / "store" / other)
+
+    # Once both earlier versions are expired (one kept a day), the orphaned pack is announced,
+    # then swept; the kept version loses nothing.
+    now = dt.datetime.now(dt.UTC)
+    service.prune(dry_run=False, now=now)
+    service.prune(dry_run=False, now=now + 2 * DAY)
+    assert pack not in _packed(store, "adapter") and other in _packed(store, "adapter")
+    assert {i.key for i in store.list("adapter/pack-index/")} == {
+        packs.index_key("adapter", other_pid)
+    }
+    assert service.verify(service.find(second.id), service.identities(age_key[0])).ok
