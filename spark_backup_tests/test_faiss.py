@@ -289,7 +289,7 @@ def test_snapshots_on_the_blob_layer_share_packs_and_stream_copies_still_restore
     queries, survive a prune, and the blob version restores by hand with the llm runbook's block
     (the same version document)."""
     from spark_backup.engine.blobs.packs import existing_packs
-    from spark_backup_tests.test_runbooks import DOCS, fenced_blocks
+    from spark_backup_tests.test_llm_artifacts import restore_by_hand
 
     monkeypatch.setenv("SPARK_TEST_FAISS_CHUNK_KEY", "faiss-chunk-key-0123456789abcdef")
     folder = tmp_path / "rag"
@@ -337,18 +337,7 @@ def test_snapshots_on_the_blob_layer_share_packs_and_stream_copies_still_restore
     assert service.verify(service.find(second.id), identities).ok
 
     # By hand: the llm runbook's block restores a version of any kind.
-    (script,) = [
-        b
-        for b in fenced_blocks(DOCS / "runbooks" / "llm_artifacts.md", "bash")
-        if b.startswith("# What to restore")
-    ]
-    env = {"STORE": str(tmp_path / "store"), "SOURCE": "rag", "KEY": str(age_key[0])}
-    result = subprocess.run(
-        ["bash", "-euo", "pipefail", "-c", script],
-        env={**os.environ, **env, "STAGING": str(tmp_path / "by-hand")},
-        capture_output=True,
-        text=True,
-    )
+    result = restore_by_hand(tmp_path / "store", "rag", age_key[0], tmp_path / "by-hand")
     assert result.returncode == 0, result.stdout + result.stderr
     for name in ("index.faiss", "ids.json", "docstore.jsonl"):
         assert _sha256(tmp_path / "by-hand" / name) == _sha256(folder / name)

@@ -78,6 +78,29 @@ def _tree_digests(root: Path) -> dict[str, str]:
     }
 
 
+def restore_by_hand(store: Path, source: str, key: Path, staging: Path):
+    """Run the llm_artifacts runbook's by-hand block (age, zstd, jq, dd) on the newest version
+    of ``source``; returns the finished process (the caller checks it)."""
+    import os
+    import subprocess
+
+    from spark_backup_tests.test_runbooks import DOCS, fenced_blocks
+
+    (script,) = [
+        b
+        for b in fenced_blocks(DOCS / "runbooks" / "llm_artifacts.md", "bash")
+        if b.startswith("# What to restore")
+    ]
+    env = {"STORE": str(store), "SOURCE": source, "KEY": str(key), "STAGING": str(staging)}
+    return subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
 def test_versions_share_chunks_and_each_restores(tmp_path, age_key):
     model = make_model_dir(tmp_path / "adapter", tensors=20, floats=65536)  # 5 MiB of weights
     plan = _plan(tmp_path, age_key[1], model)
@@ -482,10 +505,6 @@ def test_safetensors_boundaries_cut_chunks(tmp_path):
 
 def test_the_runbook_restores_by_hand(tmp_path, age_key):
     """The runbook's by-hand block restores the newest version with age, zstd, jq alone."""
-    import os
-    import subprocess
-
-    from spark_backup_tests.test_runbooks import DOCS, fenced_blocks
 
     model = make_model_dir(tmp_path / "adapter")
     service = BackupService.from_path(_plan(tmp_path, age_key[1], model))
@@ -493,25 +512,8 @@ def test_the_runbook_restores_by_hand(tmp_path, age_key):
     (model / "sub").mkdir()
     (model / "sub" / "special_tokens_map.json").write_text("{}")
     [newest] = service.backup("adapter")
-    (script,) = [
-        b
-        for b in fenced_blocks(DOCS / "runbooks" / "llm_artifacts.md", "bash")
-        if b.startswith("# What to restore")
-    ]
     staging = tmp_path / "staging"
-    result = subprocess.run(
-        ["bash", "-euo", "pipefail", "-c", script],
-        env={
-            **os.environ,
-            "STORE": str(tmp_path / "store"),
-            "SOURCE": "adapter",
-            "KEY": str(age_key[0]),
-            "STAGING": str(staging),
-        },
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = restore_by_hand(tmp_path / "store", "adapter", age_key[0], staging)
     assert result.returncode == 0, result.stdout + result.stderr
     assert newest.source_metadata["version_digest"] in result.stdout
     assert _tree_digests(staging) == _tree_digests(model)
@@ -734,13 +736,10 @@ def test_a_first_release_version_lists_verifies_restores_and_prunes(tmp_path, ag
     """A version written as one object per chunk (the first release) next to versions in packs:
     listed, verified plain and deep, restored by spark-backup and by the runbook's block,
     replicated objects named, kept by prune while listed and swept once it expired."""
-    import os
-    import subprocess
 
     from spark_backup.engine.blobs.chunks import existing_chunks
     from spark_backup.engine.blobs.sweep import doomed_objects
     from spark_backup.sources.llm_artifacts.kind import LlmArtifactsKind
-    from spark_backup_tests.test_runbooks import DOCS, fenced_blocks
 
     model = make_model_dir(tmp_path / "adapter", tensors=6)
     plan = _plan(tmp_path, age_key[1], model)
@@ -761,19 +760,7 @@ def test_a_first_release_version_lists_verifies_restores_and_prunes(tmp_path, ag
     assert all(len(c) == 3 for f in document["files"] for c in f["chunks"])
 
     # The runbook's block restores it by hand.
-    (script,) = [
-        b
-        for b in fenced_blocks(DOCS / "runbooks" / "llm_artifacts.md", "bash")
-        if b.startswith("# What to restore")
-    ]
-    env = {"STORE": str(tmp_path / "store"), "SOURCE": "adapter", "KEY": str(age_key[0])}
-    result = subprocess.run(
-        ["bash", "-euo", "pipefail", "-c", script],
-        env={**os.environ, **env, "STAGING": str(tmp_path / "by-hand")},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = restore_by_hand(tmp_path / "store", "adapter", age_key[0], tmp_path / "by-hand")
     assert result.returncode == 0, result.stdout + result.stderr
     assert _tree_digests(tmp_path / "by-hand") == original
 
