@@ -278,3 +278,74 @@ def test_observation_changes_with_the_index(tmp_path: Path, age_key) -> None:
     assert first.metadata["files"] == 3
     make_index(folder, "flat", vectors=2100)
     assert kind.observe(source, service.context(source)).version != first.version
+
+
+def test_snapshots_on_the_blob_layer_share_packs_and_stream_copies_still_restore(
+    tmp_path: Path, age_key, monkeypatch
+) -> None:
+    """A source without chunk_key writes tar streams (as the first release did); with one, the
+    index and its sidecars go through the blob layer: a snapshot whose index did not change adds
+    little. Both kinds of copy list with their catalogue, verify deep, restore, answer the probe
+    queries, survive a prune, and the blob version restores by hand with the llm runbook's block
+    (the same version document)."""
+    from spark_backup.engine.blobs.packs import existing_packs
+    from spark_backup_tests.test_llm_artifacts import restore_by_hand
+
+    monkeypatch.setenv("SPARK_TEST_FAISS_CHUNK_KEY", "faiss-chunk-key-0123456789abcdef")
+    folder = tmp_path / "rag"
+    make_index(folder, "ivf", vectors=6000)
+    retention = {"daily": 5, "weekly": 0, "monthly": 0}
+    plain_source = faiss_source(folder, probes={"nprobe": 4}, retention=retention)
+    stream_plan = _plan(tmp_path, age_key, [plain_source])
+    (stream,) = BackupService.from_path(stream_plan).backup("rag")
+    assert "tar" in stream.layers
+
+    blob_source = {**plain_source, "chunk_key": "env:SPARK_TEST_FAISS_CHUNK_KEY"}
+    plan = _plan(tmp_path, age_key, [blob_source])
+    service = BackupService.from_path(plan)
+    (first,) = service.backup("rag")
+    assert "tar" not in first.layers and first.source_metadata["new_chunks"] > 0
+    store = service.store_for(service.source("rag"))
+    assert existing_packs(store, "rag")
+    with open(folder / "docstore.jsonl", "a") as handle:
+        handle.write(json.dumps({"id": "doc-new", "text": "one more passage"}) + "\n")
+    (second,) = service.backup("rag")
+    index_bytes = (folder / "index.faiss").stat().st_size
+    assert second.source_metadata["added_bytes"] < index_bytes / 4, second.source_metadata
+
+    listed = json.loads(run_cli("--plan", str(plan), "list", "--kind", "faiss", "--json").stdout)
+    assert [r["id"] for r in listed] == [stream.id, first.id, second.id]
+    assert all(r["catalogue"]["index_type"] == "IndexIVFFlat" for r in listed)
+    identities = service.identities(age_key[0])
+    for copy in (stream, first, second):
+        for keys in (None, identities):
+            outcome = service.verify(service.find(copy.id), keys)
+            assert outcome.ok, (copy.id, outcome.error)
+        target = tmp_path / f"restored-{copy.id}"
+        service.restore(copy.id, target, identity_file=age_key[0])
+        assert probe_restored(copy, target).passed
+    assert (tmp_path / f"restored-{second.id}" / "docstore.jsonl").read_bytes() == (
+        folder / "docstore.jsonl"
+    ).read_bytes()
+    report = service.drill("rag", identity_file=age_key[0])
+    assert report.passed, report
+
+    # One copy a day is kept: the stream copy and the first version expire, the second keeps
+    # every pack it shares with the first.
+    service.prune(dry_run=False)
+    assert [c.manifest.id for c in service.copies("rag")] == [second.id]
+    assert service.verify(service.find(second.id), identities).ok
+
+    # By hand: the llm runbook's block restores a version of any kind.
+    result = restore_by_hand(tmp_path / "store", "rag", age_key[0], tmp_path / "by-hand")
+    assert result.returncode == 0, result.stdout + result.stderr
+    for name in ("index.faiss", "ids.json", "docstore.jsonl"):
+        assert _sha256(tmp_path / "by-hand" / name) == _sha256(folder / name)
+    probe = tmp_path / "probe.py"
+    probe.write_text(_block("python", "# python3 probe.py"))
+    checked = subprocess.run(
+        [sys.executable, str(probe), str(tmp_path / "by-hand"), "index.faiss"],
+        capture_output=True,
+        text=True,
+    )
+    assert checked.returncode == 0 and "answered identically" in checked.stdout, checked.stderr

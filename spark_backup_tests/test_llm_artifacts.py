@@ -15,8 +15,9 @@ import pyrage
 import pytest
 import zstandard
 
-from spark_backup.engine.blobs import chunker
-from spark_backup.engine.blobs.chunks import chunk_key, existing_chunks
+from spark_backup.engine.blobs import chunker, packs
+from spark_backup.engine.blobs.keys import derive_chunk_key
+from spark_backup.engine.blobs.packs import existing_packs, known_chunks, pack_key
 from spark_backup.engine.blobs.sweep import read_plans
 from spark_backup.errors import IntegrityError, SourceError
 from spark_backup.service import BackupService
@@ -37,6 +38,17 @@ DAY = dt.timedelta(days=1)
 @pytest.fixture(autouse=True)
 def chunk_secret(monkeypatch):
     monkeypatch.setenv("SPARK_TEST_CHUNK_KEY", CHUNK_SECRET)
+
+
+@pytest.fixture
+def one_chunk_packs(monkeypatch):
+    """Packs of one chunk each: prune at pack granularity then frees what a version alone had."""
+    monkeypatch.setattr(packs, "PACK_TARGET", 1)
+
+
+def _packed(store, scope: str) -> set[str]:
+    """The pack keys of a scope."""
+    return {pack_key(scope, pid) for pid in existing_packs(store, scope)}
 
 
 def _plan(tmp_path: Path, public: str, model: Path, **extra) -> Path:
@@ -64,6 +76,29 @@ def _tree_digests(root: Path) -> dict[str, str]:
         for p in sorted(root.rglob("*"))
         if p.is_file()
     }
+
+
+def restore_by_hand(store: Path, source: str, key: Path, staging: Path):
+    """Run the llm_artifacts runbook's by-hand block (age, zstd, jq, dd) on the newest version
+    of ``source``; returns the finished process (the caller checks it)."""
+    import os
+    import subprocess
+
+    from spark_backup_tests.test_runbooks import DOCS, fenced_blocks
+
+    (script,) = [
+        b
+        for b in fenced_blocks(DOCS / "runbooks" / "llm_artifacts.md", "bash")
+        if b.startswith("# What to restore")
+    ]
+    env = {"STORE": str(store), "SOURCE": source, "KEY": str(key), "STAGING": str(staging)}
+    return subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_versions_share_chunks_and_each_restores(tmp_path, age_key):
@@ -108,16 +143,23 @@ def test_equal_chunks_of_two_sources_get_unrelated_ids(tmp_path, age_key):
     service.backup("one")
     service.backup("two")
     store = service.store_for(service.source("one"))
-    one, two = existing_chunks(store, "one"), existing_chunks(store, "two")
+    one = known_chunks(store, "one", derive_chunk_key(CHUNK_SECRET, "one"))[0]
+    two = known_chunks(store, "two", derive_chunk_key(CHUNK_SECRET, "two"))[0]
     assert len(one) == len(two) > 0 and not set(one) & set(two)
+    # A source's pack index does not open under another source's key.
+    assert known_chunks(store, "one", derive_chunk_key(CHUNK_SECRET, "two"))[0] == {}
     # and no id is the plain sha256 of a chunk
     with open(model / "tokenizer.json", "rb") as handle:
         plain = hashlib.sha256(handle.read()).hexdigest()
     assert plain not in one
 
 
-def test_chunk_objects_open_with_standard_tools(tmp_path, age_key):
+def test_packs_open_with_standard_tools(tmp_path, age_key, monkeypatch):
+    """A pack is one age file of concatenated zstd frames: ``age -d | zstd -d`` gives its chunks
+    back in order, and ``dd`` of a chunk's offset and length gives one chunk."""
     import subprocess
+
+    monkeypatch.setattr(packs, "PACK_TARGET", 200_000)  # several packs
 
     model = make_model_dir(tmp_path / "adapter")
     service = BackupService.from_path(_plan(tmp_path, age_key[1], model))
@@ -133,17 +175,32 @@ def test_chunk_objects_open_with_standard_tools(tmp_path, age_key):
         ).stdout
     )
     entry = next(f for f in document["files"] if f["path"] == "adapter_model.safetensors")
-    rebuilt = b"".join(
-        subprocess.run(
-            f"age -d -i {age_key[0]} < {store_root / chunk_key('adapter', cid)} | zstd -dc",
+    used = list(dict.fromkeys(chunk[3] for chunk in entry["chunks"]))
+    assert len(used) > 2
+    # A whole pack: every chunk in it, in order.
+    whole = subprocess.run(
+        f"age -d -i {age_key[0]} < {store_root / pack_key('adapter', used[1])} | zstd -dc",
+        shell=True,
+        check=True,
+        capture_output=True,
+    ).stdout
+    # One chunk at a time, by offset and length.
+    plain = {
+        cid: subprocess.run(
+            f"age -d -i {age_key[0]} < {store_root / pack_key('adapter', pid)} | "
+            f"dd bs=64K iflag=fullblock,skip_bytes,count_bytes skip={offset} count={length} status=none | "
+            "zstd -dc",
             shell=True,
             check=True,
             capture_output=True,
         ).stdout
-        for cid, _sha, _size in entry["chunks"]
-    )
+        for cid, _sha, _size, pid, offset, length in entry["chunks"]
+    }
+    rebuilt = b"".join(plain[chunk[0]] for chunk in entry["chunks"])
     assert hashlib.sha256(rebuilt).hexdigest() == entry["sha256"]
     assert rebuilt == (model / "adapter_model.safetensors").read_bytes()
+    in_pack = sorted((c for c in entry["chunks"] if c[3] == used[1]), key=lambda c: c[4])
+    assert whole == b"".join(plain[c[0]] for c in in_pack)
 
 
 @pytest.mark.parametrize(
@@ -210,10 +267,10 @@ def test_a_missing_chunk_names_every_version_it_breaks(tmp_path, age_key):
     [first] = service.backup("adapter")
     (model / "notes.txt").write_text("second version")
     [second] = service.backup("adapter")
-    # A chunk of the weights, shared by both versions, vanishes from the store.
+    # The pack of the weights, shared by both versions, vanishes from the store.
     document = read_document(service.find(second.id), service.identities(age_key[0]))
     weights = next(f for f in document["files"] if f["path"] == "adapter_model.safetensors")
-    (tmp_path / "store" / chunk_key("adapter", weights["chunks"][2][0])).unlink()
+    (tmp_path / "store" / pack_key("adapter", weights["chunks"][2][3])).unlink()
 
     result = run_cli("--plan", str(plan), "verify", "adapter", "--json")
     assert result.returncode == IntegrityError.exit_code
@@ -233,28 +290,42 @@ def test_a_chunk_with_other_bytes_fails_deep_verify_and_the_drill(tmp_path, age_
     identities = service.identities(age_key[0])
     document = read_document(service.find(version.id), identities)
     weights = next(f for f in document["files"] if f["path"] == "adapter_model.safetensors")
-    cid, _sha, size = weights["chunks"][-1]
-    # Someone who knows the public recipient swaps a chunk for other bytes of its size.
-    path = tmp_path / "store" / chunk_key("adapter", cid)
+    _cid, _sha, size, pid, offset, length = weights["chunks"][-1]
+    # Someone who knows the public recipient swaps a chunk in its pack for other bytes of its
+    # size, and stores the pack under its old name (its sha256 now differs: caught) ...
+    path = tmp_path / "store" / pack_key("adapter", pid)
+    frames = pyrage.decrypt(path.read_bytes(), identities)
     plain = bytearray(
         zstandard.ZstdDecompressor().decompress(
-            pyrage.decrypt(path.read_bytes(), identities), max_output_size=size
+            frames[offset : offset + length], max_output_size=size
         )
     )
     plain[100] ^= 0xFF
-    sealed = zstandard.ZstdCompressor(level=3, write_checksum=True).compress(bytes(plain))
+    frame = zstandard.ZstdCompressor(level=3, write_checksum=True).compress(bytes(plain))
+    forged_frames = frames[:offset] + frame + frames[offset + length :]
     recipient = pyrage.x25519.Recipient.from_str(age_key[1])
-    # rage varies its header (grease stanzas): seal until the size is the original's.
-    forged = next(
-        f
-        for f in (pyrage.encrypt(sealed, [recipient]) for _ in range(500))
-        if len(f) == path.stat().st_size
-    )
     path.unlink()
-    path.write_bytes(forged)
+    path.write_bytes(pyrage.encrypt(forged_frames, [recipient]))
     ref = service.find(version.id)
     deep = service.verify(ref, identities)
-    assert not deep.ok and "does not hold the bytes" in deep.error
+    assert not deep.ok and "damaged" in deep.error
+    # ... or rewrites the version's references to a pack named by the forged bytes' sha256:
+    # the chunk's own digest catches it.
+    forged = path.read_bytes()
+    path.unlink()
+    new_pid = hashlib.sha256(forged).hexdigest()
+    new_path = tmp_path / "store" / pack_key("adapter", new_pid)
+    new_path.parent.mkdir(parents=True, exist_ok=True)
+    new_path.write_bytes(forged)
+    from spark_backup.engine.blobs.packs import PackCache
+
+    cache = PackCache(service.store_for(service.source("adapter")), "adapter", identities)
+    from spark_backup.engine.blobs.chunks import ChunkRef
+    from spark_backup.engine.blobs.packs import read_chunks
+
+    forged_ref = ChunkRef(_cid, _sha, size, new_pid, offset, len(frame))
+    with pytest.raises(IntegrityError, match="does not hold the bytes"):
+        list(read_chunks(cache.store, "adapter", [forged_ref], identities, "forged", cache))
     kind = service.kind_of(service.source("adapter"))
     scratch = tmp_path / "scratch"
     scratch.mkdir()
@@ -283,7 +354,9 @@ def _only_in(service, version_id: str, other_id: str, identity: Path) -> set[str
     return set(refs[0]) - set(refs[1])
 
 
-def test_prune_sweeps_only_chunks_no_version_needs_after_the_grace(tmp_path, age_key):
+def test_prune_sweeps_only_chunks_no_version_needs_after_the_grace(
+    tmp_path, age_key, one_chunk_packs
+):
     model = make_model_dir(tmp_path / "adapter", tensors=10)
     plan = _plan(tmp_path, age_key[1], model)
     service = BackupService.from_path(plan)
@@ -300,14 +373,14 @@ def test_prune_sweeps_only_chunks_no_version_needs_after_the_grace(tmp_path, age
     # Announced, not yet deleted: a backup running now could still be reusing them.
     assert report.shared_expired == []
     assert only_first <= set(read_plans(store, "adapter").unreferenced)
-    assert only_first <= set(existing_chunks(store, "adapter"))
+    assert only_first <= _packed(store, "adapter")
 
     # A prune interrupted halfway through its deletions...
     real_delete = type(store).delete
     calls = {"n": 0}
 
     def dies_after_two(self, key):
-        if "/chunks/" in key:
+        if "/packs/" in key:
             calls["n"] += 1
             if calls["n"] > 2:
                 raise KeyboardInterrupt
@@ -326,26 +399,52 @@ def test_prune_sweeps_only_chunks_no_version_needs_after_the_grace(tmp_path, age
     assert _tree_digests(tmp_path / "mid") == _tree_digests(model)
     # The rerun finishes: every chunk only the expired version had is gone, no other.
     rerun = service.prune(dry_run=False, now=later + dt.timedelta(minutes=1))
-    left = set(existing_chunks(store, "adapter"))
+    left = _packed(store, "adapter")
     assert not (only_first & left)
+    # No index is left without its pack, none of a kept pack is gone.
+    indexes = {i.key for i in store.list("adapter/pack-index/")}
+    assert indexes == {packs.index_key("adapter", packs.id_of_pack_key(k)) for k in left}
     assert set(service.kind_of(service.source("adapter"))._refs(service.find(second.id))) <= left
     assert rerun.shared_expired
     deep = service.verify(service.find(second.id), service.identities(age_key[0]))
     assert deep.ok, deep.error
 
 
-def test_a_backup_reusing_a_chunk_being_pruned_is_refused(tmp_path, age_key):
+def test_a_backup_never_reuses_a_pack_being_pruned(tmp_path, age_key, one_chunk_packs, monkeypatch):
     model = make_model_dir(tmp_path / "adapter", tensors=6)
     service = BackupService.from_path(_plan(tmp_path, age_key[1], model))
+    store = service.store_for(service.source("adapter"))
     original = (model / "adapter_model.safetensors").read_bytes()
     service.backup("adapter")
     _redraw(model, ["base_model.layers.2.lora_A.weight"])
     service.backup("adapter")
-    service.prune(dry_run=False)  # the first version expires; its own chunk is announced
+    service.prune(dry_run=False)  # the first version expires; its own packs are announced
+    doomed = set(read_plans(store, "adapter").unreferenced)
+    assert doomed
     (model / "adapter_model.safetensors").write_bytes(original)  # training rolled back
+    # A backup that starts after the announcement writes those chunks again.
+    [third] = service.backup("adapter")
+    kind = service.kind_of(service.source("adapter"))
+    assert not set(kind._refs(service.find(third.id))) & doomed
+
+    # One that started before it (it read the pack indexes, then a prune announced) is refused.
+    from spark_backup.engine.blobs import version as reader_module
+
+    real_doomed = reader_module.doomed_packs
+    calls = {"n": 0}
+
+    def announced_meanwhile(store_, scope):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            return set()  # at the start: nothing announced yet
+        return {packs.id_of_pack_key(k) for k in kind._refs(service.find(third.id))}
+
+    monkeypatch.setattr(reader_module, "doomed_packs", announced_meanwhile)
+    (model / "notes.txt").write_text("a fourth version")
     with pytest.raises(SourceError, match="being pruned"):
         service.backup("adapter")
-    assert len(service.copies("adapter")) == 1
+    monkeypatch.setattr(reader_module, "doomed_packs", real_doomed)
+    assert [c.manifest.id for c in service.copies("adapter")][-1] == third.id
 
 
 def test_versions_through_s3(tmp_path, seaweedfs, s3_bucket, age_key, monkeypatch):
@@ -406,10 +505,6 @@ def test_safetensors_boundaries_cut_chunks(tmp_path):
 
 def test_the_runbook_restores_by_hand(tmp_path, age_key):
     """The runbook's by-hand block restores the newest version with age, zstd, jq alone."""
-    import os
-    import subprocess
-
-    from spark_backup_tests.test_runbooks import DOCS, fenced_blocks
 
     model = make_model_dir(tmp_path / "adapter")
     service = BackupService.from_path(_plan(tmp_path, age_key[1], model))
@@ -417,25 +512,8 @@ def test_the_runbook_restores_by_hand(tmp_path, age_key):
     (model / "sub").mkdir()
     (model / "sub" / "special_tokens_map.json").write_text("{}")
     [newest] = service.backup("adapter")
-    (script,) = [
-        b
-        for b in fenced_blocks(DOCS / "runbooks" / "llm_artifacts.md", "bash")
-        if b.startswith("# What to restore")
-    ]
     staging = tmp_path / "staging"
-    result = subprocess.run(
-        ["bash", "-euo", "pipefail", "-c", script],
-        env={
-            **os.environ,
-            "STORE": str(tmp_path / "store"),
-            "SOURCE": "adapter",
-            "KEY": str(age_key[0]),
-            "STAGING": str(staging),
-        },
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = restore_by_hand(tmp_path / "store", "adapter", age_key[0], staging)
     assert result.returncode == 0, result.stdout + result.stderr
     assert newest.source_metadata["version_digest"] in result.stdout
     assert _tree_digests(staging) == _tree_digests(model)
@@ -492,7 +570,7 @@ def test_the_backup_asset_records_the_version(tmp_path, age_key):
 
 
 def test_on_a_worm_store_chunks_are_locked_and_never_swept(
-    tmp_path, seaweedfs, s3_lock_bucket, age_key, monkeypatch
+    tmp_path, seaweedfs, s3_lock_bucket, age_key, monkeypatch, one_chunk_packs
 ):
     monkeypatch.setenv("SPARK_TEST_S3_KEY_ID", seaweedfs.access_key)
     monkeypatch.setenv("SPARK_TEST_S3_SECRET", seaweedfs.secret_key)
@@ -517,10 +595,10 @@ def test_on_a_worm_store_chunks_are_locked_and_never_swept(
     )
     [first] = service.backup("adapter")
     s3 = service.store_for(service.source("adapter"))
-    chunks = existing_chunks(s3, "adapter")
+    chunks = _packed(s3, "adapter")
     assert chunks
     now = dt.datetime.now(dt.UTC)
-    assert all(s3.locked(chunk_key("adapter", cid), now) for cid in chunks)
+    assert all(s3.locked(key, now) for key in chunks)
     assert s3.locked(first.source_metadata["chunk_refs"], now)
     _redraw(model, ["base_model.layers.1.lora_B.weight"])
     service.backup("adapter")
@@ -529,7 +607,7 @@ def test_on_a_worm_store_chunks_are_locked_and_never_swept(
     for hours in (2, 4):
         report = service.prune(dry_run=False, now=now + dt.timedelta(hours=hours))
         assert report.locked == [first.id] and report.shared_expired == []
-    assert set(existing_chunks(s3, "adapter")) >= set(chunks)
+    assert _packed(s3, "adapter") >= chunks
     assert service.verify(service.find(first.id), service.identities(age_key[0])).ok
 
 
@@ -538,9 +616,8 @@ def test_the_sweep_announces_before_it_deletes_and_remembers_deletions(tmp_path)
     grace; deleted chunks stay 'doomed' for a grace more, so a backup that listed the chunk
     before it went cannot commit a version that needs it; a rerun after an interruption reads
     the plans it left."""
-    from spark_backup.engine.blobs.chunks import ChunkWriter
-    from spark_backup.engine.blobs.keys import derive_chunk_key
-    from spark_backup.engine.blobs.sweep import doomed_chunks, sweep
+    from spark_backup.engine.blobs.packs import PackWriter
+    from spark_backup.engine.blobs.sweep import doomed_objects, sweep
     from spark_backup.engine.crypto import Recipients
     from spark_backup.engine.stores.local import LocalStore
     from spark_backup_tests.helpers import make_key
@@ -548,24 +625,228 @@ def test_the_sweep_announces_before_it_deletes_and_remembers_deletions(tmp_path)
     _key, public = make_key(tmp_path / "keys")
     store = LocalStore("local", tmp_path / "store")
     store.root.mkdir()
-    writer = ChunkWriter(store, "s", derive_chunk_key(CHUNK_SECRET, "s"), Recipients((public,)))
-    kept, gone = writer.add(b"k" * 20000).id, writer.add(b"g" * 20000).id
+    key = derive_chunk_key(CHUNK_SECRET, "s")
+    writer = PackWriter(store, "s", key, Recipients((public,)), pack_target=1)
+    kept_n, gone_n = writer.add(b"k" * 20000), writer.add(b"g" * 20000)
     writer.close()
+    kept_id, gone_id = writer.refs[kept_n].id, writer.refs[gone_n].id
+    kept, gone = (pack_key("s", writer.location(c)[0]) for c in (kept_id, gone_id))
     grace = dt.timedelta(hours=1)
     start = dt.datetime.now(dt.UTC) + grace  # the objects are older than the grace from here
 
     first = sweep(store, "s", {kept}, start, grace, dry_run=False)
     assert first.deleted == [] and first.waiting == [gone] and first.plan
-    assert doomed_chunks(store, "s") == {gone}  # a backup reusing it now is refused
+    assert doomed_objects(store, "s") == {gone}  # a backup reusing it now is refused
 
     assert sweep(store, "s", {kept}, start + grace / 2, grace, dry_run=True).deleted == []
     later = sweep(store, "s", {kept}, start + grace, grace, dry_run=False)
-    assert later.deleted == [gone] and set(existing_chunks(store, "s")) == {kept}
-    assert doomed_chunks(store, "s") == {gone}  # still remembered for a grace
+    assert later.deleted == [gone] and _packed(store, "s") == {kept}
+    assert doomed_objects(store, "s") == {gone}  # still remembered for a grace
 
     # Several plans (an interrupted sweep left its older one) are read together.
     again = sweep(store, "s", {kept}, start + grace * 1.5, grace, dry_run=False)
-    assert again.deleted == [] and doomed_chunks(store, "s") == {gone}
+    assert again.deleted == [] and doomed_objects(store, "s") == {gone}
     assert len(list(store.list("s/chunk-sweeps/"))) == 1
     sweep(store, "s", {kept}, start + grace * 3, grace, dry_run=False)
-    assert doomed_chunks(store, "s") == set() and set(existing_chunks(store, "s")) == {kept}
+    assert doomed_objects(store, "s") == set() and _packed(store, "s") == {kept}
+
+
+class _FirstReleaseWriter:
+    """The first release's chunk writer, as it wrote: one ``age(zstd(chunk))`` object per chunk
+    at ``<scope>/chunks/<id[:2]>/<id>.zst.age``, and a ``chunk-refs/v1`` list of ids."""
+
+    def __init__(self, store, scope: str, mac_key: bytes, recipients):
+        self.store, self.scope, self.key = store, scope, mac_key
+        self.recipients = recipients.parsed()
+        self.stored: dict[str, int] = {}
+        self.refs: list = []
+
+    def add(self, data: bytes) -> int:
+        from spark_backup.engine.blobs.chunks import ChunkRef, chunk_key
+        from spark_backup.engine.blobs.keys import chunk_id
+
+        digest = hashlib.sha256(data).digest()
+        cid = chunk_id(self.key, digest)
+        if cid not in self.stored:
+            compressed = zstandard.ZstdCompressor(level=3, write_checksum=True).compress(data)
+            sealed = pyrage.encrypt(compressed, self.recipients)
+            self.store.put_bytes(chunk_key(self.scope, cid), sealed)
+            self.stored[cid] = len(sealed)
+        self.refs.append(ChunkRef(cid, digest.hex(), len(data)))
+        return len(self.refs) - 1
+
+    def refs_list(self, now) -> tuple[str, str]:
+        body = json.dumps(
+            {
+                "format": "spark-backup.chunk-refs/v1",
+                "scope": self.scope,
+                "chunks": sorted([c, s] for c, s in self.stored.items()),
+            }
+        ).encode()
+        data = zstandard.ZstdCompressor(level=3, write_checksum=True).compress(body)
+        key = f"{self.scope}/chunk-refs/first-release-{now:%Y%m%dT%H%M%S}.json.zst"
+        self.store.put_bytes(key, data)
+        return key, hashlib.sha256(data).hexdigest()
+
+
+def _first_release_reader(kind_reader):
+    """Wraps a ``ModelVersionReader`` so that it writes the version as the first release did."""
+    import contextlib
+    import io
+
+    from spark_backup.engine.blobs.version import VersionBuilder
+    from spark_backup.engine.pipeline import utcnow
+    from spark_backup.sources.llm_artifacts.reader import walk_model
+
+    class FirstReleaseReader:
+        kind = kind_reader.kind
+        layers = ("json",)
+
+        @contextlib.contextmanager
+        def open(self):
+            store, scope = kind_reader.access.store, kind_reader.source.name
+            writer = _FirstReleaseWriter(
+                store, scope, kind_reader.mac_key, kind_reader.access.recipients
+            )
+            builder = VersionBuilder(writer)  # type: ignore[arg-type]
+            for name in walk_model(kind_reader.root):
+                builder.add_file(str(kind_reader.root / name), name)
+            builder.resolve()
+            refs_key, refs_sha = writer.refs_list(utcnow())
+            document = builder.document(scope, "first release", {})
+            del document["layout"]
+            self._metadata = {
+                "label": "first release",
+                "version_digest": document["digest"],
+                "chunk_refs": refs_key,
+                "chunk_refs_sha256": refs_sha,
+            }
+            yield io.BytesIO(json.dumps(document).encode())
+
+        def metadata(self):
+            return self._metadata
+
+        def tool_versions(self):
+            return {}
+
+    return FirstReleaseReader()
+
+
+def test_a_first_release_version_lists_verifies_restores_and_prunes(tmp_path, age_key, monkeypatch):
+    """A version written as one object per chunk (the first release) next to versions in packs:
+    listed, verified plain and deep, restored by spark-backup and by the runbook's block,
+    replicated objects named, kept by prune while listed and swept once it expired."""
+
+    from spark_backup.engine.blobs.chunks import existing_chunks
+    from spark_backup.engine.blobs.sweep import doomed_objects
+    from spark_backup.sources.llm_artifacts.kind import LlmArtifactsKind
+
+    model = make_model_dir(tmp_path / "adapter", tensors=6)
+    plan = _plan(tmp_path, age_key[1], model)
+    service = BackupService.from_path(plan)
+    store = service.store_for(service.source("adapter"))
+    real_readers = LlmArtifactsKind.readers
+    monkeypatch.setattr(
+        LlmArtifactsKind,
+        "readers",
+        lambda self, *a, **k: [_first_release_reader(r) for r in real_readers(self, *a, **k)],
+    )
+    [old] = service.backup("adapter")
+    monkeypatch.setattr(LlmArtifactsKind, "readers", real_readers)
+    old_chunks = existing_chunks(store, "adapter")
+    assert old_chunks and not existing_packs(store, "adapter")
+    original = _tree_digests(model)
+    document = read_document(service.find(old.id), service.identities(age_key[0]))
+    assert all(len(c) == 3 for f in document["files"] for c in f["chunks"])
+
+    # The runbook's block restores it by hand.
+    result = restore_by_hand(tmp_path / "store", "adapter", age_key[0], tmp_path / "by-hand")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert _tree_digests(tmp_path / "by-hand") == original
+
+    # A prune while it is the only version keeps every chunk object.
+    service.prune(dry_run=False)
+    assert existing_chunks(store, "adapter") == old_chunks
+    _redraw(model, ["base_model.layers.1.lora_A.weight"])
+    [new] = service.backup("adapter")
+    assert existing_packs(store, "adapter")
+
+    listed = json.loads(run_cli("--plan", str(plan), "versions", "adapter", "--json").stdout)
+    assert [r["id"] for r in listed] == [old.id, new.id]
+    for version in (old, new):
+        plain = service.verify(service.find(version.id))
+        deep = service.verify(service.find(version.id), service.identities(age_key[0]))
+        assert plain.ok and deep.ok, (plain.error, deep.error)
+    service.restore(old.id, tmp_path / "old", identity_file=age_key[0])
+    assert _tree_digests(tmp_path / "old") == original
+    kind = service.kind_of(service.source("adapter"))
+    names = {f.name for f in kind.replica_version(service.find(old.id)).files}
+    assert {f"chunks/{c[:2]}/{c}.zst.age" for c in old_chunks} <= names
+
+    # A sweep plan the first release wrote (chunk ids) is read as those objects' keys.
+    some = sorted(old_chunks)[0]
+    store.put_bytes(
+        "adapter/chunk-sweeps/20261101T000000.000Z-0000.json",
+        json.dumps(
+            {
+                "format": "spark-backup.chunk-sweep/v1",
+                "unreferenced": {some: "2026-11-01T00:00:00+00:00"},
+                "deleted": {},
+            }
+        ).encode(),
+    )
+    assert f"adapter/chunks/{some[:2]}/{some}.zst.age" in doomed_objects(store, "adapter")
+
+    # The old version expires (one daily version kept): its chunk objects are announced, then
+    # swept after the grace; the new version loses nothing.
+    now = dt.datetime.now(dt.UTC)
+    report = service.prune(dry_run=False, now=now)
+    assert report.expired == [old.id]
+    service.prune(dry_run=False, now=now + 2 * DAY)
+    assert existing_chunks(store, "adapter") == {}
+    assert not list(store.list("adapter/chunk-refs/first-release"))
+    deep = service.verify(service.find(new.id), service.identities(age_key[0]))
+    assert deep.ok, deep.error
+
+
+def test_a_pack_without_index_or_an_index_without_pack_is_never_reused_and_prune_cleans_up(
+    tmp_path, age_key
+):
+    """The crash table's pack rows: a backup that died between a pack and its index left a pack
+    no index names (no later backup reuses its chunks); a prune that died between an index and
+    its pack cannot happen (index first), but a lost pack behind an index is ignored too. The
+    next backups write those chunks anew and prune removes both leftovers after the grace."""
+    model = make_model_dir(tmp_path / "adapter", tensors=4)
+    service = BackupService.from_path(_plan(tmp_path, age_key[1], model))
+    store = service.store_for(service.source("adapter"))
+    [first] = service.backup("adapter")
+    kind = service.kind_of(service.source("adapter"))
+    (pack,) = kind._refs(service.find(first.id))
+    pid = packs.id_of_pack_key(pack)
+    index = packs.index_key("adapter", pid)
+    # The first version is gone (say it expired); its pack lost its index.
+    (tmp_path / "store" / index).unlink()
+    key = derive_chunk_key(CHUNK_SECRET, "adapter")
+    assert known_chunks(store, "adapter", key)[0] == {}
+    (model / "notes.txt").write_text("v2")
+    [second] = service.backup("adapter")
+    assert pack not in kind._refs(service.find(second.id))  # written anew, not reused
+
+    # An index whose pack is gone names chunks no backup may reuse.
+    (other,) = kind._refs(service.find(second.id))
+    other_pid = packs.id_of_pack_key(other)
+    moved = tmp_path / "moved-pack"
+    (tmp_path / "store" / other).rename(moved)
+    assert known_chunks(store, "adapter", key)[0] == {}
+    moved.rename(tmp_path / "store" / other)
+
+    # Once both earlier versions are expired (one kept a day), the orphaned pack is announced,
+    # then swept; the kept version loses nothing.
+    now = dt.datetime.now(dt.UTC)
+    service.prune(dry_run=False, now=now)
+    service.prune(dry_run=False, now=now + 2 * DAY)
+    assert pack not in _packed(store, "adapter") and other in _packed(store, "adapter")
+    assert {i.key for i in store.list("adapter/pack-index/")} == {
+        packs.index_key("adapter", other_pid)
+    }
+    assert service.verify(service.find(second.id), service.identities(age_key[0])).ok

@@ -5,6 +5,7 @@ leave versions unreplicated and retried, and the replica asset downstream of the
 from __future__ import annotations
 
 import json
+import random
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -363,7 +364,7 @@ def test_a_second_bucket_on_s3_is_a_replica_store(
 def test_llm_versions_replicate_chunk_for_chunk_and_the_store_replica_restores(
     tmp_path: Path, age_key, registry: Registry, monkeypatch
 ) -> None:
-    """A deduplicated version replicates as the objects it is made of: its chunks, its chunk
+    """A deduplicated version replicates as the objects it is made of: its packs, its chunk
     reference list, its version document, its manifest; a second version pushes its own."""
     import hashlib
     import os
@@ -372,9 +373,9 @@ def test_llm_versions_replicate_chunk_for_chunk_and_the_store_replica_restores(
 
     import requests
 
-    from spark_backup.engine.blobs.chunks import chunk_key
+    from spark_backup.engine.blobs.packs import id_of_pack_key
     from spark_backup.engine.blobs.version import read_refs
-    from spark_backup.sources.llm_artifacts.kind import CHUNK_MEDIA_TYPE
+    from spark_backup.sources.llm_artifacts.kind import PACK_MEDIA_TYPE
     from spark_backup.sources.llm_artifacts.reader import REFS_KEY, REFS_SHA256
     from spark_backup_tests.helpers import llm_source, make_model_dir
 
@@ -391,12 +392,13 @@ def test_llm_versions_replicate_chunk_for_chunk_and_the_store_replica_restores(
     outcomes = service.replicate("adapter")
     assert {(o.target, o.replicated) for o in outcomes} == {("registry", True), ("offsite", True)}
 
-    # The registry holds one layer per chunk, the reference list, the document, the manifest,
-    # each layer the stored object's bytes under its sha256.
+    # The registry holds one layer per pack, the reference list, the document, the manifest,
+    # each layer the stored object's bytes under its sha256 (a pack's id).
     store_root = tmp_path / "store"
     metadata = first.source_metadata
     refs = read_refs(
         service.store_for(service.source("adapter")),
+        "adapter",
         metadata[REFS_KEY],
         metadata[REFS_SHA256],
         "test",
@@ -405,9 +407,10 @@ def test_llm_versions_replicate_chunk_for_chunk_and_the_store_replica_restores(
     layers = {
         layer["annotations"]["org.opencontainers.image.title"]: layer for layer in found["layers"]
     }
-    chunk_layers = {n for n, layer in layers.items() if layer["mediaType"] == CHUNK_MEDIA_TYPE}
-    assert chunk_layers == {chunk_key("", cid).lstrip("/") for cid in refs}
+    chunk_layers = {n for n, layer in layers.items() if layer["mediaType"] == PACK_MEDIA_TYPE}
+    assert chunk_layers == {key.removeprefix("adapter/") for key in refs}
     assert len(layers) == len(refs) + 3
+    assert all(layers[n]["digest"] == f"sha256:{id_of_pack_key(n)}" for n in chunk_layers)
     assert found["annotations"]["dev.spark-backup.version-digest"] == metadata["version_digest"]
     name = sorted(chunk_layers)[0]
     stored = (store_root / "adapter" / name).read_bytes()
@@ -451,7 +454,7 @@ def test_llm_versions_replicate_chunk_for_chunk_and_the_store_replica_restores(
     data[-4096:] = bytes(4096)
     weights.write_bytes(bytes(data))
     (second,) = service.backup("adapter")
-    # Built once for both targets: building a version reads and hashes every chunk it needs.
+    # Built once for both targets.
     kind = service.kind_named("llm_artifacts")
     built: list[str] = []
     build = type(kind).replica_version
@@ -481,7 +484,7 @@ def test_llm_versions_replicate_chunk_for_chunk_and_the_store_replica_restores(
     other.restore(second.id, tmp_path / "restored")
     assert (tmp_path / "restored" / "adapter_model.safetensors").read_bytes() == bytes(data)
 
-    # A chunk lost on the store replica fails the check there, and the next run puts it back.
+    # A pack lost on the store replica fails the check there, and the next run puts it back.
     lost = tmp_path / "offsite" / "adapter" / name
     lost.chmod(0o600)
     lost.unlink()
@@ -493,7 +496,7 @@ def test_llm_versions_replicate_chunk_for_chunk_and_the_store_replica_restores(
     assert lost.read_bytes() == stored
     assert all(o.replicated for o in service.check_replicas("adapter"))
 
-    # A chunk missing from the source store: the version stays unreplicated, named, retried.
+    # A pack missing from the source store: the version stays unreplicated, named, retried.
     (store_root / "adapter" / name).chmod(0o600)
     (store_root / "adapter" / name).unlink()
     shutil.rmtree(registry.repository_folder("spark-backup/adapter"))
@@ -512,10 +515,12 @@ def test_prune_sweeps_an_expired_llm_versions_chunks_at_the_source_never_on_its_
 ) -> None:
     import datetime as dt
 
-    from spark_backup.engine.blobs.chunks import existing_chunks
+    from spark_backup.engine.blobs import packs
+    from spark_backup.engine.blobs.packs import existing_packs as existing_chunks
     from spark_backup_tests.helpers import llm_source, make_model_dir
 
     monkeypatch.setenv("SPARK_TEST_CHUNK_KEY", "replica-chunk-key-0123456789")
+    monkeypatch.setattr(packs, "PACK_TARGET", 1)  # one chunk a pack: a pack only v1 needs
     model = make_model_dir(tmp_path / "adapter")
     retention = {"daily": 1, "weekly": 0, "monthly": 0}
     source = llm_source("adapter", str(model), replicate_to=["offsite"], retention=retention)
@@ -555,6 +560,34 @@ def test_prune_sweeps_an_expired_llm_versions_chunks_at_the_source_never_on_its_
     ).stat().st_size == weights.stat().st_size
     assert (tmp_path / "first" / "adapter_model.safetensors").read_bytes()[-8192:] != bytes(8192)
     # And the kept version still replicates as checked.
+    assert all(o.replicated for o in service.check_replicas("adapter"))
+
+
+def test_an_llm_version_of_many_chunks_replicates_to_a_registry_in_few_layers(
+    tmp_path: Path, age_key, registry: Registry, monkeypatch
+) -> None:
+    """12,000 chunks: one layer per chunk object (the first release) made a manifest over the
+    registry's 4 MB limit; packs make it a few layers, and the replicated check passes."""
+    from spark_backup.engine.blobs import chunker
+    from spark_backup_tests.helpers import llm_source
+
+    monkeypatch.setenv("SPARK_TEST_CHUNK_KEY", "replica-chunk-key-0123456789")
+    monkeypatch.setattr(chunker, "AVERAGE", 256)
+    monkeypatch.setattr(chunker, "MINIMUM", 256)
+    monkeypatch.setattr(chunker, "MAXIMUM", 1024)
+    model = tmp_path / "adapter"
+    model.mkdir()
+    (model / "weights.bin").write_bytes(random.Random(5).randbytes(4_600_000))
+    source = llm_source("adapter", str(model), replicate_to=["registry"])
+    plan = write_plan(tmp_path, plan_dict([age_key[1]], [source], replication=_targets(registry)))
+    service = BackupService.from_path(plan)
+    (version,) = service.backup("adapter")
+    chunks = version.source_metadata["chunks"]
+    assert chunks > 11_000 and chunks * 410 > 4_000_000
+    (outcome,) = service.replicate("adapter")
+    assert outcome.replicated, outcome.problem
+    found = _manifest(registry, f"{registry.address}/spark-backup/adapter:{version.id}")
+    assert len(found["layers"]) == version.source_metadata["packs"] + 3
     assert all(o.replicated for o in service.check_replicas("adapter"))
 
 

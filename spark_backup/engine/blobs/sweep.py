@@ -1,22 +1,30 @@
-"""Mark and sweep of chunks no committed version needs.
+"""Mark and sweep of the packs (and first-release chunk objects) no committed version needs.
 
-Mark: the union of the reference lists of every committed copy of the scope (the caller reads
-them; a list it cannot read stops the sweep, which then deletes nothing). Sweep, in this order:
+The unit is a store object: a pack, deleted only when no kept or locked version needs any chunk
+in it (a version's reference list names its packs), or a chunk object of the first release's
+layout. Mark: the union of the reference lists of every committed copy of the scope (the
+caller reads them; a list it cannot read stops the sweep, which then deletes nothing). Sweep, in
+this order:
 
 1. Read every sweep plan (``<scope>/chunk-sweeps/<stamp>-<hex>.json``): when each unreferenced
-   chunk was first seen unreferenced, and which chunks were deleted recently.
-2. Write a new plan: every chunk unreferenced now (with the time it was first seen so, carried
-   over), the chunks about to be deleted, and deletions younger than ``grace``.
-3. Delete the chunks that were unreferenced for at least ``grace`` (and whose objects are at
-   least that old), never one under an Object Lock.
+   object was first seen unreferenced, and which objects were deleted recently.
+2. Write a new plan: every object unreferenced now (with the time it was first seen so, carried
+   over), the objects about to be deleted, and deletions younger than ``grace``.
+3. Delete the objects that were unreferenced for at least ``grace`` (and that are at least that
+   old), never one under an Object Lock; a pack's index before the pack, so no index names a
+   pack that is gone.
 4. Delete the older plans.
 
-A backup that reuses a chunk named in any plan fails before it commits (``doomed``): so a
-chunk is only deleted after it was announced for ``grace`` (longer than any backup), and every
-backup running meanwhile either saw the announcement or committed before the mark. A sweep
-interrupted anywhere leaves plans that a rerun reads and finishes; it never deletes a chunk
-referenced by a committed copy, because it marks before it deletes and announced chunks cannot
-gain new references.
+A backup that reuses a chunk of an object named in any plan fails before it commits
+(``doomed``), and a backup leaves packs a plan names out of the chunks it reuses: so an object
+is only deleted after it was announced for ``grace`` (longer than any backup), and every backup
+running meanwhile either saw the announcement or committed before the mark. A sweep interrupted
+anywhere leaves plans that a rerun reads and finishes; it never deletes an object referenced by
+a committed copy, because it marks before it deletes and announced objects cannot gain new
+references.
+
+Plans of the first release (``chunk-sweep/v1``) name chunk ids; they are read as the keys of
+those chunk objects.
 """
 
 from __future__ import annotations
@@ -24,14 +32,17 @@ from __future__ import annotations
 import datetime as dt
 import json
 import secrets
+from contextlib import suppress
 from dataclasses import dataclass, field
 
 from spark_backup.engine.blobs.chunks import chunk_key, chunks_prefix, id_of_chunk_key
+from spark_backup.engine.blobs.packs import id_of_pack_key, index_key, packs_prefix
 from spark_backup.engine.manifest import utc_stamp
 from spark_backup.engine.stores.base import ObjectStore
 from spark_backup.errors import NotFoundError, ObjectLockedError
 
-SWEEP_FORMAT = "spark-backup.chunk-sweep/v1"
+SWEEP_FORMAT = "spark-backup.chunk-sweep/v2"
+SWEEP_FORMAT_CHUNKS = "spark-backup.chunk-sweep/v1"
 
 
 def sweeps_prefix(scope: str) -> str:
@@ -41,7 +52,7 @@ def sweeps_prefix(scope: str) -> str:
 @dataclass
 class Plans:
     keys: list[str] = field(default_factory=list)
-    unreferenced: dict[str, dt.datetime] = field(default_factory=dict)  # id -> first seen
+    unreferenced: dict[str, dt.datetime] = field(default_factory=dict)  # object key -> first seen
     deleted: dict[str, dt.datetime] = field(default_factory=dict)
 
     def doomed(self) -> set[str]:
@@ -63,16 +74,35 @@ def read_plans(store: ObjectStore, scope: str) -> Plans:
             plans.keys.append(info.key)
             continue
         plans.keys.append(info.key)
+        by_id = document.get("format") == SWEEP_FORMAT_CHUNKS
         for table, into in (("unreferenced", plans.unreferenced), ("deleted", plans.deleted)):
-            for cid, when in document.get(table, {}).items():
+            for name, when in document.get(table, {}).items():
+                key = chunk_key(scope, name) if by_id else name
                 moment = dt.datetime.fromisoformat(when)
-                into[cid] = min(into.get(cid, moment), moment)
+                into[key] = min(into.get(key, moment), moment)
     return plans
 
 
-def doomed_chunks(store: ObjectStore, scope: str) -> set[str]:
-    """Chunks a sweep announced: a backup must not commit a version that reuses one."""
+def doomed_objects(store: ObjectStore, scope: str) -> set[str]:
+    """Keys of objects a sweep announced: a backup must not commit a version that needs one."""
     return read_plans(store, scope).doomed()
+
+
+def doomed_packs(store: ObjectStore, scope: str) -> set[str]:
+    return {pid for key in doomed_objects(store, scope) if (pid := id_of_pack_key(key))}
+
+
+def swept_objects(store: ObjectStore, scope: str) -> dict[str, dt.datetime]:
+    """Every pack and first-release chunk object of the scope, with its time of writing."""
+    present = {}
+    for prefix, named in (
+        (packs_prefix(scope), id_of_pack_key),
+        (chunks_prefix(scope), id_of_chunk_key),
+    ):
+        for info in store.list(prefix):
+            if named(info.key) is not None:
+                present[info.key] = info.modified
+    return present
 
 
 @dataclass
@@ -84,6 +114,13 @@ class SweepReport:
     plan: str | None = None
 
 
+def _delete(store: ObjectStore, scope: str, key: str) -> None:
+    if (pid := id_of_pack_key(key)) is not None:
+        with suppress(NotFoundError):
+            store.delete(index_key(scope, pid))
+    store.delete(key)
+
+
 def sweep(
     store: ObjectStore,
     scope: str,
@@ -92,53 +129,50 @@ def sweep(
     grace: dt.timedelta,
     dry_run: bool,
 ) -> SweepReport:
-    """Delete (or with ``dry_run`` list) the chunks of ``scope`` outside ``referenced`` that
-    were announced unreferenced at least ``grace`` ago."""
+    """Delete (or with ``dry_run`` list) the packs and chunk objects of ``scope`` whose keys
+    are not in ``referenced`` and that were announced unreferenced at least ``grace`` ago."""
     report = SweepReport()
-    present = {
-        cid: info.modified
-        for info in store.list(chunks_prefix(scope))
-        if (cid := id_of_chunk_key(info.key)) is not None
-    }
+    present = swept_objects(store, scope)
     plans = read_plans(store, scope)
     cutoff = now - grace
     unreferenced: dict[str, dt.datetime] = {}
     due = []
-    for cid in sorted(set(present) - referenced):
-        first_seen = plans.unreferenced.get(cid, now)
-        unreferenced[cid] = first_seen
-        report.unreferenced.append(cid)
-        if first_seen <= cutoff and present[cid] <= cutoff:
-            due.append(cid)
+    for key in sorted(set(present) - referenced):
+        first_seen = plans.unreferenced.get(key, now)
+        unreferenced[key] = first_seen
+        report.unreferenced.append(key)
+        if first_seen <= cutoff and present[key] <= cutoff:
+            due.append(key)
         else:
-            report.waiting.append(cid)
+            report.waiting.append(key)
     if dry_run:
         report.deleted = due
         return report
-    deleted = {cid: when for cid, when in plans.deleted.items() if when > cutoff}
-    deleted.update({cid: now for cid in due})
+    deleted = {key: when for key, when in plans.deleted.items() if when > cutoff}
+    deleted.update({key: now for key in due})
     if unreferenced or deleted:
         document = {
             "format": SWEEP_FORMAT,
             "scope": scope,
             "written_at": now.isoformat(),
             "grace_seconds": int(grace.total_seconds()),
-            "unreferenced": {cid: when.isoformat() for cid, when in unreferenced.items()},
-            "deleted": {cid: when.isoformat() for cid, when in deleted.items()},
+            "unreferenced": {key: when.isoformat() for key, when in unreferenced.items()},
+            "deleted": {key: when.isoformat() for key, when in deleted.items()},
         }
         report.plan = f"{sweeps_prefix(scope)}{utc_stamp(now)}-{secrets.token_hex(4)}.json"
         store.put_bytes(report.plan, json.dumps(document, indent=1).encode())
-    for cid in due:
-        key = chunk_key(scope, cid)
+    for key in due:
         if store.locked(key, now):
-            report.locked.append(cid)
+            report.locked.append(key)
             continue
         try:
-            store.delete(key)
+            _delete(store, scope, key)
         except ObjectLockedError:
-            report.locked.append(cid)
+            report.locked.append(key)
             continue
-        report.deleted.append(cid)
+        except NotFoundError:
+            pass  # an interrupted sweep deleted it already
+        report.deleted.append(key)
     for key in plans.keys:
         store.delete(key)
     return report

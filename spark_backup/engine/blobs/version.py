@@ -2,41 +2,61 @@
 
 Its document (``spark-backup.version/v1``, JSON) is the copy's plaintext, so the pipeline
 encrypts it like any copy (``<copy id>.json.zst.age``) and the copy's manifest commits it. It
-lists every file with its size, mode, sha256 and chunks (id, plaintext sha256, size), and for
-safetensors files every tensor with its sha256. Beside it, in the clear, a reference list
-(``<scope>/chunk-refs/<stamp>-<hex>.json.zst``: chunk ids and stored sizes only, named with
-its sha256 in the copy's manifest) lets prune and a plain verify work without a key.
+lists every file with its size, mode, sha256 and chunks, and for safetensors files every
+tensor with its sha256. A chunk is ``[id, plaintext sha256, size, pack, offset, length]``
+(where its zstd frame lies in the pack's plaintext); a version of the first release lists
+``[id, plaintext sha256, size]``, a chunk object of its own.
+
+Beside it, in the clear, a reference list (``<scope>/chunk-refs/<stamp>-<hex>.json.zst``, named
+with its sha256 in the copy's manifest) lets prune and a plain verify work without a key: the
+packs the version needs with their stored sizes (``chunk-refs/v2``), or for a first-release
+version its chunk ids and stored sizes (``chunk-refs/v1``). ``read_refs`` gives both as store
+keys with sizes.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import secrets
 import stat
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO
 
 import zstandard
 from pyrage import x25519
 
 from spark_backup.engine.blobs import chunker
-from spark_backup.engine.blobs.chunks import (
-    CHUNK_LAYERS,
-    ChunkRef,
-    ChunkWriter,
-    existing_chunks,
+from spark_backup.engine.blobs.chunks import CHUNK_LAYERS, ChunkRef, chunk_key
+from spark_backup.engine.blobs.packs import (
+    PackCache,
+    PackWriter,
+    existing_packs,
+    id_of_pack_key,
+    pack_key,
     read_chunks,
 )
 from spark_backup.engine.blobs.safetensors import SafetensorsError, read_header
+from spark_backup.engine.blobs.sweep import doomed_packs
+from spark_backup.engine.crypto import Recipients
 from spark_backup.engine.manifest import utc_stamp
+from spark_backup.engine.pipeline import utcnow
 from spark_backup.engine.stores.base import ObjectLock, ObjectStore
 from spark_backup.errors import IntegrityError, SourceError
 
 VERSION_FORMAT = "spark-backup.version/v1"
-REFS_FORMAT = "spark-backup.chunk-refs/v1"
+REFS_FORMAT = "spark-backup.chunk-refs/v2"
+REFS_FORMAT_CHUNKS = "spark-backup.chunk-refs/v1"  # first release: one object per chunk
+LAYOUT = "packs/v1"
+# The manifest's source_metadata names the version's reference list and its sha256.
+REFS_KEY = "chunk_refs"
+REFS_SHA256 = "chunk_refs_sha256"
 
 
 class ChangedDuringBackup(SourceError):
@@ -51,9 +71,36 @@ def _fingerprint(st: os.stat_result) -> tuple[int, int, int, int]:
 class VersionBuilder:
     """Chunks files into ``writer`` and collects the version document."""
 
-    writer: ChunkWriter
+    writer: PackWriter
     files: list[dict[str, Any]] = field(default_factory=list)
     fingerprints: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)
+    # The Object Lock the version's packs and reference list are written under.
+    lock: ObjectLock | None = None
+
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        """Chunk files inside the block; leaving it writes the last pack and waits for every
+        write, or on an error stops the writer."""
+        try:
+            yield
+            self.writer.close()
+        except BaseException:
+            self.writer.abort()
+            raise
+
+    def commit_refs(self, store: ObjectStore, scope: str) -> tuple[dict[str, int], str, str]:
+        """After ``writing``: every chunk located, then the reference list written (the last
+        object before the copy's own); returns the packs with their sizes, the list's key and
+        sha256. Refused if a prune announced a reused pack while the backup ran."""
+        packs = self.locate()
+        reused_doomed = self.writer.reused_packs & doomed_packs(store, scope)
+        if reused_doomed:
+            raise SourceError(
+                f"source {scope!r}: {len(reused_doomed)} pack(s) this version needs are being "
+                "pruned; no copy was made: back up again"
+            )
+        key, sha256 = write_refs(store, scope, packs, utcnow(), self.lock)
+        return packs, key, sha256
 
     def add_file(self, path: str, name: str, *, safetensors: bool = False) -> dict[str, Any]:
         try:
@@ -83,12 +130,12 @@ class VersionBuilder:
             region_digests = [hashlib.sha256() for _ in regions] if header is not None else []
             chunks: list[list[Any]] = []
             try:
-                for index, _offset, data in chunker.iter_chunks(handle, regions):  # type: ignore[arg-type]
-                    whole.update(data)
-                    if region_digests:
-                        region_digests[index].update(data)
-                    ref = self.writer.add(data)
-                    chunks.append([ref.id, ref.sha256, ref.size])
+                with _Hashing() as hashing:
+                    for index, _offset, data in chunker.iter_chunks(handle, regions):  # type: ignore[arg-type]
+                        hashing.update(
+                            (whole, region_digests[index]) if region_digests else (whole,), data
+                        )
+                        chunks.append([self.writer.add(data)])
             except EOFError:
                 raise ChangedDuringBackup(
                     f"{path}: the file shrank while it was read (it is being written)"
@@ -126,6 +173,34 @@ class VersionBuilder:
         self.files.append(entry)
         return entry
 
+    def add_open_file(self, handle: BinaryIO, name: str, label: str) -> dict[str, Any]:
+        """A file the caller holds open (and checks for changes itself), from its start."""
+        st = os.fstat(handle.fileno())
+        entry: dict[str, Any] = {"path": name, "size": st.st_size, "mode": stat.S_IMODE(st.st_mode)}
+        try:
+            entry["sha256"], entry["chunks"] = self._chunked(handle, st.st_size)
+        except EOFError:
+            raise ChangedDuringBackup(
+                f"{label}: the file shrank while it was read (it is being written)"
+            ) from None
+        self.files.append(entry)
+        return entry
+
+    def add_bytes(self, name: str, data: bytes) -> dict[str, Any]:
+        """A small file made at backup (a probe file, say)."""
+        digest, chunks = self._chunked(io.BytesIO(data), len(data))
+        entry = {"path": name, "size": len(data), "mode": 0o644, "sha256": digest, "chunks": chunks}
+        self.files.append(entry)
+        return entry
+
+    def _chunked(self, handle: Any, size: int) -> tuple[str, list[list[Any]]]:
+        whole = hashlib.sha256()
+        chunks: list[list[Any]] = []
+        for _index, _offset, data in chunker.iter_chunks(handle, [(0, size)]):
+            whole.update(data)
+            chunks.append([self.writer.add(data)])
+        return whole.hexdigest(), chunks
+
     def document(self, scope: str, label: str, extra: dict[str, Any]) -> dict[str, Any]:
         return {
             "format": VERSION_FORMAT,
@@ -139,12 +214,73 @@ class VersionBuilder:
                 "maximum": chunker.MAXIMUM,
             },
             "chunk_layers": CHUNK_LAYERS,
+            "layout": LAYOUT,
             "files": self.files,
             **extra,
         }
 
-    def chunk_ids(self) -> set[str]:
-        return {chunk[0] for entry in self.files for chunk in entry["chunks"]}
+    def resolve(self) -> None:
+        """After the writer closed: each chunk's number replaced by its id, sha256 and size."""
+        for entry in self.files:
+            for chunk in entry["chunks"]:
+                if len(chunk) == 1:
+                    ref = self.writer.refs[chunk[0]]
+                    chunk[:] = [ref.id, ref.sha256, ref.size]
+
+    def locate(self) -> dict[str, int]:
+        """After the writer closed: every chunk's id, sha256, size, pack, offset and length
+        into the file entries; returns the packs the version needs with their stored sizes."""
+        self.resolve()
+        packs: dict[str, int] = {}
+        for entry in self.files:
+            for chunk in entry["chunks"]:
+                pid, offset, length = self.writer.location(chunk[0])
+                chunk[3:] = [pid, offset, length]
+                packs[pid] = self.writer.pack_sizes[pid]
+        return packs
+
+
+def new_version(
+    store: ObjectStore, scope: str, mac_key: bytes, recipients: Recipients, level: int
+) -> VersionBuilder:
+    """The builder of one backup's version: its packs written under the store's default
+    Object Lock (a WORM store locks them like the copy they belong to), reusing no chunk of a
+    pack a prune announced."""
+    lock = store.default_lock.lock_from(utcnow()) if store.default_lock else None
+    writer = PackWriter(
+        store, scope, mac_key, recipients, level, lock=lock, skip_packs=doomed_packs(store, scope)
+    )
+    return VersionBuilder(writer, lock=lock)
+
+
+class _Hashing:
+    """A file's sha256 (and its tensor's) updated on a thread of its own, in order: hashlib
+    releases the interpreter lock, so hashing runs beside the chunking; at most ``_AHEAD``
+    chunks wait."""
+
+    _AHEAD = 64
+
+    def __enter__(self) -> _Hashing:
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="file-hash")
+        self._pending: deque[Future[None]] = deque()
+        return self
+
+    def update(self, digests: tuple[Any, ...], data: bytes) -> None:
+        self._pending.append(self._pool.submit(_update_all, digests, data))
+        while self._pending and (len(self._pending) > self._AHEAD or self._pending[0].done()):
+            self._pending.popleft().result()
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            while self._pending:
+                self._pending.popleft().result()
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _update_all(digests: tuple[Any, ...], data: bytes) -> None:
+    for digest in digests:
+        digest.update(data)
 
 
 def version_digest(files: list[dict[str, Any]]) -> str:
@@ -161,15 +297,16 @@ def refs_prefix(scope: str) -> str:
 
 
 def write_refs(
-    store: ObjectStore, scope: str, stored: dict[str, int], now, lock: ObjectLock | None = None
+    store: ObjectStore, scope: str, packs: dict[str, int], now, lock: ObjectLock | None = None
 ) -> tuple[str, str]:
-    """Write the reference list of a version about to be committed; return its key and sha256."""
+    """Write the reference list of a version about to be committed (the packs it needs, with
+    their stored sizes); return its key and sha256."""
     key = f"{refs_prefix(scope)}{utc_stamp(now)}-{secrets.token_hex(4)}.json.zst"
     body = json.dumps(
         {
             "format": REFS_FORMAT,
             "scope": scope,
-            "chunks": sorted([c, s] for c, s in stored.items()),
+            "packs": sorted([p, s] for p, s in packs.items()),
         },
         separators=(",", ":"),
     ).encode()
@@ -178,17 +315,22 @@ def write_refs(
     return key, hashlib.sha256(data).hexdigest()
 
 
-def read_refs(store: ObjectStore, key: str, sha256: str, label: str) -> dict[str, int]:
-    """A version's chunk ids and stored sizes; ``IntegrityError`` if the list is not the one
-    its manifest names (``NotFoundError`` if it is gone)."""
+def read_refs(store: ObjectStore, scope: str, key: str, sha256: str, label: str) -> dict[str, int]:
+    """The store objects a version needs (packs, or a first-release version's chunk objects),
+    as keys with their stored sizes; ``IntegrityError`` if the list is not the one its
+    manifest names (``NotFoundError`` if it is gone)."""
     data = store.get_bytes(key)
     if hashlib.sha256(data).hexdigest() != sha256:
         raise IntegrityError(f"{label}: chunk reference list {key} does not match its manifest")
     try:
         document = json.loads(zstandard.ZstdDecompressor().decompress(data))
-        return {cid: int(size) for cid, size in document["chunks"]}
+        if document["format"] == REFS_FORMAT_CHUNKS:
+            return {chunk_key(scope, cid): int(size) for cid, size in document["chunks"]}
+        if document["format"] == REFS_FORMAT:
+            return {pack_key(scope, pid): int(size) for pid, size in document["packs"]}
     except (zstandard.ZstdError, ValueError, KeyError, TypeError):
-        raise IntegrityError(f"{label}: chunk reference list {key} is damaged") from None
+        pass
+    raise IntegrityError(f"{label}: chunk reference list {key} is damaged")
 
 
 # --- reading a version back -----------------------------------------------------------------
@@ -208,7 +350,12 @@ def parse_version(data: bytes, label: str) -> dict[str, Any]:
         name = entry.get("path") if isinstance(entry, dict) else None
         if not isinstance(name, str) or not safe_relative(name):
             raise IntegrityError(f"{label}: the version lists an unsafe file name {name!r}")
-        if sum(chunk[2] for chunk in entry.get("chunks", [])) != entry.get("size"):
+        chunks = entry.get("chunks")
+        if not isinstance(chunks, list) or any(
+            not isinstance(c, list) or len(c) not in (3, 6) for c in chunks
+        ):
+            raise IntegrityError(f"{label}: {name}: its chunk list is malformed")
+        if sum(chunk[2] for chunk in chunks) != entry.get("size"):
             raise IntegrityError(f"{label}: {name}: its chunks do not add up to its size")
     return document
 
@@ -224,7 +371,17 @@ def safe_relative(name: str) -> bool:
 
 
 def file_chunks(entry: dict[str, Any]) -> list[ChunkRef]:
-    return [ChunkRef(cid, sha, size) for cid, sha, size in entry["chunks"]]
+    return [ChunkRef(*chunk) for chunk in entry["chunks"]]
+
+
+def needed_objects(document: dict[str, Any]) -> set[str]:
+    """The store keys of the packs (and first-release chunk objects) a version document needs."""
+    scope = document["scope"]
+    return {
+        pack_key(scope, chunk[3]) if len(chunk) == 6 else chunk_key(scope, chunk[0])
+        for entry in document["files"]
+        for chunk in entry["chunks"]
+    }
 
 
 def iter_file(
@@ -233,22 +390,30 @@ def iter_file(
     entry: dict[str, Any],
     identities: list[x25519.Identity],
     label: str,
+    cache: PackCache | None = None,
 ) -> Iterator[bytes]:
     """A file's bytes, chunk by chunk, each chunk checked; the file's sha256 and size are
-    compared when the last chunk was read (``IntegrityError``)."""
+    compared when the last chunk was read (``IntegrityError``). ``cache``: shared by the
+    files of one restore, so a pack holding the end of one file and the start of the next is
+    fetched once."""
     whole = hashlib.sha256()
     size = 0
-    for data in read_chunks(
-        store, scope, file_chunks(entry), identities, f"{label}: {entry['path']}"
-    ):
-        whole.update(data)
-        size += len(data)
-        yield data
+    with _Hashing() as hashing:
+        for data in read_chunks(
+            store, scope, file_chunks(entry), identities, f"{label}: {entry['path']}", cache
+        ):
+            hashing.update((whole,), data)
+            size += len(data)
+            yield data
     if size != entry["size"] or whole.hexdigest() != entry["sha256"]:
         raise IntegrityError(f"{label}: {entry['path']} does not match its recorded sha256")
 
 
-def missing_chunks(store: ObjectStore, scope: str, refs: dict[str, int]) -> list[str]:
-    """Chunk ids of ``refs`` the store lacks or holds with another size."""
-    present = existing_chunks(store, scope)
-    return sorted(cid for cid, size in refs.items() if present.get(cid) != size)
+def missing_objects(store: ObjectStore, scope: str, refs: dict[str, int]) -> list[str]:
+    """Keys of ``refs`` (``read_refs``) the store lacks or holds with another size: one
+    listing of the packs, and of the first release's chunk objects only if a version needs
+    some."""
+    present = {pack_key(scope, pid): size for pid, size in existing_packs(store, scope).items()}
+    if any(id_of_pack_key(key) is None for key in refs):
+        present |= {info.key: info.size for info in store.list(f"{scope}/chunks/")}
+    return sorted(key for key, size in refs.items() if present.get(key) != size)

@@ -1,6 +1,7 @@
-"""The ``faiss`` kind: a FAISS index with its sidecars (id mapping, document store) as one tar
-stream, a catalogue entry in the manifest, and probe queries that a restore must answer exactly
-as the original index did.
+"""The ``faiss`` kind: a FAISS index with its sidecars (id mapping, document store), as a
+version on the blob layer (a source with ``chunk_key``: ``BlobVersions`` serves its packs) or as
+one tar stream (without it, and every copy of the first release), a catalogue entry in the
+manifest, and probe queries that a restore must answer exactly as the original index did.
 
 FAISS (``faiss-cpu``) is imported only when an index is read: planning, listing and restoring
 by hand need none of it.
@@ -17,6 +18,7 @@ from typing import Any
 
 from pyrage import x25519
 
+from spark_backup.engine.blobs.version import parse_version
 from spark_backup.engine.manifest import Manifest
 from spark_backup.engine.staging import remove_tree
 from spark_backup.engine.streams import CHUNK_SIZE, Readable
@@ -36,6 +38,7 @@ from spark_backup.sources.base import (
     SourceKind,
     restore_tar_copy,
 )
+from spark_backup.sources.blob_versions import BlobVersions, restore_version
 from spark_backup.sources.faiss import index as faiss_index
 from spark_backup.sources.faiss.settings import PROBES_FILE, FaissSource
 from spark_backup.sources.faiss.snapshot import (
@@ -43,6 +46,7 @@ from spark_backup.sources.faiss.snapshot import (
     KIND_NAME,
     PROBES_FORMAT,
     FaissSnapshotReader,
+    FaissVersionReader,
     fd_path,
     open_files,
 )
@@ -50,7 +54,7 @@ from spark_backup.sources.faiss.snapshot import (
 SNAPSHOT = "snapshot"
 
 
-class FaissKind(SourceKind[FaissSource], Observable, SemanticCheck, Catalogued):
+class FaissKind(SourceKind[FaissSource], Observable, SemanticCheck, Catalogued, BlobVersions):
     name = KIND_NAME
     settings = FaissSource
     labels = frozenset({"faiss"})
@@ -76,10 +80,22 @@ class FaissKind(SourceKind[FaissSource], Observable, SemanticCheck, Catalogued):
 
     def readers(
         self, source: FaissSource, context: SourceContext, artifact: str = SNAPSHOT
-    ) -> list[FaissSnapshotReader]:
+    ) -> list[FaissSnapshotReader | FaissVersionReader]:
         if artifact != SNAPSHOT:
             raise UsageError(f"source {source.name!r} has no artifact {artifact!r} ({SNAPSHOT})")
-        return [FaissSnapshotReader(source, [context.resolve(p) for p in source.files()])]
+        paths = [context.resolve(p) for p in source.files()]
+        if source.chunk_key is None:
+            return [FaissSnapshotReader(source, paths)]
+        if context.store_access is None:
+            raise SourceError(f"source {source.name!r}: a backup needs the source's store")
+        secret = context.secrets.resolve_for(f"source {source.name!r} chunk_key", source.chunk_key)
+        if len(secret.encode()) < 16:
+            raise SourceError(f"source {source.name!r}: chunk_key must be at least 16 bytes")
+        return [FaissVersionReader(source, paths, context.store_access(), secret)]
+
+    def is_version(self, manifest: Manifest) -> bool:
+        """A blob-layer version; a tar stream (no chunk_key, or the first release) is not."""
+        return "tar" not in manifest.layers
 
     def probe(self, source: FaissSource, context: SourceContext) -> None:
         """Open every file and read the index's header and facts, as a backup would."""
@@ -100,24 +116,19 @@ class FaissKind(SourceKind[FaissSource], Observable, SemanticCheck, Catalogued):
     ) -> dict[str, Any]:
         """The index and its sidecars under their own names, and the probe file, into
         ``target`` (published only after the copy's digests matched)."""
+        if self.is_version(copy.manifest):
+            return restore_version(copy, identities, target, options)
         return restore_tar_copy(copy, identities, target, options)
 
     def check_plaintext(self, plain: Readable, manifest: Manifest) -> None:
         """Every file the catalogue lists, with its size and sha256, and the probe file."""
         recorded = {f["name"]: f for f in catalogue_of(manifest).get("files", [])}
         found: dict[str, tuple[int, str]] = {}
-        try:
-            reader = TarReader(plain)
-            for member in reader:
-                if not member.isreg():
-                    raise IntegrityError(f"copy {manifest.id}: unexpected member {member.name}")
-                digest, size, data = hashlib.sha256(), 0, reader.open(member)
-                while chunk := data.read(CHUNK_SIZE):
-                    digest.update(chunk)
-                    size += len(chunk)
-                found[member.name] = (size, digest.hexdigest())
-        except TarFormatError as exc:
-            raise IntegrityError(f"copy {manifest.id}: not a readable tar archive: {exc}") from None
+        if self.is_version(manifest):
+            document = parse_version(plain.read(), f"copy {manifest.id}")
+            found = {f["path"]: (f["size"], f["sha256"]) for f in document["files"]}
+        else:
+            found = _tar_members(plain, manifest)
         for name, entry in recorded.items():
             if found.get(name) != (entry["bytes"], entry["sha256"]):
                 state = "missing" if name not in found else "differs from the catalogue"
@@ -213,3 +224,21 @@ def probe_restored(manifest: Manifest, folder: Path) -> SemanticResult:
         f"{len(stored['queries'])} probe queries (top {stored['k']}) identically",
         metrics,
     )
+
+
+def _tar_members(plain: Readable, manifest: Manifest) -> dict[str, tuple[int, str]]:
+    """Size and sha256 of every member of a tar-stream copy."""
+    found: dict[str, tuple[int, str]] = {}
+    try:
+        reader = TarReader(plain)
+        for member in reader:
+            if not member.isreg():
+                raise IntegrityError(f"copy {manifest.id}: unexpected member {member.name}")
+            digest, size, data = hashlib.sha256(), 0, reader.open(member)
+            while chunk := data.read(CHUNK_SIZE):
+                digest.update(chunk)
+                size += len(chunk)
+            found[member.name] = (size, digest.hexdigest())
+    except TarFormatError as exc:
+        raise IntegrityError(f"copy {manifest.id}: not a readable tar archive: {exc}") from None
+    return found

@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from spark_backup.engine.secrets import SecretReference
 from spark_backup.engine.settings import SettingsModel
 from spark_backup.plan.source import SourceSettings
 
@@ -31,7 +32,8 @@ class Probes(SettingsModel):
 
 
 class FaissSource(SourceSettings):
-    """A FAISS index on disk with its sidecars, snapshotted as one tar stream."""
+    """A FAISS index on disk with its sidecars, snapshotted as a blob-layer version (with
+    ``chunk_key``) or as one tar stream."""
 
     kind: Literal["faiss"]
     index: str
@@ -45,6 +47,11 @@ class FaissSource(SourceSettings):
     # only derive it again for some index types).
     factory: str | None = None
     probes: Probes = Field(default_factory=Probes)
+    # With a chunk key the snapshot goes through the deduplicating blob layer (packs shared by
+    # snapshots: a re-trained index that keeps most of its lists adds little); the secret keys
+    # the chunk ids, at least 16 bytes, e.g. ``vault:secret/spark-backup#faiss_chunk_key``.
+    # Without it each snapshot is a tar stream of its own.
+    chunk_key: SecretReference | None = None
 
     @field_validator("index", "id_mapping", "document_store")
     @classmethod

@@ -1,18 +1,19 @@
-"""The snapshot of a FAISS index and its sidecars: one tar stream (the index, each sidecar and
-``spark-backup-probes.json`` side by side under their own names), with the catalogue entry and
-the probe answers for the manifest.
+"""The snapshot of a FAISS index and its sidecars, with the catalogue entry and the probe
+answers for the manifest. With the source's ``chunk_key``, the files (the index, each sidecar
+and ``spark-backup-probes.json``) go through the blob layer as a version (``FaissVersionReader``:
+packs shared with earlier snapshots, the version document as the copy); without it, and in
+every copy of the first release, as one tar stream side by side under their own names
+(``FaissSnapshotReader``).
 
 Consistency: every file is opened before anything is read, the index is loaded for the
 catalogue and the probes from the descriptor the backup holds (``/proc/self/fd/N``), so an index
 replaced by a rename meanwhile is still the one archived; a file written in place while the
 backup reads it (its size or mtime changed) fails the copy, which is then never published.
-
-The stream is the unit a content-addressed blob layer would take over unchanged: ``files()``
-yields each file's name and an open handle, and ``catalogue()`` needs only what the walk saw.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import stat
@@ -22,9 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from spark_backup.engine.blobs.keys import derive_chunk_key, key_fingerprint
+from spark_backup.engine.blobs.version import REFS_KEY, REFS_SHA256, new_version
 from spark_backup.engine.streams import ChunkReader, HashingReader, Readable
 from spark_backup.engine.tar_stream import TarWriter
 from spark_backup.errors import SourceError
+from spark_backup.sources.base import StoreAccess
 from spark_backup.sources.faiss import index as faiss_index
 from spark_backup.sources.faiss.settings import PROBES_FILE, FaissSource
 
@@ -78,8 +82,58 @@ def fd_path(handle: BinaryIO) -> str:
     return f"/proc/self/fd/{handle.fileno()}"
 
 
+def inspect_index(source: FaissSource, files: list[_File]) -> tuple[dict, dict, bytes]:
+    """The index's facts, its answers to the probe queries, and the probe file's bytes; the
+    index is loaded from the descriptor the backup holds."""
+    index_file = files[0]
+    loaded = faiss_index.read_index(fd_path(index_file.handle), str(index_file.path))
+    facts = faiss_index.describe(loaded, source.factory)
+    probes = source.probes
+    vectors = faiss_index.probe_queries(facts["dimension"], probes.queries, probes.seed)
+    answers = faiss_index.run_probes(loaded, vectors, probes.k, probes.nprobe, probes.ef_search)
+    del loaded  # the catalogue and probes are all the backup needs of the loaded index
+    probe_bytes = json.dumps(
+        {"format": PROBES_FORMAT, "queries": vectors, **answers}, separators=(",", ":")
+    ).encode()
+    return facts, answers, probe_bytes
+
+
+def check_unchanged(source: FaissSource, files: list[_File]) -> None:
+    for item in files:
+        if item.changed():
+            raise SourceError(
+                f"source {source.name!r}: {item.path} changed during the backup "
+                "(written in place); the copy was not kept"
+            )
+
+
+def catalogue_entry(
+    source: FaissSource, files: list[_File], facts: dict, answers: dict
+) -> dict[str, Any]:
+    probes = source.probes
+    return {
+        **facts,
+        "embedding_model": source.embedding_model.model_dump(),
+        "files": [
+            {"role": f.role, "name": f.name, "bytes": f.stat.st_size, "sha256": f.sha256}
+            for f in files
+        ],
+        "bytes": sum(f.stat.st_size for f in files),
+        "probes": {
+            "file": PROBES_FILE,
+            "queries": probes.queries,
+            "k": probes.k,
+            "seed": probes.seed,
+            "nprobe": probes.nprobe,
+            "ef_search": probes.ef_search,
+            "results_sha256": faiss_index.results_digest(answers),
+        },
+    }
+
+
 class FaissSnapshotReader:
-    """The ``PlaintextSource`` of one faiss backup."""
+    """The ``PlaintextSource`` of one faiss backup as a tar stream (a source without
+    ``chunk_key``, and every copy of the first release)."""
 
     kind = KIND_NAME
 
@@ -96,49 +150,11 @@ class FaissSnapshotReader:
             files = open_files(self.source, self.paths)
             for item in files:
                 stack.callback(item.handle.close)
-            index_file = files[0]
-            loaded = faiss_index.read_index(fd_path(index_file.handle), str(index_file.path))
-            facts = faiss_index.describe(loaded, self.source.factory)
-            probes = self.source.probes
-            vectors = faiss_index.probe_queries(facts["dimension"], probes.queries, probes.seed)
-            answers = faiss_index.run_probes(
-                loaded, vectors, probes.k, probes.nprobe, probes.ef_search
-            )
-            del loaded  # the catalogue and probes are all the backup needs of the loaded index
-            probe_bytes = json.dumps(
-                {"format": PROBES_FORMAT, "queries": vectors, **answers}, separators=(",", ":")
-            ).encode()
+            facts, answers, probe_bytes = inspect_index(self.source, files)
             yield ChunkReader(self._tar(files, probe_bytes))
-            for item in files:
-                if item.changed():
-                    raise SourceError(
-                        f"source {self.source.name!r}: {item.path} changed during the backup "
-                        "(written in place); the copy was not kept"
-                    )
+            check_unchanged(self.source, files)
             self._files = files
-            self._catalogue = {
-                **facts,
-                "embedding_model": self.source.embedding_model.model_dump(),
-                "files": [
-                    {
-                        "role": f.role,
-                        "name": f.name,
-                        "bytes": f.stat.st_size,
-                        "sha256": f.sha256,
-                    }
-                    for f in files
-                ],
-                "bytes": sum(f.stat.st_size for f in files),
-                "probes": {
-                    "file": PROBES_FILE,
-                    "queries": probes.queries,
-                    "k": probes.k,
-                    "seed": probes.seed,
-                    "nprobe": probes.nprobe,
-                    "ef_search": probes.ef_search,
-                    "results_sha256": faiss_index.results_digest(answers),
-                },
-            }
+            self._catalogue = catalogue_entry(self.source, files, facts, answers)
 
     def _tar(self, files: list[_File], probe_bytes: bytes) -> Iterator[bytes]:
         writer = TarWriter()
@@ -162,6 +178,69 @@ class FaissSnapshotReader:
             "files": len(catalogue.get("files", [])) + 1,
             "index": self.paths[0].name,
         }
+
+    def tool_versions(self) -> dict[str, str]:
+        faiss = faiss_index.load_faiss()
+        return {"faiss": str(getattr(faiss, "__version__", "unknown"))}
+
+
+class FaissVersionReader:
+    """The ``PlaintextSource`` of one faiss backup on the blob layer (a source with
+    ``chunk_key``): the index, its sidecars and the probe file chunked into the source's packs,
+    the version document as the copy's plaintext. A re-trained IVF index that keeps most of its
+    inverted lists shares their chunks with the previous version."""
+
+    kind = KIND_NAME
+
+    def __init__(self, source: FaissSource, paths: list[Path], access: StoreAccess, secret: str):
+        self.source = source
+        self.paths = paths
+        self.access = access
+        self.layers = ["json"]
+        self.mac_key = derive_chunk_key(secret, source.name)
+        self._metadata: dict[str, Any] = {}
+
+    @contextmanager
+    def open(self) -> Iterator[Readable]:
+        store, scope = self.access.store, self.source.name
+        with ExitStack() as stack:
+            files = open_files(self.source, self.paths)
+            for item in files:
+                stack.callback(item.handle.close)
+            facts, answers, probe_bytes = inspect_index(self.source, files)
+            builder = new_version(
+                store, scope, self.mac_key, self.access.recipients, self.access.compression.level
+            )
+            writer = builder.writer
+            with builder.writing():
+                for item in files:
+                    item.handle.seek(0)
+                    entry = builder.add_open_file(item.handle, item.name, str(item.path))  # type: ignore[arg-type]
+                    item.sha256 = entry["sha256"]
+                builder.add_bytes(PROBES_FILE, probe_bytes)
+            check_unchanged(self.source, files)
+            packs, refs_key, refs_sha = builder.commit_refs(store, scope)
+            catalogue = catalogue_entry(self.source, files, facts, answers)
+            document = builder.document(
+                scope, self.paths[0].name, {"key_fingerprint": key_fingerprint(self.mac_key)}
+            )
+            self._metadata = {
+                CATALOGUE: catalogue,
+                "files": len(files) + 1,
+                "index": self.paths[0].name,
+                "version_digest": document["digest"],
+                "chunks": len({c[0] for f in document["files"] for c in f["chunks"]}),
+                "new_chunks": writer.new_chunks,
+                "packs": len(packs),
+                "new_packs": len(writer.new_packs),
+                "added_bytes": writer.new_stored_bytes,
+                REFS_KEY: refs_key,
+                REFS_SHA256: refs_sha,
+            }
+            yield io.BytesIO(json.dumps(document, separators=(",", ":")).encode())
+
+    def metadata(self) -> dict[str, Any]:
+        return self._metadata
 
     def tool_versions(self) -> dict[str, str]:
         faiss = faiss_index.load_faiss()

@@ -6,82 +6,61 @@ bytes with the digest recorded at backup."""
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import json
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import replace
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 from pyrage import x25519
 
-from spark_backup.engine.blobs.chunks import chunk_key, id_of_chunk_key
 from spark_backup.engine.blobs.safetensors import SafetensorsError, read_header
-from spark_backup.engine.blobs.sweep import sweep, sweeps_prefix
-from spark_backup.engine.blobs.version import (
-    iter_file,
-    missing_chunks,
-    parse_version,
-    read_refs,
-    refs_prefix,
-)
-from spark_backup.engine.manifest import Manifest, manifest_prefix
-from spark_backup.engine.pipeline import open_copy
-from spark_backup.engine.replication import ReplicaFile, ReplicaVersion, copy_version
-from spark_backup.engine.staging import remove_tree, staged_restore
-from spark_backup.engine.streams import HashingReader, Readable
-from spark_backup.errors import (
-    IntegrityError,
-    NotFoundError,
-    RestoreRefused,
-    SourceError,
-    UsageError,
-)
+from spark_backup.engine.blobs.version import parse_version
+from spark_backup.engine.manifest import Manifest
+from spark_backup.engine.staging import remove_tree
+from spark_backup.engine.streams import Readable
+from spark_backup.errors import IntegrityError, SourceError, UsageError
 from spark_backup.sources.base import (
     Artifact,
     CopyRef,
     FolderRestore,
     Observable,
     Observation,
-    Replicable,
     Runtime,
     SemanticCheck,
     SemanticResult,
-    SharedObjects,
     SourceContext,
     SourceKind,
 )
-from spark_backup.sources.llm_artifacts.checks import check_file
-from spark_backup.sources.llm_artifacts.reader import (
-    REFS_KEY,
-    REFS_SHA256,
-    ModelVersionReader,
-    walk_model,
+from spark_backup.sources.blob_versions import (
+    CHUNK_MEDIA_TYPE,
+    CHUNKS_DEEP,
+    CHUNKS_PRESENT,
+    PACK_MEDIA_TYPE,
+    REFS_MEDIA_TYPE,
+    BlobVersions,
+    read_document,
+    restore_version,
 )
+from spark_backup.sources.llm_artifacts.checks import check_file
+from spark_backup.sources.llm_artifacts.reader import ModelVersionReader, walk_model
 from spark_backup.sources.llm_artifacts.settings import KIND_NAME, LlmArtifactsSource
 
+__all__ = [
+    "CHUNKS_DEEP",
+    "CHUNKS_PRESENT",
+    "CHUNK_MEDIA_TYPE",
+    "PACK_MEDIA_TYPE",
+    "REFS_MEDIA_TYPE",
+    "LlmArtifactsKind",
+    "read_document",
+]
+
 VERSION = "version"
-CHUNKS_PRESENT = "every chunk present"
-CHUNKS_DEEP = "every chunk decrypted, file and tensor digests"
-
-# Media types of a version's store objects in an OCI artifact (one layer per object).
-CHUNK_MEDIA_TYPE = "application/vnd.spark-backup.chunk.v1+age"
-REFS_MEDIA_TYPE = "application/vnd.spark-backup.chunk-refs.v1+json+zstd"
 
 
-def read_document(copy: CopyRef, identities: list[x25519.Identity]) -> dict[str, Any]:
-    """The copy's version document (small: names and chunk lists, never file contents)."""
-    with open_copy(copy.store, copy.manifest, identities) as plain:
-        data = plain.read()
-    return parse_version(data, f"version {copy.manifest.id}")
-
-
-class LlmArtifactsKind(
-    SourceKind[LlmArtifactsSource], Observable, SemanticCheck, SharedObjects, Replicable
-):
+class LlmArtifactsKind(SourceKind[LlmArtifactsSource], Observable, SemanticCheck, BlobVersions):
     name = KIND_NAME
     settings = LlmArtifactsSource
     labels = frozenset({"safetensors"})
@@ -138,39 +117,7 @@ class LlmArtifactsKind(
     ) -> dict[str, Any]:
         """Every file reassembled from its chunks into staging, each chunk's and each file's
         sha256 checked, published only when all matched."""
-        document = read_document(copy, identities)
-        label = f"version {copy.manifest.id}"
-        files = size = 0
-        with staged_restore(target, options.overwrite) as staging:
-            for entry in document["files"]:
-                path = staging / entry["path"]
-                try:
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-                except OSError as exc:
-                    raise RestoreRefused(
-                        f"{label}: cannot restore {entry['path']}: {exc.strerror} (a name twice, "
-                        "or a file where a folder must be)"
-                    ) from None
-                with os.fdopen(fd, "wb") as out:
-                    for data in iter_file(
-                        copy.store, copy.manifest.source, entry, identities, label
-                    ):
-                        out.write(data)
-                        if options.progress:
-                            options.progress(len(data))
-                os.chmod(path, entry.get("mode", 0o644) & 0o755)
-                files += 1
-                size += entry["size"]
-        return {
-            "target": str(Path(os.path.abspath(target))),
-            "files": files,
-            "directories": 0,
-            "symlinks": 0,
-            "bytes": size,
-            "version_digest": document["digest"],
-            "label": document.get("label"),
-        }
+        return restore_version(copy, identities, target, options)
 
     def check_plaintext(self, plain: Readable, manifest: Manifest) -> None:
         """The version document must parse and be the version the manifest names."""
@@ -190,131 +137,22 @@ class LlmArtifactsKind(
 
         return COMMANDS
 
-    # --- SharedObjects: the chunks -------------------------------------------------------------
+    # --- BlobVersions: the packs, deep verify and replication -------------------------------
 
     def _refs(self, copy: CopyRef) -> dict[str, int]:
-        metadata = copy.manifest.source_metadata
-        try:
-            return read_refs(
-                copy.store, metadata[REFS_KEY], metadata[REFS_SHA256], f"version {copy.manifest.id}"
-            )
-        except KeyError:
-            raise IntegrityError(
-                f"version {copy.manifest.id}: its manifest names no chunk reference list"
-            ) from None
-        except NotFoundError:
-            raise IntegrityError(
-                f"version {copy.manifest.id}: its chunk reference list "
-                f"{metadata[REFS_KEY]} is missing from the store"
-            ) from None
+        return self.version_refs(copy)
 
-    def _broken_by(self, runtime: Runtime, copy: CopyRef, missing: list[str]) -> list[str]:
-        """Every version of the source that needs one of the ``missing`` chunks."""
-        broken = []
-        for other in runtime.copies(copy.manifest.source):
-            try:
-                refs = self._refs(other)
-            except IntegrityError:
-                continue
-            if refs.keys() & set(missing):
-                broken.append(other.manifest.id)
-        return broken
+    def check_version_file(
+        self, entry: dict[str, Any], chunks: Iterator[bytes], label: str
+    ) -> None:
+        check_file(entry, chunks, label)
 
-    def check_shared(
-        self, runtime: Runtime, copy: CopyRef, identities: list[x25519.Identity] | None
-    ) -> list[str]:
-        refs = self._refs(copy)
-        missing = missing_chunks(copy.store, copy.manifest.source, refs)
-        if missing:
-            broken = self._broken_by(runtime, copy, missing)
-            raise IntegrityError(
-                f"version {copy.manifest.id}: {len(missing)} chunk(s) missing or damaged in the "
-                f"store ({', '.join(m[:12] + '...' for m in missing[:3])}); versions broken: "
-                f"{', '.join(broken)}"
-            )
-        if not identities:
-            return [CHUNKS_PRESENT]
-        document = read_document(copy, identities)
-        label = f"version {copy.manifest.id}"
-        needed = {chunk[0] for entry in document["files"] for chunk in entry["chunks"]}
-        if needed != refs.keys():
-            # Prune trusts the reference list: one that lacks a chunk would let it go.
-            raise IntegrityError(
-                f"{label}: the chunk reference list does not list exactly the version's chunks"
-            )
-        for entry in document["files"]:
-            check_file(
-                entry, iter_file(copy.store, copy.manifest.source, entry, identities, label), label
-            )
-        return [CHUNKS_PRESENT, CHUNKS_DEEP]
-
-    def collect(
-        self,
-        runtime: Runtime,
-        source: LlmArtifactsSource,
-        now: dt.datetime,
-        grace: dt.timedelta,
-        dry_run: bool,
-    ) -> list[str]:
-        """Mark every chunk a listed version needs (kept or locked: every manifest still in
-        the store), sweep the rest; remove reference lists no manifest names. Deletes nothing
-        when a manifest or a reference list cannot be read."""
-        store = runtime.store_for(source)
-        copies = runtime.copies(source.name)
-        listed = {c.manifest.id for c in copies}
-        keys = [i.key for i in store.list(manifest_prefix(source.name)) if i.key.endswith(".json")]
-        if len(keys) != len(listed):
-            return []  # a manifest that does not read: its chunks are unknown, so keep all
-        referenced: set[str] = set()
-        named: set[str] = set()
-        for copy in copies:
-            try:
-                referenced |= self._refs(copy).keys()
-            except IntegrityError:
-                return []
-            named.add(copy.manifest.source_metadata[REFS_KEY])
-        report = sweep(store, source.name, referenced, now, grace, dry_run)
-        removed = [f"{source.name}/chunks/{cid[:2]}/{cid}.zst.age" for cid in report.deleted]
-        for info in store.list(refs_prefix(source.name)):
-            if info.key not in named and info.modified <= now - grace:
-                removed.append(info.key)
-                if not dry_run:
-                    store.delete(info.key)
-        return removed
-
-    def owns_shared_key(self, key: str) -> bool:
-        parts = key.split("/")
-        return len(parts) >= 3 and (
-            (parts[1] == "chunks" and id_of_chunk_key(key) is not None)
-            or key.startswith((refs_prefix(parts[0]), sweeps_prefix(parts[0])))
-        )
-
-    # --- Replicable: a version as the store objects it is made of ------------------------------
-
-    def replica_version(self, copy: CopyRef) -> ReplicaVersion:
-        """Every chunk the version needs, its chunk reference list, then its version document
-        and manifest (``copy_version``): the manifest last, so a store replica lists a version
-        only once it holds everything the version needs, and lists, verifies and restores it as
-        the source store does. The objects as stored (encrypted): a replica reveals no more than
-        the source store. Chunk digests are not recorded at backup, so each chunk is read and
-        hashed here; a chunk missing from the source store fails with the version's name and
-        the version stays unreplicated."""
-        store, scope, label = copy.store, copy.manifest.source, f"version {copy.manifest.id}"
-        refs = self._refs(copy)
-        files = []
-        for cid in sorted(refs):
-            key = chunk_key(scope, cid)
-            files.append(_stored_file(store, key, scope, CHUNK_MEDIA_TYPE, label))
-        refs_key = copy.manifest.source_metadata[REFS_KEY]
-        files.append(_stored_file(store, refs_key, scope, REFS_MEDIA_TYPE, label))
-        base = copy_version(store, copy.manifest)
-        metadata = copy.manifest.source_metadata
-        annotations = {
-            **base.annotations,
+    def version_annotations(self, manifest: Manifest) -> dict[str, str]:
+        metadata = manifest.source_metadata
+        return {
             "dev.spark-backup.version-digest": str(metadata.get("version_digest") or ""),
             "dev.spark-backup.label": str(metadata.get("label") or ""),
         }
-        return replace(base, files=(*files, *base.files), annotations=annotations)
 
     # --- SemanticCheck ----------------------------------------------------------------------------
 
@@ -349,25 +187,6 @@ class LlmArtifactsKind(
             + (", tokenizer loads" if counts.get("tokenizers") else ""),
             {"files": len(document["files"]), **counts},
         )
-
-
-def _stored_file(store: Any, key: str, scope: str, media_type: str, label: str) -> ReplicaFile:
-    """A store object as a replica file named by its key below the source (unique in the
-    version), with the sha256 and size of its bytes as stored."""
-    try:
-        with store.open_read(key) as raw:
-            reader = HashingReader(raw)
-            reader.drain()
-    except NotFoundError:
-        raise IntegrityError(f"{label}: {key} is missing from the store: not replicated") from None
-    return ReplicaFile(
-        key.removeprefix(f"{scope}/"),
-        reader.hexdigest(),
-        reader.bytes,
-        media_type,
-        key,
-        partial(store.open_read, key),
-    )
 
 
 def _read_file(path: Path) -> Iterator[bytes]:

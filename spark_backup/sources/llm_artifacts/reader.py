@@ -15,19 +15,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from spark_backup.engine.blobs.chunks import ChunkWriter
 from spark_backup.engine.blobs.keys import derive_chunk_key, key_fingerprint
-from spark_backup.engine.blobs.sweep import doomed_chunks
-from spark_backup.engine.blobs.version import VersionBuilder, write_refs
-from spark_backup.engine.pipeline import utcnow
+from spark_backup.engine.blobs.version import REFS_KEY, REFS_SHA256, new_version
 from spark_backup.errors import SourceError
 from spark_backup.sources.base import StoreAccess
 from spark_backup.sources.llm_artifacts.checks import is_safetensors, tokenizer_loader
 from spark_backup.sources.llm_artifacts.settings import KIND_NAME, LlmArtifactsSource
 
 ADAPTER_CONFIG = "adapter_config.json"
-REFS_KEY = "chunk_refs"
-REFS_SHA256 = "chunk_refs_sha256"
+__all__ = ["REFS_KEY", "REFS_SHA256", "ModelVersionReader", "walk_model"]
 
 
 def walk_model(root: Path) -> dict[str, tuple[int, int, int, int]]:
@@ -107,24 +103,13 @@ class ModelVersionReader:
         store, scope = self.access.store, self.source.name
         facts = adapter_facts(self.root)
         before = walk_model(self.root)
-        # On a WORM store chunks and reference lists are locked like the copy they belong to.
-        lock = store.default_lock.lock_from(utcnow()) if store.default_lock else None
-        writer = ChunkWriter(
-            store,
-            scope,
-            self.mac_key,
-            self.access.recipients,
-            self.access.compression.level,
-            lock=lock,
+        builder = new_version(
+            store, scope, self.mac_key, self.access.recipients, self.access.compression.level
         )
-        builder = VersionBuilder(writer)
-        try:
+        writer = builder.writer
+        with builder.writing():
             for name in before:
                 builder.add_file(str(self.root / name), name, safetensors=is_safetensors(name))
-            writer.close()
-        except BaseException:
-            writer.abort()
-            raise
         after = walk_model(self.root)
         if after != before:
             changed = sorted(set(after) ^ set(before)) or sorted(
@@ -135,16 +120,7 @@ class ModelVersionReader:
                 f"{' and more' if len(changed) > 1 else ''}); no copy was made: back up again "
                 "once the files are written"
             )
-        ids = builder.chunk_ids()
-        reused_doomed = writer.reused & doomed_chunks(store, scope)
-        if reused_doomed:
-            raise SourceError(
-                f"source {scope!r}: {len(reused_doomed)} chunk(s) this version needs are being "
-                "pruned; no copy was made: back up again after `spark-backup prune --apply`"
-            )
-        refs_key, refs_sha = write_refs(
-            store, scope, {cid: writer.stored_size(cid) for cid in ids}, utcnow(), lock
-        )
+        packs, refs_key, refs_sha = builder.commit_refs(store, scope)
         label = make_label(self.source, facts)
         document = builder.document(
             scope, label, {"adapter": facts, "key_fingerprint": key_fingerprint(self.mac_key)}
@@ -158,10 +134,12 @@ class ModelVersionReader:
             "files": len(files),
             "bytes": sum(f["size"] for f in files),
             "tensors": sum(len(f.get("safetensors", {}).get("tensors", [])) for f in files),
-            "chunks": len(ids),
+            "chunks": len({c[0] for f in files for c in f["chunks"]}),
             "new_chunks": writer.new_chunks,
+            "packs": len(packs),
+            "new_packs": len(writer.new_packs),
             "added_bytes": writer.new_stored_bytes,
-            "stored_bytes_total": sum(writer.stored_size(cid) for cid in ids),
+            "stored_bytes_total": sum(packs.values()),
             REFS_KEY: refs_key,
             REFS_SHA256: refs_sha,
             "key_fingerprint": document["key_fingerprint"],

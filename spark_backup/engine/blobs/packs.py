@@ -1,0 +1,479 @@
+"""Packs: many chunks in one object, ``<scope>/packs/<id[:2]>/<id>.zst.age``.
+
+A pack's plaintext is the chunks' zstd frames one after another (each frame independent, with
+its checksum); the pack is one age file of it, so ``age -d -i KEY < PACK | zstd -d`` gives the
+chunks back concatenated, and one chunk is ``dd`` of its offset and length in ``age -d``'s
+output, through ``zstd -d``. A pack's id is the sha256 of the object as stored (its OCI digest
+for replication). New chunks fill a pack up to ``PACK_TARGET`` bytes of frames; one X25519
+operation and one store object per pack instead of per chunk.
+
+Beside each pack, its index ``<scope>/pack-index/<id>.idx`` lists the chunks in it (chunk id,
+offset, length), sealed with a key derived from the source's chunk key (ChaCha20-Poly1305): a
+backup reads the indexes to learn which chunks the store holds (one listing and one small GET
+per pack), while the store sees only the number and sizes of packs. Restores never read
+indexes: a version document records each chunk's pack, offset and length.
+
+Write order: the pack, then its index, then (by the caller) the version that references it;
+a crash leaves at most packs no version references, which prune removes. Prune deletes an
+index before its pack, so an index never names a pack that is gone.
+
+Memory: the pack being filled, one being sealed and stored, and ``IN_FLIGHT`` chunks being
+compressed: about 3 x ``PACK_TARGET``. A restore keeps ``PACK_CACHE`` decrypted packs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import os
+import threading
+from collections import OrderedDict, deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import suppress
+from itertools import pairwise
+
+import pyrage
+import zstandard
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from pyrage import x25519
+
+from spark_backup.engine.age_worker import AgeWorker
+from spark_backup.engine.blobs.chunks import (
+    ChunkRef,
+    chunk_key,
+    inflate,
+    is_hex_id,
+    open_chunk,
+)
+from spark_backup.engine.blobs.keys import chunk_id
+from spark_backup.engine.crypto import Recipients
+from spark_backup.engine.stores.base import ObjectLock, ObjectStore
+from spark_backup.errors import IntegrityError, NotFoundError
+
+PACK_TARGET = 16 * 1024 * 1024
+PACK_CACHE = 3
+WORKERS = 3
+IN_FLIGHT = 32
+INDEX_FORMAT = "spark-backup.pack-index/v1"
+_INDEX_MAGIC = b"SBPI1\n"
+_INDEX_KEY_INFO = b"spark-backup.pack-index/v1"
+
+
+def packs_prefix(scope: str) -> str:
+    return f"{scope}/packs/"
+
+
+def pack_key(scope: str, pid: str) -> str:
+    return f"{scope}/packs/{pid[:2]}/{pid}.zst.age"
+
+
+def index_prefix(scope: str) -> str:
+    return f"{scope}/pack-index/"
+
+
+def index_key(scope: str, pid: str) -> str:
+    return f"{scope}/pack-index/{pid}.idx"
+
+
+def id_of_pack_key(key: str) -> str | None:
+    parts = key.split("/")
+    if len(parts) < 3 or parts[-3] != "packs" or not parts[-1].endswith(".zst.age"):
+        return None
+    pid = parts[-1].removesuffix(".zst.age")
+    return pid if is_hex_id(pid) and parts[-2] == pid[:2] else None
+
+
+def id_of_index_key(key: str) -> str | None:
+    name = key.rsplit("/", 1)[-1]
+    pid = name.removesuffix(".idx")
+    return pid if name.endswith(".idx") and is_hex_id(pid) else None
+
+
+def existing_packs(store: ObjectStore, scope: str) -> dict[str, int]:
+    """Every pack of the scope, with its stored size (one listing)."""
+    return {
+        pid: info.size
+        for info in store.list(packs_prefix(scope))
+        if (pid := id_of_pack_key(info.key)) is not None
+    }
+
+
+def _large_buffers_to_the_os() -> None:
+    """glibc raises its mmap threshold after a large buffer is freed, so later packs land in
+    the heap and its per-thread arenas, which keep their pages: a restore's RSS then grows to
+    several times the packs it holds. A fixed threshold of 1 MiB maps every pack-sized buffer
+    on its own and gives it back when freed (no effect elsewhere than glibc)."""
+    global _TUNED
+    if _TUNED:
+        return
+    _TUNED = True
+    with suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+
+
+_TUNED = False
+
+
+# --- the pack index ----------------------------------------------------------------------------
+
+
+def _index_cipher(mac_key: bytes) -> ChaCha20Poly1305:
+    key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_INDEX_KEY_INFO).derive(
+        mac_key
+    )
+    return ChaCha20Poly1305(key)
+
+
+def seal_index(mac_key: bytes, pid: str, size: int, entries: list[tuple[str, int, int]]) -> bytes:
+    body = json.dumps(
+        {"format": INDEX_FORMAT, "pack": pid, "size": size, "chunks": entries},
+        separators=(",", ":"),
+    ).encode()
+    nonce = os.urandom(12)
+    compressed = zstandard.ZstdCompressor(level=3).compress(body)
+    return _INDEX_MAGIC + nonce + _index_cipher(mac_key).encrypt(nonce, compressed, pid.encode())
+
+
+def open_index(mac_key: bytes, pid: str, sealed: bytes) -> tuple[int, list[list]] | None:
+    """(pack size, [[chunk id, offset, length]]), or None for an index this key cannot open
+    (written under another chunk key, or damaged: its chunks are then simply not reused)."""
+    if not sealed.startswith(_INDEX_MAGIC):
+        return None
+    nonce = sealed[len(_INDEX_MAGIC) : len(_INDEX_MAGIC) + 12]
+    try:
+        compressed = _index_cipher(mac_key).decrypt(
+            nonce, sealed[len(_INDEX_MAGIC) + 12 :], pid.encode()
+        )
+        document = json.loads(zstandard.ZstdDecompressor().decompress(compressed))
+    except (InvalidTag, zstandard.ZstdError, ValueError):
+        return None
+    if document.get("format") != INDEX_FORMAT or document.get("pack") != pid:
+        return None
+    return int(document["size"]), document["chunks"]
+
+
+def known_chunks(
+    store: ObjectStore,
+    scope: str,
+    mac_key: bytes,
+    skip: set[str] = frozenset(),  # type: ignore[assignment]
+) -> tuple[dict[str, tuple[str, int, int]], dict[str, int]]:
+    """Chunk id -> (pack, offset, length) of every chunk in a pack of the scope whose index
+    this key opens, and the packs' sizes; packs in ``skip`` (announced by a prune) and packs
+    missing or of another size than their index says are left out."""
+    packs = existing_packs(store, scope)
+    located: dict[str, tuple[str, int, int]] = {}
+    sizes: dict[str, int] = {}
+    for info in store.list(index_prefix(scope)):
+        pid = id_of_index_key(info.key)
+        if pid is None or pid in skip or pid not in packs:
+            continue
+        try:
+            opened = open_index(mac_key, pid, store.get_bytes(info.key))
+        except NotFoundError:
+            continue  # pruned meanwhile
+        if opened is None or opened[0] != packs[pid]:
+            continue
+        sizes[pid] = packs[pid]
+        for cid, offset, length in opened[1]:
+            located.setdefault(cid, (pid, int(offset), int(length)))
+    return located, sizes
+
+
+# --- writing -----------------------------------------------------------------------------------
+
+
+class PackWriter:
+    """Writes the new chunks of one backup into packs. ``add`` queues a chunk and returns its
+    number at once; worker threads hash it (sha256, then the keyed id) and compress it
+    (hashlib and zstd release the interpreter lock, so they run beside the caller's chunking);
+    in the order chunks were added, a known chunk is referenced where it lies and a new one is
+    appended to the pack being filled (compressing a chunk that turns out to be known costs
+    little next to waiting for its id). A full pack is encrypted and stored on a thread of its
+    own while the next fills (pyrage holds the lock while it encrypts, about 40 ms a pack).
+    ``close`` writes the last pack, waits for every write and raises the first failure; then
+    ``refs[n]`` is the n-th chunk's reference and ``location`` answers for every chunk."""
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        scope: str,
+        mac_key: bytes,
+        recipients: Recipients,
+        level: int = 3,
+        lock: ObjectLock | None = None,
+        skip_packs: set[str] = frozenset(),  # type: ignore[assignment]
+        pack_target: int | None = None,
+    ):
+        """``lock``: the Object Lock new packs are written under (a WORM store's default);
+        ``skip_packs``: packs a prune announced, whose chunks are written again if needed."""
+        self.store, self.scope, self._key = store, scope, mac_key
+        self._object_lock = lock
+        self._recipients = recipients.parsed()
+        self._level = level
+        self._target = pack_target or PACK_TARGET
+        _large_buffers_to_the_os()
+        self.known, self.pack_sizes = known_chunks(store, scope, mac_key, skip_packs)
+        self.locations: dict[str, tuple[str, int, int]] = {}
+        self.refs: list[ChunkRef] = []
+        self.reused_packs: set[str] = set()
+        self.new_chunks = 0
+        self.new_stored_bytes = 0
+        self.new_packs: list[str] = []
+        self._placed: set[str] = set()
+        self._local = threading.local()
+        self._pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="pack-compress")
+        self._sealer = ThreadPoolExecutor(1, thread_name_prefix="pack-seal")
+        self._compressing: deque[Future[tuple[ChunkRef, bytes]]] = deque()
+        self._sealing: Future[None] | None = None
+        self._frames: list[bytes] = []
+        self._entries: list[tuple[str, int, int]] = []
+        self._filled = 0
+
+    def add(self, data: bytes) -> int:
+        self._compressing.append(self._pool.submit(self._prepare, data))
+        self._collect(wait=len(self._compressing) >= IN_FLIGHT)
+        return len(self.refs) + len(self._compressing) - 1
+
+    def _prepare(self, data: bytes) -> tuple[ChunkRef, bytes]:
+        digest = hashlib.sha256(data).digest()
+        ref = ChunkRef(chunk_id(self._key, digest), digest.hex(), len(data))
+        compressor = getattr(self._local, "compressor", None)
+        if compressor is None:
+            compressor = zstandard.ZstdCompressor(level=self._level, write_checksum=True)
+            self._local.compressor = compressor
+        return ref, compressor.compress(data)
+
+    def _collect(self, wait: bool, everything: bool = False) -> None:
+        """Place prepared chunks in the order they were added: those done, and with ``wait``
+        until fewer than ``IN_FLIGHT`` are left (``everything``: none)."""
+        while self._compressing and (wait or everything or self._compressing[0].done()):
+            ref, frame = self._compressing.popleft().result()
+            self.refs.append(ref)
+            wait = wait and len(self._compressing) >= IN_FLIGHT
+            cid = ref.id
+            if cid in self._placed or cid in self.locations:
+                continue
+            if cid in self.known:
+                self.locations[cid] = self.known[cid]
+                self.reused_packs.add(self.known[cid][0])
+                continue
+            self._placed.add(cid)
+            self._entries.append((cid, self._filled, len(frame)))
+            self._frames.append(frame)
+            self._filled += len(frame)
+            if self._filled >= self._target:
+                self._seal()
+
+    def _seal(self) -> None:
+        if not self._entries:
+            return
+        if self._sealing is not None:
+            self._sealing.result()  # one pack sealed at a time: memory stays bounded
+        frames, entries = self._frames, self._entries
+        self._frames, self._entries, self._filled = [], [], 0
+        self._sealing = self._sealer.submit(self._store_pack, frames, entries)
+
+    def _store_pack(self, frames: list[bytes], entries: list[tuple[str, int, int]]) -> None:
+        plain = b"".join(frames)
+        frames.clear()
+        sealed = pyrage.encrypt(plain, self._recipients)
+        del plain
+        pid = hashlib.sha256(sealed).hexdigest()
+        self.store.put_bytes(pack_key(self.scope, pid), sealed, lock=self._object_lock)
+        index = seal_index(self._key, pid, len(sealed), [list(e) for e in entries])
+        self.store.put_bytes(index_key(self.scope, pid), index, lock=self._object_lock)
+        for cid, offset, length in entries:
+            self.locations[cid] = (pid, offset, length)
+        self.pack_sizes[pid] = len(sealed)
+        self.new_packs.append(pid)
+        self.new_chunks += len(entries)
+        self.new_stored_bytes += len(sealed) + len(index)
+
+    def close(self) -> None:
+        try:
+            self._collect(wait=True, everything=True)
+            self._seal()
+            if self._sealing is not None:
+                self._sealing.result()
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._sealer.shutdown(wait=True, cancel_futures=True)
+
+    def abort(self) -> None:
+        for future in self._compressing:
+            future.cancel()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._sealer.shutdown(wait=True, cancel_futures=True)
+        with suppress(Exception):
+            if self._sealing is not None:
+                self._sealing.exception()
+
+    def location(self, cid: str) -> tuple[str, int, int]:
+        """After ``close``: the pack, offset and length of a chunk this backup added."""
+        return self.locations[cid]
+
+
+# --- reading -----------------------------------------------------------------------------------
+
+
+class PackCache:
+    """Decrypted packs (their frames), the ``slots`` most recently used; each pack fetched and
+    decrypted by one thread while others needing it wait. A pack's bytes are checked against
+    its id (the sha256 of the stored object). Used as a context manager, packs are decrypted in
+    an ``age_worker`` process (which also hashes the ciphertext): pyrage holds the interpreter
+    lock while it decrypts, and on a busy machine a thread preempted while holding it stalls
+    every other; without, in this process."""
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        scope: str,
+        identities: list[x25519.Identity],
+        slots: int = PACK_CACHE,
+    ):
+        self.store, self.scope, self._identities, self._slots = store, scope, identities, slots
+        _large_buffers_to_the_os()
+        self._packs: OrderedDict[str, bytes] = OrderedDict()
+        self._loading: dict[str, Future[bytes]] = {}
+        self._lock = threading.Lock()
+        self._worker: AgeWorker | None = None
+        self.fetched = 0
+
+    def __enter__(self) -> PackCache:
+        self._worker = AgeWorker(self._identities)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            worker.close()
+
+    def get(self, pid: str, label: str) -> bytes:
+        with self._lock:
+            if pid in self._packs:
+                self._packs.move_to_end(pid)
+                return self._packs[pid]
+            pending = self._loading.get(pid)
+            if pending is None:
+                pending = self._loading[pid] = Future()
+                owner = True
+            else:
+                owner = False
+        if not owner:
+            return pending.result()
+        try:
+            plain = self._load(pid, label)
+        except BaseException as exc:
+            with self._lock:
+                self._loading.pop(pid, None)
+            pending.set_exception(exc)
+            raise
+        with self._lock:
+            self._loading.pop(pid, None)
+            self._packs[pid] = plain
+            self.fetched += 1
+            while len(self._packs) > self._slots:
+                self._packs.popitem(last=False)
+        pending.set_result(plain)
+        return plain
+
+    def _load(self, pid: str, label: str) -> bytes:
+        key = pack_key(self.scope, pid)
+        try:
+            if self._worker is not None:
+                return self._load_in_worker(self._worker, key, pid, label)
+            sealed = self.store.get_bytes(key)
+        except NotFoundError:
+            raise IntegrityError(
+                f"{label}: pack {pid[:16]}... is missing from the store ({key})"
+            ) from None
+        if hashlib.sha256(sealed).hexdigest() != pid:
+            raise IntegrityError(f"{label}: pack {pid[:16]}... is damaged (its sha256 differs)")
+        try:
+            return pyrage.decrypt(sealed, self._identities)
+        except pyrage.DecryptError:
+            raise IntegrityError(
+                f"{label}: pack {pid[:16]}... does not decrypt: encrypted to another key"
+            ) from None
+
+    def _load_in_worker(self, worker: AgeWorker, key: str, pid: str, label: str) -> bytes:
+        with self.store.open_read(key) as raw, worker.decrypting(raw) as decryption:
+            plain = decryption.plaintext.read()
+            status = decryption.finish()
+        if status.get("ok") and status.get("sha256") != pid:
+            raise IntegrityError(f"{label}: pack {pid[:16]}... is damaged (its sha256 differs)")
+        if not status.get("ok"):
+            reason = (
+                "encrypted to another key"
+                if status.get("error") == "no_matching_keys"
+                else "damaged"
+            )
+            raise IntegrityError(f"{label}: pack {pid[:16]}... does not decrypt: {reason}")
+        return plain
+
+
+def _quietly(call, *args) -> None:
+    """A fetch ahead: its failure is raised again where the chunk is read."""
+    with suppress(Exception):
+        call(*args)
+
+
+def read_chunks(
+    store: ObjectStore,
+    scope: str,
+    refs: Iterable[ChunkRef],
+    identities: list[x25519.Identity],
+    label: str,
+    cache: PackCache | None = None,
+) -> Iterator[bytes]:
+    """The chunks' plaintexts in order, each checked; inflated ahead on worker threads, at most
+    ``IN_FLIGHT`` at once. Packed chunks come through ``cache`` (each pack fetched once while it
+    stays among the recently used); chunk objects of the first release one GET each."""
+    cache = cache or PackCache(store, scope, identities)
+
+    def fetch(ref: ChunkRef) -> bytes:
+        if ref.pack is None:
+            key = chunk_key(scope, ref.id)
+            try:
+                sealed = store.get_bytes(key)
+            except NotFoundError:
+                raise IntegrityError(
+                    f"{label}: chunk {ref.id[:16]}... is missing from the store ({key})"
+                ) from None
+            return open_chunk(sealed, identities, ref, label)
+        frames = cache.get(ref.pack, label)
+        if ref.offset + ref.length > len(frames):
+            raise IntegrityError(f"{label}: chunk {ref.id[:16]}... lies past its pack's end")
+        return inflate(memoryview(frames)[ref.offset : ref.offset + ref.length], ref, label)
+
+    refs = list(refs)
+    # Packs in the order the chunks first need them: when one is first needed, the next one is
+    # fetched and decrypted ahead, so the chunks never wait for a whole pack at its boundary.
+    order = list(dict.fromkeys(ref.pack for ref in refs if ref.pack is not None))
+    following = dict(pairwise(order))
+    started: set[str] = set()
+    with (
+        ThreadPoolExecutor(WORKERS, thread_name_prefix="pack-reader") as pool,
+        ThreadPoolExecutor(1, thread_name_prefix="pack-ahead") as ahead,
+    ):
+        window: deque[Future[bytes]] = deque()
+        try:
+            for ref in refs:
+                if ref.pack is not None and ref.pack not in started:
+                    started.add(ref.pack)
+                    if (upcoming := following.get(ref.pack)) is not None:
+                        ahead.submit(_quietly, cache.get, upcoming, label)
+                window.append(pool.submit(fetch, ref))
+                if len(window) >= IN_FLIGHT:
+                    yield window.popleft().result()
+            while window:
+                yield window.popleft().result()
+        finally:
+            for future in window:
+                future.cancel()
