@@ -33,13 +33,10 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import suppress
 from itertools import pairwise
+from typing import TYPE_CHECKING
 
 import pyrage
 import zstandard
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from pyrage import x25519
 
 from spark_backup.engine.age_worker import AgeWorker
@@ -54,6 +51,9 @@ from spark_backup.engine.blobs.keys import chunk_id
 from spark_backup.engine.crypto import Recipients
 from spark_backup.engine.stores.base import ObjectLock, ObjectStore
 from spark_backup.errors import IntegrityError, NotFoundError
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 PACK_TARGET = 16 * 1024 * 1024
 PACK_CACHE = 3
@@ -123,6 +123,12 @@ _TUNED = False
 
 
 def _index_cipher(mac_key: bytes) -> ChaCha20Poly1305:
+    # Imported here, as keys.derive_chunk_key does: a plan naming a blob-layer source loads
+    # this module for every command, and only a backup or a restore opens an index.
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
     key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_INDEX_KEY_INFO).derive(
         mac_key
     )
@@ -144,6 +150,8 @@ def open_index(mac_key: bytes, pid: str, sealed: bytes) -> tuple[int, list[list]
     (written under another chunk key, or damaged: its chunks are then simply not reused)."""
     if not sealed.startswith(_INDEX_MAGIC):
         return None
+    from cryptography.exceptions import InvalidTag
+
     nonce = sealed[len(_INDEX_MAGIC) : len(_INDEX_MAGIC) + 12]
     try:
         compressed = _index_cipher(mac_key).decrypt(
