@@ -88,9 +88,11 @@ def test_escape_sequences_in_names_and_manifests_never_reach_the_terminal(
 # --- files that change while they are read --------------------------------------------------------
 
 
-def _torn_plan(tmp_path: Path, age_key, **extra) -> tuple[BackupService, Path]:
+def _torn_plan(
+    tmp_path: Path, age_key, name: str = "weights.bin", **extra
+) -> tuple[BackupService, Path]:
     estate = tmp_path / "estate"
-    live = _big_file(estate, 24)  # far more than a pipe holds: tar is inside it for a while
+    live = _big_file(estate, 24).rename(estate / name)  # more than a pipe holds: tar is inside
     (estate / "z_quiet.conf").write_text("quiet\n")
     plan = plan_dict([age_key[1]], [config_source("live", [str(estate)], **extra)])
     return BackupService.from_path(write_plan(tmp_path, plan)), live
@@ -107,12 +109,30 @@ def _shrink_once(path: Path):
     return progress
 
 
-def test_a_file_that_shrinks_while_read_fails_the_backup_and_names_it(
-    tmp_path: Path, age_key
+def _grow_once(path: Path):
+    """As ``_shrink_once``, but the file grows, as a log written to would."""
+    grown: list[bool] = []
+
+    def progress(_count: int) -> None:
+        if not grown:
+            grown.append(True)
+            with open(path, "ab") as handle:
+                handle.write(b"appended while tar read the file\n")
+
+    return progress
+
+
+@pytest.mark.parametrize(
+    ("change", "what"), [(_shrink_once, "padded with zeros"), (_grow_once, "two versions")]
+)
+def test_a_file_that_changes_while_read_fails_the_backup_and_names_it(
+    tmp_path: Path, age_key, change, what
 ) -> None:
     service, live = _torn_plan(tmp_path, age_key)
-    with pytest.raises(SourceError, match=rf"1 file\(s\) shrank .*{live}.*allow_torn_files"):
-        service.backup("live", progress=_shrink_once(live))
+    with pytest.raises(
+        SourceError, match=rf"1 file\(s\) changed while tar read .*{what}.*{live}.*allow_torn_files"
+    ):
+        service.backup("live", progress=change(live))
     assert service.copies() == []  # no copy that looks valid but is not
     assert SourceError.exit_code != 0
 
@@ -123,6 +143,7 @@ def test_allowed_torn_files_are_recorded_and_named_by_restore_and_verify(
     service, live = _torn_plan(tmp_path, age_key, allow_torn_files=True)
     [manifest] = service.backup("live", progress=_shrink_once(live))
     assert manifest.source_metadata["torn_files"] == [str(live)]
+    assert manifest.source_metadata["changed_files"] == []
 
     summary = service.restore(manifest.id, tmp_path / "r", identity_file=age_key[0])
     assert [c for c in summary["cautions"] if str(live) in c and "torn" in c]
@@ -137,6 +158,33 @@ def test_allowed_torn_files_are_recorded_and_named_by_restore_and_verify(
         "--identity", str(age_key[0]), check=True,
     )  # fmt: skip
     assert f"{live} was torn" in restored.stderr
+
+
+def test_a_grown_file_is_recorded_by_its_exact_name_and_old_manifests_still_verify(
+    tmp_path: Path, age_key, monkeypatch
+) -> None:
+    # tar quotes names in its messages (a newline as \n, other bytes in octal in the C locale):
+    # the manifest records the real name.
+    monkeypatch.setenv("LANG", "C")
+    monkeypatch.delenv("LC_ALL", raising=False)
+    service, live = _torn_plan(tmp_path, age_key, name="caf\u00e9\nlog \\1", allow_torn_files=True)
+    [manifest] = service.backup("live", progress=_grow_once(live))
+    assert manifest.source_metadata["changed_files"] == [str(live)]
+    assert manifest.source_metadata["torn_files"] == []
+    restored = service.restore(manifest.id, tmp_path / "r", identity_file=age_key[0])
+    [caution] = restored["cautions"]
+    assert caution.startswith(f"{live} was torn: it changed while the backup read it")
+    # The copy holds the file as large as tar found it, without what was appended.
+    copied = tmp_path / "r" / str(live).lstrip("/")
+    assert copied.stat().st_size == live.stat().st_size - len(b"appended while tar read the file\n")
+
+    # A manifest of the release before changed files were recorded lists and verifies as before.
+    [path] = (tmp_path / "store").rglob("manifests/*.json")
+    recorded = json.loads(path.read_text())
+    del recorded["source_metadata"]["changed_files"]
+    path.write_text(json.dumps(recorded))
+    outcome = service.verify(service.find(manifest.id), service.identities(age_key[0]))
+    assert outcome.ok and outcome.cautions == []
 
 
 # --- interrupts and kills -------------------------------------------------------------------------
