@@ -288,6 +288,10 @@ class ConfigArchiveReader:
             elif changed := _CHANGED_RE.match(message):
                 self.stats.changed_files.append(_unquote(changed["name"]))
             self.stats.warn(message.decode(errors="replace"))
+        # A file tar padded may be reported as changed as well: it counts once, as shrunk.
+        self.stats.changed_files = [
+            path for path in self.stats.changed_files if path not in self.stats.torn_files
+        ]
         torn = self.stats.torn_files + self.stats.changed_files
         if torn and not self.allow_torn_files:
             shown = ", ".join(torn[:3]) + (f" and {len(torn) - 3} more" if len(torn) > 3 else "")
