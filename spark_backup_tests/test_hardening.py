@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import tarfile
+import threading
 import time
 from pathlib import Path
 
@@ -215,6 +216,20 @@ def test_ctrl_c_during_a_backup_exits_130_and_leaves_no_copy(tmp_path: Path, age
     plan = str(write_plan(tmp_path, plan_dict([age_key[1]], [config_source("m", [str(big)])])))
     store = tmp_path / "store"
 
+    # Early: while the command imports, reads the plan, starts tar and the pipeline's threads.
+    for delay in (0.1, 0.4, 0.8):
+        process = _spark_backup("--plan", plan, "backup", "m")
+        time.sleep(delay)
+        os.killpg(process.pid, signal.SIGINT)
+        _out, err = process.communicate(timeout=60)
+        assert process.returncode in (0, 130), err
+        assert "Traceback" not in err and len(err.strip().splitlines()) <= 1, err
+        assert not [p for p in store.rglob("*") if ".partial-" in p.name]
+    for copy in json.loads(run_cli("--plan", plan, "verify", "--json", check=True).stdout):
+        assert copy["ok"]  # whatever finished before its Ctrl-C is whole
+    for manifest in store.rglob("manifests/*.json"):
+        manifest.unlink()
+
     process = _spark_backup("--plan", plan, "backup", "m")
     _wait_for(
         lambda: any(
@@ -238,6 +253,36 @@ def test_ctrl_c_during_a_backup_exits_130_and_leaves_no_copy(tmp_path: Path, age
     assert "Traceback" not in err
     verified = run_cli("--plan", plan, "verify", "--json", check=True)
     assert [v["ok"] for v in json.loads(verified.stdout)] == [True]
+
+
+def test_ctrl_c_while_the_backup_starts_leaves_no_stage_running(
+    tmp_path: Path, age_key, monkeypatch
+) -> None:
+    """Ctrl-C can land while the pipeline starts its threads: the one already running must stop
+    (an earlier release left it waiting forever, and the interrupted command never exited)."""
+    estate = tmp_path / "estate"
+    estate.mkdir()
+    (estate / "a.conf").write_text("x\n")
+    plan = plan_dict([age_key[1]], [config_source("c", [str(estate)])])
+    service = BackupService.from_path(write_plan(tmp_path, plan))
+    start = threading.Thread.start
+
+    def interrupted_start(thread: threading.Thread) -> None:
+        if thread.name == "backup-age":  # the compressing stage is running by now
+            raise KeyboardInterrupt
+        start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", interrupted_start)
+    with pytest.raises(KeyboardInterrupt):
+        service.backup("c")
+    monkeypatch.undo()
+    _wait_for(
+        lambda: not [t for t in threading.enumerate() if t.name.startswith("backup-")],
+        "the started stage to stop",
+        timeout=10,
+    )
+    assert service.copies() == []
+    assert not [p for p in (tmp_path / "store").rglob("*") if p.is_file()]
 
 
 def test_staging_of_a_killed_restore_is_removed_by_prune_and_the_next_restore(

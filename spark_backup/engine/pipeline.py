@@ -218,25 +218,32 @@ class _OverlappedEncryption:
         self._packed: queue.Queue[bytes | None] = queue.Queue(self.DEPTH)
 
     def run(self, plain: Readable) -> None:
+        # Daemons: a stage that an interrupt left behind can never hold the process's exit.
         stages = [
-            threading.Thread(target=self._stage, args=(self._compress,), name="backup-zstd"),
-            threading.Thread(target=self._stage, args=(self._encrypt,), name="backup-age"),
+            threading.Thread(
+                target=self._stage, args=(self._compress,), name="backup-zstd", daemon=True
+            ),
+            threading.Thread(
+                target=self._stage, args=(self._encrypt,), name="backup-age", daemon=True
+            ),
         ]
-        for stage in stages:
-            stage.start()
         try:
-            while chunk := plain.read(CHUNK_SIZE):
-                self._put(self._raw, chunk)
-            self._put(self._raw, None)
+            # Inside the try: Ctrl-C while a stage starts stops the one already running.
             for stage in stages:
-                stage.join()
-        except _Stopped:
+                stage.start()
+            try:
+                while chunk := plain.read(CHUNK_SIZE):
+                    self._put(self._raw, chunk)
+                self._put(self._raw, None)
+            except _Stopped:
+                pass  # a stage failed; its error is raised below
             for stage in stages:
                 stage.join()
         except BaseException:
             self._stop.set()
             for stage in stages:
-                stage.join()
+                if stage.ident is not None:
+                    stage.join()
             raise
         if self._errors:
             raise self._errors[0]
