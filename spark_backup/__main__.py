@@ -4,6 +4,7 @@ Ctrl-C while the command line is still being imported (half a second, longer on 
 exits 130 like an interrupt anywhere else, not with a traceback and a death by SIGINT.
 """
 
+import os
 import signal
 import sys
 from contextlib import suppress
@@ -17,10 +18,22 @@ def main() -> None:
 
         run()
     except KeyboardInterrupt:
-        with suppress(ValueError):  # outside the main thread there is no Ctrl-C to ignore
-            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second one does not cut this short
+        exit_interrupted()
+
+
+def exit_interrupted() -> None:
+    """Say so in one line and exit 130. ``os._exit``, not ``sys.exit``: once a KeyboardInterrupt
+    has passed through code run by ``exec`` (dataclasses and namedtuples make their methods
+    so), CPython ends ``python -m`` by killing itself with SIGINT even after the exception was
+    handled (exit -2 instead of 130). Everything the command opened was closed on the way here."""
+    with suppress(ValueError):  # outside the main thread there is no Ctrl-C to ignore
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second one does not cut this short
+    with suppress(OSError, ValueError):
+        sys.stdout.flush()
+    with suppress(OSError, ValueError):
         sys.stderr.write("interrupted: nothing unfinished was published\n")
-        sys.exit(INTERRUPTED)
+        sys.stderr.flush()
+    os._exit(INTERRUPTED)
 
 
 if __name__ == "__main__":

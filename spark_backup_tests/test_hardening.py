@@ -285,6 +285,34 @@ def test_ctrl_c_while_the_backup_starts_leaves_no_stage_running(
     assert not [p for p in (tmp_path / "store").rglob("*") if p.is_file()]
 
 
+@pytest.mark.parametrize(
+    "patch",
+    [
+        # while the command line is imported (a dataclass's methods are made by exec) ...
+        "import spark_backup.cli as cli\ncli.main = lambda: exec('raise KeyboardInterrupt')",
+        # ... and while a command runs (click's own handling of it included)
+        "import spark_backup.cli.app as app\n"
+        "app.cli.main = lambda *a, **k: exec('raise KeyboardInterrupt')",
+    ],
+)
+def test_ctrl_c_that_passed_through_exec_still_exits_130(tmp_path: Path, patch: str) -> None:
+    """CPython kills ``python -m`` by SIGINT at its end (exit -2) once a KeyboardInterrupt passed
+    through exec'd code, even if it was handled; spark-backup exits 130 all the same."""
+    (tmp_path / "interrupted_cli.py").write_text(
+        f"{patch}\nfrom spark_backup.__main__ import main\nmain()\n"
+    )
+    result = subprocess.run(
+        [SPARK_BACKUP[0], "-m", "interrupted_cli"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 130
+    assert result.stderr == "interrupted: nothing unfinished was published\n"
+
+
 def test_staging_of_a_killed_restore_is_removed_by_prune_and_the_next_restore(
     tmp_path: Path, age_key
 ) -> None:
