@@ -19,6 +19,23 @@ def main() -> None:
         run()
     except KeyboardInterrupt:
         exit_interrupted()
+    except Exception as error:
+        # Ctrl-C while a class is made (a dataclass field's __set_name__, as modules import)
+        # arrives wrapped in a RuntimeError (CPython 3.11).
+        if _caused_by_interrupt(error):
+            exit_interrupted()
+        raise
+
+
+def _caused_by_interrupt(error: BaseException) -> bool:
+    seen: set[int] = set()
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, KeyboardInterrupt):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 def exit_interrupted() -> None:
