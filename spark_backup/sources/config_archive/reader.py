@@ -286,7 +286,10 @@ class ConfigArchiveReader:
             if shrank := _SHRANK_RE.match(message):
                 self.stats.torn_files.append(_unquote(shrank["name"]))
             elif changed := _CHANGED_RE.match(message):
-                self.stats.changed_files.append(_unquote(changed["name"]))
+                path = _unquote(changed["name"])
+                # A folder's entry is its name and mode only: nothing in it can be torn.
+                if not _is_folder(path):
+                    self.stats.changed_files.append(path)
             self.stats.warn(message.decode(errors="replace"))
         # A file tar padded may be reported as changed as well: it counts once, as shrunk.
         self.stats.changed_files = [
@@ -340,6 +343,13 @@ def _unquote(name: bytes) -> str:
         name,
     )
     return "/" + os.fsdecode(raw)
+
+
+def _is_folder(path: str) -> bool:
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _tar_environment() -> dict[str, str]:
