@@ -4,6 +4,7 @@ Ctrl-C while the command line is still being imported (half a second, longer on 
 exits 130 like an interrupt anywhere else, not with a traceback and a death by SIGINT.
 """
 
+import os
 import signal
 import sys
 from contextlib import suppress
@@ -17,10 +18,39 @@ def main() -> None:
 
         run()
     except KeyboardInterrupt:
-        with suppress(ValueError):  # outside the main thread there is no Ctrl-C to ignore
-            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second one does not cut this short
+        exit_interrupted()
+    except Exception as error:
+        # Ctrl-C while a class is made (a dataclass field's __set_name__, as modules import)
+        # arrives wrapped in a RuntimeError (CPython 3.11).
+        if _caused_by_interrupt(error):
+            exit_interrupted()
+        raise
+
+
+def _caused_by_interrupt(error: BaseException) -> bool:
+    seen: set[int] = set()
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, KeyboardInterrupt):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
+def exit_interrupted() -> None:
+    """Say so in one line and exit 130. ``os._exit``, not ``sys.exit``: once a KeyboardInterrupt
+    has passed through code run by ``exec`` (dataclasses and namedtuples make their methods
+    so), CPython ends ``python -m`` by killing itself with SIGINT even after the exception was
+    handled (exit -2 instead of 130). Everything the command opened was closed on the way here."""
+    with suppress(ValueError):  # outside the main thread there is no Ctrl-C to ignore
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second one does not cut this short
+    with suppress(OSError, ValueError):
+        sys.stdout.flush()
+    with suppress(OSError, ValueError):
         sys.stderr.write("interrupted: nothing unfinished was published\n")
-        sys.exit(INTERRUPTED)
+        sys.stderr.flush()
+    os._exit(INTERRUPTED)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import tarfile
+import threading
 import time
 from pathlib import Path
 
@@ -88,9 +89,11 @@ def test_escape_sequences_in_names_and_manifests_never_reach_the_terminal(
 # --- files that change while they are read --------------------------------------------------------
 
 
-def _torn_plan(tmp_path: Path, age_key, **extra) -> tuple[BackupService, Path]:
+def _torn_plan(
+    tmp_path: Path, age_key, name: str = "weights.bin", **extra
+) -> tuple[BackupService, Path]:
     estate = tmp_path / "estate"
-    live = _big_file(estate, 24)  # far more than a pipe holds: tar is inside it for a while
+    live = _big_file(estate, 24).rename(estate / name)  # more than a pipe holds: tar is inside
     (estate / "z_quiet.conf").write_text("quiet\n")
     plan = plan_dict([age_key[1]], [config_source("live", [str(estate)], **extra)])
     return BackupService.from_path(write_plan(tmp_path, plan)), live
@@ -107,12 +110,30 @@ def _shrink_once(path: Path):
     return progress
 
 
-def test_a_file_that_shrinks_while_read_fails_the_backup_and_names_it(
-    tmp_path: Path, age_key
+def _grow_once(path: Path):
+    """As ``_shrink_once``, but the file grows, as a log written to would."""
+    grown: list[bool] = []
+
+    def progress(_count: int) -> None:
+        if not grown:
+            grown.append(True)
+            with open(path, "ab") as handle:
+                handle.write(b"appended while tar read the file\n")
+
+    return progress
+
+
+@pytest.mark.parametrize(
+    ("change", "what"), [(_shrink_once, "padded with zeros"), (_grow_once, "two versions")]
+)
+def test_a_file_that_changes_while_read_fails_the_backup_and_names_it(
+    tmp_path: Path, age_key, change, what
 ) -> None:
     service, live = _torn_plan(tmp_path, age_key)
-    with pytest.raises(SourceError, match=rf"1 file\(s\) shrank .*{live}.*allow_torn_files"):
-        service.backup("live", progress=_shrink_once(live))
+    with pytest.raises(
+        SourceError, match=rf"1 file\(s\) changed while tar read .*{what}.*{live}.*allow_torn_files"
+    ):
+        service.backup("live", progress=change(live))
     assert service.copies() == []  # no copy that looks valid but is not
     assert SourceError.exit_code != 0
 
@@ -123,6 +144,7 @@ def test_allowed_torn_files_are_recorded_and_named_by_restore_and_verify(
     service, live = _torn_plan(tmp_path, age_key, allow_torn_files=True)
     [manifest] = service.backup("live", progress=_shrink_once(live))
     assert manifest.source_metadata["torn_files"] == [str(live)]
+    assert manifest.source_metadata["changed_files"] == []
 
     summary = service.restore(manifest.id, tmp_path / "r", identity_file=age_key[0])
     assert [c for c in summary["cautions"] if str(live) in c and "torn" in c]
@@ -137,6 +159,33 @@ def test_allowed_torn_files_are_recorded_and_named_by_restore_and_verify(
         "--identity", str(age_key[0]), check=True,
     )  # fmt: skip
     assert f"{live} was torn" in restored.stderr
+
+
+def test_a_grown_file_is_recorded_by_its_exact_name_and_old_manifests_still_verify(
+    tmp_path: Path, age_key, monkeypatch
+) -> None:
+    # tar quotes names in its messages (a newline as \n, other bytes in octal in the C locale):
+    # the manifest records the real name.
+    monkeypatch.setenv("LANG", "C")
+    monkeypatch.delenv("LC_ALL", raising=False)
+    service, live = _torn_plan(tmp_path, age_key, name="caf\u00e9\nlog \\1", allow_torn_files=True)
+    [manifest] = service.backup("live", progress=_grow_once(live))
+    assert manifest.source_metadata["changed_files"] == [str(live)]
+    assert manifest.source_metadata["torn_files"] == []
+    restored = service.restore(manifest.id, tmp_path / "r", identity_file=age_key[0])
+    [caution] = restored["cautions"]
+    assert caution.startswith(f"{live} was torn: it changed while the backup read it")
+    # The copy holds the file as large as tar found it, without what was appended.
+    copied = tmp_path / "r" / str(live).lstrip("/")
+    assert copied.stat().st_size == live.stat().st_size - len(b"appended while tar read the file\n")
+
+    # A manifest of the release before changed files were recorded lists and verifies as before.
+    [path] = (tmp_path / "store").rglob("manifests/*.json")
+    recorded = json.loads(path.read_text())
+    del recorded["source_metadata"]["changed_files"]
+    path.write_text(json.dumps(recorded))
+    outcome = service.verify(service.find(manifest.id), service.identities(age_key[0]))
+    assert outcome.ok and outcome.cautions == []
 
 
 # --- interrupts and kills -------------------------------------------------------------------------
@@ -167,6 +216,20 @@ def test_ctrl_c_during_a_backup_exits_130_and_leaves_no_copy(tmp_path: Path, age
     plan = str(write_plan(tmp_path, plan_dict([age_key[1]], [config_source("m", [str(big)])])))
     store = tmp_path / "store"
 
+    # Early: while the command imports, reads the plan, starts tar and the pipeline's threads.
+    for delay in (0.1, 0.4, 0.8):
+        process = _spark_backup("--plan", plan, "backup", "m")
+        time.sleep(delay)
+        os.killpg(process.pid, signal.SIGINT)
+        _out, err = process.communicate(timeout=60)
+        assert process.returncode in (0, 130), err
+        assert "Traceback" not in err and len(err.strip().splitlines()) <= 1, err
+        assert not [p for p in store.rglob("*") if ".partial-" in p.name]
+    for copy in json.loads(run_cli("--plan", plan, "verify", "--json", check=True).stdout):
+        assert copy["ok"]  # whatever finished before its Ctrl-C is whole
+    for manifest in store.rglob("manifests/*.json"):
+        manifest.unlink()
+
     process = _spark_backup("--plan", plan, "backup", "m")
     _wait_for(
         lambda: any(
@@ -190,6 +253,69 @@ def test_ctrl_c_during_a_backup_exits_130_and_leaves_no_copy(tmp_path: Path, age
     assert "Traceback" not in err
     verified = run_cli("--plan", plan, "verify", "--json", check=True)
     assert [v["ok"] for v in json.loads(verified.stdout)] == [True]
+
+
+def test_ctrl_c_while_the_backup_starts_leaves_no_stage_running(
+    tmp_path: Path, age_key, monkeypatch
+) -> None:
+    """Ctrl-C can land while the pipeline starts its threads: the one already running must stop
+    (an earlier release left it waiting forever, and the interrupted command never exited)."""
+    estate = tmp_path / "estate"
+    estate.mkdir()
+    (estate / "a.conf").write_text("x\n")
+    plan = plan_dict([age_key[1]], [config_source("c", [str(estate)])])
+    service = BackupService.from_path(write_plan(tmp_path, plan))
+    start = threading.Thread.start
+
+    def interrupted_start(thread: threading.Thread) -> None:
+        if thread.name == "backup-age":  # the compressing stage is running by now
+            raise KeyboardInterrupt
+        start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", interrupted_start)
+    with pytest.raises(KeyboardInterrupt):
+        service.backup("c")
+    monkeypatch.undo()
+    _wait_for(
+        lambda: not [t for t in threading.enumerate() if t.name.startswith("backup-")],
+        "the started stage to stop",
+        timeout=10,
+    )
+    assert service.copies() == []
+    assert not [p for p in (tmp_path / "store").rglob("*") if p.is_file()]
+
+
+@pytest.mark.parametrize(
+    "patch",
+    [
+        # while the command line is imported (a dataclass's methods are made by exec) ...
+        "import spark_backup.cli as cli\ncli.main = lambda: exec('raise KeyboardInterrupt')",
+        # ... and while a command runs (click's own handling of it included)
+        "import spark_backup.cli.app as app\n"
+        "app.cli.main = lambda *a, **k: exec('raise KeyboardInterrupt')",
+        # while a class is made: CPython 3.11 wraps it in a RuntimeError
+        "import spark_backup.cli as cli\n"
+        "class Field:\n    def __set_name__(self, owner, name): raise KeyboardInterrupt\n"
+        "cli.main = lambda: type('Outcome', (), {'delivered': Field()})",
+    ],
+)
+def test_ctrl_c_where_cpython_bends_it_still_exits_130(tmp_path: Path, patch: str) -> None:
+    """CPython kills ``python -m`` by SIGINT at its end (exit -2) once a KeyboardInterrupt passed
+    through exec'd code, even if it was handled, and wraps one raised while a class is made in a
+    RuntimeError (a traceback, exit 1); spark-backup exits 130 with its one line all the same."""
+    (tmp_path / "interrupted_cli.py").write_text(
+        f"{patch}\nfrom spark_backup.__main__ import main\nmain()\n"
+    )
+    result = subprocess.run(
+        [SPARK_BACKUP[0], "-m", "interrupted_cli"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 130
+    assert result.stderr == "interrupted: nothing unfinished was published\n"
 
 
 def test_staging_of_a_killed_restore_is_removed_by_prune_and_the_next_restore(

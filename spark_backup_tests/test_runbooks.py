@@ -75,7 +75,7 @@ def test_exit_code_table_matches_the_code() -> None:
     import inspect
 
     from spark_backup import errors
-    from spark_backup.cli.app import INTERRUPTED
+    from spark_backup.__main__ import INTERRUPTED
 
     text = (DOCS / "runbooks" / "config_archive.md").read_text()
     table = text.split("### Exit codes", 1)[1].split("\n## ", 1)[0]

@@ -20,8 +20,6 @@ from spark_backup.console import error_line, stderr
 from spark_backup.errors import SparkBackupError
 from spark_backup.sources.base import RuntimeHolder
 
-INTERRUPTED = 130
-
 
 class CliState(RuntimeHolder):
     """What every command finds on click's context: the plan (opened on first use)."""
@@ -146,10 +144,9 @@ def main() -> None:
         error_line(error)
         sys.exit(error.exit_code)
     except (click.exceptions.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort
-        with suppress(ValueError):  # outside the main thread there is no Ctrl-C to ignore
-            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second one does not cut this short
-        stderr.print("interrupted: nothing unfinished was published", highlight=False)
-        sys.exit(INTERRUPTED)
+        from spark_backup.__main__ import exit_interrupted
+
+        exit_interrupted()
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)

@@ -104,7 +104,8 @@ def _print_backup(manifest: Manifest, as_json: bool) -> None:
     if not as_json:
         part = f"  {printable(manifest.part)}" if manifest.part else ""
         stdout.print(
-            f"{manifest.id}  {manifest.partition}{part}  {size(manifest.plaintext.bytes)} -> "
+            f"{manifest.id}  {printable(manifest.partition)}{part}  "
+            f"{size(manifest.plaintext.bytes)} -> "
             f"{size(manifest.stored.bytes)}  {manifest.duration_seconds:.1f}s  "
             f"sha256 {manifest.stored.sha256[:16]}..."
             + (f"  {warnings} warning(s)" if warnings else ""),

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
 from typing import Any, Protocol
 
-import pyrage
 import zstandard
 from pyrage import x25519
 
@@ -219,25 +218,32 @@ class _OverlappedEncryption:
         self._packed: queue.Queue[bytes | None] = queue.Queue(self.DEPTH)
 
     def run(self, plain: Readable) -> None:
+        # Daemons: a stage that an interrupt left behind can never hold the process's exit.
         stages = [
-            threading.Thread(target=self._stage, args=(self._compress,), name="backup-zstd"),
-            threading.Thread(target=self._stage, args=(self._encrypt,), name="backup-age"),
+            threading.Thread(
+                target=self._stage, args=(self._compress,), name="backup-zstd", daemon=True
+            ),
+            threading.Thread(
+                target=self._stage, args=(self._encrypt,), name="backup-age", daemon=True
+            ),
         ]
-        for stage in stages:
-            stage.start()
         try:
-            while chunk := plain.read(CHUNK_SIZE):
-                self._put(self._raw, chunk)
-            self._put(self._raw, None)
+            # Inside the try: Ctrl-C while a stage starts stops the one already running.
             for stage in stages:
-                stage.join()
-        except _Stopped:
+                stage.start()
+            try:
+                while chunk := plain.read(CHUNK_SIZE):
+                    self._put(self._raw, chunk)
+                self._put(self._raw, None)
+            except _Stopped:
+                pass  # a stage failed; its error is raised below
             for stage in stages:
                 stage.join()
         except BaseException:
             self._stop.set()
             for stage in stages:
-                stage.join()
+                if stage.ident is not None:
+                    stage.join()
             raise
         if self._errors:
             raise self._errors[0]
@@ -283,58 +289,15 @@ class _OverlappedEncryption:
         self._put(self._packed, None)
 
     def _encrypt(self) -> None:
-        guard = _CallbackGuard()
-        reader = ChunkReader(iter(lambda: self._get(self._packed), None))
+        from spark_backup.engine.age_encrypt import AgeEncryptor  # cryptography: backups only
+
         try:
-            pyrage.encrypt_io(
-                guard.reader(reader), guard.writer(self._stored), self._recipients.parsed()
-            )
-        except pyrage.EncryptError as exc:
-            guard.reraise()
+            encryptor = AgeEncryptor(self._stored, self._recipients.public_keys)
+        except ValueError as exc:  # the plan's recipients were checked: this is a defect
             raise CryptoError(f"age encryption failed: {exc}") from None
-
-
-class _CallbackGuard:
-    """pyrage turns an exception raised by our reader or writer into its own error type with the
-    original as text; this keeps the original so that a ``SourceError`` stays a ``SourceError``."""
-
-    def __init__(self) -> None:
-        self.error: BaseException | None = None
-
-    def reader(self, inner: Readable) -> Readable:
-        guard = self
-
-        class Reader:
-            def read(self, size: int = -1) -> bytes:
-                try:
-                    return inner.read(size)
-                except BaseException as exc:
-                    guard.error = guard.error or exc
-                    raise
-
-        return Reader()
-
-    def writer(self, inner: Writable) -> Writable:
-        guard = self
-
-        class Writer:
-            def write(self, data: bytes) -> int | None:
-                try:
-                    return inner.write(data)
-                except BaseException as exc:
-                    guard.error = guard.error or exc
-                    raise
-
-            def flush(self) -> None:
-                flush = getattr(inner, "flush", None)
-                if flush:
-                    flush()
-
-        return Writer()
-
-    def reraise(self) -> None:
-        if self.error is not None:
-            raise self.error
+        while (packed := self._get(self._packed)) is not None:
+            encryptor.write(packed)
+        encryptor.close()
 
 
 def _discard_uncommitted(store: ObjectStore, key: str) -> None:
@@ -491,7 +454,7 @@ def _engine_versions() -> dict[str, str]:
         "python": platform.python_version(),
         "zstd": ".".join(map(str, zstandard.ZSTD_VERSION)),
     }
-    for package in ("spark-backup", "zstandard", "pyrage"):
+    for package in ("spark-backup", "zstandard", "pyrage", "cryptography"):
         try:
             versions[package] = importlib_metadata.version(package)
         except importlib_metadata.PackageNotFoundError:

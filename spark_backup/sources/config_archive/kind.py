@@ -36,7 +36,12 @@ from spark_backup.sources.base import (
     SourceKind,
     restore_tar_copy,
 )
-from spark_backup.sources.config_archive.reader import KIND_NAME, TORN_FILES, ConfigArchiveReader
+from spark_backup.sources.config_archive.reader import (
+    CHANGED_FILES,
+    KIND_NAME,
+    TORN_FILES,
+    ConfigArchiveReader,
+)
 from spark_backup.sources.config_archive.settings import ConfigArchiveSource
 
 ARCHIVE = "archive"
@@ -92,10 +97,16 @@ class ConfigArchiveKind(SourceKind[ConfigArchiveSource], Observable, SemanticChe
         return restore_tar_copy(copy, identities, target, options)
 
     def cautions(self, manifest: Manifest) -> list[str]:
+        # Copies made before changed files were recorded have no such list.
+        recorded = manifest.source_metadata
         return [
             f"{path} was torn: it shrank while the backup read it, and the copy holds it padded "
             "with zeros"
-            for path in manifest.source_metadata.get(TORN_FILES, [])
+            for path in recorded.get(TORN_FILES, [])
+        ] + [
+            f"{path} was torn: it changed while the backup read it, and the copy holds as many "
+            "bytes as it had when the read began, which may mix its old and new content"
+            for path in recorded.get(CHANGED_FILES, [])
         ]
 
     def check_plaintext(self, plain: Readable, manifest: Manifest) -> None:

@@ -31,11 +31,27 @@ KIND_NAME = "config_archive"
 TAR_LAYERS = ["tar"]
 # Warnings kept in a manifest; the count says how many there were in all.
 MAX_WARNINGS = 20
-# The manifest's list of files that shrank while tar read them (tar padded them with zeros).
+# The manifest's lists of torn files, which changed while tar read them: those that shrank
+# (tar padded them with zeros) and those that changed otherwise (grew or were rewritten: the
+# copy holds as many bytes as tar found at the start, read while the file changed, so they
+# may mix two versions). Neither is a state the file is known to have had.
 TORN_FILES = "torn_files"
-# GNU tar's message for such a file (its messages are read in the C locale; names are quoted
-# in tar's escape style, so one message is one line).
-_SHRANK_RE = re.compile(r"^tar: (?P<name>.+): File shrank by \d+ bytes; padding with zeros$")
+CHANGED_FILES = "changed_files"
+# GNU tar's messages for such files (read in the C locale; names are quoted in tar's escape
+# style, so one message is one line).
+_SHRANK_RE = re.compile(rb"^tar: (?P<name>.+): File shrank by \d+ bytes; padding with zeros$")
+_CHANGED_RE = re.compile(rb"^tar: (?P<name>.+): file changed as we read it$")
+# tar's escape quoting: C escapes and three-digit octal bytes.
+_TAR_ESCAPE_RE = re.compile(rb"\\([0-7]{3}|.)", re.DOTALL)
+_TAR_ESCAPES = {
+    b"a": b"\a",
+    b"b": b"\b",
+    b"f": b"\f",
+    b"n": b"\n",
+    b"r": b"\r",
+    b"t": b"\t",
+    b"v": b"\v",
+}
 
 
 # --- backup ------------------------------------------------------------------------------------
@@ -52,6 +68,7 @@ class TreeStats:
     warnings: list[str] = field(default_factory=list)
     warning_count: int = 0
     torn_files: list[str] = field(default_factory=list)
+    changed_files: list[str] = field(default_factory=list)
 
     def warn(self, message: str) -> None:
         self.warning_count += 1
@@ -218,6 +235,7 @@ class ConfigArchiveReader:
                         "--create",
                         "--file=-",
                         "--format=pax",
+                        "--quoting-style=escape",  # names in messages, as _unquote reads them
                         # No per-member extended headers for times: atime/ctime would make every
                         # archive differ, and mtime goes into the ustar header to the second (as
                         # GNU tar's default format keeps it), which halves what a restore parses.
@@ -253,7 +271,7 @@ class ConfigArchiveReader:
                 walker.join()
                 status = process.wait()
             stderr.seek(0)
-            messages = stderr.read().decode(errors="replace").splitlines()
+            messages = stderr.read().splitlines()
         if walk_errors:
             raise walk_errors[0]
         if leftover:
@@ -261,22 +279,30 @@ class ConfigArchiveReader:
         # GNU tar: 1 means some files changed while being read (kept, with a warning);
         # 2 means a fatal error, such as a file that could not be opened.
         if status not in (0, 1):
-            detail = next((m for m in messages if m.strip()), f"tar exited with status {status}")
+            text = [m.decode(errors="replace") for m in messages if m.strip()]
+            detail = text[0] if text else f"tar exited with status {status}"
             raise SourceError(f"source {self.source_name!r}: {detail}")
         for message in messages:
-            torn = _SHRANK_RE.match(message)
-            if torn:
-                self.stats.torn_files.append("/" + torn["name"])
-            self.stats.warn(message)
-        torn_files = self.stats.torn_files
-        if torn_files and not self.allow_torn_files:
-            shown = ", ".join(torn_files[:3]) + (
-                f" and {len(torn_files) - 3} more" if len(torn_files) > 3 else ""
-            )
+            if shrank := _SHRANK_RE.match(message):
+                self.stats.torn_files.append(_unquote(shrank["name"]))
+            elif changed := _CHANGED_RE.match(message):
+                path = _unquote(changed["name"])
+                # A folder's entry is its name and mode only: nothing in it can be torn.
+                if not _is_folder(path):
+                    self.stats.changed_files.append(path)
+            self.stats.warn(message.decode(errors="replace"))
+        # A file tar padded may be reported as changed as well: it counts once, as shrunk.
+        self.stats.changed_files = [
+            path for path in self.stats.changed_files if path not in self.stats.torn_files
+        ]
+        torn = self.stats.torn_files + self.stats.changed_files
+        if torn and not self.allow_torn_files:
+            shown = ", ".join(torn[:3]) + (f" and {len(torn) - 3} more" if len(torn) > 3 else "")
             raise SourceError(
-                f"source {self.source_name!r}: {len(torn_files)} file(s) shrank while tar read "
-                f"them and would be restored padded with zeros: {shown}; back up again when they "
-                "are quiet, or set allow_torn_files: true to keep such copies"
+                f"source {self.source_name!r}: {len(torn)} file(s) changed while tar read them "
+                f"(shrunk ones are padded with zeros, others hold bytes of two versions): "
+                f"{shown}; back up again when they are quiet, or set allow_torn_files: true to "
+                "keep such copies"
             )
 
     def _hand_members(self, names: BinaryIO, errors: list[BaseException]) -> None:
@@ -308,6 +334,22 @@ class ConfigArchiveReader:
 
     def tool_versions(self) -> dict[str, str]:
         return {"tar": _tar_version()}
+
+
+def _unquote(name: bytes) -> str:
+    """The absolute path of a member named in a tar message (relative to '/', escape-quoted)."""
+    raw = _TAR_ESCAPE_RE.sub(
+        lambda m: bytes([int(m[1], 8) & 0xFF]) if len(m[1]) == 3 else _TAR_ESCAPES.get(m[1], m[1]),
+        name,
+    )
+    return "/" + os.fsdecode(raw)
+
+
+def _is_folder(path: str) -> bool:
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _tar_environment() -> dict[str, str]:
