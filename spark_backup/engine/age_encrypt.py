@@ -25,6 +25,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import io
 import os
 from collections.abc import Iterable
 
@@ -161,3 +162,12 @@ class AgeEncryptor:
         nonce = self._counter.to_bytes(11, "big") + (b"\x01" if final else b"\x00")
         self._counter += 1
         return self._aead.encrypt(nonce, chunk, None)
+
+
+def encrypt_bytes(data: bytes, recipients: Iterable[str]) -> bytes:
+    """``data`` as one age file (a pack of the blob layer: whole in memory by design)."""
+    sink = io.BytesIO()
+    encryptor = AgeEncryptor(sink, recipients)
+    encryptor.write(data)
+    encryptor.close()
+    return sink.getvalue()
