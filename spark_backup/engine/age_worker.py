@@ -8,6 +8,12 @@ ciphertext it reads, so the stored digest costs the restoring process nothing.
 One worker serves a whole run: a deep verify of 500 small copies starts one process, not 500
 (each start costs about 80 ms of interpreter and imports). ``AgeWorker`` is the calling side.
 
+It hashes the plaintext it hands over too: that digest is taken where the bytes are made, on
+the inflating thread, beside the decryption, so the restoring process only reads, parses and
+writes (on a tree of small files that process is the slowest of the three stages, as ``tar -x``
+is in ``age -d | zstd -d | tar -x``). The caller counts what it read and compares it with the
+count the worker reports, so the digest covers exactly the bytes that were restored.
+
 The private key reaches the worker through an inherited pipe, never through its arguments or
 environment (which other users may read from /proc). Protocol::
 
@@ -16,13 +22,17 @@ environment (which other users may read from /proc). Protocol::
     CONTROL_FD:  a Unix SOCK_SEQPACKET socket; per object, the caller sends one message
                  carrying two descriptors (SCM_RIGHTS): the stored (encrypted) bytes to read
                  and a pipe to write the plaintext into. The worker decrypts, closes both and
-                 answers with one JSON message, {"ok": true, "sha256": ..., "bytes": ...} or
+                 answers with one JSON message, {"ok": true, "sha256": ..., "bytes": ...,
+                 "plaintext_sha256": ..., "plaintext_bytes": ...} (the digests of what it
+                 read and of what it wrote) or
                  {"ok": false, "error": "damaged" | "no_matching_keys" | "reader_gone",
                  "detail": ..., "bytes": ...}. The caller closing the socket ends the worker.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import os
 import signal
@@ -87,7 +97,9 @@ def decrypt(
     the status to report."""
     stored_file = open(stored_fd, "rb", buffering=CHUNK_SIZE)  # noqa: SIM115
     stored = HashingReader(stored_file)
-    plain = _PlainOut(open(plain_fd, "wb", buffering=CHUNK_SIZE))  # noqa: SIM115
+    # Inflated pieces are large and go to the pipe as they are; age's own 8 KiB pieces are
+    # gathered first.
+    plain = _PlainOut(open(plain_fd, "wb", buffering=0 if zstd else CHUNK_SIZE))  # noqa: SIM115
     status: dict[str, Any]
     try:
         if zstd:
@@ -100,7 +112,13 @@ def decrypt(
         else:
             pyrage.decrypt_io(stored, plain, identities)
         plain.flush()
-        status = {"ok": True, "sha256": stored.hexdigest(), "bytes": stored.bytes}
+        status = {
+            "ok": True,
+            "sha256": stored.hexdigest(),
+            "bytes": stored.bytes,
+            "plaintext_sha256": plain.sha256.hexdigest(),
+            "plaintext_bytes": plain.bytes,
+        }
     except _ZstdDamage as exc:
         status = {"ok": False, "error": "zstd", "detail": str(exc), "bytes": stored.bytes}
     except (pyrage.DecryptError, OSError) as exc:
@@ -199,18 +217,27 @@ class _Inflate:
 
 
 class _PlainOut:
-    """The plaintext pipe, remembering whether a write failed because the reading side closed."""
+    """The plaintext pipe, hashing what is written to it (hashlib releases the interpreter lock
+    for pieces this large), and remembering whether a write failed because the reading side
+    closed."""
 
     def __init__(self, inner: BinaryIO):
         self._inner = inner
+        self.sha256 = hashlib.sha256()
+        self.bytes = 0
         self.broken = False
 
     def write(self, data: bytes) -> int:
+        self.sha256.update(data)
+        self.bytes += len(data)
+        view = memoryview(data)
         try:
-            return self._inner.write(data)
+            while view:
+                view = view[self._inner.write(view) :]
         except OSError:
             self.broken = True
             raise
+        return len(data)
 
     def flush(self) -> None:
         self._inner.flush()
@@ -350,6 +377,7 @@ class AgeWorker:
             assert self._control is not None
             file_fd = _real_fileno(stored)
             plain_read, plain_write = os.pipe()
+            _widen(plain_write)
             feed_read, feed_write = os.pipe() if file_fd is None else (-1, -1)
             try:
                 socket.send_fds(
@@ -367,7 +395,9 @@ class AgeWorker:
                 os.close(plain_write)
                 if feed_read != -1:
                     os.close(feed_read)
-            decryption = Decryption(self, open(plain_read, "rb"))  # noqa: SIM115
+            # Unbuffered: a read returns what the pipe holds at once, rather than waiting
+            # until a whole buffer is full, so parsing starts on the first piece inflated.
+            decryption = Decryption(self, open(plain_read, "rb", buffering=0))  # noqa: SIM115
             if feed_write != -1:
                 decryption.feed_from(stored, feed_write)
             try:
@@ -391,6 +421,14 @@ def _feed(stored: Readable, fd: int, errors: list[BaseException]) -> None:
     finally:
         with suppress(OSError):
             pipe.close()
+
+
+def _widen(pipe_fd: int) -> None:
+    """Let the plaintext pipe hold a whole chunk (1 MiB, Linux's limit for unprivileged users)
+    instead of 64 KiB: the worker and the reader then wake each other sixteen times less often.
+    Best effort: the pipe works at any size."""
+    with suppress(OSError, AttributeError):
+        fcntl.fcntl(pipe_fd, fcntl.F_SETPIPE_SZ, CHUNK_SIZE)
 
 
 def _real_fileno(stream: Readable) -> int | None:

@@ -376,12 +376,45 @@ def open_copy(
     compare_digest(manifest, "plaintext", opened.plaintext.hexdigest(), opened.plaintext.bytes)
 
 
+class WorkerPlaintext:
+    """The plaintext the age worker writes: counted here as it is read (with ``progress``),
+    hashed by the worker as it writes it (``hexdigest`` is the worker's, once it has finished);
+    ``open_encrypted`` checks that both counts agree."""
+
+    def __init__(self, inner: Readable, progress: ProgressCallback | None = None):
+        self._inner = inner
+        self._progress = progress
+        self.bytes = 0
+        self.sha256: str | None = None
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._inner.read(size)
+        if data:
+            self.bytes += len(data)
+            if self._progress:
+                self._progress(len(data))
+        return data
+
+    def readable(self) -> bool:
+        return True
+
+    def drain(self) -> None:
+        """Read to the end, so that everything the worker hashed has been read."""
+        while self.read(CHUNK_SIZE):
+            pass
+
+    def hexdigest(self) -> str:
+        if self.sha256 is None:
+            raise RuntimeError("the plaintext digest is known once the decryption has finished")
+        return self.sha256
+
+
 @dataclass
 class Decrypted:
     """An object being decrypted: its plaintext stream, and once the block exits cleanly, the
     digest of the stored bytes that were read."""
 
-    plaintext: HashingReader
+    plaintext: WorkerPlaintext
     stored: Digest | None = None
 
 
@@ -400,18 +433,18 @@ def open_encrypted(
     to its end, age authenticated every chunk and zstd checked its frame checksums; ``label``
     names the object in errors.
 
-    Decryption and decompression (and the stored digest) run in an ``age_worker`` process, on
-    another core: ``worker``, one that serves many objects in turn (a deep verify of many
-    copies), else one started for this object alone. This process reads the plaintext from a
-    pipe and hashes it: one thread, like the last command of ``age -d | zstd -d | tar -x``
-    (a decompressing thread here contended with the consumer for the interpreter lock, and on
-    a busy machine doubled a restore's wall time)."""
+    Decryption, decompression and both digests run in an ``age_worker`` process, on another
+    core: ``worker``, one that serves many objects in turn (a deep verify of many copies), else
+    one started for this object alone. This process only reads the plaintext from a pipe and
+    counts it: one thread, like the last command of ``age -d | zstd -d | tar -x`` (a
+    decompressing thread here contended with the consumer for the interpreter lock, and on a
+    busy machine doubled a restore's wall time); the count must agree with the worker's."""
     with ExitStack() as stack:
         if worker is None:
             worker = stack.enter_context(AgeWorker(identities))
         raw = stack.enter_context(store.open_read(key, version_id))
         decryption = stack.enter_context(worker.decrypting(raw, zstd=True))
-        plain = HashingReader(decryption.plaintext, progress)
+        plain = WorkerPlaintext(decryption.plaintext, progress)
         opened = Decrypted(plain)
         try:
             yield opened
@@ -425,6 +458,12 @@ def open_encrypted(
             raise
         status = decryption.finish()
         _raise_decrypt_failure(label, status)
+        if status["plaintext_bytes"] != plain.bytes:
+            raise IntegrityError(
+                f"{label}: {plain.bytes} bytes of plaintext were read, but the age worker wrote "
+                f"{status['plaintext_bytes']}"
+            )
+        plain.sha256 = status["plaintext_sha256"]
         opened.stored = Digest(status["sha256"], status["bytes"])
 
 
