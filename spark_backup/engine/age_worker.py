@@ -60,6 +60,10 @@ _REQUEST = b"decrypt"
 # in the worker too, and the restoring process only reads, hashes and writes.
 _REQUEST_ZSTD = b"decrypt zstd"
 _MAX_STATUS = 64 * 1024
+# glibc's allocator hands buffers of 128 KiB and more back to the kernel when they are freed,
+# so every 1 MiB piece inflated, hashed and written cost fresh zeroed pages: a third of the
+# worker's time on a tree restore. Kept for reuse instead (a few MiB of heap at most).
+_ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": str(16 << 20), "MALLOC_TRIM_THRESHOLD_": str(64 << 20)}
 # How long a worker may take to exit once told to; it has nothing left to do then.
 _EXIT_SECONDS = 10
 
@@ -101,14 +105,17 @@ def decrypt(
     # gathered first.
     plain = _PlainOut(open(plain_fd, "wb", buffering=0 if zstd else CHUNK_SIZE))  # noqa: SIM115
     status: dict[str, Any]
+    inflated = _Inflate(plain) if zstd else None
     try:
-        if zstd:
-            inflated = _Inflate(plain)
+        if inflated is not None:
             try:
                 pyrage.decrypt_io(stored, inflated, identities)
-                inflated.finish()
-            finally:
-                inflated.stop()
+            except Exception:
+                # Raised in a write pyrage made, it comes back as pyrage's own error.
+                if isinstance(inflated.damage, _ZstdDamage):
+                    raise inflated.damage from None
+                raise
+            inflated.finish()
         else:
             pyrage.decrypt_io(stored, plain, identities)
         plain.flush()
@@ -143,14 +150,16 @@ class _ZstdDamage(Exception):
 
 class _Inflate:
     """Inflates the zstd frame written to it into ``out``: one frame, checked to its end and
-    against its checksum. Inflating runs on a thread of its own (zstd and the pipe release the
-    interpreter lock), so it overlaps with decryption, which holds it."""
+    against its checksum.
 
-    BATCH = 256 * 1024  # age hands over 8 KiB at a time; the thread takes them in batches
+    On the decrypting thread itself, between pyrage's writes: a thread of its own contended
+    with decryption for the interpreter lock (pyrage holds it while it decrypts), and on a busy
+    machine each hand-over waited for the other thread to be scheduled again, which tripled a
+    restore's wall time. Decryption is the small part (about a fifth of inflating's time)."""
+
+    BATCH = 256 * 1024  # age hands over 8 KiB at a time; zstd takes them in batches
 
     def __init__(self, out: _PlainOut):
-        import queue
-
         import zstandard  # the worker's alone: the caller-side imports stay as they were
 
         self._out = out
@@ -158,62 +167,40 @@ class _Inflate:
         self._frame = zstandard.ZstdDecompressor().decompressobj(write_size=CHUNK_SIZE)
         self._batch: list[bytes] = []
         self._batched = 0
-        self._queue: queue.Queue[bytes | None] = queue.Queue(8)
-        self._failure: BaseException | None = None
-        self._thread = threading.Thread(target=self._inflate, name="inflate", daemon=True)
-        self._thread.start()
+        self.damage: _ZstdDamage | None = None
 
     def write(self, data: bytes) -> int:
         self._batch.append(data)
         self._batched += len(data)
         if self._batched >= self.BATCH:
-            self._hand_over(b"".join(self._batch))
+            batch = b"".join(self._batch)
             self._batch, self._batched = [], 0
+            try:
+                self._inflate(batch)
+            except _ZstdDamage as exc:
+                self.damage = exc
+                raise
         return len(data)
 
-    def _hand_over(self, item: bytes | None) -> None:
-        import queue
-
-        while self._failure is None:
-            try:
-                self._queue.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
-        raise self._failure
-
-    def _inflate(self) -> None:
+    def _inflate(self, data: bytes) -> None:
+        if self._frame.eof:
+            raise _ZstdDamage("data after the end of the zstd frame")
         try:
-            while (data := self._queue.get()) is not None:
-                if self._frame.eof:
-                    raise _ZstdDamage("data after the end of the zstd frame")
-                try:
-                    inflated = self._frame.decompress(data)
-                except self._error as exc:
-                    raise _ZstdDamage(str(exc)) from None
-                if self._frame.eof and self._frame.unused_data:
-                    raise _ZstdDamage("data after the end of the zstd frame")
-                if inflated:
-                    self._out.write(inflated)
-        except BaseException as exc:
-            self._failure = exc
+            inflated = self._frame.decompress(data)
+        except self._error as exc:
+            raise _ZstdDamage(str(exc)) from None
+        if self._frame.eof and self._frame.unused_data:
+            raise _ZstdDamage("data after the end of the zstd frame")
+        if inflated:
+            self._out.write(inflated)
 
     def finish(self) -> None:
-        """Inflate what is left; raise what inflating met (damage, or the reader gone)."""
+        """Inflate what is left; the frame must have ended."""
         if self._batch:
-            self._hand_over(b"".join(self._batch))
+            self._inflate(b"".join(self._batch))
             self._batch = []
-        self.stop()
-        if self._failure is not None:
-            raise self._failure
         if not self._frame.eof:
             raise _ZstdDamage("the stream ends inside a zstd frame")
-
-    def stop(self) -> None:
-        if self._thread.is_alive():
-            with suppress(BaseException):
-                self._hand_over(None)
-            self._thread.join()
 
 
 class _PlainOut:
@@ -316,7 +303,7 @@ class AgeWorker:
                 ],
                 stdin=subprocess.DEVNULL,
                 pass_fds=(identity_read, worker_end.fileno()),
-                env=tool_environment(),
+                env={**tool_environment(), **_ALLOCATOR},
             )
         except BaseException:
             os.close(identity_write)
