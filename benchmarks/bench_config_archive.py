@@ -39,7 +39,9 @@ from machine import basic_facts, first_line, load_average
 
 MB = 1_000_000  # throughput and sizes are reported in decimal megabytes
 MIB = 1 << 20
-TARGET_RATIO = 0.90  # spark-backup must reach this share of the shell pipeline's throughput (issue 12)
+TARGET_RATIO = (
+    0.90  # spark-backup must reach this share of the shell pipeline's throughput (issue 12)
+)
 TARGET_RSS_MB = 256.0  # and stay under this peak RSS
 COMPRESSION_LEVEL = 3
 COMPRESSION_THREADS = 2

@@ -8,9 +8,8 @@ ciphertext it reads, so the stored digest costs the restoring process nothing.
 One worker serves a whole run: a deep verify of 500 small copies starts one process, not 500
 (each start costs about 80 ms of interpreter and imports). ``AgeWorker`` is the calling side.
 
-It hashes the plaintext it hands over too: that digest is taken where the bytes are made, on
-the inflating thread, beside the decryption, so the restoring process only reads, parses and
-writes (on a tree of small files that process is the slowest of the three stages, as ``tar -x``
+It hashes the plaintext it hands over too: that digest is taken where the bytes are made, so
+the restoring process only reads, parses and writes (on a tree of small files that process is the slowest of the three stages, as ``tar -x``
 is in ``age -d | zstd -d | tar -x``). The caller counts what it read and compares it with the
 count the worker reports, so the digest covers exactly the bytes that were restored.
 
