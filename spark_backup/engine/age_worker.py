@@ -381,9 +381,7 @@ class AgeWorker:
                 os.close(plain_write)
                 if feed_read != -1:
                     os.close(feed_read)
-            # Unbuffered: a read returns what the pipe holds at once, rather than waiting
-            # until a whole buffer is full, so parsing starts on the first piece inflated.
-            decryption = Decryption(self, open(plain_read, "rb", buffering=0))  # noqa: SIM115
+            decryption = Decryption(self, open(plain_read, "rb"))  # noqa: SIM115
             if feed_write != -1:
                 decryption.feed_from(stored, feed_write)
             try:
