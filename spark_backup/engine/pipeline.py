@@ -37,6 +37,7 @@ from spark_backup.engine.stores.base import ObjectLock, ObjectStore, written_ver
 from spark_backup.engine.streams import (
     CHUNK_SIZE,
     ChunkReader,
+    CountingReader,
     HashingReader,
     HashingWriter,
     ProgressCallback,
@@ -376,32 +377,14 @@ def open_copy(
     compare_digest(manifest, "plaintext", opened.plaintext.hexdigest(), opened.plaintext.bytes)
 
 
-class WorkerPlaintext:
+class WorkerPlaintext(CountingReader):
     """The plaintext the age worker writes: counted here as it is read (with ``progress``),
     hashed by the worker as it writes it (``hexdigest`` is the worker's, once it has finished);
     ``open_encrypted`` checks that both counts agree."""
 
     def __init__(self, inner: Readable, progress: ProgressCallback | None = None):
-        self._inner = inner
-        self._progress = progress
-        self.bytes = 0
+        super().__init__(inner, progress)
         self.sha256: str | None = None
-
-    def read(self, size: int = -1) -> bytes:
-        data = self._inner.read(size)
-        if data:
-            self.bytes += len(data)
-            if self._progress:
-                self._progress(len(data))
-        return data
-
-    def readable(self) -> bool:
-        return True
-
-    def drain(self) -> None:
-        """Read to the end, so that everything the worker hashed has been read."""
-        while self.read(CHUNK_SIZE):
-            pass
 
     def hexdigest(self) -> str:
         if self.sha256 is None:
