@@ -9,9 +9,10 @@ One worker serves a whole run: a deep verify of 500 small copies starts one proc
 (each start costs about 80 ms of interpreter and imports). ``AgeWorker`` is the calling side.
 
 It hashes the plaintext it hands over too: that digest is taken where the bytes are made, so
-the restoring process only reads, parses and writes (on a tree of small files that process is the slowest of the three stages, as ``tar -x``
-is in ``age -d | zstd -d | tar -x``). The caller counts what it read and compares it with the
-count the worker reports, so the digest covers exactly the bytes that were restored.
+the restoring process only reads, parses and writes (on a tree of small files it is the
+slowest stage, as ``tar -x`` is in ``age -d | zstd -d | tar -x``). The caller counts what it
+read and compares it with the count the worker reports, so the digest covers exactly the
+bytes that were restored.
 
 The private key reaches the worker through an inherited pipe, never through its arguments or
 environment (which other users may read from /proc). Protocol::
@@ -60,8 +61,8 @@ _REQUEST = b"decrypt"
 _REQUEST_ZSTD = b"decrypt zstd"
 _MAX_STATUS = 64 * 1024
 # glibc's allocator hands buffers of 128 KiB and more back to the kernel when they are freed,
-# so every 1 MiB piece inflated, hashed and written cost fresh zeroed pages: a third of the
-# worker's time on a tree restore. Kept for reuse instead (a few MiB of heap at most).
+# so every 1 MiB piece inflated, hashed and written cost fresh zeroed pages: about a quarter of
+# the worker's time on a tree restore. Kept for reuse instead (a few MiB of heap at most).
 _ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": str(16 << 20), "MALLOC_TRIM_THRESHOLD_": str(64 << 20)}
 # How long a worker may take to exit once told to; it has nothing left to do then.
 _EXIT_SECONDS = 10
@@ -153,8 +154,8 @@ class _Inflate:
 
     On the decrypting thread itself, between pyrage's writes: a thread of its own contended
     with decryption for the interpreter lock (pyrage holds it while it decrypts), and on a busy
-    machine each hand-over waited for the other thread to be scheduled again, which tripled a
-    restore's wall time. Decryption is the small part (about a fifth of inflating's time)."""
+    machine a hand-over could wait for the other thread to be scheduled again. Decryption is
+    the small part (about a fifth of the time of inflating and hashing)."""
 
     BATCH = 256 * 1024  # age hands over 8 KiB at a time; zstd takes them in batches
 
@@ -203,9 +204,8 @@ class _Inflate:
 
 
 class _PlainOut:
-    """The plaintext pipe, hashing what is written to it (hashlib releases the interpreter lock
-    for pieces this large), and remembering whether a write failed because the reading side
-    closed."""
+    """The plaintext pipe, hashing and counting what is written to it, and remembering whether
+    a write failed because the reading side closed."""
 
     def __init__(self, inner: BinaryIO):
         self._inner = inner
