@@ -1,15 +1,19 @@
 """A restore killed outright (``kill -9``) at any point before it publishes leaves the target as it
 was, apart from its private staging folder; the next restore into that target removes the
-staging folders of killed restores and says so (issue 12, item 7)."""
+staging folders of killed restores and says so; the ``--json`` summary names what a restore
+did not restore (issue 12, item 7)."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
+import tarfile
 from pathlib import Path
 
 from spark_backup.engine.staging import STAGING_PREFIX
+from spark_backup.service import BackupService
 from spark_backup_tests.helpers import (
     SPARK_BACKUP,
     config_source,
@@ -17,6 +21,7 @@ from spark_backup_tests.helpers import (
     run_cli,
     write_plan,
 )
+from spark_backup_tests.test_config_archive import _store_tar
 from spark_backup_tests.test_hardening import _wait_for
 
 
@@ -108,3 +113,25 @@ def test_a_restore_killed_at_any_point_before_publishing_leaves_the_target_as_it
     ).stdout  # fmt: skip
     assert f"removed staging folder {stale}: left by a restore that was killed" in text
     assert not stale.exists()
+
+
+def test_the_json_summary_names_the_mode_bits_a_restore_did_not_set(
+    service: BackupService, age_key, tmp_path: Path
+) -> None:
+    def build(archive: tarfile.TarFile) -> None:
+        for name, mode in [("bin/tool", 0o6755), ("etc/open.conf", 0o646), ("etc/ok.conf", 0o640)]:
+            info = tarfile.TarInfo(name)
+            info.mode, info.size = mode, 1
+            archive.addfile(info, io.BytesIO(b"x"))
+
+    copy_id = _store_tar(service, build)
+    done = run_cli(
+        "--plan", str(service.plan_path), "restore", copy_id, "--to", str(tmp_path / "r"),
+        "--identity", str(age_key[0]), "--json", check=True,
+    )  # fmt: skip
+    summary = json.loads(done.stdout)
+    assert summary["modes_stripped_count"] == 2
+    assert summary["modes_stripped"] == ["bin/tool (mode 6755)", "etc/open.conf (mode 646)"]
+    assert summary["stale_staging_removed"] == []
+    assert (tmp_path / "r/bin/tool").stat().st_mode & 0o7777 == 0o755
+    assert (tmp_path / "r/etc/open.conf").stat().st_mode & 0o7777 == 0o644
