@@ -39,7 +39,9 @@ from machine import basic_facts, first_line, load_average
 
 MB = 1_000_000  # throughput and sizes are reported in decimal megabytes
 MIB = 1 << 20
-TARGET_RATIO = 0.80  # spark-backup must reach this share of the shell pipeline's throughput
+TARGET_RATIO = (
+    0.90  # spark-backup must reach this share of the shell pipeline's throughput (issue 12)
+)
 TARGET_RSS_MB = 256.0  # and stay under this peak RSS
 COMPRESSION_LEVEL = 3
 COMPRESSION_THREADS = 2
@@ -231,6 +233,29 @@ class Run:
     wall: float  # the whole subprocess, interpreter start and imports included
     rss_mb: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # CPU seconds (user + system) of the whole process tree, from wait4: for spark-backup the
+    # interpreter start and imports and the age worker included, for the shell every command.
+    cpu: float = 0.0
+
+
+def run_timed(args: list[str]) -> tuple[float, float, str, str, int]:
+    """Wall seconds, CPU seconds of the process and its waited-for children (``wait4``), stdout,
+    stderr and exit status of one command."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        started = time.perf_counter()
+        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=out, stderr=err)
+        _pid, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - started
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        return (
+            wall,
+            usage.ru_utime + usage.ru_stime,
+            out.read().decode(errors="replace"),
+            err.read().decode(errors="replace"),
+            proc.returncode,
+        )
 
 
 def settle() -> None:
@@ -241,27 +266,21 @@ def settle() -> None:
 
 def run_ours(python: str, spec: dict[str, Any]) -> Run:
     settle()
-    started = time.perf_counter()
-    proc = subprocess.run(
-        [python, os.path.abspath(__file__), "--child", json.dumps(spec)],
-        capture_output=True,
-        text=True,
+    wall, cpu, stdout, stderr, status = run_timed(
+        [python, os.path.abspath(__file__), "--child", json.dumps(spec)]
     )
-    wall = time.perf_counter() - started
-    if proc.returncode != 0:
-        raise RuntimeError(f"spark-backup {spec['op']} failed:\n{proc.stderr.strip()}")
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    return Run(out.pop("seconds"), wall, out.pop("rss_kib") * 1024 / MB, out)
+    if status != 0:
+        raise RuntimeError(f"spark-backup {spec['op']} failed:\n{stderr.strip()}")
+    out = json.loads(stdout.strip().splitlines()[-1])
+    return Run(out.pop("seconds"), wall, out.pop("rss_kib") * 1024 / MB, out, cpu)
 
 
 def run_shell(command: str) -> Run:
     settle()
-    started = time.perf_counter()
-    proc = subprocess.run(["bash", "-o", "pipefail", "-c", command], capture_output=True, text=True)
-    wall = time.perf_counter() - started
-    if proc.returncode != 0:
-        raise RuntimeError(f"shell pipeline failed ({command}):\n{proc.stderr.strip()}")
-    return Run(wall, wall)
+    wall, cpu, _stdout, stderr, status = run_timed(["bash", "-o", "pipefail", "-c", command])
+    if status != 0:
+        raise RuntimeError(f"shell pipeline failed ({command}):\n{stderr.strip()}")
+    return Run(wall, wall, cpu=cpu)
 
 
 def fresh_dir(path: Path) -> Path:
@@ -308,6 +327,14 @@ class Measurement:
         return self.ours_mbps / self.shell_mbps
 
     @property
+    def ours_cpu(self) -> float:
+        return min(r.cpu for r in self.ours)
+
+    @property
+    def shell_cpu(self) -> float:
+        return min(r.cpu for r in self.shell)
+
+    @property
     def rss_mb(self) -> float:
         return max(r.rss_mb or 0.0 for r in self.ours)
 
@@ -333,12 +360,15 @@ class Measurement:
                 "mb_per_s": round(self.ours_mbps, 2),
                 "mb_per_s_incl_startup": round(self.ours_wall_mbps, 2),
                 "peak_rss_mb": round(self.rss_mb, 1),
+                "best_cpu_seconds": round(self.ours_cpu, 3),
                 "runs": [asdict(r) for r in self.ours],
             },
             "shell": {
                 "best_seconds": round(self.shell_best, 4),
                 "mb_per_s": round(self.shell_mbps, 2),
                 "runs": [round(r.seconds, 4) for r in self.shell],
+                "best_cpu_seconds": round(self.shell_cpu, 3),
+                "cpu_runs": [round(r.cpu, 3) for r in self.shell],
             },
             "ratio": round(self.ratio, 4),
             "pass": not self.misses,
@@ -417,8 +447,10 @@ def bench_dataset(
         shutil.rmtree(shell_target, ignore_errors=True)
         print(
             f"  [{dataset} {i + 1}/{repeat}] "
-            f"backup ours {backup.ours[-1].seconds:.2f}s shell {backup.shell[-1].seconds:.2f}s | "
-            f"restore ours {restore.ours[-1].seconds:.2f}s shell {restore.shell[-1].seconds:.2f}s",
+            f"backup ours {backup.ours[-1].seconds:.2f}s ({backup.ours[-1].cpu:.2f} CPU s) "
+            f"shell {backup.shell[-1].seconds:.2f}s ({backup.shell[-1].cpu:.2f}) | "
+            f"restore ours {restore.ours[-1].seconds:.2f}s ({restore.ours[-1].cpu:.2f} CPU s) "
+            f"shell {restore.shell[-1].seconds:.2f}s ({restore.shell[-1].cpu:.2f})",
             flush=True,
         )
     shutil.rmtree(store, ignore_errors=True)
@@ -493,15 +525,16 @@ def print_table(measurements: list[Measurement]) -> None:
     header = (
         f"{'dataset':<8} {'operation':<9} {'ours MB/s':>10} {'shell MB/s':>10} {'ratio':>7} "
         f"{'target':>7} {'peak RSS MB':>11} {'RSS target':>10} {'result':>6}   "
-        f"{'ours MB/s incl. startup':>23}"
+        f"{'ours MB/s incl. startup':>23} {'CPU s ours':>10} {'CPU s shell':>11}"
     )
     print(header)
     print("-" * len(header))
     for m in measurements:
         print(
             f"{m.dataset:<8} {m.operation:<9} {m.ours_mbps:>10.1f} {m.shell_mbps:>10.1f} "
-            f"{m.ratio:>7.1%} {'>= 80%':>7} {m.rss_mb:>11.1f} {'<= 256':>10} "
-            f"{'PASS' if not m.misses else 'MISS':>6}   {m.ours_wall_mbps:>23.1f}"
+            f"{m.ratio:>7.1%} {f'>= {TARGET_RATIO:.0%}':>7} {m.rss_mb:>11.1f} {'<= 256':>10} "
+            f"{'PASS' if not m.misses else 'MISS':>6}   {m.ours_wall_mbps:>23.1f} "
+            f"{m.ours_cpu:>10.2f} {m.shell_cpu:>11.2f}"
         )
 
 

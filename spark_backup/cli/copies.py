@@ -531,6 +531,12 @@ def restore(
     )
     for caution in summary.get("cautions", []):
         _warn(copy_id, caution)
+    for stale in summary.get("stale_staging_removed", []):
+        stdout.print(
+            f"removed staging folder {printable(stale)}: left by a restore that was killed",
+            highlight=False,
+            soft_wrap=True,
+        )
     for skipped in summary.get("skipped", []):
         stderr.print(f"skipped unsafe member {printable(skipped)}", highlight=False)
     if summary.get("modes_stripped_count"):

@@ -36,6 +36,7 @@ from spark_backup.engine.stores.base import ObjectLock, ObjectStore, written_ver
 from spark_backup.engine.streams import (
     CHUNK_SIZE,
     ChunkReader,
+    CountingReader,
     HashingReader,
     HashingWriter,
     ProgressCallback,
@@ -339,12 +340,27 @@ def open_copy(
     compare_digest(manifest, "plaintext", opened.plaintext.hexdigest(), opened.plaintext.bytes)
 
 
+class WorkerPlaintext(CountingReader):
+    """The plaintext the age worker writes: counted here as it is read (with ``progress``),
+    hashed by the worker as it writes it (``hexdigest`` is the worker's, once it has finished);
+    ``open_encrypted`` checks that both counts agree."""
+
+    def __init__(self, inner: Readable, progress: ProgressCallback | None = None):
+        super().__init__(inner, progress)
+        self.sha256: str | None = None
+
+    def hexdigest(self) -> str:
+        if self.sha256 is None:
+            raise RuntimeError("the plaintext digest is known once the decryption has finished")
+        return self.sha256
+
+
 @dataclass
 class Decrypted:
     """An object being decrypted: its plaintext stream, and once the block exits cleanly, the
     digest of the stored bytes that were read."""
 
-    plaintext: HashingReader
+    plaintext: WorkerPlaintext
     stored: Digest | None = None
 
 
@@ -363,18 +379,18 @@ def open_encrypted(
     to its end, age authenticated every chunk and zstd checked its frame checksums; ``label``
     names the object in errors.
 
-    Decryption and decompression (and the stored digest) run in an ``age_worker`` process, on
-    another core: ``worker``, one that serves many objects in turn (a deep verify of many
-    copies), else one started for this object alone. This process reads the plaintext from a
-    pipe and hashes it: one thread, like the last command of ``age -d | zstd -d | tar -x``
-    (a decompressing thread here contended with the consumer for the interpreter lock, and on
-    a busy machine doubled a restore's wall time)."""
+    Decryption, decompression and both digests run in an ``age_worker`` process, on another
+    core: ``worker``, one that serves many objects in turn (a deep verify of many copies), else
+    one started for this object alone. This process only reads the plaintext from a pipe and
+    counts it: one thread, like the last command of ``age -d | zstd -d | tar -x`` (a
+    decompressing thread here contended with the consumer for the interpreter lock, and on a
+    busy machine doubled a restore's wall time); the count must agree with the worker's."""
     with ExitStack() as stack:
         if worker is None:
             worker = stack.enter_context(AgeWorker(identities))
         raw = stack.enter_context(store.open_read(key, version_id))
         decryption = stack.enter_context(worker.decrypting(raw, zstd=True))
-        plain = HashingReader(decryption.plaintext, progress)
+        plain = WorkerPlaintext(decryption.plaintext, progress)
         opened = Decrypted(plain)
         try:
             yield opened
@@ -388,6 +404,12 @@ def open_encrypted(
             raise
         status = decryption.finish()
         _raise_decrypt_failure(label, status)
+        if status["plaintext_bytes"] != plain.bytes:
+            raise IntegrityError(
+                f"{label}: {plain.bytes} bytes of plaintext were read, but the age worker wrote "
+                f"{status['plaintext_bytes']}"
+            )
+        plain.sha256 = status["plaintext_sha256"]
         opened.stored = Digest(status["sha256"], status["bytes"])
 
 

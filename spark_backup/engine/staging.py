@@ -28,11 +28,14 @@ _STAGING_RE = re.compile(rf"^{re.escape(STAGING_PREFIX)}[0-9a-f]{{8}}$")
 
 
 @contextmanager
-def staged_restore(target: Path, overwrite: bool = False) -> Iterator[Path]:
+def staged_restore(
+    target: Path, overwrite: bool = False, stale_removed: list[str] | None = None
+) -> Iterator[Path]:
     """A hidden folder inside ``target`` to extract into. Its content is moved into ``target``
     when the block exits cleanly, and removed when it raises. Existing entries in the target are
     replaced only with ``overwrite``, and a real folder never gives way to a file or a link;
-    the target's own links are never followed."""
+    the target's own links are never followed. The staging folders of killed restores found in
+    ``target`` are removed first, and named in ``stale_removed``, for the restore to say so."""
     target = Path(os.path.abspath(target))
     if target.exists() and not target.is_dir():
         raise RestoreRefused(f"restore target {target} exists and is not a directory")
@@ -40,7 +43,9 @@ def staged_restore(target: Path, overwrite: bool = False) -> Iterator[Path]:
     # Folders this restore creates: a failed restore removes them again, so that a wrong key or
     # a damaged copy leaves nothing behind, not even an empty target.
     created = [p for p in (target, *target.parents) if not os.path.lexists(p)]
-    remove_stale_staging(target)
+    removed = remove_stale_staging(target)
+    if stale_removed is not None:
+        stale_removed.extend(removed)
     try:
         target.mkdir(parents=True, exist_ok=True)
         staging.mkdir(mode=0o700)

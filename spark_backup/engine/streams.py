@@ -19,31 +19,44 @@ class Readable(Protocol):
     def read(self, size: int = -1, /) -> bytes: ...
 
 
-class HashingReader:
-    """Reads from ``inner``, hashing (sha256) and counting every byte handed out."""
+class CountingReader:
+    """Reads from ``inner``, counting every byte handed out (and reporting it to ``progress``)."""
 
     def __init__(self, inner: Readable, progress: ProgressCallback | None = None):
         self._inner = inner
         self._progress = progress
-        self.sha256 = hashlib.sha256()
         self.bytes = 0
 
     def read(self, size: int = -1) -> bytes:
         data = self._inner.read(size)
         if data:
-            self.sha256.update(data)
-            self.bytes += len(data)
-            if self._progress:
-                self._progress(len(data))
+            self._passed(data)
         return data
+
+    def _passed(self, data: bytes) -> None:
+        self.bytes += len(data)
+        if self._progress:
+            self._progress(len(data))
 
     def readable(self) -> bool:
         return True
 
     def drain(self) -> None:
-        """Read to the end, so the hash covers everything, even what a consumer left unread."""
+        """Read to the end, so the count covers everything, even what a consumer left unread."""
         while self.read(CHUNK_SIZE):
             pass
+
+
+class HashingReader(CountingReader):
+    """Reads from ``inner``, hashing (sha256) and counting every byte handed out."""
+
+    def __init__(self, inner: Readable, progress: ProgressCallback | None = None):
+        super().__init__(inner, progress)
+        self.sha256 = hashlib.sha256()
+
+    def _passed(self, data: bytes) -> None:
+        self.sha256.update(data)
+        super()._passed(data)
 
     def hexdigest(self) -> str:
         return self.sha256.hexdigest()

@@ -576,9 +576,14 @@ def restore_tar_copy(
     from spark_backup.engine.safe_tar import extract_tar
     from spark_backup.engine.staging import staged_restore
 
+    stale: list[str] = []
     with (
-        staged_restore(target, options.overwrite) as staging,
+        staged_restore(target, options.overwrite, stale) as staging,
         open_copy(copy.store, copy.manifest, identities, options.progress) as plain,
     ):
         summary = extract_tar(plain, staging, options.skip_unsafe)
-    return {"target": str(Path(os.path.abspath(target))), **asdict(summary)}
+    return {
+        "target": str(Path(os.path.abspath(target))),
+        **asdict(summary),
+        "stale_staging_removed": stale,
+    }
