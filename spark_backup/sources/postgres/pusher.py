@@ -311,6 +311,8 @@ class WalPusher:
             self.log(f"{name} not stored, the server keeps it: {message}")
         self.status.failing = True
         self.status.last_error = message
+        # The status first: whoever sees the marker also reads the failure in --status.
+        self._write_status()
         temporary = self.spool / f".{FAILING}.tmp"
         temporary.write_text(f"{name}: {message}\n")
         os.replace(temporary, self.spool / FAILING)
