@@ -141,15 +141,12 @@ def main() -> None:
 
     from dagster import DagsterInstance
 
-    from spark_backup.defs.drills import DRILL_SENSOR
     from spark_backup_tests.test_deploy_postgres import (
         BACKFILL,
         BACKFILL_STATUS,
         DONE_BACKFILL,
         RUNS,
-        SENSOR,
         SOURCES,
-        STOP_SENSOR,
         production_stack,
     )
 
@@ -159,15 +156,7 @@ def main() -> None:
         production_stack(Path(scratch), args.partitions, args.limit) as stack,
     ):
         server = stack.server
-        # Every new copy would also start a drill run (the drill_new_copies sensor): stopped,
-        # so that the figures are the backfill's runs alone.
-        selector = {
-            "repositoryLocationName": "spark_backup",
-            "repositoryName": "__repository__",
-            "sensorName": DRILL_SENSOR,
-        }
-        sensor = server.query(SENSOR, {"s": selector})["sensorOrError"]
-        server.query(STOP_SENSOR, {"id": sensor["id"]})
+        stack.stop_drill_sensors()  # the figures are the backfill's runs alone
         sessions = {
             stack.code_server.pid: "code server",
             stack.daemon.pid: "daemon",

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from spark_backup.defs.alerts import ALERTS_SENSOR
 from spark_backup.defs.drills import DRILL_SENSOR
 from spark_backup_tests import dagster_processes
 from spark_backup_tests.dagster_processes import DagsterGraphQL
@@ -60,6 +61,21 @@ class Stack:
     code_server: subprocess.Popen
     webserver: subprocess.Popen
     daemon: subprocess.Popen | None = None
+
+    def stop_drill_sensors(self) -> None:
+        """Stop the sensors that start drills, as from their pages: every new copy would start a
+        drill run (drill_new_copies), and a partition whose drill is overdue another (alerts),
+        doubling the runs (both tested in test_dagster_dev.py and test_alerts.py)."""
+        for name in (DRILL_SENSOR, ALERTS_SENSOR):
+            selector = {
+                "repositoryLocationName": "spark_backup",
+                "repositoryName": "__repository__",
+                "sensorName": name,
+            }
+            sensor = self.server.query(SENSOR, {"s": selector})["sensorOrError"]
+            assert sensor["__typename"] == "Sensor", sensor
+            stopped = self.server.query(STOP_SENSOR, {"id": sensor["id"]})["stopSensor"]
+            assert stopped["instigationState"]["status"] == "STOPPED", stopped
 
     def start_daemon(self) -> None:
         self.daemon = dagster_processes.start(
@@ -179,17 +195,7 @@ def test_a_backfill_of_every_source_survives_a_killed_daemon(stack: Stack, monke
     run in that state itself, so the path is taken every time: the start timeout fails that
     run, the run retry launches it again, and the backfill waits for the retry."""
     server = stack.server
-    # Every new copy would also start a drill run (drill_new_copies, tested in
-    # test_dagster_dev.py), doubling the runs: stopped, as from the sensor's page.
-    selector = {
-        "repositoryLocationName": "spark_backup",
-        "repositoryName": "__repository__",
-        "sensorName": DRILL_SENSOR,
-    }
-    sensor = server.query(SENSOR, {"s": selector})["sensorOrError"]
-    assert sensor["__typename"] == "Sensor", sensor
-    stopped = server.query(STOP_SENSOR, {"id": sensor["id"]})["stopSensor"]
-    assert stopped["instigationState"]["status"] == "STOPPED", stopped
+    stack.stop_drill_sensors()
     backfills = []
     for name in SOURCES:
         launched = server.query(
