@@ -40,7 +40,8 @@ from spark_backup_tests.test_postgres import MAIN, drop_database, run_sql
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = ("gpu_node", "ingress", "vpn")
 # The scale issue 14 names: 90 runs. Each is a fresh process whose steps run in it (one asset and
-# its checks: defs/executor.py), about 4 CPU seconds each with the daemon's share.
+# its checks: defs/executor.py), about 3.5 CPU seconds each with the daemon's share: about 3
+# minutes for the whole test on a quiet 2-core host (docs/scaling.md).
 PARTITIONS = 30
 # The global limit the test sets (deploy/dagster.yaml ships 4): below the number of sources, so
 # that it, and not only the pools, has to hold runs back.
@@ -179,7 +180,7 @@ SENSOR = """query($s: SensorSelector!) { sensorOrError(sensorSelector: $s) {
 STOP_SENSOR = """mutation($id: String!) { stopSensor(id: $id) {
   __typename ... on StopSensorMutationResult { instigationState { status } } } }"""
 # Seconds a run may take on average before the backfill counts as stuck: about 2 when quiet
-# (the run's process start; its steps run in it), 7 under a load average of 10.
+# (the run's process start; its steps run in it), 4 at a load average of 5, two at a time.
 SECONDS_PER_RUN = 12
 
 
