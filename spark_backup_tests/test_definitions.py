@@ -360,3 +360,26 @@ def test_definitions_match_the_snapshot(tmp_path: Path, age_key) -> None:
     assert text == SNAPSHOT.read_text(), (
         f"definitions changed; review, then rerun with {UPDATE_ENV}=1"
     )
+
+
+def test_a_run_of_one_asset_runs_in_process_and_a_run_of_several_in_parallel(
+    three_cadences: Path,
+) -> None:
+    """The code location's executor picks by the run's plan: a backfill's run of one source
+    (its asset and checks) has one asset step, so its steps run in the run's own process; a run
+    of every source has one per source, run in parallel in forked processes."""
+    from dagster._core.execution.api import create_execution_plan
+
+    from spark_backup.defs.executor import asset_count_executor, asset_steps
+
+    defs = build_definitions(load_plan(three_cadences))
+    job = defs.resolve_implicit_global_asset_job_def()
+    assert job.executor_def is asset_count_executor
+    key = backup_asset_key("vpn_config")
+    one = job.get_subset(asset_selection={key}, asset_check_selection=None)
+    plan = create_execution_plan(one, run_config={})
+    assert len(plan.step_keys_to_execute) == 4  # the backup and its three checks
+    assert asset_steps(plan) == 1
+    backups = {backup_asset_key(n) for n in ("dgx_config", "vpn_config", "k8s_config")}
+    several = job.get_subset(asset_selection=backups, asset_check_selection=None)
+    assert asset_steps(create_execution_plan(several, run_config={})) == 3

@@ -327,6 +327,10 @@ def test_helm_values_match_the_instance_config() -> None:
     instance = yaml.safe_load((DEPLOY / "dagster.yaml").read_text())
     daemon = VALUES["dagsterDaemon"]
     assert daemon["runCoordinator"]["type"] == "QueuedRunCoordinator"
+    queued = daemon["runCoordinator"]["config"]["queuedRunCoordinator"]
+    assert (
+        queued["dequeueUseThreads"] == instance["run_coordinator"]["config"]["dequeue_use_threads"]
+    )
     assert VALUES["concurrency"]["pools"] == {
         "defaultLimit": instance["concurrency"]["pools"]["default_limit"],
         "granularity": instance["concurrency"]["pools"]["granularity"],

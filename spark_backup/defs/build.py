@@ -12,7 +12,6 @@ from dagster import (
     AssetsDefinition,
     AssetSpec,
     Definitions,
-    multiprocess_executor,
 )
 from dagster_aws.s3 import S3Resource
 
@@ -49,6 +48,7 @@ from spark_backup.defs.drills import (
     drill_asset_key,
     drill_job_name,
 )
+from spark_backup.defs.executor import asset_count_executor
 from spark_backup.defs.kpis import KPI_ASSET, KPI_CRON, KPI_JOB, build_kpi_asset
 from spark_backup.defs.partitions import partitions_for
 from spark_backup.defs.replication import build_replica_asset, replica_asset_key
@@ -71,14 +71,6 @@ from spark_backup.defs.sensors import build_check_failure_sensor, build_run_fail
 from spark_backup.plan import LoadedPlan
 from spark_backup.service import BackupService
 from spark_backup.sources.base import ContinuousLog, Observable, PointInTimeRecovery
-
-# Steps in their own processes (a run's sources in parallel), forked from a server that has
-# imported Dagster and this package once: spawning a fresh interpreter per step costs seconds
-# of imports per backup, check and freshness step (measured: a 3-step run 55 s on a loaded
-# 2-core host with spawn).
-EXECUTOR = multiprocess_executor.configured(
-    {"start_method": {"forkserver": {}}}, name="forkserver_multiprocess"
-)
 
 
 def build_definitions(
@@ -254,5 +246,5 @@ def build_definitions(
             ),
         ],
         resources=resources,
-        executor=EXECUTOR,
+        executor=asset_count_executor,
     )
