@@ -398,13 +398,14 @@ def iter_file(
     fetched once."""
     whole = hashlib.sha256()
     size = 0
-    with _Hashing() as hashing:
-        for data in read_chunks(
-            store, scope, file_chunks(entry), identities, f"{label}: {entry['path']}", cache
-        ):
-            hashing.update((whole,), data)
-            size += len(data)
-            yield data
+    # Hashed here: the chunks come inflated and checked from other threads, and this thread
+    # would wait for them anyway (hashlib lets the interpreter lock go).
+    for data in read_chunks(
+        store, scope, file_chunks(entry), identities, f"{label}: {entry['path']}", cache
+    ):
+        whole.update(data)
+        size += len(data)
+        yield data
     if size != entry["size"] or whole.hexdigest() != entry["sha256"]:
         raise IntegrityError(f"{label}: {entry['path']} does not match its recorded sha256")
 
