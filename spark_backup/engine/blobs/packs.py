@@ -113,7 +113,7 @@ def _large_buffers_to_the_os() -> None:
     several times the packs it holds. A fixed threshold of 1 MiB maps every pack-sized buffer
     on its own and gives it back when freed (no effect elsewhere than glibc)."""
     global _TUNED
-    if _TUNED or os.environ.get("XXNOTUNE"):
+    if _TUNED:
         return
     _TUNED = True
     with suppress(OSError, AttributeError):
