@@ -171,3 +171,28 @@ def encrypt_bytes(data: bytes, recipients: Iterable[str]) -> bytes:
     encryptor.write(data)
     encryptor.close()
     return sink.getvalue()
+
+
+def encrypt_into(plain: bytes | memoryview, recipients: Iterable[str], allocate) -> memoryview:
+    """``plain`` as one age file, sealed straight into a buffer of its exact size from
+    ``allocate`` (a pack of the blob layer, whole in memory by design: the buffer can be one
+    used before, which spares the page faults of a fresh 16 MiB)."""
+    keys = [recipient_key(r) for r in recipients]
+    if not keys:
+        raise ValueError("no recipients")
+    plain = memoryview(plain)
+    file_key = os.urandom(16)
+    nonce = os.urandom(16)
+    aead = ChaCha20Poly1305(_hkdf(file_key, nonce, b"payload"))
+    head = _header(file_key, keys) + nonce
+    count = max(1, -(-len(plain) // CHUNK))
+    out = memoryview(allocate(len(head) + len(plain) + 16 * count))
+    out[: len(head)] = head
+    at = len(head)
+    for index in range(count):
+        piece = plain[index * CHUNK : (index + 1) * CHUNK]
+        final = index == count - 1
+        chunk_nonce = index.to_bytes(11, "big") + (b"\x01" if final else b"\x00")
+        aead.encrypt_into(chunk_nonce, piece, None, out[at : at + len(piece) + 16])
+        at += len(piece) + 16
+    return out

@@ -300,7 +300,11 @@ class PackWriter:
         self._sealer = ThreadPoolExecutor(1, thread_name_prefix="pack-seal")
         self._compressing: deque[Future[tuple[ChunkRef, bytes]]] = deque()
         self._sealing: Future[None] | None = None
-        self._frames: list[bytes] = []
+        # The pack being filled (its frames one after another), one being sealed, and the
+        # sealed one being stored: buffers reused from pack to pack.
+        self._plain_buffers = _Buffers(keep=2)
+        self._sealed_buffers = _Buffers(keep=1)
+        self._pack: memoryview | None = None
         self._entries: list[tuple[str, int, int]] = []
         self._filled = 0
 
@@ -333,38 +337,57 @@ class PackWriter:
                 self.reused_packs.add(self.known[cid][0])
                 continue
             self._placed.add(cid)
+            self._append(frame)
             self._entries.append((cid, self._filled, len(frame)))
-            self._frames.append(frame)
             self._filled += len(frame)
             if self._filled >= self._target:
                 self._seal()
+
+    def _append(self, frame: bytes) -> None:
+        """Copy a frame to the end of the pack being filled (a larger buffer if it is full)."""
+        end = self._filled + len(frame)
+        if self._pack is None or end > len(self._pack):
+            larger = self._plain_buffers.take(max(end, self._target + (1 << 20)))
+            if self._pack is not None:
+                larger[: self._filled] = self._pack[: self._filled]
+                self._plain_buffers.give_back(self._pack)
+            self._pack = larger
+        self._pack[self._filled : end] = frame
 
     def _seal(self) -> None:
         if not self._entries:
             return
         if self._sealing is not None:
             self._sealing.result()  # one pack sealed at a time: memory stays bounded
-        frames, entries = self._frames, self._entries
-        self._frames, self._entries, self._filled = [], [], 0
-        self._sealing = self._sealer.submit(self._store_pack, frames, entries)
+        assert self._pack is not None
+        plain, entries = self._pack[: self._filled], self._entries
+        full, self._pack, self._entries, self._filled = self._pack, None, [], 0
+        self._sealing = self._sealer.submit(self._store_pack, full, plain, entries)
 
-    def _store_pack(self, frames: list[bytes], entries: list[tuple[str, int, int]]) -> None:
-        from spark_backup.engine.age_encrypt import encrypt_bytes  # cryptography: backups only
+    def _store_pack(
+        self, full: memoryview, plain: memoryview, entries: list[tuple[str, int, int]]
+    ) -> None:
+        from spark_backup.engine.age_encrypt import encrypt_into  # cryptography: backups only
 
-        plain = b"".join(frames)
-        frames.clear()
-        sealed = encrypt_bytes(plain, self._recipients)
-        del plain
-        pid = hashlib.sha256(sealed).hexdigest()
-        self.store.put_bytes(pack_key(self.scope, pid), sealed, lock=self._object_lock)
-        index = seal_index(self._key, pid, len(sealed), [list(e) for e in entries])
+        try:
+            sealed = encrypt_into(plain, self._recipients, self._sealed_buffers.take)
+        finally:
+            plain.release()
+            self._plain_buffers.give_back(full)
+        try:
+            pid = hashlib.sha256(sealed).hexdigest()
+            self.store.put_bytes(pack_key(self.scope, pid), sealed, lock=self._object_lock)
+            size = len(sealed)
+        finally:
+            self._sealed_buffers.give_back(sealed)
+        index = seal_index(self._key, pid, size, [list(e) for e in entries])
         self.store.put_bytes(index_key(self.scope, pid), index, lock=self._object_lock)
         for cid, offset, length in entries:
             self.locations[cid] = (pid, offset, length)
-        self.pack_sizes[pid] = len(sealed)
+        self.pack_sizes[pid] = size
         self.new_packs.append(pid)
         self.new_chunks += len(entries)
-        self.new_stored_bytes += len(sealed) + len(index)
+        self.new_stored_bytes += size + len(index)
 
     def close(self) -> None:
         try:
