@@ -17,8 +17,9 @@ Write order: the pack, then its index, then (by the caller) the version that ref
 a crash leaves at most packs no version references, which prune removes. Prune deletes an
 index before its pack, so an index never names a pack that is gone.
 
-Memory: the pack being filled, one being sealed and stored, and ``IN_FLIGHT`` chunks being
-compressed: about 3 x ``PACK_TARGET``. A restore keeps ``PACK_CACHE`` decrypted packs.
+Memory: the pack being filled, one being sealed and stored, and ``IN_FLIGHT_BATCHES`` batches
+of chunks being compressed: about 3 x ``PACK_TARGET``. A restore keeps ``PACK_CACHE`` decrypted
+packs, the ones being fetched, and a spare buffer of each kind.
 """
 
 from __future__ import annotations
@@ -59,8 +60,8 @@ if TYPE_CHECKING:
 PACK_TARGET = 16 * 1024 * 1024
 PACK_CACHE = 3
 WORKERS = 3
-IN_FLIGHT = 32
-# Reading: chunks inflated and checked by a thread at a time, and batches under way.
+# Chunks handed to a thread at a time (hashed and compressed, or inflated and checked), and
+# batches under way.
 BATCH_BYTES = 1 << 20
 IN_FLIGHT_BATCHES = 4
 INDEX_FORMAT = "spark-backup.pack-index/v1"
