@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
-from spark_backup.engine.age_encrypt import CHUNK, _bech32_polymod, _hkdf, _hrp_expand
+from spark_backup.engine.age_encrypt import CHUNK, _hkdf, bech32_key
 
 if TYPE_CHECKING:
     from pyrage import x25519
@@ -39,7 +39,6 @@ _INTRO = b"age-encryption.org/v1\n"
 _X25519_LABEL = b"age-encryption.org/v1/X25519"
 _TAG = 16
 _SEALED_CHUNK = CHUNK + _TAG
-_BECH32_CHARSET = "qpzry9x8gf2tvdw0s3jn54khce6mua7l"
 _SECRET_HRP = "age-secret-key-"
 Buffer = Any  # bytes, bytearray, mmap, memoryview: what the buffer protocol gives
 
@@ -58,21 +57,10 @@ def identity_key(text: str) -> X25519PrivateKey:
     text = text.strip()
     if text.upper() != text or not text.lower().startswith(_SECRET_HRP + "1"):
         raise ValueError("not an age X25519 identity")
-    try:
-        data = [_BECH32_CHARSET.index(c) for c in text[len(_SECRET_HRP) + 1 :].lower()]
-    except ValueError:
-        raise ValueError("not an age X25519 identity") from None
-    if len(data) < 6 or _bech32_polymod([*_hrp_expand(_SECRET_HRP), *data]) != 1:
-        raise ValueError("not an age X25519 identity (bad checksum)")
-    value, bits, key = 0, 0, bytearray()
-    for digit in data[:-6]:
-        value, bits = (value << 5) | digit, bits + 5
-        if bits >= 8:
-            bits -= 8
-            key.append((value >> bits) & 0xFF)
-    if len(key) != 32 or (value & ((1 << bits) - 1)) or bits >= 5:
-        raise ValueError("not an age X25519 identity (wrong length)")
-    return X25519PrivateKey.from_private_bytes(bytes(key))
+    data_part = text[len(_SECRET_HRP) + 1 :].lower()
+    return X25519PrivateKey.from_private_bytes(
+        bech32_key(_SECRET_HRP, data_part, "an age X25519 identity")
+    )
 
 
 class Identities:

@@ -59,12 +59,19 @@ def recipient_key(text: str) -> bytes:
     text = text.strip()
     if text.lower() != text or not text.startswith("age1"):
         raise ValueError("not an age X25519 recipient")
+    return bech32_key("age", text[4:], "an age X25519 recipient")
+
+
+def bech32_key(hrp: str, data_part: str, what: str) -> bytes:
+    """The 32 bytes a lower-case Bech32 string (``hrp``, "1", ``data_part``) carries, its
+    checksum checked; ``ValueError`` saying it is not ``what`` (never quoting the text: an
+    identity is a secret)."""
     try:
-        data = [_BECH32_CHARSET.index(c) for c in text[4:]]
+        data = [_BECH32_CHARSET.index(c) for c in data_part]
     except ValueError:
-        raise ValueError("not an age X25519 recipient") from None
-    if len(data) < 6 or _bech32_polymod([*_hrp_expand("age"), *data]) != 1:
-        raise ValueError("not an age X25519 recipient (bad checksum)")
+        raise ValueError(f"not {what}") from None
+    if len(data) < 6 or _bech32_polymod([*_hrp_expand(hrp), *data]) != 1:
+        raise ValueError(f"not {what} (bad checksum)")
     value, bits, key = 0, 0, bytearray()
     for digit in data[:-6]:
         value, bits = (value << 5) | digit, bits + 5
@@ -72,7 +79,7 @@ def recipient_key(text: str) -> bytes:
             bits -= 8
             key.append((value >> bits) & 0xFF)
     if len(key) != 32 or (value & ((1 << bits) - 1)) or bits >= 5:
-        raise ValueError("not an age X25519 recipient (wrong length)")
+        raise ValueError(f"not {what} (wrong length)")
     return bytes(key)
 
 
