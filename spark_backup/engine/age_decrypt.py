@@ -26,7 +26,6 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
@@ -70,9 +69,7 @@ class Identities:
         self._keys = []
         for identity in identities:
             private = identity_key(str(identity))
-            public = private.public_key().public_bytes(
-                serialization.Encoding.Raw, serialization.PublicFormat.Raw
-            )
+            public = private.public_key().public_bytes_raw()
             self._keys.append((private, public))
 
     def file_key(self, stanzas: list[tuple[list[bytes], bytes]]) -> bytes | None:

@@ -30,7 +30,7 @@ import io
 import os
 from collections.abc import Iterable
 
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -102,9 +102,7 @@ def _header(file_key: bytes, recipients: Iterable[bytes]) -> bytes:
     lines = [_INTRO]
     for recipient in recipients:
         ephemeral = X25519PrivateKey.generate()
-        share = ephemeral.public_key().public_bytes(
-            serialization.Encoding.Raw, serialization.PublicFormat.Raw
-        )
+        share = ephemeral.public_key().public_bytes_raw()
         # cryptography refuses a low-order public key (an all-zero shared secret), as age must.
         secret = ephemeral.exchange(X25519PublicKey.from_public_bytes(recipient))
         wrap_key = _hkdf(secret, share + recipient, _X25519_LABEL)
