@@ -12,7 +12,7 @@ import pyrage
 import pytest
 from pyrage import x25519
 
-from spark_backup.engine.age_encrypt import CHUNK, AgeEncryptor, recipient_key
+from spark_backup.engine.age_encrypt import CHUNK, AgeEncryptor, encrypt_into, recipient_key
 
 
 def _encrypt(data: bytes, recipients: list[str], step: int) -> bytes:
@@ -70,3 +70,18 @@ def test_a_recipient_is_decoded_only_when_it_is_a_whole_age_key() -> None:
             recipient_key(text)
     with pytest.raises(ValueError):
         AgeEncryptor(io.BytesIO(), [])
+
+
+@pytest.mark.parametrize("size", [0, 1, CHUNK, 2 * CHUNK + 3])
+def test_a_pack_sealed_into_a_reused_buffer_opens_with_age_and_rage(
+    tmp_path: Path, size: int
+) -> None:
+    identity = x25519.Identity.generate()
+    key = tmp_path / "key.txt"
+    key.write_text(f"{identity}\n")
+    data = os.urandom(size)
+    used = bytearray(os.urandom(size + 4096))  # a buffer holding an earlier pack's bytes
+    sealed = encrypt_into(data, [str(identity.to_public())], lambda n: memoryview(used)[:n])
+    assert pyrage.decrypt(bytes(sealed), [identity]) == data
+    opened = subprocess.run(["age", "-d", "-i", str(key)], input=bytes(sealed), capture_output=True)
+    assert opened.returncode == 0 and opened.stdout == data

@@ -611,6 +611,45 @@ def test_on_a_worm_store_chunks_are_locked_and_never_swept(
     assert service.verify(service.find(first.id), service.identities(age_key[0])).ok
 
 
+def test_packs_read_through_a_one_slot_cache_give_every_chunk_back(tmp_path):
+    """Engine level: pack buffers are reused from pack to pack, on writing and on reading;
+    with one cache slot every pack is evicted and its buffers reused many times, and every
+    chunk must still come back exactly, in order, forwards and backwards."""
+    from dataclasses import replace
+
+    from pyrage import x25519
+
+    from spark_backup.engine.blobs.packs import PackCache, PackWriter, read_chunks
+    from spark_backup.engine.crypto import Recipients
+    from spark_backup.engine.stores.local import LocalStore
+    from spark_backup_tests.helpers import make_key
+
+    key_file, public = make_key(tmp_path / "keys")
+    identity = next(
+        x25519.Identity.from_str(line)
+        for line in key_file.read_text().splitlines()
+        if line.startswith("AGE-SECRET-KEY-")
+    )
+    store = LocalStore("local", tmp_path / "store")
+    store.root.mkdir()
+    key = derive_chunk_key(CHUNK_SECRET, "s")
+    rng = random.Random(5)
+    chunks = [rng.randbytes(rng.randrange(1000, 40000)) for _ in range(60)]
+    chunks += chunks[:7]  # known chunks, referenced where they lie
+    writer = PackWriter(store, "s", key, Recipients((public,)), pack_target=90_000)
+    numbers = [writer.add(chunk) for chunk in chunks]
+    writer.close()
+    assert len(writer.new_packs) > 10
+    refs = []
+    for number in numbers:
+        ref = writer.refs[number]
+        pid, offset, length = writer.location(ref.id)
+        refs.append(replace(ref, pack=pid, offset=offset, length=length))
+    with PackCache(store, "s", [identity], slots=1) as cache:
+        assert list(read_chunks(store, "s", refs, [identity], "t", cache)) == chunks
+        assert list(read_chunks(store, "s", refs[::-1], [identity], "t", cache)) == chunks[::-1]
+
+
 def test_the_sweep_announces_before_it_deletes_and_remembers_deletions(tmp_path):
     """Engine level, on a real local store: a chunk goes only after it was announced for the
     grace; deleted chunks stay 'doomed' for a grace more, so a backup that listed the chunk

@@ -5,7 +5,8 @@ Backups encrypt here rather than with pyrage: pyrage encrypts at about 0.6 GB/s 
 the interpreter lock all the while, so a backup's reading, hashing and compression waited for
 it; OpenSSL's ChaCha20-Poly1305 runs at about 3 GB/s, and the lock is held for one 64 KiB chunk
 at a time. What this writes is an ordinary age file: ``age -d``, rage and pyrage open it (the
-tests decrypt with each), and decryption stays with pyrage (``age_worker``).
+tests decrypt with each). Streams decrypt with pyrage (``age_worker``); packs of the blob
+layer, held whole in memory, with ``age_decrypt``.
 
 The format, as the specification lays it out::
 
@@ -29,7 +30,7 @@ import io
 import os
 from collections.abc import Iterable
 
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -58,12 +59,19 @@ def recipient_key(text: str) -> bytes:
     text = text.strip()
     if text.lower() != text or not text.startswith("age1"):
         raise ValueError("not an age X25519 recipient")
+    return bech32_key("age", text[4:], "an age X25519 recipient")
+
+
+def bech32_key(hrp: str, data_part: str, what: str) -> bytes:
+    """The 32 bytes a lower-case Bech32 string (``hrp``, "1", ``data_part``) carries, its
+    checksum checked; ``ValueError`` saying it is not ``what`` (never quoting the text: an
+    identity is a secret)."""
     try:
-        data = [_BECH32_CHARSET.index(c) for c in text[4:]]
+        data = [_BECH32_CHARSET.index(c) for c in data_part]
     except ValueError:
-        raise ValueError("not an age X25519 recipient") from None
-    if len(data) < 6 or _bech32_polymod([*_hrp_expand("age"), *data]) != 1:
-        raise ValueError("not an age X25519 recipient (bad checksum)")
+        raise ValueError(f"not {what}") from None
+    if len(data) < 6 or _bech32_polymod([*_hrp_expand(hrp), *data]) != 1:
+        raise ValueError(f"not {what} (bad checksum)")
     value, bits, key = 0, 0, bytearray()
     for digit in data[:-6]:
         value, bits = (value << 5) | digit, bits + 5
@@ -71,7 +79,7 @@ def recipient_key(text: str) -> bytes:
             bits -= 8
             key.append((value >> bits) & 0xFF)
     if len(key) != 32 or (value & ((1 << bits) - 1)) or bits >= 5:
-        raise ValueError("not an age X25519 recipient (wrong length)")
+        raise ValueError(f"not {what} (wrong length)")
     return bytes(key)
 
 
@@ -94,9 +102,7 @@ def _header(file_key: bytes, recipients: Iterable[bytes]) -> bytes:
     lines = [_INTRO]
     for recipient in recipients:
         ephemeral = X25519PrivateKey.generate()
-        share = ephemeral.public_key().public_bytes(
-            serialization.Encoding.Raw, serialization.PublicFormat.Raw
-        )
+        share = ephemeral.public_key().public_bytes_raw()
         # cryptography refuses a low-order public key (an all-zero shared secret), as age must.
         secret = ephemeral.exchange(X25519PublicKey.from_public_bytes(recipient))
         wrap_key = _hkdf(secret, share + recipient, _X25519_LABEL)
@@ -171,3 +177,28 @@ def encrypt_bytes(data: bytes, recipients: Iterable[str]) -> bytes:
     encryptor.write(data)
     encryptor.close()
     return sink.getvalue()
+
+
+def encrypt_into(plain: bytes | memoryview, recipients: Iterable[str], allocate) -> memoryview:
+    """``plain`` as one age file, sealed straight into a buffer of its exact size from
+    ``allocate`` (a pack of the blob layer, whole in memory by design: the buffer can be one
+    used before, which spares the page faults of a fresh 16 MiB)."""
+    keys = [recipient_key(r) for r in recipients]
+    if not keys:
+        raise ValueError("no recipients")
+    plain = memoryview(plain)
+    file_key = os.urandom(16)
+    nonce = os.urandom(16)
+    aead = ChaCha20Poly1305(_hkdf(file_key, nonce, b"payload"))
+    head = _header(file_key, keys) + nonce
+    count = max(1, -(-len(plain) // CHUNK))
+    out = memoryview(allocate(len(head) + len(plain) + 16 * count))
+    out[: len(head)] = head
+    at = len(head)
+    for index in range(count):
+        piece = plain[index * CHUNK : (index + 1) * CHUNK]
+        final = index == count - 1
+        chunk_nonce = index.to_bytes(11, "big") + (b"\x01" if final else b"\x00")
+        aead.encrypt_into(chunk_nonce, piece, None, out[at : at + len(piece) + 16])
+        at += len(piece) + 16
+    return out

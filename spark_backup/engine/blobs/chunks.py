@@ -9,6 +9,7 @@ any more.
 from __future__ import annotations
 
 import hashlib
+import threading
 from dataclasses import dataclass
 
 import pyrage
@@ -73,10 +74,16 @@ def check_chunk(plain: bytes, ref: ChunkRef, label: str) -> bytes:
     return plain
 
 
+_LOCAL = threading.local()
+
+
 def inflate(compressed: bytes | memoryview, ref: ChunkRef, label: str) -> bytes:
     """A chunk's zstd frame inflated and checked against its recorded sha256 and size."""
+    decompressor = getattr(_LOCAL, "decompressor", None)
+    if decompressor is None:  # one per thread: making one costs as much as a chunk's inflation
+        decompressor = _LOCAL.decompressor = zstandard.ZstdDecompressor()
     try:
-        plain = zstandard.ZstdDecompressor().decompress(compressed, max_output_size=ref.size)
+        plain = decompressor.decompress(compressed, max_output_size=ref.size)
     except zstandard.ZstdError as exc:
         raise IntegrityError(
             f"{label}: chunk {ref.id[:16]}... zstd stream is damaged: {exc}"
