@@ -10,19 +10,31 @@ import sys
 from contextlib import suppress
 
 INTERRUPTED = 130
+_interrupt_seen = False
+
+
+def _note_interrupt(signum: int, frame: object) -> None:
+    """Python's own SIGINT handler, remembering that it ran."""
+    global _interrupt_seen
+    _interrupt_seen = True
+    raise KeyboardInterrupt
 
 
 def main() -> None:
+    signal.signal(signal.SIGINT, _note_interrupt)
     try:
         from spark_backup.cli import main as run
 
         run()
     except KeyboardInterrupt:
         exit_interrupted()
-    except Exception as error:
+    except SystemExit:
+        raise
+    except BaseException as error:
         # Ctrl-C while a class is made (a dataclass field's __set_name__, as modules import)
-        # arrives wrapped in a RuntimeError (CPython 3.11).
-        if _caused_by_interrupt(error):
+        # arrives wrapped in a RuntimeError (CPython 3.11); while a Rust extension (pyrage)
+        # initialises its module, as a PanicException that names no cause at all.
+        if _interrupt_seen or _caused_by_interrupt(error):
             exit_interrupted()
         raise
 
