@@ -19,17 +19,20 @@ from spark_backup_tests.helpers import config_source, make_estate, make_key, pla
 from spark_backup_tests.openbao import OpenBao, openbao_server
 from spark_backup_tests.seaweedfs import SeaweedFS, seaweedfs_server
 
-# The production-stack test (a 90-run backfill, minutes of run processes that mostly wait on
-# each other) runs in a lane of its own, beside every other test in the second lane: the
-# suite's wall time is then the longer lane's, not the sum. Under ``-n 2 --dist loadgroup``.
-STACK_LANE_MODULES = {"test_deploy_postgres.py"}
+# The production-stack test (a 90-run backfill whose run processes mostly wait on each other)
+# runs in a lane of its own, beside every other test in the second lane, one after another as
+# without xdist: the suite's wall time is then the longer lane's, not the sum (``-n 2``).
+STACK_LANE_MODULES = ("test_deploy_postgres.py",)
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's loadgroup reads the groups
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        lane = "stack" if item.path.name in STACK_LANE_MODULES else "rest"
-        item.add_marker(pytest.mark.xdist_group(lane))
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Lanes(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "stack" if nodeid.split("::")[0].endswith(STACK_LANE_MODULES) else "rest"
+
+    return Lanes(config, log)
 
 
 @pytest.fixture(autouse=True)
