@@ -62,6 +62,7 @@ from spark_backup_tests.pg_cluster import (
     archive_command,
     as_os_user,
     executable_for_postgres,
+    postgres_plan,
     shared_dir,
 )
 
@@ -97,29 +98,8 @@ class Heartbeat(threading.Thread):
 
 def drill(mode: str, args: argparse.Namespace) -> dict[str, Any]:
     root = shared_dir(f"spark-backup-drill-{mode}-")
-    key, public = make_key(root)
-    key.chmod(0o644)
-    store = root / "store"
-    (store / SOURCE / "wal").mkdir(parents=True)
-    for folder in (store, store / SOURCE, store / SOURCE / "wal"):
-        shutil.chown(folder, root.owner(), root.group())
     port = free_port()
-    source = {
-        "name": SOURCE,
-        "kind": "postgres",
-        "cadence": "daily",
-        "owner": "team:dba",
-        "host": "127.0.0.1",
-        "port": port,
-        "user": "postgres",
-    }
-    plan = plan_dict(
-        [public], [source], stores=[{"name": "local", "kind": "local", "path": str(store)}]
-    )
-    plan["encryption"]["identity_file"] = str(key)
-    plan_path = root / "plan.yaml"
-    plan_path.write_text(yaml.safe_dump(plan))
-    plan_path.chmod(0o644)
+    plan_path = postgres_plan(root, SOURCE, port)
     settings = {"wal_level": "replica", "max_wal_senders": "4", "fsync": "on"}
     if mode == "archive":
         command = archive_command(plan_path, SOURCE).replace("wal-push", "wal-push --parallel 4")

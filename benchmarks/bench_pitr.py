@@ -39,7 +39,6 @@ from contextlib import closing, suppress
 from pathlib import Path
 from typing import Any
 
-import yaml
 from machine import basic_facts, load_average
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -47,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from spark_backup.service import BackupService
 from spark_backup.sources.postgres import KIND as POSTGRES
 from spark_backup.sources.postgres import ops
-from spark_backup_tests.helpers import free_port, make_key, plan_dict
+from spark_backup_tests.helpers import free_port
 from spark_backup_tests.pg_cluster import (
     BIN_DIR,
     OS_USER,
@@ -56,6 +55,7 @@ from spark_backup_tests.pg_cluster import (
     as_os_user,
     chown_tree,
     executable_for_postgres,
+    postgres_plan,
     shared_dir,
 )
 
@@ -109,28 +109,9 @@ def pgbackrest(conf: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 def prepare(root: Path, args: argparse.Namespace) -> dict[str, Any]:
     """The cluster, both archives, both base backups, the load and the target time."""
-    key, public = make_key(root)
-    key.chmod(0o644)
-    store = root / "store"
-    (store / SOURCE / "wal").mkdir(parents=True)
-    chown_tree(store)
     port = free_port()
-    source = {
-        "name": SOURCE,
-        "kind": "postgres",
-        "cadence": "daily",
-        "owner": "team:dba",
-        "host": "127.0.0.1",
-        "port": port,
-        "user": "postgres",
-    }
-    plan = plan_dict(
-        [public], [source], stores=[{"name": "local", "kind": "local", "path": str(store)}]
-    )
-    plan["encryption"]["identity_file"] = str(key)
-    plan_path = root / "plan.yaml"
-    plan_path.write_text(yaml.safe_dump(plan))
-    plan_path.chmod(0o644)
+    plan_path = postgres_plan(root, SOURCE, port)
+    store = root / "store"
     (root / "cluster").mkdir()
     cluster = Cluster(root / "cluster", port)
     conf = pgbackrest_conf(root, cluster.data, port)

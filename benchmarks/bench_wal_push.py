@@ -40,18 +40,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
 from machine import basic_facts, first_line, load_average
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from spark_backup.sources.postgres import pusher
-from spark_backup_tests.helpers import free_port, make_key, plan_dict
+from spark_backup_tests.helpers import free_port
 from spark_backup_tests.pg_cluster import (
     SPARK_BACKUP,
     Cluster,
     as_os_user,
     executable_for_postgres,
+    postgres_plan,
     shared_dir,
 )
 
@@ -102,28 +102,7 @@ class Round:
         shutil.chown(path, self.root.owner(), self.root.group())
 
     def _plan(self, **source_extra: Any) -> Path:
-        _key, public = make_key(self.root)
-        store = self.root / "store"
-        (store / SOURCE / "wal").mkdir(parents=True)
-        for folder in (store, store / SOURCE, store / SOURCE / "wal"):
-            self._own(folder)
-        source = {
-            "name": SOURCE,
-            "kind": "postgres",
-            "cadence": "daily",
-            "owner": "team:dba",
-            "host": "127.0.0.1",
-            "port": self.cluster.port,
-            "user": "postgres",
-            **source_extra,
-        }
-        plan = plan_dict(
-            [public], [source], stores=[{"name": "local", "kind": "local", "path": str(store)}]
-        )
-        path = self.root / "plan.yaml"
-        path.write_text(yaml.safe_dump(plan))
-        path.chmod(0o644)
-        return path
+        return postgres_plan(self.root, SOURCE, self.cluster.port, **source_extra)
 
     def _wal_push(self, *extra: str) -> str:
         plan = self._plan()

@@ -21,11 +21,13 @@ import time
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
+from typing import Any
 
 import psycopg
+import yaml
 
 from spark_backup.sources.postgres.pitr import as_user, default_os_user
-from spark_backup_tests.helpers import free_port
+from spark_backup_tests.helpers import free_port, make_key, plan_dict
 
 BIN_DIR = Path(os.environ.get("SPARK_BACKUP_PG_BIN", "/usr/lib/postgresql/15/bin"))
 OS_USER = default_os_user()
@@ -41,6 +43,35 @@ def shared_dir(prefix: str) -> Path:
     path = Path(tempfile.mkdtemp(prefix=prefix))
     if OS_USER:
         shutil.chown(path, OS_USER, OS_USER)
+    return path
+
+
+def postgres_plan(root: Path, source: str, port: int, **source_extra: Any) -> Path:
+    """``root/plan.yaml``: one PostgreSQL source on ``port`` backed up into a local store under
+    ``root``, identity at ``root/age.key``; the plan, the key and the store are the cluster's OS
+    user's to read (and its WAL folder to write), as ``archive_command`` runs as that user."""
+    key, public = make_key(root)
+    key.chmod(0o644)
+    store = root / "store"
+    (store / source / "wal").mkdir(parents=True)
+    chown_tree(store)
+    entry = {
+        "name": source,
+        "kind": "postgres",
+        "cadence": "daily",
+        "owner": "team:dba",
+        "host": "127.0.0.1",
+        "port": port,
+        "user": "postgres",
+        **source_extra,
+    }
+    plan = plan_dict(
+        [public], [entry], stores=[{"name": "local", "kind": "local", "path": str(store)}]
+    )
+    plan["encryption"]["identity_file"] = str(key)
+    path = root / "plan.yaml"
+    path.write_text(yaml.safe_dump(plan))
+    path.chmod(0o644)
     return path
 
 
