@@ -118,6 +118,11 @@ def seaweedfs_server(directory: Path) -> Iterator[SeaweedFS]:
         # A write to a missing bucket must fail as it would on AWS, not create the bucket.
         "-s3.autoCreateBucket=false",
         "-volume.preStopSeconds=0",
+        # Every bucket is a collection with volumes of its own, and the default ceiling (free disk
+        # divided by the volume size) ran out after about 77 buckets in one session on a CI disk:
+        # writes then fail with InternalError. Volumes are not preallocated, so a high fixed
+        # ceiling costs nothing.
+        "-volume.max=2000",
         f"-s3.config={identities}",
         # Keep the HTTP unix sockets in our directory; the gRPC ones are fixed under /tmp.
         f"-s3.localSocket={directory / 's3.sock'}",
