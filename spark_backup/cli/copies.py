@@ -557,13 +557,19 @@ def restore(
 
 @cli.command()
 @click.option("--apply", is_flag=True, help="Delete; without it, only show what would go.")
+@click.option(
+    "--identity",
+    type=click.Path(dir_okay=False),
+    help="age identity file: repack blob-layer packs (default: the plan's identity, if any).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Report as JSON.")
 @pass_state
-def prune(state: CliState, apply: bool, as_json: bool) -> None:
+def prune(state: CliState, apply: bool, identity: str | None, as_json: bool) -> None:
     """Apply retention: expire copies no rule keeps, remove orphans and unfinished uploads of
     interrupted backups and the staging folders of killed restores. Copies under an Object
-    Lock, and copies whose manifest cannot be read, are never deleted."""
-    report = state.service.prune(dry_run=not apply)
+    Lock, and copies whose manifest cannot be read, are never deleted. With an identity,
+    blob-layer packs mostly unneeded are rewritten (defaults.repack_unused) and swept later."""
+    report = state.service.prune(dry_run=not apply, identity_file=identity)
     if as_json:
         click.echo(json.dumps(asdict(report), indent=2))
     else:
@@ -598,6 +604,23 @@ def prune(state: CliState, apply: bool, as_json: bool) -> None:
         for key in report.shared_expired:
             stdout.print(
                 f"{verb} shared object {printable(key)}: no committed copy needs it",
+                highlight=False,
+            )
+        for pack in report.repacked:
+            stdout.print(
+                f"{'would rewrite' if report.dry_run else 'rewrote'} pack {pack['source']}:"
+                f"{pack['pack']}: {pack['size'] - pack['used']} of {pack['size']} bytes unused; "
+                "the pack itself is deleted once announced for orphan_grace",
+                highlight=False,
+            )
+        for pack in report.repack_locked:
+            stdout.print(f"kept sparse pack {pack}: under Object Lock", highlight=False)
+        for reason in report.repack_skipped:
+            stdout.print(reason, highlight=False)
+        if report.repacked:
+            stdout.print(
+                f"repack: {len(report.repacked)} packs, "
+                f"{report.repack_reclaimed_bytes} bytes reclaimed once they are deleted",
                 highlight=False,
             )
         for entry in report.damaged:

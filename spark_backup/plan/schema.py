@@ -70,12 +70,24 @@ class Defaults(SettingsModel):
     # Leftovers younger than this may belong to a backup still running; it must be longer than
     # the longest backup (an S3 object's time is when its upload started).
     orphan_grace: Duration = dt.timedelta(hours=24)
+    # Prune rewrites a blob-layer pack once at least this share of its bytes is chunks no
+    # listed version needs (restic repacks any pack with unused bytes until at most 5% of the
+    # repository is unused; per pack, half, costs at most one pack's read and a half pack's
+    # write per half pack freed). None: never repack.
+    repack_unused: float | None = 0.5
     # The first partition the UI lists. Partition keys never depend on it: moving it changes
     # which periods show as missing, never where a copy belongs.
     partitions_start: dt.date = DEFAULT_PARTITIONS_START
     # A source whose last restore drill is older than this is reported by ``alerts`` (the
     # drills run monthly, so a month and a little).
     drill_max_age: Duration = dt.timedelta(days=32)
+
+    @field_validator("repack_unused")
+    @classmethod
+    def _a_share(cls, value: float | None) -> float | None:
+        if value is not None and not 0 < value <= 1:
+            raise ValueError("expected a share of a pack's bytes, above 0 and at most 1")
+        return value
 
     @field_validator("orphan_grace")
     @classmethod

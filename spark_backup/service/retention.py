@@ -5,6 +5,9 @@ from __future__ import annotations
 import datetime as dt
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Any
+
+from pyrage import x25519
 
 from spark_backup.engine import catalog
 from spark_backup.engine.catalog import is_index_key
@@ -20,6 +23,7 @@ from spark_backup.engine.replication.records import record_keys_of
 from spark_backup.engine.retention import TierStatus, apply_retention, tier_status
 from spark_backup.engine.staging import stale_staging
 from spark_backup.engine.stores.base import ObjectStore
+from spark_backup.errors import CryptoError
 from spark_backup.service.journal import JournalOperations
 from spark_backup.sources import registry
 from spark_backup.sources.base import ContinuousLog, SharedObjects
@@ -41,6 +45,14 @@ class PruneReport:
     shared_expired: list[str] = field(default_factory=list)
     # Staging folders of restores that were killed (plaintext, never published).
     stale_restore_staging: list[str] = field(default_factory=list)
+    # Packs whose live chunks were (or would be) rewritten into new packs: source, pack,
+    # stored size, bytes still needed; the old pack goes with the sweep once nothing needs it.
+    repacked: list[dict[str, Any]] = field(default_factory=list)
+    repack_new_packs: list[str] = field(default_factory=list)
+    # Bytes the old packs free once deleted, less the new packs' (estimated in a dry run).
+    repack_reclaimed_bytes: int = 0
+    repack_locked: list[str] = field(default_factory=list)  # sparse packs under Object Lock
+    repack_skipped: list[str] = field(default_factory=list)  # why a source was not repacked
 
 
 def owned_by_spark_backup(key: str) -> bool:
@@ -71,14 +83,21 @@ def _delete_drill_records(store: ObjectStore, source: str, copy_id: str, now: dt
 
 
 class RetentionOperations(JournalOperations):
-    def prune(self, dry_run: bool = True, now: dt.datetime | None = None) -> PruneReport:
-        """Expire copies no retention rule keeps, remove orphaned data and stale uploads.
+    def prune(
+        self,
+        dry_run: bool = True,
+        now: dt.datetime | None = None,
+        identity_file: str | None = None,
+    ) -> PruneReport:
+        """Expire copies no retention rule keeps, remove orphaned data and stale uploads,
+        repack shared objects mostly unneeded (with an identity: given, or the plan's).
 
         A copy is deleted manifest first (it disappears from listings at once), then data; a
         copy or object under an active Object Lock is never touched.
         """
         report = PruneReport(dry_run=dry_run)
         now = now or utcnow()
+        identities: list[x25519.Identity] | None = None
         for source in self.plan.sources:
             store = self.store_for(source)
             rule = self.retention(source)
@@ -144,6 +163,13 @@ class RetentionOperations(JournalOperations):
             if copies_gone and not dry_run:
                 self.update_index(store, source.name)
             if isinstance(kind, SharedObjects):
+                unused = self.plan.defaults.repack_unused
+                if unused is not None and identities is None:
+                    identities = self._repack_identities(identity_file, report)
+                if unused is not None and identities:
+                    # Before the sweep, which then finds the old packs unreferenced.
+                    expiring = frozenset(deleted)
+                    self._repack(kind, source, identities, unused, now, dry_run, expiring, report)
                 # After the expired copies are gone, so that their objects are unreferenced.
                 report.shared_expired += kind.collect(
                     self, source, now, self.plan.defaults.orphan_grace, dry_run
@@ -162,6 +188,51 @@ class RetentionOperations(JournalOperations):
             )
         report.stale_restore_staging = stale_staging(remove=not dry_run)
         return report
+
+    def _repack_identities(
+        self, identity_file: str | None, report: PruneReport
+    ) -> list[x25519.Identity]:
+        """The identities a repack reads with; none (and the reason reported) when neither
+        given nor configured: prune then sweeps whole packs only."""
+        try:
+            return self.identities(identity_file)
+        except CryptoError as exc:
+            if identity_file:
+                raise
+            report.repack_skipped.append(f"no repack: {exc}")
+            return []
+
+    def _repack(
+        self,
+        kind: SharedObjects,
+        source,
+        identities: list[x25519.Identity],
+        unused: float,
+        now: dt.datetime,
+        dry_run: bool,
+        expiring: frozenset[str],
+        report: PruneReport,
+    ) -> None:
+        result = kind.repack(self, source, identities, unused, now, dry_run, expiring)
+        if result is None:
+            return
+        if result.skipped:
+            report.repack_skipped.append(f"{source.name}: {result.skipped}")
+        report.repacked += [
+            {"source": source.name, "pack": c.pack, "size": c.size, "used": c.used}
+            for c in result.candidates
+        ]
+        report.repack_new_packs += [f"{source.name}:{pid}" for pid in result.new_packs]
+        report.repack_locked += [f"{source.name}:{pid}" for pid in result.locked]
+        report.repack_reclaimed_bytes += result.reclaimed
+        if not dry_run and result.candidates:
+            self.journal_event(
+                "repack",
+                source=source.name,
+                packs=[c.pack for c in result.candidates],
+                new_packs=sorted(result.new_packs),
+                reclaimed_bytes=result.reclaimed,
+            )
 
     def retention_status(
         self, source_name: str, artifact: str | None = None, now: dt.datetime | None = None

@@ -30,7 +30,8 @@ Optional capabilities, each a small abstract class a kind mixes in:
 - ``SemanticCheck``: prove a copy usable, not only intact (row counts, probe queries, tensor
   digests);
 - ``SharedObjects``: objects several copies of a source share (the blob layer's chunks), which
-  verify checks with each copy and prune sweeps once no committed copy needs them;
+  verify checks with each copy and prune sweeps once no committed copy needs them (and
+  repacks, where most of an object is no longer needed);
 - ``Replicable``: the files a version is replicated as, where they are not only the copy's own
   objects (a content-addressed version: its chunks and reference list too); by default a copy
   replicates as its data object and manifest;
@@ -57,6 +58,7 @@ if TYPE_CHECKING:
     import click
     from pyrage import x25519
 
+    from spark_backup.engine.blobs.repack import RepackReport
     from spark_backup.engine.crypto import Recipients
     from spark_backup.engine.manifest import Manifest
     from spark_backup.engine.pipeline import CompressionSettings, PlaintextSource
@@ -506,6 +508,22 @@ class SharedObjects(ABC):
     def owns_shared_key(self, key: str) -> bool:
         """Whether ``key`` is one of the kind's shared objects (prune cleans up their partial
         writes)."""
+
+    def repack(
+        self,
+        runtime: Runtime,
+        source: Any,
+        identities: list[x25519.Identity],
+        unused: float,
+        now: dt.datetime,
+        dry_run: bool,
+        expiring: frozenset[str] = frozenset(),
+    ) -> RepackReport | None:
+        """Copy what listed copies need out of shared objects at least ``unused`` of whose
+        bytes no listed copy needs, so that ``collect`` can delete them; never deletes.
+        ``expiring``: copies this prune deletes (still listed in a dry run). None: the kind
+        does not repack."""
+        return None
 
 
 class Replicable(ABC):

@@ -22,13 +22,25 @@ from typing import Any
 from pyrage import x25519
 
 from spark_backup.engine.blobs.chunks import id_of_chunk_key
+from spark_backup.engine.blobs.keys import derive_chunk_key
 from spark_backup.engine.blobs.packs import (
     PackCache,
     id_of_index_key,
     id_of_pack_key,
     index_prefix,
 )
-from spark_backup.engine.blobs.sweep import sweep, sweeps_prefix
+from spark_backup.engine.blobs.repack import (
+    Moves,
+    PackMove,
+    RepackReport,
+    moves_prefix,
+    plan_repack,
+    read_moves,
+    relocate,
+    repack,
+    resolve_packs,
+)
+from spark_backup.engine.blobs.sweep import doomed_packs, sweep, sweeps_prefix
 from spark_backup.engine.blobs.version import (
     REFS_KEY,
     REFS_SHA256,
@@ -60,10 +72,22 @@ CHUNKS_DEEP = "every chunk decrypted, file and tensor digests"
 PACK_MEDIA_TYPE = "application/vnd.spark-backup.pack.v1+age"
 CHUNK_MEDIA_TYPE = "application/vnd.spark-backup.chunk.v1+age"  # first release's layout
 REFS_MEDIA_TYPE = "application/vnd.spark-backup.chunk-refs.v1+json+zstd"
+MOVE_MEDIA_TYPE = "application/vnd.spark-backup.pack-move.v1+json"
 
 
-def read_document(copy: CopyRef, identities: list[x25519.Identity]) -> dict[str, Any]:
-    """The copy's version document (small: names and chunk lists, never file contents)."""
+def read_document(
+    copy: CopyRef, identities: list[x25519.Identity], moves: Moves | None = None
+) -> dict[str, Any]:
+    """The copy's version document (small: names and chunk lists, never file contents), each
+    chunk located where it lies now (a repack moved it: ``engine/blobs/repack.py``)."""
+    document = read_committed_document(copy, identities)
+    if moves is None:
+        moves = read_moves(copy.store, copy.manifest.source)
+    return relocate(document, copy.manifest.id, moves, identities)
+
+
+def read_committed_document(copy: CopyRef, identities: list[x25519.Identity]) -> dict[str, Any]:
+    """The version document as the backup committed it."""
     with open_copy(copy.store, copy.manifest, identities) as plain:
         data = plain.read()
     return parse_version(data, f"version {copy.manifest.id}")
@@ -133,9 +157,25 @@ class BlobVersions(SharedObjects, Replicable):
         for _data in chunks:
             pass
 
-    def version_refs(self, copy: CopyRef) -> dict[str, int]:
-        """The store objects (packs, first-release chunk objects) a version needs, with sizes;
-        nothing for a copy that is not a blob-layer version."""
+    def version_refs(self, copy: CopyRef, moves: Moves | None = None) -> dict[str, int]:
+        """The store objects (packs, first-release chunk objects) a version needs now, with
+        sizes (its reference list's, with the packs repacks moved its chunks to); nothing for a
+        copy that is not a blob-layer version."""
+        return self._version_objects(copy, moves)[0]
+
+    def _version_objects(
+        self, copy: CopyRef, moves: Moves | None = None
+    ) -> tuple[dict[str, int], list[PackMove]]:
+        """``version_refs`` and the move records that lead there."""
+        committed = self._committed_refs(copy)
+        if not committed:
+            return {}, []
+        if moves is None:
+            moves = read_moves(copy.store, copy.manifest.source)
+        return resolve_packs(copy.manifest.source, committed, copy.manifest.id, moves)
+
+    def _committed_refs(self, copy: CopyRef) -> dict[str, int]:
+        """The version's reference list as its backup committed it."""
         metadata = copy.manifest.source_metadata
         if not self.is_version(copy.manifest):
             return {}
@@ -160,9 +200,10 @@ class BlobVersions(SharedObjects, Replicable):
     def _broken_by(self, runtime: Runtime, copy: CopyRef, missing: list[str]) -> list[str]:
         """Every version of the source that needs one of the ``missing`` objects."""
         broken = []
+        moves = read_moves(copy.store, copy.manifest.source)
         for other in runtime.copies(copy.manifest.source):
             try:
-                refs = self.version_refs(other)
+                refs = self.version_refs(other, moves)
             except IntegrityError:
                 continue
             if refs.keys() & set(missing):
@@ -174,7 +215,8 @@ class BlobVersions(SharedObjects, Replicable):
     ) -> list[str]:
         if not self.is_version(copy.manifest):
             return []
-        refs = self.version_refs(copy)
+        moves = read_moves(copy.store, copy.manifest.source)
+        refs = self.version_refs(copy, moves)
         missing = missing_objects(copy.store, copy.manifest.source, refs)
         if missing:
             broken = self._broken_by(runtime, copy, missing)
@@ -185,13 +227,17 @@ class BlobVersions(SharedObjects, Replicable):
             )
         if not identities:
             return [CHUNKS_PRESENT]
-        document = read_document(copy, identities)
+        document = read_committed_document(copy, identities)
         label = f"version {copy.manifest.id}"
-        if needed_objects(document) != refs.keys():
+        if needed_objects(document) != self._committed_refs(copy).keys():
             # Prune trusts the reference list: one that lacks a pack would let it go.
             raise IntegrityError(
                 f"{label}: the chunk reference list does not list exactly the version's packs"
             )
+        document = relocate(document, copy.manifest.id, moves, identities)
+        if not needed_objects(document) <= refs.keys():
+            # Prune follows the move records' packs: a chunk moved elsewhere would be lost.
+            raise IntegrityError(f"{label}: a moved chunk lies in a pack its move record omits")
         with PackCache(copy.store, copy.manifest.source, identities) as cache:
             for entry in document["files"]:
                 self.check_version_file(
@@ -214,22 +260,31 @@ class BlobVersions(SharedObjects, Replicable):
         manifest names and indexes whose pack is gone. Deletes nothing when a manifest or a
         reference list cannot be read."""
         store = runtime.store_for(source)
-        copies = runtime.copies(source.name)
-        listed = {c.manifest.id for c in copies}
-        keys = [i.key for i in store.list(manifest_prefix(source.name)) if i.key.endswith(".json")]
-        if len(keys) != len(listed):
+        copies = self._all_listed(runtime, source)
+        if copies is None:
             return []  # a manifest that does not read: its packs are unknown, so keep all
+        listed = {c.manifest.id for c in copies}
         referenced: set[str] = set()
         named: set[str] = set()
-        for copy in copies:
-            try:
-                referenced |= self.version_refs(copy).keys()
-            except IntegrityError:
-                return []
-            if self.is_version(copy.manifest):
-                named.add(copy.manifest.source_metadata[REFS_KEY])
+        try:
+            moves = read_moves(store, source.name)
+            for copy in copies:
+                referenced |= self.version_refs(copy, moves).keys()
+                if self.is_version(copy.manifest):
+                    named.add(copy.manifest.source_metadata[REFS_KEY])
+        except IntegrityError:
+            return []
         report = sweep(store, source.name, referenced, now, grace, dry_run)
         removed = list(report.deleted)
+        # A move record serves the versions listed when it was written; once none is listed,
+        # nothing reads it.
+        for records in moves.values():
+            for record in records:
+                if record.versions & listed or store.locked(record.key, now):
+                    continue
+                removed.append(record.key)
+                if not dry_run:
+                    store.delete(record.key)
         packs = {id_of_pack_key(i.key) for i in store.list(f"{source.name}/packs/")}
         for info in [*store.list(refs_prefix(source.name)), *store.list(index_prefix(source.name))]:
             if info.modified > now - grace:
@@ -241,13 +296,73 @@ class BlobVersions(SharedObjects, Replicable):
                 store.delete(info.key)
         return removed
 
+    def _all_listed(self, runtime: Runtime, source: Any) -> list[CopyRef] | None:
+        """Every committed copy of the source; None when a manifest does not read."""
+        store = runtime.store_for(source)
+        copies = runtime.copies(source.name)
+        keys = [i.key for i in store.list(manifest_prefix(source.name)) if i.key.endswith(".json")]
+        return copies if len(keys) == len({c.manifest.id for c in copies}) else None
+
+    def repack(
+        self,
+        runtime: Runtime,
+        source: Any,
+        identities: list[x25519.Identity],
+        unused: float,
+        now: dt.datetime,
+        dry_run: bool,
+        expiring: frozenset[str] = frozenset(),
+    ) -> RepackReport:
+        """Rewrite the chunks listed versions need out of packs at least ``unused`` of whose
+        bytes no listed version needs (``engine/blobs/repack.py``); the sweep deletes the old
+        packs afterwards. Needs the identities (to read the documents and the old packs) and the
+        source's chunk key (to index the new packs). Nothing when a manifest does not read.
+        ``expiring``: copies this prune deletes (a dry run's are still listed)."""
+        store = runtime.store_for(source)
+        copies = self._all_listed(runtime, source)
+        if copies is None:
+            return RepackReport(skipped="a manifest does not read: its chunks are unknown")
+        copies = [c for c in copies if c.manifest.id not in expiring]
+        versions = [c for c in copies if self.is_version(c.manifest)]
+        moves = read_moves(store, source.name)
+        documents = [read_document(c, identities, moves) for c in versions]
+        doomed = doomed_packs(store, source.name)
+        report = plan_repack(store, source.name, documents, unused, doomed, now)
+        if dry_run or not report.candidates:
+            return report
+        context = runtime.context(source)
+        secret = context.secrets.resolve_for(
+            f"source {source.name!r} chunk_key", self.chunk_key_reference(source)
+        )
+        lock = store.default_lock.lock_from(now) if store.default_lock else None
+        repack(
+            store,
+            source.name,
+            report,
+            [c.manifest.id for c in copies],
+            identities,
+            derive_chunk_key(secret, source.name),
+            runtime.recipients(),
+            runtime.compression(source).level,
+            lock,
+            now,
+            doomed,
+        )
+        return report
+
+    def chunk_key_reference(self, source: Any) -> Any:
+        """The secret reference of the source's chunk key (its settings' ``chunk_key``)."""
+        return source.chunk_key
+
     def owns_shared_key(self, key: str) -> bool:
         parts = key.split("/")
         return len(parts) >= 3 and (
             (parts[1] == "chunks" and id_of_chunk_key(key) is not None)
             or (parts[1] == "packs" and id_of_pack_key(key) is not None)
             or (parts[1] == "pack-index" and id_of_index_key(key) is not None)
-            or key.startswith((refs_prefix(parts[0]), sweeps_prefix(parts[0])))
+            or key.startswith(
+                (refs_prefix(parts[0]), sweeps_prefix(parts[0]), moves_prefix(parts[0]))
+            )
         )
 
     def version_annotations(self, manifest: Manifest) -> dict[str, str]:
@@ -267,7 +382,7 @@ class BlobVersions(SharedObjects, Replicable):
         base = copy_version(store, copy.manifest)
         if not self.is_version(copy.manifest):
             return base
-        refs = self.version_refs(copy)
+        refs, records = self._version_objects(copy)
         missing = missing_objects(store, scope, refs)
         if missing:
             raise IntegrityError(
@@ -284,6 +399,9 @@ class BlobVersions(SharedObjects, Replicable):
             files.append(
                 ReplicaFile(name, pid, size, PACK_MEDIA_TYPE, key, partial(store.open_read, key))
             )
+        # A replica restores through the same move records.
+        for record in records:
+            files.append(_stored_file(store, record.key, scope, MOVE_MEDIA_TYPE, label))
         refs_key = copy.manifest.source_metadata[REFS_KEY]
         files.append(_stored_file(store, refs_key, scope, REFS_MEDIA_TYPE, label))
         annotations = {**base.annotations, **self.version_annotations(copy.manifest)}

@@ -1,0 +1,269 @@
+"""Repacking the blob layer (engine/blobs/repack.py) through prune, on a real local store and on
+SeaweedFS: sparse packs are rewritten and then swept, every kept version restores with every
+digest checked, a prune killed between publishing the new packs and deleting the old ones
+loses nothing and its rerun finishes, and a pack under an Object Lock is never rewritten or
+deleted."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+import pytest
+
+from spark_backup.engine.blobs import packs
+from spark_backup.engine.blobs.packs import existing_packs, pack_key
+from spark_backup.engine.blobs.repack import moves_prefix, read_moves
+from spark_backup.engine.blobs.sweep import read_plans
+from spark_backup.service import BackupService
+from spark_backup.sources import blob_versions
+from spark_backup_tests.helpers import llm_source, make_model_dir, plan_dict, run_cli, write_plan
+from spark_backup_tests.test_llm_artifacts import CHUNK_SECRET, _redraw, _tree_digests
+
+DAY = dt.timedelta(days=1)
+TENSORS = 18
+
+
+@pytest.fixture(autouse=True)
+def chunk_secret(monkeypatch):
+    monkeypatch.setenv("SPARK_TEST_CHUNK_KEY", CHUNK_SECRET)
+
+
+@pytest.fixture(autouse=True)
+def small_packs(monkeypatch):
+    """Packs of about two 256 KiB tensors: a version that re-draws two tensors of three leaves
+    packs that mix live and dead chunks."""
+    monkeypatch.setattr(packs, "PACK_TARGET", 512 * 1024)
+
+
+def _names(indexes) -> list[str]:
+    return [f"base_model.layers.{i}.lora_{'AB'[i % 2]}.weight" for i in indexes]
+
+
+def _two_versions(tmp_path, age_key, stores=None, **defaults):
+    """An adapter backed up twice, the second time with two of every three tensors re-drawn;
+    retention keeps one version."""
+    model = make_model_dir(tmp_path / "adapter", tensors=TENSORS, floats=65536)
+    source = llm_source("adapter", str(model), retention={"daily": 1, "weekly": 0, "monthly": 0})
+    extra = {"stores": stores} if stores else {}
+    if defaults:
+        extra["defaults"] = defaults
+    plan = write_plan(tmp_path, plan_dict([age_key[1]], [source], **extra))
+    service = BackupService.from_path(plan)
+    [first] = service.backup("adapter")
+    _redraw(model, _names(i for i in range(TENSORS) if i % 3))
+    [second] = service.backup("adapter")
+    return plan, service, model, first, second
+
+
+def _stored(store) -> int:
+    return sum(existing_packs(store, "adapter").values())
+
+
+def _restores_intact(service, version, model, target, identity) -> None:
+    service.restore(version.id, target, identity_file=identity)
+    assert _tree_digests(target) == _tree_digests(model)
+    deep = service.verify(service.find(version.id), service.identities(identity))
+    assert deep.ok, deep.error
+    assert "every chunk decrypted, file and tensor digests" in deep.checks
+    assert service.verify(service.find(version.id)).ok  # plain: every pack present, no key
+
+
+def test_prune_repacks_sparse_packs_and_every_kept_version_restores(tmp_path, age_key):
+    plan, service, model, first, second = _two_versions(tmp_path, age_key)
+    store = service.store_for(service.source("adapter"))
+    before = _stored(store)
+    old_packs = set(existing_packs(store, "adapter"))
+    now = dt.datetime.now(dt.UTC)
+
+    # A dry run lists what --apply rewrites, with the bytes it would free, and writes nothing.
+    dry = service.prune(dry_run=True, now=now, identity_file=age_key[0])
+    rewritten = {p["pack"] for p in dry.repacked}
+    assert rewritten and rewritten <= old_packs
+    assert all(p["size"] - p["used"] >= 0.5 * p["size"] for p in dry.repacked)
+    assert dry.repack_reclaimed_bytes > 0 and dry.repack_new_packs == []
+    assert not list(store.list(moves_prefix("adapter")))
+    shown = run_cli("--plan", str(plan), "prune", "--identity", str(age_key[0]), check=True)
+    assert "would rewrite pack adapter:" in shown.stdout and "bytes reclaimed" in shown.stdout
+    assert set(existing_packs(store, "adapter")) == old_packs
+
+    report = service.prune(dry_run=False, now=now, identity_file=age_key[0])
+    assert report.expired == [first.id]
+    assert {p["pack"] for p in report.repacked} == rewritten
+    assert report.repack_new_packs
+    # The new packs and their move records are published; the old ones are only announced.
+    assert rewritten <= set(existing_packs(store, "adapter"))
+    announced = {packs.id_of_pack_key(k) for k in read_plans(store, "adapter").unreferenced}
+    assert rewritten <= announced
+    kind = service.kind_of(service.source("adapter"))
+    needed = {packs.id_of_pack_key(k) for k in kind.version_refs(service.find(second.id))}
+    assert not needed & rewritten
+    _restores_intact(service, second, model, tmp_path / "mid", age_key[0])
+
+    service.prune(dry_run=False, now=now + 2 * DAY, identity_file=age_key[0])
+    left = set(existing_packs(store, "adapter"))
+    assert not left & rewritten
+    indexes = {i.key for i in store.list("adapter/pack-index/")}
+    assert indexes == {packs.index_key("adapter", pid) for pid in left}
+    after = _stored(store)
+    # Only the kept version's chunks remain: about a third of the first version's tensors and
+    # the second's own, far less than before.
+    assert after < before - report.repack_reclaimed_bytes // 2
+    assert (
+        sum(p["size"] for p in report.repacked)
+        - sum(
+            existing_packs(store, "adapter")[pid.split(":")[1]] for pid in report.repack_new_packs
+        )
+        == report.repack_reclaimed_bytes
+    )
+    _restores_intact(service, second, model, tmp_path / "after", age_key[0])
+    # A rerun finds nothing left to rewrite.
+    again = service.prune(dry_run=False, now=now + 3 * DAY, identity_file=age_key[0])
+    assert again.repacked == []
+
+
+def test_a_version_backed_up_after_a_repack_reuses_the_new_packs(tmp_path, age_key):
+    _plan, service, model, _first, _second = _two_versions(tmp_path, age_key)
+    store = service.store_for(service.source("adapter"))
+    now = dt.datetime.now(dt.UTC)
+    report = service.prune(dry_run=False, now=now, identity_file=age_key[0])
+    assert report.repacked
+    (model / "notes.txt").write_text("a third version")
+    [third] = service.backup("adapter")
+    assert third.source_metadata["new_chunks"] <= 2  # every other chunk found in a pack
+    service.prune(dry_run=False, now=now + 2 * DAY, identity_file=age_key[0])
+    assert not set(existing_packs(store, "adapter")) & {p["pack"] for p in report.repacked}
+    _restores_intact(service, third, model, tmp_path / "third", age_key[0])
+
+
+@pytest.mark.parametrize("where", ["before the move records", "between publish and delete"])
+def test_a_repack_killed_midway_loses_nothing_and_a_rerun_finishes(
+    tmp_path, age_key, monkeypatch, where
+):
+    _plan, service, model, _first, second = _two_versions(tmp_path, age_key)
+    store = service.store_for(service.source("adapter"))
+    now = dt.datetime.now(dt.UTC)
+    if where == "before the move records":
+        real_put = type(store).put_bytes
+
+        def dies_at_the_record(self, key, data, *args, **kwargs):
+            if key.startswith(moves_prefix("adapter")):
+                raise KeyboardInterrupt
+            return real_put(self, key, data, *args, **kwargs)
+
+        monkeypatch.setattr(type(store), "put_bytes", dies_at_the_record)
+    else:
+
+        def dies_before_the_sweep(*args, **kwargs):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(blob_versions, "sweep", dies_before_the_sweep)
+    with pytest.raises(KeyboardInterrupt):
+        service.prune(dry_run=False, now=now, identity_file=age_key[0])
+    monkeypatch.undo()
+    monkeypatch.setenv("SPARK_TEST_CHUNK_KEY", CHUNK_SECRET)
+    monkeypatch.setattr(packs, "PACK_TARGET", 512 * 1024)
+    moved = bool(read_moves(store, "adapter"))
+    assert moved == (where == "between publish and delete")
+    # Nothing is lost: the kept version restores and verifies, whether its chunks are found in
+    # the old packs (no record yet) or in the new ones (chunks in two packs meanwhile).
+    _restores_intact(service, second, model, tmp_path / "mid", age_key[0])
+    new_so_far = set(existing_packs(store, "adapter"))
+
+    rerun = service.prune(
+        dry_run=False, now=now + dt.timedelta(minutes=1), identity_file=age_key[0]
+    )
+    if where == "before the move records":
+        # The rerun rewrote the same packs, reusing the chunks the killed run had stored.
+        assert rerun.repacked
+        assert {p.split(":")[1] for p in rerun.repack_new_packs} <= new_so_far
+    else:
+        assert rerun.repacked == []
+    assert set(existing_packs(store, "adapter")) == new_so_far
+    finish = service.prune(dry_run=False, now=now + 2 * DAY, identity_file=age_key[0])
+    assert finish.shared_expired
+    rewritten = {p["pack"] for p in rerun.repacked} or set(read_moves(store, "adapter"))
+    assert rewritten and not set(existing_packs(store, "adapter")) & rewritten
+    _restores_intact(service, second, model, tmp_path / "after", age_key[0])
+
+
+def test_a_prune_without_identity_sweeps_and_follows_moves(tmp_path, age_key, monkeypatch):
+    _plan, service, model, _first, second = _two_versions(tmp_path, age_key)
+    store = service.store_for(service.source("adapter"))
+    now = dt.datetime.now(dt.UTC)
+    service.prune(dry_run=False, now=now, identity_file=age_key[0])
+    moved = set(read_moves(store, "adapter"))
+    # A prune that holds no identity repacks nothing but still follows the move records: the
+    # old packs go, the new ones stay.
+    monkeypatch.delenv("SPARK_BACKUP_IDENTITY_FILE", raising=False)
+    monkeypatch.delenv("SPARK_BACKUP_IDENTITY", raising=False)
+    report = service.prune(dry_run=False, now=now + 2 * DAY)
+    assert report.repack_skipped and report.repacked == []
+    left = set(existing_packs(store, "adapter"))
+    assert moved and not left & moved
+    _restores_intact(service, second, model, tmp_path / "after", age_key[0])
+    # Once the version the records answer for is gone, so are the records.
+    (model / "notes.txt").write_text("a third version")
+    service.backup("adapter")
+    service.prune(dry_run=False, now=now + 3 * DAY)
+    service.prune(dry_run=False, now=now + 5 * DAY)
+    assert not list(store.list(moves_prefix("adapter")))
+
+
+def test_a_damaged_move_record_stops_the_sweep(tmp_path, age_key):
+    _plan, service, _model, _first, _second = _two_versions(tmp_path, age_key)
+    store = service.store_for(service.source("adapter"))
+    now = dt.datetime.now(dt.UTC)
+    service.prune(dry_run=False, now=now, identity_file=age_key[0])
+    [record] = list(store.list(moves_prefix("adapter")))[:1]
+    store.delete(record.key)
+    store.put_bytes(record.key, b"{not json")
+    before = set(existing_packs(store, "adapter"))
+    # The mark cannot tell which packs the damaged record keeps: the sweep deletes nothing.
+    report = service.prune(dry_run=False, now=now + 2 * DAY)
+    assert report.shared_expired == []
+    assert set(existing_packs(store, "adapter")) == before
+
+
+def test_on_s3_a_locked_sparse_pack_is_neither_rewritten_nor_deleted(
+    tmp_path, seaweedfs, s3_lock_bucket, age_key, monkeypatch
+):
+    monkeypatch.setenv("SPARK_TEST_S3_KEY_ID", seaweedfs.access_key)
+    monkeypatch.setenv("SPARK_TEST_S3_SECRET", seaweedfs.secret_key)
+    store_settings = {
+        "name": "s3",
+        "kind": "s3",
+        "endpoint_url": seaweedfs.endpoint_url,
+        "bucket": s3_lock_bucket,
+        "prefix": "models",
+        "region_name": seaweedfs.region,
+        "access_key_id_env": "SPARK_TEST_S3_KEY_ID",
+        "secret_access_key_env": "SPARK_TEST_S3_SECRET",
+    }
+    plan, service, model, _first, second = _two_versions(tmp_path, age_key, [store_settings])
+    s3 = service.store_for(service.source("adapter"))
+    now = dt.datetime.now(dt.UTC)
+    dry = service.prune(dry_run=True, now=now, identity_file=age_key[0])
+    sparse = sorted(p["pack"] for p in dry.repacked)
+    assert len(sparse) >= 2
+    # One sparse pack is put under a lock (as a WORM store's lock would hold it).
+    held = sparse[0]
+    key = pack_key("adapter", held)
+    s3.client.put_object_retention(
+        Bucket=s3.bucket,
+        Key=s3._full(key),
+        Retention={"Mode": "GOVERNANCE", "RetainUntilDate": now + 3 * DAY},
+    )
+    assert s3.locked(key, now)
+
+    report = service.prune(dry_run=False, now=now, identity_file=age_key[0])
+    assert report.repack_locked == [f"adapter:{held}"]
+    assert {p["pack"] for p in report.repacked} == set(sparse) - {held}
+    service.prune(dry_run=False, now=now + 2 * DAY, identity_file=age_key[0])
+    left = set(existing_packs(s3, "adapter"))
+    assert held in left and not left & (set(sparse) - {held})
+    _restores_intact(service, second, model, tmp_path / "restored", age_key[0])
+    shown = json.loads(
+        run_cli("--plan", str(plan), "prune", "--json", "--identity", str(age_key[0])).stdout
+    )
+    assert shown["repack_locked"] == [f"adapter:{held}"]
