@@ -267,3 +267,92 @@ def test_on_s3_a_locked_sparse_pack_is_neither_rewritten_nor_deleted(
         run_cli("--plan", str(plan), "prune", "--json", "--identity", str(age_key[0])).stdout
     )
     assert shown["repack_locked"] == [f"adapter:{held}"]
+
+
+KILLED_REPACK = """
+import datetime as dt, os, signal, sys
+from spark_backup.engine.blobs import packs
+from spark_backup.service import BackupService
+
+packs.PACK_TARGET = 512 * 1024
+real_store_pack = packs.PackWriter._store_pack
+stored = []
+
+def store_then_die(self, *args):
+    real_store_pack(self, *args)
+    stored.append(1)
+    if len(stored) == 1:  # the first new pack and its index are written: SIGKILL
+        os.kill(os.getpid(), signal.SIGKILL)
+
+packs.PackWriter._store_pack = store_then_die
+service = BackupService.from_path(sys.argv[1])
+service.prune(dry_run=False, now=dt.datetime.fromisoformat(sys.argv[3]), identity_file=sys.argv[2])
+"""
+
+
+def test_a_prune_killed_with_sigkill_in_the_middle_of_a_repack_loses_nothing(tmp_path, age_key):
+    import signal
+    import subprocess
+    import sys
+
+    plan, service, model, _first, second = _two_versions(tmp_path, age_key)
+    store = service.store_for(service.source("adapter"))
+    now = dt.datetime.now(dt.UTC)
+    dry = service.prune(dry_run=True, now=now, identity_file=age_key[0])
+    assert sum(p["used"] for p in dry.repacked) > 600 * 1024  # more than one new pack's worth
+    before = set(existing_packs(store, "adapter"))
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_REPACK, str(plan), str(age_key[0]), now.isoformat()],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    # One new pack was stored, no move record: every reader still uses the old packs.
+    assert len(set(existing_packs(store, "adapter")) - before) == 1
+    assert not list(store.list(moves_prefix("adapter")))
+    assert before <= set(existing_packs(store, "adapter"))
+    _restores_intact(service, second, model, tmp_path / "mid", age_key[0])
+
+    leftover = set(existing_packs(store, "adapter")) - before
+    rerun = service.prune(dry_run=False, now=now, identity_file=age_key[0])
+    assert {p["pack"] for p in rerun.repacked} == {p["pack"] for p in dry.repacked}
+    # The pack the killed run stored is used, not written again.
+    assert {f"adapter:{pid}" for pid in leftover} <= set(rerun.repack_new_packs)
+    service.prune(dry_run=False, now=now + 2 * DAY, identity_file=age_key[0])
+    assert not set(existing_packs(store, "adapter")) & {p["pack"] for p in dry.repacked}
+    _restores_intact(service, second, model, tmp_path / "after", age_key[0])
+
+
+def test_a_version_replicated_after_a_repack_restores_from_its_store_replica(tmp_path, age_key):
+    model = make_model_dir(tmp_path / "adapter", tensors=TENSORS, floats=65536)
+    retention = {"daily": 1, "weekly": 0, "monthly": 0}
+    source = llm_source("adapter", str(model), retention=retention, replicate_to=["offsite"])
+    target = {
+        "name": "offsite",
+        "kind": "store",
+        "store": {"name": "offsite", "kind": "local", "path": "offsite"},
+    }
+    plan = write_plan(tmp_path, plan_dict([age_key[1]], [source], replication=[target]))
+    service = BackupService.from_path(plan)
+    service.backup("adapter")
+    _redraw(model, _names(i for i in range(TENSORS) if i % 3))
+    [second] = service.backup("adapter")
+    now = dt.datetime.now(dt.UTC)
+    service.prune(dry_run=False, now=now, identity_file=age_key[0])
+    service.prune(dry_run=False, now=now + 2 * DAY, identity_file=age_key[0])
+    assert read_moves(service.store_for(service.source("adapter")), "adapter")
+    [outcome] = service.replicate("adapter")
+    assert outcome.replicated, outcome.problem
+
+    # The replica holds the new packs and the move records: it verifies and restores there.
+    replica_plan = plan_dict(
+        [age_key[1]],
+        [llm_source("adapter", str(model))],
+        stores=[{"name": "offsite", "kind": "local", "path": str(tmp_path / "offsite")}],
+    )
+    (tmp_path / "elsewhere").mkdir()
+    other = BackupService.from_path(write_plan(tmp_path / "elsewhere", replica_plan))
+    assert read_moves(other.store_for(other.source("adapter")), "adapter")
+    _restores_intact(other, second, model, tmp_path / "from-replica", age_key[0])
