@@ -7,8 +7,11 @@ is backed up again, and retention keeps only the second version. The first ``pru
 least ``defaults.repack_unused`` unused; a second one, past ``orphan_grace``, deletes the old
 packs. Reported: the store's pack bytes before and after, the bytes reclaimed, the bytes the
 repack read (old packs) and wrote (new packs), and the first prune's wall and CPU seconds
-(this process, every thread) with the repack's throughput over the packs it read. Each round
-starts from a fresh store; the best wall time counts. It reports and never judges.
+(this process, every thread) with the repack's throughput over the packs it read. Beside it,
+restic (where installed) backs up the same two versions into its own repository, forgets the
+first and runs ``restic prune`` (its default: repack until at most 5% of the repository is
+unused): its data bytes before and after, wall and CPU seconds. Each round starts from a fresh
+store and repository. It reports and never judges.
 
     nice .venv/bin/python benchmarks/bench_repack.py --workdir /dev/shm
 """
@@ -26,10 +29,22 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_llm import MB, redraw, write_adapter
+from bench_llm import LAST_CPU, MB, measured_rss, redraw, tree_bytes, write_adapter
 from machine import basic_facts, load_average
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def both_back_up(service, model: Path, restic_env: dict[str, str] | None) -> None:
+    """One version with spark-backup, and with restic where it is installed."""
+    service.backup("adapter")
+    if restic_env is not None:
+        subprocess.run(
+            ["restic", "backup", "--quiet", str(model)],
+            env=restic_env,
+            check=True,
+            capture_output=True,
+        )
 
 
 def run(args: argparse.Namespace, workdir: Path) -> dict:
@@ -73,9 +88,21 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
         )
         service = BackupService.from_path(plan)
         local = service.store_for(service.source("adapter"))
-        service.backup("adapter")
+        restic_repo = workdir / "restic"
+        shutil.rmtree(restic_repo, ignore_errors=True)
+        restic_env = {
+            **os.environ,
+            "RESTIC_REPOSITORY": str(restic_repo),
+            "RESTIC_PASSWORD": "bench",
+            "RESTIC_CACHE_DIR": str(workdir / "restic-cache"),
+        }
+        has_restic = shutil.which("restic") is not None
+        if has_restic:
+            subprocess.run(["restic", "init"], env=restic_env, check=True, capture_output=True)
+
+        both_back_up(service, model, restic_env if has_restic else None)
         redraw(model, max(1, round(len(tensors) * args.changed_percent / 100)), args.seed + 1)
-        service.backup("adapter")
+        both_back_up(service, model, restic_env if has_restic else None)
         before = sum(existing_packs(local, "adapter").values())
         now = dt.datetime.now(dt.UTC)
         wall, cpu = time.perf_counter(), time.process_time()
@@ -99,6 +126,26 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
                 "round": round_,
             }
         )
+        if has_restic:
+            # restic's own prune on the same two versions: forget the first, then prune with
+            # its defaults (repack until at most 5% of the repository is unused).
+            data = restic_repo / "data"
+            subprocess.run(
+                ["restic", "forget", "--keep-last", "1"],
+                env=restic_env,
+                check=True,
+                capture_output=True,
+            )
+            restic_before = tree_bytes(data)
+            seconds, rss, _ = measured_rss(["restic", "prune"], restic_env)
+            figures["rounds"][-1]["restic"] = {
+                "data_before_bytes": restic_before,
+                "data_after_bytes": tree_bytes(data),
+                "reclaimed_bytes": restic_before - tree_bytes(data),
+                "prune_seconds": round(seconds, 2),
+                "prune_cpu_seconds": round(LAST_CPU[0], 2),
+                "prune_rss_mb": round(rss, 1),
+            }
     figures["machine"]["load_after"] = load_average()
     return figures
 
