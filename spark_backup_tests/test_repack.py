@@ -356,3 +356,29 @@ def test_a_version_replicated_after_a_repack_restores_from_its_store_replica(tmp
     other = BackupService.from_path(write_plan(tmp_path / "elsewhere", replica_plan))
     assert read_moves(other.store_for(other.source("adapter")), "adapter")
     _restores_intact(other, second, model, tmp_path / "from-replica", age_key[0])
+
+
+def test_without_the_chunk_key_a_prune_repacks_nothing_and_says_why(tmp_path, age_key, monkeypatch):
+    plan, service, _model, first, _second = _two_versions(tmp_path, age_key)
+    store = service.store_for(service.source("adapter"))
+    before = set(existing_packs(store, "adapter"))
+    monkeypatch.delenv("SPARK_TEST_CHUNK_KEY")
+    service = BackupService.from_path(plan)  # a host that holds the identity, not the key
+    for dry_run in (True, False):
+        report = service.prune(dry_run=dry_run, identity_file=age_key[0])
+        assert report.repacked == [] and report.repack_new_packs == []
+        assert any("no chunk key" in reason for reason in report.repack_skipped)
+    assert report.expired == [first.id]
+    assert set(existing_packs(store, "adapter")) == before
+    assert not list(store.list(moves_prefix("adapter")))
+
+
+@pytest.mark.parametrize("share", [0, 0.001, 1.5])
+def test_a_repack_share_outside_its_range_is_refused(tmp_path, age_key, share):
+    from spark_backup.errors import PlanError
+
+    model = make_model_dir(tmp_path / "adapter")
+    raw = plan_dict([age_key[1]], [llm_source("adapter", str(model))])
+    raw["defaults"] = {"repack_unused": share}
+    with pytest.raises(PlanError, match="repack_unused"):
+        BackupService.from_path(write_plan(tmp_path, raw))

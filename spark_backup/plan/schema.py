@@ -85,8 +85,10 @@ class Defaults(SettingsModel):
     @field_validator("repack_unused")
     @classmethod
     def _a_share(cls, value: float | None) -> float | None:
-        if value is not None and not 0 < value <= 1:
-            raise ValueError("expected a share of a pack's bytes, above 0 and at most 1")
+        # Below 1%, age's own overhead (16 bytes a 64 KiB chunk) could count as unused and
+        # rewrite whole packs at every prune.
+        if value is not None and not 0.01 <= value <= 1:
+            raise ValueError("expected a share of a pack's bytes, from 0.01 to 1")
         return value
 
     @field_validator("orphan_grace")

@@ -23,7 +23,7 @@ from spark_backup.engine.replication.records import record_keys_of
 from spark_backup.engine.retention import TierStatus, apply_retention, tier_status
 from spark_backup.engine.staging import stale_staging
 from spark_backup.engine.stores.base import ObjectStore
-from spark_backup.errors import CryptoError
+from spark_backup.errors import CryptoError, SecretError
 from spark_backup.service.journal import JournalOperations
 from spark_backup.sources import registry
 from spark_backup.sources.base import ContinuousLog, SharedObjects
@@ -193,10 +193,11 @@ class RetentionOperations(JournalOperations):
         self, identity_file: str | None, report: PruneReport
     ) -> list[x25519.Identity]:
         """The identities a repack reads with; none (and the reason reported) when neither
-        given nor configured: prune then sweeps whole packs only."""
+        given nor configured, or the plan's secret cannot be read: prune then sweeps whole
+        packs only, as it did before repacking."""
         try:
             return self.identities(identity_file)
-        except CryptoError as exc:
+        except (CryptoError, SecretError) as exc:
             if identity_file:
                 raise
             report.repack_skipped.append(f"no repack: {exc}")

@@ -56,7 +56,7 @@ from spark_backup.engine.pipeline import open_copy
 from spark_backup.engine.replication import ReplicaFile, ReplicaVersion, copy_version
 from spark_backup.engine.staging import staged_restore
 from spark_backup.engine.streams import HashingReader
-from spark_backup.errors import IntegrityError, NotFoundError, RestoreRefused
+from spark_backup.errors import IntegrityError, NotFoundError, RestoreRefused, SecretError
 from spark_backup.sources.base import (
     CopyRef,
     FolderRestore,
@@ -328,12 +328,17 @@ class BlobVersions(SharedObjects, Replicable):
         documents = [read_document(c, identities, moves) for c in versions]
         doomed = doomed_packs(store, source.name)
         report = plan_repack(store, source.name, documents, unused, doomed, now)
-        if dry_run or not report.candidates:
+        if not report.candidates:
             return report
-        context = runtime.context(source)
-        secret = context.secrets.resolve_for(
-            f"source {source.name!r} chunk_key", self.chunk_key_reference(source)
-        )
+        try:
+            # A dry run too: it shows what --apply on this host would do.
+            secret = runtime.context(source).secrets.resolve_for(
+                f"source {source.name!r} chunk_key", self.chunk_key_reference(source)
+            )
+        except SecretError as exc:
+            return RepackReport(locked=report.locked, skipped=f"no chunk key: {exc}")
+        if dry_run:
+            return report
         lock = store.default_lock.lock_from(now) if store.default_lock else None
         repack(
             store,

@@ -169,10 +169,6 @@ class Candidate:
     used: int  # bytes of frames a listed version needs
     chunks: dict[str, ChunkRef] = field(default_factory=dict)  # live chunk id -> where
 
-    @property
-    def unused(self) -> int:
-        return max(self.size - self.used, 0)
-
 
 @dataclass
 class RepackReport:
