@@ -225,21 +225,25 @@ def test_a_damaged_move_record_stops_the_sweep(tmp_path, age_key):
     assert set(existing_packs(store, "adapter")) == before
 
 
-def test_on_s3_a_locked_sparse_pack_is_neither_rewritten_nor_deleted(
-    tmp_path, seaweedfs, s3_lock_bucket, age_key, monkeypatch
-):
+def _s3_store(seaweedfs, bucket: str, monkeypatch) -> dict:
     monkeypatch.setenv("SPARK_TEST_S3_KEY_ID", seaweedfs.access_key)
     monkeypatch.setenv("SPARK_TEST_S3_SECRET", seaweedfs.secret_key)
-    store_settings = {
+    return {
         "name": "s3",
         "kind": "s3",
         "endpoint_url": seaweedfs.endpoint_url,
-        "bucket": s3_lock_bucket,
+        "bucket": bucket,
         "prefix": "models",
         "region_name": seaweedfs.region,
         "access_key_id_env": "SPARK_TEST_S3_KEY_ID",
         "secret_access_key_env": "SPARK_TEST_S3_SECRET",
     }
+
+
+def test_on_s3_a_locked_sparse_pack_is_neither_rewritten_nor_deleted(
+    tmp_path, seaweedfs, s3_lock_bucket, age_key, monkeypatch
+):
+    store_settings = _s3_store(seaweedfs, s3_lock_bucket, monkeypatch)
     plan, service, model, _first, second = _two_versions(tmp_path, age_key, [store_settings])
     s3 = service.store_for(service.source("adapter"))
     now = dt.datetime.now(dt.UTC)
@@ -290,12 +294,19 @@ service.prune(dry_run=False, now=dt.datetime.fromisoformat(sys.argv[3]), identit
 """
 
 
-def test_a_prune_killed_with_sigkill_in_the_middle_of_a_repack_loses_nothing(tmp_path, age_key):
+@pytest.mark.parametrize("on", ["local", "s3"])
+def test_a_prune_killed_with_sigkill_in_the_middle_of_a_repack_loses_nothing(
+    tmp_path, age_key, request, monkeypatch, on
+):
     import signal
     import subprocess
     import sys
 
-    plan, service, model, _first, second = _two_versions(tmp_path, age_key)
+    stores = None
+    if on == "s3":
+        seaweedfs = request.getfixturevalue("seaweedfs")
+        stores = [_s3_store(seaweedfs, request.getfixturevalue("s3_bucket"), monkeypatch)]
+    plan, service, model, _first, second = _two_versions(tmp_path, age_key, stores)
     store = service.store_for(service.source("adapter"))
     now = dt.datetime.now(dt.UTC)
     dry = service.prune(dry_run=True, now=now, identity_file=age_key[0])
