@@ -393,3 +393,83 @@ def test_a_repack_share_outside_its_range_is_refused(tmp_path, age_key, share):
     raw["defaults"] = {"repack_unused": share}
     with pytest.raises(PlanError, match="repack_unused"):
         BackupService.from_path(write_plan(tmp_path, raw))
+
+
+def test_a_chunk_moved_twice_is_found_through_the_chain_of_records(tmp_path):
+    """Engine level, on a real local store: pack P holds the chunks of versions v and x and
+    some dead ones; a repack moves v's and x's to P'; x goes, so P' is half dead and a second
+    repack moves v's to P''. v's committed document still says P: its chunks are found in P''
+    through both records, and a version the second record does not answer for still needs P'."""
+    import copy
+    import hashlib
+    import random
+
+    from pyrage import x25519
+
+    from spark_backup.engine.blobs.keys import derive_chunk_key
+    from spark_backup.engine.blobs.packs import PackWriter, read_chunks
+    from spark_backup.engine.blobs.repack import plan_repack, relocate, repack, resolve_packs
+    from spark_backup.engine.blobs.version import file_chunks
+    from spark_backup.engine.crypto import Recipients
+    from spark_backup.engine.stores.local import LocalStore
+    from spark_backup_tests.helpers import make_key
+
+    key_file, public = make_key(tmp_path / "keys")
+    identities = [
+        x25519.Identity.from_str(line)
+        for line in key_file.read_text().splitlines()
+        if line.startswith("AGE-SECRET-KEY-")
+    ]
+    store = LocalStore("local", tmp_path / "store")
+    store.root.mkdir()
+    key, recipients = derive_chunk_key(CHUNK_SECRET, "s"), Recipients((public,))
+    rng = random.Random(3)
+    data = [rng.randbytes(20000) for _ in range(30)]  # v: 0-9, x: 10-19, dead: 20-29
+    writer = PackWriter(store, "s", key, recipients, pack_target=1 << 24)
+    numbers = [writer.add(chunk) for chunk in data]
+    writer.close()
+    [first_pack] = writer.new_packs
+
+    def document(indexes) -> dict:
+        chunks = []
+        for i in indexes:
+            ref = writer.refs[numbers[i]]
+            chunks.append([ref.id, ref.sha256, ref.size, *writer.location(ref.id)])
+        return {"files": [{"path": "f", "chunks": chunks}]}
+
+    committed_v, committed_x = document(range(10)), document(range(10, 20))
+    now = dt.datetime.now(dt.UTC)
+
+    def repack_once(documents, versions) -> tuple[str, str]:
+        report = plan_repack(store, "s", documents, 0.3, set(), now)
+        [candidate] = report.candidates
+        repack(store, "s", report, versions, identities, key, recipients, 3, None, now, set())
+        [new_pack] = report.new_packs
+        return candidate.pack, new_pack
+
+    old, middle = repack_once([committed_v, committed_x], ["v", "x"])
+    assert old == first_pack
+    moves = read_moves(store, "s")
+    # x is gone: v's chunks are half of the pack they moved to.
+    v_now = relocate(copy.deepcopy(committed_v), "v", moves, identities)
+    assert {c[3] for c in v_now["files"][0]["chunks"]} == {middle}
+    again, last = repack_once([v_now], ["v"])
+    assert again == middle
+    moves = read_moves(store, "s")
+    assert resolve_packs("s", {pack_key("s", old): 1}, "v", moves)[0] == {
+        pack_key("s", last): existing_packs(store, "s")[last]
+    }
+    # x is in the first record, not the second: it still needs the middle pack.
+    assert set(resolve_packs("s", {pack_key("s", old): 1}, "x", moves)[0]) == {
+        pack_key("s", middle)
+    }
+    # The old and middle packs go (as the sweep would delete them): v reads from the last one.
+    store.delete(pack_key("s", old))
+    store.delete(pack_key("s", middle))
+    relocated = relocate(copy.deepcopy(committed_v), "v", moves, identities)
+    refs = file_chunks(relocated["files"][0])
+    assert {ref.pack for ref in refs} == {last}
+    chunks = list(read_chunks(store, "s", refs, identities, "chain"))
+    assert [hashlib.sha256(c).digest() for c in chunks] == [
+        hashlib.sha256(d).digest() for d in data[:10]
+    ]

@@ -115,7 +115,9 @@ def resolve_packs(
 ) -> tuple[dict[str, int], list[PackMove]]:
     """The objects a version needs now (``refs``: its reference list's), following every move
     record that answers for it, and those records. A pack with such a record is replaced by
-    every pack its records name (all of them: which chunk went where is sealed)."""
+    every pack its records name (all of them: which chunk went where is sealed). A pack reached
+    twice (a cycle, which repack never writes, or two records naming one pack) counts as
+    needed: the mark may keep too much, never too little."""
     needed: dict[str, int] = {}
     used: list[PackMove] = []
     todo = list(refs.items())
@@ -131,7 +133,9 @@ def resolve_packs(
         for record in records:
             for new, new_size in record.packs.items():
                 new_key = pack_key(scope, new)
-                if new_key not in seen:
+                if new_key in seen:
+                    needed[new_key] = new_size
+                else:
                     seen.add(new_key)
                     todo.append((new_key, new_size))
     return needed, used
@@ -147,6 +151,7 @@ def relocate(
         for chunk in entry["chunks"]:
             if len(chunk) != 6:
                 continue
+            visited = {chunk[3]}
             for _ in range(_CHAIN_LIMIT):
                 found = next(
                     (
@@ -156,8 +161,9 @@ def relocate(
                     ),
                     None,
                 )
-                if found is None:
-                    break
+                if found is None or found[0] in visited:
+                    break  # where it is; or a cycle, which repack never writes
+                visited.add(found[0])
                 chunk[3:] = found
     return document
 
@@ -245,9 +251,17 @@ def repack(
         return
     old_packs = {c.pack for c in report.candidates}
     # A live chunk already stored in another pack (a rerun after a kill, say) is referenced
-    # there instead of written again.
+    # there instead of written again, but never in a pack being moved away (one with a move
+    # record): a record pointing back to it would close a cycle that leaves the mark nothing.
+    moved_away = set(read_moves(store, scope))
     writer = PackWriter(
-        store, scope, mac_key, recipients, level, lock=lock, skip_packs=skip | old_packs
+        store,
+        scope,
+        mac_key,
+        recipients,
+        level,
+        lock=lock,
+        skip_packs=skip | old_packs | moved_away,
     )
     moved: list[tuple[str, str, int]] = []  # old pack, old chunk id, the writer's number
     try:
