@@ -39,6 +39,7 @@ from spark_backup.engine.blobs.version import (
     read_refs,
     refs_prefix,
 )
+from spark_backup.engine.gc_pause import without_cyclic_gc
 from spark_backup.engine.manifest import Manifest, manifest_prefix
 from spark_backup.engine.pipeline import open_copy
 from spark_backup.engine.replication import ReplicaFile, ReplicaVersion, copy_version
@@ -78,7 +79,19 @@ def restore_version(
 ) -> dict[str, Any]:
     """Every file of the version reassembled from its chunks into staging, each chunk's and
     each file's sha256 checked, published only when all matched. Packs are fetched through
-    one cache for the whole restore."""
+    one cache for the whole restore; the cyclic collector is paused (the document's lists and
+    the chunks' references are in no cycle)."""
+    with without_cyclic_gc():
+        return _restore_version(copy, identities, target, options, document)
+
+
+def _restore_version(
+    copy: CopyRef,
+    identities: list[x25519.Identity],
+    target: Path,
+    options: FolderRestore,
+    document: dict[str, Any] | None,
+) -> dict[str, Any]:
     document = document or read_document(copy, identities)
     label = f"version {copy.manifest.id}"
     files = size = 0
@@ -185,6 +198,14 @@ class BlobVersions(SharedObjects, Replicable):
             )
         if not identities:
             return [CHUNKS_PRESENT]
+        with without_cyclic_gc():
+            self._check_chunks(copy, identities, refs)
+        return [CHUNKS_PRESENT, CHUNKS_DEEP]
+
+    def _check_chunks(
+        self, copy: CopyRef, identities: list[x25519.Identity], refs: dict[str, int]
+    ) -> None:
+        """Deep verify: every chunk of the version read, each file checked by the kind."""
         document = read_document(copy, identities)
         label = f"version {copy.manifest.id}"
         if needed_objects(document) != refs.keys():
@@ -199,7 +220,6 @@ class BlobVersions(SharedObjects, Replicable):
                     iter_file(copy.store, copy.manifest.source, entry, identities, label, cache),
                     label,
                 )
-        return [CHUNKS_PRESENT, CHUNKS_DEEP]
 
     def collect(
         self,

@@ -46,6 +46,7 @@ from spark_backup.engine.blobs.packs import (
 from spark_backup.engine.blobs.safetensors import SafetensorsError, read_header
 from spark_backup.engine.blobs.sweep import doomed_packs
 from spark_backup.engine.crypto import Recipients
+from spark_backup.engine.gc_pause import without_cyclic_gc
 from spark_backup.engine.manifest import utc_stamp
 from spark_backup.engine.pipeline import utcnow
 from spark_backup.engine.stores.base import ObjectLock, ObjectStore
@@ -81,10 +82,12 @@ class VersionBuilder:
     @contextmanager
     def writing(self) -> Iterator[None]:
         """Chunk files inside the block; leaving it writes the last pack and waits for every
-        write, or on an error stops the writer."""
+        write, or on an error stops the writer. The cyclic collector is paused meanwhile: the
+        references made per chunk are in no cycle, and walking them cost 3% of a backup."""
         try:
-            yield
-            self.writer.close()
+            with without_cyclic_gc():
+                yield
+                self.writer.close()
         except BaseException:
             self.writer.abort()
             raise
