@@ -612,10 +612,14 @@ def read_chunks(
     identities: list[x25519.Identity],
     label: str,
     cache: PackCache | None = None,
+    write_to: int | None = None,
 ) -> Iterator[bytes]:
     """The chunks' plaintexts in order, each checked; inflated ahead on worker threads in
-    batches, at most ``IN_FLIGHT_BATCHES`` at once. Packed chunks come through ``cache`` (each pack fetched once while it
-    stays among the recently used); chunk objects of the first release one GET each."""
+    batches, at most ``IN_FLIGHT_BATCHES`` at once. Packed chunks come through ``cache`` (each
+    pack fetched once while it stays among the recently used); chunk objects of the first
+    release one GET each. ``write_to``: a file descriptor each checked chunk is also written
+    to, at its offset (``os.pwrite``), by the thread that inflated it: the writes run beside
+    each other and beside the caller, which gets the chunks once they are written."""
     cache = cache or PackCache(store, scope, identities)
 
     def fetch(ref: ChunkRef) -> bytes:
@@ -633,8 +637,11 @@ def read_chunks(
                 raise IntegrityError(f"{label}: chunk {ref.id[:16]}... lies past its pack's end")
             return inflate(frames[ref.offset : ref.offset + ref.length], ref, label)
 
-    def fetch_batch(batch: list[ChunkRef]) -> list[bytes]:
-        return [fetch(ref) for ref in batch]
+    def fetch_batch(batch: list[ChunkRef], start: int) -> list[bytes]:
+        chunks = [fetch(ref) for ref in batch]
+        if write_to is not None:
+            _pwrite_all(write_to, chunks, start)
+        return chunks
 
     refs = list(refs)
     # Packs in the order the chunks first need them: when one is first needed, the next one is
@@ -648,13 +655,13 @@ def read_chunks(
     ):
         window: deque[Future[list[bytes]]] = deque()
         try:
-            for batch in _batches(refs):
+            for batch, start in _batches(refs):
                 for ref in batch:
                     if ref.pack is not None and ref.pack not in started:
                         started.add(ref.pack)
                         if (upcoming := following.get(ref.pack)) is not None:
                             ahead.submit(_quietly, cache.get, upcoming, label)
-                window.append(pool.submit(fetch_batch, batch))
+                window.append(pool.submit(fetch_batch, batch, start))
                 if len(window) >= IN_FLIGHT_BATCHES:
                     yield from window.popleft().result()
             while window:
@@ -664,17 +671,32 @@ def read_chunks(
                 future.cancel()
 
 
-def _batches(refs: list[ChunkRef]) -> Iterator[list[ChunkRef]]:
-    """Consecutive chunks of about ``BATCH_BYTES`` of plaintext: a thread inflates and checks a
-    batch at a time, as handing each 64 KiB chunk to a thread of its own cost more in switches
-    of the interpreter lock than the chunk's inflation and hash."""
+def _batches(refs: list[ChunkRef]) -> Iterator[tuple[list[ChunkRef], int]]:
+    """Consecutive chunks of about ``BATCH_BYTES`` of plaintext, each with the offset of its
+    first byte: a thread inflates and checks a batch at a time, as handing each 64 KiB chunk to
+    a thread of its own cost more in switches of the interpreter lock than the chunk's
+    inflation and hash."""
     batch: list[ChunkRef] = []
-    size = 0
+    size = start = 0
     for ref in refs:
         batch.append(ref)
         size += ref.size
-        if size >= BATCH_BYTES:
-            yield batch
-            batch, size = [], 0
+        if size - start >= BATCH_BYTES:
+            yield batch, start
+            batch, start = [], size
     if batch:
-        yield batch
+        yield batch, start
+
+
+def _pwrite_all(fd: int, chunks: list[bytes], offset: int) -> None:
+    """``chunks`` one after another at ``offset`` of ``fd`` (one ``pwritev`` for a batch,
+    again for the rest after a short write)."""
+    views = [memoryview(chunk) for chunk in chunks if chunk]
+    while views:
+        count = os.pwritev(fd, views, offset)
+        offset += count
+        while views and count >= len(views[0]):
+            count -= len(views[0])
+            views.pop(0)
+        if views and count:
+            views[0] = views[0][count:]

@@ -410,17 +410,19 @@ def iter_file(
     identities: list[x25519.Identity],
     label: str,
     cache: PackCache | None = None,
+    write_to: int | None = None,
 ) -> Iterator[bytes]:
     """A file's bytes, chunk by chunk, each chunk checked; the file's sha256 and size are
     compared when the last chunk was read (``IntegrityError``). ``cache``: shared by the
     files of one restore, so a pack holding the end of one file and the start of the next is
-    fetched once."""
+    fetched once. ``write_to``: a descriptor the chunks are written to at their offsets by
+    the reading threads (``read_chunks``); the file's digest is still of what they yield."""
     whole = hashlib.sha256()
     size = 0
     # Hashed here: the chunks come inflated and checked from other threads, and this thread
     # would wait for them anyway (hashlib lets the interpreter lock go).
     for data in read_chunks(
-        store, scope, file_chunks(entry), identities, f"{label}: {entry['path']}", cache
+        store, scope, file_chunks(entry), identities, f"{label}: {entry['path']}", cache, write_to
     ):
         whole.update(data)
         size += len(data)
