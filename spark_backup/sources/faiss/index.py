@@ -137,8 +137,8 @@ def _search_flat_in_slices(index: Any, queries: Any, k: int, path: Path | str) -
     """(distances, ids) of an exact L2 flat index, as its own search gives them, with its
     vectors read from ``path`` ``FLAT_SLICE`` bytes at a time; None where that cannot be
     promised. Searching the mapped index itself would bring every page of the file into the
-    process (a 256 MB index made a 322 MB backup). Each slice is searched by a flat index of
-    its own: the same distance kernel per pair while fewer queries than FAISS's BLAS threshold
+    process (a 256 MB index made a 322 MB backup). Each slice is searched by ``knn_L2sqr``, as
+    the index's own search is: the same distance kernel per pair while fewer queries than FAISS's BLAS threshold
     are asked, and FAISS keeps, of equal distances, the lowest ids (below its reservoir's k),
     which the merge by (distance, id) repeats. Inner-product indexes break ties otherwise and are searched whole.
     The vectors are the file's last ``ntotal * d * 4`` bytes, as FAISS writes a flat index:
@@ -169,16 +169,13 @@ def _search_flat_in_slices(index: Any, queries: Any, k: int, path: Path | str) -
                 return None
         per = max(1, FLAT_SLICE // row)
         vectors = np.empty((min(per, count), dimension), dtype="float32")
-        part = faiss.IndexFlatL2(dimension)
         found_d, found_i = [], []
         for first in range(0, count, per):
             rows = min(per, count - first)
             view = memoryview(vectors).cast("B")[: rows * row]
             if os.preadv(handle.fileno(), [view], start + first * row) != len(view):
                 return None  # the file changed under the backup: its check will say so
-            part.reset()
-            part.add(vectors[:rows])
-            distances, ids = part.search(queries, k)
+            distances, ids = faiss.knn(queries, vectors[:rows], k)
             found_d.append(distances)
             found_i.append(np.where(ids >= 0, ids + first, ids))
     distances, ids = np.concatenate(found_d, axis=1), np.concatenate(found_i, axis=1)
