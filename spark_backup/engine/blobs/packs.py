@@ -531,6 +531,14 @@ class PackCache:
             if evicted is not None:
                 self._plain.give_back(evicted)
 
+    def finished(self, pid: str) -> None:
+        """The reader needs nothing more of the pack: it is the first to go when room is
+        needed. A second version's new packs are needed again and again between the first
+        version's, which LRU alone evicted in between (a fetch, check and decryption each)."""
+        with self._lock:
+            if pid in self._packs:
+                self._packs.move_to_end(pid, last=False)
+
     def get(self, pid: str, label: str) -> memoryview:
         """Load the pack (for a reader ahead); its plaintext, for a caller that does not care
         whether it is reused (``borrow`` for one that does)."""
@@ -637,13 +645,16 @@ def read_chunks(
                 raise IntegrityError(f"{label}: chunk {ref.id[:16]}... lies past its pack's end")
             return inflate(frames[ref.offset : ref.offset + ref.length], ref, label)
 
-    def fetch_batch(batch: list[ChunkRef], start: int) -> list[bytes]:
+    def fetch_batch(batch: list[ChunkRef], start: int, finishing: list[str]) -> list[bytes]:
         chunks = [fetch(ref) for ref in batch]
+        for pid in finishing:
+            cache.finished(pid)
         if write_to is not None:
             _pwrite_all(write_to, chunks, start)
         return chunks
 
     refs = list(refs)
+    last_needed = {ref.pack: number for number, ref in enumerate(refs) if ref.pack is not None}
     # Packs in the order the chunks first need them: when one is first needed, the next one is
     # fetched and decrypted ahead, so the chunks never wait for a whole pack at its boundary.
     order = list(dict.fromkeys(ref.pack for ref in refs if ref.pack is not None))
@@ -654,14 +665,19 @@ def read_chunks(
         ThreadPoolExecutor(1, thread_name_prefix="pack-ahead") as ahead,
     ):
         window: deque[Future[list[bytes]]] = deque()
+        number = 0
         try:
             for batch, start in _batches(refs):
+                finishing = []
                 for ref in batch:
                     if ref.pack is not None and ref.pack not in started:
                         started.add(ref.pack)
                         if (upcoming := following.get(ref.pack)) is not None:
                             ahead.submit(_quietly, cache.get, upcoming, label)
-                window.append(pool.submit(fetch_batch, batch, start))
+                    if ref.pack is not None and last_needed[ref.pack] == number:
+                        finishing.append(ref.pack)
+                    number += 1
+                window.append(pool.submit(fetch_batch, batch, start, finishing))
                 if len(window) >= IN_FLIGHT_BATCHES:
                     yield from window.popleft().result()
             while window:
