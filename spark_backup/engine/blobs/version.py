@@ -200,9 +200,10 @@ class VersionBuilder:
     def _chunked(self, handle: Any, size: int) -> tuple[str, list[list[Any]]]:
         whole = hashlib.sha256()
         chunks: list[list[Any]] = []
-        for _index, _offset, data in chunker.iter_chunks(handle, [(0, size)]):
-            whole.update(data)
-            chunks.append([self.writer.add(data)])
+        with _Hashing() as hashing:  # the file's digest beside the chunking, as in add_file
+            for _index, _offset, data in chunker.iter_chunks(handle, [(0, size)]):
+                hashing.update((whole,), data)
+                chunks.append([self.writer.add(data)])
         return whole.hexdigest(), chunks
 
     def document(self, scope: str, label: str, extra: dict[str, Any]) -> dict[str, Any]:
