@@ -1,7 +1,8 @@
 """Packs: many chunks in one object, ``<scope>/packs/<id[:2]>/<id>.zst.age``.
 
-A pack's plaintext is the chunks' zstd frames one after another (each frame independent, with
-its checksum); the pack is one age file of it, so ``age -d -i KEY < PACK | zstd -d`` gives the
+A pack's plaintext is the chunks' zstd frames one after another (each frame independent:
+compressed with its checksum, or raw blocks for a chunk zstd cannot shrink, ``raw_frame``); the
+pack is one age file of it, so ``age -d -i KEY < PACK | zstd -d`` gives the
 chunks back concatenated, and one chunk is ``dd`` of its offset and length in ``age -d``'s
 output, through ``zstd -d``. A pack's id is the sha256 of the object as stored (its OCI digest
 for replication). New chunks fill a pack up to ``PACK_TARGET`` bytes of frames; one X25519
