@@ -97,6 +97,50 @@ def test_restore_and_drill_prove_identical_answers(tmp_path: Path, age_key) -> N
     assert drilled[0]["drill"]["passed"] and drilled[0]["drill"]["check"] == "probe_queries"
 
 
+@pytest.mark.parametrize("k", [1, 10, 25])
+def test_a_flat_index_searched_by_slices_of_its_file_answers_as_faiss_does(
+    tmp_path: Path, monkeypatch, k: int
+) -> None:
+    """Probes of a flat L2 index read its vectors a slice at a time (the mapped index's pages
+    never enter the process): the same ids and distances as FAISS's own search, ties among
+    duplicate vectors included; an inner-product index is searched whole."""
+    import faiss
+    import numpy as np
+
+    from spark_backup.sources.faiss import index as faiss_index
+
+    rng = np.random.default_rng(3)
+    base = rng.standard_normal((50, 16)).astype("float32")
+    data = np.concatenate(
+        [base[rng.integers(0, 50, 3000)], rng.integers(-2, 3, (2000, 16)).astype("float32")]
+    )
+    queries = np.concatenate([base[:3], rng.integers(-2, 3, (4, 16)).astype("float32")]).tolist()
+    monkeypatch.setattr(faiss_index, "FLAT_SLICE", 333 * 16 * 4)  # 16 slices, the last short
+    for metric, kind in (
+        (faiss.METRIC_L2, faiss.IndexFlatL2),
+        (faiss.METRIC_INNER_PRODUCT, faiss.IndexFlatIP),
+    ):
+        whole = kind(16)
+        whole.add(data)
+        path = tmp_path / f"flat-{metric}.faiss"
+        faiss.write_index(whole, str(path))
+        expected = faiss_index.run_probes(whole, queries, k)
+        loaded = faiss_index.read_index(path)
+        sliced = faiss_index._search_flat_in_slices(
+            loaded, np.asarray(queries, dtype="float32"), k, path
+        )
+        assert (sliced is None) == (metric == faiss.METRIC_INNER_PRODUCT)
+        assert faiss_index.run_probes(loaded, queries, k, path=path) == expected
+    # A file whose trailing bytes are not the index's vectors is searched whole.
+    flat = tmp_path / f"flat-{faiss.METRIC_L2}.faiss"
+    other = tmp_path / "other.faiss"
+    other.write_bytes(flat.read_bytes()[:-4] + b"\0\0\0\0")
+    loaded = faiss_index.read_index(flat)
+    assert (
+        faiss_index._search_flat_in_slices(loaded, np.zeros((1, 16), "float32"), k, other) is None
+    )
+
+
 def test_a_restored_index_that_answers_otherwise_fails_the_check(tmp_path: Path, age_key) -> None:
     folder = tmp_path / "rag"
     make_index(folder, "flat")

@@ -154,6 +154,38 @@ def test_equal_chunks_of_two_sources_get_unrelated_ids(tmp_path, age_key):
     assert plain not in one
 
 
+def test_chunks_zstd_cannot_shrink_are_stored_in_raw_frames(tmp_path, age_key):
+    """Random weights go into frames of raw blocks, uncompressed (the chunk's bytes plus a
+    9-byte frame header and 3 bytes per 128 KiB block); compressible files are compressed; a
+    restore gives both back, and ``zstd -d`` opens either kind of frame."""
+    import subprocess
+
+    model = make_model_dir(tmp_path / "adapter")
+    (model / "notes.txt").write_bytes(b"rank 64, alpha 16, dropout 0.05\n" * 20_000)
+    service = BackupService.from_path(_plan(tmp_path, age_key[1], model))
+    [version] = service.backup("adapter")
+    identities = service.identities(age_key[0])
+    document = read_document(service.find(version.id), identities)
+    files = {f["path"]: f for f in document["files"]}
+    weights = [c for c in files["adapter_model.safetensors"]["chunks"] if c[2] > packs.SAMPLE]
+    assert weights and all(
+        length == size + 9 + 3 * -(-size // (128 * 1024))
+        for _cid, _sha, size, _pid, _offset, length in weights
+    )
+    notes = files["notes.txt"]["chunks"]
+    assert sum(c[5] for c in notes) < files["notes.txt"]["size"] // 20
+    _cid, _sha, size, pid, offset, length = weights[0]
+    frames = pyrage.decrypt(
+        (tmp_path / "store" / pack_key("adapter", pid)).read_bytes(), identities
+    )
+    raw = subprocess.run(
+        ["zstd", "-dc"], input=frames[offset : offset + length], check=True, capture_output=True
+    ).stdout
+    assert hashlib.sha256(raw).hexdigest() == _sha and len(raw) == size
+    service.restore(version.id, tmp_path / "back", identity_file=age_key[0])
+    assert _tree_digests(tmp_path / "back") == _tree_digests(model)
+
+
 def test_packs_open_with_standard_tools(tmp_path, age_key, monkeypatch):
     """A pack is one age file of concatenated zstd frames: ``age -d | zstd -d`` gives its chunks
     back in order, and ``dd`` of a chunk's offset and length gives one chunk."""

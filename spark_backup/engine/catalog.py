@@ -23,19 +23,18 @@ reads and the next update deletes.
 from __future__ import annotations
 
 import datetime as dt
-import gc
 import io
 import json
 import logging
 import re
 import secrets
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import zstandard
 from pydantic import TypeAdapter, ValidationError
 
+from spark_backup.engine.gc_pause import without_cyclic_gc
 from spark_backup.engine.manifest import (
     SOURCE_NAME,
     Manifest,
@@ -173,7 +172,7 @@ class Catalog:
     # --- reading --------------------------------------------------------------------------------
 
     def _list(self, source: str) -> tuple[Listing, dict[str, ObjectInfo], list[str]]:
-        with _without_cyclic_gc():
+        with without_cyclic_gc():
             return self._list_copies(source)
 
     def _list_copies(self, source: str) -> tuple[Listing, dict[str, ObjectInfo], list[str]]:
@@ -340,20 +339,6 @@ def _check_entry(manifest: Manifest, source: str, uri: str) -> None:
     ):
         raise IntegrityError(f"{uri}: index segment line of {manifest.id} is not of {source}")
     manifest.started, manifest.finished  # noqa: B018 - retention needs both times
-
-
-@contextmanager
-def _without_cyclic_gc() -> Iterator[None]:
-    """A listing makes a few objects per copy, none in a cycle; the cyclic collector would
-    walk all of them again every few hundred copies (a third of the CPU of `list` at 5,000
-    copies). Reference counting still frees everything."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def _lines(stream: io.RawIOBase) -> Iterator[bytes]:

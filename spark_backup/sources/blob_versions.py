@@ -12,6 +12,7 @@ left to the archive pipeline, and replicates as its data object and manifest.
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import os
 from collections.abc import Iterator
 from dataclasses import replace
@@ -51,6 +52,7 @@ from spark_backup.engine.blobs.version import (
     read_refs,
     refs_prefix,
 )
+from spark_backup.engine.gc_pause import without_cyclic_gc
 from spark_backup.engine.manifest import Manifest, manifest_prefix
 from spark_backup.engine.pipeline import open_copy
 from spark_backup.engine.replication import ReplicaFile, ReplicaVersion, copy_version
@@ -102,7 +104,19 @@ def restore_version(
 ) -> dict[str, Any]:
     """Every file of the version reassembled from its chunks into staging, each chunk's and
     each file's sha256 checked, published only when all matched. Packs are fetched through
-    one cache for the whole restore."""
+    one cache for the whole restore; the cyclic collector is paused (the document's lists and
+    the chunks' references are in no cycle)."""
+    with without_cyclic_gc():
+        return _restore_version(copy, identities, target, options, document)
+
+
+def _restore_version(
+    copy: CopyRef,
+    identities: list[x25519.Identity],
+    target: Path,
+    options: FolderRestore,
+    document: dict[str, Any] | None,
+) -> dict[str, Any]:
     document = document or read_document(copy, identities)
     label = f"version {copy.manifest.id}"
     files = size = 0
@@ -120,13 +134,15 @@ def restore_version(
                     f"{label}: cannot restore {entry['path']}: {exc.strerror} (a name twice, "
                     "or a file where a folder must be)"
                 ) from None
-            with os.fdopen(fd, "wb") as out:
+            try:
+                _preallocate(fd, entry["size"])
                 for data in iter_file(
-                    copy.store, copy.manifest.source, entry, identities, label, cache
+                    copy.store, copy.manifest.source, entry, identities, label, cache, fd
                 ):
-                    out.write(data)
                     if options.progress:
                         options.progress(len(data))
+            finally:
+                os.close(fd)
             os.chmod(path, entry.get("mode", 0o644) & 0o755)
             files += 1
             size += entry["size"]
@@ -139,6 +155,19 @@ def restore_version(
         "version_digest": document["digest"],
         "label": document.get("label"),
     }
+
+
+def _preallocate(fd: int, size: int) -> None:
+    """The file's blocks reserved before the chunks are written at their offsets (a full disk
+    fails here, and the file is not fragmented by writes out of order); its size set where the
+    file system reserves nothing."""
+    if size:
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            os.ftruncate(fd, size)
 
 
 class BlobVersions(SharedObjects, Replicable):
@@ -227,6 +256,19 @@ class BlobVersions(SharedObjects, Replicable):
             )
         if not identities:
             return [CHUNKS_PRESENT]
+        with without_cyclic_gc():
+            self._check_chunks(copy, identities, refs, moves)
+        return [CHUNKS_PRESENT, CHUNKS_DEEP]
+
+    def _check_chunks(
+        self,
+        copy: CopyRef,
+        identities: list[x25519.Identity],
+        refs: dict[str, int],
+        moves: Moves,
+    ) -> None:
+        """Deep verify: every chunk of the version read (through its move records), each file
+        checked by the kind."""
         document = read_committed_document(copy, identities)
         label = f"version {copy.manifest.id}"
         if needed_objects(document) != self._committed_refs(copy).keys():
@@ -245,7 +287,6 @@ class BlobVersions(SharedObjects, Replicable):
                     iter_file(copy.store, copy.manifest.source, entry, identities, label, cache),
                     label,
                 )
-        return [CHUNKS_PRESENT, CHUNKS_DEEP]
 
     def collect(
         self,

@@ -1,7 +1,8 @@
 """Packs: many chunks in one object, ``<scope>/packs/<id[:2]>/<id>.zst.age``.
 
-A pack's plaintext is the chunks' zstd frames one after another (each frame independent, with
-its checksum); the pack is one age file of it, so ``age -d -i KEY < PACK | zstd -d`` gives the
+A pack's plaintext is the chunks' zstd frames one after another (each frame independent:
+compressed with its checksum, or raw blocks for a chunk zstd cannot shrink, ``raw_frame``); the
+pack is one age file of it, so ``age -d -i KEY < PACK | zstd -d`` gives the
 chunks back concatenated, and one chunk is ``dd`` of its offset and length in ``age -d``'s
 output, through ``zstd -d``. A pack's id is the sha256 of the object as stored (its OCI digest
 for replication). New chunks fill a pack up to ``PACK_TARGET`` bytes of frames; one X25519
@@ -64,6 +65,12 @@ WORKERS = 3
 # batches under way.
 BATCH_BYTES = 1 << 20
 IN_FLIGHT_BATCHES = 4
+# A chunk whose first ``SAMPLE`` bytes zstd shrinks by less than 3% (random weights, vectors
+# already compressed) goes into a frame of raw blocks, without compressing it: what zstd
+# itself writes for such bytes, at a fifth of a try's CPU.
+SAMPLE = 4096
+_RAW_BLOCK = 128 * 1024  # zstd's largest block
+_ZSTD_MAGIC = (0xFD2FB528).to_bytes(4, "little")
 INDEX_FORMAT = "spark-backup.pack-index/v1"
 _INDEX_MAGIC = b"SBPI1\n"
 _INDEX_KEY_INFO = b"spark-backup.pack-index/v1"
@@ -180,6 +187,20 @@ def _read_whole(raw, buffers: _Buffers) -> memoryview:
         filled += count
 
 
+def raw_frame(data: bytes | memoryview) -> tuple[bytes | memoryview, ...]:
+    """A zstd frame holding ``data`` (1 byte to 4 GiB) in raw blocks, as pieces to write one
+    after another (the data itself is not copied): single segment with its content size, no
+    checksum (the chunk's sha256 is checked on every read). ``zstd -d`` and every reader of
+    packs open it like any frame."""
+    view = memoryview(data)
+    pieces: list[bytes | memoryview] = [_ZSTD_MAGIC + b"\xa0" + len(view).to_bytes(4, "little")]
+    for at in range(0, len(view), _RAW_BLOCK):
+        block = view[at : at + _RAW_BLOCK]
+        last = at + _RAW_BLOCK >= len(view)
+        pieces += [(len(block) << 3 | last).to_bytes(3, "little"), block]
+    return tuple(pieces)
+
+
 # --- the pack index ----------------------------------------------------------------------------
 
 
@@ -256,6 +277,8 @@ def known_chunks(
 
 # --- writing -----------------------------------------------------------------------------------
 
+_Frame = tuple[bytes | memoryview, ...]  # a chunk's zstd frame, in pieces
+
 
 class PackWriter:
     """Writes the new chunks of one backup into packs. ``add`` queues a chunk and returns its
@@ -299,7 +322,7 @@ class PackWriter:
         self._local = threading.local()
         self._pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="pack-compress")
         self._sealer = ThreadPoolExecutor(1, thread_name_prefix="pack-seal")
-        self._compressing: deque[Future[list[tuple[ChunkRef, bytes]]]] = deque()
+        self._compressing: deque[Future[list[tuple[ChunkRef, _Frame]]]] = deque()
         self._batch: list[bytes] = []
         self._batched = 0
         self._added = 0
@@ -330,17 +353,22 @@ class PackWriter:
         self._batch, self._batched = [], 0
         self._collect(wait=len(self._compressing) >= IN_FLIGHT_BATCHES)
 
-    def _prepare_batch(self, batch: list[bytes]) -> list[tuple[ChunkRef, bytes]]:
+    def _prepare_batch(self, batch: list[bytes]) -> list[tuple[ChunkRef, _Frame]]:
         return [self._prepare(data) for data in batch]
 
-    def _prepare(self, data: bytes) -> tuple[ChunkRef, bytes]:
+    def _prepare(self, data: bytes) -> tuple[ChunkRef, _Frame]:
         digest = hashlib.sha256(data).digest()
         ref = ChunkRef(chunk_id(self._key, digest), digest.hex(), len(data))
         compressor = getattr(self._local, "compressor", None)
         if compressor is None:
             compressor = zstandard.ZstdCompressor(level=self._level, write_checksum=True)
             self._local.compressor = compressor
-        return ref, compressor.compress(data)
+        if (
+            len(data) > SAMPLE
+            and len(compressor.compress(memoryview(data)[:SAMPLE])) > SAMPLE * 0.97
+        ):
+            return ref, raw_frame(data)
+        return ref, (compressor.compress(data),)
 
     def _collect(self, wait: bool, everything: bool = False) -> None:
         """Place prepared chunks in the order they were added: the batches done, and with
@@ -351,7 +379,7 @@ class PackWriter:
             for ref, frame in prepared:
                 self._place(ref, frame)
 
-    def _place(self, ref: ChunkRef, frame: bytes) -> None:
+    def _place(self, ref: ChunkRef, frame: _Frame) -> None:
         self.refs.append(ref)
         cid = ref.id
         if cid in self._placed or cid in self.locations:
@@ -361,22 +389,25 @@ class PackWriter:
             self.reused_packs.add(self.known[cid][0])
             return
         self._placed.add(cid)
+        start = self._filled
         self._append(frame)
-        self._entries.append((cid, self._filled, len(frame)))
-        self._filled += len(frame)
+        self._entries.append((cid, start, self._filled - start))
         if self._filled >= self._target:
             self._seal()
 
-    def _append(self, frame: bytes) -> None:
-        """Copy a frame to the end of the pack being filled (a larger buffer if it is full)."""
-        end = self._filled + len(frame)
+    def _append(self, frame: _Frame) -> None:
+        """Copy a frame's pieces to the end of the pack being filled (a larger buffer if it is
+        full)."""
+        end = self._filled + sum(len(piece) for piece in frame)
         if self._pack is None or end > len(self._pack):
             larger = self._plain_buffers.take(max(end, self._target + (1 << 20)))
             if self._pack is not None:
                 larger[: self._filled] = self._pack[: self._filled]
                 self._plain_buffers.give_back(self._pack)
             self._pack = larger
-        self._pack[self._filled : end] = frame
+        for piece in frame:
+            self._pack[self._filled : self._filled + len(piece)] = piece
+            self._filled += len(piece)
 
     def _seal(self) -> None:
         if not self._entries:
@@ -501,6 +532,14 @@ class PackCache:
             if evicted is not None:
                 self._plain.give_back(evicted)
 
+    def finished(self, pid: str) -> None:
+        """The reader needs nothing more of the pack: it is the first to go when room is
+        needed. A second version's new packs are needed again and again between the first
+        version's, which LRU alone evicted in between (a fetch, check and decryption each)."""
+        with self._lock:
+            if pid in self._packs:
+                self._packs.move_to_end(pid, last=False)
+
     def get(self, pid: str, label: str) -> memoryview:
         """Load the pack (for a reader ahead); its plaintext, for a caller that does not care
         whether it is reused (``borrow`` for one that does)."""
@@ -582,10 +621,14 @@ def read_chunks(
     identities: list[x25519.Identity],
     label: str,
     cache: PackCache | None = None,
+    write_to: int | None = None,
 ) -> Iterator[bytes]:
     """The chunks' plaintexts in order, each checked; inflated ahead on worker threads in
-    batches, at most ``IN_FLIGHT_BATCHES`` at once. Packed chunks come through ``cache`` (each pack fetched once while it
-    stays among the recently used); chunk objects of the first release one GET each."""
+    batches, at most ``IN_FLIGHT_BATCHES`` at once. Packed chunks come through ``cache`` (each
+    pack fetched once while it stays among the recently used); chunk objects of the first
+    release one GET each. ``write_to``: a file descriptor each checked chunk is also written
+    to, at its offset (``os.pwrite``), by the thread that inflated it: the writes run beside
+    each other and beside the caller, which gets the chunks once they are written."""
     cache = cache or PackCache(store, scope, identities)
 
     def fetch(ref: ChunkRef) -> bytes:
@@ -603,10 +646,16 @@ def read_chunks(
                 raise IntegrityError(f"{label}: chunk {ref.id[:16]}... lies past its pack's end")
             return inflate(frames[ref.offset : ref.offset + ref.length], ref, label)
 
-    def fetch_batch(batch: list[ChunkRef]) -> list[bytes]:
-        return [fetch(ref) for ref in batch]
+    def fetch_batch(batch: list[ChunkRef], start: int, finishing: list[str]) -> list[bytes]:
+        chunks = [fetch(ref) for ref in batch]
+        for pid in finishing:
+            cache.finished(pid)
+        if write_to is not None:
+            _pwrite_all(write_to, chunks, start)
+        return chunks
 
     refs = list(refs)
+    last_needed = {ref.pack: number for number, ref in enumerate(refs) if ref.pack is not None}
     # Packs in the order the chunks first need them: when one is first needed, the next one is
     # fetched and decrypted ahead, so the chunks never wait for a whole pack at its boundary.
     order = list(dict.fromkeys(ref.pack for ref in refs if ref.pack is not None))
@@ -617,14 +666,19 @@ def read_chunks(
         ThreadPoolExecutor(1, thread_name_prefix="pack-ahead") as ahead,
     ):
         window: deque[Future[list[bytes]]] = deque()
+        number = 0
         try:
-            for batch in _batches(refs):
+            for batch, start in _batches(refs):
+                finishing = []
                 for ref in batch:
                     if ref.pack is not None and ref.pack not in started:
                         started.add(ref.pack)
                         if (upcoming := following.get(ref.pack)) is not None:
                             ahead.submit(_quietly, cache.get, upcoming, label)
-                window.append(pool.submit(fetch_batch, batch))
+                    if ref.pack is not None and last_needed[ref.pack] == number:
+                        finishing.append(ref.pack)
+                    number += 1
+                window.append(pool.submit(fetch_batch, batch, start, finishing))
                 if len(window) >= IN_FLIGHT_BATCHES:
                     yield from window.popleft().result()
             while window:
@@ -634,17 +688,32 @@ def read_chunks(
                 future.cancel()
 
 
-def _batches(refs: list[ChunkRef]) -> Iterator[list[ChunkRef]]:
-    """Consecutive chunks of about ``BATCH_BYTES`` of plaintext: a thread inflates and checks a
-    batch at a time, as handing each 64 KiB chunk to a thread of its own cost more in switches
-    of the interpreter lock than the chunk's inflation and hash."""
+def _batches(refs: list[ChunkRef]) -> Iterator[tuple[list[ChunkRef], int]]:
+    """Consecutive chunks of about ``BATCH_BYTES`` of plaintext, each with the offset of its
+    first byte: a thread inflates and checks a batch at a time, as handing each 64 KiB chunk to
+    a thread of its own cost more in switches of the interpreter lock than the chunk's
+    inflation and hash."""
     batch: list[ChunkRef] = []
-    size = 0
+    size = start = 0
     for ref in refs:
         batch.append(ref)
         size += ref.size
-        if size >= BATCH_BYTES:
-            yield batch
-            batch, size = [], 0
+        if size - start >= BATCH_BYTES:
+            yield batch, start
+            batch, start = [], size
     if batch:
-        yield batch
+        yield batch, start
+
+
+def _pwrite_all(fd: int, chunks: list[bytes], offset: int) -> None:
+    """``chunks`` one after another at ``offset`` of ``fd`` (one ``pwritev`` for a batch,
+    again for the rest after a short write)."""
+    views = [memoryview(chunk) for chunk in chunks if chunk]
+    while views:
+        count = os.pwritev(fd, views, offset)
+        offset += count
+        while views and count >= len(views[0]):
+            count -= len(views[0])
+            views.pop(0)
+        if views and count:
+            views[0] = views[0][count:]

@@ -46,6 +46,7 @@ from spark_backup.engine.blobs.packs import (
 from spark_backup.engine.blobs.safetensors import SafetensorsError, read_header
 from spark_backup.engine.blobs.sweep import doomed_packs
 from spark_backup.engine.crypto import Recipients
+from spark_backup.engine.gc_pause import without_cyclic_gc
 from spark_backup.engine.manifest import utc_stamp
 from spark_backup.engine.pipeline import utcnow
 from spark_backup.engine.stores.base import ObjectLock, ObjectStore
@@ -81,10 +82,12 @@ class VersionBuilder:
     @contextmanager
     def writing(self) -> Iterator[None]:
         """Chunk files inside the block; leaving it writes the last pack and waits for every
-        write, or on an error stops the writer."""
+        write, or on an error stops the writer. The cyclic collector is paused meanwhile: the
+        references made per chunk are in no cycle, and walking them cost 3% of a backup."""
         try:
-            yield
-            self.writer.close()
+            with without_cyclic_gc():
+                yield
+                self.writer.close()
         except BaseException:
             self.writer.abort()
             raise
@@ -197,9 +200,10 @@ class VersionBuilder:
     def _chunked(self, handle: Any, size: int) -> tuple[str, list[list[Any]]]:
         whole = hashlib.sha256()
         chunks: list[list[Any]] = []
-        for _index, _offset, data in chunker.iter_chunks(handle, [(0, size)]):
-            whole.update(data)
-            chunks.append([self.writer.add(data)])
+        with _Hashing() as hashing:  # the file's digest beside the chunking, as in add_file
+            for _index, _offset, data in chunker.iter_chunks(handle, [(0, size)]):
+                hashing.update((whole,), data)
+                chunks.append([self.writer.add(data)])
         return whole.hexdigest(), chunks
 
     def document(self, scope: str, label: str, extra: dict[str, Any]) -> dict[str, Any]:
@@ -407,17 +411,19 @@ def iter_file(
     identities: list[x25519.Identity],
     label: str,
     cache: PackCache | None = None,
+    write_to: int | None = None,
 ) -> Iterator[bytes]:
     """A file's bytes, chunk by chunk, each chunk checked; the file's sha256 and size are
     compared when the last chunk was read (``IntegrityError``). ``cache``: shared by the
     files of one restore, so a pack holding the end of one file and the start of the next is
-    fetched once."""
+    fetched once. ``write_to``: a descriptor the chunks are written to at their offsets by
+    the reading threads (``read_chunks``); the file's digest is still of what they yield."""
     whole = hashlib.sha256()
     size = 0
     # Hashed here: the chunks come inflated and checked from other threads, and this thread
     # would wait for them anyway (hashlib lets the interpreter lock go).
     for data in read_chunks(
-        store, scope, file_chunks(entry), identities, f"{label}: {entry['path']}", cache
+        store, scope, file_chunks(entry), identities, f"{label}: {entry['path']}", cache, write_to
     ):
         whole.update(data)
         size += len(data)

@@ -207,7 +207,12 @@ def probe_restored(manifest: Manifest, folder: Path) -> SemanticResult:
             metrics,
         )
     answers = faiss_index.run_probes(
-        loaded, stored["queries"], stored["k"], stored.get("nprobe"), stored.get("ef_search")
+        loaded,
+        stored["queries"],
+        stored["k"],
+        stored.get("nprobe"),
+        stored.get("ef_search"),
+        path,
     )
     problems = faiss_index.compare(stored, answers)
     metrics |= {"queries": len(stored["queries"]), "k": stored["k"], "differing": len(problems)}

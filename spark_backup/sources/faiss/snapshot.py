@@ -90,7 +90,9 @@ def inspect_index(source: FaissSource, files: list[_File]) -> tuple[dict, dict, 
     facts = faiss_index.describe(loaded, source.factory)
     probes = source.probes
     vectors = faiss_index.probe_queries(facts["dimension"], probes.queries, probes.seed)
-    answers = faiss_index.run_probes(loaded, vectors, probes.k, probes.nprobe, probes.ef_search)
+    answers = faiss_index.run_probes(
+        loaded, vectors, probes.k, probes.nprobe, probes.ef_search, fd_path(index_file.handle)
+    )
     del loaded  # the catalogue and probes are all the backup needs of the loaded index
     probe_bytes = json.dumps(
         {"format": PROBES_FORMAT, "queries": vectors, **answers}, separators=(",", ":")
