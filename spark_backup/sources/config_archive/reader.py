@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from spark_backup.engine.processes import tool_environment
-from spark_backup.engine.streams import Readable, widen_pipe
+from spark_backup.engine.streams import Readable
 from spark_backup.errors import SourceError
 from spark_backup.globs import patterns_regex
 
@@ -234,10 +234,6 @@ class ConfigArchiveReader:
                         "tar",
                         "--create",
                         "--file=-",
-                        # 64 KiB records, not 10 KiB: a sixth of the reads, writes and wake-ups
-                        # (with the wider pipe, a third less CPU for tar and this reader). Any
-                        # tar reads it; only the zero padding at the end is longer.
-                        "--blocking-factor=128",
                         "--format=pax",
                         "--quoting-style=escape",  # names in messages, as _unquote reads them
                         # No per-member extended headers for times: atime/ctime would make every
@@ -259,7 +255,6 @@ class ConfigArchiveReader:
                     "GNU tar is needed to create configuration archives and is not on PATH"
                 ) from None
             assert process.stdin is not None and process.stdout is not None
-            widen_pipe(process.stdout.fileno())
             walk_errors: list[BaseException] = []
             walker = threading.Thread(
                 target=self._hand_members,
