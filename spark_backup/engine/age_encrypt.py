@@ -38,6 +38,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from spark_backup.engine.streams import Writable
 
 CHUNK = 64 * 1024  # plaintext bytes per payload chunk, fixed by the format
+_TAG = 16  # Poly1305's tag, after each sealed chunk
 _INTRO = b"age-encryption.org/v1\n"
 _X25519_LABEL = b"age-encryption.org/v1/X25519"
 _BECH32_CHARSET = "qpzry9x8gf2tvdw0s3jn54khce6mua7l"
@@ -131,30 +132,38 @@ class AgeEncryptor:
         # Plaintext not sealed yet: a full chunk waits until more follows, since only the
         # last chunk may carry the final flag.
         self._pending = bytearray()
+        self._sealed = bytearray()  # the buffer ``write`` seals into
         self._closed = False
         sink.write(_header(file_key, keys) + nonce)
 
     def write(self, data: bytes) -> int:
         if self._closed:
             raise ValueError("write to a closed age encryptor")
-        view = memoryview(data)
-        sealed = []
+        view = memoryview(data).cast("B")
+        if len(self._pending) + len(view) <= CHUNK:
+            self._pending += view
+            return len(data)
+        # Whole chunks are sealed into one buffer kept from write to write (no chunk objects,
+        # no joining them); a sink must not keep what it is given, as io's writers do not.
+        # The last 1 to 64 KiB stay pending: only the last chunk may carry the final flag.
+        whole = (len(self._pending) + len(view) - 1) // CHUNK
+        size = whole * (CHUNK + _TAG)
+        if len(self._sealed) < size:
+            self._sealed = bytearray(size)
+        out = memoryview(self._sealed)
+        at = 0
         if self._pending:
             room = CHUNK - len(self._pending)
-            if len(view) <= room:
-                self._pending += view
-                return len(data)
             self._pending += view[:room]
             view = view[room:]
-            sealed.append(self._seal(self._pending, False))
+            self._seal_into(self._pending, False, out[: CHUNK + _TAG])
             self._pending = bytearray()
-        if view:
-            # Whole chunks straight from the caller's buffer; 1 to 64 KiB stay pending.
-            whole = (len(view) - 1) // CHUNK * CHUNK
-            sealed += [self._seal(view[at : at + CHUNK], False) for at in range(0, whole, CHUNK)]
-            self._pending += view[whole:]
-        if sealed:
-            self._sink.write(b"".join(sealed))
+            at, whole = CHUNK + _TAG, whole - 1
+        for start in range(0, whole * CHUNK, CHUNK):
+            self._seal_into(view[start : start + CHUNK], False, out[at : at + CHUNK + _TAG])
+            at += CHUNK + _TAG
+        self._pending += view[whole * CHUNK :]
+        self._sink.write(out[:at])
         return len(data)
 
     def close(self) -> None:
@@ -164,10 +173,18 @@ class AgeEncryptor:
             self._sink.write(self._seal(self._pending, True))
             self._pending.clear()
 
-    def _seal(self, chunk: bytes | bytearray | memoryview, final: bool) -> bytes:
+    def _nonce(self, final: bool) -> bytes:
         nonce = self._counter.to_bytes(11, "big") + (b"\x01" if final else b"\x00")
         self._counter += 1
-        return self._aead.encrypt(nonce, chunk, None)
+        return nonce
+
+    def _seal(self, chunk: bytes | bytearray | memoryview, final: bool) -> bytes:
+        return self._aead.encrypt(self._nonce(final), chunk, None)
+
+    def _seal_into(
+        self, chunk: bytes | bytearray | memoryview, final: bool, out: memoryview
+    ) -> None:
+        self._aead.encrypt_into(self._nonce(final), chunk, None, out)
 
 
 def encrypt_bytes(data: bytes, recipients: Iterable[str]) -> bytes:
