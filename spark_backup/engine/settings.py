@@ -58,4 +58,4 @@ EnvName = Annotated[str, Field(pattern=ENV_NAME_PATTERN)]
 class SettingsModel(BaseModel):
     """Frozen, and unknown fields are errors."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
