@@ -88,6 +88,11 @@ class Cadence:
         return key
 
 
+def utcnow() -> dt.datetime:
+    """Now, in UTC (what every timestamp of copies, drills and records is)."""
+    return dt.datetime.now(dt.UTC)
+
+
 def _quarter_hour(t: dt.datetime) -> dt.datetime:
     return t.replace(minute=t.minute - t.minute % 15, second=0, microsecond=0)
 

@@ -12,7 +12,6 @@ stream ends; callers stage what they write and publish it only after that compar
 
 from __future__ import annotations
 
-import datetime as dt
 import functools
 import platform
 import queue
@@ -28,6 +27,7 @@ import zstandard
 from pyrage import x25519
 
 from spark_backup.engine.age_worker import AgeWorker
+from spark_backup.engine.cadence import utcnow
 from spark_backup.engine.crypto import Recipients
 from spark_backup.engine.datakeys import unwrap
 from spark_backup.engine.manifest import Digest, Manifest, data_key, manifest_key, new_copy_id
@@ -78,10 +78,6 @@ class PlaintextSource(Protocol):
 class CompressionSettings:
     level: int = 3
     threads: int = 2
-
-
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
 
 
 def write_copy(

@@ -16,8 +16,8 @@ from typing import Any
 
 from pyrage import x25519
 
+from spark_backup.engine.cadence import utcnow
 from spark_backup.engine.manifest import Manifest
-from spark_backup.engine.pipeline import utcnow
 from spark_backup.engine.safe_tar import count_members
 from spark_backup.engine.staging import remove_tree
 from spark_backup.engine.streams import Readable, drain

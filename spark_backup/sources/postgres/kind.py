@@ -11,12 +11,11 @@ import subprocess
 from collections.abc import Mapping, Sequence
 from contextlib import closing
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pyrage import x25519
 
 from spark_backup.engine.manifest import Manifest
-from spark_backup.engine.pipeline import PlaintextSource, open_copy
 from spark_backup.engine.processes import first_error, free_local_port, tool_environment
 from spark_backup.engine.safe_tar import extract_tar
 from spark_backup.engine.staging import remove_tree, staged_restore
@@ -65,6 +64,10 @@ from spark_backup.sources.postgres.server import (
 )
 from spark_backup.sources.postgres.settings import PostgresSource
 from spark_backup.sources.postgres.wal import archived_wal, is_wal_key
+
+# The pipeline loads where a copy is read: reading the plan and listing copies need none of it.
+if TYPE_CHECKING:
+    from spark_backup.engine.pipeline import PlaintextSource
 
 DUMP = "dump"
 BASE = ops.BASE
@@ -174,6 +177,8 @@ class PostgresKind(
     ) -> dict[str, Any]:
         """A base backup is extracted (a data directory); a dump or the globals land as one
         file for pg_restore or psql."""
+        from spark_backup.engine.pipeline import open_copy
+
         manifest = copy.manifest
         with (
             staged_restore(target, options.overwrite) as staging,
@@ -443,6 +448,8 @@ class PostgresKind(
         touching the source database) and every table's rows are counted against the dump's
         snapshot; a base backup is extracted and checked with ``pg_verifybackup`` against its
         own manifest; the globals are a script whose shape the deep verify checks."""
+        from spark_backup.engine.pipeline import open_copy
+
         manifest = copy.manifest
         source = runtime.source(manifest.source)
         assert isinstance(source, PostgresSource)

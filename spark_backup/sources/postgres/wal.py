@@ -40,7 +40,6 @@ from pyrage import x25519
 
 from spark_backup.engine.crypto import Recipients
 from spark_backup.engine.manifest import SOURCE_NAME
-from spark_backup.engine.pipeline import CompressionSettings, encrypt_to_store, open_encrypted
 from spark_backup.engine.signing import SIGNATURE_SUFFIX, Signer, Verifier
 from spark_backup.engine.stores.base import ObjectLock, ObjectStore
 from spark_backup.engine.streams import HashingReader, Readable, copy_stream
@@ -52,8 +51,10 @@ from spark_backup.errors import (
     UsageError,
 )
 
+# The pipeline loads where a WAL file is stored or fetched: listing the archive needs none of it.
 if TYPE_CHECKING:
     from spark_backup.engine.age_worker import AgeWorker
+    from spark_backup.engine.pipeline import CompressionSettings
 
 WAL_FOLDER = "wal"
 _WAL_NAME = r"[0-9A-F]{24}(?:\.partial|\.streamed|\.[0-9A-F]{8}\.backup)?|[0-9A-F]{8}\.history"
@@ -323,6 +324,8 @@ def _upload(
     signer: Signer | None,
 ) -> None:
     """The object (then its signature) under ``key``, durable when this returns."""
+    from spark_backup.engine.pipeline import encrypt_to_store
+
     try:
         plaintext = encrypt_to_store(
             store, key, lambda: _open_file(path), recipients, compression, lock=lock
@@ -378,6 +381,8 @@ def fetch_wal(
     (else of the cluster whose ``pg_wal`` ``destination`` is in, when it tells), or one
     archived without an identifier by an earlier release. ``worker``: a decrypting process
     that serves many files in turn (else one is started for this file)."""
+    from spark_backup.engine.pipeline import open_encrypted
+
     check_wal_name(name)
     if system_identifier is None and entry is None:
         system_identifier = control_file_system_identifier(
