@@ -55,6 +55,7 @@ from spark_backup.sources.postgres.server import apply_settings as pg_apply_sett
 from spark_backup.sources.postgres.settings import PostgresSource
 from spark_backup.sources.postgres.wal import (
     ArchivedWal,
+    WalDigest,
     archived_wal,
     expendable_wal,
     fetch_wal,
@@ -93,12 +94,19 @@ def server_of(runtime: Runtime, source: PostgresSource) -> PostgresServer:
 # --- WAL archive ------------------------------------------------------------------------------
 
 
-def wal_push(runtime: Runtime, source: PostgresSource, path: Path, parallel: int = 1) -> str:
+def wal_push(
+    runtime: Runtime,
+    source: PostgresSource,
+    path: Path,
+    parallel: int = 1,
+    digest: WalDigest | None = None,
+) -> str:
     """Archive one WAL file. With ``parallel`` above 1, also the next segments the server has
     marked ready (``pg_wal/archive_status/*.ready``), several at once, as WAL-G does: each
     one stored is noted in ``pg_wal/spark_backup_status/``, so that the server's own
     ``archive_command`` for it, a moment later, only confirms that the store has it and
-    returns. Nothing is acknowledged to the server before the store holds it."""
+    returns. Nothing is acknowledged to the server before the store holds it. ``digest``:
+    the sha256 of ``path``, started before the plan was read (``WalDigest``)."""
     store = runtime.store_for(source)
     lock = store.default_lock.lock_from(utcnow()) if store.default_lock else None
 
@@ -111,6 +119,7 @@ def wal_push(runtime: Runtime, source: PostgresSource, path: Path, parallel: int
             runtime.compression(source),
             lock,
             runtime.signer(),
+            digest=digest if one == path else None,
         )
 
     notes = path.parent / PUSHED_AHEAD_FOLDER

@@ -30,6 +30,7 @@ import datetime as dt
 import os
 import re
 import struct
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -256,16 +257,18 @@ def push_wal(
     lock: ObjectLock | None,
     signer: Signer | None = None,
     system_identifier: str | None = None,
+    digest: WalDigest | None = None,
 ) -> str:
     """Archive one WAL file (and its signature, with ``signer``); return ``archived`` or
     ``already archived``. ``IntegrityError`` if the name is archived with other content
     (PostgreSQL then retries, and keeps the file). The key carries the cluster's system
-    identifier: ``system_identifier``, else the one the file (or its ``pg_wal``) tells."""
+    identifier: ``system_identifier``, else the one the file (or its ``pg_wal``) tells.
+    ``digest``: the file's sha256, started earlier (else it is computed here)."""
     name = check_wal_name(path.name)
     if name.endswith(STREAMED_PARTIAL):
         raise UsageError(f"{name}: a partial segment is archived by wal-receive, not wal-push")
     sysid = system_identifier or wal_file_system_identifier(path)
-    sha256 = _file_sha256(path)
+    sha256 = (digest or WalDigest(path)).result()
     key = wal_key(source, name, sha256, sysid)
     existing = archived_wal(store, source, name, sysid)
     if same := next((entry for entry in existing if entry.sha256 == sha256), None):
@@ -450,6 +453,33 @@ def expendable_wal(entries: list[ArchivedWal], oldest_needed_segment: str) -> li
     return [
         entry for entry in entries if not entry.name.endswith(".history") and entry.position < limit
     ]
+
+
+class WalDigest:
+    """A WAL file's sha256, computed in a thread of its own from the moment this is made:
+    ``wal-push`` starts it before it reads the plan, so that the two overlap (reading and
+    hashlib release the interpreter lock). The file is read and hashed again as it is stored,
+    and the two digests must agree."""
+
+    def __init__(self, path: Path):
+        self._outcome: str | BaseException | None = None
+        self._thread = threading.Thread(
+            target=self._compute, args=(path,), name="wal-sha256", daemon=True
+        )
+        self._thread.start()
+
+    def _compute(self, path: Path) -> None:
+        try:
+            self._outcome = _file_sha256(path)
+        except BaseException as exc:  # raised in the caller's thread, by result()
+            self._outcome = exc
+
+    def result(self) -> str:
+        self._thread.join()
+        if isinstance(self._outcome, BaseException):
+            raise self._outcome
+        assert self._outcome is not None
+        return self._outcome
 
 
 def _file_sha256(path: Path) -> str:
