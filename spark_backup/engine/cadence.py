@@ -32,6 +32,8 @@ WEEK_STARTS_ON = 1
 
 @dataclass(frozen=True)
 class Cadence:
+    """How a cadence cuts time into periods, and how a period's key is written."""
+
     name: str
     key_format: str
     # The period's start for any moment (UTC, naive arithmetic on an aware datetime).

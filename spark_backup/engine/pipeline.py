@@ -76,6 +76,8 @@ class PlaintextSource(Protocol):
 
 @dataclass(frozen=True)
 class CompressionSettings:
+    """zstd's level and worker threads."""
+
     level: int = 3
     threads: int = 2
 
@@ -182,6 +184,8 @@ def encrypt_to_store(
 
 @dataclass(frozen=True)
 class Written:
+    """What a stream written to a store was: both digests and the version made."""
+
     plaintext: Digest
     stored: Digest
     # The store's version id of the new object, on a versioned store.
@@ -446,6 +450,8 @@ def compare_digest(manifest: Manifest, layer: str, sha256: str, size: int) -> No
 
 @dataclass(frozen=True)
 class Verification:
+    """What verifying one copy read, and how long it took."""
+
     copy_id: str
     deep: bool
     bytes_read: int

@@ -17,7 +17,6 @@ from pyrage import x25519
 
 from spark_backup.engine.manifest import Manifest
 from spark_backup.engine.processes import first_error, free_local_port, tool_environment
-from spark_backup.engine.safe_tar import extract_tar
 from spark_backup.engine.staging import remove_tree, staged_restore
 from spark_backup.engine.streams import ProgressCallback, Readable, copy_stream
 from spark_backup.errors import IntegrityError, NotFoundError, RestoreRefused, UsageError
@@ -178,6 +177,7 @@ class PostgresKind(
         """A base backup is extracted (a data directory); a dump or the globals land as one
         file for pg_restore or psql."""
         from spark_backup.engine.pipeline import open_copy
+        from spark_backup.engine.safe_tar import extract_tar
 
         manifest = copy.manifest
         with (

@@ -177,6 +177,8 @@ def signature_key(key: str) -> str:
 
 @dataclass(frozen=True)
 class ArchivedWal:
+    """A WAL file in the archive, as its key tells it."""
+
     name: str
     sha256: str
     key: str
