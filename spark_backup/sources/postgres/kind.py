@@ -42,8 +42,8 @@ from spark_backup.sources.base import (
     SourceKind,
 )
 from spark_backup.sources.postgres import dump as pg_dump_restore
-from spark_backup.sources.postgres import ops
 from spark_backup.sources.postgres.basebackup import (
+    BASE,
     BASE_PART,
     BaseBackupReader,
     check_base_plaintext,
@@ -62,14 +62,13 @@ from spark_backup.sources.postgres.server import (
     server_major,
 )
 from spark_backup.sources.postgres.settings import PostgresSource
-from spark_backup.sources.postgres.wal import archived_wal, is_wal_key
 
-# The pipeline loads where a copy is read: reading the plan and listing copies need none of it.
+# The pipeline loads where a copy is read, the kind's operations (``ops``, WAL) where they run:
+# reading the plan and listing copies need none of them.
 if TYPE_CHECKING:
     from spark_backup.engine.pipeline import PlaintextSource
 
 DUMP = "dump"
-BASE = ops.BASE
 WAL_ARCHIVE_ASSET_SUFFIX = "wal_archive"
 DATABASE_TARGET = "database"
 # A pg_dump custom archive starts with these bytes; a globals script with this comment.
@@ -148,6 +147,8 @@ class PostgresKind(
 
     def probe(self, source: PostgresSource, context: SourceContext) -> None:
         """Connect, and find client tools at least as new as the server."""
+        from spark_backup.sources.postgres import ops
+
         server = PostgresServer.from_source(source, context)
         with closing(server.connect()) as conn:
             major = server_major(conn)
@@ -241,6 +242,8 @@ class PostgresKind(
         return source.wal_archiving
 
     def push(self, runtime: Runtime, source: PostgresSource, path: Path) -> str:
+        from spark_backup.sources.postgres import ops
+
         return ops.wal_push(runtime, source, path)
 
     def fetch(
@@ -251,9 +254,13 @@ class PostgresKind(
         destination: Path,
         identity_file: str | Path | None = None,
     ) -> None:
+        from spark_backup.sources.postgres import ops
+
         ops.wal_fetch(runtime, source, name, destination, identity_file)
 
     def lag(self, runtime: Runtime, source: PostgresSource, now: dt.datetime) -> LogStatus:
+        from spark_backup.sources.postgres import ops
+
         status = ops.wal_archive_status(runtime, source, now)
         details: dict[str, Any] = {}
         if status.server:
@@ -287,9 +294,13 @@ class PostgresKind(
         now: dt.datetime,
         dry_run: bool,
     ) -> list[str]:
+        from spark_backup.sources.postgres import ops
+
         return ops.expire_wal(runtime, source, kept_bases, now, dry_run)
 
     def owns_key(self, key: str) -> bool:
+        from spark_backup.sources.postgres.wal import is_wal_key
+
         return is_wal_key(key)
 
     def log_checks(self, source: PostgresSource) -> Sequence[LogCheck]:
@@ -309,6 +320,8 @@ class PostgresKind(
     def log_ranges(
         self, runtime: Runtime, source: PostgresSource, bases: Sequence[Manifest]
     ) -> dict[str, LogRange]:
+        from spark_backup.sources.postgres import ops
+
         return ops.wal_ranges(runtime, source, bases)
 
     # --- PointInTimeRecovery --------------------------------------------------------------------
@@ -324,6 +337,8 @@ class PostgresKind(
         stop_after: bool = False,
         progress: ProgressCallback | None = None,
     ) -> Any:
+        from spark_backup.sources.postgres import ops
+
         return ops.pitr(
             runtime,
             self,
@@ -339,7 +354,9 @@ class PostgresKind(
     def recovery_window(self, runtime: Runtime, source: PostgresSource) -> RecoveryWindow:
         """From the end of the oldest base backup the archive continues without a gap, to the
         newest WAL segment reachable from the newest base backup."""
+        from spark_backup.sources.postgres import ops
         from spark_backup.sources.postgres import pitr as recovery
+        from spark_backup.sources.postgres.wal import archived_wal
 
         bases = [ref.manifest for ref in runtime.copies(source.name, BASE)]
         if not bases:
@@ -394,6 +411,8 @@ class PostgresKind(
         flags: Mapping[str, bool] | None = None,
         progress: ProgressCallback | None = None,
     ) -> dict[str, Any]:
+        from spark_backup.sources.postgres import ops
+
         if target != DATABASE_TARGET:
             raise UsageError(f"a {self.name} copy cannot be restored into a {target}")
         flags = flags or {}
@@ -449,6 +468,7 @@ class PostgresKind(
         snapshot; a base backup is extracted and checked with ``pg_verifybackup`` against its
         own manifest; the globals are a script whose shape the deep verify checks."""
         from spark_backup.engine.pipeline import open_copy
+        from spark_backup.sources.postgres import ops
 
         manifest = copy.manifest
         source = runtime.source(manifest.source)

@@ -42,7 +42,7 @@ from spark_backup.sources.base import (
     source_of_kind,
 )
 from spark_backup.sources.postgres import dump as pg_dump_restore
-from spark_backup.sources.postgres.basebackup import BASE_PART
+from spark_backup.sources.postgres.basebackup import BASE, BASE_PART
 from spark_backup.sources.postgres.pitr_options import DEFAULT_PORT
 from spark_backup.sources.postgres.server import (
     PostgresServer,
@@ -77,7 +77,6 @@ if TYPE_CHECKING:
 # A standby's wal-fetch asks an unreachable store again after these pauses (doubling).
 WAL_FETCH_FIRST_PAUSE = 0.5
 WAL_FETCH_MAX_PAUSE = 5.0
-BASE = "base"
 
 
 def postgres_source(runtime: Runtime, kind: SourceKind, name: str | None = None) -> PostgresSource:
