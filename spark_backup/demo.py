@@ -25,9 +25,8 @@ from rich.console import Console
 from rich.table import Table
 
 from spark_backup.cli.monitor import kpi_table
-from spark_backup.engine.cadence import DEFAULT_PARTITIONS_START
+from spark_backup.engine.cadence import DEFAULT_PARTITIONS_START, utcnow
 from spark_backup.engine.crypto import generate_identity
-from spark_backup.engine.pipeline import utcnow
 from spark_backup.errors import IntegrityError
 from spark_backup.globs import matches_any
 from spark_backup.plan import PLAN_ENV, load_plan

@@ -1,11 +1,13 @@
-"""The age decryption restores of packs use (engine/age_decrypt.py): it opens what the ``age``
-command, pyrage and age_encrypt write, exactly as pyrage (the reference) does, and refuses
-whatever pyrage refuses: another key, a header or payload altered, a file cut short at a chunk
-boundary or extended, a file with no X25519 stanza."""
+"""The age decryption the age worker and restores of packs use (engine/age_decrypt.py): it
+opens what the ``age`` command, pyrage and age_encrypt write, exactly as pyrage (the reference)
+does, whole or as a stream read in pieces, and refuses whatever pyrage refuses: another key, a
+header or payload altered, a file cut short at a chunk boundary or extended, a file with no
+X25519 stanza."""
 
 from __future__ import annotations
 
 import base64
+import io
 import os
 import subprocess
 
@@ -13,10 +15,39 @@ import pyrage
 import pytest
 from pyrage import passphrase, x25519
 
-from spark_backup.engine.age_decrypt import AgeDecryptError, Identities, decrypt_bytes, identity_key
+from spark_backup.engine.age_decrypt import (
+    AgeDecryptError,
+    Identities,
+    decrypt_bytes,
+    decrypt_stream,
+    identity_key,
+)
 from spark_backup.engine.age_encrypt import CHUNK, encrypt_bytes
 
 SIZES = [0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 2 * CHUNK, 3 * CHUNK + 7]
+
+
+class _Trickle(io.RawIOBase):
+    """A stream that gives at most ``most`` bytes per read, as a pipe may."""
+
+    def __init__(self, data: bytes, most: int):
+        self._data, self._at, self._most = data, 0, most
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        size = self._most if size < 0 else min(size, self._most)
+        piece = self._data[self._at : self._at + size]
+        self._at += len(piece)
+        return piece
+
+
+def _streamed(encrypted: bytes, identities: Identities, most: int = 1 << 20) -> bytes:
+    """``decrypt_stream``'s plaintext, read in pieces of at most ``most`` bytes."""
+    out: list[bytes] = []
+    decrypt_stream(_Trickle(encrypted, most), out.append, identities)
+    return b"".join(out)
 
 
 def _age_cli(data: bytes, recipients: list[str]) -> bytes:
@@ -36,6 +67,10 @@ def test_it_opens_what_age_pyrage_and_age_encrypt_write(size: int) -> None:
     ):
         assert pyrage.decrypt(encrypted, [mine]) == data
         assert bytes(decrypt_bytes(encrypted, Identities([mine]))) == data
+        for most in (1 << 20, CHUNK + 17, 1000):
+            assert (
+                _streamed(encrypted, Identities([x25519.Identity.generate(), mine]), most) == data
+            )
         assert (
             bytes(
                 decrypt_bytes(memoryview(encrypted), Identities([x25519.Identity.generate(), mine]))
@@ -81,6 +116,8 @@ def test_it_refuses_whatever_pyrage_refuses(size: int) -> None:
                 pyrage.decrypt(damaged, [identity])
             with pytest.raises(AgeDecryptError):
                 decrypt_bytes(damaged, opener)
+            with pytest.raises(AgeDecryptError):
+                _streamed(damaged, opener)
 
 
 def test_another_key_and_another_recipient_type_find_no_matching_key() -> None:
@@ -91,6 +128,9 @@ def test_another_key_and_another_recipient_type_find_no_matching_key() -> None:
     ):
         with pytest.raises(AgeDecryptError) as refused:
             decrypt_bytes(encrypted, Identities([identity]))
+        assert refused.value.kind == "no_matching_keys"
+        with pytest.raises(AgeDecryptError) as refused:
+            _streamed(encrypted, Identities([identity]))
         assert refused.value.kind == "no_matching_keys"
 
 

@@ -59,6 +59,20 @@ NOT_FOR_WAL_PUSH = (
     "spark_backup.engine.catalog",
     "spark_backup.engine.retention",
 )
+# What list needs none of: the service's other concerns (it reads locks, drills and replica
+# records, see service/listing.py), and the pipeline that writes and reads copies.
+NOT_FOR_LIST = (
+    "spark_backup.service.backup_service",
+    "spark_backup.service.copies",
+    "spark_backup.service.alerts",
+    "spark_backup.service.drills",
+    "spark_backup.service.retention",
+    "spark_backup.service.journal",
+    "spark_backup.notify.desk",
+    "spark_backup.engine.pipeline",
+    "spark_backup.engine.age_worker",
+    "spark_backup.sources.postgres.pitr",
+)
 # The kinds a plan does not name: reading it loads only the kinds of its own sources.
 KINDS_NOT_IN_THE_QUICK_PLAN = (
     "spark_backup.sources.mongodb.kind",
@@ -158,6 +172,7 @@ def test_list_talks_to_no_server_and_as_json_prints_without_rich(
     assert "etc-" in done.stdout
     assert offending(modules, (*NEVER, *NOT_FOR_READING, "psycopg", "psycopg2", "pymongo")) == []
     assert offending(modules, KINDS_NOT_IN_THE_QUICK_PLAN) == []
+    assert offending(modules, NOT_FOR_LIST) == []
     done, modules = imported_by(tmp_path, "--plan", str(quick_plan), "list", "--json")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)[0]["source"] == "etc"

@@ -37,6 +37,7 @@ from spark_backup.plan import load_plan
 from spark_backup.service import BackupService
 from spark_backup.sources.postgres import KIND as POSTGRES
 from spark_backup.sources.postgres import ops
+from spark_backup.sources.postgres.pitr import PgTarget
 from spark_backup.sources.postgres.server import first_line
 from spark_backup.sources.postgres.wal import archived_wal
 from spark_backup_tests.helpers import (
@@ -665,7 +666,7 @@ def test_pitr_to_a_restore_point_an_xid_an_lsn_and_immediate(archiving: Archivin
     (xid,) = cluster.execute("SELECT xid FROM steps WHERE step = 2")[0]
     cluster.switch_wal_and_wait()
 
-    def steps_after(target: ops.recovery.PgTarget, folder: str) -> list[int] | None:
+    def steps_after(target: PgTarget, folder: str) -> list[int] | None:
         port = free_port()
         report = ops.pitr(
             service, POSTGRES, service.source("pg_main"), target, archiving.root / folder, port=port
@@ -686,7 +687,6 @@ def test_pitr_to_a_restore_point_an_xid_an_lsn_and_immediate(archiving: Archivin
         finally:
             Cluster(archiving.root / folder, port).stop()
 
-    PgTarget = ops.recovery.PgTarget
     assert steps_after(PgTarget(name="before two"), "pitr_name") == [1]
     assert steps_after(PgTarget(xid=xid), "pitr_xid") == [1, 2]
     assert steps_after(PgTarget(xid=xid, inclusive=False), "pitr_xid_exclusive") == [1]

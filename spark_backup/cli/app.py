@@ -51,6 +51,18 @@ class CliState(RuntimeHolder):
         return self._service
 
     @property
+    def listing_service(self):
+        """The plan opened with what ``list`` shows beside each copy (locks, drills,
+        replicas), without the service's other concerns, so ``list`` imports none of them."""
+        if self._service is not None:
+            return self._service
+        from spark_backup.service.listing import ListingOperations
+
+        if self._runtime is not None:  # the plan read once per command
+            return ListingOperations(self._runtime.loaded)
+        return ListingOperations.from_path(self.plan_path)
+
+    @property
     def runtime(self):
         """The plan opened, as a kind's own commands use it: without the service's other
         concerns, so ``wal-push`` (run for every WAL segment) imports none of them."""

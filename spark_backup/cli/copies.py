@@ -140,7 +140,7 @@ def list_(state: CliState, source: str | None, as_json: bool, kind_name: str | N
     # reference counting: cyclic collections would only walk them again (a fifth of the CPU
     # of listing 5,000 copies).
     gc.disable()
-    service = state.service
+    service = state.listing_service
     refs, damaged = service.listing(source) if source else service.all_listings()
     if kind_name is not None:
         from spark_backup.sources import registry

@@ -43,8 +43,8 @@ from dagster import (
 
 from spark_backup.defs.partitions import partitions_for
 from spark_backup.defs.resources import SecretsResource, SparkBackupResource
+from spark_backup.engine.cadence import utcnow
 from spark_backup.engine.catalog import latest_per_part
-from spark_backup.engine.pipeline import utcnow
 from spark_backup.engine.settings import format_duration
 from spark_backup.errors import SecretsUnavailableError
 from spark_backup.plan import LoadedPlan, SourceSettings

@@ -12,8 +12,7 @@ from spark_backup.defs.build import build_definitions
 from spark_backup.defs.drills import DRILL_SENSOR
 from spark_backup.defs.instance import ensure_source_pools
 from spark_backup.defs.schedules import FRESHNESS_JOB, OBSERVE_JOB, backup_job_name
-from spark_backup.engine.cadence import partition_key_for
-from spark_backup.engine.pipeline import utcnow
+from spark_backup.engine.cadence import partition_key_for, utcnow
 from spark_backup.plan import LoadedPlan
 from spark_backup.service import BackupService
 

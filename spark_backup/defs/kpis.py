@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from dagster import AssetKey, AssetsDefinition, MaterializeResult, MetadataValue, asset
 
 from spark_backup.defs.resources import SparkBackupResource
-from spark_backup.engine.pipeline import utcnow
+from spark_backup.engine.cadence import utcnow
 from spark_backup.plan import LoadedPlan
 from spark_backup.service.kpis import period_key
 

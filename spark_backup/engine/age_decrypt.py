@@ -1,11 +1,12 @@
-"""Decrypt an age file held in memory (a pack of the blob layer) with X25519 identities, with
-the ChaCha20-Poly1305, X25519, HKDF and HMAC of ``cryptography`` (OpenSSL): the counterpart of
-``age_encrypt``.
+"""Decrypt age files with X25519 identities, with the ChaCha20-Poly1305, X25519, HKDF and HMAC
+of ``cryptography`` (OpenSSL): the counterpart of ``age_encrypt``. ``decrypt_bytes`` opens one
+held in memory (a pack of the blob layer), straight into the buffer handed back;
+``decrypt_stream`` one read from a stream, a chunk at a time (the age worker's copies and WAL).
 
-Restores of packs decrypt here rather than with pyrage: pyrage decrypts at about 0.5 GB/s of
-CPU and holds the interpreter lock all the while, so it ran in a worker process, and the
-plaintext crossed a pipe; OpenSSL opens the 64 KiB chunks at about 3 GB/s, straight into the
-buffer handed back, and the lock is held for one chunk at a time.
+Both decrypt here rather than with pyrage: pyrage decrypts at about 0.5 to 0.8 GB/s of CPU and
+holds the interpreter lock all the while; OpenSSL opens the 64 KiB chunks at about twice that
+speed or more, and the lock is held for one chunk at a time, so another thread of the process
+can inflate and hash meanwhile.
 
 What is checked, as the specification (https://age-encryption.org/v1) asks: the header's
 form; the file key comes only from an X25519 stanza one of the identities opens (a file with
@@ -30,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from spark_backup.engine.age_encrypt import CHUNK, _hkdf, bech32_key
+from spark_backup.engine.streams import Readable
 
 if TYPE_CHECKING:
     from pyrage import x25519
@@ -150,6 +152,33 @@ def _parse_header(sealed: memoryview) -> tuple[list[tuple[list[bytes], bytes]], 
         stanzas.append((args, body))
 
 
+def _payload_cipher(head: memoryview, identities: Identities) -> tuple[ChaCha20Poly1305, int]:
+    """The payload's cipher, from the header at the start of ``head`` (its first 64 KiB at
+    least, or the whole file): the file key an identity opens, the header MAC checked, the key
+    derived with the payload nonce. And the offset where the sealed chunks start."""
+    stanzas, header, mac, at = _parse_header(head)
+    file_key = identities.file_key(stanzas)
+    if file_key is None:
+        raise AgeDecryptError("no_matching_keys", "no identity matched any of the recipients")
+    expected = hmac.new(_hkdf(file_key, b"", b"header"), header, hashlib.sha256).digest()
+    if not hmac.compare_digest(expected, mac):
+        raise AgeDecryptError("damaged", "age header: its MAC does not match")
+    nonce = bytes(head[at : at + 16])
+    if len(nonce) != 16:
+        raise AgeDecryptError("damaged", "age payload: cut short")
+    return ChaCha20Poly1305(_hkdf(file_key, nonce, b"payload")), at + 16
+
+
+def _chunk_nonce(index: int, final: bool) -> bytes:
+    return index.to_bytes(11, "big") + (b"\x01" if final else b"\x00")
+
+
+def _check_final(size: int, index: int) -> None:
+    """A final chunk holds its tag and, unless it is the only one, some plaintext."""
+    if size < _TAG or (size == _TAG and index > 0):
+        raise AgeDecryptError("damaged", "age payload: a final chunk cut short or empty")
+
+
 def decrypt_bytes(
     sealed: Buffer, identities: Identities, allocate: Callable[[int], Buffer] = bytearray
 ) -> Buffer:
@@ -157,32 +186,22 @@ def decrypt_bytes(
     ``allocate``; ``AgeDecryptError`` if no identity opens it or it is damaged, cut short or
     extended."""
     view = memoryview(sealed)
-    stanzas, header, mac, at = _parse_header(view)
-    file_key = identities.file_key(stanzas)
-    if file_key is None:
-        raise AgeDecryptError("no_matching_keys", "no identity matched any of the recipients")
-    expected = hmac.new(_hkdf(file_key, b"", b"header"), header, hashlib.sha256).digest()
-    if not hmac.compare_digest(expected, mac):
-        raise AgeDecryptError("damaged", "age header: its MAC does not match")
-    nonce = bytes(view[at : at + 16])
-    payload = view[at + 16 :]
-    if len(nonce) != 16 or not payload:
+    aead, at = _payload_cipher(view, identities)
+    payload = view[at:]
+    if not payload:
         raise AgeDecryptError("damaged", "age payload: cut short")
-    aead = ChaCha20Poly1305(_hkdf(file_key, nonce, b"payload"))
     count = -(-len(payload) // _SEALED_CHUNK)
     last = len(payload) - (count - 1) * _SEALED_CHUNK
-    if last < _TAG or (last == _TAG and count > 1):
-        raise AgeDecryptError("damaged", "age payload: a final chunk cut short or empty")
+    _check_final(last, count - 1)
     plain = allocate(len(payload) - count * _TAG)
     out = memoryview(plain)
     try:
         for index in range(count):
             final = index == count - 1
-            chunk_nonce = index.to_bytes(11, "big") + (b"\x01" if final else b"\x00")
             start = index * _SEALED_CHUNK
             end = start + (last if final else _SEALED_CHUNK)
             aead.decrypt_into(
-                chunk_nonce,
+                _chunk_nonce(index, final),
                 payload[start:end],
                 None,
                 out[index * CHUNK : index * CHUNK + end - start - _TAG],
@@ -192,3 +211,69 @@ def decrypt_bytes(
             "damaged", f"age payload: chunk {index} does not authenticate (damaged or cut short)"
         ) from None
     return plain
+
+
+def decrypt_stream(sealed: Readable, write: Callable[[bytes], Any], identities: Identities) -> None:
+    """Decrypt the age file read from ``sealed`` into ``write``, one 64 KiB chunk at a time,
+    with the checks of ``decrypt_bytes``: a chunk is final when nothing follows it, so a file
+    cut short at a chunk boundary, or with anything after its final chunk, fails to
+    authenticate. What was written before an ``AgeDecryptError`` must not be used."""
+    pending = _Pending(sealed)
+    head = pending.take(_HEADER_READ)
+    aead, at = _payload_cipher(memoryview(head), identities)
+    pending.give_back(head[at:])
+    index = 0
+    while True:
+        chunk = pending.take(_SEALED_CHUNK + 1)  # one byte more: is anything after this chunk?
+        final = len(chunk) <= _SEALED_CHUNK
+        if final:
+            if not chunk and index == 0:
+                raise AgeDecryptError("damaged", "age payload: cut short")
+            _check_final(len(chunk), index)
+        else:
+            pending.give_back(chunk[_SEALED_CHUNK:])
+            chunk = chunk[:_SEALED_CHUNK]
+        try:
+            write(aead.decrypt(_chunk_nonce(index, final), chunk, None))
+        except InvalidTag:
+            raise AgeDecryptError(
+                "damaged",
+                f"age payload: chunk {index} does not authenticate (damaged or cut short)",
+            ) from None
+        if final:
+            return
+        index += 1
+
+
+# A header of a few recipients is well below this (``_parse_header`` reads no further).
+_HEADER_READ = 64 * 1024
+_READ_SIZE = 1 << 20
+
+
+class _Pending:
+    """Bytes read from a stream and not used yet: ``take(n)`` gives the next ``n`` (fewer only
+    at the end), reading a megabyte at a time; ``give_back`` returns the unused end of what
+    was taken. Copies only what is left over between reads, less than a chunk."""
+
+    def __init__(self, stream: Readable):
+        self._stream = stream
+        self._data = memoryview(b"")
+        self._at = 0
+
+    def take(self, size: int) -> memoryview:
+        if len(self._data) - self._at < size:
+            parts = [bytes(self._data[self._at :])]
+            have = len(parts[0])
+            while have < size:
+                more = self._stream.read(max(size - have, _READ_SIZE))
+                if not more:
+                    break
+                parts.append(more)
+                have += len(more)
+            self._data, self._at = memoryview(b"".join(parts)), 0
+        taken = self._data[self._at : self._at + size]
+        self._at += len(taken)
+        return taken
+
+    def give_back(self, rest: memoryview) -> None:
+        self._at -= len(rest)

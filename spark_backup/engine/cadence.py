@@ -32,6 +32,8 @@ WEEK_STARTS_ON = 1
 
 @dataclass(frozen=True)
 class Cadence:
+    """How a cadence cuts time into periods, and how a period's key is written."""
+
     name: str
     key_format: str
     # The period's start for any moment (UTC, naive arithmetic on an aware datetime).
@@ -86,6 +88,11 @@ class Cadence:
                 f"partition {key} is outside {first} ... {self.key_for(now)} ({self.name})"
             )
         return key
+
+
+def utcnow() -> dt.datetime:
+    """Now, in UTC (what every timestamp of copies, drills and records is)."""
+    return dt.datetime.now(dt.UTC)
 
 
 def _quarter_hour(t: dt.datetime) -> dt.datetime:

@@ -23,6 +23,7 @@ reads and the next update deletes.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import io
 import json
 import logging
@@ -91,6 +92,8 @@ class DamagedManifest:
 
 @dataclass
 class Listing:
+    """The copies of one source in a store, oldest first, and its manifests that cannot be read."""
+
     copies: list[Manifest] = field(default_factory=list)  # oldest first
     damaged: list[DamagedManifest] = field(default_factory=list)
     # Manifests read one by one because the index did not hold them (or held another version).
@@ -124,8 +127,10 @@ class IndexEntry:
         return dt.datetime.fromisoformat(self.modified)
 
 
-_HEADER = TypeAdapter(IndexHeader)
-_ENTRY = TypeAdapter(IndexEntry)
+@functools.cache
+def _adapters() -> tuple[TypeAdapter[IndexHeader], TypeAdapter[IndexEntry]]:
+    """Built on first use, when an index segment is read."""
+    return TypeAdapter(IndexHeader), TypeAdapter(IndexEntry)
 
 
 # A copy as a segment holds it: its manifest object's size and modification time, and the
@@ -296,14 +301,15 @@ def read_segment(store: ObjectStore, source: str, key: str) -> dict[str, Indexed
     try:
         with store.open_read(key) as raw:
             lines = _lines(zstandard.ZstdDecompressor().stream_reader(raw, closefd=False))
-            header = _HEADER.validate_json(next(lines, b"{}"), strict=True)
+            header_adapter, entry_adapter = _adapters()
+            header = header_adapter.validate_json(next(lines, b"{}"), strict=True)
             if header.format != INDEX_FORMAT or header.source != source:
                 raise IntegrityError(f"{uri}: not an index segment of {source} ({header.format})")
             entries: dict[str, Indexed] = {}
             for line in lines:
                 # Lax, unlike a manifest's: this line was written from a checked manifest and
                 # the frame checksum holds it; strict would double the cost of every listing.
-                entry = _ENTRY.validate_json(line)
+                entry = entry_adapter.validate_json(line)
                 manifest = entry.manifest
                 _check_entry(manifest, source, uri)
                 entries[manifest_key(source, manifest.id)] = (

@@ -46,6 +46,8 @@ def tombstone_path(source: str, month: str) -> str:
 
 @dataclass(frozen=True)
 class DataKey:
+    """A month's data key of a source, wrapped to one recipient."""
+
     source: str
     month: str
     recipient: str

@@ -12,6 +12,7 @@ check counted); a copy with no record was never drilled. Records are clear JSON,
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import re
 from dataclasses import asdict, dataclass, field
@@ -81,7 +82,7 @@ class DrillRecord:
         if not isinstance(data, dict) or data.get("format") != DRILL_FORMAT:
             raise IntegrityError(f"{origin}: not a drill record (expected {DRILL_FORMAT})")
         try:
-            return _ADAPTER.validate_python(data, strict=False)
+            return _adapter().validate_python(data, strict=False)
         except ValidationError as exc:
             error = exc.errors(include_url=False)[0]
             field_path = ".".join(str(part) for part in error["loc"])
@@ -90,7 +91,10 @@ class DrillRecord:
             ) from None
 
 
-_ADAPTER = TypeAdapter(DrillRecord)
+@functools.cache
+def _adapter() -> TypeAdapter[DrillRecord]:
+    """Built on first use: listing copies that were never drilled reads no record."""
+    return TypeAdapter(DrillRecord)
 
 
 def write_drill_record(store: ObjectStore, record: DrillRecord) -> str:

@@ -104,12 +104,16 @@ def copy_id_of_data_key(key: str) -> str | None:
 
 @dataclass(frozen=True)
 class Digest:
+    """The sha256 and size of one layer of a copy (its plaintext, or its stored bytes)."""
+
     sha256: str
     bytes: int
 
 
 @dataclass(frozen=True)
 class Manifest:
+    """A committed copy: what it holds, where it is stored, how it was made and its digests."""
+
     id: str
     source: str
     kind: str

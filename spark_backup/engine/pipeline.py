@@ -12,7 +12,6 @@ stream ends; callers stage what they write and publish it only after that compar
 
 from __future__ import annotations
 
-import datetime as dt
 import functools
 import platform
 import queue
@@ -28,6 +27,7 @@ import zstandard
 from pyrage import x25519
 
 from spark_backup.engine.age_worker import AgeWorker
+from spark_backup.engine.cadence import utcnow
 from spark_backup.engine.crypto import Recipients
 from spark_backup.engine.datakeys import unwrap
 from spark_backup.engine.manifest import Digest, Manifest, data_key, manifest_key, new_copy_id
@@ -76,12 +76,10 @@ class PlaintextSource(Protocol):
 
 @dataclass(frozen=True)
 class CompressionSettings:
+    """zstd's level and worker threads."""
+
     level: int = 3
     threads: int = 2
-
-
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
 
 
 def write_copy(
@@ -186,6 +184,8 @@ def encrypt_to_store(
 
 @dataclass(frozen=True)
 class Written:
+    """What a stream written to a store was: both digests and the version made."""
+
     plaintext: Digest
     stored: Digest
     # The store's version id of the new object, on a versioned store.
@@ -450,6 +450,8 @@ def compare_digest(manifest: Manifest, layer: str, sha256: str, size: int) -> No
 
 @dataclass(frozen=True)
 class Verification:
+    """What verifying one copy read, and how long it took."""
+
     copy_id: str
     deep: bool
     bytes_read: int

@@ -20,6 +20,8 @@ from spark_backup.engine.manifest import Manifest
 
 @dataclass(frozen=True)
 class RetentionRule:
+    """How many daily, weekly and monthly copies to keep."""
+
     daily: int
     weekly: int
     monthly: int
@@ -27,6 +29,8 @@ class RetentionRule:
 
 @dataclass(frozen=True)
 class RetentionDecision:
+    """What a retention rule keeps (and why) and what it expires."""
+
     keep: dict[str, list[str]]  # copy id -> reasons
     expire: list[Manifest]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from typing import Annotated, Any
+from typing import Annotated, Any, Self
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
@@ -56,6 +56,15 @@ EnvName = Annotated[str, Field(pattern=ENV_NAME_PATTERN)]
 
 
 class SettingsModel(BaseModel):
-    """Frozen, and unknown fields are errors."""
+    """Frozen, and unknown fields are errors. A model's validator is built when it is first
+    used (``defer_build``): a command that reads the plan builds the plan's, which covers every
+    section, and no other."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
+
+    @classmethod
+    def default_instance(cls) -> Self:
+        """The model with every field at its default, as a section's default value: made
+        without validation (the defaults are the code's own), so that defining the model that
+        holds it builds no validator."""
+        return cls.model_construct()

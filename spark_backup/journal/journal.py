@@ -17,7 +17,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from spark_backup.engine.pipeline import utcnow
+from spark_backup.engine.cadence import utcnow
 from spark_backup.journal.documents import JournalError
 from spark_backup.journal.settings import JournalSettings
 

@@ -30,7 +30,7 @@ class JournalSettings(SettingsModel):
     task_id: str = Field("restore-drill", min_length=1)
     task_title: str = "Monatlicher Restore-Test (isolierte Staging-Umgebung)"
     task_done_status: str = "erledigt"
-    columns: TaskColumns = TaskColumns()
+    columns: TaskColumns = TaskColumns.default_instance()
     # The Definition of Done; a missing file is skipped. The checklist item whose text holds
     # ``dod_item`` is ticked with the drill's time.
     definition_of_done: str | None = "docs/DEFINITION_OF_DONE.md"

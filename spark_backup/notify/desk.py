@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from spark_backup.engine.pipeline import utcnow
+from spark_backup.engine.cadence import utcnow
 from spark_backup.notify.backends import DeliveryError, send_chat, send_email, ticket_backend
 from spark_backup.notify.settings import Notifications
 

@@ -90,7 +90,7 @@ class Notifications(SettingsModel):
     # The ledger of opened tickets, the queue of undelivered messages and the outbox backend's
     # tickets; relative to the plan file.
     state_dir: str = ".spark_backup/notifications"
-    tickets: TicketSettings = TicketSettings()
+    tickets: TicketSettings = TicketSettings.default_instance()
     email: EmailSettings | None = None
     # The security team's chat channel, told when a ticket opens (like the mail).
     chat: ChatSettings | None = None

@@ -11,7 +11,6 @@ import yaml
 from pydantic import ValidationError
 
 from spark_backup.errors import PlanError
-from spark_backup.plan.errors import describe_validation_error
 from spark_backup.plan.schema import Plan, kinds_named, plan_model
 
 PLAN_ENV = "SPARK_BACKUP_PLAN"
@@ -81,4 +80,6 @@ def validate_plan(data: dict[str, Any], plan_path: Path) -> Plan:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
+        from spark_backup.plan.errors import describe_validation_error  # difflib: errors only
+
         raise PlanError(f"{plan_path}: {describe_validation_error(exc, data, model)}") from None

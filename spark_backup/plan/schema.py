@@ -64,8 +64,8 @@ class Encryption(SettingsModel):
 
 class Defaults(SettingsModel):
     store: Name | None = None
-    retention: Retention = Retention()
-    compression: Compression = Compression()
+    retention: Retention = Retention.default_instance()
+    compression: Compression = Compression.default_instance()
     max_age: Duration = dt.timedelta(hours=24)
     # Leftovers younger than this may belong to a backup still running; it must be longer than
     # the longest backup (an S3 object's time is when its upload started).
@@ -138,18 +138,18 @@ class DisasterDrill(SettingsModel):
 
 class Plan(SettingsModel):
     version: Literal[1] = 1
-    defaults: Defaults = Defaults()
+    defaults: Defaults = Defaults.default_instance()
     encryption: Encryption
-    secrets: SecretsConfig = SecretsConfig()
+    secrets: SecretsConfig = SecretsConfig.default_instance()
     signing: SigningConfig | None = None
-    compliance: Compliance = Compliance()
+    compliance: Compliance = Compliance.default_instance()
     stores: list[StoreConfig] = Field(min_length=1)
     # Second targets for versions (another store, an OCI registry); sources name theirs in
     # ``replicate_to``.
     replication: list[ReplicaConfig] = Field(default_factory=list)
-    notifications: Notifications = Notifications()
-    journal: JournalSettings = JournalSettings()
-    disaster_drill: DisasterDrill = DisasterDrill()
+    notifications: Notifications = Notifications.default_instance()
+    journal: JournalSettings = JournalSettings.default_instance()
+    disaster_drill: DisasterDrill = DisasterDrill.default_instance()
     # Each entry is validated as its kind's model (see ``plan_model``).
     sources: list[SourceSettings] = Field(min_length=1)
 

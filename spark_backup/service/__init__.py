@@ -13,6 +13,7 @@ exactly the same thing; one module per concern, no Dagster imports:
 - ``journal.py``: the orchestration journal, the task overview and the Definition of Done.
 - ``secrets.py``: the secrets the plan names, their age and rotation;
 - ``locks.py``: each copy's Object Lock, read back from the store;
+- ``listing.py``: what ``list`` shows beside each copy (its lock, newest drill, replicas);
 - ``compliance.py``: the deletion concept's yearly review;
 - ``replication.py``: copies pushed to a second target, and the ``replicated`` check.
 

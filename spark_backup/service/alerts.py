@@ -22,7 +22,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 
-from spark_backup.engine.pipeline import utcnow
+from spark_backup.engine.cadence import utcnow
 from spark_backup.engine.settings import format_duration
 from spark_backup.errors import SecretError, SecretsUnavailableError
 from spark_backup.notify import Failure, Outcome

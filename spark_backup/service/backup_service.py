@@ -6,6 +6,7 @@ from spark_backup.service.compliance import ComplianceOperations
 from spark_backup.service.copies import CopyOperations
 from spark_backup.service.disaster import DisasterOperations
 from spark_backup.service.kpis import KpiOperations
+from spark_backup.service.listing import ListingOperations
 from spark_backup.service.replication import ReplicationOperations
 from spark_backup.service.retention import RetentionOperations
 from spark_backup.service.secrets import SecretsOperations
@@ -13,6 +14,7 @@ from spark_backup.service.secrets import SecretsOperations
 
 class BackupService(
     CopyOperations,
+    ListingOperations,
     RetentionOperations,
     KpiOperations,
     AlertOperations,

@@ -7,7 +7,7 @@ import datetime as dt
 import re
 from dataclasses import dataclass
 
-from spark_backup.engine.pipeline import utcnow
+from spark_backup.engine.cadence import utcnow
 from spark_backup.service.retention import owned_by_spark_backup
 from spark_backup.service.runtime import PlanRuntime
 

@@ -11,11 +11,11 @@ from typing import Any
 from pyrage import x25519
 
 from spark_backup.engine.age_worker import AgeWorker
-from spark_backup.engine.cadence import cadence
+from spark_backup.engine.cadence import cadence, utcnow
 from spark_backup.engine.catalog import DamagedManifest
 from spark_backup.engine.datakeys import erase_months, recipients_for
 from spark_backup.engine.manifest import Manifest
-from spark_backup.engine.pipeline import Verification, open_copy, utcnow, verify_copy, write_copy
+from spark_backup.engine.pipeline import Verification, open_copy, verify_copy, write_copy
 from spark_backup.engine.streams import ProgressCallback
 from spark_backup.errors import IntegrityError, NotFoundError, SparkBackupError, UsageError
 from spark_backup.service.journal import JournalOperations

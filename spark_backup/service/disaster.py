@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from spark_backup.engine.pipeline import utcnow
+from spark_backup.engine.cadence import utcnow
 from spark_backup.engine.settings import format_duration
 from spark_backup.engine.staging import remove_tree
 from spark_backup.errors import SparkBackupError, UsageError

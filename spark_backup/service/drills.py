@@ -20,9 +20,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from spark_backup.engine.cadence import utcnow
 from spark_backup.engine.catalog import latest_per_part
 from spark_backup.engine.drill_record import DrillRecord, latest_drills, write_drill_record
-from spark_backup.engine.pipeline import utcnow
 from spark_backup.engine.staging import remove_tree
 from spark_backup.errors import NotFoundError, SparkBackupError, UsageError
 from spark_backup.service.journal import JournalOperations
@@ -195,16 +195,6 @@ class DrillOperations(JournalOperations):
         return DrillStep(
             ref.manifest.id, ref.manifest.part, check, passed, seconds, description, metrics
         )
-
-    def drills_of(self, refs: list[CopyRef]) -> dict[str, DrillRecord]:
-        """The newest drill record of each of ``refs`` that was drilled, by copy id (one
-        listing per store and source)."""
-        found: dict[str, DrillRecord] = {}
-        for store_name, source in sorted({(r.store.name, r.manifest.source) for r in refs}):
-            store = next(r.store for r in refs if r.store.name == store_name)
-            found.update(latest_drills(store, source))
-        wanted = {r.manifest.id for r in refs}
-        return {copy_id: record for copy_id, record in found.items() if copy_id in wanted}
 
     def drill_status(self, source_name: str) -> dict[str, DrillRecord]:
         """The newest drill record of each copy of a source, by copy id."""

@@ -6,8 +6,8 @@ import datetime as dt
 from dataclasses import dataclass, field
 
 from spark_backup.engine import catalog
+from spark_backup.engine.cadence import utcnow
 from spark_backup.engine.manifest import Manifest
-from spark_backup.engine.pipeline import utcnow
 from spark_backup.service.runtime import PlanRuntime
 
 

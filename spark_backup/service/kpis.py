@@ -21,8 +21,8 @@ import json
 from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING
 
+from spark_backup.engine.cadence import utcnow
 from spark_backup.engine.catalog import latest_per_part
-from spark_backup.engine.pipeline import utcnow
 from spark_backup.notify.desk import RUN_FAILED
 from spark_backup.service.drills import DrillOperations
 

@@ -7,9 +7,9 @@ import datetime as dt
 from collections import defaultdict
 from dataclasses import dataclass
 
+from spark_backup.engine.cadence import utcnow
 from spark_backup.engine.drill_record import verified_copies
 from spark_backup.engine.manifest import Manifest, manifest_key
-from spark_backup.engine.pipeline import utcnow
 from spark_backup.engine.retention import apply_retention
 from spark_backup.engine.stores.base import ObjectLock, original_version, stacked_on
 from spark_backup.errors import NotFoundError

@@ -17,7 +17,7 @@ import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from spark_backup.engine.pipeline import utcnow
+from spark_backup.engine.cadence import utcnow
 from spark_backup.engine.replication import (
     OciReplicaConfig,
     ReplicaRecord,
@@ -173,12 +173,6 @@ class ReplicationOperations(PlanRuntime):
             outcome.problem = str(exc)
         outcome.replicated = outcome.problem is None
         return outcome
-
-    def replica_states(self, source_name: str) -> dict[str, dict[str, ReplicaRecord]]:
-        """Per target, the newest record of each version (what ``list`` and the UI show)."""
-        source = self.plan.source(source_name)
-        store = self.store_for(source)
-        return {name: newest_records(store, source_name, name) for name in source.replicate_to}
 
     def _record(
         self, store: Any, outcome: ReplicaOutcome, target: ReplicaTarget, now: dt.datetime | None

@@ -10,6 +10,7 @@ from typing import Any
 from pyrage import x25519
 
 from spark_backup.engine import catalog
+from spark_backup.engine.cadence import utcnow
 from spark_backup.engine.catalog import is_index_key
 from spark_backup.engine.drill_record import drill_keys_of, verified_copies
 from spark_backup.engine.manifest import (
@@ -18,7 +19,6 @@ from spark_backup.engine.manifest import (
     is_copy_key,
     manifest_key,
 )
-from spark_backup.engine.pipeline import utcnow
 from spark_backup.engine.replication.records import record_keys_of
 from spark_backup.engine.retention import TierStatus, apply_retention, tier_status
 from spark_backup.engine.staging import stale_staging

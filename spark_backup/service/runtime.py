@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from pyrage import x25519
 
-from spark_backup.engine.cadence import partition_key_for
+from spark_backup.engine.cadence import partition_key_for, utcnow
 from spark_backup.engine.crypto import (
     Recipients,
     identities_from_text,
@@ -20,7 +20,6 @@ from spark_backup.engine.crypto import (
     read_recipients_file,
 )
 from spark_backup.engine.manifest import COPY_ID_RE
-from spark_backup.engine.pipeline import CompressionSettings, utcnow
 from spark_backup.engine.secrets import SecretRef, SecretResolver, find_references, open_secrets
 from spark_backup.engine.signing import Signer, Verifier
 from spark_backup.engine.stores import ObjectStore, open_store
@@ -33,6 +32,7 @@ from spark_backup.sources.base import Artifact, CopyRef, SourceContext, SourceKi
 # every WAL segment, opens the plan and does neither.
 if TYPE_CHECKING:
     from spark_backup.engine.catalog import Catalog, DamagedManifest
+    from spark_backup.engine.pipeline import CompressionSettings
     from spark_backup.engine.retention import RetentionRule
 
 log = logging.getLogger(__name__)
@@ -110,6 +110,8 @@ class PlanRuntime:
         return RetentionRule(retention.daily, retention.weekly, retention.monthly)
 
     def compression(self, source: SourceSettings) -> CompressionSettings:
+        from spark_backup.engine.pipeline import CompressionSettings
+
         compression = self.plan.compression_for(source)
         return CompressionSettings(compression.level, compression.threads)
 

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 from pyrage import x25519
 
+from spark_backup.engine.cadence import utcnow
 from spark_backup.engine.crypto import identities_from_text
-from spark_backup.engine.pipeline import utcnow
 from spark_backup.engine.secrets import (
     REDACTOR,
     RotationFinding,

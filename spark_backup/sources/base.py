@@ -143,6 +143,8 @@ class CopyRef:
 
 @dataclass(frozen=True)
 class FolderRestore:
+    """How a restore into a folder goes: over what is there or not, past unsafe members or not."""
+
     overwrite: bool = False
     skip_unsafe: bool = False
     progress: ProgressCallback | None = None

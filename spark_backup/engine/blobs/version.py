@@ -45,10 +45,10 @@ from spark_backup.engine.blobs.packs import (
 )
 from spark_backup.engine.blobs.safetensors import SafetensorsError, read_header
 from spark_backup.engine.blobs.sweep import doomed_packs
+from spark_backup.engine.cadence import utcnow
 from spark_backup.engine.crypto import Recipients
 from spark_backup.engine.gc_pause import without_cyclic_gc
 from spark_backup.engine.manifest import utc_stamp
-from spark_backup.engine.pipeline import utcnow
 from spark_backup.engine.stores.base import ObjectLock, ObjectStore
 from spark_backup.errors import IntegrityError, SourceError
 

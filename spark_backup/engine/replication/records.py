@@ -39,6 +39,8 @@ def record_key(source: str, target: str, version: str, at: dt.datetime) -> str:
 
 @dataclass(frozen=True)
 class ReplicaRecord:
+    """Whether one version is replicated to one target, as last pushed or checked."""
+
     source: str
     version: str
     partition: str

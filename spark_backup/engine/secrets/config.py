@@ -37,4 +37,4 @@ class RotationConfig(SettingsModel):
 
 class SecretsConfig(SettingsModel):
     vault: VaultConfig | None = None
-    rotation: RotationConfig = RotationConfig()
+    rotation: RotationConfig = RotationConfig.default_instance()

@@ -16,6 +16,8 @@ Verdict = Literal["ok", "overdue", "unknown"]
 
 @dataclass(frozen=True)
 class RotationFinding:
+    """The verdict on one secret's age."""
+
     secret: SecretValue
     verdict: Verdict
     age: dt.timedelta | None
@@ -26,6 +28,8 @@ class RotationFinding:
 
 @dataclass(frozen=True)
 class RotationPolicy:
+    """How old a secret may be, and whether an unknown age fails."""
+
     max_age: dt.timedelta = ROTATION_MAX_AGE
     unknown_age_fails: bool = True
 

@@ -23,6 +23,8 @@ _KEY_RE = re.compile(r"^[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)*$")
 
 @dataclass(frozen=True)
 class ObjectInfo:
+    """An object as a store lists it."""
+
     key: str
     size: int
     modified: dt.datetime

@@ -16,12 +16,10 @@ from typing import Any
 
 from pyrage import x25519
 
+from spark_backup.engine.cadence import utcnow
 from spark_backup.engine.manifest import Manifest
-from spark_backup.engine.pipeline import utcnow
-from spark_backup.engine.safe_tar import count_members
 from spark_backup.engine.staging import remove_tree
 from spark_backup.engine.streams import Readable, drain
-from spark_backup.engine.tar_stream import TarFormatError
 from spark_backup.errors import IntegrityError, SparkBackupError, UsageError
 from spark_backup.sources.base import (
     Artifact,
@@ -113,6 +111,9 @@ class ConfigArchiveKind(SourceKind[ConfigArchiveSource], Observable, SemanticChe
         """The archive must list the files and links the backup recorded. (Not their bytes: the
         walk sizes a file before tar reads it, and a live file may grow in between; the
         plaintext sha256 covers the content.)"""
+        from spark_backup.engine.safe_tar import count_members  # tarfile: where a tar is read
+        from spark_backup.engine.tar_stream import TarFormatError
+
         try:
             counts = asdict(count_members(plain))
         except TarFormatError as exc:

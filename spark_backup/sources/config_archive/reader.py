@@ -59,6 +59,8 @@ _TAR_ESCAPES = {
 
 @dataclass
 class TreeStats:
+    """What a walk of the backed-up folders found."""
+
     files: int = 0
     directories: int = 0
     symlinks: int = 0

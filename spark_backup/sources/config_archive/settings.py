@@ -109,7 +109,7 @@ class ConfigArchiveSource(SourceSettings):
     # true keeps the copy, which records the torn files for restore and verify to name.
     allow_torn_files: bool = False
     # What a restore drill proves beyond the tree's file counts (see docs/drills.md).
-    drill: ConfigDrill = ConfigDrill()
+    drill: ConfigDrill = ConfigDrill.default_instance()
 
     @field_validator("include", "exclude")
     @classmethod

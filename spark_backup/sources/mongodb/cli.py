@@ -31,7 +31,7 @@ def _source(name: str | None) -> Any:
 def oplog_status(source: str | None, as_json: bool) -> None:
     """How far the saved oplog slices lag behind the replica set, against the RPO; gaps and a
     rolled-over oplog. Exit 3 if beyond the RPO or broken."""
-    from spark_backup.engine.pipeline import utcnow
+    from spark_backup.engine.cadence import utcnow
     from spark_backup.engine.settings import format_duration
 
     runtime, kind, chosen = _source(source)

@@ -10,7 +10,8 @@ from typing import Any
 
 from pyrage import x25519
 
-from spark_backup.engine.pipeline import open_copy, utcnow
+from spark_backup.engine.cadence import utcnow
+from spark_backup.engine.pipeline import open_copy
 from spark_backup.engine.streams import ProgressCallback, Readable
 from spark_backup.errors import SparkBackupError, UsageError
 from spark_backup.sources.base import CopyRef, Runtime, SourceKind, source_of_kind

@@ -48,7 +48,7 @@ class MongoSource(SourceSettings):
     include_collections: list[str] = Field(default_factory=list)
     exclude_collections: list[str] = Field(default_factory=list)
     rpo: Duration = dt.timedelta(minutes=15)
-    oplog: MongoOplog = MongoOplog()
+    oplog: MongoOplog = MongoOplog.default_instance()
     # "mongodump": run the tool (same layout) where it is on the PATH; default: pymongo.
     dump_tool: Literal["pymongo", "mongodump"] = "pymongo"
     connect_timeout: Duration = dt.timedelta(seconds=10)

@@ -32,6 +32,8 @@ from spark_backup.sources.postgres.server import (
 )
 from spark_backup.sources.postgres.settings import PostgresBaseBackup
 
+# The artifact of base backups, and the part each copy of it is.
+BASE = "base"
 BASE_PART = "base"
 BASE_LAYERS = ["tar"]
 # Members a usable base backup must hold.

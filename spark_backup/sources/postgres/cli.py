@@ -60,6 +60,10 @@ def _ops() -> Any:
 def wal_push(path: str | None, source: str | None, dry_run: bool, parallel: int) -> None:
     """Archive one WAL file: archive_command = 'spark-backup --plan PLAN wal-push %p'.
     Pushing a file already archived with the same content succeeds; other content fails."""
+    from spark_backup.sources.postgres.wal import WalDigest
+
+    # The file is hashed while the plan is read.
+    digest = WalDigest(Path(path)) if path is not None and not dry_run else None
     runtime, chosen = _source(source)
     if dry_run:
         where = _ops().wal_push_dry_run(runtime, chosen)
@@ -67,7 +71,7 @@ def wal_push(path: str | None, source: str | None, dry_run: bool, parallel: int)
         return
     if path is None:
         raise UsageError("wal-push needs the WAL file's PATH (%p), or --dry-run")
-    outcome = _ops().wal_push(runtime, chosen, Path(path), parallel)
+    outcome = _ops().wal_push(runtime, chosen, Path(path), parallel, digest)
     if outcome not in ("archived", "archived ahead"):
         stderr.print(f"{printable(Path(path).name)}: {outcome}", highlight=False)
 

@@ -11,14 +11,12 @@ import subprocess
 from collections.abc import Mapping, Sequence
 from contextlib import closing
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pyrage import x25519
 
 from spark_backup.engine.manifest import Manifest
-from spark_backup.engine.pipeline import PlaintextSource, open_copy
 from spark_backup.engine.processes import first_error, free_local_port, tool_environment
-from spark_backup.engine.safe_tar import extract_tar
 from spark_backup.engine.staging import remove_tree, staged_restore
 from spark_backup.engine.streams import ProgressCallback, Readable, copy_stream
 from spark_backup.errors import IntegrityError, NotFoundError, RestoreRefused, UsageError
@@ -44,8 +42,8 @@ from spark_backup.sources.base import (
     SourceKind,
 )
 from spark_backup.sources.postgres import dump as pg_dump_restore
-from spark_backup.sources.postgres import ops
 from spark_backup.sources.postgres.basebackup import (
+    BASE,
     BASE_PART,
     BaseBackupReader,
     check_base_plaintext,
@@ -64,10 +62,13 @@ from spark_backup.sources.postgres.server import (
     server_major,
 )
 from spark_backup.sources.postgres.settings import PostgresSource
-from spark_backup.sources.postgres.wal import archived_wal, is_wal_key
+
+# The pipeline loads where a copy is read, the kind's operations (``ops``, WAL) where they run:
+# reading the plan and listing copies need none of them.
+if TYPE_CHECKING:
+    from spark_backup.engine.pipeline import PlaintextSource
 
 DUMP = "dump"
-BASE = ops.BASE
 WAL_ARCHIVE_ASSET_SUFFIX = "wal_archive"
 DATABASE_TARGET = "database"
 # A pg_dump custom archive starts with these bytes; a globals script with this comment.
@@ -146,6 +147,8 @@ class PostgresKind(
 
     def probe(self, source: PostgresSource, context: SourceContext) -> None:
         """Connect, and find client tools at least as new as the server."""
+        from spark_backup.sources.postgres import ops
+
         server = PostgresServer.from_source(source, context)
         with closing(server.connect()) as conn:
             major = server_major(conn)
@@ -174,6 +177,9 @@ class PostgresKind(
     ) -> dict[str, Any]:
         """A base backup is extracted (a data directory); a dump or the globals land as one
         file for pg_restore or psql."""
+        from spark_backup.engine.pipeline import open_copy
+        from spark_backup.engine.safe_tar import extract_tar
+
         manifest = copy.manifest
         with (
             staged_restore(target, options.overwrite) as staging,
@@ -236,6 +242,8 @@ class PostgresKind(
         return source.wal_archiving
 
     def push(self, runtime: Runtime, source: PostgresSource, path: Path) -> str:
+        from spark_backup.sources.postgres import ops
+
         return ops.wal_push(runtime, source, path)
 
     def fetch(
@@ -246,9 +254,13 @@ class PostgresKind(
         destination: Path,
         identity_file: str | Path | None = None,
     ) -> None:
+        from spark_backup.sources.postgres import ops
+
         ops.wal_fetch(runtime, source, name, destination, identity_file)
 
     def lag(self, runtime: Runtime, source: PostgresSource, now: dt.datetime) -> LogStatus:
+        from spark_backup.sources.postgres import ops
+
         status = ops.wal_archive_status(runtime, source, now)
         details: dict[str, Any] = {}
         if status.server:
@@ -282,9 +294,13 @@ class PostgresKind(
         now: dt.datetime,
         dry_run: bool,
     ) -> list[str]:
+        from spark_backup.sources.postgres import ops
+
         return ops.expire_wal(runtime, source, kept_bases, now, dry_run)
 
     def owns_key(self, key: str) -> bool:
+        from spark_backup.sources.postgres.wal import is_wal_key
+
         return is_wal_key(key)
 
     def log_checks(self, source: PostgresSource) -> Sequence[LogCheck]:
@@ -304,6 +320,8 @@ class PostgresKind(
     def log_ranges(
         self, runtime: Runtime, source: PostgresSource, bases: Sequence[Manifest]
     ) -> dict[str, LogRange]:
+        from spark_backup.sources.postgres import ops
+
         return ops.wal_ranges(runtime, source, bases)
 
     # --- PointInTimeRecovery --------------------------------------------------------------------
@@ -319,6 +337,8 @@ class PostgresKind(
         stop_after: bool = False,
         progress: ProgressCallback | None = None,
     ) -> Any:
+        from spark_backup.sources.postgres import ops
+
         return ops.pitr(
             runtime,
             self,
@@ -334,7 +354,9 @@ class PostgresKind(
     def recovery_window(self, runtime: Runtime, source: PostgresSource) -> RecoveryWindow:
         """From the end of the oldest base backup the archive continues without a gap, to the
         newest WAL segment reachable from the newest base backup."""
+        from spark_backup.sources.postgres import ops
         from spark_backup.sources.postgres import pitr as recovery
+        from spark_backup.sources.postgres.wal import archived_wal
 
         bases = [ref.manifest for ref in runtime.copies(source.name, BASE)]
         if not bases:
@@ -389,6 +411,8 @@ class PostgresKind(
         flags: Mapping[str, bool] | None = None,
         progress: ProgressCallback | None = None,
     ) -> dict[str, Any]:
+        from spark_backup.sources.postgres import ops
+
         if target != DATABASE_TARGET:
             raise UsageError(f"a {self.name} copy cannot be restored into a {target}")
         flags = flags or {}
@@ -443,6 +467,9 @@ class PostgresKind(
         touching the source database) and every table's rows are counted against the dump's
         snapshot; a base backup is extracted and checked with ``pg_verifybackup`` against its
         own manifest; the globals are a script whose shape the deep verify checks."""
+        from spark_backup.engine.pipeline import open_copy
+        from spark_backup.sources.postgres import ops
+
         manifest = copy.manifest
         source = runtime.source(manifest.source)
         assert isinstance(source, PostgresSource)

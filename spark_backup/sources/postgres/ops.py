@@ -14,16 +14,14 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pyrage import x25519
 
-from spark_backup.engine.age_worker import AgeWorker
-from spark_backup.engine.pipeline import open_copy, utcnow
+from spark_backup.engine.cadence import utcnow
 from spark_backup.engine.processes import first_error, tool_environment
 from spark_backup.engine.signing import Verifier
 from spark_backup.engine.stores.base import ObjectStore
@@ -44,11 +42,8 @@ from spark_backup.sources.base import (
     source_of_kind,
 )
 from spark_backup.sources.postgres import dump as pg_dump_restore
-from spark_backup.sources.postgres import pitr as recovery
-from spark_backup.sources.postgres.basebackup import BASE_PART
+from spark_backup.sources.postgres.basebackup import BASE, BASE_PART
 from spark_backup.sources.postgres.pitr_options import DEFAULT_PORT
-from spark_backup.sources.postgres.prefetch import WalPrefetch
-from spark_backup.sources.postgres.pusher import HANDOFF_SCRIPT
 from spark_backup.sources.postgres.server import (
     PostgresServer,
     ServerArchiveState,
@@ -60,6 +55,7 @@ from spark_backup.sources.postgres.server import apply_settings as pg_apply_sett
 from spark_backup.sources.postgres.settings import PostgresSource
 from spark_backup.sources.postgres.wal import (
     ArchivedWal,
+    WalDigest,
     archived_wal,
     expendable_wal,
     fetch_wal,
@@ -72,10 +68,15 @@ from spark_backup.sources.postgres.wal import (
 )
 from spark_backup.sources.postgres.walname import DEFAULT_SEGMENT_SIZE, WalSegment, lsn_value
 
+# Recovery, its prefetch, the wal-pusher service and the pipeline's reading side load where they
+# run: wal-push, run for every WAL segment, and list (the archive's ranges) need none of them.
+if TYPE_CHECKING:
+    from spark_backup.engine.age_worker import AgeWorker
+    from spark_backup.sources.postgres import pitr as recovery
+
 # A standby's wal-fetch asks an unreachable store again after these pauses (doubling).
 WAL_FETCH_FIRST_PAUSE = 0.5
 WAL_FETCH_MAX_PAUSE = 5.0
-BASE = "base"
 
 
 def postgres_source(runtime: Runtime, kind: SourceKind, name: str | None = None) -> PostgresSource:
@@ -92,12 +93,19 @@ def server_of(runtime: Runtime, source: PostgresSource) -> PostgresServer:
 # --- WAL archive ------------------------------------------------------------------------------
 
 
-def wal_push(runtime: Runtime, source: PostgresSource, path: Path, parallel: int = 1) -> str:
+def wal_push(
+    runtime: Runtime,
+    source: PostgresSource,
+    path: Path,
+    parallel: int = 1,
+    digest: WalDigest | None = None,
+) -> str:
     """Archive one WAL file. With ``parallel`` above 1, also the next segments the server has
     marked ready (``pg_wal/archive_status/*.ready``), several at once, as WAL-G does: each
     one stored is noted in ``pg_wal/spark_backup_status/``, so that the server's own
     ``archive_command`` for it, a moment later, only confirms that the store has it and
-    returns. Nothing is acknowledged to the server before the store holds it."""
+    returns. Nothing is acknowledged to the server before the store holds it. ``digest``:
+    the sha256 of ``path``, started before the plan was read (``WalDigest``)."""
     store = runtime.store_for(source)
     lock = store.default_lock.lock_from(utcnow()) if store.default_lock else None
 
@@ -110,6 +118,7 @@ def wal_push(runtime: Runtime, source: PostgresSource, path: Path, parallel: int
             runtime.compression(source),
             lock,
             runtime.signer(),
+            digest=digest if one == path else None,
         )
 
     notes = path.parent / PUSHED_AHEAD_FOLDER
@@ -122,6 +131,8 @@ def wal_push(runtime: Runtime, source: PostgresSource, path: Path, parallel: int
     ahead = _ready_after(path, parallel - 1)
     if not ahead:
         return push(path)
+    from concurrent.futures import ThreadPoolExecutor
+
     with ThreadPoolExecutor(max_workers=parallel) as pool:
         mine = pool.submit(push, path)
         others = {one: pool.submit(_push_ahead, push, store, source.name, one) for one in ahead}
@@ -215,6 +226,8 @@ def archive_command_as_server_user(
     os_user = _data_directory_owner(settings.get("data_directory"))
     if os_user is None:
         return None
+    from spark_backup.sources.postgres.pusher import HANDOFF_SCRIPT
+
     if source.wal_pusher is not None and HANDOFF_SCRIPT in command:
         return _handoff_as_server_user(command, source, os_user, timeout)
     if "wal-push" not in command:
@@ -275,6 +288,8 @@ def _handoff_as_server_user(
     """The hand-off script's spool (from the server's own archive_command, as
     ``pusher.archive_command`` writes it), as ``os_user``: readable script, writable folders,
     and a pusher holding its lock (else every archive_command fails)."""
+    from spark_backup.sources.postgres.pusher import HANDOFF_SCRIPT
+
     try:
         words = shlex.split(command)
     except ValueError:
@@ -606,6 +621,8 @@ def restore_to_database(
     table's row count against the dump's. The dump goes into a new staging database that
     takes the name only once the copy's checksums and the counts matched (with ``force``,
     replacing the database of that name); a failed restore drops the staging database."""
+    from spark_backup.engine.pipeline import open_copy
+
     source = runtime.source(copy.manifest.source)
     assert isinstance(source, PostgresSource)
     server = server_of(runtime, source)
@@ -650,6 +667,9 @@ def pitr(
     """Recover the source to ``target`` (a time or a ``PgTarget``; None: to the end of the
     archived WAL, for a disaster) in a new cluster under ``target_dir``, start it and verify it.
     The production cluster is not touched."""
+    from spark_backup.sources.postgres import pitr as recovery
+    from spark_backup.sources.postgres.prefetch import WalPrefetch
+
     goal = recovery.as_target(target)
     target_time = goal.time
     store = runtime.store_for(source)
@@ -768,6 +788,8 @@ def _wal_fetcher(
 ) -> Iterator[Callable[[ArchivedWal, Path], None]]:
     """``fetch_wal`` for the prefetch threads: each thread decrypts in a worker process of its
     own, started once and reused for every file (a start costs about 80 ms)."""
+    from spark_backup.engine.age_worker import AgeWorker
+
     local = threading.local()
     workers: list[AgeWorker] = []
     guard = threading.Lock()

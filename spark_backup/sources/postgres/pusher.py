@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 
-from spark_backup.engine.pipeline import utcnow
+from spark_backup.engine.cadence import utcnow
 from spark_backup.errors import SparkBackupError, UsageError
 from spark_backup.sources.base import Runtime
 from spark_backup.sources.postgres.settings import PostgresSource, PostgresWalPusher

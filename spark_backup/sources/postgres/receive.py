@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from spark_backup.engine.pipeline import utcnow
+from spark_backup.engine.cadence import utcnow
 from spark_backup.errors import SourceError, StoreError, UsageError
 from spark_backup.sources.base import CheckOutcome, Runtime
 from spark_backup.sources.postgres.server import PostgresServer

@@ -75,7 +75,7 @@ class PostgresSource(SourceSettings):
     # under /usr/lib/postgresql, else PATH.
     bin_dir: str | None = None
     rpo: Duration = dt.timedelta(minutes=15)
-    base_backup: PostgresBaseBackup = PostgresBaseBackup()
+    base_backup: PostgresBaseBackup = PostgresBaseBackup.default_instance()
     wal_archiving: bool = True
     # Set: archive_command hands WAL to a resident ``wal-pusher`` (see PostgresWalPusher).
     wal_pusher: PostgresWalPusher | None = None

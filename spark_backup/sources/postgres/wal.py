@@ -30,6 +30,7 @@ import datetime as dt
 import os
 import re
 import struct
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -40,7 +41,6 @@ from pyrage import x25519
 
 from spark_backup.engine.crypto import Recipients
 from spark_backup.engine.manifest import SOURCE_NAME
-from spark_backup.engine.pipeline import CompressionSettings, encrypt_to_store, open_encrypted
 from spark_backup.engine.signing import SIGNATURE_SUFFIX, Signer, Verifier
 from spark_backup.engine.stores.base import ObjectLock, ObjectStore
 from spark_backup.engine.streams import HashingReader, Readable, copy_stream
@@ -52,8 +52,10 @@ from spark_backup.errors import (
     UsageError,
 )
 
+# The pipeline loads where a WAL file is stored or fetched: listing the archive needs none of it.
 if TYPE_CHECKING:
     from spark_backup.engine.age_worker import AgeWorker
+    from spark_backup.engine.pipeline import CompressionSettings
 
 WAL_FOLDER = "wal"
 _WAL_NAME = r"[0-9A-F]{24}(?:\.partial|\.streamed|\.[0-9A-F]{8}\.backup)?|[0-9A-F]{8}\.history"
@@ -175,6 +177,8 @@ def signature_key(key: str) -> str:
 
 @dataclass(frozen=True)
 class ArchivedWal:
+    """A WAL file in the archive, as its key tells it."""
+
     name: str
     sha256: str
     key: str
@@ -255,16 +259,18 @@ def push_wal(
     lock: ObjectLock | None,
     signer: Signer | None = None,
     system_identifier: str | None = None,
+    digest: WalDigest | None = None,
 ) -> str:
     """Archive one WAL file (and its signature, with ``signer``); return ``archived`` or
     ``already archived``. ``IntegrityError`` if the name is archived with other content
     (PostgreSQL then retries, and keeps the file). The key carries the cluster's system
-    identifier: ``system_identifier``, else the one the file (or its ``pg_wal``) tells."""
+    identifier: ``system_identifier``, else the one the file (or its ``pg_wal``) tells.
+    ``digest``: the file's sha256, started earlier (else it is computed here)."""
     name = check_wal_name(path.name)
     if name.endswith(STREAMED_PARTIAL):
         raise UsageError(f"{name}: a partial segment is archived by wal-receive, not wal-push")
     sysid = system_identifier or wal_file_system_identifier(path)
-    sha256 = _file_sha256(path)
+    sha256 = (digest or WalDigest(path)).result()
     key = wal_key(source, name, sha256, sysid)
     existing = archived_wal(store, source, name, sysid)
     if same := next((entry for entry in existing if entry.sha256 == sha256), None):
@@ -323,6 +329,8 @@ def _upload(
     signer: Signer | None,
 ) -> None:
     """The object (then its signature) under ``key``, durable when this returns."""
+    from spark_backup.engine.pipeline import encrypt_to_store
+
     try:
         plaintext = encrypt_to_store(
             store, key, lambda: _open_file(path), recipients, compression, lock=lock
@@ -378,6 +386,8 @@ def fetch_wal(
     (else of the cluster whose ``pg_wal`` ``destination`` is in, when it tells), or one
     archived without an identifier by an earlier release. ``worker``: a decrypting process
     that serves many files in turn (else one is started for this file)."""
+    from spark_backup.engine.pipeline import open_encrypted
+
     check_wal_name(name)
     if system_identifier is None and entry is None:
         system_identifier = control_file_system_identifier(
@@ -445,6 +455,33 @@ def expendable_wal(entries: list[ArchivedWal], oldest_needed_segment: str) -> li
     return [
         entry for entry in entries if not entry.name.endswith(".history") and entry.position < limit
     ]
+
+
+class WalDigest:
+    """A WAL file's sha256, computed in a thread of its own from the moment this is made:
+    ``wal-push`` starts it before it reads the plan, so that the two overlap (reading and
+    hashlib release the interpreter lock). The file is read and hashed again as it is stored,
+    and the two digests must agree."""
+
+    def __init__(self, path: Path):
+        self._outcome: str | BaseException | None = None
+        self._thread = threading.Thread(
+            target=self._compute, args=(path,), name="wal-sha256", daemon=True
+        )
+        self._thread.start()
+
+    def _compute(self, path: Path) -> None:
+        try:
+            self._outcome = _file_sha256(path)
+        except BaseException as exc:  # raised in the caller's thread, by result()
+            self._outcome = exc
+
+    def result(self) -> str:
+        self._thread.join()
+        if isinstance(self._outcome, BaseException):
+            raise self._outcome
+        assert self._outcome is not None
+        return self._outcome
 
 
 def _file_sha256(path: Path) -> str:

@@ -22,6 +22,8 @@ def lsn_value(lsn: str) -> int:
 
 @dataclass(frozen=True)
 class WalSegment:
+    """A WAL segment: its timeline and its number from the start of WAL."""
+
     timeline: int
     # Counted in segments from the start of WAL: position // segment_size.
     number: int
