@@ -1,11 +1,13 @@
-"""The age decryption restores of packs use (engine/age_decrypt.py): it opens what the ``age``
-command, pyrage and age_encrypt write, exactly as pyrage (the reference) does, and refuses
-whatever pyrage refuses: another key, a header or payload altered, a file cut short at a chunk
-boundary or extended, a file with no X25519 stanza."""
+"""The age decryption of restores (engine/age_decrypt.py), of files held in memory (packs) and
+of streams (the age worker's): it opens what the ``age`` command, pyrage and age_encrypt write,
+exactly as pyrage (the reference) does, and refuses whatever pyrage refuses: another key, a
+header or payload altered, a file cut short at a chunk boundary or extended, a file with no
+X25519 stanza."""
 
 from __future__ import annotations
 
 import base64
+import io
 import os
 import subprocess
 
@@ -13,10 +15,35 @@ import pyrage
 import pytest
 from pyrage import passphrase, x25519
 
-from spark_backup.engine.age_decrypt import AgeDecryptError, Identities, decrypt_bytes, identity_key
+from spark_backup.engine.age_decrypt import (
+    AgeDecryptError,
+    Identities,
+    decrypt_bytes,
+    decrypt_stream,
+    identity_key,
+)
 from spark_backup.engine.age_encrypt import CHUNK, encrypt_bytes
 
-SIZES = [0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 2 * CHUNK, 3 * CHUNK + 7]
+# decrypt_stream opens 16 chunks at a time, the last one held back until the stream ends.
+SIZES = [0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 2 * CHUNK, 3 * CHUNK + 7, 16 * CHUNK, 17 * CHUNK + 1]
+WAYS = ["bytes", "stream", "trickle"]
+
+
+class _Trickle(io.BytesIO):
+    """A stream that hands out at most 1,000 bytes a read, as a pipe may."""
+
+    def read(self, size: int | None = -1) -> bytes:
+        return super().read(1000 if size is None or size < 0 else min(size, 1000))
+
+
+def _decrypted(encrypted: bytes, opener: Identities, way: str) -> bytes:
+    if way == "bytes":
+        return bytes(decrypt_bytes(encrypted, opener))
+    pieces: list[bytearray] = []
+    source = io.BytesIO(encrypted) if way == "stream" else _Trickle(encrypted)
+    decrypt_stream(source, pieces.append, opener)
+    assert all(0 < len(piece) <= 16 * CHUNK for piece in pieces)
+    return b"".join(pieces)
 
 
 def _age_cli(data: bytes, recipients: list[str]) -> bytes:
@@ -24,8 +51,9 @@ def _age_cli(data: bytes, recipients: list[str]) -> bytes:
     return subprocess.run(command, input=data, capture_output=True, check=True).stdout
 
 
+@pytest.mark.parametrize("way", WAYS)
 @pytest.mark.parametrize("size", SIZES)
-def test_it_opens_what_age_pyrage_and_age_encrypt_write(size: int) -> None:
+def test_it_opens_what_age_pyrage_and_age_encrypt_write(size: int, way: str) -> None:
     mine, other = x25519.Identity.generate(), x25519.Identity.generate()
     recipients = [str(other.to_public()), str(mine.to_public())]
     data = os.urandom(size)
@@ -35,13 +63,10 @@ def test_it_opens_what_age_pyrage_and_age_encrypt_write(size: int) -> None:
         encrypt_bytes(data, recipients),
     ):
         assert pyrage.decrypt(encrypted, [mine]) == data
-        assert bytes(decrypt_bytes(encrypted, Identities([mine]))) == data
-        assert (
-            bytes(
-                decrypt_bytes(memoryview(encrypted), Identities([x25519.Identity.generate(), mine]))
-            )
-            == data
-        )
+        assert _decrypted(encrypted, Identities([mine]), way) == data
+        assert _decrypted(encrypted, Identities([x25519.Identity.generate(), mine]), way) == data
+        if way == "bytes":
+            assert bytes(decrypt_bytes(memoryview(encrypted), Identities([mine]))) == data
 
 
 def _refusals(encrypted: bytes, size: int) -> list[bytes]:
@@ -67,8 +92,9 @@ def _refusals(encrypted: bytes, size: int) -> list[bytes]:
     return damaged
 
 
-@pytest.mark.parametrize("size", [1, CHUNK, 2 * CHUNK + 5])
-def test_it_refuses_whatever_pyrage_refuses(size: int) -> None:
+@pytest.mark.parametrize("way", WAYS)
+@pytest.mark.parametrize("size", [1, CHUNK, 2 * CHUNK + 5, 16 * CHUNK, 17 * CHUNK + 5])
+def test_it_refuses_whatever_pyrage_refuses(size: int, way: str) -> None:
     identity = x25519.Identity.generate()
     opener = Identities([identity])
     data = os.urandom(size)
@@ -80,17 +106,18 @@ def test_it_refuses_whatever_pyrage_refuses(size: int) -> None:
             with pytest.raises(pyrage.DecryptError):
                 pyrage.decrypt(damaged, [identity])
             with pytest.raises(AgeDecryptError):
-                decrypt_bytes(damaged, opener)
+                _decrypted(damaged, opener, way)
 
 
-def test_another_key_and_another_recipient_type_find_no_matching_key() -> None:
+@pytest.mark.parametrize("way", WAYS)
+def test_another_key_and_another_recipient_type_find_no_matching_key(way: str) -> None:
     identity = x25519.Identity.generate()
     for encrypted in (
         pyrage.encrypt(b"secret", [x25519.Identity.generate().to_public()]),
         passphrase.encrypt(b"secret", "a passphrase"),  # an scrypt stanza only
     ):
         with pytest.raises(AgeDecryptError) as refused:
-            decrypt_bytes(encrypted, Identities([identity]))
+            _decrypted(encrypted, Identities([identity]), way)
         assert refused.value.kind == "no_matching_keys"
 
 

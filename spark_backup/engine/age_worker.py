@@ -1,9 +1,10 @@
 """Decrypt age streams in a process of its own, one after another.
 
-pyrage holds the interpreter lock while it decrypts, so in the restoring process decryption
-could not overlap with decompression, hashing and writing; in a worker process it runs on
-another core (restores of large copies run about 1.6 times faster). The worker also hashes the
-ciphertext it reads, so the stored digest costs the restoring process nothing.
+Decryption (``age_decrypt.decrypt_stream``), decompression and both digests run here, on
+another core than the restoring process, which then only reads, parses and writes, and holds
+the interpreter lock to itself (a decompressing thread beside it contended for the lock, and
+on a busy machine doubled a restore's wall time). The worker hashes the ciphertext it reads,
+so the stored digest costs the restoring process nothing.
 
 One worker serves a whole run: a deep verify of 500 small copies starts one process, not 500
 (each start costs about 80 ms of interpreter and imports). ``AgeWorker`` is the calling side.
@@ -43,17 +44,18 @@ import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
-import pyrage
-from pyrage import x25519
-
+from spark_backup.engine.age_decrypt import AgeDecryptError, Identities, decrypt_stream
 from spark_backup.engine.streams import (
     CHUNK_SIZE,
     HashingReader,
     Readable,
     copy_stream,
 )
+
+if TYPE_CHECKING:
+    from pyrage import x25519
 
 _REQUEST = b"decrypt"
 # The same, and the plaintext inflated from zstd before it is written: decompression then runs
@@ -80,7 +82,7 @@ def main(argv: list[str]) -> int:
         # Written by ``AgeWorker`` from identities it holds parsed (``str`` of each), so they
         # need no second check: the worker imports nothing it can do without, as every restore,
         # verify and wal-fetch waits for it to start.
-        identities = [x25519.Identity.from_str(line) for line in handle.read().split()]
+        identities = Identities(handle.read().split())
     with socket.socket(fileno=control_fd) as control:
         while True:
             message, fds, _, _ = socket.recv_fds(control, len(_REQUEST_ZSTD), 2)
@@ -95,30 +97,20 @@ def main(argv: list[str]) -> int:
 
 
 def decrypt(
-    stored_fd: int, plain_fd: int, identities: list[x25519.Identity], zstd: bool = False
+    stored_fd: int, plain_fd: int, identities: Identities, zstd: bool = False
 ) -> dict[str, Any]:
     """Decrypt from ``stored_fd`` into ``plain_fd`` (inflated, with ``zstd``), closing both;
     the status to report."""
-    stored_file = open(stored_fd, "rb", buffering=CHUNK_SIZE)  # noqa: SIM115
+    # decrypt_stream reads and writes about 1 MiB at a time: no buffering needed either way.
+    stored_file = open(stored_fd, "rb", buffering=0)  # noqa: SIM115
     stored = HashingReader(stored_file)
-    # Inflated pieces are large and go to the pipe as they are; age's own 8 KiB pieces are
-    # gathered first.
-    plain = _PlainOut(open(plain_fd, "wb", buffering=0 if zstd else CHUNK_SIZE))  # noqa: SIM115
+    plain = _PlainOut(open(plain_fd, "wb", buffering=0))  # noqa: SIM115
     status: dict[str, Any]
     inflated = _Inflate(plain) if zstd else None
     try:
+        decrypt_stream(stored, plain.write if inflated is None else inflated.write, identities)
         if inflated is not None:
-            try:
-                pyrage.decrypt_io(stored, inflated, identities)
-            except Exception:
-                # Raised in a write pyrage made, it comes back as pyrage's own error.
-                if isinstance(inflated.damage, _ZstdDamage):
-                    raise inflated.damage from None
-                raise
             inflated.finish()
-        else:
-            pyrage.decrypt_io(stored, plain, identities)
-        plain.flush()
         status = {
             "ok": True,
             "sha256": stored.hexdigest(),
@@ -128,15 +120,11 @@ def decrypt(
         }
     except _ZstdDamage as exc:
         status = {"ok": False, "error": "zstd", "detail": str(exc), "bytes": stored.bytes}
-    except (pyrage.DecryptError, OSError) as exc:
-        # rage reports a failed chunk authentication as an I/O error, a wrong key or a damaged
-        # header as a DecryptError; a write error is ours: the reader went away.
-        if plain.broken:
-            kind = "reader_gone"
-        elif "no matching keys" in str(exc).lower():
-            kind = "no_matching_keys"
-        else:
-            kind = "damaged"
+    except AgeDecryptError as exc:
+        status = {"ok": False, "error": exc.kind, "detail": str(exc), "bytes": stored.bytes}
+    except OSError as exc:
+        # A failed write is the reader going away; a failed read, a store that failed.
+        kind = "reader_gone" if plain.broken else "damaged"
         status = {"ok": False, "error": kind, "detail": str(exc), "bytes": stored.bytes}
     finally:
         plain.close()
@@ -150,14 +138,7 @@ class _ZstdDamage(Exception):
 
 class _Inflate:
     """Inflates the zstd frame written to it into ``out``: one frame, checked to its end and
-    against its checksum.
-
-    On the decrypting thread itself, between pyrage's writes: a thread of its own contended
-    with decryption for the interpreter lock (pyrage holds it while it decrypts), and on a busy
-    machine a hand-over could wait for the other thread to be scheduled again. Decryption is
-    the small part (about a fifth of the time of inflating and hashing)."""
-
-    BATCH = 256 * 1024  # age hands over 8 KiB at a time; zstd takes them in batches
+    against its checksum. On the decrypting thread itself, between its writes of 1 MiB."""
 
     def __init__(self, out: _PlainOut):
         import zstandard  # the worker's alone: the caller-side imports stay as they were
@@ -165,24 +146,8 @@ class _Inflate:
         self._out = out
         self._error = zstandard.ZstdError
         self._frame = zstandard.ZstdDecompressor().decompressobj(write_size=CHUNK_SIZE)
-        self._batch: list[bytes] = []
-        self._batched = 0
-        self.damage: _ZstdDamage | None = None
 
-    def write(self, data: bytes) -> int:
-        self._batch.append(data)
-        self._batched += len(data)
-        if self._batched >= self.BATCH:
-            batch = b"".join(self._batch)
-            self._batch, self._batched = [], 0
-            try:
-                self._inflate(batch)
-            except _ZstdDamage as exc:
-                self.damage = exc
-                raise
-        return len(data)
-
-    def _inflate(self, data: bytes) -> None:
+    def write(self, data: bytes) -> None:
         if self._frame.eof:
             raise _ZstdDamage("data after the end of the zstd frame")
         try:
@@ -195,10 +160,7 @@ class _Inflate:
             self._out.write(inflated)
 
     def finish(self) -> None:
-        """Inflate what is left; the frame must have ended."""
-        if self._batch:
-            self._inflate(b"".join(self._batch))
-            self._batch = []
+        """The frame must have ended."""
         if not self._frame.eof:
             raise _ZstdDamage("the stream ends inside a zstd frame")
 
@@ -225,11 +187,8 @@ class _PlainOut:
             raise
         return len(data)
 
-    def flush(self) -> None:
-        self._inner.flush()
-
     def close(self) -> None:
-        with suppress(OSError):  # buffered bytes nobody reads any more
+        with suppress(OSError):  # a pipe nobody reads any more
             self._inner.close()
 
 
