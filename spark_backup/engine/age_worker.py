@@ -36,6 +36,7 @@ import fcntl
 import hashlib
 import json
 import os
+import queue
 import signal
 import socket
 import stat
@@ -101,16 +102,17 @@ def decrypt(
 ) -> dict[str, Any]:
     """Decrypt from ``stored_fd`` into ``plain_fd`` (inflated, with ``zstd``), closing both;
     the status to report."""
-    # decrypt_stream reads and writes about 1 MiB at a time: no buffering needed either way.
+    # decrypt_stream reads about 1 MiB at a time: no buffering needed.
     stored_file = open(stored_fd, "rb", buffering=0)  # noqa: SIM115
     stored = HashingReader(stored_file)
-    plain = _PlainOut(open(plain_fd, "wb", buffering=0))  # noqa: SIM115
+    plain = _PlainOut(plain_fd)
     status: dict[str, Any]
-    inflated = _Inflate(plain) if zstd else None
     try:
+        inflated = _Inflate(plain) if zstd else None
         decrypt_stream(stored, plain.write if inflated is None else inflated.write, identities)
         if inflated is not None:
             inflated.finish()
+        plain.finish()
         status = {
             "ok": True,
             "sha256": stored.hexdigest(),
@@ -166,30 +168,61 @@ class _Inflate:
 
 
 class _PlainOut:
-    """The plaintext pipe, hashing and counting what is written to it, and remembering whether
-    a write failed because the reading side closed."""
+    """The plaintext pipe, hashed, counted and written on a thread of its own, so that hashing
+    and writing one piece overlap with decrypting and inflating the next (hashlib and the
+    pipe's writes release the interpreter lock; the decrypting thread holds it for microseconds
+    at a time). At most ``DEPTH`` pieces wait, so memory stays bounded. A failed write (the
+    reader went away) is raised by the next ``write`` or by ``finish``."""
 
-    def __init__(self, inner: BinaryIO):
-        self._inner = inner
+    DEPTH = 4
+
+    def __init__(self, fd: int):
         self.sha256 = hashlib.sha256()
         self.bytes = 0
         self.broken = False
+        self._fd = fd
+        self._failure: OSError | None = None
+        self._pieces: queue.Queue[bytes | bytearray | None] = queue.Queue(self.DEPTH)
+        self._thread: threading.Thread | None = threading.Thread(
+            target=self._write_pieces, name="age-worker-plaintext", daemon=True
+        )
+        self._thread.start()
 
-    def write(self, data: bytes) -> int:
-        self.sha256.update(data)
+    def write(self, data: bytes | bytearray) -> None:
+        if self._failure is not None:
+            raise self._failure
         self.bytes += len(data)
-        view = memoryview(data)
+        self._pieces.put(data)
+
+    def _write_pieces(self) -> None:
         try:
-            while view:
-                view = view[self._inner.write(view) :]
-        except OSError:
-            self.broken = True
-            raise
-        return len(data)
+            while (data := self._pieces.get()) is not None:
+                if self._failure is not None:
+                    continue  # taken off the queue only, so that the writer never waits
+                self.sha256.update(data)
+                view = memoryview(data)
+                try:
+                    while view:
+                        view = view[os.write(self._fd, view) :]
+                except OSError as exc:
+                    self.broken = True
+                    self._failure = exc
+        finally:
+            with suppress(OSError):
+                os.close(self._fd)
+
+    def finish(self) -> None:
+        """Wait until every piece is written, and close the pipe; raises a failed write."""
+        if self._thread is not None:
+            self._pieces.put(None)
+            self._thread.join()
+            self._thread = None
+        if self._failure is not None:
+            raise self._failure
 
     def close(self) -> None:
-        with suppress(OSError):  # a pipe nobody reads any more
-            self._inner.close()
+        with suppress(OSError):
+            self.finish()
 
 
 # --- the calling side --------------------------------------------------------------------------
