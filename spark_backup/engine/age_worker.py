@@ -47,7 +47,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from spark_backup.engine.age_decrypt import AgeDecryptError, Identities, decrypt_stream
 from spark_backup.engine.streams import (
     CHUNK_SIZE,
     HashingReader,
@@ -57,6 +56,8 @@ from spark_backup.engine.streams import (
 
 if TYPE_CHECKING:
     from pyrage import x25519
+
+    from spark_backup.engine.age_decrypt import Identities
 
 _REQUEST = b"decrypt"
 # The same, and the plaintext inflated from zstd before it is written: decompression then runs
@@ -78,6 +79,10 @@ def main(argv: list[str]) -> int:
     # Ctrl-C reaches the whole process group; the calling process decides, and closes the
     # pipes, which stops this worker.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # The worker's alone (cryptography): the calling side, which imports this module for
+    # ``AgeWorker``, loads none of it.
+    from spark_backup.engine.age_decrypt import Identities
+
     identity_fd, control_fd = int(argv[0]), int(argv[1])
     with os.fdopen(identity_fd, "r", encoding="utf-8") as handle:
         # Written by ``AgeWorker`` from identities it holds parsed (``str`` of each), so they
@@ -102,6 +107,8 @@ def decrypt(
 ) -> dict[str, Any]:
     """Decrypt from ``stored_fd`` into ``plain_fd`` (inflated, with ``zstd``), closing both;
     the status to report."""
+    from spark_backup.engine.age_decrypt import AgeDecryptError, decrypt_stream
+
     # decrypt_stream reads about 1 MiB at a time: no buffering needed.
     stored_file = open(stored_fd, "rb", buffering=0)  # noqa: SIM115
     stored = HashingReader(stored_file)
