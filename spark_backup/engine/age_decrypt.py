@@ -220,15 +220,17 @@ def decrypt_bytes(
     return plain
 
 
-# Sealed bytes read at a time by ``decrypt_stream``: 16 chunks, 1 MiB of plaintext.
-_STREAM_READ = 16 * _SEALED_CHUNK
+# Chunks ``decrypt_stream`` opens at a time (256 KiB of plaintext), and the sealed bytes it
+# reads for them.
+_STREAM_CHUNKS = 4
+_STREAM_READ = _STREAM_CHUNKS * _SEALED_CHUNK
 
 
 def decrypt_stream(
     source: Readable, write: Callable[[bytearray], object], identities: Identities
 ) -> None:
-    """Decrypt the age file read from ``source``, handing its plaintext to ``write`` up to
-    1 MiB at a time, each piece a buffer of its own that the callee may keep. The checks are
+    """Decrypt the age file read from ``source``, handing its plaintext to ``write`` about
+    256 KiB at a time, each piece a buffer of its own that the callee may keep. The checks are
     ``decrypt_bytes``'s; since the last chunk is known only at the end of the stream, each
     piece stops short of it until ``source`` ends. Whether the file was whole is known only
     when this returns: on ``AgeDecryptError`` what was handed over must be discarded."""
@@ -253,7 +255,7 @@ def decrypt_stream(
             _check_final_chunk(len(pending) - (count - 1) * _SEALED_CHUNK, index + count - 1)
         else:
             count = (len(pending) - 1) // _SEALED_CHUNK  # a byte follows each: none is the last
-            if count < 16:
+            if count < _STREAM_CHUNKS:
                 continue
         sealed = count * _SEALED_CHUNK if not ended else len(pending)
         plain = bytearray(sealed - count * _TAG)
