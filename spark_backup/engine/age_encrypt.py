@@ -5,8 +5,8 @@ Backups encrypt here rather than with pyrage: pyrage encrypts at about 0.6 GB/s 
 the interpreter lock all the while, so a backup's reading, hashing and compression waited for
 it; OpenSSL's ChaCha20-Poly1305 runs at about 3 GB/s, and the lock is held for one 64 KiB chunk
 at a time. What this writes is an ordinary age file: ``age -d``, rage and pyrage open it (the
-tests decrypt with each). Everything decrypts with ``age_decrypt``: streams in the age worker,
-packs of the blob layer held whole in memory.
+tests decrypt with each). ``age_decrypt`` opens it again: streams in the age worker, packs
+of the blob layer held whole in memory.
 
 The format, as the specification lays it out::
 
