@@ -330,8 +330,10 @@ def bench_dump(workdir: Path, sizes: Sizes, key: Path, public: str) -> list[Row]
             q(a) for a in [pg_tool("pg_dump"), *conn_args(cluster), "-d", DATABASE, "-Fc", "-Z0"]
         )
         for i in range(sizes.repeat):
+            server_cpu = {}  # the cluster's CPU seconds during each side's run
             for side in ("ours", "pipeline") if i % 2 == 0 else ("pipeline", "ours"):
                 settle(cluster)
+                before = cluster.cpu_seconds()
                 if side == "ours":
                     run = timed(
                         spark(plan, "--no-progress", "backup", SOURCE, "--json"), capture=True
@@ -347,7 +349,18 @@ def bench_dump(workdir: Path, sizes: Sizes, key: Path, public: str) -> list[Row]
                             shell(f"{dump} | zstd -3 -T2 -q | age -r {q(public)} > {q(str(out))}")
                         )
                     )
+                server_cpu[side] = cluster.cpu_seconds() - before
             out.unlink(missing_ok=True)
+            ours, ref = whole.runs[-1], pipeline.runs[-1]
+            print(
+                f"  [dump {i + 1}/{sizes.repeat}] ours: copy {copy.runs[-1].seconds:.2f}s, "
+                f"whole {ours.seconds:.2f}s (CPU {ours.cpu_seconds:.2f}s, server "
+                f"{server_cpu['ours']:.2f}s) | pipeline {ref.seconds:.2f}s (CPU "
+                f"{ref.cpu_seconds:.2f}s, server {server_cpu['pipeline']:.2f}s) | copy at "
+                f"{ref.seconds / copy.runs[-1].seconds:.0%} of the pipeline | load "
+                f"{load_average()}",
+                flush=True,
+            )
         shutil.rmtree(workdir / "store-pg", ignore_errors=True)
     return [copy, whole, pipeline]
 
