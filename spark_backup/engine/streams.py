@@ -93,6 +93,14 @@ class HashingWriter:
         return self.sha256.hexdigest()
 
 
+def widen_pipe(pipe_fd: int) -> None:
+    """Let a pipe hold a whole chunk (1 MiB, Linux's limit for unprivileged users) instead of
+    64 KiB: the writer and the reader then wake each other sixteen times less often. Best
+    effort: the pipe works at any size."""
+    with suppress(OSError, AttributeError):
+        fcntl.fcntl(pipe_fd, fcntl.F_SETPIPE_SZ, CHUNK_SIZE)
+
+
 def copy_stream(source: Readable, target: Writable) -> int:
     """Copy in chunks, never the whole stream in memory; return the bytes copied."""
     total = 0
@@ -142,11 +150,3 @@ class ChunkReader:
 
     def readable(self) -> bool:
         return True
-
-
-def widen_pipe(pipe_fd: int) -> None:
-    """Let a pipe hold a whole chunk (1 MiB, Linux's limit for unprivileged users) instead of
-    64 KiB: writer and reader then wake each other far less often. Best effort: the pipe works
-    at any size."""
-    with suppress(OSError, AttributeError):
-        fcntl.fcntl(pipe_fd, fcntl.F_SETPIPE_SZ, CHUNK_SIZE)
