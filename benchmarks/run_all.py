@@ -19,6 +19,7 @@ installs them). The script reports, it does not judge: it always exits 0.
     .venv/bin/python benchmarks/run_all.py --quick        # ~100 MB, one run each: ~2 minutes
     .venv/bin/python benchmarks/run_all.py                # ~920 MB, best of 3, pgbench scale 50
     .venv/bin/python benchmarks/run_all.py --json all.json --workdir /dev/shm
+    .venv/bin/python benchmarks/run_all.py --postgres-only --repeat 5 --workdir /dev/shm
 """
 
 from __future__ import annotations
@@ -448,6 +449,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, help="runs per command (default 3, --quick 1)")
     parser.add_argument("--workdir", type=Path, help="where the work folder is made")
     parser.add_argument("--skip-postgres", action="store_true", help="leave out the dump")
+    parser.add_argument("--postgres-only", action="store_true", help="only the daily dump")
     parser.add_argument("--json", type=Path, help="write every figure as JSON")
     return parser.parse_args(argv)
 
@@ -470,30 +472,31 @@ def main(argv: list[str] | None = None) -> int:
     startup: list[bench_cli_startup.StartupResult] = []
     try:
         key, public = make_key(workdir)
-        rows += (
-            step(
-                "files: backup, restore, full read",
-                lambda: bench_files(workdir, sizes, key, public),
-                errors,
+        if not args.postgres_only:
+            rows += (
+                step(
+                    "files: backup, restore, full read",
+                    lambda: bench_files(workdir, sizes, key, public),
+                    errors,
+                )
+                or []
             )
-            or []
-        )
-        rows += (
-            step(
-                "deep verify of many small copies",
-                lambda: bench_tiny_copies(workdir, sizes, key, public),
-                errors,
+            rows += (
+                step(
+                    "deep verify of many small copies",
+                    lambda: bench_tiny_copies(workdir, sizes, key, public),
+                    errors,
+                )
+                or []
             )
-            or []
-        )
-        startup = (
-            step(
-                "CLI start-up",
-                lambda: bench_cli_startup.measure(max(5, sizes.repeat * 3), workdir=workdir),
-                errors,
+            startup = (
+                step(
+                    "CLI start-up",
+                    lambda: bench_cli_startup.measure(max(5, sizes.repeat * 3), workdir=workdir),
+                    errors,
+                )
+                or []
             )
-            or []
-        )
         if not args.skip_postgres:
             rows += (
                 step(
