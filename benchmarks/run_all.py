@@ -19,6 +19,7 @@ installs them). The script reports, it does not judge: it always exits 0.
     .venv/bin/python benchmarks/run_all.py --quick        # ~100 MB, one run each: ~2 minutes
     .venv/bin/python benchmarks/run_all.py                # ~920 MB, best of 3, pgbench scale 50
     .venv/bin/python benchmarks/run_all.py --json all.json --workdir /dev/shm
+    .venv/bin/python benchmarks/run_all.py --postgres-only --repeat 5 --workdir /dev/shm
 """
 
 from __future__ import annotations
@@ -330,8 +331,10 @@ def bench_dump(workdir: Path, sizes: Sizes, key: Path, public: str) -> list[Row]
             q(a) for a in [pg_tool("pg_dump"), *conn_args(cluster), "-d", DATABASE, "-Fc", "-Z0"]
         )
         for i in range(sizes.repeat):
+            server_cpu = {}  # the cluster's CPU seconds during each side's run
             for side in ("ours", "pipeline") if i % 2 == 0 else ("pipeline", "ours"):
                 settle(cluster)
+                before = cluster.cpu_seconds()
                 if side == "ours":
                     run = timed(
                         spark(plan, "--no-progress", "backup", SOURCE, "--json"), capture=True
@@ -347,7 +350,19 @@ def bench_dump(workdir: Path, sizes: Sizes, key: Path, public: str) -> list[Row]
                             shell(f"{dump} | zstd -3 -T2 -q | age -r {q(public)} > {q(str(out))}")
                         )
                     )
+                time.sleep(0.3)  # untimed: the run's backends exit and are reaped
+                server_cpu[side] = cluster.cpu_seconds() - before
             out.unlink(missing_ok=True)
+            ours, ref = whole.runs[-1], pipeline.runs[-1]
+            print(
+                f"  [dump {i + 1}/{sizes.repeat}] ours: copy {copy.runs[-1].seconds:.2f}s, "
+                f"whole {ours.seconds:.2f}s (CPU {ours.cpu_seconds:.2f}s, server "
+                f"{server_cpu['ours']:.2f}s) | pipeline {ref.seconds:.2f}s (CPU "
+                f"{ref.cpu_seconds:.2f}s, server {server_cpu['pipeline']:.2f}s) | copy at "
+                f"{ref.seconds / copy.runs[-1].seconds:.0%} of the pipeline | load "
+                f"{load_average()}",
+                flush=True,
+            )
         shutil.rmtree(workdir / "store-pg", ignore_errors=True)
     return [copy, whole, pipeline]
 
@@ -435,6 +450,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, help="runs per command (default 3, --quick 1)")
     parser.add_argument("--workdir", type=Path, help="where the work folder is made")
     parser.add_argument("--skip-postgres", action="store_true", help="leave out the dump")
+    parser.add_argument("--postgres-only", action="store_true", help="only the daily dump")
     parser.add_argument("--json", type=Path, help="write every figure as JSON")
     return parser.parse_args(argv)
 
@@ -457,30 +473,31 @@ def main(argv: list[str] | None = None) -> int:
     startup: list[bench_cli_startup.StartupResult] = []
     try:
         key, public = make_key(workdir)
-        rows += (
-            step(
-                "files: backup, restore, full read",
-                lambda: bench_files(workdir, sizes, key, public),
-                errors,
+        if not args.postgres_only:
+            rows += (
+                step(
+                    "files: backup, restore, full read",
+                    lambda: bench_files(workdir, sizes, key, public),
+                    errors,
+                )
+                or []
             )
-            or []
-        )
-        rows += (
-            step(
-                "deep verify of many small copies",
-                lambda: bench_tiny_copies(workdir, sizes, key, public),
-                errors,
+            rows += (
+                step(
+                    "deep verify of many small copies",
+                    lambda: bench_tiny_copies(workdir, sizes, key, public),
+                    errors,
+                )
+                or []
             )
-            or []
-        )
-        startup = (
-            step(
-                "CLI start-up",
-                lambda: bench_cli_startup.measure(max(5, sizes.repeat * 3), workdir=workdir),
-                errors,
+            startup = (
+                step(
+                    "CLI start-up",
+                    lambda: bench_cli_startup.measure(max(5, sizes.repeat * 3), workdir=workdir),
+                    errors,
+                )
+                or []
             )
-            or []
-        )
         if not args.skip_postgres:
             rows += (
                 step(

@@ -169,6 +169,18 @@ class Cluster:
             cursor.execute(statement)
             return cursor.fetchall() if cursor.description else []
 
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) the cluster has used so far: the postmaster's, its ended
+        children's (the backends it reaped) and its live children's."""
+        postmaster = int((self.data / "postmaster.pid").read_text().split()[0])
+        total = sum(_proc_stat(postmaster)[10:14])  # utime, stime, cutime, cstime
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                fields = _proc_stat(int(entry))
+                if len(fields) > 11 and fields[0] == postmaster:
+                    total += fields[10] + fields[11]
+        return total / os.sysconf("SC_CLK_TCK")
+
     def switch_wal_and_wait(self, timeout: float = 90) -> str:
         """Close the current segment and wait until the archiver has archived it."""
         segment = self.execute("SELECT pg_walfile_name(pg_switch_wal())")[0][0]
@@ -183,6 +195,16 @@ class Cluster:
         raise TimeoutError(
             f"segment {segment} not archived (last failed: {failed}); see {self.log}"
         )
+
+
+def _proc_stat(pid: int) -> list[int]:
+    """The numeric fields of /proc/PID/stat after the command name (ppid first); [] if gone."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
+            text = handle.read()
+    except OSError:
+        return []
+    return [int(field) for field in text.rsplit(")", 1)[1].split()[1:]]
 
 
 def archive_command(plan: Path, source: str) -> str:

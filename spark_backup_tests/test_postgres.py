@@ -37,6 +37,7 @@ from spark_backup.plan import load_plan
 from spark_backup.service import BackupService
 from spark_backup.sources.postgres import KIND as POSTGRES
 from spark_backup.sources.postgres import ops
+from spark_backup.sources.postgres.dump import with_large_writes
 from spark_backup.sources.postgres.pitr import PgTarget
 from spark_backup.sources.postgres.server import first_line
 from spark_backup.sources.postgres.wal import archived_wal
@@ -50,6 +51,7 @@ from spark_backup_tests.helpers import (
     write_plan,
 )
 from spark_backup_tests.pg_cluster import (
+    BIN_DIR,
     OS_USER,
     Cluster,
     archive_command,
@@ -233,6 +235,42 @@ def test_dump_and_restore_round_trip(dump_plan: Path, sample_db: str, age_key) -
     verify = run_cli("--plan", str(dump_plan), "verify", "--deep", "--json")
     assert verify.returncode == 0, verify.stderr
     assert all(row["ok"] for row in json.loads(verify.stdout))
+
+
+@pytest.mark.parametrize("stdbuf", [True, False], ids=["stdbuf", "without-stdbuf"])
+def test_a_dump_copy_restores_with_age_zstd_and_pg_restore_alone(
+    dump_plan: Path, sample_db: str, age_key, monkeypatch, stdbuf: bool
+) -> None:
+    """The stored object is age over zstd over pg_dump's custom format, whether pg_dump wrote
+    through stdbuf's large buffer or, where stdbuf is missing, its own: ``age -d | zstd -d |
+    pg_restore`` gives back the database without spark-backup."""
+    if not stdbuf:
+        which = shutil.which
+        monkeypatch.setattr(
+            shutil,
+            "which",
+            lambda name, *a, **k: None if name == "stdbuf" else which(name, *a, **k),
+        )
+    assert (with_large_writes(["pg_dump"])[0] != "pg_dump") is stdbuf
+    dump = BackupService.from_path(dump_plan).backup("pg_main")[1]
+    [data] = (dump_plan.parent / "store").rglob(Path(dump.data_key).name)
+    target = f"{sample_db}_plain"
+    run_sql(f"CREATE DATABASE {target}")
+    restored = subprocess.run(
+        [
+            "bash",
+            "-o",
+            "pipefail",
+            "-c",
+            f"age -d -i {age_key[0]} {data} | zstd -d | {BIN_DIR / 'pg_restore'} "
+            f"--exit-on-error -h 127.0.0.1 -p 5432 -U postgres -d {target}",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert restored.returncode == 0, restored.stderr
+    with closing(main_conn(sample_db)) as original, closing(main_conn(target)) as copy:
+        assert table_digests(copy) == table_digests(original)
 
 
 def _plain_text(service: BackupService, manifest) -> str:

@@ -32,7 +32,6 @@ environment (which other users may read from /proc). Protocol::
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -52,6 +51,7 @@ from spark_backup.engine.streams import (
     HashingReader,
     Readable,
     copy_stream,
+    widen_pipe,
 )
 
 if TYPE_CHECKING:
@@ -373,7 +373,7 @@ class AgeWorker:
             assert self._control is not None
             file_fd = _real_fileno(stored)
             plain_read, plain_write = os.pipe()
-            _widen(plain_write)
+            widen_pipe(plain_write)
             feed_read, feed_write = os.pipe() if file_fd is None else (-1, -1)
             try:
                 socket.send_fds(
@@ -415,14 +415,6 @@ def _feed(stored: Readable, fd: int, errors: list[BaseException]) -> None:
     finally:
         with suppress(OSError):
             pipe.close()
-
-
-def _widen(pipe_fd: int) -> None:
-    """Let the plaintext pipe hold a whole chunk (1 MiB, Linux's limit for unprivileged users)
-    instead of 64 KiB: the worker and the reader then wake each other sixteen times less often.
-    Best effort: the pipe works at any size."""
-    with suppress(OSError, AttributeError):
-        fcntl.fcntl(pipe_fd, fcntl.F_SETPIPE_SZ, CHUNK_SIZE)
 
 
 def _real_fileno(stream: Readable) -> int | None:

@@ -15,6 +15,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import BinaryIO
 
+from spark_backup.engine.streams import widen_pipe
 from spark_backup.errors import SourceError
 
 _PASSED_ON = ("PATH", "HOME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "PYTHONPATH", "PYTHONHOME")
@@ -47,6 +48,10 @@ def streamed_tool(args: Sequence[str], env: dict[str, str], label: str) -> Itera
     with tempfile.TemporaryFile() as stderr:
         process = subprocess.Popen(list(args), stdout=subprocess.PIPE, stderr=stderr, env=env)
         assert process.stdout is not None
+        # A 64 KiB pipe woke this reader and put the tool to sleep about 80,000 times for a
+        # 513 MB pg_dump in 4 KiB writes, three times as often as a 1 MiB one; and the 1 MiB
+        # writes pg_dump makes under stdbuf fit whole.
+        widen_pipe(process.stdout.fileno())
         output = ToolOutput(process.stdout)
         try:
             yield output
