@@ -269,3 +269,28 @@ def test_a_misspelled_kind_gets_a_hint(tmp_path: Path) -> None:
         PlanError, match=r"unknown kind 'config_archiv' .*did you mean 'config_archive'"
     ):
         load_plan(write_plan(tmp_path, plan))
+
+
+def test_every_section_default_made_without_validation_equals_the_validated_one() -> None:
+    """Section defaults are ``model_construct``ed (no validator built at import): each must be
+    exactly what validating the model's defaults gives, nested sections included."""
+    import spark_backup.plan.schema  # noqa: F401 - defines the plan's sections
+    from spark_backup.engine.settings import SettingsModel
+
+    assert registry.kinds()  # every kind loaded: its settings models defined
+
+    def subclasses(cls):
+        for sub in cls.__subclasses__():
+            yield sub
+            yield from subclasses(sub)
+
+    checked = set()
+    for model in set(subclasses(SettingsModel)):
+        for name, field in model.model_fields.items():
+            default = field.default
+            if isinstance(default, SettingsModel):
+                where = f"{model.__qualname__}.{name}"
+                assert default == type(default)(), where
+                assert type(default).model_validate(default.model_dump()) == default, where
+                checked.add(where)
+    assert len(checked) >= 14, sorted(checked)
