@@ -10,7 +10,10 @@ peak RSS. Commands:
   every manifest parsed, a table printed);
 * ``wal-push``: PostgreSQL's ``archive_command`` for one 16 MiB segment of a cluster at rest
   (mostly zeros), a new segment name every run: reading the plan, hashing, compressing,
-  encrypting and storing it.
+  encrypting and storing it;
+* ``backup``, ``verify``, ``verify --deep`` and ``restore --to`` of the small source (20 files,
+  30 KiB): the fixed cost of the commands that move data, which every copy pays (no target of
+  their own; issue 12 compares the whole commands with ``tar | zstd | age``).
 
 With ``--baseline DIR`` (a folder holding another version's ``spark_backup`` package, such as
 ``git archive REV spark_backup | tar -x -C DIR``), each command also runs with that version
@@ -53,10 +56,23 @@ class StartupResult:
     peak_rss_mb: float
     runs: int
     reference: bool = False  # libraries alone, not a spark-backup command: no target
+    fixed_cost: bool = False  # a command that moves data, on a tiny source: no target
 
     @property
     def passed(self) -> bool:
         return self.best_s <= TARGET_SECONDS
+
+
+def newest_copy(plan: Path) -> str:
+    """The id of the newest copy ``list`` shows (the copies ``prepare`` made)."""
+    done = subprocess.run(
+        [spark_backup_script(), "--plan", str(plan), "list", "--json"],
+        capture_output=True,
+        text=True,
+        env=_environment(),
+        check=True,
+    )
+    return max(json.loads(done.stdout), key=lambda c: c["finished_at"])["id"]
 
 
 def spark_backup_script() -> str:
@@ -181,6 +197,19 @@ def measure(
                 str(segment(base, n + 1)),
             ],
         }
+        copy_id = newest_copy(plan)
+        restored = base / "restored"
+        fixed_costs: dict[str, object] = {
+            "backup (20 files, 30 KiB)": lambda n: [script, "--plan", str(plan), "backup", "etc"],
+            "verify (one copy)": lambda n: [script, "--plan", str(plan), "verify", copy_id],
+            "verify --deep (one copy)": lambda n: [
+                *(script, "--plan", str(plan), "verify", "--deep", copy_id)
+            ],
+            "restore --to (one copy)": lambda n: [
+                *(script, "--plan", str(plan), "restore", copy_id, "--to"),
+                str(restored / str(n)),
+            ],
+        }
         # What any command that reads a plan pays before spark-backup's own code: the
         # interpreter, click, PyYAML and pydantic with one model built (not a spark-backup
         # command; it shows how much of list and wal-push is libraries).
@@ -193,7 +222,7 @@ def measure(
         if baseline is not None:
             versions[" [baseline]"] = baseline
         results = []
-        for label, make_args in {**commands, **references}.items():
+        for label, make_args in {**commands, **fixed_costs, **references}.items():
             runs: dict[str, list[tuple[float, float, float]]] = {}
             numbers = iter(range(repeat * len(versions) + len(versions)))
             measured_versions = {"": None} if label in references else versions
@@ -214,6 +243,7 @@ def measure(
                         round(max(r[2] for r in measured), 1),
                         repeat,
                         reference=label in references,
+                        fixed_cost=label in fixed_costs,
                     )
                 )
         return results
@@ -228,6 +258,8 @@ def table(results: list[StartupResult]) -> str:
         verdict = (
             "(reference)"
             if r.reference
+            else "(fixed cost)"
+            if r.fixed_cost
             else "PASS"
             if r.passed
             else f"MISS (target <= {TARGET_SECONDS} s)"

@@ -194,6 +194,55 @@ def test_wal_push_loads_neither_psycopg_nor_rich(tmp_path: Path, quick_plan: Pat
     assert {"spark_backup.service.runtime", "pyrage", "zstandard"} <= modules
 
 
+# What backup, verify and restore need none of: the service's other concerns (they get the
+# plan opened with copies, their journal and locks alone, see CliState.copy_service).
+NOT_FOR_COPIES = (
+    *NOT_FOR_READING,
+    "spark_backup.notify.desk",
+    "spark_backup.service.backup_service",
+    "spark_backup.service.alerts",
+    "spark_backup.service.drills",
+    "spark_backup.service.retention",
+    "spark_backup.service.replication",
+    "spark_backup.service.kpis",
+    "spark_backup.service.compliance",
+    "spark_backup.service.disaster",
+)
+
+
+def test_backup_verify_and_restore_load_only_their_concern_and_the_plans_kinds(
+    tmp_path: Path, quick_plan: Path, age_key
+) -> None:
+    """Restore to a folder does not load every kind to offer their restore targets."""
+    plan = ("--plan", str(quick_plan))
+    identity = ("--identity", str(age_key[0]))
+    done, modules = imported_by(tmp_path, *plan, "backup", "etc")
+    assert done.returncode == 0, done.stderr
+    copy_id = done.stdout.split()[0]
+    runs = {"backup": modules}
+    for name, args in {
+        "verify": ("verify", copy_id),
+        "verify --deep": ("verify", *identity, copy_id),
+        "restore": ("restore", copy_id, *identity, "--to", str(tmp_path / "restored")),
+    }.items():
+        done, runs[name] = imported_by(tmp_path, *plan, *args)
+        assert done.returncode == 0, (name, done.stderr)
+    assert (tmp_path / "restored").is_dir()
+    for name, modules in runs.items():
+        assert offending(modules, (*NEVER, "psycopg", "psycopg2", "pymongo")) == [], name
+        assert offending(modules, NOT_FOR_COPIES) == [], name
+        assert offending(modules, KINDS_NOT_IN_THE_QUICK_PLAN) == [], name
+        # what they do need, so the lists above are about the right process
+        assert "spark_backup.service.copies" in modules, name
+    # the kinds' restore targets are still offered where asked for
+    done, modules = imported_by(tmp_path, *plan, "restore", "--help")
+    assert "--to-db" in done.stdout
+    assert "spark_backup.sources.mongodb.kind" in modules
+    done, _ = imported_by(tmp_path, *plan, "restore", copy_id)
+    assert done.returncode == 2
+    assert "give exactly one of --to DIR or --to-db NAME" in done.stderr
+
+
 def test_a_plan_of_every_kind_is_read_without_the_kinds_machinery(
     tmp_path: Path, age_key, estate: Path
 ) -> None:

@@ -63,6 +63,23 @@ class CliState(RuntimeHolder):
         return ListingOperations.from_path(self.plan_path)
 
     @property
+    def copy_service(self):
+        """The plan opened with what ``backup``, ``verify`` and ``restore`` do (copies, their
+        journal and locks), without the service's other concerns (alerts, drills, the ticket
+        desk, ...): those commands import none of them. Kept, so that ``service`` (asked for on
+        a failure) reads the plan no second time."""
+        if self._service is not None:
+            return self._service
+        from spark_backup.service.copies import CopyOperations
+
+        if not isinstance(self._runtime, CopyOperations):
+            if self._runtime is not None:  # the plan read once per command
+                self._runtime = CopyOperations(self._runtime.loaded)
+            else:
+                self._runtime = CopyOperations.from_path(self.plan_path)
+        return self._runtime
+
+    @property
     def runtime(self):
         """The plan opened, as a kind's own commands use it: without the service's other
         concerns, so ``wal-push`` (run for every WAL segment) imports none of them."""

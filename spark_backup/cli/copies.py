@@ -59,7 +59,7 @@ def backup(
 ) -> None:
     """Back up SOURCES (new copies each time; existing copies are never replaced). A failing
     source does not stop the others; the exit code is the first failure's."""
-    service = state.service
+    service = state.copy_service
     names = [s.name for s in service.plan.sources] if all_sources else list(sources)
     if not names:
         raise click.UsageError("name at least one source, or pass --all")
@@ -73,7 +73,7 @@ def backup(
             error_line(error)
             failures.append(error)
             if isinstance(error, SecretsUnavailableError):
-                _report_outage(service, name, error)
+                _report_outage(state.service, name, error)
             continue
         manifests += made
         for manifest in made:
@@ -377,7 +377,7 @@ def verify(
     sha256 and size, and check the kind's format."""
     from spark_backup.service import VerifyOutcome
 
-    service = state.service
+    service = state.copy_service
     refs, damaged = service.select(selector)
     identities = service.identities(identity) if (deep or identity) else None
     outcomes = [VerifyOutcome.of_damaged(d, bool(identities)) for d in damaged]
@@ -439,28 +439,41 @@ def _target_param(target: RestoreTarget) -> str:
 
 class RestoreCommand(click.Command):
     """``restore``, with one option per restore target the registered kinds offer (``--to-db``
-    for databases, ...) and their switches; built when the command is used, so that kinds load
-    only then."""
+    for databases, ...) and their switches. Finding them loads every kind (about 0.1 s), so
+    they are added only when the command line may use them: for ``--help``, without ``--to``,
+    or with an option that is not restore's own."""
 
-    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
-        if not getattr(self, "_targets_added", False):
-            self._targets_added = True
-            flags: dict[str, list[str]] = {}
-            for target in _restore_targets().values():
-                self.params.append(
-                    click.Option(
-                        [target.option, _target_param(target)],
-                        metavar=target.metavar,
-                        help=target.help,
-                    )
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        own = {name for param in self.params for name in (*param.opts, *param.secondary_opts)}
+        options = [a.split("=", 1)[0] for a in args[: _end_of_options(args)] if a[:1] == "-"]
+        if "--to" not in options or any(name not in own for name in options):
+            self._add_kind_targets()
+        return super().parse_args(ctx, args)
+
+    def _add_kind_targets(self) -> None:
+        if getattr(self, "_targets_added", False):
+            return
+        self._targets_added = True
+        flags: dict[str, list[str]] = {}
+        for target in _restore_targets().values():
+            self.params.append(
+                click.Option(
+                    [target.option, _target_param(target)],
+                    metavar=target.metavar,
+                    help=target.help,
                 )
-                for flag, text in target.flags.items():
-                    flags.setdefault(flag, []).append(text)
-            for flag, texts in flags.items():
-                self.params.append(
-                    click.Option([f"--{flag.replace('_', '-')}", flag], is_flag=True, help=texts[0])
-                )
-        return super().get_params(ctx)
+            )
+            for flag, text in target.flags.items():
+                flags.setdefault(flag, []).append(text)
+        for flag, texts in flags.items():
+            self.params.append(
+                click.Option([f"--{flag.replace('_', '-')}", flag], is_flag=True, help=texts[0])
+            )
+
+
+def _end_of_options(args: list[str]) -> int:
+    """Where the options end: at ``--``, after which every word is an argument."""
+    return args.index("--") if "--" in args else len(args)
 
 
 @cli.command(cls=RestoreCommand)
@@ -485,7 +498,8 @@ def restore(
 ) -> None:
     """Restore copy COPY_ID into a staging folder (--to, never in place) or into a target its
     kind offers (--to-db for a database dump, ...)."""
-    targets = _restore_targets()
+    # With only --to and restore's own options, the kinds' targets were not loaded: none chosen.
+    targets = _restore_targets() if target is None or target_options else {}
     chosen = {
         name: value
         for name, t in targets.items()
@@ -495,7 +509,7 @@ def restore(
         options = " or ".join(["--to DIR", *(f"{t.option} {t.metavar}" for t in targets.values())])
         raise click.UsageError(f"give exactly one of {options}")
     flags = {k: v for k, v in target_options.items() if not k.startswith("target_")}
-    service = state.service
+    service = state.copy_service
     total = service.find(copy_id).manifest.plaintext.bytes
     with progress_bar(state.progress, f"restore {copy_id}", total) as progress:
         if chosen:
