@@ -1,0 +1,104 @@
+"""CPU seconds per thread of an llm_artifacts first backup, in process (no command start-up).
+
+Backs the adapter ``bench_llm.py`` generates up into a fresh local store ``--repeat`` times
+and prints each round's wall and CPU seconds with the CPU of each thread pool (main thread
+chunking, ``file-hash``, ``pack-compress``, ``pack-seal``), read from
+``/proc/self/task/*/stat`` every 10 ms: which stage bounds a backup, and what a change saves.
+
+    .venv/bin/python benchmarks/profile_llm_threads.py --workdir /dev/shm/me --size-mb 500
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+
+from bench_llm import ROOT, write_adapter
+
+sys.path.insert(0, str(ROOT))
+
+from pyrage import x25519
+
+from spark_backup.engine.blobs.version import new_version
+from spark_backup.engine.crypto import Recipients
+from spark_backup.engine.stores.local import LocalStore
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def thread_cpu() -> dict[int, float]:
+    """CPU seconds (user + system) of each live thread of this process, by thread id."""
+    found = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue  # ended meanwhile
+        found[int(tid)] = (int(fields[11]) + int(fields[12])) / TICK
+    return found
+
+
+def one_round(model: Path, store_root: Path, recipients: Recipients) -> tuple[float, float, dict]:
+    shutil.rmtree(store_root, ignore_errors=True)
+    store_root.mkdir(parents=True)
+    store = LocalStore("profile", store_root)
+    start = thread_cpu()
+    seen: dict[int, tuple[str, float]] = {}
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            names = {t.native_id: t.name for t in threading.enumerate()}
+            for tid, cpu in thread_cpu().items():
+                name = names.get(tid) or seen.get(tid, ("?", 0.0))[0]
+                seen[tid] = (name, cpu - start.get(tid, 0.0))
+            time.sleep(0.01)
+
+    sampler = threading.Thread(target=sample, name="sampler")
+    sampler.start()
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    builder = new_version(store, "adapter", b"k" * 32, recipients, 3)
+    with builder.writing():
+        for name in sorted(os.listdir(model)):
+            builder.add_file(str(model / name), name, safetensors=name.endswith(".safetensors"))
+    builder.commit_refs(store, "adapter")
+    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    done.set()
+    sampler.join()
+    pools: dict[str, float] = {}
+    for tid, (name, used) in seen.items():
+        if tid != sampler.native_id:
+            pool = name.rstrip("_0123456789")
+            pools[pool] = pools.get(pool, 0.0) + used
+    return wall, cpu, pools
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workdir", type=Path, required=True)
+    parser.add_argument("--size-mb", type=int, default=500)
+    parser.add_argument("--tensors", type=int, default=336)
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    model = args.workdir / "model"
+    if not model.exists():
+        write_adapter(model, args.size_mb, args.tensors, seed=1)
+    identity = x25519.Identity.generate()
+    recipients = Recipients((str(identity.to_public()),))
+    with open("/proc/loadavg") as handle:
+        print("load", handle.read().strip())
+    for _ in range(args.repeat):
+        wall, cpu, pools = one_round(model, args.workdir / "store", recipients)
+        per_pool = "  ".join(f"{name} {used:.2f}" for name, used in sorted(pools.items()))
+        print(f"wall {wall:.3f} s  CPU {cpu:.3f} s  |  {per_pool}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
