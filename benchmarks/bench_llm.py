@@ -137,17 +137,21 @@ def main() -> int:
     parser.add_argument("--changed-percent", type=float, default=5.0)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--repeat", type=int, default=3, help="rounds of first backup and restore")
-    parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument(
+        "--workdir", type=Path, default=None, help="where the work folder is made (/tmp)"
+    )
     parser.add_argument("--json", action="store_true", help="figures as JSON")
     args = parser.parse_args()
 
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench-llm-"))
-    workdir.mkdir(parents=True, exist_ok=True)
+    # A folder of its own, always removed: a second run in the same --workdir found the first
+    # one's key and age-keygen refused to overwrite it.
+    if args.workdir is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="bench-llm-", dir=args.workdir))
     try:
         return run(args, workdir)
     finally:
-        if args.workdir is None:
-            shutil.rmtree(workdir, ignore_errors=True)
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def run(args: argparse.Namespace, workdir: Path) -> int:
