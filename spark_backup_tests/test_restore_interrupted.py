@@ -24,14 +24,18 @@ from spark_backup_tests.helpers import (
 from spark_backup_tests.test_config_archive import _store_tar
 from spark_backup_tests.test_hardening import _wait_for
 
+# Enough that each moment below lasts tens of milliseconds against the test's 5 ms polls: 300
+# small files were extracted within a few milliseconds once restores got faster.
+SMALL_FILES = 3000
+
 
 def _estate(root: Path) -> Path:
     """A large file first (the restore spends a moment inside it), many small ones after it."""
     (root / "a_model").mkdir(parents=True)
     with open(root / "a_model" / "weights.bin", "wb") as handle:
-        for _ in range(4):
+        for _ in range(8):
             handle.write(os.urandom(4 << 20))
-    for n in range(300):
+    for n in range(SMALL_FILES):
         folder = root / "b_conf" / f"d{n % 10}"
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"f{n}.conf").write_text(f"key{n} = value{n}\n" * 20)
@@ -99,7 +103,7 @@ def test_a_restore_killed_at_any_point_before_publishing_leaves_the_target_as_it
     assert not _staging(target)
     restored = target / str(estate).lstrip("/")
     assert (restored / "a_model" / big).read_bytes() == (estate / "a_model" / big).read_bytes()
-    assert len(list((restored / "b_conf").rglob("*.conf"))) == 300
+    assert len(list((restored / "b_conf").rglob("*.conf"))) == SMALL_FILES
 
     # In words, too.
     again = tmp_path / "again"
