@@ -238,24 +238,17 @@ class Run:
     cpu: float = 0.0
 
 
-def run_timed(args: list[str]) -> tuple[float, float, str, str, int]:
-    """Wall seconds, CPU seconds of the process and its waited-for children (``wait4``), stdout,
-    stderr and exit status of one command."""
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        started = time.perf_counter()
-        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=out, stderr=err)
-        _pid, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - started
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        return (
-            wall,
-            usage.ru_utime + usage.ru_stime,
-            out.read().decode(errors="replace"),
-            err.read().decode(errors="replace"),
-            proc.returncode,
-        )
+def run_timed(args: list[str], failure: str):
+    """``bench_postgres.run_timed`` (wall and CPU seconds of the process tree from ``wait4``,
+    stdout captured); a failure is ``failure`` and the command's stderr. Imported here, in the
+    parent: the child (``--child``, possibly another version's interpreter) never needs it."""
+    from bench_postgres import CommandFailed
+    from bench_postgres import run_timed as timed
+
+    try:
+        return timed(args, capture=True)
+    except CommandFailed as failed:
+        raise RuntimeError(f"{failure}:\n{failed.stderr.strip()}") from None
 
 
 def settle() -> None:
@@ -266,21 +259,22 @@ def settle() -> None:
 
 def run_ours(python: str, spec: dict[str, Any]) -> Run:
     settle()
-    wall, cpu, stdout, stderr, status = run_timed(
-        [python, os.path.abspath(__file__), "--child", json.dumps(spec)]
+    timed = run_timed(
+        [python, os.path.abspath(__file__), "--child", json.dumps(spec)],
+        f"spark-backup {spec['op']} failed",
     )
-    if status != 0:
-        raise RuntimeError(f"spark-backup {spec['op']} failed:\n{stderr.strip()}")
-    out = json.loads(stdout.strip().splitlines()[-1])
-    return Run(out.pop("seconds"), wall, out.pop("rss_kib") * 1024 / MB, out, cpu)
+    out = json.loads(timed.stdout.strip().splitlines()[-1])
+    return Run(
+        out.pop("seconds"), timed.seconds, out.pop("rss_kib") * 1024 / MB, out, timed.cpu_seconds
+    )
 
 
 def run_shell(command: str) -> Run:
     settle()
-    wall, cpu, _stdout, stderr, status = run_timed(["bash", "-o", "pipefail", "-c", command])
-    if status != 0:
-        raise RuntimeError(f"shell pipeline failed ({command}):\n{stderr.strip()}")
-    return Run(wall, wall, cpu=cpu)
+    timed = run_timed(
+        ["bash", "-o", "pipefail", "-c", command], f"shell pipeline failed ({command})"
+    )
+    return Run(timed.seconds, timed.seconds, cpu=timed.cpu_seconds)
 
 
 def fresh_dir(path: Path) -> Path:

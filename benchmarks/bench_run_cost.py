@@ -141,21 +141,13 @@ def main() -> None:
 
     from dagster import DagsterInstance
 
-    from spark_backup_tests.test_deploy_postgres import (
-        BACKFILL,
-        BACKFILL_STATUS,
-        DONE_BACKFILL,
-        RUNS,
-        SOURCES,
-        production_stack,
-    )
+    from spark_backup_tests.test_deploy_postgres import DONE_BACKFILL, production_stack
 
     report: dict = {"machine": basic_facts(), "load average before": load_average()}
     with (
         tempfile.TemporaryDirectory() as scratch,
         production_stack(Path(scratch), args.partitions, args.limit) as stack,
     ):
-        server = stack.server
         stack.stop_drill_sensors()  # the figures are the backfill's runs alone
         sessions = {
             stack.code_server.pid: "code server",
@@ -166,31 +158,11 @@ def main() -> None:
         time.sleep(0.5)
         cpu_before = sampler.totals()
         started = time.monotonic()
-        backfills = []
-        for name in SOURCES:
-            launched = server.query(
-                BACKFILL,
-                {
-                    "p": {
-                        "partitionNames": stack.partitions,
-                        "assetSelection": [{"path": ["backups", name]}],
-                    }
-                },
-            )["launchPartitionBackfill"]
-            assert launched["__typename"] == "LaunchBackfillSuccess", launched
-            backfills.append(launched["backfillId"])
-        while not all(
-            server.query(BACKFILL_STATUS, {"id": b})["partitionBackfillOrError"]["status"]
-            in DONE_BACKFILL
-            for b in backfills
-        ):
+        backfills = stack.launch_backfills()
+        while not all(status in DONE_BACKFILL for status in stack.backfill_statuses(backfills)):
             time.sleep(1)
         wall = time.monotonic() - started
-        runs = [
-            run
-            for b in backfills
-            for run in server.query(RUNS, {"id": b})["runsOrError"]["results"]
-        ]
+        runs = stack.backfill_runs(backfills)
         # The last run's worker is reaped when it exits, right after RUN_SUCCESS.
         time.sleep(2)
         sampler.__exit__()

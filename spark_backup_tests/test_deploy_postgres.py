@@ -78,6 +78,38 @@ class Stack:
             stopped = self.server.query(STOP_SENSOR, {"id": sensor["id"]})["stopSensor"]
             assert stopped["instigationState"]["status"] == "STOPPED", stopped
 
+    def launch_backfills(self) -> list[str]:
+        """A backfill of every partition for each source, as from its asset page; their ids."""
+        backfills = []
+        for name in SOURCES:
+            launched = self.server.query(
+                BACKFILL,
+                {
+                    "p": {
+                        "partitionNames": self.partitions,
+                        "assetSelection": [{"path": ["backups", name]}],
+                    }
+                },
+            )["launchPartitionBackfill"]
+            assert launched["__typename"] == "LaunchBackfillSuccess", launched
+            backfills.append(launched["backfillId"])
+        return backfills
+
+    def backfill_statuses(self, backfills: list[str]) -> list[str]:
+        return [
+            self.server.query(BACKFILL_STATUS, {"id": backfill})["partitionBackfillOrError"][
+                "status"
+            ]
+            for backfill in backfills
+        ]
+
+    def backfill_runs(self, backfills: list[str]) -> list[dict]:
+        return [
+            run
+            for backfill in backfills
+            for run in self.server.query(RUNS, {"id": backfill})["runsOrError"]["results"]
+        ]
+
     def start_daemon(self) -> None:
         self.daemon = dagster_processes.start(
             ["dagster-daemon", "run", "-w", str(self.workspace)],
@@ -197,27 +229,11 @@ def test_a_backfill_of_every_source_survives_a_killed_daemon(stack: Stack, monke
     run, the run retry launches it again, and the backfill waits for the retry."""
     server = stack.server
     stack.stop_drill_sensors()
-    backfills = []
-    for name in SOURCES:
-        launched = server.query(
-            BACKFILL,
-            {
-                "p": {
-                    "partitionNames": stack.partitions,
-                    "assetSelection": [{"path": ["backups", name]}],
-                }
-            },
-        )["launchPartitionBackfill"]
-        assert launched["__typename"] == "LaunchBackfillSuccess", launched
-        backfills.append(launched["backfillId"])
+    backfills = stack.launch_backfills()
     expected_runs = len(SOURCES) * len(stack.partitions)
 
     def runs() -> list[dict]:
-        return [
-            run
-            for backfill in backfills
-            for run in server.query(RUNS, {"id": backfill})["runsOrError"]["results"]
-        ]
+        return stack.backfill_runs(backfills)
 
     # Kill the daemon with -9 once a third of the runs succeeded and others wait in the queue.
     deadline = time.monotonic() + 60 + SECONDS_PER_RUN * expected_runs // 3
@@ -234,17 +250,10 @@ def test_a_backfill_of_every_source_survives_a_killed_daemon(stack: Stack, monke
     stack.start_daemon()
 
     deadline = time.monotonic() + 60 + SECONDS_PER_RUN * expected_runs
-    while not all(
-        server.query(BACKFILL_STATUS, {"id": backfill})["partitionBackfillOrError"]["status"]
-        in DONE_BACKFILL
-        for backfill in backfills
-    ):
+    while not all(status in DONE_BACKFILL for status in stack.backfill_statuses(backfills)):
         assert time.monotonic() < deadline, (stack.home / "daemon.log").read_text()[-3000:]
         time.sleep(2)
-    statuses = [
-        server.query(BACKFILL_STATUS, {"id": backfill})["partitionBackfillOrError"]["status"]
-        for backfill in backfills
-    ]
+    statuses = stack.backfill_statuses(backfills)
     assert statuses == ["COMPLETED_SUCCESS"] * len(backfills), statuses
 
     # A run that failed never started (the start timeout failed it) and was run again.
