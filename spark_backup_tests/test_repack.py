@@ -18,7 +18,12 @@ from spark_backup.engine.blobs.sweep import read_plans
 from spark_backup.service import BackupService
 from spark_backup.sources import blob_versions
 from spark_backup_tests.helpers import llm_source, make_model_dir, plan_dict, run_cli, write_plan
-from spark_backup_tests.test_llm_artifacts import CHUNK_SECRET, _redraw, _tree_digests
+from spark_backup_tests.test_llm_artifacts import (
+    CHUNK_SECRET,
+    _redraw,
+    _tree_digests,
+    restore_by_hand,
+)
 
 DAY = dt.timedelta(days=1)
 TENSORS = 18
@@ -120,6 +125,23 @@ def test_prune_repacks_sparse_packs_and_every_kept_version_restores(tmp_path, ag
     # A rerun finds nothing left to rewrite.
     again = service.prune(dry_run=False, now=now + 3 * DAY, identity_file=age_key[0])
     assert again.repacked == []
+
+
+def test_the_runbook_restores_by_hand_through_move_records_after_the_sweep(tmp_path, age_key):
+    """With the old packs deleted, the runbook's by-hand block (age, zstd, jq, dd) finds the
+    moved chunks through the move records and restores the kept version intact."""
+    _plan, service, model, _first, _second = _two_versions(tmp_path, age_key)
+    store = service.store_for(service.source("adapter"))
+    now = dt.datetime.now(dt.UTC)
+    report = service.prune(dry_run=False, now=now, identity_file=age_key[0])
+    assert report.repacked
+    service.prune(dry_run=False, now=now + 2 * DAY, identity_file=age_key[0])
+    assert not {p["pack"] for p in report.repacked} & set(existing_packs(store, "adapter"))
+
+    staging = tmp_path / "by-hand"
+    done = restore_by_hand(tmp_path / "store", "adapter", age_key[0], staging)
+    assert done.returncode == 0, done.stderr
+    assert _tree_digests(staging) == _tree_digests(model)
 
 
 def test_a_version_backed_up_after_a_repack_reuses_the_new_packs(tmp_path, age_key):
