@@ -9,13 +9,22 @@ one ``SafetensorsError`` naming the file and the tensor.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import struct
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import BinaryIO
 
 MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
+
+# How a version document's tensor digests were made, named by the safetensors entry's
+# ``tensor_digest``: the sha256 of the raw sha256 digests of the tensor's chunks, in file
+# order (no pass over the tensors beyond the chunks' own). Absent in documents of earlier
+# releases: each digest is then the plain sha256 of the tensor's bytes.
+TENSOR_DIGEST = "tensor_digest"
+TENSOR_DIGEST_OF_CHUNKS = "sha256-of-chunk-sha256s"
 
 DTYPE_BYTES = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
@@ -129,3 +138,34 @@ def parse_header(header: dict, data_start: int, file_size: int, label: str) -> S
             f"{label}: the tensors end at byte {position}, the file at {file_size}"
         )
     return SafetensorsHeader(data_start, tensors, {str(k): str(v) for k, v in metadata.items()})
+
+
+def digest_of_chunks(chunk_digests: Iterable[bytes]) -> str:
+    """A tensor's digest under ``TENSOR_DIGEST_OF_CHUNKS``: the sha256 of its chunks' raw
+    sha256 digests, in order (of the empty string for a tensor without bytes)."""
+    return hashlib.sha256(b"".join(chunk_digests)).hexdigest()
+
+
+def tensor_chunk_spans(
+    tensors: Sequence[Sequence], data_start: int, chunk_sizes: Sequence[int]
+) -> list[tuple[int, int]]:
+    """For each tensor row (``[name, dtype, shape, begin, end, ...]``, in file order), the
+    chunks ``[first, last)`` of the file's list that hold exactly its bytes. ``ValueError``
+    naming the tensor if a chunk crosses its begin or end (a tensor shares no chunk)."""
+    spans = []
+    number, position = 0, 0
+    while number < len(chunk_sizes) and position < data_start:  # the header's chunks
+        position += chunk_sizes[number]
+        number += 1
+    for row in tensors:
+        name, begin, end = row[0], row[3], row[4]
+        if position != begin:
+            raise ValueError(f"no chunk begins where tensor {name!r} begins")
+        first = number
+        while number < len(chunk_sizes) and position < end:
+            position += chunk_sizes[number]
+            number += 1
+        if position != end:
+            raise ValueError(f"no chunk ends where tensor {name!r} ends")
+        spans.append((first, number))
+    return spans

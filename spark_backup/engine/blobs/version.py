@@ -3,7 +3,8 @@
 Its document (``spark-backup.version/v1``, JSON) is the copy's plaintext, so the pipeline
 encrypts it like any copy (``<copy id>.json.zst.age``) and the copy's manifest commits it. It
 lists every file with its size, mode, sha256 and chunks, and for safetensors files every
-tensor with its sha256. A chunk is ``[id, plaintext sha256, size, pack, offset, length]``
+tensor with its digest: the sha256 of its chunks' sha256 digests (``tensor_digest`` names the
+scheme; documents of earlier releases lack it and hold each tensor's plain sha256). A chunk is ``[id, plaintext sha256, size, pack, offset, length]``
 (where its zstd frame lies in the pack's plaintext); a version of the first release lists
 ``[id, plaintext sha256, size]``, a chunk object of its own.
 
@@ -43,7 +44,14 @@ from spark_backup.engine.blobs.packs import (
     pack_key,
     read_chunks,
 )
-from spark_backup.engine.blobs.safetensors import SafetensorsError, read_header
+from spark_backup.engine.blobs.safetensors import (
+    TENSOR_DIGEST,
+    TENSOR_DIGEST_OF_CHUNKS,
+    SafetensorsError,
+    digest_of_chunks,
+    read_header,
+    tensor_chunk_spans,
+)
 from spark_backup.engine.blobs.sweep import doomed_packs
 from spark_backup.engine.cadence import utcnow
 from spark_backup.engine.crypto import Recipients
@@ -130,15 +138,11 @@ class VersionBuilder:
                     raise SourceError(str(exc)) from None
                 regions = header.regions(size)
             whole = hashlib.sha256()
-            # Per-region digests only where the regions are tensors (one more pass over them).
-            region_digests = [hashlib.sha256() for _ in regions] if header is not None else []
             chunks: list[list[Any]] = []
             try:
                 with _Hashing() as hashing:
-                    for index, _offset, data in chunker.iter_chunks(handle, regions):  # type: ignore[arg-type]
-                        hashing.update(
-                            (whole, region_digests[index]) if region_digests else (whole,), data
-                        )
+                    for _index, _offset, data in chunker.iter_chunks(handle, regions):  # type: ignore[arg-type]
+                        hashing.update(whole, data)
                         chunks.append([self.writer.add(data)])
             except EOFError:
                 raise ChangedDuringBackup(
@@ -154,23 +158,14 @@ class VersionBuilder:
         entry["sha256"] = whole.hexdigest()
         entry["chunks"] = chunks
         if header is not None:
-            by_region = {
-                region: d.hexdigest() for region, d in zip(regions, region_digests, strict=True)
-            }
-            empty = hashlib.sha256().hexdigest()
+            # Each tensor's digest is made of its chunks' digests once the writer has them
+            # (``resolve``): no pass over the tensors beyond the chunks' own.
             entry["safetensors"] = {
                 "data_start": header.data_start,
                 "metadata": header.metadata,
+                TENSOR_DIGEST: TENSOR_DIGEST_OF_CHUNKS,
                 "tensors": [
-                    [
-                        t.name,
-                        t.dtype,
-                        list(t.shape),
-                        t.begin,
-                        t.end,
-                        by_region.get((t.begin, t.end), empty),
-                    ]
-                    for t in header.tensors
+                    [t.name, t.dtype, list(t.shape), t.begin, t.end, None] for t in header.tensors
                 ],
             }
         self.fingerprints[path] = _fingerprint(before)
@@ -202,7 +197,7 @@ class VersionBuilder:
         chunks: list[list[Any]] = []
         with _Hashing() as hashing:  # the file's digest beside the chunking, as in add_file
             for _index, _offset, data in chunker.iter_chunks(handle, [(0, size)]):
-                hashing.update((whole,), data)
+                hashing.update(whole, data)
                 chunks.append([self.writer.add(data)])
         return whole.hexdigest(), chunks
 
@@ -225,12 +220,21 @@ class VersionBuilder:
         }
 
     def resolve(self) -> None:
-        """After the writer closed: each chunk's number replaced by its id, sha256 and size."""
+        """After the writer closed: each chunk's number replaced by its id, sha256 and size,
+        then each tensor's digest made of its chunks' sha256."""
         for entry in self.files:
             for chunk in entry["chunks"]:
                 if len(chunk) == 1:
                     ref = self.writer.refs[chunk[0]]
                     chunk[:] = [ref.id, ref.sha256, ref.size]
+            recorded = entry.get("safetensors")
+            if recorded is not None and any(row[5] is None for row in recorded["tensors"]):
+                chunks = entry["chunks"]
+                spans = tensor_chunk_spans(
+                    recorded["tensors"], recorded["data_start"], [c[2] for c in chunks]
+                )
+                for row, (first, last) in zip(recorded["tensors"], spans, strict=True):
+                    row[5] = digest_of_chunks(bytes.fromhex(c[1]) for c in chunks[first:last])
 
     def locate(self) -> dict[str, int]:
         """After the writer closed: every chunk's id, sha256, size, pack, offset and length
@@ -259,23 +263,23 @@ def new_version(
 
 
 class _Hashing:
-    """A file's sha256 (and its tensor's) updated on a thread of its own, in order: hashlib
-    releases the interpreter lock, so hashing runs beside the chunking; at most ``_AHEAD``
-    batches of chunks wait."""
+    """A file's sha256 updated on a thread of its own, in order: hashlib releases the
+    interpreter lock, so hashing runs beside the chunking; at most ``_AHEAD`` batches of
+    chunks wait."""
 
     _AHEAD = 4
 
     def __enter__(self) -> _Hashing:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="file-hash")
         self._pending: deque[Future[None]] = deque()
-        self._batch: list[tuple[tuple[Any, ...], bytes]] = []
+        self._batch: list[tuple[Any, bytes]] = []
         self._batched = 0
         return self
 
-    def update(self, digests: tuple[Any, ...], data: bytes) -> None:
+    def update(self, digest: Any, data: bytes) -> None:
         # In batches of about 1 MiB: a hand-over per 64 KiB chunk cost more in switches of
         # the interpreter lock than the hashing.
-        self._batch.append((digests, data))
+        self._batch.append((digest, data))
         self._batched += len(data)
         if self._batched >= BATCH_BYTES:
             self._submit()
@@ -297,10 +301,9 @@ class _Hashing:
             self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _update_all(batch: list[tuple[tuple[Any, ...], bytes]]) -> None:
-    for digests, data in batch:
-        for digest in digests:
-            digest.update(data)
+def _update_all(batch: list[tuple[Any, bytes]]) -> None:
+    for digest, data in batch:
+        digest.update(data)
 
 
 def version_digest(files: list[dict[str, Any]]) -> str:

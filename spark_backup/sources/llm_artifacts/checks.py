@@ -1,6 +1,6 @@
 """What a model file must be, checked from its bytes as they stream by (deep verify reads them
 from the chunks, the semantic check from a restored file): every safetensors header parsed
-again and every tensor's bytes against the sha256 recorded at backup, the tokenizer loaded,
+again and every tensor's bytes against the digest recorded at backup, the tokenizer loaded,
 a NeMo archive read as tar. Memory: one chunk, a safetensors header, a tokenizer."""
 
 from __future__ import annotations
@@ -9,9 +9,17 @@ import hashlib
 import json
 import struct
 from collections.abc import Iterator
+from itertools import accumulate
 from typing import Any
 
-from spark_backup.engine.blobs.safetensors import MAX_HEADER, SafetensorsError, parse_header
+from spark_backup.engine.blobs.safetensors import (
+    MAX_HEADER,
+    TENSOR_DIGEST,
+    TENSOR_DIGEST_OF_CHUNKS,
+    SafetensorsError,
+    parse_header,
+    tensor_chunk_spans,
+)
 from spark_backup.engine.safe_tar import count_members
 from spark_backup.engine.tar_stream import TarFormatError
 from spark_backup.errors import IntegrityError
@@ -99,29 +107,59 @@ def _check_safetensors(entry: dict[str, Any], stream: Iterator[bytes], where: st
     if found != expected:
         raise IntegrityError(f"{where}: safetensors header lists other tensors than backed up")
     tensors = recorded["tensors"]
-    index = 0
+    # Where each tensor's bytes are cut to be hashed: at its end alone (a plain sha256, the
+    # documents of earlier releases), or at the end of each of its chunks, whose sha256
+    # digests its own digest is made of (the chunk sizes the document records).
+    scheme = recorded.get(TENSOR_DIGEST)
+    if scheme not in (None, TENSOR_DIGEST_OF_CHUNKS):
+        raise IntegrityError(f"{where}: tensor digests of an unknown scheme {scheme!r}")
+    of_chunks = scheme == TENSOR_DIGEST_OF_CHUNKS
+    if of_chunks:
+        sizes = [chunk[2] for chunk in entry["chunks"]]
+        try:
+            spans = tensor_chunk_spans(tensors, data_start, sizes)
+        except ValueError as exc:
+            raise IntegrityError(
+                f"{where}: recorded chunks do not fit its tensors: {exc}"
+            ) from None
+        cuts = [
+            list(accumulate(sizes[first:last], initial=row[3]))[1:]
+            for row, (first, last) in zip(tensors, spans, strict=True)
+        ]
+    else:
+        cuts = [[row[4]] for row in tensors]
+    index = piece = 0
     position = data_start
     digest = hashlib.sha256()
+    combined = hashlib.sha256()
     pending = [head[data_start:]]
 
     def feed(data: bytes) -> None:
-        nonlocal index, position, digest
+        nonlocal index, piece, position, digest, combined
         view = memoryview(data)
         while view:
             if index >= len(tensors):
                 raise IntegrityError(f"{where}: bytes after the last tensor")
-            name, _dtype, _shape, _begin, end, sha = tensors[index]
-            take = min(len(view), end - position)
+            cut = cuts[index][piece]
+            take = min(len(view), cut - position)
             digest.update(view[:take])
             position += take
             view = view[take:]
-            if position == end:
-                if digest.hexdigest() != sha:
-                    raise IntegrityError(
-                        f"{where}: tensor {name!r} does not match the digest recorded at backup"
-                    )
-                index += 1
+            if position < cut:
+                continue
+            piece += 1
+            if of_chunks:
+                combined.update(digest.digest())
                 digest = hashlib.sha256()
+            if piece < len(cuts[index]):
+                continue
+            name, sha = tensors[index][0], tensors[index][5]
+            if (combined if of_chunks else digest).hexdigest() != sha:
+                raise IntegrityError(
+                    f"{where}: tensor {name!r} does not match the digest recorded at backup"
+                )
+            index, piece = index + 1, 0
+            digest, combined = hashlib.sha256(), hashlib.sha256()
             # zero-length tensors end where they begin
             while index < len(tensors) and tensors[index][4] == tensors[index][3] == position:
                 index += 1
