@@ -9,6 +9,7 @@ import hashlib
 import json
 import random
 import struct
+from itertools import pairwise
 from pathlib import Path
 
 import pyrage
@@ -533,6 +534,29 @@ def test_safetensors_boundaries_cut_chunks(tmp_path):
         for _i, offset, _c in chunker.iter_chunks(io.BytesIO(data), header.regions(len(data)))
     }  # type: ignore[arg-type]
     assert {t.begin for t in header.tensors} <= offsets
+
+
+@pytest.mark.parametrize("block", [chunker.MAXIMUM + 4099, chunker.BLOCK])
+def test_chunks_cut_from_blocks_are_the_cuts_of_a_stream(monkeypatch, block):
+    """Cutting block by block gives the chunks FastCDC's stream gives (the cuts every earlier
+    version's chunks were made with, so they keep deduplicating): random bytes and runs of
+    zeros (chunks of the maximum size), regions ending on and beside block boundaries."""
+    import io
+
+    monkeypatch.setattr(chunker, "BLOCK", block)
+    rng = random.Random(5)
+    data = rng.randbytes(5 * block) + bytes(3 * block) + rng.randbytes(2 * block)
+    bounds = [0, 100, block, 2 * block + 1, 4 * block - 1, 4 * block + 20_000, 9 * block]
+    regions = [*pairwise(bounds), (9 * block, len(data))]
+    expected = [
+        (index, begin + c.offset, bytes(c.data))
+        for index, (begin, end) in enumerate(regions)
+        for c in chunker.new_chunker().cut_stream(io.BytesIO(data[begin:end]))
+    ]
+    found = [(i, o, bytes(c)) for i, o, c in chunker.iter_chunks(io.BytesIO(data), regions)]
+    assert found == expected and len(found) > 20
+    with pytest.raises(EOFError):  # the file shrank meanwhile
+        list(chunker.iter_chunks(io.BytesIO(data[: 3 * block]), regions))
 
 
 def test_the_runbook_restores_by_hand(tmp_path, age_key):

@@ -3,8 +3,8 @@
 FastCDC's mask for 48 KiB, with 16 KiB skipped after every cut, gives chunks of about 64 KiB
 on average (69 KiB measured on random weights), at least 16 KiB and at most 192 KiB. Regions (a safetensors file's
 header and each tensor) are chunked separately, so a re-drawn tensor changes only its own
-chunks and never one shared with its neighbours. Memory: the chunker's own window (a few
-times the maximum chunk), never a whole file.
+chunks and never one shared with its neighbours. Memory: the blocks of about 1 MiB whose
+chunks are still being hashed or packed, never a whole file.
 """
 
 from __future__ import annotations
@@ -17,38 +17,37 @@ from pyfastcdc import FastCDC
 AVERAGE = 48 * 1024
 MINIMUM = 16 * 1024
 MAXIMUM = 192 * 1024
+# Bytes read at a time: each chunk handed out is a view of its block (no copy per chunk). Below
+# the 1 MiB mmap threshold packs.py sets, so blocks come from the heap, whose pages are reused,
+# instead of fresh mappings faulted in page by page.
+BLOCK = 960 * 1024
 
 
 def new_chunker() -> FastCDC:
     return FastCDC(AVERAGE, min_size=MINIMUM, max_size=MAXIMUM)
 
 
-class _Window:
-    """``length`` bytes of ``handle`` from its current position, for ``cut_stream``."""
-
-    def __init__(self, handle: BinaryIO, length: int):
-        self._handle = handle
-        self._left = length
-
-    def readinto(self, buffer: memoryview) -> int:
-        if self._left <= 0:
-            return 0
-        view = memoryview(buffer)[: min(len(buffer), self._left)]
-        count = self._handle.readinto(view)  # type: ignore[attr-defined]
-        if not count:
-            raise EOFError("the file ended early (it shrank while it was read)")
-        self._left -= count
-        return count
-
-
 def iter_chunks(
     handle: BinaryIO, regions: list[tuple[int, int]], chunker: FastCDC | None = None
-) -> Iterator[tuple[int, int, bytes]]:
-    """(region index, offset, chunk bytes) in file order: each region cut by FastCDC."""
+) -> Iterator[tuple[int, int, memoryview]]:
+    """(region index, offset, chunk bytes) in file order: each region cut by FastCDC, with the
+    cuts ``cut_stream`` makes. A block is cut up to where fewer than ``MAXIMUM`` bytes follow
+    a chunk's start (FastCDC then looks no further than the block, which a stream would not):
+    the next block starts there, read again."""
     chunker = chunker or new_chunker()
     for index, (begin, end) in enumerate(regions):
-        if end <= begin:
-            continue
-        handle.seek(begin)
-        for chunk in chunker.cut_stream(_Window(handle, end - begin)):
-            yield index, begin + chunk.offset, bytes(chunk.data)
+        at = begin
+        while at < end:
+            handle.seek(at)
+            wanted = min(BLOCK, end - at)
+            block = handle.read(wanted)
+            if len(block) < wanted:
+                raise EOFError("the file ended early (it shrank while it was read)")
+            last = at + wanted == end
+            cut = 0
+            for chunk in chunker.cut_buf(memoryview(block)):
+                if not last and wanted - chunk.offset < MAXIMUM:
+                    break
+                yield index, at + chunk.offset, chunk.data
+                cut = chunk.offset + chunk.length
+            at += cut

@@ -323,7 +323,7 @@ class PackWriter:
         self._pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="pack-compress")
         self._sealer = ThreadPoolExecutor(1, thread_name_prefix="pack-seal")
         self._compressing: deque[Future[list[tuple[ChunkRef, _Frame]]]] = deque()
-        self._batch: list[bytes] = []
+        self._batch: list[bytes | memoryview] = []
         self._batched = 0
         self._added = 0
         self._sealing: Future[None] | None = None
@@ -335,7 +335,7 @@ class PackWriter:
         self._entries: list[tuple[str, int, int]] = []
         self._filled = 0
 
-    def add(self, data: bytes) -> int:
+    def add(self, data: bytes | memoryview) -> int:
         """Queue a chunk; its number. Chunks go to the threads in batches of about
         ``BATCH_BYTES``: one hand-over per 64 KiB chunk cost more in switches of the
         interpreter lock than the chunk's hash."""
@@ -353,10 +353,10 @@ class PackWriter:
         self._batch, self._batched = [], 0
         self._collect(wait=len(self._compressing) >= IN_FLIGHT_BATCHES)
 
-    def _prepare_batch(self, batch: list[bytes]) -> list[tuple[ChunkRef, _Frame]]:
+    def _prepare_batch(self, batch: list[bytes | memoryview]) -> list[tuple[ChunkRef, _Frame]]:
         return [self._prepare(data) for data in batch]
 
-    def _prepare(self, data: bytes) -> tuple[ChunkRef, _Frame]:
+    def _prepare(self, data: bytes | memoryview) -> tuple[ChunkRef, _Frame]:
         digest = hashlib.sha256(data).digest()
         ref = ChunkRef(chunk_id(self._key, digest), digest.hex(), len(data))
         compressor = getattr(self._local, "compressor", None)
