@@ -555,6 +555,13 @@ def test_chunks_cut_from_blocks_are_the_cuts_of_a_stream(monkeypatch, block):
     ]
     found = [(i, o, bytes(c)) for i, o, c in chunker.iter_chunks(io.BytesIO(data), regions)]
     assert found == expected and len(found) > 20
+
+    class ShortReads(io.BytesIO):  # a file system that answers reads in pieces
+        def read(self, size=-1):
+            return super().read(min(size, 70_001))
+
+    found = [(i, o, bytes(c)) for i, o, c in chunker.iter_chunks(ShortReads(data), regions)]
+    assert found == expected
     with pytest.raises(EOFError):  # the file shrank meanwhile
         list(chunker.iter_chunks(io.BytesIO(data[: 3 * block]), regions))
 

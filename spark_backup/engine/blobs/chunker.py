@@ -40,9 +40,7 @@ def iter_chunks(
         while at < end:
             handle.seek(at)
             wanted = min(BLOCK, end - at)
-            block = handle.read(wanted)
-            if len(block) < wanted:
-                raise EOFError("the file ended early (it shrank while it was read)")
+            block = _read_exactly(handle, wanted)
             last = at + wanted == end
             cut = 0
             for chunk in chunker.cut_buf(memoryview(block)):
@@ -51,3 +49,18 @@ def iter_chunks(
                 yield index, at + chunk.offset, chunk.data
                 cut = chunk.offset + chunk.length
             at += cut
+
+
+def _read_exactly(handle: BinaryIO, size: int) -> bytes:
+    """``size`` bytes from the handle's position (one read on a local file; more after a short
+    one); ``EOFError`` if the file ends first (it shrank while it was read)."""
+    block = handle.read(size)
+    if len(block) == size:
+        return block
+    parts = [block]
+    while size > (got := sum(len(p) for p in parts)):
+        more = handle.read(size - got)
+        if not more:
+            raise EOFError("the file ended early (it shrank while it was read)")
+        parts.append(more)
+    return b"".join(parts)

@@ -4,9 +4,10 @@ Its document (``spark-backup.version/v1``, JSON) is the copy's plaintext, so the
 encrypts it like any copy (``<copy id>.json.zst.age``) and the copy's manifest commits it. It
 lists every file with its size, mode, sha256 and chunks, and for safetensors files every
 tensor with its digest: the sha256 of its chunks' sha256 digests (``tensor_digest`` names the
-scheme; documents of earlier releases lack it and hold each tensor's plain sha256). A chunk is ``[id, plaintext sha256, size, pack, offset, length]``
-(where its zstd frame lies in the pack's plaintext); a version of the first release lists
-``[id, plaintext sha256, size]``, a chunk object of its own.
+scheme; documents of earlier releases lack it and hold each tensor's plain sha256). A chunk is
+``[id, plaintext sha256, size, pack, offset, length]`` (where its zstd frame lies in the
+pack's plaintext); a version of the first release lists ``[id, plaintext sha256, size]``, a
+chunk object of its own.
 
 Beside it, in the clear, a reference list (``<scope>/chunk-refs/<stamp>-<hex>.json.zst``, named
 with its sha256 in the copy's manifest) lets prune and a plain verify work without a key: the
