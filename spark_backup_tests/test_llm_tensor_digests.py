@@ -241,3 +241,31 @@ def test_the_runbook_checks_a_tensor_by_hand(tmp_path, age_key, monkeypatch, ear
     result = _check_by_hand(document, restored, "mid.weight", tmp_path)
     assert result.returncode == 1 and "tensor mid.weight: differs" in result.stderr
     assert _check_by_hand(document, restored, "big.weight", tmp_path).returncode == 0
+
+
+@pytest.mark.parametrize("earlier_release", [False, True], ids=["chunk-digests", "plain-sha256"])
+def test_deep_verify_names_a_tensor_whose_bytes_differ_from_its_digest(
+    tmp_path, age_key, monkeypatch, earlier_release
+):
+    """Through deep verify's own path (every chunk read from its pack and checked against its
+    own sha256): a tensor whose bytes do not give the digest recorded for it is named. Here the
+    recorded digest is changed as the document is read, so the chunks stay intact and only the
+    tensor check can fail."""
+    from spark_backup.sources import blob_versions
+
+    service = _service(tmp_path, age_key[1])
+    version_id = _backup(service, earlier_release, monkeypatch)
+    real = blob_versions.read_committed_document
+
+    def swapped(copy, identities):
+        document = real(copy, identities)
+        rows = {r[0]: r for r in _weights(document)["safetensors"]["tensors"]}
+        rows["mid.weight"][5] = hashlib.sha256(b"other bytes").hexdigest()
+        return document
+
+    monkeypatch.setattr(blob_versions, "read_committed_document", swapped)
+    identities = service.identities(age_key[0])
+    deep = service.verify(service.find(version_id), identities)
+    assert not deep.ok and "tensor 'mid.weight' does not match" in deep.error, deep.error
+    monkeypatch.setattr(blob_versions, "read_committed_document", real)
+    assert service.verify(service.find(version_id), identities).ok
