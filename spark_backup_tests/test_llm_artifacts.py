@@ -276,7 +276,7 @@ def test_a_lying_safetensors_header_is_one_line_and_no_copy(tmp_path, age_key, d
 def test_a_model_directory_changing_during_backup_leaves_no_copy(tmp_path, age_key, monkeypatch):
     model = make_model_dir(tmp_path / "adapter")
     service = BackupService.from_path(_plan(tmp_path, age_key[1], model))
-    real = chunker.iter_chunks
+    real = chunker.iter_blocks
 
     def training_writes_meanwhile(handle, regions, cdc=None):
         for n, item in enumerate(real(handle, regions, cdc)):
@@ -285,11 +285,11 @@ def test_a_model_directory_changing_during_backup_leaves_no_copy(tmp_path, age_k
                 (model / "optimizer.pt").write_bytes(b"new")
             yield item
 
-    monkeypatch.setattr(chunker, "iter_chunks", training_writes_meanwhile)
+    monkeypatch.setattr(chunker, "iter_blocks", training_writes_meanwhile)
     with pytest.raises(SourceError, match="changed"):
         service.backup("adapter")
     assert service.copies("adapter") == []
-    monkeypatch.setattr(chunker, "iter_chunks", real)
+    monkeypatch.setattr(chunker, "iter_blocks", real)
     assert len(service.backup("adapter")) == 1  # once quiet, the next backup succeeds
 
 
@@ -555,6 +555,9 @@ def test_chunks_cut_from_blocks_are_the_cuts_of_a_stream(monkeypatch, block):
     ]
     found = [(i, o, bytes(c)) for i, o, c in chunker.iter_chunks(io.BytesIO(data), regions)]
     assert found == expected and len(found) > 20
+    blocks = list(chunker.iter_blocks(io.BytesIO(data), regions))
+    assert all(bytes(b) == b"".join(c) == data[o : o + len(b)] for _i, o, b, c in blocks)
+    assert len(blocks) < len(found)
 
     class ShortReads(io.BytesIO):  # a file system that answers reads in pieces
         def read(self, size=-1):

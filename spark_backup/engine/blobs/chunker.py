@@ -27,28 +27,42 @@ def new_chunker() -> FastCDC:
     return FastCDC(AVERAGE, min_size=MINIMUM, max_size=MAXIMUM)
 
 
-def iter_chunks(
+def iter_blocks(
     handle: BinaryIO, regions: list[tuple[int, int]], chunker: FastCDC | None = None
-) -> Iterator[tuple[int, int, memoryview]]:
-    """(region index, offset, chunk bytes) in file order: each region cut by FastCDC, with the
-    cuts ``cut_stream`` makes. A block is cut up to where fewer than ``MAXIMUM`` bytes follow
-    a chunk's start (FastCDC then looks no further than the block, which a stream would not):
-    the next block starts there, read again."""
+) -> Iterator[tuple[int, int, memoryview, list[memoryview]]]:
+    """(region index, offset, bytes, their chunks) in file order: each region read in blocks
+    and cut by FastCDC with the cuts ``cut_stream`` makes; the bytes are a block up to its
+    last cut, the chunks views of them. A block is cut up to where fewer than ``MAXIMUM``
+    bytes follow a chunk's start (FastCDC then looks no further than the block, which a stream
+    would not): the next block starts there, read again. The file's digest takes a block at a
+    time: one hand-over of the interpreter lock per block rather than per chunk."""
     chunker = chunker or new_chunker()
     for index, (begin, end) in enumerate(regions):
         at = begin
         while at < end:
             handle.seek(at)
             wanted = min(BLOCK, end - at)
-            block = _read_exactly(handle, wanted)
+            block = memoryview(_read_exactly(handle, wanted))
             last = at + wanted == end
+            chunks = []
             cut = 0
-            for chunk in chunker.cut_buf(memoryview(block)):
+            for chunk in chunker.cut_buf(block):
                 if not last and wanted - chunk.offset < MAXIMUM:
                     break
-                yield index, at + chunk.offset, chunk.data
+                chunks.append(chunk.data)
                 cut = chunk.offset + chunk.length
+            yield index, at, block[:cut], chunks
             at += cut
+
+
+def iter_chunks(
+    handle: BinaryIO, regions: list[tuple[int, int]], chunker: FastCDC | None = None
+) -> Iterator[tuple[int, int, memoryview]]:
+    """(region index, offset, chunk bytes) in file order (``iter_blocks`` chunk by chunk)."""
+    for index, at, _data, chunks in iter_blocks(handle, regions, chunker):
+        for chunk in chunks:
+            yield index, at, chunk
+            at += len(chunk)
 
 
 def _read_exactly(handle: BinaryIO, size: int) -> bytes:

@@ -142,9 +142,9 @@ class VersionBuilder:
             chunks: list[list[Any]] = []
             try:
                 with _Hashing() as hashing:
-                    for _index, _offset, data in chunker.iter_chunks(handle, regions):  # type: ignore[arg-type]
+                    for _index, _offset, data, pieces in chunker.iter_blocks(handle, regions):  # type: ignore[arg-type]
                         hashing.update(whole, data)
-                        chunks.append([self.writer.add(data)])
+                        chunks += [[self.writer.add(piece)] for piece in pieces]
             except EOFError:
                 raise ChangedDuringBackup(
                     f"{path}: the file shrank while it was read (it is being written)"
@@ -197,9 +197,9 @@ class VersionBuilder:
         whole = hashlib.sha256()
         chunks: list[list[Any]] = []
         with _Hashing() as hashing:  # the file's digest beside the chunking, as in add_file
-            for _index, _offset, data in chunker.iter_chunks(handle, [(0, size)]):
+            for _index, _offset, data, pieces in chunker.iter_blocks(handle, [(0, size)]):
                 hashing.update(whole, data)
-                chunks.append([self.writer.add(data)])
+                chunks += [[self.writer.add(piece)] for piece in pieces]
         return whole.hexdigest(), chunks
 
     def document(self, scope: str, label: str, extra: dict[str, Any]) -> dict[str, Any]:
