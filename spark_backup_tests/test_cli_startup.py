@@ -309,3 +309,32 @@ print(json.dumps([names, before, one, list(registry.kinds())]))
     assert {"config_archive", "postgres"} <= set(names)
     assert before == []
     assert one == ["spark_backup.sources.config_archive.kind"]
+
+
+def test_the_core_commands_table_names_what_each_module_registers() -> None:
+    """``CORE_COMMANDS`` imports a command's module only when it is asked for: it must name
+    every command each module of ``spark_backup.cli`` registers, and by that module."""
+    import importlib
+
+    from spark_backup.cli import app
+
+    folder = Path(app.__file__).parent
+    for path in sorted(folder.glob("*.py")):
+        importlib.import_module(f"spark_backup.cli.{path.stem}")
+    registered = {name: command.callback.__module__ for name, command in app.cli.commands.items()}
+    assert registered == app.CORE_COMMANDS
+
+
+def test_a_command_imports_no_other_commands_module(tmp_path: Path) -> None:
+    done, modules = imported_by(tmp_path, "wal-push", "--help")
+    assert done.returncode == 0, done.stderr
+    assert offending(modules, tuple(set(app_commands().values()))) == []
+    done, modules = imported_by(tmp_path, "list", "--help")
+    assert done.returncode == 0, done.stderr
+    assert offending(modules, tuple(set(app_commands().values()))) == ["spark_backup.cli.copies"]
+
+
+def app_commands() -> dict[str, str]:
+    from spark_backup.cli.app import CORE_COMMANDS
+
+    return CORE_COMMANDS
