@@ -17,6 +17,7 @@ from contextlib import contextmanager, suppress
 import click
 
 from spark_backup.console import error_line, stderr
+from spark_backup.engine.gc_pause import startup_done
 from spark_backup.errors import SparkBackupError
 from spark_backup.sources.base import RuntimeHolder
 
@@ -48,6 +49,7 @@ class CliState(RuntimeHolder):
                 self._service = BackupService(self._runtime.loaded)
             else:
                 self._service = BackupService.from_path(self.plan_path)
+            startup_done()
         return self._service
 
     @property
@@ -60,7 +62,9 @@ class CliState(RuntimeHolder):
 
         if self._runtime is not None:  # the plan read once per command
             return ListingOperations(self._runtime.loaded)
-        return ListingOperations.from_path(self.plan_path)
+        listing = ListingOperations.from_path(self.plan_path)
+        startup_done()
+        return listing
 
     @property
     def copy_service(self):
@@ -77,6 +81,7 @@ class CliState(RuntimeHolder):
                 self._runtime = CopyOperations(self._runtime.loaded)
             else:
                 self._runtime = CopyOperations.from_path(self.plan_path)
+            startup_done()
         return self._runtime
 
     @property
@@ -89,6 +94,7 @@ class CliState(RuntimeHolder):
             from spark_backup.service.runtime import PlanRuntime
 
             self._runtime = PlanRuntime.from_path(self.plan_path)
+            startup_done()
         return self._runtime
 
 
