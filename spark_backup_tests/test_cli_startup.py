@@ -376,3 +376,29 @@ def test_the_cyclic_collector_runs_rarely_until_the_plan_is_open(
         assert frozen > 10_000, args  # the modules, classes and the plan's models
     usual, at_exit, frozen = thresholds("--help")  # no plan: start-up lasts to the end
     assert at_exit[0] > usual[0] and frozen == 0
+
+
+def test_reading_a_plan_inspects_no_builtin_default_factory(
+    tmp_path: Path, age_key, estate: Path
+) -> None:
+    """A builtin as a field's ``default_factory`` (``list``) makes pydantic parse its signature
+    with ``tokenize`` (2 ms to compile its patterns): the models of a plan of the core kinds
+    default their lists with ``Field(default=[])`` instead."""
+    postgres = {"name": "pg_main", "kind": "postgres", "cadence": "daily", "owner": "team:dba"}
+    sources = [
+        config_source("etc", [str(estate)]),
+        postgres,
+        mongodb_source("mongodb://127.0.0.1:1", ["app"]),
+    ]
+    plan = write_plan(tmp_path, plan_dict([age_key[1]], sources))
+    script = """
+import sys, tokenize
+from spark_backup.plan import load_plan
+load_plan(sys.argv[1])
+print(tokenize._compile.cache_info().currsize)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(plan)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "0"
