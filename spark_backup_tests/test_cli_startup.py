@@ -286,7 +286,7 @@ def test_a_command_missing_from_the_index_is_still_found(monkeypatch) -> None:
     monkeypatch.setattr(registry, "_commands", None)
     monkeypatch.setattr(registry, "_kinds", None)
     monkeypatch.setattr(registry, "_all_loaded", False)
-    monkeypatch.setattr(registry, "command_entry_points", list)
+    monkeypatch.setattr(registry, "command_entry_points", lambda own=False: [])
     context = cli.make_context("spark-backup", ["--help"], resilient_parsing=True)
     assert cli.get_command(context, "wal-push") is not None
     assert cli.get_command(context, "no-such-command") is None
@@ -402,3 +402,36 @@ print(tokenize._compile.cache_info().currsize)
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "0"
+
+
+def test_the_kinds_spark_backup_ships_are_found_without_a_scan(monkeypatch) -> None:
+    """Reading every installed package's entry points costs milliseconds in every command: a
+    kind or command of spark-backup's own is found in its own metadata; another package's
+    (here a toy kind) only by the scan, which is then made once."""
+    from importlib import metadata
+
+    toy = metadata.EntryPoint(
+        name="toy_blob",
+        value="spark_backup_tests.contract.toy_kind:KIND",
+        group=registry.ENTRY_POINT_GROUP,
+    )
+    scans: list[int] = []
+
+    def installed() -> metadata.EntryPoints:
+        scans.append(1)
+        return metadata.EntryPoints((toy,))
+
+    monkeypatch.setattr(registry, "_installed", installed)
+    monkeypatch.setattr(registry, "_entry_points", None)
+    monkeypatch.setattr(registry, "_kinds", None)
+    monkeypatch.setattr(registry, "_all_loaded", False)
+    monkeypatch.setattr(registry, "_commands", None)
+    assert registry.known("postgres") and registry.known("config_archive")
+    assert registry.kind("postgres").name == "postgres"
+    assert registry.command("wal-push") is not None
+    assert scans == []
+    assert registry.known("toy_blob")
+    assert registry.kind("toy_blob").name == "toy_blob"
+    assert not registry.known("no_such_kind")
+    assert {"postgres", "toy_blob"} <= set(registry.names())
+    assert len(scans) == 1  # _index() keeps what the scan found

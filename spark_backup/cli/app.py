@@ -148,14 +148,14 @@ class SparkBackupGroup(click.Group):
         return sorted({*CORE_COMMANDS, *super().list_commands(ctx), *self._kind_commands()})
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        found = self._core_command(name) or self._kind_commands().get(name)
+        from spark_backup.sources import registry
+
+        found = self._core_command(name) or registry.command(name)
         if found is None:
             # Not indexed (a kind without its commands entry point, or an install whose
             # metadata predates it): the kinds themselves are asked, at the kinds' cost.
-            from spark_backup.sources import registry
-
             registry.kinds()
-            found = self._kind_commands().get(name)
+            found = registry.command(name)
         return found
 
 

@@ -292,5 +292,4 @@ def kinds_named(data: Mapping[str, Any]) -> set[str] | None:
     if not isinstance(sources, list) or not sources:
         return None
     named = {entry.get("kind") if isinstance(entry, Mapping) else None for entry in sources}
-    known = set(registry.names())
-    return named if all(isinstance(name, str) and name in known for name in named) else None
+    return named if all(isinstance(name, str) and registry.known(name) for name in named) else None
