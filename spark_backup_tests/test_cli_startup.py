@@ -234,6 +234,7 @@ def test_backup_verify_and_restore_load_only_their_concern_and_the_plans_kinds(
     for name, modules in runs.items():
         assert offending(modules, (*NEVER, "psycopg", "psycopg2", "pymongo")) == [], name
         assert offending(modules, NOT_FOR_COPIES) == [], name
+        assert offending(modules, ("rich",)) == [], name  # their lines are plain text
         assert offending(modules, KINDS_NOT_IN_THE_QUICK_PLAN) == [], name
         # what they do need, so the lists above are about the right process
         assert "spark_backup.service.copies" in modules, name
@@ -435,3 +436,70 @@ def test_the_kinds_spark_backup_ships_are_found_without_a_scan(monkeypatch) -> N
     assert not registry.known("no_such_kind")
     assert {"postgres", "toy_blob"} <= set(registry.names())
     assert len(scans) == 1  # _index() keeps what the scan found
+
+
+_PRINTED = [
+    "plain",
+    "",
+    "trailing spaces   ",
+    "  leading",
+    "x" * 200,
+    "x" * 201,
+    "w " * 99 + "ww",
+    "two\nlines\n\nand a blank",
+    "ends with a newline\n",
+    "restored etc into /tmp/r: 20 files, 5 directories, 0 links, 9.4 KiB in 0.1s",
+    "1 of 1 copies intact (deep verify: stored sha256 and size, decrypted with age)",
+    "[green]ok[/green]  etc-20261130T083247.597Z-e1985eff",
+    "[red]FAILED[/red]  copy etc-1: sha256 differs",
+    "[red]error:[/red] s3://bucket: access denied",
+    "[green][red]nested[/red][/green]",
+    "[bold]other style[/bold]",
+    "a name like \\[red]x, escaped",
+    "back\\slash",
+    "emoji :thumbs_up: code",
+    "tab\there",
+    "caf\u00e9 \u4e2d\u6587",
+    "control \x1b[31m",
+]
+
+
+@pytest.mark.parametrize("text", _PRINTED)
+@pytest.mark.parametrize("options", [{}, {"highlight": False}, {"soft_wrap": True}])
+def test_a_print_without_rich_writes_what_rich_would(
+    text: str, options: dict[str, bool], monkeypatch
+) -> None:
+    """``stdout.print`` writes plain lines to a pipe without loading rich: byte for byte what
+    rich writes there (and rich itself prints everything else)."""
+    import io
+
+    from rich.console import Console
+
+    from spark_backup.console import _LazyConsole
+
+    for variable in ("FORCE_COLOR", "TTY_COMPATIBLE"):
+        monkeypatch.delenv(variable, raising=False)
+    expected = io.StringIO()
+    Console(file=expected, width=200).print(text, **options)
+    printed = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", printed)
+    lazy = _LazyConsole(to_stderr=False)
+    lazy.print(text, **options)
+    assert printed.getvalue() == expected.getvalue()
+    assert lazy.is_terminal is False
+
+
+def test_plain_lines_print_without_rich_and_markup_still_fails_as_in_rich(monkeypatch) -> None:
+    import io
+
+    from rich.errors import MarkupError
+
+    from spark_backup.console import _LazyConsole
+
+    monkeypatch.setattr(sys, "stdout", io.StringIO())
+    lazy = _LazyConsole(to_stderr=False)
+    lazy.print("[green]ok[/green]  copy", highlight=False)
+    assert lazy._console is None  # written without a rich console
+    with pytest.raises(MarkupError):
+        lazy.print("[/red] closes nothing")
+    assert lazy._console is not None
