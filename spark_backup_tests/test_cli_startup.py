@@ -58,6 +58,11 @@ NOT_FOR_WAL_PUSH = (
     "spark_backup.engine.replication.targets",
     "spark_backup.engine.catalog",
     "spark_backup.engine.retention",
+    # ... nor the secrets' rotation rule, nor the other commands' modules, nor tar
+    "spark_backup.engine.secrets.rotation",
+    "spark_backup.cli.copies",
+    "spark_backup.cli.alerts",
+    "tarfile",
 )
 # What list needs none of: the service's other concerns (it reads locks, drills and replica
 # records, see service/listing.py), and the pipeline that writes and reads copies.
