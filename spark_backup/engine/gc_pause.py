@@ -39,7 +39,8 @@ def pause_during_startup() -> None:
 def startup_done() -> None:
     """The usual thresholds again, once the command has what it needs to start its work (a long
     backup or a service makes garbage in cycles too); what start-up made is frozen, so later
-    full collections walk none of it."""
+    full collections walk none of it. The few hundred objects start-up left in cycles (400 for
+    ``list`` of the benchmark's plan, against 35,000 kept) are frozen with it, never freed."""
     global _usual_thresholds
     if _usual_thresholds is not None:
         gc.freeze()
