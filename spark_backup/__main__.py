@@ -22,6 +22,9 @@ def _note_interrupt(signum: int, frame: object) -> None:
 
 def main() -> None:
     signal.signal(signal.SIGINT, _note_interrupt)
+    from spark_backup.engine.gc_pause import pause_during_startup
+
+    pause_during_startup()  # until the command has opened its plan (CliState)
     try:
         from spark_backup.cli import main as run
 

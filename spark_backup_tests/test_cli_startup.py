@@ -58,6 +58,11 @@ NOT_FOR_WAL_PUSH = (
     "spark_backup.engine.replication.targets",
     "spark_backup.engine.catalog",
     "spark_backup.engine.retention",
+    # ... nor the secrets' rotation rule, nor the other commands' modules, nor tar
+    "spark_backup.engine.secrets.rotation",
+    "spark_backup.cli.copies",
+    "spark_backup.cli.alerts",
+    "tarfile",
 )
 # What list needs none of: the service's other concerns (it reads locks, drills and replica
 # records, see service/listing.py), and the pipeline that writes and reads copies.
@@ -106,6 +111,8 @@ NOT_FOR_HELP = (
     "spark_backup.sources.config_archive",
 )
 
+STARTUP_MODULES = {"spark_backup.engine", "spark_backup.engine.gc_pause"}
+
 
 def imported_by(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], set[str]]:
     out = tmp_path / f"modules-{len(list(tmp_path.glob('modules-*')))}.json"
@@ -131,7 +138,8 @@ def offending(modules: set[str], forbidden: tuple[str, ...]) -> list[str]:
 def test_help_and_version_load_nothing_heavy(tmp_path: Path, args: tuple[str, ...]) -> None:
     done, modules = imported_by(tmp_path, *args)
     assert done.returncode == 0, done.stderr
-    assert offending(modules, NOT_FOR_HELP) == []
+    # the start-up's pause of the cyclic collector (gc alone) is the one engine module they load
+    assert offending(modules - STARTUP_MODULES, NOT_FOR_HELP) == []
 
 
 def test_help_lists_the_kinds_commands_without_loading_the_kinds(tmp_path: Path) -> None:
@@ -231,6 +239,7 @@ def test_backup_verify_and_restore_load_only_their_concern_and_the_plans_kinds(
     for name, modules in runs.items():
         assert offending(modules, (*NEVER, "psycopg", "psycopg2", "pymongo")) == [], name
         assert offending(modules, NOT_FOR_COPIES) == [], name
+        assert offending(modules, ("rich",)) == [], name  # their lines are plain text
         assert offending(modules, KINDS_NOT_IN_THE_QUICK_PLAN) == [], name
         # what they do need, so the lists above are about the right process
         assert "spark_backup.service.copies" in modules, name
@@ -283,7 +292,7 @@ def test_a_command_missing_from_the_index_is_still_found(monkeypatch) -> None:
     monkeypatch.setattr(registry, "_commands", None)
     monkeypatch.setattr(registry, "_kinds", None)
     monkeypatch.setattr(registry, "_all_loaded", False)
-    monkeypatch.setattr(registry, "command_entry_points", list)
+    monkeypatch.setattr(registry, "command_entry_points", lambda own=False: [])
     context = cli.make_context("spark-backup", ["--help"], resilient_parsing=True)
     assert cli.get_command(context, "wal-push") is not None
     assert cli.get_command(context, "no-such-command") is None
@@ -309,3 +318,193 @@ print(json.dumps([names, before, one, list(registry.kinds())]))
     assert {"config_archive", "postgres"} <= set(names)
     assert before == []
     assert one == ["spark_backup.sources.config_archive.kind"]
+
+
+def test_the_core_commands_table_names_what_each_module_registers() -> None:
+    """``CORE_COMMANDS`` imports a command's module only when it is asked for: it must name
+    every command each module of ``spark_backup.cli`` registers, and by that module."""
+    import importlib
+
+    from spark_backup.cli import app
+
+    folder = Path(app.__file__).parent
+    for path in sorted(folder.glob("*.py")):
+        importlib.import_module(f"spark_backup.cli.{path.stem}")
+    registered = {name: command.callback.__module__ for name, command in app.cli.commands.items()}
+    assert registered == app.CORE_COMMANDS
+
+
+def test_a_command_imports_no_other_commands_module(tmp_path: Path) -> None:
+    done, modules = imported_by(tmp_path, "wal-push", "--help")
+    assert done.returncode == 0, done.stderr
+    assert offending(modules, tuple(set(app_commands().values()))) == []
+    done, modules = imported_by(tmp_path, "list", "--help")
+    assert done.returncode == 0, done.stderr
+    assert offending(modules, tuple(set(app_commands().values()))) == ["spark_backup.cli.copies"]
+
+
+def app_commands() -> dict[str, str]:
+    from spark_backup.cli.app import CORE_COMMANDS
+
+    return CORE_COMMANDS
+
+
+_GC_RECORDER = """
+import atexit, gc, json, os, sys
+usual = gc.get_threshold()
+atexit.register(lambda: print(json.dumps([usual, gc.get_threshold(), gc.get_freeze_count()]), file=sys.stderr))
+sys.argv = ["spark-backup", *sys.argv[1:]]
+from spark_backup.__main__ import main
+main()
+"""
+
+
+def test_the_cyclic_collector_runs_rarely_until_the_plan_is_open(
+    tmp_path: Path, quick_plan: Path
+) -> None:
+    """Start-up's objects live as long as the process: the collector waits until the command
+    has opened its plan, then runs as usual, without walking them again (frozen)."""
+
+    def thresholds(*args: str) -> tuple[list[int], list[int], int]:
+        done = subprocess.run(
+            [sys.executable, "-c", _GC_RECORDER, *args], capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 0, done.stderr
+        usual, at_exit, frozen = json.loads(done.stderr.splitlines()[-1])
+        return usual, at_exit, frozen
+
+    segment = tmp_path / "pg_wal" / "000000010000000000000001"
+    segment.parent.mkdir()
+    segment.write_bytes(bytes(range(256)) * 64)
+    for args in (("wal-push", str(segment)), ("list",)):
+        usual, at_exit, frozen = thresholds("--plan", str(quick_plan), *args)
+        assert at_exit == usual, args
+        assert frozen > 10_000, args  # the modules, classes and the plan's models
+    usual, at_exit, frozen = thresholds("--help")  # no plan: start-up lasts to the end
+    assert at_exit[0] > usual[0] and frozen == 0
+
+
+def test_reading_a_plan_inspects_no_builtin_default_factory(
+    tmp_path: Path, age_key, estate: Path
+) -> None:
+    """A builtin as a field's ``default_factory`` (``list``) makes pydantic parse its signature
+    with ``tokenize`` (2 ms to compile its patterns): the models of a plan of the core kinds
+    default their lists with ``Field(default=[])`` instead."""
+    postgres = {"name": "pg_main", "kind": "postgres", "cadence": "daily", "owner": "team:dba"}
+    sources = [
+        config_source("etc", [str(estate)]),
+        postgres,
+        mongodb_source("mongodb://127.0.0.1:1", ["app"]),
+    ]
+    plan = write_plan(tmp_path, plan_dict([age_key[1]], sources))
+    script = """
+import sys, tokenize
+from spark_backup.plan import load_plan
+load_plan(sys.argv[1])
+print(tokenize._compile.cache_info().currsize)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(plan)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "0"
+
+
+def test_the_kinds_spark_backup_ships_are_found_without_a_scan(monkeypatch) -> None:
+    """Reading every installed package's entry points costs milliseconds in every command: a
+    kind or command of spark-backup's own is found in its own metadata; another package's
+    (here a toy kind) only by the scan, which is then made once."""
+    from importlib import metadata
+
+    toy = metadata.EntryPoint(
+        name="toy_blob",
+        value="spark_backup_tests.contract.toy_kind:KIND",
+        group=registry.ENTRY_POINT_GROUP,
+    )
+    scans: list[int] = []
+
+    def installed() -> metadata.EntryPoints:
+        scans.append(1)
+        return metadata.EntryPoints((toy,))
+
+    monkeypatch.setattr(registry, "_installed", installed)
+    monkeypatch.setattr(registry, "_entry_points", None)
+    monkeypatch.setattr(registry, "_kinds", None)
+    monkeypatch.setattr(registry, "_all_loaded", False)
+    monkeypatch.setattr(registry, "_commands", None)
+    assert registry.known("postgres") and registry.known("config_archive")
+    assert registry.kind("postgres").name == "postgres"
+    assert registry.command("wal-push") is not None
+    assert scans == []
+    assert registry.known("toy_blob")
+    assert registry.kind("toy_blob").name == "toy_blob"
+    assert not registry.known("no_such_kind")
+    assert {"postgres", "toy_blob"} <= set(registry.names())
+    assert len(scans) == 1  # _index() keeps what the scan found
+
+
+_PRINTED = [
+    "plain",
+    "",
+    "trailing spaces   ",
+    "  leading",
+    "x" * 200,
+    "x" * 201,
+    "w " * 99 + "ww",
+    "two\nlines\n\nand a blank",
+    "ends with a newline\n",
+    "restored etc into /tmp/r: 20 files, 5 directories, 0 links, 9.4 KiB in 0.1s",
+    "1 of 1 copies intact (deep verify: stored sha256 and size, decrypted with age)",
+    "[green]ok[/green]  etc-20261130T083247.597Z-e1985eff",
+    "[red]FAILED[/red]  copy etc-1: sha256 differs",
+    "[red]error:[/red] s3://bucket: access denied",
+    "[green][red]nested[/red][/green]",
+    "[bold]other style[/bold]",
+    "a name like \\[red]x, escaped",
+    "back\\slash",
+    "emoji :thumbs_up: code",
+    "tab\there",
+    "caf\u00e9 \u4e2d\u6587",
+    "control \x1b[31m",
+]
+
+
+@pytest.mark.parametrize("text", _PRINTED)
+@pytest.mark.parametrize("options", [{}, {"highlight": False}, {"soft_wrap": True}])
+def test_a_print_without_rich_writes_what_rich_would(
+    text: str, options: dict[str, bool], monkeypatch
+) -> None:
+    """``stdout.print`` writes plain lines to a pipe without loading rich: byte for byte what
+    rich writes there (and rich itself prints everything else)."""
+    import io
+
+    from rich.console import Console
+
+    from spark_backup.console import _LazyConsole
+
+    for variable in ("FORCE_COLOR", "TTY_COMPATIBLE"):
+        monkeypatch.delenv(variable, raising=False)
+    expected = io.StringIO()
+    Console(file=expected, width=200).print(text, **options)
+    printed = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", printed)
+    lazy = _LazyConsole(to_stderr=False)
+    lazy.print(text, **options)
+    assert printed.getvalue() == expected.getvalue()
+    assert lazy.is_terminal is False
+
+
+def test_plain_lines_print_without_rich_and_markup_still_fails_as_in_rich(monkeypatch) -> None:
+    import io
+
+    from rich.errors import MarkupError
+
+    from spark_backup.console import _LazyConsole
+
+    monkeypatch.setattr(sys, "stdout", io.StringIO())
+    lazy = _LazyConsole(to_stderr=False)
+    lazy.print("[green]ok[/green]  copy", highlight=False)
+    assert lazy._console is None  # written without a rich console
+    with pytest.raises(MarkupError):
+        lazy.print("[/red] closes nothing")
+    assert lazy._console is not None

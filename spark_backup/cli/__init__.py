@@ -9,9 +9,11 @@
 - ``monitor.py``: monitor (KPIs);
 - ``secrets.py``: secrets status and rotate-key;
 - ``dagster.py``: dagster-init and the demo.
+
+Each module registers its commands on ``cli`` as it is imported, which ``app.CORE_COMMANDS``
+does for the command asked for.
 """
 
-from spark_backup.cli import alerts, copies, dagster, drills, monitor, plan, replication, secrets  # noqa: F401 - each registers its commands
 from spark_backup.cli.app import cli, main
 
 __all__ = ["cli", "main"]

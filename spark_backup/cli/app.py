@@ -17,6 +17,7 @@ from contextlib import contextmanager, suppress
 import click
 
 from spark_backup.console import error_line, stderr
+from spark_backup.engine.gc_pause import startup_done
 from spark_backup.errors import SparkBackupError
 from spark_backup.sources.base import RuntimeHolder
 
@@ -48,6 +49,7 @@ class CliState(RuntimeHolder):
                 self._service = BackupService(self._runtime.loaded)
             else:
                 self._service = BackupService.from_path(self.plan_path)
+            startup_done()
         return self._service
 
     @property
@@ -60,7 +62,9 @@ class CliState(RuntimeHolder):
 
         if self._runtime is not None:  # the plan read once per command
             return ListingOperations(self._runtime.loaded)
-        return ListingOperations.from_path(self.plan_path)
+        listing = ListingOperations.from_path(self.plan_path)
+        startup_done()
+        return listing
 
     @property
     def copy_service(self):
@@ -77,6 +81,7 @@ class CliState(RuntimeHolder):
                 self._runtime = CopyOperations(self._runtime.loaded)
             else:
                 self._runtime = CopyOperations.from_path(self.plan_path)
+            startup_done()
         return self._runtime
 
     @property
@@ -89,15 +94,46 @@ class CliState(RuntimeHolder):
             from spark_backup.service.runtime import PlanRuntime
 
             self._runtime = PlanRuntime.from_path(self.plan_path)
+            startup_done()
         return self._runtime
 
 
 pass_state = click.make_pass_decorator(CliState)
 
 
+# Each core command by the module that defines it: a module is imported when one of its commands
+# runs (or ``--help`` lists them all), so ``wal-push``, run for every WAL segment, builds none of
+# them. ``test_cli_startup`` holds this table equal to what the modules register.
+CORE_COMMANDS = {
+    "alerts": "spark_backup.cli.alerts",
+    "backup": "spark_backup.cli.copies",
+    "erase": "spark_backup.cli.copies",
+    "list": "spark_backup.cli.copies",
+    "prune": "spark_backup.cli.copies",
+    "restore": "spark_backup.cli.copies",
+    "verify": "spark_backup.cli.copies",
+    "dagster-init": "spark_backup.cli.dagster",
+    "dagster-snapshot": "spark_backup.cli.dagster",
+    "demo": "spark_backup.cli.dagster",
+    "disaster-drill": "spark_backup.cli.drills",
+    "drill": "spark_backup.cli.drills",
+    "monitor": "spark_backup.cli.monitor",
+    "plan": "spark_backup.cli.plan",
+    "replicate": "spark_backup.cli.replication",
+    "secrets": "spark_backup.cli.secrets",
+}
+
+
 class SparkBackupGroup(click.Group):
-    """The core commands, then every registered kind's own (found without loading the kinds,
-    see ``registry.commands``)."""
+    """The core commands (each module imported when one of its commands is asked for), then
+    every registered kind's own (found without loading the kinds, see ``registry.commands``)."""
+
+    def _core_command(self, name: str) -> click.Command | None:
+        if name not in self.commands and name in CORE_COMMANDS:
+            from importlib import import_module
+
+            import_module(CORE_COMMANDS[name])  # its decorators add it to ``self.commands``
+        return self.commands.get(name)
 
     def _kind_commands(self) -> dict[str, click.Command]:
         from spark_backup.sources import registry
@@ -109,17 +145,17 @@ class SparkBackupGroup(click.Group):
         return commands
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted({*super().list_commands(ctx), *self._kind_commands()})
+        return sorted({*CORE_COMMANDS, *super().list_commands(ctx), *self._kind_commands()})
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        found = super().get_command(ctx, name) or self._kind_commands().get(name)
+        from spark_backup.sources import registry
+
+        found = self._core_command(name) or registry.command(name)
         if found is None:
             # Not indexed (a kind without its commands entry point, or an install whose
             # metadata predates it): the kinds themselves are asked, at the kinds' cost.
-            from spark_backup.sources import registry
-
             registry.kinds()
-            found = self._kind_commands().get(name)
+            found = registry.command(name)
         return found
 
 

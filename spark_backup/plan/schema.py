@@ -29,8 +29,8 @@ MIN_ORPHAN_GRACE = dt.timedelta(hours=1)
 class Encryption(SettingsModel):
     """age X25519 recipients. Identities (private keys) are only needed where a restore runs."""
 
-    recipients: list[str] = Field(default_factory=list)
-    recipients_files: list[str] = Field(default_factory=list)
+    recipients: list[str] = Field(default=[])
+    recipients_files: list[str] = Field(default=[])
     identity_file: str | None = None
     # The identity text held by a secrets backend (vault:kv/spark/age#identity), for restores.
     identity: SecretReference | None = None
@@ -146,7 +146,7 @@ class Plan(SettingsModel):
     stores: list[StoreConfig] = Field(min_length=1)
     # Second targets for versions (another store, an OCI registry); sources name theirs in
     # ``replicate_to``.
-    replication: list[ReplicaConfig] = Field(default_factory=list)
+    replication: list[ReplicaConfig] = Field(default=[])
     notifications: Notifications = Notifications.default_instance()
     journal: JournalSettings = JournalSettings.default_instance()
     disaster_drill: DisasterDrill = DisasterDrill.default_instance()
@@ -292,5 +292,4 @@ def kinds_named(data: Mapping[str, Any]) -> set[str] | None:
     if not isinstance(sources, list) or not sources:
         return None
     named = {entry.get("kind") if isinstance(entry, Mapping) else None for entry in sources}
-    known = set(registry.names())
-    return named if all(isinstance(name, str) and name in known for name in named) else None
+    return named if all(isinstance(name, str) and registry.known(name) for name in named) else None

@@ -75,7 +75,7 @@ class SourceSettings(SettingsModel):
     # at least as long as its retention keeps a copy.
     compliance_copy: bool = False
     # Replication targets (the plan's ``replication`` entries) every copy is pushed to.
-    replicate_to: list[Name] = Field(default_factory=list)
+    replicate_to: list[Name] = Field(default=[])
 
     @field_validator("owner")
     @classmethod

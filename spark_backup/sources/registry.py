@@ -10,6 +10,11 @@ A kind's own commands are listed by ``--help`` and run by PostgreSQL's ``archive
 they are found without loading the kind: a kind that has commands also names them in the
 ``spark_backup.commands`` group, under its own name, pointing at the same sequence its
 ``cli_commands`` returns (the contract tests hold the two equal).
+
+Finding every installed package's entry points reads each package's metadata (5 ms, in every
+command); a kind or a command that spark-backup ships itself is found in its own metadata alone,
+and takes precedence over another package's of the same name. Only other names, and the lists
+of every kind or command, need the scan.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ if TYPE_CHECKING:
 
 ENTRY_POINT_GROUP = "spark_backup.kinds"
 COMMANDS_ENTRY_POINT_GROUP = "spark_backup.commands"
+DISTRIBUTION = "spark-backup"
 
 # The kinds loaded so far, by name; a kind loads when first asked for by name (reading a plan
 # loads the kinds it names, not all of them), every kind when all are asked for.
@@ -41,14 +47,32 @@ def _index() -> dict[str, metadata.EntryPoint]:
     global _entry_points
     if _entry_points is None:
         found = sorted(_installed().select(group=ENTRY_POINT_GROUP), key=lambda e: e.name)
-        _entry_points = {entry.name: entry for entry in found}
+        own = _own().select(group=ENTRY_POINT_GROUP)
+        _entry_points = {entry.name: entry for entry in [*found, *own]}
+        _entry_points = {name: _entry_points[name] for name in sorted(_entry_points)}
     return _entry_points
+
+
+def _entry(name: str) -> metadata.EntryPoint | None:
+    """The kind entry point called ``name``: spark-backup's own without a scan, else any."""
+    own = _own().select(group=ENTRY_POINT_GROUP, name=name)
+    return next(iter(own), None) or _index().get(name)
 
 
 @functools.cache
 def _installed() -> metadata.EntryPoints:
     """Every installed entry point: one scan of the installed packages serves both groups."""
     return metadata.entry_points()
+
+
+@functools.cache
+def _own() -> metadata.EntryPoints:
+    """spark-backup's own entry points, from its own metadata alone (none if it has none, as
+    when run from a source tree: the scan then finds what there is)."""
+    try:
+        return metadata.distribution(DISTRIBUTION).entry_points
+    except metadata.PackageNotFoundError:
+        return metadata.EntryPoints(())
 
 
 def _load(entry: metadata.EntryPoint) -> SourceKind:
@@ -90,12 +114,19 @@ def kinds() -> dict[str, SourceKind]:
     return dict(_loaded())
 
 
+def known(name: str) -> bool:
+    """Whether a kind called ``name`` is registered, loading none."""
+    if _kinds is not None and name in _kinds:
+        return True
+    return not _all_loaded and _entry(name) is not None
+
+
 def kind(name: str) -> SourceKind:
     """The kind called ``name``, loading only it."""
     global _kinds
     if _kinds is not None and name in _kinds:
         return _kinds[name]
-    entry = None if _all_loaded else _index().get(name)
+    entry = None if _all_loaded else _entry(name)
     if entry is None:
         raise NotFoundError(
             f"unknown source kind {name!r} (this version knows: {', '.join(names())})"
@@ -141,5 +172,22 @@ def commands() -> list[click.Command]:
     return list(_commands[1])
 
 
-def command_entry_points() -> list[metadata.EntryPoint]:
-    return sorted(_installed().select(group=COMMANDS_ENTRY_POINT_GROUP), key=lambda e: e.name)
+def command(name: str) -> click.Command | None:
+    """The kind command called ``name``: among the commands of spark-backup's own kinds first
+    (found without a scan while the kinds are not loaded), else among every kind's."""
+    if not _all_loaded:
+        for entry in command_entry_points(own=True):
+            found = next((c for c in entry.load() if c.name == name), None)
+            if found is not None:
+                return found
+    return next((c for c in commands() if c.name == name), None)
+
+
+def command_entry_points(own: bool = False) -> list[metadata.EntryPoint]:
+    """The ``spark_backup.commands`` entry points by kind name: every installed package's
+    (spark-backup's own taking precedence), or with ``own`` spark-backup's alone."""
+    found = _own().select(group=COMMANDS_ENTRY_POINT_GROUP)
+    if not own:
+        every = _installed().select(group=COMMANDS_ENTRY_POINT_GROUP)
+        found = {entry.name: entry for entry in [*every, *found]}.values()
+    return sorted(found, key=lambda e: e.name)

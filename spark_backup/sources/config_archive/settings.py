@@ -102,8 +102,8 @@ class ConfigArchiveSource(SourceSettings):
 
     kind: Literal["config_archive"]
     paths: list[str] = Field(min_length=1)
-    include: list[str] = Field(default_factory=list)
-    exclude: list[str] = Field(default_factory=list)
+    include: list[str] = Field(default=[])
+    exclude: list[str] = Field(default=[])
     one_file_system: bool = True
     # A file that shrinks while tar reads it is padded with zeros (torn). False fails the backup;
     # true keeps the copy, which records the torn files for restore and verify to name.

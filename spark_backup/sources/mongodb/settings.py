@@ -43,10 +43,10 @@ class MongoSource(SourceSettings):
     # never the password. The older password_env: NAME still reads as env:NAME (deprecated).
     password: SecretReference | None = None
     databases: list[str] | Literal["all"] = "all"
-    exclude_databases: list[str] = Field(default_factory=list)
+    exclude_databases: list[str] = Field(default=[])
     # Namespace globs ("shop.orders", "shop.*", "*.audit_*"); include empty: every collection.
-    include_collections: list[str] = Field(default_factory=list)
-    exclude_collections: list[str] = Field(default_factory=list)
+    include_collections: list[str] = Field(default=[])
+    exclude_collections: list[str] = Field(default=[])
     rpo: Duration = dt.timedelta(minutes=15)
     oplog: MongoOplog = MongoOplog.default_instance()
     # "mongodump": run the tool (same layout) where it is on the PATH; default: pymongo.

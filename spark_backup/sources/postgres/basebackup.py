@@ -11,7 +11,6 @@ point-in-time recovery reports beside what it recovered.
 from __future__ import annotations
 
 import re
-import tarfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -134,6 +133,8 @@ class BaseBackupReader:
 
 def check_base_plaintext(plain: Readable, manifest: Manifest) -> None:
     """The tar must be readable to its end and hold what recovery needs."""
+    import tarfile  # only a verify reads the tar: wal-push imports this module for its names
+
     names: set[str] = set()
     try:
         with tarfile.open(fileobj=plain, mode="r|") as archive:  # type: ignore[call-overload]

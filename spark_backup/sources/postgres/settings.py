@@ -70,7 +70,7 @@ class PostgresSource(SourceSettings):
     password: SecretReference | None = None
     passfile: str | None = None
     databases: list[str] | Literal["all"] = "all"
-    exclude_databases: list[str] = Field(default_factory=list)
+    exclude_databases: list[str] = Field(default=[])
     # Where pg_dump, pg_basebackup, pg_restore, pg_ctl live; default: the server's major version
     # under /usr/lib/postgresql, else PATH.
     bin_dir: str | None = None
