@@ -41,15 +41,21 @@ def load_faiss() -> Any:
     return faiss
 
 
+def check_header(path: Path | str, label: str) -> None:
+    """A file that does not start with a FAISS four-character code is no index: one line
+    naming it, before FAISS is even imported."""
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    if len(head) < 4 or not set(head) <= _FOURCC_BYTES:
+        raise SourceError(f"{label}: not a FAISS index (no FAISS index header)")
+
+
 def read_index(path: Path | str, label: str | None = None) -> Any:
     """The index in ``path`` (a descriptor path such as ``/proc/self/fd/N`` reads the file a
     backup holds open); ``label`` names it in errors. A file that is not a FAISS index is one
     line naming it."""
     label = label or str(path)
-    with open(path, "rb") as handle:
-        head = handle.read(4)
-    if len(head) < 4 or not set(head) <= _FOURCC_BYTES:
-        raise SourceError(f"{label}: not a FAISS index (no FAISS index header)")
+    check_header(path, label)
     faiss = load_faiss()
     # Flat codes mapped from the file rather than copied into memory where FAISS can (the
     # pages are the page cache's, which the kernel can drop); other index types read whole.
