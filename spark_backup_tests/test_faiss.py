@@ -257,6 +257,20 @@ def test_the_kind_loads_without_faiss(tmp_path: Path, age_key) -> None:
     assert out.stdout.strip() == "False"
 
 
+def test_faiss_loads_without_numpys_blas_threads() -> None:
+    """numpy's OpenBLAS threads would spin beside the backup's own at import: numpy is
+    loaded with one, and the environment is left as it was."""
+    code = (
+        "import os; from spark_backup.sources.faiss import index; index.load_faiss(); "
+        "print(len(os.listdir('/proc/self/task')), 'OPENBLAS_NUM_THREADS' in os.environ)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
+    )
+    assert out.stdout.split() == ["1", "False"]
+
+
 def test_the_catalogue_is_asset_metadata(tmp_path: Path, age_key) -> None:
     folder = tmp_path / "rag"
     make_index(folder, "flat")

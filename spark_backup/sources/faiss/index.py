@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,8 @@ METRICS = {
 
 
 def load_faiss() -> Any:
+    if "numpy" not in sys.modules:
+        _import_numpy_with_one_blas_thread()
     try:
         import faiss
     except ImportError:
@@ -39,6 +42,23 @@ def load_faiss() -> Any:
             "the faiss kind needs FAISS: pip install 'spark-backup[faiss]' (faiss-cpu)"
         ) from None
     return faiss
+
+
+def _import_numpy_with_one_blas_thread() -> None:
+    """numpy's OpenBLAS starts a thread per core when it loads, and each spins for about 0.1 s
+    of CPU waiting for work that never comes: CPU taken from the backup's hashing, compression
+    and encryption, which run meanwhile. Nothing here multiplies matrices with numpy (FAISS has
+    its own BLAS, loaded afterwards with the environment as it was), so numpy gets one thread.
+    A setting of the user's is kept."""
+    if "OPENBLAS_NUM_THREADS" in os.environ:
+        return
+    os.environ["OPENBLAS_NUM_THREADS"] = "1"
+    try:
+        import numpy  # noqa: F401
+    except ImportError:
+        pass  # load_faiss says what is missing
+    finally:
+        del os.environ["OPENBLAS_NUM_THREADS"]
 
 
 def check_header(path: Path | str, label: str) -> None:
