@@ -8,7 +8,8 @@ spark-backup but not FAISS, as a backup command has when its copy starts; it tim
 chunking, compression, encryption and store) and prints its wall and CPU seconds with the CPU
 of each thread pool (main thread, ``faiss-inspect``, ``file-hash``, ``pack-compress``,
 ``pack-seal``, OpenMP and OpenBLAS threads as ``other``), read from ``/proc/self/task/*/stat``
-every 10 ms.
+every 10 ms, and the CPU seconds the machine's other processes used meanwhile (``others``: on
+a shared machine, the rounds where they used little are the ones to compare).
 
 ``--code DIR`` (repeatable) runs each round once per spark-backup tree, interleaved, to compare
 a change with a baseline (``git archive HEAD spark_backup | tar -x -C DIR``) in the same load::
@@ -51,6 +52,13 @@ def thread_cpu() -> dict[int, tuple[str, float]]:
     return found
 
 
+def busy_seconds() -> float:
+    """CPU seconds every process of the machine has used so far (/proc/stat, all CPUs)."""
+    with open("/proc/stat") as handle:
+        fields = [int(x) for x in handle.readline().split()[1:9]]
+    return (sum(fields) - fields[3] - fields[4]) / TICK  # less idle and iowait
+
+
 def child(plan: Path, source: str) -> None:
     """One round: the backup of ``source``, its wall and CPU and CPU per pool as JSON."""
     from spark_backup.service import BackupService
@@ -70,9 +78,10 @@ def child(plan: Path, source: str) -> None:
 
     sampler = threading.Thread(target=sample, name="sampler")
     sampler.start()
-    cpu0, wall0 = time.process_time(), time.perf_counter()
+    busy0, cpu0, wall0 = busy_seconds(), time.process_time(), time.perf_counter()
     service.backup(source)
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    others = max(0.0, busy_seconds() - busy0 - cpu)
     done.set()
     sampler.join()
     pools: dict[str, float] = {}
@@ -83,7 +92,7 @@ def child(plan: Path, source: str) -> None:
         pool = name.rstrip("_0123456789")
         pool = pool if pool in known else "other"
         pools[pool] = pools.get(pool, 0.0) + used
-    print(json.dumps({"wall": wall, "cpu": cpu, "pools": pools}))
+    print(json.dumps({"wall": wall, "cpu": cpu, "others": others, "pools": pools}))
 
 
 def prepare(work: Path, stream: bool) -> Path:
@@ -176,15 +185,17 @@ def main() -> int:
                 pools = "  ".join(f"{k} {v:.2f}" for k, v in sorted(row["pools"].items()))
                 print(
                     f"{source:5} {tree.name:12} wall {row['wall']:.3f} s  CPU {row['cpu']:.3f} s"
-                    f"  |  {pools}",
+                    f"  others {row['others']:.2f} s  |  {pools}",
                     flush=True,
                 )
     print("load", " ".join(f"{x:.2f}" for x in os.getloadavg()))
-    print("medians:")
+    print("medians (and of the rounds the other processes used under 0.1 CPU seconds in):")
     for (source, tree), found in rows.items():
         wall = statistics.median(r["wall"] for r in found)
         cpu = statistics.median(r["cpu"] for r in found)
-        print(f"{source:5} {Path(tree).name:12} wall {wall:.3f} s  CPU {cpu:.3f} s")
+        quiet = [r["wall"] for r in found if r["others"] < 0.1]
+        alone = f"{statistics.median(quiet):.3f} s ({len(quiet)} rounds)" if quiet else "none"
+        print(f"{source:5} {Path(tree).name:12} wall {wall:.3f} s  CPU {cpu:.3f} s  quiet {alone}")
     return 0
 
 
