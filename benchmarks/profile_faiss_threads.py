@@ -85,7 +85,15 @@ def child(plan: Path, source: str) -> None:
     done.set()
     sampler.join()
     pools: dict[str, float] = {}
-    known = ("MainThread", "faiss-inspect", "file-hash", "pack-compress", "pack-seal")
+    known = (
+        "MainThread",
+        "faiss-inspect",
+        "file-hash",
+        "pack-compress",
+        "pack-seal",
+        "backup-zstd",
+        "backup-age",
+    )
     for tid, (name, used) in seen.items():
         if tid == sampler.native_id:
             continue
