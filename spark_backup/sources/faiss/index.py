@@ -49,7 +49,8 @@ def _import_numpy_with_one_blas_thread() -> None:
     of CPU waiting for work that never comes: CPU taken from the backup's hashing, compression
     and encryption, which run meanwhile. Nothing here multiplies matrices with numpy (FAISS has
     its own BLAS, loaded afterwards with the environment as it was), so numpy gets one thread.
-    A setting of the user's is kept."""
+    A setting of the user's is kept; the variable exists only for numpy's import, and none of
+    the backup's other threads reads the environment meanwhile."""
     if "OPENBLAS_NUM_THREADS" in os.environ:
         return
     os.environ["OPENBLAS_NUM_THREADS"] = "1"
