@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from spark_backup.plan import load_plan
 from spark_backup.service import BackupService
 from spark_backup.sources.faiss.kind import probe_restored
 from spark_backup.sources.faiss.settings import PROBES_FILE
+from spark_backup.sources.faiss.snapshot import _UntilInspectionFails
 from spark_backup_tests.faiss_data import faiss_source, make_index
 from spark_backup_tests.helpers import config_source, plan_dict, run_cli, write_plan
 
@@ -173,16 +175,26 @@ def test_a_restored_index_that_answers_otherwise_fails_the_check(tmp_path: Path,
     assert not result.passed and "manifest recorded" in result.description
 
 
+# A FAISS four-character code before 4 MiB that FAISS cannot read: the chunking of the blob
+# layer is under way when FAISS (on its own thread) rejects it.
+_LARGE_NON_INDEX = b"IxF2" + os.urandom(4 << 20)
+
+
+@pytest.mark.parametrize("layout", ["stream", "blob"])
 @pytest.mark.parametrize(
-    "content", [b"just some text, not an index\n", b"IxF2" + b"\x00" * 3, b""], ids=repr
+    "content",
+    [b"just some text, not an index\n", b"IxF2" + b"\x00" * 3, b"", _LARGE_NON_INDEX],
+    ids=["text", "header only", "empty", "large"],
 )
 def test_a_file_that_is_not_an_index_is_one_line_naming_it(
-    tmp_path: Path, age_key, content: bytes
+    tmp_path: Path, age_key, content: bytes, layout: str, monkeypatch
 ) -> None:
     folder = tmp_path / "rag"
     make_index(folder, "flat")
     (folder / "index.faiss").write_bytes(content)
-    plan = _plan(tmp_path, age_key, [faiss_source(folder)])
+    monkeypatch.setenv("SPARK_TEST_FAISS_CHUNK_KEY", "faiss-chunk-key-0123456789abcdef")
+    extra = {"chunk_key": "env:SPARK_TEST_FAISS_CHUNK_KEY"} if layout == "blob" else {}
+    plan = _plan(tmp_path, age_key, [faiss_source(folder, **extra)])
     result = run_cli("--plan", str(plan), "backup", "rag")
     assert result.returncode == SourceError.exit_code, result.stderr
     lines = result.stderr.strip().splitlines()
@@ -191,6 +203,22 @@ def test_a_file_that_is_not_an_index_is_one_line_naming_it(
     assert json.loads(run_cli("--plan", str(plan), "list", "--json", check=True).stdout) == []
     probe = run_cli("--plan", str(plan), "plan", "check", "--probe")
     assert probe.returncode != 0 and str(folder / "index.faiss") in probe.stderr + probe.stdout
+
+
+def test_reads_stop_with_the_inspections_error() -> None:
+    """The files are chunked while FAISS inspects the index on a thread: once it failed, the
+    next read raises its error, so a file FAISS rejects stops the backup at once."""
+    inspection: Future = Future()
+    with open(__file__, "rb") as handle:
+        reads = _UntilInspectionFails(handle, inspection)
+        assert reads.read(4) == b'"""T'
+        buffer = bytearray(4)
+        assert reads.readinto(buffer) == 4 and bytes(buffer) == b"he f"
+        inspection.set_exception(SourceError("index.faiss: not a FAISS index (bad header)"))
+        with pytest.raises(SourceError, match="not a FAISS index"):
+            reads.readinto(buffer)
+        with pytest.raises(SourceError, match="not a FAISS index"):
+            reads.read(4)
 
 
 def test_a_sidecar_written_during_the_backup_fails_the_copy(tmp_path: Path, age_key) -> None:
@@ -227,6 +255,20 @@ def test_the_kind_loads_without_faiss(tmp_path: Path, age_key) -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_faiss_loads_without_numpys_blas_threads() -> None:
+    """numpy's OpenBLAS threads would spin beside the backup's own at import: numpy is
+    loaded with one, and the environment is left as it was."""
+    code = (
+        "import os; from spark_backup.sources.faiss import index; index.load_faiss(); "
+        "print(len(os.listdir('/proc/self/task')), 'OPENBLAS_NUM_THREADS' in os.environ)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
+    )
+    assert out.stdout.split() == ["1", "False"]
 
 
 def test_the_catalogue_is_asset_metadata(tmp_path: Path, age_key) -> None:

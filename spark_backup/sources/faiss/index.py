@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,8 @@ METRICS = {
 
 
 def load_faiss() -> Any:
+    if "numpy" not in sys.modules:
+        _import_numpy_with_one_blas_thread()
     try:
         import faiss
     except ImportError:
@@ -41,15 +44,39 @@ def load_faiss() -> Any:
     return faiss
 
 
+def _import_numpy_with_one_blas_thread() -> None:
+    """numpy's OpenBLAS starts a thread per core when it loads, and each spins for about 0.1 s
+    of CPU waiting for work that never comes: CPU taken from the backup's hashing, compression
+    and encryption, which run meanwhile. Nothing here multiplies matrices with numpy (FAISS has
+    its own BLAS, loaded afterwards with the environment as it was), so numpy gets one thread.
+    A setting of the user's is kept; the variable exists only for numpy's import, and none of
+    the backup's other threads reads the environment meanwhile."""
+    if "OPENBLAS_NUM_THREADS" in os.environ:
+        return
+    os.environ["OPENBLAS_NUM_THREADS"] = "1"
+    try:
+        import numpy  # noqa: F401
+    except ImportError:
+        pass  # load_faiss says what is missing
+    finally:
+        del os.environ["OPENBLAS_NUM_THREADS"]
+
+
+def check_header(path: Path | str, label: str) -> None:
+    """A file that does not start with a FAISS four-character code is no index: one line
+    naming it, before FAISS is even imported."""
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    if len(head) < 4 or not set(head) <= _FOURCC_BYTES:
+        raise SourceError(f"{label}: not a FAISS index (no FAISS index header)")
+
+
 def read_index(path: Path | str, label: str | None = None) -> Any:
     """The index in ``path`` (a descriptor path such as ``/proc/self/fd/N`` reads the file a
     backup holds open); ``label`` names it in errors. A file that is not a FAISS index is one
     line naming it."""
     label = label or str(path)
-    with open(path, "rb") as handle:
-        head = handle.read(4)
-    if len(head) < 4 or not set(head) <= _FOURCC_BYTES:
-        raise SourceError(f"{label}: not a FAISS index (no FAISS index header)")
+    check_header(path, label)
     faiss = load_faiss()
     # Flat codes mapped from the file rather than copied into memory where FAISS can (the
     # pages are the page cache's, which the kernel can drop); other index types read whole.

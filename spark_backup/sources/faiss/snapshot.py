@@ -9,6 +9,11 @@ Consistency: every file is opened before anything is read, the index is loaded f
 catalogue and the probes from the descriptor the backup holds (``/proc/self/fd/N``), so an index
 replaced by a rename meanwhile is still the one archived; a file written in place while the
 backup reads it (its size or mtime changed) fails the copy, which is then never published.
+
+Time: the inspection (FAISS's import, the load, the catalogue facts, the probe searches) runs on
+a thread of its own while the files are chunked or streamed (``inspecting``); the probe file is
+added once both are done. A file without a FAISS header fails before anything is read, one FAISS
+rejects stops the reading as soon as it did.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import json
 import os
 import stat
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,6 +106,49 @@ def inspect_index(source: FaissSource, files: list[_File]) -> tuple[dict, dict, 
     return facts, answers, probe_bytes
 
 
+@contextmanager
+def inspecting(source: FaissSource, files: list[_File]) -> Iterator[Future]:
+    """``inspect_index`` on a thread of its own while the caller reads the files: FAISS's
+    import, the load and the probe searches overlap the hashing, compression and encryption
+    (which let the interpreter lock go, as FAISS's searches do). A file without a FAISS header
+    fails here, before anything is read. Leaving the block waits for the thread: it reads the
+    index through the descriptor the caller holds, which must stay open until then."""
+    index_file = files[0]
+    faiss_index.check_header(fd_path(index_file.handle), str(index_file.path))
+    pool = ThreadPoolExecutor(1, thread_name_prefix="faiss-inspect")
+    try:
+        yield pool.submit(inspect_index, source, files)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _UntilInspectionFails:
+    """A file's reads that stop with the inspection's error once it failed: an index FAISS
+    cannot read fails the backup at once, not after all its bytes were chunked."""
+
+    def __init__(self, handle: BinaryIO, inspection: Future):
+        self._handle = handle
+        self._inspection = inspection
+
+    def fileno(self) -> int:
+        return self._handle.fileno()
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._handle.seek(offset, whence)
+
+    def _raise_if_failed(self) -> None:
+        if self._inspection.done() and self._inspection.exception() is not None:
+            self._inspection.result()
+
+    def readinto(self, buffer: Any) -> int:
+        self._raise_if_failed()
+        return self._handle.readinto(buffer)  # type: ignore[attr-defined]
+
+    def read(self, size: int = -1) -> bytes:
+        self._raise_if_failed()
+        return self._handle.read(size)
+
+
 def check_unchanged(source: FaissSource, files: list[_File]) -> None:
     for item in files:
         if item.changed():
@@ -152,16 +201,17 @@ class FaissSnapshotReader:
             files = open_files(self.source, self.paths)
             for item in files:
                 stack.callback(item.handle.close)
-            facts, answers, probe_bytes = inspect_index(self.source, files)
-            yield ChunkReader(self._tar(files, probe_bytes))
+            inspection = stack.enter_context(inspecting(self.source, files))
+            yield ChunkReader(self._tar(files, inspection))
+            facts, answers, _probe_bytes = inspection.result()
             check_unchanged(self.source, files)
             self._files = files
             self._catalogue = catalogue_entry(self.source, files, facts, answers)
 
-    def _tar(self, files: list[_File], probe_bytes: bytes) -> Iterator[bytes]:
+    def _tar(self, files: list[_File], inspection: Future) -> Iterator[bytes]:
         writer = TarWriter()
         for item in files:
-            hashing = HashingReader(item.handle)
+            hashing = HashingReader(_UntilInspectionFails(item.handle, inspection))
             try:
                 yield from writer.file(item.name, item.stat.st_size, hashing)
             except OSError:
@@ -170,6 +220,7 @@ class FaissSnapshotReader:
                     "the copy was not kept"
                 ) from None
             item.sha256 = hashing.hexdigest()
+        _facts, _answers, probe_bytes = inspection.result()
         yield from writer.file(PROBES_FILE, len(probe_bytes), ChunkReader([probe_bytes]))
         yield from writer.end()
 
@@ -209,7 +260,7 @@ class FaissVersionReader:
             files = open_files(self.source, self.paths)
             for item in files:
                 stack.callback(item.handle.close)
-            facts, answers, probe_bytes = inspect_index(self.source, files)
+            inspection = stack.enter_context(inspecting(self.source, files))
             builder = new_version(
                 store, scope, self.mac_key, self.access.recipients, self.access.compression.level
             )
@@ -217,8 +268,10 @@ class FaissVersionReader:
             with builder.writing():
                 for item in files:
                     item.handle.seek(0)
-                    entry = builder.add_open_file(item.handle, item.name, str(item.path))  # type: ignore[arg-type]
+                    reads = _UntilInspectionFails(item.handle, inspection)
+                    entry = builder.add_open_file(reads, item.name, str(item.path))  # type: ignore[arg-type]
                     item.sha256 = entry["sha256"]
+                facts, answers, probe_bytes = inspection.result()
                 builder.add_bytes(PROBES_FILE, probe_bytes)
             check_unchanged(self.source, files)
             packs, refs_key, refs_sha = builder.commit_refs(store, scope)
