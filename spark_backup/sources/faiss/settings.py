@@ -41,12 +41,12 @@ class FaissSource(SourceSettings):
     # document store. Each lands beside the index in the copy under its own file name.
     id_mapping: str | None = None
     document_store: str | None = None
-    extra_files: list[str] = Field(default_factory=list)
+    extra_files: list[str] = Field(default=[])
     embedding_model: EmbeddingModel
     # The index_factory string the index was built with; recorded in the catalogue (FAISS can
     # only derive it again for some index types).
     factory: str | None = None
-    probes: Probes = Field(default_factory=Probes)
+    probes: Probes = Probes.default_instance()
     # With a chunk key the snapshot goes through the deduplicating blob layer (packs shared by
     # snapshots: a re-trained index that keeps most of its lists adds little); the secret keys
     # the chunk ids, at least 16 bytes, e.g. ``vault:secret/spark-backup#faiss_chunk_key``.
