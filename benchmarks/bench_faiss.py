@@ -127,6 +127,26 @@ print(time.perf_counter() - started)
 """
 
 
+CHUNK_KEY_ENV = "BENCH_FAISS_CHUNK_KEY"  # the chunk key of the blob-layer sources
+
+
+def faiss_source(name: str, folder: Path, chunk_key_env: str | None, **extra: object) -> dict:
+    """A faiss source over ``folder``'s index and sidecars (``sidecars``): on the blob layer
+    with the chunk key in ``chunk_key_env``, as one tar stream without."""
+    return {
+        "name": name,
+        "kind": "faiss",
+        "cadence": "daily",
+        "owner": "team:ml",
+        "index": str(folder / "index.faiss"),
+        "id_mapping": str(folder / "ids.json"),
+        "document_store": str(folder / "docstore.jsonl"),
+        "embedding_model": {"name": "bench", "version": "1"},
+        **({"chunk_key": f"env:{chunk_key_env}"} if chunk_key_env else {}),
+        **extra,
+    }
+
+
 def reference_backup(index: Path, out: Path, recipient: str, work: Path) -> dict[str, float]:
     """write_index from a loaded index (its own process; the load is not counted), then
     zstd -3 -T2 | age to a file."""
@@ -155,7 +175,7 @@ def main() -> int:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--stream", action="store_true", help="tar streams, not the blob layer")
     args = parser.parse_args()
-    os.environ["BENCH_FAISS_CHUNK_KEY"] = "bench-faiss-chunk-key-0123456789"
+    os.environ[CHUNK_KEY_ENV] = "bench-faiss-chunk-key-0123456789"
     for tool in ("zstd", "age", "age-keygen"):
         if shutil.which(tool) is None:
             print(f"{tool} is missing: apt-get install age zstd")
@@ -180,20 +200,6 @@ def main() -> int:
         write_ivf(ivf_dir / "index.faiss", ivf_vectors, ivf_lists, seed=2)
         sidecars(ivf_dir, ivf_vectors)
 
-        def source(name: str, folder: Path, **extra) -> dict:
-            return {
-                "name": name,
-                "kind": "faiss",
-                "cadence": "daily",
-                "owner": "team:ml",
-                "index": str(folder / "index.faiss"),
-                "id_mapping": str(folder / "ids.json"),
-                "document_store": str(folder / "docstore.jsonl"),
-                "embedding_model": {"name": "bench", "version": "1"},
-                **({} if args.stream else {"chunk_key": "env:BENCH_FAISS_CHUNK_KEY"}),
-                **extra,
-            }
-
         plan = work / "spark_backup.yaml"
         plan.write_text(
             yaml.safe_dump(
@@ -201,8 +207,13 @@ def main() -> int:
                     "encryption": {"recipients": [recipient], "identity_file": str(key)},
                     "stores": [{"name": "local", "kind": "local", "path": str(work / "store")}],
                     "sources": [
-                        source("flat", flat_dir),
-                        source("ivf", ivf_dir, probes={"nprobe": 16}),
+                        faiss_source("flat", flat_dir, None if args.stream else CHUNK_KEY_ENV),
+                        faiss_source(
+                            "ivf",
+                            ivf_dir,
+                            None if args.stream else CHUNK_KEY_ENV,
+                            probes={"nprobe": 16},
+                        ),
                     ],
                 },
                 sort_keys=False,

@@ -107,7 +107,7 @@ def prepare(work: Path, stream: bool) -> Path:
     """The indexes, their sidecars and a plan with both sources (made once)."""
     sys.path.insert(0, str(HERE))
     import yaml
-    from bench_faiss import MB, sidecars, write_flat, write_ivf
+    from bench_faiss import MB, faiss_source, sidecars, write_flat, write_ivf
 
     key = work / "age.key"
     if not key.exists():
@@ -127,27 +127,17 @@ def prepare(work: Path, stream: bool) -> Path:
         write_ivf(ivf / "index.faiss", 200_000, 1024, seed=2)
         sidecars(ivf, 200_000)
 
-    def source(name: str, folder: Path, **extra: object) -> dict:
-        return {
-            "name": name,
-            "kind": "faiss",
-            "cadence": "daily",
-            "owner": "team:ml",
-            "index": str(folder / "index.faiss"),
-            "id_mapping": str(folder / "ids.json"),
-            "document_store": str(folder / "docstore.jsonl"),
-            "embedding_model": {"name": "bench", "version": "1"},
-            **({} if stream else {"chunk_key": "env:PROFILE_FAISS_CHUNK_KEY"}),
-            **extra,
-        }
-
+    chunk_key_env = None if stream else "PROFILE_FAISS_CHUNK_KEY"
     plan = work / ("plan-stream.yaml" if stream else "plan.yaml")
     plan.write_text(
         yaml.safe_dump(
             {
                 "encryption": {"recipients": [recipient], "identity_file": str(key)},
                 "stores": [{"name": "local", "kind": "local", "path": str(work / "store")}],
-                "sources": [source("flat", flat), source("ivf", ivf, probes={"nprobe": 16})],
+                "sources": [
+                    faiss_source("flat", flat, chunk_key_env),
+                    faiss_source("ivf", ivf, chunk_key_env, probes={"nprobe": 16}),
+                ],
             },
             sort_keys=False,
         )
