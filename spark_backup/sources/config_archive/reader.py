@@ -111,7 +111,7 @@ class ConfigArchiveReader:
         self.one_file_system = one_file_system
         self.allow_torn_files = allow_torn_files
         self.stats = TreeStats()
-        self._uid = os.getuid()  # os.access answers for the real user id
+        self._uid = -1  # the walking process's real user id, which os.access answers for
 
     def collect(self) -> list[str]:
         """Walk the paths; return archive members (absolute paths) in archive order."""
@@ -121,6 +121,7 @@ class ConfigArchiveReader:
         """Archive members (absolute paths) in archive order, a folder before its content,
         while walking the paths. ``stats`` is complete when the iterator is exhausted."""
         self.stats = TreeStats()
+        self._uid = os.getuid()
         seen: set[str] = set()
         walked = 0
         for root in self.paths:
