@@ -257,11 +257,14 @@ def settle() -> None:
     os.sync()
 
 
-def run_ours(python: str, spec: dict[str, Any]) -> Run:
+def run_ours(python: str, spec: dict[str, Any], baseline: Path | None = None) -> Run:
+    """One backup or restore in a child; with ``baseline``, by the ``spark_backup`` package in
+    that folder (put ahead of the installed one with ``PYTHONPATH``)."""
     settle()
+    version = ["env", f"PYTHONPATH={baseline}"] if baseline else []
     timed = run_timed(
-        [python, os.path.abspath(__file__), "--child", json.dumps(spec)],
-        f"spark-backup {spec['op']} failed",
+        [*version, python, os.path.abspath(__file__), "--child", json.dumps(spec)],
+        f"spark-backup {spec['op']} failed" + (" (baseline)" if baseline else ""),
     )
     out = json.loads(timed.stdout.strip().splitlines()[-1])
     return Run(
@@ -291,6 +294,7 @@ class Measurement:
     input_bytes: int
     ours: list[Run] = field(default_factory=list)
     shell: list[Run] = field(default_factory=list)
+    base: list[Run] = field(default_factory=list)  # --baseline's runs, in the same rounds
 
     @property
     def ours_best(self) -> float:
@@ -365,8 +369,25 @@ class Measurement:
                 "cpu_runs": [round(r.cpu, 3) for r in self.shell],
             },
             "ratio": round(self.ratio, 4),
+            **({"baseline": self.baseline_json()} if self.base else {}),
             "pass": not self.misses,
             "misses": self.misses,
+        }
+
+    def baseline_ratio(self) -> float:
+        return self.shell_best / min(r.seconds for r in self.base)
+
+    def round_ratios(self, runs: list[Run]) -> list[float]:
+        """Throughput against the pipeline of the same round, round by round."""
+        return [shell.seconds / run.seconds for run, shell in zip(runs, self.shell, strict=True)]
+
+    def baseline_json(self) -> dict[str, Any]:
+        return {
+            "best_seconds": round(min(r.seconds for r in self.base), 4),
+            "ratio": round(self.baseline_ratio(), 4),
+            "round_ratios": [round(r, 4) for r in self.round_ratios(self.base)],
+            "best_cpu_seconds": round(min(r.cpu for r in self.base), 3),
+            "runs": [asdict(r) for r in self.base],
         }
 
 
@@ -381,6 +402,7 @@ def bench_dataset(
     public: str,
     repeat: int,
     python: str,
+    baseline: Path | None = None,
 ) -> list[Measurement]:
     backup = Measurement(dataset, "backup", input_bytes)
     restore = Measurement(dataset, "restore", input_bytes)
@@ -399,34 +421,39 @@ def bench_dataset(
         f" | zstd -d -q"
         f" | tar -x -C {q(str(shell_target))}"
     )
+    sides = ["ours", "shell", *(["base"] if baseline else [])]
     for i in range(repeat):
-        ours_first = i % 2 == 0
+        # Each round starts with another side (rotating, so no side always follows another).
+        order = sides[i % len(sides) :] + sides[: i % len(sides)]
         # Untimed: a clean store and no previous output, so every run writes the same.
         shutil.rmtree(store, ignore_errors=True)
         shell_out.unlink(missing_ok=True)
 
-        copy_id = ""
-        for side in ("ours", "shell") if ours_first else ("shell", "ours"):
-            if side == "ours":
-                run = run_ours(
-                    python,
-                    {"op": "backup", "plan": str(plan), "source": SOURCE_NAMES[dataset]},
-                )
-                copy_id = run.extra["copy_id"]
-                backup.ours.append(run)
-            else:
+        copy_ids: dict[str, str] = {}
+        for side in order:
+            if side == "shell":
                 backup.shell.append(run_shell(backup_cmd))
+                continue
+            version = baseline if side == "base" else None
+            run = run_ours(
+                python,
+                {"op": "backup", "plan": str(plan), "source": SOURCE_NAMES[dataset]},
+                version,
+            )
+            copy_ids[side] = run.extra["copy_id"]
+            (backup.base if version else backup.ours).append(run)
 
-        for side in ("ours", "shell") if ours_first else ("shell", "ours"):
-            if side == "ours":
+        for side in order:
+            if side != "shell":
+                version = baseline if side == "base" else None
                 fresh_dir(ours_target)
-                spec = {"op": "restore", "plan": str(plan), "copy_id": copy_id}
-                run = run_ours(python, {**spec, "target": str(ours_target)})
-                restore.ours.append(run)
+                spec = {"op": "restore", "plan": str(plan), "copy_id": copy_ids[side]}
+                run = run_ours(python, {**spec, "target": str(ours_target)}, version)
+                (restore.base if version else restore.ours).append(run)
                 if run.extra["bytes"] != input_bytes:
                     raise RuntimeError(
-                        f"{dataset}: spark-backup restored {run.extra['bytes']} bytes, "
-                        f"expected {input_bytes}"
+                        f"{dataset}: spark-backup{' (baseline)' if version else ''} restored "
+                        f"{run.extra['bytes']} bytes, expected {input_bytes}"
                     )
             else:
                 fresh_dir(shell_target)
@@ -444,7 +471,13 @@ def bench_dataset(
             f"backup ours {backup.ours[-1].seconds:.2f}s ({backup.ours[-1].cpu:.2f} CPU s) "
             f"shell {backup.shell[-1].seconds:.2f}s ({backup.shell[-1].cpu:.2f}) | "
             f"restore ours {restore.ours[-1].seconds:.2f}s ({restore.ours[-1].cpu:.2f} CPU s) "
-            f"shell {restore.shell[-1].seconds:.2f}s ({restore.shell[-1].cpu:.2f})",
+            f"shell {restore.shell[-1].seconds:.2f}s ({restore.shell[-1].cpu:.2f})"
+            + (
+                f" | baseline backup {backup.base[-1].seconds:.2f}s ({backup.base[-1].cpu:.2f}) "
+                f"restore {restore.base[-1].seconds:.2f}s ({restore.base[-1].cpu:.2f})"
+                if baseline
+                else ""
+            ),
             flush=True,
         )
     shutil.rmtree(store, ignore_errors=True)
@@ -554,8 +587,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--python", default=sys.executable, help="interpreter with spark-backup installed"
     )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="a folder holding another spark_backup package (git archive ... | tar -x), run in "
+        "the same rounds",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.baseline:
+        args.baseline = args.baseline.resolve()
+        if not (args.baseline / "spark_backup" / "__init__.py").exists():
+            parser.error(f"{args.baseline}: no spark_backup package in it")
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
     return args
@@ -621,6 +664,7 @@ def run_benchmark(args: argparse.Namespace, workdir: Path) -> None:
                 public=public,
                 repeat=args.repeat,
                 python=args.python,
+                baseline=args.baseline,
             )
         finally:
             if not args.keep:
@@ -633,6 +677,16 @@ def run_benchmark(args: argparse.Namespace, workdir: Path) -> None:
 
     print()
     print_table(measurements)
+    if args.baseline:
+        print(f"\nbaseline ({args.baseline}), in the same rounds:")
+        for m in measurements:
+            ours = ", ".join(f"{r:.0%}" for r in m.round_ratios(m.ours))
+            base = ", ".join(f"{r:.0%}" for r in m.round_ratios(m.base))
+            print(
+                f"  {m.dataset} {m.operation}: this version {m.ratio:.1%} (per round {ours}), "
+                f"baseline {m.baseline_ratio():.1%} (per round {base}); CPU s "
+                f"{m.ours_cpu:.2f} against {min(r.cpu for r in m.base):.2f}"
+            )
     print(
         "\nours MB/s = input bytes / time of BackupService.from_path + backup/restore in the child"
         "\n(interpreter start and imports excluded; the last column includes them)."

@@ -145,20 +145,26 @@ def test_unreadable_file_found_during_the_walk_aborts_the_copy(
     assert not [p for p in service.store("local").root.rglob("*") if p.is_file()]
 
 
-def test_unreadable_file_is_named(tmp_path: Path, age_key) -> None:
-    """A file only its owner may read. Root reads everything, so as root the file belongs to
-    'nobody' and the backup runs without the capabilities that bypass file permissions."""
+@pytest.mark.parametrize("owner", ["nobody", "the walking user"])
+def test_unreadable_file_is_named(tmp_path: Path, age_key, owner: str) -> None:
+    """A file its reader may not read. Root reads everything, so as root the backup runs
+    without the capabilities that bypass file permissions, and the file belongs to 'nobody'
+    (readable by its owner alone) or to root without even its owner's read bit: the walk
+    trusts the owner's read bit only when it is set."""
     import sys
 
     secret = tmp_path / "etc" / "secret.key"
     secret.parent.mkdir()
     secret.write_text("x")
     if os.geteuid() == 0:
-        os.chown(secret, 65534, 65534)
-        secret.chmod(0o600)
+        if owner == "nobody":
+            os.chown(secret, 65534, 65534)
+            secret.chmod(0o600)
+        else:
+            secret.chmod(0o044)  # others may read, the owner may not
         without_override = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
     else:
-        secret.chmod(0o000)
+        secret.chmod(0o000 if owner == "nobody" else 0o044)
         without_override = []
     plan = write_plan(
         tmp_path, plan_dict([age_key[1]], [config_source("etc", [str(secret.parent)])])

@@ -64,10 +64,6 @@ _REQUEST = b"decrypt"
 # in the worker too, and the restoring process only reads, hashes and writes.
 _REQUEST_ZSTD = b"decrypt zstd"
 _MAX_STATUS = 64 * 1024
-# glibc's allocator hands buffers of 128 KiB and more back to the kernel when they are freed,
-# so every 1 MiB piece inflated, hashed and written cost fresh zeroed pages: about a quarter of
-# the worker's time on a tree restore. Kept for reuse instead (a few MiB of heap at most).
-_ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": str(16 << 20), "MALLOC_TRIM_THRESHOLD_": str(64 << 20)}
 # How long a worker may take to exit once told to; it has nothing left to do then.
 _EXIT_SECONDS = 10
 
@@ -297,7 +293,8 @@ class AgeWorker:
         self.close()
 
     def _start(self) -> None:
-        from spark_backup.engine.processes import tool_environment
+        # The worker keeps freed buffers for reuse (processes.ALLOCATOR_ENVIRONMENT).
+        from spark_backup.engine.processes import ALLOCATOR_ENVIRONMENT, tool_environment
 
         identity_read, identity_write = os.pipe()
         control, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -312,7 +309,7 @@ class AgeWorker:
                 ],
                 stdin=subprocess.DEVNULL,
                 pass_fds=(identity_read, worker_end.fileno()),
-                env={**tool_environment(), **_ALLOCATOR},
+                env={**tool_environment(), **ALLOCATOR_ENVIRONMENT},
             )
         except BaseException:
             os.close(identity_write)

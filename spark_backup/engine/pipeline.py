@@ -31,6 +31,7 @@ from spark_backup.engine.cadence import utcnow
 from spark_backup.engine.crypto import Recipients
 from spark_backup.engine.datakeys import unwrap
 from spark_backup.engine.manifest import Digest, Manifest, data_key, manifest_key, new_copy_id
+from spark_backup.engine.processes import keep_freed_buffers
 from spark_backup.engine.signing import Signer
 from spark_backup.engine.stores.base import ObjectLock, ObjectStore, written_version
 from spark_backup.engine.streams import (
@@ -169,6 +170,7 @@ def encrypt_to_store(
     compressor = zstandard.ZstdCompressor(
         level=compression.level, threads=compression.threads, write_checksum=True
     )
+    keep_freed_buffers()  # every chunk read and compressed is a fresh buffer of up to 1 MiB
     with store.open_write(key, lock=lock) as sink:
         stored = HashingWriter(sink)
         # The source closes (and reports a failed producer) before the store commits.

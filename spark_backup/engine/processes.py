@@ -12,13 +12,37 @@ import os
 import subprocess
 import tempfile
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import BinaryIO
 
 from spark_backup.engine.streams import widen_pipe
 from spark_backup.errors import SourceError
 
 _PASSED_ON = ("PATH", "HOME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "PYTHONPATH", "PYTHONHOME")
+
+# glibc's allocator hands buffers of 128 KiB and more back to the kernel when they are freed, so
+# every 1 MiB piece of a stream cost fresh zeroed pages: about a quarter of the age worker's
+# time on a tree restore, 0.07-0.1 of a 923 MB backup's 4.1 CPU-seconds. These thresholds keep
+# them for reuse (a few MiB of heap more: peak RSS 155 MB against 153).
+_MMAP_THRESHOLD = 16 << 20
+_TRIM_THRESHOLD = 64 << 20
+# The same for a Python process started here (the age worker), through glibc's environment.
+ALLOCATOR_ENVIRONMENT = {
+    "MALLOC_MMAP_THRESHOLD_": str(_MMAP_THRESHOLD),
+    "MALLOC_TRIM_THRESHOLD_": str(_TRIM_THRESHOLD),
+}
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameters (malloc.h)
+
+
+def keep_freed_buffers() -> None:
+    """The thresholds of ``ALLOCATOR_ENVIRONMENT`` for this process, from now on (a backup's
+    streams). Best effort: without glibc's ``mallopt`` the allocator stays as it is."""
+    import ctypes  # a backup's alone
+
+    with suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None)
+        libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
+        libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)
 
 
 def tool_environment() -> dict[str, str]:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from spark_backup.engine.processes import tool_environment
-from spark_backup.engine.streams import Readable
+from spark_backup.engine.streams import Readable, widen_pipe
 from spark_backup.errors import SourceError
 from spark_backup.globs import patterns_regex
 
@@ -111,6 +111,7 @@ class ConfigArchiveReader:
         self.one_file_system = one_file_system
         self.allow_torn_files = allow_torn_files
         self.stats = TreeStats()
+        self._uid = -1  # the walking process's real user id, which os.access answers for
 
     def collect(self) -> list[str]:
         """Walk the paths; return archive members (absolute paths) in archive order."""
@@ -120,6 +121,7 @@ class ConfigArchiveReader:
         """Archive members (absolute paths) in archive order, a folder before its content,
         while walking the paths. ``stats`` is complete when the iterator is exhausted."""
         self.stats = TreeStats()
+        self._uid = os.getuid()
         seen: set[str] = set()
         walked = 0
         for root in self.paths:
@@ -156,29 +158,18 @@ class ConfigArchiveReader:
         self, path: str, st: os.stat_result, device: int, pending: list[str]
     ) -> Iterator[str]:
         """Members under ``path``. Folders wait in ``pending`` until something in them is
-        archived: with include patterns, a folder with nothing included is left out."""
+        archived: with include patterns, a folder with nothing included is left out. Files and
+        links are judged in their folder's loop (``_leaf``), without a generator each: most
+        members are files, and a generator per member was a third of the walk's cost."""
         if self._exclude and self._exclude.match(path):
             self.stats.excluded += 1
             return
         mode = st.st_mode
         if stat.S_ISLNK(mode) or stat.S_ISREG(mode):
-            if not self._included(path):
-                return
-            if stat.S_ISLNK(mode):
-                self.stats.symlinks += 1
-            elif not os.access(path, os.R_OK):
-                if not os.path.lexists(path):
-                    self.stats.warn(f"{path} vanished while the folder was read")
-                    return
-                raise SourceError(
-                    f"source {self.source_name!r}: cannot read {path}: permission denied"
-                )
-            else:
-                self.stats.files += 1
-                self.stats.bytes += st.st_size
-            yield from pending
-            pending.clear()
-            yield path
+            if self._leaf(path, st):
+                yield from pending
+                pending.clear()
+                yield path
         elif stat.S_ISDIR(mode):
             try:
                 with os.scandir(path) as listing:
@@ -197,6 +188,7 @@ class ConfigArchiveReader:
                 yield from pending
                 pending.clear()
                 yield path
+            exclude = self._exclude
             for entry in entries:
                 try:
                     child_stat = entry.stat(follow_symlinks=False)
@@ -207,9 +199,20 @@ class ConfigArchiveReader:
                     raise SourceError(
                         f"source {self.source_name!r}: cannot read {entry.path}: {exc.strerror}"
                     ) from None
+                child_mode = child_stat.st_mode
+                if stat.S_ISREG(child_mode) or stat.S_ISLNK(child_mode):
+                    child = entry.path
+                    if exclude and exclude.match(child):
+                        self.stats.excluded += 1
+                    elif self._leaf(child, child_stat):
+                        if pending:
+                            yield from pending
+                            pending.clear()
+                        yield child
+                    continue
                 if (
                     self.one_file_system
-                    and stat.S_ISDIR(child_stat.st_mode)
+                    and stat.S_ISDIR(child_mode)
                     and child_stat.st_dev != device
                 ):
                     self.stats.warn(f"{entry.path} is on another file system; not archived")
@@ -221,6 +224,28 @@ class ConfigArchiveReader:
         else:
             self.stats.skipped_special += 1
             self.stats.warn(f"{path} is a socket, FIFO or device file; not archived")
+
+    def _leaf(self, path: str, st: os.stat_result) -> bool:
+        """Whether a file or symlink (not excluded) is archived; counts it. An unreadable file
+        is an error, one that vanished a warning."""
+        if not self._included(path):
+            return False
+        if stat.S_ISLNK(st.st_mode):
+            self.stats.symlinks += 1
+            return True
+        # The owner's read bit decides for the owner (an ACL's owner entry is those bits), so
+        # only files of other owners, or without it, need the kernel's answer: one system call
+        # per file less when the backup runs as the owner of what it reads.
+        if not (st.st_uid == self._uid and st.st_mode & stat.S_IRUSR) and not os.access(
+            path, os.R_OK
+        ):
+            if not os.path.lexists(path):
+                self.stats.warn(f"{path} vanished while the folder was read")
+                return False
+            raise SourceError(f"source {self.source_name!r}: cannot read {path}: permission denied")
+        self.stats.files += 1
+        self.stats.bytes += st.st_size
+        return True
 
     def _included(self, path: str) -> bool:
         return self._include is None or bool(self._include.match(path))
@@ -246,6 +271,11 @@ class ConfigArchiveReader:
                         "--null",
                         "--directory=/",
                         "--files-from=-",
+                        # Records of 64 KiB instead of 10 KiB, into a pipe that holds 1 MiB: tar
+                        # makes a sixth of the writes and the reader wakes that much less often
+                        # (a 20,000-file backup about 4% faster at load 2 to 3.5; see
+                        # benchmarks/README.md, "The tree backup by thread").
+                        "--blocking-factor=128",
                     ],
                     stdin=subprocess.PIPE,
                     stdout=subprocess.PIPE,
@@ -257,6 +287,7 @@ class ConfigArchiveReader:
                     "GNU tar is needed to create configuration archives and is not on PATH"
                 ) from None
             assert process.stdin is not None and process.stdout is not None
+            widen_pipe(process.stdout.fileno())
             walk_errors: list[BaseException] = []
             walker = threading.Thread(
                 target=self._hand_members,
