@@ -12,7 +12,6 @@ import pyrage
 import pytest
 from pyrage import x25519
 
-from spark_backup.engine import age_encrypt
 from spark_backup.engine.age_encrypt import CHUNK, AgeEncryptor, encrypt_into, recipient_key
 
 
@@ -86,20 +85,3 @@ def test_a_pack_sealed_into_a_reused_buffer_opens_with_age_and_rage(
     assert pyrage.decrypt(bytes(sealed), [identity]) == data
     opened = subprocess.run(["age", "-d", "-i", str(key)], input=bytes(sealed), capture_output=True)
     assert opened.returncode == 0 and opened.stdout == data
-
-
-@pytest.mark.parametrize("size", [0, 1, CHUNK, CHUNK + 1, 3 * CHUNK + 7])
-def test_libcrypto_seals_the_payload_as_cryptography_does(size: int) -> None:
-    """The payload sealed through libcrypto with ctypes (which lets the interpreter lock go)
-    is byte for byte the one ``cryptography`` seals, from writable and read-only buffers."""
-    if age_encrypt._libcrypto() is None:
-        pytest.skip("libcrypto.so.3 does not load here: cryptography seals")
-    key = os.urandom(32)
-    data = os.urandom(size)
-    length = size + 16 * max(1, -(-size // CHUNK))
-    expected = bytearray(length)
-    age_encrypt._seal_payload_cryptography(key, memoryview(data), memoryview(expected))
-    for plain in (memoryview(data), memoryview(bytearray(data))):
-        sealed = bytearray(os.urandom(length))  # a buffer holding other bytes
-        age_encrypt._seal_payload_libcrypto(key, plain, memoryview(sealed))
-        assert sealed == expected

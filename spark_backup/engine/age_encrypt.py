@@ -24,7 +24,6 @@ file does not decrypt.
 from __future__ import annotations
 
 import base64
-import ctypes
 import hashlib
 import hmac
 import io
@@ -207,95 +206,16 @@ def encrypt_into(plain: bytes | memoryview, recipients: Iterable[str], allocate)
     plain = memoryview(plain)
     file_key = os.urandom(16)
     nonce = os.urandom(16)
-    payload_key = _hkdf(file_key, nonce, b"payload")
+    aead = ChaCha20Poly1305(_hkdf(file_key, nonce, b"payload"))
     head = _header(file_key, keys) + nonce
     count = max(1, -(-len(plain) // CHUNK))
-    out = memoryview(allocate(len(head) + len(plain) + _TAG * count))
+    out = memoryview(allocate(len(head) + len(plain) + 16 * count))
     out[: len(head)] = head
-    seal = _seal_payload_libcrypto if _libcrypto() is not None else _seal_payload_cryptography
-    seal(payload_key, plain, out[len(head) :])
-    return out
-
-
-def _payload_nonce(index: int, final: bool) -> bytes:
-    return index.to_bytes(11, "big") + (b"\x01" if final else b"\x00")
-
-
-def _seal_payload_cryptography(key: bytes, plain: memoryview, out: memoryview) -> None:
-    """age's payload of ``plain`` into ``out`` (its exact size), with ``cryptography``."""
-    aead = ChaCha20Poly1305(key)
-    count = max(1, -(-len(plain) // CHUNK))
-    at = 0
+    at = len(head)
     for index in range(count):
         piece = plain[index * CHUNK : (index + 1) * CHUNK]
-        nonce = _payload_nonce(index, index == count - 1)
-        aead.encrypt_into(nonce, piece, None, out[at : at + len(piece) + _TAG])
-        at += len(piece) + _TAG
-
-
-def _seal_payload_libcrypto(key: bytes, plain: memoryview, out: memoryview) -> None:
-    """The same payload through the interpreter's own libcrypto, called with ``ctypes``: a
-    foreign call lets the interpreter lock go, where ``cryptography``'s AEAD holds it for every
-    64 KiB chunk (a 16 MiB pack: about 5 ms of the lock, in which the chunking thread waited).
-    Four calls a chunk (the nonce, the bytes, the end, the tag)."""
-    lib = _libcrypto()
-    assert lib is not None
-    if plain.readonly:
-        plain = memoryview(bytearray(plain))  # ctypes takes the address of writable buffers
-    count = max(1, -(-len(plain) // CHUNK))
-    # Addresses of both buffers (a spare byte where one is empty): the arrays are let go
-    # before returning, so the caller can release the views.
-    source = (ctypes.c_char * max(1, len(plain))).from_buffer(plain if plain else bytearray(1))
-    target = (ctypes.c_char * len(out)).from_buffer(out)
-    src, dst = ctypes.addressof(source), ctypes.addressof(target)
-    ctx = lib.EVP_CIPHER_CTX_new()
-    if not ctx:
-        raise MemoryError("EVP_CIPHER_CTX_new")
-    written = ctypes.c_int()
-    try:
-        _check(lib.EVP_EncryptInit_ex(ctx, lib.EVP_chacha20_poly1305(), None, key, None))
-        at = 0
-        for index in range(count):
-            begin = index * CHUNK
-            length = min(CHUNK, len(plain) - begin)
-            _check(
-                lib.EVP_EncryptInit_ex(
-                    ctx, None, None, None, _payload_nonce(index, index == count - 1)
-                )
-            )
-            _check(lib.EVP_EncryptUpdate(ctx, dst + at, ctypes.byref(written), src + begin, length))
-            _check(lib.EVP_EncryptFinal_ex(ctx, dst + at + length, ctypes.byref(written)))
-            _check(lib.EVP_CIPHER_CTX_ctrl(ctx, _EVP_CTRL_AEAD_GET_TAG, _TAG, dst + at + length))
-            at += length + _TAG
-    finally:
-        lib.EVP_CIPHER_CTX_free(ctx)
-        del source, target
-
-
-_EVP_CTRL_AEAD_GET_TAG = 0x10
-_LIBCRYPTO: list = []  # loaded once: [the library, or None]
-
-
-def _check(result: int) -> None:
-    if result != 1:
-        raise RuntimeError("OpenSSL's ChaCha20-Poly1305 failed")
-
-
-def _libcrypto():
-    """OpenSSL 3's libcrypto (already mapped: hashlib links it) with the prototypes the
-    sealing needs, or None where it does not load (``cryptography`` then seals)."""
-    if not _LIBCRYPTO:
-        try:
-            lib = ctypes.CDLL("libcrypto.so.3")
-            void, text, size = ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int
-            lib.EVP_CIPHER_CTX_new.restype = void
-            lib.EVP_CIPHER_CTX_free.argtypes = [void]
-            lib.EVP_chacha20_poly1305.restype = void
-            lib.EVP_EncryptInit_ex.argtypes = [void, void, void, text, text]
-            lib.EVP_EncryptUpdate.argtypes = [void, void, ctypes.POINTER(size), void, size]
-            lib.EVP_EncryptFinal_ex.argtypes = [void, void, ctypes.POINTER(size)]
-            lib.EVP_CIPHER_CTX_ctrl.argtypes = [void, size, size, void]
-            _LIBCRYPTO.append(lib if lib.EVP_chacha20_poly1305() else None)
-        except (OSError, AttributeError):
-            _LIBCRYPTO.append(None)
-    return _LIBCRYPTO[0]
+        final = index == count - 1
+        chunk_nonce = index.to_bytes(11, "big") + (b"\x01" if final else b"\x00")
+        aead.encrypt_into(chunk_nonce, piece, None, out[at : at + len(piece) + 16])
+        at += len(piece) + 16
+    return out
