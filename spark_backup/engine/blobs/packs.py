@@ -19,7 +19,7 @@ a crash leaves at most packs no version references, which prune removes. Prune d
 index before its pack, so an index never names a pack that is gone.
 
 Memory: the pack being filled, ``SEALERS`` being sealed and stored (each with its sealed copy),
-and ``IN_FLIGHT_BATCHES`` batches of chunks being compressed: about 6 x ``PACK_TARGET``. A restore keeps ``PACK_CACHE`` decrypted
+and ``IN_FLIGHT_BATCHES`` batches of chunks being compressed: about 5 x ``PACK_TARGET``. A restore keeps ``PACK_CACHE`` decrypted
 packs, the ones being fetched, and a spare buffer of each kind.
 """
 
@@ -61,8 +61,9 @@ if TYPE_CHECKING:
 PACK_TARGET = 16 * 1024 * 1024
 PACK_CACHE = 3
 WORKERS = 3
-# Packs sealed and stored at once: the last two of a backup seal side by side, and the chunking
-# never waits for one pack's sealing before the next is full.
+# Packs sealed and stored at once. With one, the chunking stopped whenever a pack filled before
+# the previous one was sealed, and the last pack sealed alone; with two, the chunking waits only
+# when two are still being sealed, and the last two seal side by side.
 SEALERS = 2
 # Chunks handed to a thread at a time (hashed and compressed, or inflated and checked), and
 # batches under way.
@@ -289,9 +290,9 @@ class PackWriter:
     (hashlib and zstd release the interpreter lock, so they run beside the caller's chunking);
     in the order chunks were added, a known chunk is referenced where it lies and a new one is
     appended to the pack being filled (compressing a chunk that turns out to be known costs
-    little next to waiting for its id). A full pack is encrypted and stored on a thread of its
-    own while the next fills (OpenSSL's ChaCha20-Poly1305, which lets the lock go between
-    64 KiB chunks, as backups of streams do).
+    little next to waiting for its id). A full pack is encrypted and stored on one of
+    ``SEALERS`` threads while the next fills (OpenSSL's ChaCha20-Poly1305, which lets the lock
+    go between 64 KiB chunks, as backups of streams do).
     ``close`` writes the last pack, waits for every write and raises the first failure; then
     ``refs[n]`` is the n-th chunk's reference and ``location`` answers for every chunk."""
 
