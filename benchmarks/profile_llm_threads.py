@@ -7,6 +7,8 @@ chunking, ``file-hash``, ``pack-compress``, ``pack-seal``), read from
 ``--timeline``: each pool's share of a core per 50 ms of the last round (where the cores sit
 idle: the start, the steady phase, the end). ``--tree DIR``: the engine imported from DIR (a
 baseline, ``git archive HEAD spark_backup | tar -x -C DIR``) instead of this checkout.
+``--set NAME=N``: a constant of ``engine/blobs/packs.py`` changed for the run (``SEALERS=1``,
+``COMPRESSORS=3``: the variants compared in benchmarks/README.md).
 
     .venv/bin/python benchmarks/profile_llm_threads.py --workdir /dev/shm/me --size-mb 500
 """
@@ -30,6 +32,7 @@ else:
 
 from pyrage import x25519
 
+from spark_backup.engine.blobs import packs
 from spark_backup.engine.blobs.version import new_version
 from spark_backup.engine.crypto import Recipients
 from spark_backup.engine.stores.local import LocalStore
@@ -120,7 +123,13 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--timeline", action="store_true", help="the last round, per 50 ms")
     parser.add_argument("--tree", help="import spark_backup from this directory (a baseline)")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=N")
     args = parser.parse_args()
+    for setting in args.set:
+        name, value = setting.split("=", 1)
+        if not hasattr(packs, name):
+            parser.error(f"engine/blobs/packs.py has no {name}")
+        setattr(packs, name, int(value))
     model = args.workdir / "model"
     if not model.exists():
         write_adapter(model, args.size_mb, args.tensors, seed=1)
