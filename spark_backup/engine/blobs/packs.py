@@ -19,8 +19,9 @@ a crash leaves at most packs no version references, which prune removes. Prune d
 index before its pack, so an index never names a pack that is gone.
 
 Memory: the pack being filled, ``SEALERS`` being sealed and stored (each with its sealed copy),
-and ``IN_FLIGHT_BATCHES`` batches of chunks being compressed: about 5 x ``PACK_TARGET``. A restore keeps ``PACK_CACHE`` decrypted
-packs, the ones being fetched, and a spare buffer of each kind.
+and ``IN_FLIGHT_BATCHES`` batches of chunks being compressed: about 5 x ``PACK_TARGET``. A
+restore keeps ``PACK_CACHE`` decrypted packs, the ones being fetched, and a spare buffer of
+each kind.
 """
 
 from __future__ import annotations
@@ -297,8 +298,9 @@ class PackWriter:
     in the order chunks were added, a known chunk is referenced where it lies and a new one is
     appended to the pack being filled (compressing a chunk that turns out to be known costs
     little next to waiting for its id). A full pack is encrypted and stored on one of
-    ``SEALERS`` threads while the next fills (OpenSSL's ChaCha20-Poly1305, which lets the lock
-    go between 64 KiB chunks, as backups of streams do).
+    ``SEALERS`` threads while the next fills (OpenSSL's ChaCha20-Poly1305 through
+    ``cryptography``, as backups of streams do: it holds the interpreter lock while it seals,
+    and other threads take the lock at the switch interval).
     ``close`` writes the last pack, waits for every write and raises the first failure; then
     ``refs[n]`` is the n-th chunk's reference and ``location`` answers for every chunk."""
 
