@@ -4,6 +4,11 @@ Backs the adapter ``bench_llm.py`` generates up into a fresh local store ``--rep
 and prints each round's wall and CPU seconds with the CPU of each thread pool (main thread
 chunking, ``file-hash``, ``pack-compress``, ``pack-seal``), read from
 ``/proc/self/task/*/stat`` every 10 ms: which stage bounds a backup, and what a change saves.
+``--timeline``: each pool's share of a core per 50 ms of the last round (where the cores sit
+idle: the start, the steady phase, the end). ``--tree DIR``: the engine imported from DIR (a
+baseline, ``git archive HEAD spark_backup | tar -x -C DIR``) instead of this checkout.
+``--set NAME=N``: a constant of ``engine/blobs/packs.py`` changed for the run (``SEALERS=1``,
+``COMPRESSORS=3``: the variants compared in benchmarks/README.md).
 
     .venv/bin/python benchmarks/profile_llm_threads.py --workdir /dev/shm/me --size-mb 500
 """
@@ -20,14 +25,19 @@ from pathlib import Path
 
 from bench_llm import ROOT, write_adapter
 
-sys.path.insert(0, str(ROOT))
+if "--tree" in sys.argv:
+    sys.path.insert(0, sys.argv[sys.argv.index("--tree") + 1])
+else:
+    sys.path.insert(0, str(ROOT))
 
 from pyrage import x25519
 
+from spark_backup.engine.blobs import packs
 from spark_backup.engine.blobs.version import new_version
 from spark_backup.engine.crypto import Recipients
 from spark_backup.engine.stores.local import LocalStore
 
+BUCKET = 0.05  # seconds per line of the timeline
 TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -44,12 +54,19 @@ def thread_cpu() -> dict[int, float]:
     return found
 
 
-def one_round(model: Path, store_root: Path, recipients: Recipients) -> tuple[float, float, dict]:
+def pool_of(name: str) -> str:
+    return name.rstrip("_0123456789")
+
+
+def one_round(
+    model: Path, store_root: Path, recipients: Recipients
+) -> tuple[float, float, dict, list]:
     shutil.rmtree(store_root, ignore_errors=True)
     store_root.mkdir(parents=True)
     store = LocalStore("profile", store_root)
     start = thread_cpu()
     seen: dict[int, tuple[str, float]] = {}
+    samples: list[tuple[float, dict[str, float]]] = []  # (time, CPU s by pool so far)
     done = threading.Event()
 
     def sample() -> None:
@@ -58,11 +75,16 @@ def one_round(model: Path, store_root: Path, recipients: Recipients) -> tuple[fl
             for tid, cpu in thread_cpu().items():
                 name = names.get(tid) or seen.get(tid, ("?", 0.0))[0]
                 seen[tid] = (name, cpu - start.get(tid, 0.0))
+            by_pool: dict[str, float] = {}
+            for tid, (name, used) in seen.items():
+                if tid != threading.get_native_id():
+                    by_pool[pool_of(name)] = by_pool.get(pool_of(name), 0.0) + used
+            samples.append((time.perf_counter() - wall0, by_pool))
             time.sleep(0.01)
 
     sampler = threading.Thread(target=sample, name="sampler")
-    sampler.start()
     cpu0, wall0 = time.process_time(), time.perf_counter()
+    sampler.start()
     builder = new_version(store, "adapter", b"k" * 32, recipients, 3)
     with builder.writing():
         for name in sorted(os.listdir(model)):
@@ -74,9 +96,23 @@ def one_round(model: Path, store_root: Path, recipients: Recipients) -> tuple[fl
     pools: dict[str, float] = {}
     for tid, (name, used) in seen.items():
         if tid != sampler.native_id:
-            pool = name.rstrip("_0123456789")
-            pools[pool] = pools.get(pool, 0.0) + used
-    return wall, cpu, pools
+            pools[pool_of(name)] = pools.get(pool_of(name), 0.0) + used
+    return wall, cpu, pools, samples
+
+
+def print_timeline(samples: list[tuple[float, dict[str, float]]], pools: list[str]) -> None:
+    """Each pool's CPU per ``BUCKET`` as a share of one core (the clock ticks are 10 ms, so a
+    line is exact to about 20%); ``sum`` out of 2 cores."""
+    print("  t s  " + "".join(f"{p[:12]:>13}" for p in pools) + "          sum")
+    previous: dict[str, float] = {}
+    edge = BUCKET
+    for at, by_pool in samples:
+        if at < edge and (at, by_pool) != samples[-1]:
+            continue
+        span = at - (edge - BUCKET)
+        shares = [(by_pool.get(p, 0.0) - previous.get(p, 0.0)) / span for p in pools]
+        print(f"{at:5.2f}  " + "".join(f"{s:13.2f}" for s in shares) + f"{sum(shares):13.2f}")
+        previous, edge = by_pool, at + BUCKET
 
 
 def main() -> int:
@@ -85,7 +121,15 @@ def main() -> int:
     parser.add_argument("--size-mb", type=int, default=500)
     parser.add_argument("--tensors", type=int, default=336)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--timeline", action="store_true", help="the last round, per 50 ms")
+    parser.add_argument("--tree", help="import spark_backup from this directory (a baseline)")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=N")
     args = parser.parse_args()
+    for setting in args.set:
+        name, value = setting.split("=", 1)
+        if not hasattr(packs, name):
+            parser.error(f"engine/blobs/packs.py has no {name}")
+        setattr(packs, name, int(value))
     model = args.workdir / "model"
     if not model.exists():
         write_adapter(model, args.size_mb, args.tensors, seed=1)
@@ -94,9 +138,11 @@ def main() -> int:
     with open("/proc/loadavg") as handle:
         print("load", handle.read().strip())
     for _ in range(args.repeat):
-        wall, cpu, pools = one_round(model, args.workdir / "store", recipients)
+        wall, cpu, pools, samples = one_round(model, args.workdir / "store", recipients)
         per_pool = "  ".join(f"{name} {used:.2f}" for name, used in sorted(pools.items()))
         print(f"wall {wall:.3f} s  CPU {cpu:.3f} s  |  {per_pool}")
+    if args.timeline:
+        print_timeline(samples, sorted(pools))
     return 0
 
 

@@ -301,6 +301,7 @@ from spark_backup.engine.blobs import packs
 from spark_backup.service import BackupService
 
 packs.PACK_TARGET = 512 * 1024
+packs.SEALERS = 1  # one pack stored at a time: exactly one is written when the kill comes
 real_store_pack = packs.PackWriter._store_pack
 stored = []
 
