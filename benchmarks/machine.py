@@ -61,3 +61,21 @@ def peak_rss_mb(report: Path) -> float | None:
     finally:
         report.unlink(missing_ok=True)
     return int(text) / 1024 if text.isdigit() else None
+
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def thread_cpu() -> dict[int, tuple[str, float]]:
+    """(name, CPU seconds) of each live thread of this process, by thread id."""
+    found = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as handle:
+                text = handle.read()
+        except FileNotFoundError:
+            continue  # ended meanwhile
+        comm = text[text.index("(") + 1 : text.rindex(")")]
+        fields = text.rsplit(")", 1)[1].split()
+        found[int(tid)] = (comm, (int(fields[11]) + int(fields[12])) / TICK)
+    return found

@@ -31,25 +31,11 @@ import threading
 import time
 from pathlib import Path
 
+from machine import TICK, thread_cpu
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-TICK = os.sysconf("SC_CLK_TCK")
 CHUNK_KEY = "profile-faiss-chunk-key-0123456789"
-
-
-def thread_cpu() -> dict[int, tuple[str, float]]:
-    """(name, CPU seconds) of each live thread of this process, by thread id."""
-    found = {}
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            with open(f"/proc/self/task/{tid}/stat") as handle:
-                text = handle.read()
-        except FileNotFoundError:
-            continue  # ended meanwhile
-        comm = text[text.index("(") + 1 : text.rindex(")")]
-        fields = text.rsplit(")", 1)[1].split()
-        found[int(tid)] = (comm, (int(fields[11]) + int(fields[12])) / TICK)
-    return found
 
 
 def busy_seconds() -> float:

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from bench_llm import ROOT, write_adapter
+from machine import thread_cpu
 
 if "--tree" in sys.argv:
     sys.path.insert(0, sys.argv[sys.argv.index("--tree") + 1])
@@ -38,20 +39,6 @@ from spark_backup.engine.crypto import Recipients
 from spark_backup.engine.stores.local import LocalStore
 
 BUCKET = 0.05  # seconds per line of the timeline
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def thread_cpu() -> dict[int, float]:
-    """CPU seconds (user + system) of each live thread of this process, by thread id."""
-    found = {}
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            with open(f"/proc/self/task/{tid}/stat") as handle:
-                fields = handle.read().rsplit(")", 1)[1].split()
-        except FileNotFoundError:
-            continue  # ended meanwhile
-        found[int(tid)] = (int(fields[11]) + int(fields[12])) / TICK
-    return found
 
 
 def pool_of(name: str) -> str:
@@ -72,9 +59,9 @@ def one_round(
     def sample() -> None:
         while not done.is_set():
             names = {t.native_id: t.name for t in threading.enumerate()}
-            for tid, cpu in thread_cpu().items():
+            for tid, (_comm, cpu) in thread_cpu().items():
                 name = names.get(tid) or seen.get(tid, ("?", 0.0))[0]
-                seen[tid] = (name, cpu - start.get(tid, 0.0))
+                seen[tid] = (name, cpu - start.get(tid, ("", 0.0))[1])
             by_pool: dict[str, float] = {}
             for tid, (name, used) in seen.items():
                 if tid != threading.get_native_id():
