@@ -8,6 +8,7 @@ read from /proc by its owner and by root for as long as it runs.
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import tempfile
@@ -34,9 +35,11 @@ ALLOCATOR_ENVIRONMENT = {
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameters (malloc.h)
 
 
+@functools.cache
 def keep_freed_buffers() -> None:
     """The thresholds of ``ALLOCATOR_ENVIRONMENT`` for this process, from now on (a backup's
-    streams). Best effort: without glibc's ``mallopt`` the allocator stays as it is."""
+    streams), set once: a resident service (the WAL pusher) stores many copies. Best effort:
+    without glibc's ``mallopt`` the allocator stays as it is."""
     import ctypes  # a backup's alone
 
     with suppress(OSError, AttributeError):

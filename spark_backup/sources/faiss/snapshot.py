@@ -137,8 +137,8 @@ class _UntilInspectionFails:
         return self._handle.seek(offset, whence)
 
     def _raise_if_failed(self) -> None:
-        if self._inspection.done() and self._inspection.exception() is not None:
-            self._inspection.result()
+        if self._inspection.done():
+            self._inspection.result()  # raises the inspection's error, if any
 
     def readinto(self, buffer: Any) -> int:
         self._raise_if_failed()
