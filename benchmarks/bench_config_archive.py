@@ -215,16 +215,37 @@ def child_main(spec_json: str) -> None:
     from spark_backup.service import BackupService  # imported here: not part of the parent
 
     started = time.perf_counter()
-    service = BackupService.from_path(spec["plan"])
     if spec["op"] == "backup":
+        service = BackupService.from_path(spec["plan"])
         [manifest] = service.backup(spec["source"])
         result = {"copy_id": manifest.id, "stored_bytes": manifest.stored.bytes}
     else:
-        summary = service.restore(spec["copy_id"], Path(spec["target"]))
+        with restore_worker() as worker:
+            # As `spark-backup restore` does: the worker starts before the plan is read.
+            service = BackupService.from_path(spec["plan"])
+            summary = service.restore(
+                spec["copy_id"], Path(spec["target"]), **({"worker": worker} if worker else {})
+            )
         result = {"files": summary["files"], "bytes": summary["bytes"]}
     seconds = time.perf_counter() - started
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     print(json.dumps({"seconds": seconds, "rss_kib": own, **result}))
+
+
+def restore_worker():
+    """The age worker `spark-backup restore` starts before it reads the plan, as a context
+    manager; a ``nullcontext`` for a version (``--baseline``) whose restore starts its own."""
+    import inspect
+    from contextlib import nullcontext
+
+    from spark_backup.engine.age_worker import AgeWorker
+    from spark_backup.service import BackupService
+
+    if "worker" not in inspect.signature(BackupService.restore).parameters:
+        return nullcontext()
+    worker = AgeWorker()
+    worker.start()
+    return worker
 
 
 @dataclass

@@ -179,3 +179,82 @@ def test_the_worker_inflates_one_whole_checked_zstd_frame(damage, detail) -> Non
         assert not status["ok"]
         assert status["error"] == "zstd"
         assert detail in status["detail"]
+
+
+def test_a_worker_started_before_its_identities_restores_a_copy(
+    service: BackupService, age_key, worker_starts, tmp_path: Path
+) -> None:
+    """`spark-backup restore` starts its worker before it reads the plan; the worker waits for
+    its identities after its imports and then serves the restore like any other."""
+    [copy] = service.backup("dgx_config")
+    with age_worker.AgeWorker() as worker:
+        assert worker.start() is worker
+        summary = service.restore(
+            copy.id, tmp_path / "out", identity_file=age_key[0], worker=worker
+        )
+        assert worker.identities is not None
+    assert summary["files"] == copy.source_metadata["files"] > 0
+    assert len(worker_starts) == 1
+    assert worker_starts[0].poll() == 0  # it had its identities: it exited on its own
+
+
+def test_a_personal_data_copy_gives_an_early_worker_its_months_key(
+    tmp_path: Path, age_key, estate: Path, worker_starts
+) -> None:
+    """A copy under a month's data key is opened with that key's identity: a worker started
+    without identities gets it instead of the plan's (one process, not two)."""
+    plan = plan_dict([age_key[1]], [config_source("hr", [str(estate)], personal_data=True)])
+    service = BackupService.from_path(write_plan(tmp_path, plan))
+    [copy] = service.backup("hr")
+    assert copy.encryption.get("data_key")
+    with age_worker.AgeWorker() as worker:
+        worker.start()
+        summary = service.restore(
+            copy.id, tmp_path / "out", identity_file=age_key[0], worker=worker
+        )
+        assert worker.identities is not None
+        assert str(service.identities(age_key[0])[0]) not in map(str, worker.identities)
+    assert summary["files"] == copy.source_metadata["files"]
+    assert len(worker_starts) == 1
+
+
+def test_a_worker_never_given_identities_is_stopped_at_once(worker_starts) -> None:
+    """A restore that fails before it decrypts (no such copy) closes a worker still waiting
+    for its identities: killed, not waited for, and it leaves nothing running."""
+    worker = age_worker.AgeWorker().start()
+    with pytest.raises(RuntimeError, match="needs them"), worker.decrypting(io.BytesIO(b"")):
+        pass
+    worker.close()
+    [process] = worker_starts
+    assert process.returncode is not None
+    worker.close()  # twice is harmless
+
+
+def test_the_restore_command_with_its_early_worker(
+    local_plan: Path, age_key, tmp_path: Path
+) -> None:
+    """The command's worker serves the restore; a restore that finds no copy ends at once."""
+    [copy] = BackupService.from_path(local_plan).backup("dgx_config")
+    copy_id = copy.id
+    restored = run_cli(
+        "--plan",
+        str(local_plan),
+        "restore",
+        copy_id,
+        "--to",
+        str(tmp_path / "out"),
+        "--identity",
+        str(age_key[0]),
+        check=True,
+    )
+    assert f"restored {copy_id}" in restored.stdout
+    assert sorted(p.name for p in (tmp_path / "out").iterdir())
+    missing = run_cli(
+        "--plan",
+        str(local_plan),
+        "restore",
+        copy_id[:-1] + ("1" if copy_id.endswith("0") else "0"),
+        "--to",
+        str(tmp_path / "x"),
+    )
+    assert missing.returncode == 4, missing.stderr

@@ -6,7 +6,7 @@ import datetime as dt
 import gc
 import json
 import sys
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -509,23 +509,32 @@ def restore(
         options = " or ".join(["--to DIR", *(f"{t.option} {t.metavar}" for t in targets.values())])
         raise click.UsageError(f"give exactly one of {options}")
     flags = {k: v for k, v in target_options.items() if not k.startswith("target_")}
-    service = state.copy_service
-    total = service.find(copy_id).manifest.plaintext.bytes
-    with progress_bar(state.progress, f"restore {copy_id}", total) as progress:
-        if chosen:
-            ((name, value),) = chosen.items()
-            summary = service.restore_to(
-                name, copy_id, value, identity_file=identity, flags=flags, progress=progress
-            )
-        else:
-            summary = service.restore(
-                copy_id,
-                Path(target or "."),
-                identity_file=identity,
-                overwrite=overwrite,
-                skip_unsafe=skip_unsafe,
-                progress=progress,
-            )
+    with ExitStack() as stack:
+        # The decryption worker starts first, its identities sent once the plan is read, so
+        # that its interpreter and imports overlap opening the plan and finding the copy.
+        worker = None
+        if not chosen:
+            from spark_backup.engine.age_worker import AgeWorker
+
+            worker = stack.enter_context(AgeWorker()).start()
+        service = state.copy_service
+        total = service.find(copy_id).manifest.plaintext.bytes
+        with progress_bar(state.progress, f"restore {copy_id}", total) as progress:
+            if chosen:
+                ((name, value),) = chosen.items()
+                summary = service.restore_to(
+                    name, copy_id, value, identity_file=identity, flags=flags, progress=progress
+                )
+            else:
+                summary = service.restore(
+                    copy_id,
+                    Path(target or "."),
+                    identity_file=identity,
+                    overwrite=overwrite,
+                    skip_unsafe=skip_unsafe,
+                    progress=progress,
+                    worker=worker,
+                )
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return

@@ -324,8 +324,10 @@ def open_copy(
     block has exited cleanly. ``worker``: see ``open_encrypted``."""
     if data_key := manifest.encryption.get("data_key"):
         identities = unwrap(store, manifest.source, manifest.id, data_key, identities)
-        # A resident worker holds the plan's identities: the month's key needs one of its own.
-        worker = None
+        if worker is not None and worker.identities is not None:
+            # A resident worker holds the plan's identities: the month's key needs one of its
+            # own (a worker still waiting for its identities gets the month's).
+            worker = None
     _require_matching_identity(manifest, identities)
     with open_encrypted(
         store,
@@ -382,14 +384,17 @@ def open_encrypted(
     names the object in errors.
 
     Decryption, decompression and both digests run in an ``age_worker`` process, on another
-    core: ``worker``, one that serves many objects in turn (a deep verify of many copies), else
-    one started for this object alone. This process only reads the plaintext from a pipe and
+    core: ``worker``, one that serves many objects in turn (a deep verify of many copies) or
+    one started ahead without identities (given ``identities`` here), else one started for
+    this object alone. This process only reads the plaintext from a pipe and
     counts it: one thread, like the last command of ``age -d | zstd -d | tar -x`` (a
     decompressing thread here contended with the consumer for the interpreter lock, and on a
     busy machine doubled a restore's wall time); the count must agree with the worker's."""
     with ExitStack() as stack:
         if worker is None:
             worker = stack.enter_context(AgeWorker(identities))
+        elif worker.identities is None:
+            worker.provide(identities)
         raw = stack.enter_context(store.open_read(key, version_id))
         decryption = stack.enter_context(worker.decrypting(raw, zstd=True))
         plain = WorkerPlaintext(decryption.plaintext, progress)

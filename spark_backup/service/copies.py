@@ -191,14 +191,17 @@ class CopyOperations(JournalOperations, LockOperations):
         overwrite: bool = False,
         skip_unsafe: bool = False,
         progress: ProgressCallback | None = None,
+        worker: AgeWorker | None = None,
     ) -> dict[str, Any]:
-        """Restore a copy into a staging folder, published only after its digests matched."""
+        """Restore a copy into a staging folder, published only after its digests matched.
+        ``worker``: an ``AgeWorker`` started ahead without identities (the caller closes it),
+        so that its start overlaps reading the plan and the manifest."""
         ref = self.find(copy_id)
         identities = self.identities(identity_file)
         started = utcnow()
         kind = self.kind_named(ref.manifest.kind)
         summary = kind.restore_to_folder(
-            ref, identities, target, FolderRestore(overwrite, skip_unsafe, progress)
+            ref, identities, target, FolderRestore(overwrite, skip_unsafe, progress, worker)
         )
         return {
             "copy_id": copy_id,

@@ -58,6 +58,7 @@ if TYPE_CHECKING:
     import click
     from pyrage import x25519
 
+    from spark_backup.engine.age_worker import AgeWorker
     from spark_backup.engine.blobs.repack import RepackReport
     from spark_backup.engine.crypto import Recipients
     from spark_backup.engine.manifest import Manifest
@@ -148,6 +149,9 @@ class FolderRestore:
     overwrite: bool = False
     skip_unsafe: bool = False
     progress: ProgressCallback | None = None
+    # A decryption worker started ahead (``AgeWorker.start``, without identities), for the
+    # copy's ``open_copy``; the caller closes it.
+    worker: AgeWorker | None = None
 
 
 class Runtime(Protocol):
@@ -599,7 +603,7 @@ def restore_tar_copy(
     stale: list[str] = []
     with (
         staged_restore(target, options.overwrite, stale) as staging,
-        open_copy(copy.store, copy.manifest, identities, options.progress) as plain,
+        open_copy(copy.store, copy.manifest, identities, options.progress, options.worker) as plain,
     ):
         summary = extract_tar(plain, staging, options.skip_unsafe)
     return {

@@ -144,7 +144,9 @@ class MongoKind(
         entries as ``oplog.bson``, for ``mongorestore --oplogReplay``."""
         with (
             staged_restore(target, options.overwrite) as staging,
-            open_copy(copy.store, copy.manifest, identities, options.progress) as plain,
+            open_copy(
+                copy.store, copy.manifest, identities, options.progress, options.worker
+            ) as plain,
         ):
             if slices.is_slice(copy.manifest):
                 with open(staging / OPLOG_FILE, "wb") as out:

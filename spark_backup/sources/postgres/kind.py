@@ -183,7 +183,7 @@ class PostgresKind(
         manifest = copy.manifest
         with (
             staged_restore(target, options.overwrite) as staging,
-            open_copy(copy.store, manifest, identities, options.progress) as plain,
+            open_copy(copy.store, manifest, identities, options.progress, options.worker) as plain,
         ):
             if manifest.part == BASE_PART:
                 summary: dict[str, Any] = vars(extract_tar(plain, staging, options.skip_unsafe))
