@@ -443,33 +443,3 @@ def _damaged_alone(service: BackupService, copy_id: str, message: str) -> None:
     assert all(service.verify(r).ok for r in refs)
     with pytest.raises(IntegrityError, match=re.escape(message)):
         service.find(copy_id)
-
-
-def test_a_copy_compressed_in_small_jobs_is_one_standard_frame(tmp_path: Path) -> None:
-    """Backups compress in jobs of half zstd's default size (a shorter tail when the input
-    ends): still one frame with its checksum and the level's window, so restores need no more
-    memory and ``age -d | zstd -d`` reads it; and with the whole window as overlap it is about
-    as small as one compressed in zstd's default jobs (0.8% larger on this text)."""
-    import zstandard
-
-    from spark_backup.engine.pipeline import _zstd_parameters
-
-    identity, public = make_key(tmp_path)
-    store = LocalStore("local", tmp_path / "store")
-    lines = [b"key_%d = value %d\n" % (n % 977, n * 7919 % 10007) for n in range(1_500_000)]
-    data = b"".join(lines)  # about 30 MB: several jobs of 4 MiB
-    manifest = _write(store, data, public)
-    stored = tmp_path / "copy.age"
-    stored.write_bytes(store.get_bytes(manifest.data_key))
-    frame = subprocess.run(
-        ["age", "-d", "-i", str(identity), str(stored)], capture_output=True, check=True
-    ).stdout
-    parameters = zstandard.get_frame_parameters(frame)
-    assert parameters.has_checksum
-    assert parameters.window_size == 1 << 21  # level 3's window
-    plain = subprocess.run(["zstd", "-d", "-q"], input=frame, capture_output=True, check=True)
-    assert plain.stdout == data
-    settings = CompressionSettings(level=3, threads=2)
-    assert _zstd_parameters(settings).job_size == 4 << 20
-    default_jobs = zstandard.ZstdCompressor(level=3, threads=2, write_checksum=True)
-    assert len(frame) <= len(default_jobs.stream_reader(data).read()) * 1.01
