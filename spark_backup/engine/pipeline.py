@@ -105,9 +105,14 @@ def write_copy(
     layers = [*PIPELINE_LAYERS, *source.layers]
     key = data_key(source_name, copy_id, ".".join(reversed(layers)).replace("zstd", "zst"))
     lock = store.default_lock.lock_from(started) if store.default_lock else None
+    # The installed versions (importlib.metadata, about 5 ms) are looked up while the stream
+    # runs, not after it.
+    versions = threading.Thread(target=_engine_versions, name="engine-versions", daemon=True)
+    versions.start()
     written = encrypt_to_store(
         store, key, source.open, recipients, compression, lock=lock, progress=progress
     )
+    versions.join()
     manifest = Manifest(
         id=copy_id,
         source=source_name,

@@ -348,6 +348,10 @@ class ConfigArchiveReader:
                     names.write(b"".join(batch))
                     batch.clear()
             names.write(b"".join(batch))
+            names.close()
+            # Asked here, while tar still reads the files, rather than after the stream (a
+            # process start, about 3 ms, that ``tool_versions`` then finds made).
+            _tar_version()
         except BrokenPipeError:
             pass  # tar stopped first; its status says why
         except BaseException as exc:
