@@ -75,8 +75,11 @@ def main(argv: list[str]) -> int:
     # Ctrl-C reaches the whole process group; the calling process decides, and closes the
     # pipes, which stops this worker.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # The worker's alone (cryptography): the calling side, which imports this module for
-    # ``AgeWorker``, loads none of it.
+    # The worker's alone (cryptography, zstandard): the calling side, which imports this
+    # module for ``AgeWorker``, loads none of it. Both before the identities are read: a worker
+    # started ahead of them (``AgeWorker.start``) has made every import when they come.
+    import zstandard  # noqa: F401
+
     from spark_backup.engine.age_decrypt import Identities
 
     identity_fd, control_fd = int(argv[0]), int(argv[1])
@@ -148,7 +151,7 @@ class _Inflate:
     pieces of 1 MiB (4 MiB inflated) cost the worker a third more CPU in a restore."""
 
     def __init__(self, out: _PlainOut):
-        import zstandard  # the worker's alone: the caller-side imports stay as they were
+        import zstandard  # imported already by ``main``
 
         self._out = out
         self._error = zstandard.ZstdError
