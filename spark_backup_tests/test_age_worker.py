@@ -198,6 +198,21 @@ def test_a_worker_started_before_its_identities_restores_a_copy(
     assert worker_starts[0].poll() == 0  # it had its identities: it exited on its own
 
 
+def test_a_worker_that_died_before_its_identities_came_is_replaced(
+    service: BackupService, age_key, worker_starts, tmp_path: Path
+) -> None:
+    [copy] = service.backup("dgx_config")
+    with age_worker.AgeWorker() as worker:
+        worker.start()
+        worker_starts[0].kill()
+        worker_starts[0].wait()
+        summary = service.restore(
+            copy.id, tmp_path / "out", identity_file=age_key[0], worker=worker
+        )
+    assert summary["files"] == copy.source_metadata["files"]
+    assert len(worker_starts) == 2
+
+
 def test_a_personal_data_copy_gives_an_early_worker_its_months_key(
     tmp_path: Path, age_key, estate: Path, worker_starts
 ) -> None:

@@ -352,7 +352,8 @@ class AgeWorker:
     def _send_identities(self) -> None:
         assert self.identities is not None and self._identity_pipe is not None
         pipe, self._identity_pipe = self._identity_pipe, None
-        with os.fdopen(pipe, "w", encoding="utf-8") as keys:
+        # A worker that died meanwhile is replaced by the next decryption (``decrypting``).
+        with suppress(BrokenPipeError), os.fdopen(pipe, "w", encoding="utf-8") as keys:
             keys.write("".join(f"{identity}\n" for identity in self.identities))
 
     def close(self) -> None:
