@@ -36,6 +36,7 @@ from spark_backup.engine.tar_stream import TarWriter
 from spark_backup.errors import SourceError
 from spark_backup.sources.base import StoreAccess
 from spark_backup.sources.faiss import index as faiss_index
+from spark_backup.sources.faiss.layout import index_regions
 from spark_backup.sources.faiss.settings import PROBES_FILE, FaissSource
 
 KIND_NAME = "faiss"
@@ -269,7 +270,10 @@ class FaissVersionReader:
                 for item in files:
                     item.handle.seek(0)
                     reads = _UntilInspectionFails(item.handle, inspection)
-                    entry = builder.add_open_file(reads, item.name, str(item.path))  # type: ignore[arg-type]
+                    structure = None
+                    if item is files[0]:  # the index: cut at its arrays and lists
+                        structure = index_regions(item.handle.fileno(), item.stat.st_size)
+                    entry = builder.add_open_file(reads, item.name, str(item.path), structure)  # type: ignore[arg-type]
                     item.sha256 = entry["sha256"]
                 facts, answers, probe_bytes = inspection.result()
                 builder.add_bytes(PROBES_FILE, probe_bytes)
