@@ -183,6 +183,7 @@ def test_a_grown_index_adds_about_its_grown_lists(tmp_path, age_key, monkeypatch
     assert appended.source_metadata["added_bytes"] < 2 * chunker.MAXIMUM + 100 * flat.d * 4
 
     for copy in (grown, appended):
+        assert copy.tools["faiss"] == faiss.__version__  # the inspection process's
         document = read_committed_document(service.find(copy.id), identities)
         (index_entry,) = [f for f in document["files"] if f["path"] == "index.faiss"]
         assert index_entry["cut"]["every"] == chunker.MAXIMUM
@@ -192,3 +193,41 @@ def test_a_grown_index_adds_about_its_grown_lists(tmp_path, age_key, monkeypatch
         assert (target / "index.faiss").read_bytes() == (
             tmp_path / copy.source / "index.faiss"
         ).read_bytes()
+
+
+CRASHED = "/data/index.faiss: FAISS could not inspect the index "
+
+
+@pytest.mark.parametrize(
+    "code, message",
+    [
+        (
+            "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)",
+            CRASHED + "(it ended with signal 11)",
+        ),
+        (
+            "raise RuntimeError('Error in faiss::read_index')",
+            CRASHED + "(RuntimeError: Error in faiss::read_index)",
+        ),
+        (
+            'print(\'{"error": "/data/index.faiss: not a FAISS index (bad)"}\')',
+            "/data/index.faiss: not a FAISS index (bad)",
+        ),
+    ],
+    ids=["crash", "traceback", "rejected"],
+)
+def test_a_failed_inspection_process_is_one_line(code, message) -> None:
+    """FAISS crashing on a damaged index, or failing otherwise, fails the backup with one line
+    naming the index; a SourceError of the inspection is passed on as it is."""
+    import subprocess
+    import sys
+
+    from spark_backup.errors import SourceError
+    from spark_backup.sources.faiss import inspection
+
+    worker = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    with pytest.raises(SourceError) as raised:
+        inspection.answer(worker, "/data/index.faiss")
+    assert str(raised.value) == message
