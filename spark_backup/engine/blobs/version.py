@@ -192,7 +192,9 @@ class VersionBuilder:
             else:
                 ends = [0] + [end for _begin, end in structure]
                 if [begin for begin, _end in structure] != ends[:-1] or ends[-1] != st.st_size:
-                    raise EOFError  # made for another size: the file changed meanwhile
+                    raise ChangedDuringBackup(  # read for another size than it has now
+                        f"{label}: the file changed while it was read (it is being written)"
+                    )
                 entry["sha256"], entry["chunks"] = self._chunked(
                     handle, st.st_size, structure, chunker.iter_pieces
                 )

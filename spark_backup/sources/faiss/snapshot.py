@@ -12,8 +12,9 @@ backup reads it (its size or mtime changed) fails the copy, which is then never 
 
 Time: the inspection (FAISS's import, the load, the catalogue facts, the probe searches) runs in
 a process of its own (``inspection.py``) while the files are chunked or streamed
-(``inspecting``); the probe file is added once both are done. A file without a FAISS header fails before anything is read, one FAISS
-rejects stops the reading as soon as it did.
+(``inspecting``); the probe file is added once both are done. A file without a FAISS header
+fails before anything is read, one FAISS rejects stops the reading as soon as it did. On the
+blob layer the index is cut at its structure (``layout.py``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import io
 import json
 import os
 import stat
+import subprocess
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
@@ -120,7 +122,7 @@ def inspecting(source: FaissSource, files: list[_File]) -> Iterator[Future]:
         worker.wait()
 
 
-def _answer(worker, label: str) -> tuple[dict, dict, bytes, str]:
+def _answer(worker: subprocess.Popen, label: str) -> tuple[dict, dict, bytes, str]:
     found = inspection_worker.answer(worker, label)
     return found["facts"], found["answers"], found["probe_file"].encode(), found["faiss"]
 
