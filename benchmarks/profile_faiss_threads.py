@@ -8,7 +8,8 @@ spark-backup but not FAISS, as a backup command has when its copy starts; it tim
 chunking, compression, encryption and store) and prints its wall and CPU seconds with the CPU
 of each thread pool (main thread, ``faiss-inspect``, ``file-hash``, ``pack-compress``,
 ``pack-seal``, OpenMP and OpenBLAS threads as ``other``), read from ``/proc/self/task/*/stat``
-every 10 ms, and the CPU seconds the machine's other processes used meanwhile (``others``: on
+every 10 ms, the CPU of FAISS's inspection process (``inspection-process``: a child, not in
+the round's own CPU), and the CPU seconds the machine's other processes used meanwhile (``others``: on
 a shared machine, the rounds where they used little are the ones to compare).
 
 ``--code DIR`` (repeatable) runs each round once per spark-backup tree, interleaved, to compare
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -65,9 +67,11 @@ def child(plan: Path, source: str) -> None:
     sampler = threading.Thread(target=sample, name="sampler")
     sampler.start()
     busy0, cpu0, wall0 = busy_seconds(), time.process_time(), time.perf_counter()
+    children0 = _children_cpu()
     service.backup(source)
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
-    others = max(0.0, busy_seconds() - busy0 - cpu)
+    children = _children_cpu() - children0
+    others = max(0.0, busy_seconds() - busy0 - cpu - children)
     done.set()
     sampler.join()
     pools: dict[str, float] = {}
@@ -86,7 +90,15 @@ def child(plan: Path, source: str) -> None:
         pool = name.rstrip("_0123456789")
         pool = pool if pool in known else "other"
         pools[pool] = pools.get(pool, 0.0) + used
+    if children:
+        pools["inspection-process"] = children
     print(json.dumps({"wall": wall, "cpu": cpu, "others": others, "pools": pools}))
+
+
+def _children_cpu() -> float:
+    """CPU seconds of this process's children that ended (FAISS's inspection process)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def prepare(work: Path, stream: bool) -> Path:

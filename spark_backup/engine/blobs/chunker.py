@@ -5,6 +5,12 @@ on average (69 KiB measured on random weights), at least 16 KiB and at most 192 
 header and each tensor) are chunked separately, so a re-drawn tensor changes only its own
 chunks and never one shared with its neighbours. Memory: the blocks of about 1 MiB whose
 chunks are still being hashed or packed, never a whole file.
+
+A file whose structure the caller knows (a FAISS index: its header, its vector array, each
+inverted list) is cut at fixed offsets instead (``iter_pieces``): every ``MAXIMUM`` bytes from
+each region's start, without the rolling hash and without reading anything twice. Bytes
+appended to a region change only its last chunk; bytes inserted or removed inside one change
+its chunks from there to its end (FastCDC would find its cuts again after them).
 """
 
 from __future__ import annotations
@@ -53,6 +59,23 @@ def iter_blocks(
                 cut = chunk.offset + chunk.length
             yield index, at, block[:cut], chunks
             at += cut
+
+
+def iter_pieces(
+    handle: BinaryIO, regions: list[tuple[int, int]]
+) -> Iterator[tuple[int, int, memoryview, list[memoryview]]]:
+    """What ``iter_blocks`` yields, for regions cut every ``MAXIMUM`` bytes from their start:
+    a block of whole pieces read at a time (each piece one chunk, a region's last one
+    shorter), every byte read once."""
+    per_block = max(1, BLOCK // MAXIMUM) * MAXIMUM
+    for index, (begin, end) in enumerate(regions):
+        at = begin
+        while at < end:
+            handle.seek(at)
+            wanted = min(per_block, end - at)
+            block = memoryview(_read_exactly(handle, wanted))
+            yield index, at, block, [block[o : o + MAXIMUM] for o in range(0, wanted, MAXIMUM)]
+            at += wanted
 
 
 def iter_chunks(

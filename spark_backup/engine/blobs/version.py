@@ -173,12 +173,32 @@ class VersionBuilder:
         self.files.append(entry)
         return entry
 
-    def add_open_file(self, handle: BinaryIO, name: str, label: str) -> dict[str, Any]:
-        """A file the caller holds open (and checks for changes itself), from its start."""
+    def add_open_file(
+        self,
+        handle: BinaryIO,
+        name: str,
+        label: str,
+        structure: list[tuple[int, int]] | None = None,
+    ) -> dict[str, Any]:
+        """A file the caller holds open (and checks for changes itself), from its start.
+        ``structure``: regions covering the file one after another (a FAISS index's header,
+        vectors, inverted lists), each cut at fixed offsets (``chunker.iter_pieces``) rather
+        than by FastCDC; the entry says so (``cut``)."""
         st = os.fstat(handle.fileno())
         entry: dict[str, Any] = {"path": name, "size": st.st_size, "mode": stat.S_IMODE(st.st_mode)}
         try:
-            entry["sha256"], entry["chunks"] = self._chunked(handle, st.st_size)
+            if structure is None:
+                entry["sha256"], entry["chunks"] = self._chunked(handle, st.st_size)
+            else:
+                ends = [0] + [end for _begin, end in structure]
+                if [begin for begin, _end in structure] != ends[:-1] or ends[-1] != st.st_size:
+                    raise ChangedDuringBackup(  # read for another size than it has now
+                        f"{label}: the file changed while it was read (it is being written)"
+                    )
+                entry["sha256"], entry["chunks"] = self._chunked(
+                    handle, st.st_size, structure, chunker.iter_pieces
+                )
+                entry["cut"] = {"regions": len(structure), "every": chunker.MAXIMUM}
         except EOFError:
             raise ChangedDuringBackup(
                 f"{label}: the file shrank while it was read (it is being written)"
@@ -193,11 +213,18 @@ class VersionBuilder:
         self.files.append(entry)
         return entry
 
-    def _chunked(self, handle: Any, size: int) -> tuple[str, list[list[Any]]]:
+    def _chunked(
+        self,
+        handle: Any,
+        size: int,
+        regions: list[tuple[int, int]] | None = None,
+        cut: Any = None,
+    ) -> tuple[str, list[list[Any]]]:
         whole = hashlib.sha256()
         chunks: list[list[Any]] = []
+        cut = cut or chunker.iter_blocks
         with _Hashing() as hashing:  # the file's digest beside the chunking, as in add_file
-            for _index, _offset, data, pieces in chunker.iter_blocks(handle, [(0, size)]):
+            for _index, _offset, data, pieces in cut(handle, regions or [(0, size)]):
                 hashing.update(whole, data)
                 chunks += [[self.writer.add(piece)] for piece in pieces]
         return whole.hexdigest(), chunks

@@ -40,11 +40,11 @@ from spark_backup.sources.base import (
 )
 from spark_backup.sources.blob_versions import BlobVersions, restore_version
 from spark_backup.sources.faiss import index as faiss_index
+from spark_backup.sources.faiss.inspection import PROBES_FORMAT
 from spark_backup.sources.faiss.settings import PROBES_FILE, FaissSource
 from spark_backup.sources.faiss.snapshot import (
     CATALOGUE,
     KIND_NAME,
-    PROBES_FORMAT,
     FaissSnapshotReader,
     FaissVersionReader,
     fd_path,

@@ -10,10 +10,11 @@ catalogue and the probes from the descriptor the backup holds (``/proc/self/fd/N
 replaced by a rename meanwhile is still the one archived; a file written in place while the
 backup reads it (its size or mtime changed) fails the copy, which is then never published.
 
-Time: the inspection (FAISS's import, the load, the catalogue facts, the probe searches) runs on
-a thread of its own while the files are chunked or streamed (``inspecting``); the probe file is
-added once both are done. A file without a FAISS header fails before anything is read, one FAISS
-rejects stops the reading as soon as it did.
+Time: the inspection (FAISS's import, the load, the catalogue facts, the probe searches) runs in
+a process of its own (``inspection.py``) while the files are chunked or streamed
+(``inspecting``); the probe file is added once both are done. A file without a FAISS header
+fails before anything is read, one FAISS rejects stops the reading as soon as it did. On the
+blob layer the index is cut at its structure (``layout.py``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import io
 import json
 import os
 import stat
+import subprocess
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
@@ -36,11 +38,12 @@ from spark_backup.engine.tar_stream import TarWriter
 from spark_backup.errors import SourceError
 from spark_backup.sources.base import StoreAccess
 from spark_backup.sources.faiss import index as faiss_index
+from spark_backup.sources.faiss import inspection as inspection_worker
+from spark_backup.sources.faiss.layout import index_regions
 from spark_backup.sources.faiss.settings import PROBES_FILE, FaissSource
 
 KIND_NAME = "faiss"
 CATALOGUE = "catalogue"
-PROBES_FORMAT = "spark-backup.faiss-probes/v1"
 
 
 @dataclass
@@ -88,38 +91,40 @@ def fd_path(handle: BinaryIO) -> str:
     return f"/proc/self/fd/{handle.fileno()}"
 
 
-def inspect_index(source: FaissSource, files: list[_File]) -> tuple[dict, dict, bytes]:
-    """The index's facts, its answers to the probe queries, and the probe file's bytes; the
-    index is loaded from the descriptor the backup holds."""
-    index_file = files[0]
-    loaded = faiss_index.read_index(fd_path(index_file.handle), str(index_file.path))
-    facts = faiss_index.describe(loaded, source.factory)
-    probes = source.probes
-    vectors = faiss_index.probe_queries(facts["dimension"], probes.queries, probes.seed)
-    answers = faiss_index.run_probes(
-        loaded, vectors, probes.k, probes.nprobe, probes.ef_search, fd_path(index_file.handle)
-    )
-    del loaded  # the catalogue and probes are all the backup needs of the loaded index
-    probe_bytes = json.dumps(
-        {"format": PROBES_FORMAT, "queries": vectors, **answers}, separators=(",", ":")
-    ).encode()
-    return facts, answers, probe_bytes
-
-
 @contextmanager
 def inspecting(source: FaissSource, files: list[_File]) -> Iterator[Future]:
-    """``inspect_index`` on a thread of its own while the caller reads the files: FAISS's
-    import, the load and the probe searches overlap the hashing, compression and encryption
-    (which let the interpreter lock go, as FAISS's searches do). A file without a FAISS header
-    fails here, before anything is read. Leaving the block waits for the thread: it reads the
-    index through the descriptor the caller holds, which must stay open until then."""
+    """FAISS's inspection of the index (``inspection.py``: a process of its own, given the
+    descriptor the backup holds) while the caller reads the files: its import, the load and the
+    probe searches overlap the hashing, compression and encryption. A file without a FAISS
+    header fails here, before anything is read. The future gives the facts, the probe answers
+    and the probe file's bytes; leaving the block early stops the worker."""
     index_file = files[0]
-    faiss_index.check_header(fd_path(index_file.handle), str(index_file.path))
+    label = str(index_file.path)
+    faiss_index.check_header(fd_path(index_file.handle), label)
+    probes = source.probes
+    request = {
+        "label": label,
+        "factory": source.factory,
+        "queries": probes.queries,
+        "k": probes.k,
+        "seed": probes.seed,
+        "nprobe": probes.nprobe,
+        "ef_search": probes.ef_search,
+    }
+    worker = inspection_worker.start(index_file.handle.fileno(), request)
     pool = ThreadPoolExecutor(1, thread_name_prefix="faiss-inspect")
     try:
-        yield pool.submit(inspect_index, source, files)
+        yield pool.submit(_answer, worker, label)
     finally:
+        if worker.poll() is None:
+            worker.kill()  # left early: nothing needs its answer
         pool.shutdown(wait=True, cancel_futures=True)
+        worker.wait()
+
+
+def _answer(worker: subprocess.Popen, label: str) -> tuple[dict, dict, bytes, str]:
+    found = inspection_worker.answer(worker, label)
+    return found["facts"], found["answers"], found["probe_file"].encode(), found["faiss"]
 
 
 class _UntilInspectionFails:
@@ -194,6 +199,7 @@ class FaissSnapshotReader:
         self.layers = ["tar"]
         self._catalogue: dict[str, Any] = {}
         self._files: list[_File] = []
+        self._faiss_version = "unknown"  # the inspection's, once the copy was read
 
     @contextmanager
     def open(self) -> Iterator[Readable]:
@@ -203,7 +209,7 @@ class FaissSnapshotReader:
                 stack.callback(item.handle.close)
             inspection = stack.enter_context(inspecting(self.source, files))
             yield ChunkReader(self._tar(files, inspection))
-            facts, answers, _probe_bytes = inspection.result()
+            facts, answers, _probe_bytes, self._faiss_version = inspection.result()
             check_unchanged(self.source, files)
             self._files = files
             self._catalogue = catalogue_entry(self.source, files, facts, answers)
@@ -220,7 +226,7 @@ class FaissSnapshotReader:
                     "the copy was not kept"
                 ) from None
             item.sha256 = hashing.hexdigest()
-        _facts, _answers, probe_bytes = inspection.result()
+        _facts, _answers, probe_bytes, _version = inspection.result()
         yield from writer.file(PROBES_FILE, len(probe_bytes), ChunkReader([probe_bytes]))
         yield from writer.end()
 
@@ -233,8 +239,7 @@ class FaissSnapshotReader:
         }
 
     def tool_versions(self) -> dict[str, str]:
-        faiss = faiss_index.load_faiss()
-        return {"faiss": str(getattr(faiss, "__version__", "unknown"))}
+        return {"faiss": self._faiss_version}
 
 
 class FaissVersionReader:
@@ -252,6 +257,7 @@ class FaissVersionReader:
         self.layers = ["json"]
         self.mac_key = derive_chunk_key(secret, source.name)
         self._metadata: dict[str, Any] = {}
+        self._faiss_version = "unknown"  # the inspection's, once the copy was read
 
     @contextmanager
     def open(self) -> Iterator[Readable]:
@@ -269,9 +275,12 @@ class FaissVersionReader:
                 for item in files:
                     item.handle.seek(0)
                     reads = _UntilInspectionFails(item.handle, inspection)
-                    entry = builder.add_open_file(reads, item.name, str(item.path))  # type: ignore[arg-type]
+                    structure = None
+                    if item is files[0]:  # the index: cut at its arrays and lists
+                        structure = index_regions(item.handle.fileno(), item.stat.st_size)
+                    entry = builder.add_open_file(reads, item.name, str(item.path), structure)  # type: ignore[arg-type]
                     item.sha256 = entry["sha256"]
-                facts, answers, probe_bytes = inspection.result()
+                facts, answers, probe_bytes, self._faiss_version = inspection.result()
                 builder.add_bytes(PROBES_FILE, probe_bytes)
             check_unchanged(self.source, files)
             packs, refs_key, refs_sha = builder.commit_refs(store, scope)
@@ -298,5 +307,4 @@ class FaissVersionReader:
         return self._metadata
 
     def tool_versions(self) -> dict[str, str]:
-        faiss = faiss_index.load_faiss()
-        return {"faiss": str(getattr(faiss, "__version__", "unknown"))}
+        return {"faiss": self._faiss_version}
