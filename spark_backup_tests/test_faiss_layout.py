@@ -231,3 +231,30 @@ def test_a_failed_inspection_process_is_one_line(code, message) -> None:
     with pytest.raises(SourceError) as raised:
         inspection.answer(worker, "/data/index.faiss")
     assert str(raised.value) == message
+
+
+def test_the_inspection_process_gets_no_secret(tmp_path, monkeypatch) -> None:
+    """The backup's private key and store credentials stay in its own environment: the FAISS
+    process is given only what Python needs (read from /proc while it imports FAISS)."""
+    from spark_backup.sources.faiss import inspection
+
+    monkeypatch.setenv("SPARK_BACKUP_IDENTITY", "AGE-SECRET-KEY-1NOTREAL")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-real-either")
+    index_path = make_index(tmp_path, "flat", vectors=64)
+    with open(index_path, "rb") as handle:
+        request = {
+            "label": str(index_path),
+            "factory": None,
+            "queries": 2,
+            "k": 3,
+            "seed": 1,
+            "nprobe": 1,
+            "ef_search": 16,
+        }
+        worker = inspection.start(handle.fileno(), request)
+        environ = Path(f"/proc/{worker.pid}/environ").read_bytes().split(b"\0")
+        found = inspection.answer(worker, str(index_path))
+    names = {item.split(b"=", 1)[0] for item in environ if item}
+    assert b"PATH" in names
+    assert not names & {b"SPARK_BACKUP_IDENTITY", b"AWS_SECRET_ACCESS_KEY"}
+    assert found["facts"]["ntotal"] == 64

@@ -22,17 +22,14 @@ and exits 0; anything else (a traceback, a signal) is a failure the caller names
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 from typing import Any
 
 from spark_backup.errors import SourceError
 from spark_backup.sources.faiss import index as faiss_index
 
 PROBES_FORMAT = "spark-backup.faiss-probes/v1"
-_PACKAGE_ROOT = str(Path(__file__).resolve().parents[3])  # the spark_backup this runs
 
 
 def inspect(path: str, request: dict[str, Any]) -> dict[str, Any]:
@@ -54,17 +51,17 @@ def inspect(path: str, request: dict[str, Any]) -> dict[str, Any]:
 def start(fd: int, request: dict[str, Any]) -> subprocess.Popen:
     """The worker inspecting the index open on ``fd`` (the caller reads its answer with
     ``answer``)."""
-    environ = dict(os.environ)
-    environ["PYTHONPATH"] = os.pathsep.join(
-        p for p in (_PACKAGE_ROOT, environ.get("PYTHONPATH")) if p
-    )
+    # Only what Python needs to run (as for the age worker): the backup's own environment holds
+    # the private key and the store's credentials, which FAISS has no use for.
+    from spark_backup.engine.processes import tool_environment
+
     return subprocess.Popen(
         [sys.executable, "-m", __name__, str(fd), json.dumps(request)],
         pass_fds=(fd,),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        env=environ,
+        env=tool_environment(),
     )
 
 
