@@ -4,6 +4,7 @@ an index at, read without FAISS, and what they keep of a grown index."""
 from __future__ import annotations
 
 import os
+import time
 from itertools import pairwise
 from pathlib import Path
 
@@ -233,6 +234,19 @@ def test_a_failed_inspection_process_is_one_line(code, message) -> None:
     assert str(raised.value) == message
 
 
+def running_environment(worker) -> list[bytes]:
+    """The worker's environment once its new program has it. Popen returns when exec has closed
+    the error pipe, a moment before the kernel records the new environment: /proc reads empty
+    in that window (and after the process has exited, which FAISS's import outlasts)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and worker.poll() is None:
+        environ = Path(f"/proc/{worker.pid}/environ").read_bytes()
+        if environ:
+            return environ.split(b"\0")
+        time.sleep(0.005)
+    raise AssertionError("the inspection process ended before its environment could be read")
+
+
 def test_the_inspection_process_gets_no_secret(tmp_path, monkeypatch) -> None:
     """The backup's private key and store credentials stay in its own environment: the FAISS
     process is given only what Python needs (read from /proc while it imports FAISS)."""
@@ -252,7 +266,7 @@ def test_the_inspection_process_gets_no_secret(tmp_path, monkeypatch) -> None:
             "ef_search": 16,
         }
         worker = inspection.start(handle.fileno(), request)
-        environ = Path(f"/proc/{worker.pid}/environ").read_bytes().split(b"\0")
+        environ = running_environment(worker)
         found = inspection.answer(worker, str(index_path))
     names = {item.split(b"=", 1)[0] for item in environ if item}
     assert b"PATH" in names
