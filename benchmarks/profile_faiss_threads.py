@@ -158,6 +158,7 @@ def main() -> int:
     if args.workdir is None:
         parser.error("--workdir is required")
     args.workdir.mkdir(parents=True, exist_ok=True)
+    args.workdir = args.workdir.resolve()  # the rounds run from it
     plan = prepare(args.workdir, args.stream)
     trees = [path.resolve() for path in args.code or [ROOT]]
     rows: dict[tuple[str, str], list[dict]] = {}
@@ -167,9 +168,19 @@ def main() -> int:
             for tree in trees:
                 shutil.rmtree(args.workdir / "store", ignore_errors=True)
                 env = dict(os.environ, PYTHONPATH=str(tree), PROFILE_FAISS_CHUNK_KEY=CHUNK_KEY)
+                # From the work folder: a worker started with ``python -m`` (FAISS's inspection
+                # before ``-P``) puts its working directory ahead of PYTHONPATH, so a round run
+                # from a checkout would import that checkout's worker whatever ``--code`` says.
                 run = subprocess.run(
-                    [sys.executable, __file__, "--child", str(plan), source],
+                    [
+                        sys.executable,
+                        str(HERE / Path(__file__).name),
+                        "--child",
+                        str(plan),
+                        source,
+                    ],
                     env=env,
+                    cwd=args.workdir,
                     capture_output=True,
                     text=True,
                 )

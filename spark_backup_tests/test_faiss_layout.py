@@ -272,3 +272,30 @@ def test_the_inspection_process_gets_no_secret(tmp_path, monkeypatch) -> None:
     assert b"PATH" in names
     assert not names & {b"SPARK_BACKUP_IDENTITY", b"AWS_SECRET_ACCESS_KEY"}
     assert found["facts"]["ntotal"] == 64
+
+
+def test_the_inspection_process_imports_nothing_from_the_working_directory(
+    tmp_path, monkeypatch
+) -> None:
+    """The worker imports FAISS as installed: a ``faiss.py`` in the directory the backup was
+    started from is never run (``python -P``)."""
+    from spark_backup.sources.faiss import inspection
+
+    index_path = make_index(tmp_path / "index", "ivf", vectors=500)
+    planted = tmp_path / "cwd"
+    planted.mkdir()
+    (planted / "faiss.py").write_text("raise SystemExit('imported from the working directory')\n")
+    monkeypatch.chdir(planted)
+    with open(index_path, "rb") as handle:
+        request = {
+            "label": str(index_path),
+            "factory": None,
+            "queries": 2,
+            "k": 3,
+            "seed": 1,
+            "nprobe": 2,
+            "ef_search": None,
+        }
+        found = inspection.answer(inspection.start(handle.fileno(), request), str(index_path))
+    assert found["facts"]["index_type"] == "IndexIVFFlat" and found["facts"]["ntotal"] == 500
+    assert len(found["answers"]["ids"]) == 2
