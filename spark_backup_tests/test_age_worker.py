@@ -153,6 +153,22 @@ def _decrypted_by_worker(stored: bytes, identity: x25519.Identity) -> tuple[byte
         return plaintext, decryption.finish()
 
 
+def test_the_worker_imports_nothing_from_the_working_directory(tmp_path: Path, monkeypatch) -> None:
+    """The process that is given the private keys runs spark-backup as installed: a
+    ``spark_backup`` package in the directory the command was started from is never imported
+    (``python -P``)."""
+    planted = tmp_path / "spark_backup"
+    planted.mkdir()
+    (planted / "__init__.py").write_text(
+        "raise SystemExit('imported from the working directory')\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    identity = x25519.Identity.generate()
+    frame = zstandard.ZstdCompressor(write_checksum=True).compress(b"plaintext\n")
+    inflated, status = _decrypted_by_worker(pyrage.encrypt(frame, [identity.to_public()]), identity)
+    assert inflated == b"plaintext\n" and "error" not in status, status
+
+
 @pytest.mark.parametrize(
     ("damage", "detail"),
     [

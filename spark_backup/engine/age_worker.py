@@ -309,9 +309,12 @@ class AgeWorker:
         identity_read, identity_write = os.pipe()
         control, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
+            # -P: spark-backup as installed (or on PYTHONPATH), never a package of the same name
+            # in the directory the command was started from, in the process given the keys.
             self._process = subprocess.Popen(
                 [
                     sys.executable,
+                    "-P",
                     "-m",
                     "spark_backup.engine.age_worker",
                     str(identity_read),
