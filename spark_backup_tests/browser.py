@@ -58,6 +58,17 @@ def rendered_dom(url: str) -> str:
     return _run(url, "--dump-dom").stdout
 
 
+def rendered_text(url: str, showing: tuple[str, ...], attempts: int = 3) -> str:
+    """The page's visible text once it shows every one of ``showing``: on a loaded machine
+    the page may not have fetched or drawn its data within the virtual time budget, so it is
+    rendered again (at most ``attempts`` times) before the caller judges the last one."""
+    for _ in range(attempts):
+        text = visible_text(rendered_dom(url))
+        if all(item in text for item in showing):
+            break
+    return text
+
+
 def screenshot(url: str, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     _run(url, f"--screenshot={path}")
