@@ -7,6 +7,7 @@ import fcntl
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import tarfile
@@ -211,6 +212,19 @@ def _wait_for(condition, what: str, timeout: float = 60) -> None:
         time.sleep(0.005)
 
 
+# The modules Python runs for ``python -m spark_backup`` before spark-backup's Ctrl-C handler.
+ENTRY_MODULES = ("__init__.py", "__main__.py")
+
+
+def _interrupted_before_spark_backup_ran(returncode: int, err: str) -> bool:
+    """Ctrl-C that landed while the interpreter started (site, runpy, the entry module's own
+    imports), before spark-backup's handler was installed: Python's traceback, in no
+    spark-backup file but the entry module, and a death by SIGINT, as for any Python program."""
+    files = re.findall(r'File "([^"]+)"', err)
+    ours = [f for f in files if "spark_backup" in f and Path(f).name not in ENTRY_MODULES]
+    return returncode == -signal.SIGINT and "KeyboardInterrupt" in err and not ours
+
+
 def test_ctrl_c_during_a_backup_exits_130_and_leaves_no_copy(tmp_path: Path, age_key) -> None:
     big = _big_file(tmp_path / "estate", 64)
     plan = str(write_plan(tmp_path, plan_dict([age_key[1]], [config_source("m", [str(big)])])))
@@ -222,6 +236,8 @@ def test_ctrl_c_during_a_backup_exits_130_and_leaves_no_copy(tmp_path: Path, age
         time.sleep(delay)
         os.killpg(process.pid, signal.SIGINT)
         _out, err = process.communicate(timeout=60)
+        if _interrupted_before_spark_backup_ran(process.returncode, err):
+            continue  # a loaded machine's 0.1 s can end inside the interpreter's own start
         assert process.returncode in (0, 130), err
         assert "Traceback" not in err and len(err.strip().splitlines()) <= 1, err
         assert not [p for p in store.rglob("*") if ".partial-" in p.name]
