@@ -91,7 +91,8 @@ KINDS_NOT_IN_THE_QUICK_PLAN = (
     "pyfastcdc",
 )
 # What --help and --version must do without: validating a plan, printing with rich, the
-# pipeline, a kind's operations.
+# pipeline, a kind's operations, the kinds' contract (its dataclasses: the command line and the
+# kinds' commands reach the plan through ``sources.holder``).
 NOT_FOR_HELP = (
     *NEVER,
     "pydantic",
@@ -109,6 +110,7 @@ NOT_FOR_HELP = (
     "spark_backup.sources.postgres.kind",
     "spark_backup.sources.mongodb.kind",
     "spark_backup.sources.config_archive",
+    "spark_backup.sources.base",
 )
 
 STARTUP_MODULES = {"spark_backup.engine", "spark_backup.engine.gc_pause"}

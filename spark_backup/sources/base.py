@@ -52,8 +52,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 
-# Only types from here: the command line imports this module to find a kind's commands, and
-# must not pay for the pipeline, pydantic or pyrage to print its help.
+# Part of the contract, defined apart: the command line needs them before any kind.
+from spark_backup.sources.holder import RuntimeHolder as RuntimeHolder
+from spark_backup.sources.holder import current_runtime as current_runtime
+
+# Only types from here: a kind's operations import this module, and must not pay for the
+# pipeline, pydantic or pyrage until they run.
 if TYPE_CHECKING:
     import click
     from pyrage import x25519
@@ -566,24 +570,6 @@ def source_of_kind(runtime: Runtime, kind: SourceKind, name: str | None = None) 
         names = ", ".join(s.name for s in found) or "none"
         raise UsageError(f"name the {kind.name} source (the plan has: {names})")
     return found[0]
-
-
-class RuntimeHolder(ABC):
-    """What the command line puts on click's context, so a kind's command reaches the plan."""
-
-    @property
-    @abstractmethod
-    def runtime(self) -> Runtime: ...
-
-
-def current_runtime() -> Runtime:
-    """The runtime of the plan given on the command line, for a kind's own commands."""
-    import click
-
-    holder = click.get_current_context().find_object(RuntimeHolder)
-    if holder is None:
-        raise RuntimeError("a kind's command ran outside spark-backup's command line")
-    return holder.runtime
 
 
 def restore_tar_copy(
