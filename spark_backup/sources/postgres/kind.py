@@ -23,21 +23,12 @@ from spark_backup.errors import IntegrityError, NotFoundError, RestoreRefused, U
 from spark_backup.sources.base import (
     Artifact,
     CopyRef,
-    FolderRestore,
-    LogCheck,
-    LogRange,
-    LogStatus,
     Observable,
-    Observation,
     PointInTimeRecovery,
     PushedLog,
-    RecoveryTarget,
-    RecoveryWindow,
-    RestoreTarget,
     RestoreTargets,
     Runtime,
     SemanticCheck,
-    SemanticResult,
     SourceContext,
     SourceKind,
 )
@@ -67,6 +58,17 @@ from spark_backup.sources.postgres.settings import PostgresSource
 # reading the plan and listing copies need none of them.
 if TYPE_CHECKING:
     from spark_backup.engine.pipeline import PlaintextSource
+    from spark_backup.sources.capability_values import (
+        FolderRestore,
+        LogCheck,
+        LogRange,
+        LogStatus,
+        Observation,
+        RecoveryTarget,
+        RecoveryWindow,
+        RestoreTarget,
+        SemanticResult,
+    )
 
 DUMP = "dump"
 WAL_ARCHIVE_ASSET_SUFFIX = "wal_archive"
@@ -225,6 +227,8 @@ class PostgresKind(
 
     def observe(self, source: PostgresSource, context: SourceContext) -> Observation:
         """The server's current WAL position: it moves with every change."""
+        from spark_backup.sources.capability_values import Observation
+
         server = PostgresServer.from_source(source, context)
         with closing(server.connect()) as conn, conn.cursor() as cursor:
             cursor.execute(
@@ -259,6 +263,7 @@ class PostgresKind(
         ops.wal_fetch(runtime, source, name, destination, identity_file)
 
     def lag(self, runtime: Runtime, source: PostgresSource, now: dt.datetime) -> LogStatus:
+        from spark_backup.sources.capability_values import LogStatus
         from spark_backup.sources.postgres import ops
 
         status = ops.wal_archive_status(runtime, source, now)
@@ -306,6 +311,7 @@ class PostgresKind(
     def log_checks(self, source: PostgresSource) -> Sequence[LogCheck]:
         if source.wal_receive is None:
             return ()
+        from spark_backup.sources.capability_values import LogCheck
         from spark_backup.sources.postgres.receive import WAL_RECEIVER_CHECK, receiver_check
 
         return [
@@ -354,6 +360,7 @@ class PostgresKind(
     def recovery_window(self, runtime: Runtime, source: PostgresSource) -> RecoveryWindow:
         """From the end of the oldest base backup the archive continues without a gap, to the
         newest WAL segment reachable from the newest base backup."""
+        from spark_backup.sources.capability_values import RecoveryWindow
         from spark_backup.sources.postgres import ops
         from spark_backup.sources.postgres import pitr as recovery
         from spark_backup.sources.postgres.wal import archived_wal
@@ -387,6 +394,8 @@ class PostgresKind(
     # --- RestoreTargets -------------------------------------------------------------------------
 
     def restore_targets(self) -> Sequence[RestoreTarget]:
+        from spark_backup.sources.capability_values import RestoreTarget
+
         return [
             RestoreTarget(
                 DATABASE_TARGET,
@@ -435,6 +444,8 @@ class PostgresKind(
     ) -> SemanticResult:
         """Extract the base backup and let PostgreSQL's own ``pg_verifybackup`` check every file
         against the backup manifest the server wrote (and the WAL in it, when it holds some)."""
+        from spark_backup.sources.capability_values import FolderRestore, SemanticResult
+
         manifest = copy.manifest
         data = scratch / "base"
         major = int(str(manifest.source_metadata["server_version"]).split(".")[0])
@@ -468,6 +479,7 @@ class PostgresKind(
         snapshot; a base backup is extracted and checked with ``pg_verifybackup`` against its
         own manifest; the globals are a script whose shape the deep verify checks."""
         from spark_backup.engine.pipeline import open_copy
+        from spark_backup.sources.capability_values import SemanticResult
         from spark_backup.sources.postgres import ops
 
         manifest = copy.manifest

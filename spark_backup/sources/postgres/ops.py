@@ -33,14 +33,7 @@ from spark_backup.errors import (
     StoreError,
     UsageError,
 )
-from spark_backup.sources.base import (
-    CopyRef,
-    FolderRestore,
-    LogRange,
-    Runtime,
-    SourceKind,
-    source_of_kind,
-)
+from spark_backup.sources.base import CopyRef, Runtime, SourceKind, source_of_kind
 from spark_backup.sources.postgres import dump as pg_dump_restore
 from spark_backup.sources.postgres.basebackup import BASE, BASE_PART
 from spark_backup.sources.postgres.pitr_options import DEFAULT_PORT
@@ -72,6 +65,7 @@ from spark_backup.sources.postgres.walname import DEFAULT_SEGMENT_SIZE, WalSegme
 # run: wal-push, run for every WAL segment, and list (the archive's ranges) need none of them.
 if TYPE_CHECKING:
     from spark_backup.engine.age_worker import AgeWorker
+    from spark_backup.sources.capability_values import LogRange
     from spark_backup.sources.postgres import pitr as recovery
 
 # A standby's wal-fetch asks an unreachable store again after these pauses (doubling).
@@ -490,6 +484,8 @@ def wal_ranges(
 ) -> dict[str, LogRange]:
     """Per base backup: the WAL from its start to its end position (what makes it consistent,
     as ``pgbackrest info`` shows it), and the first of those segments the archive lacks."""
+    from spark_backup.sources.capability_values import LogRange
+
     bases = [m for m in bases if m.part == BASE_PART]
     if not bases:
         return {}
@@ -667,6 +663,7 @@ def pitr(
     """Recover the source to ``target`` (a time or a ``PgTarget``; None: to the end of the
     archived WAL, for a disaster) in a new cluster under ``target_dir``, start it and verify it.
     The production cluster is not touched."""
+    from spark_backup.sources.capability_values import FolderRestore
     from spark_backup.sources.postgres import pitr as recovery
     from spark_backup.sources.postgres.prefetch import WalPrefetch
 
