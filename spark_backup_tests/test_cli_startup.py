@@ -81,6 +81,7 @@ NOT_FOR_LIST = (
     "spark_backup.engine.age_worker",
     "spark_backup.sources.postgres.pitr",
     "spark_backup.sources.capability_values",
+    "spark_backup.engine.retention",  # the WORM status's, not the lock read back per copy
 )
 # The kinds a plan does not name: reading it loads only the kinds of its own sources.
 KINDS_NOT_IN_THE_QUICK_PLAN = (
