@@ -66,6 +66,11 @@ NOT_FOR_WAL_PUSH = (
     # ... nor the values the kinds' capabilities return (observations, log status, restore
     # targets, ...): base.py exports them on first use
     "spark_backup.sources.capability_values",
+    # ... nor PostgreSQL's server, dump and base-backup modules (the kind's part names are in
+    # postgres/parts.py)
+    "spark_backup.sources.postgres.server",
+    "spark_backup.sources.postgres.dump",
+    "spark_backup.sources.postgres.basebackup",
 )
 # What list needs none of: the service's other concerns (it reads locks, drills and replica
 # records, see service/listing.py), and the pipeline that writes and reads copies.
@@ -82,6 +87,9 @@ NOT_FOR_LIST = (
     "spark_backup.sources.postgres.pitr",
     "spark_backup.sources.capability_values",
     "spark_backup.engine.retention",  # the WORM status's, not the lock read back per copy
+    "spark_backup.sources.postgres.server",
+    "spark_backup.sources.postgres.dump",
+    "spark_backup.sources.postgres.basebackup",
 )
 # The kinds a plan does not name: reading it loads only the kinds of its own sources.
 KINDS_NOT_IN_THE_QUICK_PLAN = (

@@ -32,25 +32,13 @@ from spark_backup.sources.base import (
     SourceContext,
     SourceKind,
 )
-from spark_backup.sources.postgres import dump as pg_dump_restore
-from spark_backup.sources.postgres.basebackup import (
+from spark_backup.sources.postgres.parts import (
     BASE,
     BASE_PART,
-    BaseBackupReader,
-    check_base_plaintext,
-)
-from spark_backup.sources.postgres.dump import (
     DATABASE_PART_PREFIX,
     GLOBALS_PART,
-    DatabaseDumpReader,
-    GlobalsReader,
-    database_part,
-)
-from spark_backup.sources.postgres.server import (
     KIND_NAME,
-    PostgresServer,
-    list_databases,
-    server_major,
+    database_part,
 )
 from spark_backup.sources.postgres.settings import PostgresSource
 
@@ -69,6 +57,7 @@ if TYPE_CHECKING:
         RestoreTarget,
         SemanticResult,
     )
+    from spark_backup.sources.postgres.server import PostgresServer
 
 DUMP = "dump"
 WAL_ARCHIVE_ASSET_SUFFIX = "wal_archive"
@@ -137,6 +126,10 @@ class PostgresKind(
     def readers(
         self, source: PostgresSource, context: SourceContext, artifact: str
     ) -> list[PlaintextSource]:
+        from spark_backup.sources.postgres.basebackup import BaseBackupReader
+        from spark_backup.sources.postgres.dump import DatabaseDumpReader, GlobalsReader
+        from spark_backup.sources.postgres.server import PostgresServer
+
         server = PostgresServer.from_source(source, context)
         if artifact == BASE:
             if not source.base_backup.enabled:
@@ -150,6 +143,7 @@ class PostgresKind(
     def probe(self, source: PostgresSource, context: SourceContext) -> None:
         """Connect, and find client tools at least as new as the server."""
         from spark_backup.sources.postgres import ops
+        from spark_backup.sources.postgres.server import PostgresServer, server_major
 
         server = PostgresServer.from_source(source, context)
         with closing(server.connect()) as conn:
@@ -202,6 +196,8 @@ class PostgresKind(
         return {"target": str(Path(os.path.abspath(target))), **summary}
 
     def check_plaintext(self, plain: Readable, manifest: Manifest) -> None:
+        from spark_backup.sources.postgres.basebackup import check_base_plaintext
+
         if manifest.part == BASE_PART:
             check_base_plaintext(plain, manifest)
             return
@@ -228,6 +224,7 @@ class PostgresKind(
     def observe(self, source: PostgresSource, context: SourceContext) -> Observation:
         """The server's current WAL position: it moves with every change."""
         from spark_backup.sources.capability_values import Observation
+        from spark_backup.sources.postgres.server import PostgresServer
 
         server = PostgresServer.from_source(source, context)
         with closing(server.connect()) as conn, conn.cursor() as cursor:
@@ -480,6 +477,7 @@ class PostgresKind(
         own manifest; the globals are a script whose shape the deep verify checks."""
         from spark_backup.engine.pipeline import open_copy
         from spark_backup.sources.capability_values import SemanticResult
+        from spark_backup.sources.postgres import dump as pg_dump_restore
         from spark_backup.sources.postgres import ops
 
         manifest = copy.manifest
@@ -511,6 +509,8 @@ class PostgresKind(
 
 def databases(source: PostgresSource, server: PostgresServer) -> list[str]:
     """The databases the plan asks for, checked against the server."""
+    from spark_backup.sources.postgres.server import list_databases
+
     with closing(server.connect()) as conn:
         available = list_databases(conn)
     if source.databases == "all":
