@@ -71,6 +71,8 @@ NOT_FOR_WAL_PUSH = (
     "spark_backup.sources.postgres.server",
     "spark_backup.sources.postgres.dump",
     "spark_backup.sources.postgres.basebackup",
+    # ... nor the months' data keys (a copy of personal data is opened with them)
+    "spark_backup.engine.datakeys",
 )
 # What list needs none of: the service's other concerns (it reads locks, drills and replica
 # records, see service/listing.py), and the pipeline that writes and reads copies.
