@@ -73,6 +73,8 @@ NOT_FOR_WAL_PUSH = (
     "spark_backup.sources.postgres.basebackup",
     # ... nor the months' data keys (a copy of personal data is opened with them)
     "spark_backup.engine.datakeys",
+    # ... nor the configuration kind's reader (its walk and GNU tar)
+    "spark_backup.sources.config_archive.reader",
 )
 # What list needs none of: the service's other concerns (it reads locks, drills and replica
 # records, see service/listing.py), and the pipeline that writes and reads copies.
@@ -92,6 +94,7 @@ NOT_FOR_LIST = (
     "spark_backup.sources.postgres.server",
     "spark_backup.sources.postgres.dump",
     "spark_backup.sources.postgres.basebackup",
+    "spark_backup.sources.config_archive.reader",
 )
 # The kinds a plan does not name: reading it loads only the kinds of its own sources.
 KINDS_NOT_IN_THE_QUICK_PLAN = (

@@ -31,16 +31,12 @@ from spark_backup.sources.base import (
     SourceKind,
     restore_tar_copy,
 )
-from spark_backup.sources.config_archive.reader import (
-    CHANGED_FILES,
-    KIND_NAME,
-    TORN_FILES,
-    ConfigArchiveReader,
-)
+from spark_backup.sources.config_archive.names import CHANGED_FILES, KIND_NAME, TORN_FILES
 from spark_backup.sources.config_archive.settings import ConfigArchiveSource
 
 if TYPE_CHECKING:
     from spark_backup.sources.capability_values import FolderRestore, Observation, SemanticResult
+    from spark_backup.sources.config_archive.reader import ConfigArchiveReader
 
 ARCHIVE = "archive"
 
@@ -68,6 +64,8 @@ class ConfigArchiveKind(SourceKind[ConfigArchiveSource], Observable, SemanticChe
     def readers(
         self, source: ConfigArchiveSource, context: SourceContext, artifact: str = ARCHIVE
     ) -> list[ConfigArchiveReader]:
+        from spark_backup.sources.config_archive.reader import ConfigArchiveReader
+
         if artifact != ARCHIVE:
             raise UsageError(f"source {source.name!r} has no artifact {artifact!r} ({ARCHIVE})")
         return [
