@@ -63,6 +63,18 @@ NOT_FOR_WAL_PUSH = (
     "spark_backup.cli.copies",
     "spark_backup.cli.alerts",
     "tarfile",
+    # ... nor the values the kinds' capabilities return (observations, log status, restore
+    # targets, ...): base.py exports them on first use
+    "spark_backup.sources.capability_values",
+    # ... nor PostgreSQL's server, dump and base-backup modules (the kind's part names are in
+    # postgres/parts.py)
+    "spark_backup.sources.postgres.server",
+    "spark_backup.sources.postgres.dump",
+    "spark_backup.sources.postgres.basebackup",
+    # ... nor the months' data keys (a copy of personal data is opened with them)
+    "spark_backup.engine.datakeys",
+    # ... nor the configuration kind's reader (its walk and GNU tar)
+    "spark_backup.sources.config_archive.reader",
 )
 # What list needs none of: the service's other concerns (it reads locks, drills and replica
 # records, see service/listing.py), and the pipeline that writes and reads copies.
@@ -77,6 +89,12 @@ NOT_FOR_LIST = (
     "spark_backup.engine.pipeline",
     "spark_backup.engine.age_worker",
     "spark_backup.sources.postgres.pitr",
+    "spark_backup.sources.capability_values",
+    "spark_backup.engine.retention",  # the WORM status's, not the lock read back per copy
+    "spark_backup.sources.postgres.server",
+    "spark_backup.sources.postgres.dump",
+    "spark_backup.sources.postgres.basebackup",
+    "spark_backup.sources.config_archive.reader",
 )
 # The kinds a plan does not name: reading it loads only the kinds of its own sources.
 KINDS_NOT_IN_THE_QUICK_PLAN = (
@@ -91,7 +109,8 @@ KINDS_NOT_IN_THE_QUICK_PLAN = (
     "pyfastcdc",
 )
 # What --help and --version must do without: validating a plan, printing with rich, the
-# pipeline, a kind's operations.
+# pipeline, a kind's operations, the kinds' contract (its dataclasses: the command line and the
+# kinds' commands reach the plan through ``sources.holder``).
 NOT_FOR_HELP = (
     *NEVER,
     "pydantic",
@@ -109,6 +128,7 @@ NOT_FOR_HELP = (
     "spark_backup.sources.postgres.kind",
     "spark_backup.sources.mongodb.kind",
     "spark_backup.sources.config_archive",
+    "spark_backup.sources.base",
 )
 
 STARTUP_MODULES = {"spark_backup.engine", "spark_backup.engine.gc_pause"}
@@ -243,6 +263,10 @@ def test_backup_verify_and_restore_load_only_their_concern_and_the_plans_kinds(
         assert offending(modules, KINDS_NOT_IN_THE_QUICK_PLAN) == [], name
         # what they do need, so the lists above are about the right process
         assert "spark_backup.service.copies" in modules, name
+    # a backup and a verify make none of the capabilities' values; a restore its options
+    for name in ("backup", "verify", "verify --deep"):
+        assert offending(runs[name], ("spark_backup.sources.capability_values",)) == [], name
+    assert "spark_backup.sources.capability_values" in runs["restore"]
     # the kinds' restore targets are still offered where asked for
     done, modules = imported_by(tmp_path, *plan, "restore", "--help")
     assert "--to-db" in done.stdout
@@ -508,3 +532,20 @@ def test_plain_lines_print_without_rich_and_markup_still_fails_as_in_rich(monkey
     with pytest.raises(MarkupError):
         lazy.print("[/red] closes nothing")
     assert lazy._console is not None
+
+
+def test_the_contract_exports_every_value_of_its_capabilities() -> None:
+    """``capability_values`` holds what the capabilities return or take, apart so that reading a
+    plan builds none of it; ``base`` (the contract kinds import from) still exports each one."""
+    import dataclasses
+
+    from spark_backup.sources import base, capability_values
+
+    defined = [
+        name
+        for name, value in vars(capability_values).items()
+        if dataclasses.is_dataclass(value) and value.__module__ == capability_values.__name__
+    ]
+    assert len(defined) == 11
+    for name in defined:
+        assert getattr(base, name) is getattr(capability_values, name), name

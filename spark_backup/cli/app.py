@@ -19,7 +19,7 @@ import click
 from spark_backup.console import error_line, stderr
 from spark_backup.engine.gc_pause import startup_done
 from spark_backup.errors import SparkBackupError
-from spark_backup.sources.base import RuntimeHolder
+from spark_backup.sources.holder import RuntimeHolder
 
 
 class CliState(RuntimeHolder):

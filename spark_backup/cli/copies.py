@@ -21,20 +21,15 @@ from spark_backup.errors import (
     SignatureError,
     SparkBackupError,
 )
-from spark_backup.sources.base import (
-    ContinuousLog,
-    CopyRef,
-    LogRange,
-    RestoreTarget,
-    RestoreTargets,
-)
 
-# The service and the engine load when a command runs, not when the command line starts.
+# The service, the engine and the kinds' contract load when a command runs, not when the
+# command line starts (``--help`` lists this module's commands).
 if TYPE_CHECKING:
     from spark_backup.engine.catalog import DamagedManifest
     from spark_backup.engine.drill_record import DrillRecord
     from spark_backup.engine.manifest import Manifest
     from spark_backup.service.locks import LockStatus
+    from spark_backup.sources.base import CopyRef, LogRange, RestoreTarget
 
 # --- backup ------------------------------------------------------------------------------------
 
@@ -232,6 +227,8 @@ def _worm_cell(lock: LockStatus | None) -> str:
 
 def _log_ranges(service: Any, refs: list[CopyRef]) -> dict[str, LogRange]:
     """The log each base copy needs, from the kinds that archive one, for sources in the plan."""
+    from spark_backup.sources.base import ContinuousLog
+
     ranges: dict[str, LogRange] = {}
     in_plan = {source.name: source for source in service.plan.sources}
     for name in dict.fromkeys(ref.manifest.source for ref in refs):
@@ -424,6 +421,7 @@ def verify(
 def _restore_targets() -> dict[str, RestoreTarget]:
     """Every restore target a registered kind offers, by name."""
     from spark_backup.sources import registry
+    from spark_backup.sources.base import RestoreTargets
 
     found: dict[str, RestoreTarget] = {}
     for kind in registry.kinds().values():

@@ -29,7 +29,6 @@ from pyrage import x25519
 from spark_backup.engine.age_worker import AgeWorker
 from spark_backup.engine.cadence import utcnow
 from spark_backup.engine.crypto import Recipients
-from spark_backup.engine.datakeys import unwrap
 from spark_backup.engine.manifest import Digest, Manifest, data_key, manifest_key, new_copy_id
 from spark_backup.engine.processes import keep_freed_buffers
 from spark_backup.engine.signing import Signer
@@ -328,6 +327,8 @@ def open_copy(
     ``CryptoError`` if no identity opens it. Callers must not publish what they read before the
     block has exited cleanly. ``worker``: see ``open_encrypted``."""
     if data_key := manifest.encryption.get("data_key"):
+        from spark_backup.engine.datakeys import unwrap  # personal data's copies alone
+
         identities = unwrap(store, manifest.source, manifest.id, data_key, identities)
         if worker is not None and worker.identities is not None:
             # A resident worker holds the plan's identities: the month's key needs one of its

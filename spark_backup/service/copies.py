@@ -20,7 +20,7 @@ from spark_backup.engine.streams import ProgressCallback
 from spark_backup.errors import IntegrityError, NotFoundError, SparkBackupError, UsageError
 from spark_backup.service.journal import JournalOperations
 from spark_backup.service.locks import LockOperations
-from spark_backup.sources.base import CopyRef, FolderRestore, RestoreTargets, SharedObjects
+from spark_backup.sources.base import CopyRef, RestoreTargets, SharedObjects
 
 
 @dataclass
@@ -196,6 +196,8 @@ class CopyOperations(JournalOperations, LockOperations):
         """Restore a copy into a staging folder, published only after its digests matched.
         ``worker``: an ``AgeWorker`` started ahead without identities (the caller closes it),
         so that its start overlaps reading the plan and the manifest."""
+        from spark_backup.sources.capability_values import FolderRestore
+
         ref = self.find(copy_id)
         identities = self.identities(identity_file)
         started = utcnow()

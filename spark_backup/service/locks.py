@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from spark_backup.engine.cadence import utcnow
 from spark_backup.engine.drill_record import verified_copies
 from spark_backup.engine.manifest import Manifest, manifest_key
-from spark_backup.engine.retention import apply_retention
 from spark_backup.engine.stores.base import ObjectLock, original_version, stacked_on
 from spark_backup.errors import NotFoundError
 from spark_backup.service.runtime import PlanRuntime
@@ -118,6 +117,8 @@ class LockOperations(PlanRuntime):
         """Each copy of the source (of one artifact) on a WORM store, read back, with whether
         retention keeps it now: a kept copy must still be locked, so the lock must cover as long
         as its tier keeps it."""
+        from spark_backup.engine.retention import apply_retention  # not for ``list``
+
         now = now or utcnow()
         source = self.plan.source(source_name)
         refs = self.copies(source_name, artifact)

@@ -26,7 +26,7 @@ from spark_backup.engine.stores import ObjectStore, open_store
 from spark_backup.errors import NotFoundError, PlanError, StoreError, UsageError
 from spark_backup.plan import LoadedPlan, SourceSettings, load_plan
 from spark_backup.sources import registry
-from spark_backup.sources.base import Artifact, CopyRef, SourceContext, SourceKind, StoreAccess
+from spark_backup.sources.base import Artifact, CopyRef, SourceContext, SourceKind
 
 # The catalog and retention load where copies are listed or expired: ``wal-push``, run for
 # every WAL segment, opens the plan and does neither.
@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from spark_backup.engine.catalog import Catalog, DamagedManifest
     from spark_backup.engine.pipeline import CompressionSettings
     from spark_backup.engine.retention import RetentionRule
+    from spark_backup.sources.capability_values import StoreAccess
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +82,13 @@ class PlanRuntime:
             self.plan.max_age_for(source),
             self.secrets,
             copies=lambda artifact: [ref.manifest for ref in self.copies(source.name, artifact)],
-            store_access=lambda: StoreAccess(
-                self.store_for(source), self.recipients(), self.compression(source)
-            ),
+            store_access=lambda: self._store_access(source),
         )
+
+    def _store_access(self, source: SourceSettings) -> StoreAccess:
+        from spark_backup.sources.capability_values import StoreAccess
+
+        return StoreAccess(self.store_for(source), self.recipients(), self.compression(source))
 
     def artifacts(self, source: SourceSettings) -> list[Artifact]:
         return self.kind_of(source).artifacts(source, self.context(source))

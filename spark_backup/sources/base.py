@@ -52,13 +52,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 
-# Only types from here: the command line imports this module to find a kind's commands, and
-# must not pay for the pipeline, pydantic or pyrage to print its help.
+from spark_backup.lazy import lazy_exports
+
+# Part of the contract, defined apart: the command line needs them before any kind.
+from spark_backup.sources.holder import RuntimeHolder as RuntimeHolder
+from spark_backup.sources.holder import current_runtime as current_runtime
+
+# Only types from here: a kind's operations import this module, and must not pay for the
+# pipeline, pydantic or pyrage until they run.
 if TYPE_CHECKING:
     import click
     from pyrage import x25519
 
-    from spark_backup.engine.age_worker import AgeWorker
     from spark_backup.engine.blobs.repack import RepackReport
     from spark_backup.engine.crypto import Recipients
     from spark_backup.engine.manifest import Manifest
@@ -69,6 +74,42 @@ if TYPE_CHECKING:
     from spark_backup.engine.stores.base import ObjectStore
     from spark_backup.engine.streams import ProgressCallback, Readable
     from spark_backup.plan.source import SourceSettings
+    from spark_backup.sources.capability_values import (
+        FolderRestore,
+        LogCheck,
+        LogRange,
+        LogStatus,
+        Observation,
+        RecoveryTarget,
+        RecoveryWindow,
+        RestoreTarget,
+        SemanticResult,
+        StoreAccess,
+    )
+
+# The values the capabilities return or take are made when those run, not when a kind
+# loads: their 11 dataclasses (about 3 ms) live in ``capability_values.py``, exported
+# here on first use, so that a command reading the plan builds none of them.
+__getattr__ = lazy_exports(
+    __name__,
+    {
+        name: "spark_backup.sources.capability_values"
+        for name in (
+            "StoreAccess",
+            "FolderRestore",
+            "Observation",
+            "LogStatus",
+            "CheckOutcome",
+            "LogCheck",
+            "LogRange",
+            "RecoveryTarget",
+            "RecoveryWindow",
+            "RestoreTarget",
+            "SemanticResult",
+        )
+    },
+    globals(),
+)
 
 SettingsT = TypeVar("SettingsT", bound="SourceSettings")
 
@@ -123,15 +164,6 @@ class SourceContext:
 
 
 @dataclass(frozen=True)
-class StoreAccess:
-    """What a backup run writes with: the source's store, the age recipients and compression."""
-
-    store: ObjectStore
-    recipients: Recipients
-    compression: CompressionSettings
-
-
-@dataclass(frozen=True)
 class CopyRef:
     """A committed copy and the store that holds it."""
 
@@ -140,18 +172,6 @@ class CopyRef:
     # The manifest's signature as checked when it was listed or found: "signed", "unsigned"
     # (an earlier release's copy the plan accepts) or "not checked" (no signing in the plan).
     signature: str = "not checked"
-
-
-@dataclass(frozen=True)
-class FolderRestore:
-    """How a restore into a folder goes: over what is there or not, past unsafe members or not."""
-
-    overwrite: bool = False
-    skip_unsafe: bool = False
-    progress: ProgressCallback | None = None
-    # A decryption worker started ahead (``AgeWorker.start``, without identities), for the
-    # copy's ``open_copy``; the caller closes it.
-    worker: AgeWorker | None = None
 
 
 class Runtime(Protocol):
@@ -250,60 +270,10 @@ class SourceKind(ABC, Generic[SettingsT]):
 # --- optional capabilities ----------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Observation:
-    """A fingerprint of a protected system's state: it changes when the system changed."""
-
-    version: str
-    metadata: Mapping[str, Any] = field(default_factory=dict)
-
-
 class Observable(ABC):
     @abstractmethod
     def observe(self, source: Any, context: SourceContext) -> Observation:
         """Cheap: names, sizes and times, a log position; never the data itself."""
-
-
-@dataclass
-class LogStatus:
-    """How much a loss of the source now would lose at most: the age of the newest log item
-    that is not safely in the store, against the RPO."""
-
-    source: str
-    rpo: dt.timedelta
-    now: dt.datetime
-    lag: dt.timedelta | None  # None: nothing archived yet
-    newest: str | None = None  # the newest archived item
-    details: dict[str, Any] = field(default_factory=dict)
-    # Why the source itself could not be asked (the lag was then measured from the store).
-    source_error: str | None = None
-    # What breaks the log whatever its lag: a gap between saved items, a log that rolled over
-    # past the last saved point.
-    problems: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return self.lag is not None and self.lag <= self.rpo and not self.problems
-
-
-@dataclass(frozen=True)
-class CheckOutcome:
-    """What a kind's own check found: the Dagster layer turns it into a check result."""
-
-    passed: bool
-    description: str
-    metadata: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class LogCheck:
-    """A check a kind brings for its log beyond the lag check (PostgreSQL: the streaming
-    receiver's lag), on the log's asset and run with the lag check. ``name`` is the kind's
-    constant, used by both the check's spec and its result."""
-
-    name: str
-    description: str
-    evaluate: Callable[[Runtime, dt.datetime], CheckOutcome]
 
 
 class ContinuousLog(ABC):
@@ -356,22 +326,6 @@ class ContinuousLog(ABC):
         return {}
 
 
-@dataclass(frozen=True)
-class LogRange:
-    """The log a base copy needs: from position ``start`` (in file ``first``) to ``stop`` (in
-    file ``last``); ``missing``: the first of those files the archive lacks."""
-
-    start: str
-    stop: str
-    first: str
-    last: str
-    missing: str | None = None
-
-    @property
-    def complete(self) -> bool:
-        return self.missing is None
-
-
 class PushedLog(ContinuousLog):
     """A log the system hands over file by file (PostgreSQL's ``archive_command``)."""
 
@@ -389,25 +343,6 @@ class PushedLog(ContinuousLog):
         identity_file: str | Path | None = None,
     ) -> None:
         """Restore one archived log file to ``destination``."""
-
-
-@dataclass(frozen=True)
-class RecoveryTarget:
-    """The moment to recover to; ``time`` None means the end of the log (after a disaster).
-    ``into`` names what to recover into where that is not a folder (a database name for
-    MongoDB); kinds that recover into ``target_dir`` ignore it."""
-
-    time: dt.datetime | None = None
-    into: str | None = None
-
-
-@dataclass(frozen=True)
-class RecoveryWindow:
-    """From when to when a source can be recovered to any moment."""
-
-    earliest: dt.datetime | None
-    latest: dt.datetime | None
-    details: dict[str, Any] = field(default_factory=dict)
 
 
 class PointInTimeRecovery(ABC):
@@ -430,18 +365,6 @@ class PointInTimeRecovery(ABC):
     def recovery_window(self, runtime: Runtime, source: Any) -> RecoveryWindow: ...
 
 
-@dataclass(frozen=True)
-class RestoreTarget:
-    """Somewhere a copy can be restored other than a folder, as the command line offers it."""
-
-    name: str  # "database"
-    option: str  # "--to-db"
-    metavar: str
-    help: str
-    # Boolean switches that apply to this target: name -> help.
-    flags: Mapping[str, str] = field(default_factory=dict)
-
-
 class RestoreTargets(ABC):
     @abstractmethod
     def restore_targets(self) -> Sequence[RestoreTarget]: ...
@@ -458,15 +381,6 @@ class RestoreTargets(ABC):
         flags: Mapping[str, bool] | None = None,
         progress: ProgressCallback | None = None,
     ) -> dict[str, Any]: ...
-
-
-@dataclass(frozen=True)
-class SemanticResult:
-    """Whether a restored copy is usable, with the figures that show it."""
-
-    passed: bool
-    description: str
-    metrics: dict[str, Any] = field(default_factory=dict)
 
 
 class SemanticCheck(ABC):
@@ -566,24 +480,6 @@ def source_of_kind(runtime: Runtime, kind: SourceKind, name: str | None = None) 
         names = ", ".join(s.name for s in found) or "none"
         raise UsageError(f"name the {kind.name} source (the plan has: {names})")
     return found[0]
-
-
-class RuntimeHolder(ABC):
-    """What the command line puts on click's context, so a kind's command reaches the plan."""
-
-    @property
-    @abstractmethod
-    def runtime(self) -> Runtime: ...
-
-
-def current_runtime() -> Runtime:
-    """The runtime of the plan given on the command line, for a kind's own commands."""
-    import click
-
-    holder = click.get_current_context().find_object(RuntimeHolder)
-    if holder is None:
-        raise RuntimeError("a kind's command ran outside spark-backup's command line")
-    return holder.runtime
 
 
 def restore_tar_copy(

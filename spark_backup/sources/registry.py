@@ -24,10 +24,12 @@ from importlib import metadata
 from typing import TYPE_CHECKING
 
 from spark_backup.errors import NotFoundError, PlanError
-from spark_backup.sources.base import SourceKind
 
+# The kinds' contract loads with the first kind: ``--help`` finds the kinds' commands without it.
 if TYPE_CHECKING:
     import click
+
+    from spark_backup.sources.base import SourceKind
 
 ENTRY_POINT_GROUP = "spark_backup.kinds"
 COMMANDS_ENTRY_POINT_GROUP = "spark_backup.commands"
@@ -76,6 +78,8 @@ def _own() -> metadata.EntryPoints:
 
 
 def _load(entry: metadata.EntryPoint) -> SourceKind:
+    from spark_backup.sources.base import SourceKind
+
     kind = entry.load()
     if not isinstance(kind, SourceKind) or kind.name != entry.name:
         raise PlanError(

@@ -12,7 +12,7 @@ import os
 import stat
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pyrage import x25519
 
@@ -24,23 +24,19 @@ from spark_backup.errors import IntegrityError, SparkBackupError, UsageError
 from spark_backup.sources.base import (
     Artifact,
     CopyRef,
-    FolderRestore,
     Observable,
-    Observation,
     Runtime,
     SemanticCheck,
-    SemanticResult,
     SourceContext,
     SourceKind,
     restore_tar_copy,
 )
-from spark_backup.sources.config_archive.reader import (
-    CHANGED_FILES,
-    KIND_NAME,
-    TORN_FILES,
-    ConfigArchiveReader,
-)
+from spark_backup.sources.config_archive.names import CHANGED_FILES, KIND_NAME, TORN_FILES
 from spark_backup.sources.config_archive.settings import ConfigArchiveSource
+
+if TYPE_CHECKING:
+    from spark_backup.sources.capability_values import FolderRestore, Observation, SemanticResult
+    from spark_backup.sources.config_archive.reader import ConfigArchiveReader
 
 ARCHIVE = "archive"
 
@@ -68,6 +64,8 @@ class ConfigArchiveKind(SourceKind[ConfigArchiveSource], Observable, SemanticChe
     def readers(
         self, source: ConfigArchiveSource, context: SourceContext, artifact: str = ARCHIVE
     ) -> list[ConfigArchiveReader]:
+        from spark_backup.sources.config_archive.reader import ConfigArchiveReader
+
         if artifact != ARCHIVE:
             raise UsageError(f"source {source.name!r} has no artifact {artifact!r} ({ARCHIVE})")
         return [
@@ -129,6 +127,8 @@ class ConfigArchiveKind(SourceKind[ConfigArchiveSource], Observable, SemanticChe
     def observe(self, source: ConfigArchiveSource, context: SourceContext) -> Observation:
         """A digest of every member's name, type, size, mode and mtime, as a backup would walk
         them: it changes when anything a backup would archive changed."""
+        from spark_backup.sources.capability_values import Observation
+
         reader = self.readers(source, context)[0]
         digest = hashlib.sha256()
         for member in reader.members():
@@ -155,6 +155,8 @@ class ConfigArchiveKind(SourceKind[ConfigArchiveSource], Observable, SemanticChe
         Kubernetes manifests validated (and applied into a namespace of the drill's own), the
         WireGuard configurations parsed and brought up as a tunnel, the OpenVPN configurations
         parsed with every file they name."""
+        from spark_backup.sources.capability_values import FolderRestore, SemanticResult
+
         target = scratch / "tree"
         try:
             self.restore_to_folder(copy, identities, target, FolderRestore())

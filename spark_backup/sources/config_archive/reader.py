@@ -26,17 +26,11 @@ from spark_backup.engine.processes import tool_environment
 from spark_backup.engine.streams import Readable, widen_pipe
 from spark_backup.errors import SourceError
 from spark_backup.globs import patterns_regex
+from spark_backup.sources.config_archive.names import KIND_NAME
 
-KIND_NAME = "config_archive"
 TAR_LAYERS = ["tar"]
 # Warnings kept in a manifest; the count says how many there were in all.
 MAX_WARNINGS = 20
-# The manifest's lists of torn files, which changed while tar read them: those that shrank
-# (tar padded them with zeros) and those that changed otherwise (grew or were rewritten: the
-# copy holds as many bytes as tar found at the start, read while the file changed, so they
-# may mix two versions). Neither is a state the file is known to have had.
-TORN_FILES = "torn_files"
-CHANGED_FILES = "changed_files"
 # GNU tar's messages for such files (read in the C locale; names are quoted in tar's escape
 # style, so one message is one line).
 _SHRANK_RE = re.compile(rb"^tar: (?P<name>.+): File shrank by \d+ bytes; padding with zeros$")

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from spark_backup.sources.base import current_runtime
+from spark_backup.sources.holder import current_runtime
 
 # ``--help`` imports this module; the kind loads when the command runs.
 

@@ -12,7 +12,7 @@ import click
 
 from spark_backup.console import parse_time, printable, stdout
 from spark_backup.errors import IntegrityError
-from spark_backup.sources.base import RecoveryTarget, current_runtime
+from spark_backup.sources.holder import current_runtime
 from spark_backup.sources.mongodb.pitr_options import LATEST
 
 # ``--help`` imports this module; the kind, its operations and pymongo load when a command runs.
@@ -84,6 +84,8 @@ def mongo_pitr(
 ) -> None:
     """Restore SOURCE to a point in time into new databases: the newest dump before it, then
     the oplog slices up to it, replayed in order. The source's databases are not touched."""
+    from spark_backup.sources.base import RecoveryTarget
+
     runtime, kind, chosen = _source(source)
     target = RecoveryTarget(None if to_time == LATEST else parse_time(to_time), into=to_db)
     report = kind.recover(runtime, chosen, target, Path(report_dir), identity_file=identity)

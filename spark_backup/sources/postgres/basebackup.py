@@ -19,8 +19,8 @@ from spark_backup.engine.manifest import Manifest
 from spark_backup.engine.processes import streamed_tool
 from spark_backup.engine.streams import Readable
 from spark_backup.errors import IntegrityError, SourceError
+from spark_backup.sources.postgres.parts import BASE_PART, KIND_NAME
 from spark_backup.sources.postgres.server import (
-    KIND_NAME,
     Background,
     PostgresServer,
     list_databases,
@@ -31,9 +31,6 @@ from spark_backup.sources.postgres.server import (
 )
 from spark_backup.sources.postgres.settings import PostgresBaseBackup
 
-# The artifact of base backups, and the part each copy of it is.
-BASE = "base"
-BASE_PART = "base"
 BASE_LAYERS = ["tar"]
 # Members a usable base backup must hold.
 REQUIRED_MEMBERS = ("backup_label", "backup_manifest", "global/pg_control", "PG_VERSION")

@@ -13,7 +13,7 @@ import click
 
 from spark_backup.console import error_line, parse_time, printable, stderr, stdout
 from spark_backup.errors import IntegrityError, StoreError, UsageError
-from spark_backup.sources.base import current_runtime
+from spark_backup.sources.holder import current_runtime
 from spark_backup.sources.postgres.pitr_options import DEFAULT_PORT, LATEST
 
 # ``--help`` imports this module; the kind, its operations and psycopg load when a command runs.

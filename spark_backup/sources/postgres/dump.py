@@ -23,8 +23,13 @@ from spark_backup.engine.manifest import Manifest
 from spark_backup.engine.processes import first_error, streamed_tool
 from spark_backup.engine.streams import CHUNK_SIZE, Readable, copy_stream
 from spark_backup.errors import IntegrityError, RestoreRefused, SourceError
-from spark_backup.sources.postgres.server import (
+from spark_backup.sources.postgres.parts import (
+    DATABASE_PART_PREFIX,
+    GLOBALS_PART,
     KIND_NAME,
+    database_part,
+)
+from spark_backup.sources.postgres.server import (
     Background,
     PostgresServer,
     first_line,
@@ -34,14 +39,8 @@ from spark_backup.sources.postgres.server import (
     tool_version,
 )
 
-GLOBALS_PART = "globals"
-DATABASE_PART_PREFIX = "database:"
 DUMP_LAYERS = ["pgdump"]
 GLOBALS_LAYERS = ["sql"]
-
-
-def database_part(database: str) -> str:
-    return f"{DATABASE_PART_PREFIX}{database}"
 
 
 class DatabaseDumpReader:

@@ -23,43 +23,22 @@ from spark_backup.errors import IntegrityError, NotFoundError, RestoreRefused, U
 from spark_backup.sources.base import (
     Artifact,
     CopyRef,
-    FolderRestore,
-    LogCheck,
-    LogRange,
-    LogStatus,
     Observable,
-    Observation,
     PointInTimeRecovery,
     PushedLog,
-    RecoveryTarget,
-    RecoveryWindow,
-    RestoreTarget,
     RestoreTargets,
     Runtime,
     SemanticCheck,
-    SemanticResult,
     SourceContext,
     SourceKind,
 )
-from spark_backup.sources.postgres import dump as pg_dump_restore
-from spark_backup.sources.postgres.basebackup import (
+from spark_backup.sources.postgres.parts import (
     BASE,
     BASE_PART,
-    BaseBackupReader,
-    check_base_plaintext,
-)
-from spark_backup.sources.postgres.dump import (
     DATABASE_PART_PREFIX,
     GLOBALS_PART,
-    DatabaseDumpReader,
-    GlobalsReader,
-    database_part,
-)
-from spark_backup.sources.postgres.server import (
     KIND_NAME,
-    PostgresServer,
-    list_databases,
-    server_major,
+    database_part,
 )
 from spark_backup.sources.postgres.settings import PostgresSource
 
@@ -67,6 +46,18 @@ from spark_backup.sources.postgres.settings import PostgresSource
 # reading the plan and listing copies need none of them.
 if TYPE_CHECKING:
     from spark_backup.engine.pipeline import PlaintextSource
+    from spark_backup.sources.capability_values import (
+        FolderRestore,
+        LogCheck,
+        LogRange,
+        LogStatus,
+        Observation,
+        RecoveryTarget,
+        RecoveryWindow,
+        RestoreTarget,
+        SemanticResult,
+    )
+    from spark_backup.sources.postgres.server import PostgresServer
 
 DUMP = "dump"
 WAL_ARCHIVE_ASSET_SUFFIX = "wal_archive"
@@ -135,6 +126,10 @@ class PostgresKind(
     def readers(
         self, source: PostgresSource, context: SourceContext, artifact: str
     ) -> list[PlaintextSource]:
+        from spark_backup.sources.postgres.basebackup import BaseBackupReader
+        from spark_backup.sources.postgres.dump import DatabaseDumpReader, GlobalsReader
+        from spark_backup.sources.postgres.server import PostgresServer
+
         server = PostgresServer.from_source(source, context)
         if artifact == BASE:
             if not source.base_backup.enabled:
@@ -148,6 +143,7 @@ class PostgresKind(
     def probe(self, source: PostgresSource, context: SourceContext) -> None:
         """Connect, and find client tools at least as new as the server."""
         from spark_backup.sources.postgres import ops
+        from spark_backup.sources.postgres.server import PostgresServer, server_major
 
         server = PostgresServer.from_source(source, context)
         with closing(server.connect()) as conn:
@@ -200,6 +196,8 @@ class PostgresKind(
         return {"target": str(Path(os.path.abspath(target))), **summary}
 
     def check_plaintext(self, plain: Readable, manifest: Manifest) -> None:
+        from spark_backup.sources.postgres.basebackup import check_base_plaintext
+
         if manifest.part == BASE_PART:
             check_base_plaintext(plain, manifest)
             return
@@ -225,6 +223,9 @@ class PostgresKind(
 
     def observe(self, source: PostgresSource, context: SourceContext) -> Observation:
         """The server's current WAL position: it moves with every change."""
+        from spark_backup.sources.capability_values import Observation
+        from spark_backup.sources.postgres.server import PostgresServer
+
         server = PostgresServer.from_source(source, context)
         with closing(server.connect()) as conn, conn.cursor() as cursor:
             cursor.execute(
@@ -259,6 +260,7 @@ class PostgresKind(
         ops.wal_fetch(runtime, source, name, destination, identity_file)
 
     def lag(self, runtime: Runtime, source: PostgresSource, now: dt.datetime) -> LogStatus:
+        from spark_backup.sources.capability_values import LogStatus
         from spark_backup.sources.postgres import ops
 
         status = ops.wal_archive_status(runtime, source, now)
@@ -306,6 +308,7 @@ class PostgresKind(
     def log_checks(self, source: PostgresSource) -> Sequence[LogCheck]:
         if source.wal_receive is None:
             return ()
+        from spark_backup.sources.capability_values import LogCheck
         from spark_backup.sources.postgres.receive import WAL_RECEIVER_CHECK, receiver_check
 
         return [
@@ -354,6 +357,7 @@ class PostgresKind(
     def recovery_window(self, runtime: Runtime, source: PostgresSource) -> RecoveryWindow:
         """From the end of the oldest base backup the archive continues without a gap, to the
         newest WAL segment reachable from the newest base backup."""
+        from spark_backup.sources.capability_values import RecoveryWindow
         from spark_backup.sources.postgres import ops
         from spark_backup.sources.postgres import pitr as recovery
         from spark_backup.sources.postgres.wal import archived_wal
@@ -387,6 +391,8 @@ class PostgresKind(
     # --- RestoreTargets -------------------------------------------------------------------------
 
     def restore_targets(self) -> Sequence[RestoreTarget]:
+        from spark_backup.sources.capability_values import RestoreTarget
+
         return [
             RestoreTarget(
                 DATABASE_TARGET,
@@ -435,6 +441,8 @@ class PostgresKind(
     ) -> SemanticResult:
         """Extract the base backup and let PostgreSQL's own ``pg_verifybackup`` check every file
         against the backup manifest the server wrote (and the WAL in it, when it holds some)."""
+        from spark_backup.sources.capability_values import FolderRestore, SemanticResult
+
         manifest = copy.manifest
         data = scratch / "base"
         major = int(str(manifest.source_metadata["server_version"]).split(".")[0])
@@ -468,6 +476,8 @@ class PostgresKind(
         snapshot; a base backup is extracted and checked with ``pg_verifybackup`` against its
         own manifest; the globals are a script whose shape the deep verify checks."""
         from spark_backup.engine.pipeline import open_copy
+        from spark_backup.sources.capability_values import SemanticResult
+        from spark_backup.sources.postgres import dump as pg_dump_restore
         from spark_backup.sources.postgres import ops
 
         manifest = copy.manifest
@@ -499,6 +509,8 @@ class PostgresKind(
 
 def databases(source: PostgresSource, server: PostgresServer) -> list[str]:
     """The databases the plan asks for, checked against the server."""
+    from spark_backup.sources.postgres.server import list_databases
+
     with closing(server.connect()) as conn:
         available = list_databases(conn)
     if source.databases == "all":

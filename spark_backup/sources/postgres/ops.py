@@ -33,25 +33,9 @@ from spark_backup.errors import (
     StoreError,
     UsageError,
 )
-from spark_backup.sources.base import (
-    CopyRef,
-    FolderRestore,
-    LogRange,
-    Runtime,
-    SourceKind,
-    source_of_kind,
-)
-from spark_backup.sources.postgres import dump as pg_dump_restore
-from spark_backup.sources.postgres.basebackup import BASE, BASE_PART
+from spark_backup.sources.base import CopyRef, Runtime, SourceKind, source_of_kind
+from spark_backup.sources.postgres.parts import BASE, BASE_PART
 from spark_backup.sources.postgres.pitr_options import DEFAULT_PORT
-from spark_backup.sources.postgres.server import (
-    PostgresServer,
-    ServerArchiveState,
-    server_archive_state,
-    server_settings,
-    switch_wal,
-)
-from spark_backup.sources.postgres.server import apply_settings as pg_apply_settings
 from spark_backup.sources.postgres.settings import PostgresSource
 from spark_backup.sources.postgres.wal import (
     ArchivedWal,
@@ -72,7 +56,9 @@ from spark_backup.sources.postgres.walname import DEFAULT_SEGMENT_SIZE, WalSegme
 # run: wal-push, run for every WAL segment, and list (the archive's ranges) need none of them.
 if TYPE_CHECKING:
     from spark_backup.engine.age_worker import AgeWorker
+    from spark_backup.sources.capability_values import LogRange
     from spark_backup.sources.postgres import pitr as recovery
+    from spark_backup.sources.postgres.server import PostgresServer, ServerArchiveState
 
 # A standby's wal-fetch asks an unreachable store again after these pauses (doubling).
 WAL_FETCH_FIRST_PAUSE = 0.5
@@ -87,6 +73,8 @@ def postgres_source(runtime: Runtime, kind: SourceKind, name: str | None = None)
 
 
 def server_of(runtime: Runtime, source: PostgresSource) -> PostgresServer:
+    from spark_backup.sources.postgres.server import PostgresServer
+
     return PostgresServer.from_source(source, runtime.context(source))
 
 
@@ -216,6 +204,8 @@ def archive_command_as_server_user(
     the OS user the server runs as (we must be root to become it). Returns that user, or None
     when there is nothing to try: not root, archiving off, a command that is not wal-push, or a
     server on another machine (or whose data_directory this role may not read)."""
+    from spark_backup.sources.postgres.server import server_settings
+
     if os.geteuid() != 0:
         return None
     settings = server_settings(server, ("archive_mode", "archive_command", "data_directory"))
@@ -394,6 +384,8 @@ def wal_archive_status(
     runtime: Runtime, source: PostgresSource, now: dt.datetime | None = None
 ) -> WalArchiveStatus:
     """How far the WAL archive lags behind the server, against the source's RPO."""
+    from spark_backup.sources.postgres.server import server_archive_state
+
     if not source.wal_archiving:
         raise UsageError(f"source {source.name!r} does not archive WAL (wal_archiving: false)")
     entries = archived_wal(runtime.store_for(source), source.name)
@@ -430,6 +422,8 @@ def check_archive(
 ) -> ArchiveCheck:
     """Force a WAL switch and wait until the store holds the closed segment; the server must
     be the cluster (and the major version) the archive's base backups were taken from."""
+    from spark_backup.sources.postgres.server import server_archive_state, switch_wal
+
     if not source.wal_archiving:
         raise UsageError(f"source {source.name!r} does not archive WAL (wal_archiving: false)")
     server = server_of(runtime, source)
@@ -490,6 +484,8 @@ def wal_ranges(
 ) -> dict[str, LogRange]:
     """Per base backup: the WAL from its start to its end position (what makes it consistent,
     as ``pgbackrest info`` shows it), and the first of those segments the archive lacks."""
+    from spark_backup.sources.capability_values import LogRange
+
     bases = [m for m in bases if m.part == BASE_PART]
     if not bases:
         return {}
@@ -573,6 +569,8 @@ def prepare_store_for_server(runtime: Runtime, source: PostgresSource) -> tuple[
     """As root, for a server on this machine: the WAL folders of a local store made and given
     to the server's OS user, who runs archive_command. Returns (that user, folders changed);
     ("", []) when there is no such user to ask for."""
+    from spark_backup.sources.postgres.server import server_settings
+
     if os.geteuid() != 0:
         return "", []
     try:
@@ -601,6 +599,8 @@ def apply_archiving_settings(
     runtime: Runtime, source: PostgresSource, settings: dict[str, str]
 ) -> list[str]:
     """ALTER SYSTEM each setting and reload; return those that need a restart."""
+    from spark_backup.sources.postgres.server import apply_settings as pg_apply_settings
+
     return pg_apply_settings(server_of(runtime, source), settings)
 
 
@@ -622,6 +622,7 @@ def restore_to_database(
     takes the name only once the copy's checksums and the counts matched (with ``force``,
     replacing the database of that name); a failed restore drops the staging database."""
     from spark_backup.engine.pipeline import open_copy
+    from spark_backup.sources.postgres import dump as pg_dump_restore
 
     source = runtime.source(copy.manifest.source)
     assert isinstance(source, PostgresSource)
@@ -667,6 +668,7 @@ def pitr(
     """Recover the source to ``target`` (a time or a ``PgTarget``; None: to the end of the
     archived WAL, for a disaster) in a new cluster under ``target_dir``, start it and verify it.
     The production cluster is not touched."""
+    from spark_backup.sources.capability_values import FolderRestore
     from spark_backup.sources.postgres import pitr as recovery
     from spark_backup.sources.postgres.prefetch import WalPrefetch
 

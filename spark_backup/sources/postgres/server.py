@@ -35,7 +35,6 @@ from spark_backup.sources.base import SourceContext
 from spark_backup.sources.postgres.settings import PostgresSource
 from spark_backup.sources.postgres.walname import WalSegment
 
-KIND_NAME = "postgres"
 # Debian and Ubuntu keep one folder of binaries per major version.
 DEBIAN_BIN_DIRS = "/usr/lib/postgresql/{major}/bin"
 CONNECT_TIMEOUT_SECONDS = 10
