@@ -334,6 +334,35 @@ def test_ctrl_c_where_cpython_bends_it_still_exits_130(tmp_path: Path, patch: st
     assert result.stderr == "interrupted: nothing unfinished was published\n"
 
 
+def test_ctrl_c_inside_an_import_waits_for_the_import_then_exits_130(tmp_path: Path) -> None:
+    """An interrupt that lands while a module is imported is held until the import is done (an
+    extension module cut short in its initialisation, pyrage's Rust code, panics and prints its
+    own trace), then ends the command as anywhere else: 130 and one line."""
+    (tmp_path / "interrupted_import.py").write_text(
+        "import os, pathlib, signal\n"
+        "os.kill(os.getpid(), signal.SIGINT)\n"
+        "for _ in range(100_000):\n    pass\n"  # the handler runs here, inside the import
+        "pathlib.Path('imported-whole').write_text('yes')\n"
+    )
+    (tmp_path / "interrupted_cli.py").write_text(
+        "import time\n"
+        "import spark_backup.cli as cli\n"
+        "cli.main = lambda: (__import__('interrupted_import'), time.sleep(30))\n"
+        "from spark_backup.__main__ import main\nmain()\n"
+    )
+    result = subprocess.run(
+        [SPARK_BACKUP[0], "-m", "interrupted_cli"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (tmp_path / "imported-whole").exists(), "the import was cut short"
+    assert result.returncode == 130
+    assert result.stderr == "interrupted: nothing unfinished was published\n"
+
+
 def test_staging_of_a_killed_restore_is_removed_by_prune_and_the_next_restore(
     tmp_path: Path, age_key
 ) -> None:
