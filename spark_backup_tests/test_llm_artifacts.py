@@ -167,6 +167,42 @@ def test_a_restore_opens_the_version_document_with_the_worker_started_ahead(
     assert _tree_digests(tmp_path / "back") == _tree_digests(model)
 
 
+def test_a_restore_into_tmpfs_sets_sizes_without_zeroing_pages_first(tmp_path, age_key):
+    """On tmpfs ``posix_fallocate`` would allocate and zero every page before the reading
+    threads overwrite them: there the restore only sets each file's size; elsewhere it still
+    reserves the blocks (a full disk fails before the first write)."""
+    import os
+    import tempfile
+
+    from spark_backup.sources.blob_versions import _in_memory, _preallocate
+
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        pytest.skip("no /dev/shm here")
+    with tempfile.TemporaryDirectory(dir=shm) as memory:
+        fd = os.open(Path(memory) / "f", os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            if not _in_memory(fd):
+                pytest.skip("/dev/shm is not tmpfs here")
+            _preallocate(fd, 4 << 20)
+            assert os.fstat(fd).st_size == 4 << 20 and os.fstat(fd).st_blocks == 0
+        finally:
+            os.close(fd)
+        model = make_model_dir(tmp_path / "adapter", tensors=4, floats=65536)
+        service = BackupService.from_path(_plan(tmp_path, age_key[1], model))
+        [version] = service.backup("adapter")
+        service.restore(version.id, Path(memory) / "back", identity_file=age_key[0])
+        assert _tree_digests(Path(memory) / "back") == _tree_digests(model)
+    fd = os.open(tmp_path / "on-disk", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        if not _in_memory(fd):
+            _preallocate(fd, 4 << 20)
+            assert os.fstat(fd).st_size == 4 << 20
+            assert os.fstat(fd).st_blocks * 512 >= 4 << 20  # reserved (ext4, xfs, btrfs)
+    finally:
+        os.close(fd)
+
+
 def test_equal_chunks_of_two_sources_get_unrelated_ids(tmp_path, age_key):
     model = make_model_dir(tmp_path / "adapter")
     sources = [llm_source("one", str(model)), llm_source("two", str(model))]
