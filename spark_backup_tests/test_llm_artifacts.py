@@ -603,7 +603,7 @@ def test_safetensors_boundaries_cut_chunks(tmp_path):
 
 
 @pytest.mark.parametrize("block", [chunker.MAXIMUM + 4099, chunker.BLOCK])
-def test_chunks_cut_from_blocks_are_the_cuts_of_a_stream(monkeypatch, block):
+def test_chunks_cut_from_blocks_are_the_cuts_of_a_stream(monkeypatch, block, tmp_path):
     """Cutting block by block gives the chunks FastCDC's stream gives (the cuts every earlier
     version's chunks were made with, so they keep deduplicating): random bytes and runs of
     zeros (chunks of the maximum size), regions ending on and beside block boundaries."""
@@ -633,6 +633,15 @@ def test_chunks_cut_from_blocks_are_the_cuts_of_a_stream(monkeypatch, block):
     assert found == expected
     with pytest.raises(EOFError):  # the file shrank meanwhile
         list(chunker.iter_chunks(io.BytesIO(data[: 3 * block]), regions))
+
+    # A file opened unbuffered, as backups open them, is read at offsets (pread): the same.
+    (tmp_path / "f").write_bytes(data)
+    with open(tmp_path / "f", "rb", buffering=0) as handle:
+        found = [(i, o, bytes(c)) for i, o, c in chunker.iter_chunks(handle, regions)]
+    assert found == expected
+    (tmp_path / "f").write_bytes(data[: 3 * block])
+    with open(tmp_path / "f", "rb", buffering=0) as handle, pytest.raises(EOFError):
+        list(chunker.iter_chunks(handle, regions))
 
 
 def test_the_runbook_restores_by_hand(tmp_path, age_key):
