@@ -7,7 +7,8 @@ chunking, ``file-hash``, ``pack-compress``, ``pack-seal``), read from
 ``--timeline``: each pool's share of a core per 50 ms of the last round (where the cores sit
 idle: the start, the steady phase, the end). ``--tree DIR``: the engine imported from DIR (a
 baseline, ``git archive HEAD spark_backup | tar -x -C DIR``) instead of this checkout.
-``--set NAME=N``: a constant of ``engine/blobs/packs.py`` changed for the run (``SEALERS=1``,
+``--restore``: then the last version restored ``--repeat`` times, as ``restore`` does it
+(the timeline is then the last restore's). ``--set NAME=N``: a constant of ``engine/blobs/packs.py`` changed for the run (``SEALERS=1``,
 ``COMPRESSORS=3``: the variants compared in benchmarks/README.md).
 
     .venv/bin/python benchmarks/profile_llm_threads.py --workdir /dev/shm/me --size-mb 500
@@ -34,9 +35,12 @@ else:
 from pyrage import x25519
 
 from spark_backup.engine.blobs import packs
-from spark_backup.engine.blobs.version import new_version
+from spark_backup.engine.blobs.packs import PackCache
+from spark_backup.engine.blobs.version import iter_file, new_version
 from spark_backup.engine.crypto import Recipients
+from spark_backup.engine.gc_pause import without_cyclic_gc
 from spark_backup.engine.stores.local import LocalStore
+from spark_backup.sources.blob_versions import _preallocate
 
 BUCKET = 0.05  # seconds per line of the timeline
 
@@ -47,10 +51,50 @@ def pool_of(name: str) -> str:
 
 def one_round(
     model: Path, store_root: Path, recipients: Recipients
-) -> tuple[float, float, dict, list]:
+) -> tuple[float, float, dict, list, list]:
+    """A first backup into a fresh store; also returns the version's file entries."""
     shutil.rmtree(store_root, ignore_errors=True)
     store_root.mkdir(parents=True)
     store = LocalStore("profile", store_root)
+    builder = new_version(store, "adapter", b"k" * 32, recipients, 3)
+
+    def back_up() -> None:
+        with builder.writing():
+            for name in sorted(os.listdir(model)):
+                builder.add_file(str(model / name), name, safetensors=name.endswith(".safetensors"))
+        builder.commit_refs(store, "adapter")
+
+    return (*sampled(back_up), builder.files)
+
+
+def restore_round(
+    store_root: Path, files: list, identity: x25519.Identity, target: Path
+) -> tuple[float, float, dict, list]:
+    """The version restored as ``restore`` does it (one pack cache, each file written at its
+    offsets by the reading threads and hashed in order), without staging or the document."""
+    store = LocalStore("profile", store_root)
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir(parents=True)
+
+    def restore() -> None:
+        with without_cyclic_gc(), PackCache(store, "adapter", [identity]) as cache:
+            for entry in files:
+                fd = os.open(target / entry["path"], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                try:
+                    _preallocate(fd, entry["size"])
+                    for _data in iter_file(store, "adapter", entry, [identity], "p", cache, fd):
+                        pass
+                finally:
+                    os.close(fd)
+
+    try:
+        return sampled(restore)
+    finally:
+        shutil.rmtree(target, ignore_errors=True)
+
+
+def sampled(work) -> tuple[float, float, dict, list]:
+    """Wall and CPU seconds of ``work()``, each pool's CPU, and the samples of the timeline."""
     start = thread_cpu()
     seen: dict[int, tuple[str, float]] = {}
     samples: list[tuple[float, dict[str, float]]] = []  # (time, CPU s by pool so far)
@@ -72,11 +116,7 @@ def one_round(
     sampler = threading.Thread(target=sample, name="sampler")
     cpu0, wall0 = time.process_time(), time.perf_counter()
     sampler.start()
-    builder = new_version(store, "adapter", b"k" * 32, recipients, 3)
-    with builder.writing():
-        for name in sorted(os.listdir(model)):
-            builder.add_file(str(model / name), name, safetensors=name.endswith(".safetensors"))
-    builder.commit_refs(store, "adapter")
+    work()
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
     done.set()
     sampler.join()
@@ -111,6 +151,9 @@ def main() -> int:
     parser.add_argument("--timeline", action="store_true", help="the last round, per 50 ms")
     parser.add_argument("--tree", help="import spark_backup from this directory (a baseline)")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=N")
+    parser.add_argument(
+        "--restore", action="store_true", help="then restore the last version --repeat times"
+    )
     args = parser.parse_args()
     for setting in args.set:
         name, value = setting.split("=", 1)
@@ -125,9 +168,16 @@ def main() -> int:
     with open("/proc/loadavg") as handle:
         print("load", handle.read().strip())
     for _ in range(args.repeat):
-        wall, cpu, pools, samples = one_round(model, args.workdir / "store", recipients)
+        wall, cpu, pools, samples, files = one_round(model, args.workdir / "store", recipients)
         per_pool = "  ".join(f"{name} {used:.2f}" for name, used in sorted(pools.items()))
         print(f"wall {wall:.3f} s  CPU {cpu:.3f} s  |  {per_pool}")
+    if args.restore:
+        for _ in range(args.repeat):
+            wall, cpu, pools, samples = restore_round(
+                args.workdir / "store", files, identity, args.workdir / "restored"
+            )
+            per_pool = "  ".join(f"{name} {used:.2f}" for name, used in sorted(pools.items()))
+            print(f"restore: wall {wall:.3f} s  CPU {cpu:.3f} s  |  {per_pool}")
     if args.timeline:
         print_timeline(samples, sorted(pools))
     return 0

@@ -137,6 +137,72 @@ def test_versions_share_chunks_and_each_restores(tmp_path, age_key):
     assert "every chunk decrypted, file and tensor digests" in deep.checks
 
 
+def test_a_restore_opens_the_version_document_with_the_worker_started_ahead(
+    tmp_path, age_key, monkeypatch
+):
+    """`spark-backup restore` starts an age worker while it reads the plan: the version
+    document is decrypted by that worker, not by a second interpreter started for it."""
+    import subprocess
+
+    from spark_backup.engine import age_worker
+
+    started = []
+    real = subprocess.Popen
+
+    def recording(args, *rest, **kwargs):
+        process = real(args, *rest, **kwargs)
+        if "spark_backup.engine.age_worker" in args:
+            started.append(process)
+        return process
+
+    model = make_model_dir(tmp_path / "adapter", tensors=4, floats=4096)
+    service = BackupService.from_path(_plan(tmp_path, age_key[1], model))
+    [version] = service.backup("adapter")
+    monkeypatch.setattr(age_worker.subprocess, "Popen", recording)
+    with age_worker.AgeWorker() as worker:
+        worker.start()
+        service.restore(version.id, tmp_path / "back", identity_file=age_key[0], worker=worker)
+        assert worker.identities is not None  # it was given the keys and used
+    assert len(started) == 1
+    assert _tree_digests(tmp_path / "back") == _tree_digests(model)
+
+
+def test_a_restore_into_tmpfs_sets_sizes_without_zeroing_pages_first(tmp_path, age_key):
+    """On tmpfs ``posix_fallocate`` would allocate and zero every page before the reading
+    threads overwrite them: there the restore only sets each file's size; elsewhere it still
+    reserves the blocks (a full disk fails before the first write)."""
+    import os
+    import tempfile
+
+    from spark_backup.sources.blob_versions import _in_memory, _preallocate
+
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        pytest.skip("no /dev/shm here")
+    with tempfile.TemporaryDirectory(dir=shm) as memory:
+        fd = os.open(Path(memory) / "f", os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            if not _in_memory(fd):
+                pytest.skip("/dev/shm is not tmpfs here")
+            _preallocate(fd, 4 << 20)
+            assert os.fstat(fd).st_size == 4 << 20 and os.fstat(fd).st_blocks == 0
+        finally:
+            os.close(fd)
+        model = make_model_dir(tmp_path / "adapter", tensors=4, floats=65536)
+        service = BackupService.from_path(_plan(tmp_path, age_key[1], model))
+        [version] = service.backup("adapter")
+        service.restore(version.id, Path(memory) / "back", identity_file=age_key[0])
+        assert _tree_digests(Path(memory) / "back") == _tree_digests(model)
+    fd = os.open(tmp_path / "on-disk", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        if not _in_memory(fd):
+            _preallocate(fd, 4 << 20)
+            assert os.fstat(fd).st_size == 4 << 20
+            assert os.fstat(fd).st_blocks * 512 >= 4 << 20  # reserved (ext4, xfs, btrfs)
+    finally:
+        os.close(fd)
+
+
 def test_equal_chunks_of_two_sources_get_unrelated_ids(tmp_path, age_key):
     model = make_model_dir(tmp_path / "adapter")
     sources = [llm_source("one", str(model)), llm_source("two", str(model))]
@@ -537,7 +603,7 @@ def test_safetensors_boundaries_cut_chunks(tmp_path):
 
 
 @pytest.mark.parametrize("block", [chunker.MAXIMUM + 4099, chunker.BLOCK])
-def test_chunks_cut_from_blocks_are_the_cuts_of_a_stream(monkeypatch, block):
+def test_chunks_cut_from_blocks_are_the_cuts_of_a_stream(monkeypatch, block, tmp_path):
     """Cutting block by block gives the chunks FastCDC's stream gives (the cuts every earlier
     version's chunks were made with, so they keep deduplicating): random bytes and runs of
     zeros (chunks of the maximum size), regions ending on and beside block boundaries."""
@@ -567,6 +633,15 @@ def test_chunks_cut_from_blocks_are_the_cuts_of_a_stream(monkeypatch, block):
     assert found == expected
     with pytest.raises(EOFError):  # the file shrank meanwhile
         list(chunker.iter_chunks(io.BytesIO(data[: 3 * block]), regions))
+
+    # A file opened unbuffered, as backups open them, is read at offsets (pread): the same.
+    (tmp_path / "f").write_bytes(data)
+    with open(tmp_path / "f", "rb", buffering=0) as handle:
+        found = [(i, o, bytes(c)) for i, o, c in chunker.iter_chunks(handle, regions)]
+    assert found == expected
+    (tmp_path / "f").write_bytes(data[: 3 * block])
+    with open(tmp_path / "f", "rb", buffering=0) as handle, pytest.raises(EOFError):
+        list(chunker.iter_chunks(handle, regions))
 
 
 def test_the_runbook_restores_by_hand(tmp_path, age_key):

@@ -15,6 +15,8 @@ its chunks from there to its end (FastCDC would find its cuts again after them).
 
 from __future__ import annotations
 
+import io
+import os
 from collections.abc import Iterator
 from typing import BinaryIO
 
@@ -46,9 +48,8 @@ def iter_blocks(
     for index, (begin, end) in enumerate(regions):
         at = begin
         while at < end:
-            handle.seek(at)
             wanted = min(BLOCK, end - at)
-            block = memoryview(_read_exactly(handle, wanted))
+            block = memoryview(_read_exactly(handle, at, wanted))
             last = at + wanted == end
             chunks = []
             cut = 0
@@ -71,9 +72,8 @@ def iter_pieces(
     for index, (begin, end) in enumerate(regions):
         at = begin
         while at < end:
-            handle.seek(at)
             wanted = min(per_block, end - at)
-            block = memoryview(_read_exactly(handle, wanted))
+            block = memoryview(_read_exactly(handle, at, wanted))
             yield index, at, block, [block[o : o + MAXIMUM] for o in range(0, wanted, MAXIMUM)]
             at += wanted
 
@@ -88,9 +88,24 @@ def iter_chunks(
             at += len(chunk)
 
 
-def _read_exactly(handle: BinaryIO, size: int) -> bytes:
-    """``size`` bytes from the handle's position (one read on a local file; more after a short
-    one); ``EOFError`` if the file ends first (it shrank while it was read)."""
+def _read_exactly(handle: BinaryIO, at: int, size: int) -> bytes:
+    """``size`` bytes from offset ``at`` (one read on a local file; more after a short one);
+    ``EOFError`` if the file ends first (it shrank while it was read). An unbuffered file is
+    read with ``pread``: a seek and a read each let the interpreter lock go, and taking it back
+    from the hashing threads cost the chunking a wait; other handles (wrapped, in memory) seek."""
+    if type(handle) is io.FileIO:
+        fd = handle.fileno()
+        block = os.pread(fd, size, at)
+        if len(block) == size:
+            return block
+        parts = [block]
+        while size > (got := sum(len(p) for p in parts)):
+            more = os.pread(fd, size - got, at + got)
+            if not more:
+                raise EOFError("the file ended early (it shrank while it was read)")
+            parts.append(more)
+        return b"".join(parts)
+    handle.seek(at)
     block = handle.read(size)
     if len(block) == size:
         return block
