@@ -33,19 +33,18 @@ environment (which other users may read from /proc). Protocol::
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import queue
 import signal
 import socket
 import stat
-import subprocess
 import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from typing import TYPE_CHECKING, Any, BinaryIO
 
+from spark_backup.engine.gc_pause import pause_during_startup, startup_done
 from spark_backup.engine.streams import (
     CHUNK_SIZE,
     HashingReader,
@@ -55,6 +54,8 @@ from spark_backup.engine.streams import (
 )
 
 if TYPE_CHECKING:
+    import subprocess
+
     from pyrage import x25519
 
     from spark_backup.engine.age_decrypt import Identities
@@ -75,6 +76,10 @@ def main(argv: list[str]) -> int:
     # Ctrl-C reaches the whole process group; the calling process decides, and closes the
     # pipes, which stops this worker.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Its start is on the way to a restore's first plaintext, and its imports make thousands of
+    # objects that live as long as it does: the collector would walk them a dozen times (1.2 ms
+    # of 37). The usual thresholds again once the identities are read.
+    pause_during_startup()
     # The worker's alone (cryptography, zstandard): the calling side, which imports this
     # module for ``AgeWorker``, loads none of it. Both before the identities are read: a worker
     # started ahead of them (``AgeWorker.start``) has made every import when they come.
@@ -88,6 +93,7 @@ def main(argv: list[str]) -> int:
         # need no second check: the worker imports nothing it can do without, as every restore,
         # verify and wal-fetch waits for it to start.
         identities = Identities(handle.read().split())
+    startup_done()
     with socket.socket(fileno=control_fd) as control:
         while True:
             message, fds, _, _ = socket.recv_fds(control, len(_REQUEST_ZSTD), 2)
@@ -98,6 +104,8 @@ def main(argv: list[str]) -> int:
                     os.close(fd)
                 return 1
             status = decrypt(fds[0], fds[1], identities, zstd=message == _REQUEST_ZSTD)
+            import json  # here: not on the way to the first plaintext
+
             control.sendall(json.dumps(status).encode())
 
 
@@ -303,6 +311,8 @@ class AgeWorker:
         self.close()
 
     def _start(self) -> None:
+        import subprocess  # the calling side's alone: the worker imports this module too
+
         # The worker keeps freed buffers for reuse (processes.ALLOCATOR_ENVIRONMENT).
         from spark_backup.engine.processes import ALLOCATOR_ENVIRONMENT, tool_environment
 
@@ -369,9 +379,11 @@ class AgeWorker:
             self._control.close()
             self._control = None
         if self._process is not None:
+            from subprocess import TimeoutExpired
+
             try:
                 self._process.wait(_EXIT_SECONDS)
-            except subprocess.TimeoutExpired:
+            except TimeoutExpired:
                 self._kill()  # stuck: nothing it could still do matters
             except BaseException:
                 self._kill()
@@ -401,6 +413,8 @@ class AgeWorker:
         if not answer:
             self._kill()
             return {}
+        import json  # not at the top: the worker needs it only once it has decrypted
+
         return json.loads(answer)
 
     @contextmanager
