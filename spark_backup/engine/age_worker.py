@@ -38,6 +38,7 @@ import queue
 import signal
 import socket
 import stat
+import subprocess
 import sys
 import threading
 from collections.abc import Iterator
@@ -54,8 +55,6 @@ from spark_backup.engine.streams import (
 )
 
 if TYPE_CHECKING:
-    import subprocess
-
     from pyrage import x25519
 
     from spark_backup.engine.age_decrypt import Identities
@@ -311,8 +310,6 @@ class AgeWorker:
         self.close()
 
     def _start(self) -> None:
-        import subprocess  # the calling side's alone: the worker imports this module too
-
         # The worker keeps freed buffers for reuse (processes.ALLOCATOR_ENVIRONMENT).
         from spark_backup.engine.processes import ALLOCATOR_ENVIRONMENT, tool_environment
 
@@ -379,11 +376,9 @@ class AgeWorker:
             self._control.close()
             self._control = None
         if self._process is not None:
-            from subprocess import TimeoutExpired
-
             try:
                 self._process.wait(_EXIT_SECONDS)
-            except TimeoutExpired:
+            except subprocess.TimeoutExpired:
                 self._kill()  # stuck: nothing it could still do matters
             except BaseException:
                 self._kill()
