@@ -218,7 +218,12 @@ class _PlainOut:
 
     def _write_pieces(self) -> None:
         with suppress(OSError, AttributeError):  # a hint only; Linux sets it per thread
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.NICENESS)
+            # Lower than the worker's own priority, whatever that is: set as it was (5), a
+            # worker started at nice -5 had this thread ten steps below it, and one at nice 10
+            # (as root) had it above.
+            thread = threading.get_native_id()
+            own = os.getpriority(os.PRIO_PROCESS, thread)
+            os.setpriority(os.PRIO_PROCESS, thread, min(19, own + self.NICENESS))
         try:
             while (data := self._pieces.get()) is not None:
                 if self._failure is not None:
