@@ -95,14 +95,16 @@ class TarReader:
         available = len(self._buf) - self._pos
         if available >= count:
             return True
-        parts = [self._buf[self._pos :]]
+        parts = [self._buf[self._pos :]] if available else []
         while available < count:
             chunk = self._source.read(max(CHUNK_SIZE, count - available))
             if not chunk:
                 break
             parts.append(chunk)
             available += len(chunk)
-        self._buf = b"".join(parts)
+        # One part (a header at the start of a read, the usual case) is taken as it is: joining
+        # would copy the whole MiB.
+        self._buf = parts[0] if len(parts) == 1 else b"".join(parts)
         self._pos = 0
         return available >= count
 
@@ -133,11 +135,16 @@ class TarReader:
 
     def copy_to(self, member: Member, fd: int) -> None:
         """Write the current member's data to ``fd``."""
-        size = member.stored_size()
+        size = 0 if member.type in _NO_DATA else member.size
         pos = self._pos
-        if len(self._buf) - pos >= size:  # the common case: all of it in the buffer
-            _write_all(fd, memoryview(self._buf)[pos : pos + size])
-            self._pos = pos + size
+        end = pos + size
+        if end <= len(self._buf):  # the common case: all of it in the buffer
+            if size:
+                data = memoryview(self._buf)[pos:end]
+                written = os.write(fd, data)
+                if written < size:
+                    _write_all(fd, data[written:])
+            self._pos = end
         else:
             self._pass(size, fd)
         self._unread -= size
@@ -170,7 +177,7 @@ class TarReader:
             member = self._next_member()
             if member is None:
                 return
-            stored = member.stored_size()
+            stored = 0 if member.type in _NO_DATA else member.size  # stored_size(), inlined
             self._unread = stored + (-stored % BLOCK)
             yield member
 
