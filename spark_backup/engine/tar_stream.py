@@ -135,7 +135,7 @@ class TarReader:
 
     def copy_to(self, member: Member, fd: int) -> None:
         """Write the current member's data to ``fd``."""
-        size = 0 if member.type in _NO_DATA else member.size
+        size = member.stored_size()
         pos = self._pos
         end = pos + size
         if end <= len(self._buf):  # the common case: all of it in the buffer
@@ -177,7 +177,7 @@ class TarReader:
             member = self._next_member()
             if member is None:
                 return
-            stored = 0 if member.type in _NO_DATA else member.size  # stored_size(), inlined
+            stored = member.stored_size()
             self._unread = stored + (-stored % BLOCK)
             yield member
 
