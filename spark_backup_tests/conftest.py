@@ -6,6 +6,7 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import subprocess
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -58,6 +59,24 @@ def _start_order(module: str) -> int:
     if module.endswith(STACK_LANE_MODULES):
         return 0
     return 1 if module.endswith(LONG_MODULES) else 2
+
+
+@pytest.fixture
+def worker_starts(monkeypatch: pytest.MonkeyPatch) -> list[subprocess.Popen[bytes]]:
+    """Every age worker process started from here on."""
+    from spark_backup.engine import age_worker
+
+    started: list[subprocess.Popen[bytes]] = []
+    real = subprocess.Popen
+
+    def recording(args, *rest, **kwargs):
+        process = real(args, *rest, **kwargs)
+        if "spark_backup.engine.age_worker" in args:
+            started.append(process)
+        return process
+
+    monkeypatch.setattr(age_worker.subprocess, "Popen", recording)
+    return started
 
 
 @pytest.fixture(autouse=True)

@@ -20,22 +20,6 @@ from spark_backup.service import BackupService
 from spark_backup_tests.helpers import config_source, plan_dict, run_cli, write_plan
 
 
-@pytest.fixture
-def worker_starts(monkeypatch: pytest.MonkeyPatch) -> list[subprocess.Popen[bytes]]:
-    """Every age worker process started from here on."""
-    started: list[subprocess.Popen[bytes]] = []
-    real = subprocess.Popen
-
-    def recording(args, *rest, **kwargs):
-        process = real(args, *rest, **kwargs)
-        if "spark_backup.engine.age_worker" in args:
-            started.append(process)
-        return process
-
-    monkeypatch.setattr(age_worker.subprocess, "Popen", recording)
-    return started
-
-
 def _damage(service: BackupService, copy_id: str) -> None:
     ref = service.find(copy_id)
     path = Path(ref.store.object_uri(ref.manifest.data_key).removeprefix("file://"))

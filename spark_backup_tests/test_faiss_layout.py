@@ -234,6 +234,19 @@ def test_a_failed_inspection_process_is_one_line(code, message) -> None:
     assert str(raised.value) == message
 
 
+def _probes_request(index_path: Path) -> dict:
+    """An inspection request for two probe queries (the inspection process's protocol)."""
+    return {
+        "label": str(index_path),
+        "factory": None,
+        "queries": 2,
+        "k": 3,
+        "seed": 1,
+        "nprobe": 2,
+        "ef_search": 16,
+    }
+
+
 def running_environment(worker) -> list[bytes]:
     """The worker's environment once its new program has it. Popen returns when exec has closed
     the error pipe, a moment before the kernel records the new environment: /proc reads empty
@@ -256,16 +269,7 @@ def test_the_inspection_process_gets_no_secret(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-real-either")
     index_path = make_index(tmp_path, "flat", vectors=64)
     with open(index_path, "rb") as handle:
-        request = {
-            "label": str(index_path),
-            "factory": None,
-            "queries": 2,
-            "k": 3,
-            "seed": 1,
-            "nprobe": 1,
-            "ef_search": 16,
-        }
-        worker = inspection.start(handle.fileno(), request)
+        worker = inspection.start(handle.fileno(), _probes_request(index_path))
         environ = running_environment(worker)
         found = inspection.answer(worker, str(index_path))
     names = {item.split(b"=", 1)[0] for item in environ if item}
@@ -287,15 +291,7 @@ def test_the_inspection_process_imports_nothing_from_the_working_directory(
     (planted / "faiss.py").write_text("raise SystemExit('imported from the working directory')\n")
     monkeypatch.chdir(planted)
     with open(index_path, "rb") as handle:
-        request = {
-            "label": str(index_path),
-            "factory": None,
-            "queries": 2,
-            "k": 3,
-            "seed": 1,
-            "nprobe": 2,
-            "ef_search": None,
-        }
+        request = _probes_request(index_path)
         found = inspection.answer(inspection.start(handle.fileno(), request), str(index_path))
     assert found["facts"]["index_type"] == "IndexIVFFlat" and found["facts"]["ntotal"] == 500
     assert len(found["answers"]["ids"]) == 2

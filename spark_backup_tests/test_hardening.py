@@ -301,6 +301,21 @@ def test_ctrl_c_while_the_backup_starts_leaves_no_stage_running(
     assert not [p for p in (tmp_path / "store").rglob("*") if p.is_file()]
 
 
+def _run_patched_cli(folder: Path, patch: str) -> subprocess.CompletedProcess[str]:
+    """spark-backup's entry point run after ``patch`` (Python run first, from ``folder``)."""
+    (folder / "interrupted_cli.py").write_text(
+        f"{patch}\nfrom spark_backup.__main__ import main\nmain()\n"
+    )
+    return subprocess.run(
+        [SPARK_BACKUP[0], "-m", "interrupted_cli"],
+        cwd=folder,
+        env={**os.environ, "PYTHONPATH": str(folder)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 @pytest.mark.parametrize(
     "patch",
     [
@@ -319,17 +334,7 @@ def test_ctrl_c_where_cpython_bends_it_still_exits_130(tmp_path: Path, patch: st
     """CPython kills ``python -m`` by SIGINT at its end (exit -2) once a KeyboardInterrupt passed
     through exec'd code, even if it was handled, and wraps one raised while a class is made in a
     RuntimeError (a traceback, exit 1); spark-backup exits 130 with its one line all the same."""
-    (tmp_path / "interrupted_cli.py").write_text(
-        f"{patch}\nfrom spark_backup.__main__ import main\nmain()\n"
-    )
-    result = subprocess.run(
-        [SPARK_BACKUP[0], "-m", "interrupted_cli"],
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(tmp_path)},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = _run_patched_cli(tmp_path, patch)
     assert result.returncode == 130
     assert result.stderr == "interrupted: nothing unfinished was published\n"
 
@@ -344,19 +349,10 @@ def test_ctrl_c_inside_an_import_waits_for_the_import_then_exits_130(tmp_path: P
         "for _ in range(100_000):\n    pass\n"  # the handler runs here, inside the import
         "pathlib.Path('imported-whole').write_text('yes')\n"
     )
-    (tmp_path / "interrupted_cli.py").write_text(
-        "import time\n"
-        "import spark_backup.cli as cli\n"
-        "cli.main = lambda: (__import__('interrupted_import'), time.sleep(30))\n"
-        "from spark_backup.__main__ import main\nmain()\n"
-    )
-    result = subprocess.run(
-        [SPARK_BACKUP[0], "-m", "interrupted_cli"],
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(tmp_path)},
-        capture_output=True,
-        text=True,
-        timeout=60,
+    result = _run_patched_cli(
+        tmp_path,
+        "import time\nimport spark_backup.cli as cli\n"
+        "cli.main = lambda: (__import__('interrupted_import'), time.sleep(30))",
     )
     assert (tmp_path / "imported-whole").exists(), "the import was cut short"
     assert result.returncode == 130

@@ -138,32 +138,21 @@ def test_versions_share_chunks_and_each_restores(tmp_path, age_key):
 
 
 def test_a_restore_opens_the_version_document_with_the_worker_started_ahead(
-    tmp_path, age_key, monkeypatch
+    tmp_path, age_key, worker_starts
 ):
     """`spark-backup restore` starts an age worker while it reads the plan: the version
     document is decrypted by that worker, not by a second interpreter started for it."""
-    import subprocess
-
     from spark_backup.engine import age_worker
-
-    started = []
-    real = subprocess.Popen
-
-    def recording(args, *rest, **kwargs):
-        process = real(args, *rest, **kwargs)
-        if "spark_backup.engine.age_worker" in args:
-            started.append(process)
-        return process
 
     model = make_model_dir(tmp_path / "adapter", tensors=4, floats=4096)
     service = BackupService.from_path(_plan(tmp_path, age_key[1], model))
     [version] = service.backup("adapter")
-    monkeypatch.setattr(age_worker.subprocess, "Popen", recording)
+    before = len(worker_starts)
     with age_worker.AgeWorker() as worker:
         worker.start()
         service.restore(version.id, tmp_path / "back", identity_file=age_key[0], worker=worker)
         assert worker.identities is not None  # it was given the keys and used
-    assert len(started) == 1
+    assert len(worker_starts) == before + 1
     assert _tree_digests(tmp_path / "back") == _tree_digests(model)
 
 
