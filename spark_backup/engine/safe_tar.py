@@ -213,7 +213,6 @@ class _Extraction:
         self.summary = ExtractSummary()
         self.deferred: list[tuple[str, Member]] = []
         self.umask = _current_umask()
-        self.modes: dict[int, int] = {}  # archive mode -> restored_file_mode, for the few there are
 
     def refuse(self, member: Member, reason: str) -> None:
         if not self.skip_unsafe:
@@ -282,12 +281,9 @@ class _Extraction:
             os.unlink(name, dir_fd=self.root)
 
     def write_file(self, name: str, member: Member, reader: TarReader) -> None:
-        files = self.guard.files
-        if name in files:
+        if name in self.guard.files:
             self._replace(name)
-        mode = self.modes.get(member.mode)
-        if mode is None:
-            mode = self.modes[member.mode] = restored_file_mode(member.mode)
+        mode = restored_file_mode(member.mode)
         fd = os.open(name, _CREATE, mode, dir_fd=self.root)
         try:
             reader.copy_to(member, fd)
@@ -296,7 +292,7 @@ class _Extraction:
             os.utime(fd, (member.mtime, member.mtime))
         finally:
             os.close(fd)
-        files.add(name)
+        self.guard.files.add(name)
 
     def hard_link(self, name: str, member: Member) -> None:
         self._replace(name)

@@ -137,14 +137,9 @@ class TarReader:
         """Write the current member's data to ``fd``."""
         size = member.stored_size()
         pos = self._pos
-        end = pos + size
-        if end <= len(self._buf):  # the common case: all of it in the buffer
-            if size:
-                data = memoryview(self._buf)[pos:end]
-                written = os.write(fd, data)
-                if written < size:
-                    _write_all(fd, data[written:])
-            self._pos = end
+        if len(self._buf) - pos >= size:  # the common case: all of it in the buffer
+            _write_all(fd, memoryview(self._buf)[pos : pos + size])
+            self._pos = pos + size
         else:
             self._pass(size, fd)
         self._unread -= size

@@ -95,16 +95,24 @@ def _read_exactly(handle: BinaryIO, at: int, size: int) -> bytes:
     from the hashing threads cost the chunking a wait; other handles (wrapped, in memory) seek."""
     if type(handle) is io.FileIO:
         fd = handle.fileno()
-        block = os.pread(fd, size, at)
-        if len(block) == size:
-            return block
-        parts = [block]
-        while size > (got := sum(len(p) for p in parts)):
-            more = os.pread(fd, size - got, at + got)
-            if not more:
-                raise EOFError("the file ended early (it shrank while it was read)")
-            parts.append(more)
-        return b"".join(parts)
+
+        def read(count: int, got: int) -> bytes:
+            return os.pread(fd, count, at + got)
+    else:
+        handle.seek(at)
+
+        def read(count: int, got: int) -> bytes:
+            return handle.read(count)
+
+    parts: list[bytes] = []
+    got = 0
+    while got < size:
+        more = read(size - got, got)
+        if not more:
+            raise EOFError("the file ended early (it shrank while it was read)")
+        parts.append(more)
+        got += len(more)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
     handle.seek(at)
     block = handle.read(size)
     if len(block) == size:
